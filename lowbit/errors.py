@@ -1,0 +1,43 @@
+"""Errors raised by lowbit. Every error a user can cause derives from `LowbitError`."""
+
+from __future__ import annotations
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises on bad input or unsupported use."""
+
+
+class TraceError(LowbitError):
+    """A model could not be turned into a torch.fx graph."""
+
+
+class UnknownPassError(LowbitError):
+    """A pass name is not registered (or not implemented yet)."""
+
+
+class PassConfigError(LowbitError):
+    """A pass option is unknown, of the wrong type, or out of range."""
+
+
+class PassOrderError(LowbitError):
+    """A pipeline orders passes in a way that would produce a wrong model."""
+
+
+class RecipeError(LowbitError):
+    """A recipe file is missing, malformed or names something that does not exist."""
+
+
+class CalibrationError(LowbitError):
+    """Calibration data is missing, empty or does not match the example inputs."""
+
+
+class VerificationError(LowbitError):
+    """A graph broke an IR invariant (usually a bug in a pass)."""
+
+
+class BackendError(LowbitError):
+    """A backend or target cannot compile, export or run the graph."""
+
+
+class ArtifactError(LowbitError):
+    """An exported artifact is incomplete, corrupted or built for another target."""

@@ -1,0 +1,18 @@
+"""Passes: the base class, the registry and the pipeline that runs them."""
+
+from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
+from lowbit.passes.config import PassConfig, option
+from lowbit.passes.registry import available, get, lookup, register
+
+__all__ = [
+    "LayerRecord",
+    "Pass",
+    "PassConfig",
+    "PassContext",
+    "PassResult",
+    "available",
+    "get",
+    "lookup",
+    "option",
+    "register",
+]

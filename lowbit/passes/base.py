@@ -1,0 +1,119 @@
+"""The pass API: a pass is a small class with a frozen config and declared requirements.
+
+A pass declares, as class attributes, what the pipeline needs to order it safely:
+
+- ``stage``: ``"prepare"`` (training-time), ``"convert"`` (deploy-time) or ``"any"``.
+- ``requires_calibration``: it reads calibration batches from the context.
+- ``requires``: names of passes that must have run earlier in the same pipeline.
+- ``produces`` / ``consumes``: annotation kinds (fields of `LowbitMeta`) it adds / folds away.
+- ``forbids``: annotation kinds that must not be active on the graph when it runs.
+- ``after_pack``: it may run once weights are packed (lowering, packing other layers).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
+
+import torch.fx as fx
+
+from lowbit.passes.config import PassConfig
+from lowbit.passes.selection import SKIP, LayerOverrides
+from lowbit.errors import PassConfigError
+
+log = logging.getLogger("lowbit.passes")
+
+T = TypeVar("T")
+
+
+@dataclass
+class LayerRecord:
+    """What a pass did to one layer: ``action`` is e.g. "quantized" or "skipped"."""
+
+    layer: str
+    action: str
+    reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    """The record a pass returns; the pipeline fills in ``name`` and ``time_s``."""
+
+    changed: bool
+    layers: list[LayerRecord] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    time_s: float = 0.0
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.action == "skipped"]
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: example inputs, calibration, progress."""
+
+    example_inputs: tuple = ()
+    example_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    calibration: "Any | None" = None
+    progress_every: float = 10.0
+
+    def progress(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+        """Yield ``items``, logging progress through `logging` about every ``progress_every`` seconds."""
+        import time
+
+        items = list(items) if total is None and not hasattr(items, "__len__") else items
+        total = total if total is not None else len(items)  # type: ignore[arg-type]
+        start = last = time.perf_counter()
+        for index, item in enumerate(items, 1):
+            yield item
+            now = time.perf_counter()
+            if now - last >= self.progress_every or index == total:
+                if now - start >= self.progress_every:
+                    log.info("%s: %d/%d (%.0f s)", desc, index, total, now - start)
+                last = now
+
+
+class Pass:
+    """Base class of every pass. Subclasses set ``name``, ``Config`` and implement `run`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    stage: ClassVar[str] = "convert"
+    requires_calibration: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[frozenset[str]] = frozenset()
+    consumes: ClassVar[frozenset[str]] = frozenset()
+    forbids: ClassVar[frozenset[str]] = frozenset()
+    after_pack: ClassVar[bool] = False
+
+    def __init__(self, overrides: Mapping[str, Any] | None = None, **options: Any) -> None:
+        self.config = self.Config.from_options(self.name, options)
+        self.overrides = LayerOverrides.from_mapping(overrides)
+        for key, value in self.overrides.rules:
+            if value != SKIP:
+                if not isinstance(value, Mapping):
+                    raise PassConfigError(f"{self.name}: override for '{key}' must be a mapping of options or 'skip'")
+                self.config.replace(self.name, value)
+
+    def config_for(self, layer: str) -> PassConfig | None:
+        """The config for ``layer`` after per-layer overrides, or None if it is skipped."""
+        override = self.overrides.lookup(layer)
+        if override == SKIP:
+            return None
+        if override is None:
+            return self.config
+        return self.config.replace(self.name, override)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
+        return f"{type(self).__name__}({options})"
+
+
+__all__ = ["LayerRecord", "Pass", "PassContext", "PassResult"]
