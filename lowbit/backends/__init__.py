@@ -20,3 +20,16 @@ def check_target(target: str | Mapping[str, Any]) -> str | dict[str, Any]:
             raise BackendError("a target dict needs a 'kind' key (e.g. {'kind': 'llvm', 'mcpu': 'znver3'})")
         return dict(target)
     raise BackendError(f"a target is a name or a dict, not {type(target).__name__}")
+
+
+def get_backend(target: str | Mapping[str, Any]) -> Any:
+    """The backend object that compiles for ``target``."""
+    target = check_target(target)
+    if target == "torch":
+        from lowbit.backends.torch import TorchBackend
+
+        return TorchBackend()
+    raise BackendError(
+        f"target {target!r} compiles through the TVM backend, which this version of lowbit does not include yet; "
+        "use target='torch' for the reference backend"
+    )

@@ -2,6 +2,7 @@
 
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
+from lowbit.passes.pipeline import Pipeline, PipelineReport, check_order
 from lowbit.passes.registry import available, get, lookup, register
 
 __all__ = [
@@ -10,7 +11,10 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassResult",
+    "Pipeline",
+    "PipelineReport",
     "available",
+    "check_order",
     "get",
     "lookup",
     "option",

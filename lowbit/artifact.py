@@ -1,0 +1,101 @@
+"""Exported artifacts: a directory with the backend's files and a checksummed manifest.
+
+Export writes into a temporary sibling directory and renames it into place, so a
+failed export never leaves a half-written artifact. Load verifies every checksum and
+the target before anything is deserialized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import lowbit
+from lowbit.backends import get_backend
+from lowbit.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT = "lowbit-artifact"
+FORMAT_VERSION = 1
+
+
+def write(path: str | Path, target: Any, runner: Any, info: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write an artifact for ``runner`` (compiled for ``target``) to the directory ``path``."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise ArtifactError(f"{path} already exists and is not empty; pass overwrite=True to replace it")
+    backend = get_backend(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        files = backend.save(runner, staging)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "target": target,
+            **info,
+            "versions": _versions(),
+            "files": {name: _sha256(staging / name) for name in files},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the artifact at ``path``, after checking its format and every checksum."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not a lowbit artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{manifest_path} is not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"{path}: {name} is listed in the manifest but missing")
+        if _sha256(file) != digest:
+            raise ArtifactError(f"{path}: checksum mismatch for {name}; the artifact is corrupted or was modified")
+    return manifest
+
+
+def load(path: str | Path, target: Any = None) -> Callable[..., Any]:
+    """Load an exported artifact and return a callable model.
+
+    ``target``, when given, must match the target the artifact was built for.
+    """
+    manifest = read_manifest(path)
+    built_for = manifest.get("target")
+    if target is not None and built_for != target:
+        raise ArtifactError(f"{path} was built for target {built_for!r}, not {target!r}")
+    return get_backend(built_for).load(Path(path))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    return {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version()}

@@ -1,0 +1,233 @@
+"""The ``lowbit`` command line: compile, inspect, trace, recipes, passes, demo.
+
+A MODEL argument is a built-in zoo name (``lowbit trace --list`` shows them) or
+``package.module:factory``, where ``factory()`` returns ``(model, example_inputs)``.
+Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="lowbit: %(message)s", level=logging.WARNING if args.quiet else logging.INFO)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Compile PyTorch models: trace to torch.fx, rewrite with passes, lower to a backend.",
+        epilog="Run 'lowbit COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors, no progress")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="compile the built-in real model (all-MiniLM-L6-v2) and report size, accuracy, speed",
+                               description="Compile all-MiniLM-L6-v2 (real weights) with a default recipe and compare it with eager PyTorch.")
+    demo.add_argument("--recipe", default=None, help="recipe name or path (default: the demo's default recipe)")
+    demo.add_argument("--target", default=None, help="backend target (default: the demo's default target)")
+    demo.add_argument("--repeats", type=int, default=20, help="timed runs per model; the median is reported")
+    demo.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    demo.set_defaults(run=_demo)
+
+    comp = commands.add_parser("compile", help="compile a model and optionally export it",
+                               description="Trace MODEL, run a recipe's convert passes (or --pass list), compile for a target.")
+    _model_args(comp)
+    comp.add_argument("--target", default=None, help="torch, x86, arm or cuda (default: the recipe's target, else torch)")
+    comp.add_argument("--export", type=Path, metavar="DIR", help="write the compiled artifact to DIR")
+    comp.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the IR before and after every pass to DIR")
+    comp.set_defaults(run=_compile)
+
+    inspect = commands.add_parser("inspect", help="print a model's graph with lowbit annotations",
+                                  description="Print the graph of MODEL (after the given passes) or of an exported artifact directory.")
+    _model_args(inspect)
+    inspect.add_argument("--annotated", action="store_true", help="show only nodes that carry lowbit annotations")
+    inspect.set_defaults(run=_inspect)
+
+    trace = commands.add_parser("trace", help="try every tracer on a model and show where tracing breaks",
+                                description="Try each tracer on MODEL and report success, node count or the construct that broke it.")
+    trace.add_argument("model", nargs="?", help="zoo name or package.module:factory")
+    trace.add_argument("--leaf", action="append", default=[], metavar="PATH_OR_CLASS",
+                       help="treat this module (path or class name) as an opaque leaf; repeatable")
+    trace.add_argument("--list", action="store_true", help="list the built-in zoo models")
+    trace.set_defaults(run=_trace)
+
+    rec = commands.add_parser("recipes", help="list the shipped recipes, or show one",
+                              description="List the shipped recipes with their status, or print one recipe's YAML.")
+    rec.add_argument("name", nargs="?", help="recipe to show")
+    rec.set_defaults(run=_recipes)
+
+    passes = commands.add_parser("passes", help="list the registered passes and their options",
+                                 description="List every registered pass with its stage and options (defaults shown).")
+    passes.set_defaults(run=_passes)
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="zoo name, package.module:factory, or (inspect only) an artifact directory")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--recipe", help="recipe name or YAML path")
+    group.add_argument("--pass", dest="passes", action="append", metavar="NAME[:KEY=VALUE,...]",
+                       help="a pass to run, e.g. rtn:bits=4,group_size=64; repeatable, run in order")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from lowbit import demo
+
+    results = demo.run(recipe=args.recipe, target=args.target, repeats=args.repeats)
+    print(demo.format_results(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def _compile(args: argparse.Namespace) -> None:
+    import lowbit
+
+    model, inputs, kwargs = _load_model(args.model)
+    compiled = lowbit.compile(model, inputs, example_kwargs=kwargs, recipe=args.recipe, passes=_pass_list(args.passes),
+                              target=args.target, dump_dir=args.dump_dir)
+    print(compiled.report)
+    if args.export:
+        print(f"exported to {compiled.export(args.export)}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from lowbit.ir.printer import format_graph, summarize
+
+    path = Path(args.model)
+    if (path / "manifest.json").is_file():
+        import lowbit.artifact
+
+        print(json.dumps(lowbit.artifact.read_manifest(path), indent=2))
+        graph = lowbit.artifact.load(path)
+    else:
+        import lowbit
+
+        model, inputs, kwargs = _load_model(args.model)
+        graph = lowbit.trace(model, inputs, example_kwargs=kwargs)
+        if args.recipe or args.passes:
+            _, pipeline = lowbit.compiler.build_pipeline(args.recipe, _pass_list(args.passes), "convert", True, None)
+            graph = pipeline(graph, example_inputs=inputs, example_kwargs=kwargs)
+    if hasattr(graph, "graph"):
+        print(format_graph(graph, annotated_only=args.annotated))
+        print(summarize(graph))
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from lowbit import zoo
+    from lowbit.ir.trace import diagnose
+
+    if args.list or not args.model:
+        for name in zoo.names():
+            print(f"{name:20s} {zoo.describe(name)}")
+        return 0
+    model, inputs, kwargs = _load_model(args.model)
+    attempts = diagnose(model, inputs, example_kwargs=kwargs, leaf_modules=tuple(args.leaf))
+    for attempt in attempts:
+        status = f"ok, {attempt.nodes} nodes" if attempt.ok else "FAILED"
+        print(f"{attempt.tracer:8s} {status} ({attempt.seconds:.1f}s)")
+        if not attempt.ok:
+            print("  " + attempt.message.replace("\n", "\n  "))
+    return 0 if any(a.ok for a in attempts) else 1
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    from lowbit import recipes
+
+    if args.name:
+        print(recipes.load(args.name).path.read_text(), end="")
+        return
+    for name, status in recipes.status().items():
+        print(f"{name:16s} {status}")
+
+
+def _passes(args: argparse.Namespace) -> None:
+    from lowbit import passes
+
+    for name in passes.available():
+        cls = passes.lookup(name)
+        defaults = cls.Config.from_options(name, {}).as_dict()
+        options = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+        print(f"{name:12s} [{cls.stage}] {options}")
+
+
+def _load_model(spec: str) -> tuple[Any, tuple, dict]:
+    """A zoo model, or ``module:factory`` returning (model, example_inputs[, example_kwargs])."""
+    from lowbit import zoo
+
+    if ":" not in spec:
+        built = zoo.build(spec)
+        return built.model, built.example_inputs, built.example_kwargs
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise LowbitError(f"cannot load model factory '{spec}': {exc}") from exc
+    result = factory()
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise LowbitError(f"'{spec}' must return (model, example_inputs) or (model, example_inputs, example_kwargs)")
+    model, inputs, *rest = result
+    return model, inputs if isinstance(inputs, tuple) else (inputs,), rest[0] if rest else {}
+
+
+def _pass_list(specs: list[str] | None) -> list[Any] | None:
+    """Parse ``name:key=value,key=value`` into pass instances (values are YAML scalars/lists)."""
+    if not specs:
+        return None
+    from lowbit import passes
+
+    built = []
+    for spec in specs:
+        name, _, text = spec.partition(":")
+        options = {}
+        for item in filter(None, _split_options(text)):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise LowbitError(f"--pass {spec}: expected KEY=VALUE, got '{item}'")
+            options[key.strip()] = yaml.safe_load(value)
+        built.append(passes.get(name.strip(), **options))
+    return built
+
+
+def _split_options(text: str) -> list[str]:
+    """Split on commas that are not inside [...] so list values survive."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""`compile` and `prepare`: trace a model, run a recipe's (or the given) passes, hand the graph to a backend.
+
+Everything that can be checked without tracing (recipe, pass order, target,
+calibration) is checked first, so a bad call fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from lowbit import artifact, recipes
+from lowbit.backends import check_target, get_backend
+from lowbit.calibration import calibration_set
+from lowbit.errors import CalibrationError, LowbitError
+from lowbit.ir.trace import trace
+from lowbit.passes.base import Pass
+from lowbit.passes.pipeline import Pipeline, PipelineReport
+
+log = logging.getLogger("lowbit.compile")
+
+
+@dataclass
+class CompileReport:
+    """What compile did: sizes, agreement with eager on the example inputs, and timings."""
+
+    target: Any
+    recipe: str | None
+    tracer: str
+    parameters: int
+    bytes_before: int
+    bytes_after: int
+    max_abs_diff: float
+    rel_error: float
+    trace_s: float
+    passes_s: float
+    backend_s: float
+    pipeline: PipelineReport = field(default_factory=PipelineReport)
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_before / max(self.bytes_after, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"target            {self.target}" + (f" (recipe {self.recipe})" if self.recipe else ""),
+            f"tracer            {self.tracer}",
+            f"parameters        {self.parameters:,}",
+            f"size              {_mb(self.bytes_before)} -> {_mb(self.bytes_after)} ({self.compression:.2f}x smaller)",
+            f"vs eager          max abs diff {self.max_abs_diff:.3g}, relative error {self.rel_error:.3g}",
+            f"time              trace {self.trace_s:.2f}s, passes {self.passes_s:.2f}s, backend {self.backend_s:.2f}s",
+        ]
+        if self.pipeline.passes:
+            lines += ["", self.pipeline.table()]
+        return "\n".join(lines)
+
+
+class CompiledModel:
+    """A compiled model: call it like the original; ``graph`` is the transformed GraphModule."""
+
+    def __init__(self, graph: fx.GraphModule, runner: Any, report: CompileReport, info: dict[str, Any]) -> None:
+        self.graph = graph
+        self.report = report
+        self._runner = runner
+        self._info = info
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self._runner(*args, **kwargs)
+
+    def export(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the compiled model, its weights and ``manifest.json`` to the directory ``path``."""
+        return artifact.write(path, self.report.target, self._runner, self._info, overwrite=overwrite)
+
+
+def compile(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    recipe: str | Path | recipes.Recipe | None = None,
+    passes: Sequence[Pass | str] | None = None,
+    target: Any = None,
+    calibration: Any = None,
+    cache_dir: str | Path | None = None,
+    tune: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    leaf_modules: Sequence[Any] = (),
+    verify: bool = True,
+    dump_dir: str | Path | None = None,
+) -> CompiledModel:
+    """Trace ``model``, run the convert-stage passes of ``recipe`` (or ``passes``), compile for ``target``.
+
+    ``target`` defaults to the recipe's target, else ``"torch"`` (the reference backend).
+    ``calibration`` is an iterable of input batches shaped like ``example_inputs``.
+    """
+    example_inputs = _as_tuple(example_inputs)
+    recipe_obj, pipeline = build_pipeline(recipe, passes, "convert", verify, dump_dir)
+    target = check_target(target if target is not None else (recipe_obj.target if recipe_obj else "torch"))
+    backend = get_backend(target)
+    calib = _calibration(calibration, pipeline, example_inputs, example_kwargs)
+
+    start = time.perf_counter()
+    gm = trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
+    trace_s = time.perf_counter() - start
+    graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    passes_s = time.perf_counter() - start - trace_s
+    runner = backend.compile(graph, example_inputs, cache_dir=cache_dir, tune=tune)
+    backend_s = time.perf_counter() - start - trace_s - passes_s
+
+    was_training = model.training
+    with torch.no_grad():
+        expected = model.eval()(*example_inputs, **(example_kwargs or {}))
+        actual = runner(*example_inputs, **(example_kwargs or {}))
+    model.train(was_training)
+    max_abs, rel = output_agreement(expected, actual)
+    report = CompileReport(
+        target=target,
+        recipe=recipe_obj.name if recipe_obj else None,
+        tracer=gm.meta.get("lowbit_tracer", "?"),
+        parameters=sum(p.numel() for p in model.parameters()),
+        bytes_before=state_bytes(model),
+        bytes_after=state_bytes(graph),
+        max_abs_diff=max_abs,
+        rel_error=rel,
+        trace_s=trace_s,
+        passes_s=passes_s,
+        backend_s=backend_s,
+        pipeline=pipeline.report,
+    )
+    info = {
+        "recipe": report.recipe,
+        "passes": [{"pass": p.name, **p.config.as_dict()} for p in pipeline.passes],
+        "inputs": _signature(example_inputs, example_kwargs),
+    }
+    return CompiledModel(graph, runner, report, info)
+
+
+def prepare(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    recipe: str | Path | recipes.Recipe | None = None,
+    passes: Sequence[Pass | str] | None = None,
+    calibration: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    leaf_modules: Sequence[Any] = (),
+    verify: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` and run the prepare-stage (training-time) passes; returns a trainable GraphModule."""
+    example_inputs = _as_tuple(example_inputs)
+    _, pipeline = build_pipeline(recipe, passes, "prepare", verify, None)
+    calib = _calibration(calibration, pipeline, example_inputs, example_kwargs)
+    gm = trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
+    graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    return graph.train(model.training)
+
+
+def output_agreement(expected: Any, actual: Any) -> tuple[float, float]:
+    """Max abs difference and relative (Frobenius) error over all floating tensors of two outputs."""
+    pairs = list(zip(_tensors(expected), _tensors(actual)))
+    floats = [(e.float(), a.float()) for e, a in pairs if e.is_floating_point()]
+    if not floats:
+        return 0.0, 0.0
+    max_abs = max((e - a).abs().max().item() for e, a in floats)
+    num = sum(((e - a) ** 2).sum().item() for e, a in floats)
+    den = sum((e**2).sum().item() for e, _ in floats)
+    return max_abs, (num / den) ** 0.5 if den else 0.0
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def build_pipeline(recipe: Any, passes: Sequence[Pass | str] | None, stage: str, verify: bool = True,
+                   dump_dir: str | Path | None = None) -> tuple[recipes.Recipe | None, Pipeline]:
+    """The recipe (loaded if named) and a pipeline of its ``stage`` passes, or of ``passes``."""
+    if recipe is not None and passes is not None:
+        raise LowbitError("give either recipe= or passes=, not both (copy the recipe and edit its passes instead)")
+    recipe_obj = recipe if isinstance(recipe, recipes.Recipe) or recipe is None else recipes.load(recipe)
+    pass_list = recipe_obj.build(stage) if recipe_obj else list(passes or [])
+    return recipe_obj, Pipeline(pass_list, verify=verify, dump_dir=dump_dir)
+
+
+def _calibration(calibration: Any, pipeline: Pipeline, example_inputs: tuple, example_kwargs: Any) -> Any:
+    if calibration is None:
+        if pipeline.requires_calibration:
+            raise CalibrationError(f"pass(es) {', '.join(pipeline.requires_calibration)} need calibration data: pass calibration=")
+        return None
+    return calibration_set(calibration, example_inputs, example_kwargs)
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(value)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _signature(args: tuple, kwargs: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    named = [(str(i), a) for i, a in enumerate(args)] + list((kwargs or {}).items())
+    return [
+        {"name": name, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        for name, v in named
+        if isinstance(v, torch.Tensor)
+    ]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
