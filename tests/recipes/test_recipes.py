@@ -1,0 +1,303 @@
+"""Recipes: shipped files, loading by name and path, validation messages, per-layer overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowbit import recipes
+from lowbit.errors import RecipeError
+from lowbit.passes import Pass, PassConfig, option
+from lowbit.passes import registry
+from lowbit.recipes import PassSpec, TuneOptions
+
+SHIPPED = sorted(f"{scheme}-{target}" for scheme in ("w2a8", "w4a8", "w4a16", "w8a8", "w1.58a8")
+                 for target in ("x86", "arm", "cuda"))
+
+
+@dataclass(frozen=True)
+class _TestConfig(PassConfig):
+    bits: int = option(4, choices=(2, 3, 4, 8))
+    group_size: int = option(128, min=-1)
+
+
+class _AnyStagePass(Pass):
+    """A do-nothing pass that may appear in either stage."""
+
+    name = "recipe_test_pass"
+    Config = _TestConfig
+    stage = "any"
+
+
+class _PreparePass(Pass):
+    """A do-nothing training-time pass."""
+
+    name = "recipe_test_prepare"
+    Config = _TestConfig
+    stage = "prepare"
+
+
+@pytest.fixture(autouse=True)
+def _test_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register the test passes for one test only, so other test modules never see them."""
+    for cls in (_AnyStagePass, _PreparePass):
+        monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+
+
+def _write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD = """\
+    name: mine
+    description: test recipe
+    target: x86
+    tune: {trials: 8, max_seconds: 30, database: tuning.db}
+    prepare:
+      - {pass: recipe_test_prepare, bits: 8}
+    convert:
+      - pass: recipe_test_pass
+        bits: 4
+        overrides:
+          "classifier": skip
+          "*.attention.*": {group_size: 64}
+"""
+
+
+def _passes_named_in(name: str) -> set[str]:
+    data = yaml.safe_load((resources.files("lowbit.recipes") / f"{name}.yaml").read_text())
+    return {entry["pass"] for stage in ("prepare", "convert") for entry in data.get(stage) or []}
+
+
+# --- shipped recipes ---------------------------------------------------------------------------
+
+
+def test_available_lists_exactly_the_shipped_files() -> None:
+    files = sorted(entry.name.removesuffix(".yaml") for entry in resources.files("lowbit.recipes").iterdir()
+                   if entry.name.endswith(".yaml"))
+    assert recipes.available() == files == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_loads_or_names_the_missing_pass(name: str) -> None:
+    missing = _passes_named_in(name) - set(registry.available())
+    if missing:
+        with pytest.raises(RecipeError, match="not implemented") as info:
+            recipes.load(name)
+        assert str(info.value).startswith(f"{name}.yaml: convert[")
+        assert recipes.status()[name] == str(info.value)
+        return
+    recipe = recipes.load(name)
+    assert recipe.name == name
+    assert recipe.target == name.rsplit("-", 1)[1]
+    assert recipe.build("prepare") == []
+    assert [p.name for p in recipe.build("convert")] == [spec.name for spec in recipe.convert]
+    assert recipes.status()[name] == "ready"
+
+
+@pytest.mark.skipif("rtn" not in registry.available(), reason="the rtn pass has not landed yet")
+@pytest.mark.parametrize("target", ["x86", "arm", "cuda"])
+def test_w4a16_is_ready_with_rtn(target: str) -> None:
+    (rtn,) = recipes.load(f"w4a16-{target}").build("convert")
+    config = rtn.config.as_dict()
+    assert (config["bits"], config["group_size"], config["symmetric"]) == (4, 128, True)
+    assert tuple(config["ignore"]) == ("lm_head",)
+
+
+@pytest.mark.skipif("rtn" not in registry.available(), reason="the rtn pass has not landed yet")
+def test_rtn_option_error_names_file_key_path_and_choices(tmp_path: Path) -> None:
+    path = _write(tmp_path, "target: x86\nconvert: [{pass: rtn, bits: 5, group_size: 128}]\n", name="w4a16-x86.yaml")
+    with pytest.raises(RecipeError) as info:
+        recipes.load(path)
+    assert str(info.value) == f"{path}: convert[0].bits: rtn: bits=5 is not supported; choose one of 2, 3, 4, 8"
+
+
+def test_every_shipped_recipe_reports_a_status() -> None:
+    status = recipes.status()
+    assert sorted(status) == SHIPPED
+    assert all(value == "ready" or value.startswith(f"{name}.yaml: ") for name, value in status.items())
+
+
+def test_package_data_is_installed_and_loads_through_importlib_resources() -> None:
+    for name in SHIPPED:
+        resource = resources.files("lowbit.recipes") / f"{name}.yaml"
+        assert resource.is_file(), f"{name}.yaml is not installed as package data"
+        data = yaml.safe_load(resource.read_text())
+        assert data["name"] == name and data["target"] == name.rsplit("-", 1)[1]
+        if not _passes_named_in(name) - set(registry.available()):
+            with resources.as_file(resource) as path:
+                assert recipes.load(path).name == name
+
+
+# --- loading by path ---------------------------------------------------------------------------
+
+
+def test_load_by_path_builds_both_stages(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD)
+    recipe = recipes.load(str(path))
+    assert recipe == recipes.load(path)
+    assert (recipe.name, recipe.description, recipe.path, recipe.target) == ("mine", "test recipe", path, "x86")
+    assert recipe.tune == TuneOptions(trials=8, max_seconds=30, database="tuning.db")
+    assert recipe.prepare == (PassSpec("recipe_test_prepare", {"bits": 8}, {}, "prepare", "prepare[0]"),)
+    (prepare,) = recipe.build("prepare")
+    (convert,) = recipe.build("convert")
+    assert isinstance(prepare, _PreparePass) and prepare.config.bits == 8
+    assert isinstance(convert, _AnyStagePass) and convert.config.bits == 4
+    assert recipe.build("convert")[0] is not convert
+
+
+def test_defaults_for_optional_keys(tmp_path: Path) -> None:
+    path = _write(tmp_path, "target: cuda\nconvert: [{pass: recipe_test_pass}]\n", name="bare.yaml")
+    recipe = recipes.load(path)
+    assert (recipe.name, recipe.description, recipe.prepare) == ("bare", "", ())
+    assert recipe.tune == TuneOptions()
+
+
+def test_target_dict_and_with_target(tmp_path: Path) -> None:
+    path = _write(tmp_path, "target: {kind: llvm, mcpu: znver3}\nconvert: []\n")
+    recipe = recipes.load(path)
+    assert dict(recipe.target) == {"kind": "llvm", "mcpu": "znver3"}
+    moved = recipe.with_target("arm")
+    assert moved.target == "arm" and moved.convert == recipe.convert and dict(recipe.target)["kind"] == "llvm"
+
+
+def test_recipe_is_frozen(tmp_path: Path) -> None:
+    recipe = recipes.load(_write(tmp_path, GOOD))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.target = "arm"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        recipe.convert[0].options["bits"] = 2  # type: ignore[index]
+
+
+def test_build_rejects_an_unknown_stage(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="stage"):
+        recipes.load(_write(tmp_path, GOOD)).build("deploy")
+
+
+# --- per-layer overrides -----------------------------------------------------------------------
+
+
+def test_override_precedence_exact_beats_pattern_and_first_pattern_wins(tmp_path: Path) -> None:
+    path = _write(tmp_path, """\
+        target: x86
+        convert:
+          - pass: recipe_test_pass
+            bits: 4
+            overrides:
+              "layers.*.attention.*": {group_size: 64}
+              "layers.*": {bits: 8}
+              "re:layers\\\\.0\\\\..*": {bits: 2}
+              "layers.0.attention.q": {group_size: 32}
+              "classifier": skip
+    """)
+    (p,) = recipes.load(path).build("convert")
+    assert p.config_for("layers.0.attention.q").as_dict() == {"bits": 4, "group_size": 32}  # exact beats patterns
+    assert p.config_for("layers.0.attention.k").as_dict() == {"bits": 4, "group_size": 64}  # first pattern wins
+    assert p.config_for("layers.0.mlp").as_dict() == {"bits": 8, "group_size": 128}  # glob listed before the regex
+    assert p.config_for("classifier") is None
+    assert p.config_for("embed").as_dict() == {"bits": 4, "group_size": 128}
+
+
+# --- validation errors -------------------------------------------------------------------------
+
+BAD = {
+    "syntax": ("target: x86\nconvert: [\n", "line 3"),
+    "duplicate key": ("target: x86\ntarget: arm\nconvert: []\n", "line 2: invalid YAML: duplicate key 'target'"),
+    "top level": ("- just\n- a list\n", "<top level>: a recipe is a mapping"),
+    "empty": ("", "<top level>: a recipe is a mapping"),
+    "unknown key": ("target: x86\nconvert: []\nconvret: []\n", "convret: unknown key; did you mean 'convert'?"),
+    "missing convert": ("target: x86\nprepare: []\n", "convert: missing"),
+    "missing target": ("convert: []\n", "target: missing"),
+    "convert not a list": ("target: x86\nconvert: {pass: rtn}\n", "convert: must be a list"),
+    "prepare not a list": ("target: x86\nprepare: lora\nconvert: []\n", "prepare: must be a list"),
+    "entry not a mapping": ("target: x86\nconvert: [rtn]\n", "convert[0]: a pass entry is a mapping"),
+    "entry without pass": ("target: x86\nconvert: [{bits: 4}]\n", "convert[0]: missing the 'pass' key"),
+    "pass not a name": ("target: x86\nconvert: [{pass: 4}]\n", "convert[0].pass: must be a pass name"),
+    "unknown pass": ("target: x86\nconvert: [{pass: recipe_test_pas}]\n",
+                     "convert[0].pass: unknown pass 'recipe_test_pas' (did you mean 'recipe_test_pass'"),
+    "planned pass": ("target: x86\nconvert: [{pass: recipe_test_pass}, {pass: awq, bits: 4}]\n",
+                     "convert[1].pass: pass 'awq' is not implemented in this version"),
+    "bad option value": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: 5}]\n",
+                         "convert[0].bits: recipe_test_pass: bits=5 is not supported; choose one of 2, 3, 4, 8"),
+    "bad option type": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: four}]\n",
+                        "convert[0].bits: recipe_test_pass: bits must be an integer"),
+    "unknown option": ("target: x86\nconvert: [{pass: recipe_test_pass, bitz: 4}]\n",
+                       "convert[0].bitz: recipe_test_pass: unknown option 'bitz' (did you mean 'bits'?)"),
+    "overrides not a mapping": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: [fc]}]\n",
+                                "convert[0].overrides: must be a mapping"),
+    "override value": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: {fc: skp}}]\n",
+                       "convert[0].overrides['fc']: must be 'skip' or a mapping of options, got 'skp'"),
+    "override option": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: {fc: {bits: 5}}}]\n",
+                        "convert[0].overrides['fc'].bits: recipe_test_pass: bits=5 is not supported"),
+    "override regex": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: {'re:(': skip}}]\n",
+                       "convert[0].overrides['re:(']: invalid regular expression"),
+    "unknown target": ("target: x68\nconvert: []\n", "target: unknown target 'x68'"),
+    "target dict without kind": ("target: {mcpu: znver3}\nconvert: []\n", "target: a target dict needs a 'kind'"),
+    "tune not a mapping": ("target: x86\ntune: 64\nconvert: []\n", "tune: must be a mapping"),
+    "tune unknown key": ("target: x86\ntune: {trails: 64}\nconvert: []\n", "tune.trails: unknown key; did you mean 'trials'?"),
+    "tune trials": ("target: x86\ntune: {trials: -1}\nconvert: []\n", "tune.trials: must be an integer >= 0"),
+    "tune trials bool": ("target: x86\ntune: {trials: true}\nconvert: []\n", "tune.trials: must be an integer >= 0"),
+    "tune max_seconds": ("target: x86\ntune: {max_seconds: 0}\nconvert: []\n", "tune.max_seconds: must be a number > 0"),
+    "tune database": ("target: x86\ntune: {database: 3}\nconvert: []\n", "tune.database: must be a path or null"),
+    "wrong stage": ("target: x86\nconvert: [{pass: recipe_test_prepare}]\n",
+                    "convert[0].pass: 'recipe_test_prepare' is a prepare-stage pass; list it under 'prepare'"),
+    "description": ("description: [a, b]\ntarget: x86\nconvert: []\n", "description: must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipe_names_file_and_key_path(tmp_path: Path, case: str) -> None:
+    text, expected = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        recipes.load(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert expected in str(info.value)
+
+
+def test_pass_config_error_is_chained(tmp_path: Path) -> None:
+    path = _write(tmp_path, "target: x86\nconvert: [{pass: recipe_test_pass, bits: 5}]\n")
+    with pytest.raises(RecipeError) as info:
+        recipes.load(path)
+    assert type(info.value.__cause__).__name__ == "PassConfigError"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found") as info:
+        recipes.load(tmp_path / "nope.yaml")
+    assert str(tmp_path / "nope.yaml") in str(info.value)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_unknown_name_lists_close_matches_and_available() -> None:
+    with pytest.raises(RecipeError) as info:
+        recipes.load("w4a16-x68")
+    message = str(info.value)
+    assert message.startswith("w4a16-x68.yaml: ")
+    assert "did you mean 'w4a16-x86'" in message
+    assert "available: " + ", ".join(SHIPPED) in message
+
+
+def test_shipped_name_must_match_file_stem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.recipes import schema
+
+    recipe_dir = tmp_path / "shipped"
+    recipe_dir.mkdir()
+    path = _write(recipe_dir, "name: other\ntarget: x86\nconvert: []\n", name="w4a16-x86.yaml")
+    monkeypatch.setattr(schema, "_SHIPPED_DIR", recipe_dir)
+    with pytest.raises(RecipeError, match=r"^w4a16-x86.yaml: name: 'other' must equal the file name"):
+        schema.parse(yaml.safe_load(path.read_text()), path, shipped=True)
+
+
+def test_user_recipe_may_have_any_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, "name: something-else\ntarget: x86\nconvert: []\n")
+    assert recipes.load(path).name == "something-else"
