@@ -42,16 +42,6 @@ def _graph_is_well_formed(gm: fx.GraphModule) -> None:
 
 
 @check
-def _targets_resolve(gm: fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            try:
-                gm.get_submodule(node.target) if node.op == "call_module" else _get_attr(gm, node.target)
-            except AttributeError as exc:
-                raise VerificationError(f"node '{node.name}' refers to missing {node.op} target '{node.target}'") from exc
-
-
-@check
 def _annotations_are_typed(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         meta = node.meta.get(META_KEY)
@@ -61,10 +51,3 @@ def _annotations_are_typed(gm: fx.GraphModule) -> None:
                 "annotations must be LowbitMeta instances"
             )
 
-
-def _get_attr(gm: fx.GraphModule, target: str) -> object:
-    owner, _, name = target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    if not hasattr(module, name):
-        raise AttributeError(target)
-    return getattr(module, name)

@@ -1,0 +1,167 @@
+"""compile(): recipes or passes, targets, calibration, reports, export and load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import (
+    ArtifactError,
+    BackendError,
+    CalibrationError,
+    LowbitError,
+    PassOrderError,
+    RecipeError,
+    TraceError,
+    UnknownPassError,
+)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = torch.nn.Linear(8 * 8 * 8, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return x
+
+
+class Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Branchy()
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+EXAMPLE = (torch.randn(2, 3, 8, 8),)
+
+
+def test_compile_with_passes_runs_on_torch_and_reports(net):
+    compiled = lowbit.compile(net, EXAMPLE, passes=["rtn"])
+    report = compiled.report
+    assert report.target == "torch" and report.recipe is None
+    assert report.parameters == sum(p.numel() for p in net.parameters())
+    assert report.bytes_after < report.bytes_before / 3
+    assert 0 < report.rel_error < 0.1
+    with torch.no_grad():
+        assert torch.allclose(compiled(*EXAMPLE), compiled.graph(*EXAMPLE))
+        assert (compiled(*EXAMPLE) - net(*EXAMPLE)).abs().max().item() == pytest.approx(report.max_abs_diff)
+    assert "rtn" in str(report) and "smaller" in str(report)
+
+
+def test_compile_with_recipe_and_target_override(net):
+    compiled = lowbit.compile(net, EXAMPLE, recipe="w4a16-x86", target="torch")
+    assert compiled.report.recipe == "w4a16-x86"
+    assert compiled.report.pipeline.passes[0].name == "rtn"
+
+
+def test_export_and_load_reproduce_outputs(net, tmp_path):
+    compiled = lowbit.compile(net, EXAMPLE, passes=[lowbit.passes.get("rtn", bits=8)])
+    path = compiled.export(tmp_path / "artifact")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["target"] == "torch" and manifest["passes"][0]["bits"] == 8
+    assert manifest["inputs"] == [{"name": "0", "shape": [2, 3, 8, 8], "dtype": "float32"}]
+    assert set(manifest["files"]) == {"graph.pt"} and manifest["versions"]["torch"] == torch.__version__
+    loaded = lowbit.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(*EXAMPLE), compiled(*EXAMPLE))
+    with pytest.raises(ArtifactError, match="built for target 'torch', not 'x86'"):
+        lowbit.load(path, target="x86")
+    with pytest.raises(ArtifactError, match="not empty"):
+        compiled.export(path)
+    compiled.export(path, overwrite=True)
+
+
+def test_corrupted_artifact_is_refused(net, tmp_path):
+    path = lowbit.compile(net, EXAMPLE).export(tmp_path / "a")
+    with (path / "graph.pt").open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    with pytest.raises(ArtifactError, match="checksum mismatch for graph.pt"):
+        lowbit.load(path)
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        lowbit.load(tmp_path)
+
+
+def test_failed_export_leaves_no_directory(net, tmp_path, monkeypatch):
+    compiled = lowbit.compile(net, EXAMPLE)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError):
+        compiled.export(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"target": "x86"}, BackendError, "TVM backend"),
+        ({"target": "tpu"}, BackendError, "unknown target 'tpu'"),
+        ({"recipe": "w4a8-x86", "target": "torch"}, RecipeError, "not implemented"),
+        ({"recipe": "w4a16-x86", "passes": ["rtn"]}, LowbitError, "either recipe= or passes="),
+        ({"passes": ["nope"]}, UnknownPassError, "unknown pass 'nope'"),
+        ({"passes": ["rtn"], "calibration": []}, CalibrationError, "empty"),
+        ({"passes": ["rtn"], "calibration": [(torch.randn(2, 3, 4, 4),)]}, CalibrationError, "beyond the batch"),
+    ],
+)
+def test_bad_calls_fail_before_any_work(net, tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        lowbit.compile(net, EXAMPLE, dump_dir=tmp_path / "dump", **kwargs)
+    assert not (tmp_path / "dump").exists()
+
+
+def test_pass_order_violation_writes_nothing(net, tmp_path):
+    rtn4, rtn8 = lowbit.passes.get("rtn"), lowbit.passes.get("rtn", bits=8)
+
+    class Late(type(rtn4)):
+        name = "compile_test_late"
+        after_pack = False
+
+    with pytest.raises(PassOrderError, match="compile_test_late"):
+        lowbit.compile(net, EXAMPLE, passes=[rtn4, rtn8, Late()], dump_dir=tmp_path / "dump")
+    assert not (tmp_path / "dump").exists()
+
+
+def test_untraceable_model_is_a_trace_error(tmp_path):
+    with pytest.raises(TraceError, match="inner"):
+        lowbit.compile(Outer(), (torch.randn(1, 4),), passes=["rtn"], dump_dir=tmp_path / "dump")
+    assert not (tmp_path / "dump").exists()
+    compiled = lowbit.compile(Outer(), (torch.randn(1, 4),), leaf_modules=[Branchy])
+    assert compiled.report.max_abs_diff == 0
+
+
+def test_prepare_returns_a_trainable_graph(net):
+    graph = lowbit.prepare(net.train(), EXAMPLE, passes=[])
+    assert graph.training
+    loss = graph(*EXAMPLE).square().mean()
+    loss.backward()
+    assert graph.get_submodule("fc1").weight.grad is not None
