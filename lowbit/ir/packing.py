@@ -1,0 +1,230 @@
+"""The packed low-bit weight format shared by every quantization pass and backend.
+
+A quantized ``nn.Linear`` weight ``W`` of shape ``(N, K)`` (N outputs, K inputs) is
+stored as four tensors plus three integers (``bits``, ``group_size``, ``in_features``):
+
+``qweight``  uint8 ``(N, ceil(K·bits/8))``
+    Integer codes ``q ∈ [0, 2^bits − 1]``, one per weight, packed row by row as an
+    LSB-first bit stream: code ``k`` of a row occupies bits ``[k·bits, (k+1)·bits)`` of
+    the row's little-endian bit string (bit ``j`` of the row is bit ``j % 8`` of byte
+    ``j // 8``). For 1, 2, 4 and 8 bits this is "low bits first within a byte", the
+    layout of ONNX Runtime's ``MatMulNBits``; 3-bit codes may straddle two bytes. Each
+    row starts on a byte boundary; unused high bits of a row's last byte are zero.
+    Supported widths: 1, 2, 3, 4, 8.
+``scales``   float32 ``(N, n_groups)``
+``zeros``    None or float32 ``(N, n_groups)``
+    Zero points, stored as floats so formats may use half-integers; the quantizers of
+    this project write integer values. None means the symmetric default
+    `default_zero`: ``2^(bits−1)`` for bits ≥ 2 (GPTQ's symmetric ``(maxq+1)/2``) and
+    ``0.5`` for 1 bit, so 1-bit codes decode to ``±scale/2``.
+``g_idx``    None or int32 ``(K,)``
+    The group of each input column (act-order quantizers). Without it, column ``k``
+    belongs to group ``k // group_size``.
+
+The dequantized weight is ``w[n, k] = scale[n, g] · (q[n, k] − zero[n, g])`` with
+``g = g_idx[k]`` or ``k // group_size``. ``n_groups = ceil(K / group_size)`` and
+``1 ≤ group_size ≤ K``; ``group_size == K`` is per-channel. When ``group_size`` does not
+divide ``K`` the last group is simply shorter (``K mod group_size`` columns): the weight
+is never padded, so ``qweight`` is exactly ``ceil(K·bits/8)`` bytes per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+
+SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
+
+
+class PackedFormatError(LowbitError, ValueError):
+    """Tensors that do not follow the packed weight format (wrong dtype, shape or range)."""
+
+
+def check_bits(bits: int) -> None:
+    """Raise `PackedFormatError` unless ``bits`` is a supported code width."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise PackedFormatError(f"unsupported bit width {bits!r}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
+
+
+def default_zero(bits: int) -> float:
+    """The zero point implied by ``zeros=None``: ``2^(bits−1)``, or 0.5 for 1 bit."""
+    check_bits(bits)
+    return 0.5 if bits == 1 else float(2 ** (bits - 1))
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    """Bytes per packed row: ``ceil(in_features · bits / 8)``."""
+    return (in_features * bits + 7) // 8
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of scale groups per row, ``ceil(in_features / group_size)``."""
+    check_group_size(in_features, group_size)
+    return -(-in_features // group_size)
+
+
+def check_group_size(in_features: int, group_size: int) -> None:
+    """Raise unless ``1 ≤ group_size ≤ in_features`` (``group_size == in_features`` is per-channel)."""
+    if in_features < 1:
+        raise PackedFormatError(f"in_features must be >= 1, got {in_features}")
+    if not 1 <= group_size <= in_features:
+        raise PackedFormatError(
+            f"group_size must be between 1 and in_features={in_features} (per-channel), got {group_size}"
+        )
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``(N, K)`` into the LSB-first bit stream ``(N, ceil(K·bits/8))``."""
+    check_bits(bits)
+    _check_uint8_matrix(codes, "codes")
+    largest = int(codes.max()) if codes.numel() else 0
+    if largest >= 1 << bits:
+        raise PackedFormatError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, got {largest}")
+    if 8 % bits == 0:
+        return _pack_aligned(codes, bits)
+    return _pack_bitstream(codes, bits)
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 codes ``(N, in_features)`` from a packed ``(N, bytes)`` tensor."""
+    check_bits(bits)
+    _check_uint8_matrix(packed, "packed weight")
+    expected = packed_row_bytes(in_features, bits)
+    if packed.shape[1] != expected:
+        raise PackedFormatError(
+            f"packed weight has {packed.shape[1]} bytes per row; {in_features} {bits}-bit codes need {expected}"
+        )
+    if 8 % bits == 0:
+        return _unpack_aligned(packed, bits, in_features)
+    return _unpack_bitstream(packed, bits, in_features)
+
+
+def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The group of every input column as int64 ``(in_features,)``: ``g_idx`` or ``k // group_size``."""
+    if g_idx is not None:
+        return g_idx.to(device=device, dtype=torch.long)
+    return torch.arange(in_features, device=device) // group_size
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """The float32 weight ``(N, in_features)`` that a packed weight stands for (see the module doc)."""
+    check_layout(qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    codes = unpack(qweight, bits, in_features)
+    columns = group_index(in_features, group_size, g_idx, qweight.device)
+    scale = scales[:, columns]
+    zero = default_zero(bits) if zeros is None else zeros[:, columns]
+    return (codes.to(torch.float32) - zero) * scale
+
+
+def check_layout(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> None:
+    """Check dtypes and shapes of a packed weight (cheap: never reads tensor values)."""
+    check_bits(bits)
+    groups = num_groups(in_features, group_size)
+    _check_uint8_matrix(qweight, "qweight")
+    expected = (qweight.shape[0], groups)
+    for name, tensor in (("scales", scales), ("zeros", zeros)):
+        if tensor is None:
+            continue
+        if tensor.dtype != torch.float32 or tuple(tensor.shape) != expected:
+            raise PackedFormatError(
+                f"{name} must be float32 of shape {expected} (rows, ceil({in_features}/{group_size})), "
+                f"got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+    if g_idx is not None and (g_idx.dtype != torch.int32 or tuple(g_idx.shape) != (in_features,)):
+        raise PackedFormatError(
+            f"g_idx must be int32 of shape ({in_features},), got {g_idx.dtype} {tuple(g_idx.shape)}"
+        )
+
+
+def check_g_idx_range(g_idx: torch.Tensor, in_features: int, group_size: int) -> None:
+    """Raise unless every entry of ``g_idx`` names an existing group (reads the values)."""
+    groups = num_groups(in_features, group_size)
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise PackedFormatError(
+            f"g_idx values must lie in [0, {groups - 1}], got [{int(g_idx.min())}, {int(g_idx.max())}]"
+        )
+
+
+def _check_uint8_matrix(tensor: torch.Tensor, what: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise PackedFormatError(f"{what} must be a 2-D uint8 tensor, got {type(tensor).__name__}")
+    if tensor.dtype != torch.uint8 or tensor.dim() != 2:
+        raise PackedFormatError(
+            f"{what} must be a 2-D uint8 tensor, got {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+        )
+
+
+def _pack_aligned(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fast path for widths dividing 8: each byte holds ``8 // bits`` whole codes."""
+    per_byte = 8 // bits
+    rows, width = codes.shape
+    padded = _pad_columns(codes.to(torch.int32), -width % per_byte)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    lanes = padded.reshape(rows, -1, per_byte) << shifts
+    return lanes.sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack_aligned(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    lanes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return lanes.reshape(packed.shape[0], -1)[:, :in_features].to(torch.uint8)
+
+
+def _pack_bitstream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Generic path (3 bits): spread codes into single bits, then regroup the bits by 8."""
+    rows, width = codes.shape
+    bit_positions = torch.arange(bits, device=codes.device, dtype=torch.int32)
+    stream = ((codes.to(torch.int32).unsqueeze(-1) >> bit_positions) & 1).reshape(rows, width * bits)
+    stream = _pad_columns(stream, -(width * bits) % 8)
+    weights = torch.arange(8, device=codes.device, dtype=torch.int32)
+    return (stream.reshape(rows, -1, 8) << weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack_bitstream(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    rows = packed.shape[0]
+    byte_bits = torch.arange(8, device=packed.device, dtype=torch.int32)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> byte_bits) & 1).reshape(rows, -1)
+    stream = stream[:, : in_features * bits].reshape(rows, in_features, bits)
+    bit_positions = torch.arange(bits, device=packed.device, dtype=torch.int32)
+    return (stream << bit_positions).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+
+
+def _pad_columns(tensor: torch.Tensor, extra: int) -> torch.Tensor:
+    if extra == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, extra))
+
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "PackedFormatError",
+    "check_bits",
+    "check_g_idx_range",
+    "check_group_size",
+    "check_layout",
+    "default_zero",
+    "dequantize",
+    "group_index",
+    "num_groups",
+    "pack",
+    "packed_row_bytes",
+    "unpack",
+]

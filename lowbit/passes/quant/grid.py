@@ -1,0 +1,142 @@
+"""GPTQ's uniform quantization grid, computed per row and group (METHODS.md §8 step 2).
+
+For one group of weights ``w`` with ``maxq = 2^bits − 1``:
+
+- asymmetric: ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)``,
+  ``scale = (xmax − xmin) / maxq``, ``zero = round(−xmin / scale)``;
+- symmetric: ``xmax = max(|xmin|, xmax)``, ``xmin = −xmax``, ``zero = (maxq + 1) / 2``,
+  which is the packed format's default zero point, so symmetric weights store no zeros.
+  ``xmin = −xmax`` holds for every group, as METHODS.md states it; IST-DASLab's code
+  keeps ``xmin = 0`` for a group without negative weights, which halves its range;
+- an all-zero group uses the range ``[−1, 1]``;
+- ``q = clamp(round(w / scale) + zero, 0, maxq)``.
+
+RTN uses the grid directly; GPTQ and AWQ reuse it for their per-group parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.ir import packing
+
+log = logging.getLogger(__name__)
+
+#: Code widths the grid quantizes to (1-bit weights use the binary pass's own grid).
+GRID_BITS: tuple[int, ...] = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Unpacked result of quantizing a weight ``(N, K)``: codes plus per-group scale and zero.
+
+    ``zeros`` is None for symmetric grids (the format's default zero point) and
+    ``g_idx`` is None unless a quantizer reorders columns (act-order). ``group_size`` is
+    the effective width (``K`` for per-channel).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    def pack(self) -> torch.Tensor:
+        """The packed ``qweight`` tensor of the format (see `lowbit.ir.packing`)."""
+        return packing.pack(self.codes, self.bits)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight these codes stand for."""
+        return packing.dequantize(
+            self.pack(), self.scales, self.zeros, self.g_idx, self.bits, self.group_size, self.in_features
+        )
+
+
+def effective_group_size(group_size: int, in_features: int) -> int:
+    """The group width actually used: ``in_features`` for ``-1`` or any width ≥ ``in_features``."""
+    if group_size == -1 or group_size >= in_features:
+        return in_features
+    if group_size < 1:
+        raise LowbitError(f"group_size must be -1 (per-channel) or >= 1, got {group_size}")
+    return group_size
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, name: str | None = None
+) -> QuantizedWeight:
+    """Round ``w`` ``(N, K)`` to the nearest point of its per-group GPTQ grid.
+
+    ``group_size=-1`` means per-channel. ``name`` (the layer's module path) is used in
+    error messages. Computation happens in float32 on ``w``'s device.
+    """
+    weight = _checked_weight(w, bits, name)
+    group = effective_group_size(group_size, weight.shape[1])
+    xmin, xmax = _group_range(weight, group)
+    maxq = (1 << bits) - 1
+    if symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scales = (xmax - xmin) / maxq
+    zeros = None if symmetric else torch.round(-xmin / scales)
+    zero = packing.default_zero(bits) if zeros is None else _per_column(zeros, group, weight.shape[1])
+    codes = torch.clamp(torch.round(weight / _per_column(scales, group, weight.shape[1])) + zero, 0, maxq)
+    return QuantizedWeight(codes.to(torch.uint8), scales, zeros, None, bits, group)
+
+
+def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """``‖reference − approximation‖_F / ‖reference‖_F`` (0 if both are zero, inf if only one is)."""
+    reference = reference.detach().to(torch.float32)
+    norm = float(torch.linalg.vector_norm(reference))
+    error = float(torch.linalg.vector_norm(reference - approximation.detach().to(reference)))
+    if norm == 0:
+        return 0.0 if error == 0 else float("inf")
+    return error / norm
+
+
+def _checked_weight(w: torch.Tensor, bits: int, name: str | None) -> torch.Tensor:
+    where = f"layer '{name}': " if name else ""
+    if bits not in GRID_BITS:
+        raise LowbitError(f"{where}the quantization grid supports {', '.join(map(str, GRID_BITS))} bits, got {bits!r}")
+    if w.dim() != 2 or w.numel() == 0:
+        raise LowbitError(f"{where}expected a non-empty 2-D weight (out, in), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise LowbitError(f"{where}expected a floating-point weight, got {w.dtype}")
+    weight = w.detach().to(torch.float32)
+    if not torch.isfinite(weight).all():
+        raise LowbitError(f"{where}weight contains NaN or Inf; it cannot be quantized")
+    return weight
+
+
+def _group_range(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``min(min w, 0)`` and ``max(max w, 0)``, shape ``(N, n_groups)``.
+
+    A shorter last group is padded with zeros, which cannot change a range that is
+    clamped to include 0 anyway.
+    """
+    rows, width = weight.shape
+    padded = torch.nn.functional.pad(weight, (0, -width % group)).reshape(rows, -1, group)
+    return padded.amin(dim=-1).clamp(max=0), padded.amax(dim=-1).clamp(min=0)
+
+
+def _per_column(per_group: torch.Tensor, group: int, width: int) -> torch.Tensor:
+    """Expand ``(N, n_groups)`` to ``(N, width)``, one entry per input column."""
+    return per_group.repeat_interleave(group, dim=1)[:, :width]
+
+
+__all__ = ["GRID_BITS", "QuantizedWeight", "effective_group_size", "quantize_weight", "relative_error"]

@@ -1,0 +1,103 @@
+"""``rtn``: round-to-nearest weight-only quantization of every ``nn.Linear``.
+
+Each weight is rounded to its per-group GPTQ grid (`lowbit.passes.quant.grid`) without
+calibration data, packed, and the layer is replaced by a ``lowbit.linear_packed`` call
+(`lowbit.passes.quant.rewrite`). It is the baseline the calibrated quantizers (GPTQ,
+AWQ) are measured against, and a good default for 8-bit weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from lowbit.errors import PassConfigError
+from lowbit.ir.annotations import QuantScheme
+from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
+from lowbit.passes.config import PassConfig, option
+from lowbit.passes.quant.grid import quantize_weight, relative_error
+from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
+from lowbit.passes.registry import register
+from lowbit.passes.selection import matches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RTNConfig(PassConfig):
+    """Options of the ``rtn`` pass."""
+
+    bits: int = option(4, choices=(2, 3, 4, 8), help="weight code width")
+    group_size: int = option(128, help="input columns per scale; -1 = per-channel (one scale per output row)")
+    symmetric: bool = option(True, help="symmetric grid (no stored zero points) instead of asymmetric")
+    ignore: tuple[str, ...] = option((), help="layers left in floating point: module paths or glob/re: patterns")
+
+    def check(self, pass_name: str) -> None:
+        super().check(pass_name)
+        if self.group_size != -1 and self.group_size < 1:
+            raise PassConfigError(
+                f"{pass_name}: group_size={self.group_size!r} is out of range; use -1 (per-channel) or a width >= 1"
+            )
+
+
+@register
+class RTN(Pass):
+    """Round-to-nearest weight quantization of every ``nn.Linear`` not ignored or skipped."""
+
+    name = "rtn"
+    Config = RTNConfig
+    stage = "convert"
+    produces = frozenset({"quant"})
+    forbids = frozenset({"adapter", "reparam", "fake_quant"})
+    after_pack = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        layers = _unique_layers(gm)
+        self._warn_unused_overrides([path for _, path in layers])
+        records = [self._quantize_layer(gm, node, path) for node, path in ctx.progress(layers, desc="rtn")]
+        quantized = sum(r.action == "quantized" for r in records)
+        return PassResult(
+            changed=quantized > 0,
+            layers=records,
+            stats={"quantized": quantized, "skipped": len(records) - quantized},
+        )
+
+    def _quantize_layer(self, gm: fx.GraphModule, node: fx.Node, path: str) -> LayerRecord:
+        """Quantize and replace one layer, or return a "skipped" record saying why not."""
+        reason = self._skip_reason(gm, path)
+        config = None if reason else self.config_for(path)
+        if config is None:
+            reason = reason or "skipped by a per-layer override"
+            log.info("rtn: skipping %s: %s", path, reason)
+            return LayerRecord(path, "skipped", reason)
+        weight = gm.get_submodule(path).weight.detach()
+        qw = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path)
+        error = relative_error(weight, qw.dequantize())
+        scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric, method=self.name)
+        replace_linear(gm, node, qw, scheme)
+        log.debug("rtn: %s -> %s, relative error %.3g", path, scheme.describe(), error)
+        return LayerRecord(path, "quantized", stats={"bits": qw.bits, "group_size": qw.group_size, "rel_error": error})
+
+    def _skip_reason(self, gm: fx.GraphModule, path: str) -> str | None:
+        for pattern in self.config.ignore:
+            if matches(path, pattern):
+                return f"ignored (matches '{pattern}')"
+        return unsupported_reason(gm, path)
+
+    def _warn_unused_overrides(self, layers: list[str]) -> None:
+        unused = self.overrides.unused(layers)
+        if unused:
+            log.warning("rtn: per-layer overrides select no Linear layer: %s", ", ".join(unused))
+
+
+def _unique_layers(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
+    """One (first call) node per ``nn.Linear`` module path; `replace_linear` rewrites every call."""
+    seen: dict[str, fx.Node] = {}
+    for node, path, _ in linear_nodes(gm):
+        seen.setdefault(path, node)
+    return [(node, path) for path, node in seen.items()]
+
+
+__all__ = ["RTN", "RTNConfig"]
