@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch.fx as fx
 
@@ -33,6 +34,12 @@ class RTNConfig(PassConfig):
     group_size: int = option(128, help="input columns per scale; -1 = per-channel (one scale per output row)")
     symmetric: bool = option(True, help="symmetric grid (no stored zero points) instead of asymmetric")
     ignore: tuple[str, ...] = option((), help="layers left in floating point: module paths or glob/re: patterns")
+
+    @classmethod
+    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> "RTNConfig":
+        if "ignore" in options:
+            options = {**options, "ignore": _layer_names(options["ignore"])}
+        return super().from_options(pass_name, options)
 
     def check(self, pass_name: str) -> None:
         super().check(pass_name)
@@ -90,6 +97,14 @@ class RTN(Pass):
         unused = self.overrides.unused(layers)
         if unused:
             log.warning("rtn: per-layer overrides select no Linear layer: %s", ", ".join(unused))
+
+
+def _layer_names(value: Any) -> Any:
+    """Module paths as strings: YAML reads an ``nn.Sequential`` child's name (``[2]``) as an int."""
+    entries = value if isinstance(value, (list, tuple)) else (value,)
+    if all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in entries):
+        return tuple(str(e) for e in entries)
+    return value
 
 
 def _unique_layers(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:

@@ -223,6 +223,17 @@ def test_bad_config_names_the_key(options: dict, key: str) -> None:
         RTN(**options)
 
 
+def test_ignore_accepts_sequential_indices_read_as_ints() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    rtn = RTN(bits=8, ignore=[2])
+    assert rtn.config.ignore == ("2",)
+    result = rtn.run(fx.symbolic_trace(model), PassContext())
+    assert [r.action for r in result.layers] == ["quantized", "skipped"]
+    assert RTN(ignore="lm_head").config.ignore == ("lm_head",)
+    with pytest.raises(PassConfigError, match="rtn: ignore"):
+        RTN(ignore=[1.5])
+
+
 def test_bad_override_names_the_key() -> None:
     with pytest.raises(PassConfigError, match="bits=5"):
         RTN(overrides={"fc1": {"bits": 5}})
