@@ -54,7 +54,7 @@ def test_compile_with_pass_options_and_export(capsys, tmp_path):
 def test_inspect_after_recipe(capsys):
     assert main(["-q", "inspect", SPEC, "--recipe", "w4a16-x86"]) == 0
     out = capsys.readouterr().out
-    assert "w4 g128 sym [rtn]" in out and "linear_packed" in out
+    assert "w4 g32 sym [rtn]" in out and "w4 g64 sym [rtn]" in out and "linear_packed" in out
 
 
 @pytest.mark.parametrize(

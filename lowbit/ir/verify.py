@@ -11,7 +11,8 @@ from typing import Callable
 import torch.fx as fx
 
 from lowbit.errors import VerificationError
-from lowbit.ir.annotations import META_KEY, LowbitMeta
+from lowbit.ir import ops, packing
+from lowbit.ir.annotations import META_KEY, LowbitMeta, get_meta
 
 Check = Callable[[fx.GraphModule], None]
 _CHECKS: list[Check] = []
@@ -51,3 +52,31 @@ def _annotations_are_typed(gm: fx.GraphModule) -> None:
                 "annotations must be LowbitMeta instances"
             )
 
+
+
+@check
+def _packed_linears_are_consistent(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not ops.linear_packed:
+            continue
+        _, *tensors = node.args[:6]
+        bits, group_size, in_features = node.args[6:9]
+        meta = get_meta(node)
+        if meta is None or meta.quant is None:
+            raise VerificationError(f"packed linear '{node.name}' has no quantization annotation")
+        if (meta.quant.bits, meta.quant.group_size) != (bits, group_size):
+            raise VerificationError(
+                f"packed linear '{node.name}' computes w{bits} g{group_size} but is annotated {meta.quant.describe()}"
+            )
+        values = [None if t is None else _attr(gm, t) for t in tensors]
+        try:
+            packing.check_layout(*values[:4], bits, group_size, in_features)
+        except packing.PackedFormatError as exc:
+            raise VerificationError(f"packed linear '{node.name}': {exc}") from exc
+
+
+def _attr(gm: fx.GraphModule, node: fx.Node) -> object:
+    if node.op != "get_attr":
+        raise VerificationError(f"packed linear input '{node.name}' must be a get_attr of a buffer, not {node.op}")
+    owner, _, name = node.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.fx as fx
 
 from lowbit import passes
 from lowbit.errors import VerificationError
-from lowbit.ir.annotations import Adapter, Reparam, Sparsity, annotate, graph_kinds
+from lowbit.ir.annotations import Adapter, Reparam, Sparsity, annotate, get_meta, graph_kinds
 from lowbit.ir.printer import format_graph, summarize
 from lowbit.ir.verify import verify
 
@@ -55,3 +57,16 @@ def test_printer_shows_every_annotation_kind():
     assert graph_kinds(gm.graph)["quant"] == ["0", "2"]
     assert "2 annotated" in summarize(gm)
     assert "float32[1,4]" not in text  # no shapes recorded without shape propagation
+
+
+def test_packed_linear_must_match_its_annotation_and_layout():
+    gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=8)])(_mlp())
+    verify(gm)
+    node = next(n for n in gm.graph.nodes if "lowbit" in n.meta)
+    annotate(node, "0", quant=dataclasses.replace(get_meta(node).quant, bits=8))
+    with pytest.raises(VerificationError, match="annotated w8"):
+        verify(gm)
+    gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=8)])(_mlp())
+    gm.get_submodule("0").scales = torch.zeros(3, 3)
+    with pytest.raises(VerificationError, match="scales must be float32"):
+        verify(gm)

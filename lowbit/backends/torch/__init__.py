@@ -13,8 +13,11 @@ import torch
 import torch.fx as fx
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is loaded)
+from lowbit.errors import ArtifactError
+from lowbit.ir.annotations import META_KEY
 
 GRAPH_FILE = "graph.pt"
+ANNOTATIONS = "_lowbit_annotations"
 
 
 class TorchBackend:
@@ -25,9 +28,28 @@ class TorchBackend:
         return gm.eval()
 
     def save(self, runner: fx.GraphModule, directory: Path) -> list[str]:
-        torch.save(runner, directory / GRAPH_FILE)
+        # Node meta is not pickled with a GraphModule (its graph is re-traced from the
+        # generated code on load, which renames some nodes), so the annotations travel in
+        # an attribute (gm.meta is not kept either), keyed by node position, with op and
+        # target to check the match.
+        setattr(runner, ANNOTATIONS, [
+            (index, node.op, str(node.target), node.meta[META_KEY])
+            for index, node in enumerate(runner.graph.nodes)
+            if META_KEY in node.meta
+        ])
+        try:
+            torch.save(runner, directory / GRAPH_FILE)
+        finally:
+            delattr(runner, ANNOTATIONS)
         return [GRAPH_FILE]
 
     def load(self, directory: Path) -> fx.GraphModule:
         # The file was checksummed against the manifest before this runs.
-        return torch.load(directory / GRAPH_FILE, weights_only=False).eval()
+        gm = torch.load(directory / GRAPH_FILE, weights_only=False)
+        nodes = list(gm.graph.nodes)
+        for index, op, target, meta in gm.__dict__.pop(ANNOTATIONS, []):
+            node = nodes[index] if index < len(nodes) else None
+            if node is None or (node.op, str(node.target)) != (op, target):
+                raise ArtifactError(f"{directory}: the saved annotations do not match the graph at node {index}")
+            node.meta[META_KEY] = meta
+        return gm.eval()
