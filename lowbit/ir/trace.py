@@ -1,0 +1,371 @@
+"""The tracing front door: turn a PyTorch model into lowbit's IR, a torch.fx GraphModule.
+
+Two tracers, tried in this order by ``tracer="auto"``:
+
+* ``"fx"``: torch.fx symbolic tracing. Standard ``torch.nn`` layers (Linear, Conv,
+  Embedding, norms, activations, pooling...) and the user's ``leaf_modules`` stay
+  opaque ``call_module`` nodes. Fails on data-dependent Python control flow.
+* ``"export"``: ``torch.export.export`` (non-strict), then canonicalized
+  (`lowbit.ir.canonicalize`) so layers are ``call_module`` nodes again. This is the
+  tracer that handles transformers 5.x models (their own fx tracer no longer exists);
+  causal LMs must be built with ``use_cache=False`` in their config, since a KV cache
+  object can be neither an input nor an output of the graph. ``leaf_modules`` does not
+  apply to it. Its graph is specialised to the example input shapes.
+
+Whichever tracer succeeds, every node's result is shape-propagated into
+``node.meta["tensor_meta"]`` and ``gm.meta["lowbit_tracer"]`` records the tracer. The
+graph is traced in eval mode and shares its layers and tensors with the model, as
+torch.fx does. A model neither tracer handles raises `TraceError` saying where and why
+tracing broke and how to fix it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import logging
+import sysconfig
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+from torch import nn
+from torch.fx.graph import _PyTreeCodeGen
+from torch.fx.passes.shape_prop import ShapeProp
+
+from lowbit.errors import TraceError
+from lowbit.ir.canonicalize import canonicalize_exported
+
+logger = logging.getLogger("lowbit.trace")
+
+TRACERS: tuple[str, ...] = ("fx", "export")
+LeafModule = type[nn.Module] | str
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"]
+_LOWBIT_IR_DIR = str(Path(__file__).parent)
+
+
+# --- the two tracers ------------------------------------------------------------
+
+
+class LeafTracer(fx.Tracer):
+    """fx tracer that also keeps the user's leaf modules (classes or module paths) opaque."""
+
+    def __init__(self, leaf_modules: Sequence[LeafModule] = ()) -> None:
+        super().__init__()
+        self.leaf_classes = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # The base rule keeps every torch.nn module except containers (Sequential) a leaf.
+        return (
+            isinstance(m, self.leaf_classes)
+            or module_qualified_name in self.leaf_paths
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def _trace_fx(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> fx.GraphModule:
+    tracer = LeafTracer(leaf_modules)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
+    program = torch.export.export(model, args, kwargs, strict=False)
+    return canonicalize_exported(program, model)
+
+
+# --- shape propagation ----------------------------------------------------------
+
+
+def _fx_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Placeholder values of a plain fx graph: positional args, then kwargs or defaults."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    unknown = set(kwargs) - {n.target for n in placeholders}
+    if unknown:
+        raise TraceError(f"example_kwargs names inputs the traced forward does not take: {sorted(unknown)}")
+    values = list(args)
+    for node in placeholders[len(args) :]:
+        if node.target in kwargs:
+            values.append(kwargs[node.target])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise TraceError(f"no example value for input {node.target!r}")
+    return values
+
+
+def graph_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> list[Any]:
+    """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``.
+
+    Exported graphs take pytree-flattened inputs, so this flattens with their in-spec.
+    """
+    kwargs = kwargs or {}
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        return fx_pytree.tree_flatten_spec((tuple(args), kwargs), codegen.pytree_info.in_spec)
+    return _fx_inputs(gm, args, kwargs)
+
+
+def propagate_shapes(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+    """Run ``gm`` once on example inputs, recording ``node.meta["tensor_meta"]`` on every
+    node that produces tensors (passes re-run it after rewriting the graph)."""
+    with torch.no_grad():
+        ShapeProp(gm).run(*graph_inputs(gm, args, kwargs), enable_io_processing=False)
+
+
+# --- error reports --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """One tracer's exception."""
+
+    tracer: str
+    exc: BaseException
+
+
+@dataclass(frozen=True)
+class _Construct:
+    """A Python construct that breaks tracing, recognised from the exception text."""
+
+    needles: tuple[str, ...]
+    description: str
+    fix: str  # the construct-specific fix, tried before the generic leaf/wrap advice
+
+
+_CONSTRUCTS: tuple[_Construct, ...] = (
+    _Construct(
+        ("cannot be used as inputs to control flow", "data-dependent expression"),
+        "data-dependent control flow (`if`/`while`/`assert`/bool() on a tensor value)",
+        "express the branch with tensor ops (torch.where)",
+    ),
+    _Construct(
+        ("cannot be iterated",),
+        "iterating over a traced tensor (a for-loop, tuple unpacking or *args)",
+        "index the tensor or use tensor ops instead of a Python loop",
+    ),
+    _Construct(
+        ("does not support item assignment",),
+        "item assignment on a traced tensor (`x[i] = ...`)",
+        "build the tensor out of place (torch.where, torch.cat, Tensor.index_put)",
+    ),
+    _Construct(("'len' is not supported",), "len() called on a traced tensor", "use x.shape[0] instead of len(x)"),
+    _Construct(
+        ("co_varnames is too small",),
+        "a forward wrapped by a decorator whose signature torch.fx cannot rebuild",
+        "use tracer='export' (or 'auto'), which handles such models",
+    ),
+    _Construct(
+        ("register a pytree",),
+        "an input or output of a type torch.export cannot flatten (e.g. a KV cache object)",
+        "build transformers causal LMs with use_cache=False in their config, or register the type as a pytree node",
+    ),
+    _Construct(
+        ("Proxy",),
+        "a non-torch function called on a traced tensor (int(), float(), numpy...)",
+        "keep the computation in torch ops",
+    ),
+)
+
+
+def _construct(exc: BaseException) -> _Construct | None:
+    text = f"{type(exc).__name__}: {exc}"
+    return next((c for c in _CONSTRUCTS if any(needle in text for needle in c.needles)), None)
+
+
+def _summary(exc: BaseException) -> str:
+    """One line: the exception's qualified type and the first non-empty line of its message."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{name}: {first}" if first else name
+
+
+def _is_internal(filename: str) -> bool:
+    """Frames of torch, the standard library and this package are not the user's code."""
+    if filename.startswith((_TORCH_DIR, _LOWBIT_IR_DIR, "<")):
+        return True
+    return filename.startswith(_STDLIB_DIR) and "-packages" not in filename
+
+
+def _failure_site(model: nn.Module, exc: BaseException) -> tuple[str, nn.Module, str | None]:
+    """Where ``exc`` was raised: the innermost module of ``model`` that was running
+    (path, module) and the innermost user source line inside the model, if any."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    path, module, location = "", model, None
+    inside_model = False
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in paths:
+            inside_model = True
+            path, module = paths[id(owner)], owner
+        filename = frame.f_code.co_filename
+        if inside_model and not _is_internal(filename):
+            location = f"{filename}:{lineno}: {linecache.getline(filename, lineno).strip()}"
+    return path, module, location
+
+
+def _hint(path: str, cls_name: str, construct: _Construct | None) -> str:
+    """What the user can do: the construct's own fix, a leaf module, torch.fx.wrap."""
+    if path:
+        leaf = f"mark the module a leaf with leaf_modules=({cls_name},) or leaf_modules=({path!r},)"
+    else:
+        leaf = "move that code into a submodule and mark it a leaf with leaf_modules=(TheClass,)"
+    steps = [construct.fix] if construct else []
+    steps += [f"{leaf} so fx keeps it as one opaque call", "wrap an offending free function with torch.fx.wrap"]
+    return "; or ".join(steps)
+
+
+def _primary(model: nn.Module, failures: Sequence[_Failure]) -> _Failure:
+    """The failure to explain: the first one raised inside the model's own code, else the
+    last one (torch.export gets further than fx on most models)."""
+    return next((f for f in failures if _failure_site(model, f.exc)[2] is not None), failures[-1])
+
+
+def _explain(model: nn.Module, failures: Sequence[_Failure], primary: _Failure) -> str:
+    """The TraceError message: where tracing broke, on what construct, and the fix."""
+    construct = _construct(primary.exc)
+    path, module, location = _failure_site(model, primary.exc)
+    cls_name = type(module).__name__
+    where = f"module {path!r} ({cls_name})" if path else f"the top-level module ({cls_name})"
+    what = construct.description if construct else "an unsupported operation"
+    lines = [f"cannot trace {type(model).__name__}: {what} in {where}"]
+    if location:
+        lines.append(f"  at {location}")
+    lines += [f"  {f.tracer} tracer: {_summary(f.exc)}" for f in failures]
+    lines.append(f"  hint: {_hint(path, cls_name, construct)}")
+    return "\n".join(lines)
+
+
+# --- front door -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode, restoring every submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _normalize_inputs(
+    example_inputs: Any, example_kwargs: dict[str, Any] | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A tuple of positional args (anything else is the single argument) and a kwargs dict."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return args, dict(example_kwargs or {})
+
+
+def _chain(tracer: str) -> tuple[str, ...]:
+    if tracer == "auto":
+        return TRACERS
+    if tracer in TRACERS:
+        return (tracer,)
+    raise TraceError(f"unknown tracer {tracer!r}; choose one of 'auto', {', '.join(map(repr, TRACERS))}")
+
+
+def _trace_with(
+    name: str,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    leaf_modules: Sequence[LeafModule],
+) -> fx.GraphModule:
+    """Trace with one tracer, shape-propagate and check the graph (model already in eval)."""
+    gm = _trace_fx(model, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs)
+    gm.graph.lint()
+    propagate_shapes(gm, args, kwargs)
+    gm.meta["lowbit_tracer"] = name
+    return gm
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    leaf_modules: Sequence[LeafModule] = (),
+    tracer: str = "auto",
+    example_kwargs: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Trace ``model`` into lowbit's canonical fx.GraphModule.
+
+    ``example_inputs`` is a tuple of positional arguments (a single tensor is accepted),
+    ``example_kwargs`` the keyword arguments (``input_ids``, ``attention_mask`` for HF
+    models). ``leaf_modules`` (module classes or module paths) stay opaque under the fx
+    tracer. ``tracer`` is ``"fx"``, ``"export"`` or ``"auto"`` (fx, then export; build
+    transformers causal LMs with ``use_cache=False`` for it). Raises `TraceError` naming
+    the module, construct and source line that broke tracing, with a fix.
+    """
+    chain = _chain(tracer)
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"can only trace a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = _normalize_inputs(example_inputs, example_kwargs)
+    failures: list[_Failure] = []
+    with _eval_mode(model):
+        for name in chain:
+            try:
+                gm = _trace_with(name, model, args, kwargs, leaf_modules)
+            except Exception as exc:  # noqa: BLE001 - any tracer failure moves on to the next one
+                logger.info("%s tracer failed on %s: %s", name, type(model).__name__, _summary(exc))
+                failures.append(_Failure(name, exc))
+                continue
+            logger.info("traced %s with %s: %d nodes", type(model).__name__, name, len(gm.graph.nodes))
+            return gm
+    primary = _primary(model, failures)
+    raise TraceError(_explain(model, failures, primary)) from primary.exc
+
+
+@dataclass(frozen=True)
+class TraceAttempt:
+    """One tracer's result on a model, as reported by `diagnose`."""
+
+    tracer: str
+    ok: bool
+    seconds: float
+    nodes: int
+    message: str
+
+
+def _attempt(
+    name: str,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    leaf_modules: Sequence[LeafModule],
+) -> TraceAttempt:
+    start = time.perf_counter()
+    try:
+        gm = _trace_with(name, model, args, kwargs, leaf_modules)
+    except Exception as exc:  # noqa: BLE001 - the failure is the report
+        failure = _Failure(name, exc)
+        return TraceAttempt(name, False, time.perf_counter() - start, 0, _explain(model, [failure], failure))
+    seconds = time.perf_counter() - start
+    layers = sum(1 for n in gm.graph.nodes if n.op == "call_module")
+    message = f"{len(gm.graph.nodes)} nodes, {layers} call_module layers"
+    return TraceAttempt(name, True, seconds, len(gm.graph.nodes), message)
+
+
+def diagnose(
+    model: nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    leaf_modules: Sequence[LeafModule] = (),
+) -> list[TraceAttempt]:
+    """Try every tracer on ``model`` and report, for each, success, time, graph size or the error."""
+    args, kwargs = _normalize_inputs(example_inputs, example_kwargs)
+    with _eval_mode(model):
+        return [_attempt(name, model, args, kwargs, leaf_modules) for name in TRACERS]
+
+
+__all__ = ["TRACERS", "LeafTracer", "TraceAttempt", "diagnose", "graph_inputs", "propagate_shapes", "trace"]
