@@ -25,7 +25,7 @@ log = logging.getLogger("lowbit")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(format="lowbit: %(message)s", level=logging.WARNING if args.quiet else logging.INFO)
+    _configure_logging(logging.WARNING if args.quiet else logging.INFO)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -37,6 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+
+
+def _configure_logging(level: int) -> None:
+    """Progress and warnings of lowbit's own loggers go to stderr; other libraries are left alone."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("lowbit: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,8 +153,7 @@ def _trace(args: argparse.Namespace) -> int:
     from lowbit.ir.trace import diagnose
 
     if args.list or not args.model:
-        for name in zoo.names():
-            print(f"{name:20s} {zoo.describe(name)}")
+        print("\n".join(zoo.names()))
         return 0
     model, inputs, kwargs = _load_model(args.model)
     attempts = diagnose(model, inputs, example_kwargs=kwargs, leaf_modules=tuple(args.leaf))

@@ -61,7 +61,7 @@ def test_inspect_after_recipe(capsys):
     "argv, message",
     [
         (["compile", SPEC, "--pass", "rtn:bits=5"], "bits=5 is not supported"),
-        (["compile", SPEC, "--pass", "gptq"], "not implemented"),
+        (["compile", SPEC, "--pass", "ternary"], "not implemented"),
         (["compile", SPEC, "--pass", "rtn:bits"], "expected KEY=VALUE"),
         (["compile", SPEC, "--recipe", "w9a9-x86"], "w9a9-x86"),
         (["compile", SPEC, "--target", "x86"], "TVM backend"),

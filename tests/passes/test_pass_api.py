@@ -86,7 +86,7 @@ def test_registry_get_and_unknown_names():
     with pytest.raises(UnknownPassError, match="did you mean 'rtn'"):
         passes.get("rtm")
     with pytest.raises(UnknownPassError, match="not implemented"):
-        passes.get("gptq", bits=4)
+        passes.get("ternary")
     with pytest.raises(PassConfigError, match="bits=5"):
         passes.get("rtn", bits=5)
 
