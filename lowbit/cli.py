@@ -182,7 +182,8 @@ def _passes(args: argparse.Namespace) -> None:
         cls = passes.lookup(name)
         defaults = cls.Config.from_options(name, {}).as_dict()
         options = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-        print(f"{name:12s} [{cls.stage}] {options}")
+        applies = f" on {cls.pattern}" if cls.pattern else ""
+        print(f"{name:12s} [{cls.stage}{applies}] {options}")
 
 
 def _load_model(spec: str) -> tuple[Any, tuple, dict]:

@@ -165,3 +165,19 @@ def test_prepare_returns_a_trainable_graph(net):
     loss = graph(*EXAMPLE).square().mean()
     loss.backward()
     assert graph.get_submodule("fc1").weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("target: torch\nconvert:\n  - pass: rtn\n    bits: 5\n", r"convert\[0\]\.bits: rtn: bits=5 is not supported"),
+        ("target: torch\nconvert: []\nquantize: yes\n", "quantize: unknown key"),
+    ],
+)
+def test_bad_recipe_file_fails_before_any_work(net, tmp_path, body, message):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(body)
+    with pytest.raises(RecipeError, match=message) as info:
+        lowbit.compile(net, EXAMPLE, recipe=recipe, dump_dir=tmp_path / "dump")
+    assert "mine.yaml" in str(info.value)
+    assert not (tmp_path / "dump").exists()

@@ -8,6 +8,8 @@ A pass declares, as class attributes, what the pipeline needs to order it safely
 - ``produces`` / ``consumes``: annotation kinds (fields of `LowbitMeta`) it adds / folds away.
 - ``forbids``: annotation kinds that must not be active on the graph when it runs.
 - ``after_pack``: it may run once weights are packed (lowering, packing other layers).
+- ``pattern``: what the pass matches in a graph (e.g. ``nn.Linear``); a run that matches
+  nothing is reported, not an error.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Pass:
     consumes: ClassVar[frozenset[str]] = frozenset()
     forbids: ClassVar[frozenset[str]] = frozenset()
     after_pack: ClassVar[bool] = False
+    pattern: ClassVar[str] = ""
 
     def __init__(self, overrides: Mapping[str, Any] | None = None, **options: Any) -> None:
         self.config = self.Config.from_options(self.name, options)

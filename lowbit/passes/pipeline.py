@@ -127,6 +127,8 @@ class Pipeline:
             result.name, result.time_s = p.name, time.perf_counter() - start
             for record in result.skipped:
                 log.info("%s skipped %s: %s", p.name, record.layer, record.reason)
+            if not result.layers and not result.changed and p.pattern:
+                log.warning("%s matched no layers (it applies to %s)", p.name, p.pattern)
             if self.verify:
                 verify_graph(gm, after=p.name)
             self.report.passes.append(result)

@@ -140,3 +140,12 @@ def test_run_leaves_input_alone_reports_and_dumps(gm, tmp_path):
 def test_pipeline_rejects_non_passes():
     with pytest.raises(TypeError, match="Pass instances"):
         Pipeline([object()])
+
+
+def test_a_pass_that_matches_nothing_says_so(caplog):
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))
+    pipeline = Pipeline(["rtn"])
+    with caplog.at_level("WARNING", logger="lowbit.pipeline"):
+        pipeline(gm)
+    assert "rtn matched no layers (it applies to nn.Linear)" in caplog.text
+    assert not pipeline.report.passes[0].changed

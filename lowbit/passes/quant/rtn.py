@@ -59,6 +59,7 @@ class RTN(Pass):
     produces = frozenset({"quant"})
     forbids = frozenset({"adapter", "reparam", "fake_quant"})
     after_pack = True
+    pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = _unique_layers(gm)
