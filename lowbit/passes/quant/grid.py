@@ -84,19 +84,26 @@ def quantize_weight(
     """
     weight = _checked_weight(w, bits, name)
     group = effective_group_size(group_size, weight.shape[1])
-    xmin, xmax = _group_range(weight, group)
-    maxq = (1 << bits) - 1
-    if symmetric:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
-    scales = (xmax - xmin) / maxq
-    zeros = None if symmetric else torch.round(-xmin / scales)
+    scales, zeros = _grid_params(*_group_range(weight, group), bits, symmetric)
     zero = packing.default_zero(bits) if zeros is None else _per_column(zeros, group, weight.shape[1])
-    codes = torch.clamp(torch.round(weight / _per_column(scales, group, weight.shape[1])) + zero, 0, maxq)
+    codes = grid_codes(weight, _per_column(scales, group, weight.shape[1]), zero, bits)
     return QuantizedWeight(codes.to(torch.uint8), scales, zeros, None, bits, group)
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row scale and zero point ``(N,)`` of the grid of one column group ``w`` ``(N, width)``.
+
+    The zero point is None for a symmetric grid (the format's default). Unlike
+    `quantize_weight` it keeps ``w``'s dtype and does not validate, so quantizers that
+    recompute a group's grid many times (GPTQ) can call it in their inner loop.
+    """
+    scales, zeros = _grid_params(*_group_range(w, w.shape[1]), bits, symmetric)
+    return scales[:, 0], None if zeros is None else zeros[:, 0]
+
+
+def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """The grid codes ``clamp(round(w / scale) + zero, 0, 2^bits − 1)`` of ``w``, as floats."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
 def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -123,6 +130,20 @@ def _checked_weight(w: torch.Tensor, bits: int, name: str | None) -> torch.Tenso
     return weight
 
 
+def _grid_params(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points (None if symmetric) from clamped group ranges (module doc)."""
+    if symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scales = (xmax - xmin) / ((1 << bits) - 1)
+    return scales, None if symmetric else torch.round(-xmin / scales)
+
+
 def _group_range(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ``min(min w, 0)`` and ``max(max w, 0)``, shape ``(N, n_groups)``.
 
@@ -139,4 +160,7 @@ def _per_column(per_group: torch.Tensor, group: int, width: int) -> torch.Tensor
     return per_group.repeat_interleave(group, dim=1)[:, :width]
 
 
-__all__ = ["GRID_BITS", "QuantizedWeight", "effective_group_size", "quantize_weight", "relative_error"]
+__all__ = [
+    "GRID_BITS", "QuantizedWeight", "effective_group_size", "grid_codes", "group_params", "quantize_weight",
+    "relative_error",
+]

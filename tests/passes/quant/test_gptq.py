@@ -1,0 +1,332 @@
+"""The ``gptq`` pass: the algorithm against an unblocked reference, the packed result,
+GPTQ versus RTN error, layer-input capture, and errors on bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import lowbit
+from lowbit.calibration import calibration_set
+from lowbit.errors import CalibrationError, LowbitError, PassConfigError
+from lowbit.ir import ops, packing
+from lowbit.ir.annotations import get_meta
+from lowbit.passes.quant import GPTQ, RTN, PackedLinear, gptq_quantize
+from lowbit.passes.quant.gptq import relative_output_error
+from lowbit.passes.quant.hessian import capture_hessian
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero of one group (METHODS.md §8 step 2)."""
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin[empty], xmax[empty] = -1.0, 1.0
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                   act_order: bool, static_groups: bool, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """GPTQ one column at a time, no blocks (METHODS.md §8 steps 3-8): codes, Q and loss."""
+    w, h = w.clone(), h.clone()
+    cols = w.shape[1]
+    g = cols if group_size == -1 else group_size
+    for j in range(cols):
+        if h[j, j] == 0:
+            h[j, j] = 1.0
+            w[:, j] = 0.0
+    static = [reference_grid(w[:, s:s + g], bits, symmetric) for s in range(0, cols, g)]
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    codes, q = torch.zeros_like(w), torch.zeros_like(w)
+    loss = 0.0
+    for j in range(cols):
+        if static_groups:
+            scale, zero = static[int(perm[j]) // g]
+        elif j % g == 0:
+            scale, zero = reference_grid(w[:, j:j + g], bits, symmetric)
+        codes[:, j] = torch.clamp(torch.round(w[:, j] / scale) + zero, 0, 2**bits - 1)
+        q[:, j] = scale * (codes[:, j] - zero)
+        err = (w[:, j] - q[:, j]) / u[j, j]
+        loss += float((err**2).sum()) / 2
+        w[:, j:] -= err[:, None] * u[j, j:][None, :]
+    inverse = torch.argsort(perm)
+    return codes[:, inverse], q[:, inverse], loss
+
+
+def correlated_inputs(rows: int, width: int, rank: int = 6, seed: int = 0) -> torch.Tensor:
+    """Low-rank inputs plus noise: the structure GPTQ exploits and RTN ignores."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, rank, generator=gen) @ torch.randn(rank, width, generator=gen) \
+        + 0.1 * torch.randn(rows, width, generator=gen)
+
+
+def weight_and_hessian(rows: int = 6, cols: int = 48, dtype: torch.dtype = torch.float64):
+    gen = torch.Generator().manual_seed(cols)
+    w = torch.randn(rows, cols, generator=gen)
+    w[0] = w[0].abs()  # a row without negative weights
+    x = correlated_inputs(96, cols).to(dtype)
+    x[:, 5] = 0.0  # a dead input
+    return w.to(dtype), 2 / x.shape[0] * x.T @ x
+
+
+# ---------------------------------------------------------------- the algorithm
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 16, 20])
+@pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (False, True), (True, True)])
+def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_order, static_groups) -> None:
+    w, h = weight_and_hessian()
+    result = gptq_quantize(w, h, bits, group_size, symmetric, act_order=act_order,
+                           static_groups=static_groups, block_size=7)
+    codes, q, loss = reference_gptq(w, h, bits, group_size, symmetric, act_order, static_groups)
+    assert torch.equal(packing.unpack(result.quantized.pack(), bits, w.shape[1]), codes.to(torch.uint8))
+    torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
+    assert result.loss == pytest.approx(loss, rel=1e-9)
+
+
+@pytest.mark.parametrize(("group_size", "act_order", "static_groups"),
+                         [(-1, False, False), (16, False, False), (20, True, False), (16, True, True)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_packed_weight_dequantizes_to_the_algorithms_q(group_size, act_order, static_groups, symmetric) -> None:
+    w, h = weight_and_hessian(dtype=torch.float32)
+    result = gptq_quantize(w, h, 3, group_size, symmetric, act_order=act_order, static_groups=static_groups,
+                           block_size=8)
+    qw = result.quantized
+    assert (qw.g_idx is not None) == (act_order and not static_groups and group_size != -1)
+    if qw.g_idx is not None:  # groups are contiguous in act-order, stored per original column
+        in_act_order = qw.g_idx[torch.argsort(torch.diag(h), descending=True, stable=True)]
+        assert torch.equal(in_act_order, torch.arange(w.shape[1], dtype=torch.int32) // group_size)
+    dequantized = packing.dequantize(qw.pack(), qw.scales, qw.zeros, qw.g_idx, qw.bits, qw.group_size, w.shape[1])
+    assert torch.equal(dequantized, result.weight)
+
+
+def test_block_size_does_not_change_the_result() -> None:
+    w, h = weight_and_hessian()
+    results = [gptq_quantize(w, h, 3, 16, act_order=True, block_size=b).weight for b in (1, 5, 16, 128)]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-12)
+
+
+def test_too_few_samples_are_dampened() -> None:
+    w, _ = weight_and_hessian(cols=32, dtype=torch.float32)
+    x = correlated_inputs(3, 32)
+    result = gptq_quantize(w, 2 / 3 * x.T @ x, 4)
+    assert result.damp == 0.01 and torch.isfinite(result.weight).all()
+
+
+def test_failed_cholesky_increases_damping(caplog) -> None:
+    not_psd = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4 and -2
+    with caplog.at_level(logging.WARNING, logger="lowbit.passes.quant.gptq"):
+        result = gptq_quantize(torch.randn(3, 2), not_psd, 4, name="fc")
+    assert result.damp == pytest.approx(10.0)
+    assert "layer 'fc'" in caplog.text and "retrying" in caplog.text
+
+
+def test_nan_weight_is_an_error_naming_the_layer() -> None:
+    w, h = weight_and_hessian()
+    w[1, 2] = float("nan")
+    with pytest.raises(LowbitError, match="layer 'fc'.*NaN"):
+        gptq_quantize(w, h, 4, name="fc")
+
+
+# ---------------------------------------------------------------- the pass
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def traced_mlp(seed: int = 0) -> fx.GraphModule:
+    torch.manual_seed(seed)
+    return fx.symbolic_trace(MLP())
+
+
+def calibration(x: torch.Tensor, batch: int = 128):
+    return calibration_set([(chunk,) for chunk in x.split(batch)], (x[:1],))
+
+
+def output_error(gm: fx.GraphModule, reference: fx.GraphModule, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        expected = reference(x)
+        return float(torch.linalg.vector_norm(gm(x) - expected) / torch.linalg.vector_norm(expected))
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_gptq_beats_rtn_on_the_calibration_distribution(bits: int) -> None:
+    gm, x = traced_mlp(), correlated_inputs(512, 64)
+    gptq = lowbit.Pipeline([GPTQ(bits=bits, group_size=32)])
+    quantized = gptq(gm, calibration=calibration(x))
+    rtn = lowbit.Pipeline([RTN(bits=bits, group_size=32, symmetric=False)])(gm)
+    gptq_error, rtn_error = output_error(quantized, gm, x), output_error(rtn, gm, x)
+    assert gptq_error < 0.8 * rtn_error
+    for record in gptq.report.passes[0].layers:
+        assert record.action == "quantized"
+        assert record.stats["output_error"] < record.stats["rtn_output_error"]
+        assert record.stats["samples"] == 512
+
+
+def test_pass_rewrites_layers_with_annotations_and_g_idx() -> None:
+    gm, x = traced_mlp(), correlated_inputs(256, 64)
+    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=16, act_order=True, ignore=("fc2",))])
+    out = pipeline(gm, calibration=calibration(x))
+    (node,) = [n for n in out.graph.nodes if n.target is ops.linear_packed]
+    meta = get_meta(node)
+    assert meta.layer == "fc1" and meta.quant.describe() == "w4 g16 asym [gptq]"
+    packed = out.get_submodule("fc1")
+    assert isinstance(packed, PackedLinear) and packed.g_idx is not None and packed.zeros is not None
+    fc1, fc2 = pipeline.report.passes[0].layers
+    assert fc1.action == "quantized" and fc1.stats["act_order"]
+    assert fc2.action == "skipped" and "ignored" in fc2.reason
+    assert isinstance(out.get_submodule("fc2"), nn.Linear)
+
+
+class CustomLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class LeafTracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return isinstance(module, CustomLinear) or super().is_leaf_module(module, qualname)
+
+
+def test_unsupported_layer_is_skipped_with_a_reason() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), CustomLinear(16, 8))
+    gm = fx.GraphModule(model, LeafTracer().trace(model))
+    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=-1)])
+    pipeline(gm, calibration=calibration(correlated_inputs(64, 16)))
+    first, second = pipeline.report.passes[0].layers
+    assert first.action == "quantized"
+    assert second.action == "skipped" and "overrides nn.Linear.forward" in second.reason
+
+
+def test_layers_after_the_first_see_quantized_outputs() -> None:
+    gm, x = traced_mlp(), correlated_inputs(256, 64)
+    pipeline = lowbit.Pipeline([GPTQ(bits=2, group_size=-1)])
+    out = pipeline(gm, calibration=calibration(x))
+    with torch.no_grad():
+        float_input = torch.relu(gm.get_submodule("fc1")(x))
+        quantized_input = torch.relu(out.get_submodule("fc1")(x))
+    fc2, packed = gm.get_submodule("fc2").weight.detach(), out.get_submodule("fc2")
+    q = packing.dequantize(packed.qweight, packed.scales, packed.zeros, packed.g_idx, packed.bits,
+                           packed.group_size, packed.in_features)
+    recorded = pipeline.report.passes[0].layers[1].stats["output_error"]
+    on_quantized = relative_output_error(fc2, q, quantized_input.T @ quantized_input)
+    on_float = relative_output_error(fc2, q, float_input.T @ float_input)
+    assert recorded == pytest.approx(on_quantized, rel=1e-4) and recorded != pytest.approx(on_float, rel=1e-4)
+
+
+# ---------------------------------------------------------------- capture
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(torch.relu(self.shared(x))))
+
+
+def test_capture_accumulates_every_call_and_stops_early() -> None:
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Chain())
+    batches = [((torch.randn(n, 3, 8),), {}) for n in (5, 2, 7)]
+    head_calls = []
+    gm.get_submodule("head").register_forward_hook(lambda *_: head_calls.append(1))
+    captured = capture_hessian(gm, "shared", 2, batches)
+    with torch.no_grad():
+        inputs = [x.reshape(-1, 8) for (x,), _ in batches]
+        inputs += [torch.relu(gm.get_submodule("shared")(x)) for x in inputs]
+        rows = torch.cat(inputs)
+    assert captured.rows == rows.shape[0] and not head_calls
+    torch.testing.assert_close(captured.hessian, 2 / rows.shape[0] * rows.T @ rows, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_activations_are_an_error_naming_the_layer() -> None:
+    class LogThenLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(torch.log(x))
+
+    gm = fx.symbolic_trace(LogThenLinear())
+    with pytest.raises(LowbitError, match="layer 'proj'.*NaN or Inf"):
+        lowbit.Pipeline([GPTQ()])(gm, calibration=calibration(-torch.ones(8, 4)))
+
+
+def test_llama_layers_are_quantized_with_shared_captures() -> None:
+    pytest.importorskip("lowbit.ir.trace")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256, use_cache=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    gm = lowbit.trace(model, (), example_kwargs={"input_ids": ids})
+    batches = calibration_set([{"input_ids": torch.randint(0, 256, (2, 16))} for _ in range(4)], (), {"input_ids": ids})
+    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=32, ignore=("lm_head",))])
+    out = pipeline(gm, calibration=batches)
+    result = pipeline.report.passes[0]
+    assert result.stats == {"quantized": 14, "skipped": 1, "captures": 9}  # q/k/v and gate/up share one
+    with torch.no_grad():
+        expected, actual = model(input_ids=ids).logits, out(input_ids=ids).logits
+    assert float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected)) < 0.1
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("options", "key"), [
+    ({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"block_size": 0}, "block_size"),
+    ({"damp_percent": 0.0}, "damp_percent"), ({"act_ordr": True}, "act_order"),
+])
+def test_bad_options_name_the_key(options, key) -> None:
+    with pytest.raises(PassConfigError, match=key):
+        GPTQ(**options)
+
+
+def test_registry_defaults_and_missing_calibration() -> None:
+    gptq = lowbit.passes.get("gptq", bits=2, group_size=64, symmetric=False, ignore=["lm_head"])
+    assert isinstance(gptq, GPTQ) and gptq.requires_calibration
+    assert GPTQ().config.as_dict() == {
+        "bits": 4, "group_size": 128, "symmetric": False, "ignore": (), "act_order": False,
+        "static_groups": False, "block_size": 128, "damp_percent": 0.01,
+    }
+    with pytest.raises(CalibrationError, match="gptq"):
+        lowbit.Pipeline([gptq])(traced_mlp())
+
+
+def test_nan_weight_in_a_graph_is_an_error_naming_the_layer() -> None:
+    gm = traced_mlp()
+    with torch.no_grad():
+        gm.get_submodule("fc2").weight[0, 0] = float("inf")
+    with pytest.raises(LowbitError, match="layer 'fc2'"):
+        lowbit.Pipeline([GPTQ()])(gm, calibration=calibration(correlated_inputs(32, 64)))
