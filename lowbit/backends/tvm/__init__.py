@@ -1,0 +1,1 @@
+"""The TVM backend: targets (`target`), low-bit TIR kernels (`kernels`)."""

@@ -1,0 +1,1 @@
+"""TIR kernel generators, one module per kernel family."""

@@ -1,0 +1,95 @@
+"""Map lowbit target names to TVM targets.
+
+``"x86"`` is the machine compiling (LLVM's host CPU detection, so ``mcpu`` names the
+real micro-architecture and code uses every vector extension it has); ``"arm"`` is a
+generic aarch64 CPU with NEON and the dot-product extension; ``"cuda"`` is sm_80 with an
+x86 host. A TVM target dict (or a ``tvm.target.Target``) is passed through unchanged, so
+users can name any other machine. TVM 0.27 only accepts targets as dicts or JSON, not
+the old ``"llvm -mcpu=..."`` strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from typing import Any, Mapping
+
+from tvm.target import Target, codegen
+
+from lowbit.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+TARGET_NAMES: tuple[str, ...] = ("x86", "arm", "cuda")
+
+#: Used when compiling for x86 on a machine that is not x86: x86-64-v3 is AVX2 + FMA.
+PORTABLE_X86_CPU = "x86-64-v3"
+ARM_TARGET: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+CUDA_ARCH = "sm_80"
+
+
+def resolve_target(target: str | Mapping[str, Any] | Target) -> Target:
+    """The TVM target for a lowbit target name, a TVM target dict or a ``Target``."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str):
+        return _named_target(target)
+    if isinstance(target, Mapping):
+        if "kind" not in target:
+            raise BackendError("a target dict needs a 'kind' key (e.g. {'kind': 'llvm', 'mcpu': 'znver3'})")
+        return _make_target(dict(target))
+    raise BackendError(f"a target is a name ({', '.join(TARGET_NAMES)}) or a TVM target dict, not {type(target).__name__}")
+
+
+def x86_host_target() -> dict[str, Any]:
+    """The x86 target of this machine: detected ``mcpu`` and the number of usable cores."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.info("host is %s, not x86: compiling x86 code for %s", platform.machine(), PORTABLE_X86_CPU)
+        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": PORTABLE_X86_CPU, "num-cores": 1}
+    cpu = codegen.llvm_get_system_cpu()
+    spec: dict[str, Any] = {"kind": "llvm", "mcpu": cpu, "num-cores": _usable_cores()}
+    if not has_features(Target(spec), "avx2"):
+        log.warning("LLVM reports host CPU '%s' without AVX2: vector kernels will be slow", cpu)
+    return spec
+
+
+def has_features(target: Target, *features: str) -> bool:
+    """Whether an LLVM target's CPU has all ``features`` (LLVM names: ``avx2``, ``avx512f``, ``dotprod``)."""
+    if target.kind.name != "llvm":
+        return False
+    return bool(codegen.llvm_cpu_has_features(list(features), target))
+
+
+def float32_lanes(target: Target) -> int:
+    """fp32 lanes of the widest vector register of an LLVM CPU target (8 for AVX2, 16 for AVX-512)."""
+    if target.kind.name != "llvm":
+        raise BackendError(f"float32_lanes needs an LLVM CPU target, got kind '{target.kind.name}'")
+    return max(4, int(codegen.llvm_get_vector_width(target)) // 32)
+
+
+def _named_target(name: str) -> Target:
+    if name == "x86":
+        return _make_target(x86_host_target())
+    if name == "arm":
+        return _make_target(dict(ARM_TARGET))
+    if name == "cuda":
+        return _make_target({"kind": "cuda", "arch": CUDA_ARCH}, host=x86_host_target())
+    raise BackendError(f"unknown target '{name}'; choose one of {', '.join(TARGET_NAMES)} or a TVM target dict")
+
+
+def _make_target(spec: dict[str, Any], host: dict[str, Any] | None = None) -> Target:
+    try:
+        return Target(spec, host=host) if host is not None else Target(spec)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise BackendError(f"TVM rejected target {spec!r}: {error}") from error
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+__all__ = ["TARGET_NAMES", "float32_lanes", "has_features", "resolve_target", "x86_host_target"]

@@ -1,0 +1,84 @@
+"""The packed-weight TIR kernel against the torch reference op ``lowbit.linear_packed``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec, packed_linear_func, unsupported_reason
+from lowbit.backends.tvm.target import float32_lanes, resolve_target
+from lowbit.ir import ops, packing
+
+K, N, GROUP = 256, 64, 64
+
+
+def _packed_weight(bits: int, asymmetric: bool, exact: bool, seed: int) -> dict[str, torch.Tensor | None]:
+    """Random codes, scales, zeros and bias; with ``exact`` every value is a small multiple of a power of two."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (N, K), generator=gen, dtype=torch.uint8)
+    groups = K // GROUP
+    if exact:
+        scales = 2.0 ** -torch.randint(0, 5, (N, groups), generator=gen).float()
+        bias = torch.randint(-8, 9, (N,), generator=gen).float() / 4
+    else:
+        scales = torch.rand(N, groups, generator=gen) * 0.1 + 0.01
+        bias = torch.randn(N, generator=gen)
+    zeros = torch.randint(0, 2**bits, (N, groups), generator=gen).float() if asymmetric else None
+    return {"qweight": packing.pack(codes, bits), "scales": scales, "zeros": zeros, "bias": bias}
+
+
+def _run_kernel(x: torch.Tensor, weight: dict, bits: int) -> torch.Tensor:
+    spec = PackedLinearSpec(x.shape[0], K, N, bits, GROUP, weight["zeros"] is not None, True)
+    target = resolve_target("x86")
+    func = packed_linear_func(spec, float32_lanes(target), name="kernel")
+    lib = tvm.compile(tvm.IRModule({"kernel": func}), target=target)
+    inputs = [x, weight["qweight"], weight["scales"], weight["zeros"], weight["bias"]]
+    args = [tvm.runtime.tensor(t.numpy()) for t in inputs if t is not None]
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], N), dtype="float32"))
+    lib["kernel"](*args, out)
+    return torch.from_numpy(out.numpy())
+
+
+def _reference(x: torch.Tensor, weight: dict, bits: int) -> torch.Tensor:
+    return ops.linear_packed(x, weight["qweight"], weight["scales"], weight["zeros"], None, weight["bias"],
+                             bits, GROUP, K)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_bit_exact_on_exact_values(bits: int, asymmetric: bool, rows: int) -> None:
+    weight = _packed_weight(bits, asymmetric, exact=True, seed=bits * 10 + rows)
+    x = torch.randint(-2, 3, (rows, K), generator=torch.Generator().manual_seed(rows)).float()
+    assert torch.equal(_run_kernel(x, weight, bits), _reference(x, weight, bits))
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_close_on_random_values(bits: int, asymmetric: bool, rows: int) -> None:
+    weight = _packed_weight(bits, asymmetric, exact=False, seed=bits + rows)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(100 + rows))
+    ref = _reference(x, weight, bits)
+    err = (_run_kernel(x, weight, bits) - ref).abs().max() / ref.abs().max()
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"bits": 3}, "straddle bytes"),
+        ({"has_g_idx": True}, "g_idx"),
+        ({"group_size": 48}, "not a multiple of group_size"),
+        ({"bits": 2, "group_size": 2, "in_features": 8}, "whole bytes"),
+    ],
+)
+def test_layouts_the_kernel_does_not_cover(changes: dict, reason: str) -> None:
+    base = {"batch": 1, "in_features": K, "out_features": N, "bits": 4, "group_size": GROUP,
+            "asymmetric": False, "has_bias": False}
+    spec = PackedLinearSpec(**{**base, **changes})
+    assert reason in unsupported_reason(spec)
+    with pytest.raises(ValueError, match=reason):
+        packed_linear_func(spec, 8)
