@@ -136,12 +136,13 @@ def _inspect(args: argparse.Namespace) -> None:
         print(json.dumps(lowbit.artifact.read_manifest(path), indent=2))
         graph = lowbit.artifact.load(path)
     else:
-        import lowbit
+        from lowbit.compiler import build_pipeline
+        from lowbit.ir.trace import trace
 
         model, inputs, kwargs = _load_model(args.model)
-        graph = lowbit.trace(model, inputs, example_kwargs=kwargs)
+        graph = trace(model, inputs, example_kwargs=kwargs)
         if args.recipe or args.passes:
-            _, pipeline = lowbit.compiler.build_pipeline(args.recipe, _pass_list(args.passes), "convert", True, None)
+            _, pipeline = build_pipeline(args.recipe, _pass_list(args.passes), "convert")
             graph = pipeline(graph, example_inputs=inputs, example_kwargs=kwargs)
     if hasattr(graph, "graph"):
         print(format_graph(graph, annotated_only=args.annotated))

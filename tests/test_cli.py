@@ -84,3 +84,12 @@ def test_trace_reports_each_tracer(capsys):
     assert "fx" in out and "export" in out and "ok" in out
     assert main(["trace", "--list"]) == 0
     assert "minilm" in capsys.readouterr().out
+
+
+def test_inspect_in_a_fresh_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", "-q", "inspect", "resnet18", "--pass", "rtn:bits=8", "--annotated"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fc_packed" in result.stdout and "w8 g128 sym [rtn]" in result.stdout
