@@ -268,6 +268,7 @@ class GPTQ(Pass):
     produces = frozenset({"quant"})
     forbids = frozenset({"adapter", "reparam", "fake_quant"})
     after_pack = True
+    pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = _calibration(ctx)
@@ -366,6 +367,11 @@ def _calibration(ctx: PassContext) -> CalibrationSet:
         raise CalibrationError("gptq needs calibration data: pass calibration= batches shaped like the example inputs")
     if isinstance(ctx.calibration, CalibrationSet):
         return ctx.calibration
+    if not ctx.example_inputs and not ctx.example_kwargs:
+        raise CalibrationError(
+            "gptq cannot check raw calibration batches without example inputs: pass "
+            "lowbit.calibration.calibration_set(batches, example_inputs), or example_inputs= to the pipeline"
+        )
     return calibration_set(ctx.calibration, ctx.example_inputs, ctx.example_kwargs)
 
 

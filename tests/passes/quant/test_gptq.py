@@ -322,6 +322,11 @@ def test_registry_defaults_and_missing_calibration() -> None:
     }
     with pytest.raises(CalibrationError, match="gptq"):
         lowbit.Pipeline([gptq])(traced_mlp())
+    batches = [(torch.randn(4, 64),)]
+    with pytest.raises(CalibrationError, match="calibration_set"):
+        lowbit.Pipeline([GPTQ()])(traced_mlp(), calibration=batches)
+    out = lowbit.Pipeline([GPTQ()])(traced_mlp(), calibration=batches, example_inputs=batches[0])
+    assert isinstance(out.get_submodule("fc1"), PackedLinear)
 
 
 def test_nan_weight_in_a_graph_is_an_error_naming_the_layer() -> None:
