@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any, TypeVar
 
 from lowbit.errors import UnknownPassError
@@ -55,6 +56,10 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+FAMILIES: tuple[str, ...] = ("quant", "reparam", "adapters", "prune")
+
+
 def _load_builtin() -> None:
     # Importing the families registers their passes.
-    import lowbit.passes.quant  # noqa: F401
+    for family in FAMILIES:
+        importlib.import_module(f"lowbit.passes.{family}")

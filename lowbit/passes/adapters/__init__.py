@@ -1,0 +1,1 @@
+"""Parameter-efficient adapter passes and their merge. Importing this package registers them."""

@@ -1,0 +1,1 @@
+"""Pruning passes: masks as annotations and buffers, and baking them in. Importing this package registers them."""
