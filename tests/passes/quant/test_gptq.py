@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowbit
 from lowbit.calibration import calibration_set
@@ -100,6 +102,28 @@ def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_ord
     assert torch.equal(packing.unpack(result.quantized.pack(), bits, w.shape[1]), codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
     assert result.loss == pytest.approx(loss, rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 5), st.integers(1, 30), st.integers(1, 40), st.sampled_from([2, 3, 4, 8]),
+    st.sampled_from([-1, 1, 2, 3, 8, 64]), st.booleans(), st.booleans(), st.integers(1, 12), st.integers(0, 2**31 - 1),
+)
+def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group_size, act_order, static_groups,
+                                                block_size, seed) -> None:
+    """Ragged groups and blocks, rank-deficient and dead inputs. Asymmetric grids only: a
+    symmetric grid puts each group's most negative weight on a rounding tie, which the
+    last bit of a sum can flip."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    x = torch.randn(samples, cols, generator=gen, dtype=torch.float64)
+    x[:, torch.rand(cols, generator=gen) < 0.2] = 0.0
+    h = 2 / samples * x.T @ x
+    result = gptq_quantize(w, h, bits, group_size, False, act_order=act_order, static_groups=static_groups,
+                           block_size=block_size)
+    codes, q, _ = reference_gptq(w, h, bits, group_size if group_size < cols else -1, False, act_order, static_groups)
+    assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
+    torch.testing.assert_close(result.weight, q, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(("group_size", "act_order", "static_groups"),
