@@ -94,13 +94,14 @@ def capture_hessian(gm: fx.GraphModule, path: str, calls: int, batches: Iterable
 
 @contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Run calibration in eval mode (no dropout, frozen norms), restoring the mode after."""
-    training = module.training
+    """Run calibration in eval mode (no dropout, frozen norms), restoring every submodule's mode after."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(training)
+        for m, training in modes:
+            m.training = training
 
 
 __all__ = ["HessianAccumulator", "capture_hessian"]

@@ -281,9 +281,12 @@ def test_capture_accumulates_every_call_and_stops_early() -> None:
     torch.manual_seed(0)
     gm = fx.symbolic_trace(Chain())
     batches = [((torch.randn(n, 3, 8),), {}) for n in (5, 2, 7)]
-    head_calls = []
-    gm.get_submodule("head").register_forward_hook(lambda *_: head_calls.append(1))
+    head_calls, modes = [], []
+    gm.get_submodule("head").eval().register_forward_hook(lambda *_: head_calls.append(1))
+    gm.get_submodule("shared").register_forward_pre_hook(lambda module, _: modes.append(module.training))
     captured = capture_hessian(gm, "shared", 2, batches)
+    assert modes == [False] * 6  # two calls per batch, in eval mode; every module's own mode is back after
+    assert gm.training and gm.get_submodule("shared").training and not gm.get_submodule("head").training
     with torch.no_grad():
         inputs = [x.reshape(-1, 8) for (x,), _ in batches]
         inputs += [torch.relu(gm.get_submodule("shared")(x)) for x in inputs]
