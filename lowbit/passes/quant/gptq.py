@@ -11,7 +11,9 @@ Layers are processed one at a time in graph order. Each layer's ``H`` is capture
 *as it is now*, so layers after the first see the outputs of already-quantized layers
 (GPTQ's "propagate quantized outputs"). Layers that read the same input node (q/k/v,
 gate/up) share one capture, which changes nothing: quantizing one of them cannot change
-the others' input.
+the others' input. A layer called more than once (shared weights) gets one Hessian over
+all of its calls; a later call whose input depends on layers after the first call sees
+those layers still in floating point.
 
 `gptq_quantize` is the algorithm on one weight and its Hessian; the `GPTQ` pass wraps
 it. It follows METHODS.md §8 steps 3–8, with one refinement: a dynamic group's grid is

@@ -40,8 +40,10 @@ def reference_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.T
     return scale, zero
 
 
-def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                   act_order: bool, static_groups: bool, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+def reference_gptq(
+    w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
+    static_groups: bool, damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """GPTQ one column at a time, no blocks (METHODS.md §8 steps 3-8): codes, Q and loss."""
     w, h = w.clone(), h.clone()
     cols = w.shape[1]
