@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from tvm import s_tir, te, tirx
 
+from lowbit.backends.tvm.kernels.common import divisor_at_most, finish
 from lowbit.ir.packing import default_zero
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,13 @@ def unsupported_reason(spec: PackedLinearSpec) -> str | None:
     return None
 
 
-def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str = "lowbit_linear_packed") -> tirx.PrimFunc:
+def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str | None = None) -> tirx.PrimFunc:
     """The scheduled PrimFunc for ``spec`` with ``lanes``-wide fp32 vectors.
 
     Arguments, in order: ``x (M, K) f32``, ``qweight (N, row_bytes) u8``, ``scales (N, G)
     f32``, then ``zeros (N, G) f32`` if asymmetric and ``bias (N,) f32`` if present, and
-    the output ``y (M, N) f32``.
+    the output ``y (M, N) f32``. ``name`` becomes the ``global_symbol`` a standalone build
+    needs; leave it None when the function goes into a Relax module (which names it).
     """
     reason = unsupported_reason(spec)
     if reason is not None:
@@ -98,7 +100,7 @@ def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str = "lowbit_l
     sch = s_tir.Schedule(func)
     _schedule(sch, spec, vec)
     log.debug("scheduled %s with %d lanes", spec, vec)
-    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    return finish(sch.mod["main"], name)
 
 
 def vector_width(spec: PackedLinearSpec, lanes: int) -> int:
@@ -160,7 +162,7 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, vec: int) -> None:
     y, part, gacc, deq = (sch.get_sblock(name) for name in ("y", "part", "gacc", "deq"))
     m, n = sch.get_loops(y)
     m_outer, m_inner = sch.split(m, factors=[None, min(spec.batch, ROW_TILE)])
-    n_outer, n = sch.split(n, factors=[None, _divisor_at_most(spec.out_features, OUT_TILE)])
+    n_outer, n = sch.split(n, factors=[None, divisor_at_most(spec.out_features, OUT_TILE)])
     sch.reorder(n_outer, n, m_outer, m_inner)
     sch.parallel(n_outer)
 
@@ -185,10 +187,6 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, vec: int) -> None:
 
     sch.vectorize(p_v)
     sch.vectorize(sch.get_loops(sch.decompose_reduction(part, p_g))[-1])
-
-
-def _divisor_at_most(extent: int, limit: int) -> int:
-    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
 
 
 def _loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir.schedule.LoopRV) -> list:

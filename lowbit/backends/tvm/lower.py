@@ -1,0 +1,196 @@
+"""Lower a lowbit GraphModule to a Relax IRModule and build it.
+
+Ordinary operators go through TVM's torch frontend (`relax.frontend.torch.from_fx`).
+Each ``torch.ops.lowbit.linear_packed`` call becomes a ``relax.call_tir`` of a TIR kernel
+whose packed weight, scales, zero points and bias are Relax constants:
+
+* the packed-weight kernel (`kernels.packed_linear`) when the layout allows it;
+* otherwise (3-bit codes, act-order ``g_idx``, ragged groups) the weight is dequantized
+  here to fp32 and multiplied by the scheduled dense kernel (`kernels.dense`). Each such
+  layer is listed in `Lowering.fallbacks`.
+
+`build` runs TVM's CPU Relax pipeline with the default schedules of
+`lowbit.backends.tvm.schedule` applied after legalization, so no operator runs
+unscheduled. Shapes are static: the module is specialized to the example inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import tvm
+from torch.fx.operator_schemas import normalize_function
+from torch.fx.passes.shape_prop import ShapeProp
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.relax.frontend.torch import from_fx
+from tvm.s_tir import dlight
+from tvm.target import Target
+
+from lowbit.backends.tvm import schedule
+from lowbit.backends.tvm.kernels.dense import dense_func
+from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec, packed_linear_func, unsupported_reason
+from lowbit.backends.tvm.target import float32_lanes
+from lowbit.errors import BackendError
+from lowbit.ir import ops, packing
+
+log = logging.getLogger(__name__)
+
+#: How the frontend names ``torch.ops.lowbit.linear_packed.default`` (``OpOverload.__name__``).
+LINEAR_PACKED_NAME = ops.linear_packed.__name__
+
+
+@dataclass(frozen=True)
+class LoweredLinear:
+    """How one ``linear_packed`` call was lowered: ``kernel`` is ``"packed"`` or ``"dense"``."""
+
+    node: str
+    spec: PackedLinearSpec
+    kernel: str
+    reason: str | None = None
+
+
+@dataclass
+class Lowering:
+    """A Relax module for a graph, with the record of how its packed linears were lowered."""
+
+    mod: tvm.IRModule
+    target: Target
+    input_shapes: list[tuple[int, ...]]
+    linears: list[LoweredLinear] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[LoweredLinear]:
+        """Packed layers that run as dequantized fp32 dense kernels, with the reason."""
+        return [linear for linear in self.linears if linear.kernel == "dense"]
+
+
+def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Target) -> Lowering:
+    """Import ``gm`` specialized to the shapes and dtypes of ``example_inputs``."""
+    if target.kind.name != "llvm":
+        raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
+    inputs = _check_inputs(example_inputs)
+    ShapeProp(gm).propagate(*inputs)  # records the input shape of every packed linear call
+    lowering = Lowering(tvm.IRModule(), target, [tuple(t.shape) for t in inputs])
+    converter = _PackedLinearConverter(gm, lowering, float32_lanes(target))
+    input_info = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
+    try:
+        mod = from_fx(gm, input_info, unwrap_unit_return_tuple=True,
+                      custom_convert_map={LINEAR_PACKED_NAME: converter})
+    except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
+        raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
+    lowering.mod = mod
+    log.info("lowered graph: %d packed linear(s), %d on the dense fallback", len(lowering.linears),
+             len(lowering.fallbacks))
+    return lowering
+
+
+def build(lowering: Lowering) -> relax.VMExecutable:
+    """Schedule every TIR function of a lowered module and compile it for the VM."""
+    mod = schedule_module(lowering)
+    missing = unscheduled_functions(mod)
+    if missing:
+        log.warning("no default schedule fits %s: they run as plain loop nests", ", ".join(missing))
+    target = lowering.target
+    with target:
+        rest = tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target))
+        return tvm.compile(mod, target=target, relax_pipeline=rest)
+
+
+def schedule_module(lowering: Lowering) -> tvm.IRModule:
+    """Legalize and fuse the Relax module, then give each TIR function a default CPU schedule.
+
+    ``DecomposeOpsForInference`` runs first so batch norm uses its running statistics
+    (Relax's ``batch_norm`` otherwise legalizes to the training-mode computation).
+    """
+    target = lowering.target
+    passes = (
+        [relax.transform.DecomposeOpsForInference()]
+        + cpu_pipeline.library_dispatch_passes(target)
+        + cpu_pipeline.legalize_passes(target)
+        + [relax.transform.DeadCodeElimination(), dlight.ApplyDefaultSchedule(*schedule.cpu_rules())]
+    )
+    with target:
+        return tvm.transform.Sequential(passes)(lowering.mod)
+
+
+def unscheduled_functions(mod: tvm.IRModule) -> list[str]:
+    """Names of the TIR functions in ``mod`` that no schedule was applied to."""
+    return sorted(
+        gvar.name_hint for gvar, func in mod.functions_items()
+        if isinstance(func, tvm.tirx.PrimFunc) and not (func.attrs and func.attrs.get("tirx.is_scheduled"))
+    )
+
+
+class _PackedLinearConverter:
+    """``custom_convert_map`` entry: ``linear_packed`` node → ``call_tir`` of a kernel."""
+
+    def __init__(self, gm: fx.GraphModule, lowering: Lowering, lanes: int) -> None:
+        self.gm = gm
+        self.lowering = lowering
+        self.lanes = lanes
+
+    def __call__(self, node: fx.Node, importer: Any) -> relax.Expr:
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        x = importer.env[call["x"]]
+        if x.ty.dtype != "float32":
+            raise BackendError(f"node '{node.name}': the TVM kernels take float32 activations, got {x.ty.dtype}")
+        tensors = {name: self._tensor(call[name]) for name in ("qweight", "scales", "zeros", "g_idx", "bias")}
+        x_shape = [int(d) for d in x.ty.shape]
+        rows = functools.reduce(lambda a, b: a * b, x_shape[:-1], 1)
+        spec = PackedLinearSpec(
+            batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0],
+            bits=call["bits"], group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
+            has_bias=tensors["bias"] is not None, has_g_idx=tensors["g_idx"] is not None,
+        )
+        bb = importer.block_builder
+        x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_features))) if len(x_shape) != 2 else x
+        out = bb.emit(self._call_kernel(bb, node.name, x2d, spec, tensors))
+        return bb.emit(relax.op.reshape(out, (*x_shape[:-1], spec.out_features))) if len(x_shape) != 2 else out
+
+    def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
+                     tensors: dict[str, torch.Tensor | None]) -> relax.Call:
+        out = relax.TensorType((spec.batch, spec.out_features), "float32")
+        reason = unsupported_reason(spec)
+        if reason is None:
+            func = packed_linear_func(spec, self.lanes)
+            consts = [tensors[n] for n in ("qweight", "scales", "zeros", "bias") if tensors[n] is not None]
+            kernel = "packed"
+        else:
+            log.info("node '%s': dense fallback (%s)", name, reason)
+            func = dense_func(spec.batch, spec.in_features, spec.out_features, spec.has_bias, self.lanes)
+            weight = packing.dequantize(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
+                                        spec.bits, spec.group_size, spec.in_features)
+            consts = [weight.t().contiguous()] + ([tensors["bias"]] if tensors["bias"] is not None else [])
+            kernel = "dense"
+        self.lowering.linears.append(LoweredLinear(name, spec, kernel, reason))
+        gvar = bb.add_func(func, f"lowbit_{kernel}_linear")
+        args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
+        return relax.call_tir(gvar, args, out_ty=out)
+
+    def _tensor(self, arg: Any) -> torch.Tensor | None:
+        """The tensor a ``get_attr`` argument names (None stays None)."""
+        if arg is None:
+            return None
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            raise BackendError(f"linear_packed weights must be graph constants (get_attr nodes), got {arg!r}")
+        value = functools.reduce(getattr, str(arg.target).split("."), self.gm)
+        if value.dtype == torch.float32 or value.dtype in (torch.uint8, torch.int32):
+            return value.detach()
+        raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
+
+
+def _check_inputs(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    inputs = list(example_inputs)
+    for index, value in enumerate(inputs):
+        if not isinstance(value, torch.Tensor):
+            raise BackendError(f"example input {index} is a {type(value).__name__}; the TVM backend takes tensors")
+    return inputs
+
+
+__all__ = ["LINEAR_PACKED_NAME", "LoweredLinear", "Lowering", "build", "lower", "schedule_module", "unscheduled_functions"]

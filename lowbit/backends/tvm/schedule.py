@@ -1,0 +1,209 @@
+"""Default CPU schedules for the fp32 operators of a lowered graph (no tuning needed).
+
+TVM's legalized operators come out as plain loop nests, which LLVM turns into scalar
+single-threaded code ~30× slower than torch. These dlight-style rules give every
+PrimFunc a real schedule:
+
+* `TiledReduction` — one reduction block (matmul, conv, pooling, mean): a register tile
+  of ``rows × vector`` outputs accumulated in a local buffer while the reduction loops
+  run, the vector axis being the innermost spatial loop (contiguous for matmul with a
+  (K, N) weight and for NCHW convolution), parallel over the remaining tiles; producers
+  such as padding are inlined and elementwise epilogues (bias, ReLU) are folded into
+  the write-back.
+* `Elementwise` — only spatial blocks: fuse, parallelize, vectorize.
+* `ParallelFallback` — anything else (softmax, normalization: several reductions):
+  parallelize the outer spatial loop of every block.
+
+`cpu_rules` lists them after dlight's CPU GEMV and reduction rules.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import SBlockInfo, get_sblock_info, normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+from tvm.target import Target
+
+from lowbit.backends.tvm.kernels.common import divisor_at_most
+from lowbit.backends.tvm.target import float32_lanes
+
+log = logging.getLogger(__name__)
+
+#: Rows of a register tile in `TiledReduction`.
+ROW_TILE = 4
+#: Vector registers of one accumulator tile (independent accumulators hide FMA latency).
+ACCUMULATORS = 8
+#: Outputs per task when a reduction has one output row: a strip of accumulators in L1.
+STREAM_TILE = 1024
+
+
+class TiledReduction(ScheduleRule):
+    """Register-tiled schedule for a function with exactly one reduction block."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [info for info in infos if info.is_reduction()]
+        if len(reductions) != 1 or any(not (i.is_reduction() or i.is_injective()) for i in infos):
+            return None
+        if not _static_extents(reductions[0]):
+            return None
+        main = reductions[0]
+        try_inline(sch, [info for info in infos if info is not main])  # padding in, epilogues stay
+        schedule_tiled_reduction(sch, main.block_rv, float32_lanes(target))
+        return sch
+
+
+class Elementwise(ScheduleRule):
+    """Fuse, parallelize and vectorize functions whose blocks are all spatial."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not all(info.is_injective() for info in infos):
+            return None
+        remaining = try_inline(sch, infos)
+        lanes = float32_lanes(target)
+        for info in remaining:
+            parallel_vectorize(sch, info.block_rv, lanes)
+        return sch
+
+
+class ParallelFallback(ScheduleRule):
+    """Parallelize the outermost spatial loop of each block (multi-reduction functions)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        for info in try_inline(sch, infos):
+            spatial = [it.loop_rv for it in info.iters if it.kind == "S"]
+            if spatial and info.iters[0].kind == "S":
+                sch.parallel(spatial[0])
+        return sch
+
+
+class Guarded(ScheduleRule):
+    """A rule that declines (returns None) instead of raising when its schedule does not fit."""
+
+    def __init__(self, rule: ScheduleRule) -> None:
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        try:
+            return self.rule.apply(func, target, tunable)
+        except (s_tir.ScheduleError, ValueError) as error:
+            log.debug("%s declined a function: %s", type(self.rule).__name__, str(error).splitlines()[0])
+            return None
+
+
+def cpu_rules() -> list[ScheduleRule]:
+    """The rule chain for ``dlight.ApplyDefaultSchedule`` on CPU targets, most specific first."""
+    rules = [dlight.cpu.GEMV(), TiledReduction(), Elementwise(), dlight.cpu.Reduction(), ParallelFallback()]
+    return [Guarded(rule) for rule in rules]
+
+
+def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Tile ``block`` (spatial iterators first, then reductions) into accumulator tiles.
+
+    Loop order: [outer spatial tiles] (fused, parallel) → reductions → tile rows
+    (unrolled) → tile columns (vectorized). With several output rows the tile is
+    ``ROW_TILE × (ACCUMULATORS / ROW_TILE)`` vector registers; with one row (GEMV-like)
+    it is a `STREAM_TILE`-wide strip kept in L1, so the second operand streams
+    through contiguous rows. The tile lives in a local buffer written back once, with
+    any elementwise consumers inlined into the write-back.
+    """
+    info = get_sblock_info(sch, block)
+    spatial = [it for it in info.iters if it.kind == "S"]
+    reduce = [it.loop_rv for it in info.iters if it.kind == "R"]
+    if not spatial or not reduce:
+        raise ValueError(f"block '{info.name}' is not a reduction with spatial outputs")
+    write_back = sch.cache_write(block, 0, "local")
+    rows = divisor_at_most(int(spatial[-2].dom), ROW_TILE) if len(spatial) >= 2 else 1
+    width = _vector_width(int(spatial[-1].dom), STREAM_TILE if rows == 1 else lanes * ACCUMULATORS // rows)
+    simd = _vector_width(width, lanes)
+    column_outer, column, lane = sch.split(spatial[-1].loop_rv, factors=[None, width // simd, simd])
+    outer, tile_loops = [it.loop_rv for it in spatial[:-2]] + [column_outer], [column, lane]
+    if len(spatial) >= 2:
+        row_outer, row = sch.split(spatial[-2].loop_rv, factors=[None, rows])
+        outer.append(row_outer)  # innermost: consecutive tasks share the same slice of the second operand
+        tile_loops.insert(0, row)
+        sch.unroll(row)
+    sch.reorder(*outer, *reduce, *tile_loops)
+    fused = sch.fuse(*outer)
+    sch.parallel(fused)
+    sch.reverse_compute_at(write_back, fused)
+    _inline_consumers(sch, write_back)
+    _vectorize_innermost(sch, block, simd)
+    _vectorize_innermost(sch, write_back, simd)
+    _vectorize_innermost(sch, sch.decompose_reduction(block, reduce[0]), simd)
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, simd: int) -> None:
+    """Vectorize the innermost loop of ``block`` in ``simd``-wide pieces (nothing for ``simd == 1``)."""
+    if simd == 1:
+        return
+    loop = sch.get_loops(block)[-1]
+    if _static_extent(sch, loop) != simd:
+        loop = sch.split(loop, factors=[None, simd])[1]
+    sch.vectorize(loop)
+
+
+def parallel_vectorize(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Fuse the loops of a spatial block, run the outer part in parallel and vectorize the inner part."""
+    loops = sch.get_loops(block)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = _static_extent(sch, fused)
+    vec = _vector_width(extent, lanes) if extent is not None else 1
+    if vec == 1:
+        sch.parallel(fused)
+        return
+    outer, inner = sch.split(fused, factors=[None, vec])
+    sch.parallel(outer)
+    sch.vectorize(inner)
+
+
+def _inline_consumers(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:
+    """Inline elementwise consumers of ``block`` into it, as long as that works."""
+    changed = True
+    while changed:
+        changed = False
+        for consumer in sch.get_consumers(block):
+            try:
+                sch.reverse_compute_inline(consumer)
+                changed = True
+            except s_tir.ScheduleError:
+                log.debug("consumer of %s stays a separate block", sch.get(block).name_hint)
+
+
+def _vector_width(extent: int, limit: int) -> int:
+    """Largest power of two ≤ ``limit`` dividing ``extent`` (1: no vectorization)."""
+    width = 1
+    while width * 2 <= limit and extent % (width * 2) == 0:
+        width *= 2
+    return width
+
+
+def _static_extents(info: SBlockInfo) -> bool:
+    return all(isinstance(it.dom, int) for it in info.iters)
+
+
+def _static_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+__all__ = ["Elementwise", "ParallelFallback", "TiledReduction", "cpu_rules", "parallel_vectorize",
+           "schedule_tiled_reduction"]

@@ -1,0 +1,129 @@
+"""End to end: GraphModules compiled by TVMBackend match the torch graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from lowbit import passes
+from lowbit.backends.tvm import TVMBackend
+from lowbit.backends.tvm.lower import lower, schedule_module, unscheduled_functions
+from lowbit.backends.tvm.target import resolve_target
+from lowbit.errors import BackendError
+from lowbit.ir import ops, packing
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected.detach()).abs().max() / expected.detach().abs().max())
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 10))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 16), nn.LayerNorm(16), nn.Softmax(dim=-1),
+    ).eval()
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (2, False), (8, True)])
+def test_quantized_mlp_matches_torch(bits: int, symmetric: bool) -> None:
+    gm = passes.Pipeline([passes.get("rtn", bits=bits, group_size=32, symmetric=symmetric)])(fx.symbolic_trace(_mlp()))
+    x = torch.randn(8, 128)
+    runner = TVMBackend("x86").compile(gm, (x,))
+    assert [linear.kernel for linear in runner.lowering.linears] == ["packed"] * 3
+    assert _relative_error(runner(x), gm(x)) < 1e-5
+
+
+def test_w4_g64_pipeline_with_3d_input_matches_torch() -> None:
+    gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=64)])(fx.symbolic_trace(_mlp()))
+    x = torch.randn(2, 3, 128)
+    runner = TVMBackend().compile(gm, (x,))
+    out = runner(x)
+    assert out.shape == (2, 3, 10)
+    assert _relative_error(out, gm(x)) < 1e-5
+
+
+def test_three_bit_weights_use_the_dense_fallback() -> None:
+    gm = passes.Pipeline([passes.get("rtn", bits=3, group_size=32)])(fx.symbolic_trace(_mlp()))
+    x = torch.randn(4, 128)
+    runner = TVMBackend().compile(gm, (x,))
+    assert {linear.kernel for linear in runner.fallbacks} == {"dense"}
+    assert all("3-bit" in linear.reason for linear in runner.fallbacks)
+    assert _relative_error(runner(x), gm(x)) < 1e-5
+
+
+class _ActOrderLinear(nn.Module):
+    """A packed linear with a permuted group index, as act-order GPTQ writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("qweight", packing.pack(torch.randint(0, 16, (24, 64), generator=gen, dtype=torch.uint8), 4))
+        self.register_buffer("scales", torch.rand(24, 4, generator=gen) + 0.1)
+        self.register_buffer("g_idx", (torch.randperm(64, generator=gen) % 4).to(torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_packed(x, self.qweight, self.scales, None, self.g_idx, None, 4, 16, 64)
+
+
+def test_act_order_g_idx_uses_the_dense_fallback() -> None:
+    gm = fx.symbolic_trace(_ActOrderLinear())
+    x = torch.randn(5, 64)
+    runner = TVMBackend().compile(gm, (x,))
+    assert [linear.reason for linear in runner.fallbacks] == [
+        "act-order g_idx permutes groups; the packed kernel needs contiguous groups"
+    ]
+    assert _relative_error(runner(x), gm(x)) < 1e-5
+
+
+@pytest.mark.parametrize("model", [_mlp, _cnn])
+def test_fp32_models_match_torch(model: type) -> None:
+    gm = fx.symbolic_trace(model().eval())
+    x = torch.randn(2, 128) if model is _mlp else torch.randn(2, 3, 16, 16)
+    runner = TVMBackend().compile(gm, (x,))
+    with torch.no_grad():
+        assert _relative_error(runner(x), gm(x)) < 1e-5
+
+
+def test_every_function_of_the_cnn_gets_a_schedule() -> None:
+    lowering = lower(fx.symbolic_trace(_cnn()), (torch.randn(1, 3, 16, 16),), resolve_target("x86"))
+    assert unscheduled_functions(schedule_module(lowering)) == []
+
+
+def test_tuple_outputs_come_back_as_a_tuple() -> None:
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 8), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(x), torch.relu(self.b(x))
+
+    gm = fx.symbolic_trace(Heads())
+    x = torch.randn(3, 16)
+    got = TVMBackend().compile(gm, (x,))(x)
+    assert isinstance(got, tuple) and len(got) == 2
+    for value, expected in zip(got, gm(x)):
+        assert _relative_error(value, expected) < 1e-5
+
+
+def test_errors_are_backend_errors() -> None:
+    with pytest.raises(BackendError, match="unknown target"):
+        TVMBackend("riscv")
+    gm = fx.symbolic_trace(nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    with pytest.raises(BackendError, match="CPU"):
+        TVMBackend("cuda").compile(gm, (x,))
+    with pytest.raises(BackendError, match="tuning"):
+        TVMBackend().compile(gm, (x,), tune="meta_schedule")
+    runner = TVMBackend().compile(gm, (x,))
+    with pytest.raises(BackendError, match="compiled for inputs"):
+        runner(torch.randn(3, 8))
