@@ -24,22 +24,27 @@ from tvm.target import Target
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is lowered)
 from lowbit.backends.tvm.lower import LoweredLinear, Lowering, build, lower
-from lowbit.backends.tvm.target import resolve_target
+from lowbit.backends.tvm.target import resolve_target, runs_on_host
 from lowbit.errors import BackendError
 
 log = logging.getLogger(__name__)
 
 
 class TVMRunner:
-    """Runs a compiled graph on the CPU through ``relax.VirtualMachine``."""
+    """Runs a compiled graph on the CPU through ``relax.VirtualMachine``.
+
+    A module cross-compiled for another architecture (target ``"arm"`` on x86) is built
+    and kept in ``executable`` but cannot be called here.
+    """
 
     def __init__(self, executable: relax.VMExecutable, lowering: Lowering, dtypes: Sequence[torch.dtype]) -> None:
         self.executable = executable
         self.lowering = lowering
         self.input_shapes = list(lowering.input_shapes)
         self.input_dtypes = list(dtypes)
-        self.device = tvm.cpu()
-        self._main = relax.VirtualMachine(executable, self.device)["main"]
+        self._main = None
+        if runs_on_host(lowering.target):
+            self._main = relax.VirtualMachine(executable, tvm.cpu())["main"]
 
     @property
     def fallbacks(self) -> list[LoweredLinear]:
@@ -47,6 +52,11 @@ class TVMRunner:
         return self.lowering.fallbacks
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
+        if self._main is None:
+            raise BackendError(
+                f"this module is cross-compiled for {self.lowering.target.attrs.get('mtriple')} and cannot run "
+                "on this machine; run it on the device (export and RPC are not part of this backend yet)"
+            )
         self._check(inputs)
         args = [tvm.runtime.from_dlpack(t.detach().cpu().contiguous()) for t in inputs]
         return _to_torch(self._main(*args))

@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 import tvm
 from torch.fx.operator_schemas import normalize_function
-from torch.fx.passes.shape_prop import ShapeProp
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.frontend.torch import from_fx
@@ -75,7 +74,6 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     if target.kind.name != "llvm":
         raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
     inputs = _check_inputs(example_inputs)
-    ShapeProp(gm).propagate(*inputs)  # records the input shape of every packed linear call
     lowering = Lowering(tvm.IRModule(), target, [tuple(t.shape) for t in inputs])
     converter = _PackedLinearConverter(gm, lowering, float32_lanes(target))
     input_info = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
@@ -180,7 +178,7 @@ class _PackedLinearConverter:
         if not isinstance(arg, fx.Node) or arg.op != "get_attr":
             raise BackendError(f"linear_packed weights must be graph constants (get_attr nodes), got {arg!r}")
         value = functools.reduce(getattr, str(arg.target).split("."), self.gm)
-        if value.dtype == torch.float32 or value.dtype in (torch.uint8, torch.int32):
+        if value.dtype in (torch.float32, torch.uint8, torch.int32):
             return value.detach()
         raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
 

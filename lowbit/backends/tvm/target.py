@@ -68,6 +68,18 @@ def float32_lanes(target: Target) -> int:
     return max(4, int(codegen.llvm_get_vector_width(target)) // 32)
 
 
+def runs_on_host(target: Target) -> bool:
+    """Whether code built for ``target`` can run in this process (an LLVM target for this CPU architecture)."""
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
+    return _arch(triple.split("-")[0]) == _arch(platform.machine())
+
+
+def _arch(name: str) -> str:
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name.lower(), name.lower())
+
+
 def _named_target(name: str) -> Target:
     if name == "x86":
         return _make_target(x86_host_target())
@@ -92,4 +104,4 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-__all__ = ["TARGET_NAMES", "float32_lanes", "has_features", "resolve_target", "x86_host_target"]
+__all__ = ["TARGET_NAMES", "float32_lanes", "has_features", "resolve_target", "runs_on_host", "x86_host_target"]

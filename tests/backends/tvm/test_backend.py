@@ -115,6 +115,24 @@ def test_tuple_outputs_come_back_as_a_tuple() -> None:
         assert _relative_error(value, expected) < 1e-5
 
 
+def test_arm_cross_compiles_but_does_not_run_here() -> None:
+    gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=32)])(fx.symbolic_trace(_mlp()))
+    x = torch.randn(2, 128)
+    runner = TVMBackend("arm").compile(gm, (x,))
+    assert "fmla" in runner.executable.mod.imports[0].inspect_source("asm")  # NEON fused multiply-add
+    with pytest.raises(BackendError, match="cross-compiled for aarch64"):
+        runner(x)
+
+
+def test_unsupported_operator_is_a_backend_error() -> None:
+    class Det(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.det(x)
+
+    with pytest.raises(BackendError, match="cannot import"):
+        TVMBackend().compile(fx.symbolic_trace(Det()), (torch.randn(3, 3),))
+
+
 def test_errors_are_backend_errors() -> None:
     with pytest.raises(BackendError, match="unknown target"):
         TVMBackend("riscv")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tvm.target import Target
 
-from lowbit.backends.tvm.target import float32_lanes, has_features, resolve_target
+from lowbit.backends.tvm.target import float32_lanes, has_features, resolve_target, runs_on_host
 from lowbit.errors import BackendError
 
 
@@ -30,6 +30,13 @@ def test_cuda_defaults_to_sm80_with_x86_host() -> None:
     assert target.kind.name == "cuda"
     assert target.attrs["arch"] == "sm_80"
     assert target.host.kind.name == "llvm"
+
+
+def test_only_host_architecture_targets_run_here() -> None:
+    assert runs_on_host(resolve_target("x86"))
+    assert runs_on_host(resolve_target({"kind": "llvm"}))
+    assert not runs_on_host(resolve_target("arm"))
+    assert not runs_on_host(resolve_target("cuda"))
 
 
 def test_dicts_and_targets_pass_through() -> None:

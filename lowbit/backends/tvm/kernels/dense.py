@@ -11,13 +11,12 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.common import finish
+from lowbit.backends.tvm.schedule import schedule_tiled_reduction
 
 
 def dense_func(batch: int, in_features: int, out_features: int, has_bias: bool, lanes: int,
                name: str | None = None) -> tirx.PrimFunc:
     """Scheduled PrimFunc; arguments ``x (M, K)``, ``w (K, N)``, [``bias (N,)``], output ``y (M, N)``."""
-    from lowbit.backends.tvm.schedule import schedule_tiled_reduction  # schedule imports kernels.common
-
     x = te.placeholder((batch, in_features), "float32", name="x")
     weight = te.placeholder((in_features, out_features), "float32", name="w")
     k = te.reduce_axis((0, in_features), name="k")
