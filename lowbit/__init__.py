@@ -18,6 +18,7 @@ _EXPORTS = {
     "CompileReport": "lowbit.compiler",
     "CompiledModel": "lowbit.compiler",
     "compile": "lowbit.compiler",
+    "dequantized_weights": "lowbit.inspection",
     "prepare": "lowbit.compiler",
     "Pipeline": "lowbit.passes.pipeline",
     "load": "lowbit.artifact",

@@ -126,7 +126,7 @@ def test_failed_export_leaves_no_directory(net, tmp_path, monkeypatch):
     [
         ({"target": "x86"}, BackendError, "TVM backend"),
         ({"target": "tpu"}, BackendError, "unknown target 'tpu'"),
-        ({"recipe": "w4a8-x86", "target": "torch"}, RecipeError, "not implemented"),
+        ({"recipe": "w4a8-x86", "target": "torch"}, CalibrationError, "gptq need calibration data"),
         ({"recipe": "w4a16-x86", "passes": ["rtn"]}, LowbitError, "either recipe= or passes="),
         ({"passes": ["nope"]}, UnknownPassError, "unknown pass 'nope'"),
         ({"passes": ["rtn"], "calibration": []}, CalibrationError, "empty"),

@@ -30,7 +30,8 @@ class QuantScheme:
     act_bits: int | None = None
 
     def describe(self) -> str:
-        text = f"w{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'} [{self.method}]"
+        width = "1.58" if self.method == "ternary" else self.bits  # ternary codes take 2 of the bits
+        text = f"w{width} g{self.group_size} {'sym' if self.symmetric else 'asym'} [{self.method}]"
         if self.act_bits is not None:
             text += f" a{self.act_bits}"
         return text

@@ -14,7 +14,7 @@ _REGISTRY: dict[str, type[Pass]] = {}
 # Passes that recipes may already name but that this version does not implement yet.
 # Naming one fails loudly instead of silently skipping it.
 PLANNED: frozenset[str] = frozenset({
-    "awq", "ternary", "binary", "quantize_activations", "fake_quant", "convert_qat",
+    "awq", "fake_quant", "convert_qat",
     "weight_norm", "weight_compander", "qkr", "fold_reparam",
     "lora", "sorsa", "bone", "merge_adapters",
     "prune_magnitude", "prune_lamp", "prune_random", "prune_nm", "prune_gradual", "prune_rd", "apply_masks",

@@ -9,9 +9,13 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import lowbit
 from lowbit import recipes
+from lowbit.ir import ops_a8
+from lowbit.ir.annotations import get_meta
 from lowbit.errors import RecipeError
 from lowbit.passes import Pass, PassConfig, option
 from lowbit.passes import registry
@@ -118,6 +122,40 @@ def test_rtn_option_error_names_file_key_path_and_choices(tmp_path: Path) -> Non
     with pytest.raises(RecipeError) as info:
         recipes.load(path)
     assert str(info.value) == f"{path}: convert[0].bits: rtn: bits=5 is not supported; choose one of 2, 3, 4, 8"
+
+
+def test_every_shipped_recipe_is_ready() -> None:
+    assert recipes.status() == {name: "ready" for name in SHIPPED}
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 128)
+        self.fc2 = torch.nn.Linear(128, 128)
+        self.lm_head = torch.nn.Linear(128, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+#: Relative output error bound on the small MLP per weight scheme (int8 activations everywhere).
+A8_ERROR_BOUND = {"w8a8": 0.03, "w4a8": 0.2, "w2a8": 0.6, "w1.58a8": 0.7}
+
+
+@pytest.mark.parametrize("name", [name for name in SHIPPED if not name.startswith("w4a16")])
+def test_int8_activation_recipes_compile_and_run_on_torch(name: str) -> None:
+    torch.manual_seed(0)
+    model = _MLP().eval()
+    x = torch.randn(8, 64)
+    calibration = [(torch.randn(32, 64),) for _ in range(4)]
+    compiled = lowbit.compile(model, (x,), recipe=name, target="torch", calibration=calibration)
+    a8 = [n for n in compiled.graph.graph.nodes if n.target is ops_a8.linear_packed_a8]
+    assert [get_meta(n).layer for n in a8] == ["fc1", "fc2"]
+    assert all(get_meta(n).quant.act_bits == 8 for n in a8)
+    assert isinstance(compiled.graph.get_submodule("lm_head"), torch.nn.Linear)  # ignored by the recipe
+    assert compiled.report.rel_error < A8_ERROR_BOUND[name.split("-")[0]]
+    assert torch.isfinite(compiled(x)).all()
 
 
 def test_every_shipped_recipe_reports_a_status() -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is loaded)
+import lowbit.ir.ops_a8  # noqa: F401  (the int8-activation packed linear)
 from lowbit.errors import ArtifactError
 from lowbit.ir.annotations import META_KEY
 

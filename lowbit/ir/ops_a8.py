@@ -1,0 +1,251 @@
+"""``torch.ops.lowbit.linear_packed_a8``: a packed-weight linear layer with int8 activations.
+
+``linear_packed_a8(x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features,
+act_scale)`` takes the packed weight of `lowbit.ir.packing` (any width, any grouping)
+like ``linear_packed`` and quantizes its input to int8, symmetric, before the product.
+Its PyTorch implementation is the numerical reference every backend must reproduce; the
+order of operations is fixed so that an integer kernel can match it bit for bit:
+
+1. ``xf = float32(x)`` and the int8 codes of the input, rounding half to even:
+
+   - dynamic (``act_scale`` is None), per token (row of the last dimension), as BitNet
+     b1.58 (METHODS.md §7.1): ``s = 127 / max(max_k |xf[t, k]|, 1e-5)`` (a float32
+     division, not ``127 · (1/a)``),
+     ``x_int = clamp(round(xf · s), −128, 127)``; the step is ``1 / s``;
+   - static (``act_scale`` is a float32 scalar, the step ``Δ``):
+     ``x_int = clamp(round(xf / Δ), −128, 127)``.
+
+   The clamp is asymmetric (−128..127), so ``+absmax`` maps to 127 and nothing
+   reaches −128 unless the static step clips it.
+2. Per weight group ``g`` (the columns ``k`` with ``g_idx[k] == g``, or
+   ``k // group_size``), the exact dot product ``acc[t, n, g] = Σ_k x_int[t, k] ·
+   (q[n, k] − zero[n, g])``. Every format of this project has integer or half-integer
+   ``q − zero``, so ``acc`` is exact (computed in float64; an int32 kernel accumulates
+   ``2·acc`` or removes the offset algebraically, ``Σ a·(q − z) = Σ a·q − z·Σ a``).
+3. ``y[t, n] = Σ_g float32(acc[t, n, g]) · scale[n, g]`` in float32, groups in
+   increasing order, each product rounded before the addition (no fused multiply-add).
+4. ``y = y / s`` (dynamic) or ``y = y · Δ`` (static), then ``y = y + bias`` in float32,
+   then the result is cast to ``x``'s dtype.
+
+Up to float32 rounding this equals ``F.linear(x̂, W)`` with the dequantized weight ``W``
+and the fake-quantized input ``x̂ = x_int / s`` (or ``x_int · Δ``). A fake
+implementation makes FakeTensor propagation and ``torch.export`` work, and a
+straight-through gradient for ``x`` (that of ``F.linear(x, W)``) and for ``bias`` lets
+layers around a quantized one keep training. Importing this module registers the op
+and its verifier check.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lowbit.errors import VerificationError
+from lowbit.ir import ops, packing
+from lowbit.ir.annotations import get_meta
+from lowbit.ir.verify import check
+
+log = logging.getLogger(__name__)
+
+#: int8 range of the quantized activations (asymmetric clamp, METHODS.md §7 pitfalls).
+ACT_QMIN, ACT_QMAX = -128, 127
+#: Floor of a token's absmax before ``127 / absmax`` (BitNet's 1e-5).
+ACT_EPS = 1e-5
+
+LINEAR_PACKED_A8_SCHEMA = (
+    "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, "
+    "int bits, int group_size, int in_features, Tensor? act_scale) -> Tensor"
+)
+
+
+def quantize_activation(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: the int8 codes of ``x`` (float32 values) and the scale that decodes them.
+
+    Dynamic (``act_scale`` None): the per-token multiplier ``s`` ``(..., 1)``; static:
+    the step ``Δ`` itself. `decode_activation` applies it the way the op does.
+    """
+    xf = x.to(torch.float32)
+    if act_scale is None:
+        absmax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+        # A true division (``127.0 / tensor`` would compute ``reciprocal(tensor) · 127``).
+        multiplier = torch.full_like(absmax, 127.0) / absmax
+        return torch.clamp(torch.round(xf * multiplier), ACT_QMIN, ACT_QMAX), multiplier
+    step = act_scale.to(torch.float32)
+    return torch.clamp(torch.round(xf / step), ACT_QMIN, ACT_QMAX), step
+
+
+def decode_activation(values: torch.Tensor, scale: torch.Tensor, dynamic: bool) -> torch.Tensor:
+    """Step 4's rescale: ``values / s`` (dynamic) or ``values · Δ`` (static)."""
+    return values / scale if dynamic else values * scale
+
+
+def fake_quantize_activation(x: torch.Tensor, act_scale: torch.Tensor | None) -> torch.Tensor:
+    """``x̂``: the float32 value the int8 codes of ``x`` stand for (``x_int / s`` or ``x_int · Δ``)."""
+    codes, scale = quantize_activation(x, act_scale)
+    return decode_activation(codes, scale, act_scale is None)
+
+
+def _linear_packed_a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    act_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """Reference kernel, in the order of operations of the module doc."""
+    packing.check_layout(qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    _check_inputs(x, qweight, bias, in_features, act_scale)
+    x_int, act = quantize_activation(x.reshape(-1, in_features), act_scale)
+    centered = _centered_codes(qweight, zeros, g_idx, bits, group_size, in_features)
+    columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
+    y = torch.zeros(x_int.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
+    x64 = x_int.to(torch.float64)
+    for g in range(scales.shape[1]):
+        members = (columns == g).nonzero().flatten()
+        if members.numel() == 0:
+            continue
+        acc = x64[:, members] @ centered[:, members].T
+        y = y + acc.to(torch.float32) * scales[:, g]
+    y = decode_activation(y, act, act_scale is None)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
+
+
+def _centered_codes(
+    qweight: torch.Tensor, zeros: torch.Tensor | None, g_idx: torch.Tensor | None,
+    bits: int, group_size: int, in_features: int,
+) -> torch.Tensor:
+    """``q − zero`` per weight, float64 ``(N, in_features)`` (integers or half-integers)."""
+    codes = packing.unpack(qweight, bits, in_features).to(torch.float64)
+    if zeros is None:
+        return codes - packing.default_zero(bits)
+    columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
+    return codes - zeros.to(torch.float64)[:, columns]
+
+
+def _linear_packed_a8_fake(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    act_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """Shape function: ``(..., in_features) -> (..., N)`` in ``x``'s dtype and device."""
+    packing.check_layout(qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    _check_inputs(x, qweight, bias, in_features, act_scale)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _check_inputs(
+    x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+    act_scale: torch.Tensor | None,
+) -> None:
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise packing.PackedFormatError(
+            f"linear_packed_a8: input of shape {tuple(x.shape)} does not end in in_features={in_features}"
+        )
+    if bias is not None and tuple(bias.shape) != (qweight.shape[0],):
+        raise packing.PackedFormatError(
+            f"linear_packed_a8: bias of shape {tuple(bias.shape)} does not match {qweight.shape[0]} outputs"
+        )
+    check_act_scale(act_scale, "linear_packed_a8")
+
+
+def check_act_scale(act_scale: object, where: str) -> None:
+    """Raise `PackedFormatError` unless ``act_scale`` is None or a float32 scalar tensor."""
+    if act_scale is None:
+        return
+    if not isinstance(act_scale, torch.Tensor) or act_scale.dtype != torch.float32 or act_scale.dim() != 0:
+        got = f"{act_scale.dtype} of shape {tuple(act_scale.shape)}" if isinstance(act_scale, torch.Tensor) else (
+            type(act_scale).__name__)
+        raise packing.PackedFormatError(f"{where}: act_scale must be a float32 scalar tensor, got {got}")
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features, _ = inputs
+    ctx.save_for_backward(qweight, scales, zeros, g_idx)
+    ctx.layout = (bits, group_size, in_features)
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    """Straight-through: ``dL/dx = grad · W`` (as if x were not quantized), ``dL/dbias = Σ grad``."""
+    qweight, scales, zeros, g_idx = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = packing.dequantize(qweight, scales, zeros, g_idx, *ctx.layout)
+        grad_x = grad.matmul(weight.to(grad.dtype)).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None
+
+
+def _register() -> None:
+    op = torch.library.custom_op(
+        f"{ops.NAMESPACE}::linear_packed_a8", _linear_packed_a8, mutates_args=(), schema=LINEAR_PACKED_A8_SCHEMA
+    )
+    op.register_fake(_linear_packed_a8_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+    log.debug("registered %s::linear_packed_a8", ops.NAMESPACE)
+
+
+if not hasattr(getattr(torch.ops, ops.NAMESPACE), "linear_packed_a8"):
+    _register()
+
+#: The op overload that graphs call and backends match on.
+linear_packed_a8 = torch.ops.lowbit.linear_packed_a8.default
+
+
+@check
+def _a8_linears_are_consistent(gm: fx.GraphModule) -> None:
+    """Each ``linear_packed_a8`` node: annotated w{bits} g{group_size} a8, buffers in the packed layout."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not linear_packed_a8:
+            continue
+        tensors = list(node.args[1:6])
+        bits, group_size, in_features = node.args[6:9]
+        act_scale = node.args[9] if len(node.args) > 9 else node.kwargs.get("act_scale")
+        meta = get_meta(node)
+        if meta is None or meta.quant is None:
+            raise VerificationError(f"int8-activation linear '{node.name}' has no quantization annotation")
+        if (meta.quant.bits, meta.quant.group_size, meta.quant.act_bits) != (bits, group_size, 8):
+            raise VerificationError(
+                f"int8-activation linear '{node.name}' computes w{bits} g{group_size} a8 "
+                f"but is annotated {meta.quant.describe()}"
+            )
+        values = [None if t is None else _buffer(gm, node, t) for t in (*tensors, act_scale)]
+        try:
+            packing.check_layout(*values[:4], bits, group_size, in_features)
+            check_act_scale(values[5], f"int8-activation linear '{node.name}'")
+        except packing.PackedFormatError as exc:
+            raise VerificationError(f"int8-activation linear '{node.name}': {exc}") from exc
+
+
+def _buffer(gm: fx.GraphModule, node: fx.Node, arg: object) -> object:
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        what = arg.op if isinstance(arg, fx.Node) else type(arg).__name__
+        raise VerificationError(f"int8-activation linear '{node.name}': input {arg} must be a get_attr of a buffer, not {what}")
+    owner, _, name = arg.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+__all__ = [
+    "ACT_EPS", "ACT_QMAX", "ACT_QMIN", "LINEAR_PACKED_A8_SCHEMA", "check_act_scale", "decode_activation",
+    "fake_quantize_activation",
+    "linear_packed_a8", "quantize_activation",
+]
