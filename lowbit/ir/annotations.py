@@ -69,9 +69,12 @@ class Adapter:
     kind: str
     rank: int
     merged: bool = False
+    #: The method's form or init, e.g. ``"pissa"`` for LoRA or ``"bat"`` for Bone.
+    variant: str = ""
 
     def describe(self) -> str:
-        return f"{self.kind} r{self.rank}{' merged' if self.merged else ''}"
+        variant = f"[{self.variant}]" if self.variant else ""
+        return f"{self.kind}{variant} r{self.rank}{' merged' if self.merged else ''}"
 
 
 @dataclass(frozen=True)
