@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -74,15 +75,14 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     if target.kind.name != "llvm":
         raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
     inputs = _check_inputs(example_inputs)
-    lowering = Lowering(tvm.IRModule(), target, [tuple(t.shape) for t in inputs])
-    converter = _PackedLinearConverter(gm, lowering, float32_lanes(target))
+    converter = _PackedLinearConverter(gm, float32_lanes(target))
     input_info = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
     try:
         mod = from_fx(gm, input_info, unwrap_unit_return_tuple=True,
                       custom_convert_map={LINEAR_PACKED_NAME: converter})
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
         raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
-    lowering.mod = mod
+    lowering = Lowering(mod, target, [tuple(t.shape) for t in inputs], converter.linears)
     log.info("lowered graph: %d packed linear(s), %d on the dense fallback", len(lowering.linears),
              len(lowering.fallbacks))
     return lowering
@@ -128,10 +128,10 @@ def unscheduled_functions(mod: tvm.IRModule) -> list[str]:
 class _PackedLinearConverter:
     """``custom_convert_map`` entry: ``linear_packed`` node → ``call_tir`` of a kernel."""
 
-    def __init__(self, gm: fx.GraphModule, lowering: Lowering, lanes: int) -> None:
+    def __init__(self, gm: fx.GraphModule, lanes: int) -> None:
         self.gm = gm
-        self.lowering = lowering
         self.lanes = lanes
+        self.linears: list[LoweredLinear] = []
 
     def __call__(self, node: fx.Node, importer: Any) -> relax.Expr:
         call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
@@ -140,7 +140,7 @@ class _PackedLinearConverter:
             raise BackendError(f"node '{node.name}': the TVM kernels take float32 activations, got {x.ty.dtype}")
         tensors = {name: self._tensor(call[name]) for name in ("qweight", "scales", "zeros", "g_idx", "bias")}
         x_shape = [int(d) for d in x.ty.shape]
-        rows = functools.reduce(lambda a, b: a * b, x_shape[:-1], 1)
+        rows = math.prod(x_shape[:-1])
         spec = PackedLinearSpec(
             batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0],
             bits=call["bits"], group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
@@ -153,23 +153,20 @@ class _PackedLinearConverter:
 
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
-        out = relax.TensorType((spec.batch, spec.out_features), "float32")
+        """``call_tir`` of the packed kernel, or of the dense kernel when the layout needs the fallback."""
         reason = unsupported_reason(spec)
         if reason is None:
-            func = packed_linear_func(spec, self.lanes)
+            kernel, func = "packed", packed_linear_func(spec, self.lanes)
             consts = [tensors[n] for n in ("qweight", "scales", "zeros", "bias") if tensors[n] is not None]
-            kernel = "packed"
         else:
             log.info("node '%s': dense fallback (%s)", name, reason)
-            func = dense_func(spec.batch, spec.in_features, spec.out_features, spec.has_bias, self.lanes)
-            weight = packing.dequantize(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
-                                        spec.bits, spec.group_size, spec.in_features)
-            consts = [weight.t().contiguous()] + ([tensors["bias"]] if tensors["bias"] is not None else [])
-            kernel = "dense"
-        self.lowering.linears.append(LoweredLinear(name, spec, kernel, reason))
+            kernel, func = "dense", dense_func(spec.batch, spec.in_features, spec.out_features, spec.has_bias,
+                                               self.lanes)
+            consts = [_dequantized_transpose(spec, tensors)] + [t for t in (tensors["bias"],) if t is not None]
+        self.linears.append(LoweredLinear(name, spec, kernel, reason))
         gvar = bb.add_func(func, f"lowbit_{kernel}_linear")
         args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
-        return relax.call_tir(gvar, args, out_ty=out)
+        return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32"))
 
     def _tensor(self, arg: Any) -> torch.Tensor | None:
         """The tensor a ``get_attr`` argument names (None stays None)."""
@@ -181,6 +178,13 @@ class _PackedLinearConverter:
         if value.dtype in (torch.float32, torch.uint8, torch.int32):
             return value.detach()
         raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
+
+
+def _dequantized_transpose(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The fp32 weight ``(K, N)`` a packed weight stands for, laid out for the dense kernel."""
+    weight = packing.dequantize(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
+                                spec.bits, spec.group_size, spec.in_features)
+    return weight.t().contiguous()
 
 
 def _check_inputs(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, get_sblock_info, normalize_pri
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.common import divisor_at_most
+from lowbit.backends.tvm.kernels.common import divisor_at_most, power_of_two_divisor
 from lowbit.backends.tvm.target import float32_lanes
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,8 @@ class ParallelFallback(ScheduleRule):
         if infos is None:
             return None
         for info in try_inline(sch, infos):
-            spatial = [it.loop_rv for it in info.iters if it.kind == "S"]
-            if spatial and info.iters[0].kind == "S":
-                sch.parallel(spatial[0])
+            if info.iters and info.iters[0].kind == "S":
+                sch.parallel(info.iters[0].loop_rv)
         return sch
 
 
@@ -132,8 +131,8 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
         raise ValueError(f"block '{info.name}' is not a reduction with spatial outputs")
     write_back = sch.cache_write(block, 0, "local")
     rows = divisor_at_most(int(spatial[-2].dom), ROW_TILE) if len(spatial) >= 2 else 1
-    width = _vector_width(int(spatial[-1].dom), STREAM_TILE if rows == 1 else lanes * ACCUMULATORS // rows)
-    simd = _vector_width(width, lanes)
+    width = power_of_two_divisor(int(spatial[-1].dom), STREAM_TILE if rows == 1 else lanes * ACCUMULATORS // rows)
+    simd = power_of_two_divisor(width, lanes)
     column_outer, column, lane = sch.split(spatial[-1].loop_rv, factors=[None, width // simd, simd])
     outer, tile_loops = [it.loop_rv for it in spatial[:-2]] + [column_outer], [column, lane]
     if len(spatial) >= 2:
@@ -166,7 +165,7 @@ def parallel_vectorize(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lane
     loops = sch.get_loops(block)
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     extent = _static_extent(sch, fused)
-    vec = _vector_width(extent, lanes) if extent is not None else 1
+    vec = power_of_two_divisor(extent, lanes) if extent is not None else 1
     if vec == 1:
         sch.parallel(fused)
         return
@@ -186,14 +185,6 @@ def _inline_consumers(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> No
                 changed = True
             except s_tir.ScheduleError:
                 log.debug("consumer of %s stays a separate block", sch.get(block).name_hint)
-
-
-def _vector_width(extent: int, limit: int) -> int:
-    """Largest power of two ≤ ``limit`` dividing ``extent`` (1: no vectorization)."""
-    width = 1
-    while width * 2 <= limit and extent % (width * 2) == 0:
-        width *= 2
-    return width
 
 
 def _static_extents(info: SBlockInfo) -> bool:

@@ -18,6 +18,14 @@ def finish(func: tirx.PrimFunc, name: str | None) -> tirx.PrimFunc:
     return func.without_attr("global_symbol") if name is None else func.with_attr("global_symbol", name)
 
 
+def power_of_two_divisor(extent: int, limit: int) -> int:
+    """The largest power of two that divides ``extent`` and is at most ``limit`` (a vector width)."""
+    width = 1
+    while width * 2 <= limit and extent % (width * 2) == 0:
+        width *= 2
+    return width
+
+
 def divisor_at_most(extent: int, limit: int) -> int:
     """The largest divisor of ``extent`` that is at most ``limit``."""
     return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from tvm import s_tir, te, tirx
 
-from lowbit.backends.tvm.kernels.common import divisor_at_most, finish
+from lowbit.backends.tvm.kernels.common import divisor_at_most, finish, power_of_two_divisor
 from lowbit.ir.packing import default_zero
 
 log = logging.getLogger(__name__)
@@ -96,19 +96,15 @@ def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str | None = No
     if reason is not None:
         raise ValueError(f"packed kernel cannot compute {spec}: {reason}")
     vec = vector_width(spec, lanes)
-    func = packed_linear_compute(spec, vec)
-    sch = s_tir.Schedule(func)
-    _schedule(sch, spec, vec)
+    sch = s_tir.Schedule(packed_linear_compute(spec, vec))
+    _schedule(sch, spec)
     log.debug("scheduled %s with %d lanes", spec, vec)
     return finish(sch.mod["main"], name)
 
 
 def vector_width(spec: PackedLinearSpec, lanes: int) -> int:
     """The largest power of two ≤ ``lanes`` that divides the bytes of one group."""
-    width = 1
-    while width * 2 <= lanes and spec.group_bytes % (width * 2) == 0:
-        width *= 2
-    return width
+    return power_of_two_divisor(spec.group_bytes, lanes)
 
 
 def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
@@ -157,7 +153,7 @@ def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
     return te.create_prim_func(args)
 
 
-def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, vec: int) -> None:
+def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec) -> None:
     """Parallel rows of W, register tiles of x rows, vector lanes; see the module doc."""
     y, part, gacc, deq = (sch.get_sblock(name) for name in ("y", "part", "gacc", "deq"))
     m, n = sch.get_loops(y)
