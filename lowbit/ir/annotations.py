@@ -51,15 +51,25 @@ class FakeQuant:
 
 @dataclass(frozen=True)
 class Sparsity:
-    """A pruning mask on a layer's weight; ``mask`` names the buffer that holds it."""
+    """A pruning mask on a layer's weight; ``mask`` names the buffer that holds it.
+
+    ``target`` is the sparsity the pass aimed for (None when the pattern fixes it).
+    ``merged`` means the mask is baked into the weight (`apply_masks`, structured
+    pruning): the record stays for reports and quantizers, but no longer constrains ordering.
+    """
 
     sparsity: float
     pattern: str
     mask: str
     method: str
+    target: float | None = None
+    merged: bool = False
 
     def describe(self) -> str:
-        return f"{self.sparsity:.1%} {self.pattern} [{self.method}]"
+        text = f"{self.sparsity:.1%} {self.pattern} [{self.method}]"
+        if self.target is not None and abs(self.target - self.sparsity) >= 5e-4:
+            text += f" target {self.target:.1%}"
+        return text + (" applied" if self.merged else "")
 
 
 @dataclass(frozen=True)

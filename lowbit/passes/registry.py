@@ -16,7 +16,6 @@ _REGISTRY: dict[str, type[Pass]] = {}
 PLANNED: frozenset[str] = frozenset({
     "awq", "fake_quant", "convert_qat",
     "weight_norm", "weight_compander", "qkr", "fold_reparam",
-    "prune_magnitude", "prune_lamp", "prune_random", "prune_nm", "prune_gradual", "prune_rd", "apply_masks",
 })
 
 P = TypeVar("P", bound=type[Pass])
