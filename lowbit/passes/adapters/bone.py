@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import PassConfigError
 from lowbit.ir.annotations import Adapter
-from lowbit.passes.adapters.common import AdapterConfig, AdapterError, AdapterModule, AdapterPass, BaseLayer, base_weight
+from lowbit.passes.adapters.common import AdapterConfig, AdapterError, AdapterModule, AdapterPass, BaseLayer
 from lowbit.passes.config import option
 from lowbit.passes.registry import register
 
@@ -43,9 +43,9 @@ class BoneModule(AdapterModule):
         self.D = nn.Parameter(torch.zeros(rank, out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.rank
+        r, dtype = self.rank, x.dtype
         x = F.pad(self.dropout(x).to(self.D.dtype), (0, -x.shape[-1] % r))
-        return x.reshape(*x.shape[:-1], -1, r).sum(dim=-2) @ self.D
+        return (x.reshape(*x.shape[:-1], -1, r).sum(dim=-2) @ self.D).to(dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         blocks = -(-self.in_features // self.rank)
@@ -66,7 +66,8 @@ class BatModule(AdapterModule):
         self.B = nn.Parameter(torch.zeros(out_features // rank, rank, rank))
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.B.dtype), self.block_delta(weight.detach().to(self.B.dtype), self.B))
+        delta = self.block_delta(weight.detach().to(self.B.dtype), self.B)
+        return F.linear(x.to(self.B.dtype), delta).to(x.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return self.block_delta(weight.float(), self.B.detach().float())
@@ -108,7 +109,6 @@ class Bone(AdapterPass):
         return f"bone with variant='{config.variant}'"
 
     def build(self, gm: fx.GraphModule, layer: BaseLayer, config: BoneConfig) -> tuple[AdapterModule, Adapter]:
-        weight = base_weight(gm, layer.path)
         r = config.rank
         if config.variant == "bat":
             if layer.in_features % r or layer.out_features % r:
@@ -119,7 +119,6 @@ class Bone(AdapterPass):
             module: AdapterModule = BatModule(layer.in_features, layer.out_features, r)
         else:
             module = BoneModule(layer.in_features, layer.out_features, r, config.dropout)
-        module.to(device=weight.device, dtype=weight.dtype)
         log.debug("bone: %s r%d variant=%s", layer.path, r, config.variant)
         return module, Adapter(kind="bone", rank=r, variant=config.variant)
 

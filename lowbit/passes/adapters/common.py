@@ -48,8 +48,8 @@ MODULES: dict[str, type["AdapterModule"]] = {}
 class AdapterModule(nn.Module):
     """The trainable branch of an adapted layer.
 
-    Subclasses hold the adapter parameters, compute ``forward(x)`` (or
-    ``forward(x, weight)`` when ``needs_weight``: the branch reads the base weight) and
+    Subclasses hold the adapter parameters (float32), compute ``forward(x)`` in ``x``'s
+    dtype (or ``forward(x, weight)`` when ``needs_weight``: the branch reads the base weight) and
     the equivalent weight update ``delta_weight(weight)`` used by merge. ``spec()`` returns
     the constructor arguments, so `lowbit.passes.adapters.io` can rebuild the module.
     """
@@ -217,9 +217,11 @@ def check_rank(layer: BaseLayer, rank: int, who: str) -> None:
 
 
 def attach(gm: fx.GraphModule, layer: BaseLayer, module: AdapterModule, adapter: Adapter) -> None:
-    """Register ``module`` as ``<layer>.<kind>``, add its branch after each call, annotate the calls."""
+    """Register ``module`` as ``<layer>.<kind>`` (on the base's device, parameters in float32 as PEFT
+    keeps them), add its branch after each call, annotate the calls."""
     base = gm.get_submodule(layer.path)
-    base.add_module(module.kind, module)
+    device = next(iter(base.buffers() if layer.packed else base.parameters())).device
+    base.add_module(module.kind, module.to(device=device, dtype=torch.float32))
     for node in layer.nodes:
         annotate(node, layer.path, adapter=adapter)
     insert_branches(gm, layer.path, module)

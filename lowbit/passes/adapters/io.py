@@ -200,11 +200,7 @@ def _load_residual(gm: fx.GraphModule, base: BaseLayer, tensors: Mapping[str, to
 
 
 def _attach_like_base(gm: fx.GraphModule, base: BaseLayer, module: AdapterModule, adapter: Adapter) -> None:
-    """Attach ``module`` in the dtype and device of the base layer."""
-    reference = next(iter(gm.get_submodule(base.path).buffers() if base.packed else
-                          gm.get_submodule(base.path).parameters()))
-    dtype = torch.float32 if base.packed or not reference.is_floating_point() else reference.dtype
-    module.to(device=reference.device, dtype=dtype)
+    """Attach ``module`` unless the layer already carries an adapter."""
     existing = [a for p, _, a in adapted_layers(gm) if p == base.path]
     if existing:
         raise AdapterError(f"layer '{base.path}' already carries an adapter ({existing[0].describe()})")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import PassConfigError
 from lowbit.ir.annotations import Adapter
-from lowbit.passes.adapters.common import AdapterConfig, AdapterModule, AdapterPass, BaseLayer, base_weight
+from lowbit.passes.adapters.common import AdapterConfig, AdapterModule, AdapterPass, BaseLayer
 from lowbit.passes.config import option
 from lowbit.passes.registry import register
 
@@ -48,7 +48,7 @@ class LoRAModule(AdapterModule):
         self.B = nn.Parameter(torch.zeros(out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A), self.B) * self.scale
+        return (F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A), self.B) * self.scale).to(x.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return self.scale * (self.B.detach().float() @ self.A.detach().float())
@@ -95,17 +95,15 @@ class LoRA(AdapterPass):
         return f"lora with init='{config.init}'"
 
     def build(self, gm: fx.GraphModule, layer: BaseLayer, config: LoRAConfig) -> tuple[AdapterModule, Adapter]:
-        weight = base_weight(gm, layer.path)
         module = LoRAModule(layer.in_features, layer.out_features, config.rank, config.scale, config.dropout)
-        module.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
         with torch.no_grad():
             if config.init == "kaiming":
                 nn.init.kaiming_uniform_(module.A, a=math.sqrt(5))
             elif config.init == "gaussian":
                 nn.init.normal_(module.A, std=1 / config.rank)
             else:
-                residual = pissa_init(module, weight)
-                gm.get_submodule(layer.path).weight.copy_(residual)
+                linear = gm.get_submodule(layer.path)
+                linear.weight.copy_(pissa_init(module, linear.weight))
         log.debug("lora: %s r%d init=%s scale=%.4g", layer.path, config.rank, config.init, config.scale)
         return module, Adapter(kind="lora", rank=config.rank, variant=config.init)
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.ir.annotations import Adapter
-from lowbit.passes.adapters.common import AdapterConfig, AdapterError, AdapterModule, AdapterPass, BaseLayer, base_weight
+from lowbit.passes.adapters.common import AdapterConfig, AdapterError, AdapterModule, AdapterPass, BaseLayer
 from lowbit.passes.config import option
 from lowbit.passes.registry import register
 
@@ -50,7 +50,7 @@ class SORSAModule(AdapterModule):
         self.B = nn.Parameter(torch.zeros(out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A) * self.S, self.B) * self.scale
+        return (F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A) * self.S, self.B) * self.scale).to(x.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         a, s, b = (p.detach().float() for p in (self.A, self.S, self.B))
@@ -82,11 +82,9 @@ class SORSA(AdapterPass):
 
     def build(self, gm: fx.GraphModule, layer: BaseLayer, config: SORSAConfig) -> tuple[AdapterModule, Adapter]:
         linear = gm.get_submodule(layer.path)
-        weight = base_weight(gm, layer.path)
         module = SORSAModule(layer.in_features, layer.out_features, config.rank, config.scale, config.dropout)
-        module.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(sorsa_init(module, weight))
+            linear.weight.copy_(sorsa_init(module, linear.weight))
         log.debug("sorsa: %s r%d scale=%.4g", layer.path, config.rank, module.scale)
         return module, Adapter(kind="sorsa", rank=config.rank)
 

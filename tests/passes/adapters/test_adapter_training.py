@@ -1,4 +1,4 @@
-"""Each adapter fine-tunes the real all-MiniLM-L6-v2 on a tiny sentence-classification task.
+"""Each adapter fine-tunes the real all-MiniLM-L6-v2 on a tiny sentence-classification task (sentiment).
 
 To keep the test to seconds, the encoder is cut to its first (real) layer.
 
@@ -20,14 +20,14 @@ from lowbit.ir import ops
 from lowbit.passes import Pipeline, Pass, get
 from lowbit.passes.adapters import SORSA, Bone, LoRA, orthonormal_regularizer
 
-LABELS = ("This sentence is about the weather.", "This sentence is about food and cooking.")
+LABELS = ("This sentence expresses a positive feeling.", "This sentence expresses a negative feeling.")
 SENTENCES = (
-    ("It will rain all afternoon.", 0), ("A cold wind blows from the north.", 0),
-    ("The sky cleared up by noon.", 0), ("Snow is expected tonight.", 0),
-    ("Thunderstorms rolled over the hills.", 0), ("It is humid and very hot today.", 0),
-    ("She baked fresh bread this morning.", 1), ("Add salt to the boiling pasta.", 1),
-    ("The soup needs more garlic.", 1), ("He grilled vegetables for dinner.", 1),
-    ("Whisk the eggs with sugar.", 1), ("This curry is too spicy.", 1),
+    ("What a lovely sunny morning.", 0), ("The fresh bread smells wonderful.", 0),
+    ("I really enjoyed that soup.", 0), ("The spring breeze feels delightful.", 0),
+    ("This cake is absolutely perfect.", 0), ("We had a great picnic in the sun.", 0),
+    ("The storm ruined our whole weekend.", 1), ("This pasta tastes awful.", 1),
+    ("The freezing rain is miserable.", 1), ("The soup was cold and bland.", 1),
+    ("I hate this gloomy weather.", 1), ("The burnt toast was disgusting.", 1),
 )
 TARGETS = ("query", "value")
 ADAPTERS = {

@@ -165,3 +165,17 @@ def test_targets_ignore_overrides_and_trainable(model) -> None:
     assert not hasattr(adapted.get_submodule("value"), "lora")
     assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
         "query.lora.A", "query.lora.B", "out.weight", "out.bias"}
+
+
+def test_bf16_base_keeps_float32_adapters(model) -> None:
+    module, _, x = model
+    half = lowbit.trace(module.to(torch.bfloat16), (x.to(torch.bfloat16),))
+    adapted = Pipeline([LoRA(rank=4, init="gaussian")])(half)
+    with torch.no_grad():
+        lora_of(adapted, "out").B.normal_()
+    assert lora_of(adapted, "out").A.dtype == torch.float32
+    y = adapted(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    merged = Pipeline([get("merge_adapters")])(adapted)
+    assert merged.get_submodule("out").weight.dtype == torch.bfloat16
+    torch.testing.assert_close(merged(x.to(torch.bfloat16)), y, atol=0.1, rtol=0.05)
