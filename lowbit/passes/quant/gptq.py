@@ -6,14 +6,17 @@ columns not yet quantized, weighted by the inverse of the layer-input Hessian
 ``H = 2/N · Σ x xᵀ``. That minimises the layer's output error on the calibration data
 instead of its weight error, which is what makes 3- and 2-bit weights usable.
 
-Layers are processed one at a time in graph order. Each layer's ``H`` is captured
-(`lowbit.passes.quant.hessian`) by running the calibration batches through the graph
-*as it is now*, so layers after the first see the outputs of already-quantized layers
-(GPTQ's "propagate quantized outputs"). Layers that read the same input node (q/k/v,
-gate/up) share one capture, which changes nothing: quantizing one of them cannot change
-the others' input. A layer called more than once (shared weights) gets one Hessian over
-all of its calls; a later call whose input depends on layers after the first call sees
-those layers still in floating point.
+Layers are processed one at a time in graph order, and the calibration batches move
+through the graph with them (`lowbit.passes.quant.hessian.CalibrationCursor`): each
+layer's ``H`` is accumulated from the inputs that reach it through the graph *as it is
+now*, so layers after the first see the outputs of already-quantized layers (GPTQ's
+"propagate quantized outputs"; for a transformer this is the block-by-block, true
+sequential order q/k/v → o → gate/up → down). Every batch runs through the graph once
+in all, and only the values crossing the current layer are held. Layers that read the
+same input node (q/k/v, gate/up) share one capture, which changes nothing: quantizing
+one of them cannot change the others' input. A layer called more than once (shared
+weights) gets one Hessian over all of its calls; a later call whose input depends on
+layers after the first call sees those layers still in floating point.
 
 `gptq_quantize` is the algorithm on one weight and its Hessian; the `GPTQ` pass wraps
 it. It follows METHODS.md §8 steps 3–8, with one refinement: a dynamic group's grid is
@@ -47,7 +50,7 @@ from lowbit.passes.quant.grid import (
     quantize_weight,
     relative_error,
 )
-from lowbit.passes.quant.hessian import capture_hessian
+from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.registry import register
@@ -273,12 +276,12 @@ class GPTQ(Pass):
     pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        batches = _calibration(ctx)
+        cursor = CalibrationCursor(gm, _calibration(ctx))
         groups = _input_groups(gm)
         self._warn_unused_overrides([path for group in groups for _, path, _ in group])
         records: list[LayerRecord] = []
         for group in ctx.progress(groups, desc="gptq"):
-            records.extend(self._quantize_group(gm, group, batches))
+            records.extend(self._quantize_group(gm, group, cursor))
         quantized = sum(r.action == "quantized" for r in records)
         return PassResult(
             changed=quantized > 0,
@@ -286,7 +289,7 @@ class GPTQ(Pass):
             stats={"quantized": quantized, "skipped": len(records) - quantized, "captures": len(groups)},
         )
 
-    def _quantize_group(self, gm: fx.GraphModule, group: list[_Layer], batches: CalibrationSet) -> list[LayerRecord]:
+    def _quantize_group(self, gm: fx.GraphModule, group: list[_Layer], cursor: CalibrationCursor) -> list[LayerRecord]:
         """Capture one Hessian for layers that share an input, then quantize each of them."""
         records: dict[str, LayerRecord] = {}
         todo: list[tuple[_Layer, GPTQConfig]] = []
@@ -301,8 +304,10 @@ class GPTQ(Pass):
             else:
                 todo.append((layer, config))
         if todo:
-            (_, first, calls), _ = todo[0]
-            hessian = capture_hessian(gm, first, calls, batches)
+            (_, first, _), _ = todo[0]
+            linear = gm.get_submodule(first)
+            hessian = HessianAccumulator.empty(first, linear.in_features, linear.weight.device)
+            cursor.capture([n for n in gm.graph.nodes if n.op == "call_module" and n.target == first], hessian.add)
             for (node, path, _), config in todo:
                 if hessian.rows == 0:
                     records[path] = LayerRecord(path, "skipped", "it received no calibration inputs")

@@ -1,11 +1,15 @@
 """Layer-input Hessians ``H = 2/N · Σ x xᵀ`` captured from calibration forwards.
 
-Used by GPTQ (METHODS.md §8 step 1). `capture_hessian` runs the calibration batches
+Used by GPTQ (METHODS.md §8 step 1) and AWQ (§9). `capture_hessian` runs the calibration batches
 through the current graph with a forward pre-hook on one ``nn.Linear`` and folds each
 batch's inputs into a running ``K × K`` fp32 average, so memory stays bounded by one
 batch's activations plus ``H``: activations are never stored. Once the layer has seen
 all of its calls in a batch the hook raises a private exception that ends the forward
-early, since nothing after the layer is needed.
+early, since nothing after the layer is needed. `capture_inputs` is that capture with
+any consumer of the inputs (AWQ also accumulates ``mean |x|`` per channel).
+`CalibrationCursor` serves a pass that calibrates every layer in graph order (GPTQ):
+the batches advance through the graph with the pass, holding only the values that
+cross the current layer, so all layers together cost one forward per batch.
 
 ``N`` counts rows, i.e. tokens: an input of shape ``(..., K)`` contributes
 ``prod(...)`` rows. (IST-DASLab's code counts sequences; the constant only matters
@@ -17,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 
-from lowbit.errors import LowbitError
+from lowbit.calibration import CalibrationSet, calibration_set
+from lowbit.errors import CalibrationError, LowbitError
+from lowbit.passes.base import PassContext
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +76,30 @@ def capture_hessian(gm: fx.GraphModule, path: str, calls: int, batches: Iterable
     """
     linear = gm.get_submodule(path)
     acc = HessianAccumulator.empty(path, linear.in_features, linear.weight.device)
+    capture_inputs(gm, path, calls, batches, acc.add)
+    log.debug("captured the input Hessian of %s from %d rows", path, acc.rows)
+    return acc
+
+
+def capture_inputs(
+    gm: fx.GraphModule, path: str, calls: int, batches: Iterable[Batch], consume: Callable[[torch.Tensor], None]
+) -> None:
+    """Feed every input of the submodule at ``path`` (called ``calls`` times per forward) to ``consume``.
+
+    Batches run through ``gm`` in eval mode without gradients, each stopping right after
+    the submodule's last call; inputs are handed over one at a time and never stored here.
+    """
+    module = gm.get_submodule(path)
     seen = 0
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal seen
-        acc.add(args[0] if args else kwargs["input"])
+        consume(args[0] if args else kwargs["input"])
         seen += 1
         if seen == calls:
             raise _StopForward
 
-    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad(), _eval_mode(gm):
             for args, kwargs in batches:
@@ -88,8 +108,94 @@ def capture_hessian(gm: fx.GraphModule, path: str, calls: int, batches: Iterable
                     gm(*args, **kwargs)
     finally:
         handle.remove()
-    log.debug("captured the input Hessian of %s from %d rows", path, acc.rows)
-    return acc
+
+
+def calibration_batches(ctx: PassContext, pass_name: str) -> CalibrationSet:
+    """The context's calibration batches, validated against the example inputs unless already a `CalibrationSet`."""
+    if ctx.calibration is None:
+        raise CalibrationError(
+            f"{pass_name} needs calibration data: pass calibration= batches shaped like the example inputs"
+        )
+    if isinstance(ctx.calibration, CalibrationSet):
+        return ctx.calibration
+    if not ctx.example_inputs and not ctx.example_kwargs:
+        raise CalibrationError(
+            f"{pass_name} cannot check raw calibration batches without example inputs: pass "
+            "lowbit.calibration.calibration_set(batches, example_inputs), or example_inputs= to the pipeline"
+        )
+    return calibration_set(ctx.calibration, ctx.example_inputs, ctx.example_kwargs)
+
+
+class CalibrationCursor:
+    """Every calibration batch paused at one point of the graph, holding only the live values.
+
+    A pass that calibrates layers in graph order asks for each layer's inputs in turn:
+    `capture` runs all batches from where they stopped up to the layer's first call,
+    keeping only the values that nodes further on still read, and hands the layer's
+    inputs over. The calibration then costs about one forward of the graph in all,
+    instead of one per layer, and memory is bounded by the values crossing the current
+    point (for a transformer: the residual stream and the attention's operands) times
+    the batches, never every activation of the model.
+
+    The batches see the graph as it is when they pass each node: a layer quantized
+    before the cursor reaches it computes its quantized output for every later capture
+    (GPTQ's "propagate quantized outputs"). Nodes behind the cursor must not be
+    rewritten; nodes ahead of it may be.
+    """
+
+    def __init__(self, gm: fx.GraphModule, batches: Iterable[Batch]) -> None:
+        from lowbit.ir.trace import graph_inputs
+
+        self.gm = gm
+        self._interpreter = fx.Interpreter(gm)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._envs = [dict(zip(placeholders, graph_inputs(gm, args, kwargs))) for args, kwargs in batches]
+        self._done: set[fx.Node] = set(placeholders)
+
+    def capture(self, calls: list[fx.Node], consume: Callable[[torch.Tensor], None]) -> None:
+        """Feed the input of every call node in ``calls`` (one module's calls, in graph order) to ``consume``.
+
+        The cursor moves to the first call. Inputs of later calls of the same module are
+        computed on a scratch copy of each batch's values, one batch at a time.
+        """
+        with torch.no_grad(), _eval_mode(self.gm):
+            self._advance(calls[0])
+            pending = set(calls)
+            for env in self._envs:
+                scratch = dict(env)
+                for node in self._ahead():
+                    if node in pending:
+                        consume(scratch[_call_input(node)])
+                        if node is calls[-1]:
+                            break
+                    scratch[node] = self._run(node, scratch)
+
+    def _ahead(self) -> Iterator[fx.Node]:
+        """The nodes not run yet, in graph order."""
+        return (n for n in self.gm.graph.nodes if n not in self._done)
+
+    def _advance(self, stop: fx.Node) -> None:
+        """Run every batch up to (not including) ``stop``, dropping values no node ahead reads."""
+        for node in list(self._ahead()):
+            if node is stop:
+                return
+            for env in self._envs:
+                env[node] = self._run(node, env)
+            self._done.add(node)
+            for value in [*node.all_input_nodes, node]:
+                if all(user in self._done for user in value.users):
+                    for env in self._envs:
+                        env.pop(value, None)
+        raise LowbitError(f"node '{stop.name}' is not ahead of the calibration cursor")
+
+    def _run(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        self._interpreter.env = env
+        return self._interpreter.run_node(node)
+
+
+def _call_input(node: fx.Node) -> fx.Node:
+    """The node a module call reads its (first) input from."""
+    return node.args[0] if node.args else next(iter(node.kwargs.values()))
 
 
 @contextlib.contextmanager
@@ -104,4 +210,4 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-__all__ = ["HessianAccumulator", "capture_hessian"]
+__all__ = ["CalibrationCursor", "HessianAccumulator", "calibration_batches", "capture_hessian", "capture_inputs"]

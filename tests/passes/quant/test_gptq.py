@@ -16,8 +16,8 @@ import lowbit
 from lowbit.calibration import calibration_set
 from lowbit.errors import CalibrationError, LowbitError, PassConfigError
 from lowbit.ir import ops, packing
-from lowbit.ir.annotations import get_meta
-from lowbit.passes.quant import GPTQ, RTN, PackedLinear, gptq_quantize
+from lowbit.ir.annotations import QuantScheme, get_meta
+from lowbit.passes.quant import GPTQ, RTN, PackedLinear, gptq_quantize, linear_nodes, replace_linear
 from lowbit.passes.quant.gptq import relative_output_error
 from lowbit.passes.quant.hessian import capture_hessian
 
@@ -364,3 +364,37 @@ def test_nan_weight_in_a_graph_is_an_error_naming_the_layer() -> None:
         gm.get_submodule("fc2").weight[0, 0] = float("inf")
     with pytest.raises(LowbitError, match="layer 'fc2'"):
         lowbit.Pipeline([GPTQ()])(gm, calibration=calibration(correlated_inputs(32, 64)))
+
+
+def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_captures() -> None:
+    """The cursor's block-by-block capture gives the same packed weights as capturing each
+    group by running the whole graph as quantized so far, with one forward per batch."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256, use_cache=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    gm = lowbit.trace(model, (), example_kwargs={"input_ids": ids})
+    batches = calibration_set([{"input_ids": torch.randint(0, 256, (2, 16))} for _ in range(2)], (), {"input_ids": ids})
+    embedding_calls = []
+    handle = gm.get_submodule("model.embed_tokens").register_forward_hook(lambda *_: embedding_calls.append(1))
+    out = lowbit.Pipeline([GPTQ(bits=3, group_size=32)])(gm, calibration=batches)
+    handle.remove()
+    assert len(embedding_calls) == 2  # one forward per batch for all 15 layers
+
+    reference = gm  # the pipeline quantized a copy
+    paths = [path for _, path, _ in linear_nodes(reference)]
+    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    hessians = {}
+    for path in paths:
+        *prefix, name = path.split(".")
+        source = ".".join([*prefix, shared[name]]) if name in shared else path
+        if source not in hessians:
+            hessians[source] = capture_hessian(reference, source, 1, batches).hessian
+        node = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == path)
+        result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], 3, 32)
+        replace_linear(reference, node, result.quantized, QuantScheme(bits=3, group_size=32, symmetric=False,
+                                                                        method="gptq"))
+    for (name, expected), (other, actual) in zip(reference.named_buffers(), out.named_buffers()):
+        assert name == other and torch.equal(expected, actual), name
