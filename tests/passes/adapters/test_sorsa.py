@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +14,19 @@ from lowbit.errors import PassOrderError
 from lowbit.passes import Pipeline, get
 from lowbit.passes.adapters import SORSA, AdapterError, orthonormal_loss, orthonormal_regularizer
 from lowbit.passes.adapters.sorsa import GAMMA
+
+
+def authors_layer_module():
+    """``sorsa/layer.py`` of the authors' package, loaded alone: the package's ``__init__``
+    imports its trainer, which needs an API transformers 5 removed."""
+    spec = importlib.util.find_spec("sorsa")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the authors' sorsa package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "layer.py"
+    layer_spec = importlib.util.spec_from_file_location("sorsa_authors_layer", path)
+    module = importlib.util.module_from_spec(layer_spec)
+    layer_spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture()
@@ -98,3 +114,30 @@ def test_bad_inputs(model) -> None:
         orthonormal_regularizer(Pipeline([SORSA(rank=3)])(gm), peak_lr=0)
     with pytest.raises(PassOrderError, match="'sorsa' cannot run after weights are packed"):
         Pipeline([SORSA(rank=3)])(Pipeline([get("rtn", group_size=4)])(gm))
+
+
+def test_matches_the_authors_layer(model) -> None:
+    """The authors' package (``sorsa``): same split, forward, merge and regularizer value."""
+    authors = authors_layer_module()
+    module, gm, x = model
+    adapted = Pipeline([SORSA(rank=3, alpha=6.0, targets=("0",))])(gm)
+    layer = authors.Linear(20, 12, r=3, alpha=6.0, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(module[0].weight)
+        layer.bias.copy_(module[0].bias)
+    layer.sorsa_init()
+    ours = adapted.get_submodule("0.sorsa")
+    for name in "ASB":
+        torch.testing.assert_close(getattr(ours, name), getattr(layer, f"sorsa_{name}"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adapted.get_submodule("0").weight, layer.weight, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for name in "ASB":
+            value = getattr(ours, name) + 0.1 * torch.randn_like(getattr(ours, name))
+            getattr(ours, name).copy_(value)
+            getattr(layer, f"sorsa_{name}").copy_(value)
+    hidden = adapted.get_submodule("0")(x) + ours(x)
+    torch.testing.assert_close(hidden, layer(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(orthonormal_loss(adapted), authors.calc_ortho(layer), atol=1e-6, rtol=1e-6)
+    merged = Pipeline([get("merge_adapters")])(adapted)
+    layer._merge(True)
+    torch.testing.assert_close(merged.get_submodule("0").weight, layer.weight, atol=1e-5, rtol=0)
