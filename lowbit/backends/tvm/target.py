@@ -62,18 +62,28 @@ def has_features(target: Target, *features: str) -> bool:
 
 
 def float32_lanes(target: Target) -> int:
-    """fp32 lanes of the widest vector register of an LLVM CPU target (8 for AVX2, 16 for AVX-512)."""
+    """fp32 lanes of the widest vector register of an LLVM CPU target (AVX-512: 16, AVX2: 8, NEON: 4).
+
+    On x86 this comes from the CPU features: LLVM's own vector-width query answers 512
+    bits for every x86 CPU in TVM 0.27, AVX2-only ones included.
+    """
     if target.kind.name != "llvm":
         raise BackendError(f"float32_lanes needs an LLVM CPU target, got kind '{target.kind.name}'")
+    if _target_arch(target) == "x86_64":
+        if has_features(target, "avx512f"):
+            return 16
+        return 8 if has_features(target, "avx") else 4
     return max(4, int(codegen.llvm_get_vector_width(target)) // 32)
 
 
 def runs_on_host(target: Target) -> bool:
     """Whether code built for ``target`` can run in this process (an LLVM target for this CPU architecture)."""
-    if target.kind.name != "llvm":
-        return False
+    return target.kind.name == "llvm" and _target_arch(target) == _arch(platform.machine())
+
+
+def _target_arch(target: Target) -> str:
     triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
-    return _arch(triple.split("-")[0]) == _arch(platform.machine())
+    return _arch(triple.split("-")[0])
 
 
 def _arch(name: str) -> str:

@@ -32,6 +32,19 @@ def test_cuda_defaults_to_sm80_with_x86_host() -> None:
     assert target.host.kind.name == "llvm"
 
 
+@pytest.mark.parametrize(
+    ("spec", "lanes"),
+    [
+        ({"kind": "llvm", "mcpu": "znver3"}, 8),
+        ({"kind": "llvm", "mcpu": "znver4"}, 16),
+        ({"kind": "llvm", "mcpu": "x86-64"}, 4),
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 4),
+    ],
+)
+def test_float32_lanes_follow_the_cpu(spec: dict, lanes: int) -> None:
+    assert float32_lanes(resolve_target(spec)) == lanes
+
+
 def test_only_host_architecture_targets_run_here() -> None:
     assert runs_on_host(resolve_target("x86"))
     assert runs_on_host(resolve_target({"kind": "llvm"}))
