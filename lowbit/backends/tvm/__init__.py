@@ -7,8 +7,10 @@
 
 Parts: `target` (lowbit target names → TVM targets), `kernels` (TIR generators),
 `schedule` (default CPU schedules for fp32 operators), `lower` (GraphModule → Relax,
-build). The module is specialized to the shapes of the example inputs. CPU (``x86``,
-or an LLVM target dict) is what compiles and runs so far.
+build). The module is specialized to the shapes of the example inputs. LLVM CPU
+targets compile (``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules
+for this machine's architecture run in-process; CUDA is not lowered yet. TVM's thread
+pool uses half the hardware threads unless ``TVM_NUM_THREADS`` is set.
 """
 
 from __future__ import annotations
