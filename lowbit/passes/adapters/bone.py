@@ -108,14 +108,18 @@ class Bone(AdapterPass):
     def describe(self, config: BoneConfig) -> str:
         return f"bone with variant='{config.variant}'"
 
+    def check_layer(self, layer: BaseLayer, config: BoneConfig) -> None:
+        super().check_layer(layer, config)
+        r = config.rank
+        if config.variant == "bat" and (layer.in_features % r or layer.out_features % r):
+            raise AdapterError(
+                f"bone: variant 'bat' needs rank {r} to divide both sides of layer '{layer.path}' "
+                f"({layer.in_features} -> {layer.out_features})"
+            )
+
     def build(self, gm: fx.GraphModule, layer: BaseLayer, config: BoneConfig) -> tuple[AdapterModule, Adapter]:
         r = config.rank
         if config.variant == "bat":
-            if layer.in_features % r or layer.out_features % r:
-                raise AdapterError(
-                    f"bone: variant 'bat' needs rank {r} to divide both sides of layer '{layer.path}' "
-                    f"({layer.in_features} -> {layer.out_features})"
-                )
             module: AdapterModule = BatModule(layer.in_features, layer.out_features, r)
         else:
             module = BoneModule(layer.in_features, layer.out_features, r, config.dropout)

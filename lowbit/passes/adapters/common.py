@@ -110,26 +110,32 @@ class AdapterPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = select_layers(gm, self.config.targets, self.config.ignore, self.name)
+        configs = {layer.path: self.config_for(layer.path) for layer in layers}
+        for layer in layers:  # every layer is checked before any work is done
+            if configs[layer.path] is not None:
+                self.check_layer(layer, configs[layer.path])
         records = []
         for layer in ctx.progress(layers, desc=self.name):
-            config = self.config_for(layer.path)
+            config = configs[layer.path]
             if config is None:
                 records.append(LayerRecord(layer.path, "skipped", "skipped by a per-layer override"))
                 continue
-            check_rank(layer, config.rank, self.name)
-            if layer.packed and not self.supports_packed(config):
-                raise AdapterError(
-                    f"{self.name}: layer '{layer.path}' is packed (quantized) and {self.describe(config)} rewrites or "
-                    "reads its full-precision weight; apply it before quantizing, or use lora/bone on a packed base"
-                )
             module, adapter = self.build(gm, layer, config)
             attach(gm, layer, module, adapter)
-            records.append(LayerRecord(layer.path, "adapted", stats={"rank": config.rank,
-                                                                       "params": count(module)}))
+            records.append(LayerRecord(layer.path, "adapted", stats={"rank": config.rank, "params": count(module)}))
         freeze_base(gm, self.config.trainable)
+        adapted = sum(r.action == "adapted" for r in records)
         trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
-        return PassResult(changed=bool(records), layers=records,
-                          stats={"adapted": sum(r.action == "adapted" for r in records), "trainable": trainable})
+        return PassResult(changed=adapted > 0, layers=records, stats={"adapted": adapted, "trainable": trainable})
+
+    def check_layer(self, layer: BaseLayer, config: Any) -> None:
+        """Raise `AdapterError` if ``layer`` cannot take this adapter (rank, packed base, shape)."""
+        check_rank(layer, config.rank, self.name)
+        if layer.packed and not self.supports_packed(config):
+            raise AdapterError(
+                f"{self.name}: layer '{layer.path}' is packed (quantized) and {self.describe(config)} rewrites or "
+                "reads its full-precision weight; apply it before quantizing, or use lora/bone on a packed base"
+            )
 
     def supports_packed(self, config: Any) -> bool:
         return False
@@ -209,7 +215,8 @@ def check_rank(layer: BaseLayer, rank: int, who: str) -> None:
     if rank > limit:
         raise AdapterError(
             f"{who}: rank {rank} is larger than min(in, out) = {limit} of layer '{layer.path}' "
-            f"({layer.in_features} -> {layer.out_features})"
+            f"({layer.in_features} -> {layer.out_features}); lower the rank, or leave the layer out with "
+            f"ignore=['{layer.path}'] or a per-layer override"
         )
 
 
