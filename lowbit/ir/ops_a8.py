@@ -104,32 +104,52 @@ def _linear_packed_a8(
     packing.check_layout(qweight, scales, zeros, g_idx, bits, group_size, in_features)
     _check_inputs(x, qweight, bias, in_features, act_scale)
     x_int, act = quantize_activation(x.reshape(-1, in_features), act_scale)
-    centered = _centered_codes(qweight, zeros, g_idx, bits, group_size, in_features)
     columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
+    x_groups, w_groups = _grouped(x_int.to(torch.float64), _centered_codes(qweight, zeros, columns, bits, in_features),
+                                  columns, scales.shape[1])
     y = torch.zeros(x_int.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
-    x64 = x_int.to(torch.float64)
-    for g in range(scales.shape[1]):
-        members = (columns == g).nonzero().flatten()
-        if members.numel() == 0:
-            continue
-        acc = x64[:, members] @ centered[:, members].T
-        y = y + acc.to(torch.float32) * scales[:, g]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, y.numel()))
+    for first in range(0, scales.shape[1], chunk):
+        acc = torch.bmm(x_groups[first:first + chunk], w_groups[first:first + chunk])  # exact (module doc)
+        for offset in range(acc.shape[0]):
+            y = y + acc[offset].to(torch.float32) * scales[:, first + offset]
     y = decode_activation(y, act, act_scale is None)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
 
 
+#: Bound on the float64 elements of one batch of per-group dot products (128 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def _centered_codes(
-    qweight: torch.Tensor, zeros: torch.Tensor | None, g_idx: torch.Tensor | None,
-    bits: int, group_size: int, in_features: int,
+    qweight: torch.Tensor, zeros: torch.Tensor | None, columns: torch.Tensor, bits: int, in_features: int,
 ) -> torch.Tensor:
     """``q − zero`` per weight, float64 ``(N, in_features)`` (integers or half-integers)."""
     codes = packing.unpack(qweight, bits, in_features).to(torch.float64)
     if zeros is None:
         return codes - packing.default_zero(bits)
-    columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
     return codes - zeros.to(torch.float64)[:, columns]
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, columns: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(G, T, P)`` and centered codes ``(G, P, N)`` per group, zero-padded to the largest group.
+
+    Column ``k`` goes to group ``columns[k]`` at its rank among that group's columns, so
+    ``bmm`` gives every group's dot product and the padding adds exact zeros.
+    """
+    counts = torch.bincount(columns, minlength=groups)
+    order = torch.argsort(columns, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(columns)
+    position[order] = torch.arange(columns.numel(), device=columns.device) - starts[columns[order]]
+    width = int(counts.max())
+    x_groups = x.new_zeros(groups, width, x.shape[0])
+    w_groups = w.new_zeros(groups, width, w.shape[0])
+    x_groups[columns, position] = x.T
+    w_groups[columns, position] = w.T
+    return x_groups.transpose(1, 2), w_groups
 
 
 def _linear_packed_a8_fake(

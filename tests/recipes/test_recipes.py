@@ -49,9 +49,10 @@ class _PreparePass(Pass):
 
 @pytest.fixture(autouse=True)
 def _test_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Register the test passes for one test only, so other test modules never see them."""
+    """Register the test passes (and a planned name) for one test only, so other test modules never see them."""
     for cls in (_AnyStagePass, _PreparePass):
         monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    monkeypatch.setattr(registry, "PLANNED", registry.PLANNED | {"recipe_test_planned"})
 
 
 def _write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
@@ -261,8 +262,8 @@ BAD = {
     "pass not a name": ("target: x86\nconvert: [{pass: 4}]\n", "convert[0].pass: must be a pass name"),
     "unknown pass": ("target: x86\nconvert: [{pass: recipe_test_pas}]\n",
                      "convert[0].pass: unknown pass 'recipe_test_pas' (did you mean 'recipe_test_pass'"),
-    "planned pass": ("target: x86\nconvert: [{pass: recipe_test_pass}, {pass: awq, bits: 4}]\n",
-                     "convert[1].pass: pass 'awq' is not implemented in this version"),
+    "planned pass": ("target: x86\nconvert: [{pass: recipe_test_pass}, {pass: recipe_test_planned, bits: 4}]\n",
+                     "convert[1].pass: pass 'recipe_test_planned' is not implemented in this version"),
     "bad option value": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: 5}]\n",
                          "convert[0].bits: recipe_test_pass: bits=5 is not supported; choose one of 2, 3, 4, 8"),
     "bad option type": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: four}]\n",

@@ -136,6 +136,8 @@ class QuantizeActivations(Pass):
         ranges = self._calibrate(gm, static, configs, ctx) if static else {}
         for path in ctx.progress(list(configs), desc=self.name):
             records.append(self._rewrite(gm, path, layers[path], ranges.get(path)))
+        gm.graph.lint()
+        gm.recompile()
         for record in records:
             if record.action == "skipped":
                 log.info("%s: skipping %s: %s", self.name, record.layer, record.reason)
@@ -185,8 +187,6 @@ class QuantizeActivations(Pass):
             annotate(new, layer=path, quant=dataclasses.replace(meta.quant, act_bits=8))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-        gm.graph.lint()
-        gm.recompile()
         stats: dict[str, Any] = {"act_bits": 8, "dynamic": act_scale is None}
         if act_scale is not None:
             stats.update(act_range=value, act_scale=float(act_scale))
