@@ -14,7 +14,7 @@ _REGISTRY: dict[str, type[Pass]] = {}
 # Passes that recipes may already name but that this version does not implement yet.
 # Naming one fails loudly instead of silently skipping it.
 PLANNED: frozenset[str] = frozenset({
-    "awq", "fake_quant", "convert_qat",
+    "fake_quant", "convert_qat",
     "weight_norm", "weight_compander", "qkr", "fold_reparam",
 })
 

@@ -1,8 +1,9 @@
-"""Quantization passes. Importing this package registers them (``rtn``, ``gptq``, ``ternary``,
+"""Quantization passes. Importing this package registers them (``rtn``, ``gptq``, ``awq``, ``ternary``,
 ``binary``, ``quantize_activations``; they share `grid`, `rewrite` and the packed format)."""
 
 from lowbit.ir import ops_a8  # noqa: F401  (registers lowbit::linear_packed_a8 and its verifier check)
 from lowbit.passes.quant.activations import ActivationConfig, PackedLinearA8, QuantizeActivations
+from lowbit.passes.quant.awq import AWQ, AWQConfig
 from lowbit.passes.quant.binary import Binary, BinaryConfig, binary_quantize
 from lowbit.passes.quant.gptq import GPTQ, GPTQConfig, gptq_quantize
 from lowbit.passes.quant.grid import QuantizedWeight, quantize_weight
@@ -11,6 +12,8 @@ from lowbit.passes.quant.rtn import RTN, RTNConfig
 from lowbit.passes.quant.ternary import Ternary, TernaryConfig, ternary_quantize
 
 __all__ = [
+    "AWQ",
+    "AWQConfig",
     "ActivationConfig",
     "Binary",
     "BinaryConfig",
