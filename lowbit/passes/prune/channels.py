@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.ir.annotations import Sparsity, annotate
-from lowbit.passes.base import LayerRecord, PassContext, PassResult
+from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
-from lowbit.passes.prune.masks import Layer, MaskPass, PruneConfig, select_layers, summarize
+from lowbit.passes.prune.masks import Layer, PruneConfig, select_layers, summarize
 from lowbit.passes.registry import register
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,19 @@ class Chain:
 
 
 @register
-class PruneChannels(MaskPass):
+class PruneChannels(Pass):
     """Remove the weakest output channels of Linear/Conv2d layers and their consumers' inputs."""
 
     name = "prune_channels"
     Config = ChannelsConfig
-    produces = frozenset()
+    stage = "any"
+    pattern = "nn.Linear, nn.Conv2d feeding one consumer"
     forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers, records = select_layers(gm, self)
         for layer in layers:
+            layer.module = gm.get_submodule(layer.path)  # an earlier shrink may have replaced it as a consumer
             chain, reason = self._chain(gm, layer)
             if chain is None:
                 records.append(LayerRecord(layer.path, "skipped", reason))

@@ -123,9 +123,7 @@ def unsupported_reason(gm: fx.GraphModule, path: str, calls: list[fx.Node]) -> s
         return "weight has no floating-point data to prune"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} is not supported (only zero padding)"
-    own = {a for n in calls if n.op == "call_function" for a in n.all_input_nodes if a.op == "get_attr"}
-    own |= {a for n in calls if n.op == "call_function" for m in n.all_input_nodes if m.op == "call_function"
-            for a in m.all_input_nodes}
+    own = _mask_form_reads(calls)
     readers = [n.name for n in gm.graph.nodes
                if n.op == "get_attr" and str(n.target).startswith(path + ".") and n not in own]
     if readers:
@@ -134,6 +132,18 @@ def unsupported_reason(gm: fx.GraphModule, path: str, calls: list[fx.Node]) -> s
     if odd:
         return f"it is called with arguments other than one input (nodes {', '.join(odd)})"
     return None
+
+
+def _mask_form_reads(calls: list[fx.Node]) -> set[fx.Node]:
+    """The ``get_attr`` nodes of weight, mask and bias that masked calls read (directly or via the multiply)."""
+    reads: set[fx.Node] = set()
+    for node in calls:
+        if node.op != "call_function":
+            continue
+        for arg in node.all_input_nodes[1:]:
+            reads.add(arg)
+            reads.update(arg.all_input_nodes)
+    return reads
 
 
 def select_layers(gm: fx.GraphModule, p: Pass) -> tuple[list[Layer], list[LayerRecord]]:

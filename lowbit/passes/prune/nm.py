@@ -17,7 +17,7 @@ import torch.fx as fx
 from lowbit.errors import PassConfigError
 from lowbit.passes.base import PassContext
 from lowbit.passes.config import PassConfig, option
-from lowbit.passes.prune.masks import Layer, MaskPass, PruneConfig, PruningError, layer_names
+from lowbit.passes.prune.masks import Layer, MaskPass, PruningError, layer_names
 from lowbit.passes.registry import register
 
 

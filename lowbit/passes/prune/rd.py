@@ -10,6 +10,9 @@
    ``Σ (1 − φ_l)·n_l ≤ N_keep = (1 − S)·Σ n_l``.
 3. Each layer is magnitude-pruned to its ``φ_l``.
 
+Layers with a per-layer ``sparsity`` override are magnitude-pruned to it and left out of
+the curves and the budget.
+
 The DP's budget axis counts survivors in units of ``ceil(N_keep / budget_resolution)``
 weights, each layer's survivors rounded up, so the budget always holds (the result is
 at most one unit per layer sparser than needed); with ``N_keep ≤ budget_resolution``
@@ -31,7 +34,8 @@ from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.passes.base import PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.prune.masks import (
-    MASK_SUFFIX, Layer, MaskPass, PruneConfig, current_mask, install_mask, keep_count, keep_largest, mask_sparsity,
+    MASK_SUFFIX, Layer, MaskPass, PruneConfig, current_mask, fixed_layers, install_mask, keep_count, keep_largest,
+    mask_sparsity,
 )
 from lowbit.passes.registry import register
 
@@ -79,9 +83,13 @@ class PruneRD(MaskPass):
         for layer in layers:  # the graph applies every layer's mask, so curves can swap masks in place
             install_mask(gm, layer, current_mask(layer.module), "unstructured", self.name, self.config.sparsity)
         gm.recompile()
-        curves = self.curves(gm, layers, ctx)
+        fixed, pool = fixed_layers(layers, self)
+        plan = {l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
+                for l in fixed}
+        if not pool:
+            return plan
+        curves = self.curves(gm, pool, ctx)
         choice = allocate(curves, self.config.sparsity, self.config.budget_resolution)
-        plan = {}
         for curve, phi in zip(curves, choice):
             layer = curve.layer
             plan[layer.path] = (keep_largest(layer.weight.abs(), keep_count(layer.numel, phi)), self.config.sparsity)

@@ -36,6 +36,17 @@ def test_producers_norms_and_consumers_shrink() -> None:
     assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in net.parameters())
 
 
+def test_consecutive_layers_shrink_on_both_sides() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    out = Pipeline([PruneChannels(sparsity=0.5)])(lowbit.trace(net, (torch.randn(2, 8),)))
+    assert [tuple(out.get_submodule(p).weight.shape) for p in ("0", "2", "4")] == [(16, 8), (8, 16), (4, 8)]
+    kept = torch.topk(net[0].weight.detach().abs().sum(1), 16).indices.sort().values
+    kept2 = torch.topk(net[2].weight.detach()[:, kept].abs().sum(1), 8).indices.sort().values
+    torch.testing.assert_close(out.get_submodule("2").weight, net[2].weight[kept2][:, kept])
+    assert out(torch.randn(3, 8)).shape == (3, 4)
+
+
 def test_removing_dead_channels_keeps_the_function_exactly() -> None:
     net, x = convnet(), torch.randn(4, 3, 8, 8)
     with torch.no_grad():  # half the hidden units of the MLP can never fire: removing them changes nothing
