@@ -15,9 +15,11 @@ bits`` codes per byte):
   per-group fp32 accumulator, one vector register per row of ``x``;
 * ``part[m, n, v] = Σ_g gacc · scale[n, g]`` and ``y = Σ_v part + bias``.
 
-Schedule: parallel over output rows ``n``; rows of ``x`` in register tiles of
-``ROW_TILE`` sharing each dequantized weight vector; the lane axis ``v`` vectorized in
-every stage; the code lanes ``l`` unrolled so one byte load feeds ``pb`` codes.
+Schedule: parallel over tasks of ``OUT_TILE`` output rows ``n``; rows of ``x`` in
+register tiles of ``ROW_TILE`` sharing each dequantized weight vector; the lane axis
+``v`` vectorized in every stage; the code lanes ``l`` unrolled so one byte load feeds
+``pb`` codes. The accumulators are ``local`` buffers, which TVM 0.27 allocates through
+``TVMBackendAllocWorkspace`` once per task (hence tasks of several rows).
 Supported: bits ∈ {2, 4, 8}, ``K % group_size == 0``, ``group_size % pb == 0``, no
 ``g_idx``; `unsupported_reason` says why anything else must use the dense fallback.
 """
