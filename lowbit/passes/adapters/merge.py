@@ -3,9 +3,12 @@
 Merging computes each adapter's weight update (``scale·B A`` for LoRA, ``scale·B diag(S) A``
 for SORSA, the tiled block for Bone, ``W_{a,c} B_a + B_a`` for Bat), adds it to the base
 weight in float32 and removes the branch, so quantizers can run next. A packed
-(quantized) base is dequantized, merged and **re-quantized** by round-to-nearest on its
-own grid: same bits, group size, symmetry and column grouping (``g_idx``); the record of
-each layer reports the relative weight error this rounding adds.
+(quantized) base is dequantized, merged and **re-quantized** by round-to-nearest in its
+own layout (bits, group size, symmetry, column grouping ``g_idx``), each row of each
+group on the better of its current grid and a fresh one (`requantize`). The record of
+each layer reports the relative weight error this rounding adds (``requant_rel_error``)
+and the relative size of the update (``update_rel_norm``): an update much smaller than
+the grid step cannot survive rounding.
 
 The adapter module keeps the base tensors from before the merge, so unmerging restores
 them bit for bit (for a packed base too) and re-inserts the branch.
@@ -124,33 +127,47 @@ def merge_layer(gm: fx.GraphModule, path: str, module: AdapterModule) -> dict[st
         if tensor is not None:
             getattr(base, name).copy_(tensor)
     error = relative_error(merged, base_weight(gm, path))
-    log.info("merge_adapters: re-quantized %s (w%d g%d), relative weight error %.3g",
-             path, base.bits, base.group_size, error)
-    return {"requant_rel_error": error}
+    update = relative_error(weight, merged)
+    log.info("merge_adapters: re-quantized %s (w%d g%d): relative weight error %.3g, relative update %.3g",
+             path, base.bits, base.group_size, error, update)
+    return {"requant_rel_error": error, "update_rel_norm": update}
 
 
 def requantize(base: PackedLinear, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round ``weight`` to the nearest point of a fresh grid with ``base``'s layout.
+    """Round ``weight`` to ``base``'s layout, per row and group on the better of two grids.
 
-    Same bits, group size, symmetry (``zeros`` present or not) and column-to-group map
-    (``g_idx`` or contiguous groups); scales and zero points are recomputed per group.
+    The layout is kept: bits, group size, symmetry (``zeros`` present or not) and the
+    column-to-group map (``g_idx`` or contiguous groups). For each row of each group the
+    codes are rounded both on the base's current grid (its scale and zero point) and on a
+    fresh RTN grid of the merged values, and the one with the smaller squared error is
+    kept. A zero update therefore reproduces the base exactly, and a large one gets a grid
+    that covers its new range.
     """
     symmetric = base.zeros is None
     columns = packing.group_index(base.in_features, base.group_size, base.g_idx, weight.device)
-    scales = base.scales.detach().clone().to(torch.float32)
-    zeros = None if symmetric else base.zeros.detach().clone().to(torch.float32)
-    for group in range(scales.shape[1]):
+    old_scales = base.scales.detach().to(torch.float32)
+    old_zeros = None if symmetric else base.zeros.detach().to(torch.float32)
+    new_scales, new_zeros = old_scales.clone(), None if symmetric else old_zeros.clone()
+    for group in range(old_scales.shape[1]):
         selected = columns == group
-        if not selected.any():
-            continue
-        group_scale, group_zero = group_params(weight[:, selected], base.bits, symmetric)
-        scales[:, group] = group_scale
-        if zeros is not None:
-            zeros[:, group] = group_zero
-    zero = packing.default_zero(base.bits) if zeros is None else zeros[:, columns]
-    codes = grid_codes(weight, scales[:, columns], zero, base.bits).to(torch.uint8)
-    return (packing.pack(codes, base.bits), scales.to(base.scales.dtype),
-            None if zeros is None else zeros.to(base.zeros.dtype))
+        if selected.any():
+            group_scale, group_zero = group_params(weight[:, selected], base.bits, symmetric)
+            new_scales[:, group] = group_scale
+            if new_zeros is not None:
+                new_zeros[:, group] = group_zero
+    candidates = []
+    for scales, zeros in ((old_scales, old_zeros), (new_scales, new_zeros)):
+        zero = packing.default_zero(base.bits) if zeros is None else zeros[:, columns]
+        codes = grid_codes(weight, scales[:, columns], zero, base.bits)
+        error = ((codes - zero) * scales[:, columns] - weight).square()
+        per_group = torch.zeros_like(scales).index_add_(1, columns, error)
+        candidates.append((codes, scales, zeros, per_group))
+    (old_codes, _, _, old_error), (new_codes, _, _, new_error) = candidates
+    fresh = new_error < old_error
+    codes = torch.where(fresh[:, columns], new_codes, old_codes).to(torch.uint8)
+    scales = torch.where(fresh, new_scales, old_scales).to(base.scales.dtype)
+    zeros = None if symmetric else torch.where(fresh, new_zeros, old_zeros).to(base.zeros.dtype)
+    return packing.pack(codes, base.bits), scales, zeros
 
 
 def _mark(nodes: list[fx.Node], path: str, adapter: Adapter, merged: bool) -> None:
