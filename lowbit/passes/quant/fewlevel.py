@@ -108,7 +108,8 @@ class FewLevelPass(Pass):
 
     stage = "convert"
     produces = frozenset({"quant"})
-    forbids = frozenset({"adapter", "reparam", "fake_quant"})
+    # Masked layers are no longer nn.Linear calls: bake masks in first (apply_masks).
+    forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
     pattern = "nn.Linear"
 

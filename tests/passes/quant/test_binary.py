@@ -9,11 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowbit
-from lowbit.errors import LowbitError, PassConfigError
+from lowbit.errors import LowbitError, PassConfigError, PassOrderError
 from lowbit.ir import ops
 from lowbit.ir.annotations import get_meta
-from lowbit.passes import Pipeline, lookup
-from lowbit.passes.quant import Binary, binary_quantize
+from lowbit.passes import Pipeline, check_order, lookup
+from lowbit.passes.quant import Binary, Ternary, binary_quantize
 
 
 def reference(w: torch.Tensor, block: int | None) -> torch.Tensor:
@@ -97,6 +97,14 @@ def test_registered_and_declared() -> None:
     assert lookup("binary") is Binary
     assert Binary.stage == "convert" and Binary.produces == frozenset({"quant"}) and Binary.after_pack
     assert Binary().config.as_dict() == {"granularity": "per_channel", "group_size": None, "ignore": ()}
+
+
+@pytest.mark.parametrize("kind", ["sparsity", "adapter", "fake_quant", "reparam"])
+def test_refuses_graphs_with_active_training_annotations(kind: str) -> None:
+    with pytest.raises(PassOrderError, match=f"cannot run while the graph carries .* \\(from the input graph \\(fc1\\)\\)"):
+        check_order([Binary()], {kind: ["fc1"]})
+    with pytest.raises(PassOrderError, match="add 'apply_masks' before 'ternary'"):
+        check_order([Ternary()], {"sparsity": ["fc1"]})
 
 
 def test_pass_computes_with_the_binary_weight() -> None:

@@ -159,3 +159,17 @@ def test_nan_weight_fails_naming_the_layer(mlp: MLP) -> None:
         mlp.fc2.weight[3, 3] = float("inf")
     with pytest.raises(LowbitError, match="layer 'fc2': weight contains NaN or Inf"):
         Pipeline([Ternary()])(fx.symbolic_trace(mlp))
+
+
+def test_layer_it_cannot_handle_is_skipped_with_a_reason() -> None:
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(8, 8), Scaled(8, 4)).eval()
+    gm = lowbit.trace(model, (torch.randn(2, 8),), leaf_modules=(Scaled,))
+    pipeline = Pipeline([Ternary()])
+    out = pipeline(gm)
+    (skipped,) = pipeline.report.passes[0].skipped
+    assert skipped.layer == "1" and "overrides nn.Linear.forward" in skipped.reason
+    assert [get_meta(n).layer for n in out.graph.nodes if n.target is ops.linear_packed] == ["0"]
