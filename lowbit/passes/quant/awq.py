@@ -7,9 +7,10 @@ and group, then quantizes on the asymmetric project grid (`lowbit.passes.quant.g
 
 Per group of linears that read one input ``X`` (`lowbit.passes.quant.awq_groups`):
 
-1. Capture the group's calibration inputs (`lowbit.passes.quant.hessian.capture_inputs`)
-   into ``s_X[c] = mean |x_c|`` and the Gram matrix ``H = mean x xᵀ``; activations are
-   never stored, so memory is one batch plus ``K × K``.
+1. Capture the group's calibration inputs into ``s_X[c] = mean |x_c|`` and the Gram
+   matrix ``H = mean x xᵀ``. The batches advance through the graph with the pass
+   (`lowbit.passes.quant.hessian.CalibrationCursor`), so all groups together cost about
+   one forward per batch and only the values crossing the current group are held.
 2. For ``α = 0, 1/n_grid, …`` (α = 1 excluded): ``s = max(s_X^α, 1e−4)``, normalized by
    ``√(max s · min s)``; the loss is the mean squared change of the group's combined
    output, ``Σ_i tr(Δ_i H Δ_iᵀ) / Σ_i out_i`` with ``Δ_i = W_i − Q(W_i diag s) diag s⁻¹``,
@@ -21,9 +22,11 @@ Per group of linears that read one input ``X`` (`lowbit.passes.quant.awq_groups`
    producing ``X`` when the graph allows it (norm weight and bias, a preceding linear's
    last ``len(s)`` rows and bias, a 1-D weight multiply such as transformers' RMSNorm);
    a fold is first tried with a random scale on one calibration batch and kept only if
-   ``X`` comes out divided channel by channel. Otherwise an explicit multiply by ``1/s``
+   ``X`` comes out divided channel by channel (the cursor's held ``X`` is then divided
+   by ``s`` as well). Otherwise an explicit multiply by ``1/s``
    (a root buffer ``awq_inv_scale_<n>``) is inserted before the linears; the report
-   counts those (``explicit_scales``).
+   counts those (``explicit_scales``). Under grouped-query attention v_proj → o_proj
+   cannot fold (the reference skips that scale), so o_proj gets an explicit one.
 4. Clip search on the scaled weights and inputs (skipped for q/k projections by name, as
    the reference does): per output channel and group, ``m = max|w| (1 − i/n_grid)`` for
    ``i < max_shrink · n_grid``, error ``δᵀ H_gg δ`` with ``δ = Q(clamp(w, ±m)) − w``.
@@ -57,7 +60,7 @@ from lowbit.passes.config import option
 from lowbit.passes.quant.awq_groups import Producer, ScaleGroup, describe_node, find_producer, scale_groups
 from lowbit.passes.quant.gptq import relative_output_error
 from lowbit.passes.quant.grid import QuantizedWeight, effective_group_size, grid_codes, group_params, quantize_weight
-from lowbit.passes.quant.hessian import HessianAccumulator, calibration_batches, capture_inputs
+from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator, calibration_batches, capture_inputs
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.registry import register
@@ -264,8 +267,9 @@ class AWQ(Pass):
         states = [_GroupState(g, [todo[p] for p in g.paths], *find_producer(gm, g))
                   for g in scale_groups(gm, list(todo))]
         counts = {"folded": 0, "explicit_scales": 0}
+        cursor = CalibrationCursor(gm, batches)
         for index, state in enumerate(ctx.progress(states, desc="awq")):
-            self._scale_group(gm, state, batches, counts)
+            self._scale_group(gm, state, cursor, next(iter(batches)), counts)
             if state.scale is None:
                 for path in state.group.paths:
                     records[path] = LayerRecord(path, "skipped", state.info["reason"], stats=dict(state.info))
@@ -276,13 +280,13 @@ class AWQ(Pass):
                     _clip_and_quantize(gm, earlier)
         return paths, records, states, counts
 
-    def _scale_group(self, gm: fx.GraphModule, state: _GroupState, batches: CalibrationSet,
+    def _scale_group(self, gm: fx.GraphModule, state: _GroupState, cursor: CalibrationCursor, first_batch: Any,
                      counts: dict[str, int]) -> None:
         """Capture the group's input statistics, search its scale and apply it (module doc, steps 1–3)."""
         group, config = state.group, state.configs[0]
         first = gm.get_submodule(group.paths[0])
         stats = _InputStats.empty(group.paths[0], first.in_features, first.weight.device)
-        capture_inputs(gm, group.paths[0], group.calls, batches, stats.add)
+        cursor.capture(group.nodes if group.calls > 1 else group.nodes[:1], stats.add)  # one read of X
         producer, reason = state.producer, state.no_fold_reason
         prev = producer.describe(gm) if producer else describe_node(gm, group.input)
         state.info = {"group": group.name, "prev_op": prev, "samples": stats.rows}
@@ -293,11 +297,12 @@ class AWQ(Pass):
         s, alpha, losses = search_scale(list(zip(weights, state.configs)), stats.mean_abs, stats.gram, config.n_grid)
         for path, w in zip(group.paths, weights):
             _set_tensor(gm.get_submodule(path), "weight", w * s)
-        if producer is not None and not _fold_is_exact(gm, group, producer, stats.sample, next(iter(batches))):
+        if producer is not None and not _fold_is_exact(gm, group, producer, stats.sample, first_batch):
             reason = f"folding into {prev} does not divide the input channel by channel"
             producer = None
         if producer is not None:
             _fold(gm, producer, s)
+            cursor.update(group.input, lambda x: x / s.to(x))
             counts["folded"] += 1
             state.info["scale"] = f"folded into {prev}"
         else:

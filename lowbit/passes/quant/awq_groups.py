@@ -107,7 +107,7 @@ def scale_groups(gm: fx.GraphModule, paths: list[str]) -> list[ScaleGroup]:
             groups[key].nodes.append(nodes[0])
             groups[key].paths.append(path)
         else:
-            groups[key] = ScaleGroup(list(nodes) if len(nodes) > 1 else [nodes[0]], [path], len(nodes))
+            groups[key] = ScaleGroup(list(nodes), [path], len(nodes))
     return list(groups.values())
 
 

@@ -170,6 +170,18 @@ class CalibrationCursor:
                             break
                     scratch[node] = self._run(node, scratch)
 
+    def update(self, node: fx.Node, change: Callable[[Any], Any]) -> None:
+        """Replace ``node``'s held value in every batch by ``change(value)``.
+
+        For a pass that changes the graph behind the cursor in a way whose effect it knows
+        (AWQ folding ``1/s`` into the op that produces a held input); ``node`` must be
+        held, i.e. read by a node ahead of the cursor.
+        """
+        for env in self._envs:
+            if node not in env:
+                raise LowbitError(f"node '{node.name}' is not held by the calibration cursor")
+            env[node] = change(env[node])
+
     def _ahead(self) -> Iterator[fx.Node]:
         """The nodes not run yet, in graph order."""
         return (n for n in self.gm.graph.nodes if n not in self._done)
