@@ -71,12 +71,14 @@ def test_gptq_with_a_fixed_mask_keeps_pruned_weights_at_zero() -> None:
         assert (weights[path][~mask] == 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="rtn/gptq do not declare forbids={'sparsity'}: on a graph with active masks "
-                   "they match no nn.Linear call and silently leave it in float. Needed: add 'sparsity' to "
-                   "RTN.forbids and GPTQ.forbids; the pipeline then asks for 'apply_masks' (its remedy exists).")
-def test_quantizing_active_masks_is_refused_with_the_apply_masks_remedy() -> None:
-    with pytest.raises(PassOrderError, match="add 'apply_masks' before 'rtn'"):
-        Pipeline([PruneMagnitude(), registry.get("rtn")])
+@pytest.mark.xfail(strict=True, reason="rtn, gptq and lora do not declare forbids={'sparsity'}: on a graph with "
+                   "active masks they match no nn.Linear call (masked layers are F.linear on weight * mask) and "
+                   "silently leave them alone. Needed: add 'sparsity' to their forbids; the pipeline then asks for "
+                   "'apply_masks' (its remedy exists).")
+@pytest.mark.parametrize("name", ["rtn", "gptq", "lora"])
+def test_passes_that_need_plain_linears_refuse_active_masks(name: str) -> None:
+    with pytest.raises(PassOrderError, match=f"add 'apply_masks' before '{name}'"):
+        Pipeline([PruneMagnitude(), registry.get(name)])
 
 
 def test_adapter_on_a_pruned_base_stays_sparse_after_merge_when_asked() -> None:
