@@ -15,7 +15,6 @@ _REGISTRY: dict[str, type[Pass]] = {}
 # Naming one fails loudly instead of silently skipping it.
 PLANNED: frozenset[str] = frozenset({
     "fake_quant", "convert_qat",
-    "weight_norm", "weight_compander", "qkr", "fold_reparam",
 })
 
 P = TypeVar("P", bound=type[Pass])
