@@ -4,70 +4,100 @@
     runner = TVMBackend("x86").compile(gm, example_inputs)
     y = runner(x)                      # torch tensors in, torch tensors out
     runner.fallbacks                   # packed layers running as dequantized fp32
+    files = TVMBackend("x86").save(runner, directory)   # model.so + signature.json
+    runner = TVMBackend("x86").load(directory)
 
 Parts: `target` (lowbit target names → TVM targets), `kernels` (TIR generators),
 `schedule` (default CPU schedules for fp32 operators), `lower` (GraphModule → Relax,
 build). The module is specialized to the shapes of the example inputs. LLVM CPU
 targets compile (``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules
-for this machine's architecture run in-process; CUDA is not lowered yet. TVM's thread
-pool uses half the hardware threads unless ``TVM_NUM_THREADS`` is set.
+for this machine's architecture run in-process; CUDA is not lowered yet. Saved
+modules are shared libraries with the weights embedded as constants; loading checks
+that this machine has the architecture and CPU features the library was built for.
+TVM's thread pool uses half the hardware threads unless ``TVM_NUM_THREADS`` is set.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import shutil
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import tvm
 from tvm import relax
+from tvm.support import cc
 from tvm.target import Target
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is lowered)
-from lowbit.backends.tvm.lower import LoweredLinear, Lowering, build, lower
-from lowbit.backends.tvm.target import resolve_target, runs_on_host
-from lowbit.errors import BackendError
+from lowbit.backends.tvm.lower import InputSpec, LoweredLinear, build, lower
+from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
+from lowbit.backends.tvm.target import has_features, host_arch, resolve_target, target_arch, x86_host_target
+from lowbit.errors import ArtifactError, BackendError
 
 log = logging.getLogger(__name__)
+
+LIBRARY_FILE = "model.so"
+SIGNATURE_FILE = "signature.json"
+#: The aarch64 cross compiler used to link ARM libraries, and the Debian package that has it.
+ARM_CXX = "aarch64-linux-gnu-g++"
+ARM_CXX_PACKAGE = "g++-aarch64-linux-gnu"
+#: x86 features a library may be compiled to use; loading checks the host has each one the library needs.
+X86_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
 
 
 class TVMRunner:
     """Runs a compiled graph on the CPU through ``relax.VirtualMachine``.
 
-    A module cross-compiled for another architecture (target ``"arm"`` on x86) is built
-    and kept in ``executable`` but cannot be called here.
+    Called with the graph's inputs, positionally or by placeholder name; returns a
+    tensor, or a flat tuple of tensors for a graph with several outputs. A module built
+    for another architecture (``"arm"`` on x86) keeps its ``executable`` for export but
+    cannot be called here.
     """
 
-    def __init__(self, executable: relax.VMExecutable, lowering: Lowering, dtypes: Sequence[torch.dtype]) -> None:
-        self.executable = executable
-        self.lowering = lowering
-        self.input_shapes = list(lowering.input_shapes)
-        self.input_dtypes = list(dtypes)
+    def __init__(self, module: Any, arch: str, features: Sequence[str], inputs: Sequence[InputSpec],
+                 linears: Sequence[LoweredLinear] = ()) -> None:
+        self.executable = module
+        self.arch = arch
+        self.features = list(features)
+        self.inputs = list(inputs)
+        self.linears = list(linears)
         self._main = None
-        if runs_on_host(lowering.target):
-            self._main = relax.VirtualMachine(executable, tvm.cpu())["main"]
+        if arch == host_arch():
+            self._main = relax.VirtualMachine(module, tvm.cpu())["main"]
 
     @property
     def fallbacks(self) -> list[LoweredLinear]:
         """Packed linears that run as dequantized fp32 dense kernels (with the reason)."""
-        return self.lowering.fallbacks
+        return [linear for linear in self.linears if linear.kernel == "dense"]
 
-    def __call__(self, *inputs: torch.Tensor) -> Any:
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         if self._main is None:
             raise BackendError(
-                f"this module is cross-compiled for {self.lowering.target.attrs.get('mtriple')} and cannot run "
-                "on this machine; run it on the device (export and RPC are not part of this backend yet)"
+                f"this module is cross-compiled for {self.arch} and cannot run on this {host_arch()} machine; "
+                "export it and run it on the device"
             )
-        self._check(inputs)
-        args = [tvm.runtime.from_dlpack(t.detach().cpu().contiguous()) for t in inputs]
-        return _to_torch(self._main(*args))
+        inputs = self._bind(args, kwargs)
+        tensors = [tvm.runtime.from_dlpack(t.detach().cpu().contiguous()) for t in inputs]
+        return _to_torch(self._main(*tensors))
 
-    def _check(self, inputs: Sequence[torch.Tensor]) -> None:
-        got = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
-        expected = list(zip(self.input_shapes, self.input_dtypes))
+    def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """The inputs in graph order, checked against the compiled shapes and dtypes."""
+        names = [spec.name for spec in self.inputs]
+        unknown = sorted(set(kwargs) - set(names[len(args):]))
+        if len(args) > len(names) or unknown:
+            raise BackendError(f"this module takes inputs {names}, got {len(args)} positional and {sorted(kwargs)}")
+        values = list(args) + [kwargs.get(name) for name in names[len(args):]]
+        got = [(tuple(v.shape), str(v.dtype).removeprefix("torch.")) if isinstance(v, torch.Tensor) else
+               type(v).__name__ for v in values]
+        expected = [(spec.shape, spec.dtype) for spec in self.inputs]
         if got != expected:
             raise BackendError(f"this module was compiled for inputs {expected}, got {got}; compile it again for new shapes")
+        return values
 
 
 class TVMBackend:
@@ -80,10 +110,12 @@ class TVMBackend:
 
     def compile(self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None,
                 tune: Any = None) -> TVMRunner:
-        """Lower ``gm`` for the shapes of ``example_inputs``, build it, and return a runner.
+        """Lower ``gm`` for the shapes of its inputs, build it, and return a runner.
 
-        ``tune`` (MetaSchedule tuning) is not available yet and raises; ``cache_dir`` is
-        where tuning records will live, so without tuning it is not used.
+        Inputs beyond ``example_inputs`` take their shapes from the graph's placeholder
+        metadata (graphs traced with keyword inputs). ``tune`` (MetaSchedule tuning) is not
+        available yet and raises; ``cache_dir`` is where tuning records will live, so
+        without tuning it is not used.
         """
         if tune:
             raise BackendError("tuning is not implemented in the TVM backend yet; compile with tune=None")
@@ -94,7 +126,58 @@ class TVMBackend:
             executable = build(lowering)
         for linear in lowering.fallbacks:
             log.warning("%s runs as a dequantized fp32 dense kernel: %s", linear.node, linear.reason)
-        return TVMRunner(executable, lowering, [t.dtype for t in example_inputs])
+        return TVMRunner(executable, target_arch(self.target), _features(self.target), lowering.inputs,
+                         lowering.linears)
+
+    def save(self, runner: TVMRunner, directory: Path) -> list[str]:
+        """Write the shared library (weights embedded) and the input signature; returns the file names.
+
+        Libraries for aarch64 are linked with the cross compiler ``aarch64-linux-gnu-g++``.
+        """
+        directory = Path(directory)
+        fcompile = None
+        if runner.arch != host_arch():
+            if runner.arch != "aarch64":
+                raise BackendError(f"exporting a library for {runner.arch} from {host_arch()} is not supported")
+            if shutil.which(ARM_CXX) is None:
+                raise BackendError(f"exporting for ARM needs the cross compiler {ARM_CXX}: "
+                                   f"install the Debian package {ARM_CXX_PACKAGE}")
+            fcompile = cc.cross_compiler(ARM_CXX)
+        runner.executable.export_library(str(directory / LIBRARY_FILE), fcompile=fcompile)
+        signature = {
+            "arch": runner.arch,
+            "features": runner.features,
+            "inputs": [dataclasses.asdict(spec) for spec in runner.inputs],
+            "linears": [dataclasses.asdict(linear) for linear in runner.linears],
+        }
+        (directory / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2) + "\n")
+        return [LIBRARY_FILE, SIGNATURE_FILE]
+
+    def load(self, directory: Path) -> TVMRunner:
+        """A runner for a saved library, after checking this machine can run it (architecture, CPU features)."""
+        directory = Path(directory)
+        signature = json.loads((directory / SIGNATURE_FILE).read_text())
+        arch, features = signature["arch"], signature["features"]
+        if arch != host_arch():
+            raise ArtifactError(f"{directory} holds a library for {arch}; this machine is {host_arch()}. "
+                                "Run it on a matching device")
+        if arch == "x86_64":
+            host = Target(x86_host_target())
+            missing = [feature for feature in features if not has_features(host, feature)]
+            if missing:
+                raise ArtifactError(f"{directory} was compiled for a CPU with {', '.join(missing)}, "
+                                    "which this machine lacks; compile it again here")
+        inputs = [InputSpec(item["name"], tuple(item["shape"]), item["dtype"]) for item in signature["inputs"]]
+        linears = [LoweredLinear(item["node"], PackedLinearSpec(**item["spec"]), item["kernel"], item["reason"])
+                   for item in signature["linears"]]
+        return TVMRunner(tvm.runtime.load_module(str(directory / LIBRARY_FILE)), arch, features, inputs, linears)
+
+
+def _features(target: Target) -> list[str]:
+    """The x86 features an LLVM target compiles for (empty for other architectures)."""
+    if target_arch(target) != "x86_64":
+        return []
+    return [feature for feature in X86_FEATURES if has_features(target, feature)]
 
 
 def _to_torch(value: Any) -> Any:
@@ -104,4 +187,4 @@ def _to_torch(value: Any) -> Any:
     return tuple(_to_torch(item) for item in value)
 
 
-__all__ = ["TVMBackend", "TVMRunner"]
+__all__ = ["ARM_CXX", "ARM_CXX_PACKAGE", "LIBRARY_FILE", "SIGNATURE_FILE", "TVMBackend", "TVMRunner"]

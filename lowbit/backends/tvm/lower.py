@@ -1,6 +1,7 @@
 """Lower a lowbit GraphModule to a Relax IRModule and build it.
 
-Ordinary operators go through TVM's torch frontend (`relax.frontend.torch.from_fx`).
+Ordinary operators go through TVM's torch frontend (its FX importer, extended with the ATen
+overloads that graphs traced by torch.export keep, and a few fixes in `_GraphImporter`).
 Each ``torch.ops.lowbit.linear_packed`` call becomes a ``relax.call_tir`` of a TIR kernel
 whose packed weight, scales, zero points and bias are Relax constants:
 
@@ -28,7 +29,8 @@ import tvm
 from torch.fx.operator_schemas import normalize_function
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
-from tvm.relax.frontend.torch import from_fx
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
 from tvm.s_tir import dlight
 from tvm.target import Target
 
@@ -55,13 +57,22 @@ class LoweredLinear:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: placeholder name, static shape and torch dtype name (``"float32"``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
 @dataclass
 class Lowering:
     """A Relax module for a graph, with the record of how its packed linears were lowered."""
 
     mod: tvm.IRModule
     target: Target
-    input_shapes: list[tuple[int, ...]]
+    inputs: list[InputSpec]
     linears: list[LoweredLinear] = field(default_factory=list)
 
     @property
@@ -71,21 +82,42 @@ class Lowering:
 
 
 def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Target) -> Lowering:
-    """Import ``gm`` specialized to the shapes and dtypes of ``example_inputs``."""
+    """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `input_specs`)."""
     if target.kind.name != "llvm":
         raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
-    inputs = _check_inputs(example_inputs)
+    inputs = input_specs(gm, example_inputs)
     converter = _PackedLinearConverter(gm, float32_lanes(target))
-    input_info = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
+    input_info = [(spec.shape, spec.dtype) for spec in inputs]
     try:
-        mod = from_fx(gm, input_info, unwrap_unit_return_tuple=True,
-                      custom_convert_map={LINEAR_PACKED_NAME: converter})
+        mod = _GraphImporter().from_fx(gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+                                       no_bind_return_tuple=False, custom_convert_map={LINEAR_PACKED_NAME: converter})
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
         raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
-    lowering = Lowering(mod, target, [tuple(t.shape) for t in inputs], converter.linears)
+    lowering = Lowering(mod, target, inputs, converter.linears)
     log.info("lowered graph: %d packed linear(s), %d on the dense fallback", len(lowering.linears),
              len(lowering.fallbacks))
     return lowering
+
+
+def input_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[InputSpec]:
+    """The graph's inputs: the leading ones shaped like ``example_inputs``, the rest from placeholder metadata.
+
+    Graphs traced from keyword inputs (torch.export) record each placeholder's example
+    value in ``node.meta["val"]``; `lowbit.compile` hands the backend only the
+    positional example inputs.
+    """
+    inputs = _check_inputs(example_inputs)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(inputs) > len(placeholders):
+        raise BackendError(f"{len(inputs)} example inputs for a graph with {len(placeholders)} inputs")
+    specs = []
+    for index, node in enumerate(placeholders):
+        value = inputs[index] if index < len(inputs) else node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            raise BackendError(f"graph input '{node.target}' has no example tensor; pass it in example_inputs")
+        specs.append(InputSpec(str(node.target), tuple(int(d) for d in value.shape),
+                               str(value.dtype).removeprefix("torch.")))
+    return specs
 
 
 def build(lowering: Lowering) -> relax.VMExecutable:
@@ -123,6 +155,61 @@ def unscheduled_functions(mod: tvm.IRModule) -> list[str]:
         gvar.name_hint for gvar, func in mod.functions_items()
         if isinstance(func, tvm.tirx.PrimFunc) and not (func.attrs and func.attrs.get("tirx.is_scheduled"))
     )
+
+
+class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
+    """TVM's FX importer that also knows the ATen overloads (``add.Tensor``, ``view.default``, ...).
+
+    Graphs traced through torch.export keep ATen calls next to ``call_module`` layers;
+    `from_fx` alone knows only torch functions and modules, `from_exported_program` only
+    ATen. The two importers share their base class and per-node conventions, so the ATen
+    table of the latter is merged under the FX table (FX names win where both exist).
+    """
+
+    def create_convert_map(self) -> dict[Any, Any]:
+        aten = ExportedProgramImporter.create_convert_map(self)
+        return {**aten, "to.device": self._to_device, "new_ones.default": self._new_ones_typed,
+                "scaled_dot_product_attention.default": self._attention, **TorchFXImporter.create_convert_map(self)}
+
+    def _new_ones_typed(self, node: fx.Node) -> relax.Expr:
+        """``aten.new_ones(x, size, dtype=...)``: the upstream converter ignores ``dtype``."""
+        ones = self._new_ones(node)
+        dtype = node.kwargs.get("dtype")
+        if dtype is None:
+            return ones
+        return self.block_builder.emit(relax.op.astype(ones, self._convert_data_type(dtype, self.env)))
+
+    def _attention(self, node: fx.Node) -> relax.Expr:
+        """``aten.scaled_dot_product_attention`` on ``(..., L, E)`` tensors with a float or boolean mask.
+
+        Written out as ``softmax(q kᵀ · scale + mask) v`` because Relax's fused attention
+        takes float masks of one exact shape only; a boolean mask keeps ``True``
+        positions and sends the others to ``-inf``, as torch does.
+        """
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        if call.get("dropout_p", 0.0) or call.get("is_causal", False):
+            raise BackendError(f"node '{node.name}': attention with dropout or is_causal is not lowered")
+        bb = self.block_builder
+        query, key, value = (self.env[call[name]] for name in ("query", "key", "value"))
+        head_dim = int(query.ty.shape[-1])
+        scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
+        dtype = query.ty.dtype
+        key_t = bb.emit(relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1,
+                                                    len(key.ty.shape) - 2]))
+        scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
+        mask = call.get("attn_mask")
+        if mask is not None:
+            mask = self.env[mask]
+            if mask.ty.dtype == "bool":
+                mask = bb.emit(relax.op.where(mask, relax.const(0.0, dtype), relax.const(float("-inf"), dtype)))
+            scores = bb.emit(relax.op.add(scores, mask))
+        return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
+
+    def _to_device(self, node: fx.Node) -> relax.Expr:
+        """``aten.to.device(x, device, dtype, ...)``: on one CPU device only the dtype can change."""
+        x = self.env[node.args[0]]
+        dtype = self._convert_data_type(node.args[2] if len(node.args) > 2 else node.kwargs["dtype"], self.env)
+        return x if dtype == x.ty.dtype else self.block_builder.emit(relax.op.astype(x, dtype))
 
 
 class _PackedLinearConverter:
@@ -195,4 +282,4 @@ def _check_inputs(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return inputs
 
 
-__all__ = ["LINEAR_PACKED_NAME", "LoweredLinear", "Lowering", "build", "lower", "schedule_module", "unscheduled_functions"]
+__all__ = ["LINEAR_PACKED_NAME", "InputSpec", "LoweredLinear", "Lowering", "input_specs", "build", "lower", "schedule_module", "unscheduled_functions"]

@@ -69,7 +69,7 @@ def float32_lanes(target: Target) -> int:
     """
     if target.kind.name != "llvm":
         raise BackendError(f"float32_lanes needs an LLVM CPU target, got kind '{target.kind.name}'")
-    if _target_arch(target) == "x86_64":
+    if target_arch(target) == "x86_64":
         if has_features(target, "avx512f"):
             return 16
         return 8 if has_features(target, "avx") else 4
@@ -78,12 +78,18 @@ def float32_lanes(target: Target) -> int:
 
 def runs_on_host(target: Target) -> bool:
     """Whether code built for ``target`` can run in this process (an LLVM target for this CPU architecture)."""
-    return target.kind.name == "llvm" and _target_arch(target) == _arch(platform.machine())
+    return target.kind.name == "llvm" and target_arch(target) == host_arch()
 
 
-def _target_arch(target: Target) -> str:
+def target_arch(target: Target) -> str:
+    """The CPU architecture an LLVM target compiles for (``x86_64``, ``aarch64``)."""
     triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
     return _arch(triple.split("-")[0])
+
+
+def host_arch() -> str:
+    """This machine's CPU architecture, named as in target triples (``x86_64``, ``aarch64``)."""
+    return _arch(platform.machine())
 
 
 def _arch(name: str) -> str:
@@ -114,4 +120,4 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-__all__ = ["TARGET_NAMES", "float32_lanes", "has_features", "resolve_target", "runs_on_host", "x86_host_target"]
+__all__ = ["TARGET_NAMES", "float32_lanes", "has_features", "host_arch", "resolve_target", "runs_on_host", "target_arch", "x86_host_target"]

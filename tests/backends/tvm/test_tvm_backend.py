@@ -38,7 +38,7 @@ def test_quantized_mlp_matches_torch(bits: int, symmetric: bool) -> None:
     gm = passes.Pipeline([passes.get("rtn", bits=bits, group_size=32, symmetric=symmetric)])(fx.symbolic_trace(_mlp()))
     x = torch.randn(8, 128)
     runner = TVMBackend("x86").compile(gm, (x,))
-    assert [linear.kernel for linear in runner.lowering.linears] == ["packed"] * 3
+    assert [linear.kernel for linear in runner.linears] == ["packed"] * 3
     assert _relative_error(runner(x), gm(x)) < 1e-5
 
 
