@@ -156,3 +156,12 @@ def test_separate_projections_fx_graph_exact_without_query_bias() -> None:
     with torch.no_grad():
         model.q.bias.zero_()
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_deit_tiny_every_block_is_reparameterized_exactly() -> None:
+    model = zoo.build("deit_tiny")  # random init: timm's qkv biases start at zero, so nothing is dropped
+    gm, records = _qkr(lowbit.trace(model.model, model.example_inputs), example_inputs=model.example_inputs)
+    assert len(records) == 12 and all(r.action == "reparameterized" and r.stats["function_preserving"] for r in records)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*model.example_inputs), model.model(*model.example_inputs), rtol=1e-4, atol=1e-5)
