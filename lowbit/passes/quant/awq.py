@@ -29,7 +29,9 @@ Per group of linears that read one input ``X`` (`lowbit.passes.quant.awq_groups`
    cannot fold (the reference skips that scale), so o_proj gets an explicit one.
 4. Clip search on the scaled weights and inputs (skipped for q/k projections by name, as
    the reference does): per output channel and group, ``m = max|w| (1 − i/n_grid)`` for
-   ``i < max_shrink · n_grid``, error ``δᵀ H_gg δ`` with ``δ = Q(clamp(w, ±m)) − w``.
+   ``i < max_shrink · n_grid``, error ``δᵀ H_gg δ`` with ``δ = Q(clamp(w, ±m)) − w``:
+   the token mean of the group's partial-product error over every calibration token
+   (the reference samples 512 tokens to bound memory; ``H`` already does).
 
 A group's clip search waits until no later group can still fold into one of its linears
 (up_proj's rows change when down_proj's scale is folded). All captures run on the float
@@ -213,7 +215,8 @@ class AWQ(Pass):
     stage = "convert"
     requires_calibration = True
     produces = frozenset({"quant"})
-    forbids = frozenset({"adapter", "reparam", "fake_quant"})
+    # Masked layers are not nn.Linear calls: quantizing around them would silently skip them.
+    forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
     pattern = "nn.Linear"
 

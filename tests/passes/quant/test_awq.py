@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import lowbit
 from lowbit.calibration import calibration_set
-from lowbit.errors import CalibrationError, LowbitError, PassConfigError
+from lowbit.errors import CalibrationError, LowbitError, PassConfigError, PassOrderError
 from lowbit.ir import ops
 from lowbit.ir.annotations import get_meta
 from lowbit.passes.base import PassContext
@@ -373,3 +373,8 @@ def test_nan_weight_is_an_error_naming_the_layer() -> None:
         gm.get_submodule("fc2").weight[0, 0] = math.inf
     with pytest.raises(LowbitError, match="layer 'fc2'"):
         lowbit.Pipeline([AWQ()])(gm, calibration=calibration(tokens(8)))
+
+
+def test_active_pruning_masks_must_be_applied_first() -> None:
+    with pytest.raises(PassOrderError, match="add 'apply_masks' before 'awq'"):
+        lowbit.Pipeline([lowbit.passes.get("prune_magnitude"), AWQ()])
