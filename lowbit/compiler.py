@@ -96,6 +96,8 @@ def compile(
 ) -> CompiledModel:
     """Trace ``model``, run the convert-stage passes of ``recipe`` (or ``passes``), compile for ``target``.
 
+    ``model`` may also be a graph returned by `prepare` (trained or not): it is not traced again.
+
     ``target`` defaults to the recipe's target, else ``"torch"`` (the reference backend).
     ``calibration`` is an iterable of input batches shaped like ``example_inputs``.
     """
@@ -106,7 +108,7 @@ def compile(
     calib = _calibration(calibration, pipeline, example_inputs, example_kwargs)
 
     start = time.perf_counter()
-    gm = trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
+    gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
     trace_s = time.perf_counter() - start
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     passes_s = time.perf_counter() - start - trace_s
@@ -156,7 +158,7 @@ def prepare(
     example_inputs = _as_tuple(example_inputs)
     _, pipeline = build_pipeline(recipe, passes, "prepare", verify, None)
     calib = _calibration(calibration, pipeline, example_inputs, example_kwargs)
-    gm = trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
+    gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     return graph.train(model.training)
 
@@ -197,6 +199,14 @@ def _calibration(calibration: Any, pipeline: Pipeline, example_inputs: tuple, ex
             raise CalibrationError(f"pass(es) {', '.join(pipeline.requires_calibration)} need calibration data: pass calibration=")
         return None
     return calibration_set(calibration, example_inputs, example_kwargs)
+
+
+def _graph_of(model: torch.nn.Module, example_inputs: tuple, leaf_modules: Sequence[Any],
+              example_kwargs: Mapping[str, Any] | None) -> fx.GraphModule:
+    """A graph lowbit traced before (e.g. from `prepare`, then trained) is used as it is; anything else is traced."""
+    if isinstance(model, fx.GraphModule) and "lowbit_tracer" in model.meta:
+        return model
+    return trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:

@@ -181,3 +181,21 @@ def test_bad_recipe_file_fails_before_any_work(net, tmp_path, body, message):
         lowbit.compile(net, EXAMPLE, recipe=recipe, dump_dir=tmp_path / "dump")
     assert "mine.yaml" in str(info.value)
     assert not (tmp_path / "dump").exists()
+
+
+def test_a_prepared_and_trained_graph_compiles_without_retracing(net):
+    graph = lowbit.prepare(net.train(), EXAMPLE, passes=[lowbit.passes.get("lora", rank=2, targets=["fc1", "fc2"])])
+    optimizer = torch.optim.SGD([p for p in graph.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        graph(*EXAMPLE).square().mean().backward()
+        optimizer.step()
+    graph.eval()
+    with torch.no_grad():
+        trained = graph(*EXAMPLE)
+    compiled = lowbit.compile(graph, EXAMPLE, passes=["merge_adapters"])
+    assert compiled.report.tracer == graph.meta["lowbit_tracer"]
+    with torch.no_grad():
+        assert torch.allclose(compiled(*EXAMPLE), trained, atol=1e-5)
+    with pytest.raises(PassOrderError, match="merge_adapters"):
+        lowbit.compile(graph, EXAMPLE, passes=["rtn"])
