@@ -22,15 +22,12 @@ views in between; the pass checks that numerically before it folds
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
-log = logging.getLogger(__name__)
 
 #: Ops with one tensor input that commute with a positive per-channel scale of the last dim.
 _PASSTHROUGH = frozenset({
