@@ -13,9 +13,7 @@ _REGISTRY: dict[str, type[Pass]] = {}
 
 # Passes that recipes may already name but that this version does not implement yet.
 # Naming one fails loudly instead of silently skipping it.
-PLANNED: frozenset[str] = frozenset({
-    "fake_quant", "convert_qat",
-})
+PLANNED: frozenset[str] = frozenset()
 
 P = TypeVar("P", bound=type[Pass])
 

@@ -1,12 +1,16 @@
 """Quantization passes. Importing this package registers them (``rtn``, ``gptq``, ``awq``, ``ternary``,
-``binary``, ``quantize_activations``; they share `grid`, `rewrite` and the packed format)."""
+``binary``, ``quantize_activations``, ``fake_quant``, ``convert_qat``; they share `grid`, `rewrite` and the packed format)."""
 
 from lowbit.ir import ops_a8  # noqa: F401  (registers lowbit::linear_packed_a8 and its verifier check)
 from lowbit.passes.quant.activations import ActivationConfig, PackedLinearA8, QuantizeActivations
 from lowbit.passes.quant.awq import AWQ, AWQConfig
 from lowbit.passes.quant.binary import Binary, BinaryConfig, binary_quantize
+from lowbit.passes.quant.convert_qat import ConvertQAT, ConvertQATConfig
 from lowbit.passes.quant.gptq import GPTQ, GPTQConfig, gptq_quantize
 from lowbit.passes.quant.grid import QuantizedWeight, quantize_weight
+from lowbit.passes.quant.qat import (
+    FakeQuantConfig, FakeQuantize, WeightFakeQuant, attach_latent_clip, clip_latent_weights,
+)
 from lowbit.passes.quant.rewrite import PackedLinear, linear_nodes, replace_linear
 from lowbit.passes.quant.rtn import RTN, RTNConfig
 from lowbit.passes.quant.ternary import Ternary, TernaryConfig, ternary_quantize
@@ -17,6 +21,10 @@ __all__ = [
     "ActivationConfig",
     "Binary",
     "BinaryConfig",
+    "ConvertQAT",
+    "ConvertQATConfig",
+    "FakeQuantConfig",
+    "FakeQuantize",
     "GPTQ",
     "GPTQConfig",
     "PackedLinear",
@@ -27,7 +35,10 @@ __all__ = [
     "RTNConfig",
     "Ternary",
     "TernaryConfig",
+    "WeightFakeQuant",
+    "attach_latent_clip",
     "binary_quantize",
+    "clip_latent_weights",
     "gptq_quantize",
     "linear_nodes",
     "quantize_weight",
