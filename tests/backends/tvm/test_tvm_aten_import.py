@@ -1,0 +1,37 @@
+"""ATen overloads of torch.export graphs that the TVM importer handles itself."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.backends.tvm import TVMBackend
+
+
+class _MaskedAttention(nn.Module):
+    """Self-attention with an integer padding mask turned into a boolean one, as BERT models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        keep = mask.to("cpu", torch.bool)[:, None, None, :] & x.new_ones((), dtype=torch.bool)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep) + F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep.float() * -3.0, scale=0.5)
+
+
+def test_boolean_and_float_masks_match_torch() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    gm = lowbit.trace(_MaskedAttention().eval(), (x, mask), tracer="export")
+    targets = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+    assert "aten.scaled_dot_product_attention.default" in targets and "aten.to.device" in targets
+    runner = TVMBackend().compile(gm, (x, mask))
+    with torch.no_grad():
+        expected = gm(x, mask)
+    assert float((runner(x, mask=mask) - expected).abs().max() / expected.abs().max()) < 1e-5
