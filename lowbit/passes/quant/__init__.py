@@ -1,5 +1,6 @@
 """Quantization passes. Importing this package registers them (``rtn``, ``gptq``, ``awq``, ``ternary``,
-``binary``, ``quantize_activations``, ``fake_quant``, ``convert_qat``; they share `grid`, `rewrite` and the packed format)."""
+``binary``, ``quantize_activations``, ``fake_quant``, ``convert_qat``; they share `grid`, `rewrite` and the packed format;
+`sensitivity` measures per-layer error for mixed precision)."""
 
 from lowbit.ir import ops_a8  # noqa: F401  (registers lowbit::linear_packed_a8 and its verifier check)
 from lowbit.passes.quant.activations import ActivationConfig, PackedLinearA8, QuantizeActivations
@@ -13,6 +14,7 @@ from lowbit.passes.quant.qat import (
 )
 from lowbit.passes.quant.rewrite import PackedLinear, linear_nodes, replace_linear
 from lowbit.passes.quant.rtn import RTN, RTNConfig
+from lowbit.passes.quant.sensitivity import SensitivityReport, sensitivity
 from lowbit.passes.quant.ternary import Ternary, TernaryConfig, ternary_quantize
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "QuantizedWeight",
     "RTN",
     "RTNConfig",
+    "SensitivityReport",
     "Ternary",
     "TernaryConfig",
     "WeightFakeQuant",
@@ -43,5 +46,6 @@ __all__ = [
     "linear_nodes",
     "quantize_weight",
     "replace_linear",
+    "sensitivity",
     "ternary_quantize",
 ]

@@ -240,7 +240,8 @@ class FakeQuantize(Pass):
     Config = FakeQuantConfig
     stage = "prepare"
     produces = frozenset({"fake_quant"})
-    forbids = frozenset({"quant", "fake_quant"})
+    # Masked layers are no longer nn.Linear calls: bake masks in first (apply_masks).
+    forbids = frozenset({"quant", "fake_quant", "sparsity"})
     pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
