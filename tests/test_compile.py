@@ -199,3 +199,14 @@ def test_a_prepared_and_trained_graph_compiles_without_retracing(net):
         assert torch.allclose(compiled(*EXAMPLE), trained, atol=1e-5)
     with pytest.raises(PassOrderError, match="merge_adapters"):
         lowbit.compile(graph, EXAMPLE, passes=["rtn"])
+
+
+def test_compile_for_arm_cross_compiles_and_exports(net, tmp_path):
+    compiled = lowbit.compile(net, EXAMPLE, recipe="w4a16-arm")
+    assert compiled.report.target == "arm" and "not measured" in str(compiled.report)
+    path = compiled.export(tmp_path / "arm")
+    library = next(p for p in path.iterdir() if p.suffix == ".so")
+    header = library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(ArtifactError):
+        lowbit.load(path)

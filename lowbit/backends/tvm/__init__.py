@@ -71,12 +71,17 @@ class TVMRunner:
             self._main = relax.VirtualMachine(module, tvm.cpu())["main"]
 
     @property
+    def runnable(self) -> bool:
+        """Whether this machine can run the module (False for a cross-compiled one)."""
+        return self._main is not None
+
+    @property
     def fallbacks(self) -> list[LoweredLinear]:
         """Packed linears that run as dequantized fp32 dense kernels (with the reason)."""
         return [linear for linear in self.linears if linear.kernel == "dense"]
 
     def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
-        if self._main is None:
+        if not self.runnable:
             raise BackendError(
                 f"this module is cross-compiled for {self.arch} and cannot run on this {host_arch()} machine; "
                 "export it and run it on the device"
