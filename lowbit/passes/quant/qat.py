@@ -16,8 +16,8 @@ Formats (per layer through overrides, so QAT can be mixed precision):
 - ``binary``: BinaryConnect deterministic ``sign₊`` (§11.1), identity STE, scale
   ``mean|w|`` per row (``scale: stat``, the ``binary`` pass's format) or the fixed ``±H``
   (``scale: fixed``, ``H = latent_clip``). BinaryConnect clips the latent weight to
-  ``[−H, H]`` after every optimizer step: call `clip_latent_weights` after ``step()`` or
-  install it once with `attach_latent_clip`.
+  ``[−H, H]`` after every optimizer step (the pass clips it once when it runs): call
+  `clip_latent_weights` after ``step()`` or install it once with `attach_latent_clip`.
 
 The forward value is exactly the packed format's dequantized weight
 (``(q − zero)·scale`` in float32), so ``convert_qat`` reproduces it bit for bit.
@@ -62,7 +62,7 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, w_hat: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(mask if mask is not None else None)
+        ctx.save_for_backward(mask)
         ctx.has_mask = mask is not None
         return w_hat.clone()
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.errors import PassConfigError
+from lowbit.errors import PassConfigError, PassOrderError
 from lowbit.ir.annotations import graph_kinds
 from lowbit.passes.pipeline import Pipeline
 from lowbit.passes.quant import WeightFakeQuant, attach_latent_clip, clip_latent_weights, quantize_weight
@@ -166,3 +166,10 @@ def test_bad_options_are_named_errors() -> None:
         get("fake_quant", scale="fixed")
     with pytest.raises(PassConfigError, match="group_size"):
         get("fake_quant", group_size=0)
+
+
+def test_ordering_refuses_packed_or_masked_graphs() -> None:
+    with pytest.raises(PassOrderError, match="apply_masks"):
+        Pipeline(["prune_magnitude", "fake_quant"])
+    with pytest.raises(PassOrderError):
+        Pipeline(["rtn", "fake_quant"])
