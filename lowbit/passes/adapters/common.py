@@ -106,6 +106,8 @@ class AdapterPass(Pass):
 
     stage = "prepare"
     produces = frozenset({"adapter"})
+    # A masked layer is not a plain layer call: bake the masks in (apply_masks) first.
+    forbids = frozenset({"sparsity"})
     pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

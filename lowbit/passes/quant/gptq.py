@@ -39,7 +39,7 @@ import torch.fx as fx
 from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import CalibrationError, LowbitError
 from lowbit.ir import packing
-from lowbit.ir.annotations import QuantScheme
+from lowbit.ir.annotations import QuantScheme, get_meta
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.quant.grid import (
@@ -103,11 +103,14 @@ def gptq_quantize(
     block_size: int = 128,
     damp_percent: float = 0.01,
     name: str | None = None,
+    mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` ``(N, K)`` with GPTQ given its input Hessian ``hessian`` ``(K, K)``.
 
     Computes in float32 (float64 if ``weight`` is float64). ``name`` (the layer's module
-    path) is used in errors and log messages.
+    path) is used in errors and log messages. ``mask`` (bool ``(N, K)``, True = kept) fixes
+    a pruning pattern: pruned weights quantize to exactly zero while their error still
+    flows to later columns (SparseGPT's fixed-mask update).
     """
     where = f"layer '{name}': " if name else ""
     w = _checked_weight(weight, where)
@@ -125,7 +128,8 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     u, damp = _inverse_cholesky_factor(h, damp_percent, where)
     group_of = (perm if static else natural) // group
-    codes, q, loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, block_size)
+    keep = None if mask is None else mask[:, perm]
+    codes, q, loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, block_size, keep)
     inverse = torch.argsort(perm)
     g_idx = (inverse // group).to(torch.int32) if act_order and not static and group < columns else None
     quantized = QuantizedWeight(
@@ -155,11 +159,16 @@ class _Grid:
         if self.zeros is not None:
             self.zeros[:, g] = zero
 
-    def quantize(self, column: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes of ``column`` on group ``g``'s grid, and the values they decode to."""
+    def quantize(self, column: torch.Tensor, g: int, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes of ``column`` on group ``g``'s grid, and the values they decode to.
+
+        Rows where ``keep`` is False get the zero point's code, which decodes to exactly 0.
+        """
         scale = self.scales[:, g]
         zero = packing.default_zero(self.bits) if self.zeros is None else self.zeros[:, g]
         codes = grid_codes(column, scale, zero, self.bits)
+        if keep is not None:
+            codes = torch.where(keep, codes, torch.as_tensor(zero, dtype=codes.dtype, device=codes.device))
         return codes, (codes - zero) * scale
 
 
@@ -208,7 +217,8 @@ def _inverse_cholesky_factor(h: torch.Tensor, damp_percent: float, where: str) -
 
 
 def _quantize_columns(
-    w: torch.Tensor, u: torch.Tensor, grid: _Grid, group_of: list[int], dynamic_group: int | None, block_size: int
+    w: torch.Tensor, u: torch.Tensor, grid: _Grid, group_of: list[int], dynamic_group: int | None, block_size: int,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """GPTQ's column loop in blocks with lazy updates (METHODS.md §8 step 7); updates ``w``.
 
@@ -227,7 +237,7 @@ def _quantize_columns(
             if dynamic_group is not None and col % dynamic_group == 0:
                 stop = min(col + dynamic_group, columns)
                 grid.fit(col // dynamic_group, _current_columns(w, block, errors, u, start, j, stop))
-            codes[:, col], q[:, col] = grid.quantize(block[:, j], group_of[col])
+            codes[:, col], q[:, col] = grid.quantize(block[:, j], group_of[col], None if keep is None else keep[:, col])
             errors[:, j] = (block[:, j] - q[:, col]) / u[col, col]
             loss += errors[:, j].square().sum() / 2
             block[:, j:] -= errors[:, j, None] * u[col, col:end]
@@ -271,7 +281,7 @@ class GPTQ(Pass):
     stage = "convert"
     requires_calibration = True
     produces = frozenset({"quant"})
-    forbids = frozenset({"adapter", "reparam", "fake_quant"})
+    forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
     pattern = "nn.Linear"
 
@@ -319,10 +329,13 @@ class GPTQ(Pass):
                         hessian: torch.Tensor, rows: int) -> LayerRecord:
         """Run GPTQ on one layer, replace it by its packed form and record the statistics."""
         weight = gm.get_submodule(path).weight.detach()
+        meta = get_meta(node)
+        pruned = meta is not None and meta.sparsity is not None  # masks applied: keep the zeros they left
         result = gptq_quantize(
             weight, hessian, config.bits, config.group_size, config.symmetric,
             act_order=config.act_order, static_groups=config.static_groups,
             block_size=config.block_size, damp_percent=config.damp_percent, name=path,
+            mask=weight != 0 if pruned else None,
         )
         rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path).dequantize()
         stats = {

@@ -57,7 +57,7 @@ class RTN(Pass):
     Config = RTNConfig
     stage = "convert"
     produces = frozenset({"quant"})
-    forbids = frozenset({"adapter", "reparam", "fake_quant"})
+    forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
     pattern = "nn.Linear"
 

@@ -55,11 +55,6 @@ def test_nm_with_int4_is_expressible_end_to_end() -> None:
     assert out(x).shape == (8, 16)
 
 
-@pytest.mark.xfail(strict=True, reason="gptq does not honour a mask yet: its error feedback writes into pruned "
-                   "columns. Needed in lowbit/passes/quant/gptq.py: for a layer whose node carries a Sparsity "
-                   "annotation, take mask = (W != 0) before quantizing and, per column j, set q[~mask[:, j], j] = 0 "
-                   "(the code of the zero point) before computing err = (w - q) / d, so the error still propagates "
-                   "to later columns but pruned weights end exactly zero (SparseGPT's fixed-mask update).")
 def test_gptq_with_a_fixed_mask_keeps_pruned_weights_at_zero() -> None:
     net, x = mlp()
     pruned = Pipeline([PruneMagnitude(sparsity=0.5)])(lowbit.trace(net, (x,)))
@@ -71,10 +66,6 @@ def test_gptq_with_a_fixed_mask_keeps_pruned_weights_at_zero() -> None:
         assert (weights[path][~mask] == 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="rtn, gptq and lora do not declare forbids={'sparsity'}: on a graph with "
-                   "active masks they match no nn.Linear call (masked layers are F.linear on weight * mask) and "
-                   "silently leave them alone. Needed: add 'sparsity' to their forbids; the pipeline then asks for "
-                   "'apply_masks' (its remedy exists).")
 @pytest.mark.parametrize("name", ["rtn", "gptq", "lora"])
 def test_passes_that_need_plain_linears_refuse_active_masks(name: str) -> None:
     with pytest.raises(PassOrderError, match=f"add 'apply_masks' before '{name}'"):
