@@ -111,6 +111,13 @@ class Pass:
             return self.config
         return self.config.replace(self.name, override)
 
+    def warn_unused_overrides(self, layers: Iterable[str], what: str = "") -> None:
+        """Log override keys that select none of ``layers``, so a typo does not go unnoticed."""
+        unused = self.overrides.unused(list(layers))
+        if unused:
+            log.warning("%s: per-layer overrides select no %s: %s", self.name, what or self.pattern or "layer",
+                        ", ".join(unused))
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 

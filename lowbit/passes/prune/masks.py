@@ -161,9 +161,7 @@ def select_layers(gm: fx.GraphModule, p: Pass) -> tuple[list[Layer], list[LayerR
             log.info("%s: skipping %s: %s", p.name, path, reason)
             continue
         layers.append(Layer(path, gm.get_submodule(path), calls, config))
-    unused = p.overrides.unused(list(all_calls))
-    if unused:
-        log.warning("%s: per-layer overrides select no prunable layer: %s", p.name, ", ".join(unused))
+    p.warn_unused_overrides(all_calls, "prunable layer")
     return layers, skipped
 
 

@@ -129,9 +129,7 @@ class QuantizeActivations(Pass):
                 records.append(LayerRecord(path, "skipped", reason or "skipped by a per-layer override"))
             else:
                 configs[path] = config
-        unused = self.overrides.unused(list(layers))
-        if unused:
-            log.warning("%s: per-layer overrides select no packed linear: %s", self.name, ", ".join(unused))
+        self.warn_unused_overrides(layers, "packed linear")
         static = {path: layers[path] for path, config in configs.items() if not config.dynamic}
         ranges = self._calibrate(gm, static, configs, ctx) if static else {}
         for path in ctx.progress(list(configs), desc=self.name):

@@ -63,10 +63,9 @@ from lowbit.passes.quant.awq_groups import Producer, ScaleGroup, describe_node, 
 from lowbit.passes.quant.gptq import relative_output_error
 from lowbit.passes.quant.grid import QuantizedWeight, effective_group_size, grid_codes, group_params, quantize_weight
 from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator, calibration_batches, capture_inputs
-from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
+from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.registry import register
-from lowbit.passes.selection import matches
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +256,7 @@ class AWQ(Pass):
         records: dict[str, LayerRecord] = {}
         todo: dict[str, AWQConfig] = {}
         for path in paths:
-            reason = self._skip_reason(gm, path)
+            reason = skip_reason(gm, path, self.config.ignore)
             config = None if reason else self.config_for(path)
             if config is None:
                 records[path] = LayerRecord(path, "skipped", reason or "skipped by a per-layer override")
@@ -266,7 +265,7 @@ class AWQ(Pass):
                 raise LowbitError(f"layer '{path}': weight contains NaN or Inf; it cannot be quantized")
             else:
                 todo[path] = config
-        self._warn_unused_overrides(paths)
+        self.warn_unused_overrides(paths)
         states = [_GroupState(g, [todo[p] for p in g.paths], *find_producer(gm, g))
                   for g in scale_groups(gm, list(todo))]
         counts = {"folded": 0, "explicit_scales": 0}
@@ -316,17 +315,6 @@ class AWQ(Pass):
         state.scale, state.gram = s, stats.gram / s[:, None] / s[None, :]
         log.debug("awq: %s: prev %s, alpha %.2f, loss %.3g (unscaled %.3g); %s", group.name, prev, alpha,
                   min(losses), losses[0], state.info["scale"])
-
-    def _skip_reason(self, gm: fx.GraphModule, path: str) -> str | None:
-        for pattern in self.config.ignore:
-            if matches(path, pattern):
-                return f"ignored (matches '{pattern}')"
-        return unsupported_reason(gm, path)
-
-    def _warn_unused_overrides(self, layers: list[str]) -> None:
-        unused = self.overrides.unused(layers)
-        if unused:
-            log.warning("awq: per-layer overrides select no Linear layer: %s", ", ".join(unused))
 
 
 def _clip_and_quantize(gm: fx.GraphModule, state: _GroupState) -> None:

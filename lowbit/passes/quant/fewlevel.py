@@ -124,9 +124,7 @@ class FewLevelPass(Pass):
         layers: dict[str, fx.Node] = {}
         for node, path, _ in linear_nodes(gm):
             layers.setdefault(path, node)
-        unused = self.overrides.unused(list(layers))
-        if unused:
-            log.warning("%s: per-layer overrides select no Linear layer: %s", self.name, ", ".join(unused))
+        self.warn_unused_overrides(layers)
         records = [self._layer(gm, node, path) for path, node in ctx.progress(list(layers.items()), desc=self.name)]
         quantized = sum(r.action == "quantized" for r in records)
         return PassResult(changed=quantized > 0, layers=records,

@@ -51,10 +51,9 @@ from lowbit.passes.quant.grid import (
     relative_error,
 )
 from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator
-from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
+from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.registry import register
-from lowbit.passes.selection import matches
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +287,7 @@ class GPTQ(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cursor = CalibrationCursor(gm, _calibration(ctx))
         groups = _input_groups(gm)
-        self._warn_unused_overrides([path for group in groups for _, path, _ in group])
+        self.warn_unused_overrides([path for group in groups for _, path, _ in group])
         records: list[LayerRecord] = []
         for group in ctx.progress(groups, desc="gptq"):
             records.extend(self._quantize_group(gm, group, cursor))
@@ -305,7 +304,7 @@ class GPTQ(Pass):
         todo: list[tuple[_Layer, GPTQConfig]] = []
         for layer in group:
             path = layer[1]
-            reason = self._skip_reason(gm, path)
+            reason = skip_reason(gm, path, self.config.ignore)
             config = None if reason else self.config_for(path)
             if config is None:
                 records[path] = LayerRecord(path, "skipped", reason or "skipped by a per-layer override")
@@ -355,17 +354,6 @@ class GPTQ(Pass):
         log.debug("gptq: %s -> %s, output error %.3g (rtn %.3g)", path, scheme.describe(),
                   stats["output_error"], stats["rtn_output_error"])
         return LayerRecord(path, "quantized", stats=stats)
-
-    def _skip_reason(self, gm: fx.GraphModule, path: str) -> str | None:
-        for pattern in self.config.ignore:
-            if matches(path, pattern):
-                return f"ignored (matches '{pattern}')"
-        return unsupported_reason(gm, path)
-
-    def _warn_unused_overrides(self, layers: list[str]) -> None:
-        unused = self.overrides.unused(layers)
-        if unused:
-            log.warning("gptq: per-layer overrides select no Linear layer: %s", ", ".join(unused))
 
 
 def _input_groups(gm: fx.GraphModule) -> list[list[_Layer]]:

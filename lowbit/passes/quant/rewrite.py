@@ -20,6 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.ir import ops, packing
 from lowbit.ir.annotations import QuantScheme, annotate
 from lowbit.passes.quant.grid import QuantizedWeight
+from lowbit.passes.selection import matches
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +189,11 @@ def _linear_input(node: fx.Node) -> fx.Node | None:
 
 
 __all__ = ["PACKED_BUFFERS", "PackedLinear", "linear_nodes", "replace_linear", "unsupported_reason"]
+
+
+def skip_reason(gm: fx.GraphModule, path: str, ignore: tuple[str, ...]) -> str | None:
+    """Why a quantizer leaves the Linear at ``path`` alone: an ``ignore`` pattern, or `unsupported_reason`."""
+    for pattern in ignore:
+        if matches(path, pattern):
+            return f"ignored (matches '{pattern}')"
+    return unsupported_reason(gm, path)

@@ -19,9 +19,8 @@ from lowbit.ir.annotations import QuantScheme
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.grid import quantize_weight, relative_error
-from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
+from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.registry import register
-from lowbit.passes.selection import matches
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class RTN(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = _unique_layers(gm)
-        self._warn_unused_overrides([path for _, path in layers])
+        self.warn_unused_overrides([path for _, path in layers])
         records = [self._quantize_layer(gm, node, path) for node, path in ctx.progress(layers, desc="rtn")]
         quantized = sum(r.action == "quantized" for r in records)
         return PassResult(
@@ -74,7 +73,7 @@ class RTN(Pass):
 
     def _quantize_layer(self, gm: fx.GraphModule, node: fx.Node, path: str) -> LayerRecord:
         """Quantize and replace one layer, or return a "skipped" record saying why not."""
-        reason = self._skip_reason(gm, path)
+        reason = skip_reason(gm, path, self.config.ignore)
         config = None if reason else self.config_for(path)
         if config is None:
             reason = reason or "skipped by a per-layer override"
@@ -87,17 +86,6 @@ class RTN(Pass):
         replace_linear(gm, node, qw, scheme)
         log.debug("rtn: %s -> %s, relative error %.3g", path, scheme.describe(), error)
         return LayerRecord(path, "quantized", stats={"bits": qw.bits, "group_size": qw.group_size, "rel_error": error})
-
-    def _skip_reason(self, gm: fx.GraphModule, path: str) -> str | None:
-        for pattern in self.config.ignore:
-            if matches(path, pattern):
-                return f"ignored (matches '{pattern}')"
-        return unsupported_reason(gm, path)
-
-    def _warn_unused_overrides(self, layers: list[str]) -> None:
-        unused = self.overrides.unused(layers)
-        if unused:
-            log.warning("rtn: per-layer overrides select no Linear layer: %s", ", ".join(unused))
 
 
 def _layer_names(value: Any) -> Any:

@@ -101,7 +101,7 @@ def test_registered_and_declared() -> None:
 
 @pytest.mark.parametrize("kind", ["sparsity", "adapter", "fake_quant", "reparam"])
 def test_refuses_graphs_with_active_training_annotations(kind: str) -> None:
-    with pytest.raises(PassOrderError, match=f"cannot run while the graph carries .* \\(from the input graph \\(fc1\\)\\)"):
+    with pytest.raises(PassOrderError, match="cannot run while the graph carries .* \\(from the input graph \\(fc1\\)\\)"):
         check_order([Binary()], {kind: ["fc1"]})
     with pytest.raises(PassOrderError, match="add 'apply_masks' before 'ternary'"):
         check_order([Ternary()], {"sparsity": ["fc1"]})
