@@ -73,16 +73,21 @@ def _check_input(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | No
         )
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features = inputs
+def setup_packed_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    """Autograd context of a packed-linear op; its first nine inputs are those of ``linear_packed``."""
+    x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features = inputs[:9]
     ctx.save_for_backward(qweight, scales, zeros, g_idx)
     ctx.layout = (bits, group_size, in_features)
     ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
+    ctx.num_inputs = len(inputs)
 
 
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    """``dL/dx = grad · W`` and ``dL/dbias = Σ grad``; the packed tensors get no gradient."""
+def packed_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    """``dL/dx = grad · W`` and ``dL/dbias = Σ grad``; the packed tensors get no gradient.
+
+    For ops that also quantize ``x`` this is the straight-through estimator of that rounding.
+    """
     qweight, scales, zeros, g_idx = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
@@ -90,7 +95,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
         grad_x = grad.matmul(weight.to(grad.dtype)).to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
-    return grad_x, None, None, None, None, grad_bias, None, None, None
+    return (grad_x, None, None, None, None, grad_bias) + (None,) * (ctx.num_inputs - 6)
 
 
 def _is_registered() -> bool:
@@ -102,7 +107,7 @@ def _register() -> None:
         f"{NAMESPACE}::linear_packed", _linear_packed, mutates_args=(), schema=LINEAR_PACKED_SCHEMA
     )
     op.register_fake(_linear_packed_fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
+    op.register_autograd(packed_backward, setup_context=setup_packed_context)
     log.debug("registered %s::linear_packed", NAMESPACE)
 
 

@@ -38,7 +38,6 @@ and its verifier check.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -195,32 +194,12 @@ def check_act_scale(act_scale: object, where: str) -> None:
         raise packing.PackedFormatError(f"{where}: act_scale must be a float32 scalar tensor, got {got}")
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features, _ = inputs
-    ctx.save_for_backward(qweight, scales, zeros, g_idx)
-    ctx.layout = (bits, group_size, in_features)
-    ctx.x_dtype = x.dtype
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    """Straight-through: ``dL/dx = grad · W`` (as if x were not quantized), ``dL/dbias = Σ grad``."""
-    qweight, scales, zeros, g_idx = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        weight = packing.dequantize(qweight, scales, zeros, g_idx, *ctx.layout)
-        grad_x = grad.matmul(weight.to(grad.dtype)).to(ctx.x_dtype)
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
-    return grad_x, None, None, None, None, grad_bias, None, None, None, None
-
-
 def _register() -> None:
     op = torch.library.custom_op(
         f"{ops.NAMESPACE}::linear_packed_a8", _linear_packed_a8, mutates_args=(), schema=LINEAR_PACKED_A8_SCHEMA
     )
     op.register_fake(_linear_packed_a8_fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
+    op.register_autograd(ops.packed_backward, setup_context=ops.setup_packed_context)
     log.debug("registered %s::linear_packed_a8", ops.NAMESPACE)
 
 
