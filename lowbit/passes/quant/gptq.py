@@ -291,6 +291,8 @@ class GPTQ(Pass):
         records: list[LayerRecord] = []
         for group in ctx.progress(groups, desc="gptq"):
             records.extend(self._quantize_group(gm, group, cursor))
+        gm.graph.lint()
+        gm.recompile()
         quantized = sum(r.action == "quantized" for r in records)
         return PassResult(
             changed=quantized > 0,
@@ -350,7 +352,7 @@ class GPTQ(Pass):
         }
         scheme = QuantScheme(bits=config.bits, group_size=result.quantized.group_size,
                              symmetric=config.symmetric, method=self.name)
-        replace_linear(gm, node, result.quantized, scheme)
+        replace_linear(gm, node, result.quantized, scheme, recompile=False)
         log.debug("gptq: %s -> %s, output error %.3g (rtn %.3g)", path, scheme.describe(),
                   stats["output_error"], stats["rtn_output_error"])
         return LayerRecord(path, "quantized", stats=stats)

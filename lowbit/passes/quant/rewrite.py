@@ -118,12 +118,16 @@ def unsupported_reason(gm: fx.GraphModule, path: str) -> str | None:
     return None
 
 
-def replace_linear(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, scheme: QuantScheme) -> fx.Node:
+def replace_linear(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, scheme: QuantScheme,
+                   recompile: bool = True) -> fx.Node:
     """Replace the ``nn.Linear`` called by ``node`` with its packed form; return the new op node.
 
     Every call site of the same layer is rewritten (they all share the swapped
     submodule). The new node keeps the replaced node's meta (``tensor_meta`` etc.) and
-    gets ``quant=scheme`` added to its lowbit annotation. The graph is recompiled.
+    gets ``quant=scheme`` added to its lowbit annotation. The graph is recompiled unless
+    ``recompile`` is False: a pass replacing many layers of a large graph recompiles once
+    at the end instead (until then the old code still calls the swapped-in module, whose
+    forward is the same op).
     """
     path = _linear_target(gm, node)
     linear = gm.get_submodule(path)
@@ -138,8 +142,9 @@ def replace_linear(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, schem
     gm.set_submodule(path, PackedLinear.from_quantized(qw, linear.bias).to(linear.weight.device))
     call_sites = _call_sites(gm, path)
     new_nodes = [_rewrite_call(gm, site, path, scheme) for site in call_sites]
-    gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.graph.lint()
+        gm.recompile()
     log.debug("replaced %s with a packed %s linear (%d call site(s))", path, scheme.describe(), len(call_sites))
     return new_nodes[call_sites.index(node)]
 

@@ -64,6 +64,8 @@ class RTN(Pass):
         layers = _unique_layers(gm)
         self.warn_unused_overrides([path for _, path in layers])
         records = [self._quantize_layer(gm, node, path) for node, path in ctx.progress(layers, desc="rtn")]
+        gm.graph.lint()
+        gm.recompile()
         quantized = sum(r.action == "quantized" for r in records)
         return PassResult(
             changed=quantized > 0,
@@ -83,7 +85,7 @@ class RTN(Pass):
         qw = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path)
         error = relative_error(weight, qw.dequantize())
         scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric, method=self.name)
-        replace_linear(gm, node, qw, scheme)
+        replace_linear(gm, node, qw, scheme, recompile=False)
         log.debug("rtn: %s -> %s, relative error %.3g", path, scheme.describe(), error)
         return LayerRecord(path, "quantized", stats={"bits": qw.bits, "group_size": qw.group_size, "rel_error": error})
 
