@@ -118,11 +118,32 @@ def dequantize(
 ) -> torch.Tensor:
     """The float32 weight ``(N, in_features)`` that a packed weight stands for (see the module doc)."""
     check_layout(qweight, scales, zeros, g_idx, bits, group_size, in_features)
-    codes = unpack(qweight, bits, in_features)
-    columns = group_index(in_features, group_size, g_idx, qweight.device)
-    scale = scales[:, columns]
-    zero = default_zero(bits) if zeros is None else zeros[:, columns]
-    return (codes.to(torch.float32) - zero) * scale
+    return dequantize_codes(unpack(qweight, bits, in_features), scales, zeros, g_idx, bits, group_size)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``scale · (q − zero)`` for unpacked ``codes`` ``(N, K)``, as float32.
+
+    Whole contiguous groups broadcast their scale over a ``(N, groups, group_size)``
+    view; act-order ``g_idx`` and a shorter last group gather per column instead. Both
+    give the same values.
+    """
+    rows, columns = codes.shape
+    zero = default_zero(bits) if zeros is None else zeros
+    if g_idx is None and columns % group_size == 0:
+        grouped = codes.to(torch.float32).view(rows, columns // group_size, group_size)
+        zero = zero if zeros is None else zero.unsqueeze(-1)
+        return ((grouped - zero) * scales.unsqueeze(-1)).view(rows, columns)
+    index = group_index(columns, group_size, g_idx, codes.device)
+    zero = zero if zeros is None else zero[:, index]
+    return (codes.to(torch.float32) - zero) * scales[:, index]
 
 
 def check_layout(

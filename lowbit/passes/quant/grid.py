@@ -59,10 +59,8 @@ class QuantizedWeight:
         return packing.pack(self.codes, self.bits)
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 weight these codes stand for."""
-        return packing.dequantize(
-            self.pack(), self.scales, self.zeros, self.g_idx, self.bits, self.group_size, self.in_features
-        )
+        """The float32 weight these codes stand for (what the packed form decodes to)."""
+        return packing.dequantize_codes(self.codes, self.scales, self.zeros, self.g_idx, self.bits, self.group_size)
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:
