@@ -44,12 +44,10 @@ class TiledReduction(ScheduleRule):
     """Register-tiled schedule for a function with exactly one reduction block."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        normalized = _normalized(func, target)
+        if normalized is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = normalized
         reductions = [info for info in infos if info.is_reduction()]
         if len(reductions) != 1 or any(not (i.is_reduction() or i.is_injective()) for i in infos):
             return None
@@ -65,12 +63,10 @@ class Elementwise(ScheduleRule):
     """Fuse, parallelize and vectorize functions whose blocks are all spatial."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        normalized = _normalized(func, target)
+        if normalized is None or not all(info.is_injective() for info in normalized[1]):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not all(info.is_injective() for info in infos):
-            return None
+        sch, infos = normalized
         remaining = try_inline(sch, infos)
         lanes = float32_lanes(target)
         for info in remaining:
@@ -82,12 +78,10 @@ class ParallelFallback(ScheduleRule):
     """Parallelize the outermost spatial loop of each block (multi-reduction functions)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        normalized = _normalized(func, target)
+        if normalized is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = normalized
         for info in try_inline(sch, infos):
             if info.iters and info.iters[0].kind == "S":
                 sch.parallel(info.iters[0].loop_rv)
@@ -106,6 +100,15 @@ class Guarded(ScheduleRule):
         except (s_tir.ScheduleError, ValueError) as error:
             log.debug("%s declined a function: %s", type(self.rule).__name__, str(error).splitlines()[0])
             return None
+
+
+def _normalized(func: tirx.PrimFunc, target: Target) -> tuple[s_tir.Schedule, list[SBlockInfo]] | None:
+    """A schedule of ``func`` with its block infos, if it is a CPU PrimFunc in normal form (the rules' common start)."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return None if infos is None else (sch, infos)
 
 
 def cpu_rules() -> list[ScheduleRule]:
