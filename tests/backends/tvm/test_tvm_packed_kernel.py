@@ -7,8 +7,11 @@ import pytest
 import torch
 import tvm
 
+from lowbit.backends.tvm.kernels import packed_linear
+from lowbit.backends.tvm.kernels.common import KernelPlan
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec, packed_linear_func, unsupported_reason
 from lowbit.backends.tvm.target import float32_lanes, resolve_target
+from lowbit.errors import BackendError
 from lowbit.ir import ops, packing
 
 K, N, GROUP = 256, 64, 64
@@ -83,3 +86,30 @@ def test_layouts_the_kernel_does_not_cover(changes: dict, reason: str) -> None:
     assert reason in unsupported_reason(spec)
     with pytest.raises(ValueError, match=reason):
         packed_linear_func(spec, 8)
+
+
+def test_plan_builds_the_knobs_it_is_given() -> None:
+    """The default knobs lie in the tuning space; other knobs build a kernel that still matches the reference."""
+    target = resolve_target("x86")
+    spec = PackedLinearSpec(3, K, N, 4, GROUP, False, True)
+    defaults = packed_linear.default_knobs(spec, target)
+    assert all(defaults[key] in values for key, values in packed_linear.KNOBS.items())
+    weight = _packed_weight(4, False, exact=True, seed=3)
+    tuned = packed_linear.plan(spec, weight, target, knobs={"row_tile": 2, "out_tile": 8})
+    assert isinstance(tuned, KernelPlan) and tuned.knobs == {"row_tile": 2, "out_tile": 8}
+    assert tuned.name == packed_linear.KERNEL_NAME and len(tuned.consts) == 3  # qweight, scales, bias
+    lib = tvm.compile(tvm.IRModule({"kernel": tuned.func.with_attr("global_symbol", "kernel")}), target=target)
+    x = torch.randint(-2, 3, (3, K), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(_run(lib, x, weight), _reference(x, weight, 4))
+
+
+def test_plan_gives_a_reason_or_refuses_bad_knobs() -> None:
+    target = resolve_target("x86")
+    weight = _packed_weight(4, False, exact=True, seed=0)
+    ragged = PackedLinearSpec(1, K, N, 4, 48, False, True)
+    assert "not a multiple of group_size" in packed_linear.plan(ragged, weight, target)
+    spec = PackedLinearSpec(1, K, N, 4, GROUP, False, True)
+    with pytest.raises(BackendError, match="no knob 'unroll'"):
+        packed_linear.plan(spec, weight, target, knobs={"unroll": 4})
+    with pytest.raises(BackendError, match="'out_tile' must be a positive int"):
+        packed_linear.plan(spec, weight, target, knobs={"out_tile": 0})

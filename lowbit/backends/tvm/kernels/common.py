@@ -1,11 +1,52 @@
-"""Helpers shared by the kernel generators."""
+"""Helpers shared by the kernel generators, and the `KernelPlan` contract of the low-bit kernels.
+
+A low-bit kernel module exposes ``plan(spec, tensors, target, knobs=None) -> KernelPlan |
+str`` (a string is the reason it cannot take the layer, so the lowering falls back),
+``KNOBS`` (the candidate values of each schedule parameter, a tuning space that
+contains the hand schedule) and ``default_knobs(spec, target)`` (the hand schedule).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
 from tvm import tirx
+
+from lowbit.errors import BackendError
 
 #: ``op_pattern`` value of an opaque operator: Relax's FuseOps leaves such calls alone.
 OPAQUE_PATTERN = 8
+
+
+@dataclass
+class KernelPlan:
+    """A kernel ready for ``call_tir``: ``func(x, *consts, y)`` computes the layer.
+
+    ``func`` is scheduled and specialized to the layer's shapes (no ``global_symbol``);
+    ``consts`` are the arrays passed after ``x``, in order, already in the kernel's own
+    layout; ``name`` names the kernel family (tuning records are keyed by it); ``knobs``
+    are the schedule parameters it was built with.
+    """
+
+    func: tirx.PrimFunc
+    consts: list[torch.Tensor]
+    name: str
+    knobs: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_knobs(space: Mapping[str, tuple[int, ...]], defaults: Mapping[str, int],
+                  knobs: Mapping[str, int] | None, kernel: str) -> dict[str, int]:
+    """``defaults`` overridden by ``knobs``; raises `BackendError` naming an unknown knob or a bad value."""
+    chosen = dict(defaults)
+    for key, value in (knobs or {}).items():
+        if key not in space:
+            raise BackendError(f"kernel '{kernel}' has no knob '{key}'; its knobs are {sorted(space)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BackendError(f"kernel '{kernel}': knob '{key}' must be a positive int, got {value!r}")
+        chosen[key] = value
+    return chosen
 
 
 def finish(func: tirx.PrimFunc, name: str | None) -> tirx.PrimFunc:

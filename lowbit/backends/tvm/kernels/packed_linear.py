@@ -15,32 +15,45 @@ bits`` codes per byte):
   per-group fp32 accumulator, one vector register per row of ``x``;
 * ``part[m, n, v] = Σ_g gacc · scale[n, g]`` and ``y = Σ_v part + bias``.
 
-Schedule: parallel over tasks of ``OUT_TILE`` output rows ``n``; rows of ``x`` in
-register tiles of ``ROW_TILE`` sharing each dequantized weight vector; the lane axis
+Schedule: parallel over tasks of ``out_tile`` output rows ``n``; rows of ``x`` in
+register tiles of ``row_tile`` sharing each dequantized weight vector; the lane axis
 ``v`` vectorized in every stage; the code lanes ``l`` unrolled so one byte load feeds
 ``pb`` codes. The accumulators are ``local`` buffers, which TVM 0.27 allocates through
 ``TVMBackendAllocWorkspace`` once per task (hence tasks of several rows).
 Supported: bits ∈ {2, 4, 8}, ``K % group_size == 0``, ``group_size % pb == 0``, no
 ``g_idx``; `unsupported_reason` says why anything else must use the dense fallback.
+
+`plan` is the kernel contract of `lowbit.backends.tvm.kernels.common`; ``KNOBS`` is the
+tuning space of ``row_tile`` and ``out_tile`` (upper bounds: the row tile is capped by
+the batch, the output tile is the largest divisor of ``N`` not above it).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Mapping
 
+import torch
 from tvm import s_tir, te, tirx
+from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.common import divisor_at_most, finish, power_of_two_divisor
+from lowbit.backends.tvm.kernels.common import (
+    KernelPlan, divisor_at_most, finish, power_of_two_divisor, resolve_knobs,
+)
+from lowbit.backends.tvm.target import float32_lanes
 from lowbit.ir.packing import default_zero
 
 log = logging.getLogger(__name__)
 
 KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
-#: Rows of ``x`` accumulated together: each dequantized weight vector is reused this often.
-ROW_TILE = 4
-#: Output rows per parallel task: amortizes per-task setup (accumulator allocation) over several rows.
-OUT_TILE = 16
+#: The kernel name tuning records are keyed by.
+KERNEL_NAME = "packed_linear"
+#: Tuning space: ``row_tile`` rows of ``x`` share each dequantized weight vector;
+#: ``out_tile`` output rows per parallel task amortize the per-task setup (accumulator allocation).
+KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (4, 8, 16, 32, 64)}
+#: The hand schedule's row tile (capped by the batch) and output tile.
+ROW_TILE, OUT_TILE = 4, 16
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,10 @@ class PackedLinearSpec:
     asymmetric: bool
     has_bias: bool
     has_g_idx: bool = False
+    #: Activation codes of ``linear_packed_a8`` layers (8), None for float activations.
+    act_bits: int | None = None
+    #: A8 layers: per-token dynamic activation scale (True) or one static step (False).
+    act_dynamic: bool = True
 
     @property
     def codes_per_byte(self) -> int:
@@ -86,7 +103,30 @@ def unsupported_reason(spec: PackedLinearSpec) -> str | None:
     return None
 
 
-def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str | None = None) -> tirx.PrimFunc:
+def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
+    """The hand schedule: row tiles of up to ``ROW_TILE`` rows, tasks of ``OUT_TILE`` output rows."""
+    rows = max(v for v in KNOBS["row_tile"] if v <= min(spec.batch, ROW_TILE))
+    return {"row_tile": rows, "out_tile": OUT_TILE}
+
+
+def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], target: Target,
+         knobs: Mapping[str, int] | None = None) -> KernelPlan | str:
+    """The kernel for one layer, or the reason it needs the dense fallback.
+
+    ``tensors`` holds ``qweight``, ``scales``, ``zeros``, ``g_idx`` and ``bias`` (None when
+    absent); the constants are passed in the project's packed format unchanged.
+    """
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        return reason
+    chosen = resolve_knobs(KNOBS, default_knobs(spec, target), knobs, KERNEL_NAME)
+    func = packed_linear_func(spec, float32_lanes(target), row_tile=chosen["row_tile"], out_tile=chosen["out_tile"])
+    consts = [tensors[key] for key in ("qweight", "scales", "zeros", "bias") if tensors.get(key) is not None]
+    return KernelPlan(func, consts, KERNEL_NAME, chosen)
+
+
+def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str | None = None, row_tile: int = ROW_TILE,
+                       out_tile: int = OUT_TILE) -> tirx.PrimFunc:
     """The scheduled PrimFunc for ``spec`` with ``lanes``-wide fp32 vectors.
 
     Arguments, in order: ``x (M, K) f32``, ``qweight (N, row_bytes) u8``, ``scales (N, G)
@@ -99,7 +139,7 @@ def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str | None = No
         raise ValueError(f"packed kernel cannot compute {spec}: {reason}")
     vec = vector_width(spec, lanes)
     sch = s_tir.Schedule(packed_linear_compute(spec, vec))
-    _schedule(sch, spec)
+    _schedule(sch, spec, row_tile, out_tile)
     log.debug("scheduled %s with %d lanes", spec, vec)
     return finish(sch.mod["main"], name)
 
@@ -155,12 +195,12 @@ def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
     return te.create_prim_func(args)
 
 
-def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec) -> None:
+def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int) -> None:
     """Parallel rows of W, register tiles of x rows, vector lanes; see the module doc."""
     y, part, gacc, deq = (sch.get_sblock(name) for name in ("y", "part", "gacc", "deq"))
     m, n = sch.get_loops(y)
-    m_outer, m_inner = sch.split(m, factors=[None, min(spec.batch, ROW_TILE)])
-    n_outer, n = sch.split(n, factors=[None, divisor_at_most(spec.out_features, OUT_TILE)])
+    m_outer, m_inner = sch.split(m, factors=[None, min(spec.batch, row_tile)])
+    n_outer, n = sch.split(n, factors=[None, divisor_at_most(spec.out_features, out_tile)])
     sch.reorder(n_outer, n, m_outer, m_inner)
     sch.parallel(n_outer)
 
@@ -195,5 +235,5 @@ def _loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_ti
     return list(loops[index + 1:])
 
 
-__all__ = ["KERNEL_BITS", "PackedLinearSpec", "packed_linear_func", "packed_linear_compute", "unsupported_reason",
-           "vector_width"]
+__all__ = ["KERNEL_BITS", "KERNEL_NAME", "KNOBS", "PackedLinearSpec", "default_knobs", "packed_linear_func",
+           "packed_linear_compute", "plan", "unsupported_reason", "vector_width"]
