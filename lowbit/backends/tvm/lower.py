@@ -35,8 +35,10 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 
 from lowbit.backends.tvm import schedule
+from lowbit.backends.tvm.kernels import packed_linear
 from lowbit.backends.tvm.kernels.dense import dense_func
-from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec, packed_linear_func, unsupported_reason
+from lowbit.backends.tvm.kernels.common import KernelPlan
+from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import float32_lanes
 from lowbit.errors import BackendError
 from lowbit.ir import ops, packing
@@ -86,7 +88,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     if target.kind.name != "llvm":
         raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
     inputs = input_specs(gm, example_inputs)
-    converter = _PackedLinearConverter(gm, float32_lanes(target))
+    converter = _PackedLinearConverter(gm, target)
     input_info = [(spec.shape, spec.dtype) for spec in inputs]
     try:
         mod = _GraphImporter().from_fx(gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True,
@@ -215,9 +217,10 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
 class _PackedLinearConverter:
     """``custom_convert_map`` entry: ``linear_packed`` node → ``call_tir`` of a kernel."""
 
-    def __init__(self, gm: fx.GraphModule, lanes: int) -> None:
+    def __init__(self, gm: fx.GraphModule, target: Target) -> None:
         self.gm = gm
-        self.lanes = lanes
+        self.target = target
+        self.lanes = float32_lanes(target)
         self.linears: list[LoweredLinear] = []
 
     def __call__(self, node: fx.Node, importer: Any) -> relax.Expr:
@@ -240,11 +243,11 @@ class _PackedLinearConverter:
 
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
-        """``call_tir`` of the packed kernel, or of the dense kernel when the layout needs the fallback."""
-        reason = unsupported_reason(spec)
-        if reason is None:
-            kernel, func = "packed", packed_linear_func(spec, self.lanes)
-            consts = [tensors[n] for n in ("qweight", "scales", "zeros", "bias") if tensors[n] is not None]
+        """``call_tir`` of the packed kernel's plan, or of the dense kernel when the layout needs the fallback."""
+        planned = packed_linear.plan(spec, tensors, self.target)
+        reason = planned if isinstance(planned, str) else None
+        if isinstance(planned, KernelPlan):
+            kernel, func, consts = "packed", planned.func, planned.consts
         else:
             log.info("node '%s': dense fallback (%s)", name, reason)
             kernel, func = "dense", dense_func(spec.batch, spec.in_features, spec.out_features, spec.has_bias,
