@@ -35,6 +35,7 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 
 from lowbit.backends.tvm import schedule
+from lowbit.backends.tvm.inline import inline_wrapped_regions
 from lowbit.backends.tvm.kernels import packed_linear
 from lowbit.backends.tvm.kernels.dense import dense_func
 from lowbit.backends.tvm.kernels.common import KernelPlan
@@ -87,6 +88,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `input_specs`)."""
     if target.kind.name != "llvm":
         raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
+    gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
     converter = _PackedLinearConverter(gm, target)
     input_info = [(spec.shape, spec.dtype) for spec in inputs]
