@@ -34,7 +34,7 @@ from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
 from tvm.s_tir import dlight
 from tvm.target import Target
 
-from lowbit.backends.tvm import schedule
+from lowbit.backends.tvm import fastmath, schedule
 from lowbit.backends.tvm.inline import inline_wrapped_regions
 from lowbit.backends.tvm.kernels import packed_linear
 from lowbit.backends.tvm.kernels.dense import dense_func
@@ -146,6 +146,7 @@ def schedule_module(lowering: Lowering) -> tvm.IRModule:
     passes = (
         [relax.transform.DecomposeOpsForInference()]
         + cpu_pipeline.library_dispatch_passes(target)
+        + [relax.transform.LegalizeOps(fastmath.legalize_map())]
         + cpu_pipeline.legalize_passes(target)
         + [relax.transform.DeadCodeElimination(), dlight.ApplyDefaultSchedule(*schedule.cpu_rules())]
     )
