@@ -1,0 +1,225 @@
+"""Measuring candidate kernels: built with `tvm.compile`, timed with ``time_evaluator`` (median of repeats).
+
+`LocalRunner` times on this machine; `RPCRunner` uploads each candidate to a device
+reached through a TVM RPC tracker (``key`` given) or a direct RPC server, exported with
+the aarch64 cross compiler when the target is ARM. Every network step is bounded by
+``timeout_s``: an unreachable tracker or server, or a key no server offers, is a
+`BackendError` within seconds, never a hang. Each runner also returns the candidate's
+output on fixed random inputs so the tuner can check it against the hand schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import tvm
+from tvm import rpc, tirx
+from tvm.support import cc
+from tvm.target import Target
+
+from lowbit.backends.tvm.target import host_arch, runs_on_host, target_arch
+from lowbit.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+#: The symbol a candidate is built under.
+ENTRY = "lowbit_tuning_candidate"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """``time_evaluator`` settings: ``repeat`` timed repeats (the median is kept), each at least ``min_repeat_ms``."""
+
+    repeat: int = 5
+    min_repeat_ms: int = 20
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A candidate's median time in seconds and its output on the runner's fixed inputs."""
+
+    seconds: float
+    output: np.ndarray
+
+
+@dataclass(frozen=True)
+class RPCDevice:
+    """A remote device: a tracker at ``host:port`` serving ``key``, or (``key`` None) an RPC server there."""
+
+    host: str
+    port: int
+    key: str | None = None
+    timeout_s: float = 10.0
+
+    def __str__(self) -> str:
+        return f"tracker {self.host}:{self.port} key '{self.key}'" if self.key else f"RPC server {self.host}:{self.port}"
+
+
+def build(func: tirx.PrimFunc, target: Target) -> tvm.runtime.Executable:
+    """A candidate compiled for ``target`` under the symbol `ENTRY`."""
+    return tvm.compile(func.with_attr("global_symbol", ENTRY), target=target)
+
+
+def example_arguments(func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """``x`` (fixed random values), the plan's constants and a zeroed output, as numpy arrays.
+
+    Raises `BackendError` when the function's parameters do not match ``x, *consts, y``.
+    """
+    params = [(tuple(int(d) for d in p.shape), str(p.dtype)) for p in func.ty.params]
+    if len(params) != len(consts) + 2:
+        raise BackendError(f"a kernel plan with {len(consts)} constants must take x, the constants and y; "
+                           f"its function takes {len(params)} arguments")
+    rng = np.random.default_rng(0)
+    (x_shape, x_dtype), (y_shape, y_dtype) = params[0], params[-1]
+    if x_dtype.startswith("float"):
+        x = rng.standard_normal(x_shape).astype(x_dtype)
+    else:
+        x = rng.integers(-100, 100, size=x_shape).astype(x_dtype)
+    return [x, *(c.detach().cpu().contiguous().numpy() for c in consts), np.zeros(y_shape, y_dtype)]
+
+
+class LocalRunner:
+    """Times candidates on this machine (the target must run here)."""
+
+    def __init__(self, target: Target, options: MeasureOptions = MeasureOptions()) -> None:
+        if not runs_on_host(target):
+            raise BackendError(f"kernels for {target_arch(target)} cannot be measured on this {host_arch()} "
+                               "machine: tune through an RPC device")
+        self.target = target
+        self.options = options
+
+    def measure(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> Measurement:
+        module = build(func, self.target).jit()
+        return _time(module, tvm.cpu(), example_arguments(func, consts), self.options)
+
+    def output(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> np.ndarray:
+        """The kernel's output on the fixed inputs, untimed (the reference a candidate is checked against)."""
+        return _run(build(func, self.target).jit(), tvm.cpu(), example_arguments(func, consts))[1]
+
+    def close(self) -> None:
+        """Nothing to release locally."""
+
+
+class RPCRunner:
+    """Times candidates on a remote device; the session opens on first use and is reused."""
+
+    def __init__(self, target: Target, device: RPCDevice, options: MeasureOptions = MeasureOptions()) -> None:
+        self.target = target
+        self.device = device
+        self.options = options
+        self._session: Any = None
+
+    def measure(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> Measurement:
+        return self._remote(func, consts, lambda module, dev, arrays: _time(module, dev, arrays, self.options))
+
+    def output(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> np.ndarray:
+        """The kernel's output on the fixed inputs, untimed, computed on the device."""
+        return self._remote(func, consts, lambda module, dev, arrays: _run(module, dev, arrays)[1])
+
+    def _remote(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor], use: Callable[[Any, Any, Any], T]) -> T:
+        """Build ``func``, upload it and apply ``use(module, device, arrays)`` on the device."""
+        executable = build(func, self.target)
+        session = self._connect()
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "candidate.so"
+            executable.export_library(str(path), fcompile=_fcompile(self.target))
+            try:
+                session.upload(str(path))
+                return use(session.load_module(path.name), session.cpu(), example_arguments(func, consts))
+            except (OSError, RuntimeError) as error:  # tvm.error.RPCError is a RuntimeError
+                self._session = None
+                raise BackendError(f"measuring on {self.device} failed: {error}") from error
+
+    def close(self) -> None:
+        self._session = None
+
+    def _connect(self) -> Any:
+        if self._session is None:
+            self._session = connect(self.device)
+        return self._session
+
+
+def connect(device: RPCDevice) -> Any:
+    """An RPC session with ``device``; `BackendError` within about ``timeout_s`` if it cannot be had."""
+    _probe(device)
+    if device.key is None:
+        return _bounded(lambda: rpc.connect(device.host, device.port), device.timeout_s, f"connecting to {device}")
+    tracker = _bounded(lambda: rpc.connect_tracker(device.host, device.port), device.timeout_s,
+                       f"connecting to {device}")
+    keys = sorted(_bounded(tracker.summary, device.timeout_s, f"querying {device}").get("queue_info", {}))
+    if device.key not in keys:
+        raise BackendError(f"{device}: the tracker has no device with key '{device.key}' "
+                           f"(keys it serves: {', '.join(keys) or 'none'})")
+    return _bounded(lambda: tracker.request(device.key, max_retry=1), device.timeout_s,
+                    f"requesting a device from {device}")
+
+
+def _probe(device: RPCDevice) -> None:
+    """Fail fast when nothing listens at the address (TVM's own connect retries for a minute)."""
+    try:
+        socket.create_connection((device.host, device.port), timeout=device.timeout_s).close()
+    except OSError as error:
+        raise BackendError(f"cannot reach {device}: {error}") from error
+
+
+def _bounded(call: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Run ``call`` in a daemon thread; `BackendError` if it fails or takes longer than ``timeout_s``."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(call())
+        except BaseException as error:  # handed to the caller's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=target, name="lowbit-rpc", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise BackendError(f"{what}: no answer within {timeout_s:g} s")
+    if errors:
+        raise BackendError(f"{what} failed: {errors[0]}") from errors[0]
+    return result[0]
+
+
+def _run(module: Any, dev: Any, arrays: Sequence[np.ndarray]) -> tuple[list[Any], np.ndarray]:
+    """The arguments on ``dev`` and the output of one run."""
+    args = [tvm.runtime.tensor(array, device=dev) for array in arrays]
+    module[ENTRY](*args)
+    return args, args[-1].numpy()
+
+
+def _time(module: Any, dev: Any, arrays: Sequence[np.ndarray], options: MeasureOptions) -> Measurement:
+    """Run once (warm-up, output), then the median of ``options.repeat`` timed repeats."""
+    args, output = _run(module, dev, arrays)
+    timer = module.time_evaluator(ENTRY, dev, number=1, repeat=options.repeat, min_repeat_ms=options.min_repeat_ms)
+    return Measurement(float(statistics.median(timer(*args).results)), output)
+
+
+def _fcompile(target: Target) -> Any:
+    """The cross compiler for a library of another architecture (None for this machine's)."""
+    if target_arch(target) == host_arch():
+        return None
+    from lowbit.backends.tvm import ARM_CXX, ARM_CXX_PACKAGE  # the package imports this module: import late
+
+    if target_arch(target) != "aarch64":
+        raise BackendError(f"remote tuning for {target_arch(target)} from {host_arch()} is not supported")
+    if shutil.which(ARM_CXX) is None:
+        raise BackendError(f"remote tuning for ARM needs the cross compiler {ARM_CXX}: install {ARM_CXX_PACKAGE}")
+    return cc.cross_compiler(ARM_CXX)
+
+
+__all__ = ["ENTRY", "LocalRunner", "MeasureOptions", "Measurement", "RPCDevice", "RPCRunner", "build", "connect",
+           "example_arguments"]
