@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Sequence
 
 import torch
@@ -84,13 +85,17 @@ class Lowering:
         return [linear for linear in self.linears if linear.kernel == "dense"]
 
 
-def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Target) -> Lowering:
-    """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `input_specs`)."""
+def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Target, tuner: Any = None) -> Lowering:
+    """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `input_specs`).
+
+    ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
+    kernel; without it every kernel uses its hand schedule.
+    """
     if target.kind.name != "llvm":
         raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
-    converter = _PackedLinearConverter(gm, target)
+    converter = _PackedLinearConverter(gm, target, tuner)
     input_info = [(spec.shape, spec.dtype) for spec in inputs]
     try:
         mod = _GraphImporter().from_fx(gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True,
@@ -220,9 +225,10 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
 class _PackedLinearConverter:
     """``custom_convert_map`` entry: ``linear_packed`` node → ``call_tir`` of a kernel."""
 
-    def __init__(self, gm: fx.GraphModule, target: Target) -> None:
+    def __init__(self, gm: fx.GraphModule, target: Target, tuner: Any = None) -> None:
         self.gm = gm
         self.target = target
+        self.tuner = tuner
         self.lanes = float32_lanes(target)
         self.linears: list[LoweredLinear] = []
 
@@ -247,7 +253,7 @@ class _PackedLinearConverter:
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
         """``call_tir`` of the packed kernel's plan, or of the dense kernel when the layout needs the fallback."""
-        planned = packed_linear.plan(spec, tensors, self.target)
+        planned = self._plan(packed_linear, spec, tensors)
         reason = planned if isinstance(planned, str) else None
         if isinstance(planned, KernelPlan):
             kernel, func, consts = "packed", planned.func, planned.consts
@@ -260,6 +266,17 @@ class _PackedLinearConverter:
         gvar = bb.add_func(func, f"lowbit_{kernel}_linear")
         args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
         return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32"))
+
+    def _plan(self, kernel: ModuleType, spec: PackedLinearSpec,
+              tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
+        """``kernel``'s plan for a layer with the tuner's knobs (the hand schedule without a tuner or a record)."""
+        planned = kernel.plan(spec, tensors, self.target)
+        if isinstance(planned, str) or self.tuner is None:
+            return planned
+        knobs = self.tuner.knobs(kernel, spec, tensors)
+        if knobs is None or knobs == planned.knobs:
+            return planned
+        return kernel.plan(spec, tensors, self.target, knobs=knobs)
 
     def _tensor(self, arg: Any) -> torch.Tensor | None:
         """The tensor a ``get_attr`` argument names (None stays None)."""
