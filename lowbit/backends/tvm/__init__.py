@@ -37,6 +37,7 @@ import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph i
 from lowbit.backends.tvm.lower import InputSpec, LoweredLinear, build, lower
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import has_features, host_arch, resolve_target, target_arch, x86_host_target
+from lowbit.backends.tvm.tuning import Tuner, TuningOptions, TuningResult, default_cache_dir
 from lowbit.errors import ArtifactError, BackendError
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,20 @@ class TVMRunner:
     """Runs a compiled graph on the CPU through ``relax.VirtualMachine``.
 
     Called with the graph's inputs, positionally or by placeholder name; returns a
-    tensor, or a flat tuple of tensors for a graph with several outputs. A module built
+    tensor, or a flat tuple of tensors for a graph with several outputs. ``tuning`` lists
+    the knobs chosen per low-bit kernel signature (with times where measured). A module built
     for another architecture (``"arm"`` on x86) keeps its ``executable`` for export but
     cannot be called here.
     """
 
     def __init__(self, module: Any, arch: str, features: Sequence[str], inputs: Sequence[InputSpec],
-                 linears: Sequence[LoweredLinear] = ()) -> None:
+                 linears: Sequence[LoweredLinear] = (), tuning: Sequence[TuningResult] = ()) -> None:
         self.executable = module
         self.arch = arch
         self.features = list(features)
         self.inputs = list(inputs)
         self.linears = list(linears)
+        self.tuning = list(tuning)
         self._main = None
         if arch == host_arch():
             self._main = relax.VirtualMachine(module, tvm.cpu())["main"]
@@ -118,21 +121,28 @@ class TVMBackend:
         """Lower ``gm`` for the shapes of its inputs, build it, and return a runner.
 
         Inputs beyond ``example_inputs`` take their shapes from the graph's placeholder
-        metadata (graphs traced with keyword inputs). ``tune`` (MetaSchedule tuning) is not
-        available yet and raises; ``cache_dir`` is where tuning records will live, so
-        without tuning it is not used.
+        metadata (graphs traced with keyword inputs). Low-bit kernels take their knobs from
+        the tuning database in ``cache_dir`` (default `tuning.default_cache_dir`) and the
+        shipped one. ``tune``: None reads those records and measures nothing; False uses the
+        hand schedules only; True, a mapping (``trials``, ``max_seconds``, ``database``,
+        ``rpc``, ...) or `tuning.TuningOptions` also tunes the kernels that have no
+        finished record (see `lowbit.backends.tvm.tuning`).
         """
-        if tune:
-            raise BackendError("tuning is not implemented in the TVM backend yet; compile with tune=None")
-        if cache_dir is not None:
-            log.debug("cache_dir %s unused: it holds tuning records and tuning is off", cache_dir)
-        lowering = lower(gm.eval(), example_inputs, self.target)
+        tuner = None
+        if tune is not False:
+            tuner = Tuner(self.target, cache_dir if cache_dir is not None else default_cache_dir(),
+                          TuningOptions.of(tune))
+        try:
+            lowering = lower(gm.eval(), example_inputs, self.target, tuner)
+        finally:
+            if tuner is not None:
+                tuner.close()
         with torch.no_grad():
             executable = build(lowering)
         for linear in lowering.fallbacks:
             log.warning("%s runs as a dequantized fp32 dense kernel: %s", linear.node, linear.reason)
         return TVMRunner(executable, target_arch(self.target), _features(self.target), lowering.inputs,
-                         lowering.linears)
+                         lowering.linears, tuner.results if tuner else ())
 
     def save(self, runner: TVMRunner, directory: Path) -> list[str]:
         """Write the shared library (weights embedded) and the input signature; returns the file names.
