@@ -6,6 +6,7 @@ calibration) is checked first, so a bad call fails in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -102,6 +103,10 @@ def compile(
 
     ``target`` defaults to the recipe's target, else ``"torch"`` (the reference backend).
     ``calibration`` is an iterable of input batches shaped like ``example_inputs``.
+    ``tune`` (TVM targets): None uses tuning records already in ``cache_dir`` (default
+    ``$LOWBIT_CACHE_DIR`` or ``~/.cache/lowbit/tvm``) and the shipped database; False uses
+    the hand schedules; True tunes with the recipe's ``tune`` settings; a mapping
+    overrides some of them (e.g. ``{"trials": 8}``).
     """
     example_inputs = _as_tuple(example_inputs)
     recipe_obj, pipeline = build_pipeline(recipe, passes, "convert", verify, dump_dir)
@@ -114,7 +119,7 @@ def compile(
     trace_s = time.perf_counter() - start
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     passes_s = time.perf_counter() - start - trace_s
-    runner = backend.compile(graph, example_inputs, cache_dir=cache_dir, tune=tune)
+    runner = backend.compile(graph, example_inputs, cache_dir=cache_dir, tune=_tune_settings(tune, recipe_obj))
     backend_s = time.perf_counter() - start - trace_s - passes_s
 
     if getattr(runner, "runnable", True):
@@ -218,6 +223,16 @@ def _graph_of(model: torch.nn.Module, example_inputs: tuple, leaf_modules: Seque
     if isinstance(model, fx.GraphModule) and "lowbit_tracer" in model.meta:
         return model
     return trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
+
+
+def _tune_settings(tune: Any, recipe: recipes.Recipe | None) -> Any:
+    """``tune`` with the recipe's ``tune`` block underneath: True takes it whole, a mapping overrides keys of it."""
+    if not tune or recipe is None:
+        return tune
+    settings = dataclasses.asdict(recipe.tune)
+    if tune is True:
+        return settings
+    return {**settings, **tune} if isinstance(tune, Mapping) else tune
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
