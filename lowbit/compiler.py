@@ -44,6 +44,8 @@ class CompileReport:
     passes_s: float
     backend_s: float
     pipeline: PipelineReport = field(default_factory=PipelineReport)
+    #: Layers the backend ran on a slower correct path instead of its low-bit kernel: "layer: reason".
+    fallbacks: list[str] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -59,6 +61,7 @@ class CompileReport:
                                      else f"max abs diff {self.max_abs_diff:.3g}, relative error {self.rel_error:.3g}"),
             f"time              trace {self.trace_s:.2f}s, passes {self.passes_s:.2f}s, backend {self.backend_s:.2f}s",
         ]
+        lines += [f"fallback          {item}" for item in self.fallbacks]
         if self.pipeline.passes:
             lines += ["", self.pipeline.table()]
         return "\n".join(lines)
@@ -140,6 +143,7 @@ def compile(
         passes_s=passes_s,
         backend_s=backend_s,
         pipeline=pipeline.report,
+        fallbacks=[f"{item.node}: {item.reason}" for item in getattr(runner, "fallbacks", [])],
     )
     info = {
         "recipe": report.recipe,
