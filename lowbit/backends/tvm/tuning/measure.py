@@ -119,6 +119,7 @@ class RPCRunner:
         self.device = device
         self.options = options
         self._session: Any = None
+        self._uploads = 0
 
     def measure(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> Measurement:
         return self._remote(func, consts, lambda module, dev, arrays: _time(module, dev, arrays, self.options))
@@ -131,8 +132,9 @@ class RPCRunner:
         """Build ``func``, upload it and apply ``use(module, device, arrays)`` on the device."""
         executable = build(func, self.target)
         session = self._connect()
+        self._uploads += 1
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "candidate.so"
+            path = Path(folder) / f"candidate{self._uploads}.so"  # a remote process cannot load one name twice
             executable.export_library(str(path), fcompile=_fcompile(self.target))
             try:
                 session.upload(str(path))
