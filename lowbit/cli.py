@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: compile, inspect, trace, recipes, passes, demo.
+"""The ``lowbit`` command line: compile, run, inspect, trace, recipes, passes, demo.
 
 A MODEL argument is a built-in zoo name (``lowbit trace --list`` shows them) or
 ``package.module:factory``, where ``factory()`` returns ``(model, example_inputs)``.
@@ -73,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the IR before and after every pass to DIR")
     comp.set_defaults(run=_compile)
 
+    run = commands.add_parser("run", help="run an exported TVM artifact here or on a remote device (TVM RPC)",
+                              description="Run ARTIFACT with the TVM runtime alone, on this machine or on the device at "
+                                          "--rpc; print a summary of each output and the median latency.")
+    run.add_argument("artifact", type=Path, help="directory written by 'lowbit compile --export' (a TVM target)")
+    inputs = run.add_mutually_exclusive_group()
+    inputs.add_argument("--input", type=Path, metavar="FILE.npz",
+                        help="input arrays by input name (or arr_0, arr_1, ... in order, as numpy.savez writes them)")
+    inputs.add_argument("--random", action="store_true", help="standard-normal inputs of the compiled shapes (the default)")
+    run.add_argument("--rpc", metavar="HOST:PORT", help="the RPC server of the device (or its tracker, with --key)")
+    run.add_argument("--key", help="device key at the RPC tracker given by --rpc")
+    run.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the device (default 60)")
+    run.add_argument("--repeats", type=int, default=10, help="timed runs; the median is reported (default 10)")
+    run.set_defaults(run=_run)
+
     inspect = commands.add_parser("inspect", help="print a model's graph with lowbit annotations",
                                   description="Print the graph of MODEL (after the given passes) or of an exported artifact directory.")
     _model_args(inspect)
@@ -124,6 +138,33 @@ def _compile(args: argparse.Namespace) -> None:
     print(compiled.report)
     if args.export:
         print(f"exported to {compiled.export(args.export)}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lowbit.backends.tvm import rpc
+
+    if args.key and not args.rpc:
+        raise LowbitError("--key names a device at an RPC tracker: give the tracker with --rpc HOST:PORT")
+    if args.repeats < 1 or args.timeout <= 0:
+        raise LowbitError("--repeats must be at least 1 and --timeout positive")
+    inputs = None
+    if args.input:
+        try:
+            with np.load(args.input) as data:
+                inputs = {name: data[name] for name in data.files}
+        except (OSError, ValueError) as exc:
+            raise LowbitError(f"cannot read inputs from {args.input}: {exc}") from exc
+        if all(name.startswith("arr_") for name in inputs):
+            inputs = [inputs[f"arr_{index}"] for index in range(len(inputs))]
+    result = rpc.run_artifact(args.artifact, inputs, rpc=args.rpc, key=args.key, timeout=args.timeout,
+                              repeats=args.repeats)
+    for index, output in enumerate(result.outputs):
+        values = output.astype(np.float64)
+        print(f"output {index}: {output.dtype}{list(output.shape)} mean {values.mean():.6g} std {values.std():.6g} "
+              f"min {values.min():.6g} max {values.max():.6g}")
+    print(f"latency: {result.latency_s * 1e3:.3f} ms (median of {args.repeats}) on {result.device}")
 
 
 def _inspect(args: argparse.Namespace) -> None:

@@ -102,3 +102,13 @@ def test_torch_artifact_is_not_a_tvm_artifact(tmp_path) -> None:
     compiled = lowbit.compile(nn.Linear(4, 2), (torch.randn(1, 4),), target="torch")
     with pytest.raises((ArtifactError, BackendError), match="TVM targets"):
         rpc.run_artifact(compiled.export(tmp_path / "torch"))
+
+
+def test_cli_runs_on_the_device_behind_the_tracker(x86_artifact, tracker, capsys) -> None:
+    from lowbit.cli import main
+
+    path, _, _ = x86_artifact
+    assert main(["-q", "run", str(path), "--rpc", str(tracker.address), "--key", KEY, "--timeout", "30",
+                 "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "output 0: float32[3, 8]" in out and f"on {tracker.address} (key '{KEY}')" in out
