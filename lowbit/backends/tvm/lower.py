@@ -179,7 +179,8 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
     def create_convert_map(self) -> dict[Any, Any]:
         aten = ExportedProgramImporter.create_convert_map(self)
         return {**aten, "to.device": self._to_device, "new_ones.default": self._new_ones_typed,
-                "scaled_dot_product_attention.default": self._attention, **TorchFXImporter.create_convert_map(self)}
+                "scaled_dot_product_attention.default": self._attention,
+                "diff.default": self._diff, **TorchFXImporter.create_convert_map(self)}
 
     def _new_ones_typed(self, node: fx.Node) -> relax.Expr:
         """``aten.new_ones(x, size, dtype=...)``: the upstream converter ignores ``dtype``."""
@@ -214,6 +215,23 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
                 mask = bb.emit(relax.op.where(mask, relax.const(0.0, dtype), relax.const(float("-inf"), dtype)))
             scores = bb.emit(relax.op.add(scores, mask))
         return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
+
+    def _diff(self, node: fx.Node) -> relax.Expr:
+        """``aten.diff(x, n, dim, prepend, append)``: ``n`` times ``x[1:] - x[:-1]`` along ``dim``.
+
+        transformers' Llama mask code calls it on position ids (to detect packed sequences).
+        """
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        bb = self.block_builder
+        parts = [self.env[call[name]] for name in ("prepend", "input", "append") if call.get(name) is not None]
+        dim = call.get("dim", -1) % len(parts[0].ty.shape)
+        x = bb.emit(relax.op.concat(parts, axis=dim)) if len(parts) > 1 else parts[0]
+        for _ in range(call.get("n", 1)):
+            length = int(x.ty.shape[dim])
+            later = relax.op.strided_slice(x, axes=[dim], begin=[1], end=[length])
+            earlier = relax.op.strided_slice(x, axes=[dim], begin=[0], end=[length - 1])
+            x = bb.emit(relax.op.subtract(later, earlier))
+        return x
 
     def _to_device(self, node: fx.Node) -> relax.Expr:
         """``aten.to.device(x, device, dtype, ...)``: on one CPU device only the dtype can change."""

@@ -35,3 +35,20 @@ def test_boolean_and_float_masks_match_torch() -> None:
     with torch.no_grad():
         expected = gm(x, mask)
     assert float((runner(x, mask=mask) - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+class _Diff(nn.Module):
+    """``torch.diff`` with and without prepend, and twice, as transformers' mask code uses it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = torch.diff(x, dim=-1, prepend=x[:, :1] - 1)
+        second = torch.diff(x, n=2, dim=0)
+        return first.sum() + second.sum() + first[:, 2:] * 2.0
+
+
+def test_diff_matches_torch() -> None:
+    x = torch.randn(4, 7)
+    gm = lowbit.trace(_Diff().eval(), (x,), tracer="export")
+    assert any(str(node.target) == "aten.diff.default" for node in gm.graph.nodes)
+    runner = TVMBackend().compile(gm, (x,))
+    torch.testing.assert_close(runner(x), gm(x), rtol=1e-6, atol=1e-6)
