@@ -234,8 +234,10 @@ def test_tuning_options_from_a_recipe_block():
 
 
 def test_database_key_is_the_canonical_target():
-    same = [Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2", "+fma"], "num-cores": 2}),
-            Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+fma", "+avx2"], "num-cores": 2})]
+    same = [Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2", "+fma"], "num-cores": 2,
+                    "mtriple": "x86_64-linux-gnu"}),
+            Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+fma", "+avx2"], "num-cores": 2,
+                    "mtriple": "x86_64-unknown-linux-gnu"})]
     other = Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2", "+fma"], "num-cores": 4})
     names = {database_file_name(canonical_target(t)) for t in same}
     assert len(names) == 1 and database_file_name(canonical_target(other)) not in names

@@ -39,6 +39,8 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "tuned"
 SUBDIR = "tuning"
 #: Target attributes that identify the machine code and its measured speed.
 TARGET_KEYS: tuple[str, ...] = ("mtriple", "mcpu", "mattr", "num-cores", "arch", "max_num_threads")
+#: Operating-system parts of target triples (the vendor and ABI parts do not change the code's speed).
+OS_NAMES: tuple[str, ...] = ("linux", "darwin", "macos", "ios", "windows", "android", "freebsd", "none")
 
 #: Trial outcomes: ``measured`` and ``failed`` used a build (they count against the trial budget);
 #: ``invalid`` (the kernel refused the knobs) and ``duplicate`` (same PrimFunc as an earlier trial) did not.
@@ -122,9 +124,17 @@ def canonical_target(target: Target) -> dict[str, Any]:
         if value is None or value == "" or (key == "mattr" and len(value) == 0):
             continue
         canon[key] = sorted(str(v) for v in value) if key == "mattr" else value if isinstance(value, int) else str(value)
-    if canon["kind"] == "llvm" and "mtriple" not in canon:
-        canon["mtriple"] = str(codegen.llvm_get_system_triple())
+    if canon["kind"] == "llvm":
+        canon["mtriple"] = _arch_and_os(str(canon.get("mtriple") or codegen.llvm_get_system_triple()))
     return canon
+
+
+def _arch_and_os(triple: str) -> str:
+    """``arch-os`` of an LLVM triple: ``x86_64-conda-linux-gnu`` and ``x86_64-linux-gnu`` are one machine."""
+    parts = triple.lower().split("-")
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(parts[0], parts[0])
+    system = next((p for p in parts[1:] if p.startswith(OS_NAMES)), "unknown")
+    return f"{arch}-{''.join(c for c in system if c.isalpha())}"
 
 
 def database_file_name(target: Mapping[str, Any]) -> str:
