@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
-from tvm import tirx
+from tvm import s_tir, tirx
 
 from lowbit.errors import BackendError
 
@@ -70,3 +70,11 @@ def power_of_two_divisor(extent: int, limit: int) -> int:
 def divisor_at_most(extent: int, limit: int) -> int:
     """The largest divisor of ``extent`` that is at most ``limit``."""
     return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
+def loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir.schedule.LoopRV) -> list:
+    """The loops of ``block`` nested inside ``loop`` (after a ``compute_at`` to it)."""
+    loops = sch.get_loops(block)
+    target = sch.get_sref(loop)
+    index = next(i for i, candidate in enumerate(loops) if sch.get_sref(candidate).same_as(target))
+    return list(loops[index + 1:])

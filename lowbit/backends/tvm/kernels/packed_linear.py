@@ -39,7 +39,7 @@ from tvm import s_tir, te, tirx
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.common import (
-    KernelPlan, divisor_at_most, finish, power_of_two_divisor, resolve_knobs,
+    KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, resolve_knobs,
 )
 from lowbit.backends.tvm.target import float32_lanes
 from lowbit.ir.packing import default_zero
@@ -206,12 +206,12 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
 
     sch.compute_at(part, m_outer, preserve_unit_loops=True)
     sch.set_scope(part, 0, "local")
-    p_m, _, p_v, p_g = _loops_below(sch, part, m_outer)  # the n loop has extent 1 here
+    p_m, _, p_v, p_g = loops_below(sch, part, m_outer)  # the n loop has extent 1 here
     sch.reorder(p_g, p_m, p_v)
 
     sch.compute_at(gacc, p_g, preserve_unit_loops=True)
     sch.set_scope(gacc, 0, "local")
-    a_m, _, _, a_v, a_l, a_jo = _loops_below(sch, gacc, p_g)  # n, g have extent 1
+    a_m, _, _, a_v, a_l, a_jo = loops_below(sch, gacc, p_g)  # n, g have extent 1
     sch.reorder(a_jo, a_l, a_m, a_v)  # the lanes of one byte load are unrolled next to each other
 
     sch.compute_at(deq, a_l, preserve_unit_loops=True)
@@ -225,14 +225,6 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
 
     sch.vectorize(p_v)
     sch.vectorize(sch.get_loops(sch.decompose_reduction(part, p_g))[-1])
-
-
-def _loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir.schedule.LoopRV) -> list:
-    """The loops of ``block`` nested inside ``loop`` (after a ``compute_at`` to it)."""
-    loops = sch.get_loops(block)
-    target = sch.get_sref(loop)
-    index = next(i for i, candidate in enumerate(loops) if sch.get_sref(candidate).same_as(target))
-    return list(loops[index + 1:])
 
 
 __all__ = ["KERNEL_BITS", "KERNEL_NAME", "KNOBS", "PackedLinearSpec", "default_knobs", "packed_linear_func",

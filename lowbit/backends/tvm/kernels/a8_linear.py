@@ -1,0 +1,306 @@
+"""Integer kernel for ``torch.ops.lowbit.linear_packed_a8`` on x86 (W2A8, W4A8, W1.58A8, W8A8).
+
+The reference (`lowbit.ir.ops_a8`) quantizes the input to int8 and multiplies it by
+the integer codes group by group; this kernel computes the same values in the same
+order, with integer arithmetic where the reference is exact:
+
+1. ``x_int`` per row: dynamic ``s = 127 / max(max_k |x|, 1e-5)`` (a true division),
+   ``x_int = clamp(nearbyint(x · s), −128, 127)``; static ``x_int = clamp(nearbyint(x /
+   Δ), −128, 127)``. ``asum[m, g] = Σ_{k∈g} x_int`` is kept for the zero points.
+2. ``dot[m, g, n] = Σ_{k∈g} x_int · q`` in int32 with the custom 8×4 dot-product
+   intrinsic of `intrin_x86` (``vpmaddubsw``+``vpmaddwd`` on AVX2, ``vpdpbusd`` with
+   VNNI): codes are unsigned, activations signed. The zero point is removed
+   algebraically, ``Σ x_int · (q − z) = dot − z · asum`` (exact in int32).
+3. ``acc[m, n] = Σ_g float32(dot − z·asum) · scale[n, g]``, groups in increasing order
+   (float32 of an int32 rounds like the reference's float64 → float32).
+4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias``.
+
+Weight layout, made at lowering time from the project's packed rows: output rows in
+tiles of 8 and input columns in quads of 4; one 32-byte word holds, for one tile, ``pb
+= 8 // bits`` consecutive quads, quad ``l`` in bits ``[l·bits, (l+1)·bits)`` of every
+byte, byte ``4·i + c`` for row ``i`` and column ``c``. So one 32-byte load, a shift and
+a mask give the 8×4 codes one intrinsic call takes (``pb`` calls per load). Scales and
+zero points are transposed to ``(G, N)`` so the epilogue runs along output rows in
+vectors of 8.
+
+Schedule: parallel tasks of ``out_tile`` output rows; inside, each 8-row tile runs all
+rows of ``x`` in register tiles of ``row_tile`` (one unpacked code vector feeds
+``row_tile`` accumulators, and the tile's weights stay in cache across row tiles).
+Ternary (W1.58) weights are 2-bit codes and run as W2A8. Anything else (g_idx, 1 or 3
+bits, ragged groups, ``N`` not a multiple of 8, fractional zero points, no AVX2) gets a
+reason string from `plan`, and the lowering uses the dense fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+from tvm import s_tir, te, tirx
+from tvm.target import Target
+
+from lowbit.backends.tvm.kernels import intrin_x86
+from lowbit.backends.tvm.kernels.common import (
+    KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, resolve_knobs,
+)
+from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
+from lowbit.backends.tvm.target import has_features, target_arch
+from lowbit.ir import packing
+from lowbit.ir.ops_a8 import ACT_EPS, ACT_QMAX, ACT_QMIN
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAME = "a8_linear_x86"
+KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
+ROWS, COLUMNS = intrin_x86.ROWS, intrin_x86.COLUMNS
+#: Bytes of one interleaved weight word (one AVX2 register).
+WORD_BYTES = ROWS * COLUMNS
+#: Tuning space: ``row_tile`` rows of ``x`` share each unpacked code vector; ``out_tile``
+#: output rows (a multiple of 8) per parallel task.
+#: output rows (a multiple of 8) per parallel task; ``row_vectors`` 8-row weight tiles computed
+#: together (independent accumulator chains hide the latency of ``vpdpbusd``).
+KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (8, 16, 32, 64, 128),
+                                     "row_vectors": (1, 2, 4)}
+
+
+def unsupported_reason(spec: PackedLinearSpec) -> str | None:
+    """Why the integer kernel cannot compute ``spec`` (the shape and format alone), or None."""
+    if spec.act_bits != 8:
+        return f"the int8 kernel needs 8-bit activations, got act_bits={spec.act_bits}"
+    if spec.bits not in KERNEL_BITS:
+        return f"{spec.bits}-bit codes are not handled by the int8 kernel (it takes {KERNEL_BITS} bits)"
+    if spec.has_g_idx:
+        return "act-order g_idx permutes groups; the int8 kernel needs contiguous groups"
+    if spec.out_features % ROWS:
+        return f"out_features={spec.out_features} is not a multiple of {ROWS} (the kernel's row tile)"
+    if spec.in_features % spec.group_size:
+        return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
+    if spec.group_size % word_columns(spec.bits):
+        return (f"group_size={spec.group_size} is not a multiple of {word_columns(spec.bits)} "
+                f"(the columns of one {spec.bits}-bit weight word)")
+    return None
+
+
+def word_columns(bits: int) -> int:
+    """Input columns one interleaved 32-byte word covers: ``4 · (8 // bits)``."""
+    return COLUMNS * (8 // bits)
+
+
+def intrinsic(spec: PackedLinearSpec, target: Target) -> str:
+    """The dot-product intrinsic for ``target``: VNNI when it has it, else the exact AVX2 one for the code width."""
+    if has_features(target, "avx512vnni", "avx512vl") or has_features(target, "avxvnni"):
+        return intrin_x86.VNNI
+    return intrin_x86.AVX2_U8 if spec.bits == 8 else intrin_x86.AVX2_U7
+
+
+def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
+    """The hand schedule: 4 accumulator chains (1 row × 4 weight tiles, or 4 rows × 2 tiles for GEMM), tasks of 32 rows."""
+    rows = max(v for v in KNOBS["row_tile"] if v <= min(spec.batch, 4))
+    tile = max(v for v in KNOBS["out_tile"] if v <= 32 and spec.out_features % v == 0)
+    return {"row_tile": rows, "out_tile": tile, "row_vectors": 4 if rows == 1 else 2}
+
+
+def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], target: Target,
+         knobs: Mapping[str, int] | None = None) -> KernelPlan | str:
+    """The scheduled kernel and its constants for one layer, or the reason it needs the fallback.
+
+    ``tensors``: ``qweight``, ``scales``, ``zeros``, ``g_idx``, ``bias``, ``act_scale``
+    (None when absent). The constants are, in order: interleaved codes, scales ``(G, N)``,
+    [zero points ``(G, N)`` int32], [bias], [the static step ``Δ`` as a 1-element array].
+    """
+    reason = unsupported_reason(spec) or _target_reason(target) or _zeros_reason(tensors.get("zeros"))
+    if reason is not None:
+        return reason
+    chosen = resolve_knobs(KNOBS, default_knobs(spec, target), knobs, KERNEL_NAME)
+    if spec.out_features % chosen["out_tile"] or chosen["out_tile"] % ROWS:
+        return f"out_tile={chosen['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
+    func = a8_linear_func(spec, intrinsic(spec, target), chosen["row_tile"], chosen["out_tile"],
+                          chosen["row_vectors"])
+    consts = [interleave(tensors["qweight"], spec.bits, spec.in_features),
+              tensors["scales"].to(torch.float32).t().contiguous()]
+    if tensors.get("zeros") is not None:
+        consts.append(tensors["zeros"].t().to(torch.int32).contiguous())
+    if tensors.get("bias") is not None:
+        consts.append(tensors["bias"].to(torch.float32).contiguous())
+    if not spec.act_dynamic:
+        consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
+    return KernelPlan(func, consts, KERNEL_NAME, chosen)
+
+
+def interleave(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Packed rows ``(N, row_bytes)`` → words ``(N/8, K/(4·pb), 32)`` of the module doc."""
+    codes = packing.unpack(qweight, bits, in_features).to(torch.int32)
+    n_out, pb = codes.shape[0], 8 // bits
+    # [tile, row, word, quad-in-word, column] → [tile, word, quad-in-word, row, column]
+    blocks = codes.reshape(n_out // ROWS, ROWS, in_features // (COLUMNS * pb), pb, COLUMNS).permute(0, 2, 3, 1, 4)
+    shifts = (torch.arange(pb, dtype=torch.int32) * bits).reshape(1, 1, pb, 1, 1)
+    words = (blocks << shifts).sum(dim=2)
+    return words.reshape(n_out // ROWS, -1, WORD_BYTES).to(torch.uint8).contiguous()
+
+
+def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int,
+                   name: str | None = None) -> tirx.PrimFunc:
+    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``."""
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(f"int8 kernel cannot compute {spec}: {reason}")
+    sch = s_tir.Schedule(a8_linear_compute(spec))
+    # Tensorize needs whole tiles: the row tile divides the batch, the weight tiles divide the task.
+    rows = divisor_at_most(spec.batch, row_tile)
+    vectors = divisor_at_most(out_tile // ROWS, row_vectors)
+    _schedule(sch, spec, intrin, rows, out_tile, vectors)
+    log.debug("scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d", spec, intrin, rows, out_tile, vectors)
+    return finish(sch.mod["main"], name)
+
+
+def fake_quant_func(batch: int, in_features: int, dynamic: bool, name: str | None = None) -> tirx.PrimFunc:
+    """``x̂ = x_int / s`` (dynamic) or ``x_int · Δ`` (static): the input the dense fallback multiplies.
+
+    Arguments ``x (M, K) f32``, [``act_scale (1,) f32`` when static], output ``(M, K) f32``;
+    ``x_int`` is computed as in the kernel (stage 1 of the module doc). Scheduled: rows in
+    parallel, columns vectorized.
+    """
+    x = te.placeholder((batch, in_features), "float32", name="x")
+    step = None if dynamic else te.placeholder((1,), "float32", name="act_scale")
+    codes, mult = _quantized_input(x, step)
+    decoded = te.compute((batch, in_features), lambda m, k: codes[m, k].astype("float32") / mult[m]
+                         if step is None else codes[m, k].astype("float32") * step[0], name="decoded")
+    sch = s_tir.Schedule(te.create_prim_func([x] + ([step] if step is not None else []) + [decoded]))
+    sch.compute_inline(sch.get_sblock("xq"))
+    m, k = sch.get_loops(sch.get_sblock("decoded"))
+    sch.parallel(m)
+    sch.vectorize(sch.split(k, factors=[None, power_of_two_divisor(in_features, 16)])[-1])
+    return finish(sch.mod["main"], name)
+
+
+def _quantized_input(x: te.Tensor, step: te.Tensor | None) -> tuple[te.Tensor, te.Tensor | None]:
+    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s``."""
+    m_rows, k_in = (int(d) for d in x.shape)
+    mult = None
+    if step is None:
+        k = te.reduce_axis((0, k_in), name="k")
+        absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
+        mult = te.compute((m_rows,), lambda m: tirx.const(127.0, "float32")
+                          / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")), name="mult")
+        scaled = lambda m, kk: x[m, kk] * mult[m]  # noqa: E731
+    else:
+        scaled = lambda m, kk: x[m, kk] / step[0]  # noqa: E731
+    xq = te.compute((m_rows, k_in), lambda m, kk: tirx.max(tirx.min(tirx.nearbyint(scaled(m, kk)), float(ACT_QMAX)),
+                                                            float(ACT_QMIN)).astype("int8"), name="xq")
+    return xq, mult
+
+
+def a8_linear_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
+    """The unscheduled computation (stages of the module doc)."""
+    m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
+    group, groups, pb = spec.group_size, spec.groups, 8 // bits
+    quads = group // COLUMNS  # column quads per group
+    x = te.placeholder((m_rows, k_in), "float32", name="x")
+    words = te.placeholder((n_out // ROWS, k_in // (COLUMNS * pb), WORD_BYTES), "uint8", name="words")
+    scales = te.placeholder((groups, n_out), "float32", name="scales")
+    zeros = te.placeholder((groups, n_out), "int32", name="zeros") if spec.asymmetric else None
+    bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
+    step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
+
+    xq, mult = _quantized_input(x, step)
+    kg = te.reduce_axis((0, group), name="kg")
+    asum = te.compute((m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
+                      name="asum")
+    codes = te.compute(
+        (n_out // ROWS, k_in // COLUMNS, ROWS, COLUMNS),
+        lambda t, q, i, c: tirx.bitwise_and(tirx.shift_right(words[t, q // pb, i * COLUMNS + c],
+                                                             ((q % pb) * bits).astype("uint8")),
+                                            tirx.const((1 << bits) - 1, "uint8")),
+        name="codes",
+    )
+    w = te.reduce_axis((0, quads // pb), name="w")
+    lane = te.reduce_axis((0, pb), name="l")
+    c = te.reduce_axis((0, COLUMNS), name="c")
+    dot = te.compute(
+        (m_rows, groups, n_out // ROWS, ROWS),
+        lambda m, g, t, i: te.sum(
+            xq[m, g * group + (w * pb + lane) * COLUMNS + c].astype("int32")
+            * codes[t, g * quads + w * pb + lane, i, c].astype("int32"),
+            axis=[w, lane, c],
+        ),
+        name="dot",
+    )
+    default = int(packing.default_zero(bits))
+
+    def centered(m: tirx.Var, g: tirx.Var, t: tirx.Var, i: tirx.Var) -> tirx.PrimExpr:
+        zero = zeros[g, t * ROWS + i] if zeros is not None else tirx.const(default, "int32")
+        return (dot[m, g, t, i] - zero * asum[m, g]).astype("float32") * scales[g, t * ROWS + i]
+
+    g_axis = te.reduce_axis((0, groups), name="g")
+    acc = te.compute((m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis),
+                     name="acc")
+
+    def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
+        value = acc[m, n // ROWS, n % ROWS]
+        value = value / mult[m] if step is None else value * step[0]
+        return value + bias[n] if bias is not None else value
+
+    y = te.compute((m_rows, n_out), output, name="y")
+    args = [x, words, scales] + [t for t in (zeros, bias, step) if t is not None] + [y]
+    return te.create_prim_func(args)
+
+
+def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int,
+              row_vectors: int) -> None:
+    """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
+    y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
+    m, n = sch.get_loops(y)
+    n_task, n_tile, n_vec, n_lane = sch.split(n, factors=[None, out_tile // (ROWS * row_vectors), row_vectors, ROWS])
+    m_outer, m_inner = sch.split(m, factors=[None, row_tile])
+    sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
+    sch.parallel(n_task)
+    sch.vectorize(n_lane)
+    sch.unroll(m_inner)
+    sch.unroll(n_vec)
+
+    sch.compute_at(acc, m_outer, preserve_unit_loops=True)
+    a_m, a_t, a_i, a_g = loops_below(sch, acc, m_outer)
+    sch.reorder(a_g, a_m, a_t, a_i)
+    sch.compute_at(dot, a_g, preserve_unit_loops=True)
+    d_m, _, d_t, d_i, d_w, d_l, d_c = loops_below(sch, dot, a_g)
+    sch.reorder(d_w, d_l, d_m, d_t, d_i, d_c)
+    sch.compute_at(codes, d_l, preserve_unit_loops=True)
+    c_i, c_c = sch.get_loops(codes)[-2:]
+    sch.vectorize(sch.fuse(c_i, c_c))
+    sch.unroll(sch.get_loops(codes)[-3])
+
+    init = sch.decompose_reduction(dot, d_w)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(d_i, intrin)
+    sch.unroll(d_m)
+    sch.unroll(d_t)
+    sch.unroll(d_l)
+
+    sch.unroll(a_t)
+    sch.vectorize(a_i)
+    sch.unroll(a_m)
+    acc_init = sch.decompose_reduction(acc, a_g)
+    sch.vectorize(sch.get_loops(acc_init)[-1])
+
+    xq = sch.get_sblock("xq")
+    k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
+    sch.vectorize(k_inner)
+
+
+def _target_reason(target: Target) -> str | None:
+    if target.kind.name != "llvm" or target_arch(target) != "x86_64":
+        return f"the x86 int8 kernel needs an x86 LLVM target, got {target}"
+    if not has_features(target, "avx2"):
+        return "the x86 int8 kernel needs AVX2 (target CPU has none)"
+    return None
+
+
+def _zeros_reason(zeros: torch.Tensor | None) -> str | None:
+    if zeros is not None and not torch.equal(zeros, zeros.round()):
+        return "fractional zero points: the int8 kernel removes integer zero points in int32"
+    return None
+
+
+__all__ = ["KERNEL_BITS", "KERNEL_NAME", "KNOBS", "a8_linear_compute", "a8_linear_func", "default_knobs",
+           "interleave", "intrinsic", "plan", "unsupported_reason", "word_columns"]

@@ -1,0 +1,180 @@
+"""The x86 int8-activation kernel against the torch reference op ``lowbit.linear_packed_a8``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm.target import Target
+
+from lowbit.backends.tvm.kernels import a8_linear, intrin_x86
+from lowbit.backends.tvm.kernels.common import KernelPlan
+from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
+from lowbit.backends.tvm.target import has_features, resolve_target, x86_host_target
+from lowbit.errors import BackendError
+from lowbit.ir import ops_a8, packing
+
+K, N = 256, 64
+#: (name, bits, group_size, zeros): W1.58 is the ternary pass's layout (2-bit codes 1..3, default zero, per row).
+FORMATS = [("w2", 2, 64, "asym"), ("w4", 4, 32, "sym"), ("w8", 8, 128, "asym"), ("w1.58", 2, K, "sym")]
+
+
+def _weight(bits: int, group: int, zeros: str, exact: bool, seed: int) -> dict[str, torch.Tensor | None]:
+    """Random codes, scales, zeros and bias; with ``exact`` every scale and the bias are powers-of-two multiples."""
+    gen = torch.Generator().manual_seed(seed)
+    low = 1 if group == K else 0  # ternary codes are t + 2 with t in {-1, 0, 1}
+    high = 4 if group == K else 2**bits
+    codes = torch.randint(low, high, (N, K), generator=gen, dtype=torch.uint8)
+    groups = K // group
+    if exact:
+        scales = 2.0 ** -torch.randint(0, 5, (N, groups), generator=gen).float()
+        bias = torch.randint(-8, 9, (N,), generator=gen).float() / 4
+    else:
+        scales = torch.rand(N, groups, generator=gen) * 0.1 + 0.01
+        bias = torch.randn(N, generator=gen)
+    zero = torch.randint(0, 2**bits, (N, groups), generator=gen).float() if zeros == "asym" else None
+    return {"qweight": packing.pack(codes, bits), "scales": scales, "zeros": zero, "g_idx": None, "bias": bias}
+
+
+def _spec(rows: int, bits: int, group: int, weight: dict, dynamic: bool) -> PackedLinearSpec:
+    return PackedLinearSpec(rows, K, N, bits, group, weight["zeros"] is not None, True, act_bits=8,
+                            act_dynamic=dynamic)
+
+
+def _build(kernel: KernelPlan, target: Target) -> tvm.runtime.Module:
+    return tvm.compile(tvm.IRModule({"kernel": kernel.func.with_attr("global_symbol", "kernel")}), target=target)
+
+
+def _run(lib: tvm.runtime.Module, kernel: KernelPlan, x: torch.Tensor) -> torch.Tensor:
+    args = [tvm.runtime.tensor(t.numpy()) for t in [x, *kernel.consts]]
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], N), dtype="float32"))
+    lib["kernel"](*args, out)
+    return torch.from_numpy(out.numpy())
+
+
+def _reference(x: torch.Tensor, weight: dict, bits: int, group: int) -> torch.Tensor:
+    return ops_a8.linear_packed_a8(x, weight["qweight"], weight["scales"], weight["zeros"], None, weight["bias"],
+                                   bits, group, K, weight.get("act_scale"))
+
+
+def _avx2_target() -> Target:
+    """This machine's x86 target without VNNI, so the AVX2 intrinsics are chosen (they run on any AVX2 CPU)."""
+    return Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize(("fmt", "bits", "group", "zeros"), FORMATS, ids=[f[0] for f in FORMATS])
+def test_kernel_matches_reference_op(fmt: str, bits: int, group: int, zeros: str, dynamic: bool) -> None:
+    """Bit-exact with power-of-two scales, within 1e-5 relative with random ones; M ∈ {1, 5, 32}.
+
+    Runs the intrinsic this host's target picks (VNNI on AVX-512 VNNI machines, else AVX2).
+    """
+    target = resolve_target("x86")
+    for rows in (1, 5, 32):
+        gen = torch.Generator().manual_seed(rows + bits)
+        lib = None
+        for exact in (True, False):
+            weight = _weight(bits, group, zeros, exact, seed=rows * 7 + bits)
+            weight["act_scale"] = None if dynamic else torch.tensor(2.0**-5 if exact else 0.0371)
+            x = torch.randn(rows, K, generator=gen) * 3
+            kernel = a8_linear.plan(_spec(rows, bits, group, weight, dynamic), weight, target)
+            assert isinstance(kernel, KernelPlan), kernel
+            lib = lib or _build(kernel, target)  # the same function: only the constants change
+            got, ref = _run(lib, kernel, x), _reference(x, weight, bits, group)
+            if exact:
+                assert torch.equal(got, ref), f"{fmt} M={rows}: max diff {(got - ref).abs().max()}"
+            else:
+                assert (got - ref).abs().max() / ref.abs().max() < 1e-5, f"{fmt} M={rows}"
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_avx2_intrinsics_are_exact(bits: int) -> None:
+    """The AVX2 intrinsics (``vpmaddubsw``, and the nibble split for 8-bit codes) match the reference bit for bit."""
+    target = _avx2_target()
+    spec_weight = _weight(bits, 64, "asym", exact=True, seed=bits)
+    spec_weight["act_scale"] = None
+    spec = _spec(5, bits, 64, spec_weight, True)
+    assert a8_linear.intrinsic(spec, target) == (intrin_x86.AVX2_U8 if bits == 8 else intrin_x86.AVX2_U7)
+    kernel = a8_linear.plan(spec, spec_weight, target)
+    lib = _build(kernel, target)
+    assert "vpmaddubsw" in lib.mod.inspect_source("asm")
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(bits)) * 3
+    x[0, :4] = torch.tensor([127.0, -127.0, 0.5, -0.5]) / 127 * x[0].abs().max()  # ties at the rounding boundary
+    assert torch.equal(_run(lib, kernel, x), _reference(x, spec_weight, bits, 64))
+
+
+def test_vnni_variant_compiles_and_runs_where_the_host_has_it() -> None:
+    """An AVX-512 VNNI target gets ``vpdpbusd``; it is compiled always and run only on a host with the feature."""
+    target = Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    weight = _weight(8, 64, "asym", exact=True, seed=1)
+    weight["act_scale"] = None
+    spec = _spec(5, 8, 64, weight, True)
+    assert a8_linear.intrinsic(spec, target) == intrin_x86.VNNI
+    kernel = a8_linear.plan(spec, weight, target)
+    lib = _build(kernel, target)
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    if not has_features(Target(x86_host_target()), "avx512vnni", "avx512vl"):
+        pytest.skip("this host has no AVX-512 VNNI: compiled only")
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.equal(_run(lib, kernel, x), _reference(x, weight, 8, 64))
+
+
+def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
+    target = resolve_target("x86")
+    weight = _weight(4, 64, "sym", exact=True, seed=3)
+    weight["act_scale"] = None
+    spec = _spec(6, 4, 64, weight, True)
+    defaults = a8_linear.default_knobs(spec, target)
+    assert all(defaults[key] in values for key, values in a8_linear.KNOBS.items())
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(3))
+    for knobs in ({"row_tile": 2, "out_tile": 16, "row_vectors": 1}, {"row_tile": 8, "out_tile": 64, "row_vectors": 4}):
+        kernel = a8_linear.plan(spec, weight, target, knobs=knobs)
+        assert kernel.knobs == knobs and kernel.name == a8_linear.KERNEL_NAME
+        assert torch.equal(_run(_build(kernel, target), kernel, x), _reference(x, weight, 4, 64))
+    with pytest.raises(BackendError, match="no knob 'unroll'"):
+        a8_linear.plan(spec, weight, target, knobs={"unroll": 2})
+    assert "does not tile out_features" in a8_linear.plan(spec, weight, target, knobs={"out_tile": 128})
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"bits": 3}, "3-bit codes"),
+        ({"bits": 1}, "1-bit codes"),
+        ({"has_g_idx": True}, "g_idx"),
+        ({"group_size": 48}, "not a multiple of group_size"),
+        ({"group_size": 8, "bits": 2}, "not a multiple of 16"),
+        ({"out_features": 60}, "not a multiple of 8"),
+        ({"act_bits": None}, "8-bit activations"),
+    ],
+)
+def test_layouts_the_kernel_does_not_cover(changes: dict, reason: str) -> None:
+    base = {"batch": 1, "in_features": K, "out_features": N, "bits": 4, "group_size": 64, "asymmetric": False,
+            "has_bias": False, "act_bits": 8}
+    spec = PackedLinearSpec(**{**base, **changes})
+    assert reason in a8_linear.unsupported_reason(spec)
+    assert reason in a8_linear.plan(spec, {}, resolve_target("x86"))
+
+
+def test_targets_and_zero_points_the_kernel_refuses() -> None:
+    weight = _weight(4, 64, "asym", exact=True, seed=0)
+    spec = _spec(1, 4, 64, weight, True)
+    assert "x86 LLVM target" in a8_linear.plan(spec, weight, resolve_target("arm"))
+    assert "AVX2" in a8_linear.plan(spec, weight, Target({"kind": "llvm", "mcpu": "x86-64"}))
+    weight["zeros"] = weight["zeros"] + 0.5
+    assert "fractional zero points" in a8_linear.plan(spec, weight, resolve_target("x86"))
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+def test_fallback_input_is_the_reference_fake_quant(dynamic: bool) -> None:
+    """The dense fallback's input equals ``fake_quantize_activation`` bit for bit."""
+    target = resolve_target("x86")
+    lib = tvm.compile(tvm.IRModule({"fq": a8_linear.fake_quant_func(3, K, dynamic, name="fq")}), target=target)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(5)) * 2
+    step = None if dynamic else torch.tensor(0.0371)
+    args = [tvm.runtime.tensor(x.numpy())] + ([] if dynamic else [tvm.runtime.tensor(step.reshape(1).numpy())])
+    out = tvm.runtime.tensor(np.zeros((3, K), dtype="float32"))
+    lib["fq"](*args, out)
+    assert torch.equal(torch.from_numpy(out.numpy()), ops_a8.fake_quantize_activation(x, step))
+
