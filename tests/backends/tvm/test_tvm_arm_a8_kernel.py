@@ -2,8 +2,9 @@
 
 Scales and the static activation step are powers of two, so every float32 step of the
 reference is exact and the kernel must reproduce it bit for bit. The kernels are
-cross-compiled here and run on an emulated Cortex-A76 (dot-product extension); without
-qemu, the cross g++ or the emulated root of ``scripts/setup_arm.sh`` those tests skip.
+cross-compiled here and run on an emulated Cortex-A76 (dot-product extension), the
+i8mm variant on qemu's ``max`` CPU (qemu 7.2 has no Neoverse-N2); without qemu, the
+cross g++ or the emulated root of ``scripts/setup_arm.sh`` those tests skip.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lowbit.errors import BackendError
 from lowbit.ir import packing
 
 ARM = resolve_target("arm")
+ARM_I8MM = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]})
 
 
 def _layer(bits: int, rows: int, k_in: int, n_out: int, group: int, asymmetric: bool, bias: bool, dynamic: bool,
@@ -54,8 +56,9 @@ def _reference(spec: PackedLinearSpec, tensors: dict[str, Any], x: torch.Tensor)
 
 
 def _run_under_qemu(layers: list[tuple[PackedLinearSpec, dict[str, Any], torch.Tensor]], tmp_path,
-                    knobs: list[dict[str, int] | None] | None = None) -> list[np.ndarray]:
-    """Plan, cross-compile all layers into one library, and run each on an emulated Cortex-A76."""
+                    knobs: list[dict[str, int] | None] | None = None, target: Any = ARM,
+                    cpu: str = qemu.DEFAULT_CPU) -> list[np.ndarray]:
+    """Plan, cross-compile all layers into one library, and run each on an emulated ``cpu``."""
     if shutil.which(ARM_CXX) is None:
         pytest.skip(f"needs the cross compiler {ARM_CXX} (scripts/setup.sh installs it)")
     try:
@@ -64,14 +67,14 @@ def _run_under_qemu(layers: list[tuple[PackedLinearSpec, dict[str, Any], torch.T
         pytest.skip(str(error))
     plans = []
     for index, (spec, tensors, _) in enumerate(layers):
-        planned = a8_linear_arm.plan(spec, tensors, ARM, (knobs or [None] * len(layers))[index])
+        planned = a8_linear_arm.plan(spec, tensors, target, (knobs or [None] * len(layers))[index])
         assert isinstance(planned, KernelPlan), planned
         plans.append(planned)
     mod = tvm.IRModule({f"layer{i}": p.func.with_attr("global_symbol", f"layer{i}") for i, p in enumerate(plans)})
     library = tmp_path / "kernels.so"
-    tvm.compile(mod, target=ARM).export_library(str(library), fcompile=cc.cross_compiler(ARM_CXX))
+    tvm.compile(mod, target=target).export_library(str(library), fcompile=cc.cross_compiler(ARM_CXX))
     outputs = []
-    with qemu.emulated_server() as server:
+    with qemu.emulated_server(cpu) as server:
         session = rpc.connect(str(server.address), timeout=120)
         session.upload(str(library))
         module, device = session.load_module(library.name), session.cpu()
@@ -109,12 +112,31 @@ def test_every_format_and_schedule_is_bit_exact_under_qemu(tmp_path) -> None:
         np.testing.assert_array_equal(got, _reference(spec, tensors, x), err_msg=str(spec))
 
 
-def test_sdot_is_in_the_generated_code() -> None:
-    spec, tensors, _ = _layer(2, 1, 128, 16, 64, False, False, True)
-    planned = a8_linear_arm.plan(spec, tensors, ARM)
+@pytest.mark.slow
+def test_i8mm_variant_is_bit_exact_under_qemu(tmp_path) -> None:
+    layers, knobs = [], []
+    for bits in (2, 4, 8):
+        for asymmetric, dynamic in ((False, True), (True, False)):
+            layers.append(_layer(bits, 6, 256, 32, 64, asymmetric, bias=asymmetric, dynamic=dynamic, seed=len(layers)))
+            knobs.append(None)
+    layers.append(_layer(4, 8, 256, 64, 128, True, True, True, seed=99))
+    knobs.append({"row_tile": 8, "out_tile": 64, "row_vectors": 8})
+    layers.append(_layer(2, 2, 128, 16, 64, False, False, True, ternary=True, seed=7))
+    knobs.append({"row_tile": 1, "out_tile": 4, "row_vectors": 1})  # row tile rounds up to one pair
+    for (spec, tensors, x), got in zip(layers, _run_under_qemu(layers, tmp_path, knobs, ARM_I8MM, cpu="max")):
+        np.testing.assert_array_equal(got, _reference(spec, tensors, x), err_msg=str(spec))
+
+
+@pytest.mark.parametrize(("target", "rows", "instruction"), [
+    (ARM, 1, "sdot\tv"), (ARM, 4, "sdot\tv"), (ARM_I8MM, 1, "sdot\tv"), (ARM_I8MM, 4, "smmla\tv"),
+])
+def test_the_target_picks_the_instruction(target, rows, instruction) -> None:
+    spec, tensors, _ = _layer(2, rows, 128, 16, 64, False, False, True)
+    planned = a8_linear_arm.plan(spec, tensors, target)
+    assert planned.knobs["i8mm"] == (instruction == "smmla\tv")
     assembly = tvm.compile(tvm.IRModule({"k": planned.func.with_attr("global_symbol", "k")}),
-                           target=ARM).mod.inspect_source("asm")
-    assert "sdot\tv" in assembly
+                           target=target).mod.inspect_source("asm")
+    assert instruction in assembly
 
 
 @pytest.mark.parametrize(("change", "reason"), [
@@ -137,13 +159,17 @@ def test_targets_and_zero_points_the_kernel_cannot_take() -> None:
     no_dotprod = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
     assert "dot-product extension" in a8_linear_arm.plan(spec, tensors, no_dotprod)
     assert "aarch64 LLVM target" in a8_linear_arm.plan(spec, tensors, resolve_target("x86"))
+    assert "'+i8mm'" in a8_linear_arm.plan(spec, tensors, ARM, {"i8mm": 1})
+    odd = PackedLinearSpec(**{**spec.__dict__, "batch": 3})
+    assert "batch=3 is odd" in a8_linear_arm.plan(odd, tensors, ARM_I8MM, {"i8mm": 1})
     tensors["zeros"] = tensors["zeros"] + 0.5
     assert "fractional zero points" in a8_linear_arm.plan(spec, tensors, ARM)
 
 
 def test_knobs_are_checked() -> None:
     spec, tensors, _ = _layer(4, 1, 128, 16, 64, False, False, True)
-    assert a8_linear_arm.default_knobs(spec, ARM) == {"row_tile": 1, "out_tile": 16, "row_vectors": 4}
+    assert a8_linear_arm.default_knobs(spec, ARM) == {"row_tile": 1, "out_tile": 16, "row_vectors": 4, "i8mm": 0}
+    assert "knob i8mm is 0 (sdot) or 1 (smmla)" in a8_linear_arm.plan(spec, tensors, ARM, {"i8mm": 2})
     assert "does not tile out_features=16" in a8_linear_arm.plan(spec, tensors, ARM, {"out_tile": 32})
     with pytest.raises(BackendError, match="no knob 'unroll'"):
         a8_linear_arm.plan(spec, tensors, ARM, {"unroll": 2})

@@ -36,7 +36,7 @@ string from `plan`, and the lowering uses its fallback.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from tvm import s_tir, te, tirx
@@ -56,13 +56,15 @@ log = logging.getLogger(__name__)
 KERNEL_NAME = "a8_linear_arm"
 KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 ROWS, COLUMNS = intrin_arm.ROWS, intrin_arm.COLUMNS
+MMLA_ROWS, MMLA_COLUMNS = intrin_arm.MMLA_ROWS, intrin_arm.MMLA_COLUMNS
 #: Bytes of one interleaved weight word (one NEON register).
 WORD_BYTES = ROWS * COLUMNS
 #: Tuning space: ``row_tile`` rows of ``x`` share each unpacked code vector; ``out_tile``
-#: output rows (a multiple of 4) per parallel task; ``row_vectors`` 4-row weight tiles
-#: computed together (independent ``sdot`` accumulator chains).
+#: output rows (a multiple of 4) per parallel task; ``row_vectors`` weight tiles (4 rows
+#: for ``sdot``, 2 for ``smmla``) computed together (independent accumulator chains);
+#: ``i8mm`` 1 uses ``smmla`` (targets with ``+i8mm``, an even number of rows), 0 ``sdot``.
 KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (4, 8, 16, 32, 64, 128),
-                                     "row_vectors": (1, 2, 4, 8)}
+                                     "row_vectors": (1, 2, 4, 8), "i8mm": (0, 1)}
 
 
 def code_offset(bits: int) -> int:
@@ -94,10 +96,14 @@ def word_columns(bits: int) -> int:
 
 
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
-    """The hand schedule: 4 accumulator chains for GEMV (1 row × 4 weight tiles), 4 rows × 2 tiles for GEMM; tasks of ≤ 32 rows."""
+    """The hand schedule: 4 accumulator chains for GEMV (1 row × 4 weight tiles), 4 rows × 2 tiles for GEMM; tasks of ≤ 32 rows.
+
+    GEMM on a target with i8mm uses ``smmla`` (4 rows × 4 two-row tiles: 8 accumulators).
+    """
     rows = max(v for v in KNOBS["row_tile"] if v <= min(spec.batch, 4))
     tile = max(v for v in KNOBS["out_tile"] if v <= 32 and spec.out_features % v == 0)
-    return {"row_tile": rows, "out_tile": tile, "row_vectors": 4 if rows == 1 else 2}
+    i8mm = int(spec.batch % 2 == 0 and has_features(target, "i8mm"))
+    return {"row_tile": rows, "out_tile": tile, "row_vectors": 4 if rows == 1 or i8mm else 2, "i8mm": i8mm}
 
 
 def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], target: Target,
@@ -115,11 +121,21 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
     chosen = resolve_knobs(KNOBS, default_knobs(spec, target), knobs, KERNEL_NAME)
     if spec.out_features % chosen["out_tile"] or chosen["out_tile"] % ROWS:
         return f"out_tile={chosen['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
-    func = a8_linear_arm_func(spec, chosen["row_tile"], chosen["out_tile"], chosen["row_vectors"])
+    if chosen["i8mm"] > 1:
+        return f"knob i8mm is 0 (sdot) or 1 (smmla), got {chosen['i8mm']}"
+    if chosen["i8mm"]:
+        reason = _i8mm_reason(spec, target)
+        if reason is not None:
+            return reason
+        func = a8_linear_arm_i8mm_func(spec, chosen["row_tile"], chosen["out_tile"], chosen["row_vectors"])
+    else:
+        func = a8_linear_arm_func(spec, chosen["row_tile"], chosen["out_tile"], chosen["row_vectors"])
     scales = tensors["scales"].to(torch.float32)
     zeros = tensors.get("zeros")
     zeros = torch.full_like(scales, packing.default_zero(spec.bits)) if zeros is None else zeros.to(torch.float32)
-    consts = [interleave(tensors["qweight"], spec.bits, spec.in_features), scales.t().contiguous(),
+    words = interleave(tensors["qweight"], spec.bits, spec.in_features, *((MMLA_ROWS, MMLA_COLUMNS) if chosen["i8mm"]
+                                                                          else (ROWS, COLUMNS)))
+    consts = [words, scales.t().contiguous(),
               (zeros - code_offset(spec.bits)).t().to(torch.int32).contiguous()]
     if tensors.get("bias") is not None:
         consts.append(tensors["bias"].to(torch.float32).contiguous())
@@ -128,17 +144,21 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
     return KernelPlan(func, consts, KERNEL_NAME, chosen)
 
 
-def interleave(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Packed rows ``(N, row_bytes)`` → words ``(N/4, K/(4·pb), 16)`` of the module doc (8-bit: ``q − 128``)."""
+def interleave(qweight: torch.Tensor, bits: int, in_features: int, rows: int = ROWS,
+               columns: int = COLUMNS) -> torch.Tensor:
+    """Packed rows ``(N, row_bytes)`` → words ``(N/rows, K/(columns·pb), 16)`` of the module doc (8-bit: ``q − 128``).
+
+    ``sdot`` words are 4 rows × 4 columns per code lane, ``smmla`` words 2 rows × 8 columns.
+    """
     codes = packing.unpack(qweight, bits, in_features).to(torch.int32)
     if bits == 8:
         codes = codes ^ 0x80  # the byte of the int8 value q − 128
     n_out, pb = codes.shape[0], 8 // bits
-    # [tile, row, word, quad-in-word, column] → [tile, word, quad-in-word, row, column]
-    blocks = codes.reshape(n_out // ROWS, ROWS, in_features // (COLUMNS * pb), pb, COLUMNS).permute(0, 2, 3, 1, 4)
+    # [tile, row, word, lane-in-word, column] → [tile, word, lane-in-word, row, column]
+    blocks = codes.reshape(n_out // rows, rows, in_features // (columns * pb), pb, columns).permute(0, 2, 3, 1, 4)
     shifts = (torch.arange(pb, dtype=torch.int32) * bits).reshape(1, 1, pb, 1, 1)
     words = (blocks << shifts).sum(dim=2)
-    return words.reshape(n_out // ROWS, -1, WORD_BYTES).to(torch.uint8).contiguous()
+    return words.reshape(n_out // rows, -1, WORD_BYTES).to(torch.uint8).contiguous()
 
 
 def a8_linear_arm_func(spec: PackedLinearSpec, row_tile: int, out_tile: int, row_vectors: int,
@@ -168,16 +188,8 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    if step is None:
-        k = te.reduce_axis((0, k_in), name="k")
-        absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
-        mult = te.compute((m_rows,), lambda m: tirx.const(127.0, "float32")
-                          / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")), name="mult")
-        scaled = lambda m, kk: x[m, kk] * mult[m]  # noqa: E731
-    else:
-        scaled = lambda m, kk: x[m, kk] / step[0]  # noqa: E731
-    xq = te.compute((m_rows, k_in), lambda m, kk: tirx.max(tirx.min(tirx.nearbyint(scaled(m, kk)), float(ACT_QMAX)),
-                                                            float(ACT_QMIN)).astype("int8"), name="xq")
+    quantize, mult = _activation_codes(x, step)
+    xq = te.compute((m_rows, k_in), quantize, name="xq")
     kg = te.reduce_axis((0, group), name="kg")
     asum = te.compute((m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
                       name="asum")
@@ -208,12 +220,104 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     acc = te.compute((m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis),
                      name="acc")
 
+    y = te.compute((m_rows, n_out), _epilogue(lambda m, n: acc[m, n // ROWS, n % ROWS], mult, step, bias), name="y")
+    args = [x, words, scales, zeros] + [t for t in (bias, step) if t is not None] + [y]
+    return te.create_prim_func(args)
+
+
+def _activation_codes(x: te.Tensor, step: te.Tensor | None) -> tuple:
+    """Step 1: ``(m, k) → x_int`` as int8, and the per-row multiplier ``s`` (None for a static step)."""
+    m_rows, k_in = (int(d) for d in x.shape)
+    if step is None:
+        k = te.reduce_axis((0, k_in), name="k")
+        absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
+        mult = te.compute((m_rows,), lambda m: tirx.const(127.0, "float32")
+                          / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")), name="mult")
+        scaled = lambda m, kk: x[m, kk] * mult[m]  # noqa: E731
+    else:
+        mult = None
+        scaled = lambda m, kk: x[m, kk] / step[0]  # noqa: E731
+
+    def quantize(m: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+        clamped = tirx.max(tirx.min(tirx.nearbyint(scaled(m, kk)), float(ACT_QMAX)), float(ACT_QMIN))
+        return clamped.astype("int8")
+
+    return quantize, mult
+
+
+def _epilogue(acc: Any, mult: te.Tensor | None, step: te.Tensor | None, bias: te.Tensor | None) -> Any:
+    """Step 4: ``y[m, n]`` from the float32 accumulator ``acc(m, n)``."""
+
     def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
-        value = acc[m, n // ROWS, n % ROWS]
+        value = acc(m, n)
         value = value / mult[m] if step is None else value * step[0]
         return value + bias[n] if bias is not None else value
 
-    y = te.compute((m_rows, n_out), output, name="y")
+    return output
+
+
+def a8_linear_arm_i8mm_func(spec: PackedLinearSpec, row_tile: int, out_tile: int, row_vectors: int,
+                            name: str | None = None) -> tirx.PrimFunc:
+    """The ``smmla`` variant (even batch): same arguments as `a8_linear_arm_func`, 2×8 code words."""
+    reason = unsupported_reason(spec) or (None if spec.batch % 2 == 0 else "i8mm takes rows of x in pairs")
+    if reason is not None:
+        raise ValueError(f"ARM i8mm kernel cannot compute {spec}: {reason}")
+    sch = s_tir.Schedule(a8_linear_arm_i8mm_compute(spec))
+    rows = max(d for d in range(2, max(row_tile, 2) + 1, 2) if spec.batch % d == 0)
+    vectors = divisor_at_most(out_tile // MMLA_ROWS, row_vectors)
+    _schedule_i8mm(sch, spec, rows, out_tile, vectors)
+    log.debug("scheduled %s with i8mm: row_tile=%d, out_tile=%d, row_vectors=%d", spec, rows, out_tile, vectors)
+    return finish(sch.mod["main"], name)
+
+
+def a8_linear_arm_i8mm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
+    """Stages of the module doc with ``smmla`` tiles: x_int in 2×8 blocks ``xqp[m/2, k/8, 2, 8]``, dot in 2×2 blocks."""
+    m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
+    group, groups, pb = spec.group_size, spec.groups, 8 // bits
+    octets = group // MMLA_COLUMNS  # 8-column blocks per group
+    x = te.placeholder((m_rows, k_in), "float32", name="x")
+    words = te.placeholder((n_out // MMLA_ROWS, k_in // (MMLA_COLUMNS * pb), WORD_BYTES), "uint8", name="words")
+    scales = te.placeholder((groups, n_out), "float32", name="scales")
+    zeros = te.placeholder((groups, n_out), "int32", name="zeros")
+    bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
+    step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
+
+    quantize, mult = _activation_codes(x, step)
+    xqp = te.compute((m_rows // 2, k_in // MMLA_COLUMNS, 2, MMLA_COLUMNS),
+                     lambda mp, kb, mi, kk: quantize(mp * 2 + mi, kb * MMLA_COLUMNS + kk), name="xqp")
+    kg = te.reduce_axis((0, group), name="kg")
+    asum = te.compute((m_rows, groups), lambda m, g: te.sum(
+        xqp[m // 2, (g * group + kg) // MMLA_COLUMNS, m % 2, (g * group + kg) % MMLA_COLUMNS].astype("int32"),
+        axis=kg), name="asum")
+    codes = te.compute(
+        (n_out // MMLA_ROWS, k_in // MMLA_COLUMNS, MMLA_ROWS, MMLA_COLUMNS),
+        lambda t, o, i, c: tirx.bitwise_and(tirx.shift_right(words[t, o // pb, i * MMLA_COLUMNS + c],
+                                                             ((o % pb) * bits).astype("uint8")),
+                                            tirx.const((1 << bits) - 1, "uint8")).astype("int8"),
+        name="codes",
+    )
+    w = te.reduce_axis((0, octets // pb), name="w")
+    lane = te.reduce_axis((0, pb), name="l")
+    c = te.reduce_axis((0, MMLA_COLUMNS), name="c")
+    dot = te.compute(
+        (m_rows // 2, groups, n_out // MMLA_ROWS, 2, MMLA_ROWS),
+        lambda mp, g, t, mi, i: te.sum(
+            xqp[mp, g * octets + w * pb + lane, mi, c].astype("int32")
+            * codes[t, g * octets + w * pb + lane, i, c].astype("int32"),
+            axis=[w, lane, c],
+        ),
+        name="dot",
+    )
+
+    def centered(mp: tirx.Var, g: tirx.Var, t: tirx.Var, mi: tirx.Var, i: tirx.Var) -> tirx.PrimExpr:
+        n = t * MMLA_ROWS + i
+        return (dot[mp, g, t, mi, i] - zeros[g, n] * asum[mp * 2 + mi, g]).astype("float32") * scales[g, n]
+
+    g_axis = te.reduce_axis((0, groups), name="g")
+    acc = te.compute((m_rows // 2, n_out // MMLA_ROWS, 2, MMLA_ROWS),
+                     lambda mp, t, mi, i: te.sum(centered(mp, g_axis, t, mi, i), axis=g_axis), name="acc")
+    y = te.compute((m_rows, n_out), _epilogue(
+        lambda m, n: acc[m // 2, n // MMLA_ROWS, m % 2, n % MMLA_ROWS], mult, step, bias), name="y")
     args = [x, words, scales, zeros] + [t for t in (bias, step) if t is not None] + [y]
     return te.create_prim_func(args)
 
@@ -262,6 +366,50 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
     sch.vectorize(k_inner)
 
 
+def _schedule_i8mm(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int,
+                   row_vectors: int) -> None:
+    """Parallel output tasks, pairs of rows × 2-row weight tiles, the ``smmla`` intrinsic."""
+    y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
+    m, n = sch.get_loops(y)
+    n_task, n_tile, n_vec, n_lane = sch.split(
+        n, factors=[None, out_tile // (MMLA_ROWS * row_vectors), row_vectors, MMLA_ROWS])
+    m_outer, m_inner = sch.split(m, factors=[None, row_tile])
+    sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
+    sch.parallel(n_task)
+    sch.unroll(m_inner)
+    sch.unroll(n_vec)
+
+    sch.compute_at(acc, m_outer, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    a_mp, a_t, a_mi, a_i, a_g = loops_below(sch, acc, m_outer)
+    sch.reorder(a_g, a_mp, a_t, a_mi, a_i)
+    sch.compute_at(dot, a_g, preserve_unit_loops=True)
+    sch.set_scope(dot, 0, "local")
+    d_mp, _, d_t, d_mi, d_i, d_w, d_l, d_c = loops_below(sch, dot, a_g)
+    sch.reorder(d_w, d_l, d_mp, d_t, d_mi, d_i, d_c)
+    sch.compute_at(codes, d_l, preserve_unit_loops=True)
+    sch.set_scope(codes, 0, "local")
+    c_i, c_c = sch.get_loops(codes)[-2:]
+    sch.vectorize(sch.fuse(c_i, c_c))
+    sch.unroll(sch.get_loops(codes)[-3])
+
+    init = sch.decompose_reduction(dot, d_w)
+    sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
+    sch.tensorize(d_mi, intrin_arm.I8MM)
+    sch.unroll(d_mp)
+    sch.unroll(d_t)
+    sch.unroll(d_l)
+
+    sch.unroll(a_mp)
+    sch.unroll(a_t)
+    sch.vectorize(sch.fuse(a_mi, a_i))
+    acc_init = sch.decompose_reduction(acc, a_g)
+    sch.vectorize(sch.fuse(*sch.get_loops(acc_init)[-2:]))
+
+    xqp = sch.get_sblock("xqp")
+    sch.vectorize(sch.fuse(*sch.get_loops(xqp)[-2:]))
+
+
 def loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir.schedule.LoopRV) -> list:
     """The loops of ``block`` nested inside ``loop`` (after a ``compute_at`` to it)."""
     loops = sch.get_loops(block)
@@ -278,11 +426,22 @@ def _target_reason(target: Target) -> str | None:
     return None
 
 
+def _i8mm_reason(spec: PackedLinearSpec, target: Target) -> str | None:
+    if not has_features(target, "i8mm"):
+        return "knob i8mm=1 needs the int8 matrix-multiply extension (add '+i8mm' to the target's mattr)"
+    if spec.batch % 2:
+        return f"knob i8mm=1 takes rows of x in pairs; batch={spec.batch} is odd"
+    if spec.group_size % (MMLA_COLUMNS * (8 // spec.bits)):
+        return f"group_size={spec.group_size} is not a multiple of {MMLA_COLUMNS * (8 // spec.bits)} (an i8mm word)"
+    return None
+
+
 def _zeros_reason(zeros: torch.Tensor | None) -> str | None:
     if zeros is not None and not torch.equal(zeros, zeros.round()):
         return "fractional zero points: the ARM int8 kernel removes integer zero points in int32"
     return None
 
 
-__all__ = ["KERNEL_BITS", "KERNEL_NAME", "KNOBS", "a8_linear_arm_compute", "a8_linear_arm_func", "code_offset",
+__all__ = ["KERNEL_BITS", "KERNEL_NAME", "KNOBS", "a8_linear_arm_compute", "a8_linear_arm_func",
+           "a8_linear_arm_i8mm_compute", "a8_linear_arm_i8mm_func", "code_offset",
            "default_knobs", "interleave", "plan", "unsupported_reason", "word_columns"]

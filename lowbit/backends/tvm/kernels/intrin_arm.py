@@ -8,7 +8,13 @@ is ``llvm.aarch64.neon.sdot`` (the dot-product extension, ``+dotprod``: Cortex-A
 Neoverse-N1 and later), which sums four signed × signed byte products into each int32
 lane exactly. Codes must fit int8: the kernel stores 8-bit codes offset by −128.
 
-Registered on import under the name below, without importing
+``I8MM`` is ``llvm.aarch64.neon.smmla`` (the int8 matrix-multiply extension, ``+i8mm``:
+Neoverse-N2/V1, Cortex-A710 and later): one call takes a 2×8 int8 tile of activations
+``A`` (two rows of ``x``) and a 2×8 tile of codes ``B`` (two output rows), 16 bytes
+each, and adds the 2×2 int32 products ``C[m, i] += Σ_k A[m, k] · B[i, k]`` (row-major
+``C``), twice the multiply-adds of one ``sdot``.
+
+Registered on import under the names below, without importing
 ``tvm.s_tir.tensor_intrin`` (its import costs ~40 s).
 """
 
@@ -21,6 +27,9 @@ from tvm.script import tirx as T
 ROWS, COLUMNS = 4, 4
 
 SDOT = "lowbit_dot_4x4_s8s8_sdot"
+I8MM = "lowbit_mmla_2x2x8_s8s8_i8mm"
+#: Rows of ``x``, output rows and input columns of one ``smmla``.
+MMLA_ROWS, MMLA_COLUMNS = 2, 8
 
 
 @T.prim_func(s_tir=True)
@@ -55,6 +64,37 @@ def _dot_sdot(
         )
 
 
-TensorIntrin.register(SDOT, _dot_desc, _dot_sdot, override=True)
+@T.prim_func(s_tir=True)
+def _mmla_desc(
+    A: T.Buffer((2, 8), "int8", offset_factor=1),
+    B: T.Buffer((2, 8), "int8", offset_factor=1, scope="local"),
+    C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+        T.writes(C[0:2, 0:2])
+        for m, i, k in T.grid(2, 2, 8):
+            with T.sblock("update"):
+                vm, vi, vk = T.axis.remap("SSR", [m, i, k])
+                C[vm, vi] = C[vm, vi] + T.cast(A[vm, vk], "int32") * T.cast(B[vi, vk], "int32")
 
-__all__ = ["COLUMNS", "ROWS", "SDOT"]
+
+@T.prim_func(s_tir=True)
+def _mmla_i8mm(
+    A: T.Buffer((2, 8), "int8", offset_factor=1),
+    B: T.Buffer((2, 8), "int8", offset_factor=1, scope="local"),
+    C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+        T.writes(C[0:2, 0:2])
+        C.vstore([0, 0], T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"), C.vload([0, 0], "int32x4"),
+            A.vload([0, 0], "int8x16"), B.vload([0, 0], "int8x16"), dtype="int32x4",
+        ))
+
+
+TensorIntrin.register(SDOT, _dot_desc, _dot_sdot, override=True)
+TensorIntrin.register(I8MM, _mmla_desc, _mmla_i8mm, override=True)
+
+__all__ = ["COLUMNS", "I8MM", "MMLA_COLUMNS", "MMLA_ROWS", "ROWS", "SDOT"]
