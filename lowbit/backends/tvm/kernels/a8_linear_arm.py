@@ -44,7 +44,7 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels import intrin_arm
 from lowbit.backends.tvm.kernels.common import (
-    KernelPlan, divisor_at_most, finish, power_of_two_divisor, resolve_knobs,
+    KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, resolve_knobs,
 )
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import has_features, target_arch
@@ -408,14 +408,6 @@ def _schedule_i8mm(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, o
 
     xqp = sch.get_sblock("xqp")
     sch.vectorize(sch.fuse(*sch.get_loops(xqp)[-2:]))
-
-
-def loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir.schedule.LoopRV) -> list:
-    """The loops of ``block`` nested inside ``loop`` (after a ``compute_at`` to it)."""
-    loops = sch.get_loops(block)
-    target = sch.get_sref(loop)
-    index = next(i for i, candidate in enumerate(loops) if sch.get_sref(candidate).same_as(target))
-    return list(loops[index + 1:])
 
 
 def _target_reason(target: Target) -> str | None:
