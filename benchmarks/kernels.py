@@ -1,15 +1,32 @@
-"""lowbit's packed TVM kernels (W2/W4/W8 weights, fp32 activations) against torch fp32 ``F.linear``.
+"""lowbit's low-bit TVM kernels against torch fp32 ``F.linear`` and ONNX Runtime, with read bandwidth.
 
-For (M, K, N) in {1, 32} × {(4096, 4096), (4096, 11008), (11008, 4096)}, group size
-128, symmetric, no bias, on one thread and on all threads. Each thread count runs in
-its own process (TVM sizes its thread pool once, from ``TVM_NUM_THREADS``), on kernels
-compiled once by the parent. Times are medians of ``--repeats`` runs after warm-up;
-the ratio is torch / lowbit (above 1: the kernel is faster). "GB/s" is the bytes a
-kernel must read (packed weights, scales, activations) over its time, compared with
-a measured memory-read bandwidth (a sum over a 512 MiB fp32 tensor, same thread count).
+For (M, K, N) in {1, 32} × {(4096, 4096), (4096, 11008), (11008, 4096)}, on one thread
+and on all threads, each kernel of `lowbit.backends.tvm.kernels` with its hand schedule:
 
-Run: ``python benchmarks/kernels.py`` (``--repeats``, ``--shapes 4096x4096`` to subset).
-Writes ``benchmarks/results/kernels.json``.
+* ``w2a8``, ``w4a8``: 2/4-bit weights, groups of 128, int8 dynamic per-token activations
+  (`a8_linear`, the intrinsic this machine's target picks: VNNI or AVX2);
+* ``w1.58a8``: ternary codes {1, 2, 3} (the ``ternary`` pass's layout), one scale per row;
+* ``w8a8``: 8-bit weights, one scale per row (the ``w8a8-x86`` recipe's layout);
+* ``w4a16``: 4-bit weights, groups of 128, fp32 activations (`packed_linear`).
+
+Peers on the same inputs: torch fp32 ``F.linear`` (ratio torch / lowbit: above 1, lowbit is
+faster), ONNX Runtime ``MatMulNBits`` with ``accuracy_level=4`` (int8 activations; 2-, 4-
+and 8-bit, block 128: it has no per-row blocks, so its 8-bit and ternary rows use blocks
+of 128), and ORT's int8 path for W8A8 (``DynamicQuantizeLinear`` + ``MatMulInteger``, what
+``quantize_dynamic`` emits). These and the "lowbit ms" column run cache-warm: the same
+weights every call (a 2-bit 4096×4096 weight is 4 MiB and stays in L3), which a real
+decode step, touching every layer once, does not. "lowbit cold" therefore also times each kernel cycling through copies of its
+constants (≥ 256 MiB in all), so its weights come from DRAM; "cold GB/s" is the bytes it
+must read (packed weights, scales, zero points, activations) over that time, compared
+with a memory-read bandwidth measured in the same process (a sum over a 512 MiB fp32
+tensor, same thread count).
+
+Each thread count runs in its own process (TVM sizes its thread pool once, from
+``TVM_NUM_THREADS``) on kernels compiled once by the parent. Times are medians over
+``--repeats`` repeats, each repeat long enough (≥ 20 ms) to average many calls.
+
+Run: ``python benchmarks/kernels.py`` (``--repeats``, ``--shapes 4096x4096``, ``--kernels
+w2a8 w4a16`` to subset). Writes ``benchmarks/results/kernels.json`` and ``kernels.md``.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,106 +53,231 @@ log = logging.getLogger("benchmarks.kernels")
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
 ROWS = (1, 32)
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
-BITS = (2, 4, 8)
-GROUP = 128
+#: kernel → (weight bits, group size or None for one group per row, int8 activations, ternary codes).
+KERNELS: dict[str, tuple[int, int | None, bool, bool]] = {
+    "w2a8": (2, 128, True, False),
+    "w4a8": (4, 128, True, False),
+    "w1.58a8": (2, None, True, True),
+    "w8a8": (8, None, True, False),
+    "w4a16": (4, 128, False, False),
+}
+ORT_BLOCK = 128
 BANDWIDTH_BYTES = 512 * 2**20
+#: Shortest repeat: calls are repeated until one repeat takes at least this long.
+MIN_REPEAT_S = 0.02
+#: The cold timing cycles through copies of a kernel's constants totalling at least this (beyond the L3 cache).
+COLD_BYTES, MAX_COPIES = 256 * 2**20, 64
 
 
-def kernel_name(bits: int, rows: int, k: int, n: int) -> str:
-    return f"w{bits}_m{rows}_k{k}_n{n}"
+def case_name(kernel: str, rows: int, k: int, n: int) -> str:
+    return f"{kernel.replace('.', '_')}_m{rows}_k{k}_n{n}"
 
 
-def build(shapes: list[tuple[int, int]], directory: Path) -> list[dict[str, Any]]:
-    """Compile every kernel for this machine's x86 target into ``directory``; returns the case list."""
+def weights(kernel: str, k: int, n: int, seed: int) -> dict[str, torch.Tensor | None]:
+    """Random packed weights of ``kernel``'s format (the values do not change the speed)."""
+    from lowbit.ir import packing
+
+    bits, group, _, ternary = KERNELS[kernel]
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(1 if ternary else 0, 4 if ternary else 2**bits, (n, k), generator=gen, dtype=torch.uint8)
+    groups = 1 if group is None else k // group
+    return {"qweight": packing.pack(codes, bits), "scales": torch.rand(n, groups, generator=gen) * 0.01 + 0.001,
+            "zeros": None, "g_idx": None, "bias": None, "act_scale": None}
+
+
+def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) -> list[dict[str, Any]]:
+    """Compile every kernel for this machine's x86 target into ``directory`` with its constants; returns the cases."""
     import tvm
 
-    from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec, packed_linear_func
-    from lowbit.backends.tvm.target import float32_lanes, resolve_target
+    from lowbit.backends.tvm.kernels import a8_linear, packed_linear
+    from lowbit.backends.tvm.kernels.common import KernelPlan
+    from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
+    from lowbit.backends.tvm.target import resolve_target
 
     target = resolve_target("x86")
-    lanes = float32_lanes(target)
     cases = []
-    for bits in BITS:
+    for kernel in kernels:
+        bits, group, a8, _ = KERNELS[kernel]
+        module = a8_linear if a8 else packed_linear
         for rows in ROWS:
             for k, n in shapes:
-                name = kernel_name(bits, rows, k, n)
-                log.info("compiling %s", name)
-                spec = PackedLinearSpec(rows, k, n, bits, GROUP, asymmetric=False, has_bias=False)
-                lib = tvm.compile(tvm.IRModule({name: packed_linear_func(spec, lanes, name=name)}), target=target)
+                name = case_name(kernel, rows, k, n)
+                spec = PackedLinearSpec(rows, k, n, bits, group or k, asymmetric=False, has_bias=False,
+                                        act_bits=8 if a8 else None)
+                plan = module.plan(spec, weights(kernel, k, n, seed=k + n), target)
+                if not isinstance(plan, KernelPlan):
+                    raise RuntimeError(f"{name}: {plan}")
+                log.info("compiling %s (%s, knobs %s)", name, plan.name, plan.knobs)
+                lib = tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name)}), target=target)
                 lib.export_library(str(directory / f"{name}.so"))
-                cases.append({"bits": bits, "M": rows, "K": k, "N": n, "name": name})
+                np.savez(directory / f"{name}.npz", *[t.contiguous().numpy() for t in plan.consts])
+                detail = a8_linear.intrinsic(spec, target) if a8 else "fp32 dequant"
+                cases.append({"kernel": kernel, "M": rows, "K": k, "N": n, "name": name, "knobs": plan.knobs,
+                              "detail": detail})
     return cases
+
+
+def median_s(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds per call over ``repeats`` repeats of at least `MIN_REPEAT_S` each."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    number = max(1, int(MIN_REPEAT_S / max(time.perf_counter() - start, 1e-7)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - start) / number)
+    return statistics.median(times)
 
 
 def read_bandwidth(repeats: int) -> float:
     """Bytes/s of summing a large fp32 tensor (memory-read bound) with the current torch thread count."""
     data = torch.ones(BANDWIDTH_BYTES // 4)
-    return BANDWIDTH_BYTES / (median_s(lambda: data.sum(), repeats))
+    return BANDWIDTH_BYTES / median_s(lambda: data.sum(), repeats)
 
 
-def median_s(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int) -> Callable[[], Any]:
+    """An ORT session computing ``x · Wᵀ`` with ``MatMulNBits`` (int8 activations, accuracy_level 4)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m, k = x.shape
+    blocks = k // ORT_BLOCK
+    rng = np.random.default_rng(k + n)
+    packed = rng.integers(0, 256, size=(n, blocks, ORT_BLOCK * bits // 8), dtype=np.uint8)
+    scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=ORT_BLOCK, accuracy_level=4)
+    graph = helper.make_graph(
+        [node], "matmulnbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+        initializer=[onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales, "scales")])
+    return _ort_session(graph, x, threads)
+
+
+def ort_int8(x: np.ndarray, n: int, threads: int) -> Callable[[], Any]:
+    """ORT's dynamic int8 path: ``DynamicQuantizeLinear`` + ``MatMulInteger`` + rescale (per-row weight scales)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m, k = x.shape
+    rng = np.random.default_rng(k + n)
+    weight = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+    scales = (rng.random(n, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["A"], ["Aq", "As", "Az"]),
+        helper.make_node("MatMulInteger", ["Aq", "W", "Az", "Wz"], ["Acc"]),
+        helper.make_node("Cast", ["Acc"], ["Accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["As", "Ws"], ["S"]),
+        helper.make_node("Mul", ["Accf", "S"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "int8", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+        initializer=[onnx.numpy_helper.from_array(weight, "W"), onnx.numpy_helper.from_array(np.int8(0), "Wz"),
+                     onnx.numpy_helper.from_array(scales, "Ws")])
+    return _ort_session(graph, x, threads)
+
+
+def _ort_session(graph: Any, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10  # onnx 1.23 writes IR 14, which ORT 1.31 refuses
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"A": x})
 
 
 def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: int) -> dict[str, Any]:
     """Time every case at ``threads`` threads (TVM_NUM_THREADS is set by the parent)."""
-    import numpy as np
     import tvm
-
-    from lowbit.ir import packing
 
     torch.set_num_threads(threads)
     bandwidth = read_bandwidth(repeats)
     log.info("%d thread(s): read bandwidth %.1f GB/s", threads, bandwidth / 1e9)
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    rows, torch_ms, ort_ms = [], {}, {}
     for case in cases:
-        bits, m, k, n = case["bits"], case["M"], case["K"], case["N"]
-        codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.uint8)
-        qweight = packing.pack(codes, bits)
-        scales = torch.rand(n, k // GROUP, generator=gen) * 0.01
+        kernel, m, k, n = case["kernel"], case["M"], case["K"], case["N"]
+        bits, _, a8, _ = KERNELS[kernel]
         x = torch.randn(m, k, generator=gen)
-        weight = torch.randn(n, k, generator=gen)
         lib = tvm.runtime.load_module(str(directory / f"{case['name']}.so"))
-        args = [tvm.runtime.tensor(t.numpy()) for t in (x, qweight, scales)]
+        with np.load(directory / f"{case['name']}.npz") as saved:
+            consts = [saved[f"arr_{i}"] for i in range(len(saved.files))]
         out = tvm.runtime.tensor(np.zeros((m, n), dtype="float32"))
-        timer = lib.time_evaluator(case["name"], tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=0)
-        lowbit_s = statistics.median(timer(*args, out).results)
-        with torch.no_grad():
-            torch_s = median_s(lambda: F.linear(x, weight), repeats)
-        read = qweight.numel() + scales.numel() * 4 + x.numel() * 4
-        row = {**{key: case[key] for key in ("bits", "M", "K", "N")}, "threads": threads,
-               "lowbit_ms": lowbit_s * 1e3, "torch_fp32_ms": torch_s * 1e3, "speedup": torch_s / lowbit_s,
-               "read_bytes": read, "lowbit_GBps": read / lowbit_s / 1e9,
-               "fraction_of_read_bandwidth": read / lowbit_s / bandwidth}
-        log.info("%s, %d thread(s): lowbit %.3f ms, torch %.3f ms", case["name"], threads, row["lowbit_ms"],
-                 row["torch_fp32_ms"])
+        func = lib[case["name"]]
+        read = sum(c.nbytes for c in consts) + x.numel() * 4
+        # Copies of the constants, used in turn, so the cold timing reads its weights from DRAM.
+        copies = [[tvm.runtime.tensor(t) for t in [x.numpy(), *consts]]
+                  for _ in range(min(MAX_COPIES, -(-COLD_BYTES // read)))]
+        args = copies[0]
+        lowbit_s = median_s(lambda: func(*args, out), repeats)
+        turn = iter(range(1 << 62))
+        cold_s = median_s(lambda: func(*copies[next(turn) % len(copies)], out), repeats)
+        del copies
+        if (m, k, n) not in torch_ms:
+            weight = torch.randn(n, k, generator=gen)
+            with torch.no_grad():
+                torch_ms[(m, k, n)] = median_s(lambda: F.linear(x, weight), repeats) * 1e3
+            del weight
+        peers = {}
+        if a8:
+            ort_bits = 2 if kernel == "w1.58a8" else bits
+            key = ("nbits", ort_bits, m, k, n)
+            if key not in ort_ms:
+                ort_ms[key] = median_s(ort_matmulnbits(x.numpy(), ort_bits, n, threads), repeats) * 1e3
+            peers[f"ort_matmulnbits_w{ort_bits}_acc4_ms"] = ort_ms[key]
+            if kernel == "w8a8":
+                peers["ort_int8_matmulinteger_ms"] = median_s(ort_int8(x.numpy(), n, threads), repeats) * 1e3
+        row = {**{key: case[key] for key in ("kernel", "M", "K", "N", "detail", "knobs")}, "threads": threads,
+               "lowbit_ms": lowbit_s * 1e3, "lowbit_cold_ms": cold_s * 1e3, "torch_fp32_ms": torch_ms[(m, k, n)],
+               "speedup_vs_torch": torch_ms[(m, k, n)] / (lowbit_s * 1e3), **peers,
+               "read_bytes": read, "lowbit_cold_GBps": read / cold_s / 1e9,
+               "fraction_of_read_bandwidth": read / cold_s / bandwidth}
+        best_ort = min(peers.values(), default=None)
+        if best_ort is not None:
+            row["speedup_vs_best_ort"] = best_ort / row["lowbit_ms"]
+        log.info("%s, %d thread(s): lowbit %.3f ms, torch %.3f ms%s", case["name"], threads, row["lowbit_ms"],
+                 row["torch_fp32_ms"], f", best ORT {best_ort:.3f} ms" if best_ort is not None else "")
         rows.append(row)
     return {"threads": threads, "read_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    lines = [f"{'W':>3} {'M':>3} {'K':>6} {'N':>6} {'thr':>3} {'lowbit ms':>10} {'torch ms':>9} {'torch/lowbit':>12} "
-             f"{'GB/s':>6} {'of read bw':>10}"]
+    """A markdown table of every row, then each thread count's read bandwidth."""
+    header = ("| kernel | M | K | N | thr | lowbit ms | torch fp32 ms | torch/lowbit | ORT NBits acc4 ms | "
+              "ORT int8 ms | best ORT/lowbit | lowbit cold ms | cold GB/s | of read bw |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in runs:
         for r in run["rows"]:
-            lines.append(f"{r['bits']:>3} {r['M']:>3} {r['K']:>6} {r['N']:>6} {r['threads']:>3} {r['lowbit_ms']:>10.3f} "
-                         f"{r['torch_fp32_ms']:>9.3f} {r['speedup']:>11.2f}x {r['lowbit_GBps']:>6.1f} "
-                         f"{r['fraction_of_read_bandwidth']:>9.0%}")
-        lines.append(f"    read bandwidth at {run['threads']} thread(s): {run['read_bandwidth_GBps']:.1f} GB/s")
+            nbits = next((v for key, v in r.items() if key.startswith("ort_matmulnbits")), None)
+            int8 = r.get("ort_int8_matmulinteger_ms")
+            versus = r.get("speedup_vs_best_ort")
+            lines.append(
+                f"| {r['kernel']} | {r['M']} | {r['K']} | {r['N']} | {r['threads']} | {r['lowbit_ms']:.3f} | "
+                f"{r['torch_fp32_ms']:.3f} | {r['speedup_vs_torch']:.2f}x | {_opt(nbits)} | {_opt(int8)} | "
+                f"{_opt(versus, '{:.2f}x')} | {r['lowbit_cold_ms']:.3f} | {r['lowbit_cold_GBps']:.1f} | "
+                f"{r['fraction_of_read_bandwidth']:.0%} |")
+    lines.append("")
+    lines += [f"Read bandwidth at {run['threads']} thread(s): {run['read_bandwidth_GBps']:.1f} GB/s" for run in runs]
     return "\n".join(lines)
+
+
+def _opt(value: float | None, fmt: str = "{:.3f}") -> str:
+    return "–" if value is None else fmt.format(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN pairs")
+    parser.add_argument("--kernels", nargs="*", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--worker", nargs=2, metavar=("DIR", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -148,7 +291,7 @@ def main() -> None:
     all_threads = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        cases = build(shapes, directory)
+        cases = build(args.kernels, shapes, directory)
         (directory / "cases.json").write_text(json.dumps(cases))
         runs = []
         for threads in sorted({1, all_threads}):
@@ -156,14 +299,22 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--worker", str(directory),
                             str(threads)], env=env, check=True)
             runs.append(json.loads((directory / f"run{threads}.json").read_text()))
-    print(table(runs))
+    text = table(runs)
+    print(text)
+    from tvm.target import codegen
+
+    machine = {"cpu": f"{platform.machine()} {codegen.llvm_get_system_cpu()}", "threads": all_threads,
+               "torch": torch.__version__}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": all_threads,
-                    "torch": torch.__version__},
-        "group_size": GROUP, "repeats": args.repeats, "runs": runs,
-    }, indent=2) + "\n")
-    log.info("wrote %s", RESULTS)
+    RESULTS.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "kernels": {
+        name: {"bits": bits, "group_size": group or "per row", "int8_activations": a8, "ternary": ternary}
+        for name, (bits, group, a8, ternary) in KERNELS.items() if name in args.kernels}, "runs": runs}, indent=2) + "\n")
+    RESULTS.with_suffix(".md").write_text(
+        "# Low-bit kernels vs torch fp32 and ONNX Runtime\n\n"
+        f"`python benchmarks/kernels.py` on {machine['cpu']} ({all_threads} threads), torch {machine['torch']}; "
+        "medians of repeats; \"cold\" columns stream the weights from DRAM, the others are cache-warm. "
+        "Details in the script's docstring.\n\n" + text + "\n")
+    log.info("wrote %s and %s", RESULTS, RESULTS.with_suffix(".md"))
 
 
 if __name__ == "__main__":
