@@ -180,7 +180,8 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
         aten = ExportedProgramImporter.create_convert_map(self)
         return {**aten, "to.device": self._to_device, "new_ones.default": self._new_ones_typed,
                 "scaled_dot_product_attention.default": self._attention,
-                "diff.default": self._diff, **TorchFXImporter.create_convert_map(self)}
+                "diff.default": self._diff,
+                "cumsum.default": self._cumsum_promoted, **TorchFXImporter.create_convert_map(self)}
 
     def _new_ones_typed(self, node: fx.Node) -> relax.Expr:
         """``aten.new_ones(x, size, dtype=...)``: the upstream converter ignores ``dtype``."""
@@ -232,6 +233,14 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
             earlier = relax.op.strided_slice(x, axes=[dim], begin=[0], end=[length - 1])
             x = bb.emit(relax.op.subtract(later, earlier))
         return x
+
+    def _cumsum_promoted(self, node: fx.Node) -> relax.Expr:
+        """``aten.cumsum`` with torch's promotion: bool and integer inputs sum in int64 unless ``dtype`` is given."""
+        x = self.env[node.args[0]]
+        if "dtype" in node.kwargs or x.ty.dtype not in ("bool", "int8", "uint8", "int16", "int32"):
+            return self._cumsum(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        return self.block_builder.emit(relax.op.cumsum(x, dim, "int64"))
 
     def _to_device(self, node: fx.Node) -> relax.Expr:
         """``aten.to.device(x, device, dtype, ...)``: on one CPU device only the dtype can change."""

@@ -52,3 +52,18 @@ def test_diff_matches_torch() -> None:
     assert any(str(node.target) == "aten.diff.default" for node in gm.graph.nodes)
     runner = TVMBackend().compile(gm, (x,))
     torch.testing.assert_close(runner(x), gm(x), rtol=1e-6, atol=1e-6)
+
+
+class _MaskCumsum(nn.Module):
+    """Cumulative sums of a boolean and an int32 mask, which torch promotes to int64."""
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(mask > 0, dim=-1) + torch.cumsum(mask.to(torch.int32), dim=0)
+
+
+def test_cumsum_of_bool_promotes_to_int64() -> None:
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]])
+    gm = lowbit.trace(_MaskCumsum().eval(), (mask,), tracer="export")
+    got = TVMBackend().compile(gm, (mask,))(mask)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, gm(mask))
