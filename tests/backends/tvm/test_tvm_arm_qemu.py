@@ -77,3 +77,19 @@ def test_transformer_w4a16_runs_under_qemu(tmp_path) -> None:
         expected = compiled.graph(*built.example_inputs, **built.example_kwargs)
     expected = torch.utils._pytree.tree_leaves(expected)[0]  # the logits
     np.testing.assert_allclose(result.outputs[0], expected.numpy(), rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.slow
+def test_cli_runs_an_arm_artifact_on_an_emulated_device_behind_a_tracker(tmp_path, capsys) -> None:
+    """The deployment path: tracker, an aarch64 device registered under a key, ``lowbit run --rpc --key``."""
+    _emulator_or_skip()
+    from lowbit.cli import main
+
+    model, x = _model(), torch.randn(4, 128)
+    path = lowbit.compile(model, (x,), recipe="w4a16-arm").export(tmp_path / "w4a16")
+    np.savez(tmp_path / "x.npz", x.numpy())
+    with rpc.Tracker() as tracker, qemu.emulated_server(tracker=tracker.address, key="a76"):
+        code = main(["-q", "run", str(path), "--input", str(tmp_path / "x.npz"), "--rpc", str(tracker.address),
+                     "--key", "a76", "--timeout", "120", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "output 0: float32[4, 32]" in out and "(key 'a76')" in out
