@@ -1,6 +1,7 @@
 """The persistent tuning database: best knobs and measured trials per (target, kernel signature).
 
-One JSON file per canonical target (kind, mtriple, mcpu, mattr, num-cores, ...) under
+One JSON file per canonical target (kind, mtriple, mcpu, mattr, ..., and the size of
+TVM's thread pool the measurements ran with) under
 ``<cache dir>/tuning/``. A file holds a schema version, the target, the records and a
 SHA-256 checksum of the rest. Records are keyed by the kernel signature: kernel name,
 the version of its knob space (a hash of ``KNOBS``) and the layer spec.
@@ -28,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import tvm
 from tvm.target import Target, codegen
+
+from lowbit.backends.tvm.target import runs_on_host
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,9 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "tuned"
 #: Subdirectory of the cache dir that holds the tuning databases.
 SUBDIR = "tuning"
 #: Target attributes that identify the machine code and its measured speed.
-TARGET_KEYS: tuple[str, ...] = ("mtriple", "mcpu", "mattr", "num-cores", "arch", "max_num_threads")
+#: ``num-cores`` is left out: the x86 host target reads it from the process's CPU affinity, which
+#: changes within a process once TVM's thread pool pins threads; ``threads`` (below) replaces it.
+TARGET_KEYS: tuple[str, ...] = ("mtriple", "mcpu", "mattr", "arch", "max_num_threads")
 #: Operating-system parts of target triples (the vendor and ABI parts do not change the code's speed).
 OS_NAMES: tuple[str, ...] = ("linux", "darwin", "macos", "ios", "windows", "android", "freebsd", "none")
 
@@ -116,7 +122,11 @@ def signature_key(kernel: str, space: str, spec: Mapping[str, Any]) -> str:
 
 
 def canonical_target(target: Target) -> dict[str, Any]:
-    """The attributes of ``target`` that identify it, in a fixed form (sorted ``mattr``, explicit triple)."""
+    """The attributes of ``target`` that identify it, in a fixed form (sorted ``mattr``, ``arch-os`` triple).
+
+    For a target of this machine the size of TVM's thread pool (``TVM_NUM_THREADS``) is
+    part of it too: the best parallel tiling depends on it.
+    """
     attrs = target.attrs
     canon: dict[str, Any] = {"kind": target.kind.name}
     for key in TARGET_KEYS:
@@ -126,6 +136,8 @@ def canonical_target(target: Target) -> dict[str, Any]:
         canon[key] = sorted(str(v) for v in value) if key == "mattr" else value if isinstance(value, int) else str(value)
     if canon["kind"] == "llvm":
         canon["mtriple"] = _arch_and_os(str(canon.get("mtriple") or codegen.llvm_get_system_triple()))
+    if runs_on_host(target):
+        canon["threads"] = int(tvm.runtime.num_threads())  # measured at this thread-pool size
     return canon
 
 

@@ -110,18 +110,26 @@ class Tuner:
         self.database = TuningDatabase(self.target, directory, self.shipped)
         budget = self.options.max_seconds if self.options else None
         self._deadline = time.monotonic() + budget if budget else None
+        self._chosen: dict[str, dict[str, int] | None] = {}
         self.measured = 0
 
     def knobs(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, int] | None:
-        """The best recorded knobs for a layer (tuning first when enabled and unfinished); None: hand schedule."""
-        record = self.database.get(self._key(kernel, spec))
-        before = self.measured
-        if self.options is not None and self._unfinished(record):
-            record = self.tune(kernel, spec, tensors)
-        best = record.best if record else None
-        if record is not None:
-            self._report(kernel, record, best, spec, self.measured - before)
-        return dict(best.knobs) if best else None
+        """The best recorded knobs for a layer (tuning first when enabled and unfinished); None: hand schedule.
+
+        Layers of one signature share the answer: it is looked up (or tuned) once per tuner.
+        """
+        key = self._key(kernel, spec)
+        if key not in self._chosen:
+            record = self.database.get(key)
+            before = self.measured
+            if self.options is not None and self._unfinished(record):
+                record = self.tune(kernel, spec, tensors)
+            best = record.best if record else None
+            if record is not None:
+                self._report(kernel, record, best, spec, self.measured - before)
+            self._chosen[key] = dict(best.knobs) if best else None
+        chosen = self._chosen[key]
+        return dict(chosen) if chosen is not None else None
 
     def tune(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None]) -> TuningRecord:
         """Search ``kernel``'s knobs for ``spec`` until the trial budget, the time budget or the space runs out."""
