@@ -46,6 +46,8 @@ class CompileReport:
     pipeline: PipelineReport = field(default_factory=PipelineReport)
     #: Layers the backend ran on a slower correct path instead of its low-bit kernel: "layer: reason".
     fallbacks: list[str] = field(default_factory=list)
+    #: TVM kernel tuning: one `TuningResult` (kernel, spec, knobs, times, trials measured now) per kernel signature.
+    tuning: list[Any] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -62,6 +64,10 @@ class CompileReport:
             f"time              trace {self.trace_s:.2f}s, passes {self.passes_s:.2f}s, backend {self.backend_s:.2f}s",
         ]
         lines += [f"fallback          {item}" for item in self.fallbacks]
+        if self.tuning:
+            measured = sum(result.measured_now for result in self.tuning)
+            lines.append(f"tuning            {len(self.tuning)} kernel signature(s) from the tuning database, "
+                         f"{measured} candidate(s) measured by this compile")
         if self.pipeline.passes:
             lines += ["", self.pipeline.table()]
         return "\n".join(lines)
@@ -144,6 +150,7 @@ def compile(
         backend_s=backend_s,
         pipeline=pipeline.report,
         fallbacks=[f"{item.node}: {item.reason}" for item in getattr(runner, "fallbacks", [])],
+        tuning=list(getattr(runner, "tuning", [])),
     )
     info = {
         "recipe": report.recipe,
