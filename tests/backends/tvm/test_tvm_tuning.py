@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tvm
 import tvm_ffi
 from tvm.target import Target
 
@@ -236,11 +237,12 @@ def test_tuning_options_from_a_recipe_block():
 def test_database_key_is_the_canonical_target():
     same = [Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2", "+fma"], "num-cores": 2,
                     "mtriple": "x86_64-linux-gnu"}),
-            Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+fma", "+avx2"], "num-cores": 2,
+            Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+fma", "+avx2"], "num-cores": 1,
                     "mtriple": "x86_64-unknown-linux-gnu"})]
-    other = Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2", "+fma"], "num-cores": 4})
+    other = Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2"], "mtriple": "x86_64-linux-gnu"})
     names = {database_file_name(canonical_target(t)) for t in same}
     assert len(names) == 1 and database_file_name(canonical_target(other)) not in names
+    assert canonical_target(same[0])["threads"] == tvm.runtime.num_threads()  # measured with this thread pool
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -280,14 +282,15 @@ def test_second_compile_of_a_model_does_no_tuning(tmp_path, monkeypatch):
     model, x = _Net().eval(), torch.randn(4, 128)
     tune = {"trials": 2, "measure": measure.MeasureOptions(repeat=2, min_repeat_ms=1)}
     first = lowbit.compile(model, x, passes=[RTN(bits=4, group_size=64)], target="x86", tune=tune, cache_dir=tmp_path)
-    assert len(builds) >= 4 and len(first._runner.tuning) == 2
-    assert {r.measured_now for r in first._runner.tuning} == {2}
+    assert len(builds) >= 4 and len(first.report.tuning) == 2
+    assert {r.measured_now for r in first.report.tuning} == {2}
     builds.clear()
     second = lowbit.compile(model, x, passes=[RTN(bits=4, group_size=64)], target="x86", tune=tune, cache_dir=tmp_path)
-    assert builds == [] and {r.measured_now for r in second._runner.tuning} == {0}
-    assert [r.knobs for r in second._runner.tuning] == [r.knobs for r in first._runner.tuning]
+    assert builds == [] and {r.measured_now for r in second.report.tuning} == {0}
+    assert "0 candidate(s) measured" in str(second.report)
+    assert [r.knobs for r in second.report.tuning] == [r.knobs for r in first.report.tuning]
     hand = lowbit.compile(model, x, passes=[RTN(bits=4, group_size=64)], target="x86", tune=False, cache_dir=tmp_path)
-    assert hand._runner.tuning == []
+    assert hand.report.tuning == []
     torch.testing.assert_close(second(x), hand(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(second(x), second.graph(x), rtol=1e-4, atol=1e-5)  # the torch reference ops
