@@ -2,8 +2,9 @@
 
 ``"x86"`` is the machine compiling (LLVM's host CPU detection, so ``mcpu`` names the
 real micro-architecture and code uses every vector extension it has); ``"arm"`` is a
-generic aarch64 CPU with NEON and the dot-product extension; ``"cuda"`` is sm_80 with an
-x86 host. A TVM target dict (or a ``tvm.target.Target``) is passed through unchanged, so
+generic aarch64 CPU with NEON and the dot-product extension; ``"cuda"`` is sm_80 with a
+generic x86-64 host (choose another GPU with ``{"kind": "cuda", "arch": "sm_90"}``; sm_80
+and newer). A TVM target dict (or a ``tvm.target.Target``) is passed through unchanged, so
 users can name any other machine. TVM 0.27 only accepts targets as dicts or JSON, not
 the old ``"llvm -mcpu=..."`` strings.
 """
@@ -27,6 +28,10 @@ TARGET_NAMES: tuple[str, ...] = ("x86", "arm", "cuda")
 PORTABLE_X86_CPU = "x86-64-v3"
 ARM_TARGET: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
 CUDA_ARCH = "sm_80"
+#: Oldest CUDA compute capability the CUDA kernels are built for (Ampere: dp4a, async copies).
+MIN_CUDA_ARCH = 80
+#: Host side of CUDA modules (kernel launches, VM glue): generic x86-64, so any x86 GPU host runs it.
+CUDA_HOST: dict[str, Any] = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 
 
 def resolve_target(target: str | Mapping[str, Any] | Target) -> Target:
@@ -38,6 +43,8 @@ def resolve_target(target: str | Mapping[str, Any] | Target) -> Target:
     if isinstance(target, Mapping):
         if "kind" not in target:
             raise BackendError("a target dict needs a 'kind' key (e.g. {'kind': 'llvm', 'mcpu': 'znver3'})")
+        if target["kind"] == "cuda":
+            return _cuda_target(dict(target))
         return _make_target(dict(target))
     raise BackendError(f"a target is a name ({', '.join(TARGET_NAMES)}) or a TVM target dict, not {type(target).__name__}")
 
@@ -102,8 +109,27 @@ def _named_target(name: str) -> Target:
     if name == "arm":
         return _make_target(dict(ARM_TARGET))
     if name == "cuda":
-        return _make_target({"kind": "cuda", "arch": CUDA_ARCH}, host=x86_host_target())
+        return _cuda_target({"kind": "cuda", "arch": CUDA_ARCH})
     raise BackendError(f"unknown target '{name}'; choose one of {', '.join(TARGET_NAMES)} or a TVM target dict")
+
+
+def cuda_arch(target: Target) -> str:
+    """The ``sm_XX`` a CUDA target compiles for; `BackendError` for other kinds and for archs before sm_80."""
+    if target.kind.name != "cuda":
+        raise BackendError(f"expected a CUDA target, got kind '{target.kind.name}'")
+    arch = str(target.attrs["arch"])  # TVM checks its form (sm_XX) and sets a default
+    if int(arch[3:].rstrip("af")) < MIN_CUDA_ARCH:
+        raise BackendError(f"CUDA target {arch} is older than sm_{MIN_CUDA_ARCH}; the CUDA backend needs sm_80 or newer")
+    return arch
+
+
+def _cuda_target(spec: dict[str, Any]) -> Target:
+    """A CUDA target with the generic x86-64 host unless ``spec`` names one; the arch is checked."""
+    host = spec.pop("host", CUDA_HOST)
+    spec.setdefault("arch", CUDA_ARCH)
+    target = _make_target(spec, host=dict(host))
+    cuda_arch(target)
+    return target
 
 
 def _make_target(spec: dict[str, Any], host: dict[str, Any] | None = None) -> Target:
@@ -120,4 +146,4 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-__all__ = ["TARGET_NAMES", "float32_lanes", "has_features", "host_arch", "resolve_target", "runs_on_host", "target_arch", "x86_host_target"]
+__all__ = ["TARGET_NAMES", "cuda_arch", "float32_lanes", "has_features", "host_arch", "resolve_target", "runs_on_host", "target_arch", "x86_host_target"]
