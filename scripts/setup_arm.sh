@@ -38,7 +38,7 @@ packages=(
   libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 libkeyutils1
 )
 stamp="$root/.lowbit-arm-root"
-want="python3.11 tvm=$tvm_version ffi=$ffi_version numpy=$numpy_version typing_extensions=$typing_version cloudpickle=$cloudpickle_version packages=${packages[*]}"
+want="python3.11 bytecode tvm=$tvm_version ffi=$ffi_version numpy=$numpy_version typing_extensions=$typing_version cloudpickle=$cloudpickle_version packages=${packages[*]}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$root/usr/bin/python3.11" ]; then
   echo "setup_arm: $root is up to date"
   exit 0
@@ -67,6 +67,12 @@ echo "setup_arm: installing aarch64 wheels (apache-tvm $tvm_version, apache-tvm-
   --platform manylinux_2_28_aarch64 --python-version 3.11 --implementation cp --only-binary=:all: \
   "apache-tvm==$tvm_version" "apache-tvm-ffi==$ffi_version" "numpy==$numpy_version" \
   "typing_extensions==$typing_version" "cloudpickle==$cloudpickle_version"
+
+# Bytecode compiled by the host's Python 3.11 (same .pyc format): the emulated one would otherwise
+# compile every module on each start (PYTHONDONTWRITEBYTECODE, or a read-only root), ~3x slower.
+# Best effort: a module that does not compile here is compiled when imported.
+echo "setup_arm: compiling bytecode"
+"$python" -m compileall -q -j 0 "$root/site" "$root/usr/lib/python3.11" >/dev/null || true
 
 echo "setup_arm: checking the emulated Python"
 TVM_USE_RUNTIME_LIB=1 PYTHONPATH="$root/site" PYTHONNOUSERSITE=1 \
