@@ -24,7 +24,7 @@ from lowbit.backends.tvm.kernels import packed_linear
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.tuning import (
-    CACHE_ENV, TuningDatabase, TuningOptions, Tuner, default_cache_dir, measure,
+    CACHE_ENV, SHIPPED_DIR, TuningDatabase, TuningOptions, Tuner, default_cache_dir, measure,
 )
 from lowbit.backends.tvm.tuning.database import canonical_target, database_file_name, read_database
 from lowbit.backends.tvm.tuning.measure import Measurement
@@ -294,3 +294,13 @@ def test_second_compile_of_a_model_does_no_tuning(tmp_path, monkeypatch):
     torch.testing.assert_close(second(x), hand(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(second(x), second.graph(x), rtol=1e-4, atol=1e-5)  # the torch reference ops
+
+
+def test_shipped_databases_are_valid_and_named_by_their_target():
+    files = sorted(SHIPPED_DIR.glob("*.json"))
+    assert files, "the package ships a pre-tuned database"
+    for path in files:
+        stored = json.loads(path.read_text())["target"]
+        assert path.name == database_file_name(stored)
+        records = read_database(path, stored)
+        assert records and all(record.best is not None for record in records.values())
