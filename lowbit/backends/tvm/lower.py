@@ -18,6 +18,7 @@ unscheduled. Shapes are static: the module is specialized to the example inputs.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -37,23 +38,27 @@ from tvm.target import Target
 
 from lowbit.backends.tvm import fastmath, schedule
 from lowbit.backends.tvm.inline import inline_wrapped_regions
-from lowbit.backends.tvm.kernels import packed_linear
+from lowbit.backends.tvm.kernels import a8_linear, packed_linear
 from lowbit.backends.tvm.kernels.dense import dense_func
 from lowbit.backends.tvm.kernels.common import KernelPlan
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
-from lowbit.backends.tvm.target import float32_lanes
+from lowbit.backends.tvm.target import float32_lanes, target_arch
 from lowbit.errors import BackendError
-from lowbit.ir import ops, packing
+from lowbit.ir import ops, ops_a8, packing
 
 log = logging.getLogger(__name__)
 
 #: How the frontend names ``torch.ops.lowbit.linear_packed.default`` (``OpOverload.__name__``).
 LINEAR_PACKED_NAME = ops.linear_packed.__name__
+#: ... and ``torch.ops.lowbit.linear_packed_a8.default`` (int8 activations).
+LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
+#: The int8-activation kernel module of each CPU architecture (`kernels.common` plan contract).
+A8_KERNELS = {"x86_64": "lowbit.backends.tvm.kernels.a8_linear", "aarch64": "lowbit.backends.tvm.kernels.a8_linear_arm"}
 
 
 @dataclass(frozen=True)
 class LoweredLinear:
-    """How one ``linear_packed`` call was lowered: ``kernel`` is ``"packed"`` or ``"dense"``."""
+    """How one ``linear_packed``/``linear_packed_a8`` call was lowered: ``kernel`` is ``"packed"``, ``"packed_a8"`` or ``"dense"``."""
 
     node: str
     spec: PackedLinearSpec
@@ -99,7 +104,8 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     input_info = [(spec.shape, spec.dtype) for spec in inputs]
     try:
         mod = _GraphImporter().from_fx(gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True,
-                                       no_bind_return_tuple=False, custom_convert_map={LINEAR_PACKED_NAME: converter})
+                                       no_bind_return_tuple=False, custom_convert_map={LINEAR_PACKED_NAME: converter,
+                                                                             LINEAR_PACKED_A8_NAME: converter})
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
         raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
     lowering = Lowering(mod, target, inputs, converter.linears)
@@ -250,7 +256,12 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
 
 
 class _PackedLinearConverter:
-    """``custom_convert_map`` entry: ``linear_packed`` node → ``call_tir`` of a kernel."""
+    """``custom_convert_map`` entry: ``linear_packed``/``linear_packed_a8`` node → ``call_tir`` of a kernel.
+
+    An int8-activation layer whose layout the architecture's A8 kernel does not take runs
+    as the reference's fake-quantized input (`a8_linear.fake_quant_func`) times the
+    dequantized weight on the dense kernel.
+    """
 
     def __init__(self, gm: fx.GraphModule, target: Target, tuner: Any = None) -> None:
         self.gm = gm
@@ -264,13 +275,16 @@ class _PackedLinearConverter:
         x = importer.env[call["x"]]
         if x.ty.dtype != "float32":
             raise BackendError(f"node '{node.name}': the TVM kernels take float32 activations, got {x.ty.dtype}")
-        tensors = {name: self._tensor(call[name]) for name in ("qweight", "scales", "zeros", "g_idx", "bias")}
+        a8 = node.target is ops_a8.linear_packed_a8
+        names = ("qweight", "scales", "zeros", "g_idx", "bias") + (("act_scale",) if a8 else ())
+        tensors = {name: self._tensor(call[name]) for name in names}
         x_shape = [int(d) for d in x.ty.shape]
         rows = math.prod(x_shape[:-1])
         spec = PackedLinearSpec(
             batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0],
             bits=call["bits"], group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
             has_bias=tensors["bias"] is not None, has_g_idx=tensors["g_idx"] is not None,
+            act_bits=8 if a8 else None, act_dynamic=tensors.get("act_scale") is None,
         )
         bb = importer.block_builder
         x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_features))) if len(x_shape) != 2 else x
@@ -280,12 +294,14 @@ class _PackedLinearConverter:
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
         """``call_tir`` of the packed kernel's plan, or of the dense kernel when the layout needs the fallback."""
-        planned = self._plan(packed_linear, spec, tensors)
+        planned = self._plan(packed_linear, spec, tensors) if spec.act_bits is None else self._plan_a8(spec, tensors)
         reason = planned if isinstance(planned, str) else None
         if isinstance(planned, KernelPlan):
-            kernel, func, consts = "packed", planned.func, planned.consts
+            kernel, func, consts = "packed" if spec.act_bits is None else "packed_a8", planned.func, planned.consts
         else:
             log.info("node '%s': dense fallback (%s)", name, reason)
+            if spec.act_bits is not None:
+                x = bb.emit(self._fake_quant(bb, x, spec, tensors["act_scale"]))
             kernel, func = "dense", dense_func(spec.batch, spec.in_features, spec.out_features, spec.has_bias,
                                                self.lanes)
             consts = [_dequantized_transpose(spec, tensors)] + [t for t in (tensors["bias"],) if t is not None]
@@ -293,6 +309,21 @@ class _PackedLinearConverter:
         gvar = bb.add_func(func, f"lowbit_{kernel}_linear")
         args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
         return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32"))
+
+    def _plan_a8(self, spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
+        """The plan of the target architecture's int8-activation kernel, or why there is none."""
+        arch = target_arch(self.target)
+        if arch not in A8_KERNELS:
+            return f"no int8-activation kernel for {arch}"
+        return self._plan(importlib.import_module(A8_KERNELS[arch]), spec, tensors)
+
+    def _fake_quant(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec,
+                    act_scale: torch.Tensor | None) -> relax.Call:
+        """``call_tir`` computing the reference's fake-quantized input ``x̂`` (the dense fallback's input)."""
+        gvar = bb.add_func(a8_linear.fake_quant_func(spec.batch, spec.in_features, act_scale is None),
+                           "lowbit_fake_quant_a8")
+        args = [x] + ([] if act_scale is None else [relax.const(act_scale.reshape(1).numpy())])
+        return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.in_features), "float32"))
 
     def _plan(self, kernel: ModuleType, spec: PackedLinearSpec,
               tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
@@ -332,4 +363,4 @@ def _check_inputs(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return inputs
 
 
-__all__ = ["LINEAR_PACKED_NAME", "InputSpec", "LoweredLinear", "Lowering", "input_specs", "build", "lower", "schedule_module", "unscheduled_functions"]
+__all__ = ["A8_KERNELS", "LINEAR_PACKED_A8_NAME", "LINEAR_PACKED_NAME", "InputSpec", "LoweredLinear", "Lowering", "input_specs", "build", "lower", "schedule_module", "unscheduled_functions"]
