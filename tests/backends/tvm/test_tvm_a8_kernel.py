@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import tvm
 from tvm.target import Target
 
+import lowbit
 from lowbit.backends.tvm.kernels import a8_linear, intrin_x86
 from lowbit.backends.tvm.kernels.common import KernelPlan
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
@@ -178,3 +181,44 @@ def test_fallback_input_is_the_reference_fake_quant(dynamic: bool) -> None:
     lib["fq"](*args, out)
     assert torch.equal(torch.from_numpy(out.numpy()), ops_a8.fake_quantize_activation(x, step))
 
+
+
+class _Mlp(torch.nn.Module):
+    """Two layers the int8 kernel takes and one (60 outputs, not a multiple of 8) it leaves to the fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.head = torch.nn.Linear(K, 128), torch.nn.Linear(128, N), torch.nn.Linear(N, 60)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.down(torch.relu(self.up(x)))))
+
+
+def _compile_recipe(recipe: str, tmp_path: Path) -> tuple[lowbit.CompiledModel, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    x = torch.randn(2, 5, K)
+    calibration = [(torch.randn(2, 5, K),) for _ in range(4)]
+    compiled = lowbit.compile(model, (x,), recipe=recipe, calibration=calibration, tune=False, cache_dir=tmp_path)
+    return compiled, x
+
+
+def _check_end_to_end(recipe: str, tmp_path: Path) -> None:
+    compiled, x = _compile_recipe(recipe, tmp_path)
+    with torch.no_grad():
+        ref = compiled.graph(x)
+    got = compiled(x)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    assert [item.split("_")[0] for item in compiled.report.fallbacks] == ["head"], compiled.report.fallbacks
+    assert "not a multiple of 8" in compiled.report.fallbacks[0]
+
+
+def test_w2a8_recipe_compiles_to_the_int8_kernel(tmp_path: Path) -> None:
+    """``lowbit.compile(recipe="w2a8-x86")`` runs end to end and matches the torch reference graph."""
+    _check_end_to_end("w2a8-x86", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["w4a8-x86", "w8a8-x86", "w1.58a8-x86"])
+def test_other_a8_recipes_compile_end_to_end(recipe: str, tmp_path: Path) -> None:
+    _check_end_to_end(recipe, tmp_path)
