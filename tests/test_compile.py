@@ -124,7 +124,7 @@ def test_failed_export_leaves_no_directory(net, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"target": "cuda"}, BackendError, "does not lower for CUDA"),
+        ({"target": {"kind": "cuda", "arch": "sm_75"}}, BackendError, "older than sm_80"),
         ({"target": "tpu"}, BackendError, "unknown target 'tpu'"),
         ({"recipe": "w4a8-x86", "target": "torch"}, CalibrationError, "gptq need calibration data"),
         ({"recipe": "w4a16-x86", "passes": ["rtn"]}, LowbitError, "either recipe= or passes="),

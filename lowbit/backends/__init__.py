@@ -1,7 +1,4 @@
-"""Backends: ``torch`` runs the graph as the reference; ``x86``/``arm`` (and TVM target dicts) go through TVM.
-
-CUDA is a known target name but is not lowered yet: asking for it is a `BackendError`.
-"""
+"""Backends: ``torch`` runs the graph as the reference; ``x86``/``arm``/``cuda`` (and TVM target dicts) go through TVM."""
 
 from __future__ import annotations
 
@@ -32,11 +29,6 @@ def get_backend(target: str | Mapping[str, Any]) -> Any:
         from lowbit.backends.torch import TorchBackend
 
         return TorchBackend()
-    if target == "cuda" or (isinstance(target, dict) and target["kind"] == "cuda"):
-        raise BackendError(
-            f"target {target!r}: the TVM backend does not lower for CUDA yet (it needs GPU schedules with thread "
-            "bindings for every operator and CUDA versions of the packed kernels); use 'x86', 'arm' or 'torch'"
-        )
     from lowbit.backends.tvm import TVMBackend
 
     return TVMBackend(target)

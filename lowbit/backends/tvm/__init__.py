@@ -11,7 +11,9 @@ Parts: `target` (lowbit target names → TVM targets), `kernels` (TIR generators
 `schedule` (default CPU schedules for fp32 operators), `lower` (GraphModule → Relax,
 build). The module is specialized to the shapes of the example inputs. LLVM CPU
 targets compile (``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules
-for this machine's architecture run in-process; CUDA is not lowered yet. Saved
+for this machine's architecture run in-process; ``cuda`` (or ``{"kind": "cuda", "arch":
+"sm_90"}``) builds CUDA kernels (`cuda`: a `cuda.CUDARunner`, runnable where there is a
+GPU; its export compiles the kernels with nvcc into a fatbin next to the library). Saved
 modules are shared libraries with the weights embedded as constants; loading checks
 that this machine has the architecture and CPU features the library was built for.
 TVM's thread pool uses half the hardware threads unless ``TVM_NUM_THREADS`` is set.
@@ -34,6 +36,7 @@ from tvm.support import cc
 from tvm.target import Target
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is lowered)
+from lowbit.backends.tvm import cuda
 from lowbit.backends.tvm.lower import InputSpec, LoweredLinear, build, lower
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import has_features, host_arch, resolve_target, target_arch, x86_host_target
@@ -128,6 +131,9 @@ class TVMBackend:
         ``rpc``, ...) or `tuning.TuningOptions` also tunes the kernels that have no
         finished record (see `lowbit.backends.tvm.tuning`).
         """
+        if self.target.kind.name == "cuda" and tune and not cuda.cuda_available():
+            raise BackendError("tuning CUDA kernels measures them on a GPU and this machine has none; "
+                               "compile with tune=None (recorded knobs) or tune=False (hand schedules)")
         tuner = None
         if tune is not False:
             tuner = Tuner(self.target, cache_dir if cache_dir is not None else default_cache_dir(),
@@ -137,6 +143,9 @@ class TVMBackend:
         finally:
             if tuner is not None:
                 tuner.close()
+        if self.target.kind.name == "cuda":
+            built = cuda.build(lowering)
+            return cuda.CUDARunner(built.executable, self.target, lowering.inputs, lowering.linears, built.source)
         with torch.no_grad():
             executable = build(lowering)
         for linear in lowering.fallbacks:
@@ -150,6 +159,8 @@ class TVMBackend:
         Libraries for aarch64 are linked with the cross compiler ``aarch64-linux-gnu-g++``.
         """
         directory = Path(directory)
+        if isinstance(runner, cuda.CUDARunner):
+            return cuda.save(runner, directory)
         fcompile = None
         if runner.arch != host_arch():
             if runner.arch != "aarch64":
@@ -172,6 +183,8 @@ class TVMBackend:
         """A runner for a saved library, after checking this machine can run it (architecture, CPU features)."""
         directory = Path(directory)
         signature = json.loads((directory / SIGNATURE_FILE).read_text())
+        if signature["arch"] == "cuda":
+            return cuda.load(directory, self.target)
         arch, features = signature["arch"], signature["features"]
         if arch != host_arch():
             raise ArtifactError(f"{directory} holds a library for {arch}; this machine is {host_arch()}. "

@@ -96,8 +96,12 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
     kernel; without it every kernel uses its hand schedule.
     """
+    if target.kind.name == "cuda":
+        from lowbit.backends.tvm import cuda  # builds on this module's importer
+
+        return cuda.lower(gm, example_inputs, target, tuner)
     if target.kind.name != "llvm":
-        raise BackendError(f"the TVM backend lowers for CPU (llvm) targets so far, not '{target.kind.name}'")
+        raise BackendError(f"the TVM backend lowers for CPU (llvm) and CUDA targets, not '{target.kind.name}'")
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
     converter = _PackedLinearConverter(gm, target, tuner)

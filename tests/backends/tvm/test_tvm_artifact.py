@@ -98,7 +98,8 @@ def test_arm_export_without_cross_compiler_names_the_package(tmp_path, monkeypat
         TVMBackend("arm").save(runner, tmp_path)
 
 
-def test_cuda_is_a_clear_backend_error() -> None:
+def test_cuda_goes_through_tvm_from_sm80_on() -> None:
     for target in ("cuda", {"kind": "cuda", "arch": "sm_90"}):
-        with pytest.raises(BackendError, match="does not lower for CUDA"):
-            get_backend(target)
+        assert get_backend(target).target.kind.name == "cuda"
+    with pytest.raises(BackendError, match="older than sm_80"):
+        get_backend({"kind": "cuda", "arch": "sm_75"})
