@@ -46,6 +46,7 @@ class FakeRunner:
     def __init__(self, stop_after: int | None = None, wrong: bool = False) -> None:
         self.calls: list[int] = []
         self.outputs = 0
+        self.compared: list[int] = []
         self.stop_after = stop_after
         self.wrong = wrong
 
@@ -58,6 +59,10 @@ class FakeRunner:
         if self.wrong and len(self.calls) > 1:
             output += 1.0
         return Measurement(1e-3 + (digest % 997) * 1e-6, output)
+
+    def compare(self, kernels, rounds: int) -> list[float]:
+        self.compared.append(len(kernels))
+        return [1e-3 + (tvm_ffi.structural_hash(func) % 997) * 1e-6 for func, _ in kernels]
 
     def output(self, func, consts) -> np.ndarray:
         self.outputs += 1
@@ -90,6 +95,7 @@ def test_tuning_records_best_knobs_and_a_second_tuner_measures_nothing(target, t
     assert record.trials[0].knobs == packed_linear.default_knobs(SPEC, target)  # the hand schedule comes first
     assert knobs == record.best.knobs
     assert min(t.seconds for t in record.trials if t.seconds is not None) == record.best.seconds
+    assert record.confirmed and runner.compared in ([3], [4])  # the three fastest and the hand schedule, again
 
     again = FakeRunner()
     second = tuner(target, tmp_path, 4, again)

@@ -75,13 +75,15 @@ class Trial:
 
 @dataclass
 class TuningRecord:
-    """Everything tried for one kernel signature; ``exhausted`` once the whole knob space was tried."""
+    """Everything tried for one kernel signature; ``exhausted`` once the whole knob space was tried,
+    ``confirmed`` once the finalists were timed again side by side (their times replaced)."""
 
     kernel: str
     space: str
     spec: dict[str, Any]
     trials: list[Trial] = field(default_factory=list)
     exhausted: bool = False
+    confirmed: bool = False
 
     @property
     def key(self) -> str:
@@ -103,7 +105,7 @@ class TuningRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "space": self.space, "spec": self.spec, "exhausted": self.exhausted,
-                "trials": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in self.trials]}
+                "confirmed": self.confirmed, "trials": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in self.trials]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TuningRecord":
@@ -113,7 +115,8 @@ class TuningRecord:
                 raise CorruptDatabase(f"unknown trial outcome {item['outcome']!r}")
             trials.append(Trial({str(k): int(v) for k, v in item["knobs"].items()}, item["outcome"],
                                 item.get("seconds"), item.get("error"), item.get("func_hash")))
-        return cls(str(data["kernel"]), str(data["space"]), dict(data["spec"]), trials, bool(data["exhausted"]))
+        return cls(str(data["kernel"]), str(data["space"]), dict(data["spec"]), trials, bool(data["exhausted"]),
+                   bool(data.get("confirmed", False)))
 
 
 def signature_key(kernel: str, space: str, spec: Mapping[str, Any]) -> str:
@@ -270,7 +273,8 @@ def _checksum(data: Mapping[str, Any]) -> str:
 def _merge(theirs: TuningRecord, mine: TuningRecord) -> TuningRecord:
     """Both processes' trials (mine first, theirs for knobs I did not try)."""
     trials = list(mine.trials) + [t for t in theirs.trials if not mine.tried(t.knobs)]
-    return dataclasses.replace(mine, trials=trials, exhausted=mine.exhausted or theirs.exhausted)
+    return dataclasses.replace(mine, trials=trials, exhausted=mine.exhausted or theirs.exhausted,
+                               confirmed=mine.confirmed or theirs.confirmed)
 
 
 __all__ = ["CorruptDatabase", "OUTCOMES", "SCHEMA_VERSION", "SHIPPED_DIR", "Trial", "TuningDatabase", "TuningRecord",

@@ -107,6 +107,18 @@ class LocalRunner:
         """The kernel's output on the fixed inputs, untimed (the reference a candidate is checked against)."""
         return _run(build(func, self.target).jit(), tvm.cpu(), example_arguments(func, consts))[1]
 
+    def compare(self, kernels: Sequence[tuple[tirx.PrimFunc, Sequence[torch.Tensor]]], rounds: int) -> list[float]:
+        """Median seconds of each kernel, built once and timed in turn for ``rounds`` rounds.
+
+        Alternating makes the times comparable on a machine whose load drifts over minutes.
+        """
+        built = [(build(func, self.target).jit(), example_arguments(func, consts)) for func, consts in kernels]
+        times: list[list[float]] = [[] for _ in built]
+        for _ in range(rounds):
+            for index, (module, arrays) in enumerate(built):
+                times[index].append(_time(module, tvm.cpu(), arrays, self.options).seconds)
+        return [statistics.median(t) for t in times]
+
     def close(self) -> None:
         """Nothing to release locally."""
 
@@ -127,6 +139,14 @@ class RPCRunner:
     def output(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> np.ndarray:
         """The kernel's output on the fixed inputs, untimed, computed on the device."""
         return self._remote(func, consts, lambda module, dev, arrays: _run(module, dev, arrays)[1])
+
+    def compare(self, kernels: Sequence[tuple[tirx.PrimFunc, Sequence[torch.Tensor]]], rounds: int) -> list[float]:
+        """Median seconds of each kernel, measured on the device in turn for ``rounds`` rounds."""
+        times: list[list[float]] = [[] for _ in kernels]
+        for _ in range(rounds):
+            for index, (func, consts) in enumerate(kernels):
+                times[index].append(self.measure(func, consts).seconds)
+        return [statistics.median(t) for t in times]
 
     def _remote(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor], use: Callable[[Any, Any, Any], T]) -> T:
         """Build ``func``, upload it and apply ``use(module, device, arrays)`` on the device."""

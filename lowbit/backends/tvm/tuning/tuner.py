@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: A candidate whose output differs from the hand schedule's by more than this (relative to its max) is wrong.
 OUTPUT_TOLERANCE = 1e-3
+#: When a search ends, the fastest ``FINALISTS`` candidates and the hand schedule are timed again in turn,
+#: ``CONFIRM_ROUNDS`` rounds: one-off times taken minutes apart on a shared machine do not compare fairly.
+FINALISTS = 3
+CONFIRM_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,8 @@ class Tuner:
             self.database.commit(record)
             if knobs is not None:
                 self._log_trial(record, trials)
+        if (record.exhausted or record.counted >= trials) and not record.confirmed:
+            self._confirm(kernel, spec, tensors, record, default)
         return record
 
     def close(self) -> None:
@@ -189,6 +195,22 @@ class Tuner:
             return Trial(knobs, "failed", error=wrong, func_hash=func_hash)
         return Trial(knobs, "measured", measured.seconds, func_hash=func_hash)
 
+    def _confirm(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None],
+                 record: TuningRecord, default: Mapping[str, int]) -> None:
+        """Time the finalists (fastest candidates and the hand schedule) side by side; keep those times."""
+        timed = sorted((t for t in record.trials if t.outcome == "measured"), key=lambda t: t.seconds)
+        finalists = timed[:FINALISTS] + [t for t in timed[FINALISTS:] if t.knobs == dict(default)]
+        if len(finalists) > 1:
+            plans = [kernel.plan(spec, tensors, self.target, knobs=t.knobs) for t in finalists]
+            seconds = self._runner().compare([(p.func, p.consts) for p in plans], CONFIRM_ROUNDS)
+            by_hash = {t.func_hash: s for t, s in zip(finalists, seconds)}
+            record.trials = [dataclasses.replace(t, seconds=by_hash[t.func_hash])
+                             if t.func_hash in by_hash and t.seconds is not None else t for t in record.trials]
+            log.info("tuning %s: finalists timed again in turn: %s", record.kernel,
+                     ", ".join(f"{t.knobs} {s * 1e3:.3f} ms" for t, s in zip(finalists, seconds)))
+        record.confirmed = True
+        self.database.commit(record)
+
     def _check(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
                default: Mapping[str, int], output: np.ndarray, reference: list[np.ndarray]) -> str | None:
         """Why ``output`` is wrong compared with the hand schedule's output (computed once), or None."""
@@ -215,7 +237,8 @@ class Tuner:
 
     def _unfinished(self, record: TuningRecord | None) -> bool:
         trials = self.options.trials if self.options else 0
-        return trials > 0 and (record is None or (not record.exhausted and record.counted < trials))
+        return trials > 0 and (record is None or not record.confirmed or
+                               (not record.exhausted and record.counted < trials))
 
     def _key(self, kernel: ModuleType, spec: Any) -> str:
         return signature_key(kernel_name(kernel), space_version(kernel.KNOBS), _spec_dict(spec))
