@@ -15,10 +15,11 @@ turns every lowbit linear into a ``call_tir`` of a CUDA kernel plan:
 Every other operator is legalized and scheduled by TVM's dlight GPU rules (Matmul,
 GEMV, Reduction, GeneralReduction, Fallback); a PrimFunc left without thread bindings
 is a `BackendError`. The build keeps the generated CUDA source (TVM compiles it to a
-device binary only where a CUDA driver is loaded); `CUDARunner.export_binary` and
-`save` compile it with ``nvcc`` into a fatbin (SASS for the target's ``sm_XX`` plus its
-PTX, so newer GPUs can JIT it). `load` refuses on a machine without a CUDA device and
-otherwise hands TVM's runtime the shipped fatbin instead of compiling the source again.
+device binary only where a CUDA driver is loaded, and then through `nvcc_compile`);
+`save` compiles it with ``nvcc`` into a fatbin (SASS for the target's ``sm_XX`` plus its
+PTX, so newer GPUs can JIT it) written next to the library. `load` refuses on a machine
+without a CUDA device and otherwise hands TVM's runtime the shipped fatbin instead of
+compiling the source again.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ import math
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
 import tvm
 import tvm_ffi
+from torch import fx
 from torch.fx.operator_schemas import normalize_function
 from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
@@ -51,15 +53,21 @@ from lowbit.backends.tvm.inline import inline_wrapped_regions
 from lowbit.backends.tvm.kernels import cuda_a8_linear, cuda_linear
 from lowbit.backends.tvm.kernels.common import KernelPlan
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
-from lowbit.backends.tvm.lower import LINEAR_PACKED_NAME, InputSpec, LoweredLinear, Lowering, _GraphImporter, input_specs
+from lowbit.backends.tvm.lower import (
+    LINEAR_PACKED_A8_NAME,
+    LINEAR_PACKED_NAME,
+    InputSpec,
+    LoweredLinear,
+    Lowering,
+    _GraphImporter,
+    input_specs,
+)
 from lowbit.backends.tvm.target import cuda_arch
 from lowbit.errors import ArtifactError, BackendError
 from lowbit.ir import ops_a8, packing
 
 log = logging.getLogger(__name__)
 
-#: How the frontend names ``torch.ops.lowbit.linear_packed_a8.default``.
-LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
 LIBRARY_FILE = "model.so"
 FATBIN_FILE = "kernels.fatbin"
 SIGNATURE_FILE = "signature.json"
@@ -409,6 +417,19 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["CUDABuild", "CUDARunner", "FATBIN_FILE", "LIBRARY_FILE", "LINEAR_PACKED_A8_NAME", "SIGNATURE_FILE",
-           "build", "cuda_available", "gpu_rules", "load", "lower", "nvcc_compile", "save", "schedule_module",
-           "unbound_functions"]
+__all__ = [
+    "FATBIN_FILE",
+    "LIBRARY_FILE",
+    "SIGNATURE_FILE",
+    "CUDABuild",
+    "CUDARunner",
+    "build",
+    "cuda_available",
+    "gpu_rules",
+    "load",
+    "lower",
+    "nvcc_compile",
+    "save",
+    "schedule_module",
+    "unbound_functions",
+]

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import lowbit
 from lowbit import zoo
@@ -62,7 +62,7 @@ def test_a_llama_block_compiles_with_int8_kernels() -> None:
     compiled = lowbit.compile(llama.model, (), example_kwargs=llama.example_kwargs, recipe="w1.58a8-cuda")
     runner = compiled._runner
     assert len(runner.linears) == 14 and {linear.kernel for linear in runner.linears} == {"cuda_a8_linear"}
-    assert len(re.findall(r'^extern "C" __global__ .*\{$', runner.source, flags=re.M)) > 20
+    assert len(re.findall(r'^extern "C" __global__ .*\{$', runner.source, flags=re.MULTILINE)) > 20
 
 
 def test_unsupported_layout_falls_back_with_its_reason() -> None:
@@ -72,6 +72,13 @@ def test_unsupported_layout_falls_back_with_its_reason() -> None:
     assert [linear.kernel for linear in compiled._runner.fallbacks] == ["dense", "dense"]
     assert "straddle" in compiled._runner.fallbacks[0].reason
     assert "straddle" in str(compiled.report)
+
+
+def test_int8_layer_without_a_kernel_falls_back_on_fake_quantized_input() -> None:
+    passes = [registry.get("rtn", bits=3, group_size=64), registry.get("quantize_activations", bits=8)]
+    compiled = lowbit.compile(_mlp(), (torch.randn(4, 256),), passes=passes, target="cuda")
+    assert [linear.kernel for linear in compiled._runner.fallbacks] == ["dense", "dense"]
+    assert "lowbit_fake_quantize" in compiled._runner.source and "__dp4a" not in compiled._runner.source
 
 
 def test_old_gpus_and_tuning_without_a_gpu_are_refused() -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import lowbit
-import lowbit.ir.ops_a8  # noqa: F401  (registers torch.ops.lowbit.linear_packed_a8)
+import lowbit.ir.ops_a8  # registers torch.ops.lowbit.linear_packed_a8
 from lowbit.backends.tvm import TVMBackend, cuda
 from lowbit.ir import packing
 

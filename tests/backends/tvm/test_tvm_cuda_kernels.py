@@ -13,7 +13,6 @@ import torch
 import tvm
 from tvm import relax, te
 
-import lowbit.ir.ops_a8  # noqa: F401  (registers torch.ops.lowbit.linear_packed_a8)
 from lowbit.backends.tvm import cuda
 from lowbit.backends.tvm.kernels import cuda_a8_linear, cuda_linear
 from lowbit.backends.tvm.kernels.common import KernelPlan
@@ -21,7 +20,7 @@ from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.lower import Lowering
 from lowbit.backends.tvm.target import cuda_arch, resolve_target
 from lowbit.errors import BackendError
-from lowbit.ir import packing
+from lowbit.ir import ops_a8, packing
 
 TARGET = resolve_target("cuda")
 
@@ -68,6 +67,18 @@ def test_a8_arithmetic_is_bit_exact_against_the_reference(bits: int, group: int,
     assert torch.equal(torch.from_numpy(out.numpy()), expected)
 
 
+@pytest.mark.parametrize("act_scale", [None, torch.tensor(0.0371)])
+def test_fallback_fake_quantization_is_bit_exact(act_scale: torch.Tensor | None) -> None:
+    """The input that A8 layers on the fallback path multiply: the reference's ``x̂`` exactly."""
+    x = torch.randn(3, 200) * 3
+    step = None if act_scale is None else float(act_scale)
+    func = cuda_a8_linear.fake_quantize_compute(3, 200, step, cuda_a8_linear.PlainArithmetic())
+    out = tvm.runtime.tensor(np.zeros((3, 200), "float32"))
+    tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"](tvm.runtime.tensor(x.numpy()), out)
+    assert torch.equal(torch.from_numpy(out.numpy()), ops_a8.fake_quantize_activation(x, act_scale))
+    assert "__fdiv_rn" in _source(cuda_a8_linear.fake_quantize_func(3, 200, step))
+
+
 def test_w4a16_gemv_source_has_warp_reduction_and_vector_loads() -> None:
     spec, tensors, _ = _layer(1, 64, 512, 4, 128, False, seed=0, a8=False)
     planned = cuda_linear.plan(spec, tensors, TARGET)
@@ -91,7 +102,7 @@ def test_a8_source_uses_dp4a_and_rounded_intrinsics() -> None:
     for needle in ("__dp4a", "__fmul_rn", "__fadd_rn", "__fdiv_rn", "__float2int_rn", "__shfl_down_sync",
                    "threadIdx.y"):
         assert needle in src, needle
-    kernels = re.findall(r'^extern "C" __global__ .*\{$', src, flags=re.M)
+    kernels = re.findall(r'^extern "C" __global__ .*\{$', src, flags=re.MULTILINE)
     assert len(kernels) == 4  # scale, codes, group sums, product
 
 

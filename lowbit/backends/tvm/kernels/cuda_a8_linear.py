@@ -36,14 +36,24 @@ half-integer zero points; `unsupported_reason` names anything else.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.common import KernelPlan, divisor_at_most, finish, power_of_two_divisor, resolve_knobs
-from lowbit.backends.tvm.kernels.cuda_linear import SHARED_BYTES, codes_per_word, packed_words
+from lowbit.backends.tvm.kernels.common import (
+    KernelPlan,
+    divisor_at_most,
+    finish,
+    power_of_two_divisor,
+    resolve_knobs,
+)
+from lowbit.backends.tvm.kernels.cuda_linear import (
+    SHARED_BYTES,
+    codes_per_word,
+    packed_words,
+)
 from lowbit.backends.tvm.kernels.cuda_linear import unsupported_reason as weight_reason
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.ir.ops_a8 import ACT_EPS, ACT_QMAX, ACT_QMIN
@@ -194,8 +204,9 @@ def _signed_byte(value: tirx.PrimExpr, j: int) -> tirx.PrimExpr:
 
 
 def a8_linear_compute(spec: PackedLinearSpec, has_zz: bool, step: float | None, parts: int = 1,
-                      arith: Arithmetic = Arithmetic()) -> tirx.PrimFunc:
-    """The unscheduled stages of the module doc, arguments as in `cuda_a8_linear_func`."""
+                      arith: Arithmetic | None = None) -> tirx.PrimFunc:
+    """The unscheduled stages of the module doc, arguments as in `cuda_a8_linear_func` (CUDA intrinsics by default)."""
+    arith = arith or Arithmetic()
     m_rows, n_out, k_in, bits = spec.batch, spec.out_features, spec.in_features, spec.bits
     cw, pb = codes_per_word(bits), 8 // bits
     words, groups = k_in // cw, spec.groups
@@ -287,13 +298,10 @@ def _activation_codes(x: te.Tensor, step: float | None, arith: Arithmetic) -> tu
     return None, static_code
 
 
-def fake_quantize_func(batch: int, in_features: int, step: float | None) -> tirx.PrimFunc:
-    """``x̂ = x_int / s`` (or ``x_int · Δ``): the fallback's input, a float32 ``(M, K)`` → ``(M, K)`` kernel.
-
-    Layers the dp4a kernel cannot take multiply ``x̂`` by their dequantized weight, which
-    equals the reference up to float32 rounding.
-    """
-    arith = Arithmetic()
+def fake_quantize_compute(batch: int, in_features: int, step: float | None,
+                          arith: Arithmetic | None = None) -> tirx.PrimFunc:
+    """``x̂ = x_int / s`` (or ``x_int · Δ``) unscheduled: float32 ``(M, K)`` → ``(M, K)`` (CUDA intrinsics by default)."""
+    arith = arith or Arithmetic()
     x = te.placeholder((batch, in_features), "float32", name="x")
     scale, code = _activation_codes(x, step, arith)
 
@@ -301,8 +309,16 @@ def fake_quantize_func(batch: int, in_features: int, step: float | None) -> tirx
         value = code(m, k).astype("float32")
         return arith.fdiv(value, scale[m]) if scale is not None else arith.fmul(value, tirx.const(step, "float32"))
 
-    xhat = te.compute((batch, in_features), decoded, name="xhat")
-    sch = s_tir.Schedule(te.create_prim_func([x, xhat]))
+    return te.create_prim_func([x, te.compute((batch, in_features), decoded, name="xhat")])
+
+
+def fake_quantize_func(batch: int, in_features: int, step: float | None) -> tirx.PrimFunc:
+    """The scheduled `fake_quantize_compute`: the fallback's input for layers the dp4a kernel cannot take.
+
+    They multiply ``x̂`` by their dequantized weight, which equals the reference up to
+    float32 rounding.
+    """
+    sch = s_tir.Schedule(fake_quantize_compute(batch, in_features, step))
     _schedule_activations(sch, in_features, step is None, ["xhat"])
     return finish(sch.mod["main"], None)
 
@@ -398,4 +414,5 @@ def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
 
 
 __all__ = ["KERNEL_NAME", "KNOBS", "Arithmetic", "PlainArithmetic", "a8_linear_compute", "centre",
-           "cuda_a8_linear_func", "default_knobs", "fake_quantize_func", "off_centre", "plan", "unsupported_reason"]
+           "cuda_a8_linear_func", "default_knobs", "fake_quantize_compute", "fake_quantize_func", "off_centre", "plan",
+           "unsupported_reason"]

@@ -27,13 +27,19 @@ relative), not bit for bit.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.common import KernelPlan, divisor_at_most, finish, power_of_two_divisor, resolve_knobs
+from lowbit.backends.tvm.kernels.common import (
+    KernelPlan,
+    divisor_at_most,
+    finish,
+    power_of_two_divisor,
+    resolve_knobs,
+)
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.ir.packing import default_zero
 
