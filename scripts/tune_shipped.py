@@ -3,8 +3,10 @@
 Compiles the demo model (all-MiniLM-L6-v2 with the demo's compile inputs, so the same
 kernel shapes as ``lowbit demo``) with each default x86 recipe, tuning every low-bit
 kernel with the recipe's ``tune`` budget in a fresh cache directory, then copies the
-resulting database over the shipped file of this target. The recipes that need
-calibration get the demo's compile inputs as their one calibration batch.
+resulting database over the shipped file of this target. The tuning starts from the
+shipped file's records (so a run for some recipes keeps the others' records and only
+tunes what is missing) unless ``--fresh``. The recipes that need calibration get the
+demo's compile inputs as their one calibration batch.
 
 Run: ``python scripts/tune_shipped.py`` (``--recipes w4a16-x86``, ``--trials N`` to
 change the budget). Set ``TVM_NUM_THREADS`` as the compiled models will run.
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--trials", type=int, default=None, help="trials per kernel (default: each recipe's)")
+    parser.add_argument("--fresh", action="store_true", help="delete this target's shipped file and start empty")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     minilm = zoo.load_minilm()
@@ -41,7 +44,12 @@ def main() -> None:
     example = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     target = resolve_target("x86")
     name = database_file_name(canonical_target(target))
+    if args.fresh:
+        (SHIPPED_DIR / name).unlink(missing_ok=True)  # compiles would otherwise read it as the shipped layer
     with tempfile.TemporaryDirectory() as cache:
+        if (SHIPPED_DIR / name).is_file():
+            (Path(cache) / SUBDIR).mkdir()
+            shutil.copyfile(SHIPPED_DIR / name, Path(cache) / SUBDIR / name)
         for recipe in args.recipes:
             tune = {"trials": args.trials} if args.trials is not None else True
             needs_data = any(p.requires_calibration for p in recipes.load(recipe).build("convert"))
