@@ -304,14 +304,15 @@ def main() -> None:
     from tvm.target import codegen
 
     machine = {"cpu": f"{platform.machine()} {codegen.llvm_get_system_cpu()}", "threads": all_threads,
-               "torch": torch.__version__}
+               "torch": torch.__version__, "load_average_1min_at_end": os.getloadavg()[0]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "kernels": {
         name: {"bits": bits, "group_size": group or "per row", "int8_activations": a8, "ternary": ternary}
         for name, (bits, group, a8, ternary) in KERNELS.items() if name in args.kernels}, "runs": runs}, indent=2) + "\n")
     RESULTS.with_suffix(".md").write_text(
         "# Low-bit kernels vs torch fp32 and ONNX Runtime\n\n"
-        f"`python benchmarks/kernels.py` on {machine['cpu']} ({all_threads} threads), torch {machine['torch']}; "
+        f"`python benchmarks/kernels.py` on {machine['cpu']} ({all_threads} threads; load average "
+        f"{machine['load_average_1min_at_end']:.1f} at the end: other jobs share the cores), torch {machine['torch']}; "
         "medians of repeats; \"cold\" columns stream the weights from DRAM, the others are cache-warm. "
         "Details in the script's docstring.\n\n" + text + "\n")
     log.info("wrote %s and %s", RESULTS, RESULTS.with_suffix(".md"))

@@ -19,8 +19,9 @@ Weight layout, made at lowering time from the project's packed rows: output rows
 tiles of 8 and input columns in quads of 4; one 32-byte word holds, for one tile, ``pb
 = 8 // bits`` consecutive quads, quad ``l`` in bits ``[l·bits, (l+1)·bits)`` of every
 byte, byte ``4·i + c`` for row ``i`` and column ``c``. So one 32-byte load, a shift and
-a mask give the 8×4 codes one intrinsic call takes (``pb`` calls per load). Scales and
-zero points are transposed to ``(G, N)`` so the epilogue runs along output rows in
+a mask give the 8×4 codes one intrinsic call takes (``pb`` calls per load). The words
+of the ``row_vectors`` tiles computed together sit side by side, so each parallel task
+streams its weights sequentially from memory. Scales and zero points are transposed to ``(G, N)`` so the epilogue runs along output rows in
 vectors of 8.
 
 Schedule: parallel tasks of ``out_tile`` output rows; inside, each 8-row tile runs all
@@ -117,7 +118,8 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
         return f"out_tile={chosen['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
     func = a8_linear_func(spec, intrinsic(spec, target), chosen["row_tile"], chosen["out_tile"],
                           chosen["row_vectors"])
-    consts = [interleave(tensors["qweight"], spec.bits, spec.in_features),
+    vectors = tile_vectors(chosen["out_tile"], chosen["row_vectors"])
+    consts = [interleave(tensors["qweight"], spec.bits, spec.in_features, vectors),
               tensors["scales"].to(torch.float32).t().contiguous()]
     if tensors.get("zeros") is not None:
         consts.append(tensors["zeros"].t().to(torch.int32).contiguous())
@@ -128,15 +130,25 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
     return KernelPlan(func, consts, KERNEL_NAME, chosen)
 
 
-def interleave(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Packed rows ``(N, row_bytes)`` → words ``(N/8, K/(4·pb), 32)`` of the module doc."""
+def tile_vectors(out_tile: int, row_vectors: int) -> int:
+    """8-row tiles computed together: ``row_vectors``, reduced to divide the task's ``out_tile / 8`` tiles."""
+    return divisor_at_most(out_tile // ROWS, row_vectors)
+
+
+def interleave(qweight: torch.Tensor, bits: int, in_features: int, vectors: int) -> torch.Tensor:
+    """Packed rows ``(N, row_bytes)`` → words ``(N/(8·V), K/(4·pb), V·32)`` of the module doc.
+
+    The ``V = vectors`` tiles computed together have their words side by side, so a task
+    reads its weights as one sequential stream.
+    """
     codes = packing.unpack(qweight, bits, in_features).to(torch.int32)
     n_out, pb = codes.shape[0], 8 // bits
-    # [tile, row, word, quad-in-word, column] → [tile, word, quad-in-word, row, column]
-    blocks = codes.reshape(n_out // ROWS, ROWS, in_features // (COLUMNS * pb), pb, COLUMNS).permute(0, 2, 3, 1, 4)
-    shifts = (torch.arange(pb, dtype=torch.int32) * bits).reshape(1, 1, pb, 1, 1)
-    words = (blocks << shifts).sum(dim=2)
-    return words.reshape(n_out // ROWS, -1, WORD_BYTES).to(torch.uint8).contiguous()
+    # [tile group, tile, row, word, quad-in-word, column] → [tile group, word, tile, quad-in-word, row, column]
+    blocks = codes.reshape(n_out // (ROWS * vectors), vectors, ROWS, in_features // (COLUMNS * pb), pb, COLUMNS)
+    blocks = blocks.permute(0, 3, 1, 4, 2, 5)
+    shifts = (torch.arange(pb, dtype=torch.int32) * bits).reshape(1, 1, 1, pb, 1, 1)
+    words = (blocks << shifts).sum(dim=3)
+    return words.reshape(n_out // (ROWS * vectors), -1, vectors * WORD_BYTES).to(torch.uint8).contiguous()
 
 
 def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int,
@@ -145,10 +157,10 @@ def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile:
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"int8 kernel cannot compute {spec}: {reason}")
-    sch = s_tir.Schedule(a8_linear_compute(spec))
     # Tensorize needs whole tiles: the row tile divides the batch, the weight tiles divide the task.
     rows = divisor_at_most(spec.batch, row_tile)
-    vectors = divisor_at_most(out_tile // ROWS, row_vectors)
+    vectors = tile_vectors(out_tile, row_vectors)
+    sch = s_tir.Schedule(a8_linear_compute(spec, vectors))
     _schedule(sch, spec, intrin, rows, out_tile, vectors)
     log.debug("scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d", spec, intrin, rows, out_tile, vectors)
     return finish(sch.mod["main"], name)
@@ -191,13 +203,14 @@ def _quantized_input(x: te.Tensor, step: te.Tensor | None) -> tuple[te.Tensor, t
     return xq, mult
 
 
-def a8_linear_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
-    """The unscheduled computation (stages of the module doc)."""
+def a8_linear_compute(spec: PackedLinearSpec, vectors: int) -> tirx.PrimFunc:
+    """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``."""
     m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
     quads = group // COLUMNS  # column quads per group
     x = te.placeholder((m_rows, k_in), "float32", name="x")
-    words = te.placeholder((n_out // ROWS, k_in // (COLUMNS * pb), WORD_BYTES), "uint8", name="words")
+    words = te.placeholder((n_out // (ROWS * vectors), k_in // (COLUMNS * pb), vectors * WORD_BYTES), "uint8",
+                           name="words")
     scales = te.placeholder((groups, n_out), "float32", name="scales")
     zeros = te.placeholder((groups, n_out), "int32", name="zeros") if spec.asymmetric else None
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
@@ -209,7 +222,8 @@ def a8_linear_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
                       name="asum")
     codes = te.compute(
         (n_out // ROWS, k_in // COLUMNS, ROWS, COLUMNS),
-        lambda t, q, i, c: tirx.bitwise_and(tirx.shift_right(words[t, q // pb, i * COLUMNS + c],
+        lambda t, q, i, c: tirx.bitwise_and(tirx.shift_right(words[t // vectors, q // pb,
+                                                                   (t % vectors) * WORD_BYTES + i * COLUMNS + c],
                                                              ((q % pb) * bits).astype("uint8")),
                                             tirx.const((1 << bits) - 1, "uint8")),
         name="codes",
@@ -303,4 +317,4 @@ def _zeros_reason(zeros: torch.Tensor | None) -> str | None:
 
 
 __all__ = ["KERNEL_BITS", "KERNEL_NAME", "KNOBS", "a8_linear_compute", "a8_linear_func", "default_knobs",
-           "interleave", "intrinsic", "plan", "unsupported_reason", "word_columns"]
+           "interleave", "intrinsic", "plan", "tile_vectors", "unsupported_reason", "word_columns"]
