@@ -45,14 +45,17 @@ def _spec(rows: int, bits: int, group: int, weight: dict, dynamic: bool) -> Pack
                             act_dynamic=dynamic)
 
 
-def _build(kernel: KernelPlan, target: Target) -> tvm.runtime.Module:
-    return tvm.compile(tvm.IRModule({"kernel": kernel.func.with_attr("global_symbol", "kernel")}), target=target)
+def _build(kernel: KernelPlan | dict[str, KernelPlan], target: Target) -> tvm.runtime.Module:
+    """One library of the kernel (named "kernel") or of several kernels by name (one LLVM build for all)."""
+    named = kernel if isinstance(kernel, dict) else {"kernel": kernel}
+    return tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name) for name, plan in named.items()}),
+                       target=target)
 
 
-def _run(lib: tvm.runtime.Module, kernel: KernelPlan, x: torch.Tensor) -> torch.Tensor:
+def _run(lib: tvm.runtime.Module, kernel: KernelPlan, x: torch.Tensor, name: str = "kernel") -> torch.Tensor:
     args = [tvm.runtime.tensor(t.numpy()) for t in [x, *kernel.consts]]
     out = tvm.runtime.tensor(np.zeros((x.shape[0], N), dtype="float32"))
-    lib["kernel"](*args, out)
+    lib[name](*args, out)
     return torch.from_numpy(out.numpy())
 
 
@@ -74,21 +77,23 @@ def test_kernel_matches_reference_op(fmt: str, bits: int, group: int, zeros: str
     Runs the intrinsic this host's target picks (VNNI on AVX-512 VNNI machines, else AVX2).
     """
     target = resolve_target("x86")
+    cases = {}
     for rows in (1, 5, 32):
-        gen = torch.Generator().manual_seed(rows + bits)
-        lib = None
         for exact in (True, False):
             weight = _weight(bits, group, zeros, exact, seed=rows * 7 + bits)
             weight["act_scale"] = None if dynamic else torch.tensor(2.0**-5 if exact else 0.0371)
-            x = torch.randn(rows, K, generator=gen) * 3
             kernel = a8_linear.plan(_spec(rows, bits, group, weight, dynamic), weight, target)
             assert isinstance(kernel, KernelPlan), kernel
-            lib = lib or _build(kernel, target)  # the same function: only the constants change
-            got, ref = _run(lib, kernel, x), _reference(x, weight, bits, group)
-            if exact:
-                assert torch.equal(got, ref), f"{fmt} M={rows}: max diff {(got - ref).abs().max()}"
-            else:
-                assert (got - ref).abs().max() / ref.abs().max() < 1e-5, f"{fmt} M={rows}"
+            cases[rows, exact] = weight, kernel
+    # Exact and random weights share each function: only the constants differ.
+    lib = _build({f"m{rows}": kernel for (rows, exact), (_, kernel) in cases.items() if exact}, target)
+    for (rows, exact), (weight, kernel) in cases.items():
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows + bits)) * 3
+        got, ref = _run(lib, kernel, x, f"m{rows}"), _reference(x, weight, bits, group)
+        if exact:
+            assert torch.equal(got, ref), f"{fmt} M={rows}: max diff {(got - ref).abs().max()}"
+        else:
+            assert (got - ref).abs().max() / ref.abs().max() < 1e-5, f"{fmt} M={rows}"
 
 
 @pytest.mark.parametrize("bits", [2, 8])
