@@ -147,6 +147,14 @@ def test_knobs_hand_schedule_is_in_the_space_and_bad_knobs_are_named(kernel) -> 
         kernel.plan(spec, tensors, TARGET, knobs={"tile": 2})
 
 
+@pytest.mark.parametrize(("k", "bits", "group", "parts"), [(4096, 4, 128, 1), (11008, 4, 128, 16), (4096, 8, 4096, 32)])
+def test_a8_default_parts_fill_the_warp(k: int, bits: int, group: int, parts: int) -> None:
+    """(group, part) pairs are dealt to 32 lanes: 86 groups need 16 parts, one per-channel group 32."""
+    spec = PackedLinearSpec(1, k, 64, bits, group, False, False, act_bits=8)
+    knobs = cuda_a8_linear.default_knobs(spec, TARGET)
+    assert knobs["parts"] == parts and spec.groups * parts % knobs["threads"] == 0
+
+
 def test_a_function_without_thread_bindings_is_an_error() -> None:
     """A TIR function no GPU rule schedules (here: already marked scheduled) must not reach the build."""
     a = te.placeholder((64,), "float32", name="a")

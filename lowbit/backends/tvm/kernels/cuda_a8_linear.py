@@ -14,18 +14,19 @@ One PrimFunc, several kernel launches:
    ``w`` holds ``cw = 32 // bits`` codes; its lane ``l < pb = 8 // bits`` is ``(word >>
    l·bits) & mask`` replicated per byte, i.e. codes ``w·cw + j·pb + l`` for bytes ``j =
    0..3``, so ``xq[m, w, l]`` packs ``x`` codes at those same columns;
-3. (only for zero points other than the centre ``c``: asymmetric or 1-bit) ``asum[m, g] = Σ_{k ∈ g} x_int[m, k]``;
+3. (only for zero points other than the centre ``c``: asymmetric or 1-bit)
+   ``asum[m, g] = Σ_{k ∈ g} x_int[m, k]``;
 4. the product: per group, ``isum = Σ __dp4a(xq, lane(word))`` over codes centred per
    byte, ``q − c`` with ``c = 2^(bits−1)`` (``word ^ 0x80808080`` for 8 bits, ``((lane |
-   0x80) − c) ^ 0x80`` below; 1-bit codes stay uncentred); ``2·acc = 2·isum − zz·asum`` with
-   ``zz = 2·(zero − centre)`` (exact for the integer and half-integer zero points of the
+   0x80) − c) ^ 0x80`` below; 1-bit codes stay uncentred); ``2·acc = 2·isum − zz·asum``
+   with ``zz = 2·(zero − c)`` (exact for the integer and half-integer zero points of the
    format); ``y = Σ_g float(2·acc)/2 · scale`` in group order with rounded multiplies
    and adds; ``out = y / s + bias`` (static: ``y · Δ + bias``).
 
 Schedule of the product (the knobs): a block computes ``rows`` outputs ``n``
 (``threadIdx.y``) for ``m_tile`` rows of ``x``; ``threads`` lanes (``threadIdx.x``) take
-(group, part) pairs, a group's words being split in ``parts`` so that per-channel
-weights (one group) still spread over the warp; each lane loads its words with
+(group, part) pairs, a group's words being split in ``parts`` so that few or
+per-channel groups still fill the warp; each lane loads its words with
 ``vector``-word loads, reuses each decoded word for all ``m_tile`` rows, and leaves its
 integer partial sum in shared memory; the ordered float sum over groups follows. The
 packed activations of the block's rows are staged in shared memory when they fit.
@@ -66,7 +67,7 @@ KERNEL_NAME = "cuda_a8_linear"
 #: words per load, ``rows`` outputs per block, ``m_tile`` rows of ``x`` per block.
 KNOBS: dict[str, tuple[int, ...]] = {
     "threads": (16, 32, 64),
-    "parts": (1, 2, 4, 8),
+    "parts": (1, 2, 4, 8, 16, 32),
     "vector": (1, 2, 4),
     "rows": (1, 2, 4, 8),
     "m_tile": (1, 2, 4, 8, 16),
@@ -89,8 +90,14 @@ def unsupported_reason(spec: PackedLinearSpec, zeros: torch.Tensor | None = None
 
 
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
-    """The hand schedule: a warp per output row, 16-byte loads, parts filling the warp."""
-    parts = max(p for p in KNOBS["parts"] if p * spec.groups <= THREADS) if spec.groups < THREADS else 1
+    """The hand schedule: a warp per output row, 16-byte loads, the fewest parts per group that fill the warp.
+
+    (group, part) pairs are dealt to lanes evenly, so ``groups · parts`` should be a
+    multiple of the warp: 86 groups (K = 11008, groups of 128) take 16 parts.
+    """
+    group_words = spec.group_size // codes_per_word(spec.bits)
+    candidates = [p for p in KNOBS["parts"] if group_words % p == 0] or [1]
+    parts = max(candidates, key=lambda p: (divisor_at_most(spec.groups * p, THREADS), -p))
     return {"threads": THREADS, "parts": parts, "vector": VECTOR, "rows": ROWS,
             "m_tile": max(v for v in KNOBS["m_tile"] if v <= min(spec.batch, M_TILE))}
 

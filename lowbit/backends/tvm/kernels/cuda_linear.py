@@ -156,6 +156,8 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, threads: int, vector:
     words = spec.in_features // codes_per_word(spec.bits)
     vector = power_of_two_divisor(words, vector)
     threads = min(threads, max(1, words // vector))
+    while vector > 1 and words % (threads * vector):  # narrower loads before fewer lanes
+        vector //= 2
     while words % (threads * vector):
         threads //= 2
     rows = divisor_at_most(spec.out_features, rows)
