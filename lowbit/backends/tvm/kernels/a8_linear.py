@@ -27,6 +27,9 @@ vectors of 8.
 Schedule: parallel tasks of ``out_tile`` output rows; inside, each 8-row tile runs all
 rows of ``x`` in register tiles of ``row_tile`` (one unpacked code vector feeds
 ``row_tile`` accumulators, and the tile's weights stay in cache across row tiles).
+The per-task buffers (unpacked codes, int32 dot products, fp32 accumulators) keep the
+default global scope: TVM turns small global allocations into stack arrays that LLVM
+keeps in registers, while ``local`` ones come from the workspace pool once per task.
 Ternary (W1.58) weights are 2-bit codes and run as W2A8. Anything else (g_idx, 1 or 3
 bits, ragged groups, ``N`` not a multiple of 8, fractional zero points, no AVX2) gets a
 reason string from `plan`, and the lowering uses the dense fallback.
@@ -58,7 +61,6 @@ ROWS, COLUMNS = intrin_x86.ROWS, intrin_x86.COLUMNS
 #: Bytes of one interleaved weight word (one AVX2 register).
 WORD_BYTES = ROWS * COLUMNS
 #: Tuning space: ``row_tile`` rows of ``x`` share each unpacked code vector; ``out_tile``
-#: output rows (a multiple of 8) per parallel task.
 #: output rows (a multiple of 8) per parallel task; ``row_vectors`` 8-row weight tiles computed
 #: together (independent accumulator chains hide the latency of ``vpdpbusd``).
 KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (8, 16, 32, 64, 128),
@@ -98,7 +100,7 @@ def intrinsic(spec: PackedLinearSpec, target: Target) -> str:
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
     """The hand schedule: 4 accumulator chains (1 row × 4 weight tiles, or 4 rows × 2 tiles for GEMM), tasks of 32 rows."""
     rows = max(v for v in KNOBS["row_tile"] if v <= min(spec.batch, 4))
-    tile = max(v for v in KNOBS["out_tile"] if v <= 32 and spec.out_features % v == 0)
+    tile = max((v for v in KNOBS["out_tile"] if v <= 32 and spec.out_features % v == 0), default=ROWS)
     return {"row_tile": rows, "out_tile": tile, "row_vectors": 4 if rows == 1 else 2}
 
 
