@@ -17,14 +17,15 @@ GEMV, Reduction, GeneralReduction, Fallback); a PrimFunc left without thread bin
 is a `BackendError`. The build keeps the generated CUDA source (TVM compiles it to a
 device binary only where a CUDA driver is loaded, and then through `nvcc_compile`);
 `save` compiles it with ``nvcc`` into a fatbin (SASS for the target's ``sm_XX`` plus its
-PTX, so newer GPUs can JIT it) written next to the library. `load` refuses on a machine
-without a CUDA device and otherwise hands TVM's runtime the shipped fatbin instead of
-compiling the source again.
+PTX, so newer GPUs can JIT it) and links it into the library as a data symbol. `load`
+refuses on a machine without a CUDA device and otherwise hands TVM's runtime the
+embedded fatbin instead of compiling the source again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -69,7 +70,8 @@ from lowbit.ir import ops_a8, packing
 log = logging.getLogger(__name__)
 
 LIBRARY_FILE = "model.so"
-FATBIN_FILE = "kernels.fatbin"
+#: The symbol under which `save` links the nvcc fatbin into the library (``_size`` holds its length).
+FATBIN_SYMBOL = "lowbit_cuda_fatbin"
 SIGNATURE_FILE = "signature.json"
 NVCC = "nvcc"
 #: TVM's hooks around CUDA code generation: one sees the generated source, one compiles it.
@@ -263,23 +265,53 @@ class CUDARunner:
 
 
 def save(runner: CUDARunner, directory: Path) -> list[str]:
-    """Write ``model.so`` (host code, CUDA module, weights), ``kernels.fatbin`` (nvcc) and the signature."""
+    """Write ``model.so`` (host code, CUDA module, weights, and the nvcc fatbin embedded) and the signature."""
     if runner.source is None:
         raise BackendError("this CUDA runner has no kernel source to compile; build it with lowbit's CUDA backend")
     directory = Path(directory)
     fatbin = nvcc_compile(runner.source, runner.arch)
-    (directory / FATBIN_FILE).write_bytes(fatbin)
-    runner.executable.export_library(str(directory / LIBRARY_FILE))
+    with tempfile.TemporaryDirectory(prefix="lowbit-fatbin-") as tmp:
+        runner.executable.export_library(str(directory / LIBRARY_FILE), addons=[_fatbin_object(fatbin, Path(tmp))])
     signature = {
         "arch": "cuda",
         "cuda_arch": runner.arch,
         "source_sha256": _sha256(runner.source.encode()),
+        "fatbin_sha256": _sha256(fatbin),
         "inputs": [dataclasses.asdict(spec) for spec in runner.inputs],
         "linears": [dataclasses.asdict(linear) for linear in runner.linears],
     }
     (directory / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2) + "\n")
     log.info("exported CUDA %s module: fatbin of %d bytes", runner.arch, len(fatbin))
-    return [LIBRARY_FILE, FATBIN_FILE, SIGNATURE_FILE]
+    return [LIBRARY_FILE, SIGNATURE_FILE]
+
+
+def embedded_fatbin(library: Path) -> bytes:
+    """The fatbin that `save` embedded in ``library`` (loads the library's host code, needs no GPU)."""
+    try:
+        handle = ctypes.CDLL(str(library))
+        size = ctypes.c_uint64.in_dll(handle, FATBIN_SYMBOL + "_size").value
+        return bytes((ctypes.c_ubyte * size).in_dll(handle, FATBIN_SYMBOL))
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{library} has no embedded CUDA fatbin ({error}); export it again") from error
+
+
+def _fatbin_object(fatbin: bytes, tmp: Path) -> str:
+    """An object file defining ``lowbit_cuda_fatbin`` (the bytes) and ``lowbit_cuda_fatbin_size``, to link in."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise BackendError("exporting a CUDA module links the fatbin into the library with a C compiler (gcc)")
+    (tmp / "kernels.fatbin").write_bytes(fatbin)
+    (tmp / "fatbin.S").write_text(
+        f"    .section .rodata\n    .balign 16\n    .globl {FATBIN_SYMBOL}\n{FATBIN_SYMBOL}:\n"
+        f'    .incbin "{tmp / "kernels.fatbin"}"\n{FATBIN_SYMBOL}_end:\n    .balign 8\n'
+        f"    .globl {FATBIN_SYMBOL}_size\n{FATBIN_SYMBOL}_size:\n    .quad {FATBIN_SYMBOL}_end - {FATBIN_SYMBOL}\n"
+        '    .section .note.GNU-stack,"",@progbits\n'
+    )
+    result = subprocess.run([compiler, "-c", "-fPIC", str(tmp / "fatbin.S"), "-o", str(tmp / "fatbin.o")],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BackendError(f"assembling the embedded fatbin failed: {result.stderr}")
+    return str(tmp / "fatbin.o")
 
 
 def load(directory: Path, target: Target) -> CUDARunner:
@@ -292,15 +324,18 @@ def load(directory: Path, target: Target) -> CUDARunner:
     if not cuda_available():
         raise ArtifactError(f"{directory} holds a library for target cuda ({arch}); this machine has no CUDA device "
                             "or driver (TVM's CUDA runtime cannot load). Run it on a machine with an NVIDIA GPU")
-    fatbin = (directory / FATBIN_FILE).read_bytes()
+    library = directory / LIBRARY_FILE
+    fatbin = embedded_fatbin(library)
+    if _sha256(fatbin) != signature["fatbin_sha256"]:
+        raise ArtifactError(f"{library}: the embedded CUDA fatbin does not match its checksum")
 
     def shipped(source: str) -> bytearray:
         if _sha256(str(source).encode()) != signature["source_sha256"]:
-            raise ArtifactError(f"{directory}: the CUDA source in {LIBRARY_FILE} does not match {FATBIN_FILE}")
+            raise ArtifactError(f"{library}: the CUDA source does not match the embedded fatbin")
         return bytearray(fatbin)
 
     with _global_hook(COMPILE_HOOK, shipped):
-        module = tvm.runtime.load_module(str(directory / LIBRARY_FILE))
+        module = tvm.runtime.load_module(str(library))
     inputs = [InputSpec(item["name"], tuple(item["shape"]), item["dtype"]) for item in signature["inputs"]]
     linears = [LoweredLinear(item["node"], PackedLinearSpec(**item["spec"]), item["kernel"], item["reason"])
                for item in signature["linears"]]
@@ -418,13 +453,14 @@ def _sha256(data: bytes) -> str:
 
 
 __all__ = [
-    "FATBIN_FILE",
+    "FATBIN_SYMBOL",
     "LIBRARY_FILE",
     "SIGNATURE_FILE",
     "CUDABuild",
     "CUDARunner",
     "build",
     "cuda_available",
+    "embedded_fatbin",
     "gpu_rules",
     "load",
     "lower",

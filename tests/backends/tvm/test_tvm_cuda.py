@@ -4,6 +4,7 @@ what needs a GPU."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -44,14 +45,16 @@ def test_every_cuda_recipe_compiles_an_mlp(recipe: str) -> None:
 
 
 @needs_nvcc
-def test_export_writes_a_fatbin_and_load_refuses_without_a_gpu(tmp_path) -> None:
+def test_export_embeds_the_nvcc_fatbin_and_load_refuses_without_a_gpu(tmp_path) -> None:
     x = torch.randn(2, 256)
     target = {"kind": "cuda", "arch": "sm_90"}
     compiled = lowbit.compile(_mlp(), (x,), recipe="w1.58a8-cuda", target=target)
     path = compiled.export(tmp_path / "mlp")
-    assert {p.name for p in path.iterdir()} == {"manifest.json", "model.so", "kernels.fatbin", "signature.json"}
-    assert json.loads((path / "signature.json").read_text())["cuda_arch"] == "sm_90"
-    assert (path / "kernels.fatbin").stat().st_size > 0
+    assert {p.name for p in path.iterdir()} == {"manifest.json", "model.so", "signature.json"}
+    signature = json.loads((path / "signature.json").read_text())
+    fatbin = cuda.embedded_fatbin(path / "model.so")
+    assert signature["cuda_arch"] == "sm_90" and fatbin[:4] == bytes.fromhex("50ed55ba")  # fatbin magic
+    assert hashlib.sha256(fatbin).hexdigest() == signature["fatbin_sha256"]
     with pytest.raises(ArtifactError, match=r"target cuda \(sm_90\).*no CUDA device"):
         lowbit.load(path)
 
