@@ -10,9 +10,9 @@ and on all threads, each kernel of `lowbit.backends.tvm.kernels` with its hand s
 * ``w4a16``: 4-bit weights, groups of 128, fp32 activations (`packed_linear`).
 
 Peers on the same inputs: torch fp32 ``F.linear`` (ratio torch / lowbit: above 1, lowbit is
-faster), ONNX Runtime ``MatMulNBits`` with ``accuracy_level=4`` (int8 activations; 2-, 4-
-and 8-bit, block 128: it has no per-row blocks, so its 8-bit and ternary rows use blocks
-of 128), and ORT's int8 path for W8A8 (``DynamicQuantizeLinear`` + ``MatMulInteger``, what
+faster), ONNX Runtime ``MatMulNBits`` (2-, 4- and 8-bit, block 128: it has no per-row
+blocks, so its 8-bit and ternary rows use blocks of 128) with ``accuracy_level=4`` (int8
+activations) against the A8 kernels and ``accuracy_level=0`` (fp32) against W4A16, and ORT's int8 path for W8A8 (``DynamicQuantizeLinear`` + ``MatMulInteger``, what
 ``quantize_dynamic`` emits). These and the "lowbit ms" column run cache-warm: the same
 weights every call (a 2-bit 4096×4096 weight is 4 MiB and stays in L3), which a real
 decode step, touching every layer once, does not. "lowbit cold" therefore also times each kernel cycling through copies of its
@@ -138,8 +138,8 @@ def read_bandwidth(repeats: int) -> float:
     return BANDWIDTH_BYTES / median_s(lambda: data.sum(), repeats)
 
 
-def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int) -> Callable[[], Any]:
-    """An ORT session computing ``x · Wᵀ`` with ``MatMulNBits`` (int8 activations, accuracy_level 4)."""
+def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int, accuracy_level: int) -> Callable[[], Any]:
+    """An ORT session computing ``x · Wᵀ`` with ``MatMulNBits`` (level 4: int8 activations; 0: fp32)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -149,7 +149,7 @@ def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int) -> Callable[
     packed = rng.integers(0, 256, size=(n, blocks, ORT_BLOCK * bits // 8), dtype=np.uint8)
     scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
     node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=ORT_BLOCK, accuracy_level=4)
+                            block_size=ORT_BLOCK, accuracy_level=accuracy_level)
     graph = helper.make_graph(
         [node], "matmulnbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
@@ -227,14 +227,13 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
                 torch_ms[(m, k, n)] = median_s(lambda: F.linear(x, weight), repeats) * 1e3
             del weight
         peers = {}
-        if a8:
-            ort_bits = 2 if kernel == "w1.58a8" else bits
-            key = ("nbits", ort_bits, m, k, n)
-            if key not in ort_ms:
-                ort_ms[key] = median_s(ort_matmulnbits(x.numpy(), ort_bits, n, threads), repeats) * 1e3
-            peers[f"ort_matmulnbits_w{ort_bits}_acc4_ms"] = ort_ms[key]
-            if kernel == "w8a8":
-                peers["ort_int8_matmulinteger_ms"] = median_s(ort_int8(x.numpy(), n, threads), repeats) * 1e3
+        ort_bits, level = (2 if kernel == "w1.58a8" else bits), (4 if a8 else 0)
+        ort_key = (ort_bits, level, m, k, n)
+        if ort_key not in ort_ms:
+            ort_ms[ort_key] = median_s(ort_matmulnbits(x.numpy(), ort_bits, n, threads, level), repeats) * 1e3
+        peers[f"ort_matmulnbits_w{ort_bits}_acc{level}_ms"] = ort_ms[ort_key]
+        if kernel == "w8a8":
+            peers["ort_int8_matmulinteger_ms"] = median_s(ort_int8(x.numpy(), n, threads), repeats) * 1e3
         row = {**{key: case[key] for key in ("kernel", "M", "K", "N", "detail", "knobs")}, "threads": threads,
                "lowbit_ms": lowbit_s * 1e3, "lowbit_cold_ms": cold_s * 1e3, "torch_fp32_ms": torch_ms[(m, k, n)],
                "speedup_vs_torch": torch_ms[(m, k, n)] / (lowbit_s * 1e3), **peers,
@@ -251,7 +250,7 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
 
 def table(runs: list[dict[str, Any]]) -> str:
     """A markdown table of every row, then each thread count's read bandwidth."""
-    header = ("| kernel | M | K | N | thr | lowbit ms | torch fp32 ms | torch/lowbit | ORT NBits acc4 ms | "
+    header = ("| kernel | M | K | N | thr | lowbit ms | torch fp32 ms | torch/lowbit | ORT MatMulNBits ms | "
               "ORT int8 ms | best ORT/lowbit | lowbit cold ms | cold GB/s | of read bw |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in runs:
