@@ -131,9 +131,9 @@ class TVMBackend:
         ``rpc``, ...) or `tuning.TuningOptions` also tunes the kernels that have no
         finished record (see `lowbit.backends.tvm.tuning`).
         """
-        if self.target.kind.name == "cuda" and tune and not cuda.cuda_available():
-            raise BackendError("tuning CUDA kernels measures them on a GPU and this machine has none; "
-                               "compile with tune=None (recorded knobs) or tune=False (hand schedules)")
+        if self.target.kind.name == "cuda" and tune:
+            raise BackendError("tuning CUDA kernels is not supported (the tuner times kernels on CPUs, locally or "
+                               "over RPC); compile with tune=None (recorded knobs) or tune=False (hand schedules)")
         tuner = None
         if tune is not False:
             tuner = Tuner(self.target, cache_dir if cache_dir is not None else default_cache_dir(),

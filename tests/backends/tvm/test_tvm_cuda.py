@@ -84,9 +84,9 @@ def test_int8_layer_without_a_kernel_falls_back_on_fake_quantized_input() -> Non
     assert "lowbit_fake_quantize" in compiled._runner.source and "__dp4a" not in compiled._runner.source
 
 
-def test_old_gpus_and_tuning_without_a_gpu_are_refused() -> None:
+def test_old_gpus_and_cuda_tuning_are_refused() -> None:
     with pytest.raises(BackendError, match="sm_75 is older than sm_80"):
         TVMBackend({"kind": "cuda", "arch": "sm_75"})
     gm = lowbit.trace(nn.Linear(8, 8), (torch.randn(1, 8),))
-    with pytest.raises(BackendError, match="needs? .*GPU|has none"):
+    with pytest.raises(BackendError, match="tuning CUDA kernels is not supported"):
         TVMBackend("cuda").compile(gm, (torch.randn(1, 8),), tune=True)
