@@ -157,6 +157,7 @@ class Tuner:
                 record.exhausted = True
             else:
                 record.trials.append(self._trial(kernel, spec, tensors, knobs, default, record, reference))
+                record.confirmed = False  # a new candidate may be a finalist
             self.database.commit(record)
             if knobs is not None:
                 self._log_trial(record, trials)
