@@ -59,13 +59,17 @@ class CorruptDatabase(ValueError):
 
 @dataclass(frozen=True)
 class Trial:
-    """One candidate: its knobs, the outcome, the median seconds (measured/duplicate) or the error."""
+    """One candidate: its knobs, the outcome, the median seconds (measured/duplicate) or the error.
+
+    ``confirmed``: a finalist whose time comes from timing the finalists side by side.
+    """
 
     knobs: dict[str, int]
     outcome: str
     seconds: float | None = None
     error: str | None = None
     func_hash: str | None = None
+    confirmed: bool = False
 
     @property
     def counted(self) -> bool:
@@ -75,25 +79,29 @@ class Trial:
 
 @dataclass
 class TuningRecord:
-    """Everything tried for one kernel signature; ``exhausted`` once the whole knob space was tried,
-    ``confirmed`` once the finalists were timed again side by side (their times replaced)."""
+    """Everything tried for one kernel signature; ``exhausted`` once the whole knob space was tried."""
 
     kernel: str
     space: str
     spec: dict[str, Any]
     trials: list[Trial] = field(default_factory=list)
     exhausted: bool = False
-    confirmed: bool = False
 
     @property
     def key(self) -> str:
         return signature_key(self.kernel, self.space, self.spec)
 
     @property
+    def confirmed(self) -> bool:
+        """Whether the finalists were timed side by side after the last trial."""
+        return any(t.confirmed for t in self.trials)
+
+    @property
     def best(self) -> Trial | None:
-        """The fastest trial with a time, or None."""
+        """The fastest trial with a time (among the confirmed finalists once there are some), or None."""
         timed = [t for t in self.trials if t.seconds is not None and t.outcome in ("measured", "duplicate")]
-        return min(timed, key=lambda t: t.seconds) if timed else None
+        finalists = [t for t in timed if t.confirmed]
+        return min(finalists or timed, key=lambda t: t.seconds) if timed else None
 
     @property
     def counted(self) -> int:
@@ -105,7 +113,8 @@ class TuningRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "space": self.space, "spec": self.spec, "exhausted": self.exhausted,
-                "confirmed": self.confirmed, "trials": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in self.trials]}
+                "trials": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None and v is not False}
+                           for t in self.trials]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TuningRecord":
@@ -114,9 +123,9 @@ class TuningRecord:
             if item["outcome"] not in OUTCOMES:
                 raise CorruptDatabase(f"unknown trial outcome {item['outcome']!r}")
             trials.append(Trial({str(k): int(v) for k, v in item["knobs"].items()}, item["outcome"],
-                                item.get("seconds"), item.get("error"), item.get("func_hash")))
-        return cls(str(data["kernel"]), str(data["space"]), dict(data["spec"]), trials, bool(data["exhausted"]),
-                   bool(data.get("confirmed", False)))
+                                item.get("seconds"), item.get("error"), item.get("func_hash"),
+                                bool(item.get("confirmed", False))))
+        return cls(str(data["kernel"]), str(data["space"]), dict(data["spec"]), trials, bool(data["exhausted"]))
 
 
 def signature_key(kernel: str, space: str, spec: Mapping[str, Any]) -> str:
@@ -273,8 +282,7 @@ def _checksum(data: Mapping[str, Any]) -> str:
 def _merge(theirs: TuningRecord, mine: TuningRecord) -> TuningRecord:
     """Both processes' trials (mine first, theirs for knobs I did not try)."""
     trials = list(mine.trials) + [t for t in theirs.trials if not mine.tried(t.knobs)]
-    return dataclasses.replace(mine, trials=trials, exhausted=mine.exhausted or theirs.exhausted,
-                               confirmed=mine.confirmed or theirs.confirmed)
+    return dataclasses.replace(mine, trials=trials, exhausted=mine.exhausted or theirs.exhausted)
 
 
 __all__ = ["CorruptDatabase", "OUTCOMES", "SCHEMA_VERSION", "SHIPPED_DIR", "Trial", "TuningDatabase", "TuningRecord",

@@ -156,8 +156,9 @@ class Tuner:
             if knobs is None:
                 record.exhausted = True
             else:
-                record.trials.append(self._trial(kernel, spec, tensors, knobs, default, record, reference))
-                record.confirmed = False  # a new candidate may be a finalist
+                new = self._trial(kernel, spec, tensors, knobs, default, record, reference)
+                # a new candidate may be a finalist: the finalists are chosen and timed again at the end
+                record.trials = [dataclasses.replace(t, confirmed=False) for t in record.trials] + [new]
             self.database.commit(record)
             if knobs is not None:
                 self._log_trial(record, trials)
@@ -198,18 +199,20 @@ class Tuner:
 
     def _confirm(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None],
                  record: TuningRecord, default: Mapping[str, int]) -> None:
-        """Time the finalists (fastest candidates and the hand schedule) side by side; keep those times."""
+        """Time the finalists (fastest candidates and the hand schedule) side by side and mark them confirmed:
+        the best is chosen among them, never by a one-off time from another moment."""
         timed = sorted((t for t in record.trials if t.outcome == "measured"), key=lambda t: t.seconds)
         finalists = timed[:FINALISTS] + [t for t in timed[FINALISTS:] if t.knobs == dict(default)]
         if len(finalists) > 1:
             plans = [kernel.plan(spec, tensors, self.target, knobs=t.knobs) for t in finalists]
             seconds = self._runner().compare([(p.func, p.consts) for p in plans], CONFIRM_ROUNDS)
-            by_hash = {t.func_hash: s for t, s in zip(finalists, seconds)}
-            record.trials = [dataclasses.replace(t, seconds=by_hash[t.func_hash])
-                             if t.func_hash in by_hash and t.seconds is not None else t for t in record.trials]
             log.info("tuning %s: finalists timed again in turn: %s", record.kernel,
                      ", ".join(f"{t.knobs} {s * 1e3:.3f} ms" for t, s in zip(finalists, seconds)))
-        record.confirmed = True
+        else:
+            seconds = [t.seconds for t in finalists]
+        by_hash = {t.func_hash: s for t, s in zip(finalists, seconds)}
+        record.trials = [dataclasses.replace(t, seconds=by_hash[t.func_hash], confirmed=True)
+                         if t.func_hash in by_hash and t.seconds is not None else t for t in record.trials]
         self.database.commit(record)
 
     def _check(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
