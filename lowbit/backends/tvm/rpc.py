@@ -20,6 +20,7 @@ tuples over RPC) and times the model with the runtime's time evaluator.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -292,14 +293,23 @@ def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, n
         import tvm
 
         return _run(tvm.runtime.load_module(str(path / LIBRARY_FILE)), tvm.cpu(), arrays, repeats, "local cpu")
-    session = connect(rpc, key, timeout)
     device = f"{rpc} (key '{key}')" if key else rpc
     try:
-        session.upload(str(path / LIBRARY_FILE))
-        module = session.load_module(LIBRARY_FILE)
+        return _run_remote(connect(rpc, key, timeout), path / LIBRARY_FILE, arrays, repeats, device,
+                           signature["arch"])
+    finally:
+        # TVM's VM and RPC objects hold reference cycles, so the session would stay open until the
+        # next garbage collection, and a server serves one session at a time: close it now.
+        gc.collect()
+
+
+def _run_remote(session: Any, library: Path, arrays: Sequence[np.ndarray], repeats: int, device: str,
+                arch: str) -> RunResult:
+    try:
+        session.upload(str(library))
+        module = session.load_module(library.name)
     except Exception as error:  # TVM raises its own error types for remote failures
-        raise RPCError(f"{device} could not load {path / LIBRARY_FILE} (built for {signature['arch']}): "
-                       f"{_message(error)}") from error
+        raise RPCError(f"{device} could not load {library} (built for {arch}): {_message(error)}") from error
     return _run(module, session.cpu(), arrays, repeats, device)
 
 
