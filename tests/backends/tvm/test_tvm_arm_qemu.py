@@ -33,18 +33,24 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 32)).eval()
 
 
-def test_fp32_and_w4a16_artifacts_run_under_qemu(tmp_path) -> None:
+def test_fp32_w4a16_and_w4a8_artifacts_run_under_qemu(tmp_path) -> None:
     _emulator_or_skip()
     model, x = _model(), torch.randn(4, 128)
     fp32 = lowbit.compile(model, (x,), target="arm")
     w4 = lowbit.compile(model, (x,), recipe="w4a16-arm")
     assert [linear.kernel for linear in w4._runner.linears] == ["packed", "packed"]
-    paths = fp32.export(tmp_path / "fp32"), w4.export(tmp_path / "w4a16")
+    # One int8-activation layer (a second one would quantize the first one's float output,
+    # where a last-bit difference may move an activation code across a rounding boundary).
+    a8_model = nn.Sequential(nn.Linear(128, 64), nn.GELU()).eval()
+    w4a8 = lowbit.compile(a8_model, (x,), target="arm", passes=[
+        lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")])
+    assert [linear.kernel for linear in w4a8._runner.linears] == ["packed_a8"]
+    paths = fp32.export(tmp_path / "fp32"), w4.export(tmp_path / "w4a16"), w4a8.export(tmp_path / "w4a8")
     with qemu.emulated_server() as server:
         results = [rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
                    for path in paths]
-    with torch.no_grad():
-        expected = [model(x).numpy(), w4.graph(x).numpy()]  # W4A16: the graph's linear_packed reference op
+    with torch.no_grad():  # the quantized graphs' custom ops are the torch references
+        expected = [model(x).numpy(), w4.graph(x).numpy(), w4a8.graph(x).numpy()]
     for result, reference in zip(results, expected):
         np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
