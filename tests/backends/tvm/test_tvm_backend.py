@@ -139,7 +139,7 @@ def test_errors_are_backend_errors() -> None:
     gm = fx.symbolic_trace(nn.Linear(8, 4))
     x = torch.randn(2, 8)
     with pytest.raises(BackendError, match="CPU"):
-        TVMBackend("cuda").compile(gm, (x,))
+        TVMBackend({"kind": "opencl"}).compile(gm, (x,))
     with pytest.raises(BackendError, match="tuning"):
         TVMBackend().compile(gm, (x,), tune="meta_schedule")
     runner = TVMBackend().compile(gm, (x,))
