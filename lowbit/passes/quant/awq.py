@@ -8,7 +8,10 @@ and group, then quantizes on the asymmetric project grid (`lowbit.passes.quant.g
 Per group of linears that read one input ``X`` (`lowbit.passes.quant.awq_groups`):
 
 1. Capture the group's calibration inputs into ``s_X[c] = mean |x_c|`` and the Gram
-   matrix ``H = mean x xᵀ``. The batches advance through the graph with the pass
+   matrix ``H = mean x xᵀ``, over real tokens only: positions a batch's
+   ``attention_mask`` marks as padding are left out (`lowbit.passes.quant.hessian`). The
+   model never reads them, yet with sentences padded to a common length they can be
+   most of the rows (77% for 48 GPL-3 sentences padded to 128 tokens for MiniLM). The batches advance through the graph with the pass
    (`lowbit.passes.quant.hessian.CalibrationCursor`), so all groups together cost about
    one forward per batch and only the values crossing the current group are held.
 2. For ``α = 0, 1/n_grid, …`` (α = 1 excluded): ``s = max(s_X^α, 1e−4)``, normalized by
@@ -62,7 +65,9 @@ from lowbit.passes.config import option
 from lowbit.passes.quant.awq_groups import Producer, ScaleGroup, describe_node, find_producer, scale_groups
 from lowbit.passes.quant.gptq import relative_output_error
 from lowbit.passes.quant.grid import QuantizedWeight, effective_group_size, grid_codes, group_params, quantize_weight
-from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator, calibration_batches, capture_inputs
+from lowbit.passes.quant.hessian import (
+    CalibrationCursor, HessianAccumulator, calibration_batches, capture_inputs, token_rows,
+)
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.registry import register
@@ -164,8 +169,9 @@ class _InputStats:
     def empty(cls, layer: str, width: int, device: torch.device) -> "_InputStats":
         return cls(layer, torch.zeros(width, device=device), HessianAccumulator.empty(layer, width, device))
 
-    def add(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, self.abs_sum.shape[0]).float()
+    def add(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold one input into the statistics, without padded tokens (`hessian.token_rows`)."""
+        rows = token_rows(x.detach(), keep).float()
         if not torch.isfinite(rows).all():
             raise LowbitError(
                 f"layer '{self.layer}': its calibration inputs contain NaN or Inf, so AWQ's activation "
@@ -393,7 +399,7 @@ def _fold_is_exact(gm: fx.GraphModule, group: ScaleGroup, producer: Producer, re
     seen: list[torch.Tensor] = []
     replaced = _fold(gm, producer, s)
     try:
-        capture_inputs(gm, group.paths[0], 1, [batch], lambda x: seen.append(x.detach().clone()))
+        capture_inputs(gm, group.paths[0], 1, [batch], lambda x, _: seen.append(x.detach().clone()))
     finally:
         _restore(replaced)
     if not seen or seen[0].shape != reference.shape:

@@ -18,6 +18,26 @@ one of them cannot change the others' input. A layer called more than once (shar
 weights) gets one Hessian over all of its calls; a later call whose input depends on
 layers after the first call sees those layers still in floating point.
 
+Layers that share an input and their options (q/k/v, gate/up) also share ``H`` and hence
+its inverse Cholesky factor and the act-order permutation; since the grid and the error
+update act row by row, the pass quantizes them as one weight stacked along the rows,
+which gives each of them the same result as quantizing it alone, in one column loop.
+
+The column loop (with its lazy block updates) runs single-threaded: its operations are
+vectors and thin blocks too small to gain from threads, and on a busy machine waiting
+for a descheduled thread made it over ten times slower. Calibration forwards and the
+Cholesky keep torch's threads.
+
+Options beyond METHODS.md's algorithm, for quality (all off by default, like the
+reference): ``act_order`` (columns by decreasing ``H_jj``) with ``static_groups``
+(grids from the original weight, so no ``g_idx`` is needed) or with dynamic groups
+(one ``g_idx`` entry per column); ``act_group_aware`` (GPTQModel's default, "GAR"):
+the natural column groups ordered by their largest ``H_jj`` and the columns inside each
+group by decreasing ``H_jj``, so the important columns still go first but every group
+stays contiguous (grids fitted on the current columns, no ``g_idx``); ``mse`` > 0 shrinks each group's range to the one whose
+rounded weights minimise ``Σ |q − w|^mse`` (GPTQModel's ``mse``, `grid.clipped_group_params`);
+``damp_percent`` trades fidelity to the calibration Hessian for stability.
+
 `gptq_quantize` is the algorithm on one weight and its Hessian; the `GPTQ` pass wraps
 it. It follows METHODS.md §8 steps 3–8, with one refinement: a dynamic group's grid is
 computed from the truly current, error-updated columns, including the pending lazy
@@ -28,22 +48,24 @@ block-start values there, which differs when a group starts inside a block).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 
 from lowbit.calibration import CalibrationSet, calibration_set
-from lowbit.errors import CalibrationError, LowbitError
+from lowbit.errors import CalibrationError, LowbitError, PassConfigError
 from lowbit.ir import packing
 from lowbit.ir.annotations import QuantScheme, get_meta
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.quant.grid import (
     QuantizedWeight,
+    clipped_group_params,
     effective_group_size,
     grid_codes,
     group_params,
@@ -71,8 +93,20 @@ class GPTQConfig(RTNConfig):
     symmetric: bool = option(False, help="symmetric grid (no stored zero points); GPTQ's default is asymmetric")
     act_order: bool = option(False, help="quantize columns in order of decreasing Hessian diagonal")
     static_groups: bool = option(False, help="group grids from the original weight (no g_idx with act_order)")
+    act_group_aware: bool = option(False, help="groups by their largest Hessian diagonal, columns by theirs "
+                                               "inside each group (GPTQModel's GAR; no g_idx)")
     block_size: int = option(128, min=1, help="columns per lazy-update block (speed only, same result)")
     damp_percent: float = option(0.01, min=0.0, min_exclusive=True, help="damping, as a fraction of mean(diag H)")
+    mse: float = option(0.0, min=0.0, help="if > 0, shrink each group's range to minimise sum |q - w|^mse "
+                                              "(GPTQModel's mse; 2.4 there)")
+    mse_steps: int = option(100, min=1, help="shrink factors 1 - i/mse_steps tried by the mse search")
+    mse_max_shrink: float = option(0.8, min=0.0, max=1.0, min_exclusive=True,
+                                   help="largest fraction of a group's range the mse search may cut off")
+
+    def check(self, pass_name: str) -> None:
+        super().check(pass_name)
+        if self.act_order and self.act_group_aware:
+            raise PassConfigError(f"{pass_name}: act_order and act_group_aware are two column orders; choose one")
 
 
 @dataclass(frozen=True)
@@ -80,14 +114,27 @@ class GPTQResult:
     """`gptq_quantize`'s output: packed-ready codes, the weight they stand for, and diagnostics.
 
     ``weight`` is the quantized weight ``Q`` in the input's dtype and original column
-    order; ``loss`` is GPTQ's tracked ``Σ (w − q)² / d² / 2``; ``damp`` the damping
-    fraction that made the Cholesky succeed.
+    order; ``loss`` is GPTQ's tracked ``Σ (w − q)² / d² / 2`` and ``row_loss`` its terms
+    per output row; ``damp`` the damping fraction that made the Cholesky succeed.
     """
 
     quantized: QuantizedWeight
     weight: torch.Tensor
     loss: float
     damp: float
+    row_loss: torch.Tensor
+
+    def split(self, sizes: list[int]) -> list["GPTQResult"]:
+        """The results of the weights stacked along the rows, ``sizes[i]`` rows each."""
+        qw, parts = self.quantized, []
+        for codes, scales, zeros, weight, loss in zip(
+            qw.codes.split(sizes), qw.scales.split(sizes),
+            [None] * len(sizes) if qw.zeros is None else qw.zeros.split(sizes),
+            self.weight.split(sizes), self.row_loss.split(sizes),
+        ):
+            parts.append(GPTQResult(replace(qw, codes=codes, scales=scales, zeros=zeros), weight,
+                                    float(loss.sum()), self.damp, loss))
+        return parts
 
 
 def gptq_quantize(
@@ -99,8 +146,12 @@ def gptq_quantize(
     *,
     act_order: bool = False,
     static_groups: bool = False,
+    act_group_aware: bool = False,
     block_size: int = 128,
     damp_percent: float = 0.01,
+    mse: float = 0.0,
+    mse_steps: int = 100,
+    mse_max_shrink: float = 0.8,
     name: str | None = None,
     mask: torch.Tensor | None = None,
 ) -> GPTQResult:
@@ -109,7 +160,8 @@ def gptq_quantize(
     Computes in float32 (float64 if ``weight`` is float64). ``name`` (the layer's module
     path) is used in errors and log messages. ``mask`` (bool ``(N, K)``, True = kept) fixes
     a pruning pattern: pruned weights quantize to exactly zero while their error still
-    flows to later columns (SparseGPT's fixed-mask update).
+    flows to later columns (SparseGPT's fixed-mask update). ``mse`` > 0 fits each group's
+    grid with `grid.clipped_group_params` (``mse_steps``, ``mse_max_shrink``).
     """
     where = f"layer '{name}': " if name else ""
     w = _checked_weight(weight, where)
@@ -118,57 +170,107 @@ def gptq_quantize(
     group = effective_group_size(group_size, columns)
     static = static_groups and group < columns
     _drop_dead_inputs(w, h)
-    grid = _Grid.empty(w, packing.num_groups(columns, group), bits, symmetric)
+    clip = (mse, mse_steps, mse_max_shrink) if mse > 0 else None
+    grid = _Grid.empty(w, packing.num_groups(columns, group), bits, symmetric, clip)
     if static:
         for g, start in enumerate(range(0, columns, group)):
             grid.fit(g, w[:, start:start + group])
     natural = torch.arange(columns, device=w.device)
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else natural
+    if act_order and act_group_aware:
+        raise LowbitError(f"{where}act_order and act_group_aware are two column orders; choose one")
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    elif act_group_aware:
+        perm = _group_aware_order(h.diagonal(), group)
+    else:
+        perm = natural
     w, h = w[:, perm], h[perm][:, perm]
     u, damp = _inverse_cholesky_factor(h, damp_percent, where)
-    group_of = (perm if static else natural) // group
+    group_of = (perm if static or act_group_aware else natural) // group
     keep = None if mask is None else mask[:, perm]
-    codes, q, loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, block_size, keep)
+    with _single_thread():
+        codes, row_loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, block_size, keep)
+    q = grid.decode(codes, group_of)
     inverse = torch.argsort(perm)
     g_idx = (inverse // group).to(torch.int32) if act_order and not static and group < columns else None
     quantized = QuantizedWeight(
         codes[:, inverse].to(torch.uint8), grid.scales.float(),
         None if grid.zeros is None else grid.zeros.float(), g_idx, bits, group,
     )
-    return GPTQResult(quantized, q[:, inverse], loss, damp)
+    return GPTQResult(quantized, q[:, inverse], float(row_loss.sum()), damp, row_loss)
 
 
 @dataclass
 class _Grid:
-    """Per-group scales and zero points (None when symmetric), filled in as GPTQ goes."""
+    """Per-group scales and zero points (None when symmetric), filled in as GPTQ goes.
+
+    ``clip`` is ``(norm, steps, max_shrink)`` of `grid.clipped_group_params`, or None for
+    the plain min/max grid.
+    """
 
     scales: torch.Tensor
     zeros: torch.Tensor | None
     bits: int
+    clip: tuple[float, int, float] | None = None
 
     @classmethod
-    def empty(cls, w: torch.Tensor, groups: int, bits: int, symmetric: bool) -> "_Grid":
+    def empty(cls, w: torch.Tensor, groups: int, bits: int, symmetric: bool,
+              clip: tuple[float, int, float] | None = None) -> "_Grid":
         scales = w.new_zeros(w.shape[0], groups)
-        return cls(scales, None if symmetric else torch.zeros_like(scales), bits)
+        return cls(scales, None if symmetric else torch.zeros_like(scales), bits, clip)
 
     def fit(self, g: int, columns: torch.Tensor) -> None:
         """Set group ``g``'s grid from the weight ``columns`` ``(N, width)`` it covers."""
-        scale, zero = group_params(columns, self.bits, self.zeros is None)
+        if self.clip is None:
+            scale, zero = group_params(columns, self.bits, self.zeros is None)
+        else:
+            scale, zero = clipped_group_params(columns, self.bits, self.zeros is None, *self.clip)
         self.scales[:, g] = scale
         if self.zeros is not None:
             self.zeros[:, g] = zero
 
-    def quantize(self, column: torch.Tensor, g: int, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes of ``column`` on group ``g``'s grid, and the values they decode to.
-
-        Rows where ``keep`` is False get the zero point's code, which decodes to exactly 0.
-        """
-        scale = self.scales[:, g]
-        zero = packing.default_zero(self.bits) if self.zeros is None else self.zeros[:, g]
-        codes = grid_codes(column, scale, zero, self.bits)
+    def codes(self, column: torch.Tensor, g: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes of ``column`` on group ``g``'s grid; rows where ``keep`` is False get the
+        zero point's code, which decodes to exactly 0."""
+        zero = self._zero(g)
+        codes = grid_codes(column, self.scales[:, g], zero, self.bits)
         if keep is not None:
             codes = torch.where(keep, codes, torch.as_tensor(zero, dtype=codes.dtype, device=codes.device))
-        return codes, (codes - zero) * scale
+        return codes
+
+    def decode_column(self, codes: torch.Tensor, g: int) -> torch.Tensor:
+        return (codes - self._zero(g)) * self.scales[:, g]
+
+    def decode(self, codes: torch.Tensor, group_of: torch.Tensor) -> torch.Tensor:
+        """The values of all ``codes`` ``(N, K)``, column ``j`` on group ``group_of[j]``'s grid."""
+        zero = packing.default_zero(self.bits) if self.zeros is None else self.zeros[:, group_of]
+        return (codes - zero) * self.scales[:, group_of]
+
+    def _zero(self, g: int) -> torch.Tensor | float:
+        return packing.default_zero(self.bits) if self.zeros is None else self.zeros[:, g]
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block, restoring the thread count after (module doc)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _group_aware_order(diagonal: torch.Tensor, group: int) -> torch.Tensor:
+    """GPTQModel's group-aware column order: whole groups by decreasing largest ``H_jj``,
+    columns inside each by decreasing ``H_jj``; a partial last group stays last."""
+    full = diagonal.numel() // group * group
+    blocks = diagonal[:full].reshape(-1, group)
+    inside = torch.argsort(blocks, dim=1, descending=True, stable=True)
+    inside += torch.arange(0, full, group, device=diagonal.device)[:, None]
+    order = torch.argsort(blocks.amax(dim=1), descending=True, stable=True)
+    tail = full + torch.argsort(diagonal[full:], descending=True, stable=True)
+    return torch.cat([inside[order].reshape(-1), tail])
 
 
 def _checked_weight(weight: torch.Tensor, where: str) -> torch.Tensor:
@@ -218,30 +320,36 @@ def _inverse_cholesky_factor(h: torch.Tensor, damp_percent: float, where: str) -
 def _quantize_columns(
     w: torch.Tensor, u: torch.Tensor, grid: _Grid, group_of: list[int], dynamic_group: int | None, block_size: int,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column loop in blocks with lazy updates (METHODS.md §8 step 7); updates ``w``.
 
     ``group_of[j]`` is the group of (permuted) column ``j``. With ``dynamic_group``, the
-    grid of each group is fitted when its first column comes up. Returns float codes, the
-    decoded weight and the tracked loss, all in the (permuted) column order of ``w``.
+    grid of each group is fitted on its current columns when its first column comes up
+    (groups are then ``dynamic_group`` consecutive permuted columns). Returns float codes in
+    the (permuted) column order of ``w`` and the tracked loss per row.
     """
-    columns = w.shape[1]
-    codes, q = torch.zeros_like(w), torch.zeros_like(w)
-    loss = w.new_zeros(())
+    rows, columns = w.shape
+    codes = torch.zeros_like(w)
+    row_loss = w.new_zeros(rows)
+    inverse_diagonal = 1 / u.diagonal()
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block, errors = w[:, start:end].clone(), w.new_zeros(w.shape[0], end - start)
+        block, errors = w[:, start:end].clone(), w.new_zeros(rows, end - start)
         for j in range(end - start):
             col = start + j
             if dynamic_group is not None and col % dynamic_group == 0:
                 stop = min(col + dynamic_group, columns)
-                grid.fit(col // dynamic_group, _current_columns(w, block, errors, u, start, j, stop))
-            codes[:, col], q[:, col] = grid.quantize(block[:, j], group_of[col], None if keep is None else keep[:, col])
-            errors[:, j] = (block[:, j] - q[:, col]) / u[col, col]
-            loss += errors[:, j].square().sum() / 2
-            block[:, j:] -= errors[:, j, None] * u[col, col:end]
-        w[:, end:] -= errors @ u[start:end, end:]
-    return codes, q, float(loss)
+                grid.fit(group_of[col], _current_columns(w, block, errors, u, start, j, stop))
+            column, g = block[:, j], group_of[col]
+            code = grid.codes(column, g, None if keep is None else keep[:, col])
+            codes[:, col] = code
+            error = errors[:, j]
+            torch.sub(column, grid.decode_column(code, g), out=error)
+            error.mul_(inverse_diagonal[col])
+            block[:, j + 1:].addr_(error, u[col, col + 1:end], alpha=-1)
+        row_loss += errors.square().sum(dim=1) / 2
+        w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1)
+    return codes, row_loss
 
 
 def _current_columns(
@@ -319,43 +427,71 @@ class GPTQ(Pass):
             linear = gm.get_submodule(first)
             hessian = HessianAccumulator.empty(first, linear.in_features, linear.weight.device)
             cursor.capture([n for n in gm.graph.nodes if n.op == "call_module" and n.target == first], hessian.add)
-            for (node, path, _), config in todo:
+            for batch in _stackable(gm, todo):
                 if hessian.rows == 0:
-                    records[path] = LayerRecord(path, "skipped", "it received no calibration inputs")
+                    records.update((path, LayerRecord(path, "skipped", "it received no calibration inputs"))
+                                   for (_, path, _), _ in batch)
                 else:
-                    records[path] = self._quantize_layer(gm, node, path, config, hessian.hessian, hessian.rows)
+                    records.update(self._quantize_layers(gm, batch, hessian.hessian, hessian.rows))
         return [records[path] for _, path, _ in group]
 
-    def _quantize_layer(self, gm: fx.GraphModule, node: fx.Node, path: str, config: GPTQConfig,
-                        hessian: torch.Tensor, rows: int) -> LayerRecord:
-        """Run GPTQ on one layer, replace it by its packed form and record the statistics."""
-        weight = gm.get_submodule(path).weight.detach()
-        meta = get_meta(node)
+    def _quantize_layers(self, gm: fx.GraphModule, batch: list[tuple[_Layer, GPTQConfig]], hessian: torch.Tensor,
+                         rows: int) -> dict[str, LayerRecord]:
+        """Run GPTQ on layers with one input and config, stacked along the rows (module doc),
+        replace each by its packed form and record its statistics."""
+        config = batch[0][1]
+        paths = [path for (_, path, _), _ in batch]
+        weights = [gm.get_submodule(path).weight.detach() for path in paths]
+        meta = get_meta(batch[0][0][0])
         pruned = meta is not None and meta.sparsity is not None  # masks applied: keep the zeros they left
-        result = gptq_quantize(
+        weight = torch.cat(weights)
+        results = gptq_quantize(
             weight, hessian, config.bits, config.group_size, config.symmetric,
             act_order=config.act_order, static_groups=config.static_groups,
-            block_size=config.block_size, damp_percent=config.damp_percent, name=path,
-            mask=weight != 0 if pruned else None,
-        )
-        rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path).dequantize()
-        stats = {
-            "bits": config.bits,
-            "group_size": result.quantized.group_size,
-            "act_order": config.act_order,
-            "samples": rows,
-            "damp_percent": result.damp,
-            "gptq_loss": result.loss,
-            "output_error": relative_output_error(weight, result.weight, hessian),
-            "rtn_output_error": relative_output_error(weight, rtn, hessian),
-            "rel_error": relative_error(weight, result.weight),
-        }
-        scheme = QuantScheme(bits=config.bits, group_size=result.quantized.group_size,
-                             symmetric=config.symmetric, method=self.name)
-        replace_linear(gm, node, result.quantized, scheme, recompile=False)
-        log.debug("gptq: %s -> %s, output error %.3g (rtn %.3g)", path, scheme.describe(),
-                  stats["output_error"], stats["rtn_output_error"])
-        return LayerRecord(path, "quantized", stats=stats)
+            act_group_aware=config.act_group_aware, block_size=config.block_size,
+            damp_percent=config.damp_percent, mse=config.mse, mse_steps=config.mse_steps,
+            mse_max_shrink=config.mse_max_shrink, name=", ".join(paths), mask=weight != 0 if pruned else None,
+        ).split([w.shape[0] for w in weights])
+        records = {}
+        for ((node, path, _), _), w, result in zip(batch, weights, results):
+            rtn = quantize_weight(w, config.bits, config.group_size, config.symmetric, name=path).dequantize()
+            stats = {
+                "bits": config.bits,
+                "group_size": result.quantized.group_size,
+                "act_order": config.act_order,
+                "act_group_aware": config.act_group_aware,
+                "samples": rows,
+                "damp_percent": result.damp,
+                "gptq_loss": result.loss,
+                "output_error": relative_output_error(w, result.weight, hessian),
+                "rtn_output_error": relative_output_error(w, rtn, hessian),
+                "rel_error": relative_error(w, result.weight),
+            }
+            scheme = QuantScheme(bits=config.bits, group_size=result.quantized.group_size,
+                                 symmetric=config.symmetric, method=self.name)
+            replace_linear(gm, node, result.quantized, scheme, recompile=False)
+            log.debug("gptq: %s -> %s, output error %.3g (rtn %.3g)", path, scheme.describe(),
+                      stats["output_error"], stats["rtn_output_error"])
+            records[path] = LayerRecord(path, "quantized", stats=stats)
+        return records
+
+
+def _stackable(gm: fx.GraphModule, todo: list[tuple[_Layer, GPTQConfig]]) -> list[list[tuple[_Layer, GPTQConfig]]]:
+    """Layers (sharing one input) in runs that GPTQ can quantize as one stacked weight:
+    equal configs and weight dtypes; a pruned layer (its mask is its own) runs alone."""
+    def key(item: tuple[_Layer, GPTQConfig]) -> Any:
+        (node, path, _), config = item
+        meta = get_meta(node)
+        pruned = meta is not None and meta.sparsity is not None
+        return path if pruned else (config, gm.get_submodule(path).weight.dtype)
+
+    runs: list[list[tuple[_Layer, GPTQConfig]]] = []
+    for item in todo:
+        if runs and key(runs[-1][0]) == key(item):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def _input_groups(gm: fx.GraphModule) -> list[list[_Layer]]:

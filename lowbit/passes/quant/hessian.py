@@ -12,7 +12,10 @@ the batches advance through the graph with the pass, holding only the values tha
 cross the current layer, so all layers together cost one forward per batch.
 
 ``N`` counts rows, i.e. tokens: an input of shape ``(..., K)`` contributes
-``prod(...)`` rows. (IST-DASLab's code counts sequences; the constant only matters
+``prod(...)`` rows. When a batch marks padding (`lowbit.calibration.padding_mask`) and
+an input is laid out ``(batch, tokens, K)``, the padded tokens' rows are left out: the
+model never reads those positions, and a calibration set padded to a common length can
+be mostly padding, whose activations would otherwise dominate the statistics. (IST-DASLab's code counts sequences; the constant only matters
 relative to GPTQ's damping, which is itself relative to ``mean(diag H)``.)
 """
 
@@ -26,13 +29,23 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.fx as fx
 
-from lowbit.calibration import CalibrationSet, calibration_set
+from lowbit.calibration import CalibrationSet, calibration_set, padding_mask
 from lowbit.errors import CalibrationError, LowbitError
 from lowbit.passes.base import PassContext
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
+#: Receives one captured input and its batch's padding mask (True = real token) or None.
+Consumer = Callable[[torch.Tensor, "torch.Tensor | None"], None]
+
+
+def token_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``(..., K)`` as rows ``(n, K)``, without the padded tokens when ``keep``
+    ``(batch, tokens)`` matches ``x``'s leading dimensions (module doc)."""
+    if keep is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
+        return x[keep.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
 
 
 class _StopForward(Exception):
@@ -51,9 +64,10 @@ class HessianAccumulator:
     def empty(cls, layer: str, in_features: int, device: torch.device) -> "HessianAccumulator":
         return cls(layer, torch.zeros(in_features, in_features, dtype=torch.float32, device=device))
 
-    def add(self, x: torch.Tensor) -> None:
-        """Fold one input ``(..., K)`` into the average; NaN or Inf raises naming the layer."""
-        rows = x.detach().reshape(-1, self.hessian.shape[0]).to(self.hessian)
+    def add(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold one input ``(..., K)`` into the average, without padded tokens (`token_rows`);
+        NaN or Inf raises naming the layer."""
+        rows = token_rows(x.detach(), keep).to(self.hessian)
         if not torch.isfinite(rows).all():
             raise LowbitError(
                 f"layer '{self.layer}': its calibration inputs contain NaN or Inf, so its Hessian is undefined; "
@@ -81,20 +95,19 @@ def capture_hessian(gm: fx.GraphModule, path: str, calls: int, batches: Iterable
     return acc
 
 
-def capture_inputs(
-    gm: fx.GraphModule, path: str, calls: int, batches: Iterable[Batch], consume: Callable[[torch.Tensor], None]
-) -> None:
-    """Feed every input of the submodule at ``path`` (called ``calls`` times per forward) to ``consume``.
+def capture_inputs(gm: fx.GraphModule, path: str, calls: int, batches: Iterable[Batch], consume: Consumer) -> None:
+    """Feed every input of the submodule at ``path`` (called ``calls`` times per forward), with
+    its batch's padding mask, to ``consume``.
 
     Batches run through ``gm`` in eval mode without gradients, each stopping right after
     the submodule's last call; inputs are handed over one at a time and never stored here.
     """
     module = gm.get_submodule(path)
-    seen = 0
+    seen, keep = 0, None
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal seen
-        consume(args[0] if args else kwargs["input"])
+        consume(args[0] if args else kwargs["input"], keep)
         seen += 1
         if seen == calls:
             raise _StopForward
@@ -103,7 +116,7 @@ def capture_inputs(
     try:
         with torch.no_grad(), _eval_mode(gm):
             for args, kwargs in batches:
-                seen = 0
+                seen, keep = 0, padding_mask(args, kwargs)
                 with contextlib.suppress(_StopForward):
                     gm(*args, **kwargs)
     finally:
@@ -149,11 +162,14 @@ class CalibrationCursor:
         self.gm = gm
         self._interpreter = fx.Interpreter(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        batches = list(batches)
         self._envs = [dict(zip(placeholders, graph_inputs(gm, args, kwargs))) for args, kwargs in batches]
+        self._masks = [padding_mask(args, kwargs) for args, kwargs in batches]
         self._done: set[fx.Node] = set(placeholders)
 
-    def capture(self, calls: list[fx.Node], consume: Callable[[torch.Tensor], None]) -> None:
-        """Feed the input of every call node in ``calls`` (one module's calls, in graph order) to ``consume``.
+    def capture(self, calls: list[fx.Node], consume: Consumer) -> None:
+        """Feed the input of every call node in ``calls`` (one module's calls, in graph order),
+        with its batch's padding mask, to ``consume``.
 
         The cursor moves to the first call. Inputs of later calls of the same module are
         computed on a scratch copy of each batch's values, one batch at a time.
@@ -161,11 +177,11 @@ class CalibrationCursor:
         with torch.no_grad(), _eval_mode(self.gm):
             self._advance(calls[0])
             pending = set(calls)
-            for env in self._envs:
+            for env, keep in zip(self._envs, self._masks):
                 scratch = dict(env)
                 for node in self._ahead():
                     if node in pending:
-                        consume(scratch[_call_input(node)])
+                        consume(scratch[_call_input(node)], keep)
                         if node is calls[-1]:
                             break
                     scratch[node] = self._run(node, scratch)
@@ -222,4 +238,7 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-__all__ = ["CalibrationCursor", "HessianAccumulator", "calibration_batches", "capture_hessian", "capture_inputs"]
+__all__ = [
+    "CalibrationCursor", "Consumer", "HessianAccumulator", "calibration_batches", "capture_hessian", "capture_inputs",
+    "token_rows",
+]

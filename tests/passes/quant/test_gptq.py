@@ -19,6 +19,7 @@ from lowbit.ir import ops, packing
 from lowbit.ir.annotations import QuantScheme, get_meta
 from lowbit.passes.quant import GPTQ, RTN, PackedLinear, gptq_quantize, linear_nodes, replace_linear
 from lowbit.passes.quant.gptq import relative_output_error
+from lowbit.passes.quant.grid import clipped_group_params, group_params
 from lowbit.passes.quant.hessian import capture_hessian
 
 
@@ -42,9 +43,10 @@ def reference_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.T
 
 def reference_gptq(
     w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
-    static_groups: bool, damp: float = 0.01,
+    static_groups: bool, damp: float = 0.01, fit=reference_grid,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """GPTQ one column at a time, no blocks (METHODS.md §8 steps 3-8): codes, Q and loss."""
+    """GPTQ one column at a time, no blocks (METHODS.md §8 steps 3-8): codes, Q and loss.
+    ``fit(w, bits, symmetric)`` gives a group's per-row scale and zero."""
     w, h = w.clone(), h.clone()
     cols = w.shape[1]
     g = cols if group_size == -1 else group_size
@@ -52,7 +54,7 @@ def reference_gptq(
         if h[j, j] == 0:
             h[j, j] = 1.0
             w[:, j] = 0.0
-    static = [reference_grid(w[:, s:s + g], bits, symmetric) for s in range(0, cols, g)]
+    static = [fit(w[:, s:s + g], bits, symmetric) for s in range(0, cols, g)]
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
@@ -63,7 +65,7 @@ def reference_gptq(
         if static_groups:
             scale, zero = static[int(perm[j]) // g]
         elif j % g == 0:
-            scale, zero = reference_grid(w[:, j:j + g], bits, symmetric)
+            scale, zero = fit(w[:, j:j + g], bits, symmetric)
         codes[:, j] = torch.clamp(torch.round(w[:, j] / scale) + zero, 0, 2**bits - 1)
         q[:, j] = scale * (codes[:, j] - zero)
         err = (w[:, j] - q[:, j]) / u[j, j]
@@ -142,6 +144,108 @@ def test_packed_weight_dequantizes_to_the_algorithms_q(group_size, act_order, st
         assert torch.equal(in_act_order, torch.arange(w.shape[1], dtype=torch.int32) // group_size)
     dequantized = packing.dequantize(qw.pack(), qw.scales, qw.zeros, qw.g_idx, qw.bits, qw.group_size, w.shape[1])
     assert torch.equal(dequantized, result.weight)
+
+
+def reference_mse_grid(w: torch.Tensor, bits: int, symmetric: bool, norm: float = 2.4, steps: int = 20,
+                       max_shrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQModel's ``mse`` search (quantizer.find_params): shrink the range by p = 1 - i/steps,
+    keep per row the scale and zero with the smallest sum |q - w|^norm (ties keep the earlier)."""
+    maxq = 2**bits - 1
+    scale, zero = reference_grid(w, bits, symmetric)
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(max_shrink * steps)):
+        p = 1 - i / steps
+        lo, hi = p * xmin, p * xmax
+        empty = (lo == 0) & (hi == 0)
+        lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+        s1 = (hi - lo) / maxq
+        z1 = torch.full_like(s1, (maxq + 1) / 2) if symmetric else torch.round(-lo / s1)
+        q = s1[:, None] * (torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], 0, maxq) - z1[:, None])
+        err = (q - w).abs().pow(norm).sum(dim=1)
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s1, scale), torch.where(better, z1, zero)
+    return scale, zero
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_grid_matches_gptqmodels_search_and_never_loses_to_min_max(bits, symmetric) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(40, 32, generator=gen, dtype=torch.float64) ** 3  # heavy tails: clipping pays
+    w[0] = 0.0
+    scale, zero = clipped_group_params(w, bits, symmetric, 2.4, steps=20, max_shrink=0.8)
+    expected_scale, expected_zero = reference_mse_grid(w, bits, symmetric)
+    torch.testing.assert_close(scale, expected_scale, rtol=1e-12, atol=0)
+    if symmetric:
+        assert zero is None
+    else:
+        assert torch.equal(zero, expected_zero)
+
+    def error(grid):
+        s, z = grid
+        z = (2**bits) / 2 if z is None else z[:, None]
+        return ((torch.clamp(torch.round(w / s[:, None]) + z, 0, 2**bits - 1) - z) * s[:, None] - w).abs().pow(2.4).sum(1)
+
+    assert (error((scale, zero)) <= error(group_params(w, bits, symmetric))).all()
+    assert (error((scale, zero)) < error(group_params(w, bits, symmetric))).any()
+
+
+@pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (True, True)])
+def test_mse_option_equals_the_unblocked_reference_with_mse_grids(act_order, static_groups) -> None:
+    w, h = weight_and_hessian(rows=8, cols=48)
+    w = w**3
+    result = gptq_quantize(w, h, 3, 16, act_order=act_order, static_groups=static_groups, block_size=7,
+                           mse=2.4, mse_steps=20)
+    codes, q, loss = reference_gptq(w, h, 3, 16, False, act_order, static_groups, fit=reference_mse_grid)
+    assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
+    torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
+    assert result.loss == pytest.approx(loss, rel=1e-9)
+
+
+@pytest.mark.parametrize(("group_size", "act_order", "static_groups"), [(-1, False, False), (16, True, False),
+                                                                         (16, True, True)])
+def test_stacked_weights_split_into_their_separate_results(group_size, act_order, static_groups) -> None:
+    """Layers sharing an input (q/k/v) are quantized as one stacked weight: same result as one by one."""
+    w, h = weight_and_hessian(rows=9, cols=48)
+    parts = [w[:2], w[2:7], w[7:]]
+    options = {"act_order": act_order, "static_groups": static_groups, "block_size": 8}
+    stacked = gptq_quantize(w, h, 3, group_size, **options).split([2, 5, 2])
+    for part, result in zip(parts, stacked):
+        alone = gptq_quantize(part, h, 3, group_size, **options)
+        for name in ("codes", "scales", "zeros", "g_idx"):
+            a, b = getattr(result.quantized, name), getattr(alone.quantized, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+        torch.testing.assert_close(result.weight, alone.weight, rtol=1e-12, atol=1e-12)
+        assert result.loss == pytest.approx(alone.loss, rel=1e-9)
+
+
+@pytest.mark.parametrize(("cols", "group_size"), [(48, 16), (44, 16)])
+def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size) -> None:
+    """GAR quantizes whole natural groups in a Hessian-driven order: the same as plain GPTQ on
+    columns laid out in that order beforehand, mapped back, with no g_idx."""
+    w, h = weight_and_hessian(rows=7, cols=cols)
+    diag = torch.diag(h)
+    full = cols // group_size * group_size
+    groups = [torch.arange(s, s + group_size) for s in range(0, full, group_size)]
+    groups.sort(key=lambda g: -float(diag[g].max()))
+    perm = torch.cat([g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
+                     + [full + torch.argsort(diag[full:], descending=True, stable=True)])
+    result = gptq_quantize(w, h, 3, group_size, act_group_aware=True, block_size=8)
+    plain = gptq_quantize(w[:, perm], h[perm][:, perm], 3, group_size, block_size=8)
+    inverse = torch.argsort(perm)
+    assert result.quantized.g_idx is None
+    assert torch.equal(result.quantized.codes, plain.quantized.codes[:, inverse])
+    torch.testing.assert_close(result.weight, plain.weight[:, inverse], rtol=1e-12, atol=1e-12)
+    order = [int(perm[s]) // group_size for s in range(0, full, group_size)]
+    torch.testing.assert_close(result.quantized.scales[:, order], plain.quantized.scales[:, :len(order)])
+    qw = result.quantized
+    torch.testing.assert_close(packing.dequantize(qw.pack(), qw.scales, qw.zeros, None, 3, group_size, cols),
+                               result.weight.float())
 
 
 def test_block_size_does_not_change_the_result() -> None:
@@ -335,7 +439,9 @@ def test_llama_layers_are_quantized_with_shared_captures() -> None:
 
 @pytest.mark.parametrize(("options", "key"), [
     ({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"block_size": 0}, "block_size"),
-    ({"damp_percent": 0.0}, "damp_percent"), ({"act_ordr": True}, "act_order"),
+    ({"damp_percent": 0.0}, "damp_percent"), ({"act_ordr": True}, "act_order"), ({"mse": -1.0}, "mse"),
+    ({"mse_steps": 0}, "mse_steps"), ({"mse_max_shrink": 0.0}, "mse_max_shrink"),
+    ({"act_order": True, "act_group_aware": True}, "act_group_aware"),
 ])
 def test_bad_options_name_the_key(options, key) -> None:
     with pytest.raises(PassConfigError, match=key):
@@ -348,6 +454,7 @@ def test_registry_defaults_and_missing_calibration() -> None:
     assert GPTQ().config.as_dict() == {
         "bits": 4, "group_size": 128, "symmetric": False, "ignore": (), "act_order": False,
         "static_groups": False, "block_size": 128, "damp_percent": 0.01,
+        "mse": 0.0, "mse_steps": 100, "mse_max_shrink": 0.8, "act_group_aware": False,
     }
     with pytest.raises(CalibrationError, match="gptq"):
         lowbit.Pipeline([gptq])(traced_mlp())
