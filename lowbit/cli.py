@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", default=None, help="torch, x86, arm or cuda (default: the recipe's target, else torch)")
     comp.add_argument("--export", type=Path, metavar="DIR", help="write the compiled artifact to DIR")
     comp.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the IR before and after every pass to DIR")
+    comp.add_argument("--calibration", type=Path, metavar="FILE",
+                      help="calibration data for passes that need it (gptq, awq, ...): .npz or .pt input batches, "
+                           "or a text file tokenized by the model's tokenizer (zoo models that have one)")
     comp.set_defaults(run=_compile)
 
     run = commands.add_parser("run", help="run an exported TVM artifact here or on a remote device (TVM RPC)",
@@ -133,8 +136,14 @@ def _compile(args: argparse.Namespace) -> None:
     import lowbit
 
     model, inputs, kwargs = _load_model(args.model)
+    calibration = None
+    if args.calibration:
+        from lowbit.calibration import ARRAY_SUFFIXES, load_calibration
+
+        text = args.calibration.suffix not in ARRAY_SUFFIXES
+        calibration = load_calibration(args.calibration, inputs, kwargs, _tokenizer(args.model) if text else None)
     compiled = lowbit.compile(model, inputs, example_kwargs=kwargs, recipe=args.recipe, passes=_pass_list(args.passes),
-                              target=args.target, dump_dir=args.dump_dir)
+                              target=args.target, dump_dir=args.dump_dir, calibration=calibration)
     print(compiled.report)
     if args.export:
         print(f"exported to {compiled.export(args.export)}")
@@ -245,6 +254,13 @@ def _load_model(spec: str) -> tuple[Any, tuple, dict]:
         raise LowbitError(f"'{spec}' must return (model, example_inputs) or (model, example_inputs, example_kwargs)")
     model, inputs, *rest = result
     return model, inputs if isinstance(inputs, tuple) else (inputs,), rest[0] if rest else {}
+
+
+def _tokenizer(spec: str) -> Any:
+    """The tokenizer of a zoo model that has one (minilm), else None."""
+    from lowbit import zoo
+
+    return zoo.load_minilm().tokenizer if spec == "minilm" else None
 
 
 def _pass_list(specs: list[str] | None) -> list[Any] | None:
