@@ -99,3 +99,27 @@ def test_cli_runs_an_arm_artifact_on_an_emulated_device_behind_a_tracker(tmp_pat
                      "--key", "a76", "--timeout", "120", "--repeats", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "output 0: float32[4, 32]" in out and "(key 'a76')" in out
+
+
+@pytest.mark.slow
+def test_every_int8_arm_recipe_runs_its_kernel_under_qemu(tmp_path) -> None:
+    """W1.58A8, W2A8, W4A8 and W8A8 recipes: each linear on the sdot kernel, outputs as the torch reference."""
+    _emulator_or_skip()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.GELU()).eval()
+    x = torch.randn(8, 256)
+    calibration = [(torch.randn(8, 256),) for _ in range(4)]
+    compiled = {recipe: lowbit.compile(model, (x,), recipe=recipe, calibration=calibration)
+                for recipe in ("w1.58a8-arm", "w2a8-arm", "w4a8-arm", "w8a8-arm")}
+    paths = []
+    for recipe, model_a8 in compiled.items():
+        assert [linear.kernel for linear in model_a8._runner.linears] == ["packed_a8"], recipe
+        paths.append(model_a8.export(tmp_path / recipe))
+    with qemu.emulated_server() as server:
+        results = [rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
+                   for path in paths]
+    for (recipe, model_a8), result in zip(compiled.items(), results):
+        with torch.no_grad():
+            reference = model_a8.graph(x).numpy()
+        np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max(),
+                                   err_msg=recipe)
