@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--calibration", type=Path, metavar="FILE",
                       help="calibration data for passes that need it (gptq, awq, ...): .npz or .pt input batches, "
                            "or a text file tokenized by the model's tokenizer (zoo models that have one)")
+    tune = comp.add_argument_group("TVM kernel tuning")
+    tune.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                      help="tune the low-bit kernels that have no finished record, with the recipe's tune budget "
+                           "(--no-tune: hand schedules only; default: use recorded tunings, measure nothing)")
+    tune.add_argument("--tune-trials", type=int, metavar="N", help="candidates measured per kernel (default: the recipe's)")
+    tune.add_argument("--tune-rpc", metavar="HOST:PORT",
+                      help="measure on a remote device: an RPC tracker (with --tune-key) or an RPC server")
+    tune.add_argument("--tune-key", metavar="KEY", help="device key at the tracker given by --tune-rpc")
+    tune.add_argument("--cache-dir", type=Path, metavar="DIR",
+                      help="tuning database directory (default: $LOWBIT_CACHE_DIR, else ~/.cache/lowbit/tvm)")
     comp.set_defaults(run=_compile)
 
     run = commands.add_parser("run", help="run an exported TVM artifact here or on a remote device (TVM RPC)",
@@ -143,7 +153,8 @@ def _compile(args: argparse.Namespace) -> None:
         text = args.calibration.suffix not in ARRAY_SUFFIXES
         calibration = load_calibration(args.calibration, inputs, kwargs, _tokenizer(args.model) if text else None)
     compiled = lowbit.compile(model, inputs, example_kwargs=kwargs, recipe=args.recipe, passes=_pass_list(args.passes),
-                              target=args.target, dump_dir=args.dump_dir, calibration=calibration)
+                              target=args.target, dump_dir=args.dump_dir, calibration=calibration,
+                              tune=_tune_option(args), cache_dir=args.cache_dir)
     print(compiled.report)
     if args.export:
         print(f"exported to {compiled.export(args.export)}")
@@ -261,6 +272,26 @@ def _tokenizer(spec: str) -> Any:
     from lowbit import zoo
 
     return zoo.load_minilm().tokenizer if spec == "minilm" else None
+
+
+def _tune_option(args: argparse.Namespace) -> Any:
+    """``compile(tune=...)`` from --tune/--no-tune, --tune-trials, --tune-rpc and --tune-key."""
+    settings: dict[str, Any] = {}
+    if args.tune_trials is not None:
+        settings["trials"] = args.tune_trials
+    if args.tune_key and not args.tune_rpc:
+        raise LowbitError("--tune-key names a device at a tracker: give the tracker with --tune-rpc HOST:PORT")
+    if args.tune_rpc:
+        from lowbit.backends.tvm.rpc import Address
+        from lowbit.backends.tvm.tuning import RPCDevice
+
+        address = Address.parse(args.tune_rpc)
+        settings["rpc"] = RPCDevice(address.host, address.port, args.tune_key)
+    if settings and not args.tune:
+        raise LowbitError("--tune-trials and --tune-rpc set how to tune: add --tune")
+    if not args.tune:
+        return args.tune  # None: recorded tunings only; False: hand schedules only
+    return settings or True
 
 
 def _pass_list(specs: list[str] | None) -> list[Any] | None:
