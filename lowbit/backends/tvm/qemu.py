@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -110,16 +109,6 @@ def python_wrapper(cpu: str = DEFAULT_CPU, root: str | Path | None = None) -> Pa
     return wrapper
 
 
-def run_python(code: str, *args: str, cpu: str = DEFAULT_CPU, timeout: float = START_TIMEOUT,
-               root: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``code`` in the emulated Python (``python -c code args...``); output captured as text."""
-    command = [str(python_wrapper(cpu, root)), "-c", code, *args]
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as error:
-        raise BackendError(f"the emulated Python on {cpu} did not finish within {timeout:g} s") from error
-
-
 def emulated_server(cpu: str = DEFAULT_CPU, tracker: rpc.Address | str | None = None, key: str = "",
                     load_library: str | None = None, timeout: float = START_TIMEOUT,
                     root: str | Path | None = None) -> rpc.Server:
@@ -137,4 +126,4 @@ def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, n
 
 
 __all__ = ["ArmRoot", "DEFAULT_CPU", "EmulatorUnavailable", "QEMU", "QEMU_PACKAGE", "SETUP_COMMAND", "default_root",
-           "emulated_server", "find_root", "python_wrapper", "qemu_binary", "run_artifact", "run_python"]
+           "emulated_server", "find_root", "python_wrapper", "qemu_binary", "run_artifact"]

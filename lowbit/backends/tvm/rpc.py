@@ -20,6 +20,7 @@ tuples over RPC) and times the model with the runtime's time evaluator.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -28,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -107,20 +109,29 @@ def free_port(host: str = LOCALHOST) -> int:
 
 
 class _Process:
-    """A subprocess in its own process group, stopped with the whole group."""
+    """A subprocess in its own process group, stopped with the whole group.
+
+    Its output goes to a temporary file, never to a pipe: a long-lived server writes a
+    warning per loaded module, and a full pipe nobody reads would block it.
+    """
 
     def __init__(self, command: Sequence[str], env: Mapping[str, str] | None, what: str) -> None:
         self.what = what
-        log.debug("starting %s: %s", what, " ".join(command))
-        self.process = subprocess.Popen(
-            list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
+        handle, self._log = tempfile.mkstemp(prefix="lowbit-rpc-", suffix=".log")
+        os.close(handle)
+        log.debug("starting %s: %s (output in %s)", what, " ".join(command), self._log)
+        with open(self._log, "ab") as output:  # append mode: the child writes at the end whatever we read
+            self.process = subprocess.Popen(list(command), stdout=output, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env={**os.environ, **(env or {})})
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        with open(self._log, errors="replace") as output:
+            return output.read()
 
     def failure(self) -> str:
-        """What the process said before it exited (its last stderr lines)."""
-        _, err = self.process.communicate(timeout=5)
-        return " | ".join(err.strip().splitlines()[-5:]) or f"exit status {self.process.returncode}"
+        """What the process said before it exited (its last lines)."""
+        return " | ".join(self.output().strip().splitlines()[-5:]) or f"exit status {self.process.poll()}"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -134,9 +145,8 @@ class _Process:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._log)
         log.debug("stopped %s", self.what)
 
 
@@ -194,7 +204,6 @@ class Server:
             raise RPCError("a server registered at a tracker needs a key naming its kind of device")
         tracker_text = str(Address.parse(str(tracker))) if tracker is not None else ""
         command = [python or sys.executable, "-c", _SERVER_MAIN, host, key, tracker_text, load_library or ""]
-        self.key = key
         self._process = _Process(command, {**RUNTIME_ONLY, **(env or {})}, f"RPC server ({command[0]})")
         try:
             self.address = Address(host, self._wait_ready(timeout))
@@ -207,17 +216,16 @@ class Server:
         log.info("RPC server listening at %s%s", self.address, f" (key '{key}' at {tracker_text})" if tracker else "")
 
     def _wait_ready(self, timeout: float) -> int:
-        """The port from the server's ready line, read within ``timeout`` seconds."""
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self._process.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        line = lines[0] if lines else ""
-        if not line.startswith(READY):
-            if self._process.process.poll() is not None:
-                raise RPCError(f"the RPC server exited while starting: {self._process.failure()}")
-            raise RPCError(f"the RPC server did not start within {timeout:g} s")
-        return int(line.split()[1])
+        """The port from the server's ready line, printed within ``timeout`` seconds."""
+        ready: list[int] = []
+
+        def printed() -> bool:
+            ready.extend(int(line.split()[1]) for line in self._process.output().splitlines()
+                         if line.startswith(READY))
+            return bool(ready)
+
+        _wait_until(printed, timeout, "the RPC server did not start", self._process)
+        return ready[0]
 
     def stop(self) -> None:
         self._process.stop()

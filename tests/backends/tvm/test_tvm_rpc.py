@@ -114,3 +114,11 @@ def test_cli_runs_on_the_device_behind_the_tracker(x86_artifact, tracker, capsys
                  "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "output 0: float32[3, 8]" in out and f"on {tracker.address} (key '{KEY}')" in out
+
+
+def test_server_that_cannot_start_reports_what_it_said(tmp_path) -> None:
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'no TVM on this device' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(rpc.RPCError, match="did not start: no TVM on this device"):
+        rpc.Server(python=str(broken), timeout=10)
