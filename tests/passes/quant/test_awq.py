@@ -18,7 +18,7 @@ from lowbit.errors import CalibrationError, LowbitError, PassConfigError, PassOr
 from lowbit.ir import ops
 from lowbit.ir.annotations import get_meta
 from lowbit.passes.base import PassContext
-from lowbit.passes.quant import AWQ, RTN, PackedLinear, quantize_weight
+from lowbit.passes.quant import AWQ, GPTQ, RTN, PackedLinear, quantize_weight
 from lowbit.passes.quant.awq import AWQConfig, apply_clip, fake_quantize, search_clip, search_scale
 
 # ---------------------------------------------------------------- the searches
@@ -325,6 +325,32 @@ def test_awq_beats_rtn_on_minilm(bits) -> None:
             cosines[name] = float(torch.cosine_similarity(minilm.embed(out(**test), test["attention_mask"]),
                                                           reference).mean())
     assert cosines["awq"] > cosines["rtn"], cosines
+
+
+def test_padded_positions_do_not_change_the_result() -> None:
+    """Regression: calibration padded to a common length is mostly padding, which the model
+    never reads; AWQ (and GPTQ) must not fit to it. Whatever sits in the padded positions,
+    the quantized model is the same."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    mask = torch.zeros(4, 16, dtype=torch.long)
+    for row, length in enumerate((3, 5, 4, 16)):
+        mask[row, :length] = 1
+    ids = torch.randint(1, 100, (4, 16))
+    example = {"input_ids": ids, "attention_mask": mask}
+    gm = lowbit.trace(model, (), example_kwargs=example)
+    outputs = []
+    for fill in (torch.zeros_like(ids), torch.randint(1, 100, ids.shape)):  # [PAD]=0 or arbitrary tokens
+        padded = {"input_ids": torch.where(mask == 1, ids, fill), "attention_mask": mask}
+        for quantizer in (AWQ(bits=3, group_size=16), GPTQ(bits=3, group_size=16)):
+            out = lowbit.Pipeline([quantizer])(gm, calibration=calibration_set([padded], (), example))
+            with torch.no_grad():
+                outputs.append(out(**example)[0])
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-4, atol=1e-5)  # awq
+    torch.testing.assert_close(outputs[3], outputs[1], rtol=1e-4, atol=1e-5)  # gptq
 
 
 # ---------------------------------------------------------------- bad input
