@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import math
@@ -124,7 +125,7 @@ def lowbit_rows(args: argparse.Namespace, smol: Any, prompt: torch.Tensor, windo
                               target=compiled.report.target)
         for threads in args.threads:
             set_threads(threads)
-            seconds = median_s(lambda: last(input_ids=prompt), args.repeats)
+            seconds = median_s(functools.partial(last, input_ids=prompt), args.repeats)
             rows.append({"engine": "lowbit (TVM)", "format": recipe, "threads": threads,
                          "prompt_tokens_per_s": SEQ / seconds, "vs_torch": eager[threads] / seconds,
                          "perplexity": ppl, "compile_s": compile_s, "weight_bytes": state_bytes(compiled.graph),
