@@ -69,31 +69,31 @@ def _avx2_target() -> Target:
     return Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
 
 
-@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
 @pytest.mark.parametrize(("fmt", "bits", "group", "zeros"), FORMATS, ids=[f[0] for f in FORMATS])
-def test_kernel_matches_reference_op(fmt: str, bits: int, group: int, zeros: str, dynamic: bool) -> None:
-    """Bit-exact with power-of-two scales, within 1e-5 relative with random ones; M ∈ {1, 5, 32}.
+def test_kernel_matches_reference_op(fmt: str, bits: int, group: int, zeros: str) -> None:
+    """Bit-exact with power-of-two scales, within 1e-5 relative with random ones; M ∈ {1, 5, 32}, dynamic and static.
 
     Runs the intrinsic this host's target picks (VNNI on AVX-512 VNNI machines, else AVX2).
     """
     target = resolve_target("x86")
     cases = {}
-    for rows in (1, 5, 32):
-        for exact in (True, False):
-            weight = _weight(bits, group, zeros, exact, seed=rows * 7 + bits)
-            weight["act_scale"] = None if dynamic else torch.tensor(2.0**-5 if exact else 0.0371)
-            kernel = a8_linear.plan(_spec(rows, bits, group, weight, dynamic), weight, target)
-            assert isinstance(kernel, KernelPlan), kernel
-            cases[rows, exact] = weight, kernel
+    for dynamic in (True, False):
+        for rows in (1, 5, 32):
+            for exact in (True, False):
+                weight = _weight(bits, group, zeros, exact, seed=rows * 7 + bits)
+                weight["act_scale"] = None if dynamic else torch.tensor(2.0**-5 if exact else 0.0371)
+                kernel = a8_linear.plan(_spec(rows, bits, group, weight, dynamic), weight, target)
+                assert isinstance(kernel, KernelPlan), kernel
+                cases[f"m{rows}_{'dynamic' if dynamic else 'static'}", exact] = rows, weight, kernel
     # Exact and random weights share each function: only the constants differ.
-    lib = _build({f"m{rows}": kernel for (rows, exact), (_, kernel) in cases.items() if exact}, target)
-    for (rows, exact), (weight, kernel) in cases.items():
+    lib = _build({name: kernel for (name, exact), (_, _, kernel) in cases.items() if exact}, target)
+    for (name, exact), (rows, weight, kernel) in cases.items():
         x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows + bits)) * 3
-        got, ref = _run(lib, kernel, x, f"m{rows}"), _reference(x, weight, bits, group)
+        got, ref = _run(lib, kernel, x, name), _reference(x, weight, bits, group)
         if exact:
-            assert torch.equal(got, ref), f"{fmt} M={rows}: max diff {(got - ref).abs().max()}"
+            assert torch.equal(got, ref), f"{fmt} {name}: max diff {(got - ref).abs().max()}"
         else:
-            assert (got - ref).abs().max() / ref.abs().max() < 1e-5, f"{fmt} M={rows}"
+            assert (got - ref).abs().max() / ref.abs().max() < 1e-5, f"{fmt} {name}"
 
 
 @pytest.mark.parametrize("bits", [2, 8])
