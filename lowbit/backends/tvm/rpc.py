@@ -192,9 +192,10 @@ class Server:
     """A TVM RPC server on a free local port, optionally registered at a tracker; a context manager.
 
     ``python`` is the device's Python (default: this one; e.g. a wrapper script that
-    runs an emulated one) and ``env`` extra environment for it; ``load_library`` a shared library the server loads
-    into each session (e.g. ``libtvm_runtime_extra.so`` for MetaSchedule's runner).
-    Registered servers count as ready once the tracker lists them as free.
+    runs an emulated one) and ``env`` extra environment for it; ``load_library`` a
+    shared library the server loads into each session (e.g. ``libtvm_runtime_extra.so``
+    for MetaSchedule's runner). Registered servers count as ready once the tracker lists
+    them as free.
     """
 
     def __init__(self, tracker: Address | str | None = None, key: str = "", host: str = LOCALHOST,
@@ -208,7 +209,7 @@ class Server:
         try:
             self.address = Address(host, self._wait_ready(timeout))
             if tracker is not None:
-                _wait_until(lambda: free_servers(Address.parse(tracker_text), key) > 0, timeout,
+                _wait_until(lambda: _registered(Address.parse(tracker_text), key), timeout,
                             f"the RPC server did not register at the tracker {tracker_text} as '{key}'", self._process)
         except BaseException:
             self.stop()
@@ -251,6 +252,13 @@ def tracker_summary(address: Address) -> dict[str, Any]:
 def free_servers(address: Address, key: str) -> int:
     """How many servers registered under ``key`` at the tracker ``address`` are free now."""
     return int(tracker_summary(address).get("queue_info", {}).get(key, {}).get("free", 0))
+
+
+def _registered(tracker: Address, key: str) -> bool:
+    try:
+        return free_servers(tracker, key) > 0
+    except (OSError, RuntimeError):  # the tracker is not answering (yet)
+        return False
 
 
 def connect(rpc: str, key: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
