@@ -11,8 +11,9 @@ Parts: `target` (lowbit target names → TVM targets), `kernels` (TIR generators
 `schedule` (default CPU schedules for fp32 operators), `lower` (GraphModule → Relax,
 build), `tuning` (knob search for the low-bit kernels with a persistent database:
 ``compile(..., tune=True, cache_dir=...)``; ``runner.tuning`` lists the knobs chosen).
-The module is specialized to the shapes of the example inputs. LLVM CPU targets compile (``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules
-for this machine's architecture run in-process; ``cuda`` (or ``{"kind": "cuda", "arch":
+The module is specialized to the shapes of the example inputs. LLVM CPU targets
+compile (``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules for this
+machine's architecture run in-process; ``cuda`` (or ``{"kind": "cuda", "arch":
 "sm_90"}``) builds CUDA kernels (`cuda`: a `cuda.CUDARunner`, runnable where there is a
 GPU; its export compiles the kernels with nvcc into a fatbin next to the library). Saved
 modules are shared libraries with the weights embedded as constants; loading checks
