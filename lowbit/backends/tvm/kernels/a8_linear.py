@@ -44,14 +44,14 @@ import torch
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels import intrin_x86
+from lowbit.backends.tvm.kernels import int8_common, intrin_x86
 from lowbit.backends.tvm.kernels.common import (
     KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, resolve_knobs,
 )
+from lowbit.backends.tvm.kernels.int8_common import activation_codes, layout_reason, zeros_reason
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import has_features, target_arch
 from lowbit.ir import packing
-from lowbit.ir.ops_a8 import ACT_EPS, ACT_QMAX, ACT_QMIN
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +69,12 @@ KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (8, 1
 
 def unsupported_reason(spec: PackedLinearSpec) -> str | None:
     """Why the integer kernel cannot compute ``spec`` (the shape and format alone), or None."""
-    if spec.act_bits != 8:
-        return f"the int8 kernel needs 8-bit activations, got act_bits={spec.act_bits}"
-    if spec.bits not in KERNEL_BITS:
-        return f"{spec.bits}-bit codes are not handled by the int8 kernel (it takes {KERNEL_BITS} bits)"
-    if spec.has_g_idx:
-        return "act-order g_idx permutes groups; the int8 kernel needs contiguous groups"
-    if spec.out_features % ROWS:
-        return f"out_features={spec.out_features} is not a multiple of {ROWS} (the kernel's row tile)"
-    if spec.in_features % spec.group_size:
-        return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
-    if spec.group_size % word_columns(spec.bits):
-        return (f"group_size={spec.group_size} is not a multiple of {word_columns(spec.bits)} "
-                f"(the columns of one {spec.bits}-bit weight word)")
-    return None
+    return layout_reason(spec, "int8 kernel", KERNEL_BITS, ROWS, COLUMNS)
 
 
 def word_columns(bits: int) -> int:
     """Input columns one interleaved 32-byte word covers: ``4 · (8 // bits)``."""
-    return COLUMNS * (8 // bits)
+    return int8_common.word_columns(bits, COLUMNS)
 
 
 def intrinsic(spec: PackedLinearSpec, target: Target) -> str:
@@ -112,7 +99,7 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
     (None when absent). The constants are, in order: interleaved codes, scales ``(G, N)``,
     [zero points ``(G, N)`` int32], [bias], [the static step ``Δ`` as a 1-element array].
     """
-    reason = unsupported_reason(spec) or _target_reason(target) or _zeros_reason(tensors.get("zeros"))
+    reason = unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
     if reason is not None:
         return reason
     chosen = resolve_knobs(KNOBS, default_knobs(spec, target), knobs, KERNEL_NAME)
@@ -190,19 +177,8 @@ def fake_quant_func(batch: int, in_features: int, dynamic: bool, name: str | Non
 
 def _quantized_input(x: te.Tensor, step: te.Tensor | None) -> tuple[te.Tensor, te.Tensor | None]:
     """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s``."""
-    m_rows, k_in = (int(d) for d in x.shape)
-    mult = None
-    if step is None:
-        k = te.reduce_axis((0, k_in), name="k")
-        absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
-        mult = te.compute((m_rows,), lambda m: tirx.const(127.0, "float32")
-                          / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")), name="mult")
-        scaled = lambda m, kk: x[m, kk] * mult[m]  # noqa: E731
-    else:
-        scaled = lambda m, kk: x[m, kk] / step[0]  # noqa: E731
-    xq = te.compute((m_rows, k_in), lambda m, kk: tirx.max(tirx.min(tirx.nearbyint(scaled(m, kk)), float(ACT_QMAX)),
-                                                            float(ACT_QMIN)).astype("int8"), name="xq")
-    return xq, mult
+    code, mult = activation_codes(x, step)
+    return te.compute(tuple(int(d) for d in x.shape), code, name="xq"), mult
 
 
 def a8_linear_compute(spec: PackedLinearSpec, vectors: int) -> tirx.PrimFunc:
@@ -309,12 +285,6 @@ def _target_reason(target: Target) -> str | None:
         return f"the x86 int8 kernel needs an x86 LLVM target, got {target}"
     if not has_features(target, "avx2"):
         return "the x86 int8 kernel needs AVX2 (target CPU has none)"
-    return None
-
-
-def _zeros_reason(zeros: torch.Tensor | None) -> str | None:
-    if zeros is not None and not torch.equal(zeros, zeros.round()):
-        return "fractional zero points: the int8 kernel removes integer zero points in int32"
     return None
 
 

@@ -42,14 +42,14 @@ import torch
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels import intrin_arm
+from lowbit.backends.tvm.kernels import int8_common, intrin_arm
 from lowbit.backends.tvm.kernels.common import (
     KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, resolve_knobs,
 )
+from lowbit.backends.tvm.kernels.int8_common import activation_codes, layout_reason, zeros_reason
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import has_features, target_arch
 from lowbit.ir import packing
-from lowbit.ir.ops_a8 import ACT_EPS, ACT_QMAX, ACT_QMIN
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +74,12 @@ def code_offset(bits: int) -> int:
 
 def unsupported_reason(spec: PackedLinearSpec) -> str | None:
     """Why the integer kernel cannot compute ``spec`` (the shape and format alone), or None."""
-    if spec.act_bits != 8:
-        return f"the int8 kernel needs 8-bit activations, got act_bits={spec.act_bits}"
-    if spec.bits not in KERNEL_BITS:
-        return f"{spec.bits}-bit codes are not handled by the ARM int8 kernel (it takes {KERNEL_BITS} bits)"
-    if spec.has_g_idx:
-        return "act-order g_idx permutes groups; the ARM int8 kernel needs contiguous groups"
-    if spec.out_features % ROWS:
-        return f"out_features={spec.out_features} is not a multiple of {ROWS} (the ARM kernel's row tile)"
-    if spec.in_features % spec.group_size:
-        return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
-    if spec.group_size % word_columns(spec.bits):
-        return (f"group_size={spec.group_size} is not a multiple of {word_columns(spec.bits)} "
-                f"(the columns of one {spec.bits}-bit weight word)")
-    return None
+    return layout_reason(spec, "ARM int8 kernel", KERNEL_BITS, ROWS, COLUMNS)
 
 
 def word_columns(bits: int) -> int:
     """Input columns one interleaved 16-byte word covers: ``4 · (8 // bits)``."""
-    return COLUMNS * (8 // bits)
+    return int8_common.word_columns(bits, COLUMNS)
 
 
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
@@ -115,7 +102,7 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
     ``(G, N)``, zero points minus the code offset ``(G, N)`` int32, [bias], [the static
     step ``Δ`` as a 1-element array].
     """
-    reason = unsupported_reason(spec) or _target_reason(target) or _zeros_reason(tensors.get("zeros"))
+    reason = unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "ARM int8 kernel")
     if reason is not None:
         return reason
     chosen = resolve_knobs(KNOBS, default_knobs(spec, target), knobs, KERNEL_NAME)
@@ -188,7 +175,7 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    quantize, mult = _activation_codes(x, step)
+    quantize, mult = activation_codes(x, step)
     xq = te.compute((m_rows, k_in), quantize, name="xq")
     kg = te.reduce_axis((0, group), name="kg")
     asum = te.compute((m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
@@ -223,26 +210,6 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     y = te.compute((m_rows, n_out), _epilogue(lambda m, n: acc[m, n // ROWS, n % ROWS], mult, step, bias), name="y")
     args = [x, words, scales, zeros] + [t for t in (bias, step) if t is not None] + [y]
     return te.create_prim_func(args)
-
-
-def _activation_codes(x: te.Tensor, step: te.Tensor | None) -> tuple:
-    """Step 1: ``(m, k) → x_int`` as int8, and the per-row multiplier ``s`` (None for a static step)."""
-    m_rows, k_in = (int(d) for d in x.shape)
-    if step is None:
-        k = te.reduce_axis((0, k_in), name="k")
-        absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
-        mult = te.compute((m_rows,), lambda m: tirx.const(127.0, "float32")
-                          / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")), name="mult")
-        scaled = lambda m, kk: x[m, kk] * mult[m]  # noqa: E731
-    else:
-        mult = None
-        scaled = lambda m, kk: x[m, kk] / step[0]  # noqa: E731
-
-    def quantize(m: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
-        clamped = tirx.max(tirx.min(tirx.nearbyint(scaled(m, kk)), float(ACT_QMAX)), float(ACT_QMIN))
-        return clamped.astype("int8")
-
-    return quantize, mult
 
 
 def _epilogue(acc: Any, mult: te.Tensor | None, step: te.Tensor | None, bias: te.Tensor | None) -> Any:
@@ -282,7 +249,7 @@ def a8_linear_arm_i8mm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    quantize, mult = _activation_codes(x, step)
+    quantize, mult = activation_codes(x, step)
     xqp = te.compute((m_rows // 2, k_in // MMLA_COLUMNS, 2, MMLA_COLUMNS),
                      lambda mp, kb, mi, kk: quantize(mp * 2 + mi, kb * MMLA_COLUMNS + kk), name="xqp")
     kg = te.reduce_axis((0, group), name="kg")
@@ -425,12 +392,6 @@ def _i8mm_reason(spec: PackedLinearSpec, target: Target) -> str | None:
         return f"knob i8mm=1 takes rows of x in pairs; batch={spec.batch} is odd"
     if spec.group_size % (MMLA_COLUMNS * (8 // spec.bits)):
         return f"group_size={spec.group_size} is not a multiple of {MMLA_COLUMNS * (8 // spec.bits)} (an i8mm word)"
-    return None
-
-
-def _zeros_reason(zeros: torch.Tensor | None) -> str | None:
-    if zeros is not None and not torch.equal(zeros, zeros.round()):
-        return "fractional zero points: the ARM int8 kernel removes integer zero points in int32"
     return None
 
 
