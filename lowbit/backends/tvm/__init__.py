@@ -18,7 +18,8 @@ machine's architecture run in-process; ``cuda`` (or ``{"kind": "cuda", "arch":
 GPU; its export compiles the kernels with nvcc into a fatbin next to the library). Saved
 modules are shared libraries with the weights embedded as constants; loading checks
 that this machine has the architecture and CPU features the library was built for.
-TVM's thread pool uses half the hardware threads unless ``TVM_NUM_THREADS`` is set.
+TVM's thread pool uses every core this process may run on unless ``TVM_NUM_THREADS`` says
+otherwise (TVM's own default is half the hardware threads).
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-import tvm
+
+# Read when TVM's thread pool starts (the first parallel kernel), so setting it here is in time.
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+import tvm  # noqa: E402
 from tvm import relax
 from tvm.support import cc
 from tvm.target import Target
