@@ -37,7 +37,6 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -62,6 +61,8 @@ from lowbit.backends.tvm.lower import (
     Lowering,
     _GraphImporter,
     input_specs,
+    layer_spec,
+    tuned_plan,
 )
 from lowbit.backends.tvm.target import cuda_arch
 from lowbit.errors import ArtifactError, BackendError
@@ -361,16 +362,10 @@ class _LinearConverter:
         tensors = {name: self._constant(node, call.get(name)) for name in names}
         x_shape = [int(d) for d in x.ty.shape]
         rows = math.prod(x_shape[:-1])
-        spec = PackedLinearSpec(
-            batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0], bits=call["bits"],
-            group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
-            has_bias=tensors["bias"] is not None, has_g_idx=tensors["g_idx"] is not None,
-            act_bits=8 if a8 else None, act_dynamic=tensors.get("act_scale") is None,
-        )
+        spec = layer_spec(call, rows, tensors, a8)
         bb = importer.block_builder
         x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_features))) if len(x_shape) != 2 else x
-        kernels = cuda_a8_linear if a8 else cuda_linear
-        planned = self._plan(kernels, spec, tensors)
+        planned = tuned_plan(cuda_a8_linear if a8 else cuda_linear, spec, tensors, self.target, self.tuner)
         if isinstance(planned, KernelPlan):
             out = self._call_plan(bb, x2d, spec, planned)
             self.linears.append(LoweredLinear(node.name, spec, planned.name))
@@ -379,17 +374,6 @@ class _LinearConverter:
             out = self._fallback(bb, x2d, spec, tensors)
             self.linears.append(LoweredLinear(node.name, spec, "dense", planned))
         return bb.emit(relax.op.reshape(out, (*x_shape[:-1], spec.out_features))) if len(x_shape) != 2 else out
-
-    def _plan(self, kernel: ModuleType, spec: PackedLinearSpec,
-              tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
-        """``kernel``'s plan for a layer, with the tuner's recorded knobs where it has some."""
-        planned = kernel.plan(spec, tensors, self.target)
-        if isinstance(planned, str) or self.tuner is None:
-            return planned
-        knobs = self.tuner.knobs(kernel, spec, tensors)
-        if knobs is None or knobs == planned.knobs:
-            return planned
-        return kernel.plan(spec, tensors, self.target, knobs=knobs)
 
     @staticmethod
     def _call_plan(bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, planned: KernelPlan) -> relax.Expr:

@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -284,12 +284,7 @@ class _PackedLinearConverter:
         tensors = {name: self._tensor(call[name]) for name in names}
         x_shape = [int(d) for d in x.ty.shape]
         rows = math.prod(x_shape[:-1])
-        spec = PackedLinearSpec(
-            batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0],
-            bits=call["bits"], group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
-            has_bias=tensors["bias"] is not None, has_g_idx=tensors["g_idx"] is not None,
-            act_bits=8 if a8 else None, act_dynamic=tensors.get("act_scale") is None,
-        )
+        spec = layer_spec(call, rows, tensors, a8)
         bb = importer.block_builder
         x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_features))) if len(x_shape) != 2 else x
         out = bb.emit(self._call_kernel(bb, node.name, x2d, spec, tensors))
@@ -331,14 +326,7 @@ class _PackedLinearConverter:
 
     def _plan(self, kernel: ModuleType, spec: PackedLinearSpec,
               tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
-        """``kernel``'s plan for a layer with the tuner's knobs (the hand schedule without a tuner or a record)."""
-        planned = kernel.plan(spec, tensors, self.target)
-        if isinstance(planned, str) or self.tuner is None:
-            return planned
-        knobs = self.tuner.knobs(kernel, spec, tensors)
-        if knobs is None or knobs == planned.knobs:
-            return planned
-        return kernel.plan(spec, tensors, self.target, knobs=knobs)
+        return tuned_plan(kernel, spec, tensors, self.target, self.tuner)
 
     def _tensor(self, arg: Any) -> torch.Tensor | None:
         """The tensor a ``get_attr`` argument names (None stays None)."""
@@ -350,6 +338,29 @@ class _PackedLinearConverter:
         if value.dtype in (torch.float32, torch.uint8, torch.int32):
             return value.detach()
         raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
+
+
+def layer_spec(call: Mapping[str, Any], rows: int, tensors: Mapping[str, torch.Tensor | None],
+               a8: bool) -> PackedLinearSpec:
+    """The spec of one ``linear_packed``/``linear_packed_a8`` call (normalized kwargs) on ``rows`` input rows."""
+    return PackedLinearSpec(
+        batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0],
+        bits=call["bits"], group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
+        has_bias=tensors["bias"] is not None, has_g_idx=tensors["g_idx"] is not None,
+        act_bits=8 if a8 else None, act_dynamic=tensors.get("act_scale") is None,
+    )
+
+
+def tuned_plan(kernel: ModuleType, spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None],
+               target: Target, tuner: Any) -> KernelPlan | str:
+    """``kernel``'s plan for a layer with the tuner's knobs (the hand schedule without a tuner or a record)."""
+    planned = kernel.plan(spec, tensors, target)
+    if isinstance(planned, str) or tuner is None:
+        return planned
+    knobs = tuner.knobs(kernel, spec, tensors)
+    if knobs is None or knobs == planned.knobs:
+        return planned
+    return kernel.plan(spec, tensors, target, knobs=knobs)
 
 
 def _dequantized_transpose(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
@@ -367,4 +378,4 @@ def _check_inputs(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return inputs
 
 
-__all__ = ["A8_KERNELS", "LINEAR_PACKED_A8_NAME", "LINEAR_PACKED_NAME", "InputSpec", "LoweredLinear", "Lowering", "input_specs", "build", "lower", "schedule_module", "unscheduled_functions"]
+__all__ = ["A8_KERNELS", "LINEAR_PACKED_A8_NAME", "LINEAR_PACKED_NAME", "InputSpec", "LoweredLinear", "Lowering", "input_specs", "build", "layer_spec", "lower", "schedule_module", "tuned_plan", "unscheduled_functions"]
