@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--tune-rpc", metavar="HOST:PORT",
                       help="measure on a remote device: an RPC tracker (with --tune-key) or an RPC server")
     tune.add_argument("--tune-key", metavar="KEY", help="device key at the tracker given by --tune-rpc")
+    tune.add_argument("--tune-timeout", type=float, metavar="S",
+                      help="seconds each step on the --tune-rpc device may take (connecting, uploading, running a "
+                           "candidate) before it counts as lost (default 60)")
     tune.add_argument("--cache-dir", type=Path, metavar="DIR",
                       help="tuning database directory (default: $LOWBIT_CACHE_DIR, else ~/.cache/lowbit/tvm)")
     comp.set_defaults(run=_compile)
@@ -286,7 +289,10 @@ def _tune_option(args: argparse.Namespace) -> Any:
         from lowbit.backends.tvm.tuning import RPCDevice
 
         address = Address.parse(args.tune_rpc)
-        settings["rpc"] = RPCDevice(address.host, address.port, args.tune_key)
+        timeout = {} if args.tune_timeout is None else {"timeout_s": args.tune_timeout}
+        settings["rpc"] = RPCDevice(address.host, address.port, args.tune_key, **timeout)
+    if args.tune_timeout is not None and not (args.tune_rpc and args.tune_timeout > 0):
+        raise LowbitError("--tune-timeout S (S > 0) bounds each step on the device given by --tune-rpc HOST:PORT")
     if settings and not args.tune:
         raise LowbitError("--tune-trials and --tune-rpc set how to tune: add --tune")
     if not args.tune:
