@@ -25,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -221,12 +222,17 @@ class Server:
         ready: list[int] = []
 
         def printed() -> bool:
-            ready.extend(int(line.split()[1]) for line in self._process.output().splitlines()
-                         if line.startswith(READY))
+            complete = self._process.output().rpartition("\n")[0]  # a line still being written has no port yet
+            ready.extend(int(found.group(1)) for found in re.finditer(rf"^{READY} (\d+)$", complete, re.MULTILINE))
             return bool(ready)
 
         _wait_until(printed, timeout, "the RPC server did not start", self._process)
         return ready[0]
+
+    @property
+    def pid(self) -> int:
+        """The server's process id; also its process group, which holds its session processes."""
+        return self._process.process.pid
 
     def stop(self) -> None:
         self._process.stop()

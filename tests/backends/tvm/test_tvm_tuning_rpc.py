@@ -23,6 +23,7 @@ from lowbit.backends.tvm.kernels import packed_linear
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.tuning import LocalRunner, MeasureOptions, RPCDevice, RPCRunner, Tuner, TuningOptions
+from lowbit.cli import main
 from lowbit.errors import BackendError
 
 HOST = "127.0.0.1"
@@ -139,3 +140,38 @@ def test_silent_peer_times_out_instead_of_hanging():
         with pytest.raises(BackendError, match="no answer within 2 s"):
             RPCRunner(resolve_target("x86"), RPCDevice(HOST, silent.getsockname()[1], KEY, timeout_s=2))._connect()
         assert time.monotonic() - start < 8
+
+
+MODEL = '''
+import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(128, 32)).eval(), (torch.randn(2, 128),)
+'''
+
+
+@pytest.fixture
+def cli_model(tmp_path, monkeypatch) -> list[str]:
+    (tmp_path / "tuning_rpc_model.py").write_text(MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return ["compile", "tuning_rpc_model:build", "--pass", "rtn:bits=4,group_size=64", "--target", "x86", "--tune",
+            "--cache-dir", str(tmp_path / "cache")]
+
+
+@pytest.mark.parametrize("flags", [["--tune-timeout", "5"], ["--tune-rpc", f"{HOST}:9", "--tune-timeout", "0"]])
+def test_cli_tune_timeout_needs_a_device_and_a_positive_value(cli_model, capsys, flags):
+    assert main(cli_model + flags) == 2
+    assert "--tune-timeout S (S > 0) bounds each step on the device given by --tune-rpc" in capsys.readouterr().err
+
+
+def test_cli_tune_timeout_bounds_a_silent_device(cli_model, capsys):
+    with socket.socket() as silent:  # accepts connections, never answers the RPC handshake
+        silent.bind((HOST, 0))
+        silent.listen()
+        start = time.monotonic()
+        code = main(cli_model + ["--tune-rpc", f"{HOST}:{silent.getsockname()[1]}", "--tune-timeout", "2"])
+        assert time.monotonic() - start < 15
+    error = capsys.readouterr().err
+    assert code == 2 and "stopped after 0 of" in error and "no answer within 2 s" in error

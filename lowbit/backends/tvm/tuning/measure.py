@@ -1,15 +1,18 @@
 """Measuring candidate kernels: built with `tvm.compile`, timed with ``time_evaluator`` (median of repeats).
 
-`LocalRunner` times on this machine; `RPCRunner` uploads each candidate to a device
-reached through a TVM RPC tracker (``key`` given) or a direct RPC server, exported with
-the aarch64 cross compiler when the target is ARM. Every network step is bounded by
-``timeout_s``: an unreachable tracker or server, or a key no server offers, is a
-`BackendError` within seconds, never a hang. Each runner also returns the candidate's
-output on fixed random inputs so the tuner can check it against the hand schedule.
+`LocalRunner` times on this machine; `RPCRunner` builds each candidate here, exports it
+(with the aarch64 cross compiler when the target is ARM), uploads it to a device reached
+through a TVM RPC tracker (``key`` given) or a direct RPC server and times it there.
+Every network step is bounded by ``timeout_s``: an unreachable tracker or server, a key
+no server offers, or a device that dies or stops answering while it measures is a
+`BackendError` within that time, never a hang. Each runner also returns the candidate's
+output on fixed random inputs, computed where it was timed, so the tuner can check it
+against the hand schedule's output from the same device.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import socket
@@ -55,12 +58,17 @@ class Measurement:
 
 @dataclass(frozen=True)
 class RPCDevice:
-    """A remote device: a tracker at ``host:port`` serving ``key``, or (``key`` None) an RPC server there."""
+    """A remote device: a tracker at ``host:port`` serving ``key``, or (``key`` None) an RPC server there.
+
+    ``timeout_s`` bounds each step: reaching the device, uploading a candidate, and each
+    remote run (a warm-up and the timed repeats); the default leaves room for emulated
+    devices (qemu-user runs code 10-50x slower than the hardware).
+    """
 
     host: str
     port: int
     key: str | None = None
-    timeout_s: float = 10.0
+    timeout_s: float = 60.0
 
     def __str__(self) -> str:
         return f"tracker {self.host}:{self.port} key '{self.key}'" if self.key else f"RPC server {self.host}:{self.port}"
@@ -149,22 +157,32 @@ class RPCRunner:
         return [statistics.median(t) for t in times]
 
     def _remote(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor], use: Callable[[Any, Any, Any], T]) -> T:
-        """Build ``func``, upload it and apply ``use(module, device, arrays)`` on the device."""
+        """Build ``func`` here, upload it and apply ``use(module, device, arrays)`` on the device.
+
+        Uploading and ``use`` each get ``timeout_s``; on any failure the session is dropped
+        (the device may be gone) and a later call connects again.
+        """
         executable = build(func, self.target)
+        arrays = example_arguments(func, consts)
         session = self._connect()
         self._uploads += 1
+        timeout = self.device.timeout_s
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"candidate{self._uploads}.so"  # a remote process cannot load one name twice
             executable.export_library(str(path), fcompile=_fcompile(self.target))
             try:
-                session.upload(str(path))
-                return use(session.load_module(path.name), session.cpu(), example_arguments(func, consts))
-            except (OSError, RuntimeError) as error:  # tvm.error.RPCError is a RuntimeError
-                self._session = None
-                raise BackendError(f"measuring on {self.device} failed: {error}") from error
+                _bounded(lambda: session.upload(str(path)), timeout, f"uploading a candidate to {self.device}")
+                return _bounded(lambda: use(session.load_module(path.name), session.cpu(), arrays), timeout,
+                                f"running a candidate on {self.device}")
+            except BackendError:
+                self.close()
+                raise
 
     def close(self) -> None:
-        self._session = None
+        """Drop the session; collected now, since a server serves one session at a time."""
+        if self._session is not None:
+            self._session = None
+            gc.collect()
 
     def _connect(self) -> Any:
         if self._session is None:
@@ -209,11 +227,17 @@ def _bounded(call: Callable[[], T], timeout_s: float, what: str) -> T:
     thread = threading.Thread(target=target, name="lowbit-rpc", daemon=True)
     thread.start()
     thread.join(timeout_s)
-    if thread.is_alive():
+    if thread.is_alive():  # abandoned: a daemon thread blocked on a dead peer does not keep the process alive
         raise BackendError(f"{what}: no answer within {timeout_s:g} s")
     if errors:
-        raise BackendError(f"{what} failed: {errors[0]}") from errors[0]
+        raise BackendError(f"{what} failed: {_last_line(errors[0])}") from errors[0]
     return result[0]
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an error's text: TVM puts its message after a C++ traceback."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def _run(module: Any, dev: Any, arrays: Sequence[np.ndarray]) -> tuple[list[Any], np.ndarray]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -156,15 +157,28 @@ class Tuner:
             if knobs is None:
                 record.exhausted = True
             else:
-                new = self._trial(kernel, spec, tensors, knobs, default, record, reference)
+                with self._stopping(record, trials):
+                    new = self._trial(kernel, spec, tensors, knobs, default, record, reference)
                 # a new candidate may be a finalist: the finalists are chosen and timed again at the end
                 record.trials = [dataclasses.replace(t, confirmed=False) for t in record.trials] + [new]
             self.database.commit(record)
             if knobs is not None:
                 self._log_trial(record, trials)
         if (record.exhausted or record.counted >= trials) and not record.confirmed:
-            self._confirm(kernel, spec, tensors, record, default)
+            with self._stopping(record, trials):
+                self._confirm(kernel, spec, tensors, record, default)
         return record
+
+    @contextmanager
+    def _stopping(self, record: TuningRecord, trials: int) -> Iterator[None]:
+        """A runner failure (device lost, unreachable or not answering) stops tuning with a `BackendError`
+        that says what is kept: the trials committed so far, which the next tuning resumes from."""
+        try:
+            yield
+        except BackendError as error:
+            where = self.database.path or "memory (no cache directory)"
+            raise BackendError(f"tuning {record.kernel} {record.spec} stopped after {record.counted} of {trials} "
+                               f"trial(s), which are kept in {where}; tuning again resumes from them. {error}") from error
 
     def close(self) -> None:
         """Release the runner (an RPC session)."""
