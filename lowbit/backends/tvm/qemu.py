@@ -3,6 +3,9 @@
     result = qemu.run_artifact("model-arm/", cpu="cortex-a76")   # outputs, latency (meaningless)
     with qemu.emulated_server(cpu="max") as server:              # an RPC server on an emulated CPU
         session = rpc.connect(str(server.address))
+    with qemu.emulated_server() as server:                       # tune ARM kernels on an emulated Cortex-A76
+        device = RPCDevice(server.address.host, server.address.port)
+        lowbit.compile(model, inputs, recipe="w4a16-arm", tune={"trials": 8, "rpc": device})
 
 The emulated device is an aarch64 Python 3.11 with the aarch64 wheels of TVM and numpy,
 unpacked by ``scripts/setup_arm.sh`` into a private root (``$LOWBIT_ARM_ROOT``, default
@@ -12,7 +15,9 @@ loader and libraries come from the root, and TVM in runtime-only mode
 one executable, which TVM's RPC server needs for re-launching itself. Pick ``-cpu``
 deliberately: ``cortex-a76`` has the dot-product extension, ``max`` adds i8mm (and
 SVE, which a real Cortex-A76 or Neoverse-N1 would fault on). Emulated timings say
-nothing about a real device.
+nothing about a real device: tuning against an emulated one checks the path (cross-compiled
+candidates uploaded, run and checked on the device, records keyed by the ARM target), not
+which schedule a real CPU prefers.
 """
 
 from __future__ import annotations
