@@ -128,6 +128,55 @@ def test_vnni_variant_compiles_and_runs_where_the_host_has_it() -> None:
     assert torch.equal(_run(lib, kernel, x), _reference(x, weight, 8, 64))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_vnni_gemv_splits_lanes_and_prefetches_and_is_exact(bits: int) -> None:
+    """The VNNI GEMV masks quads in place (no byte shifts) into per-quad accumulators and prefetches its weights.
+
+    Compiled always; run (bit-exact, zero points and power-of-two scales) only on a host with AVX-512 VNNI.
+    """
+    target = Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    weight = _weight(bits, 64, "asym", exact=True, seed=bits + 11)
+    weight["act_scale"] = None
+    spec = _spec(1, bits, 64, weight, True)
+    knobs = a8_linear.default_knobs(spec, target)
+    assert a8_linear.split_lanes(intrin_x86.VNNI, bits, knobs["row_tile"], knobs["row_vectors"])
+    kernel = a8_linear.plan(spec, weight, target)
+    asm = _build(kernel, target).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "prefetchnta" in asm
+    assert "vgf2p8affineqb" not in asm and "vpsrlw" not in asm  # the quads are masked, never shifted
+    if not has_features(Target(x86_host_target()), "avx512vnni", "avx512vl"):
+        pytest.skip("this host has no AVX-512 VNNI: compiled only")
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 3
+    assert torch.equal(_run(_build(kernel, target), kernel, x), _reference(x, weight, bits, 64))
+
+
+def test_lanes_split_only_with_vnni_and_too_few_chains() -> None:
+    """AVX2 would saturate on masked quads; a GEMM tile has chains enough; accumulators must fit in registers."""
+    assert a8_linear.split_lanes(intrin_x86.VNNI, 2, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.AVX2_U7, 2, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 8, rows=1, vectors=4)  # one quad per byte: nothing to split
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 4, rows=4, vectors=2)  # 8 chains already
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 2, rows=1, vectors=8)  # 32 accumulators
+
+
+def test_only_the_gemv_prefetches() -> None:
+    """A GEMV reads each weight once and prefetches the stream; a GEMM re-reads its tile from cache and does not."""
+    target = resolve_target("x86")
+    weight = _weight(2, 64, "sym", exact=True, seed=4)
+    weight["act_scale"] = None
+    for rows, prefetches in ((1, True), (8, False)):
+        kernel = a8_linear.plan(_spec(rows, 2, 64, weight, True), weight, target)
+        assert ("llvm.prefetch" in kernel.func.script()) == prefetches, rows
+
+
+def test_per_group_values_are_blocked_by_tile_group() -> None:
+    per_group = torch.arange(64 * 3).reshape(64, 3)
+    blocks = a8_linear.blocked(per_group, vectors=2)
+    assert blocks.shape == (4, 3, 16)
+    for block, group, row in ((0, 0, 0), (1, 2, 5), (3, 1, 15)):
+        assert blocks[block, group, row] == per_group[block * 16 + row, group]
+
+
 def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
     target = resolve_target("x86")
     weight = _weight(4, 64, "sym", exact=True, seed=3)

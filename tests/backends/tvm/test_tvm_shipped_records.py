@@ -1,0 +1,29 @@
+"""The shipped tuning records stay usable: their knob-space version and spec match the kernels as they are now."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from lowbit.backends.tvm.kernels import a8_linear, a8_linear_arm, cuda_a8_linear, cuda_linear, packed_linear
+from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
+from lowbit.backends.tvm.tuning import SHIPPED_DIR
+from lowbit.backends.tvm.tuning.database import read_database
+from lowbit.backends.tvm.tuning.search import space_version
+from lowbit.backends.tvm.tuning.tuner import kernel_name
+
+KERNELS = {kernel_name(module): module for module in (a8_linear, a8_linear_arm, cuda_a8_linear, cuda_linear, packed_linear)}
+RECORDS = [(path.name, record) for path in sorted(SHIPPED_DIR.glob("*.json"))
+           for record in read_database(path, json.loads(path.read_text())["target"]).values()]
+
+
+@pytest.mark.parametrize(("file", "record"), RECORDS, ids=[f"{file}:{record.key}" for file, record in RECORDS])
+def test_shipped_record_is_found_by_the_kernel_as_it_is(file: str, record) -> None:
+    """A record is looked up by (kernel, hash of its KNOBS, spec): a changed knob space or spec leaves it unused."""
+    kernel = KERNELS[record.kernel]
+    assert record.space == space_version(kernel.KNOBS), f"{file}: {record.kernel} knob space changed, re-tune"
+    assert dataclasses.asdict(PackedLinearSpec(**record.spec)) == record.spec
+    best = record.best.knobs
+    assert set(best) == set(kernel.KNOBS) and all(best[name] in kernel.KNOBS[name] for name in best)
