@@ -175,3 +175,7 @@ def test_knobs_are_checked() -> None:
         a8_linear_arm.plan(spec, tensors, ARM, {"unroll": 2})
     for name, values in a8_linear_arm.KNOBS.items():  # the hand schedule lies inside the tuning space
         assert a8_linear_arm.default_knobs(spec, ARM)[name] in values
+    # ... and the tuner can pass it back explicitly: i8mm=0 is a value of the space, not a bad knob
+    assert isinstance(a8_linear_arm.plan(spec, tensors, ARM, a8_linear_arm.default_knobs(spec, ARM)), KernelPlan)
+    with pytest.raises(BackendError, match="'row_tile' must be a positive int"):
+        a8_linear_arm.plan(spec, tensors, ARM, {"row_tile": 0})

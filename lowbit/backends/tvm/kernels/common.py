@@ -43,8 +43,9 @@ def resolve_knobs(space: Mapping[str, tuple[int, ...]], defaults: Mapping[str, i
     for key, value in (knobs or {}).items():
         if key not in space:
             raise BackendError(f"kernel '{kernel}' has no knob '{key}'; its knobs are {sorted(space)}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BackendError(f"kernel '{kernel}': knob '{key}' must be a positive int, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value not in space[key]):
+            raise BackendError(f"kernel '{kernel}': knob '{key}' must be a positive int or one of "
+                               f"{space[key]}, got {value!r}")
         chosen[key] = value
     return chosen
 
