@@ -23,10 +23,11 @@ its inverse Cholesky factor and the act-order permutation; since the grid and th
 update act row by row, the pass quantizes them as one weight stacked along the rows,
 which gives each of them the same result as quantizing it alone, in one column loop.
 
-The column loop (with its lazy block updates) runs single-threaded: its operations are
-vectors and thin blocks too small to gain from threads, and on a busy machine waiting
-for a descheduled thread made it over ten times slower. Calibration forwards and the
-Cholesky keep torch's threads.
+Quantizing a layer (Cholesky, column loop, statistics) runs single-threaded: the column
+loop's operations are vectors and thin blocks too small to gain from threads, and on a
+busy machine every multi-threaded operation waits for its slowest thread (the Cholesky
+factorizations were 3-10× slower on two threads than on one with another job running).
+The calibration forwards and Hessian products, large matrix products, keep torch's threads.
 
 Options beyond METHODS.md's algorithm, for quality (all off by default, like the
 reference): ``act_order`` (columns by decreasing ``H_jj``) with ``static_groups``
@@ -148,6 +149,7 @@ def gptq_quantize(
     static_groups: bool = False,
     act_group_aware: bool = False,
     block_size: int = 128,
+    sub_block: int = 16,
     damp_percent: float = 0.01,
     mse: float = 0.0,
     mse_steps: int = 100,
@@ -162,8 +164,11 @@ def gptq_quantize(
     a pruning pattern: pruned weights quantize to exactly zero while their error still
     flows to later columns (SparseGPT's fixed-mask update). ``mse`` > 0 fits each group's
     grid with `grid.clipped_group_params` (``mse_steps``, ``mse_max_shrink``).
+    ``block_size`` and ``sub_block`` (`_quantize_columns`) only change the speed.
     """
     where = f"layer '{name}': " if name else ""
+    if block_size < 1 or sub_block < 1:
+        raise LowbitError(f"{where}block_size and sub_block must be at least 1, got {block_size} and {sub_block}")
     w = _checked_weight(weight, where)
     h = hessian.detach().to(w).clone()
     columns = w.shape[1]
@@ -185,17 +190,19 @@ def gptq_quantize(
     else:
         perm = natural
     w, h = w[:, perm], h[perm][:, perm]
-    u, damp = _inverse_cholesky_factor(h, damp_percent, where)
     group_of = (perm if static or act_group_aware else natural) // group
     keep = None if mask is None else mask[:, perm]
     with _single_thread():
-        codes, row_loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, block_size, keep)
+        u, damp = _inverse_cholesky_factor(h, damp_percent, where)
+        codes, row_loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, block_size,
+                                            sub_block, keep)
     q = grid.decode(codes, group_of)
     inverse = torch.argsort(perm)
     g_idx = (inverse // group).to(torch.int32) if act_order and not static and group < columns else None
+    scales, zeros = grid.per_row()
     quantized = QuantizedWeight(
-        codes[:, inverse].to(torch.uint8), grid.scales.float(),
-        None if grid.zeros is None else grid.zeros.float(), g_idx, bits, group,
+        codes[:, inverse].to(torch.uint8), scales.float().contiguous(),
+        None if zeros is None else zeros.float().contiguous(), g_idx, bits, group,
     )
     return GPTQResult(quantized, q[:, inverse], float(row_loss.sum()), damp, row_loss)
 
@@ -204,8 +211,9 @@ def gptq_quantize(
 class _Grid:
     """Per-group scales and zero points (None when symmetric), filled in as GPTQ goes.
 
-    ``clip`` is ``(norm, steps, max_shrink)`` of `grid.clipped_group_params`, or None for
-    the plain min/max grid.
+    Stored group-major, ``(groups, N)``, so that one group's grid is contiguous for the
+    column loop; `per_row` gives the format's ``(N, groups)``. ``clip`` is ``(norm, steps,
+    max_shrink)`` of `grid.clipped_group_params`, or None for the plain min/max grid.
     """
 
     scales: torch.Tensor
@@ -216,7 +224,7 @@ class _Grid:
     @classmethod
     def empty(cls, w: torch.Tensor, groups: int, bits: int, symmetric: bool,
               clip: tuple[float, int, float] | None = None) -> "_Grid":
-        scales = w.new_zeros(w.shape[0], groups)
+        scales = w.new_zeros(groups, w.shape[0])
         return cls(scales, None if symmetric else torch.zeros_like(scales), bits, clip)
 
     def fit(self, g: int, columns: torch.Tensor) -> None:
@@ -225,29 +233,36 @@ class _Grid:
             scale, zero = group_params(columns, self.bits, self.zeros is None)
         else:
             scale, zero = clipped_group_params(columns, self.bits, self.zeros is None, *self.clip)
-        self.scales[:, g] = scale
+        self.scales[g] = scale
         if self.zeros is not None:
-            self.zeros[:, g] = zero
+            self.zeros[g] = zero
 
-    def codes(self, column: torch.Tensor, g: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def codes(self, column: torch.Tensor, g: int, keep: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
         """Codes of ``column`` on group ``g``'s grid; rows where ``keep`` is False get the
         zero point's code, which decodes to exactly 0."""
         zero = self._zero(g)
-        codes = grid_codes(column, self.scales[:, g], zero, self.bits)
+        codes = grid_codes(column, self.scales[g], zero, self.bits, out=out)
         if keep is not None:
-            codes = torch.where(keep, codes, torch.as_tensor(zero, dtype=codes.dtype, device=codes.device))
+            codes.copy_(torch.where(keep, codes, torch.as_tensor(zero, dtype=codes.dtype, device=codes.device)))
         return codes
 
-    def decode_column(self, codes: torch.Tensor, g: int) -> torch.Tensor:
-        return (codes - self._zero(g)) * self.scales[:, g]
+    def decode_column(self, codes: torch.Tensor, g: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.sub(codes, self._zero(g), out=out)
+        return out.mul_(self.scales[g])
 
     def decode(self, codes: torch.Tensor, group_of: torch.Tensor) -> torch.Tensor:
         """The values of all ``codes`` ``(N, K)``, column ``j`` on group ``group_of[j]``'s grid."""
-        zero = packing.default_zero(self.bits) if self.zeros is None else self.zeros[:, group_of]
-        return (codes - zero) * self.scales[:, group_of]
+        scales, zeros = self.per_row()
+        zero = packing.default_zero(self.bits) if zeros is None else zeros[:, group_of]
+        return (codes - zero) * scales[:, group_of]
+
+    def per_row(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scales and zero points laid out ``(N, groups)``, as the packed format stores them."""
+        return self.scales.T, None if self.zeros is None else self.zeros.T
 
     def _zero(self, g: int) -> torch.Tensor | float:
-        return packing.default_zero(self.bits) if self.zeros is None else self.zeros[:, g]
+        return packing.default_zero(self.bits) if self.zeros is None else self.zeros[g]
 
 
 @contextlib.contextmanager
@@ -319,9 +334,16 @@ def _inverse_cholesky_factor(h: torch.Tensor, damp_percent: float, where: str) -
 
 def _quantize_columns(
     w: torch.Tensor, u: torch.Tensor, grid: _Grid, group_of: list[int], dynamic_group: int | None, block_size: int,
-    keep: torch.Tensor | None = None,
+    sub_block: int, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's column loop in blocks with lazy updates (METHODS.md §8 step 7); updates ``w``.
+    """GPTQ's column loop with lazy updates at two levels (METHODS.md §8 step 7).
+
+    Works on ``wt = wᵀ`` so that a weight column is a contiguous row. Inside a block of
+    ``block_size`` columns, each column's error updates only the rest of its
+    ``sub_block`` columns one by one; a finished sub-block updates the rest of the
+    block, and a finished block the columns after it, both as one matrix product. That is
+    the same arithmetic as the column-by-column loop in another order, with most of it in
+    matrix products instead of rank-1 updates.
 
     ``group_of[j]`` is the group of (permuted) column ``j``. With ``dynamic_group``, the
     grid of each group is fitted on its current columns when its first column comes up
@@ -329,51 +351,74 @@ def _quantize_columns(
     the (permuted) column order of ``w`` and the tracked loss per row.
     """
     rows, columns = w.shape
-    codes = torch.zeros_like(w)
+    wt = w.T.contiguous()
+    codes = torch.zeros_like(wt)
+    keep = None if keep is None else keep.T.contiguous()
     row_loss = w.new_zeros(rows)
-    inverse_diagonal = 1 / u.diagonal()
+    inverse_diagonal = (1 / u.diagonal()).tolist()
+    decoded = w.new_empty(rows)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block, errors = w[:, start:end].clone(), w.new_zeros(rows, end - start)
-        for j in range(end - start):
-            col = start + j
-            if dynamic_group is not None and col % dynamic_group == 0:
-                stop = min(col + dynamic_group, columns)
-                grid.fit(group_of[col], _current_columns(w, block, errors, u, start, j, stop))
-            column, g = block[:, j], group_of[col]
-            code = grid.codes(column, g, None if keep is None else keep[:, col])
-            codes[:, col] = code
-            error = errors[:, j]
-            torch.sub(column, grid.decode_column(code, g), out=error)
-            error.mul_(inverse_diagonal[col])
-            block[:, j + 1:].addr_(error, u[col, col + 1:end], alpha=-1)
-        row_loss += errors.square().sum(dim=1) / 2
-        w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1)
-    return codes, row_loss
+        block, errors = wt[start:end], w.new_zeros(end - start, rows)
+        for sub in range(start, end, sub_block):
+            sub_end = min(sub + sub_block, end)
+            for col in range(sub, sub_end):
+                if dynamic_group is not None and col % dynamic_group == 0:
+                    stop = min(col + dynamic_group, columns)
+                    current = _current_columns(wt, errors, u, start, end, sub, sub_end, col, stop)
+                    grid.fit(group_of[col], current.T)
+                g, error = group_of[col], errors[col - start]
+                code = codes[col]
+                grid.codes(wt[col], g, None if keep is None else keep[col], out=code)
+                grid.decode_column(code, g, out=decoded)
+                torch.sub(wt[col], decoded, out=error)
+                error.mul_(inverse_diagonal[col])
+                wt[col + 1:sub_end].addr_(u[col, col + 1:sub_end], error, alpha=-1)
+            block[sub_end - start:].addmm_(u[sub:sub_end, sub_end:end].T, errors[sub - start:sub_end - start],
+                                            alpha=-1)
+        row_loss += errors.square().sum(dim=0) / 2
+        wt[end:].addmm_(u[start:end, end:].T, errors, alpha=-1)
+    return codes.T, row_loss
 
 
 def _current_columns(
-    w: torch.Tensor, block: torch.Tensor, errors: torch.Tensor, u: torch.Tensor, start: int, j: int, stop: int
+    wt: torch.Tensor, errors: torch.Tensor, u: torch.Tensor, start: int, end: int, sub: int, sub_end: int, col: int,
+    stop: int,
 ) -> torch.Tensor:
-    """The error-updated values of columns ``[start + j, stop)`` before column ``start + j`` is quantized.
+    """The error-updated values (transposed, ``(stop − col, N)``) of columns ``[col, stop)``
+    just before column ``col`` is quantized, inside block ``[start, end)`` and sub-block
+    ``[sub, sub_end)``.
 
-    Columns inside the block are current in ``block``; later ones still lack the lazy
-    update from this block's first ``j`` columns, which is applied here.
+    Columns of the sub-block are current in ``wt``; the rest of the block still lacks
+    the update from the sub-block's columns before ``col``, and columns after the block
+    the update from all of the block's columns before ``col``; both are applied here.
     """
-    end = start + block.shape[1]
-    inside = block[:, j:min(stop, end) - start]
-    if stop <= end:
-        return inside
-    outside = w[:, end:stop] - errors[:, :j] @ u[start:start + j, end:stop]
-    return torch.cat([inside, outside], dim=1)
+    parts = [wt[col:min(stop, sub_end)]]
+    if stop > sub_end:
+        upto = min(stop, end)
+        parts.append(wt[sub_end:upto] - u[sub:col, sub_end:upto].T @ errors[sub - start:col - start])
+    if stop > end:
+        parts.append(wt[end:stop] - u[start:col, end:stop].T @ errors[:col - start])
+    return torch.cat(parts)
 
 
 def relative_output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
     """``‖X (W − Q)ᵀ‖_F / ‖X Wᵀ‖_F`` on the calibration inputs, from ``H ∝ XᵀX`` alone."""
+    reference, error = _row_energies(weight, [approximation], hessian).sum(dim=1).tolist()
+    return _energy_ratio(error, reference)
+
+
+def _row_energies(weight: torch.Tensor, approximations: list[torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
+    """``r H rᵀ`` for every row ``r`` of ``W`` and of each ``W − A``: shape ``(1 + len(approximations), N)``,
+    in one product (GPTQ records the errors of its result and of RTN for every layer)."""
     w = weight.detach().to(hessian)
-    delta = w - approximation.detach().to(hessian)
-    reference = float((w @ hessian * w).sum())
-    error = max(float((delta @ hessian * delta).sum()), 0.0)
+    rows = torch.stack([w, *(w - a.detach().to(hessian) for a in approximations)])
+    return (rows @ hessian * rows).sum(dim=-1)
+
+
+def _energy_ratio(error: float, reference: float) -> float:
+    """``sqrt(error / reference)``, the relative output error, with rounding below 0 clamped."""
+    error = max(error, 0.0)
     if reference <= 0:
         return 0.0 if error == 0 else math.inf
     return math.sqrt(error / reference)
@@ -432,7 +477,8 @@ class GPTQ(Pass):
                     records.update((path, LayerRecord(path, "skipped", "it received no calibration inputs"))
                                    for (_, path, _), _ in batch)
                 else:
-                    records.update(self._quantize_layers(gm, batch, hessian.hessian, hessian.rows))
+                    with _single_thread():
+                        records.update(self._quantize_layers(gm, batch, hessian.hessian, hessian.rows))
         return [records[path] for _, path, _ in group]
 
     def _quantize_layers(self, gm: fx.GraphModule, batch: list[tuple[_Layer, GPTQConfig]], hessian: torch.Tensor,
@@ -444,17 +490,20 @@ class GPTQ(Pass):
         weights = [gm.get_submodule(path).weight.detach() for path in paths]
         meta = get_meta(batch[0][0][0])
         pruned = meta is not None and meta.sparsity is not None  # masks applied: keep the zeros they left
-        weight = torch.cat(weights)
-        results = gptq_quantize(
+        weight, sizes = torch.cat(weights), [w.shape[0] for w in weights]
+        result = gptq_quantize(
             weight, hessian, config.bits, config.group_size, config.symmetric,
             act_order=config.act_order, static_groups=config.static_groups,
             act_group_aware=config.act_group_aware, block_size=config.block_size,
             damp_percent=config.damp_percent, mse=config.mse, mse_steps=config.mse_steps,
             mse_max_shrink=config.mse_max_shrink, name=", ".join(paths), mask=weight != 0 if pruned else None,
-        ).split([w.shape[0] for w in weights])
+        )
+        # RTN's grids are per row, so the stacked weight gives every layer its own RTN result.
+        rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=", ".join(paths))
+        energies = _row_energies(weight, [result.weight, rtn.dequantize()], hessian).split(sizes, dim=1)
         records = {}
-        for ((node, path, _), _), w, result in zip(batch, weights, results):
-            rtn = quantize_weight(w, config.bits, config.group_size, config.symmetric, name=path).dequantize()
+        for ((node, path, _), _), w, result, energy in zip(batch, weights, result.split(sizes), energies):
+            reference, error, rtn_error = energy.sum(dim=1).tolist()
             stats = {
                 "bits": config.bits,
                 "group_size": result.quantized.group_size,
@@ -463,8 +512,8 @@ class GPTQ(Pass):
                 "samples": rows,
                 "damp_percent": result.damp,
                 "gptq_loss": result.loss,
-                "output_error": relative_output_error(w, result.weight, hessian),
-                "rtn_output_error": relative_output_error(w, rtn, hessian),
+                "output_error": _energy_ratio(error, reference),
+                "rtn_output_error": _energy_ratio(rtn_error, reference),
                 "rel_error": relative_error(w, result.weight),
             }
             scheme = QuantScheme(bits=config.bits, group_size=result.quantized.group_size,

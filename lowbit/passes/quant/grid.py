@@ -117,15 +117,18 @@ def clipped_group_params(
     factors = 1 - torch.arange(max(int(max_shrink * steps), 1), dtype=w.dtype, device=w.device) / steps
     scales, zeros = _grid_params(factors[:, None, None] * xmin, factors[:, None, None] * xmax, bits, symmetric)
     zero = packing.default_zero(bits) if zeros is None else zeros
-    decoded = (grid_codes(w, scales, zero, bits) - zero) * scales
-    best = (decoded - w).abs_().pow_(norm).sum(dim=-1).argmin(dim=0)
+    error = grid_codes(w, scales, zero, bits).sub_(zero).mul_(scales).sub_(w)
+    best = error.abs_().pow_(norm).sum(dim=-1).argmin(dim=0)
     rows = torch.arange(w.shape[0], device=w.device)
     return scales[best, rows, 0], None if zeros is None else zeros[best, rows, 0]
 
 
-def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """The grid codes ``clamp(round(w / scale) + zero, 0, 2^bits − 1)`` of ``w``, as floats."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, bits: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The grid codes ``clamp(round(w / scale) + zero, 0, 2^bits − 1)`` of ``w``, as floats
+    (written into ``out`` if given)."""
+    codes = torch.div(w, scale, out=out).round_()
+    return codes.add_(zero).clamp_(0, (1 << bits) - 1)
 
 
 def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:

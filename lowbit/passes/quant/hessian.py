@@ -66,20 +66,22 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Fold one input ``(..., K)`` into the average, without padded tokens (`token_rows`);
-        NaN or Inf raises naming the layer."""
+        NaN or Inf raises naming the layer.
+
+        A non-finite input makes its column's ``H_jj = Σ x_j²`` non-finite, so checking
+        the diagonal after the update is enough and costs ``K`` instead of ``rows · K``.
+        """
         rows = token_rows(x.detach(), keep).to(self.hessian)
-        if not torch.isfinite(rows).all():
-            raise LowbitError(
-                f"layer '{self.layer}': its calibration inputs contain NaN or Inf, so its Hessian is undefined; "
-                "check the calibration data and the layers before it"
-            )
         total = self.rows + rows.shape[0]
         if total == 0:
             return
-        self.hessian *= self.rows / total
-        rows = rows * (2.0 / total) ** 0.5
-        self.hessian += rows.T @ rows
+        self.hessian.addmm_(rows.T, rows, beta=self.rows / total, alpha=2.0 / total)
         self.rows = total
+        if not torch.isfinite(self.hessian.diagonal()).all():
+            raise LowbitError(
+                f"layer '{self.layer}': its calibration inputs contain NaN or Inf (or overflow float32), so its "
+                "Hessian is undefined; check the calibration data and the layers before it"
+            )
 
 
 def capture_hessian(gm: fx.GraphModule, path: str, calls: int, batches: Iterable[Batch]) -> HessianAccumulator:

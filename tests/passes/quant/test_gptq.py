@@ -101,7 +101,7 @@ def weight_and_hessian(rows: int = 6, cols: int = 48, dtype: torch.dtype = torch
 def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_order, static_groups) -> None:
     w, h = weight_and_hessian()
     result = gptq_quantize(w, h, bits, group_size, symmetric, act_order=act_order,
-                           static_groups=static_groups, block_size=7)
+                           static_groups=static_groups, block_size=7, sub_block=3)
     codes, q, loss = reference_gptq(w, h, bits, group_size, symmetric, act_order, static_groups)
     assert torch.equal(packing.unpack(result.quantized.pack(), bits, w.shape[1]), codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
@@ -111,10 +111,11 @@ def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_ord
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(1, 5), st.integers(1, 30), st.integers(1, 40), st.sampled_from([2, 3, 4, 8]),
-    st.sampled_from([-1, 1, 2, 3, 8, 64]), st.booleans(), st.booleans(), st.integers(1, 12), st.integers(0, 2**31 - 1),
+    st.sampled_from([-1, 1, 2, 3, 8, 64]), st.booleans(), st.booleans(), st.integers(1, 12), st.integers(1, 12),
+    st.integers(0, 2**31 - 1),
 )
 def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group_size, act_order, static_groups,
-                                                block_size, seed) -> None:
+                                                block_size, sub_block, seed) -> None:
     """Ragged groups and blocks, rank-deficient and dead inputs. Asymmetric grids only: a
     symmetric grid puts each group's most negative weight on a rounding tie, which the
     last bit of a sum can flip."""
@@ -124,7 +125,7 @@ def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group
     x[:, torch.rand(cols, generator=gen) < 0.2] = 0.0
     h = 2 / samples * x.T @ x
     result = gptq_quantize(w, h, bits, group_size, False, act_order=act_order, static_groups=static_groups,
-                           block_size=block_size)
+                           block_size=block_size, sub_block=sub_block)
     codes, q, _ = reference_gptq(w, h, bits, group_size if group_size < cols else -1, False, act_order, static_groups)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-10, atol=1e-10)
@@ -200,7 +201,7 @@ def test_mse_option_equals_the_unblocked_reference_with_mse_grids(act_order, sta
     w, h = weight_and_hessian(rows=8, cols=48)
     w = w**3
     result = gptq_quantize(w, h, 3, 16, act_order=act_order, static_groups=static_groups, block_size=7,
-                           mse=2.4, mse_steps=20)
+                           sub_block=2, mse=2.4, mse_steps=20)
     codes, q, loss = reference_gptq(w, h, 3, 16, False, act_order, static_groups, fit=reference_mse_grid)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
@@ -248,11 +249,19 @@ def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size)
                                result.weight.float())
 
 
-def test_block_size_does_not_change_the_result() -> None:
+def test_block_and_sub_block_sizes_do_not_change_the_result() -> None:
     w, h = weight_and_hessian()
-    results = [gptq_quantize(w, h, 3, 16, act_order=True, block_size=b).weight for b in (1, 5, 16, 128)]
+    sizes = [(1, 1), (5, 2), (16, 16), (16, 5), (128, 16), (128, 128)]
+    results = [gptq_quantize(w, h, 3, 16, act_order=True, block_size=b, sub_block=s).weight for b, s in sizes]
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("block_size", "sub_block"), [(0, 16), (128, 0)])
+def test_empty_blocks_are_an_error(block_size, sub_block) -> None:
+    w, h = weight_and_hessian()
+    with pytest.raises(LowbitError, match="block_size and sub_block"):
+        gptq_quantize(w, h, 3, 16, block_size=block_size, sub_block=sub_block)
 
 
 def test_too_few_samples_are_dampened() -> None:
