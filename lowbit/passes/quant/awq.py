@@ -70,6 +70,7 @@ from lowbit.passes.quant.hessian import (
 )
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
+from lowbit.passes.quant.threads import single_thread
 from lowbit.passes.registry import register
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) 
     groups = (F.pad(w, (0, -width % group)) if width % group else w).reshape(-1, group)
     scale, zero = group_params(groups, bits, symmetric)
     offset = packing.default_zero(bits) if zero is None else zero[:, None]
-    decoded = (grid_codes(groups, scale[:, None], offset, bits) - offset) * scale[:, None]
+    decoded = grid_codes(groups, scale[:, None], offset, bits).sub_(offset).mul_(scale[:, None])
     return decoded.reshape(rows, -1)[:, :width]
 
 
@@ -115,8 +116,8 @@ def search_scale(weights: list[tuple[torch.Tensor, AWQConfig]], x_mean: torch.Te
         s = s / (s.max() * s.min()).sqrt()
         loss = 0.0
         for w, config in weights:
-            delta = w - fake_quantize(w * s, config.bits, config.group_size, config.symmetric) / s
-            loss += float(((delta @ h) * delta).sum())
+            delta = torch.sub(w, fake_quantize(w * s, config.bits, config.group_size, config.symmetric).div_(s))
+            loss += float((delta @ h).mul_(delta).sum())
         losses.append(loss / outputs)
         if losses[-1] < best[0]:
             best = (losses[-1], s, alpha)
@@ -131,9 +132,9 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, config: AWQConfig) -> torch.Te
     rows, width = w.shape
     group = effective_group_size(config.group_size, width)
     pad = -width % group
-    groups = F.pad(w, (0, pad)).reshape(rows, -1, group)
+    groups = (F.pad(w, (0, pad)) if pad else w).reshape(rows, -1, group)
     count = groups.shape[1]
-    blocks = F.pad(h, (0, pad, 0, pad)).reshape(count, group, count, group).diagonal(dim1=0, dim2=2)
+    blocks = (F.pad(h, (0, pad, 0, pad)) if pad else h).reshape(count, group, count, group).diagonal(dim1=0, dim2=2)
     blocks = blocks.permute(2, 0, 1)
     original = groups.abs().amax(dim=-1, keepdim=True)
     best_bound, best_error = original.clone(), torch.full(original.shape, math.inf, device=w.device)
@@ -285,7 +286,8 @@ class AWQ(Pass):
                 state.gram = None
             for earlier in states[:index + 1] if quantize else ():
                 if earlier.gram is not None and not _pending_fold(earlier, states[index + 1:]):
-                    _clip_and_quantize(gm, earlier)
+                    with single_thread():
+                        _clip_and_quantize(gm, earlier)
         return paths, records, states, counts
 
     def _scale_group(self, gm: fx.GraphModule, state: _GroupState, cursor: CalibrationCursor, first_batch: Any,
@@ -302,7 +304,9 @@ class AWQ(Pass):
             state.info["reason"] = "it received no calibration inputs"
             return
         weights = [gm.get_submodule(p).weight.detach().float() for p in group.paths]
-        s, alpha, losses = search_scale(list(zip(weights, state.configs)), stats.mean_abs, stats.gram, config.n_grid)
+        with single_thread():
+            s, alpha, losses = search_scale(list(zip(weights, state.configs)), stats.mean_abs, stats.gram,
+                                            config.n_grid)
         for path, w in zip(group.paths, weights):
             _set_tensor(gm.get_submodule(path), "weight", w * s)
         if producer is not None and not _fold_is_exact(gm, group, producer, stats.sample, first_batch):

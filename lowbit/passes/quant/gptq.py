@@ -23,11 +23,9 @@ its inverse Cholesky factor and the act-order permutation; since the grid and th
 update act row by row, the pass quantizes them as one weight stacked along the rows,
 which gives each of them the same result as quantizing it alone, in one column loop.
 
-Quantizing a layer (Cholesky, column loop, statistics) runs single-threaded: the column
-loop's operations are vectors and thin blocks too small to gain from threads, and on a
-busy machine every multi-threaded operation waits for its slowest thread (the Cholesky
-factorizations were 3-10× slower on two threads than on one with another job running).
-The calibration forwards and Hessian products, large matrix products, keep torch's threads.
+Quantizing a layer (Cholesky, column loop, statistics) runs single-threaded
+(`lowbit.passes.quant.threads`); the calibration forwards and Hessian products keep
+torch's threads.
 
 Options beyond METHODS.md's algorithm, for quality (all off by default, like the
 reference): ``act_order`` (columns by decreasing ``H_jj``) with ``static_groups``
@@ -49,11 +47,10 @@ block-start values there, which differs when a group starts inside a block).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -76,6 +73,7 @@ from lowbit.passes.quant.grid import (
 from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
+from lowbit.passes.quant.threads import single_thread
 from lowbit.passes.registry import register
 
 log = logging.getLogger(__name__)
@@ -192,7 +190,7 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     group_of = (perm if static or act_group_aware else natural) // group
     keep = None if mask is None else mask[:, perm]
-    with _single_thread():
+    with single_thread():
         u, damp = _inverse_cholesky_factor(h, damp_percent, where)
         codes, row_loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, block_size,
                                             sub_block, keep)
@@ -263,17 +261,6 @@ class _Grid:
 
     def _zero(self, g: int) -> torch.Tensor | float:
         return packing.default_zero(self.bits) if self.zeros is None else self.zeros[g]
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch single-threaded inside the block, restoring the thread count after (module doc)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _group_aware_order(diagonal: torch.Tensor, group: int) -> torch.Tensor:
@@ -477,7 +464,7 @@ class GPTQ(Pass):
                     records.update((path, LayerRecord(path, "skipped", "it received no calibration inputs"))
                                    for (_, path, _), _ in batch)
                 else:
-                    with _single_thread():
+                    with single_thread():
                         records.update(self._quantize_layers(gm, batch, hessian.hessian, hessian.rows))
         return [records[path] for _, path, _ in group]
 
