@@ -61,8 +61,16 @@ def _tensors() -> dict[str, torch.Tensor | None]:
 
 
 def _model() -> nn.Module:
+    """Two linears with an exact activation between them: the second int8-activation layer quantizes the
+    first one's output, where a last-bit difference (GELU here and on the device) could move an activation code."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+
+
+def _calibration() -> list[tuple[torch.Tensor]]:
+    """Input batches for the GPTQ recipes (w4a8-arm, w2a8-arm)."""
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 128, generator=generator),) for _ in range(4)]
 
 
 def _database(cache: Path) -> dict[str, Any]:
@@ -109,21 +117,36 @@ def test_arm_candidate_is_measured_on_an_emulated_a76_and_matches_the_torch_refe
     np.testing.assert_allclose(measured.output, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+#: The ARM recipes tuned below and the kernel of their linears: W4A16 on ``packed_linear``; the int8-activation
+#: recipes on ``a8_linear_arm``, whose Cortex-A76 hand schedule is its ``sdot`` variant (``i8mm=0``).
+RECIPES = {"w4a16-arm": ("packed", "packed_linear"), "w4a8-arm": ("packed_a8", "a8_linear_arm"),
+           "w2a8-arm": ("packed_a8", "a8_linear_arm")}
+
+
 @pytest.mark.slow
-def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path) -> None:
-    """w4a16-arm: every candidate measured and checked on the device; the tuned artifact runs there correctly;
-    a second compile with the same cache measures nothing (its device is not even needed)."""
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path, recipe) -> None:
+    """Every candidate measured and checked on the device (none exhausted unmeasured); the tuned artifact runs
+    there correctly; a second compile with the same cache measures nothing (its device is not even needed)."""
     tracker, _ = devices
+    lowered, kernel = RECIPES[recipe]
     model, x = _model(), torch.randn(2, 128)
     device = RPCDevice(tracker.address.host, tracker.address.port, KEY, timeout_s=TIMEOUT)
     tune = {"trials": 3, "rpc": device, "measure": FAST}
-    compiled = lowbit.compile(model, (x,), recipe="w4a16-arm", tune=tune, cache_dir=tmp_path / "cache")
-    assert [result.measured_now for result in compiled.report.tuning] == [3, 3]
+    compiled = lowbit.compile(model, (x,), recipe=recipe, tune=tune, calibration=_calibration(),
+                              cache_dir=tmp_path / "cache")
+    assert [linear.kernel for linear in compiled._runner.linears] == [lowered, lowered]
+    assert [(result.kernel, result.measured_now) for result in compiled.report.tuning] == [(kernel, 3)] * 2
     records = _database(tmp_path / "cache")
     assert len(records) == 2
     for record in records.values():
-        assert record.kernel == "packed_linear" and record.confirmed
-        assert [t.outcome for t in record.trials] == ["measured"] * 3  # each agreed with the hand schedule's output
+        assert record.kernel == kernel and record.confirmed and not record.exhausted
+        measured = [t for t in record.trials if t.counted]
+        assert [t.outcome for t in measured] == ["measured"] * 3  # each agreed with the hand schedule's output
+        assert record.best is not None and record.best.outcome == "measured"
+        if kernel == "a8_linear_arm":  # sdot only: the emulated Cortex-A76 (target without +i8mm) has no smmla
+            assert all(t.knobs["i8mm"] == 0 for t in measured)
+            assert all(t.outcome == "invalid" and "+i8mm" in t.error for t in record.trials if t.knobs["i8mm"])
 
     path = compiled.export(tmp_path / "tuned")
     result = rpc.run_artifact(path, [x.numpy()], rpc=str(tracker.address), key=KEY, timeout=TIMEOUT, repeats=1)
@@ -132,8 +155,8 @@ def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path) ->
     np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
     unreachable = RPCDevice(tracker.address.host, rpc.free_port(), KEY, timeout_s=2)
-    again = lowbit.compile(model, (x,), recipe="w4a16-arm", tune={**tune, "rpc": unreachable},
-                           cache_dir=tmp_path / "cache")
+    again = lowbit.compile(model, (x,), recipe=recipe, tune={**tune, "rpc": unreachable},
+                           calibration=_calibration(), cache_dir=tmp_path / "cache")
     assert [result.measured_now for result in again.report.tuning] == [0, 0]
     assert [r.knobs for r in again.report.tuning] == [r.knobs for r in compiled.report.tuning]
 
@@ -231,7 +254,13 @@ def test_int8_activation_kernel_tuned_on_an_emulated_cpu_with_i8mm(tmp_path) -> 
                                   timeout=TIMEOUT, repeats=1)
     assert [linear.kernel for linear in compiled._runner.linears] == ["packed_a8"]
     (tuning,) = compiled.report.tuning
-    assert tuning.kernel == "a8_linear_arm" and tuning.measured_now == 3 and tuning.knobs["i8mm"] == 1
+    assert tuning.kernel == "a8_linear_arm" and tuning.measured_now == 3
+    (record,) = read_database(next((tmp_path / SUBDIR).glob("*.json")),
+                              canonical_target(resolve_target(target))).values()
+    # the hand schedule (smmla) first, then its sdot neighbour: both measured, the sdot output checked against
+    # the smmla one on the device; which is faster under emulation says nothing, so either may be chosen
+    assert [(t.knobs["i8mm"], t.outcome) for t in record.trials[:2]] == [(1, "measured"), (0, "measured")]
+    assert record.confirmed and tuning.knobs == record.best.knobs
     with torch.no_grad():
         reference = compiled.graph(x).numpy()
     np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
@@ -239,17 +268,22 @@ def test_int8_activation_kernel_tuned_on_an_emulated_cpu_with_i8mm(tmp_path) -> 
 
 @pytest.mark.slow
 def test_cli_tunes_on_an_emulated_device_behind_a_tracker_and_runs_the_artifact_there(tmp_path, capsys) -> None:
-    """``lowbit compile llama-tiny --recipe w4a16-arm --tune --tune-rpc --tune-key`` then ``lowbit run`` on it."""
+    """``lowbit compile llama-tiny --recipe w4a8-arm --calibration --tune --tune-rpc --tune-key`` then
+    ``lowbit run`` on it: GPTQ weights, int8 activations, every linear's ``sdot`` kernel tuned on the device."""
     _emulator_or_skip()
     from lowbit import zoo
     from lowbit.cli import main
 
     built = zoo.build("llama-tiny")
-    np.savez(tmp_path / "inputs.npz", *[t.numpy() for t in built.example_inputs],
-             *[v.numpy() for v in built.example_kwargs.values()])
+    assert not built.example_inputs and list(built.example_kwargs) == ["input_ids", "attention_mask"]
+    np.savez(tmp_path / "inputs.npz", *[v.numpy() for v in built.example_kwargs.values()])
+    length = built.example_kwargs["input_ids"].shape[1]
+    tokens = torch.randint(0, 1000, (8, length), generator=torch.Generator().manual_seed(0))
+    np.savez(tmp_path / "calibration.npz", input_ids=tokens.numpy(), attention_mask=np.ones((8, length), np.int64))
     cache, artifact = tmp_path / "cache", tmp_path / "llama"
     with rpc.Tracker() as tracker, qemu.emulated_server(tracker=tracker.address, key=KEY):
-        compile_args = ["-q", "compile", "llama-tiny", "--recipe", "w4a16-arm", "--tune", "--tune-trials", "2",
+        compile_args = ["-q", "compile", "llama-tiny", "--recipe", "w4a8-arm",
+                        "--calibration", str(tmp_path / "calibration.npz"), "--tune", "--tune-trials", "2",
                         "--tune-rpc", str(tracker.address), "--tune-key", KEY, "--tune-timeout", str(TIMEOUT),
                         "--cache-dir", str(cache)]
         assert main([*compile_args, "--export", str(artifact)]) == 0
@@ -258,7 +292,11 @@ def test_cli_tunes_on_an_emulated_device_behind_a_tracker_and_runs_the_artifact_
                      str(tracker.address), "--key", KEY, "--timeout", str(TIMEOUT), "--repeats", "1"]) == 0
         ran = capsys.readouterr().out
     assert "candidate(s) measured by this compile" in first and " 0 candidate(s) measured" not in first
-    assert "output 0: float32[" in ran and f"(key '{KEY}')" in ran
-    assert all(record.confirmed for record in _database(cache).values())
+    assert "output 0: float32[2, 12, 1000]" in ran and f"(key '{KEY}')" in ran
+    records = _database(cache).values()
+    assert len(records) == 4  # q/o, k/v, gate/up and down projections (lm_head stays float)
+    for record in records:
+        assert record.kernel == "a8_linear_arm" and record.confirmed
+        assert [(t.outcome, t.knobs["i8mm"]) for t in record.trials if t.counted] == [("measured", 0)] * 2
     assert main([*compile_args]) == 0  # the device is gone: the warm database needs none
     assert " 0 candidate(s) measured by this compile" in capsys.readouterr().out
