@@ -163,26 +163,35 @@ def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path, re
 
 @pytest.mark.slow
 def test_kernel_tuned_directly_against_an_emulated_server(devices, tmp_path) -> None:
+    """Each candidate is uploaded once: the finalists too, though each is timed in several rounds."""
     _, direct = devices
     target = resolve_target("arm")
     device = RPCDevice(direct.address.host, direct.address.port, timeout_s=TIMEOUT)
-    tuner = Tuner(target, tmp_path, TuningOptions(trials=4, rpc=device, measure=FAST), shipped=())
+    runner = _Counting(target, device, FAST)
+    tuner = Tuner(target, tmp_path, TuningOptions(trials=4, rpc=device, measure=FAST), runner=runner, shipped=())
     knobs = tuner.knobs(packed_linear, SPEC, _tensors())
     tuner.close()
-    assert isinstance(tuner.runner, RPCRunner) and tuner.results[0].measured_now == 4
+    assert tuner.results[0].measured_now == 4
     (record,) = _database(tmp_path).values()
     assert record.confirmed and record.best is not None and record.best.knobs == knobs
     assert [t.outcome for t in record.trials if t.counted] == ["measured"] * 4
+    finalists = sum(t.confirmed for t in record.trials if t.counted)
+    assert finalists >= 3 and runner.outputs == 0  # the hand schedule came first: its output is the reference
+    assert runner.loads == 4 + finalists
 
 
 class _Counting(RPCRunner):
-    """An RPC runner that counts untimed output runs (the hand schedule's reference for the check)."""
+    """An RPC runner that counts untimed output runs (the hand schedule's reference for the check) and uploads."""
 
-    outputs = 0
+    outputs = loads = 0
 
     def output(self, func: Any, consts: Any) -> np.ndarray:
         self.outputs += 1
         return super().output(func, consts)
+
+    def _load(self, func: Any, consts: Any) -> Any:
+        self.loads += 1
+        return super()._load(func, consts)
 
 
 class _Failing(RPCRunner):

@@ -142,41 +142,47 @@ class RPCRunner:
         self._uploads = 0
 
     def measure(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> Measurement:
-        return self._remote(func, consts, lambda module, dev, arrays: _time(module, dev, arrays, self.options))
+        return self._timed(self._load(func, consts))
 
     def output(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> np.ndarray:
         """The kernel's output on the fixed inputs, untimed, computed on the device."""
-        return self._remote(func, consts, lambda module, dev, arrays: _run(module, dev, arrays)[1])
+        module, dev, arrays = self._load(func, consts)
+        return self._on_device(lambda: _run(module, dev, arrays)[1], "running")
 
     def compare(self, kernels: Sequence[tuple[tirx.PrimFunc, Sequence[torch.Tensor]]], rounds: int) -> list[float]:
-        """Median seconds of each kernel, measured on the device in turn for ``rounds`` rounds."""
+        """Median seconds of each kernel, uploaded once and timed on the device in turn for ``rounds`` rounds."""
+        loaded = [self._load(func, consts) for func, consts in kernels]
         times: list[list[float]] = [[] for _ in kernels]
         for _ in range(rounds):
-            for index, (func, consts) in enumerate(kernels):
-                times[index].append(self.measure(func, consts).seconds)
+            for index, candidate in enumerate(loaded):
+                times[index].append(self._timed(candidate).seconds)
         return [statistics.median(t) for t in times]
 
-    def _remote(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor], use: Callable[[Any, Any, Any], T]) -> T:
-        """Build ``func`` here, upload it and apply ``use(module, device, arrays)`` on the device.
-
-        Uploading and ``use`` each get ``timeout_s``; on any failure the session is dropped
-        (the device may be gone) and a later call connects again.
-        """
+    def _load(self, func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> tuple[Any, Any, list[np.ndarray]]:
+        """Build ``func`` here, upload it and load it on the device: the remote module, device and arguments."""
         executable = build(func, self.target)
         arrays = example_arguments(func, consts)
         session = self._connect()
         self._uploads += 1
-        timeout = self.device.timeout_s
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"candidate{self._uploads}.so"  # a remote process cannot load one name twice
             executable.export_library(str(path), fcompile=_fcompile(self.target))
-            try:
-                _bounded(lambda: session.upload(str(path)), timeout, f"uploading a candidate to {self.device}")
-                return _bounded(lambda: use(session.load_module(path.name), session.cpu(), arrays), timeout,
-                                f"running a candidate on {self.device}")
-            except BackendError:
-                self.close()
-                raise
+            self._on_device(lambda: session.upload(str(path)), "uploading")
+        return self._on_device(lambda: session.load_module(path.name), "loading"), session.cpu(), arrays
+
+    def _timed(self, loaded: tuple[Any, Any, list[np.ndarray]]) -> Measurement:
+        """A loaded candidate's output and median time (`_time`), on the device."""
+        module, dev, arrays = loaded
+        return self._on_device(lambda: _time(module, dev, arrays, self.options), "running")
+
+    def _on_device(self, call: Callable[[], T], step: str) -> T:
+        """``call`` bounded by ``timeout_s``; on any failure the session is dropped (the device may be gone)
+        and a later call connects again."""
+        try:
+            return _bounded(call, self.device.timeout_s, f"{step} a candidate on {self.device}")
+        except BackendError:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Drop the session; collected now, since a server serves one session at a time."""
