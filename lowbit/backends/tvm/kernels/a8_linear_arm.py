@@ -85,11 +85,12 @@ def word_columns(bits: int) -> int:
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
     """The hand schedule: 4 accumulator chains for GEMV (1 row × 4 weight tiles), 4 rows × 2 tiles for GEMM; tasks of ≤ 32 rows.
 
-    GEMM on a target with i8mm uses ``smmla`` (4 rows × 4 two-row tiles: 8 accumulators).
+    GEMM on a target with i8mm uses ``smmla`` (4 rows × 4 two-row tiles: 8 accumulators) where
+    its words fit the groups, else ``sdot``.
     """
     rows = max(v for v in KNOBS["row_tile"] if v <= min(spec.batch, 4))
     tile = max(v for v in KNOBS["out_tile"] if v <= 32 and spec.out_features % v == 0)
-    i8mm = int(spec.batch % 2 == 0 and has_features(target, "i8mm"))
+    i8mm = int(_i8mm_reason(spec, target) is None)
     return {"row_tile": rows, "out_tile": tile, "row_vectors": 4 if rows == 1 or i8mm else 2, "i8mm": i8mm}
 
 
