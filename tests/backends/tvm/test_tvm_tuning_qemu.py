@@ -11,6 +11,7 @@ Without qemu-aarch64, the aarch64 cross g++ or the emulated root they skip and s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 import lowbit
 from lowbit.backends.tvm import ARM_CXX, qemu, rpc
-from lowbit.backends.tvm.kernels import packed_linear
+from lowbit.backends.tvm.kernels import a8_linear_arm, packed_linear
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.tuning import MeasureOptions, RPCDevice, RPCRunner, Tuner, TuningOptions
@@ -273,6 +274,24 @@ def test_int8_activation_kernel_tuned_on_an_emulated_cpu_with_i8mm(tmp_path) -> 
     with torch.no_grad():
         reference = compiled.graph(x).numpy()
     np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("bits, group_size", [(2, 16), (4, 8)])
+def test_hand_schedule_on_an_i8mm_target_is_sdot_where_smmla_words_do_not_fit_the_groups(bits, group_size) -> None:
+    """The tuner checks every candidate against the hand schedule, and lowering uses the int8 kernel only when
+    the hand schedule plans: groups narrower than an smmla word (8 columns × 8 // bits codes) take sdot."""
+    target = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]})
+    spec = PackedLinearSpec(batch=2, in_features=64, out_features=8, bits=bits, group_size=group_size,
+                            asymmetric=False, has_bias=False, act_bits=8, act_dynamic=True)
+    codes = torch.randint(0, 2 ** bits, (8, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tensors = {"qweight": packing.pack(codes, bits), "scales": torch.full((8, 64 // group_size), 0.1),
+               "zeros": None, "g_idx": None, "bias": None, "act_scale": None}
+    planned = a8_linear_arm.plan(spec, tensors, target)
+    assert not isinstance(planned, str), planned
+    assert planned.knobs["i8mm"] == 0
+    assert "an i8mm word" in a8_linear_arm.plan(spec, tensors, target, {**planned.knobs, "i8mm": 1})
+    wide = dataclasses.replace(spec, group_size=64)
+    assert a8_linear_arm.default_knobs(wide, target)["i8mm"] == 1  # where the words fit, the hand schedule is smmla
 
 
 @pytest.mark.slow
