@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -126,7 +127,7 @@ RECIPES = {"w4a16-arm": ("packed", "packed_linear"), "w4a8-arm": ("packed_a8", "
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path, recipe) -> None:
+def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path, recipe, caplog) -> None:
     """Every candidate measured and checked on the device (none exhausted unmeasured); the tuned artifact runs
     there correctly; a second compile with the same cache measures nothing (its device is not even needed)."""
     tracker, _ = devices
@@ -134,8 +135,12 @@ def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path, re
     model, x = _model(), torch.randn(2, 128)
     device = RPCDevice(tracker.address.host, tracker.address.port, KEY, timeout_s=TIMEOUT)
     tune = {"trials": 3, "rpc": device, "measure": FAST}
-    compiled = lowbit.compile(model, (x,), recipe=recipe, tune=tune, calibration=_calibration(),
-                              cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger="lowbit.backends.tvm.tuning"):
+        compiled = lowbit.compile(model, (x,), recipe=recipe, tune=tune, calibration=_calibration(),
+                                  cache_dir=tmp_path / "cache")
+    # one progress line per counted trial: refused knobs (i8mm on this CPU) are logged at debug level only
+    trial_lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and ": trial " in r.getMessage()]
+    assert len(trial_lines) == 6 and not any("invalid" in line for line in trial_lines), trial_lines
     assert [linear.kernel for linear in compiled._runner.linears] == [lowered, lowered]
     assert [(result.kernel, result.measured_now) for result in compiled.report.tuning] == [(kernel, 3)] * 2
     records = _database(tmp_path / "cache")

@@ -263,6 +263,9 @@ class Tuner:
 
     def _log_trial(self, record: TuningRecord, trials: int) -> None:
         last, best = record.trials[-1], record.best
+        if not last.counted:  # refused knobs or a duplicate PrimFunc: nothing built, no trial used
+            log.debug("tuning %s: %s %s: %s", record.kernel, last.outcome, last.knobs, last.error or "same PrimFunc")
+            return
         outcome = f"{last.seconds * 1e3:.3f} ms" if last.seconds is not None else f"{last.outcome}: {last.error}"
         log.info("tuning %s: trial %d/%d %s -> %s (best %s)", record.kernel, record.counted, trials, last.knobs,
                  outcome, f"{best.seconds * 1e3:.3f} ms {best.knobs}" if best else "none yet")
