@@ -234,8 +234,10 @@ class AWQ(Pass):
                                                       state.configs, state.stats):
                 scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric,
                                      method=self.name)
-                replace_linear(gm, node, qw, scheme)
+                replace_linear(gm, node, qw, scheme, recompile=False)
                 records[path] = LayerRecord(path, "quantized", stats={**stats, **state.info})
+        gm.graph.lint()
+        gm.recompile()
         layers = [records[p] for p in paths]
         quantized = sum(r.action == "quantized" for r in layers)
         return PassResult(
