@@ -139,7 +139,7 @@ def test_vnni_gemv_splits_lanes_and_prefetches_and_is_exact(bits: int) -> None:
     weight["act_scale"] = None
     spec = _spec(1, bits, 64, weight, True)
     knobs = a8_linear.default_knobs(spec, target)
-    assert a8_linear.split_lanes(intrin_x86.VNNI, bits, knobs["row_tile"], knobs["row_vectors"])
+    assert a8_linear.split_lanes(intrin_x86.VNNI, bits, 64, knobs["row_tile"], knobs["row_vectors"])
     kernel = a8_linear.plan(spec, weight, target)
     asm = _build(kernel, target).mod.inspect_source("asm")
     assert "vpdpbusd" in asm and "prefetchnta" in asm
@@ -151,12 +151,15 @@ def test_vnni_gemv_splits_lanes_and_prefetches_and_is_exact(bits: int) -> None:
 
 
 def test_lanes_split_only_with_vnni_and_too_few_chains() -> None:
-    """AVX2 would saturate on masked quads; a GEMM tile has chains enough; accumulators must fit in registers."""
-    assert a8_linear.split_lanes(intrin_x86.VNNI, 2, rows=1, vectors=4)
-    assert not a8_linear.split_lanes(intrin_x86.AVX2_U7, 2, rows=1, vectors=4)
-    assert not a8_linear.split_lanes(intrin_x86.VNNI, 8, rows=1, vectors=4)  # one quad per byte: nothing to split
-    assert not a8_linear.split_lanes(intrin_x86.VNNI, 4, rows=4, vectors=2)  # 8 chains already
-    assert not a8_linear.split_lanes(intrin_x86.VNNI, 2, rows=1, vectors=8)  # 32 accumulators
+    """AVX2 would saturate on masked quads; a GEMM tile has chains enough; accumulators must fit registers and int32."""
+    assert a8_linear.split_lanes(intrin_x86.VNNI, 2, 128, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.AVX2_U7, 2, 128, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 8, 128, rows=1, vectors=4)  # one quad per byte: nothing to split
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 4, 128, rows=4, vectors=2)  # 8 chains already
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 2, 128, rows=1, vectors=8)  # 32 accumulators
+    # a lane sums group_size / 4 products of at most 128 · 192: 87381 of them stay below 2^31, 87382 do not
+    assert a8_linear.split_lanes(intrin_x86.VNNI, 2, 4 * 87381, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 2, 4 * 87382, rows=1, vectors=4)
 
 
 def test_only_the_gemv_prefetches() -> None:

@@ -101,17 +101,19 @@ def intrinsic(spec: PackedLinearSpec, target: Target) -> str:
     return intrin_x86.AVX2_U8 if spec.bits == 8 else intrin_x86.AVX2_U7
 
 
-def split_lanes(intrin: str, bits: int, rows: int, vectors: int) -> bool:
+def split_lanes(intrin: str, bits: int, group_size: int, rows: int, vectors: int) -> bool:
     """Whether each quad of a word gets accumulators of its own (masked codes, no shifts).
 
     Only with VNNI: ``vpdpbusd`` takes unsigned codes up to 255 without saturating
     (``vpmaddubsw`` would saturate on a masked quad's ``2^(l·bits) · q``). Only where
-    ``rows × vectors`` chains leave ``vpdpbusd`` waiting on its latency (the GEMV) and
-    the ``rows × vectors × pb`` accumulators stay in registers.
+    ``rows × vectors`` chains leave ``vpdpbusd`` waiting on its latency (the GEMV), the
+    ``rows × vectors × pb`` accumulators stay in registers, and a group's ``group_size /
+    pb`` products of at most ``128 · 2^(l·bits) · q`` cannot overflow int32.
     """
     lanes = 8 // bits
+    largest = 128 * (((1 << bits) - 1) << (bits * (lanes - 1)))
     return (intrin == intrin_x86.VNNI and lanes > 1 and rows * vectors < BUSY_CHAINS
-            and rows * vectors * lanes <= MAX_LANE_ACCUMULATORS)
+            and rows * vectors * lanes <= MAX_LANE_ACCUMULATORS and group_size // lanes * largest < 2**31)
 
 
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
@@ -185,7 +187,7 @@ def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile:
     # Tensorize needs whole tiles: the row tile divides the batch, the weight tiles divide the task.
     rows = divisor_at_most(spec.batch, row_tile)
     vectors = tile_vectors(out_tile, row_vectors)
-    lanes = split_lanes(intrin, spec.bits, rows, vectors)
+    lanes = split_lanes(intrin, spec.bits, spec.group_size, rows, vectors)
     sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes))
     _schedule(sch, spec, intrin, rows, out_tile, vectors)
     log.debug("scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s", spec, intrin, rows,
