@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lowbit.backends.tvm import rpc
+from lowbit.backends.tvm import ARM_CXX, rpc
 from lowbit.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,18 @@ def python_wrapper(cpu: str = DEFAULT_CPU, root: str | Path | None = None) -> Pa
         staging.chmod(0o755)
         staging.replace(wrapper)
     return wrapper
+
+
+def unavailable_reason(cpu: str = DEFAULT_CPU) -> str | None:
+    """Why ARM code cannot be cross-compiled and run on an emulated ``cpu`` here (what to
+    install), or None when it can."""
+    if shutil.which(ARM_CXX) is None:
+        return f"needs the cross compiler {ARM_CXX} (scripts/setup.sh installs it)"
+    try:
+        python_wrapper(cpu)
+    except EmulatorUnavailable as error:
+        return str(error)
+    return None
 
 
 def emulated_server(cpu: str = DEFAULT_CPU, tracker: rpc.Address | str | None = None, key: str = "",

@@ -9,7 +9,6 @@ cross g++ or the emulated root of ``scripts/setup_arm.sh`` those tests skip.
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import numpy as np
@@ -59,12 +58,8 @@ def _run_under_qemu(layers: list[tuple[PackedLinearSpec, dict[str, Any], torch.T
                     knobs: list[dict[str, int] | None] | None = None, target: Any = ARM,
                     cpu: str = qemu.DEFAULT_CPU) -> list[np.ndarray]:
     """Plan, cross-compile all layers into one library, and run each on an emulated ``cpu``."""
-    if shutil.which(ARM_CXX) is None:
-        pytest.skip(f"needs the cross compiler {ARM_CXX} (scripts/setup.sh installs it)")
-    try:
-        qemu.python_wrapper()
-    except qemu.EmulatorUnavailable as error:
-        pytest.skip(str(error))
+    if (reason := qemu.unavailable_reason()) is not None:
+        pytest.skip(reason)
     plans = []
     for index, (spec, tensors, _) in enumerate(layers):
         planned = a8_linear_arm.plan(spec, tensors, target, (knobs or [None] * len(layers))[index])

@@ -15,17 +15,13 @@ import torch
 import torch.nn as nn
 
 import lowbit
-from lowbit.backends.tvm import ARM_CXX, rpc
+from lowbit.backends.tvm import rpc
 from lowbit.backends.tvm import qemu
 
 
 def _emulator_or_skip() -> None:
-    if shutil.which(ARM_CXX) is None:
-        pytest.skip(f"needs the cross compiler {ARM_CXX} (scripts/setup.sh installs it)")
-    try:
-        qemu.python_wrapper()
-    except qemu.EmulatorUnavailable as error:
-        pytest.skip(str(error))
+    if (reason := qemu.unavailable_reason()) is not None:
+        pytest.skip(reason)
 
 
 def _model() -> nn.Module:
@@ -65,6 +61,14 @@ def test_missing_qemu_names_the_package(monkeypatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(qemu.EmulatorUnavailable, match="qemu-user"):
         qemu.qemu_binary()
+
+
+def test_unavailable_reason_names_what_to_install(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LOWBIT_ARM_ROOT", str(tmp_path / "nothing"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "aarch64-linux-gnu-g++" in qemu.unavailable_reason()
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert "bash scripts/setup_arm.sh" in qemu.unavailable_reason()
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.nn as nn
 
 import lowbit
-from lowbit.backends.tvm import ARM_CXX, qemu, rpc
+from lowbit.backends.tvm import qemu, rpc
 from lowbit.backends.tvm.kernels import a8_linear_arm, packed_linear
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import resolve_target
@@ -47,12 +46,8 @@ SPEC = PackedLinearSpec(batch=2, in_features=128, out_features=32, bits=4, group
 
 
 def _emulator_or_skip() -> None:
-    if shutil.which(ARM_CXX) is None:
-        pytest.skip(f"needs the cross compiler {ARM_CXX} (scripts/setup.sh installs it)")
-    try:
-        qemu.python_wrapper()
-    except qemu.EmulatorUnavailable as error:
-        pytest.skip(str(error))
+    if (reason := qemu.unavailable_reason()) is not None:
+        pytest.skip(reason)
 
 
 def _tensors() -> dict[str, torch.Tensor | None]:
