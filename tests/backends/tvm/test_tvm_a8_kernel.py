@@ -172,6 +172,40 @@ def test_only_the_gemv_prefetches() -> None:
         assert ("llvm.prefetch" in kernel.func.script()) == prefetches, rows
 
 
+def test_gemv_prefetches_its_first_weights_before_the_activation_prologue() -> None:
+    """The word-row loop prefetches ahead, so the GEMV's first `PREFETCH_BYTES` are prefetched before the prologue."""
+    target = resolve_target("x86")
+    weight = _weight(2, 64, "sym", exact=True, seed=4)
+    weight["act_scale"] = None
+    script = a8_linear.plan(_spec(1, 2, 64, weight, True), weight, target).func.script()
+    prologue = script[:script.index('T.sblock("absmax_rf")')]
+    starts = [line for line in prologue.splitlines() if "llvm.prefetch" in line]
+    assert len(starts) == min(a8_linear.PREFETCH_BYTES, N * K // 4) // 64
+    assert "words.data, 0, " in starts[0]
+    script = a8_linear.plan(_spec(8, 2, 64, weight, True), weight, target).func.script()
+    assert "llvm.prefetch" not in script
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_absmax_runs_in_vector_lanes_and_stays_exact(rows: int) -> None:
+    """The dynamic scale's ``max |x|`` is reduced in vector lanes, then across them; any order gives the same maximum.
+
+    Runs on every AVX2 host; the largest magnitude sits at each end of a row and is negative in one of them.
+    """
+    target = _avx2_target()
+    weight = _weight(2, 64, "asym", exact=True, seed=rows + 21)
+    weight["act_scale"] = None
+    kernel = a8_linear.plan(_spec(rows, 2, 64, weight, True), weight, target)
+    lines = kernel.func.script().splitlines()
+    partial = next(i for i, line in enumerate(lines) if 'T.sblock("absmax_rf")' in line)
+    assert "T.vectorized(16)" in lines[partial - 1]
+    lib = _build(kernel, target)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)) * 3
+    x[0, -1] = -50.0
+    x[-1, 0] = 40.0 if rows > 1 else x[-1, 0]
+    assert torch.equal(_run(lib, kernel, x), _reference(x, weight, 2, 64))
+
+
 def test_per_group_values_are_blocked_by_tile_group() -> None:
     per_group = torch.arange(64 * 3).reshape(64, 3)
     blocks = a8_linear.blocked(per_group, vectors=2)

@@ -36,7 +36,9 @@ rows of ``x`` in register tiles of ``row_tile`` (one unpacked code vector feeds
 ``row_tile`` accumulators, and the tile's weights stay in cache across row tiles).
 When one row tile covers the batch (a GEMV: the weights are read once), the word-row
 loop also prefetches the weight stream `PREFETCH_BYTES` ahead (``prefetchnta``): the
-hardware prefetcher alone left the cold GEMV at ~75% of the read bandwidth.
+hardware prefetcher alone left the cold GEMV at ~75% of the read bandwidth. The GEMV
+also prefetches its first `PREFETCH_BYTES` before the activation prologue, which the loop
+never does, and reduces ``max |x|`` in vector lanes (a scalar float max is a serial chain).
 The per-task buffers (unpacked codes, int32 dot products, fp32 accumulators) keep the
 default global scope: TVM turns small global allocations into stack arrays that LLVM
 keeps in registers, while ``local`` ones come from the workspace pool once per task.
@@ -334,6 +336,39 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, intrin: str, row_tile
     xq = sch.get_sblock("xq")
     k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
     sch.vectorize(k_inner)
+    if spec.act_dynamic:
+        _vector_absmax(sch, spec.in_features)
+    if row_tile == spec.batch:
+        _prefetch_start(sch)
+
+
+def _vector_absmax(sch: s_tir.Schedule, in_features: int) -> None:
+    """``max |x|`` in vector lanes (``rfactor``), then across them: a scalar float max is one serial chain of
+    ``K`` dependent ``vmaxss`` (LLVM keeps float reductions in order). Exact: a maximum does not depend on the order."""
+    block = sch.get_sblock("absmax")
+    width = power_of_two_divisor(in_features, 16)
+    _, k_inner = sch.split(sch.get_loops(block)[-1], factors=[None, width])
+    partial = sch.rfactor(k_inner, 0)
+    sch.vectorize(sch.get_loops(partial)[-1])
+
+
+def _prefetch_start(sch: s_tir.Schedule) -> None:
+    """Prefetch the first `PREFETCH_BYTES` of the weights before the activation prologue.
+
+    The word-row loop prefetches `PREFETCH_BYTES` ahead, so the first rows of a call were
+    never prefetched and waited for DRAM after the prologue had run with the memory idle.
+    """
+    words = sch.get(sch.get_sblock("codes")).reads[0].source
+    body = sch.get(sch.get_sblock("root")).body
+    first = body[0] if isinstance(body, tirx.SeqStmt) else body
+    size = min(PREFETCH_BYTES, int(words.shape[0]) * int(words.shape[1]) * int(words.shape[2]))
+    calls = [tirx.Evaluate(tirx.call_llvm_intrin(
+        "void", "llvm.prefetch.p0", words.access_ptr("r", offset=line),
+        tirx.const(0, "int32"), tirx.const(0, "int32"), tirx.const(1, "int32")))
+        for line in range(0, size, LINE_BYTES)]
+    sch.state.replace(sch.state.get_sref(first), tirx.For(
+        first.loop_var, first.min, first.extent, first.kind, tirx.SeqStmt([*calls, first.body]), first.thread_binding,
+        first.annotations))
 
 
 def _prefetch(sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.schedule.LoopRV, ...],
