@@ -23,7 +23,11 @@ faster of torch's sum over a 512 MiB fp32 tensor and a TVM streaming read of 512
 that prefetches ahead as the GEMV does (`read_func`), so the kernel's own prefetching
 cannot beat a reference that lacks it. Measured at the start and again after every kernel, the
 highest of these medians is the reference, so a busy moment on the shared machine can
-make the reference only stronger, never the ratio easier.
+make the reference only stronger, never the ratio easier. A pure read of a few MiB per
+call, even cycling through copies, need not stream like one 512 MiB read, so each row
+also has its "same-size read", measured right after the kernel: the faster of torch's
+sum and the TVM read, each on buffers of about the kernel's read bytes, cycling through as
+many copies as the kernel's cold timing did: the ceiling a pure read of that size reaches.
 
 Each thread count runs in its own process (TVM sizes its thread pool once, from
 ``TVM_NUM_THREADS``) on kernels compiled once by the parent. Times are medians over
@@ -101,7 +105,7 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
     target = resolve_target("x86")
     tvm.compile(tvm.IRModule({READ_NAME: read_func(BANDWIDTH_BYTES)}), target=target).export_library(
         str(directory / f"{READ_NAME}.so"))
-    cases = []
+    cases, read_rows = [], set()
     for kernel in kernels:
         bits, group, a8, _ = KERNELS[kernel]
         module = a8_linear if a8 else packed_linear
@@ -118,14 +122,26 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
                 lib.export_library(str(directory / f"{name}.so"))
                 np.savez(directory / f"{name}.npz", *[t.contiguous().numpy() for t in plan.consts])
                 detail = a8_linear.intrinsic(spec, target) if a8 else "fp32 dequant"
+                size_rows = read_task_rows(sum(t.numel() * t.element_size() for t in plan.consts) + rows * k * 4)
+                read_rows.add(size_rows)
                 cases.append({"kernel": kernel, "M": rows, "K": k, "N": n, "name": name, "knobs": plan.knobs,
-                              "detail": detail})
+                              "detail": detail, "read_rows": size_rows})
+    for size_rows in sorted(read_rows):
+        tvm.compile(tvm.IRModule({READ_NAME: read_func(size_rows * READ_TASK_ROW_BYTES)}), target=target
+                    ).export_library(str(directory / f"{READ_NAME}_{size_rows}.so"))
     return cases
 
 
 #: The TVM read kernel: rows of 4 KiB, summed 64 int32 lanes at a time, split into tasks for the threads.
 READ_ROW_INTS, READ_LANES, READ_TASKS = 1024, 64, 64
 READ_NAME = "read_bandwidth"
+#: Bytes of one row of every task of the read kernel: its reads come in multiples of this.
+READ_TASK_ROW_BYTES = READ_TASKS * READ_ROW_INTS * 4
+
+
+def read_task_rows(nbytes: int) -> int:
+    """Rows per task of the read kernel whose read is closest to ``nbytes`` (at least one)."""
+    return max(1, round(nbytes / READ_TASK_ROW_BYTES))
 
 
 def read_func(total_bytes: int) -> Any:
@@ -181,6 +197,23 @@ def read_bandwidth(data: torch.Tensor, tvm_read: Callable[[], Any], repeats: int
     """Bytes/s of the faster memory-read bound loop: torch summing ``data`` (the current torch thread count) or
     ``tvm_read``, the TVM streaming read of as many bytes (`read_func`)."""
     return data.numel() * data.element_size() / min(median_s(lambda: data.sum(), repeats), median_s(tvm_read, repeats))
+
+
+def same_size_read(directory: Path, rows: int, copies: int, repeats: int) -> float:
+    """Bytes/s of the faster cold read of ``rows`` rows per task (`read_task_rows`) of the read kernel: torch's sum or
+    the TVM read (`read_func`), each cycling through ``copies`` copies as the kernels' cold timing does."""
+    import tvm
+
+    func = tvm.runtime.load_module(str(directory / f"{READ_NAME}_{rows}.so"))[READ_NAME]
+    shape = (READ_TASKS, rows, READ_ROW_INTS // READ_LANES, READ_LANES)
+    buffers = [tvm.runtime.tensor(np.ones(shape, dtype="int32")) for _ in range(copies)]
+    out = tvm.runtime.tensor(np.zeros((READ_TASKS, READ_LANES), dtype="int32"))
+    turn = iter(range(1 << 62))
+    tvm_s = median_s(lambda: func(buffers[next(turn) % copies], out), repeats)
+    del buffers
+    tensors = [torch.ones(shape) for _ in range(copies)]
+    torch_s = median_s(lambda: tensors[next(turn) % copies].sum(), repeats)
+    return rows * READ_TASK_ROW_BYTES / min(tvm_s, torch_s)
 
 
 def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int, accuracy_level: int) -> Callable[[], Any]:
@@ -277,7 +310,9 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
         lowbit_s = median_s(lambda: func(*args, out), repeats)
         turn = iter(range(1 << 62))
         cold_s = median_s(lambda: func(*copies[next(turn) % len(copies)], out), repeats)
+        count = len(copies)
         del copies
+        size_read = same_size_read(directory, case["read_rows"], count, repeats)
         bandwidths.append(read_bandwidth(data, tvm_read, repeats))
         if (m, k, n) not in torch_ms:
             weight = torch.randn(n, k, generator=gen)
@@ -296,6 +331,7 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
                "lowbit_ms": lowbit_s * 1e3, "lowbit_cold_ms": cold_s * 1e3, "torch_fp32_ms": torch_ms[(m, k, n)],
                "speedup_vs_torch": torch_ms[(m, k, n)] / (lowbit_s * 1e3), **peers,
                "read_bytes": read, "lowbit_cold_GBps": read / cold_s / 1e9,
+               "same_size_read_GBps": size_read / 1e9, "fraction_of_same_size_read": read / cold_s / size_read,
                "read_bandwidth_after_GBps": bandwidths[-1] / 1e9}
         best_ort = min(peers.values(), default=None)
         if best_ort is not None:
@@ -315,7 +351,8 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
 def table(runs: list[dict[str, Any]]) -> str:
     """A markdown table of every row, then each thread count's read bandwidth."""
     header = ("| kernel | M | K | N | thr | lowbit ms | torch fp32 ms | torch/lowbit | ORT MatMulNBits ms | "
-              "ORT int8 ms | best ORT/lowbit | lowbit cold ms | cold GB/s | of read bw |")
+              "ORT int8 ms | best ORT/lowbit | lowbit cold ms | cold GB/s | of read bw | same-size read GB/s | "
+              "of same-size read |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in runs:
         for r in run["rows"]:
@@ -326,7 +363,8 @@ def table(runs: list[dict[str, Any]]) -> str:
                 f"| {r['kernel']} | {r['M']} | {r['K']} | {r['N']} | {r['threads']} | {r['lowbit_ms']:.3f} | "
                 f"{r['torch_fp32_ms']:.3f} | {r['speedup_vs_torch']:.2f}x | {_opt(nbits)} | {_opt(int8)} | "
                 f"{_opt(versus, '{:.2f}x')} | {r['lowbit_cold_ms']:.3f} | {r['lowbit_cold_GBps']:.1f} | "
-                f"{r['fraction_of_read_bandwidth']:.0%} |")
+                f"{r['fraction_of_read_bandwidth']:.0%} | {r['same_size_read_GBps']:.1f} | "
+                f"{r['fraction_of_same_size_read']:.0%} |")
     lines.append("")
     lines += [f"Read bandwidth at {run['threads']} thread(s): {run['read_bandwidth_GBps']:.1f} GB/s (the faster of torch's "
               f"sum and a prefetching TVM read; the highest median of the run; the lowest was {run['read_bandwidth_lowest_GBps']:.1f} GB/s)" for run in runs]
