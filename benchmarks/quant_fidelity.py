@@ -13,10 +13,13 @@ Parts can run as separate processes (``--json`` for each) and be combined with
   group 64, ``lm_head`` kept in floating point, for every row. lowbit's GPTQ uses
   ``GPTQ_OPTIONS["smollm2"]``: GPTQModel's group-aware column order (``act_group_aware``,
   its default) and its MSE-clipped group grids (``mse=2.4``, 20 shrink steps).
+  Relative output error: ``‖logits − fp32 logits‖ / ‖fp32 logits‖`` over the evaluation
+  windows (lowbit's rows; the peers report perplexity only).
 * all-MiniLM-L6-v2 (`lowbit.zoo.load_minilm`, real weights): calibration on 224 windows
   of 64 tokens of the GPL-3, GPL-2 and MPL-2.0 texts (``[CLS]`` + 62 text tokens + ``[SEP]``, no padding, the
   same set for every method), mean and min cosine similarity of the sentence embeddings
-  to fp32 on held-out sentences of Apache-2.0, group 128; GPTQ with ``act_order`` and MSE-clipped
+  to fp32 on held-out sentences of Apache-2.0, and the embeddings' relative error to fp32,
+  group 128; GPTQ with ``act_order`` and MSE-clipped
   group grids (``mse=2.4``).
   Measured on MiniLM W4 with held-out sentences: calibrating on unpadded windows
   instead of padded sentences changed little; GPTQ's error is spread over all layers
@@ -149,18 +152,28 @@ def _fetch(module: torch.nn.Module, target: str) -> Any:
 # --------------------------------------------------------------- SmolLM2
 
 
-def perplexity(model: Callable[..., Any], windows: torch.Tensor) -> float:
-    """exp(mean next-token NLL) over every window (batches of `BATCH`), as the peer runner computes it."""
-    total, count = 0.0, 0
+def lm_logits(model: Callable[..., Any], windows: torch.Tensor) -> list[torch.Tensor]:
+    """The fp32 logits of every window, in batches of `BATCH`."""
     with torch.no_grad():
-        for chunk in windows.split(BATCH):
-            output = model(input_ids=chunk)
-            logits = (output.logits if hasattr(output, "logits") else output[0]).float()
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
-            )
-            total, count = total + float(nll), count + chunk[:, 1:].numel()
+        outputs = [model(input_ids=chunk) for chunk in windows.split(BATCH)]
+    return [(out.logits if hasattr(out, "logits") else out[0]).float() for out in outputs]
+
+
+def perplexity(logits: list[torch.Tensor], windows: torch.Tensor) -> float:
+    """exp(mean next-token NLL) over every window, as the peer runner computes it."""
+    total, count = 0.0, 0
+    for chunk_logits, chunk in zip(logits, windows.split(BATCH)):
+        nll = torch.nn.functional.cross_entropy(
+            chunk_logits[:, :-1].reshape(-1, chunk_logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+        )
+        total, count = total + float(nll), count + chunk[:, 1:].numel()
     return math.exp(total / count)
+
+
+def relative_output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """``‖outputs − reference‖_F / ‖reference‖_F`` over all batches (the fp32 model's outputs as reference)."""
+    error = sum(float((out - ref).square().sum()) for out, ref in zip(outputs, reference))
+    return math.sqrt(error / sum(float(ref.square().sum()) for ref in reference))
 
 
 @dataclass
@@ -191,8 +204,9 @@ def smollm2_rows(run: Run) -> None:
         log.info("SmolLM2: tracing (example batch %s)", tuple(example["input_ids"].shape))
         gm = lowbit.trace(smol.model, (), example_kwargs=example)
         batches = calibration_set([{"input_ids": chunk} for chunk in calibration.split(BATCH)], (), example)
+        reference = lm_logits(gm, evaluation)
         run.add({**base, "method": "fp32", "library": "lowbit", "bits": 32, "group_size": None,
-                 "value": perplexity(gm, evaluation), "quantize_s": None})
+                 "value": perplexity(reference, evaluation), "rel_output_error": 0.0, "quantize_s": None})
         log.info("SmolLM2 fp32 perplexity %.3f", run.rows[-1]["value"])
     with tempfile.TemporaryDirectory(prefix="quant_fidelity_") as tmp:
         work = Path(tmp)
@@ -205,10 +219,14 @@ def smollm2_rows(run: Run) -> None:
             for name, passes in lowbit_methods(bits, LLM_GROUP, GPTQ_OPTIONS["smollm2"], bits in run.awq_bits):
                 log.info("SmolLM2: lowbit %s w%d g%d", name, bits, LLM_GROUP)
                 quantized, seconds, cpu = quantize(passes, gm, batches)
+                logits = lm_logits(dense_equivalent(quantized), evaluation)
                 run.add({**base, "method": name, "library": "lowbit", "bits": bits,
-                         "value": perplexity(dense_equivalent(quantized), evaluation), "quantize_s": seconds,
+                         "value": perplexity(logits, evaluation),
+                         "rel_output_error": relative_output_error(logits, reference), "quantize_s": seconds,
                          "quantize_cpu_s": cpu})
-                log.info("  perplexity %.3f in %.1f s", run.rows[-1]["value"], seconds)
+                log.info("  perplexity %.3f, relative logit error %.4f, in %.1f s", run.rows[-1]["value"],
+                         run.rows[-1]["rel_output_error"], seconds)
+                del logits
                 del quantized
             if bits in run.peer_bits:
                 peer_rows(run, work, bits, base)
@@ -299,13 +317,17 @@ def minilm_rows(run: Run) -> None:
 
     reference = embed(gm)
     base = {"model": "all-MiniLM-L6-v2", "metric": "cosine", "library": "lowbit", "group_size": MINILM_GROUP}
-    run.add({**base, "method": "fp32", "bits": 32, "group_size": None, "value": 1.0, "quantize_s": None})
+    run.add({**base, "method": "fp32", "bits": 32, "group_size": None, "value": 1.0, "rel_output_error": 0.0,
+             "quantize_s": None})
     for bits in run.bits:
         for name, passes in lowbit_methods(bits, MINILM_GROUP, GPTQ_OPTIONS["minilm"], bits in run.awq_bits):
             quantized, seconds, cpu = quantize(passes, gm, batches)
-            cosines = torch.nn.functional.cosine_similarity(embed(dense_equivalent(quantized)), reference)
+            embeddings = embed(dense_equivalent(quantized))
+            cosines = torch.nn.functional.cosine_similarity(embeddings, reference)
             run.add({**base, "method": name, "bits": bits, "value": float(cosines.mean()),
-                     "min_cosine": float(cosines.min()), "quantize_s": seconds, "quantize_cpu_s": cpu})
+                     "min_cosine": float(cosines.min()),
+                     "rel_output_error": relative_output_error([embeddings], [reference]), "quantize_s": seconds,
+                     "quantize_cpu_s": cpu})
             log.info("MiniLM %s w%d g%d: mean cosine %.5f (min %.5f) in %.1f s", name, bits, MINILM_GROUP,
                      cosines.mean(), cosines.min(), seconds)
 
@@ -332,8 +354,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     def fmt(value: Any, spec: str) -> str:
         return "" if value is None else format(value, spec)
 
-    lines = ["| model | method | library | bits | group | metric | value (cosine: mean, min) | quantize wall s | quantize CPU s "
-             "| vs best peer: metric / wall / CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | library | bits | group | metric | value (cosine: mean, min) | rel. output error "
+             "| quantize wall s | quantize CPU s | vs best peer: metric / wall / CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = r.get("error") and f"failed: {r['error']}" or fmt(r["value"], ".4f" if r["metric"] == "cosine" else ".3f")
         if "min_cosine" in r:
@@ -343,7 +366,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             ratio = (f"{r['perplexity_vs_best_peer']:.3f} / {fmt(r.get('time_vs_best_peer'), '.2f')} / "
                      f"{fmt(r.get('cpu_time_vs_best_peer'), '.2f')} ({r['best_peer']})")
         lines.append(f"| {r['model']} | {r['method']} | {r['library']} | {r['bits']} | {fmt(r['group_size'], 'd')} | "
-                     f"{r['metric']} | {value} | {fmt(r['quantize_s'], '.1f')} | {fmt(r.get('quantize_cpu_s'), '.1f')} | {ratio} |")
+                     f"{r['metric']} | {value} | {fmt(r.get('rel_output_error'), '.4f')} | {fmt(r['quantize_s'], '.1f')} | {fmt(r.get('quantize_cpu_s'), '.1f')} | {ratio} |")
     return "\n".join(lines)
 
 
