@@ -346,7 +346,7 @@ def _quantize_columns(
     decoded = w.new_empty(rows)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block, errors = wt[start:end], w.new_zeros(end - start, rows)
+        errors = w.new_zeros(end - start, rows)
         for sub in range(start, end, sub_block):
             sub_end = min(sub + sub_block, end)
             for col in range(sub, sub_end):
@@ -361,8 +361,7 @@ def _quantize_columns(
                 torch.sub(wt[col], decoded, out=error)
                 error.mul_(inverse_diagonal[col])
                 wt[col + 1:sub_end].addr_(u[col, col + 1:sub_end], error, alpha=-1)
-            block[sub_end - start:].addmm_(u[sub:sub_end, sub_end:end].T, errors[sub - start:sub_end - start],
-                                            alpha=-1)
+            wt[sub_end:end].addmm_(u[sub:sub_end, sub_end:end].T, errors[sub - start:sub_end - start], alpha=-1)
         row_loss += errors.square().sum(dim=0) / 2
         wt[end:].addmm_(u[start:end, end:].T, errors, alpha=-1)
     return codes.T, row_loss
