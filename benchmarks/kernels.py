@@ -149,6 +149,9 @@ def read_func(total_bytes: int) -> Any:
     that prefetches (``prefetchnta``) the next 4 KiB row, one line at a time, like the W2A8 GEMV."""
     from tvm import s_tir, te, tirx
 
+    from lowbit.backends.tvm.kernels.a8_linear import LINE_BYTES
+    from lowbit.backends.tvm.kernels.common import prefetch, prepend_to_loop
+
     rows = total_bytes // (READ_ROW_INTS * 4) // READ_TASKS
     data = te.placeholder((READ_TASKS, rows, READ_ROW_INTS // READ_LANES, READ_LANES), "int32", name="data")
     r = te.reduce_axis((0, rows), name="r")
@@ -168,13 +171,8 @@ def read_func(total_bytes: int) -> Any:
                   if region.source.name == "data")
     last = READ_TASKS * rows * READ_ROW_INTS - 1
     ahead = (task_loop.loop_var * rows + row_loop.loop_var + 1) * READ_ROW_INTS
-    prefetches = [tirx.Evaluate(tirx.call_llvm_intrin(
-        "void", "llvm.prefetch.p0", buffer.access_ptr("r", offset=tirx.min(ahead + line // 4, last)),
-        tirx.const(0, "int32"), tirx.const(0, "int32"), tirx.const(1, "int32")))
-        for line in range(0, READ_ROW_INTS * 4, 64)]
-    sch.state.replace(sch.get_sref(row_rv), tirx.For(
-        row_loop.loop_var, row_loop.min, row_loop.extent, row_loop.kind, tirx.SeqStmt([*prefetches, row_loop.body]),
-        row_loop.thread_binding, row_loop.annotations))
+    prepend_to_loop(sch, sch.get_sref(row_rv), [prefetch(buffer, tirx.min(ahead + line // 4, last))
+                                                for line in range(0, READ_ROW_INTS * 4, LINE_BYTES)])
     return sch.mod["main"].with_attr("global_symbol", READ_NAME)
 
 

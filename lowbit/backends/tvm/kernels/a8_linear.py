@@ -58,7 +58,7 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels import int8_common, intrin_x86
 from lowbit.backends.tvm.kernels.common import (
-    KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, resolve_knobs,
+    KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, prefetch, prepend_to_loop, resolve_knobs,
 )
 from lowbit.backends.tvm.kernels.int8_common import activation_codes, layout_reason, zeros_reason
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
@@ -362,13 +362,7 @@ def _prefetch_start(sch: s_tir.Schedule) -> None:
     body = sch.get(sch.get_sblock("root")).body
     first = body[0] if isinstance(body, tirx.SeqStmt) else body
     size = min(PREFETCH_BYTES, int(words.shape[0]) * int(words.shape[1]) * int(words.shape[2]))
-    calls = [tirx.Evaluate(tirx.call_llvm_intrin(
-        "void", "llvm.prefetch.p0", words.access_ptr("r", offset=line),
-        tirx.const(0, "int32"), tirx.const(0, "int32"), tirx.const(1, "int32")))
-        for line in range(0, size, LINE_BYTES)]
-    sch.state.replace(sch.state.get_sref(first), tirx.For(
-        first.loop_var, first.min, first.extent, first.kind, tirx.SeqStmt([*calls, first.body]), first.thread_binding,
-        first.annotations))
+    prepend_to_loop(sch, sch.state.get_sref(first), [prefetch(words, line) for line in range(0, size, LINE_BYTES)])
 
 
 def _prefetch(sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.schedule.LoopRV, ...],
@@ -389,14 +383,8 @@ def _prefetch(sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.sc
     ahead = -(-PREFETCH_BYTES // row_bytes) * row_bytes
     row = (task.loop_var * tile_groups + tile.loop_var) * tile_rows + group.loop_var * (
         spec.group_size // word_columns(spec.bits)) + word.loop_var
-    calls = [tirx.Evaluate(tirx.call_llvm_intrin(
-        "void", "llvm.prefetch.p0",
-        words.access_ptr("r", offset=tirx.min(row * row_bytes + ahead + line, last)),
-        tirx.const(0, "int32"), tirx.const(0, "int32"), tirx.const(1, "int32")))  # read, no temporal locality, data
-        for line in range(0, row_bytes, LINE_BYTES)]
-    sch.state.replace(sch.get_sref(loops[3]), tirx.For(word.loop_var, word.min, word.extent, word.kind,
-                                                       tirx.SeqStmt([*calls, word.body]), word.thread_binding,
-                                                       word.annotations))
+    prepend_to_loop(sch, sch.get_sref(loops[3]), [prefetch(words, tirx.min(row * row_bytes + ahead + line, last))
+                                                  for line in range(0, row_bytes, LINE_BYTES)])
 
 
 def _target_reason(target: Target) -> str | None:

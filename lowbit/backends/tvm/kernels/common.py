@@ -60,6 +60,19 @@ def finish(func: tirx.PrimFunc, name: str | None) -> tirx.PrimFunc:
     return func.without_attr("global_symbol") if name is None else func.with_attr("global_symbol", name)
 
 
+def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int) -> tirx.Stmt:
+    """A ``prefetchnta`` of the cache line holding element ``offset`` of ``buffer`` (read, no temporal locality)."""
+    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", buffer.access_ptr("r", offset=offset),
+                                               tirx.const(0, "int32"), tirx.const(0, "int32"), tirx.const(1, "int32")))
+
+
+def prepend_to_loop(sch: s_tir.Schedule, loop: s_tir.schedule.StmtSRef, stmts: list[tirx.Stmt]) -> None:
+    """Run ``stmts`` at the start of every iteration of the ``for`` loop at ``loop``."""
+    old = loop.stmt
+    sch.state.replace(loop, tirx.For(old.loop_var, old.min, old.extent, old.kind, tirx.SeqStmt([*stmts, old.body]),
+                                     old.thread_binding, old.annotations))
+
+
 def power_of_two_divisor(extent: int, limit: int) -> int:
     """The largest power of two that divides ``extent`` and is at most ``limit`` (a vector width)."""
     width = 1
