@@ -7,7 +7,8 @@ and on all threads, each kernel of `lowbit.backends.tvm.kernels` with its hand s
   (`a8_linear`, the intrinsic this machine's target picks: VNNI or AVX2);
 * ``w1.58a8``: ternary codes {1, 2, 3} (the ``ternary`` pass's layout), one scale per row;
 * ``w8a8``: 8-bit weights, one scale per row (the ``w8a8-x86`` recipe's layout);
-* ``w4a16``: 4-bit weights, groups of 128, fp32 activations (`packed_linear`).
+* ``w4a16``: 4-bit weights, groups of 128, fp32 activations: `packed_linear` at M=1 and the panel
+  GEMM `packed_gemm` at M=32, as the lowering picks them.
 
 Peers on the same inputs: torch fp32 ``F.linear`` (ratio torch / lowbit: above 1, lowbit is
 faster), ONNX Runtime ``MatMulNBits`` (2-, 4- and 8-bit, block 128: it has no per-row
@@ -17,17 +18,20 @@ activations) against the A8 kernels and ``accuracy_level=0`` (fp32) against W4A1
 weights every call (a 2-bit 4096×4096 weight is 4 MiB and stays in L3), which a real
 decode step, touching every layer once, does not. "lowbit cold" therefore also times each kernel cycling through copies of its
 constants (≥ 256 MiB in all), so its weights come from DRAM; "cold GB/s" is the bytes it
-must read (packed weights, scales, zero points, activations) over that time, compared
-with a memory-read bandwidth measured in the same process, same thread count: the
-faster of torch's sum over a 512 MiB fp32 tensor and a TVM streaming read of 512 MiB
-that prefetches ahead as the GEMV does (`read_func`), so the kernel's own prefetching
-cannot beat a reference that lacks it. Measured at the start and again after every kernel, the
-highest of these medians is the reference, so a busy moment on the shared machine can
-make the reference only stronger, never the ratio easier. A pure read of a few MiB per
-call, even cycling through copies, need not stream like one 512 MiB read, so each row
-also has its "same-size read", measured right after the kernel: the faster of torch's
-sum and the TVM read, each on buffers of about the kernel's read bytes, cycling through as
-many copies as the kernel's cold timing did: the ceiling a pure read of that size reaches.
+must read (packed weights, scales, zero points, activations) over that time.
+
+The memory these cores share with other machines' jobs gives anywhere between half and
+all of its bandwidth from one second to the next, so the kernel is compared with reads
+timed at the same moments: each repeat times, in turn, the cold kernel, a memory-read
+reference and a "same-size read", and the ratios are taken repeat by repeat (their
+medians are reported). The reference is the faster of torch's sum over a 512 MiB fp32
+tensor and a TVM streaming read of 512 MiB that prefetches ahead as the GEMV does
+(`read_func`), so the kernel's own prefetching cannot beat a reference that lacks it.
+The same-size read is the faster of torch's sum and the TVM read on buffers of about
+the kernel's read bytes, cycling through as many copies as the kernel does: a pure read
+of a few MiB per call need not stream like one 512 MiB read. The highest reference
+median of the whole run is reported too ("of peak read"), as the bound no moment of
+the run exceeded.
 
 Each thread count runs in its own process (TVM sizes its thread pool once, from
 ``TVM_NUM_THREADS``) on kernels compiled once by the parent. Times are medians over
@@ -73,6 +77,8 @@ ORT_BLOCK = 128
 BANDWIDTH_BYTES = 512 * 2**20
 #: Shortest repeat: calls are repeated until one repeat takes at least this long.
 MIN_REPEAT_S = 0.02
+#: Idle time before each repeat, for the other runtime's spinning worker threads to sleep.
+SETTLE_S = 0.02
 #: The cold timing cycles through copies of a kernel's constants totalling at least this (beyond the L3 cache).
 COLD_BYTES, MAX_COPIES = 256 * 2**20, 64
 
@@ -97,7 +103,7 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
     """Compile every kernel for this machine's x86 target into ``directory`` with its constants; returns the cases."""
     import tvm
 
-    from lowbit.backends.tvm.kernels import a8_linear, packed_linear
+    from lowbit.backends.tvm.kernels import a8_linear, packed_gemm, packed_linear
     from lowbit.backends.tvm.kernels.common import KernelPlan
     from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
     from lowbit.backends.tvm.target import resolve_target
@@ -108,8 +114,8 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
     cases, read_rows = [], set()
     for kernel in kernels:
         bits, group, a8, _ = KERNELS[kernel]
-        module = a8_linear if a8 else packed_linear
         for rows in ROWS:
+            module = a8_linear if a8 else packed_gemm if rows >= packed_gemm.MIN_ROWS else packed_linear
             for k, n in shapes:
                 name = case_name(kernel, rows, k, n)
                 spec = PackedLinearSpec(rows, k, n, bits, group or k, asymmetric=False, has_bias=False,
@@ -121,7 +127,7 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
                 lib = tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name)}), target=target)
                 lib.export_library(str(directory / f"{name}.so"))
                 np.savez(directory / f"{name}.npz", *[t.contiguous().numpy() for t in plan.consts])
-                detail = a8_linear.intrinsic(spec, target) if a8 else "fp32 dequant"
+                detail = a8_linear.intrinsic(spec, target) if a8 else plan.name
                 size_rows = read_task_rows(sum(t.numel() * t.element_size() for t in plan.consts) + rows * k * 4)
                 read_rows.add(size_rows)
                 cases.append({"kernel": kernel, "M": rows, "K": k, "N": n, "name": name, "knobs": plan.knobs,
@@ -176,42 +182,63 @@ def read_func(total_bytes: int) -> Any:
     return sch.mod["main"].with_attr("global_symbol", READ_NAME)
 
 
-def median_s(fn: Callable[[], Any], repeats: int) -> float:
-    """Median seconds per call over ``repeats`` repeats of at least `MIN_REPEAT_S` each."""
+def calls_per_repeat(fn: Callable[[], Any]) -> int:
+    """Calls of ``fn`` that take at least `MIN_REPEAT_S` (after a warm-up call)."""
     fn()
     start = time.perf_counter()
     fn()
-    number = max(1, int(MIN_REPEAT_S / max(time.perf_counter() - start, 1e-7)))
-    times = []
+    return max(1, int(MIN_REPEAT_S / max(time.perf_counter() - start, 1e-7)))
+
+
+def median_s(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds per call over ``repeats`` repeats of at least `MIN_REPEAT_S` each."""
+    return statistics.median(interleaved_s({"fn": fn}, repeats)["fn"])
+
+
+def interleaved_s(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of every function, for each of ``repeats`` rounds that run each function's repeat
+    (at least `MIN_REPEAT_S`) in turn: round ``i`` of every function saw the same moment of the machine.
+
+    Each repeat starts after `SETTLE_S` idle, so the last function's worker threads have gone to sleep: torch's
+    OpenMP workers spinning beside TVM's pool made a 4 MiB torch sum 40× slower (the workers run with
+    ``OMP_WAIT_POLICY=passive`` besides, which costs torch's calls a wake-up of microseconds)."""
+    numbers = {name: calls_per_repeat(fn) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
+        for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             fn()
-        times.append((time.perf_counter() - start) / number)
-    return statistics.median(times)
+            start = time.perf_counter()
+            for _ in range(numbers[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / numbers[name])
+    return times
+
+
+def cycling(fn: Callable[..., Any], copies: list[list[Any]]) -> Callable[[], Any]:
+    """``fn`` called on each of ``copies`` (argument lists) in turn, so none stays in cache."""
+    turn = iter(range(1 << 62))
+    return lambda: fn(*copies[next(turn) % len(copies)])
 
 
 def read_bandwidth(data: torch.Tensor, tvm_read: Callable[[], Any], repeats: int) -> float:
     """Bytes/s of the faster memory-read bound loop: torch summing ``data`` (the current torch thread count) or
     ``tvm_read``, the TVM streaming read of as many bytes (`read_func`)."""
-    return data.numel() * data.element_size() / min(median_s(lambda: data.sum(), repeats), median_s(tvm_read, repeats))
+    times = interleaved_s({"torch": data.sum, "tvm": tvm_read}, repeats)
+    return data.numel() * data.element_size() / min(statistics.median(t) for t in times.values())
 
 
-def same_size_read(directory: Path, rows: int, copies: int, repeats: int) -> float:
-    """Bytes/s of the faster cold read of ``rows`` rows per task (`read_task_rows`) of the read kernel: torch's sum or
-    the TVM read (`read_func`), each cycling through ``copies`` copies as the kernels' cold timing does."""
+def same_size_reads(directory: Path, rows: int, copies: int) -> dict[str, Callable[[], Any]]:
+    """The two cold reads of ``rows`` rows per task (`read_task_rows`) of the read kernel, torch's sum and the
+    TVM read (`read_func`), each cycling through ``copies`` copies as the kernels' cold timing does."""
     import tvm
 
     func = tvm.runtime.load_module(str(directory / f"{READ_NAME}_{rows}.so"))[READ_NAME]
     shape = (READ_TASKS, rows, READ_ROW_INTS // READ_LANES, READ_LANES)
-    buffers = [tvm.runtime.tensor(np.ones(shape, dtype="int32")) for _ in range(copies)]
     out = tvm.runtime.tensor(np.zeros((READ_TASKS, READ_LANES), dtype="int32"))
-    turn = iter(range(1 << 62))
-    tvm_s = median_s(lambda: func(buffers[next(turn) % copies], out), repeats)
-    del buffers
-    tensors = [torch.ones(shape) for _ in range(copies)]
-    torch_s = median_s(lambda: tensors[next(turn) % copies].sum(), repeats)
-    return rows * READ_TASK_ROW_BYTES / min(tvm_s, torch_s)
+    buffers = [[tvm.runtime.tensor(np.ones(shape, dtype="int32")), out] for _ in range(copies)]
+    tensors = [[torch.ones(shape)] for _ in range(copies)]
+    return {"same_tvm": cycling(func, buffers), "same_torch": cycling(torch.sum, tensors)}
 
 
 def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int, accuracy_level: int) -> Callable[[], Any]:
@@ -304,14 +331,16 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
         # Copies of the constants, used in turn, so the cold timing reads its weights from DRAM.
         copies = [[tvm.runtime.tensor(t) for t in [x.numpy(), *consts]]
                   for _ in range(min(MAX_COPIES, -(-COLD_BYTES // read)))]
-        args = copies[0]
-        lowbit_s = median_s(lambda: func(*args, out), repeats)
-        turn = iter(range(1 << 62))
-        cold_s = median_s(lambda: func(*copies[next(turn) % len(copies)], out), repeats)
-        count = len(copies)
+        lowbit_s = median_s(lambda: func(*copies[0], out), repeats)
+        size_bytes = case["read_rows"] * READ_TASK_ROW_BYTES
+        times = interleaved_s({"cold": cycling(lambda *a: func(*a, out), copies), "torch": data.sum,
+                               "tvm": tvm_read, **same_size_reads(directory, case["read_rows"], len(copies))},
+                              repeats)
         del copies
-        size_read = same_size_read(directory, case["read_rows"], count, repeats)
-        bandwidths.append(read_bandwidth(data, tvm_read, repeats))
+        cold_s = statistics.median(times["cold"])
+        reference = [BANDWIDTH_BYTES / min(a, b) for a, b in zip(times["torch"], times["tvm"])]
+        same_size = [size_bytes / min(a, b) for a, b in zip(times["same_torch"], times["same_tvm"])]
+        bandwidths.append(BANDWIDTH_BYTES / min(statistics.median(times["torch"]), statistics.median(times["tvm"])))
         if (m, k, n) not in torch_ms:
             weight = torch.randn(n, k, generator=gen)
             with torch.no_grad():
@@ -329,8 +358,12 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
                "lowbit_ms": lowbit_s * 1e3, "lowbit_cold_ms": cold_s * 1e3, "torch_fp32_ms": torch_ms[(m, k, n)],
                "speedup_vs_torch": torch_ms[(m, k, n)] / (lowbit_s * 1e3), **peers,
                "read_bytes": read, "lowbit_cold_GBps": read / cold_s / 1e9,
-               "same_size_read_GBps": size_read / 1e9, "fraction_of_same_size_read": read / cold_s / size_read,
-               "read_bandwidth_after_GBps": bandwidths[-1] / 1e9}
+               "read_bandwidth_GBps": statistics.median(reference) / 1e9,
+               "fraction_of_read_bandwidth": statistics.median(
+                   read / c / r for c, r in zip(times["cold"], reference)),
+               "same_size_read_GBps": statistics.median(same_size) / 1e9,
+               "fraction_of_same_size_read": statistics.median(
+                   read / c / r for c, r in zip(times["cold"], same_size))}
         best_ort = min(peers.values(), default=None)
         if best_ort is not None:
             row["speedup_vs_best_ort"] = best_ort / row["lowbit_ms"]
@@ -339,18 +372,18 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
         rows.append(row)
     bandwidth = max(bandwidths)
     for row in rows:
-        row["fraction_of_read_bandwidth"] = row["read_bytes"] / (row["lowbit_cold_ms"] / 1e3) / bandwidth
+        row["fraction_of_peak_read"] = row["read_bytes"] / (row["lowbit_cold_ms"] / 1e3) / bandwidth
     log.info("%d thread(s): read bandwidth %.1f GB/s (highest of %d measurements, lowest %.1f GB/s)", threads,
              bandwidth / 1e9, len(bandwidths), min(bandwidths) / 1e9)
-    return {"threads": threads, "read_bandwidth_GBps": bandwidth / 1e9,
-            "read_bandwidth_lowest_GBps": min(bandwidths) / 1e9, "rows": rows}
+    return {"threads": threads, "peak_read_bandwidth_GBps": bandwidth / 1e9,
+            "lowest_read_bandwidth_GBps": min(bandwidths) / 1e9, "rows": rows}
 
 
 def table(runs: list[dict[str, Any]]) -> str:
     """A markdown table of every row, then each thread count's read bandwidth."""
     header = ("| kernel | M | K | N | thr | lowbit ms | torch fp32 ms | torch/lowbit | ORT MatMulNBits ms | "
-              "ORT int8 ms | best ORT/lowbit | lowbit cold ms | cold GB/s | of read bw | same-size read GB/s | "
-              "of same-size read |")
+              "ORT int8 ms | best ORT/lowbit | lowbit cold ms | cold GB/s | read GB/s | of read | of peak read | "
+              "same-size read GB/s | of same-size read |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in runs:
         for r in run["rows"]:
@@ -361,11 +394,15 @@ def table(runs: list[dict[str, Any]]) -> str:
                 f"| {r['kernel']} | {r['M']} | {r['K']} | {r['N']} | {r['threads']} | {r['lowbit_ms']:.3f} | "
                 f"{r['torch_fp32_ms']:.3f} | {r['speedup_vs_torch']:.2f}x | {_opt(nbits)} | {_opt(int8)} | "
                 f"{_opt(versus, '{:.2f}x')} | {r['lowbit_cold_ms']:.3f} | {r['lowbit_cold_GBps']:.1f} | "
-                f"{r['fraction_of_read_bandwidth']:.0%} | {r['same_size_read_GBps']:.1f} | "
+                f"{r['read_bandwidth_GBps']:.1f} | {r['fraction_of_read_bandwidth']:.0%} | "
+                f"{r['fraction_of_peak_read']:.0%} | {r['same_size_read_GBps']:.1f} | "
                 f"{r['fraction_of_same_size_read']:.0%} |")
     lines.append("")
-    lines += [f"Read bandwidth at {run['threads']} thread(s): {run['read_bandwidth_GBps']:.1f} GB/s (the faster of torch's "
-              f"sum and a prefetching TVM read; the highest median of the run; the lowest was {run['read_bandwidth_lowest_GBps']:.1f} GB/s)" for run in runs]
+    lines += [f"Peak read bandwidth at {run['threads']} thread(s): {run['peak_read_bandwidth_GBps']:.1f} GB/s (the faster of "
+              f"torch's sum and a prefetching TVM read, the highest median of the run; the lowest was "
+              f"{run['lowest_read_bandwidth_GBps']:.1f} GB/s)" for run in runs]
+    lines.append('"read GB/s" is the reference read timed in the same rounds as the kernel\'s cold repeats and '
+                 '"of read" the median of the round-by-round ratios (see the script\'s docstring).')
     return "\n".join(lines)
 
 
@@ -395,7 +432,7 @@ def main() -> None:
         (directory / "cases.json").write_text(json.dumps(cases))
         runs = []
         for threads in sorted({1, all_threads}):
-            env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+            env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive"}
             subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--worker", str(directory),
                             str(threads)], env=env, check=True)
             runs.append(json.loads((directory / f"run{threads}.json").read_text()))

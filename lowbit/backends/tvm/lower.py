@@ -5,7 +5,8 @@ overloads that graphs traced by torch.export keep, and a few fixes in `_GraphImp
 Each ``torch.ops.lowbit.linear_packed`` call becomes a ``relax.call_tir`` of a TIR kernel
 whose packed weight, scales, zero points and bias are Relax constants:
 
-* the packed-weight kernel (`kernels.packed_linear`) when the layout allows it;
+* the packed-weight kernels when the layout allows it: `kernels.packed_gemm` from a few
+  rows on (prefill), `kernels.packed_linear` for a GEMV or where the panel GEMM does not fit;
 * otherwise (3-bit codes, act-order ``g_idx``, ragged groups) the weight is dequantized
   here to fp32 and multiplied by the scheduled dense kernel (`kernels.dense`). Each such
   layer is listed in `Lowering.fallbacks`.
@@ -38,7 +39,7 @@ from tvm.target import Target
 
 from lowbit.backends.tvm import fastmath, schedule
 from lowbit.backends.tvm.inline import inline_wrapped_regions
-from lowbit.backends.tvm.kernels import a8_linear, packed_linear
+from lowbit.backends.tvm.kernels import a8_linear, packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.dense import dense_func
 from lowbit.backends.tvm.kernels.common import KernelPlan
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
@@ -58,7 +59,10 @@ A8_KERNELS = {"x86_64": "lowbit.backends.tvm.kernels.a8_linear", "aarch64": "low
 
 @dataclass(frozen=True)
 class LoweredLinear:
-    """How one ``linear_packed``/``linear_packed_a8`` call was lowered: ``kernel`` is ``"packed"``, ``"packed_a8"`` or ``"dense"``."""
+    """How one ``linear_packed``/``linear_packed_a8`` call was lowered.
+
+    ``kernel`` is ``"packed"`` (`kernels.packed_linear`), ``"packed_gemm"``, ``"packed_a8"`` or ``"dense"``.
+    """
 
     node: str
     spec: PackedLinearSpec
@@ -293,10 +297,12 @@ class _PackedLinearConverter:
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
         """``call_tir`` of the packed kernel's plan, or of the dense kernel when the layout needs the fallback."""
-        planned = self._plan(packed_linear, spec, tensors) if spec.act_bits is None else self._plan_a8(spec, tensors)
+        planned = self._plan_float(spec, tensors) if spec.act_bits is None else self._plan_a8(spec, tensors)
         reason = planned if isinstance(planned, str) else None
         if isinstance(planned, KernelPlan):
-            kernel, func, consts = "packed" if spec.act_bits is None else "packed_a8", planned.func, planned.consts
+            gemm = planned.name == packed_gemm.KERNEL_NAME
+            kernel = "packed_a8" if spec.act_bits is not None else "packed_gemm" if gemm else "packed"
+            func, consts = planned.func, planned.consts
         else:
             log.info("node '%s': dense fallback (%s)", name, reason)
             if spec.act_bits is not None:
@@ -308,6 +314,15 @@ class _PackedLinearConverter:
         gvar = bb.add_func(func, f"lowbit_{kernel}_linear")
         args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
         return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32"))
+
+    def _plan_float(self, spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
+        """The panel GEMM's plan from `packed_gemm.MIN_ROWS` rows on, where it takes the layer, else the packed GEMV's."""
+        if spec.batch >= packed_gemm.MIN_ROWS:
+            planned = self._plan(packed_gemm, spec, tensors)
+            if isinstance(planned, KernelPlan):
+                return planned
+            log.debug("panel GEMM declined %s: %s", spec, planned)
+        return self._plan(packed_linear, spec, tensors)
 
     def _plan_a8(self, spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
         """The plan of the target architecture's int8-activation kernel, or why there is none."""

@@ -34,7 +34,7 @@ def test_fp32_w4a16_and_w4a8_artifacts_run_under_qemu(tmp_path) -> None:
     model, x = _model(), torch.randn(4, 128)
     fp32 = lowbit.compile(model, (x,), target="arm")
     w4 = lowbit.compile(model, (x,), recipe="w4a16-arm")
-    assert [linear.kernel for linear in w4._runner.linears] == ["packed", "packed"]
+    assert [linear.kernel for linear in w4._runner.linears] == ["packed_gemm", "packed_gemm"]
     # One int8-activation layer (a second one would quantize the first one's float output,
     # where a last-bit difference may move an activation code across a rounding boundary).
     a8_model = nn.Sequential(nn.Linear(128, 64), nn.GELU()).eval()

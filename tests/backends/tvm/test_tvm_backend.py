@@ -38,7 +38,8 @@ def test_quantized_mlp_matches_torch(bits: int, symmetric: bool) -> None:
     gm = passes.Pipeline([passes.get("rtn", bits=bits, group_size=32, symmetric=symmetric)])(fx.symbolic_trace(_mlp()))
     x = torch.randn(8, 128)
     runner = TVMBackend("x86").compile(gm, (x,))
-    assert [linear.kernel for linear in runner.linears] == ["packed"] * 3
+    # 8 rows: the panel GEMM, except on the last layer, whose 10 outputs are no multiple of a vector
+    assert [linear.kernel for linear in runner.linears] == ["packed_gemm", "packed_gemm", "packed"]
     assert _relative_error(runner(x), gm(x)) < 1e-5
 
 

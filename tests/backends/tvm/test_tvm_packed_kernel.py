@@ -1,4 +1,4 @@
-"""The packed-weight TIR kernel against the torch reference op ``lowbit.linear_packed``."""
+"""The packed-weight TIR kernels (GEMV and panel GEMM) against the torch reference op ``lowbit.linear_packed``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import tvm
 
-from lowbit.backends.tvm.kernels import packed_linear
+from lowbit.backends.tvm.kernels import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.common import KernelPlan
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec, packed_linear_func, unsupported_reason
 from lowbit.backends.tvm.target import float32_lanes, resolve_target
@@ -32,16 +32,22 @@ def _packed_weight(bits: int, asymmetric: bool, exact: bool, seed: int) -> dict[
     return {"qweight": packing.pack(codes, bits), "scales": scales, "zeros": zeros, "bias": bias}
 
 
-def _compile(rows: int, bits: int, asymmetric: bool) -> tvm.runtime.Module:
+def _compile(kernel, rows: int, bits: int, asymmetric: bool) -> tvm.runtime.Module:
     spec = PackedLinearSpec(rows, K, N, bits, GROUP, asymmetric, True)
     target = resolve_target("x86")
-    func = packed_linear_func(spec, float32_lanes(target), name="kernel")
-    return tvm.compile(tvm.IRModule({"kernel": func}), target=target)
+    planned = kernel.plan(spec, _packed_weight(bits, asymmetric, exact=True, seed=0), target)
+    assert isinstance(planned, KernelPlan), planned
+    return tvm.compile(tvm.IRModule({"kernel": planned.func.with_attr("global_symbol", "kernel")}), target=target)
 
 
-def _run(lib: tvm.runtime.Module, x: torch.Tensor, weight: dict) -> torch.Tensor:
-    inputs = [x, weight["qweight"], weight["scales"], weight["zeros"], weight["bias"]]
-    args = [tvm.runtime.tensor(t.numpy()) for t in inputs if t is not None]
+def _consts(kernel, rows: int, bits: int, asymmetric: bool, weight: dict) -> list[torch.Tensor]:
+    """The constants ``kernel`` passes for ``weight``, in its own layout."""
+    spec = PackedLinearSpec(rows, K, N, bits, GROUP, asymmetric, True)
+    return kernel.plan(spec, weight, resolve_target("x86")).consts
+
+
+def _run(lib: tvm.runtime.Module, x: torch.Tensor, consts: list) -> torch.Tensor:
+    args = [tvm.runtime.tensor(t.contiguous().numpy()) for t in [x, *consts]]
     out = tvm.runtime.tensor(np.zeros((x.shape[0], N), dtype="float32"))
     lib["kernel"](*args, out)
     return torch.from_numpy(out.numpy())
@@ -52,22 +58,24 @@ def _reference(x: torch.Tensor, weight: dict, bits: int) -> torch.Tensor:
                              bits, GROUP, K)
 
 
-@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize(("kernel", "rows"), [(packed_linear, 1), (packed_linear, 8), (packed_gemm, 4),
+                                             (packed_gemm, 40), (packed_gemm, 7)])
 @pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_kernel_matches_reference_op(bits: int, asymmetric: bool, rows: int) -> None:
-    """Bit-exact when every value is exact in fp32; within 1e-5 relative on random values."""
-    lib = _compile(rows, bits, asymmetric)
+def test_kernel_matches_reference_op(kernel, bits: int, asymmetric: bool, rows: int) -> None:
+    """Bit-exact when every value is exact in fp32; within 1e-5 relative on random values. The GEMM's rows
+    include a row block (32) that does not divide the batch (40) and a prime batch (7)."""
+    lib = _compile(kernel, rows, bits, asymmetric)
     gen = torch.Generator().manual_seed(rows)
 
     exact = _packed_weight(bits, asymmetric, exact=True, seed=bits * 10 + rows)
     x = torch.randint(-2, 3, (rows, K), generator=gen).float()
-    assert torch.equal(_run(lib, x, exact), _reference(x, exact, bits))
+    assert torch.equal(_run(lib, x, _consts(kernel, rows, bits, asymmetric, exact)), _reference(x, exact, bits))
 
     random = _packed_weight(bits, asymmetric, exact=False, seed=bits + rows)
     x = torch.randn(rows, K, generator=gen)
     ref = _reference(x, random, bits)
-    assert (_run(lib, x, random) - ref).abs().max() / ref.abs().max() < 1e-5
+    assert (_run(lib, x, _consts(kernel, rows, bits, asymmetric, random)) - ref).abs().max() / ref.abs().max() < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -100,7 +108,49 @@ def test_plan_builds_the_knobs_it_is_given() -> None:
     assert tuned.name == packed_linear.KERNEL_NAME and len(tuned.consts) == 3  # qweight, scales, bias
     lib = tvm.compile(tvm.IRModule({"kernel": tuned.func.with_attr("global_symbol", "kernel")}), target=target)
     x = torch.randint(-2, 3, (3, K), generator=torch.Generator().manual_seed(0)).float()
-    assert torch.equal(_run(lib, x, weight), _reference(x, weight, 4))
+    assert torch.equal(_run(lib, x, tuned.consts), _reference(x, weight, 4))
+
+
+@pytest.mark.parametrize("knobs", [{"row_tile": 2, "vectors": 1, "row_block": 16}, {"row_tile": 6, "vectors": 4,
+                                                                                   "row_block": 64}])
+def test_gemm_plan_builds_the_knobs_it_is_given(knobs: dict) -> None:
+    """Every knob changes the schedule, not the result."""
+    target = resolve_target("x86")
+    spec = PackedLinearSpec(24, K, N, 4, GROUP, True, True)
+    defaults = packed_gemm.default_knobs(spec, target)
+    assert all(defaults[key] in values for key, values in packed_gemm.KNOBS.items())
+    weight = _packed_weight(4, True, exact=True, seed=5)
+    tuned = packed_gemm.plan(spec, weight, target, knobs=knobs)
+    assert isinstance(tuned, KernelPlan) and tuned.knobs == knobs and tuned.name == packed_gemm.KERNEL_NAME
+    assert len(tuned.consts) == 4  # panel codes, scales, zeros, bias
+    lib = tvm.compile(tvm.IRModule({"kernel": tuned.func.with_attr("global_symbol", "kernel")}), target=target)
+    x = torch.randint(-2, 3, (24, K), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(_run(lib, x, tuned.consts), _reference(x, weight, 4))
+
+
+def test_gemm_panel_layout_round_trips() -> None:
+    """Panel bytes hold column ``p·W + v``'s codes of inputs ``j·pb … j·pb + pb − 1``, LSB first."""
+    codes = torch.randint(0, 4, (N, K), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    panel = packed_gemm.panel_codes(packing.pack(codes, 2), 2, K, 32)
+    assert panel.shape == (N // 32, K // 4, 32)
+    lanes = [(panel >> (2 * l)) & 3 for l in range(4)]  # each (N/W, K/4, W)
+    unpanelled = torch.stack(lanes, dim=-1).permute(0, 2, 1, 3).reshape(N, K)
+    assert torch.equal(unpanelled, codes)
+
+
+def test_gemm_declines_what_it_cannot_take() -> None:
+    """The GEMV's layout limits, int8 activations, and N off the vector width: reasons, so the lowering falls back."""
+    target = resolve_target("x86")
+    weight = _packed_weight(4, False, exact=True, seed=0)
+    assert "not a multiple of group_size" in packed_gemm.plan(PackedLinearSpec(8, K, N, 4, 48, False, True),
+                                                               weight, target)
+    assert "float activations" in packed_gemm.plan(PackedLinearSpec(8, K, N, 4, GROUP, False, True, act_bits=8),
+                                                   weight, target)
+    odd = {**weight, "qweight": weight["qweight"][:40], "scales": weight["scales"][:40], "bias": weight["bias"][:40]}
+    assert "multiple of the 16-lane vector" in packed_gemm.plan(PackedLinearSpec(8, K, 40, 4, GROUP, False, True),
+                                                               odd, target)
+    with pytest.raises(ValueError, match="multiple of the 16-lane vector"):
+        packed_gemm.packed_gemm_func(PackedLinearSpec(8, K, 40, 4, GROUP, False, True), 16, 4, 2, 32)
 
 
 def test_plan_gives_a_reason_or_refuses_bad_knobs() -> None:

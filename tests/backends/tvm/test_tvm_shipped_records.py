@@ -7,14 +7,15 @@ import json
 
 import pytest
 
-from lowbit.backends.tvm.kernels import a8_linear, a8_linear_arm, cuda_a8_linear, cuda_linear, packed_linear
+from lowbit.backends.tvm.kernels import a8_linear, a8_linear_arm, cuda_a8_linear, cuda_linear, packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.tuning import SHIPPED_DIR
 from lowbit.backends.tvm.tuning.database import read_database
 from lowbit.backends.tvm.tuning.search import space_version
 from lowbit.backends.tvm.tuning.tuner import kernel_name
 
-KERNELS = {kernel_name(module): module for module in (a8_linear, a8_linear_arm, cuda_a8_linear, cuda_linear, packed_linear)}
+KERNELS = {kernel_name(module): module
+           for module in (a8_linear, a8_linear_arm, cuda_a8_linear, cuda_linear, packed_gemm, packed_linear)}
 RECORDS = [(path.name, record) for path in sorted(SHIPPED_DIR.glob("*.json"))
            for record in read_database(path, json.loads(path.read_text())["target"]).values()]
 
