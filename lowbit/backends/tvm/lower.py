@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -40,7 +40,7 @@ from tvm.target import Target
 from lowbit.backends.tvm import fastmath, schedule
 from lowbit.backends.tvm.inline import inline_wrapped_regions
 from lowbit.backends.tvm.kernels import a8_linear, packed_gemm, packed_linear
-from lowbit.backends.tvm.kernels.dense import dense_func
+from lowbit.backends.tvm.kernels.dense import dense_plan
 from lowbit.backends.tvm.kernels.common import KernelPlan
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import float32_lanes, target_arch
@@ -111,7 +111,8 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     converter = _PackedLinearConverter(gm, target, tuner)
     input_info = [(spec.shape, spec.dtype) for spec in inputs]
     try:
-        mod = _GraphImporter().from_fx(gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+        mod = _GraphImporter(float32_lanes(target)).from_fx(gm, input_info, keep_params_as_input=False,
+                                                            unwrap_unit_return_tuple=True,
                                        no_bind_return_tuple=False, custom_convert_map={LINEAR_PACKED_NAME: converter,
                                                                              LINEAR_PACKED_A8_NAME: converter})
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
@@ -188,7 +189,46 @@ class _GraphImporter(TorchFXImporter, ExportedProgramImporter):
     `from_fx` alone knows only torch functions and modules, `from_exported_program` only
     ATen. The two importers share their base class and per-node conventions, so the ATen
     table of the latter is merged under the FX table (FX names win where both exist).
+
+    With ``lanes`` (a CPU target's fp32 vector width), an fp32 linear layer whose weight is
+    a graph constant runs on the dense kernel (`kernels.dense`, the weight laid out in
+    panels at compile time) instead of Relax's ``linear``, a matmul with the transposed
+    weight whose strided reads left it at half of torch's speed.
     """
+
+    def __init__(self, lanes: int | None = None) -> None:
+        super().__init__()
+        self.lanes = lanes
+
+    def _linear_module(self, node: fx.Node) -> relax.Expr:
+        module = self.named_modules[node.target]
+        dense = self._dense_linear(node.name, self.env[node.args[0]], self.params[module.weight],
+                                   self.params.get(module.bias))
+        return dense if dense is not None else super()._linear_module(node)
+
+    def _linear(self, node: fx.Node) -> relax.Expr:
+        args = self.retrieve_args(node)
+        dense = self._dense_linear(node.name, args[0], args[1], args[2] if len(args) > 2 else None)
+        return dense if dense is not None else super()._linear(node)
+
+    def _dense_linear(self, name: str, x: relax.Expr, weight: relax.Expr, bias: relax.Expr | None) -> relax.Expr | None:
+        """``call_tir`` of the dense kernel for ``x · weightᵀ + bias``, or None unless every operand allows it."""
+        operands = [weight] + ([bias] if bias is not None else [])
+        if self.lanes is None or not all(isinstance(t, tvm.ir.expr.Constant) and t.value.dtype == "float32"
+                                         for t in operands):
+            return None
+        if x.ty.dtype != "float32" or len(weight.value.shape) != 2 or not all(
+                isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape):
+            return None
+        as_torch = [torch.from_numpy(t.value.numpy()) for t in operands]
+        n_out, k_in = as_torch[0].shape
+
+        def call(x2d: relax.Expr, rows: int) -> relax.Call:
+            func, consts = dense_plan(as_torch[0], as_torch[1] if bias is not None else None, rows, self.lanes)
+            return call_kernel(self.block_builder, func, "lowbit_fp32_linear", x2d, consts, n_out)
+
+        log.debug("node '%s': fp32 linear %dx%d on the dense kernel", name, k_in, n_out)
+        return emit_on_rows(self.block_builder, x, n_out, call)
 
     def create_convert_map(self) -> dict[Any, Any]:
         aten = ExportedProgramImporter.create_convert_map(self)
@@ -286,13 +326,10 @@ class _PackedLinearConverter:
         a8 = node.target is ops_a8.linear_packed_a8
         names = ("qweight", "scales", "zeros", "g_idx", "bias") + (("act_scale",) if a8 else ())
         tensors = {name: self._tensor(call[name]) for name in names}
-        x_shape = [int(d) for d in x.ty.shape]
-        rows = math.prod(x_shape[:-1])
+        rows = math.prod([int(d) for d in x.ty.shape][:-1])
         spec = layer_spec(call, rows, tensors, a8)
         bb = importer.block_builder
-        x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_features))) if len(x_shape) != 2 else x
-        out = bb.emit(self._call_kernel(bb, node.name, x2d, spec, tensors))
-        return bb.emit(relax.op.reshape(out, (*x_shape[:-1], spec.out_features))) if len(x_shape) != 2 else out
+        return emit_on_rows(bb, x, spec.out_features, lambda x2d, _: self._call_kernel(bb, node.name, x2d, spec, tensors))
 
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
@@ -307,13 +344,12 @@ class _PackedLinearConverter:
             log.info("node '%s': dense fallback (%s)", name, reason)
             if spec.act_bits is not None:
                 x = bb.emit(self._fake_quant(bb, x, spec, tensors["act_scale"]))
-            kernel, func = "dense", dense_func(spec.batch, spec.in_features, spec.out_features, spec.has_bias,
-                                               self.lanes)
-            consts = [_dequantized_transpose(spec, tensors)] + [t for t in (tensors["bias"],) if t is not None]
+            weight = packing.dequantize(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
+                                        spec.bits, spec.group_size, spec.in_features)
+            kernel = "dense"
+            func, consts = dense_plan(weight, tensors["bias"], spec.batch, self.lanes)
         self.linears.append(LoweredLinear(name, spec, kernel, reason))
-        gvar = bb.add_func(func, f"lowbit_{kernel}_linear")
-        args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
-        return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32"))
+        return call_kernel(bb, func, f"lowbit_{kernel}_linear", x, consts, spec.out_features)
 
     def _plan_float(self, spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]) -> KernelPlan | str:
         """The panel GEMM's plan from `packed_gemm.MIN_ROWS` rows on, where it takes the layer, else the packed GEMV's."""
@@ -355,6 +391,24 @@ class _PackedLinearConverter:
         raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
 
 
+def emit_on_rows(bb: relax.BlockBuilder, x: relax.Expr, n_out: int,
+                 call: Callable[[relax.Expr, int], relax.Expr]) -> relax.Expr:
+    """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored."""
+    shape = [int(d) for d in x.ty.shape]
+    rows = math.prod(shape[:-1])
+    x2d = bb.emit(relax.op.reshape(x, (rows, shape[-1]))) if len(shape) != 2 else x
+    out = bb.emit(call(x2d, rows))
+    return bb.emit(relax.op.reshape(out, (*shape[:-1], n_out))) if len(shape) != 2 else out
+
+
+def call_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, x: relax.Expr,
+                consts: Sequence[torch.Tensor], n_out: int) -> relax.Call:
+    """``call_tir`` of a linear kernel ``func(x, *consts, y)`` with ``consts`` as Relax constants."""
+    gvar = bb.add_func(func, name)
+    args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
+    return relax.call_tir(gvar, args, out_ty=relax.TensorType((int(x.ty.shape[0]), n_out), "float32"))
+
+
 def layer_spec(call: Mapping[str, Any], rows: int, tensors: Mapping[str, torch.Tensor | None],
                a8: bool) -> PackedLinearSpec:
     """The spec of one ``linear_packed``/``linear_packed_a8`` call (normalized kwargs) on ``rows`` input rows."""
@@ -376,13 +430,6 @@ def tuned_plan(kernel: ModuleType, spec: PackedLinearSpec, tensors: Mapping[str,
     if knobs is None or knobs == planned.knobs:
         return planned
     return kernel.plan(spec, tensors, target, knobs=knobs)
-
-
-def _dequantized_transpose(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """The fp32 weight ``(K, N)`` a packed weight stands for, laid out for the dense kernel."""
-    weight = packing.dequantize(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
-                                spec.bits, spec.group_size, spec.in_features)
-    return weight.t().contiguous()
 
 
 def _check_inputs(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

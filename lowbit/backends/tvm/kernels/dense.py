@@ -1,34 +1,60 @@
-"""fp32 dense linear ``y = x · w + b`` with a pre-transposed ``(K, N)`` weight.
+"""fp32 dense linear ``y = x · Wᵀ + b`` for a constant weight, laid out for the kernel at compile time.
 
-The fallback for packed weights the packed kernel does not cover (3-bit codes, act-order
-``g_idx``, ragged groups): the weight is dequantized once at compile time and stored
-transposed so the vector axis (outputs ``n``) is contiguous in memory. Scheduled with
-`lowbit.backends.tvm.schedule.schedule_tiled_reduction` (register tiles, parallel tiles).
+The fallback for packed weights the packed kernels do not cover (3-bit codes, act-order
+``g_idx``, ragged groups): the weight is dequantized once at compile time. When ``N`` is
+a multiple of the vector width it is stored in panels ``(N/W, K, W)`` and runs on the
+panel micro-kernel of `packed_gemm.schedule_panels` (a task streams one contiguous
+panel; its rows share each loaded weight vector); otherwise it is stored transposed
+``(K, N)`` and scheduled by `lowbit.backends.tvm.schedule.schedule_tiled_reduction`.
 """
 
 from __future__ import annotations
 
+import torch
 from tvm import s_tir, te, tirx
 
-from lowbit.backends.tvm.kernels.common import finish
+from lowbit.backends.tvm.kernels.common import divisor_at_most, finish
+from lowbit.backends.tvm.kernels.packed_gemm import schedule_panels
 from lowbit.backends.tvm.schedule import schedule_tiled_reduction
 
+#: Panel micro-kernel of the dense kernel: vectors per panel, rows per register tile with 32 vector registers
+#: (AVX-512) or fewer, rows per task, inputs per reduction block (a 256 × 32 fp32 weight tile is 32 KiB).
+VECTORS, ROWS_WIDE, ROWS_NARROW, ROW_BLOCK, K_BLOCK = 2, 8, 4, 32, 256
 
-def dense_func(batch: int, in_features: int, out_features: int, has_bias: bool, lanes: int,
-               name: str | None = None) -> tirx.PrimFunc:
-    """Scheduled PrimFunc; arguments ``x (M, K)``, ``w (K, N)``, [``bias (N,)``], output ``y (M, N)``."""
-    x = te.placeholder((batch, in_features), "float32", name="x")
-    weight = te.placeholder((in_features, out_features), "float32", name="w")
-    k = te.reduce_axis((0, in_features), name="k")
-    y = te.compute((batch, out_features), lambda m, n: te.sum(x[m, k] * weight[k, n], axis=k), name="matmul")
-    args = [x, weight]
-    if has_bias:
-        bias = te.placeholder((out_features,), "float32", name="bias")
-        y = te.compute((batch, out_features), lambda m, n: y[m, n] + bias[n], name="bias_add")
-        args.append(bias)
+
+def dense_plan(weight: torch.Tensor, bias: torch.Tensor | None, batch: int, lanes: int,
+               name: str | None = None) -> tuple[tirx.PrimFunc, list[torch.Tensor]]:
+    """The scheduled PrimFunc for ``x (batch, K) · weightᵀ (N, K) + bias`` and its constants (weight in the
+    kernel's layout, [bias]); arguments ``x``, the constants, output ``y (batch, N)``."""
+    n_out, k_in = weight.shape
+    weight = weight.to(torch.float32)
+    x = te.placeholder((batch, k_in), "float32", name="x")
+    k = te.reduce_axis((0, k_in), name="k")
+    if n_out % lanes == 0:
+        width = lanes * divisor_at_most(n_out // lanes, VECTORS)
+        w = te.placeholder((n_out // width, k_in, width), "float32", name="w")
+        y = te.compute((batch, n_out), lambda m, n: te.sum(x[m, k] * w[n // width, k, n % width], axis=k),
+                       name="matmul")
+        laid_out = weight.reshape(n_out // width, width, k_in).transpose(1, 2).contiguous()
+    else:
+        w = te.placeholder((k_in, n_out), "float32", name="w")
+        y = te.compute((batch, n_out), lambda m, n: te.sum(x[m, k] * w[k, n], axis=k), name="matmul")
+        laid_out = weight.t().contiguous()
+    args, consts = [x, w], [laid_out]
+    if bias is not None:
+        b = te.placeholder((n_out,), "float32", name="bias")
+        y = te.compute((batch, n_out), lambda m, n: y[m, n] + b[n], name="bias_add")
+        args.append(b)
+        consts.append(bias.to(torch.float32).contiguous())
     sch = s_tir.Schedule(te.create_prim_func([*args, y]))
-    schedule_tiled_reduction(sch, sch.get_sblock("matmul"), lanes)
-    return finish(sch.mod["main"], name)
+    block = sch.get_sblock("matmul")
+    if n_out % lanes == 0:
+        row_block = divisor_at_most(batch, ROW_BLOCK)
+        rows = divisor_at_most(row_block, ROWS_WIDE if lanes == 16 else ROWS_NARROW)
+        schedule_panels(sch, block, lanes, width, rows, row_block, divisor_at_most(k_in, K_BLOCK))
+    else:
+        schedule_tiled_reduction(sch, block, lanes)
+    return finish(sch.mod["main"], name), consts
 
 
-__all__ = ["dense_func"]
+__all__ = ["dense_plan"]

@@ -66,7 +66,7 @@ def unsupported_reason(spec: PackedLinearSpec, lanes: int) -> str | None:
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
     """The hand schedule: 8 rows × 2 vectors of accumulators with 32 vector registers (AVX-512), else 4 × 2."""
     rows = 8 if float32_lanes(target) == 16 else 4
-    return {"row_tile": rows, "vectors": 2, "row_block": 32}
+    return {"row_tile": rows, "vectors": 2, "row_block": 64}
 
 
 def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], target: Target,
@@ -157,36 +157,48 @@ def packed_gemm_compute(spec: PackedLinearSpec, width: int) -> tirx.PrimFunc:
 
 
 def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, lanes: int, width: int, rows: int, block: int) -> None:
-    """Parallel (row block, panel) tasks; per group a dequantized tile, then register tiles over it."""
-    acc, weight = sch.get_sblock("acc"), sch.get_sblock("weight")
-    m, n, k = sch.get_loops(acc)
-    panel, vec, lane = sch.split(n, factors=[None, width // lanes, lanes])
-    m_block, m_tile, row = sch.split(m, factors=[None, block // rows, rows])
-    group, k_inner = sch.split(k, factors=[None, spec.group_size])
-    sch.reorder(m_block, panel, group, m_tile, k_inner, row, vec, lane)
-    task = sch.fuse(m_block, panel)
-    sch.parallel(task)
-    write_back = sch.cache_write(acc, 0, "global")
-    sch.reverse_compute_at(write_back, task)
-    if spec.has_bias:
-        sch.reverse_compute_inline(sch.get_sblock("y"))
-    sch.vectorize(sch.split(sch.get_loops(write_back)[-1], factors=[None, lanes])[-1])
-
+    """`schedule_panels` over the groups, each group's weight tile dequantized at the top of its iteration."""
+    group = schedule_panels(sch, sch.get_sblock("acc"), lanes, width, rows, block, spec.group_size)
+    weight = sch.get_sblock("weight")
     sch.compute_at(weight, group, preserve_unit_loops=True)
     w_k, w_v = sch.get_loops(weight)[-2:]
-    pb = spec.codes_per_byte
-    _, w_code = sch.split(w_k, factors=[None, pb])
+    _, w_code = sch.split(w_k, factors=[None, spec.codes_per_byte])
     w_vec, w_lane = sch.split(w_v, factors=[None, lanes])
     sch.unroll(w_code)
     sch.unroll(w_vec)
     sch.vectorize(w_lane)
 
+
+def schedule_panels(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int, width: int, rows: int,
+                    row_block: int, k_block: int) -> s_tir.schedule.LoopRV:
+    """The panel micro-kernel schedule of a ``(m, n, k)`` matmul block whose weight is read in panels of ``width``.
+
+    Parallel tasks of (``row_block`` rows, one panel); in each, the reduction in blocks of
+    ``k_block`` (the loop returned, where a producer of the block's weight tile can be
+    computed), then register tiles of ``rows × width`` accumulators over the block's
+    inputs: rows and vectors unrolled, lanes vectorized. The row block's accumulators
+    live in a per-task buffer written back (with any elementwise consumer such as a bias
+    folded in) after the last block. ``rows`` divides ``row_block``, which divides the batch.
+    """
+    m, n, k = sch.get_loops(block)
+    panel, vec, lane = sch.split(n, factors=[None, width // lanes, lanes])
+    m_block, m_tile, row = sch.split(m, factors=[None, row_block // rows, rows])
+    k_outer, k_inner = sch.split(k, factors=[None, k_block])
+    sch.reorder(m_block, panel, k_outer, m_tile, k_inner, row, vec, lane)
+    task = sch.fuse(m_block, panel)
+    sch.parallel(task)
+    write_back = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(write_back, task)
+    for consumer in sch.get_consumers(write_back):
+        sch.reverse_compute_inline(consumer)
+    sch.vectorize(sch.split(sch.get_loops(write_back)[-1], factors=[None, lanes])[-1])
     sch.unroll(row)
     sch.unroll(vec)
     sch.vectorize(lane)
-    init = sch.decompose_reduction(acc, group)
+    init = sch.decompose_reduction(block, k_outer)
     sch.vectorize(sch.split(sch.get_loops(init)[-1], factors=[None, lanes])[-1])
+    return k_outer
 
 
 __all__ = ["KERNEL_NAME", "KNOBS", "MIN_ROWS", "default_knobs", "packed_gemm_compute", "packed_gemm_func",
-           "panel_codes", "panel_width", "panels", "plan", "unsupported_reason"]
+           "panel_codes", "panel_width", "panels", "plan", "schedule_panels", "unsupported_reason"]
