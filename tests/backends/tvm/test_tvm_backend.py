@@ -146,3 +146,29 @@ def test_errors_are_backend_errors() -> None:
     runner = TVMBackend().compile(gm, (x,))
     with pytest.raises(BackendError, match="compiled for inputs"):
         runner(torch.randn(3, 8))
+
+
+class _LinearForms(nn.Module):
+    """An fp32 linear as a module, as ``F.linear`` on parameters, and as ``F.linear`` on a weight given as input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(64, 48)
+        self.weight = nn.Parameter(torch.randn(40, 48))
+
+    def forward(self, x: torch.Tensor, runtime_weight: torch.Tensor) -> torch.Tensor:
+        hidden = nn.functional.linear(self.layer(x), self.weight)
+        return nn.functional.linear(hidden, runtime_weight)
+
+
+def test_fp32_linears_with_constant_weights_run_on_the_dense_kernel() -> None:
+    """The module and the functional form with a constant weight become the dense kernel; a weight that is an
+    input stays Relax's linear. The result matches torch either way."""
+    gm = fx.symbolic_trace(_LinearForms().eval())
+    x, runtime_weight = torch.randn(2, 3, 64), torch.randn(8, 40)
+    lowering = lower(gm, (x, runtime_weight), resolve_target("x86"))
+    names = [gvar.name_hint for gvar, _ in lowering.mod.functions_items()]
+    assert sum(name.startswith("lowbit_fp32_linear") for name in names) == 2, names
+    runner = TVMBackend("x86").compile(gm, (x, runtime_weight))
+    assert _relative_error(runner(x, runtime_weight), gm(x, runtime_weight)) < 1e-5
