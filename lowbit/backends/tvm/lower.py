@@ -6,10 +6,15 @@ Each ``torch.ops.lowbit.linear_packed`` call becomes a ``relax.call_tir`` of a T
 whose packed weight, scales, zero points and bias are Relax constants:
 
 * the packed-weight kernels when the layout allows it: `kernels.packed_gemm` from a few
-  rows on (prefill), `kernels.packed_linear` for a GEMV or where the panel GEMM does not fit;
-* otherwise (3-bit codes, act-order ``g_idx``, ragged groups) the weight is dequantized
-  here to fp32 and multiplied by the scheduled dense kernel (`kernels.dense`). Each such
-  layer is listed in `Lowering.fallbacks`.
+  rows on (prefill), `kernels.packed_linear` for a GEMV or where the panel GEMM does not
+  fit, the architecture's int8 kernel for ``linear_packed_a8``. An act-order ``g_idx`` of
+  whole groups and a partial last group are first rewritten to contiguous whole groups
+  (`contiguous_groups`: the input's columns taken in group order, padded with zeros);
+* otherwise (3-bit codes, uneven groups, a shape a kernel does not tile) the weight is
+  dequantized here to fp32 and multiplied by the scheduled dense kernel (`kernels.dense`).
+  Each such layer is listed in `Lowering.fallbacks`.
+
+fp32 linears whose weight is a graph constant run on the dense kernel too (`_GraphImporter`).
 
 `build` runs TVM's CPU Relax pipeline with the default schedules of
 `lowbit.backends.tvm.schedule` applied after legalization, so no operator runs
@@ -18,6 +23,7 @@ unscheduled. Shapes are static: the module is specialized to the example inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
@@ -327,9 +333,21 @@ class _PackedLinearConverter:
         names = ("qweight", "scales", "zeros", "g_idx", "bias") + (("act_scale",) if a8 else ())
         tensors = {name: self._tensor(call[name]) for name in names}
         rows = math.prod([int(d) for d in x.ty.shape][:-1])
-        spec = layer_spec(call, rows, tensors, a8)
+        k_in = call["in_features"]
+        spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors)
+        if order is not None or spec.in_features != k_in:
+            log.info("node '%s': %d input columns %s into %d whole groups of %d", node.name, k_in,
+                     "sorted by group" if order is not None else "padded", spec.groups, spec.group_size)
         bb = importer.block_builder
-        return emit_on_rows(bb, x, spec.out_features, lambda x2d, _: self._call_kernel(bb, node.name, x2d, spec, tensors))
+
+        def call_on(x2d: relax.Expr, _: int) -> relax.Expr:
+            if order is not None:
+                x2d = bb.emit(relax.op.take(x2d, relax.const(order.to(torch.int32).numpy()), axis=1, mode="clip"))
+            if spec.in_features != k_in:
+                x2d = bb.emit(relax.op.nn.pad(x2d, [0, 0, 0, spec.in_features - k_in]))
+            return self._call_kernel(bb, node.name, x2d, spec, tensors)
+
+        return emit_on_rows(bb, x, spec.out_features, call_on)
 
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
@@ -389,6 +407,34 @@ class _PackedLinearConverter:
         if value.dtype in (torch.float32, torch.uint8, torch.int32):
             return value.detach()
         raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
+
+
+def contiguous_groups(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]
+                      ) -> tuple[PackedLinearSpec, dict[str, torch.Tensor | None], torch.Tensor | None]:
+    """The layer rewritten so that its groups are whole and contiguous, as the packed kernels need them, and the
+    order to take the input's columns in (None: as they are).
+
+    ``y = Σ_k x_k · w_k`` does not depend on the order of ``k``: an act-order ``g_idx``
+    whose groups each hold ``group_size`` columns (the last one possibly fewer) becomes
+    contiguous groups by sorting the weight's columns by group, and the input's alike. A
+    partial last group is padded to a whole one with zero codes; the input gets as many
+    zero columns (``spec.in_features`` grows), which add nothing to any sum.
+    """
+    k_in, group = spec.in_features, spec.group_size
+    padded = spec.groups * group
+    order = None
+    if spec.has_g_idx:
+        g_idx = tensors["g_idx"].to(torch.int64)
+        counts = torch.bincount(g_idx, minlength=spec.groups)
+        if len(counts) != spec.groups or bool((counts[:-1] != group).any()) or int(counts[-1]) != k_in - padded + group:
+            return spec, tensors, None  # groups of other sizes: the dense fallback says why
+        order = torch.sort(g_idx, stable=True).indices
+    elif padded == k_in:
+        return spec, tensors, None
+    codes = packing.unpack(tensors["qweight"], spec.bits, k_in)
+    codes = torch.nn.functional.pad(codes if order is None else codes[:, order], (0, padded - k_in))
+    tensors = {**tensors, "qweight": packing.pack(codes.contiguous(), spec.bits), "g_idx": None}
+    return dataclasses.replace(spec, in_features=padded, has_g_idx=False), tensors, order
 
 
 def emit_on_rows(bb: relax.BlockBuilder, x: relax.Expr, n_out: int,

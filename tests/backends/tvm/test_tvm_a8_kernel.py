@@ -313,3 +313,18 @@ def test_w2a8_recipe_compiles_to_the_int8_kernel(tmp_path: Path) -> None:
 @pytest.mark.parametrize("recipe", ["w4a8-x86", "w8a8-x86", "w1.58a8-x86"])
 def test_other_a8_recipes_compile_end_to_end(recipe: str, tmp_path: Path) -> None:
     _check_end_to_end(recipe, tmp_path)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_partial_last_group_runs_on_the_int8_kernel(rows: int) -> None:
+    """in_features=96 in groups of 64 (SmolLM2's 576 in groups of 128 alike): padded to whole groups, zero
+    inputs in the new columns, so the int8 kernel still matches the reference graph."""
+    torch.manual_seed(rows)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 32)).eval()
+    x = torch.randn(rows, 96)
+    compiled = lowbit.compile(model, (x,), target="x86", passes=[
+        lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")])
+    assert [(linear.kernel, linear.spec.in_features) for linear in compiled._runner.linears] == [("packed_a8", 128)]
+    with torch.no_grad():
+        ref = compiled.graph(x)
+    assert (compiled(x) - ref).abs().max() / ref.abs().max() < 1e-5

@@ -61,28 +61,57 @@ def test_three_bit_weights_use_the_dense_fallback() -> None:
     assert _relative_error(runner(x), gm(x)) < 1e-5
 
 
-class _ActOrderLinear(nn.Module):
-    """A packed linear with a permuted group index, as act-order GPTQ writes it."""
+class _GroupIndexLinear(nn.Module):
+    """A packed linear with a group index: permuted whole groups as act-order GPTQ writes them, or uneven groups."""
 
-    def __init__(self) -> None:
+    def __init__(self, g_idx: torch.Tensor, in_features: int = 64) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(0)
-        self.register_buffer("qweight", packing.pack(torch.randint(0, 16, (24, 64), generator=gen, dtype=torch.uint8), 4))
-        self.register_buffer("scales", torch.rand(24, 4, generator=gen) + 0.1)
-        self.register_buffer("g_idx", (torch.randperm(64, generator=gen) % 4).to(torch.int32))
+        codes = torch.randint(0, 16, (24, in_features), generator=gen, dtype=torch.uint8)
+        self.register_buffer("qweight", packing.pack(codes, 4))
+        self.register_buffer("scales", torch.rand(24, -(-in_features // 16), generator=gen) + 0.1)
+        self.register_buffer("g_idx", g_idx.to(torch.int32))
+        self.in_features = in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear_packed(x, self.qweight, self.scales, None, self.g_idx, None, 4, 16, 64)
+        return ops.linear_packed(x, self.qweight, self.scales, None, self.g_idx, None, 4, 16, self.in_features)
 
 
-def test_act_order_g_idx_uses_the_dense_fallback() -> None:
-    gm = fx.symbolic_trace(_ActOrderLinear())
+ACT_ORDER = torch.randperm(64, generator=torch.Generator().manual_seed(0)) % 4
+ACT_ORDER_RAGGED = torch.randperm(56, generator=torch.Generator().manual_seed(0)) // 16  # groups of 16, 16, 16, 8
+UNEVEN = torch.tensor([0] * 20 + [1] * 12 + [2] * 16 + [3] * 16)
+
+
+@pytest.mark.parametrize(("g_idx", "rows"), [(ACT_ORDER, 5), (ACT_ORDER, 1), (ACT_ORDER_RAGGED, 5)])
+def test_act_order_g_idx_runs_on_the_packed_kernels(g_idx: torch.Tensor, rows: int) -> None:
+    """Whole groups in permuted columns: the columns are sorted by group (and a partial last group padded)."""
+    gm = fx.symbolic_trace(_GroupIndexLinear(g_idx, len(g_idx)))
+    x = torch.randn(rows, len(g_idx))
+    runner = TVMBackend().compile(gm, (x,))
+    assert not runner.fallbacks and runner.linears[0].spec.in_features == 64
+    assert _relative_error(runner(x), gm(x)) < 1e-5
+
+
+def test_uneven_groups_use_the_dense_fallback() -> None:
+    gm = fx.symbolic_trace(_GroupIndexLinear(UNEVEN))
     x = torch.randn(5, 64)
     runner = TVMBackend().compile(gm, (x,))
     assert [linear.reason for linear in runner.fallbacks] == [
         "act-order g_idx permutes groups; the packed kernel needs contiguous groups"
     ]
     assert _relative_error(runner(x), gm(x)) < 1e-5
+
+
+def test_partial_last_group_is_padded_onto_the_packed_kernel() -> None:
+    """in_features=56 in groups of 16: padded to 64 columns with zero codes and zero inputs, exactly."""
+    gen = torch.Generator().manual_seed(1)
+    gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=16)])(fx.symbolic_trace(nn.Sequential(
+        nn.Linear(56, 32, bias=False))))
+    for rows in (1, 6):
+        x = torch.randn(rows, 56, generator=gen)
+        runner = TVMBackend().compile(gm, (x,))
+        assert not runner.fallbacks and [linear.spec.in_features for linear in runner.linears] == [64]
+        assert _relative_error(runner(x), gm(x)) < 1e-5
 
 
 @pytest.mark.parametrize("model", [_mlp, _cnn])
