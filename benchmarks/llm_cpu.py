@@ -32,12 +32,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
-import tvm
 
 import lowbit
 from lowbit.calibration import calibration_set
@@ -55,10 +56,26 @@ LLAMA_SCRIPT = ROOT / "benchmarks" / "peers" / "llama_cpp_bench.py"
 SEQ = 128
 
 
-def set_threads(threads: int) -> None:
-    """Threads for torch and for TVM's runtime pool (resized in place)."""
-    torch.set_num_threads(threads)
-    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+def time_in_fresh_process(compiled: Any, prompt: torch.Tensor, threads: int, repeats: int) -> float:
+    """Median seconds of ``compiled`` on ``prompt``, exported and loaded in a process whose TVM pool has ``threads``
+    threads from its start: resizing the pool in place (``runtime.config_threadpool``) to one thread pins the
+    calling thread to one core, and a pool resized to two afterwards kept sharing that core."""
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled.export(Path(tmp) / "model")
+        np.save(Path(tmp) / "prompt.npy", prompt.numpy())
+        done = subprocess.run([sys.executable, __file__, "--time-artifact", tmp, "--repeats", str(repeats)],
+                              env={**os.environ, "TVM_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"timing the exported model failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def time_artifact(directory: Path, repeats: int) -> float:
+    """In the fresh process of `time_in_fresh_process`: median seconds of the loaded model on its prompt."""
+    torch.set_num_threads(int(os.environ["TVM_NUM_THREADS"]))
+    model = lowbit.load(directory / "model")
+    prompt = torch.from_numpy(np.load(directory / "prompt.npy"))
+    return median_s(functools.partial(model, input_ids=prompt), repeats)
 
 
 def median_s(fn: Callable[[], Any], repeats: int) -> float:
@@ -106,7 +123,7 @@ def lowbit_rows(args: argparse.Namespace, smol: Any, prompt: torch.Tensor, windo
     with torch.no_grad():
         eager = {}
         for threads in args.threads:
-            set_threads(threads)
+            torch.set_num_threads(threads)
             eager[threads] = median_s(lambda: model(input_ids=prompt, logits_to_keep=1), args.repeats)
             rows.append({"engine": "torch eager", "format": "fp32", "threads": threads,
                          "prompt_tokens_per_s": SEQ / eager[threads], "vs_torch": 1.0,
@@ -124,8 +141,7 @@ def lowbit_rows(args: argparse.Namespace, smol: Any, prompt: torch.Tensor, windo
         last = lowbit.compile(last_position_only(compiled.graph), (), example_kwargs=example, passes=[],
                               target=compiled.report.target)
         for threads in args.threads:
-            set_threads(threads)
-            seconds = median_s(functools.partial(last, input_ids=prompt), args.repeats)
+            seconds = time_in_fresh_process(last, prompt, threads, args.repeats)
             rows.append({"engine": "lowbit (TVM)", "format": recipe, "threads": threads,
                          "prompt_tokens_per_s": SEQ / seconds, "vs_torch": eager[threads] / seconds,
                          "perplexity": ppl, "compile_s": compile_s, "weight_bytes": state_bytes(compiled.graph),
@@ -191,7 +207,11 @@ def main() -> None:
     # and fall back to Q4_0/Q5 for most tensors, so they are not a 2-bit peer here.
     parser.add_argument("--llama-types", nargs="+", default=["Q8_0", "Q4_1", "Q4_0"])
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--time-artifact", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.time_artifact:
+        print(time_artifact(args.time_artifact, args.repeats))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     smol = load_smollm2()
     blocks = smol.token_blocks(PROMPT_TEXT.read_text(), SEQ, 1 + args.eval_windows)

@@ -45,7 +45,7 @@ from tvm.target import Target
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is lowered)
 from lowbit.backends.tvm import cuda
-from lowbit.backends.tvm.lower import InputSpec, LoweredLinear, build, lower
+from lowbit.backends.tvm.lower import InputSpec, LoweredLinear, build, lower, to_tvm
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import has_features, host_arch, resolve_target, target_arch, x86_host_target
 from lowbit.backends.tvm.tuning import Tuner, TuningOptions, TuningResult, default_cache_dir
@@ -101,7 +101,7 @@ class TVMRunner:
                 "export it and run it on the device"
             )
         inputs = self._bind(args, kwargs)
-        tensors = [tvm.runtime.from_dlpack(t.detach().cpu().contiguous()) for t in inputs]
+        tensors = [to_tvm(t) for t in inputs]
         return _to_torch(self._main(*tensors))
 
     def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:

@@ -62,6 +62,7 @@ from lowbit.backends.tvm.lower import (
     _GraphImporter,
     input_specs,
     layer_spec,
+    to_tvm,
     tuned_plan,
 )
 from lowbit.backends.tvm.target import cuda_arch
@@ -261,7 +262,7 @@ class CUDARunner:
                                "export it and run it on a GPU machine")
         values = _bind(self.inputs, args, kwargs)
         device = values[0].device if values else torch.device("cpu")
-        tensors = [tvm.runtime.from_dlpack(v.detach().to("cuda").contiguous()) for v in values]
+        tensors = [to_tvm(v, "cuda") for v in values]
         return _to_torch(self._main(*tensors), device)
 
 

@@ -437,6 +437,19 @@ def contiguous_groups(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | 
     return dataclasses.replace(spec, in_features=padded, has_g_idx=False), tensors, order
 
 
+#: Alignment of a tensor's data that TVM's DLPack import requires.
+DLPACK_ALIGNMENT = 64
+
+
+def to_tvm(value: torch.Tensor, device: str = "cpu") -> tvm.runtime.Tensor:
+    """``value`` as a TVM tensor, contiguous on ``device`` and shared where possible; copied once more when its data
+    is not `DLPACK_ALIGNMENT`-aligned (a slice, an array from numpy), which TVM's DLPack import refuses."""
+    tensor = value.detach().to(device).contiguous()
+    if tensor.data_ptr() % DLPACK_ALIGNMENT:
+        tensor = tensor.clone()
+    return tvm.runtime.from_dlpack(tensor)
+
+
 def emit_on_rows(bb: relax.BlockBuilder, x: relax.Expr, n_out: int,
                  call: Callable[[relax.Expr, int], relax.Expr]) -> relax.Expr:
     """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored."""

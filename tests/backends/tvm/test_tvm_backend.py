@@ -201,3 +201,16 @@ def test_fp32_linears_with_constant_weights_run_on_the_dense_kernel() -> None:
     assert sum(name.startswith("lowbit_fp32_linear") for name in names) == 2, names
     runner = TVMBackend("x86").compile(gm, (x, runtime_weight))
     assert _relative_error(runner(x, runtime_weight), gm(x, runtime_weight)) < 1e-5
+
+
+def test_inputs_whose_data_is_not_64_byte_aligned_are_accepted() -> None:
+    """A view 4 bytes into its storage (as slices and numpy arrays often are): TVM's DLPack import refuses such
+    data, so the runner hands TVM an aligned copy."""
+    gm = fx.symbolic_trace(_mlp().eval())
+    x = torch.randn(2, 128)
+    runner = TVMBackend().compile(gm, (x,))
+    storage = torch.randn(1 + x.numel())
+    shifted = storage[1:].view(2, 128)
+    assert shifted.data_ptr() % 64
+    with torch.no_grad():
+        assert _relative_error(runner(shifted), gm(shifted)) < 1e-5

@@ -58,7 +58,8 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels import int8_common, intrin_x86
 from lowbit.backends.tvm.kernels.common import (
-    KernelPlan, divisor_at_most, finish, loops_below, power_of_two_divisor, prefetch, prepend_to_loop, resolve_knobs,
+    KernelPlan, divisor_at_most, finish, layer_consts, loops_below, power_of_two_divisor, prefetch, prepend_to_loop,
+    resolve_knobs,
 )
 from lowbit.backends.tvm.kernels.int8_common import activation_codes, layout_reason, zeros_reason
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
@@ -142,12 +143,8 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
     func = a8_linear_func(spec, intrinsic(spec, target), chosen["row_tile"], chosen["out_tile"],
                           chosen["row_vectors"])
     vectors = tile_vectors(chosen["out_tile"], chosen["row_vectors"])
-    consts = [interleave(tensors["qweight"], spec.bits, spec.in_features, vectors),
-              blocked(tensors["scales"].to(torch.float32), vectors)]
-    if tensors.get("zeros") is not None:
-        consts.append(blocked(tensors["zeros"].to(torch.int32), vectors))
-    if tensors.get("bias") is not None:
-        consts.append(tensors["bias"].to(torch.float32).contiguous())
+    consts = layer_consts(interleave(tensors["qweight"], spec.bits, spec.in_features, vectors), tensors,
+                          lambda values: blocked(values, vectors), torch.int32)
     if not spec.act_dynamic:
         consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
     return KernelPlan(func, consts, KERNEL_NAME, chosen)

@@ -9,7 +9,7 @@ contains the hand schedule) and ``default_knobs(spec, target)`` (the hand schedu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from tvm import s_tir, tirx
@@ -34,6 +34,18 @@ class KernelPlan:
     consts: list[torch.Tensor]
     name: str
     knobs: dict[str, int] = field(default_factory=dict)
+
+
+def layer_consts(codes: torch.Tensor, tensors: Mapping[str, torch.Tensor | None],
+                 per_group: Callable[[torch.Tensor], torch.Tensor], zero_dtype: torch.dtype) -> list[torch.Tensor]:
+    """A packed kernel's constants in their usual order: its ``codes``, the scales and [zero points] (as
+    ``zero_dtype``) laid out by ``per_group``, [the fp32 bias]."""
+    consts = [codes, per_group(tensors["scales"].to(torch.float32))]
+    if tensors.get("zeros") is not None:
+        consts.append(per_group(tensors["zeros"].to(zero_dtype)))
+    if tensors.get("bias") is not None:
+        consts.append(tensors["bias"].to(torch.float32).contiguous())
+    return consts
 
 
 def resolve_knobs(space: Mapping[str, tuple[int, ...]], defaults: Mapping[str, int],

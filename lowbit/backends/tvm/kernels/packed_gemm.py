@@ -36,7 +36,7 @@ from tvm import s_tir, te, tirx
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels import packed_linear
-from lowbit.backends.tvm.kernels.common import KernelPlan, divisor_at_most, finish, resolve_knobs
+from lowbit.backends.tvm.kernels.common import KernelPlan, divisor_at_most, finish, layer_consts, resolve_knobs
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import float32_lanes
 from lowbit.ir import packing
@@ -83,12 +83,8 @@ def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], tar
     chosen = resolve_knobs(KNOBS, default_knobs(spec, target), knobs, KERNEL_NAME)
     width = panel_width(spec, lanes, chosen["vectors"])
     func = packed_gemm_func(spec, lanes, chosen["row_tile"], chosen["vectors"], chosen["row_block"])
-    consts = [panel_codes(tensors["qweight"], spec.bits, spec.in_features, width),
-              panels(tensors["scales"].to(torch.float32), width)]
-    if tensors.get("zeros") is not None:
-        consts.append(panels(tensors["zeros"].to(torch.float32), width))
-    if tensors.get("bias") is not None:
-        consts.append(tensors["bias"].to(torch.float32).contiguous())
+    consts = layer_consts(panel_codes(tensors["qweight"], spec.bits, spec.in_features, width), tensors,
+                          lambda values: panels(values, width), torch.float32)
     return KernelPlan(func, consts, KERNEL_NAME, chosen)
 
 
