@@ -7,8 +7,9 @@ turns every lowbit linear into a ``call_tir`` of a CUDA kernel plan:
   reduction, shared-memory tiles of ``x``);
 * ``linear_packed_a8`` → `kernels.cuda_a8_linear` (in-kernel int8 activations, ``__dp4a``,
   bit-exact against the reference);
-* a layout a kernel cannot take (3-bit codes, act-order ``g_idx``, ragged groups) is
-  dequantized at compile time and multiplied by a scheduled fp32 matmul (A8 layers first
+* an act-order ``g_idx`` of whole groups and a partial last group are first made contiguous
+  whole groups, as on the CPU (`lower.contiguous_groups`);
+* a layout a kernel cannot take (3-bit codes, uneven groups) is dequantized at compile time and multiplied by a scheduled fp32 matmul (A8 layers first
   fake-quantize their input exactly as the reference does); each such layer is listed
   in `Lowering.fallbacks` with the kernel's reason.
 
@@ -60,6 +61,9 @@ from lowbit.backends.tvm.lower import (
     LoweredLinear,
     Lowering,
     _GraphImporter,
+    contiguous_groups,
+    emit_on_rows,
+    grouped_columns,
     input_specs,
     layer_spec,
     to_tvm,
@@ -361,26 +365,29 @@ class _LinearConverter:
         a8 = node.target is ops_a8.linear_packed_a8
         names = ("qweight", "scales", "zeros", "g_idx", "bias") + (("act_scale",) if a8 else ())
         tensors = {name: self._constant(node, call.get(name)) for name in names}
-        x_shape = [int(d) for d in x.ty.shape]
-        rows = math.prod(x_shape[:-1])
-        spec = layer_spec(call, rows, tensors, a8)
+        rows = math.prod([int(d) for d in x.ty.shape][:-1])
+        spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
-        x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_features))) if len(x_shape) != 2 else x
-        planned = tuned_plan(cuda_a8_linear if a8 else cuda_linear, spec, tensors, self.target, self.tuner)
+        return emit_on_rows(bb, x, spec.out_features, lambda x2d, _: self._call(
+            bb, node.name, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors))
+
+    def _call(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
+              tensors: Mapping[str, torch.Tensor | None]) -> relax.Expr:
+        """The layer's kernel on the 2-D input ``x``, or the fp32 fallback with the reason recorded."""
+        planned = tuned_plan(cuda_a8_linear if spec.act_bits is not None else cuda_linear, spec, tensors, self.target,
+                             self.tuner)
         if isinstance(planned, KernelPlan):
-            out = self._call_plan(bb, x2d, spec, planned)
-            self.linears.append(LoweredLinear(node.name, spec, planned.name))
-        else:
-            log.info("node '%s': fp32 fallback (%s)", node.name, planned)
-            out = self._fallback(bb, x2d, spec, tensors)
-            self.linears.append(LoweredLinear(node.name, spec, "dense", planned))
-        return bb.emit(relax.op.reshape(out, (*x_shape[:-1], spec.out_features))) if len(x_shape) != 2 else out
+            self.linears.append(LoweredLinear(name, spec, planned.name))
+            return self._call_plan(bb, x, spec, planned)
+        log.info("node '%s': fp32 fallback (%s)", name, planned)
+        self.linears.append(LoweredLinear(name, spec, "dense", planned))
+        return self._fallback(bb, x, spec, tensors)
 
     @staticmethod
     def _call_plan(bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, planned: KernelPlan) -> relax.Expr:
         gvar = bb.add_func(planned.func, f"lowbit_{planned.name}")
         args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in planned.consts]
-        return bb.emit(relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32")))
+        return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32"))
 
     @staticmethod
     def _fallback(bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec,

@@ -333,21 +333,11 @@ class _PackedLinearConverter:
         names = ("qweight", "scales", "zeros", "g_idx", "bias") + (("act_scale",) if a8 else ())
         tensors = {name: self._tensor(call[name]) for name in names}
         rows = math.prod([int(d) for d in x.ty.shape][:-1])
-        k_in = call["in_features"]
-        spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors)
-        if order is not None or spec.in_features != k_in:
-            log.info("node '%s': %d input columns %s into %d whole groups of %d", node.name, k_in,
-                     "sorted by group" if order is not None else "padded", spec.groups, spec.group_size)
+        spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
 
-        def call_on(x2d: relax.Expr, _: int) -> relax.Expr:
-            if order is not None:
-                x2d = bb.emit(relax.op.take(x2d, relax.const(order.to(torch.int32).numpy()), axis=1, mode="clip"))
-            if spec.in_features != k_in:
-                x2d = bb.emit(relax.op.nn.pad(x2d, [0, 0, 0, spec.in_features - k_in]))
-            return self._call_kernel(bb, node.name, x2d, spec, tensors)
-
-        return emit_on_rows(bb, x, spec.out_features, call_on)
+        return emit_on_rows(bb, x, spec.out_features, lambda x2d, _: self._call_kernel(
+            bb, node.name, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors))
 
     def _call_kernel(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
                      tensors: dict[str, torch.Tensor | None]) -> relax.Call:
@@ -409,7 +399,7 @@ class _PackedLinearConverter:
         raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
 
 
-def contiguous_groups(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None]
+def contiguous_groups(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | None], name: str
                       ) -> tuple[PackedLinearSpec, dict[str, torch.Tensor | None], torch.Tensor | None]:
     """The layer rewritten so that its groups are whole and contiguous, as the packed kernels need them, and the
     order to take the input's columns in (None: as they are).
@@ -434,7 +424,18 @@ def contiguous_groups(spec: PackedLinearSpec, tensors: dict[str, torch.Tensor | 
     codes = packing.unpack(tensors["qweight"], spec.bits, k_in)
     codes = torch.nn.functional.pad(codes if order is None else codes[:, order], (0, padded - k_in))
     tensors = {**tensors, "qweight": packing.pack(codes.contiguous(), spec.bits), "g_idx": None}
+    log.info("node '%s': %d input columns %s into %d whole groups of %d", name, k_in,
+             "sorted by group" if order is not None else "padded", spec.groups, group)
     return dataclasses.replace(spec, in_features=padded, has_g_idx=False), tensors, order
+
+
+def grouped_columns(bb: relax.BlockBuilder, x: relax.Expr, order: torch.Tensor | None, padded: int) -> relax.Expr:
+    """The 2-D input of a layer rewritten by `contiguous_groups`: its columns taken in ``order``, then zero columns
+    up to ``padded``."""
+    if order is not None:
+        x = bb.emit(relax.op.take(x, relax.const(order.to(torch.int32).numpy()), axis=1, mode="clip"))
+    k_in = int(x.ty.shape[1])
+    return bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - k_in])) if padded != k_in else x
 
 
 #: Alignment of a tensor's data that TVM's DLPack import requires.

@@ -90,3 +90,12 @@ def test_old_gpus_and_cuda_tuning_are_refused() -> None:
     gm = lowbit.trace(nn.Linear(8, 8), (torch.randn(1, 8),))
     with pytest.raises(BackendError, match="tuning CUDA kernels is not supported"):
         TVMBackend("cuda").compile(gm, (torch.randn(1, 8),), tune=True)
+
+
+def test_partial_last_group_is_padded_onto_the_cuda_kernel() -> None:
+    """in_features=96 in groups of 64: padded to whole groups (zero codes, zero inputs) as on the CPU."""
+    model = nn.Sequential(nn.Linear(96, 64)).eval()
+    compiled = lowbit.compile(model, (torch.randn(4, 96),), passes=[registry.get("rtn", bits=4, group_size=64)],
+                              target="cuda")
+    assert [(linear.kernel, linear.spec.in_features) for linear in compiled._runner.linears] == [("cuda_linear", 128)]
+    assert not compiled._runner.fallbacks
