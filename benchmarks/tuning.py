@@ -1,6 +1,7 @@
 """Tuned against hand-scheduled low-bit kernels: the time of each and the ratio, measured in one run.
 
-For each case (W4A16 g128 on the packed kernel: the layer shapes of ``lowbit demo`` —
+For each case (W4A16 g128 on the packed kernels the lowering picks — the GEMV ``packed_linear``
+at one row, the panel GEMM ``packed_gemm`` from 4 rows: the layer shapes of ``lowbit demo`` —
 all-MiniLM-L6-v2, 256 rows — their one-row decode shapes and (1|32, 4096, 4096); W2A8
 g64 asymmetric on the x86 int8 kernel: a MiniLM shape and (1|32, 4096, 4096)), the
 tuner reads the best knobs
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import tvm
 
-from lowbit.backends.tvm.kernels import a8_linear, packed_linear
+from lowbit.backends.tvm.kernels import a8_linear, packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.tuning import LocalRunner, MeasureOptions, Tuner, TuningOptions, default_cache_dir
@@ -37,10 +38,10 @@ from lowbit.ir import packing
 log = logging.getLogger("benchmarks.tuning")
 
 RESULTS = Path(__file__).parent / "results" / "tuning.json"
-#: Formats: kernel module, weight bits, group size, asymmetric, int8 activations.
-FORMATS: dict[str, tuple[ModuleType, int, int, bool, bool]] = {
-    "w4a16": (packed_linear, 4, 128, False, False),
-    "w2a8": (a8_linear, 2, 64, True, True),
+#: Formats: weight bits, group size, asymmetric, int8 activations.
+FORMATS: dict[str, tuple[int, int, bool, bool]] = {
+    "w4a16": (4, 128, False, False),
+    "w2a8": (2, 64, True, True),
 }
 #: (format, M, K, N): the demo's MiniLM layers at 256 rows and at one row, and a 4096² layer.
 CASES = (("w4a16", 256, 384, 384), ("w4a16", 256, 384, 1536), ("w4a16", 256, 1536, 384), ("w4a16", 1, 384, 1536),
@@ -48,9 +49,16 @@ CASES = (("w4a16", 256, 384, 384), ("w4a16", 256, 384, 1536), ("w4a16", 256, 153
          ("w2a8", 1, 4096, 4096), ("w2a8", 32, 4096, 4096))
 
 
+def kernel_of(fmt: str, rows: int) -> ModuleType:
+    """The kernel the lowering uses for ``fmt`` on ``rows`` rows."""
+    if fmt == "w2a8":
+        return a8_linear
+    return packed_gemm if rows >= packed_gemm.MIN_ROWS else packed_linear
+
+
 def layer(fmt: str, m: int, k: int, n: int) -> tuple[PackedLinearSpec, dict[str, torch.Tensor | None]]:
     """A layer of ``fmt`` with bias and random packed weights (integer zero points when asymmetric)."""
-    _, bits, group, asymmetric, a8 = FORMATS[fmt]
+    bits, group, asymmetric, a8 = FORMATS[fmt]
     gen = torch.Generator().manual_seed(0)
     spec = PackedLinearSpec(m, k, n, bits, group, asymmetric=asymmetric, has_bias=True,
                             act_bits=8 if a8 else None, act_dynamic=True)
@@ -64,13 +72,13 @@ def layer(fmt: str, m: int, k: int, n: int) -> tuple[PackedLinearSpec, dict[str,
 def compare(case: tuple[str, int, int, int], tuner: Tuner, runner: LocalRunner, rounds: int) -> dict[str, Any]:
     """Hand and tuned times of one case, built once and timed in turn ``rounds`` times."""
     fmt, m, k, n = case
-    kernel = FORMATS[fmt][0]
+    kernel = kernel_of(fmt, m)
     spec, tensors = layer(fmt, m, k, n)
     hand_knobs = kernel.default_knobs(spec, tuner.target)
     tuned_knobs = tuner.knobs(kernel, spec, tensors) or hand_knobs
     plans = [kernel.plan(spec, tensors, tuner.target, knobs=knobs) for knobs in (hand_knobs, tuned_knobs)]
     hand, tuned = runner.compare([(p.func, p.consts) for p in plans], rounds)
-    row = {"format": fmt, "M": m, "K": k, "N": n, "hand_knobs": hand_knobs, "tuned_knobs": tuned_knobs,
+    row = {"format": fmt, "kernel": kernel.KERNEL_NAME, "M": m, "K": k, "N": n, "hand_knobs": hand_knobs, "tuned_knobs": tuned_knobs,
            "hand_ms": hand * 1e3, "tuned_ms": tuned * 1e3, "hand_over_tuned": hand / tuned}
     log.info("%s M=%d K=%d N=%d: hand %.3f ms %s, tuned %.3f ms %s", *case, row["hand_ms"], hand_knobs,
              row["tuned_ms"], tuned_knobs)
