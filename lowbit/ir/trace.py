@@ -313,11 +313,12 @@ def trace(
     args, kwargs = _normalize_inputs(example_inputs, example_kwargs)
     failures: list[_Failure] = []
     with _eval_mode(model):
-        for name in chain:
+        for index, name in enumerate(chain):
             try:
                 gm = _trace_with(name, model, args, kwargs, leaf_modules)
             except Exception as exc:  # noqa: BLE001 - any tracer failure moves on to the next one
-                logger.info("%s tracer failed on %s: %s", name, type(model).__name__, _summary(exc))
+                then = f"; trying {chain[index + 1]}" if index + 1 < len(chain) else ""
+                logger.info("%s tracer cannot trace %s (%s)%s", name, type(model).__name__, _summary(exc), then)
                 failures.append(_Failure(name, exc))
                 continue
             logger.info("traced %s with %s: %d nodes", type(model).__name__, name, len(gm.graph.nodes))
