@@ -9,9 +9,10 @@ turns every lowbit linear into a ``call_tir`` of a CUDA kernel plan:
   bit-exact against the reference);
 * an act-order ``g_idx`` of whole groups and a partial last group are first made contiguous
   whole groups, as on the CPU (`lower.contiguous_groups`);
-* a layout a kernel cannot take (3-bit codes, uneven groups) is dequantized at compile time and multiplied by a scheduled fp32 matmul (A8 layers first
-  fake-quantize their input exactly as the reference does); each such layer is listed
-  in `Lowering.fallbacks` with the kernel's reason.
+* a layout a kernel cannot take (3-bit codes, uneven groups) is dequantized at compile
+  time and multiplied by a scheduled fp32 matmul (A8 layers first fake-quantize their
+  input exactly as the reference does); each such layer is listed in
+  `Lowering.fallbacks` with the kernel's reason.
 
 Every other operator is legalized and scheduled by TVM's dlight GPU rules (Matmul,
 GEMV, Reduction, GeneralReduction, Fallback); a PrimFunc left without thread bindings
@@ -61,6 +62,7 @@ from lowbit.backends.tvm.lower import (
     LoweredLinear,
     Lowering,
     _GraphImporter,
+    call_kernel,
     contiguous_groups,
     emit_on_rows,
     grouped_columns,
@@ -378,16 +380,10 @@ class _LinearConverter:
                              self.tuner)
         if isinstance(planned, KernelPlan):
             self.linears.append(LoweredLinear(name, spec, planned.name))
-            return self._call_plan(bb, x, spec, planned)
+            return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features)
         log.info("node '%s': fp32 fallback (%s)", name, planned)
         self.linears.append(LoweredLinear(name, spec, "dense", planned))
         return self._fallback(bb, x, spec, tensors)
-
-    @staticmethod
-    def _call_plan(bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, planned: KernelPlan) -> relax.Expr:
-        gvar = bb.add_func(planned.func, f"lowbit_{planned.name}")
-        args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in planned.consts]
-        return relax.call_tir(gvar, args, out_ty=relax.TensorType((spec.batch, spec.out_features), "float32"))
 
     @staticmethod
     def _fallback(bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec,

@@ -117,10 +117,9 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], target: Ta
     converter = _PackedLinearConverter(gm, target, tuner)
     input_info = [(spec.shape, spec.dtype) for spec in inputs]
     try:
-        mod = _GraphImporter(float32_lanes(target)).from_fx(gm, input_info, keep_params_as_input=False,
-                                                            unwrap_unit_return_tuple=True,
-                                       no_bind_return_tuple=False, custom_convert_map={LINEAR_PACKED_NAME: converter,
-                                                                             LINEAR_PACKED_A8_NAME: converter})
+        mod = _GraphImporter(float32_lanes(target)).from_fx(
+            gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True, no_bind_return_tuple=False,
+            custom_convert_map={LINEAR_PACKED_NAME: converter, LINEAR_PACKED_A8_NAME: converter})
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
         raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
     lowering = Lowering(mod, target, inputs, converter.linears)
@@ -335,7 +334,6 @@ class _PackedLinearConverter:
         rows = math.prod([int(d) for d in x.ty.shape][:-1])
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
-
         return emit_on_rows(bb, x, spec.out_features, lambda x2d, _: self._call_kernel(
             bb, node.name, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors))
 

@@ -1,11 +1,11 @@
 """fp32 dense linear ``y = x · Wᵀ + b`` for a constant weight, laid out for the kernel at compile time.
 
-The fallback for packed weights the packed kernels do not cover (3-bit codes, act-order
-``g_idx``, ragged groups): the weight is dequantized once at compile time. When ``N`` is
-a multiple of the vector width it is stored in panels ``(N/W, K, W)`` and runs on the
-panel micro-kernel of `packed_gemm.schedule_panels` (a task streams one contiguous
-panel; its rows share each loaded weight vector); otherwise it is stored transposed
-``(K, N)`` and scheduled by `lowbit.backends.tvm.schedule.schedule_tiled_reduction`.
+Runs the graph's fp32 linears whose weight is a constant, and the packed weights no
+packed kernel covers (3-bit codes, uneven groups), dequantized once at compile time. When
+``N`` is a multiple of the vector width the weight is stored in panels ``(N/W, K, W)``
+and runs on the panel micro-kernel of `packed_gemm.schedule_panels` (a task streams one
+contiguous panel; its rows share each loaded weight vector); otherwise it is stored
+transposed ``(K, N)`` and scheduled by `lowbit.backends.tvm.schedule.schedule_tiled_reduction`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import torch
 from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.common import divisor_at_most, finish
-from lowbit.backends.tvm.kernels.packed_gemm import schedule_panels
+from lowbit.backends.tvm.kernels.packed_gemm import schedule_panels, tile_rows
 from lowbit.backends.tvm.schedule import schedule_tiled_reduction
 
-#: Panel micro-kernel of the dense kernel: vectors per panel, rows per register tile with 32 vector registers
-#: (AVX-512) or fewer, rows per task, inputs per reduction block (a 256 × 32 fp32 weight tile is 32 KiB).
-VECTORS, ROWS_WIDE, ROWS_NARROW, ROW_BLOCK, K_BLOCK = 2, 8, 4, 32, 256
+#: Panel micro-kernel of the dense kernel: vectors per panel, rows per task, inputs per reduction block (a
+#: 256 × 32 fp32 weight tile is 32 KiB); register tiles of `packed_gemm.tile_rows` rows.
+VECTORS, ROW_BLOCK, K_BLOCK = 2, 32, 256
 
 
 def dense_plan(weight: torch.Tensor, bias: torch.Tensor | None, batch: int, lanes: int,
@@ -30,7 +30,8 @@ def dense_plan(weight: torch.Tensor, bias: torch.Tensor | None, batch: int, lane
     weight = weight.to(torch.float32)
     x = te.placeholder((batch, k_in), "float32", name="x")
     k = te.reduce_axis((0, k_in), name="k")
-    if n_out % lanes == 0:
+    panelled = n_out % lanes == 0
+    if panelled:
         width = lanes * divisor_at_most(n_out // lanes, VECTORS)
         w = te.placeholder((n_out // width, k_in, width), "float32", name="w")
         y = te.compute((batch, n_out), lambda m, n: te.sum(x[m, k] * w[n // width, k, n % width], axis=k),
@@ -48,9 +49,9 @@ def dense_plan(weight: torch.Tensor, bias: torch.Tensor | None, batch: int, lane
         consts.append(bias.to(torch.float32).contiguous())
     sch = s_tir.Schedule(te.create_prim_func([*args, y]))
     block = sch.get_sblock("matmul")
-    if n_out % lanes == 0:
+    if panelled:
         row_block = divisor_at_most(batch, ROW_BLOCK)
-        rows = divisor_at_most(row_block, ROWS_WIDE if lanes == 16 else ROWS_NARROW)
+        rows = divisor_at_most(row_block, tile_rows(lanes))
         schedule_panels(sch, block, lanes, width, rows, row_block, divisor_at_most(k_in, K_BLOCK))
     else:
         schedule_tiled_reduction(sch, block, lanes)

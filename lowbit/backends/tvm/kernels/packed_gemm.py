@@ -63,10 +63,15 @@ def unsupported_reason(spec: PackedLinearSpec, lanes: int) -> str | None:
     return None
 
 
+def tile_rows(lanes: int) -> int:
+    """Rows of a register tile of 2 vectors per row that fits the vector registers: 8 with AVX-512's 32
+    (16 lanes), else 4 (AVX2's and NEON's 16 registers)."""
+    return 8 if lanes == 16 else 4
+
+
 def default_knobs(spec: PackedLinearSpec, target: Target) -> dict[str, int]:
-    """The hand schedule: 8 rows × 2 vectors of accumulators with 32 vector registers (AVX-512), else 4 × 2."""
-    rows = 8 if float32_lanes(target) == 16 else 4
-    return {"row_tile": rows, "vectors": 2, "row_block": 64}
+    """The hand schedule: `tile_rows` rows × 2 vectors of accumulators, blocks of 64 rows."""
+    return {"row_tile": tile_rows(float32_lanes(target)), "vectors": 2, "row_block": 64}
 
 
 def plan(spec: PackedLinearSpec, tensors: Mapping[str, torch.Tensor | None], target: Target,
@@ -197,4 +202,4 @@ def schedule_panels(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
 
 
 __all__ = ["KERNEL_NAME", "KNOBS", "MIN_ROWS", "default_knobs", "packed_gemm_compute", "packed_gemm_func",
-           "panel_codes", "panel_width", "panels", "plan", "schedule_panels", "unsupported_reason"]
+           "panel_codes", "panel_width", "panels", "plan", "schedule_panels", "tile_rows", "unsupported_reason"]
