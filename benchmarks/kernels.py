@@ -1,44 +1,26 @@
-"""lowbit's low-bit TVM kernels against torch fp32 ``F.linear`` and ONNX Runtime, with read bandwidth.
+"""lowbit's low-bit TVM kernels against torch fp32 ``F.linear`` and ONNX Runtime, cold against cold.
 
-For (M, K, N) in {1, 32} × {(4096, 4096), (4096, 11008), (11008, 4096)}, on one thread
-and on all threads, each kernel of `lowbit.backends.tvm.kernels` with its hand schedule:
+For (M, K, N) in {1, 32} × {(4096, 4096), (4096, 11008), (11008, 4096)}, on one thread and on all
+threads, each x86 kernel with its hand schedule: ``w2a8``/``w4a8`` (2/4-bit groups of 128, int8 dynamic
+per-token activations), ``w1.58a8`` (ternary, one scale per row), ``w8a8`` (8-bit, one scale per row) and
+``w4a16`` (4-bit groups of 128, fp32 activations; the GEMV at M=1, the panel GEMM at M=32). Each kernel's
+output is checked against lowbit's torch reference op before it is timed.
 
-* ``w2a8``, ``w4a8``: 2/4-bit weights, groups of 128, int8 dynamic per-token activations
-  (`a8_linear`, the intrinsic this machine's target picks: VNNI or AVX2);
-* ``w1.58a8``: ternary codes {1, 2, 3} (the ``ternary`` pass's layout), one scale per row;
-* ``w8a8``: 8-bit weights, one scale per row (the ``w8a8-x86`` recipe's layout);
-* ``w4a16``: 4-bit weights, groups of 128, fp32 activations: `packed_linear` at M=1 and the panel
-  GEMM `packed_gemm` at M=32, as the lowering picks them.
+Peers on the same inputs and thread count: torch fp32 ``F.linear`` and ONNX Runtime ``MatMulNBits``
+(block 128; ``accuracy_level=4``, int8 activations, against the A8 kernels; ``0`` against W4A16), plus
+ORT's dynamic int8 path (``DynamicQuantizeLinear`` + ``MatMulInteger``) for W8A8. Every ORT session
+shares one global thread pool of the same size as TVM's.
 
-Peers on the same inputs: torch fp32 ``F.linear`` (ratio torch / lowbit: above 1, lowbit is
-faster), ONNX Runtime ``MatMulNBits`` (2-, 4- and 8-bit, block 128: it has no per-row
-blocks, so its 8-bit and ternary rows use blocks of 128) with ``accuracy_level=4`` (int8
-activations) against the A8 kernels and ``accuracy_level=0`` (fp32) against W4A16, and ORT's int8 path for W8A8 (``DynamicQuantizeLinear`` + ``MatMulInteger``, what
-``quantize_dynamic`` emits). These and the "lowbit ms" column run cache-warm: the same
-weights every call (a 2-bit 4096×4096 weight is 4 MiB and stays in L3), which a real
-decode step, touching every layer once, does not. "lowbit cold" therefore also times each kernel cycling through copies of its
-constants (≥ 256 MiB in all), so its weights come from DRAM; "cold GB/s" is the bytes it
-must read (packed weights, scales, zero points, activations) over that time.
+Like for like: every function is timed cold, cycling through copies of its weights (at least 256 MiB)
+so weights stream from DRAM, and warm, reusing one copy (labelled; a few MiB of packed weights stay in
+cache, which a decode step touching every layer once does not enjoy). Each round times every function
+in turn, ratios are taken round by round, and min/median/max over rounds are stored. Bandwidth is
+compared with a same-size read (the faster of torch's sum and a prefetching TVM read over buffers of
+the kernel's read bytes, cycled the same way), timed in the same rounds. The 1-minute load average is
+recorded at the start and the end.
 
-The memory these cores share with other machines' jobs gives anywhere between half and
-all of its bandwidth from one second to the next, so the kernel is compared with reads
-timed at the same moments: each repeat times, in turn, the cold kernel, a memory-read
-reference and a "same-size read", and the ratios are taken repeat by repeat (their
-medians are reported). The reference is the faster of torch's sum over a 512 MiB fp32
-tensor and a TVM streaming read of 512 MiB that prefetches ahead as the GEMV does
-(`read_func`), so the kernel's own prefetching cannot beat a reference that lacks it.
-The same-size read is the faster of torch's sum and the TVM read on buffers of about
-the kernel's read bytes, cycling through as many copies as the kernel does: a pure read
-of a few MiB per call need not stream like one 512 MiB read. The highest reference
-median of the whole run is reported too ("of peak read"), as the bound no moment of
-the run exceeded.
-
-Each thread count runs in its own process (TVM sizes its thread pool once, from
-``TVM_NUM_THREADS``) on kernels compiled once by the parent. Times are medians over
-``--repeats`` repeats, each repeat long enough (≥ 20 ms) to average many calls.
-
-Run: ``python benchmarks/kernels.py`` (``--repeats``, ``--shapes 4096x4096``, ``--kernels
-w2a8 w4a16`` to subset). Writes ``benchmarks/results/kernels.json`` and ``kernels.md``.
+Run: ``python benchmarks/kernels.py`` (``--repeats``, ``--shapes 4096x4096``, ``--kernels w2a8 w4a16``).
+Writes ``benchmarks/results/kernels.json`` and ``kernels.md``.
 """
 
 from __future__ import annotations
@@ -74,7 +56,8 @@ KERNELS: dict[str, tuple[int, int | None, bool, bool]] = {
     "w4a16": (4, 128, False, False),
 }
 ORT_BLOCK = 128
-BANDWIDTH_BYTES = 512 * 2**20
+#: A kernel's output may differ from the torch reference by this much, relative to the reference's largest value.
+OUTPUT_TOLERANCE = 1e-4
 #: Shortest repeat: calls are repeated until one repeat takes at least this long.
 MIN_REPEAT_S = 0.02
 #: Idle time before each repeat, for the other runtime's spinning worker threads to sleep.
@@ -109,8 +92,6 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
     from lowbit.backends.tvm.target import resolve_target
 
     target = resolve_target("x86")
-    tvm.compile(tvm.IRModule({READ_NAME: read_func(BANDWIDTH_BYTES)}), target=target).export_library(
-        str(directory / f"{READ_NAME}.so"))
     cases, read_rows = [], set()
     for kernel in kernels:
         bits, group, a8, _ = KERNELS[kernel]
@@ -190,11 +171,6 @@ def calls_per_repeat(fn: Callable[[], Any]) -> int:
     return max(1, int(MIN_REPEAT_S / max(time.perf_counter() - start, 1e-7)))
 
 
-def median_s(fn: Callable[[], Any], repeats: int) -> float:
-    """Median seconds per call over ``repeats`` repeats of at least `MIN_REPEAT_S` each."""
-    return statistics.median(interleaved_s({"fn": fn}, repeats)["fn"])
-
-
 def interleaved_s(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of every function, for each of ``repeats`` rounds that run each function's repeat
     (at least `MIN_REPEAT_S`) in turn: round ``i`` of every function saw the same moment of the machine.
@@ -221,13 +197,6 @@ def cycling(fn: Callable[..., Any], copies: list[list[Any]]) -> Callable[[], Any
     return lambda: fn(*copies[next(turn) % len(copies)])
 
 
-def read_bandwidth(data: torch.Tensor, tvm_read: Callable[[], Any], repeats: int) -> float:
-    """Bytes/s of the faster memory-read bound loop: torch summing ``data`` (the current torch thread count) or
-    ``tvm_read``, the TVM streaming read of as many bytes (`read_func`)."""
-    times = interleaved_s({"torch": data.sum, "tvm": tvm_read}, repeats)
-    return data.numel() * data.element_size() / min(statistics.median(t) for t in times.values())
-
-
 def same_size_reads(directory: Path, rows: int, copies: int) -> dict[str, Callable[[], Any]]:
     """The two cold reads of ``rows`` rows per task (`read_task_rows`) of the read kernel, torch's sum and the
     TVM read (`read_func`), each cycling through ``copies`` copies as the kernels' cold timing does."""
@@ -241,14 +210,14 @@ def same_size_reads(directory: Path, rows: int, copies: int) -> dict[str, Callab
     return {"same_tvm": cycling(func, buffers), "same_torch": cycling(torch.sum, tensors)}
 
 
-def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int, accuracy_level: int) -> Callable[[], Any]:
+def ort_matmulnbits(x: np.ndarray, bits: int, n: int, accuracy_level: int, seed: int) -> Callable[[], Any]:
     """An ORT session computing ``x · Wᵀ`` with ``MatMulNBits`` (level 4: int8 activations; 0: fp32)."""
     import onnx
     from onnx import TensorProto, helper
 
     m, k = x.shape
     blocks = k // ORT_BLOCK
-    rng = np.random.default_rng(k + n)
+    rng = np.random.default_rng(seed)
     packed = rng.integers(0, 256, size=(n, blocks, ORT_BLOCK * bits // 8), dtype=np.uint8)
     scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
     node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
@@ -257,16 +226,16 @@ def ort_matmulnbits(x: np.ndarray, bits: int, n: int, threads: int, accuracy_lev
         [node], "matmulnbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
         initializer=[onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales, "scales")])
-    return _ort_session(graph, x, threads)
+    return _ort_session(graph, x)
 
 
-def ort_int8(x: np.ndarray, n: int, threads: int) -> Callable[[], Any]:
+def ort_int8(x: np.ndarray, n: int, seed: int) -> Callable[[], Any]:
     """ORT's dynamic int8 path: ``DynamicQuantizeLinear`` + ``MatMulInteger`` + rescale (per-row weight scales)."""
     import onnx
     from onnx import TensorProto, helper
 
     m, k = x.shape
-    rng = np.random.default_rng(k + n)
+    rng = np.random.default_rng(seed)
     weight = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
     scales = (rng.random(n, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
     nodes = [
@@ -281,43 +250,57 @@ def ort_int8(x: np.ndarray, n: int, threads: int) -> Callable[[], Any]:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
         initializer=[onnx.numpy_helper.from_array(weight, "W"), onnx.numpy_helper.from_array(np.int8(0), "Wz"),
                      onnx.numpy_helper.from_array(scales, "Ws")])
-    return _ort_session(graph, x, threads)
+    return _ort_session(graph, x)
 
 
-def _ort_session(graph: Any, x: np.ndarray, threads: int) -> Callable[[], Any]:
+def _ort_session(graph: Any, x: np.ndarray) -> Callable[[], Any]:
+    """A session on the process's global ORT thread pool (``set_global_thread_pool_sizes``), all optimizations on."""
     import onnxruntime as ort
     from onnx import helper
 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 10  # onnx 1.23 writes IR 14, which ORT 1.31 refuses
+    model.ir_version = 10  # onnx 1.23 writes IR 14, which ORT refuses
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options.use_per_session_threads = False
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return lambda: session.run(None, {"A": x})
 
 
+def reference_output(kernel: str, x: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """What ``kernel`` must compute for ``x``: lowbit's torch reference op on the case's packed weights."""
+    import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit)
+    import lowbit.ir.ops_a8  # noqa: F401
+
+    bits, group, a8, _ = KERNELS[kernel]
+    w = weights(kernel, k, n, seed=k + n)
+    args = (x, w["qweight"], w["scales"], None, None, None, bits, group or k, k)
+    return torch.ops.lowbit.linear_packed_a8(*args, None) if a8 else torch.ops.lowbit.linear_packed(*args)
+
+
+def spread(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    """min / median / max of ``values`` times ``scale``."""
+    return {"min": min(values) * scale, "median": statistics.median(values) * scale, "max": max(values) * scale}
+
+
+def ratios(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """min / median / max of the round-by-round ratios ``numerator[i] / denominator[i]``."""
+    return spread([a / b for a, b in zip(numerator, denominator)])
+
+
 def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: int) -> dict[str, Any]:
-    """Time every case at ``threads`` threads (TVM_NUM_THREADS is set by the parent)."""
+    """Time every case at ``threads`` threads (TVM_NUM_THREADS is set by the parent).
+
+    Each round times, in turn: lowbit cold and warm, torch fp32 cold and warm, ONNX Runtime cold and warm,
+    and the two same-size reads. Cold functions cycle through copies of their weights (at least
+    `COLD_BYTES` in all), so every call streams its weights from DRAM.
+    """
+    import onnxruntime as ort
     import tvm
 
     torch.set_num_threads(threads)
-    data = torch.ones(BANDWIDTH_BYTES // 4)
-    read_lib = tvm.runtime.load_module(str(directory / f"{READ_NAME}.so"))
-    read_args = [tvm.runtime.tensor(np.ones((READ_TASKS, BANDWIDTH_BYTES // 4 // READ_TASKS // READ_ROW_INTS,
-                                             READ_ROW_INTS // READ_LANES, READ_LANES), dtype="int32")),
-                 tvm.runtime.tensor(np.zeros((READ_TASKS, READ_LANES), dtype="int32"))]
-    read_lib[READ_NAME](*read_args)
-    if int(read_args[1].numpy().sum()) != BANDWIDTH_BYTES // 4:
-        raise RuntimeError("the TVM read kernel did not read every element")
-
-    def tvm_read() -> None:
-        read_lib[READ_NAME](*read_args)
-
-    bandwidths = [read_bandwidth(data, tvm_read, repeats)]
-    log.info("%d thread(s): read bandwidth %.1f GB/s", threads, bandwidths[0] / 1e9)
+    ort.set_global_thread_pool_sizes(threads, 1)  # every ORT session shares one pool, as TVM's kernels do
     gen = torch.Generator().manual_seed(0)
-    rows, torch_ms, ort_ms = [], {}, {}
+    rows = []
     for case in cases:
         kernel, m, k, n = case["kernel"], case["M"], case["K"], case["N"]
         bits, _, a8, _ = KERNELS[kernel]
@@ -328,86 +311,94 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
         out = tvm.runtime.tensor(np.zeros((m, n), dtype="float32"))
         func = lib[case["name"]]
         read = sum(c.nbytes for c in consts) + x.numel() * 4
-        # Copies of the constants, used in turn, so the cold timing reads its weights from DRAM.
-        copies = [[tvm.runtime.tensor(t) for t in [x.numpy(), *consts]]
-                  for _ in range(min(MAX_COPIES, -(-COLD_BYTES // read)))]
-        lowbit_s = median_s(lambda: func(*copies[0], out), repeats)
-        size_bytes = case["read_rows"] * READ_TASK_ROW_BYTES
-        times = interleaved_s({"cold": cycling(lambda *a: func(*a, out), copies), "torch": data.sum,
-                               "tvm": tvm_read, **same_size_reads(directory, case["read_rows"], len(copies))},
-                              repeats)
-        del copies
-        cold_s = statistics.median(times["cold"])
-        reference = [BANDWIDTH_BYTES / min(a, b) for a, b in zip(times["torch"], times["tvm"])]
-        same_size = [size_bytes / min(a, b) for a, b in zip(times["same_torch"], times["same_tvm"])]
-        bandwidths.append(BANDWIDTH_BYTES / min(statistics.median(times["torch"]), statistics.median(times["tvm"])))
-        if (m, k, n) not in torch_ms:
-            weight = torch.randn(n, k, generator=gen)
-            with torch.no_grad():
-                torch_ms[(m, k, n)] = median_s(lambda: F.linear(x, weight), repeats) * 1e3
-            del weight
-        peers = {}
+        copies = [[tvm.runtime.tensor(t) for t in [x.numpy(), *consts]] for _ in range(cold_copies(read))]
+        func(*copies[0], out)
+        expected = reference_output(kernel, x, k, n)
+        error = float((torch.from_numpy(out.numpy()) - expected).abs().max() / expected.abs().max())
+        if error > OUTPUT_TOLERANCE:
+            raise RuntimeError(f"{case['name']}: the kernel's output is {error:.2e} (relative) away from the reference")
+
+        torch_weights = [torch.randn(n, k, generator=gen) for _ in range(cold_copies(n * k * 4))]
         ort_bits, level = (2 if kernel == "w1.58a8" else bits), (4 if a8 else 0)
-        ort_key = (ort_bits, level, m, k, n)
-        if ort_key not in ort_ms:
-            ort_ms[ort_key] = median_s(ort_matmulnbits(x.numpy(), ort_bits, n, threads, level), repeats) * 1e3
-        peers[f"ort_matmulnbits_w{ort_bits}_acc{level}_ms"] = ort_ms[ort_key]
+        peer = f"ort_matmulnbits_w{ort_bits}_acc{level}"
+        ort_bytes = n * k * ort_bits // 8
+        sessions = [ort_matmulnbits(x.numpy(), ort_bits, n, level, seed) for seed in range(cold_copies(ort_bytes))]
+        fns = {
+            "lowbit_cold": cycling(lambda *a: func(*a, out), copies),
+            "lowbit_warm": lambda: func(*copies[0], out),
+            "torch_cold": cycling(lambda w: F.linear(x, w), [[w] for w in torch_weights]),
+            "torch_warm": lambda: F.linear(x, torch_weights[0]),
+            f"{peer}_cold": cycling(lambda s: s(), [[s] for s in sessions]),
+            f"{peer}_warm": sessions[0],
+            **same_size_reads(directory, case["read_rows"], len(copies)),
+        }
         if kernel == "w8a8":
-            peers["ort_int8_matmulinteger_ms"] = median_s(ort_int8(x.numpy(), n, threads), repeats) * 1e3
+            int8 = [ort_int8(x.numpy(), n, seed) for seed in range(cold_copies(n * k))]
+            fns["ort_int8_matmulinteger_cold"] = cycling(lambda s: s(), [[s] for s in int8])
+            fns["ort_int8_matmulinteger_warm"] = int8[0]
+        with torch.no_grad():
+            times = interleaved_s(fns, repeats)
+        size_bytes = case["read_rows"] * READ_TASK_ROW_BYTES
+        same_size = [size_bytes / min(a, b) for a, b in zip(times["same_torch"], times["same_tvm"])]
+        cold_rate = [read / c for c in times["lowbit_cold"]]
+        ort_names = sorted({name.rsplit("_", 1)[0] for name in fns if name.startswith("ort_")})
         row = {**{key: case[key] for key in ("kernel", "M", "K", "N", "detail", "knobs")}, "threads": threads,
-               "lowbit_ms": lowbit_s * 1e3, "lowbit_cold_ms": cold_s * 1e3, "torch_fp32_ms": torch_ms[(m, k, n)],
-               "speedup_vs_torch": torch_ms[(m, k, n)] / (lowbit_s * 1e3), **peers,
-               "read_bytes": read, "lowbit_cold_GBps": read / cold_s / 1e9,
-               "read_bandwidth_GBps": statistics.median(reference) / 1e9,
-               "fraction_of_read_bandwidth": statistics.median(
-                   read / c / r for c, r in zip(times["cold"], reference)),
-               "same_size_read_GBps": statistics.median(same_size) / 1e9,
-               "fraction_of_same_size_read": statistics.median(
-                   read / c / r for c, r in zip(times["cold"], same_size))}
-        best_ort = min(peers.values(), default=None)
-        if best_ort is not None:
-            row["speedup_vs_best_ort"] = best_ort / row["lowbit_ms"]
-        log.info("%s, %d thread(s): lowbit %.3f ms, torch %.3f ms%s", case["name"], threads, row["lowbit_ms"],
-                 row["torch_fp32_ms"], f", best ORT {best_ort:.3f} ms" if best_ort is not None else "")
+               "max_rel_error": error, "read_bytes": read,
+               "ms": {name: spread(values, 1e3) for name, values in times.items() if not name.startswith("same_")},
+               "cold_speedup_vs_torch": ratios(times["torch_cold"], times["lowbit_cold"]),
+               "warm_speedup_vs_torch": ratios(times["torch_warm"], times["lowbit_warm"]),
+               "cold_speedup_vs_ort": {name: ratios(times[f"{name}_cold"], times["lowbit_cold"]) for name in ort_names},
+               "warm_speedup_vs_ort": {name: ratios(times[f"{name}_warm"], times["lowbit_warm"]) for name in ort_names},
+               "lowbit_cold_GBps": spread(cold_rate, 1e-9),
+               "same_size_read_GBps": spread(same_size, 1e-9),
+               "fraction_of_same_size_read": ratios(cold_rate, same_size)}
+        best = max(ort_names, key=lambda name: row["cold_speedup_vs_ort"][name]["median"] ** -1)
+        row["best_ort"] = best
+        log.info("%s, %d thread(s): lowbit cold %.3f ms, torch cold %.3f ms, %s cold %.3f ms", case["name"], threads,
+                 row["ms"]["lowbit_cold"]["median"], row["ms"]["torch_cold"]["median"], best,
+                 row["ms"][f"{best}_cold"]["median"])
         rows.append(row)
-    bandwidth = max(bandwidths)
-    for row in rows:
-        row["fraction_of_peak_read"] = row["read_bytes"] / (row["lowbit_cold_ms"] / 1e3) / bandwidth
-    log.info("%d thread(s): read bandwidth %.1f GB/s (highest of %d measurements, lowest %.1f GB/s)", threads,
-             bandwidth / 1e9, len(bandwidths), min(bandwidths) / 1e9)
-    return {"threads": threads, "peak_read_bandwidth_GBps": bandwidth / 1e9,
-            "lowest_read_bandwidth_GBps": min(bandwidths) / 1e9, "rows": rows}
+    return {"threads": threads, "rows": rows}
+
+
+def cold_copies(nbytes: int) -> int:
+    """Copies of ``nbytes`` of weights that a cold timing cycles through: at least `COLD_BYTES` in all."""
+    return max(2, min(MAX_COPIES, -(-COLD_BYTES // nbytes)))
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    """A markdown table of every row, then each thread count's read bandwidth."""
-    header = ("| kernel | M | K | N | thr | lowbit ms | torch fp32 ms | torch/lowbit | ORT MatMulNBits ms | "
-              "ORT int8 ms | best ORT/lowbit | lowbit cold ms | cold GB/s | read GB/s | of read | of peak read | "
-              "same-size read GB/s | of same-size read |")
+    """A markdown table of every row: cold (like for like) first, warm columns labelled as such."""
+    header = ("| kernel | M | K | N | thr | lowbit cold ms | torch fp32 cold ms | cold ×torch | best ORT | ORT cold ms | "
+              "cold ×ORT | cold GB/s | same-size read GB/s | of same-size read | warm lowbit ms | warm ×torch | "
+              "warm ×ORT |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in runs:
         for r in run["rows"]:
-            nbits = next((v for key, v in r.items() if key.startswith("ort_matmulnbits")), None)
-            int8 = r.get("ort_int8_matmulinteger_ms")
-            versus = r.get("speedup_vs_best_ort")
+            ms, best = r["ms"], r["best_ort"]
             lines.append(
-                f"| {r['kernel']} | {r['M']} | {r['K']} | {r['N']} | {r['threads']} | {r['lowbit_ms']:.3f} | "
-                f"{r['torch_fp32_ms']:.3f} | {r['speedup_vs_torch']:.2f}x | {_opt(nbits)} | {_opt(int8)} | "
-                f"{_opt(versus, '{:.2f}x')} | {r['lowbit_cold_ms']:.3f} | {r['lowbit_cold_GBps']:.1f} | "
-                f"{r['read_bandwidth_GBps']:.1f} | {r['fraction_of_read_bandwidth']:.0%} | "
-                f"{r['fraction_of_peak_read']:.0%} | {r['same_size_read_GBps']:.1f} | "
-                f"{r['fraction_of_same_size_read']:.0%} |")
+                f"| {r['kernel']} | {r['M']} | {r['K']} | {r['N']} | {r['threads']} | "
+                f"{_range(ms['lowbit_cold'], '{:.3f}')} | {ms['torch_cold']['median']:.3f} | "
+                f"{_range(r['cold_speedup_vs_torch'], '{:.1f}', 'x')} | {best.removesuffix('_ms')} | "
+                f"{ms[f'{best}_cold']['median']:.3f} | {_range(r['cold_speedup_vs_ort'][best], '{:.2f}', 'x')} | "
+                f"{r['lowbit_cold_GBps']['median']:.1f} | {r['same_size_read_GBps']['median']:.1f} | "
+                f"{_range(r['fraction_of_same_size_read'], '{:.0%}')} | {ms['lowbit_warm']['median']:.3f} | "
+                f"{r['warm_speedup_vs_torch']['median']:.1f}x | {r['warm_speedup_vs_ort'][best]['median']:.2f}x |")
     lines.append("")
-    lines += [f"Peak read bandwidth at {run['threads']} thread(s): {run['peak_read_bandwidth_GBps']:.1f} GB/s (the faster of "
-              f"torch's sum and a prefetching TVM read, the highest median of the run; the lowest was "
-              f"{run['lowest_read_bandwidth_GBps']:.1f} GB/s)" for run in runs]
-    lines.append('"read GB/s" is the reference read timed in the same rounds as the kernel\'s cold repeats and '
-                 '"of read" the median of the round-by-round ratios (see the script\'s docstring).')
+    lines.append("Cold columns cycle every function through copies of its weights (at least 256 MiB), so weights "
+                 "stream from DRAM for lowbit, torch and ONNX Runtime alike; ratios are taken round by round and "
+                 "shown as median (min–max). Warm columns reuse one copy (it may stay in cache) and are not like "
+                 "for like with a DRAM-bound peer.")
     return "\n".join(lines)
 
 
-def _opt(value: float | None, fmt: str = "{:.3f}") -> str:
-    return "–" if value is None else fmt.format(value)
+def _range(stats: dict[str, float], fmt: str, suffix: str = "") -> str:
+    return f"{fmt.format(stats['median'])}{suffix} ({fmt.format(stats['min'])}–{fmt.format(stats['max'])})"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def main() -> None:
@@ -425,6 +416,7 @@ def main() -> None:
         return
 
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
+    load_at_start = os.getloadavg()[0]
     all_threads = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -441,17 +433,20 @@ def main() -> None:
     from tvm.target import codegen
 
     machine = {"cpu": f"{platform.machine()} {codegen.llvm_get_system_cpu()}", "threads": all_threads,
-               "torch": torch.__version__, "load_average_1min_at_end": os.getloadavg()[0]}
+               "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
+               "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "kernels": {
         name: {"bits": bits, "group_size": group or "per row", "int8_activations": a8, "ternary": ternary}
         for name, (bits, group, a8, ternary) in KERNELS.items() if name in args.kernels}, "runs": runs}, indent=2) + "\n")
+    load = machine["load_average_1min"]
     RESULTS.with_suffix(".md").write_text(
         "# Low-bit kernels vs torch fp32 and ONNX Runtime\n\n"
-        f"`python benchmarks/kernels.py` on {machine['cpu']} ({all_threads} threads; load average "
-        f"{machine['load_average_1min_at_end']:.1f} at the end: other jobs share the cores), torch {machine['torch']}; "
-        "medians of repeats; \"cold\" columns stream the weights from DRAM, the others are cache-warm. "
-        "Details in the script's docstring.\n\n" + text + "\n")
+        f"`python benchmarks/kernels.py --repeats {args.repeats}` on {machine['cpu']} ({all_threads} threads), "
+        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; 1-minute load average "
+        f"{load['start']:.2f} at the start and {load['end']:.2f} at the end (this run's own threads count in it). "
+        "Every kernel's output was checked against lowbit's torch reference. Details in the script's docstring.\n\n"
+        + text + "\n")
     log.info("wrote %s and %s", RESULTS, RESULTS.with_suffix(".md"))
 
 
