@@ -59,6 +59,11 @@ def calibration_set(data: Any, example_inputs: tuple, example_kwargs: Mapping[st
             f"calibration must be an iterable of input batches (a list of tuples or a DataLoader), not {type(data).__name__}"
         )
     example_kwargs = dict(example_kwargs or {})
+    if not example_inputs and not example_kwargs:
+        raise CalibrationError(
+            "calibration batches cannot be checked without example inputs: pass example_inputs= "
+            "(or a set built by lowbit.calibration.calibration_set(batches, example_inputs))"
+        )
     batches = tuple(_check_batch(i, item, example_inputs, example_kwargs) for i, item in enumerate(data))
     if not batches:
         raise CalibrationError("calibration data is empty: give at least one batch of example-shaped inputs")

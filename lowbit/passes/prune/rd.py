@@ -74,9 +74,8 @@ class PruneRD(MaskPass):
     requires_calibration = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.calibration is None:
-            raise CalibrationError("prune_rd needs calibration data to measure its rate-distortion curves: "
-                                   "pass calibration=")
+        ctx.require_calibration(self.name, "prune_rd needs calibration data to measure its rate-distortion curves: "
+                                           "pass calibration=")
         return super().run(gm, ctx)
 
     def masks(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> dict[str, tuple[torch.Tensor, float]]:
@@ -102,7 +101,7 @@ class PruneRD(MaskPass):
         was_training = gm.training
         gm.eval()
         with torch.no_grad():
-            batches = list(ctx.calibration)
+            batches = list(ctx.require_calibration(self.name))
             reference = [_flat_output(gm(*args, **kwargs)) for args, kwargs in batches]
             curves = []
             for layer in ctx.progress(layers, desc="prune_rd curves"):

@@ -30,7 +30,6 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.fx as fx
 
-from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir import ops, ops_a8
 from lowbit.ir.annotations import annotate, get_meta
@@ -146,22 +145,11 @@ class QuantizeActivations(Pass):
     def _calibrate(self, gm: fx.GraphModule, static: dict[str, list[fx.Node]], configs: dict[str, ActivationConfig],
                    ctx: PassContext) -> dict[str, float]:
         """The calibrated input range ``A`` of each static layer (module doc)."""
-        if ctx.calibration is None:
-            raise CalibrationError(
-                f"{self.name}: static activation scales (dynamic=false) need calibration data; "
-                f"layers: {', '.join(static)}"
-            )
-        batches = ctx.calibration
-        if not isinstance(batches, CalibrationSet):
-            if not ctx.example_inputs and not ctx.example_kwargs:
-                raise CalibrationError(
-                    f"{self.name} cannot check raw calibration batches without example inputs: pass "
-                    "lowbit.calibration.calibration_set(batches, example_inputs), or example_inputs= to the pipeline"
-                )
-            batches = calibration_set(batches, ctx.example_inputs, ctx.example_kwargs)
+        batches = ctx.require_calibration(self.name, f"{self.name}: static activation scales (dynamic=false) need "
+                                                    f"calibration data; layers: {', '.join(static)}")
         observers = {path: _RangeObserver(path, configs[path]) for path in static}
         with _observing(gm, {node: observers[path] for path, nodes in static.items() for node in nodes}):
-            for args, kwargs in ctx.progress(list(batches), desc=f"{self.name} calibration"):
+            for args, kwargs in ctx.progress(batches, desc=f"{self.name} calibration"):
                 for observer in observers.values():
                     observer.start_batch()
                 gm(*args, **kwargs)

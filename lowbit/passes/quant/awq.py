@@ -56,17 +56,17 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit.calibration import CalibrationSet
+from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import LowbitError
 from lowbit.ir import packing
 from lowbit.ir.annotations import QuantScheme
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.quant.awq_groups import Producer, ScaleGroup, describe_node, find_producer, scale_groups
-from lowbit.passes.quant.gptq import relative_output_error
+from lowbit.passes.quant.gptq_algorithm import relative_output_error
 from lowbit.passes.quant.grid import QuantizedWeight, effective_group_size, grid_codes, group_params, quantize_weight
 from lowbit.passes.quant.hessian import (
-    CalibrationCursor, HessianAccumulator, calibration_batches, capture_inputs, token_rows,
+    CalibrationCursor, HessianAccumulator, capture_inputs, token_rows,
 )
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
@@ -227,7 +227,7 @@ class AWQ(Pass):
     pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        batches = calibration_batches(ctx, self.name)
+        batches = ctx.require_calibration(self.name)
         paths, records, states, counts = self._search(gm, batches, ctx, quantize=True)
         for state in states:
             for node, path, qw, config, stats in zip(state.group.nodes, state.group.paths, state.quantized,
@@ -253,8 +253,8 @@ class AWQ(Pass):
         steps 1–3 of the pass, to inspect them or to combine them with another quantizer.
         Returns each group's report entry (group, prev_op, scale, alpha, losses).
         """
-        ctx = PassContext(example_inputs=example_inputs, calibration=calibration)
-        _, _, states, _ = self._search(gm, calibration_batches(ctx, self.name), ctx, quantize=False)
+        batches = calibration_set(calibration, example_inputs)
+        _, _, states, _ = self._search(gm, batches, PassContext(example_inputs, calibration=batches), quantize=False)
         return [state.info for state in states]
 
     def _search(self, gm: fx.GraphModule, batches: CalibrationSet, ctx: PassContext, quantize: bool

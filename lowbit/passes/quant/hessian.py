@@ -29,9 +29,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.fx as fx
 
-from lowbit.calibration import CalibrationSet, calibration_set, padding_mask
-from lowbit.errors import CalibrationError, LowbitError
-from lowbit.passes.base import PassContext
+from lowbit.calibration import padding_mask
+from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +122,6 @@ def capture_inputs(gm: fx.GraphModule, path: str, calls: int, batches: Iterable[
                     gm(*args, **kwargs)
     finally:
         handle.remove()
-
-
-def calibration_batches(ctx: PassContext, pass_name: str) -> CalibrationSet:
-    """The context's calibration batches, validated against the example inputs unless already a `CalibrationSet`."""
-    if ctx.calibration is None:
-        raise CalibrationError(
-            f"{pass_name} needs calibration data: pass calibration= batches shaped like the example inputs"
-        )
-    if isinstance(ctx.calibration, CalibrationSet):
-        return ctx.calibration
-    if not ctx.example_inputs and not ctx.example_kwargs:
-        raise CalibrationError(
-            f"{pass_name} cannot check raw calibration batches without example inputs: pass "
-            "lowbit.calibration.calibration_set(batches, example_inputs), or example_inputs= to the pipeline"
-        )
-    return calibration_set(ctx.calibration, ctx.example_inputs, ctx.example_kwargs)
 
 
 class CalibrationCursor:
@@ -241,6 +224,6 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 __all__ = [
-    "CalibrationCursor", "Consumer", "HessianAccumulator", "calibration_batches", "capture_hessian", "capture_inputs",
+    "CalibrationCursor", "Consumer", "HessianAccumulator", "capture_hessian", "capture_inputs",
     "token_rows",
 ]

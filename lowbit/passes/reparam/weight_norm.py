@@ -135,10 +135,7 @@ def _data_init(gm: fx.GraphModule, ctx: PassContext, layers: list[tuple[str, nn.
     Each layer is re-initialized by a forward pre-hook from the input it actually receives, so
     every later layer sees the already re-initialized earlier ones (the paper's layer-by-layer order).
     """
-    batch = next(iter(ctx.calibration), None) if ctx.calibration is not None else None
-    if batch is None:
-        raise CalibrationError("weight_norm: init='data' needs one calibration batch and the calibration set is empty")
-    args, kwargs = batch
+    args, kwargs = ctx.require_calibration("weight_norm", "weight_norm: init='data' needs one calibration batch").batches[0]
     pending: dict[int, RemovableHandle] = {}
     for path, module, init_scale in layers:
         pending[id(module)] = module.register_forward_pre_hook(functools.partial(_init_hook, path, init_scale, pending))

@@ -17,8 +17,8 @@ from lowbit.calibration import calibration_set
 from lowbit.errors import CalibrationError, LowbitError, PassConfigError
 from lowbit.ir import ops, packing
 from lowbit.ir.annotations import QuantScheme, get_meta
-from lowbit.passes.quant import GPTQ, RTN, PackedLinear, gptq_quantize, linear_nodes, replace_linear
-from lowbit.passes.quant.gptq import relative_output_error
+from lowbit.passes.quant import GPTQ, RTN, GPTQOptions, PackedLinear, gptq_quantize, linear_nodes, replace_linear
+from lowbit.passes.quant.gptq_algorithm import relative_output_error
 from lowbit.passes.quant.grid import clipped_group_params, group_params
 from lowbit.passes.quant.hessian import capture_hessian
 
@@ -100,8 +100,8 @@ def weight_and_hessian(rows: int = 6, cols: int = 48, dtype: torch.dtype = torch
 @pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (False, True), (True, True)])
 def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_order, static_groups) -> None:
     w, h = weight_and_hessian()
-    result = gptq_quantize(w, h, bits, group_size, symmetric, act_order=act_order,
-                           static_groups=static_groups, block_size=7, sub_block=3)
+    result = gptq_quantize(w, h, GPTQOptions(bits, group_size, symmetric, act_order=act_order,
+                                             static_groups=static_groups, block_size=7, sub_block=3))
     codes, q, loss = reference_gptq(w, h, bits, group_size, symmetric, act_order, static_groups)
     assert torch.equal(packing.unpack(result.quantized.pack(), bits, w.shape[1]), codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
@@ -124,8 +124,8 @@ def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group
     x = torch.randn(samples, cols, generator=gen, dtype=torch.float64)
     x[:, torch.rand(cols, generator=gen) < 0.2] = 0.0
     h = 2 / samples * x.T @ x
-    result = gptq_quantize(w, h, bits, group_size, False, act_order=act_order, static_groups=static_groups,
-                           block_size=block_size, sub_block=sub_block)
+    result = gptq_quantize(w, h, GPTQOptions(bits, group_size, False, act_order=act_order, static_groups=static_groups,
+                                             block_size=block_size, sub_block=sub_block))
     codes, q, _ = reference_gptq(w, h, bits, group_size if group_size < cols else -1, False, act_order, static_groups)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-10, atol=1e-10)
@@ -136,8 +136,8 @@ def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_packed_weight_dequantizes_to_the_algorithms_q(group_size, act_order, static_groups, symmetric) -> None:
     w, h = weight_and_hessian(dtype=torch.float32)
-    result = gptq_quantize(w, h, 3, group_size, symmetric, act_order=act_order, static_groups=static_groups,
-                           block_size=8)
+    result = gptq_quantize(w, h, GPTQOptions(3, group_size, symmetric, act_order=act_order, static_groups=static_groups,
+                                             block_size=8))
     qw = result.quantized
     assert (qw.g_idx is not None) == (act_order and not static_groups and group_size != -1)
     if qw.g_idx is not None:  # groups are contiguous in act-order, stored per original column
@@ -200,8 +200,8 @@ def test_mse_grid_matches_gptqmodels_search_and_never_loses_to_min_max(bits, sym
 def test_mse_option_equals_the_unblocked_reference_with_mse_grids(act_order, static_groups) -> None:
     w, h = weight_and_hessian(rows=8, cols=48)
     w = w**3
-    result = gptq_quantize(w, h, 3, 16, act_order=act_order, static_groups=static_groups, block_size=7,
-                           sub_block=2, mse=2.4, mse_steps=20)
+    result = gptq_quantize(w, h, GPTQOptions(3, 16, act_order=act_order, static_groups=static_groups, block_size=7,
+                                             sub_block=2, mse=2.4, mse_steps=20))
     codes, q, loss = reference_gptq(w, h, 3, 16, False, act_order, static_groups, fit=reference_mse_grid)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
@@ -215,9 +215,9 @@ def test_stacked_weights_split_into_their_separate_results(group_size, act_order
     w, h = weight_and_hessian(rows=9, cols=48)
     parts = [w[:2], w[2:7], w[7:]]
     options = {"act_order": act_order, "static_groups": static_groups, "block_size": 8}
-    stacked = gptq_quantize(w, h, 3, group_size, **options).split([2, 5, 2])
+    stacked = gptq_quantize(w, h, GPTQOptions(3, group_size, **options)).split([2, 5, 2])
     for part, result in zip(parts, stacked):
-        alone = gptq_quantize(part, h, 3, group_size, **options)
+        alone = gptq_quantize(part, h, GPTQOptions(3, group_size, **options))
         for name in ("codes", "scales", "zeros", "g_idx"):
             a, b = getattr(result.quantized, name), getattr(alone.quantized, name)
             assert (a is None and b is None) or torch.equal(a, b), name
@@ -236,8 +236,8 @@ def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size)
     groups.sort(key=lambda g: -float(diag[g].max()))
     perm = torch.cat([g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
                      + [full + torch.argsort(diag[full:], descending=True, stable=True)])
-    result = gptq_quantize(w, h, 3, group_size, act_group_aware=True, block_size=8)
-    plain = gptq_quantize(w[:, perm], h[perm][:, perm], 3, group_size, block_size=8)
+    result = gptq_quantize(w, h, GPTQOptions(3, group_size, act_group_aware=True, block_size=8))
+    plain = gptq_quantize(w[:, perm], h[perm][:, perm], GPTQOptions(3, group_size, block_size=8))
     inverse = torch.argsort(perm)
     assert result.quantized.g_idx is None
     assert torch.equal(result.quantized.codes, plain.quantized.codes[:, inverse])
@@ -252,7 +252,8 @@ def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size)
 def test_block_and_sub_block_sizes_do_not_change_the_result() -> None:
     w, h = weight_and_hessian()
     sizes = [(1, 1), (5, 2), (16, 16), (16, 5), (128, 16), (128, 128)]
-    results = [gptq_quantize(w, h, 3, 16, act_order=True, block_size=b, sub_block=s).weight for b, s in sizes]
+    results = [gptq_quantize(w, h, GPTQOptions(3, 16, act_order=True, block_size=b, sub_block=s)).weight
+               for b, s in sizes]
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-12)
 
@@ -261,20 +262,20 @@ def test_block_and_sub_block_sizes_do_not_change_the_result() -> None:
 def test_empty_blocks_are_an_error(block_size, sub_block) -> None:
     w, h = weight_and_hessian()
     with pytest.raises(LowbitError, match="block_size and sub_block"):
-        gptq_quantize(w, h, 3, 16, block_size=block_size, sub_block=sub_block)
+        gptq_quantize(w, h, GPTQOptions(3, 16, block_size=block_size, sub_block=sub_block))
 
 
 def test_too_few_samples_are_dampened() -> None:
     w, _ = weight_and_hessian(cols=32, dtype=torch.float32)
     x = correlated_inputs(3, 32)
-    result = gptq_quantize(w, 2 / 3 * x.T @ x, 4)
+    result = gptq_quantize(w, 2 / 3 * x.T @ x, GPTQOptions(4))
     assert result.damp == 0.01 and torch.isfinite(result.weight).all()
 
 
 def test_failed_cholesky_increases_damping(caplog) -> None:
     not_psd = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4 and -2
-    with caplog.at_level(logging.WARNING, logger="lowbit.passes.quant.gptq"):
-        result = gptq_quantize(torch.randn(3, 2), not_psd, 4, name="fc")
+    with caplog.at_level(logging.WARNING, logger="lowbit.passes.quant.gptq_algorithm"):
+        result = gptq_quantize(torch.randn(3, 2), not_psd, GPTQOptions(4), name="fc")
     assert result.damp == pytest.approx(10.0)
     assert "layer 'fc'" in caplog.text and "retrying" in caplog.text
 
@@ -283,7 +284,7 @@ def test_nan_weight_is_an_error_naming_the_layer() -> None:
     w, h = weight_and_hessian()
     w[1, 2] = float("nan")
     with pytest.raises(LowbitError, match="layer 'fc'.*NaN"):
-        gptq_quantize(w, h, 4, name="fc")
+        gptq_quantize(w, h, GPTQOptions(4), name="fc")
 
 
 # ---------------------------------------------------------------- the pass
@@ -509,7 +510,7 @@ def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_capt
         if source not in hessians:
             hessians[source] = capture_hessian(reference, source, 1, batches).hessian
         node = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == path)
-        result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], 3, 32)
+        result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], GPTQOptions(3, 32))
         replace_linear(reference, node, result.quantized, QuantScheme(bits=3, group_size=32, symmetric=False,
                                                                         method="gptq"))
     for (name, expected), (other, actual) in zip(reference.named_buffers(), out.named_buffers()):
