@@ -331,7 +331,8 @@ def test_gptq_beats_rtn_on_the_calibration_distribution(bits: int) -> None:
 
 def test_pass_rewrites_layers_with_annotations_and_g_idx() -> None:
     gm, x = traced_mlp(), correlated_inputs(256, 64)
-    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=16, act_order=True, ignore=("fc2",))])
+    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=16, act_order=True, act_group_aware=False, mse=0.0,
+                                     ignore=("fc2",))])
     out = pipeline(gm, calibration=calibration(x))
     (node,) = [n for n in out.graph.nodes if n.target is ops.linear_packed]
     meta = get_meta(node)
@@ -464,7 +465,7 @@ def test_registry_defaults_and_missing_calibration() -> None:
     assert GPTQ().config.as_dict() == {
         "bits": 4, "group_size": 128, "symmetric": False, "ignore": (), "act_order": False,
         "static_groups": False, "block_size": 128, "damp_percent": 0.01,
-        "mse": 0.0, "mse_steps": 100, "mse_max_shrink": 0.8, "act_group_aware": False,
+        "mse": 2.4, "mse_steps": 20, "mse_max_shrink": 0.8, "act_group_aware": True,
     }
     with pytest.raises(CalibrationError, match="gptq"):
         lowbit.Pipeline([gptq])(traced_mlp())
@@ -473,6 +474,16 @@ def test_registry_defaults_and_missing_calibration() -> None:
         lowbit.Pipeline([GPTQ()])(traced_mlp(), calibration=batches)
     out = lowbit.Pipeline([GPTQ()])(traced_mlp(), calibration=batches, example_inputs=batches[0])
     assert isinstance(out.get_submodule("fc1"), PackedLinear)
+
+
+def test_defaults_are_the_best_measured_settings() -> None:
+    """Group-aware order and MSE-fitted grids unless told otherwise (the recipes' settings);
+    act_order needs the group-aware order switched off."""
+    options = lowbit.passes.get("gptq", bits=4).config.options
+    assert (options.act_group_aware, options.mse, options.mse_steps, options.act_order) == (True, 2.4, 20, False)
+    with pytest.raises(PassConfigError, match="act_group_aware=false with act_order"):
+        lowbit.passes.get("gptq", act_order=True)
+    assert lowbit.passes.get("gptq", act_order=True, act_group_aware=False).config.options.act_order
 
 
 def test_nan_weight_in_a_graph_is_an_error_naming_the_layer() -> None:
@@ -496,7 +507,8 @@ def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_capt
     batches = calibration_set([{"input_ids": torch.randint(0, 256, (2, 16))} for _ in range(2)], (), {"input_ids": ids})
     embedding_calls = []
     handle = gm.get_submodule("model.embed_tokens").register_forward_hook(lambda *_: embedding_calls.append(1))
-    out = lowbit.Pipeline([GPTQ(bits=3, group_size=32)])(gm, calibration=batches)
+    gptq = GPTQ(bits=3, group_size=32)
+    out = lowbit.Pipeline([gptq])(gm, calibration=batches)
     handle.remove()
     assert len(embedding_calls) == 2  # one forward per batch for all 15 layers
 
@@ -510,7 +522,7 @@ def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_capt
         if source not in hessians:
             hessians[source] = capture_hessian(reference, source, 1, batches).hessian
         node = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == path)
-        result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], GPTQOptions(3, 32))
+        result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], gptq.config.options)
         replace_linear(reference, node, result.quantized, QuantScheme(bits=3, group_size=32, symmetric=False,
                                                                         method="gptq"))
     for (name, expected), (other, actual) in zip(reference.named_buffers(), out.named_buffers()):
