@@ -45,6 +45,7 @@ import torch.fx as fx
 from lowbit.errors import VerificationError
 from lowbit.ir import ops, packing
 from lowbit.ir.annotations import get_meta
+from lowbit.ir.graph import get_attr
 from lowbit.ir.verify import check
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,7 @@ def _buffer(gm: fx.GraphModule, node: fx.Node, arg: object) -> object:
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         what = arg.op if isinstance(arg, fx.Node) else type(arg).__name__
         raise VerificationError(f"int8-activation linear '{node.name}': input {arg} must be a get_attr of a buffer, not {what}")
-    owner, _, name = arg.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return get_attr(gm, arg)
 
 
 __all__ = [

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError, PassConfigError, VerificationError
 from lowbit.ir.annotations import Sparsity, annotate, get_meta
+from lowbit.ir.graph import get_attr
 from lowbit.ir.verify import check
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
@@ -334,13 +335,13 @@ def _masks_match_annotations(gm: fx.GraphModule) -> None:
         meta = get_meta(node)
         if meta is None or meta.sparsity is None or meta.sparsity.merged or node.op != "call_function":
             continue
-        owner, _, name = meta.sparsity.mask.rpartition(".")
+        owner = meta.sparsity.mask.rpartition(".")[0]
         try:
             module = gm.get_submodule(owner)
         except AttributeError:
             raise VerificationError(f"masked layer '{node.name}' names mask '{meta.sparsity.mask}' but '{owner}' "
                                     "is not a submodule") from None
-        mask = getattr(module, name, None)
+        mask = get_attr(gm, meta.sparsity.mask, None)
         if not isinstance(mask, torch.Tensor) or mask.dtype != module.weight.dtype or mask.shape != module.weight.shape:
             raise VerificationError(f"masked layer '{node.name}': '{meta.sparsity.mask}' must be a buffer of the "
                                     f"weight's dtype and shape {tuple(module.weight.shape)}")

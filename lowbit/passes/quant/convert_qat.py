@@ -18,12 +18,12 @@ import torch.fx as fx
 from torch import nn
 
 from lowbit.ir.annotations import QuantScheme, annotate, get_meta
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig
 from lowbit.passes.quant.qat import WeightFakeQuant, fake_quantizer_of
 from lowbit.passes.quant.rewrite import replace_linear, unsupported_reason
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import layer_calls
 from lowbit.passes.reparam.statsq import ConvertStatsQ
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ConvertQAT(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear,)):
+        for path, module, nodes in layers(gm, (nn.Linear,)):
             quantizer = fake_quantizer_of(module)
             if quantizer is None:
                 continue

@@ -17,15 +17,17 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from lowbit.errors import LowbitError, PassConfigError
 from lowbit.ir.annotations import QuantScheme, get_meta
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.quant.gptq_algorithm import GPTQOptions, energy_ratio, gptq_quantize, row_energies
 from lowbit.passes.quant.grid import quantize_weight, relative_error
 from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator
-from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
+from lowbit.passes.quant.rewrite import replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.quant.threads import single_thread
 from lowbit.passes.registry import register
@@ -189,11 +191,8 @@ def _stackable(gm: fx.GraphModule, todo: list[tuple[_Layer, GPTQConfig]]) -> lis
 
 def _input_groups(gm: fx.GraphModule) -> list[list[_Layer]]:
     """The ``nn.Linear`` layers in graph order, grouped when they are called once on the same input."""
-    calls: dict[str, list[fx.Node]] = {}
-    for node, path, _ in linear_nodes(gm):
-        calls.setdefault(path, []).append(node)
     groups: dict[Any, list[_Layer]] = {}
-    for path, nodes in calls.items():
+    for path, _, nodes in layers(gm, nn.Linear):
         node = nodes[0]
         shares_input = len(nodes) == 1 and len(node.args) == 1 and not node.kwargs
         groups.setdefault(node.args[0] if shares_input else path, []).append((node, path, len(nodes)))

@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 from lowbit.errors import PassConfigError
 from lowbit.ir import packing
 from lowbit.ir.annotations import FakeQuant
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.binary import binary_quantize
@@ -46,7 +47,7 @@ from lowbit.passes.quant.grid import GRID_BITS, QuantizedWeight, effective_group
 from lowbit.passes.quant.rewrite import unsupported_reason
 from lowbit.passes.quant.ternary import ternary_quantize
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import annotate_calls, layer_calls, skip_reason
+from lowbit.passes.reparam.common import annotate_calls, skip_reason
 from lowbit.passes.selection import matches_any
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class FakeQuantize(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear,)):
+        for path, module, nodes in layers(gm, (nn.Linear,)):
             reason = "ignored" if matches_any(path, self.config.ignore) else None
             reason = reason or skip_reason(gm, path, module) or unsupported_reason(gm, path)
             config = None if reason else self.config_for(path)

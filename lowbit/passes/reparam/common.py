@@ -10,7 +10,6 @@ stack (a reparameterization first, a fake-quantizer on top).
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -32,16 +31,6 @@ CONV_LINEAR: tuple[type[nn.Module], ...] = (
 
 class ReparamError(LowbitError):
     """A layer cannot be reparameterized (or folded) as asked; the message names the layer."""
-
-
-def layer_calls(gm: fx.GraphModule, kinds: tuple[type[nn.Module], ...]) -> Iterator[tuple[str, nn.Module, list[fx.Node]]]:
-    """Each module path called by a ``call_module`` node whose module is one of ``kinds``, with its call nodes."""
-    calls: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), kinds):
-            calls.setdefault(node.target, []).append(node)
-    for path, nodes in calls.items():
-        yield path, gm.get_submodule(path), nodes
 
 
 def output_dim(module: nn.Module) -> int:
@@ -125,7 +114,6 @@ __all__ = [
     "ReparamError",
     "annotate_calls",
     "clear_annotation",
-    "layer_calls",
     "output_dim",
     "parametrization_inputs",
     "reparam_output",

@@ -41,6 +41,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lowbit.ir.annotations import Reparam, annotate
+from lowbit.ir.graph import get_attr, op_name
 from lowbit.ir.trace import graph_inputs
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
@@ -218,24 +219,14 @@ def _block_name(node: fx.Node) -> str:
     return node.name
 
 
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if node.op == "call_method":
-        return str(target)
-    if target is operator.getitem:
-        return "getitem"
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", getattr(target, "__name__", str(target)))
-
-
 def _is_move(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.Identity)
-    return node.op in ("call_function", "call_method") and _op_name(node) in _MOVES
+    return op_name(node) in _MOVES
 
 
 def _describe(node: fx.Node) -> str:
-    return f"{_op_name(node) if node.op != 'call_module' else node.target} (node {node.name})"
+    return f"{op_name(node) or node.target} (node {node.name})"
 
 
 def _trace_back(gm: fx.GraphModule, start: Any, role: str) -> _Projection:
@@ -257,8 +248,7 @@ def _trace_back(gm: fx.GraphModule, start: Any, role: str) -> _Projection:
 def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    owner, _, name = node.target.rpartition(".")
-    value = getattr(gm.get_submodule(owner) if owner else gm, name)
+    value = get_attr(gm, node)
     return value if isinstance(value, torch.Tensor) else None
 
 

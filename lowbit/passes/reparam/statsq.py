@@ -26,12 +26,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.ir.annotations import FakeQuant, QuantScheme, annotate, get_meta
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.grid import QuantizedWeight
 from lowbit.passes.quant.rewrite import replace_linear, unsupported_reason
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import annotate_calls, layer_calls, parametrization_inputs
+from lowbit.passes.reparam.common import annotate_calls, parametrization_inputs
 from lowbit.passes.reparam.qkr import QKRLinear
 from lowbit.passes.selection import matches_any
 
@@ -118,7 +119,7 @@ class StatsQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear, QKRLinear)):
+        for path, module, nodes in layers(gm, (nn.Linear, QKRLinear)):
             reason = "ignored" if matches_any(path, self.config.ignore) else _skip_reason(gm, path, module)
             config = None if reason else self.config_for(path)
             if config is None:
@@ -171,7 +172,7 @@ class ConvertStatsQ(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear,)):
+        for path, module, nodes in layers(gm, (nn.Linear,)):
             quantizer = statsq_of(module)
             if quantizer is None:
                 continue

@@ -27,10 +27,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.ir.annotations import Reparam
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import CONV_LINEAR, ReparamError, annotate_calls, layer_calls, skip_reason
+from lowbit.passes.reparam.common import CONV_LINEAR, ReparamError, annotate_calls, skip_reason
 from lowbit.passes.selection import matches_any
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class WeightCompander(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, CONV_LINEAR):
+        for path, module, nodes in layers(gm, CONV_LINEAR):
             reason = "ignored" if matches_any(path, self.config.ignore) else skip_reason(gm, path, module)
             config = None if reason else self.config_for(path)
             if config is None:

@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir.annotations import Reparam
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.registry import register
@@ -36,7 +37,6 @@ from lowbit.passes.reparam.common import (
     CONV_LINEAR,
     ReparamError,
     annotate_calls,
-    layer_calls,
     output_dim,
     skip_reason,
 )
@@ -91,7 +91,7 @@ class WeightNorm(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records, done = [], []
-        for path, module, nodes in layer_calls(gm, CONV_LINEAR):
+        for path, module, nodes in layers(gm, CONV_LINEAR):
             reason = "ignored" if matches_any(path, self.config.ignore) else skip_reason(gm, path, module)
             config = None if reason else self.config_for(path)
             if config is None:
@@ -129,7 +129,7 @@ def _check_nonzero(path: str, weight: torch.Tensor, dim: int | None) -> None:
         )
 
 
-def _data_init(gm: fx.GraphModule, ctx: PassContext, layers: list[tuple[str, nn.Module, float]]) -> None:
+def _data_init(gm: fx.GraphModule, ctx: PassContext, targets: list[tuple[str, nn.Module, float]]) -> None:
     """The paper's data-dependent init, run on the first calibration batch in one forward.
 
     Each layer is re-initialized by a forward pre-hook from the input it actually receives, so
@@ -137,7 +137,7 @@ def _data_init(gm: fx.GraphModule, ctx: PassContext, layers: list[tuple[str, nn.
     """
     args, kwargs = ctx.require_calibration("weight_norm", "weight_norm: init='data' needs one calibration batch").batches[0]
     pending: dict[int, RemovableHandle] = {}
-    for path, module, init_scale in layers:
+    for path, module, init_scale in targets:
         pending[id(module)] = module.register_forward_pre_hook(functools.partial(_init_hook, path, init_scale, pending))
     was_training = gm.training
     try:
@@ -148,7 +148,7 @@ def _data_init(gm: fx.GraphModule, ctx: PassContext, layers: list[tuple[str, nn.
         for handle in pending.values():
             handle.remove()
     if pending:
-        missing = [path for path, module, _ in layers if id(module) in pending]
+        missing = [path for path, module, _ in targets if id(module) in pending]
         raise CalibrationError(f"weight_norm: init='data': the calibration batch never reached {', '.join(missing)}")
 
 
