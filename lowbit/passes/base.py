@@ -71,9 +71,8 @@ class PassContext:
     def require_calibration(self, pass_name: str, message: str = "") -> CalibrationSet:
         """The calibration set; without one a `CalibrationError` with ``message``, or one naming ``pass_name``."""
         if self.calibration is None:
-            raise CalibrationError(
-                message or f"{pass_name} needs calibration data: pass calibration= batches shaped like the example inputs"
-            )
+            raise CalibrationError(message or f"{pass_name} needs calibration data: "
+                                   "pass calibration= batches shaped like the example inputs")
         return self.calibration
 
     def progress(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

@@ -47,7 +47,8 @@ class PipelineReport:
         for r in self.passes:
             done = sum(1 for rec in r.layers if rec.action != "skipped")
             stats = ", ".join(f"{k}={_short(v)}" for k, v in r.stats.items())
-            rows.append((r.name, f"{r.time_s:.2f}s", "yes" if r.changed else "no", str(done), str(len(r.skipped)), stats))
+            rows.append((r.name, f"{r.time_s:.2f}s", "yes" if r.changed else "no", str(done), str(len(r.skipped)),
+                         stats))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -119,9 +120,8 @@ class Pipeline:
         needing = self.requires_calibration
         if calibration is None:
             if needing:
-                raise CalibrationError(
-                    f"pass{'es' if len(needing) > 1 else ''} {', '.join(needing)} need calibration data: pass calibration="
-                )
+                raise CalibrationError(f"pass{'es' if len(needing) > 1 else ''} {', '.join(needing)} "
+                                       "need calibration data: pass calibration=")
             return None
         return calibration_set(calibration, example_inputs, example_kwargs)
 

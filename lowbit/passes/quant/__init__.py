@@ -1,6 +1,6 @@
 """Quantization passes. Importing this package registers them (``rtn``, ``gptq``, ``awq``, ``ternary``,
-``binary``, ``quantize_activations``, ``fake_quant``, ``convert_qat``; they share `grid`, `rewrite` and the packed format;
-`sensitivity` measures per-layer error for mixed precision)."""
+``binary``, ``quantize_activations``, ``fake_quant``, ``convert_qat``; they share `grid`, `rewrite` and the
+packed format; `sensitivity` measures per-layer error for mixed precision)."""
 
 from lowbit.ir import ops_a8  # noqa: F401  (registers lowbit::linear_packed_a8 and its verifier check)
 from lowbit.passes.quant.activations import ActivationConfig, PackedLinearA8, QuantizeActivations

@@ -1,20 +1,11 @@
 """``quantize_activations``: int8 inputs for every packed linear (W8A8, W4A8, W2A8, W1.58A8).
 
-It runs after a weight quantizer (``rtn``, ``gptq``, ``ternary``, ``binary``, ...) and
-rewrites each ``lowbit.linear_packed`` call into ``lowbit.linear_packed_a8`` with the
-same packed weight, so it composes with every weight format. The op's reference fixes
-the arithmetic (`lowbit.ir.ops_a8`); this pass chooses the activation scale:
-
-- dynamic, per token (default, BitNet b1.58): ``127 / max|x|`` per row at run time;
-  nothing is stored and no calibration is needed;
-- static, per tensor: one step ``Δ = A / 127`` per layer, stored as the buffer
-  ``act_scale`` of the layer, where ``A`` comes from running the calibration batches:
-  ``absmax`` takes the largest ``|x|`` seen; ``percentile`` takes, per batch, the
-  nearest-rank ``p``-th percentile of ``|x|`` and averages it over batches (memory stays
-  one batch), which clips rare outliers. ``A`` is floored at 1e-5 like BitNet's absmax.
-
-Linears that are not packed (e.g. an ignored ``lm_head``) keep float activations and
-are reported as skipped. The annotation gets ``act_bits = 8``.
+It runs after any weight quantizer and rewrites each ``lowbit.linear_packed`` call into
+``lowbit.linear_packed_a8`` on the same packed weight, whose reference (`lowbit.ir.ops_a8`)
+fixes the arithmetic; this pass only chooses the activation scale: dynamic per token (the
+default, BitNet b1.58, no calibration) or one static step per layer from the calibration
+batches (``absmax``, or a per-batch ``percentile`` averaged over batches; docs/methods.md,
+BitNet b1.58). Linears that are not packed keep float activations and are reported as skipped.
 """
 
 from __future__ import annotations

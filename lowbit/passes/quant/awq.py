@@ -1,47 +1,13 @@
-"""``awq``: activation-aware weight quantization (Lin et al. 2023; METHODS.md §9).
+"""``awq``: activation-aware weight quantization (Lin et al. 2023; docs/methods.md, AWQ).
 
-Weights that meet large activations matter most. AWQ protects them by scaling the input
-columns of each group of linears by ``s`` (and their input by ``1/s``) before rounding,
-with ``s = s_X^α`` searched per group, then searches a clipping range per output channel
-and group, then quantizes on the asymmetric project grid (`lowbit.passes.quant.grid`).
-
-Per group of linears that read one input ``X`` (`lowbit.passes.quant.awq_groups`):
-
-1. Capture the group's calibration inputs into ``s_X[c] = mean |x_c|`` and the Gram
-   matrix ``H = mean x xᵀ``, over real tokens only: positions a batch's
-   ``attention_mask`` marks as padding are left out (`lowbit.passes.quant.hessian`). The
-   model never reads them, yet with sentences padded to a common length they can be
-   most of the rows (77% for 48 GPL-3 sentences padded to 128 tokens for MiniLM). The batches advance through the graph with the pass
-   (`lowbit.passes.quant.hessian.CalibrationCursor`), so all groups together cost about
-   one forward per batch and only the values crossing the current group are held.
-2. For ``α = 0, 1/n_grid, …`` (α = 1 excluded): ``s = max(s_X^α, 1e−4)``, normalized by
-   ``√(max s · min s)``; the loss is the mean squared change of the group's combined
-   output, ``Σ_i tr(Δ_i H Δ_iᵀ) / Σ_i out_i`` with ``Δ_i = W_i − Q(W_i diag s) diag s⁻¹``,
-   computed from ``H`` (exactly the token mean METHODS.md uses). α = 0 (``s = 1``) is
-   plain round-to-nearest, so the chosen scale never loses to it on this loss. The loss
-   is measured at the linears' outputs, not at the attention/MLP block output as the
-   reference does (a traced graph has no module boundary to inspect).
-3. Apply the best ``s`` exactly: ``W_i ← W_i diag s``, and ``X / s`` folded into the op
-   producing ``X`` when the graph allows it (norm weight and bias, a preceding linear's
-   last ``len(s)`` rows and bias, a 1-D weight multiply such as transformers' RMSNorm);
-   a fold is first tried with a random scale on one calibration batch and kept only if
-   ``X`` comes out divided channel by channel (the cursor's held ``X`` is then divided
-   by ``s`` as well). Otherwise an explicit multiply by ``1/s``
-   (a root buffer ``awq_inv_scale_<n>``) is inserted before the linears; the report
-   counts those (``explicit_scales``). Under grouped-query attention v_proj → o_proj
-   cannot fold (the reference skips that scale), so o_proj gets an explicit one.
-4. Clip search on the scaled weights and inputs (skipped for q/k projections by name, as
-   the reference does): per output channel and group, ``m = max|w| (1 − i/n_grid)`` for
-   ``i < max_shrink · n_grid``, error ``δᵀ H_gg δ`` with ``δ = Q(clamp(w, ±m)) − w``:
-   the token mean of the group's partial-product error over every calibration token
-   (the reference samples 512 tokens to bound memory; ``H`` already does).
-
-A group's clip search waits until no later group can still fold into one of its linears
-(up_proj's rows change when down_proj's scale is folded). All captures run on the float
-model with scales applied but no clipping or rounding, so, as in the reference, no
-quantization error propagates between groups; quantization (`replace_linear`) happens
-last. The grid is the project's (its range always includes 0, unlike the reference's
-pseudo-quantizer, which differs only for groups of one sign).
+Weights that meet large activations matter most, so each group of linears reading one input
+(`lowbit.passes.quant.awq_groups`) gets its input columns scaled by ``s = s_X^α`` (the input
+divided by ``s``, folded upstream when the graph allows it, else an explicit multiply), then a
+clipping range per output channel and group, then the asymmetric project grid. Scale and clip
+losses come from the group's input Gram matrix over real (unpadded) tokens, captured as the
+calibration batches advance through the graph with the pass, so all groups cost about one
+forward per batch. Unlike the reference, losses are measured at the linears' outputs (a traced
+graph has no block boundary) and the grid always includes 0.
 """
 
 from __future__ import annotations

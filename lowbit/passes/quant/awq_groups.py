@@ -1,23 +1,11 @@
 """Graph analysis for AWQ: which linears share an input, and which op can absorb its scale.
 
-AWQ multiplies the input columns of every linear reading one input ``X`` by ``s`` and
-must divide ``X`` by ``s`` (METHODS.md §9, "Apply"). `scale_groups` finds the groups:
-linears called once on the same input node share one scale; a linear called several
-times is a group of its own. `find_producer` then looks for an op upstream of ``X``
-whose parameters can divide its output channels by ``s`` with the model unchanged:
-
-- an ``nn.Linear`` (its last ``len(s)`` output rows and bias; v_proj → o_proj, up → down),
-- an ``nn.LayerNorm`` / ``nn.RMSNorm`` module (its weight and bias),
-- an elementwise multiply by a 1-D weight of width ``len(s)`` (transformers' RMSNorm,
-  which stays as ATen ops in traced graphs: ``weight * normalized``).
-
-Between that op and ``X`` only ops that commute with a positive per-channel scale may
-appear (views, transposes, dropout, ReLU, a product or quotient with a tensor that does
-not depend on the op, attention's value path), and nothing on the way may be read
-anywhere else, so the rest of the model cannot notice the fold. Whether the channels
-line up (``len(s)`` last rows of a linear feed ``X``'s channels in order) depends on the
-views in between; the pass checks that numerically before it folds
-(`lowbit.passes.quant.awq`). When no such op exists the pass keeps an explicit ``x / s``.
+`scale_groups` groups the linears called once on one input node (a linear called several times
+is a group of its own); `find_producer` looks upstream of that input for an op whose parameters
+can divide its output channels by AWQ's scale with the model unchanged: an ``nn.Linear``'s last
+rows, a LayerNorm/RMSNorm module, or a multiply by a 1-D weight (transformers' RMSNorm), reached
+only through scale-commuting ops nothing else reads. Without one, AWQ keeps an explicit
+``x / s`` (docs/methods.md, AWQ).
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
-"""Layer-input Hessians ``H = 2/N · Σ x xᵀ`` captured from calibration forwards.
+"""Layer-input Hessians ``H = 2/N · Σ x xᵀ`` captured from calibration forwards (GPTQ and AWQ).
 
-Used by GPTQ (METHODS.md §8 step 1) and AWQ (§9). `capture_hessian` runs the calibration batches
-through the current graph with a forward pre-hook on one ``nn.Linear`` and folds each
-batch's inputs into a running ``K × K`` fp32 average, so memory stays bounded by one
-batch's activations plus ``H``: activations are never stored. Once the layer has seen
-all of its calls in a batch the hook raises a private exception that ends the forward
-early, since nothing after the layer is needed. `capture_inputs` is that capture with
-any consumer of the inputs (AWQ also accumulates ``mean |x|`` per channel).
-`CalibrationCursor` serves a pass that calibrates every layer in graph order (GPTQ):
-the batches advance through the graph with the pass, holding only the values that
-cross the current layer, so all layers together cost one forward per batch.
-
-``N`` counts rows, i.e. tokens: an input of shape ``(..., K)`` contributes
-``prod(...)`` rows. When a batch marks padding (`lowbit.calibration.padding_mask`) and
-an input is laid out ``(batch, tokens, K)``, the padded tokens' rows are left out: the
-model never reads those positions, and a calibration set padded to a common length can
-be mostly padding, whose activations would otherwise dominate the statistics. (IST-DASLab's code counts sequences; the constant only matters
-relative to GPTQ's damping, which is itself relative to ``mean(diag H)``.)
+`capture_hessian` runs the calibration batches through the current graph with a forward
+pre-hook on one ``nn.Linear``, folds each batch into a running fp32 ``K × K`` average and
+stops the forward once the layer has seen all its calls, so activations are never stored.
+`capture_inputs` hands the inputs to any consumer; `CalibrationCursor` advances the batches
+through the graph with a pass that calibrates layer after layer, so all layers together cost
+one forward per batch. ``N`` counts token rows; padded tokens (`lowbit.calibration.padding_mask`)
+are left out, since the model never reads them (docs/methods.md, GPTQ).
 """
 
 from __future__ import annotations

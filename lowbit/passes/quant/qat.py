@@ -1,26 +1,12 @@
-"""``fake_quant``: quantization-aware training with straight-through estimators (METHODS.md §7.1, §11).
+"""``fake_quant``: quantization-aware training with straight-through estimators (docs/methods.md, QAT).
 
-Each target ``nn.Linear`` weight gets a `WeightFakeQuant` parametrization: the forward
-uses the quantized weight, the backward passes the gradient to the latent float weight.
-Formats (per layer through overrides, so QAT can be mixed precision):
-
-- ``int`` with ``scale: stat``: the ``rtn`` grid (`lowbit.passes.quant.grid`, 2/3/4/8
-  bits, group size, sym/asym) recomputed every step from the latent weight; clipped STE
-  (§11.2): gradient 1 where ``round(w/s) + z`` lies in ``[0, 2^b − 1]``, 0 outside;
-- ``int`` with ``scale: lsq``: LSQ (§11.3), a learnable step per row/group,
-  ``ŵ = round(clip(w/s, −Q_N, Q_P))·s`` (signed, symmetric only), init
-  ``s = 2·mean|w|/√Q_P``, the step's gradient scaled by ``g = 1/√(N·Q_P)`` where ``N``
-  is the number of weights sharing the step (the whole layer for one step, as in the
-  paper; a row or group otherwise, as OFQ does per channel);
-- ``ternary``: BitNet b1.58 absmean per tensor (§7.1), identity STE;
-- ``binary``: BinaryConnect deterministic ``sign₊`` (§11.1), identity STE, scale
-  ``mean|w|`` per row (``scale: stat``, the ``binary`` pass's format) or the fixed ``±H``
-  (``scale: fixed``, ``H = latent_clip``). BinaryConnect clips the latent weight to
-  ``[−H, H]`` after every optimizer step (the pass clips it once when it runs): call
-  `clip_latent_weights` after ``step()`` or install it once with `attach_latent_clip`.
-
-The forward value is exactly the packed format's dequantized weight
-(``(q − zero)·scale`` in float32), so ``convert_qat`` reproduces it bit for bit.
+Each target ``nn.Linear`` weight gets a `WeightFakeQuant` parametrization: the forward uses
+the quantized weight, the backward passes the gradient to the latent float weight. Formats,
+per layer through overrides: ``int`` with the ``rtn`` grid recomputed every step (clipped STE)
+or LSQ's learnable steps, BitNet b1.58 ``ternary`` and BinaryConnect ``binary`` (call
+`clip_latent_weights` after each optimizer step, or `attach_latent_clip` once). The forward
+value is exactly the packed format's dequantized weight, so ``convert_qat`` reproduces it bit
+for bit.
 """
 
 from __future__ import annotations
@@ -174,7 +160,9 @@ class WeightFakeQuant(nn.Module):
         return ((raw >= 0) & (raw <= (1 << qw.bits) - 1)).to(weight.dtype)
 
     def method(self) -> str:
-        return "lsq" if self.scale == "lsq" else {"int": "ste", "ternary": "absmean", "binary": "binaryconnect"}[self.format]
+        if self.scale == "lsq":
+            return "lsq"
+        return {"int": "ste", "ternary": "absmean", "binary": "binaryconnect"}[self.format]
 
     def extra_repr(self) -> str:
         return f"format={self.format}, bits={self.bits}, group_size={self.group_size}, scale={self.scale}"
@@ -267,7 +255,8 @@ class FakeQuantize(Pass):
                 "scale": config.scale}))
         count = sum(r.action == "fake_quantized" for r in records)
         log.info("fake_quant: %d layer(s) fake-quantized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records, stats={"fake_quantized": count, "skipped": len(records) - count})
+        return PassResult(changed=count > 0, layers=records,
+                          stats={"fake_quantized": count, "skipped": len(records) - count})
 
 
 __all__ = [

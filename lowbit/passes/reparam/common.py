@@ -42,12 +42,14 @@ def skip_reason(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None:
     """Why the weight of the layer at ``path`` must not be reparameterized, or None."""
     weight = module.weight
     if parametrize.is_parametrized(module, "weight"):
-        return "its weight is already parametrized: " + ", ".join(type(p).__name__ for p in module.parametrizations.weight)
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
+        return f"its weight is already parametrized: {kinds}"
     if weight.device.type == "meta":
         return "weight is on the meta device (no data)"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is weight and name != f"{path}.weight"]
+    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False)
+               if p is weight and name != f"{path}.weight"]
     if sharers:
         return f"its weight is tied to {', '.join(sharers)}; reparameterizing one side would untie them"
     readers = [n.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{path}.weight"]
@@ -77,7 +79,8 @@ def parametrization_inputs(module: nn.Module, name: str = "weight") -> list[torc
 
 
 def reparam_output(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The tensor the first parametrization of ``name`` computes (the reparameterized, not yet fake-quantized, weight)."""
+    """The tensor the first parametrization of ``name`` computes (the reparameterized, not yet fake-quantized,
+    weight)."""
     plist = module.parametrizations[name]
     return plist[0](*parametrization_inputs(module, name))
 

@@ -169,7 +169,8 @@ def reference_mse_grid(w: torch.Tensor, bits: int, symmetric: bool, norm: float 
         q = s1[:, None] * (torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], 0, maxq) - z1[:, None])
         err = (q - w).abs().pow(norm).sum(dim=1)
         better = err < best
-        best, scale, zero = torch.where(better, err, best), torch.where(better, s1, scale), torch.where(better, z1, zero)
+        best, scale = torch.where(better, err, best), torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
     return scale, zero
 
 
@@ -190,7 +191,8 @@ def test_mse_grid_matches_gptqmodels_search_and_never_loses_to_min_max(bits, sym
     def error(grid):
         s, z = grid
         z = (2**bits) / 2 if z is None else z[:, None]
-        return ((torch.clamp(torch.round(w / s[:, None]) + z, 0, 2**bits - 1) - z) * s[:, None] - w).abs().pow(2.4).sum(1)
+        q = (torch.clamp(torch.round(w / s[:, None]) + z, 0, 2**bits - 1) - z) * s[:, None]
+        return (q - w).abs().pow(2.4).sum(1)
 
     assert (error((scale, zero)) <= error(group_params(w, bits, symmetric))).all()
     assert (error((scale, zero)) < error(group_params(w, bits, symmetric))).any()
