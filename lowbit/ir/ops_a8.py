@@ -9,7 +9,7 @@ order of operations is fixed so that an integer kernel can match it bit for bit:
 1. ``xf = float32(x)`` and the int8 codes of the input, rounding half to even:
 
    - dynamic (``act_scale`` is None), per token (row of the last dimension), as BitNet
-     b1.58 (docs/methods.md, BitNet b1.58): ``s = 127 / max(max_k |xf[t, k]|, 1e-5)``
+     b1.58 (see docs/methods.md (BitNet b1.58)): ``s = 127 / max(max_k |xf[t, k]|, 1e-5)``
      (a float32 division, not ``127 · (1/a)``),
      ``x_int = clamp(round(xf · s), −128, 127)``; the step is ``1 / s``;
    - static (``act_scale`` is a float32 scalar, the step ``Δ``):
@@ -50,7 +50,7 @@ from lowbit.ir.verify import check
 
 log = logging.getLogger(__name__)
 
-#: int8 range of the quantized activations (asymmetric clamp, docs/methods.md, BitNet b1.58).
+#: int8 range of the quantized activations (asymmetric clamp; docs/methods.md (BitNet b1.58)).
 ACT_QMIN, ACT_QMAX = -128, 127
 #: Floor of a token's absmax before ``127 / absmax`` (BitNet's 1e-5).
 ACT_EPS = 1e-5

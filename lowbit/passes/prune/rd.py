@@ -1,10 +1,10 @@
-"""``prune_rd``: rate-distortion layer-adaptive pruning (Xu et al., ICCV 2023; docs/methods.md, RD pruning).
+"""``prune_rd``: rate-distortion layer-adaptive pruning (Xu et al., ICCV 2023).
 
 Each layer's output-distortion curve over candidate sparsities is measured on the calibration
 set from the current masks, a knapsack dynamic program picks one sparsity per layer within the
 survivor budget, and each layer is magnitude-pruned to it. Layers with a per-layer ``sparsity``
 override are pruned to it and left out of the budget. One call is one iteration: run it again
-at a higher target (retraining between) to iterate.
+at a higher target (retraining between) to iterate. The math: docs/methods.md (RD pruning).
 """
 
 from __future__ import annotations

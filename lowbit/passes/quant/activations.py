@@ -4,8 +4,9 @@ It runs after any weight quantizer and rewrites each ``lowbit.linear_packed`` ca
 ``lowbit.linear_packed_a8`` on the same packed weight, whose reference (`lowbit.ir.ops_a8`)
 fixes the arithmetic; this pass only chooses the activation scale: dynamic per token (the
 default, BitNet b1.58, no calibration) or one static step per layer from the calibration
-batches (``absmax``, or a per-batch ``percentile`` averaged over batches; docs/methods.md,
-BitNet b1.58). Linears that are not packed keep float activations and are reported as skipped.
+batches (``absmax``, or a per-batch ``percentile`` averaged over batches); docs/methods.md
+(BitNet b1.58) has the formulas. Linears that are not packed keep float activations and are
+reported as skipped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``awq``: activation-aware weight quantization (Lin et al. 2023; docs/methods.md, AWQ).
+"""``awq``: activation-aware weight quantization (Lin et al. 2023).
 
 Weights that meet large activations matter most, so each group of linears reading one input
 (`lowbit.passes.quant.awq_groups`) gets its input columns scaled by ``s = s_X^α`` (the input
@@ -7,7 +7,7 @@ clipping range per output channel and group, then the asymmetric project grid. S
 losses come from the group's input Gram matrix over real (unpadded) tokens, captured as the
 calibration batches advance through the graph with the pass, so all groups cost about one
 forward per batch. Unlike the reference, losses are measured at the linears' outputs (a traced
-graph has no block boundary) and the grid always includes 0.
+graph has no block boundary) and the grid always includes 0. The math: docs/methods.md (AWQ).
 """
 
 from __future__ import annotations

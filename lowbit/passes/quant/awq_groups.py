@@ -5,7 +5,7 @@ is a group of its own); `find_producer` looks upstream of that input for an op w
 can divide its output channels by AWQ's scale with the model unchanged: an ``nn.Linear``'s last
 rows, a LayerNorm/RMSNorm module, or a multiply by a 1-D weight (transformers' RMSNorm), reached
 only through scale-commuting ops nothing else reads. Without one, AWQ keeps an explicit
-``x / s`` (docs/methods.md, AWQ).
+``x / s``; docs/methods.md (AWQ).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""``gptq``: GPTQ weight quantization of every ``nn.Linear`` (Frantar et al. 2022; docs/methods.md, GPTQ).
+"""``gptq``: GPTQ weight quantization of every ``nn.Linear`` (Frantar et al. 2022).
 
 The pass moves the calibration batches through the graph with the layers
 (`lowbit.passes.quant.hessian.CalibrationCursor`), so each layer's Hessian comes from the
 inputs that reach it through the already-quantized layers before it, and every batch runs
 through the graph once in all. Layers reading one input node (q/k/v, gate/up) share one
 capture, and with equal options are quantized as one weight stacked along the rows, which
-gives each the result it would get alone. The algorithm itself is
-`lowbit.passes.quant.gptq_algorithm`; it runs single-threaded, the forwards keep torch's threads.
+gives each the result it would get alone. The algorithm itself, single-threaded while the
+forwards keep torch's threads, is `lowbit.passes.quant.gptq_algorithm`; docs/methods.md (GPTQ).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The GPTQ algorithm on one weight and its input Hessian (docs/methods.md, GPTQ).
+"""The GPTQ algorithm on one weight and its input Hessian; the math is in docs/methods.md (GPTQ).
 
 `gptq_quantize` quantizes a weight column by column on the project grid
 (`lowbit.passes.quant.grid`), spreading each column's rounding error over the columns not
@@ -258,7 +258,7 @@ def _quantize_columns(
     w: torch.Tensor, u: torch.Tensor, grid: _Grid, group_of: list[int], dynamic_group: int | None, block_size: int,
     sub_block: int, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's column loop with lazy updates at two levels (docs/methods.md, GPTQ).
+    """GPTQ's column loop with lazy updates at two levels; docs/methods.md (GPTQ).
 
     Works on ``wt = wᵀ`` so that a weight column is a contiguous row. Inside a block of
     ``block_size`` columns, each column's error updates only the rest of its

@@ -6,7 +6,7 @@ stops the forward once the layer has seen all its calls, so activations are neve
 `capture_inputs` hands the inputs to any consumer; `CalibrationCursor` advances the batches
 through the graph with a pass that calibrates layer after layer, so all layers together cost
 one forward per batch. ``N`` counts token rows; padded tokens (`lowbit.calibration.padding_mask`)
-are left out, since the model never reads them (docs/methods.md, GPTQ).
+are left out, since the model never reads them. The math: docs/methods.md (GPTQ).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``fake_quant``: quantization-aware training with straight-through estimators (docs/methods.md, QAT).
+"""``fake_quant``: quantization-aware training with straight-through estimators.
 
 Each target ``nn.Linear`` weight gets a `WeightFakeQuant` parametrization: the forward uses
 the quantized weight, the backward passes the gradient to the latent float weight. Formats,
@@ -6,7 +6,7 @@ per layer through overrides: ``int`` with the ``rtn`` grid recomputed every step
 or LSQ's learnable steps, BitNet b1.58 ``ternary`` and BinaryConnect ``binary`` (call
 `clip_latent_weights` after each optimizer step, or `attach_latent_clip` once). The forward
 value is exactly the packed format's dequantized weight, so ``convert_qat`` reproduces it bit
-for bit.
+for bit. The formats and estimators: docs/methods.md (QAT).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The attention logits of a head depend on ``W_q`` and ``W_k`` only through their product, so
 QKR computes them from the stacked product (a `QKRLinear`), and a weight quantizer sees that
-product itself (docs/methods.md, QKR). Every ``scaled_dot_product_attention`` whose q and k are
+product itself: docs/methods.md (QKR). Every ``scaled_dot_product_attention`` whose q and k are
 data movement of linear projections of one input is rewritten; fused qkv projections keep
 only their value rows. The q and k biases are dropped as in OFQ, which preserves the function
 only when the query bias is zero: the report says so per block. Blocks with anything else

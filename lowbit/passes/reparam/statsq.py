@@ -3,8 +3,8 @@
 ``statsq`` fake-quantizes every ``nn.Linear`` weight (on top of a weight reparameterization if
 there is one) and the ``W_qk`` product of `lowbit.passes.reparam.qkr.QKRLinear` to ``2^b``
 symmetric levels without a zero, from a per-row scale recomputed every forward, with a
-straight-through gradient (docs/methods.md, StatsQ). ``convert_statsq`` packs each trained
-layer exactly: its levels are ``scale·(q − zero)`` with a half-integer zero point.
+straight-through gradient (the formulas: docs/methods.md (StatsQ)). ``convert_statsq`` packs
+each trained layer exactly: its levels are ``scale·(q − zero)`` with a half-integer zero point.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each weight becomes ``a·arctan(v/b)`` of a latent ``v`` that starts at the exact inverse, so
 the model is unchanged at the start; ``a, b`` are fixed or learned per layer. The helpers place
 weight decay as the paper prescribes (`compander_param_groups`, `compander_decay_penalty`) and
-rescale adaptive optimizer steps (`CompanderStepRescaling`); docs/methods.md, weight compander.
+rescale adaptive optimizer steps (`CompanderStepRescaling`); docs/methods.md (weight compander).
 """
 
 from __future__ import annotations

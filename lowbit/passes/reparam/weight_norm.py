@@ -3,8 +3,8 @@
 The weight becomes ``g ⊙ V / ‖V‖`` through torch's own parametrization, so the state-dict
 layout is torch's; ``dim="output"`` normalizes per output channel for every layer kind.
 ``init="weight"`` preserves the function; ``init="data"`` is the paper's data-dependent init
-on the first calibration batch, layer after layer in graph order (docs/methods.md, weight
-normalization).
+on the first calibration batch, layer after layer in graph order:
+docs/methods.md (weight normalization).
 """
 
 from __future__ import annotations
