@@ -87,7 +87,7 @@ MINILM_SENTENCES, MINILM_LENGTH, MINILM_BATCH, MINILM_WINDOWS = 32, 64, 16, 224
 #: lowbit's GPTQ options per model (see the module doc).
 GPTQ_OPTIONS = {
     "smollm2": {"act_group_aware": True, "mse": 2.4, "mse_steps": 20},
-    "minilm": {"act_order": True, "mse": 2.4, "mse_steps": 20},
+    "minilm": {"act_order": True, "act_group_aware": False, "mse": 2.4, "mse_steps": 20},
 }
 META = {
     "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,

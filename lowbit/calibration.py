@@ -50,15 +50,22 @@ class CalibrationSet:
         return sum(_batch_size(args, kwargs) for args, kwargs in self.batches)
 
 
-def calibration_set(data: Any, example_inputs: tuple, example_kwargs: Mapping[str, Any] | None = None) -> CalibrationSet:
+def calibration_set(data: Any, example_inputs: tuple,
+                    example_kwargs: Mapping[str, Any] | None = None) -> CalibrationSet:
     """Validate ``data`` against the example inputs and materialize it as a `CalibrationSet`."""
     if isinstance(data, CalibrationSet):
         return data
     if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
         raise CalibrationError(
-            f"calibration must be an iterable of input batches (a list of tuples or a DataLoader), not {type(data).__name__}"
+            "calibration must be an iterable of input batches (a list of tuples or a DataLoader), "
+            f"not {type(data).__name__}"
         )
     example_kwargs = dict(example_kwargs or {})
+    if not example_inputs and not example_kwargs:
+        raise CalibrationError(
+            "calibration batches cannot be checked without example inputs: pass example_inputs= "
+            "(or a set built by lowbit.calibration.calibration_set(batches, example_inputs))"
+        )
     batches = tuple(_check_batch(i, item, example_inputs, example_kwargs) for i, item in enumerate(data))
     if not batches:
         raise CalibrationError("calibration data is empty: give at least one batch of example-shaped inputs")
@@ -183,15 +190,19 @@ def _check_batch(index: int, item: Any, example_inputs: tuple, example_kwargs: d
     elif isinstance(item, Mapping):
         args, kwargs = (), dict(item)
     else:
-        raise CalibrationError(f"calibration batch {index} is a {type(item).__name__}; expected a tensor, tuple or dict")
+        raise CalibrationError(
+            f"calibration batch {index} is a {type(item).__name__}; expected a tensor, tuple or dict"
+        )
     if len(args) != len(example_inputs):
         raise CalibrationError(
-            f"calibration batch {index} has {len(args)} positional inputs, the example inputs have {len(example_inputs)}"
+            f"calibration batch {index} has {len(args)} positional inputs, "
+            f"the example inputs have {len(example_inputs)}"
             + (" (drop labels from the batches)" if len(args) > len(example_inputs) else "")
         )
     if set(kwargs) != set(example_kwargs):
         raise CalibrationError(
-            f"calibration batch {index} has keyword inputs {sorted(kwargs)}, the example inputs have {sorted(example_kwargs)}"
+            f"calibration batch {index} has keyword inputs {sorted(kwargs)}, "
+            f"the example inputs have {sorted(example_kwargs)}"
         )
     for name, value, example in [(str(i), a, e) for i, (a, e) in enumerate(zip(args, example_inputs))] + [
         (k, kwargs[k], v) for k, v in example_kwargs.items()

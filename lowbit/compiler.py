@@ -19,8 +19,7 @@ import torch.fx as fx
 
 from lowbit import artifact, recipes
 from lowbit.backends import check_target, get_backend
-from lowbit.calibration import calibration_set
-from lowbit.errors import CalibrationError, LowbitError
+from lowbit.errors import LowbitError
 from lowbit.ir.trace import trace
 from lowbit.passes.base import Pass
 from lowbit.passes.pipeline import Pipeline, PipelineReport
@@ -121,7 +120,7 @@ def compile(
     recipe_obj, pipeline = build_pipeline(recipe, passes, "convert", verify, dump_dir)
     target = check_target(target if target is not None else (recipe_obj.target if recipe_obj else "torch"))
     backend = get_backend(target)
-    calib = _calibration(calibration, pipeline, example_inputs, example_kwargs)
+    calib = pipeline.calibration_set(calibration, example_inputs, example_kwargs)
 
     start = time.perf_counter()
     gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
@@ -174,7 +173,7 @@ def prepare(
     """Trace ``model`` and run the prepare-stage (training-time) passes; returns a trainable GraphModule."""
     example_inputs = _as_tuple(example_inputs)
     _, pipeline = build_pipeline(recipe, passes, "prepare", verify, None)
-    calib = _calibration(calibration, pipeline, example_inputs, example_kwargs)
+    calib = pipeline.calibration_set(calibration, example_inputs, example_kwargs)
     gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     return graph.train(model.training)
@@ -220,12 +219,6 @@ def build_pipeline(recipe: Any, passes: Sequence[Pass | str] | None, stage: str,
     return recipe_obj, Pipeline(pass_list, verify=verify, dump_dir=dump_dir)
 
 
-def _calibration(calibration: Any, pipeline: Pipeline, example_inputs: tuple, example_kwargs: Any) -> Any:
-    if calibration is None:
-        if pipeline.requires_calibration:
-            raise CalibrationError(f"pass(es) {', '.join(pipeline.requires_calibration)} need calibration data: pass calibration=")
-        return None
-    return calibration_set(calibration, example_inputs, example_kwargs)
 
 
 def _graph_of(model: torch.nn.Module, example_inputs: tuple, leaf_modules: Sequence[Any],

@@ -12,6 +12,7 @@ import torch.nn as nn
 from lowbit.errors import LowbitError
 from lowbit.ir import ops, ops_a8, packing
 from lowbit.ir.annotations import get_meta
+from lowbit.ir.graph import get_attr
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ def _buffer(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
         return None
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         raise LowbitError(f"packed linear input {arg} is not a buffer of the graph")
-    owner, _, name = arg.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return get_attr(gm, arg)
 
 
 __all__ = ["dequantized_weights"]

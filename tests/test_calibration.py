@@ -44,6 +44,11 @@ def test_bad_calibration_is_a_named_error(data, message):
         calibration_set(data, EXAMPLE)
 
 
+def test_batches_without_example_inputs_are_a_named_error():
+    with pytest.raises(CalibrationError, match="without example inputs"):
+        calibration_set([(torch.randn(2, 3, 8, 8),)], ())
+
+
 def test_error_names_the_batch():
     data = [(torch.randn(1, 3, 8, 8),), (torch.randn(1, 3, 8, 8),), (torch.randn(1, 3, 9, 8),)]
     with pytest.raises(CalibrationError, match="batch 2"):

@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from lowbit.ir.graph import get_attr
+
 logger = logging.getLogger("lowbit.trace")
 
 _Args = dict[str, Any]
@@ -149,21 +151,11 @@ def _bind(node: fx.Node) -> _Args:
     return bound
 
 
-def _lookup(root: nn.Module, target: str) -> Any:
-    """The object at dotted path ``target`` under ``root``, or None."""
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def _is_layer_tensor(arg: Any, tensor: torch.Tensor | None, model: nn.Module) -> bool:
     """True when ``arg`` is exactly ``tensor``: a get_attr of it, or None for a missing one."""
     if tensor is None:
         return arg is None
-    return isinstance(arg, fx.Node) and arg.op == "get_attr" and _lookup(model, arg.target) is tensor
+    return isinstance(arg, fx.Node) and arg.op == "get_attr" and get_attr(model, arg, None) is tensor
 
 
 def _has_stock_forward(layer: nn.Module, rule: _LayerRule) -> bool:
@@ -181,7 +173,7 @@ def _owning_layer(node: fx.Node, model: nn.Module) -> tuple[str, nn.Module] | No
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    layer = _lookup(model, path) if path else None
+    layer = get_attr(model, path, None) if path else None
     return (path, layer) if isinstance(layer, nn.Module) else None
 
 

@@ -9,8 +9,8 @@ order of operations is fixed so that an integer kernel can match it bit for bit:
 1. ``xf = float32(x)`` and the int8 codes of the input, rounding half to even:
 
    - dynamic (``act_scale`` is None), per token (row of the last dimension), as BitNet
-     b1.58 (METHODS.md §7.1): ``s = 127 / max(max_k |xf[t, k]|, 1e-5)`` (a float32
-     division, not ``127 · (1/a)``),
+     b1.58 (see docs/methods.md (BitNet b1.58)): ``s = 127 / max(max_k |xf[t, k]|, 1e-5)``
+     (a float32 division, not ``127 · (1/a)``),
      ``x_int = clamp(round(xf · s), −128, 127)``; the step is ``1 / s``;
    - static (``act_scale`` is a float32 scalar, the step ``Δ``):
      ``x_int = clamp(round(xf / Δ), −128, 127)``.
@@ -45,11 +45,12 @@ import torch.fx as fx
 from lowbit.errors import VerificationError
 from lowbit.ir import ops, packing
 from lowbit.ir.annotations import get_meta
+from lowbit.ir.graph import get_attr
 from lowbit.ir.verify import check
 
 log = logging.getLogger(__name__)
 
-#: int8 range of the quantized activations (asymmetric clamp, METHODS.md §7 pitfalls).
+#: int8 range of the quantized activations (asymmetric clamp; docs/methods.md (BitNet b1.58)).
 ACT_QMIN, ACT_QMAX = -128, 127
 #: Floor of a token's absmax before ``127 / absmax`` (BitNet's 1e-5).
 ACT_EPS = 1e-5
@@ -238,9 +239,10 @@ def _a8_linears_are_consistent(gm: fx.GraphModule) -> None:
 def _buffer(gm: fx.GraphModule, node: fx.Node, arg: object) -> object:
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         what = arg.op if isinstance(arg, fx.Node) else type(arg).__name__
-        raise VerificationError(f"int8-activation linear '{node.name}': input {arg} must be a get_attr of a buffer, not {what}")
-    owner, _, name = arg.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+        raise VerificationError(
+            f"int8-activation linear '{node.name}': input {arg} must be a get_attr of a buffer, not {what}"
+        )
+    return get_attr(gm, arg)
 
 
 __all__ = [

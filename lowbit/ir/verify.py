@@ -13,6 +13,7 @@ import torch.fx as fx
 from lowbit.errors import VerificationError
 from lowbit.ir import ops, packing
 from lowbit.ir.annotations import META_KEY, LowbitMeta, get_meta
+from lowbit.ir.graph import get_attr
 
 Check = Callable[[fx.GraphModule], None]
 _CHECKS: list[Check] = []
@@ -78,5 +79,4 @@ def _packed_linears_are_consistent(gm: fx.GraphModule) -> None:
 def _attr(gm: fx.GraphModule, node: fx.Node) -> object:
     if node.op != "get_attr":
         raise VerificationError(f"packed linear input '{node.name}' must be a get_attr of a buffer, not {node.op}")
-    owner, _, name = node.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return get_attr(gm, node)

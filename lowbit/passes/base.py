@@ -20,9 +20,10 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
 
 import torch.fx as fx
 
+from lowbit.calibration import CalibrationSet
+from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.passes.config import PassConfig
 from lowbit.passes.selection import SKIP, LayerOverrides
-from lowbit.errors import PassConfigError
 
 log = logging.getLogger("lowbit.passes")
 
@@ -56,12 +57,23 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: example inputs, calibration, progress."""
+    """What a pass may read besides the graph: example inputs, calibration, progress.
+
+    ``calibration`` is the validated `CalibrationSet` the pipeline built once from the data it
+    was given, or None; passes read it through `require_calibration`.
+    """
 
     example_inputs: tuple = ()
     example_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    calibration: "Any | None" = None
+    calibration: CalibrationSet | None = None
     progress_every: float = 10.0
+
+    def require_calibration(self, pass_name: str, message: str = "") -> CalibrationSet:
+        """The calibration set; without one a `CalibrationError` with ``message``, or one naming ``pass_name``."""
+        if self.calibration is None:
+            raise CalibrationError(message or f"{pass_name} needs calibration data: "
+                                   "pass calibration= batches shaped like the example inputs")
+        return self.calibration
 
     def progress(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
         """Yield ``items``, logging progress through `logging` about every ``progress_every`` seconds."""

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
 
+from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import CalibrationError, PassOrderError
 from lowbit.ir.annotations import graph_kinds
 from lowbit.ir.printer import format_graph
@@ -46,7 +47,8 @@ class PipelineReport:
         for r in self.passes:
             done = sum(1 for rec in r.layers if rec.action != "skipped")
             stats = ", ".join(f"{k}={_short(v)}" for k, v in r.stats.items())
-            rows.append((r.name, f"{r.time_s:.2f}s", "yes" if r.changed else "no", str(done), str(len(r.skipped)), stats))
+            rows.append((r.name, f"{r.time_s:.2f}s", "yes" if r.changed else "no", str(done), str(len(r.skipped)),
+                         stats))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -108,14 +110,28 @@ class Pipeline:
     def requires_calibration(self) -> list[str]:
         return [p.name for p in self.passes if p.requires_calibration]
 
+    def calibration_set(self, calibration: Any, example_inputs: tuple = (),
+                        example_kwargs: Mapping[str, Any] | None = None) -> CalibrationSet | None:
+        """``calibration`` (raw batches or a `CalibrationSet`) validated once against the example inputs.
+
+        None when none is given and no pass needs it; `CalibrationError` when a pass needs it and
+        none is given, or when raw batches do not match the example inputs (or come without them).
+        """
+        needing = self.requires_calibration
+        if calibration is None:
+            if needing:
+                raise CalibrationError(f"pass{'es' if len(needing) > 1 else ''} {', '.join(needing)} "
+                                       "need calibration data: pass calibration=")
+            return None
+        return calibration_set(calibration, example_inputs, example_kwargs)
+
     def __call__(self, gm: fx.GraphModule, *, calibration: Any = None, example_inputs: tuple = (),
                  example_kwargs: Mapping[str, Any] | None = None) -> fx.GraphModule:
+        """Run the passes on a copy of ``gm``; ``calibration`` is raw batches or a `CalibrationSet`."""
         check_order(self.passes, graph_kinds(gm.graph))
-        needing = self.requires_calibration
-        if needing and calibration is None:
-            raise CalibrationError(f"pass{'es' if len(needing) > 1 else ''} {', '.join(needing)} need calibration data")
         ctx = PassContext(example_inputs=example_inputs, example_kwargs=example_kwargs or {},
-                          calibration=calibration, progress_every=self.progress_every)
+                          calibration=self.calibration_set(calibration, example_inputs, example_kwargs),
+                          progress_every=self.progress_every)
         gm = copy.deepcopy(gm)
         self.report = PipelineReport()
         self._dump(gm, 0, "input")

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from lowbit import passes
+from lowbit.calibration import CalibrationSet
 from lowbit.errors import CalibrationError, PassOrderError, VerificationError
 from lowbit.ir.annotations import Adapter, annotate, get_meta
 from lowbit.passes import Pass, PassConfig, PassResult, Pipeline
@@ -63,7 +64,8 @@ class _NeedsCalibration(Pass):
     requires = ("pipeline_test_merge",)
 
     def run(self, gm, ctx):
-        batches = list(ctx.calibration)
+        assert isinstance(ctx.calibration, CalibrationSet)  # built once by the pipeline from the raw batches
+        batches = list(ctx.require_calibration(self.name))
         return PassResult(changed=False, stats={"batches": len(batches)})
 
 
@@ -112,7 +114,9 @@ def test_requires_and_calibration(gm):
     pipeline = Pipeline([_MergeAdapter(), _NeedsCalibration()])
     with pytest.raises(CalibrationError, match="pipeline_test_calibrated"):
         pipeline(gm)
-    pipeline(gm, calibration=[(torch.randn(2, 16),)] * 3)
+    with pytest.raises(CalibrationError, match="without example inputs"):
+        pipeline(gm, calibration=[(torch.randn(2, 16),)] * 3)
+    pipeline(gm, calibration=[(torch.randn(2, 16),)] * 3, example_inputs=(torch.randn(1, 16),))
     assert pipeline.report.passes[-1].stats == {"batches": 3}
 
 

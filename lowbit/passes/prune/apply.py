@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from lowbit.ir.annotations import Sparsity, annotate, get_meta
+from lowbit.ir.graph import get_attr
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.prune.masks import MASK_SUFFIX, mask_sparsity, restore_call, summarize
@@ -86,8 +87,7 @@ class ApplyMasks(Pass):
 
 
 def _mask(gm: fx.GraphModule, sparsity: Sparsity) -> torch.Tensor | None:
-    owner, _, name = sparsity.mask.rpartition(".")
-    return getattr(gm.get_submodule(owner), name, None)
+    return get_attr(gm, sparsity.mask, None)
 
 
 __all__ = ["ApplyMasks", "ApplyMasksConfig"]

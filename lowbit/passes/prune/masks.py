@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError, PassConfigError, VerificationError
 from lowbit.ir.annotations import Sparsity, annotate, get_meta
+from lowbit.ir.graph import get_attr
 from lowbit.ir.verify import check
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
@@ -118,7 +119,8 @@ def unsupported_reason(gm: fx.GraphModule, path: str, calls: list[fx.Node]) -> s
     """Why the layer at ``path`` cannot carry a mask, or None if it can."""
     module = gm.get_submodule(path)
     if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward):
-        return f"{type(module).__name__} overrides forward, so its computation is not a plain {type(module).__mro__[1].__name__}"
+        return (f"{type(module).__name__} overrides forward, so its computation is not a plain "
+                f"{type(module).__mro__[1].__name__}")
     if not module.weight.is_floating_point() or module.weight.device.type == "meta":
         return "weight has no floating-point data to prune"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
@@ -152,7 +154,8 @@ def select_layers(gm: fx.GraphModule, p: Pass) -> tuple[list[Layer], list[LayerR
     skipped: list[LayerRecord] = []
     all_calls = layer_calls(gm)
     for path, calls in all_calls.items():
-        reason = next((f"ignored (matches '{pat}')" for pat in getattr(p.config, "ignore", ()) if matches(path, pat)), None)
+        reason = next((f"ignored (matches '{pat}')" for pat in getattr(p.config, "ignore", ()) if matches(path, pat)),
+                      None)
         reason = reason or unsupported_reason(gm, path, calls)
         config = None if reason else p.config_for(path)
         if config is None:
@@ -325,7 +328,7 @@ def fixed_layers(layers: list[Layer], p: Pass) -> tuple[list[Layer], list[Layer]
         override = p.overrides.lookup(layer.path)
         return isinstance(override, Mapping) and "sparsity" in override
 
-    return [l for l in layers if overridden(l)], [l for l in layers if not overridden(l)]
+    return [layer for layer in layers if overridden(layer)], [layer for layer in layers if not overridden(layer)]
 
 
 @check
@@ -334,22 +337,25 @@ def _masks_match_annotations(gm: fx.GraphModule) -> None:
         meta = get_meta(node)
         if meta is None or meta.sparsity is None or meta.sparsity.merged or node.op != "call_function":
             continue
-        owner, _, name = meta.sparsity.mask.rpartition(".")
+        owner = meta.sparsity.mask.rpartition(".")[0]
         try:
             module = gm.get_submodule(owner)
         except AttributeError:
             raise VerificationError(f"masked layer '{node.name}' names mask '{meta.sparsity.mask}' but '{owner}' "
                                     "is not a submodule") from None
-        mask = getattr(module, name, None)
+        mask = get_attr(gm, meta.sparsity.mask, None)
         if not isinstance(mask, torch.Tensor) or mask.dtype != module.weight.dtype or mask.shape != module.weight.shape:
             raise VerificationError(f"masked layer '{node.name}': '{meta.sparsity.mask}' must be a buffer of the "
                                     f"weight's dtype and shape {tuple(module.weight.shape)}")
         if not ((mask == 0) | (mask == 1)).all():
-            raise VerificationError(f"masked layer '{node.name}': '{meta.sparsity.mask}' holds values other than 0 and 1")
+            raise VerificationError(
+                f"masked layer '{node.name}': '{meta.sparsity.mask}' holds values other than 0 and 1"
+            )
 
 
 __all__ = [
-    "Layer", "MaskPass", "fixed_layers", "PruneConfig", "PruningError", "check_sparsity", "current_mask", "effective_weight",
+    "Layer", "MaskPass", "fixed_layers", "PruneConfig", "PruningError", "check_sparsity", "current_mask",
+    "effective_weight",
     "install_mask", "keep_count", "keep_largest", "layer_calls", "layer_record", "mask_sparsity", "restore_call",
     "select_layers", "summarize",
 ]

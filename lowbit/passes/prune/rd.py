@@ -1,23 +1,10 @@
-"""``prune_rd``: rate-distortion layer-adaptive pruning (Xu et al., ICCV 2023; METHODS.md §10.5).
+"""``prune_rd``: rate-distortion layer-adaptive pruning (Xu et al., ICCV 2023).
 
-1. Rate-distortion curves: for each layer alone, magnitude-prune it to every
-   ``φ ∈ {0, 1/M, …, 1}`` not below its current sparsity (already-zero weights go first)
-   and measure the output distortion on the calibration set: the MSE between the
-   current and the pruned network's outputs, per sample, then the maximum over samples
-   (``worst_case``, the authors' setting) or the mean.
-2. Assuming distortions add up, a knapsack dynamic program over surviving weights picks
-   one ``φ_l`` per layer minimizing ``Σ d_l(φ_l)`` subject to
-   ``Σ (1 − φ_l)·n_l ≤ N_keep = (1 − S)·Σ n_l``.
-3. Each layer is magnitude-pruned to its ``φ_l``.
-
-Layers with a per-layer ``sparsity`` override are magnitude-pruned to it and left out of
-the curves and the budget.
-
-The DP's budget axis counts survivors in units of ``ceil(N_keep / budget_resolution)``
-weights, each layer's survivors rounded up, so the budget always holds (the result is
-at most one unit per layer sparser than needed); with ``N_keep ≤ budget_resolution``
-it is exact. One call is one iteration; iterate (with retraining between) by running
-the pass again at a higher target: curves are always measured on the current masks.
+Each layer's output-distortion curve over candidate sparsities is measured on the calibration
+set from the current masks, a knapsack dynamic program picks one sparsity per layer within the
+survivor budget, and each layer is magnitude-pruned to it. Layers with a per-layer ``sparsity``
+override are pruned to it and left out of the budget. One call is one iteration: run it again
+at a higher target (retraining between) to iterate. The math: docs/methods.md (RD pruning).
 """
 
 from __future__ import annotations
@@ -74,9 +61,8 @@ class PruneRD(MaskPass):
     requires_calibration = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.calibration is None:
-            raise CalibrationError("prune_rd needs calibration data to measure its rate-distortion curves: "
-                                   "pass calibration=")
+        ctx.require_calibration(self.name, "prune_rd needs calibration data to measure its rate-distortion curves: "
+                                           "pass calibration=")
         return super().run(gm, ctx)
 
     def masks(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> dict[str, tuple[torch.Tensor, float]]:
@@ -84,8 +70,9 @@ class PruneRD(MaskPass):
             install_mask(gm, layer, current_mask(layer.module), "unstructured", self.name, self.config.sparsity)
         gm.recompile()
         fixed, pool = fixed_layers(layers, self)
-        plan = {l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
-                for l in fixed}
+        plan = {layer.path: (keep_largest(layer.weight.abs(), keep_count(layer.numel, layer.config.sparsity)),
+                             layer.config.sparsity)
+                for layer in fixed}
         if not pool:
             return plan
         curves = self.curves(gm, pool, ctx)
@@ -102,7 +89,7 @@ class PruneRD(MaskPass):
         was_training = gm.training
         gm.eval()
         with torch.no_grad():
-            batches = list(ctx.calibration)
+            batches = list(ctx.require_calibration(self.name))
             reference = [_flat_output(gm(*args, **kwargs)) for args, kwargs in batches]
             curves = []
             for layer in ctx.progress(layers, desc="prune_rd curves"):

@@ -1,20 +1,12 @@
 """``quantize_activations``: int8 inputs for every packed linear (W8A8, W4A8, W2A8, W1.58A8).
 
-It runs after a weight quantizer (``rtn``, ``gptq``, ``ternary``, ``binary``, ...) and
-rewrites each ``lowbit.linear_packed`` call into ``lowbit.linear_packed_a8`` with the
-same packed weight, so it composes with every weight format. The op's reference fixes
-the arithmetic (`lowbit.ir.ops_a8`); this pass chooses the activation scale:
-
-- dynamic, per token (default, BitNet b1.58): ``127 / max|x|`` per row at run time;
-  nothing is stored and no calibration is needed;
-- static, per tensor: one step ``Δ = A / 127`` per layer, stored as the buffer
-  ``act_scale`` of the layer, where ``A`` comes from running the calibration batches:
-  ``absmax`` takes the largest ``|x|`` seen; ``percentile`` takes, per batch, the
-  nearest-rank ``p``-th percentile of ``|x|`` and averages it over batches (memory stays
-  one batch), which clips rare outliers. ``A`` is floored at 1e-5 like BitNet's absmax.
-
-Linears that are not packed (e.g. an ignored ``lm_head``) keep float activations and
-are reported as skipped. The annotation gets ``act_bits = 8``.
+It runs after any weight quantizer and rewrites each ``lowbit.linear_packed`` call into
+``lowbit.linear_packed_a8`` on the same packed weight, whose reference (`lowbit.ir.ops_a8`)
+fixes the arithmetic; this pass only chooses the activation scale: dynamic per token (the
+default, BitNet b1.58, no calibration) or one static step per layer from the calibration
+batches (``absmax``, or a per-batch ``percentile`` averaged over batches); docs/methods.md
+(BitNet b1.58) has the formulas. Linears that are not packed keep float activations and are
+reported as skipped.
 """
 
 from __future__ import annotations
@@ -30,7 +22,6 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.fx as fx
 
-from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir import ops, ops_a8
 from lowbit.ir.annotations import annotate, get_meta
@@ -146,22 +137,11 @@ class QuantizeActivations(Pass):
     def _calibrate(self, gm: fx.GraphModule, static: dict[str, list[fx.Node]], configs: dict[str, ActivationConfig],
                    ctx: PassContext) -> dict[str, float]:
         """The calibrated input range ``A`` of each static layer (module doc)."""
-        if ctx.calibration is None:
-            raise CalibrationError(
-                f"{self.name}: static activation scales (dynamic=false) need calibration data; "
-                f"layers: {', '.join(static)}"
-            )
-        batches = ctx.calibration
-        if not isinstance(batches, CalibrationSet):
-            if not ctx.example_inputs and not ctx.example_kwargs:
-                raise CalibrationError(
-                    f"{self.name} cannot check raw calibration batches without example inputs: pass "
-                    "lowbit.calibration.calibration_set(batches, example_inputs), or example_inputs= to the pipeline"
-                )
-            batches = calibration_set(batches, ctx.example_inputs, ctx.example_kwargs)
+        batches = ctx.require_calibration(self.name, f"{self.name}: static activation scales (dynamic=false) need "
+                                                    f"calibration data; layers: {', '.join(static)}")
         observers = {path: _RangeObserver(path, configs[path]) for path in static}
         with _observing(gm, {node: observers[path] for path, nodes in static.items() for node in nodes}):
-            for args, kwargs in ctx.progress(list(batches), desc=f"{self.name} calibration"):
+            for args, kwargs in ctx.progress(batches, desc=f"{self.name} calibration"):
                 for observer in observers.values():
                     observer.start_batch()
                 gm(*args, **kwargs)

@@ -1,47 +1,13 @@
-"""``awq``: activation-aware weight quantization (Lin et al. 2023; METHODS.md §9).
+"""``awq``: activation-aware weight quantization (Lin et al. 2023).
 
-Weights that meet large activations matter most. AWQ protects them by scaling the input
-columns of each group of linears by ``s`` (and their input by ``1/s``) before rounding,
-with ``s = s_X^α`` searched per group, then searches a clipping range per output channel
-and group, then quantizes on the asymmetric project grid (`lowbit.passes.quant.grid`).
-
-Per group of linears that read one input ``X`` (`lowbit.passes.quant.awq_groups`):
-
-1. Capture the group's calibration inputs into ``s_X[c] = mean |x_c|`` and the Gram
-   matrix ``H = mean x xᵀ``, over real tokens only: positions a batch's
-   ``attention_mask`` marks as padding are left out (`lowbit.passes.quant.hessian`). The
-   model never reads them, yet with sentences padded to a common length they can be
-   most of the rows (77% for 48 GPL-3 sentences padded to 128 tokens for MiniLM). The batches advance through the graph with the pass
-   (`lowbit.passes.quant.hessian.CalibrationCursor`), so all groups together cost about
-   one forward per batch and only the values crossing the current group are held.
-2. For ``α = 0, 1/n_grid, …`` (α = 1 excluded): ``s = max(s_X^α, 1e−4)``, normalized by
-   ``√(max s · min s)``; the loss is the mean squared change of the group's combined
-   output, ``Σ_i tr(Δ_i H Δ_iᵀ) / Σ_i out_i`` with ``Δ_i = W_i − Q(W_i diag s) diag s⁻¹``,
-   computed from ``H`` (exactly the token mean METHODS.md uses). α = 0 (``s = 1``) is
-   plain round-to-nearest, so the chosen scale never loses to it on this loss. The loss
-   is measured at the linears' outputs, not at the attention/MLP block output as the
-   reference does (a traced graph has no module boundary to inspect).
-3. Apply the best ``s`` exactly: ``W_i ← W_i diag s``, and ``X / s`` folded into the op
-   producing ``X`` when the graph allows it (norm weight and bias, a preceding linear's
-   last ``len(s)`` rows and bias, a 1-D weight multiply such as transformers' RMSNorm);
-   a fold is first tried with a random scale on one calibration batch and kept only if
-   ``X`` comes out divided channel by channel (the cursor's held ``X`` is then divided
-   by ``s`` as well). Otherwise an explicit multiply by ``1/s``
-   (a root buffer ``awq_inv_scale_<n>``) is inserted before the linears; the report
-   counts those (``explicit_scales``). Under grouped-query attention v_proj → o_proj
-   cannot fold (the reference skips that scale), so o_proj gets an explicit one.
-4. Clip search on the scaled weights and inputs (skipped for q/k projections by name, as
-   the reference does): per output channel and group, ``m = max|w| (1 − i/n_grid)`` for
-   ``i < max_shrink · n_grid``, error ``δᵀ H_gg δ`` with ``δ = Q(clamp(w, ±m)) − w``:
-   the token mean of the group's partial-product error over every calibration token
-   (the reference samples 512 tokens to bound memory; ``H`` already does).
-
-A group's clip search waits until no later group can still fold into one of its linears
-(up_proj's rows change when down_proj's scale is folded). All captures run on the float
-model with scales applied but no clipping or rounding, so, as in the reference, no
-quantization error propagates between groups; quantization (`replace_linear`) happens
-last. The grid is the project's (its range always includes 0, unlike the reference's
-pseudo-quantizer, which differs only for groups of one sign).
+Weights that meet large activations matter most, so each group of linears reading one input
+(`lowbit.passes.quant.awq_groups`) gets its input columns scaled by ``s = s_X^α`` (the input
+divided by ``s``, folded upstream when the graph allows it, else an explicit multiply), then a
+clipping range per output channel and group, then the asymmetric project grid. Scale and clip
+losses come from the group's input Gram matrix over real (unpadded) tokens, captured as the
+calibration batches advance through the graph with the pass, so all groups cost about one
+forward per batch. Unlike the reference, losses are measured at the linears' outputs (a traced
+graph has no block boundary) and the grid always includes 0. The math: docs/methods.md (AWQ).
 """
 
 from __future__ import annotations
@@ -56,17 +22,17 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit.calibration import CalibrationSet
+from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import LowbitError
 from lowbit.ir import packing
 from lowbit.ir.annotations import QuantScheme
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.quant.awq_groups import Producer, ScaleGroup, describe_node, find_producer, scale_groups
-from lowbit.passes.quant.gptq import relative_output_error
+from lowbit.passes.quant.gptq_algorithm import relative_output_error
 from lowbit.passes.quant.grid import QuantizedWeight, effective_group_size, grid_codes, group_params, quantize_weight
 from lowbit.passes.quant.hessian import (
-    CalibrationCursor, HessianAccumulator, calibration_batches, capture_inputs, token_rows,
+    CalibrationCursor, HessianAccumulator, capture_inputs, token_rows,
 )
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
@@ -227,7 +193,7 @@ class AWQ(Pass):
     pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        batches = calibration_batches(ctx, self.name)
+        batches = ctx.require_calibration(self.name)
         paths, records, states, counts = self._search(gm, batches, ctx, quantize=True)
         for state in states:
             for node, path, qw, config, stats in zip(state.group.nodes, state.group.paths, state.quantized,
@@ -253,8 +219,8 @@ class AWQ(Pass):
         steps 1–3 of the pass, to inspect them or to combine them with another quantizer.
         Returns each group's report entry (group, prev_op, scale, alpha, losses).
         """
-        ctx = PassContext(example_inputs=example_inputs, calibration=calibration)
-        _, _, states, _ = self._search(gm, calibration_batches(ctx, self.name), ctx, quantize=False)
+        batches = calibration_set(calibration, example_inputs)
+        _, _, states, _ = self._search(gm, batches, PassContext(example_inputs, calibration=batches), quantize=False)
         return [state.info for state in states]
 
     def _search(self, gm: fx.GraphModule, batches: CalibrationSet, ctx: PassContext, quantize: bool

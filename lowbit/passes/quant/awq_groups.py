@@ -1,23 +1,11 @@
 """Graph analysis for AWQ: which linears share an input, and which op can absorb its scale.
 
-AWQ multiplies the input columns of every linear reading one input ``X`` by ``s`` and
-must divide ``X`` by ``s`` (METHODS.md §9, "Apply"). `scale_groups` finds the groups:
-linears called once on the same input node share one scale; a linear called several
-times is a group of its own. `find_producer` then looks for an op upstream of ``X``
-whose parameters can divide its output channels by ``s`` with the model unchanged:
-
-- an ``nn.Linear`` (its last ``len(s)`` output rows and bias; v_proj → o_proj, up → down),
-- an ``nn.LayerNorm`` / ``nn.RMSNorm`` module (its weight and bias),
-- an elementwise multiply by a 1-D weight of width ``len(s)`` (transformers' RMSNorm,
-  which stays as ATen ops in traced graphs: ``weight * normalized``).
-
-Between that op and ``X`` only ops that commute with a positive per-channel scale may
-appear (views, transposes, dropout, ReLU, a product or quotient with a tensor that does
-not depend on the op, attention's value path), and nothing on the way may be read
-anywhere else, so the rest of the model cannot notice the fold. Whether the channels
-line up (``len(s)`` last rows of a linear feed ``X``'s channels in order) depends on the
-views in between; the pass checks that numerically before it folds
-(`lowbit.passes.quant.awq`). When no such op exists the pass keeps an explicit ``x / s``.
+`scale_groups` groups the linears called once on one input node (a linear called several times
+is a group of its own); `find_producer` looks upstream of that input for an op whose parameters
+can divide its output channels by AWQ's scale with the model unchanged: an ``nn.Linear``'s last
+rows, a LayerNorm/RMSNorm module, or a multiply by a 1-D weight (transformers' RMSNorm), reached
+only through scale-commuting ops nothing else reads. Without one, AWQ keeps an explicit
+``x / s``; docs/methods.md (AWQ).
 """
 
 from __future__ import annotations
@@ -28,6 +16,8 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
+from lowbit.ir.graph import get_attr, layers, op_name
 
 #: Ops with one tensor input that commute with a positive per-channel scale of the last dim.
 _PASSTHROUGH = frozenset({
@@ -93,12 +83,10 @@ class Producer:
 def scale_groups(gm: fx.GraphModule, paths: list[str]) -> list[ScaleGroup]:
     """Groups of the ``nn.Linear`` layers at ``paths`` in graph order (module doc)."""
     wanted = set(paths)
-    calls: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in wanted:
-            calls.setdefault(node.target, []).append(node)
     groups: dict[object, ScaleGroup] = {}
-    for path, nodes in calls.items():
+    for path, _, nodes in layers(gm):
+        if path not in wanted:
+            continue
         key = nodes[0].args[0] if len(nodes) == 1 else path
         if key in groups:
             groups[key].nodes.append(nodes[0])
@@ -110,7 +98,7 @@ def scale_groups(gm: fx.GraphModule, paths: list[str]) -> list[ScaleGroup]:
 
 def readers(node: fx.Node) -> list[fx.Node]:
     """Users of ``node`` that read its value (assertion-only nodes of exported graphs excluded)."""
-    return [u for u in node.users if _op_name(u) not in _SINKS]
+    return [u for u in node.users if op_name(u) not in _SINKS]
 
 
 def describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -119,7 +107,7 @@ def describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
         return f"{type(gm.get_submodule(node.target)).__name__} '{node.target}'"
     if node.op == "placeholder":
         return f"graph input '{node.name}'"
-    return f"{_op_name(node)} (node {node.name})"
+    return f"{op_name(node)} (node {node.name})"
 
 
 def find_producer(gm: fx.GraphModule, group: ScaleGroup) -> tuple[Producer | None, str]:
@@ -161,12 +149,12 @@ def _as_producer(gm: fx.GraphModule, node: fx.Node, width: int) -> Producer | No
                 and getattr(module, "weight", None) is not None:
             return Producer("norm", node, node.target)
         return None
-    if _op_name(node) == "mul" and len(node.args) == 2 and not node.kwargs:
+    if op_name(node) == "mul" and len(node.args) == 2 and not node.kwargs:
         attrs = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
         others = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
         if len(attrs) == 1 and len(others) == 1:
             attr = attrs[0]
-            tensor = _attribute(gm, str(attr.target))
+            tensor = get_attr(gm, attr, None)
             shared = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == attr.target]
             if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (width,) \
                     and tensor.is_floating_point() and shared == [attr] and len(attr.users) == 1:
@@ -176,7 +164,7 @@ def _as_producer(gm: fx.GraphModule, node: fx.Node, width: int) -> Producer | No
 
 def _scaled_operands(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The inputs of ``node`` through which a per-channel scale reaches its output unchanged."""
-    name = _op_name(node)
+    name = op_name(node)
     if node.op == "call_module":
         passthrough = isinstance(gm.get_submodule(node.target), _PASSTHROUGH_MODULES)
         return [node.args[0]] if passthrough and node.args and isinstance(node.args[0], fx.Node) else []
@@ -227,22 +215,6 @@ def _called_once_and_unread(gm: fx.GraphModule, path: str) -> bool:
     calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == path)
     read = any(n.op == "get_attr" and str(n.target).startswith(path + ".") for n in gm.graph.nodes)
     return calls == 1 and not read
-
-
-def _attribute(gm: fx.GraphModule, path: str) -> object:
-    owner, _, name = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
-
-
-def _op_name(node: fx.Node) -> str:
-    """``mul`` for ``aten.mul.Tensor``, ``operator.mul``, ``torch.mul`` and ``Tensor.mul``."""
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op != "call_function":
-        return ""
-    target = node.target
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet if packet is not None else target, "__name__", str(target))
 
 
 __all__ = ["Producer", "ScaleGroup", "describe_node", "find_producer", "readers", "scale_groups"]

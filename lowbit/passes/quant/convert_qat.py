@@ -18,12 +18,12 @@ import torch.fx as fx
 from torch import nn
 
 from lowbit.ir.annotations import QuantScheme, annotate, get_meta
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig
 from lowbit.passes.quant.qat import WeightFakeQuant, fake_quantizer_of
 from lowbit.passes.quant.rewrite import replace_linear, unsupported_reason
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import layer_calls
 from lowbit.passes.reparam.statsq import ConvertStatsQ
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ConvertQAT(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear,)):
+        for path, module, nodes in layers(gm, (nn.Linear,)):
             quantizer = fake_quantizer_of(module)
             if quantizer is None:
                 continue
@@ -67,13 +67,16 @@ class ConvertQAT(Pass):
         records.extend(statsq.run(gm, ctx).layers)
         count = sum(r.action == "quantized" for r in records)
         log.info("convert_qat: %d layer(s) packed, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records, stats={"quantized": count, "skipped": len(records) - count})
+        return PassResult(changed=count > 0, layers=records,
+                          stats={"quantized": count, "skipped": len(records) - count})
 
 
-def _pack(gm: fx.GraphModule, nodes: list[fx.Node], path: str, quantizer: WeightFakeQuant, latent: torch.Tensor) -> LayerRecord:
+def _pack(gm: fx.GraphModule, nodes: list[fx.Node], path: str, quantizer: WeightFakeQuant,
+          latent: torch.Tensor) -> LayerRecord:
     qw = quantizer.quantized(latent)
     symmetric = qw.zeros is None
-    scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=symmetric, method=f"qat-{quantizer.method()}")
+    scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=symmetric,
+                         method=f"qat-{quantizer.method()}")
     new = replace_linear(gm, nodes[0], qw, scheme)
     for node in gm.graph.nodes:
         meta = get_meta(node)

@@ -1,22 +1,12 @@
-"""Layer-input Hessians ``H = 2/N · Σ x xᵀ`` captured from calibration forwards.
+"""Layer-input Hessians ``H = 2/N · Σ x xᵀ`` captured from calibration forwards (GPTQ and AWQ).
 
-Used by GPTQ (METHODS.md §8 step 1) and AWQ (§9). `capture_hessian` runs the calibration batches
-through the current graph with a forward pre-hook on one ``nn.Linear`` and folds each
-batch's inputs into a running ``K × K`` fp32 average, so memory stays bounded by one
-batch's activations plus ``H``: activations are never stored. Once the layer has seen
-all of its calls in a batch the hook raises a private exception that ends the forward
-early, since nothing after the layer is needed. `capture_inputs` is that capture with
-any consumer of the inputs (AWQ also accumulates ``mean |x|`` per channel).
-`CalibrationCursor` serves a pass that calibrates every layer in graph order (GPTQ):
-the batches advance through the graph with the pass, holding only the values that
-cross the current layer, so all layers together cost one forward per batch.
-
-``N`` counts rows, i.e. tokens: an input of shape ``(..., K)`` contributes
-``prod(...)`` rows. When a batch marks padding (`lowbit.calibration.padding_mask`) and
-an input is laid out ``(batch, tokens, K)``, the padded tokens' rows are left out: the
-model never reads those positions, and a calibration set padded to a common length can
-be mostly padding, whose activations would otherwise dominate the statistics. (IST-DASLab's code counts sequences; the constant only matters
-relative to GPTQ's damping, which is itself relative to ``mean(diag H)``.)
+`capture_hessian` runs the calibration batches through the current graph with a forward
+pre-hook on one ``nn.Linear``, folds each batch into a running fp32 ``K × K`` average and
+stops the forward once the layer has seen all its calls, so activations are never stored.
+`capture_inputs` hands the inputs to any consumer; `CalibrationCursor` advances the batches
+through the graph with a pass that calibrates layer after layer, so all layers together cost
+one forward per batch. ``N`` counts token rows; padded tokens (`lowbit.calibration.padding_mask`)
+are left out, since the model never reads them. The math: docs/methods.md (GPTQ).
 """
 
 from __future__ import annotations
@@ -29,9 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.fx as fx
 
-from lowbit.calibration import CalibrationSet, calibration_set, padding_mask
-from lowbit.errors import CalibrationError, LowbitError
-from lowbit.passes.base import PassContext
+from lowbit.calibration import padding_mask
+from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +112,6 @@ def capture_inputs(gm: fx.GraphModule, path: str, calls: int, batches: Iterable[
                     gm(*args, **kwargs)
     finally:
         handle.remove()
-
-
-def calibration_batches(ctx: PassContext, pass_name: str) -> CalibrationSet:
-    """The context's calibration batches, validated against the example inputs unless already a `CalibrationSet`."""
-    if ctx.calibration is None:
-        raise CalibrationError(
-            f"{pass_name} needs calibration data: pass calibration= batches shaped like the example inputs"
-        )
-    if isinstance(ctx.calibration, CalibrationSet):
-        return ctx.calibration
-    if not ctx.example_inputs and not ctx.example_kwargs:
-        raise CalibrationError(
-            f"{pass_name} cannot check raw calibration batches without example inputs: pass "
-            "lowbit.calibration.calibration_set(batches, example_inputs), or example_inputs= to the pipeline"
-        )
-    return calibration_set(ctx.calibration, ctx.example_inputs, ctx.example_kwargs)
 
 
 class CalibrationCursor:
@@ -241,6 +214,6 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 __all__ = [
-    "CalibrationCursor", "Consumer", "HessianAccumulator", "calibration_batches", "capture_hessian", "capture_inputs",
+    "CalibrationCursor", "Consumer", "HessianAccumulator", "capture_hessian", "capture_inputs",
     "token_rows",
 ]

@@ -1,26 +1,12 @@
-"""``fake_quant``: quantization-aware training with straight-through estimators (METHODS.md §7.1, §11).
+"""``fake_quant``: quantization-aware training with straight-through estimators.
 
-Each target ``nn.Linear`` weight gets a `WeightFakeQuant` parametrization: the forward
-uses the quantized weight, the backward passes the gradient to the latent float weight.
-Formats (per layer through overrides, so QAT can be mixed precision):
-
-- ``int`` with ``scale: stat``: the ``rtn`` grid (`lowbit.passes.quant.grid`, 2/3/4/8
-  bits, group size, sym/asym) recomputed every step from the latent weight; clipped STE
-  (§11.2): gradient 1 where ``round(w/s) + z`` lies in ``[0, 2^b − 1]``, 0 outside;
-- ``int`` with ``scale: lsq``: LSQ (§11.3), a learnable step per row/group,
-  ``ŵ = round(clip(w/s, −Q_N, Q_P))·s`` (signed, symmetric only), init
-  ``s = 2·mean|w|/√Q_P``, the step's gradient scaled by ``g = 1/√(N·Q_P)`` where ``N``
-  is the number of weights sharing the step (the whole layer for one step, as in the
-  paper; a row or group otherwise, as OFQ does per channel);
-- ``ternary``: BitNet b1.58 absmean per tensor (§7.1), identity STE;
-- ``binary``: BinaryConnect deterministic ``sign₊`` (§11.1), identity STE, scale
-  ``mean|w|`` per row (``scale: stat``, the ``binary`` pass's format) or the fixed ``±H``
-  (``scale: fixed``, ``H = latent_clip``). BinaryConnect clips the latent weight to
-  ``[−H, H]`` after every optimizer step (the pass clips it once when it runs): call
-  `clip_latent_weights` after ``step()`` or install it once with `attach_latent_clip`.
-
-The forward value is exactly the packed format's dequantized weight
-(``(q − zero)·scale`` in float32), so ``convert_qat`` reproduces it bit for bit.
+Each target ``nn.Linear`` weight gets a `WeightFakeQuant` parametrization: the forward uses
+the quantized weight, the backward passes the gradient to the latent float weight. Formats,
+per layer through overrides: ``int`` with the ``rtn`` grid recomputed every step (clipped STE)
+or LSQ's learnable steps, BitNet b1.58 ``ternary`` and BinaryConnect ``binary`` (call
+`clip_latent_weights` after each optimizer step, or `attach_latent_clip` once). The forward
+value is exactly the packed format's dequantized weight, so ``convert_qat`` reproduces it bit
+for bit. The formats and estimators: docs/methods.md (QAT).
 """
 
 from __future__ import annotations
@@ -38,6 +24,7 @@ from torch.nn.utils import parametrize
 from lowbit.errors import PassConfigError
 from lowbit.ir import packing
 from lowbit.ir.annotations import FakeQuant
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.binary import binary_quantize
@@ -46,7 +33,7 @@ from lowbit.passes.quant.grid import GRID_BITS, QuantizedWeight, effective_group
 from lowbit.passes.quant.rewrite import unsupported_reason
 from lowbit.passes.quant.ternary import ternary_quantize
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import annotate_calls, layer_calls, skip_reason
+from lowbit.passes.reparam.common import annotate_calls, skip_reason
 from lowbit.passes.selection import matches_any
 
 log = logging.getLogger(__name__)
@@ -173,7 +160,9 @@ class WeightFakeQuant(nn.Module):
         return ((raw >= 0) & (raw <= (1 << qw.bits) - 1)).to(weight.dtype)
 
     def method(self) -> str:
-        return "lsq" if self.scale == "lsq" else {"int": "ste", "ternary": "absmean", "binary": "binaryconnect"}[self.format]
+        if self.scale == "lsq":
+            return "lsq"
+        return {"int": "ste", "ternary": "absmean", "binary": "binaryconnect"}[self.format]
 
     def extra_repr(self) -> str:
         return f"format={self.format}, bits={self.bits}, group_size={self.group_size}, scale={self.scale}"
@@ -246,7 +235,7 @@ class FakeQuantize(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear,)):
+        for path, module, nodes in layers(gm, (nn.Linear,)):
             reason = "ignored" if matches_any(path, self.config.ignore) else None
             reason = reason or skip_reason(gm, path, module) or unsupported_reason(gm, path)
             config = None if reason else self.config_for(path)
@@ -266,7 +255,8 @@ class FakeQuantize(Pass):
                 "scale": config.scale}))
         count = sum(r.action == "fake_quantized" for r in records)
         log.info("fake_quant: %d layer(s) fake-quantized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records, stats={"fake_quantized": count, "skipped": len(records) - count})
+        return PassResult(changed=count > 0, layers=records,
+                          stats={"fake_quantized": count, "skipped": len(records) - count})
 
 
 __all__ = [

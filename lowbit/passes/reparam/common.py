@@ -10,7 +10,6 @@ stack (a reparameterization first, a fake-quantizer on top).
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -34,16 +33,6 @@ class ReparamError(LowbitError):
     """A layer cannot be reparameterized (or folded) as asked; the message names the layer."""
 
 
-def layer_calls(gm: fx.GraphModule, kinds: tuple[type[nn.Module], ...]) -> Iterator[tuple[str, nn.Module, list[fx.Node]]]:
-    """Each module path called by a ``call_module`` node whose module is one of ``kinds``, with its call nodes."""
-    calls: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), kinds):
-            calls.setdefault(node.target, []).append(node)
-    for path, nodes in calls.items():
-        yield path, gm.get_submodule(path), nodes
-
-
 def output_dim(module: nn.Module) -> int:
     """The weight axis that indexes output channels: 1 for transposed convs (``[in, out/g, ...]``), else 0."""
     return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
@@ -53,12 +42,14 @@ def skip_reason(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None:
     """Why the weight of the layer at ``path`` must not be reparameterized, or None."""
     weight = module.weight
     if parametrize.is_parametrized(module, "weight"):
-        return "its weight is already parametrized: " + ", ".join(type(p).__name__ for p in module.parametrizations.weight)
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
+        return f"its weight is already parametrized: {kinds}"
     if weight.device.type == "meta":
         return "weight is on the meta device (no data)"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is weight and name != f"{path}.weight"]
+    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False)
+               if p is weight and name != f"{path}.weight"]
     if sharers:
         return f"its weight is tied to {', '.join(sharers)}; reparameterizing one side would untie them"
     readers = [n.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{path}.weight"]
@@ -88,7 +79,8 @@ def parametrization_inputs(module: nn.Module, name: str = "weight") -> list[torc
 
 
 def reparam_output(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The tensor the first parametrization of ``name`` computes (the reparameterized, not yet fake-quantized, weight)."""
+    """The tensor the first parametrization of ``name`` computes (the reparameterized, not yet fake-quantized,
+    weight)."""
     plist = module.parametrizations[name]
     return plist[0](*parametrization_inputs(module, name))
 
@@ -125,7 +117,6 @@ __all__ = [
     "ReparamError",
     "annotate_calls",
     "clear_annotation",
-    "layer_calls",
     "output_dim",
     "parametrization_inputs",
     "reparam_output",

@@ -1,29 +1,12 @@
-"""``qkr``: OFQ's query–key reparameterization of self-attention blocks found in the graph.
+"""``qkr``: OFQ's query–key reparameterization of the self-attention blocks found in the graph.
 
-For head ``h`` the attention logits ``q_i·k_j = x_i W_q^hᵀ W_k^h x_jᵀ`` only depend on the
-product ``W_qk^h = (W_q^h)ᵀ W_k^h`` (``C×C``). QKR trains the latent ``W_q``, ``W_k``
-(bias-free linears ``q``, ``k``) but computes the logits from the stacked product
-``[H·C, C]``, so a weight quantizer (StatsQ, per row = per head and channel) sees
-``W_qk`` itself. In the graph, every ``scaled_dot_product_attention`` whose ``q`` and ``k``
-are plain data movement (view/reshape/permute/split/unbind...) of linear projections of
-one input ``x`` is rewritten to::
-
-    k' = QKRLinear(x).unflatten(-1, (H, C)).transpose(1, 2)   # x·W_qk^hᵀ, [B, H, N, C]
-    q' = x.unsqueeze(1).expand(-1, H, -1, -1)                  # [B, H, N, C]
-    sdpa(q', k', v, ..., scale=<the original scale>)
-
-A fused ``qkv`` projection (timm ViT/DeiT ``nn.Linear``, GPT-2's ``Conv1D``, an ATen
-``addmm``) is replaced by a ``v`` linear holding the value rows and bias. Separate
-q/k projections (BERT) are removed; the value projection stays.
-
-Numerics from a pretrained model (METHODS.md §3.2): the q and k biases are dropped, as in
-OFQ. The terms ``x_i W_qᵀ b_k`` and ``b_q b_k`` are constant over keys and vanish in
-the softmax, but ``b_q W_k x_jᵀ`` varies with the key, so a block whose query bias is
-nonzero is not function preserving; the report says so per block (``function_preserving``,
-``dropped_q_bias_max``). The block also stores ``H·C²`` instead of ``2·C²`` q/k weights.
-Blocks whose q or k pass through anything else between projection and attention (rotary
-position embeddings as in Llama, a q/k norm, a scaling) or that use explicit
-matmul/softmax attention are reported as not recognized, with the reason.
+The attention logits of a head depend on ``W_q`` and ``W_k`` only through their product, so
+QKR computes them from the stacked product (a `QKRLinear`), and a weight quantizer sees that
+product itself: docs/methods.md (QKR). Every ``scaled_dot_product_attention`` whose q and k are
+data movement of linear projections of one input is rewritten; fused qkv projections keep
+only their value rows. The q and k biases are dropped as in OFQ, which preserves the function
+only when the query bias is zero: the report says so per block. Blocks with anything else
+between projection and attention (rotary embeddings, q/k norms) are reported with the reason.
 """
 
 from __future__ import annotations
@@ -41,6 +24,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lowbit.ir.annotations import Reparam, annotate
+from lowbit.ir.graph import get_attr, op_name
 from lowbit.ir.trace import graph_inputs
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
@@ -64,7 +48,8 @@ _EXACT_FLOAT32 = 2**24
 
 
 class QKRLinear(nn.Module):
-    """``F.linear(x, W_qk)`` with ``W_qk`` rows ``(h, c)`` = ``((W_q^h)ᵀ W_k^h)[c, :]``, from latent bias-free ``q``, ``k``.
+    """``F.linear(x, W_qk)`` with ``W_qk`` rows ``(h, c)`` = ``((W_q^h)ᵀ W_k^h)[c, :]``, from latent bias-free
+    ``q``, ``k``.
 
     ``weight_quantizer`` (None, or a fake-quantizer such as StatsQ) is applied to the product.
     """
@@ -198,12 +183,14 @@ def _is_sdpa(node: fx.Node) -> bool:
 
 def _is_manual_attention(node: fx.Node) -> bool:
     """A softmax over a matmul (possibly scaled or masked): attention written out by hand."""
-    is_softmax = (node.op == "call_function" and node.target in _SOFTMAX) or (node.op == "call_method" and node.target == "softmax")
+    is_softmax = ((node.op == "call_function" and node.target in _SOFTMAX)
+                  or (node.op == "call_method" and node.target == "softmax"))
     current = node.args[0] if is_softmax and node.args else None
     for _ in range(4):
         if not isinstance(current, fx.Node):
             return False
-        if (current.op == "call_function" and current.target in _MATMUL) or (current.op == "call_method" and current.target == "matmul"):
+        if ((current.op == "call_function" and current.target in _MATMUL)
+                or (current.op == "call_method" and current.target == "matmul")):
             return True
         current = current.args[0] if current.args else None
     return False
@@ -218,24 +205,14 @@ def _block_name(node: fx.Node) -> str:
     return node.name
 
 
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if node.op == "call_method":
-        return str(target)
-    if target is operator.getitem:
-        return "getitem"
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", getattr(target, "__name__", str(target)))
-
-
 def _is_move(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.Identity)
-    return node.op in ("call_function", "call_method") and _op_name(node) in _MOVES
+    return op_name(node) in _MOVES
 
 
 def _describe(node: fx.Node) -> str:
-    return f"{_op_name(node) if node.op != 'call_module' else node.target} (node {node.name})"
+    return f"{op_name(node) or node.target} (node {node.name})"
 
 
 def _trace_back(gm: fx.GraphModule, start: Any, role: str) -> _Projection:
@@ -257,8 +234,7 @@ def _trace_back(gm: fx.GraphModule, start: Any, role: str) -> _Projection:
 def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    owner, _, name = node.target.rpartition(".")
-    value = getattr(gm.get_submodule(owner) if owner else gm, name)
+    value = get_attr(gm, node)
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -282,7 +258,8 @@ def _as_projection(gm: fx.GraphModule, node: fx.Node) -> _Projection | None:
         bias, weight = _attr(gm, node.args[0]), _attr(gm, node.args[2])
         if weight is None or bias is None:
             return None
-        return _Projection(node, node.args[1], weight.detach().t(), bias.detach(), node.args[2].target.rpartition(".")[0])
+        owner = node.args[2].target.rpartition(".")[0]
+        return _Projection(node, node.args[1], weight.detach().t(), bias.detach(), owner)
     return None
 
 
@@ -369,11 +346,14 @@ def _columns(values: dict[fx.Node, torch.Tensor], arg: fx.Node, projection: _Pro
     """``[H, d]`` projection columns of ``arg`` ([B, H, N, d]); checks that tokens map one to one in order."""
     width, numel = values[projection.node].tolist()
     if numel >= _EXACT_FLOAT32 or values[arg].dtype not in (torch.float32, torch.float64):
-        raise _NotRecognized(f"{role}'s projection output ({numel} elements, {values[arg].dtype}) cannot be probed exactly")
+        raise _NotRecognized(
+            f"{role}'s projection output ({numel} elements, {values[arg].dtype}) cannot be probed exactly"
+        )
     probe = values[arg].long()
     batch, heads, tokens, dim = probe.shape
     column, token = probe % width, probe // width
-    expected = (torch.arange(batch).view(-1, 1, 1, 1) * tokens + torch.arange(tokens).view(1, 1, -1, 1)).expand_as(token)
+    expected = torch.arange(batch).view(-1, 1, 1, 1) * tokens + torch.arange(tokens).view(1, 1, -1, 1)
+    expected = expected.expand_as(token)
     if not torch.equal(token, expected):
         raise _NotRecognized(f"{role}'s tokens are not the projection's tokens in order")
     cols = column[0, :, 0, :]
@@ -438,7 +418,8 @@ def _rewrite(gm: fx.GraphModule, block: _Block) -> LayerRecord:
                     v_linear.bias.copy_(block.v.bias[block.v_cols.flatten()])
             gm.add_submodule(v_path, v_linear)
             v_out = graph.call_module(v_path, (x,))
-            v_new = graph.call_method("transpose", (graph.call_method("unflatten", (v_out, -1, (heads, block.v_cols.shape[1]))), 1, 2))
+            v_heads = graph.call_method("unflatten", (v_out, -1, (heads, block.v_cols.shape[1])))
+            v_new = graph.call_method("transpose", (v_heads, 1, 2))
     kwargs = {key: value for key, value in sdpa.kwargs.items() if key not in ("scale", "enable_gqa")}
     sdpa.args = (q_new, k_new, v_new, *sdpa.args[3:6])
     sdpa.kwargs = {**kwargs, "scale": block.scale}

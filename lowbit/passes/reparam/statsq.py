@@ -1,18 +1,10 @@
 """StatsQ (OFQ's statistical weight quantizer) for QAT: the ``statsq`` and ``convert_statsq`` passes.
 
-For a weight ``W`` (rows = outputs) at ``b`` bits, ``n = 2^(b−1)``:
-``s_j = 2·mean_k |W_jk|`` per row (recomputed every forward, detached),
-``u = clip(W/s, −1, 1 − 1e−6)`` and ``Q(W) = s·(round(u·n − ½) + ½)/n``: 2^b symmetric
-levels ``s·(k + ½)/n``, ``k ∈ {−n … n−1}``, and no zero level. The forward uses the
-straight-through form ``sg(Q(W)) − sg(W) + W``, so the gradient reaches ``W`` unchanged
-everywhere (no masking of clipped weights) and nothing reaches ``s``.
-
-``statsq`` puts the quantizer on every ``nn.Linear`` weight (as a parametrization, on
-top of a weight reparameterization if there is one) and on the ``W_qk`` product of
-`lowbit.passes.reparam.qkr.QKRLinear`. ``convert_statsq`` turns each trained StatsQ
-linear into the packed format: the codes are ``k + n`` and the levels are exactly
-``scale·(q − zero)`` with ``scale = s/n`` and the half-integer ``zero = n − ½``.
-Activations are not quantized here (OFQ's LSQ activation quantizers are a separate pass).
+``statsq`` fake-quantizes every ``nn.Linear`` weight (on top of a weight reparameterization if
+there is one) and the ``W_qk`` product of `lowbit.passes.reparam.qkr.QKRLinear` to ``2^b``
+symmetric levels without a zero, from a per-row scale recomputed every forward, with a
+straight-through gradient (the formulas: docs/methods.md (StatsQ)). ``convert_statsq`` packs
+each trained layer exactly: its levels are ``scale·(q − zero)`` with a half-integer zero point.
 """
 
 from __future__ import annotations
@@ -26,12 +18,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.ir.annotations import FakeQuant, QuantScheme, annotate, get_meta
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.grid import QuantizedWeight
 from lowbit.passes.quant.rewrite import replace_linear, unsupported_reason
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import annotate_calls, layer_calls, parametrization_inputs
+from lowbit.passes.reparam.common import annotate_calls, parametrization_inputs
 from lowbit.passes.reparam.qkr import QKRLinear
 from lowbit.passes.selection import matches_any
 
@@ -102,7 +95,8 @@ class StatsQConfig(PassConfig):
     """Options of the ``statsq`` pass."""
 
     bits: int = option(2, choices=(1, 2, 3, 4, 8), help="weight code width")
-    ignore: tuple[str, ...] = option((), help="layers left in floating point (OFQ keeps the patch embedding and head at 8 bits)")
+    ignore: tuple[str, ...] = option((), help="layers left in floating point "
+                                              "(OFQ keeps the patch embedding and head at 8 bits)")
 
 
 @register
@@ -118,7 +112,7 @@ class StatsQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear, QKRLinear)):
+        for path, module, nodes in layers(gm, (nn.Linear, QKRLinear)):
             reason = "ignored" if matches_any(path, self.config.ignore) else _skip_reason(gm, path, module)
             config = None if reason else self.config_for(path)
             if config is None:
@@ -134,7 +128,8 @@ class StatsQuant(Pass):
             records.append(LayerRecord(path, "fake_quantized", stats={"bits": config.bits}))
         count = sum(r.action == "fake_quantized" for r in records)
         log.info("statsq: %d layer(s) fake-quantized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records, stats={"fake_quantized": count, "skipped": len(records) - count})
+        return PassResult(changed=count > 0, layers=records,
+                          stats={"fake_quantized": count, "skipped": len(records) - count})
 
 
 def _skip_reason(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None:
@@ -145,7 +140,8 @@ def _skip_reason(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None
     if not module.weight.is_floating_point():
         return f"weight dtype {module.weight.dtype} is not floating point"
     own = parametrization_inputs(module) if parametrize.is_parametrized(module, "weight") else [module.weight]
-    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False) if any(p is t for t in own) and not name.startswith(path + ".")]
+    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False)
+               if any(p is t for t in own) and not name.startswith(path + ".")]
     if sharers:
         return f"its weight is tied to {', '.join(sharers)}; quantizing one side would untie them"
     return None
@@ -171,7 +167,7 @@ class ConvertStatsQ(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, (nn.Linear,)):
+        for path, module, nodes in layers(gm, (nn.Linear,)):
             quantizer = statsq_of(module)
             if quantizer is None:
                 continue
@@ -184,7 +180,8 @@ class ConvertStatsQ(Pass):
                 continue
             records.append(_pack(gm, nodes, path, weight, quantizer.bits))
         count = sum(r.action == "quantized" for r in records)
-        return PassResult(changed=count > 0, layers=records, stats={"quantized": count, "skipped": len(records) - count})
+        return PassResult(changed=count > 0, layers=records,
+                          stats={"quantized": count, "skipped": len(records) - count})
 
 
 def _pack(gm: fx.GraphModule, nodes: list[fx.Node], path: str, weight: torch.Tensor, bits: int) -> LayerRecord:

@@ -1,16 +1,9 @@
 """``weight_compander``: the weight compander (Cakaj et al., IJCNN 2023) on conv and linear weights.
 
-Each weight becomes ``w = Ψ(v) = a·arctan(v/b)`` of a latent ``v`` (biases and norms are
-left alone). ``v`` starts at the exact inverse ``b·tan(w₀/a)``, so the model is unchanged
-at the start. ``a, b`` are fixed hyperparameters, or (``learnable=True``) trained per
-layer, kept positive as ``softplus`` of unconstrained parameters.
-
-Weight decay is placed as the paper prescribes: `compander_param_groups` builds optimizer
-groups (fixed variant: ``v`` gets no optimizer decay, learnable variant: only ``v`` is
-decayed, never ``a``/``b``) and `compander_decay_penalty` is the fixed variant's decay on
-``Ψ(v)``, added to the loss. `CompanderStepRescaling` is the Powerpropagation-style fix
-for Adam-type optimizers: the adaptive step is computed from ``∂L/∂Ψ(v)`` and then
-multiplied by ``Ψ'(v)``.
+Each weight becomes ``a·arctan(v/b)`` of a latent ``v`` that starts at the exact inverse, so
+the model is unchanged at the start; ``a, b`` are fixed or learned per layer. The helpers place
+weight decay as the paper prescribes (`compander_param_groups`, `compander_decay_penalty`) and
+rescale adaptive optimizer steps (`CompanderStepRescaling`); docs/methods.md (weight compander).
 """
 
 from __future__ import annotations
@@ -27,10 +20,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.ir.annotations import Reparam
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.registry import register
-from lowbit.passes.reparam.common import CONV_LINEAR, ReparamError, annotate_calls, layer_calls, skip_reason
+from lowbit.passes.reparam.common import CONV_LINEAR, ReparamError, annotate_calls, skip_reason
 from lowbit.passes.selection import matches_any
 
 log = logging.getLogger(__name__)
@@ -84,7 +78,8 @@ class Compander(nn.Module):
 class CompanderConfig(PassConfig):
     """Options of the ``weight_compander`` pass."""
 
-    a: float = option(0.5, min=0.0, min_exclusive=True, help="output scale a > 0 (|w| < a·π/2); the paper assumes a >= 0.5")
+    a: float = option(0.5, min=0.0, min_exclusive=True,
+                      help="output scale a > 0 (|w| < a·π/2); the paper assumes a >= 0.5")
     b: float = option(1.0, min=0.0, min_exclusive=True, help="input scale b > 0")
     learnable: bool = option(False, help="train (a, b) per layer (the paper's 'fine' variant) instead of fixing them")
     ignore: tuple[str, ...] = option((), help="layers left as they are: module paths or glob/re: patterns")
@@ -103,7 +98,7 @@ class WeightCompander(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layer_calls(gm, CONV_LINEAR):
+        for path, module, nodes in layers(gm, CONV_LINEAR):
             reason = "ignored" if matches_any(path, self.config.ignore) else skip_reason(gm, path, module)
             config = None if reason else self.config_for(path)
             if config is None:
@@ -115,11 +110,14 @@ class WeightCompander(Pass):
             _check_range(path, module.weight, compander)
             parametrize.register_parametrization(module, "weight", compander)
             variant = "learnable" if config.learnable else "fixed"
-            annotate_calls(nodes, path, reparam=Reparam("weight_compander", f"a={config.a:g}, b={config.b:g}, {variant}"))
-            records.append(LayerRecord(path, "reparameterized", stats={"a": config.a, "b": config.b, "learnable": config.learnable}))
+            reparam = Reparam("weight_compander", f"a={config.a:g}, b={config.b:g}, {variant}")
+            annotate_calls(nodes, path, reparam=reparam)
+            stats = {"a": config.a, "b": config.b, "learnable": config.learnable}
+            records.append(LayerRecord(path, "reparameterized", stats=stats))
         count = sum(r.action == "reparameterized" for r in records)
         log.info("weight_compander: %d layer(s) reparameterized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records, stats={"reparameterized": count, "skipped": len(records) - count})
+        return PassResult(changed=count > 0, layers=records,
+                          stats={"reparameterized": count, "skipped": len(records) - count})
 
 
 def _check_range(path: str, weight: torch.Tensor, compander: Compander) -> None:
@@ -192,7 +190,9 @@ class CompanderStepRescaling:
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._targets = [(_latent(layer), c) for layer, c in companders(module) if id(_latent(layer)) in optimized]
         if not self._targets:
-            raise ReparamError("CompanderStepRescaling: the optimizer updates no companded weight (run weight_compander first)")
+            raise ReparamError(
+                "CompanderStepRescaling: the optimizer updates no companded weight (run weight_compander first)"
+            )
         self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self._handles = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
 

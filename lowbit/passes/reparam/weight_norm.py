@@ -1,17 +1,10 @@
 """``weight_norm``: weight normalization (Salimans & Kingma 2016) of every conv and linear layer.
 
-The weight becomes ``W = g ⊙ V / ‖V‖`` (norm over every axis except ``dim``), computed
-from the trainable ``g`` and ``V`` on every forward. It is torch's own parametrization
-(``torch.nn.utils.parametrizations.weight_norm``), so the state-dict layout is torch's
-(``parametrizations.weight.original0`` is ``g``, ``original1`` is ``V``). ``dim="output"``
-(the default) normalizes per output channel for every layer kind, which for transposed
-convolutions (weight ``[in, out/groups, ...]``) is ``dim=1``; an integer or None means
-exactly what it means to torch (None: one norm over the whole tensor).
-
-``init="weight"`` is function preserving (``g = ‖W‖``, ``V = W``); ``init="data"`` is
-the paper's data-dependent init on the first calibration batch: ``V ~ N(0, 0.05)``, then
-per unit ``g = init_scale / sqrt(var(t) + 1e-10)`` and ``b = −mean(t)·g`` for the
-pre-activations ``t = x·V/‖V‖``, layer after layer in graph order.
+The weight becomes ``g ⊙ V / ‖V‖`` through torch's own parametrization, so the state-dict
+layout is torch's; ``dim="output"`` normalizes per output channel for every layer kind.
+``init="weight"`` preserves the function; ``init="data"`` is the paper's data-dependent init
+on the first calibration batch, layer after layer in graph order:
+docs/methods.md (weight normalization).
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir.annotations import Reparam
+from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.registry import register
@@ -36,7 +30,6 @@ from lowbit.passes.reparam.common import (
     CONV_LINEAR,
     ReparamError,
     annotate_calls,
-    layer_calls,
     output_dim,
     skip_reason,
 )
@@ -56,9 +49,12 @@ class ZeroNormError(ReparamError):
 class WeightNormConfig(PassConfig):
     """Options of the ``weight_norm`` pass."""
 
-    dim: int | str | None = option("output", help="'output' (per output channel), a weight axis >= 0, or None (whole tensor)")
-    init: str = option("weight", choices=("weight", "data"), help="function-preserving init, or the paper's data-dependent init")
-    init_scale: float = option(1.0, min=0.0, min_exclusive=True, help="target pre-activation std of the data-dependent init")
+    dim: int | str | None = option("output", help="'output' (per output channel), a weight axis >= 0, "
+                                                   "or None (whole tensor)")
+    init: str = option("weight", choices=("weight", "data"),
+                       help="function-preserving init, or the paper's data-dependent init")
+    init_scale: float = option(1.0, min=0.0, min_exclusive=True,
+                               help="target pre-activation std of the data-dependent init")
     ignore: tuple[str, ...] = option((), help="layers left as they are: module paths or glob/re: patterns")
 
     def check(self, pass_name: str) -> None:
@@ -71,7 +67,9 @@ class WeightNormConfig(PassConfig):
                 "use an axis >= 0, or None for one norm over the whole tensor"
             )
         if self.init == "data" and self.dim != "output":
-            raise PassConfigError(f"{pass_name}: init='data' normalizes per unit; it needs dim='output', not dim={self.dim!r}")
+            raise PassConfigError(
+                f"{pass_name}: init='data' normalizes per unit; it needs dim='output', not dim={self.dim!r}"
+            )
 
 
 @register
@@ -91,7 +89,7 @@ class WeightNorm(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records, done = [], []
-        for path, module, nodes in layer_calls(gm, CONV_LINEAR):
+        for path, module, nodes in layers(gm, CONV_LINEAR):
             reason = "ignored" if matches_any(path, self.config.ignore) else skip_reason(gm, path, module)
             config = None if reason else self.config_for(path)
             if config is None:
@@ -106,10 +104,12 @@ class WeightNorm(Pass):
             done.append((path, module, config))
             records.append(LayerRecord(path, "reparameterized", stats={"dim": dim, "init": config.init}))
         if any(config.init == "data" for _, _, config in done):
-            _data_init(gm, ctx, [(path, module, config.init_scale) for path, module, config in done if config.init == "data"])
+            _data_init(gm, ctx, [(path, module, config.init_scale) for path, module, config in done
+                                 if config.init == "data"])
         count = len(done)
         log.info("weight_norm: %d layer(s) reparameterized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records, stats={"reparameterized": count, "skipped": len(records) - count})
+        return PassResult(changed=count > 0, layers=records,
+                          stats={"reparameterized": count, "skipped": len(records) - count})
 
 
 def _check_dim(path: str, weight: torch.Tensor, dim: int | None) -> None:
@@ -122,25 +122,25 @@ def _check_nonzero(path: str, weight: torch.Tensor, dim: int | None) -> None:
     norms = torch.norm_except_dim(weight.detach(), 2, -1 if dim is None else dim).flatten()
     zero = torch.nonzero(norms == 0).flatten().tolist()
     if zero:
-        where = "the whole weight is zero" if dim is None else f"slice(s) {zero[:8]}{' ...' if len(zero) > 8 else ''} along dim {dim} are all zeros"
+        more = " ..." if len(zero) > 8 else ""
+        where = ("the whole weight is zero" if dim is None
+                 else f"slice(s) {zero[:8]}{more} along dim {dim} are all zeros")
         raise ZeroNormError(
             f"weight_norm: layer '{path}': {where}, so V/‖V‖ is undefined (NaN); "
             "ignore the layer, or use init='data' to start from a random direction"
         )
 
 
-def _data_init(gm: fx.GraphModule, ctx: PassContext, layers: list[tuple[str, nn.Module, float]]) -> None:
+def _data_init(gm: fx.GraphModule, ctx: PassContext, targets: list[tuple[str, nn.Module, float]]) -> None:
     """The paper's data-dependent init, run on the first calibration batch in one forward.
 
     Each layer is re-initialized by a forward pre-hook from the input it actually receives, so
     every later layer sees the already re-initialized earlier ones (the paper's layer-by-layer order).
     """
-    batch = next(iter(ctx.calibration), None) if ctx.calibration is not None else None
-    if batch is None:
-        raise CalibrationError("weight_norm: init='data' needs one calibration batch and the calibration set is empty")
-    args, kwargs = batch
+    batches = ctx.require_calibration("weight_norm", "weight_norm: init='data' needs one calibration batch")
+    args, kwargs = batches.batches[0]
     pending: dict[int, RemovableHandle] = {}
-    for path, module, init_scale in layers:
+    for path, module, init_scale in targets:
         pending[id(module)] = module.register_forward_pre_hook(functools.partial(_init_hook, path, init_scale, pending))
     was_training = gm.training
     try:
@@ -151,11 +151,12 @@ def _data_init(gm: fx.GraphModule, ctx: PassContext, layers: list[tuple[str, nn.
         for handle in pending.values():
             handle.remove()
     if pending:
-        missing = [path for path, module, _ in layers if id(module) in pending]
+        missing = [path for path, module, _ in targets if id(module) in pending]
         raise CalibrationError(f"weight_norm: init='data': the calibration batch never reached {', '.join(missing)}")
 
 
-def _init_hook(path: str, init_scale: float, pending: dict[int, RemovableHandle], module: nn.Module, inputs: tuple) -> None:
+def _init_hook(path: str, init_scale: float, pending: dict[int, RemovableHandle], module: nn.Module,
+               inputs: tuple) -> None:
     """Forward pre-hook: re-initialize ``module`` from its first input, then remove itself."""
     _init_from_batch(path, module, inputs[0], init_scale)
     pending.pop(id(module)).remove()

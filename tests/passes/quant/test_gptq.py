@@ -17,8 +17,8 @@ from lowbit.calibration import calibration_set
 from lowbit.errors import CalibrationError, LowbitError, PassConfigError
 from lowbit.ir import ops, packing
 from lowbit.ir.annotations import QuantScheme, get_meta
-from lowbit.passes.quant import GPTQ, RTN, PackedLinear, gptq_quantize, linear_nodes, replace_linear
-from lowbit.passes.quant.gptq import relative_output_error
+from lowbit.passes.quant import GPTQ, RTN, GPTQOptions, PackedLinear, gptq_quantize, linear_nodes, replace_linear
+from lowbit.passes.quant.gptq_algorithm import relative_output_error
 from lowbit.passes.quant.grid import clipped_group_params, group_params
 from lowbit.passes.quant.hessian import capture_hessian
 
@@ -100,8 +100,8 @@ def weight_and_hessian(rows: int = 6, cols: int = 48, dtype: torch.dtype = torch
 @pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (False, True), (True, True)])
 def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_order, static_groups) -> None:
     w, h = weight_and_hessian()
-    result = gptq_quantize(w, h, bits, group_size, symmetric, act_order=act_order,
-                           static_groups=static_groups, block_size=7, sub_block=3)
+    result = gptq_quantize(w, h, GPTQOptions(bits, group_size, symmetric, act_order=act_order,
+                                             static_groups=static_groups, block_size=7, sub_block=3))
     codes, q, loss = reference_gptq(w, h, bits, group_size, symmetric, act_order, static_groups)
     assert torch.equal(packing.unpack(result.quantized.pack(), bits, w.shape[1]), codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
@@ -124,8 +124,8 @@ def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group
     x = torch.randn(samples, cols, generator=gen, dtype=torch.float64)
     x[:, torch.rand(cols, generator=gen) < 0.2] = 0.0
     h = 2 / samples * x.T @ x
-    result = gptq_quantize(w, h, bits, group_size, False, act_order=act_order, static_groups=static_groups,
-                           block_size=block_size, sub_block=sub_block)
+    result = gptq_quantize(w, h, GPTQOptions(bits, group_size, False, act_order=act_order, static_groups=static_groups,
+                                             block_size=block_size, sub_block=sub_block))
     codes, q, _ = reference_gptq(w, h, bits, group_size if group_size < cols else -1, False, act_order, static_groups)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-10, atol=1e-10)
@@ -136,8 +136,8 @@ def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_packed_weight_dequantizes_to_the_algorithms_q(group_size, act_order, static_groups, symmetric) -> None:
     w, h = weight_and_hessian(dtype=torch.float32)
-    result = gptq_quantize(w, h, 3, group_size, symmetric, act_order=act_order, static_groups=static_groups,
-                           block_size=8)
+    result = gptq_quantize(w, h, GPTQOptions(3, group_size, symmetric, act_order=act_order, static_groups=static_groups,
+                                             block_size=8))
     qw = result.quantized
     assert (qw.g_idx is not None) == (act_order and not static_groups and group_size != -1)
     if qw.g_idx is not None:  # groups are contiguous in act-order, stored per original column
@@ -169,7 +169,8 @@ def reference_mse_grid(w: torch.Tensor, bits: int, symmetric: bool, norm: float 
         q = s1[:, None] * (torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], 0, maxq) - z1[:, None])
         err = (q - w).abs().pow(norm).sum(dim=1)
         better = err < best
-        best, scale, zero = torch.where(better, err, best), torch.where(better, s1, scale), torch.where(better, z1, zero)
+        best, scale = torch.where(better, err, best), torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
     return scale, zero
 
 
@@ -190,7 +191,8 @@ def test_mse_grid_matches_gptqmodels_search_and_never_loses_to_min_max(bits, sym
     def error(grid):
         s, z = grid
         z = (2**bits) / 2 if z is None else z[:, None]
-        return ((torch.clamp(torch.round(w / s[:, None]) + z, 0, 2**bits - 1) - z) * s[:, None] - w).abs().pow(2.4).sum(1)
+        q = (torch.clamp(torch.round(w / s[:, None]) + z, 0, 2**bits - 1) - z) * s[:, None]
+        return (q - w).abs().pow(2.4).sum(1)
 
     assert (error((scale, zero)) <= error(group_params(w, bits, symmetric))).all()
     assert (error((scale, zero)) < error(group_params(w, bits, symmetric))).any()
@@ -200,8 +202,8 @@ def test_mse_grid_matches_gptqmodels_search_and_never_loses_to_min_max(bits, sym
 def test_mse_option_equals_the_unblocked_reference_with_mse_grids(act_order, static_groups) -> None:
     w, h = weight_and_hessian(rows=8, cols=48)
     w = w**3
-    result = gptq_quantize(w, h, 3, 16, act_order=act_order, static_groups=static_groups, block_size=7,
-                           sub_block=2, mse=2.4, mse_steps=20)
+    result = gptq_quantize(w, h, GPTQOptions(3, 16, act_order=act_order, static_groups=static_groups, block_size=7,
+                                             sub_block=2, mse=2.4, mse_steps=20))
     codes, q, loss = reference_gptq(w, h, 3, 16, False, act_order, static_groups, fit=reference_mse_grid)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
@@ -215,9 +217,9 @@ def test_stacked_weights_split_into_their_separate_results(group_size, act_order
     w, h = weight_and_hessian(rows=9, cols=48)
     parts = [w[:2], w[2:7], w[7:]]
     options = {"act_order": act_order, "static_groups": static_groups, "block_size": 8}
-    stacked = gptq_quantize(w, h, 3, group_size, **options).split([2, 5, 2])
+    stacked = gptq_quantize(w, h, GPTQOptions(3, group_size, **options)).split([2, 5, 2])
     for part, result in zip(parts, stacked):
-        alone = gptq_quantize(part, h, 3, group_size, **options)
+        alone = gptq_quantize(part, h, GPTQOptions(3, group_size, **options))
         for name in ("codes", "scales", "zeros", "g_idx"):
             a, b = getattr(result.quantized, name), getattr(alone.quantized, name)
             assert (a is None and b is None) or torch.equal(a, b), name
@@ -236,8 +238,8 @@ def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size)
     groups.sort(key=lambda g: -float(diag[g].max()))
     perm = torch.cat([g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
                      + [full + torch.argsort(diag[full:], descending=True, stable=True)])
-    result = gptq_quantize(w, h, 3, group_size, act_group_aware=True, block_size=8)
-    plain = gptq_quantize(w[:, perm], h[perm][:, perm], 3, group_size, block_size=8)
+    result = gptq_quantize(w, h, GPTQOptions(3, group_size, act_group_aware=True, block_size=8))
+    plain = gptq_quantize(w[:, perm], h[perm][:, perm], GPTQOptions(3, group_size, block_size=8))
     inverse = torch.argsort(perm)
     assert result.quantized.g_idx is None
     assert torch.equal(result.quantized.codes, plain.quantized.codes[:, inverse])
@@ -252,7 +254,8 @@ def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size)
 def test_block_and_sub_block_sizes_do_not_change_the_result() -> None:
     w, h = weight_and_hessian()
     sizes = [(1, 1), (5, 2), (16, 16), (16, 5), (128, 16), (128, 128)]
-    results = [gptq_quantize(w, h, 3, 16, act_order=True, block_size=b, sub_block=s).weight for b, s in sizes]
+    results = [gptq_quantize(w, h, GPTQOptions(3, 16, act_order=True, block_size=b, sub_block=s)).weight
+               for b, s in sizes]
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-12)
 
@@ -261,20 +264,20 @@ def test_block_and_sub_block_sizes_do_not_change_the_result() -> None:
 def test_empty_blocks_are_an_error(block_size, sub_block) -> None:
     w, h = weight_and_hessian()
     with pytest.raises(LowbitError, match="block_size and sub_block"):
-        gptq_quantize(w, h, 3, 16, block_size=block_size, sub_block=sub_block)
+        gptq_quantize(w, h, GPTQOptions(3, 16, block_size=block_size, sub_block=sub_block))
 
 
 def test_too_few_samples_are_dampened() -> None:
     w, _ = weight_and_hessian(cols=32, dtype=torch.float32)
     x = correlated_inputs(3, 32)
-    result = gptq_quantize(w, 2 / 3 * x.T @ x, 4)
+    result = gptq_quantize(w, 2 / 3 * x.T @ x, GPTQOptions(4))
     assert result.damp == 0.01 and torch.isfinite(result.weight).all()
 
 
 def test_failed_cholesky_increases_damping(caplog) -> None:
     not_psd = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4 and -2
-    with caplog.at_level(logging.WARNING, logger="lowbit.passes.quant.gptq"):
-        result = gptq_quantize(torch.randn(3, 2), not_psd, 4, name="fc")
+    with caplog.at_level(logging.WARNING, logger="lowbit.passes.quant.gptq_algorithm"):
+        result = gptq_quantize(torch.randn(3, 2), not_psd, GPTQOptions(4), name="fc")
     assert result.damp == pytest.approx(10.0)
     assert "layer 'fc'" in caplog.text and "retrying" in caplog.text
 
@@ -283,7 +286,7 @@ def test_nan_weight_is_an_error_naming_the_layer() -> None:
     w, h = weight_and_hessian()
     w[1, 2] = float("nan")
     with pytest.raises(LowbitError, match="layer 'fc'.*NaN"):
-        gptq_quantize(w, h, 4, name="fc")
+        gptq_quantize(w, h, GPTQOptions(4), name="fc")
 
 
 # ---------------------------------------------------------------- the pass
@@ -330,7 +333,8 @@ def test_gptq_beats_rtn_on_the_calibration_distribution(bits: int) -> None:
 
 def test_pass_rewrites_layers_with_annotations_and_g_idx() -> None:
     gm, x = traced_mlp(), correlated_inputs(256, 64)
-    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=16, act_order=True, ignore=("fc2",))])
+    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=16, act_order=True, act_group_aware=False, mse=0.0,
+                                     ignore=("fc2",))])
     out = pipeline(gm, calibration=calibration(x))
     (node,) = [n for n in out.graph.nodes if n.target is ops.linear_packed]
     meta = get_meta(node)
@@ -463,7 +467,7 @@ def test_registry_defaults_and_missing_calibration() -> None:
     assert GPTQ().config.as_dict() == {
         "bits": 4, "group_size": 128, "symmetric": False, "ignore": (), "act_order": False,
         "static_groups": False, "block_size": 128, "damp_percent": 0.01,
-        "mse": 0.0, "mse_steps": 100, "mse_max_shrink": 0.8, "act_group_aware": False,
+        "mse": 2.4, "mse_steps": 20, "mse_max_shrink": 0.8, "act_group_aware": True,
     }
     with pytest.raises(CalibrationError, match="gptq"):
         lowbit.Pipeline([gptq])(traced_mlp())
@@ -472,6 +476,16 @@ def test_registry_defaults_and_missing_calibration() -> None:
         lowbit.Pipeline([GPTQ()])(traced_mlp(), calibration=batches)
     out = lowbit.Pipeline([GPTQ()])(traced_mlp(), calibration=batches, example_inputs=batches[0])
     assert isinstance(out.get_submodule("fc1"), PackedLinear)
+
+
+def test_defaults_are_the_best_measured_settings() -> None:
+    """Group-aware order and MSE-fitted grids unless told otherwise (the recipes' settings);
+    act_order needs the group-aware order switched off."""
+    options = lowbit.passes.get("gptq", bits=4).config.options
+    assert (options.act_group_aware, options.mse, options.mse_steps, options.act_order) == (True, 2.4, 20, False)
+    with pytest.raises(PassConfigError, match="act_group_aware=false with act_order"):
+        lowbit.passes.get("gptq", act_order=True)
+    assert lowbit.passes.get("gptq", act_order=True, act_group_aware=False).config.options.act_order
 
 
 def test_nan_weight_in_a_graph_is_an_error_naming_the_layer() -> None:
@@ -495,7 +509,8 @@ def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_capt
     batches = calibration_set([{"input_ids": torch.randint(0, 256, (2, 16))} for _ in range(2)], (), {"input_ids": ids})
     embedding_calls = []
     handle = gm.get_submodule("model.embed_tokens").register_forward_hook(lambda *_: embedding_calls.append(1))
-    out = lowbit.Pipeline([GPTQ(bits=3, group_size=32)])(gm, calibration=batches)
+    gptq = GPTQ(bits=3, group_size=32)
+    out = lowbit.Pipeline([gptq])(gm, calibration=batches)
     handle.remove()
     assert len(embedding_calls) == 2  # one forward per batch for all 15 layers
 
@@ -509,7 +524,7 @@ def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_capt
         if source not in hessians:
             hessians[source] = capture_hessian(reference, source, 1, batches).hessian
         node = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == path)
-        result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], 3, 32)
+        result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], gptq.config.options)
         replace_linear(reference, node, result.quantized, QuantScheme(bits=3, group_size=32, symmetric=False,
                                                                         method="gptq"))
     for (name, expected), (other, actual) in zip(reference.named_buffers(), out.named_buffers()):

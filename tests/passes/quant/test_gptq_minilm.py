@@ -51,7 +51,7 @@ def test_gptq_w4_g128_minilm_cosine_and_beats_rtn() -> None:
             return torch.nn.functional.cosine_similarity(minilm.embed(model(**evaluation), mask), reference)
 
     options = {"bits": 4, "group_size": 128}
-    gptq = cosine([lowbit.passes.get("gptq", **options, act_order=True)])
+    gptq = cosine([lowbit.passes.get("gptq", **options, act_order=True, act_group_aware=False, mse=0.0)])
     rtn = cosine([lowbit.passes.get("rtn", **options, symmetric=False)])
     # Measured 0.9894 mean / 0.9807 min (issue 3 asks for 0.99); RTN 0.9514.
     assert gptq.mean() >= 0.985 and gptq.min() >= 0.97
