@@ -1,4 +1,4 @@
-"""``bone``: block adapters of Jiale Kang (METHODS.md §5), in both forms the name has meant.
+"""``bone``: block adapters of Jiale Kang (docs/methods.md (Bone)), in both forms the name has meant.
 
 - ``variant="balance"`` (default): today's **Bone**, "Block-Affine Adaptation", PEFT's
   ``MissConfig`` default mode. A trainable ``D ∈ R^{r×o}`` (zero-init) is added to every

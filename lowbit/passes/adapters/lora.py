@@ -1,4 +1,4 @@
-"""``lora``: low-rank adapters (Hu et al. 2021) with PEFT's inits, including PiSSA (METHODS.md §6).
+"""``lora``: low-rank adapters (Hu et al. 2021) with PEFT's inits, including PiSSA (docs/methods.md (LoRA)).
 
 ``y = x Wᵀ + b + scale · dropout(x) Aᵀ Bᵀ`` with ``A ∈ R^{r×i}``, ``B ∈ R^{o×r}`` and
 ``scale = α/r`` (``α/√r`` with rsLoRA). Inits, as PEFT names them:

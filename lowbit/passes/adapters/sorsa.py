@@ -1,4 +1,4 @@
-"""``sorsa``: singular-value split adapters with an orthonormal regularizer (Cao et al., METHODS.md §4).
+"""``sorsa``: singular-value split adapters with an orthonormal regularizer (Cao et al., docs/methods.md (SORSA)).
 
 The SVD of ``W`` (fp32) splits it into a trainable principal part and a frozen residual:
 ``A = V_rᵀ`` (r×i), ``S = s[:r]``, ``B = U_r`` (o×r), and the base weight becomes

@@ -1,4 +1,4 @@
-"""``prune_gradual``: gradual magnitude pruning on Zhu & Gupta's cubic schedule (METHODS.md §10.2).
+"""``prune_gradual``: gradual magnitude pruning on Zhu & Gupta's cubic schedule (docs/methods.md (Gradual pruning)).
 
 The pass (prepare stage) installs all-ones-or-``initial_sparsity`` masks; training then
 calls the callback from `PruneGradual.callback` after each optimizer step. At step ``t``

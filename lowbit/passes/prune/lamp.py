@@ -1,4 +1,4 @@
-"""``prune_lamp``: global pruning by LAMP score (Lee et al., ICLR 2021; METHODS.md §10.1).
+"""``prune_lamp``: global pruning by LAMP score (Lee et al., ICLR 2021; docs/methods.md (LAMP)).
 
 Within a layer, sort the masked weights by ``w²`` ascending; the score of the weight at
 sorted position ``u`` is ``w[u]² / Σ_{v ≥ u} w[v]²``. The ``K = round((1 − s)·Σn)``

@@ -1,4 +1,4 @@
-"""``prune_nm``: N:M semi-structured masks along the input dimension (METHODS.md §10.4).
+"""``prune_nm``: N:M semi-structured masks along the input dimension (docs/methods.md (N:M sparsity)).
 
 Every run of ``m`` consecutive weights along the reduction dimension of a row keeps its
 ``n`` largest ``|w|`` (2:4 is the pattern sparse tensor cores accelerate). A Linear

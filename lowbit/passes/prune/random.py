@@ -1,4 +1,4 @@
-"""``prune_random``: random masks with ERK layer-wise densities (RigL; METHODS.md §10.3).
+"""``prune_random``: random masks with ERK layer-wise densities (RigL; docs/methods.md (ERK random pruning)).
 
 ERK gives layer ``l`` the raw density ``raw_l = Σ dims_l / Π dims_l`` (kernel dims
 included; "er" uses only the input and output widths, "uniform" gives every layer the

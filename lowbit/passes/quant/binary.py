@@ -3,7 +3,7 @@
 Per output channel (default), per group of input columns or per tensor:
 ``α = mean |W|`` over the block, which minimises ``‖W − α·sign₊(W)‖_F`` for a fixed
 sign pattern, and ``W_b = α·sign₊(W)`` with ``sign₊(w) = +1 for w ≥ 0`` (so 0 and −0.0
-map to ``+α``; never ``torch.sign(0) = 0``, METHODS.md §11.1 pitfall).
+map to ``+α``; never ``torch.sign(0) = 0``, see docs/methods.md (BinaryConnect)).
 
 Packed format: code ``q = 1`` for ``+α``, ``0`` for ``−α``, 1 bit per weight, no stored
 zeros (1-bit default zero 0.5). Because ``w = scale·(q − 0.5)``, the stored scale is

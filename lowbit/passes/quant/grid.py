@@ -1,4 +1,4 @@
-"""GPTQ's uniform quantization grid, computed per row and group (METHODS.md §8 step 2).
+"""GPTQ's uniform quantization grid, computed per row and group (docs/methods.md (GPTQ, the uniform grid)).
 
 For one group of weights ``w`` with ``maxq = 2^bits − 1``:
 
@@ -6,7 +6,7 @@ For one group of weights ``w`` with ``maxq = 2^bits − 1``:
   ``scale = (xmax − xmin) / maxq``, ``zero = round(−xmin / scale)``;
 - symmetric: ``xmax = max(|xmin|, xmax)``, ``xmin = −xmax``, ``zero = (maxq + 1) / 2``,
   which is the packed format's default zero point, so symmetric weights store no zeros.
-  ``xmin = −xmax`` holds for every group, as METHODS.md states it; IST-DASLab's code
+  ``xmin = −xmax`` holds for every group, as docs/methods.md states it; IST-DASLab's code
   keeps ``xmin = 0`` for a group without negative weights, which halves its range;
 - an all-zero group uses the range ``[−1, 1]``;
 - ``q = clamp(round(w / scale) + zero, 0, maxq)``.

@@ -1,4 +1,4 @@
-"""``ternary``: BitNet b1.58 weights {−1, 0, +1} times a real scale (METHODS.md §7).
+"""``ternary``: BitNet b1.58 weights {−1, 0, +1} times a real scale (docs/methods.md (BitNet b1.58)).
 
 For each scale block (the whole tensor by default, as BitNet; or a row, or a group of
 input columns) with ``γ = max(measure(|W|), 1e−5)``:

@@ -14,7 +14,7 @@ from lowbit.passes.prune import PruneRandom, erk_sparsities
 
 
 def test_erk_meets_the_budget_and_densifies_small_layers() -> None:
-    # the numeric check of METHODS.md §10.3: a 10x128 FC exceeds density 1 at 90% sparsity
+    # the numeric check of docs/methods.md (ERK random pruning): a 10x128 FC exceeds density 1 at 90% sparsity
     shapes = {"conv": (64, 3, 3, 3), "mid": (128, 64, 3, 3), "fc1": (128, 2048), "fc": (10, 128)}
     raw_fc = (10 + 128) / (10 * 128)
     sparsities = erk_sparsities(shapes, 0.9)

@@ -41,7 +41,7 @@ def outlier_inputs(rows: int, width: int, salient: int = 4, seed: int = 0) -> to
 
 
 def test_scale_search_loss_is_the_token_mean_of_the_output_change() -> None:
-    """METHODS.md §9: s = max(s_X^α, 1e-4) normalized; loss = mean((x Wᵀ − x Q(W s)/s ᵀ)²)."""
+    """docs/methods.md (AWQ): s = max(s_X^α, 1e-4) normalized; loss = mean((x Wᵀ − x Q(W s)/s ᵀ)²)."""
     x = outlier_inputs(200, 32)
     weights = [torch.randn(8, 32), torch.randn(5, 32)]
     config = AWQConfig(bits=3, group_size=16)

@@ -27,7 +27,7 @@ from lowbit.passes.quant.hessian import capture_hessian
 
 
 def reference_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and zero of one group (METHODS.md §8 step 2)."""
+    """Per-row scale and zero of one group (docs/methods.md, GPTQ: the uniform grid)."""
     maxq = 2**bits - 1
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
@@ -45,7 +45,7 @@ def reference_gptq(
     w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
     static_groups: bool, damp: float = 0.01, fit=reference_grid,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """GPTQ one column at a time, no blocks (METHODS.md §8 steps 3-8): codes, Q and loss.
+    """GPTQ one column at a time, no blocks (docs/methods.md, GPTQ: the column loop): codes, Q and loss.
     ``fit(w, bits, symmetric)`` gives a group's per-row scale and zero."""
     w, h = w.clone(), h.clone()
     cols = w.shape[1]

@@ -43,7 +43,7 @@ def call(x: torch.Tensor, layout: dict, bias: torch.Tensor | None, act_scale: to
 
 
 def bitnet_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """METHODS.md §7.1: s = 127 / max(max|x|, 1e-5) per token, clamp(round(x·s), −128, 127) / s."""
+    """docs/methods.md (Int8 activations): s = 127 / max(max|x|, 1e-5) per token, clamp(round(x·s), −128, 127) / s."""
     s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
     return (x * s).round().clamp(-128, 127) / s
 

@@ -22,7 +22,7 @@ from lowbit.passes.quant.rewrite import linear_nodes
 
 
 def reference_grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """GPTQ's grid (METHODS.md §8 step 2), one row and one group slice at a time."""
+    """GPTQ's grid (docs/methods.md, GPTQ: the uniform grid), one row and one group slice at a time."""
     maxq = 2**bits - 1
     rows, cols = w.shape
     width = cols if group_size == -1 else group_size
