@@ -23,8 +23,7 @@ from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig
 from lowbit.passes.quant.qat import WeightFakeQuant, fake_quantizer_of
 from lowbit.passes.quant.rewrite import replace_linear, unsupported_reason
-from lowbit.passes.registry import register
-from lowbit.passes.reparam.statsq import ConvertStatsQ
+from lowbit.passes.registry import get, register
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class ConvertQAT(Pass):
                 records.append(LayerRecord(path, "skipped", reason))
                 continue
             records.append(_pack(gm, nodes, path, quantizer, plist.original))
-        statsq = ConvertStatsQ()
+        statsq = get("convert_statsq")  # by name: the reparam family builds on this package's grid
         statsq.overrides = self.overrides
         records.extend(statsq.run(gm, ctx).layers)
         count = sum(r.action == "quantized" for r in records)
