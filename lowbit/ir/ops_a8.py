@@ -1,38 +1,12 @@
 """``torch.ops.lowbit.linear_packed_a8``: a packed-weight linear layer with int8 activations.
 
-``linear_packed_a8(x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features,
-act_scale)`` takes the packed weight of `lowbit.ir.packing` (any width, any grouping)
-like ``linear_packed`` and quantizes its input to int8, symmetric, before the product.
-Its PyTorch implementation is the numerical reference every backend must reproduce; the
-order of operations is fixed so that an integer kernel can match it bit for bit:
-
-1. ``xf = float32(x)`` and the int8 codes of the input, rounding half to even:
-
-   - dynamic (``act_scale`` is None), per token (row of the last dimension), as BitNet
-     b1.58 (see docs/methods.md (BitNet b1.58)): ``s = 127 / max(max_k |xf[t, k]|, 1e-5)``
-     (a float32 division, not ``127 · (1/a)``),
-     ``x_int = clamp(round(xf · s), −128, 127)``; the step is ``1 / s``;
-   - static (``act_scale`` is a float32 scalar, the step ``Δ``):
-     ``x_int = clamp(round(xf / Δ), −128, 127)``.
-
-   The clamp is asymmetric (−128..127), so ``+absmax`` maps to 127 and nothing
-   reaches −128 unless the static step clips it.
-2. Per weight group ``g`` (the columns ``k`` with ``g_idx[k] == g``, or
-   ``k // group_size``), the exact dot product ``acc[t, n, g] = Σ_k x_int[t, k] ·
-   (q[n, k] − zero[n, g])``. Every format of this project has integer or half-integer
-   ``q − zero``, so ``acc`` is exact (computed in float64; an int32 kernel accumulates
-   ``2·acc`` or removes the offset algebraically, ``Σ a·(q − z) = Σ a·q − z·Σ a``).
-3. ``y[t, n] = Σ_g float32(acc[t, n, g]) · scale[n, g]`` in float32, groups in
-   increasing order, each product rounded before the addition (no fused multiply-add).
-4. ``y = y / s`` (dynamic) or ``y = y · Δ`` (static), then ``y = y + bias`` in float32,
-   then the result is cast to ``x``'s dtype.
-
-Up to float32 rounding this equals ``F.linear(x̂, W)`` with the dequantized weight ``W``
-and the fake-quantized input ``x̂ = x_int / s`` (or ``x_int · Δ``). A fake
-implementation makes FakeTensor propagation and ``torch.export`` work, and a
-straight-through gradient for ``x`` (that of ``F.linear(x, W)``) and for ``bias`` lets
-layers around a quantized one keep training. Importing this module registers the op
-and its verifier check.
+``linear_packed_a8(x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features, act_scale)``
+quantizes its input to symmetric int8 (per token, or with one static step ``act_scale``) and
+multiplies it by the packed weight. Its PyTorch implementation is the numerical reference every
+backend reproduces bit for bit, so its order of operations is fixed: docs/methods.md (Int8
+activations) gives it. A fake implementation serves FakeTensor propagation and torch.export, and
+a straight-through gradient for ``x`` and ``bias`` lets the layers around it keep training.
+Importing this module registers the op and its verifier check.
 """
 
 from __future__ import annotations

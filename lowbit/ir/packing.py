@@ -1,31 +1,8 @@
 """The packed low-bit weight format shared by every quantization pass and backend.
 
-A quantized ``nn.Linear`` weight ``W`` of shape ``(N, K)`` (N outputs, K inputs) is
-stored as four tensors plus three integers (``bits``, ``group_size``, ``in_features``):
-
-``qweight``  uint8 ``(N, ceil(K·bits/8))``
-    Integer codes ``q ∈ [0, 2^bits − 1]``, one per weight, packed row by row as an
-    LSB-first bit stream: code ``k`` of a row occupies bits ``[k·bits, (k+1)·bits)`` of
-    the row's little-endian bit string (bit ``j`` of the row is bit ``j % 8`` of byte
-    ``j // 8``). For 1, 2, 4 and 8 bits this is "low bits first within a byte", the
-    layout of ONNX Runtime's ``MatMulNBits``; 3-bit codes may straddle two bytes. Each
-    row starts on a byte boundary; unused high bits of a row's last byte are zero.
-    Supported widths: 1, 2, 3, 4, 8.
-``scales``   float32 ``(N, n_groups)``
-``zeros``    None or float32 ``(N, n_groups)``
-    Zero points, stored as floats so formats may use half-integers; the quantizers of
-    this project write integer values. None means the symmetric default
-    `default_zero`: ``2^(bits−1)`` for bits ≥ 2 (GPTQ's symmetric ``(maxq+1)/2``) and
-    ``0.5`` for 1 bit, so 1-bit codes decode to ``±scale/2``.
-``g_idx``    None or int32 ``(K,)``
-    The group of each input column (act-order quantizers). Without it, column ``k``
-    belongs to group ``k // group_size``.
-
-The dequantized weight is ``w[n, k] = scale[n, g] · (q[n, k] − zero[n, g])`` with
-``g = g_idx[k]`` or ``k // group_size``. ``n_groups = ceil(K / group_size)`` and
-``1 ≤ group_size ≤ K``; ``group_size == K`` is per-channel. When ``group_size`` does not
-divide ``K`` the last group is simply shorter (``K mod group_size`` columns): the weight
-is never padded, so ``qweight`` is exactly ``ceil(K·bits/8)`` bytes per row.
+``qweight`` (uint8 codes packed LSB-first per output row), ``scales`` and optional ``zeros``
+per group, and an optional act-order ``g_idx``; ``w = scale · (q − zero)``. The layout and its
+rules are in docs/methods.md (RTN and the packed format).
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""GPTQ's uniform quantization grid, computed per row and group (docs/methods.md (GPTQ, the uniform grid)).
+"""The uniform quantization grid that RTN, GPTQ, AWQ and QAT fit per row and group.
 
-For one group of weights ``w`` with ``maxq = 2^bits − 1``:
-
-- asymmetric: ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)``,
-  ``scale = (xmax − xmin) / maxq``, ``zero = round(−xmin / scale)``;
-- symmetric: ``xmax = max(|xmin|, xmax)``, ``xmin = −xmax``, ``zero = (maxq + 1) / 2``,
-  which is the packed format's default zero point, so symmetric weights store no zeros.
-  ``xmin = −xmax`` holds for every group, as docs/methods.md states it; IST-DASLab's code
-  keeps ``xmin = 0`` for a group without negative weights, which halves its range;
-- an all-zero group uses the range ``[−1, 1]``;
-- ``q = clamp(round(w / scale) + zero, 0, maxq)``.
-
-RTN uses the grid directly; GPTQ and AWQ reuse it for their per-group parameters.
-
-`clipped_group_params` optionally shrinks a group's range before fitting the grid: it
-tries ``[p·xmin, p·xmax]`` for ``p = 1, 1 − 1/steps, …`` (``p > 1 − max_shrink``) and keeps,
-per row, the range whose rounded weights minimise ``Σ |q − w|^norm`` — GPTQModel's
-``mse`` option (its defaults: norm 2.4, 100 steps, max shrink 0.8). Cutting off a few
-outliers buys a finer step for every other weight of the group.
+Asymmetric or symmetric ranges that always contain 0 (so a zero weight decodes to exactly 0),
+and `clipped_group_params`, the optional MSE range search of GPTQ's ``mse`` option. The math
+is in docs/methods.md (RTN and the packed format: the uniform grid).
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
-"""Confidence-guided annealing (OFQ's final QAT phase): freeze weights that are confidently quantized.
+"""Confidence-guided annealing, OFQ's final QAT phase: freeze weights that are confidently quantized.
 
-At every optimizer step, for each StatsQ-quantized weight ``W`` (``b`` bits, ``n = 2^(b−1)``),
-the pre-round value ``z = clip(W/s, −1, 1−1e−6)·n − ½`` is compared with the rounding
-boundaries ``i + ½`` for integers ``i ∈ [min round(z), max round(z))``. An element within
-``boundary_range`` (in quantization steps) of one of them is "low confidence" and keeps
-training; every other element is frozen: its gradient is zeroed before the step and its
-value is restored after it, which also undoes weight decay and momentum/Adam drift.
-
-Targets are the weights StatsQ quantizes directly (OFQ: ``fc1``, ``fc2``, ``v``/``qkv``,
-``proj``). QKR's ``W_qk`` product is left alone: in OFQ's code the product's "freeze" only
-detaches entries of a tensor whose output is assembled straight-through, so it never
-changes a gradient, and q/k are not in the frozen list; a weight computed by a
-reparameterization is left alone too (fold it first). Use it in a low-learning-rate tail
-phase after normal QAT::
+At each optimizer step, the elements of every StatsQ-quantized weight that lie farther than
+``boundary_range`` steps from a rounding boundary get no update (their gradient is zeroed and
+their value restored after the step). See docs/methods.md (StatsQ and CGA)::
 
     cga = CGA(model, boundary_range=0.005).attach(optimizer)
     ...  # loss.backward(); optimizer.step() as usual
