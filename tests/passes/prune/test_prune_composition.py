@@ -73,8 +73,6 @@ def test_passes_that_need_plain_linears_refuse_active_masks(name: str) -> None:
 
 
 def test_adapter_on_a_pruned_base_stays_sparse_after_merge_when_asked() -> None:
-    if "lora" not in registry.available():
-        pytest.skip("adapters are not available")
     net, x = mlp()
     pruned = Pipeline([PruneMagnitude(sparsity=0.7)])(lowbit.trace(net, (x,)))
     masks = masks_of(pruned)
