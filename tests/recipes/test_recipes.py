@@ -20,6 +20,8 @@ from lowbit.ir.annotations import get_meta
 from lowbit.passes import Pass, PassConfig, option, registry
 from lowbit.recipes import PassSpec, TuneOptions, schema
 
+from helpers import LMHeadMLP
+
 SCHEMES = ("w2a8", "w4a8", "w4a16", "w8a8", "w1.58a8")
 SHIPPED = sorted(f"{scheme}-{target}" for scheme in SCHEMES for target in ("x86", "arm", "cuda"))
 #: The shipped recipes as they were written before the schemes: one file per recipe in the one-target format.
@@ -129,17 +131,6 @@ def test_every_shipped_recipe_is_ready() -> None:
     assert recipes.status() == {name: "ready" for name in SHIPPED}
 
 
-class _MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(64, 128)
-        self.fc2 = torch.nn.Linear(128, 128)
-        self.lm_head = torch.nn.Linear(128, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 #: Relative output error bound on the small MLP per weight scheme (int8 activations everywhere).
 A8_ERROR_BOUND = {"w8a8": 0.03, "w4a8": 0.2, "w2a8": 0.6, "w1.58a8": 0.7}
 
@@ -147,7 +138,7 @@ A8_ERROR_BOUND = {"w8a8": 0.03, "w4a8": 0.2, "w2a8": 0.6, "w1.58a8": 0.7}
 @pytest.mark.parametrize("name", [name for name in SHIPPED if not name.startswith("w4a16")])
 def test_int8_activation_recipes_compile_and_run_on_torch(name: str) -> None:
     torch.manual_seed(0)
-    model = _MLP().eval()
+    model = LMHeadMLP(64, 128, 128, 16).eval()
     x = torch.randn(8, 64)
     calibration = [(torch.randn(32, 64),) for _ in range(4)]
     compiled = lowbit.compile(model, (x,), recipe=name, target="torch", calibration=calibration)
@@ -178,7 +169,7 @@ def test_package_data_is_installed_and_loads_through_importlib_resources() -> No
 @pytest.mark.parametrize("name", ["w4a8-cuda", "w4a16-cuda"])
 def test_tuning_a_cuda_recipe_keeps_the_backends_refusal(name: str) -> None:
     torch.manual_seed(0)
-    model = _MLP().eval()
+    model = LMHeadMLP(64, 128, 128, 16).eval()
     calibration = [(torch.randn(8, 64),) for _ in range(2)]
     with pytest.raises(BackendError, match="tuning CUDA kernels is not supported"):
         lowbit.compile(model, (torch.randn(2, 64),), recipe=name, calibration=calibration, tune=True)

@@ -15,10 +15,11 @@ from lowbit.passes import registry
 from lowbit.passes.pipeline import Pipeline
 from lowbit.passes.prune import ApplyMasks, PruneMagnitude, PruneNM, is_nm
 
+from helpers import seeded_mlp
+
 
 def mlp() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    net = seeded_mlp(64, 64, 16)
     with torch.no_grad():
         net[0].weight.add_(0.3)  # an all-positive-ish range: the asymmetric grid is far from symmetric
     return net.eval(), torch.randn(8, 64)
