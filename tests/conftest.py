@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def arm_emulator() -> None:
     """Skip the test where ARM artifacts cannot run here (no qemu-aarch64 or no emulated aarch64 root)."""
     from lowbit.backends.tvm import qemu  # imported here: loading TVM is slow and most tests never need it
