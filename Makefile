@@ -1,7 +1,7 @@
 VENV ?= .venv
 export LOWBIT_VENV := $(VENV)
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo lint test
 
 setup:
 	bash scripts/setup.sh
@@ -9,8 +9,10 @@ setup:
 demo: setup
 	$(VENV)/bin/lowbit demo
 
-test: setup
-	$(VENV)/bin/python -m pytest -m "not slow" -q
+lint: setup
+	$(VENV)/bin/python -m ruff check .
+	$(VENV)/bin/python -m ruff format --check .
 
-test-all: setup
+# Every test, slow ones included; tests marked gpu skip where there is no CUDA device.
+test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -91,7 +91,6 @@ def test_masked_layer_gives_weight_times_mask(net: Net) -> None:
     assert torch.equal(weights["fc2"], dequantize(fc2.qweight, fc2.scales, None, None, 8, 32, 32).tril())
 
 
-@pytest.mark.skipif("prune_magnitude" not in registry.available(), reason="pruning passes are not available")
 def test_with_the_magnitude_pruning_pass(net: Net) -> None:
     gm = Pipeline([registry.get("prune_magnitude", sparsity=0.5)])(fx.symbolic_trace(net))
     weights = lowbit.dequantized_weights(gm)

@@ -11,10 +11,6 @@ from lowbit.passes.base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 
-# Passes that recipes may already name but that this version does not implement yet.
-# Naming one fails loudly instead of silently skipping it.
-PLANNED: frozenset[str] = frozenset()
-
 P = TypeVar("P", bound=type[Pass])
 
 
@@ -30,13 +26,11 @@ def register(cls: P) -> P:
 
 
 def lookup(name: str) -> type[Pass]:
-    """The pass class registered as ``name``; a clear error when it is unknown or not implemented."""
+    """The pass class registered as ``name``; a clear error naming close matches when it is unknown."""
     _load_builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name in PLANNED:
-        raise UnknownPassError(f"pass '{name}' is not implemented in this version of lowbit; available: {', '.join(available())}")
-    close = difflib.get_close_matches(name, list(_REGISTRY) + sorted(PLANNED), n=3)
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     raise UnknownPassError(f"unknown pass '{name}'{hint}; available: {', '.join(available())}")
 

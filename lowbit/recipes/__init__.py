@@ -4,6 +4,10 @@
     recipe = lowbit.recipes.load("configs/mine.yaml")  # any file
     passes = recipe.build("convert")                   # fresh, validated Pass instances
 
+Each shipped file is a scheme (``w4a16.yaml``) written once for all targets; the recipe
+``w4a16-x86`` is its shared passes with its ``x86`` part. A file loaded by path is one
+recipe for one target.
+
 Loading validates everything a pipeline would trip over later (pass names, stages,
 options, overrides, target, tuning options) and raises a `RecipeError` naming the file
 and the key path.
@@ -20,15 +24,19 @@ from typing import Any
 import yaml
 
 from lowbit.errors import RecipeError
-from lowbit.recipes.schema import PassSpec, Recipe, TuneOptions, display_name, parse
+from lowbit.recipes.schema import PassSpec, Recipe, TuneOptions, display_name, parse, parse_scheme
 
 _SUFFIXES = (".yaml", ".yml")
 
 
 def available() -> list[str]:
-    """The names of the shipped recipes, sorted."""
-    return sorted(entry.name[: -len(".yaml")] for entry in resources.files(__name__).iterdir()
-                  if entry.name.endswith(".yaml"))
+    """The names of the shipped recipes, ``<scheme>-<target>`` for each target part of each scheme file, sorted."""
+    names = []
+    for path in _scheme_files():
+        data = _read_yaml(path, path.read_text(encoding="utf-8"))
+        targets = data.get("targets") if isinstance(data, dict) else None
+        names += [f"{path.stem}-{target}" for target in targets or ()]
+    return sorted(names)
 
 
 def load(name_or_path: str | os.PathLike[str]) -> Recipe:
@@ -38,9 +46,10 @@ def load(name_or_path: str | os.PathLike[str]) -> Recipe:
     """
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name_or_path):
         path = Path(name_or_path)
-        return parse(_read_yaml(path, _read_file(path)), path, shipped=False)
+        return parse(_read_yaml(path, _read_file(path)), path)
     path = _shipped_path(name_or_path)
-    return parse(_read_yaml(path, path.read_text(encoding="utf-8")), path, shipped=True)
+    target = name_or_path.rpartition("-")[2]
+    return parse_scheme(_read_yaml(path, path.read_text(encoding="utf-8")), path, target)
 
 
 def status() -> dict[str, str]:
@@ -60,16 +69,19 @@ def _looks_like_path(text: str) -> bool:
     return os.sep in text or "/" in text or text.endswith(_SUFFIXES)
 
 
+def _scheme_files() -> list[Path]:
+    return sorted(Path(str(entry)) for entry in resources.files(__name__).iterdir() if entry.name.endswith(".yaml"))
+
+
 def _shipped_path(name: str) -> Path:
-    """The file of the shipped recipe ``name``; an error listing close matches and all names if none."""
-    resource = resources.files(__name__) / f"{name}.yaml"
-    if not resource.is_file():
-        names = available()
+    """The scheme file of the shipped recipe ``name``; an error listing close matches and all names if none."""
+    names = available()
+    if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise RecipeError(f"{name}.yaml: no shipped recipe named '{name}'{hint}; available: {', '.join(names)}; "
                           "to load your own file, pass its path")
-    return Path(str(resource))
+    return Path(str(resources.files(__name__) / f"{name.rpartition('-')[0]}.yaml"))
 
 
 def _read_file(path: Path) -> str:

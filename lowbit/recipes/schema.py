@@ -1,7 +1,11 @@
 """The recipe schema: frozen dataclasses and the validation that builds them from parsed YAML.
 
+Two file shapes: a recipe for one target (``target:`` and ``tune:`` at the top level; users'
+files), and a scheme holding the shared passes once with a ``targets:`` mapping of per-target
+parts (the shipped ``w4a16.yaml`` gives ``w4a16-x86``, ``w4a16-arm``, ``w4a16-cuda``).
+
 Every error is a `RecipeError` whose message starts with ``<file>: <key path>: `` so a user
-can find the offending line, e.g. ``w4a16-x86.yaml: convert[0].bits: rtn: bits=5 is not
+can find the offending line, e.g. ``w4a16.yaml: convert[0].bits: rtn: bits=5 is not
 supported; choose one of 2, 3, 4, 8``.
 """
 
@@ -26,6 +30,9 @@ from lowbit.passes.selection import SKIP
 STAGES: tuple[str, ...] = ("prepare", "convert")
 TOP_LEVEL_KEYS: tuple[str, ...] = ("name", "description", "target", "tune", "prepare", "convert")
 REQUIRED_KEYS: tuple[str, ...] = ("target", "convert")
+SCHEME_KEYS: tuple[str, ...] = ("name", "description", "prepare", "convert", "targets")
+SCHEME_REQUIRED_KEYS: tuple[str, ...] = ("convert", "targets")
+TARGET_PART_KEYS: tuple[str, ...] = ("description", "tune")
 
 Target = str | Mapping[str, Any]
 
@@ -107,36 +114,84 @@ def display_name(path: Path) -> str:
     return path.name if path.parent == _SHIPPED_DIR else str(path)
 
 
-def parse(data: Any, path: Path, shipped: bool) -> Recipe:
-    """Validate parsed YAML ``data`` read from ``path`` and build the `Recipe` (its passes included)."""
+def parse(data: Any, path: Path) -> Recipe:
+    """Validate parsed YAML ``data`` of a one-target recipe file read from ``path`` and build the `Recipe`."""
     source = display_name(path)
-    if not isinstance(data, Mapping):
-        raise _error(source, "<top level>", f"a recipe is a mapping of {', '.join(TOP_LEVEL_KEYS)}; "
-                                            f"got {_kind(data)}")
-    _check_keys(source, "", data, TOP_LEVEL_KEYS)
-    for key in REQUIRED_KEYS:
-        if key not in data:
-            raise _error(source, key, "missing; every recipe needs it")
-    recipe = Recipe(
-        name=_parse_name(source, data.get("name", path.stem), path, shipped),
+    _check_top_level(source, data, TOP_LEVEL_KEYS, REQUIRED_KEYS)
+    return _build(
+        source,
+        name=_parse_string(source, "name", data.get("name", path.stem)),
         description=_parse_string(source, "description", data.get("description", "")),
         path=path,
-        target=_parse_target(source, data["target"]),
-        tune=_parse_tune(source, data.get("tune")),
-        prepare=_parse_stage(source, "prepare", data.get("prepare", [])),
-        convert=_parse_stage(source, "convert", data["convert"]),
+        target=_parse_target(source, "target", data["target"]),
+        tune=_parse_tune(source, "tune", data.get("tune")),
+        stages=data,
+    )
+
+
+def parse_scheme(data: Any, path: Path, target: str) -> Recipe:
+    """The recipe for ``target`` from a scheme file (the shipped ``w4a8.yaml``): its shared keys (passes and a
+    description template) with the part of its ``targets`` mapping for ``target`` on top.
+
+    The recipe is named ``<scheme>-<target>``; the scheme's ``name`` must equal the file stem. A target part holds
+    a ``description`` (filling ``{target}`` in the template) and a ``tune`` block, which a CUDA target may not
+    have: the TVM backend does not tune CUDA kernels.
+    """
+    source = display_name(path)
+    _check_top_level(source, data, SCHEME_KEYS, SCHEME_REQUIRED_KEYS)
+    scheme = _parse_string(source, "name", data.get("name", path.stem))
+    if scheme != path.stem:
+        raise _error(source, "name", f"'{scheme}' must equal the file name '{path.stem}'")
+    parts = _mapping(source, "targets", data["targets"])
+    if target not in parts:
+        raise _error(source, "targets", f"no part for target '{target}'; this scheme has {', '.join(map(str, parts))}")
+    where = f"targets.{target}"
+    part = _mapping(source, where, parts[target] or {})
+    _check_keys(source, f"{where}.", part, TARGET_PART_KEYS)
+    if target == "cuda" and "tune" in part:
+        raise _error(source, f"{where}.tune", "CUDA kernels are not tuned (the tuner times kernels on CPUs); "
+                                              "leave 'tune' out")
+    template = _parse_string(source, "description", data.get("description", ""))
+    filler = _parse_string(source, f"{where}.description", part.get("description", target))
+    return _build(
+        source,
+        name=f"{scheme}-{target}",
+        description=template.replace("{target}", filler),
+        path=path,
+        target=_parse_target(source, "targets", target),
+        tune=_parse_tune(source, f"{where}.tune", part.get("tune")),
+        stages=data,
+    )
+
+
+def _check_top_level(source: str, data: Any, known: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """``data`` is a mapping with only ``known`` keys and every ``required`` one."""
+    if not isinstance(data, Mapping):
+        raise _error(source, "<top level>", f"a recipe is a mapping of {', '.join(known)}; got {_kind(data)}")
+    if "targets" in data and "targets" not in known:
+        raise _error(source, "targets", "a recipe file loaded by path is for one target: give 'target' (and its "
+                                        "'tune') at the top level instead")
+    _check_keys(source, "", data, known)
+    for key in required:
+        if key not in data:
+            raise _error(source, key, "missing; every recipe needs it")
+
+
+def _build(source: str, *, name: str, description: str, path: Path, target: Target, tune: TuneOptions,
+           stages: Mapping[str, Any]) -> Recipe:
+    """The `Recipe` with the ``prepare`` and ``convert`` passes of ``stages``, each pass built once to validate it."""
+    recipe = Recipe(
+        name=name,
+        description=description,
+        path=path,
+        target=target,
+        tune=tune,
+        prepare=_parse_stage(source, "prepare", stages.get("prepare", [])),
+        convert=_parse_stage(source, "convert", stages["convert"]),
     )
     for stage in STAGES:
         recipe.build(stage)  # validates pass names, stages, options and overrides
     return recipe
-
-
-def _parse_name(source: str, name: Any, path: Path, shipped: bool) -> str:
-    """The recipe name; a shipped recipe's name must equal its file stem."""
-    name = _parse_string(source, "name", name)
-    if shipped and name != path.stem:
-        raise _error(source, "name", f"'{name}' must equal the file name '{path.stem}'")
-    return name
 
 
 def _parse_string(source: str, key: str, value: Any) -> str:
@@ -145,29 +200,29 @@ def _parse_string(source: str, key: str, value: Any) -> str:
     return value
 
 
-def _parse_target(source: str, value: Any) -> Target:
+def _parse_target(source: str, key_path: str, value: Any) -> Target:
     try:
         return _freeze(check_target(value))
     except BackendError as exc:
-        raise _error(source, "target", str(exc)) from exc
+        raise _error(source, key_path, str(exc)) from exc
 
 
-def _parse_tune(source: str, value: Any) -> TuneOptions:
-    """Tuning options; every key is optional and defaults to `TuneOptions`' defaults."""
+def _parse_tune(source: str, key_path: str, value: Any) -> TuneOptions:
+    """Tuning options at ``key_path``; every key is optional and defaults to `TuneOptions`' defaults."""
     if value is None:
         return TuneOptions()
-    mapping = _mapping(source, "tune", value)
-    _check_keys(source, "tune.", mapping, tuple(f.name for f in dataclasses.fields(TuneOptions)))
+    mapping = _mapping(source, key_path, value)
+    _check_keys(source, f"{key_path}.", mapping, tuple(f.name for f in dataclasses.fields(TuneOptions)))
     defaults = TuneOptions()
     trials = mapping.get("trials", defaults.trials)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
-        raise _error(source, "tune.trials", f"must be an integer >= 0, got {trials!r}")
+        raise _error(source, f"{key_path}.trials", f"must be an integer >= 0, got {trials!r}")
     max_seconds = mapping.get("max_seconds", defaults.max_seconds)
     if max_seconds is not None and (not _is_number(max_seconds) or max_seconds <= 0):
-        raise _error(source, "tune.max_seconds", f"must be a number > 0 or null, got {max_seconds!r}")
+        raise _error(source, f"{key_path}.max_seconds", f"must be a number > 0 or null, got {max_seconds!r}")
     database = mapping.get("database", defaults.database)
     if database is not None and (not isinstance(database, str) or not database):
-        raise _error(source, "tune.database", f"must be a path or null, got {database!r}")
+        raise _error(source, f"{key_path}.database", f"must be a path or null, got {database!r}")
     return TuneOptions(trials=trials, max_seconds=max_seconds, database=database)
 
 
@@ -260,4 +315,4 @@ def _kind(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
 
 
-__all__ = ["PassSpec", "Recipe", "TuneOptions", "parse", "display_name"]
+__all__ = ["PassSpec", "Recipe", "TuneOptions", "display_name", "parse", "parse_scheme"]

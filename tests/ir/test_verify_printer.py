@@ -14,10 +14,11 @@ from lowbit.ir.annotations import Adapter, Reparam, Sparsity, annotate, get_meta
 from lowbit.ir.printer import format_graph, summarize
 from lowbit.ir.verify import verify
 
+from helpers import seeded_mlp
+
 
 def _mlp():
-    torch.manual_seed(0)
-    return fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)))
+    return fx.symbolic_trace(seeded_mlp(8, 16, 4))
 
 
 def test_clean_graph_verifies():

@@ -14,15 +14,7 @@ from lowbit.errors import CalibrationError, PassOrderError, VerificationError
 from lowbit.ir.annotations import Adapter, annotate, get_meta
 from lowbit.passes import Pass, PassConfig, PassResult, Pipeline
 
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(16, 32)
-        self.fc2 = torch.nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+from helpers import TwoLayerMLP
 
 
 @dataclass(frozen=True)
@@ -81,7 +73,7 @@ class _Corrupts(Pass):
 @pytest.fixture
 def gm():
     torch.manual_seed(0)
-    return fx.symbolic_trace(MLP().eval())
+    return fx.symbolic_trace(TwoLayerMLP(16, 32, 8).eval())
 
 
 def test_adapter_before_quantization_needs_a_merge(tmp_path):

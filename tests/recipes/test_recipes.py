@@ -1,4 +1,4 @@
-"""Recipes: shipped files, loading by name and path, validation messages, per-layer overrides."""
+"""Recipes: shipped schemes, loading by name and path, validation messages, per-layer overrides."""
 
 from __future__ import annotations
 
@@ -14,15 +14,18 @@ import yaml
 
 import lowbit
 from lowbit import recipes
+from lowbit.errors import BackendError, RecipeError
 from lowbit.ir import ops_a8
 from lowbit.ir.annotations import get_meta
-from lowbit.errors import RecipeError
-from lowbit.passes import Pass, PassConfig, option
-from lowbit.passes import registry
-from lowbit.recipes import PassSpec, TuneOptions
+from lowbit.passes import Pass, PassConfig, option, registry
+from lowbit.recipes import PassSpec, TuneOptions, schema
 
-SHIPPED = sorted(f"{scheme}-{target}" for scheme in ("w2a8", "w4a8", "w4a16", "w8a8", "w1.58a8")
-                 for target in ("x86", "arm", "cuda"))
+from helpers import LMHeadMLP
+
+SCHEMES = ("w2a8", "w4a8", "w4a16", "w8a8", "w1.58a8")
+SHIPPED = sorted(f"{scheme}-{target}" for scheme in SCHEMES for target in ("x86", "arm", "cuda"))
+#: The shipped recipes as they were written before the schemes: one file per recipe in the one-target format.
+SINGLE_TARGET = Path(__file__).parent / "single_target"
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,9 @@ class _PreparePass(Pass):
 
 @pytest.fixture(autouse=True)
 def _test_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Register the test passes (and a planned name) for one test only, so other test modules never see them."""
+    """Register the test passes for one test only, so other test modules never see them."""
     for cls in (_AnyStagePass, _PreparePass):
         monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
-    monkeypatch.setattr(registry, "PLANNED", registry.PLANNED | {"recipe_test_planned"})
 
 
 def _write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
@@ -77,38 +79,39 @@ GOOD = """\
 """
 
 
-def _passes_named_in(name: str) -> set[str]:
-    data = yaml.safe_load((resources.files("lowbit.recipes") / f"{name}.yaml").read_text())
-    return {entry["pass"] for stage in ("prepare", "convert") for entry in data.get(stage) or []}
-
-
 # --- shipped recipes ---------------------------------------------------------------------------
 
 
-def test_available_lists_exactly_the_shipped_files() -> None:
-    files = sorted(entry.name.removesuffix(".yaml") for entry in resources.files("lowbit.recipes").iterdir()
-                   if entry.name.endswith(".yaml"))
-    assert recipes.available() == files == SHIPPED
+def test_available_lists_every_target_of_every_shipped_scheme() -> None:
+    files = sorted(entry.name for entry in resources.files("lowbit.recipes").iterdir() if entry.name.endswith(".yaml"))
+    assert files == sorted(f"{scheme}.yaml" for scheme in SCHEMES)
+    assert recipes.available() == SHIPPED
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_recipe_loads_or_names_the_missing_pass(name: str) -> None:
-    missing = _passes_named_in(name) - set(registry.available())
-    if missing:
-        with pytest.raises(RecipeError, match="not implemented") as info:
-            recipes.load(name)
-        assert str(info.value).startswith(f"{name}.yaml: convert[")
-        assert recipes.status()[name] == str(info.value)
-        return
+def test_shipped_recipe_loads(name: str) -> None:
     recipe = recipes.load(name)
     assert recipe.name == name
     assert recipe.target == name.rsplit("-", 1)[1]
+    assert recipe.path.name == f"{name.rsplit('-', 1)[0]}.yaml"
     assert recipe.build("prepare") == []
     assert [p.name for p in recipe.build("convert")] == [spec.name for spec in recipe.convert]
     assert recipes.status()[name] == "ready"
 
 
-@pytest.mark.skipif("rtn" not in registry.available(), reason="the rtn pass has not landed yet")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_equals_its_one_target_file(name: str) -> None:
+    """Each scheme's target part gives the recipe its own file used to give: same description, target, tuning
+    and passes (CUDA recipes lost their tuning block, which the backend always refused)."""
+    recipe = recipes.load(name)
+    single = recipes.load(SINGLE_TARGET / f"{name}.yaml")  # users' files in the one-target format still load
+    assert single.name == name
+    if recipe.target == "cuda":
+        assert recipe.tune == TuneOptions() and single.tune == TuneOptions(trials=128, max_seconds=900)
+        single = dataclasses.replace(single, tune=recipe.tune)
+    assert dataclasses.replace(recipe, path=single.path) == single
+
+
 @pytest.mark.parametrize("target", ["x86", "arm", "cuda"])
 def test_w4a16_is_ready_with_rtn(target: str) -> None:
     (rtn,) = recipes.load(f"w4a16-{target}").build("convert")
@@ -117,7 +120,6 @@ def test_w4a16_is_ready_with_rtn(target: str) -> None:
     assert tuple(config["ignore"]) == ("lm_head",)
 
 
-@pytest.mark.skipif("rtn" not in registry.available(), reason="the rtn pass has not landed yet")
 def test_rtn_option_error_names_file_key_path_and_choices(tmp_path: Path) -> None:
     path = _write(tmp_path, "target: x86\nconvert: [{pass: rtn, bits: 5, group_size: 128}]\n", name="w4a16-x86.yaml")
     with pytest.raises(RecipeError) as info:
@@ -129,17 +131,6 @@ def test_every_shipped_recipe_is_ready() -> None:
     assert recipes.status() == {name: "ready" for name in SHIPPED}
 
 
-class _MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(64, 128)
-        self.fc2 = torch.nn.Linear(128, 128)
-        self.lm_head = torch.nn.Linear(128, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 #: Relative output error bound on the small MLP per weight scheme (int8 activations everywhere).
 A8_ERROR_BOUND = {"w8a8": 0.03, "w4a8": 0.2, "w2a8": 0.6, "w1.58a8": 0.7}
 
@@ -147,7 +138,7 @@ A8_ERROR_BOUND = {"w8a8": 0.03, "w4a8": 0.2, "w2a8": 0.6, "w1.58a8": 0.7}
 @pytest.mark.parametrize("name", [name for name in SHIPPED if not name.startswith("w4a16")])
 def test_int8_activation_recipes_compile_and_run_on_torch(name: str) -> None:
     torch.manual_seed(0)
-    model = _MLP().eval()
+    model = LMHeadMLP(64, 128, 128, 16).eval()
     x = torch.randn(8, 64)
     calibration = [(torch.randn(32, 64),) for _ in range(4)]
     compiled = lowbit.compile(model, (x,), recipe=name, target="torch", calibration=calibration)
@@ -166,14 +157,22 @@ def test_every_shipped_recipe_reports_a_status() -> None:
 
 
 def test_package_data_is_installed_and_loads_through_importlib_resources() -> None:
-    for name in SHIPPED:
-        resource = resources.files("lowbit.recipes") / f"{name}.yaml"
-        assert resource.is_file(), f"{name}.yaml is not installed as package data"
+    for scheme in SCHEMES:
+        resource = resources.files("lowbit.recipes") / f"{scheme}.yaml"
+        assert resource.is_file(), f"{scheme}.yaml is not installed as package data"
         data = yaml.safe_load(resource.read_text())
-        assert data["name"] == name and data["target"] == name.rsplit("-", 1)[1]
-        if not _passes_named_in(name) - set(registry.available()):
-            with resources.as_file(resource) as path:
-                assert recipes.load(path).name == name
+        assert data["name"] == scheme and sorted(data["targets"]) == ["arm", "cuda", "x86"]
+        with resources.as_file(resource) as path:
+            assert schema.parse_scheme(data, path, "x86").name == f"{scheme}-x86"
+
+
+@pytest.mark.parametrize("name", ["w4a8-cuda", "w4a16-cuda"])
+def test_tuning_a_cuda_recipe_keeps_the_backends_refusal(name: str) -> None:
+    torch.manual_seed(0)
+    model = LMHeadMLP(64, 128, 128, 16).eval()
+    calibration = [(torch.randn(8, 64),) for _ in range(2)]
+    with pytest.raises(BackendError, match="tuning CUDA kernels is not supported"):
+        lowbit.compile(model, (torch.randn(2, 64),), recipe=name, calibration=calibration, tune=True)
 
 
 # --- loading by path ---------------------------------------------------------------------------
@@ -262,8 +261,6 @@ BAD = {
     "pass not a name": ("target: x86\nconvert: [{pass: 4}]\n", "convert[0].pass: must be a pass name"),
     "unknown pass": ("target: x86\nconvert: [{pass: recipe_test_pas}]\n",
                      "convert[0].pass: unknown pass 'recipe_test_pas' (did you mean 'recipe_test_pass'"),
-    "planned pass": ("target: x86\nconvert: [{pass: recipe_test_pass}, {pass: recipe_test_planned, bits: 4}]\n",
-                     "convert[1].pass: pass 'recipe_test_planned' is not implemented in this version"),
     "bad option value": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: 5}]\n",
                          "convert[0].bits: recipe_test_pass: bits=5 is not supported; choose one of 2, 3, 4, 8"),
     "bad option type": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: four}]\n",
@@ -289,6 +286,7 @@ BAD = {
     "wrong stage": ("target: x86\nconvert: [{pass: recipe_test_prepare}]\n",
                     "convert[0].pass: 'recipe_test_prepare' is a prepare-stage pass; list it under 'prepare'"),
     "description": ("description: [a, b]\ntarget: x86\nconvert: []\n", "description: must be a string"),
+    "targets by path": ("targets: {x86: {}}\nconvert: []\n", "targets: a recipe file loaded by path is for one target"),
 }
 
 
@@ -326,15 +324,64 @@ def test_unknown_name_lists_close_matches_and_available() -> None:
     assert "available: " + ", ".join(SHIPPED) in message
 
 
-def test_shipped_name_must_match_file_stem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowbit.recipes import schema
+# --- schemes: shared passes, one part per target ---------------------------------------------
 
+SCHEME = """\
+    name: w4a16
+    description: "test scheme for {target}"
+    convert:
+      - {pass: recipe_test_pass, bits: 4}
+    targets:
+      x86: {description: x86 CPUs, tune: {trials: 8}}
+      arm:
+      cuda: {description: GPUs}
+"""
+
+
+def _parse_scheme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, target: str) -> recipes.Recipe:
+    """Parse ``text`` as the shipped scheme ``w4a16.yaml`` (messages name it by its bare file name)."""
     recipe_dir = tmp_path / "shipped"
-    recipe_dir.mkdir()
-    path = _write(recipe_dir, "name: other\ntarget: x86\nconvert: []\n", name="w4a16-x86.yaml")
+    recipe_dir.mkdir(exist_ok=True)
+    path = _write(recipe_dir, text, name="w4a16.yaml")
     monkeypatch.setattr(schema, "_SHIPPED_DIR", recipe_dir)
-    with pytest.raises(RecipeError, match=r"^w4a16-x86.yaml: name: 'other' must equal the file name"):
-        schema.parse(yaml.safe_load(path.read_text()), path, shipped=True)
+    return schema.parse_scheme(yaml.safe_load(path.read_text()), path, target)
+
+
+def test_scheme_target_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x86, arm, cuda = (_parse_scheme(tmp_path, monkeypatch, SCHEME, target) for target in ("x86", "arm", "cuda"))
+    assert (x86.name, x86.target, x86.description, x86.tune) == ("w4a16-x86", "x86", "test scheme for x86 CPUs",
+                                                                 TuneOptions(trials=8))
+    assert (arm.name, arm.description, arm.tune) == ("w4a16-arm", "test scheme for arm", TuneOptions())
+    assert (cuda.name, cuda.description) == ("w4a16-cuda", "test scheme for GPUs")
+    assert x86.convert == arm.convert == cuda.convert
+    assert x86.convert[0].key_path == "convert[0]"
+
+
+SCHEME_BAD = {
+    "name": (SCHEME.replace("name: w4a16", "name: other"), "x86", "name: 'other' must equal the file name 'w4a16'"),
+    "missing targets": ("name: w4a16\nconvert: []\n", "x86", "targets: missing"),
+    "top-level target": (SCHEME + "    target: x86\n", "x86", "target: unknown key"),
+    "no part": (SCHEME.replace("      arm:\n", ""), "arm",
+                "targets: no part for target 'arm'; this scheme has x86, cuda"),
+    "part key": (SCHEME.replace("{description: GPUs}", "{tuning: 1, description: GPUs}"), "cuda",
+                 "targets.cuda.tuning: unknown key; did you mean 'tune'?"),
+    "part not a mapping": (SCHEME.replace("{description: GPUs}", "[GPUs]"), "cuda", "targets.cuda: must be a mapping"),
+    "cuda tune": (SCHEME.replace("{description: GPUs}", "{tune: {trials: 8}}"), "cuda",
+                  "targets.cuda.tune: CUDA kernels are not tuned"),
+    "tune key path": (SCHEME.replace("trials: 8", "trials: -1"), "x86", "targets.x86.tune.trials: must be an integer"),
+    "part description": (SCHEME.replace("x86 CPUs", "[x86]"), "x86", "targets.x86.description: must be a string"),
+    "unknown target": (SCHEME.replace("arm:", "amr:"), "amr", "targets: unknown target 'amr'"),
+    "pass option": (SCHEME.replace("bits: 4", "bits: 5"), "arm", "convert[0].bits: recipe_test_pass: bits=5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEME_BAD))
+def test_bad_scheme_names_file_and_key_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    text, target, expected = SCHEME_BAD[case]
+    with pytest.raises(RecipeError) as info:
+        _parse_scheme(tmp_path, monkeypatch, text, target)
+    assert str(info.value).startswith("w4a16.yaml: ")
+    assert expected in str(info.value)
 
 
 def test_user_recipe_may_have_any_name(tmp_path: Path) -> None:

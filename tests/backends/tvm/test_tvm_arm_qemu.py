@@ -18,20 +18,12 @@ import lowbit
 from lowbit.backends.tvm import rpc
 from lowbit.backends.tvm import qemu
 
-
-def _emulator_or_skip() -> None:
-    if (reason := qemu.unavailable_reason()) is not None:
-        pytest.skip(reason)
+from helpers import norm_mlp
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 32)).eval()
-
-
+@pytest.mark.usefixtures("arm_emulator")
 def test_fp32_w4a16_and_w4a8_artifacts_run_under_qemu(tmp_path) -> None:
-    _emulator_or_skip()
-    model, x = _model(), torch.randn(4, 128)
+    model, x = norm_mlp(), torch.randn(4, 128)
     fp32 = lowbit.compile(model, (x,), target="arm")
     w4 = lowbit.compile(model, (x,), recipe="w4a16-arm")
     assert [linear.kernel for linear in w4._runner.linears] == ["packed_gemm", "packed_gemm"]
@@ -72,9 +64,9 @@ def test_unavailable_reason_names_what_to_install(tmp_path, monkeypatch) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("arm_emulator")
 def test_transformer_w4a16_runs_under_qemu(tmp_path) -> None:
     """A small llama (attention, RMSNorm, SwiGLU) at W4A16 through the plain emulated run."""
-    _emulator_or_skip()
     from lowbit import zoo
 
     built = zoo.build("llama-tiny")
@@ -90,12 +82,12 @@ def test_transformer_w4a16_runs_under_qemu(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("arm_emulator")
 def test_cli_runs_an_arm_artifact_on_an_emulated_device_behind_a_tracker(tmp_path, capsys) -> None:
     """The deployment path: tracker, an aarch64 device registered under a key, ``lowbit run --rpc --key``."""
-    _emulator_or_skip()
     from lowbit.cli import main
 
-    model, x = _model(), torch.randn(4, 128)
+    model, x = norm_mlp(), torch.randn(4, 128)
     path = lowbit.compile(model, (x,), recipe="w4a16-arm").export(tmp_path / "w4a16")
     np.savez(tmp_path / "x.npz", x.numpy())
     with rpc.Tracker() as tracker, qemu.emulated_server(tracker=tracker.address, key="a76"):
@@ -106,9 +98,9 @@ def test_cli_runs_an_arm_artifact_on_an_emulated_device_behind_a_tracker(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("arm_emulator")
 def test_every_int8_arm_recipe_runs_its_kernel_under_qemu(tmp_path) -> None:
     """W1.58A8, W2A8, W4A8 and W8A8 recipes: each linear on the sdot kernel, outputs as the torch reference."""
-    _emulator_or_skip()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128), nn.GELU()).eval()
     x = torch.randn(8, 256)

@@ -16,13 +16,10 @@ from lowbit.backends import get_backend
 from lowbit.backends.tvm import ARM_CXX_PACKAGE, LIBRARY_FILE, TVMBackend
 from lowbit.errors import ArtifactError, BackendError
 
+from helpers import norm_mlp
+
 ELF_MACHINE_AARCH64 = 183
 ELF_MACHINE_X86_64 = 62
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 32)).eval()
 
 
 def _elf_machine(path) -> int:
@@ -33,7 +30,7 @@ def _elf_machine(path) -> int:
 
 @pytest.fixture(scope="module")
 def compiled_x86() -> lowbit.CompiledModel:
-    return lowbit.compile(_model(), (torch.randn(4, 128),), recipe="w4a16-x86")
+    return lowbit.compile(norm_mlp(), (torch.randn(4, 128),), recipe="w4a16-x86")
 
 
 def test_recipe_target_compiles_through_tvm(compiled_x86) -> None:
@@ -83,7 +80,7 @@ def test_library_needing_missing_cpu_features_is_refused(compiled_x86, tmp_path)
 def test_arm_export_is_an_aarch64_library_that_x86_refuses(tmp_path) -> None:
     if shutil.which("aarch64-linux-gnu-g++") is None:
         pytest.skip(f"needs {ARM_CXX_PACKAGE}")
-    gm = lowbit.passes.Pipeline([lowbit.passes.get("rtn")])(torch.fx.symbolic_trace(_model()))
+    gm = lowbit.passes.Pipeline([lowbit.passes.get("rtn")])(torch.fx.symbolic_trace(norm_mlp()))
     runner = TVMBackend("arm").compile(gm, (torch.randn(2, 128),))
     path = artifact.write(tmp_path / "arm", "arm", runner, {"recipe": None})
     assert _elf_machine(path / LIBRARY_FILE) == ELF_MACHINE_AARCH64

@@ -32,6 +32,8 @@ from lowbit.backends.tvm.tuning.search import grid, propose
 from lowbit.errors import BackendError
 from lowbit.passes.quant.rtn import RTN
 
+from helpers import TwoLayerMLP
+
 SPEC = PackedLinearSpec(batch=2, in_features=128, out_features=32, bits=4, group_size=64, asymmetric=False,
                         has_bias=True)
 TENSORS = {
@@ -272,22 +274,12 @@ def test_search_is_deterministic_and_starts_with_the_hand_schedule():
     assert propose(space, {"a": 2, "b": 8}, tried, "seed") is None
 
 
-class _Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(128, 64)
-        self.fc2 = torch.nn.Linear(64, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def test_second_compile_of_a_model_does_no_tuning(tmp_path, monkeypatch):
     builds = []
     real_build = measure.build
     monkeypatch.setattr(measure, "build", lambda func, target: builds.append(1) or real_build(func, target))
     torch.manual_seed(0)
-    model, x = _Net().eval(), torch.randn(4, 128)
+    model, x = TwoLayerMLP(128, 64, 32).eval(), torch.randn(4, 128)
     tune = {"trials": 2, "measure": measure.MeasureOptions(repeat=2, min_repeat_ms=1)}
     first = lowbit.compile(model, x, passes=[RTN(bits=4, group_size=64)], target="x86", tune=tune, cache_dir=tmp_path)
     assert len(builds) >= 4 and len(first.report.tuning) == 2

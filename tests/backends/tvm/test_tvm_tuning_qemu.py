@@ -37,17 +37,14 @@ from lowbit.backends.tvm.tuning.measure import example_arguments
 from lowbit.errors import BackendError
 from lowbit.ir import ops, packing
 
+from helpers import seeded_mlp
+
 KEY = "a76"
 FAST = MeasureOptions(repeat=2, min_repeat_ms=1)
 #: Seconds each remote step may take: leaves room for emulation on a loaded machine.
 TIMEOUT = 60.0
 SPEC = PackedLinearSpec(batch=2, in_features=128, out_features=32, bits=4, group_size=64, asymmetric=False,
                         has_bias=False)
-
-
-def _emulator_or_skip() -> None:
-    if (reason := qemu.unavailable_reason()) is not None:
-        pytest.skip(reason)
 
 
 def _tensors() -> dict[str, torch.Tensor | None]:
@@ -60,8 +57,7 @@ def _tensors() -> dict[str, torch.Tensor | None]:
 def _model() -> nn.Module:
     """Two linears with an exact activation between them: the second int8-activation layer quantizes the
     first one's output, where a last-bit difference (GELU here and on the device) could move an activation code."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    return seeded_mlp(128, 64, 32).eval()
 
 
 def _calibration() -> list[tuple[torch.Tensor]]:
@@ -89,17 +85,16 @@ def _join_abandoned_rpc_calls() -> None:
 
 
 @pytest.fixture(scope="module")
-def devices() -> Iterator[tuple[rpc.Tracker, rpc.Server]]:
+def devices(arm_emulator: None) -> Iterator[tuple[rpc.Tracker, rpc.Server]]:
     """A tracker with an emulated Cortex-A76 registered under `KEY`, and a second one reached directly."""
-    _emulator_or_skip()
     with rpc.Tracker() as tracker, qemu.emulated_server(tracker=tracker.address, key=KEY), \
             qemu.emulated_server() as direct:
         yield tracker, direct
 
 
+@pytest.mark.usefixtures("arm_emulator")
 def test_arm_candidate_is_measured_on_an_emulated_a76_and_matches_the_torch_reference() -> None:
     """One W4A16 kernel: built here for aarch64, exported with the cross g++, uploaded and timed under qemu."""
-    _emulator_or_skip()
     target = resolve_target("arm")
     tensors = _tensors()
     planned = packed_linear.plan(SPEC, tensors, target)
@@ -211,8 +206,8 @@ class _Failing(RPCRunner):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
+@pytest.mark.usefixtures("arm_emulator")
 def test_emulated_device_lost_mid_tuning_is_a_clear_error_and_tuning_again_resumes(tmp_path, how) -> None:
-    _emulator_or_skip()
     target = resolve_target("arm")
     timeout = 10.0
     options = TuningOptions(trials=5, measure=FAST)
@@ -249,9 +244,9 @@ def test_emulated_device_lost_mid_tuning_is_a_clear_error_and_tuning_again_resum
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("arm_emulator")
 def test_int8_activation_kernel_tuned_on_an_emulated_cpu_with_i8mm(tmp_path) -> None:
     """The A8 kernel's smmla variant: an aarch64 target with +i8mm, measured on qemu's ``max`` CPU."""
-    _emulator_or_skip()
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(128, 64)).eval(), torch.randn(2, 128)
     target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]}
@@ -295,10 +290,10 @@ def test_hand_schedule_on_an_i8mm_target_is_sdot_where_smmla_words_do_not_fit_th
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("arm_emulator")
 def test_cli_tunes_on_an_emulated_device_behind_a_tracker_and_runs_the_artifact_there(tmp_path, capsys) -> None:
     """``lowbit compile llama-tiny --recipe w4a8-arm --calibration --tune --tune-rpc --tune-key`` then
     ``lowbit run`` on it: GPTQ weights, int8 activations, every linear's ``sdot`` kernel tuned on the device."""
-    _emulator_or_skip()
     from lowbit import zoo
     from lowbit.cli import main
 

@@ -15,10 +15,11 @@ from lowbit.passes import lookup
 from lowbit.passes.pipeline import Pipeline
 from lowbit.passes.prune import ApplyMasks, PruneMagnitude
 
+from helpers import seeded_mlp
+
 
 def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+    return seeded_mlp(12, 32, 4)
 
 
 def test_masked_layer_is_weight_times_mask_in_the_graph() -> None:

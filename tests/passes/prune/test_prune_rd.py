@@ -17,6 +17,8 @@ from lowbit.passes.prune import PruneMagnitude, PruneRD
 from lowbit.passes.prune.masks import Layer
 from lowbit.passes.prune.rd import Curve, allocate
 
+from helpers import seeded_mlp
+
 
 class _Sized:
     def __init__(self, n: int) -> None:
@@ -52,8 +54,7 @@ def test_coarse_budget_units_still_meet_the_budget() -> None:
 
 
 def mlp() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    net = seeded_mlp(16, 64, 64, 8)
     with torch.no_grad():
         net[2].weight.mul_(0.1)  # a layer whose pruning matters little
     return net.eval(), torch.randn(4, 16)

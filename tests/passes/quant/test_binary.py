@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
 import lowbit
@@ -14,6 +13,8 @@ from lowbit.ir import ops
 from lowbit.ir.annotations import get_meta
 from lowbit.passes import Pipeline, check_order, lookup
 from lowbit.passes.quant import Binary, Ternary, binary_quantize
+
+from helpers import TwoLayerMLP
 
 
 def reference(w: torch.Tensor, block: int | None) -> torch.Tensor:
@@ -83,14 +84,9 @@ def test_bad_inputs_name_the_layer() -> None:
 # ---------------------------------------------------------------- the pass
 
 
-class MLP(nn.Module):
+class MLP(TwoLayerMLP):
     def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(24, 32)
-        self.fc2 = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        super().__init__(24, 32, 16)
 
 
 def test_registered_and_declared() -> None:

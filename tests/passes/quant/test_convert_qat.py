@@ -14,10 +14,11 @@ from lowbit.passes.base import PassContext
 from lowbit.passes.pipeline import Pipeline
 from lowbit.passes.registry import get
 
+from helpers import seeded_mlp
+
 
 def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 6))
+    return seeded_mlp(40, 24, 6, act=nn.GELU)
 
 
 def _train(gm: torch.fx.GraphModule, x: torch.Tensor, steps: int = 5) -> None:

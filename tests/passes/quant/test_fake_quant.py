@@ -16,10 +16,11 @@ from lowbit.passes.quant import WeightFakeQuant, attach_latent_clip, clip_latent
 from lowbit.passes.quant.qat import fake_quantizer_of, straight_through
 from lowbit.passes.registry import get
 
+from helpers import seeded_mlp
+
 
 def _mlp(hidden: int = 32) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return seeded_mlp(64, hidden, 10)
 
 
 def _quantizer(w: torch.Tensor, **kw) -> WeightFakeQuant:

@@ -22,6 +22,8 @@ from lowbit.passes.quant.gptq_algorithm import relative_output_error
 from lowbit.passes.quant.grid import clipped_group_params, group_params
 from lowbit.passes.quant.hessian import capture_hessian
 
+from helpers import TwoLayerMLP
+
 
 # ---------------------------------------------------------------- reference
 
@@ -292,14 +294,9 @@ def test_nan_weight_is_an_error_naming_the_layer() -> None:
 # ---------------------------------------------------------------- the pass
 
 
-class MLP(nn.Module):
+class MLP(TwoLayerMLP):
     def __init__(self, width: int = 64, hidden: int = 128) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        super().__init__(width, hidden, width)
 
 
 def traced_mlp(seed: int = 0) -> fx.GraphModule:

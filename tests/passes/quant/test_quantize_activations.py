@@ -18,6 +18,8 @@ from lowbit.ir.verify import verify
 from lowbit.passes import PassContext, Pipeline, lookup
 from lowbit.passes.quant import RTN, Binary, PackedLinearA8, QuantizeActivations, Ternary
 
+from helpers import LMHeadMLP
+
 
 def make_packed(rows: int, cols: int, bits: int, group_size: int, *, zeros: bool, act_order: bool = False,
                 seed: int = 0) -> dict:
@@ -146,15 +148,9 @@ def test_op_rejects_bad_shapes() -> None:
 # ---------------------------------------------------------------- the pass
 
 
-class MLP(nn.Module):
+class MLP(LMHeadMLP):
     def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 48)
-        self.lm_head = nn.Linear(48, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        super().__init__(32, 64, 48, 8)
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from lowbit.passes import PassContext, lookup
 from lowbit.passes.quant import RTN, PackedLinear, quantize_weight, replace_linear
 from lowbit.passes.quant.rewrite import linear_nodes
 
+from helpers import LMHeadMLP
+
 
 # ---------------------------------------------------------------- the grid
 
@@ -108,15 +110,9 @@ def test_grid_rejects_bad_parameters(bits: int, group_size: int) -> None:
 # ---------------------------------------------------------------- the pass
 
 
-class MLP(nn.Module):
+class MLP(LMHeadMLP):
     def __init__(self, width: int = 256) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(96, width)
-        self.fc2 = nn.Linear(width, width)
-        self.lm_head = nn.Linear(width, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        super().__init__(96, width, width, 16)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from lowbit.ir.annotations import get_meta
 from lowbit.passes import Pipeline, lookup
 from lowbit.passes.quant import Ternary, ternary_quantize
 
+from helpers import LMHeadMLP
+
 
 def bitnet_reference(w: torch.Tensor, measure: str, block: int | None) -> torch.Tensor:
     """γ = max(measure|W|, 1e-5) per tensor (block None) or per row slice of ``block`` columns."""
@@ -92,15 +94,9 @@ def test_bad_inputs_name_the_layer() -> None:
 # ---------------------------------------------------------------- the pass
 
 
-class MLP(nn.Module):
+class MLP(LMHeadMLP):
     def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(32, 48)
-        self.fc2 = nn.Linear(48, 40)
-        self.lm_head = nn.Linear(40, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        super().__init__(32, 48, 40, 8)
 
 
 @pytest.fixture

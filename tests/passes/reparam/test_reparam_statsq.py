@@ -14,6 +14,8 @@ from lowbit.passes.pipeline import Pipeline
 from lowbit.passes.registry import get
 from lowbit.passes.reparam import StatsQ, statsq_quantize
 
+from helpers import seeded_mlp
+
 LEVELS = {2: [-0.75, -0.25, 0.25, 0.75], 3: [(k + 0.5) / 4 for k in range(-4, 4)], 4: [(k + 0.5) / 8 for k in range(-8, 8)]}
 
 
@@ -35,8 +37,7 @@ def test_straight_through_gradient_and_detached_scale() -> None:
 
 
 def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 5)).eval()
+    return seeded_mlp(12, 24, 5, act=nn.GELU).eval()
 
 
 def test_convert_packs_exactly_what_qat_computed() -> None:
