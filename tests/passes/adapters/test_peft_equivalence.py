@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-peft = pytest.importorskip("peft")
+import peft
 
 import lowbit  # noqa: E402
 from lowbit.passes import Pipeline, get  # noqa: E402

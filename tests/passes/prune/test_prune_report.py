@@ -33,7 +33,6 @@ def test_table_lists_target_and_achieved_per_layer_and_overall() -> None:
 
 
 def test_plot_is_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     path = plot_sparsity(pruned(), tmp_path / "sparsity.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

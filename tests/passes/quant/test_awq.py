@@ -210,7 +210,7 @@ def test_explicit_scales_keep_the_model_exact() -> None:
 
 
 def llama(kv_heads: int) -> tuple[fx.GraphModule, object, torch.Tensor]:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=128,
@@ -331,7 +331,7 @@ def test_padded_positions_do_not_change_the_result() -> None:
     """Regression: calibration padded to a common length is mostly padding, which the model
     never reads; AWQ (and GPTQ) must not fit to it. Whatever sits in the padded positions,
     the quantized model is the same."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=32)

@@ -426,8 +426,7 @@ def test_nan_activations_are_an_error_naming_the_layer() -> None:
 
 
 def test_llama_layers_are_quantized_with_shared_captures() -> None:
-    pytest.importorskip("lowbit.ir.trace")
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256, use_cache=False)
@@ -496,7 +495,7 @@ def test_nan_weight_in_a_graph_is_an_error_naming_the_layer() -> None:
 def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_captures() -> None:
     """The cursor's block-by-block capture gives the same packed weights as capturing each
     group by running the whole graph as quantized so far, with one forward per batch."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256, use_cache=False)
