@@ -30,6 +30,7 @@ import torch
 
 import lowbit
 from lowbit import onnx_peer, zoo
+from lowbit.backends import check_target
 from lowbit.compiler import build_pipeline, state_bytes
 
 log = logging.getLogger("lowbit.demo")
@@ -114,11 +115,15 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
         cosines = {name: torch.nn.functional.cosine_similarity(
             reference, minilm.embed(output, held_out["attention_mask"]), dim=-1) for name, output in outputs.items()}
 
-        with _native_stderr_dropped():
-            compiled.export(directory / LOWBIT)
         torch.save(held_out, directory / INPUTS_FILE)
         (directory / ENGINES_FILE).write_text(json.dumps({v.name: str(v.path) for v in variants}))
-        timings = [_time_in_subprocess(directory, threads, repeats) for threads in thread_counts]
+        if check_target(target) == "torch":
+            # The reference backend runs on torch's threads, which this process can set per thread count.
+            timings = [time_engines(directory, threads, repeats, model, compiled) for threads in thread_counts]
+        else:
+            with _native_stderr_dropped():
+                compiled.export(directory / LOWBIT)
+            timings = [_time_in_subprocess(directory, threads, repeats) for threads in thread_counts]
 
     def best_ms(engine: str) -> float:
         return min(timing["ms"][engine]["median"] for timing in timings)
@@ -151,18 +156,31 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
     }
 
 
-def time_engines(directory: Path, threads: int, repeats: int) -> dict[str, Any]:
+def time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.Module | None = None,
+                 compiled: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Time every engine of the demo at ``threads`` threads, warm, in ``repeats`` interleaved rounds.
 
-    Runs in a fresh process per thread count: TVM's pool takes its size from ``TVM_NUM_THREADS`` (set by
+    ``model`` and ``compiled`` default to the real model and the artifact in ``directory``. A TVM module
+    runs in a fresh process per thread count: TVM's pool takes its size from ``TVM_NUM_THREADS`` (set by
     the parent) once per process. Each round runs every engine in turn: `SETTLE_S` idle (the previous
     engine's spinning worker threads go to sleep), one untimed call (caches and pool warm for this engine),
     one timed call. Returns min / median / max milliseconds per engine and lowbit's speedup over each.
     """
+    default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _time_engines(directory, threads, repeats, model, compiled)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.Module | None,
+                  compiled: Callable[..., Any] | None) -> dict[str, Any]:
     inputs = torch.load(directory / INPUTS_FILE)
-    model = zoo.load_minilm().model
-    compiled = lowbit.load(directory / LOWBIT)
+    if model is None:
+        model = zoo.load_minilm().model
+    if compiled is None:
+        compiled = lowbit.load(directory / LOWBIT)
     engines: dict[str, Callable[[], Any]] = {EAGER: lambda: model(**inputs)}
     for name, path in json.loads((directory / ENGINES_FILE).read_text()).items():
         engines[name] = onnx_peer.session(Path(path), inputs, threads)
@@ -206,11 +224,11 @@ def format_results(results: dict[str, Any]) -> str:
         f"latency      ms, median (min-max) of {results['rounds']} interleaved warm rounds:",
     ]
     width = max(len(engine["label"]) for engine in engines.values()) + 2
-    lines.append(" " * 13 + "".ljust(width) + "".join(f"{t['threads']} thread(s)".ljust(24) for t in results["timings"]))
+    lines.append(" " * 13 + "".ljust(width) + "".join(f"{t['threads']} thread(s)".ljust(26) for t in results["timings"]))
     for name, engine in engines.items():
         cells = [f"{t['ms'][name]['median']:.2f} ({t['ms'][name]['min']:.2f}-{t['ms'][name]['max']:.2f})"
                  for t in results["timings"]]
-        lines.append(" " * 13 + engine["label"].ljust(width) + "".join(cell.ljust(24) for cell in cells))
+        lines.append(" " * 13 + engine["label"].ljust(width) + "".join(cell.ljust(26) for cell in cells))
     for name in (ONNX_INT8, EAGER):
         ratios = ", ".join(f"{t['lowbit_speedup'][name]:.2f}x at {t['threads']} thread(s)" for t in results["timings"])
         lines.append(f"             lowbit vs {engines[name]['label']}: {ratios}")
