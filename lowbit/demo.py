@@ -231,7 +231,7 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(" " * 13 + engine["label"].ljust(width) + "".join(cell.ljust(26) for cell in cells))
     for name in (ONNX_INT8, EAGER):
         ratios = ", ".join(f"{t['lowbit_speedup'][name]:.2f}x at {t['threads']} thread(s)" for t in results["timings"])
-        lines.append(f"             lowbit vs {engines[name]['label']}: {ratios}")
+        lines.append(f"             lowbit speedup over {engines[name]['label']} (its median / lowbit's): {ratios}")
     load = results["load_average_1min"]
     lines.append(f"load         1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")
     return "\n".join(lines)

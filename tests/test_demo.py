@@ -18,7 +18,8 @@ def test_demo_compiles_the_real_model_and_reports(tmp_path, capsys):
     assert main(["-q", "demo", "--repeats", "2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     for label in ("parameters", "size", "accuracy", "speed", demo.DEFAULT_RECIPE, "ORT int8 (per channel)",
-                  "lowbit vs ORT int8 (per channel)", "lowbit vs torch eager fp32", "load average"):
+                  "lowbit speedup over ORT int8 (per channel)", "lowbit speedup over torch eager fp32",
+                  "load average"):
         assert label in text
     results = json.loads(out.read_text())
     assert results["parameters"] == 22_713_216
