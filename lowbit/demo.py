@@ -224,7 +224,8 @@ def format_results(results: dict[str, Any]) -> str:
         f"latency      ms, median (min-max) of {results['rounds']} interleaved warm rounds:",
     ]
     width = max(len(engine["label"]) for engine in engines.values()) + 2
-    lines.append(" " * 13 + "".ljust(width) + "".join(f"{t['threads']} thread(s)".ljust(26) for t in results["timings"]))
+    header = "".join(f"{timing['threads']} thread(s)".ljust(26) for timing in results["timings"])
+    lines.append(" " * 13 + "".ljust(width) + header)
     for name, engine in engines.items():
         cells = [f"{t['ms'][name]['median']:.2f} ({t['ms'][name]['min']:.2f}-{t['ms'][name]['max']:.2f})"
                  for t in results["timings"]]
@@ -234,7 +235,7 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"             lowbit speedup over {engines[name]['label']} (its median / lowbit's): {ratios}")
     load = results["load_average_1min"]
     lines.append(f"load         1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _encode(tokenizer: Any, sentences: list[str]) -> dict[str, torch.Tensor]:
