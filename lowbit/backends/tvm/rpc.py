@@ -298,7 +298,7 @@ def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, n
     are verified first; locally its architecture must be this machine's.
     """
     from lowbit import artifact
-    from lowbit.backends.tvm import LIBRARY_FILE, SIGNATURE_FILE
+    from lowbit.backends.tvm.runner import LIBRARY_FILE, SIGNATURE_FILE
     from lowbit.backends.tvm.target import host_arch
 
     path = Path(path)
