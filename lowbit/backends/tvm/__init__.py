@@ -35,6 +35,7 @@ from tvm.target import Target
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is lowered)
 from lowbit.backends.tvm.convert import lower
+from lowbit.backends.tvm.quiet import quiet_tvm
 from lowbit.backends.tvm.runner import (
     LIBRARY_FILE,
     SIGNATURE_FILE,
@@ -80,16 +81,19 @@ class TVMBackend:
         finally:
             if tuner is not None:
                 tuner.close()
-        return self.toolchain.build(lowering, tuner.results if tuner else ())
+        with quiet_tvm():
+            return self.toolchain.build(lowering, tuner.results if tuner else ())
 
     def save(self, runner: Runner, directory: Path) -> list[str]:
         """Write the shared library (weights embedded) and the input signature; returns the file names."""
-        return self.toolchain.save(runner, Path(directory))
+        with quiet_tvm():
+            return self.toolchain.save(runner, Path(directory))
 
     def load(self, directory: Path) -> Runner:
         """A runner for a saved library, after checking this machine can run it."""
         directory = Path(directory)
-        return self.toolchain.load(directory, read_signature(directory))
+        with quiet_tvm():
+            return self.toolchain.load(directory, read_signature(directory))
 
 
 __all__ = ["ARM_CXX", "ARM_CXX_PACKAGE", "LIBRARY_FILE", "SIGNATURE_FILE", "CPURunner", "CUDARunner", "Runner",
