@@ -8,7 +8,7 @@ order, with integer arithmetic where the reference is exact:
    ``x_int = clamp(nearbyint(x · s), −128, 127)``; static ``x_int = clamp(nearbyint(x /
    Δ), −128, 127)``. ``asum[m, g] = Σ_{k∈g} x_int`` is kept for the zero points.
 2. ``dot[m, g, n] = Σ_{k∈g} x_int · c`` in int32 with the NEON ``sdot`` intrinsic of
-   `intrin_arm` (4 output rows × 4 columns per call), where ``c = q − o`` are the codes
+   `kernels.arm.intrin` (4 output rows × 4 columns per call), where ``c = q − o`` are the codes
    as int8: ``o = 128`` for 8-bit codes (``q ∈ [0, 255]`` does not fit int8), ``o = 0``
    otherwise. The zero point is removed algebraically, ``Σ x_int · (q − z) = dot − (z −
    o) · asum`` (exact in int32; for the symmetric 8-bit default ``z = o = 128``).

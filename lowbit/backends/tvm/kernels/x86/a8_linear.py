@@ -8,7 +8,7 @@ order, with integer arithmetic where the reference is exact:
    ``x_int = clamp(nearbyint(x · s), −128, 127)``; static ``x_int = clamp(nearbyint(x /
    Δ), −128, 127)``. ``asum[m, g] = Σ_{k∈g} x_int`` is kept for the zero points.
 2. ``dot[m, g, n] = Σ_{k∈g} x_int · q`` in int32 with the custom 8×4 dot-product
-   intrinsic of `intrin_x86` (``vpmaddubsw``+``vpmaddwd`` on AVX2, ``vpdpbusd`` with
+   intrinsic of `kernels.x86.intrin` (``vpmaddubsw``+``vpmaddwd`` on AVX2, ``vpdpbusd`` with
    VNNI): codes are unsigned, activations signed. The zero point is removed
    algebraically, ``Σ x_int · (q − z) = dot − z · asum`` (exact in int32). With VNNI
    (no saturation) and few enough accumulators (`split_lanes`), quad ``l`` of a word is

@@ -10,7 +10,7 @@ import tvm
 from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.generic.packed_linear import packed_linear_func, unsupported_reason
 from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
-from lowbit.backends.tvm.target import float32_lanes, resolve_target
+from lowbit.backends.tvm.target import resolve_target
 from lowbit.errors import BackendError
 from lowbit.ir import ops, packing
 
