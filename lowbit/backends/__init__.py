@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-
-from torch import fx
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lowbit.errors import BackendError
+
+if TYPE_CHECKING:
+    from torch import fx
 
 TARGETS: tuple[str, ...] = ("torch", "x86", "arm", "cuda")
 
