@@ -88,8 +88,8 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
 
     With ``constant_linear``, an fp32 linear layer whose weight (and bias) is a graph constant
     and whose input has a static shape goes to that hook first (the CPU toolchain runs it on
-    the dense kernel: Relax's ``linear`` is a matmul with the transposed weight whose strided
-    reads left it at half of torch's speed).
+    the dense kernel, its weight laid out at compile time, instead of Relax's ``linear``: a
+    matmul with the transposed weight, read with strides).
     """
 
     def __init__(self, constant_linear: ConstantLinear | None = None) -> None:

@@ -35,8 +35,8 @@ Schedule: parallel tasks of ``out_tile`` output rows; inside, each 8-row tile ru
 rows of ``x`` in register tiles of ``row_tile`` (one unpacked code vector feeds
 ``row_tile`` accumulators, and the tile's weights stay in cache across row tiles).
 When one row tile covers the batch (a GEMV: the weights are read once), the word-row
-loop also prefetches the weight stream `PREFETCH_BYTES` ahead (``prefetchnta``): the
-hardware prefetcher alone left the cold GEMV at ~75% of the read bandwidth. The GEMV
+loop also prefetches the weight stream `PREFETCH_BYTES` ahead (``prefetchnta``), which
+the hardware prefetcher alone does not keep up with on a cold stream. The GEMV
 also prefetches its first `PREFETCH_BYTES` before the activation prologue, which the loop
 never does, and reduces ``max |x|`` in vector lanes (a scalar float max is a serial chain).
 The per-task buffers (unpacked codes, int32 dot products, fp32 accumulators) keep the
