@@ -174,6 +174,7 @@ def a8_linear_arm_func(spec: PackedLinearSpec, row_tile: int, out_tile: int, row
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"ARM int8 kernel cannot compute {spec}: {reason}")
+    intrin_arm.register()
     sch = s_tir.Schedule(a8_linear_arm_compute(spec))
     # Tensorize needs whole tiles: the row tile divides the batch, the weight tiles divide the task.
     rows = divisor_at_most(spec.batch, row_tile)
@@ -249,6 +250,7 @@ def a8_linear_arm_i8mm_func(spec: PackedLinearSpec, row_tile: int, out_tile: int
     reason = unsupported_reason(spec) or (None if spec.batch % 2 == 0 else "i8mm takes rows of x in pairs")
     if reason is not None:
         raise ValueError(f"ARM i8mm kernel cannot compute {spec}: {reason}")
+    intrin_arm.register()
     sch = s_tir.Schedule(a8_linear_arm_i8mm_compute(spec))
     rows = max(d for d in range(2, max(row_tile, 2) + 1, 2) if spec.batch % d == 0)
     vectors = divisor_at_most(out_tile // MMLA_ROWS, row_vectors)

@@ -14,11 +14,13 @@ Neoverse-N2/V1, Cortex-A710 and later): one call takes a 2×8 int8 tile of activ
 each, and adds the 2×2 int32 products ``C[m, i] += Σ_k A[m, k] · B[i, k]`` (row-major
 ``C``), twice the multiply-adds of one ``sdot``.
 
-Registered on import under the names below, without importing
-``tvm.s_tir.tensor_intrin`` (its import costs ~40 s).
+`register` parses and registers them under the names below (the kernels call it before
+tensorizing), without importing ``tvm.s_tir.tensor_intrin`` (its import costs ~40 s).
 """
 
 from __future__ import annotations
+
+import functools
 
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
@@ -32,69 +34,71 @@ I8MM = "lowbit_mmla_2x2x8_s8s8_i8mm"
 MMLA_ROWS, MMLA_COLUMNS = 2, 8
 
 
-@T.prim_func(s_tir=True)
-def _dot_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1, scope="local"),
-    C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        for i in T.serial(0, 4):
-            for k in T.serial(0, 4):
+@functools.cache
+def register() -> None:
+    """Parse the intrinsics' TVMScript and register them under the names above; once, when a kernel first
+    tensorizes (parsing takes most of a second, which importing this module does not pay)."""
+
+    @T.prim_func(s_tir=True)
+    def dot_desc(
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        B: T.Buffer((4, 4), "int8", offset_factor=1, scope="local"),
+        C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            for i in T.serial(0, 4):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def dot_sdot(
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        B: T.Buffer((4, 4), "int8", offset_factor=1, scope="local"),
+        C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C[T.ramp(T.int32(0), 1, 4)],
+                B.vload([0, 0], "int8x16"), a, dtype="int32x4",
+            )
+
+    @T.prim_func(s_tir=True)
+    def mmla_desc(
+        A: T.Buffer((2, 8), "int8", offset_factor=1),
+        B: T.Buffer((2, 8), "int8", offset_factor=1, scope="local"),
+        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            for m, i, k in T.grid(2, 2, 8):
                 with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+                    vm, vi, vk = T.axis.remap("SSR", [m, i, k])
+                    C[vm, vi] = C[vm, vi] + T.cast(A[vm, vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def mmla_i8mm(
+        A: T.Buffer((2, 8), "int8", offset_factor=1),
+        B: T.Buffer((2, 8), "int8", offset_factor=1, scope="local"),
+        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            C.vstore([0, 0], T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"), C.vload([0, 0], "int32x4"),
+                A.vload([0, 0], "int8x16"), B.vload([0, 0], "int8x16"), dtype="int32x4",
+            ))
+
+    TensorIntrin.register(SDOT, dot_desc, dot_sdot, override=True)
+    TensorIntrin.register(I8MM, mmla_desc, mmla_i8mm, override=True)
 
 
-@T.prim_func(s_tir=True)
-def _dot_sdot(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1, scope="local"),
-    C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C[T.ramp(T.int32(0), 1, 4)],
-            B.vload([0, 0], "int8x16"), a, dtype="int32x4",
-        )
-
-
-@T.prim_func(s_tir=True)
-def _mmla_desc(
-    A: T.Buffer((2, 8), "int8", offset_factor=1),
-    B: T.Buffer((2, 8), "int8", offset_factor=1, scope="local"),
-    C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
-        T.writes(C[0:2, 0:2])
-        for m, i, k in T.grid(2, 2, 8):
-            with T.sblock("update"):
-                vm, vi, vk = T.axis.remap("SSR", [m, i, k])
-                C[vm, vi] = C[vm, vi] + T.cast(A[vm, vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
-def _mmla_i8mm(
-    A: T.Buffer((2, 8), "int8", offset_factor=1),
-    B: T.Buffer((2, 8), "int8", offset_factor=1, scope="local"),
-    C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
-        T.writes(C[0:2, 0:2])
-        C.vstore([0, 0], T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"), C.vload([0, 0], "int32x4"),
-            A.vload([0, 0], "int8x16"), B.vload([0, 0], "int8x16"), dtype="int32x4",
-        ))
-
-
-TensorIntrin.register(SDOT, _dot_desc, _dot_sdot, override=True)
-TensorIntrin.register(I8MM, _mmla_desc, _mmla_i8mm, override=True)
-
-__all__ = ["COLUMNS", "I8MM", "MMLA_COLUMNS", "MMLA_ROWS", "ROWS", "SDOT"]
+__all__ = ["COLUMNS", "I8MM", "MMLA_COLUMNS", "MMLA_ROWS", "ROWS", "SDOT", "register"]

@@ -206,6 +206,7 @@ def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile:
     rows = divisor_at_most(spec.batch, row_tile)
     vectors = tile_vectors(out_tile, row_vectors)
     lanes = split_lanes(intrin, spec.bits, spec.group_size, rows, vectors)
+    intrin_x86.register()
     sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes))
     _schedule(sch, spec, intrin, rows, out_tile, vectors)
     log.debug("scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s", spec, intrin, rows,
