@@ -86,9 +86,9 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
     """Compile every kernel for this machine's x86 target into ``directory`` with its constants; returns the cases."""
     import tvm
 
-    from lowbit.backends.tvm.kernels import a8_linear, packed_gemm, packed_linear
-    from lowbit.backends.tvm.kernels.common import KernelPlan
-    from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
+    from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
+    from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
+    from lowbit.backends.tvm.kernels.x86 import a8_linear
     from lowbit.backends.tvm.target import resolve_target
 
     target = resolve_target("x86")
@@ -101,9 +101,7 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
                 name = case_name(kernel, rows, k, n)
                 spec = PackedLinearSpec(rows, k, n, bits, group or k, asymmetric=False, has_bias=False,
                                         act_bits=8 if a8 else None)
-                plan = module.plan(spec, weights(kernel, k, n, seed=k + n), target)
-                if not isinstance(plan, KernelPlan):
-                    raise RuntimeError(f"{name}: {plan}")
+                plan = module.KERNEL.plan(spec, weights(kernel, k, n, seed=k + n), target)
                 log.info("compiling %s (%s, knobs %s)", name, plan.name, plan.knobs)
                 lib = tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name)}), target=target)
                 lib.export_library(str(directory / f"{name}.so"))
@@ -136,8 +134,8 @@ def read_func(total_bytes: int) -> Any:
     that prefetches (``prefetchnta``) the next 4 KiB row, one line at a time, like the W2A8 GEMV."""
     from tvm import s_tir, te, tirx
 
-    from lowbit.backends.tvm.kernels.a8_linear import LINE_BYTES
-    from lowbit.backends.tvm.kernels.common import prefetch, prepend_to_loop
+    from lowbit.backends.tvm.kernels.generic.common import prefetch, prepend_to_loop
+    from lowbit.backends.tvm.kernels.x86.a8_linear import LINE_BYTES
 
     rows = total_bytes // (READ_ROW_INTS * 4) // READ_TASKS
     data = te.placeholder((READ_TASKS, rows, READ_ROW_INTS // READ_LANES, READ_LANES), "int32", name="data")

@@ -23,14 +23,14 @@ import json
 import logging
 import platform
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 import tvm
 
-from lowbit.backends.tvm.kernels import a8_linear, packed_gemm, packed_linear
-from lowbit.backends.tvm.kernels.packed_linear import PackedLinearSpec
+from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
+from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec
+from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.tuning import LocalRunner, MeasureOptions, Tuner, TuningOptions, default_cache_dir
 from lowbit.ir import packing
@@ -49,11 +49,11 @@ CASES = (("w4a16", 256, 384, 384), ("w4a16", 256, 384, 1536), ("w4a16", 256, 153
          ("w2a8", 1, 4096, 4096), ("w2a8", 32, 4096, 4096))
 
 
-def kernel_of(fmt: str, rows: int) -> ModuleType:
+def kernel_of(fmt: str, rows: int) -> LinearKernel:
     """The kernel the lowering uses for ``fmt`` on ``rows`` rows."""
     if fmt == "w2a8":
-        return a8_linear
-    return packed_gemm if rows >= packed_gemm.MIN_ROWS else packed_linear
+        return a8_linear.KERNEL
+    return packed_gemm.KERNEL if rows >= packed_gemm.MIN_ROWS else packed_linear.KERNEL
 
 
 def layer(fmt: str, m: int, k: int, n: int) -> tuple[PackedLinearSpec, dict[str, torch.Tensor | None]]:
@@ -78,7 +78,7 @@ def compare(case: tuple[str, int, int, int], tuner: Tuner, runner: LocalRunner, 
     tuned_knobs = tuner.knobs(kernel, spec, tensors) or hand_knobs
     plans = [kernel.plan(spec, tensors, tuner.target, knobs=knobs) for knobs in (hand_knobs, tuned_knobs)]
     hand, tuned = runner.compare([(p.func, p.consts) for p in plans], rounds)
-    row = {"format": fmt, "kernel": kernel.KERNEL_NAME, "M": m, "K": k, "N": n, "hand_knobs": hand_knobs, "tuned_knobs": tuned_knobs,
+    row = {"format": fmt, "kernel": kernel.name, "M": m, "K": k, "N": n, "hand_knobs": hand_knobs, "tuned_knobs": tuned_knobs,
            "hand_ms": hand * 1e3, "tuned_ms": tuned * 1e3, "hand_over_tuned": hand / tuned}
     log.info("%s M=%d K=%d N=%d: hand %.3f ms %s, tuned %.3f ms %s", *case, row["hand_ms"], hand_knobs,
              row["tuned_ms"], tuned_knobs)

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from lowbit import artifact, recipes
-from lowbit.backends import check_target, get_backend
+from lowbit.backends import Runner, check_target, get_backend
 from lowbit.errors import LowbitError
 from lowbit.ir.trace import trace
 from lowbit.passes.base import Pass
@@ -75,7 +75,7 @@ class CompileReport:
 class CompiledModel:
     """A compiled model: call it like the original; ``graph`` is the transformed GraphModule."""
 
-    def __init__(self, graph: fx.GraphModule, runner: Any, report: CompileReport, info: dict[str, Any]) -> None:
+    def __init__(self, graph: fx.GraphModule, runner: Runner, report: CompileReport, info: dict[str, Any]) -> None:
         self.graph = graph
         self.report = report
         self._runner = runner
@@ -130,7 +130,7 @@ def compile(
     runner = backend.compile(graph, example_inputs, cache_dir=cache_dir, tune=_tune_settings(tune, recipe_obj))
     backend_s = time.perf_counter() - start - trace_s - passes_s
 
-    if getattr(runner, "runnable", True):
+    if runner.runnable:
         max_abs, rel = _agreement_with_eager(model, runner, example_inputs, example_kwargs)
     else:
         log.info("the compiled model cannot run on this machine (cross-compiled); agreement with eager not measured")
@@ -148,8 +148,8 @@ def compile(
         passes_s=passes_s,
         backend_s=backend_s,
         pipeline=pipeline.report,
-        fallbacks=[f"{item.node}: {item.reason}" for item in getattr(runner, "fallbacks", [])],
-        tuning=list(getattr(runner, "tuning", [])),
+        fallbacks=[f"{item.node}: {item.reason}" for item in runner.fallbacks],
+        tuning=list(runner.tuning),
     )
     info = {
         "recipe": report.recipe,
@@ -179,7 +179,7 @@ def prepare(
     return graph.train(model.training)
 
 
-def _agreement_with_eager(model: torch.nn.Module, runner: Any, example_inputs: tuple,
+def _agreement_with_eager(model: torch.nn.Module, runner: Runner, example_inputs: tuple,
                           example_kwargs: Mapping[str, Any] | None) -> tuple[float, float]:
     was_training = model.training
     with torch.no_grad():

@@ -298,7 +298,8 @@ def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, n
     are verified first; locally its architecture must be this machine's.
     """
     from lowbit import artifact
-    from lowbit.backends.tvm import LIBRARY_FILE, SIGNATURE_FILE
+    from lowbit.backends.tvm.quiet import quiet_tvm
+    from lowbit.backends.tvm.runner import LIBRARY_FILE, SIGNATURE_FILE
     from lowbit.backends.tvm.target import host_arch
 
     path = Path(path)
@@ -314,7 +315,9 @@ def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, n
                            "Run it on a device with --rpc HOST:PORT")
         import tvm
 
-        return _run(tvm.runtime.load_module(str(path / LIBRARY_FILE)), tvm.cpu(), arrays, repeats, "local cpu")
+        with quiet_tvm():
+            module = tvm.runtime.load_module(str(path / LIBRARY_FILE))
+        return _run(module, tvm.cpu(), arrays, repeats, "local cpu")
     device = f"{rpc} (key '{key}')" if key else rpc
     try:
         return _run_remote(connect(rpc, key, timeout), path / LIBRARY_FILE, arrays, repeats, device,

@@ -28,7 +28,7 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, get_sblock_info, normalize_pri
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.common import divisor_at_most, power_of_two_divisor
+from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, power_of_two_divisor
 from lowbit.backends.tvm.target import float32_lanes
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@
     runner = TVMBackend("x86").compile(gm, inputs, tune={"trials": 16, "max_seconds": 300})
     runner.tuning                      # TuningResult per kernel signature: knobs, time, hand time
 
-Each kernel module exposes a knob space (``KNOBS``), its hand schedule
-(``default_knobs``) and ``plan(..., knobs=)``. `Tuner` searches that space (`search`),
+Each kernel (`lowbit.backends.tvm.kernels.spec.LinearKernel`) exposes a knob space
+(``knobs``), its hand schedule (``default_knobs``) and ``plan(..., knobs=)``. `Tuner` searches that space (`search`),
 timing candidates locally or on a device over TVM RPC (`measure`), and keeps every
 trial in a `TuningDatabase` (`database`) under the cache directory: a later compile of
 the same shapes for the same target reads the best knobs and measures nothing. The

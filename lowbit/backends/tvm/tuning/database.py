@@ -4,7 +4,7 @@ One JSON file per canonical target (kind, mtriple, mcpu, mattr, ..., and the siz
 TVM's thread pool the measurements ran with) under
 ``<cache dir>/tuning/``. A file holds a schema version, the target, the records and a
 SHA-256 checksum of the rest. Records are keyed by the kernel signature: kernel name,
-the version of its knob space (a hash of ``KNOBS``) and the layer spec.
+the version of its knob space (a hash of the kernel's ``knobs``) and the layer spec.
 
 Writes are atomic (temporary file, fsync, rename) and serialized with a lock file;
 each write re-reads the file and merges, so concurrent tunings of one target keep each
@@ -145,7 +145,8 @@ def canonical_target(target: Target) -> dict[str, Any]:
         value = attrs.get(key)
         if value is None or value == "" or (key == "mattr" and len(value) == 0):
             continue
-        canon[key] = sorted(str(v) for v in value) if key == "mattr" else value if isinstance(value, int) else str(value)
+        canon[key] = (sorted(str(v) for v in value) if key == "mattr"
+                      else value if isinstance(value, int) else str(value))
     if canon["kind"] == "llvm":
         canon["mtriple"] = _arch_and_os(str(canon.get("mtriple") or codegen.llvm_get_system_triple()))
     if runs_on_host(target):

@@ -31,6 +31,7 @@ from tvm.support import cc
 from tvm.target import Target
 
 from lowbit.backends.tvm.target import host_arch, runs_on_host, target_arch
+from lowbit.backends.tvm.toolchains.cpu import ARM_CXX, ARM_CXX_PACKAGE
 from lowbit.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ class RPCDevice:
     timeout_s: float = 60.0
 
     def __str__(self) -> str:
-        return f"tracker {self.host}:{self.port} key '{self.key}'" if self.key else f"RPC server {self.host}:{self.port}"
+        if self.key:
+            return f"tracker {self.host}:{self.port} key '{self.key}'"
+        return f"RPC server {self.host}:{self.port}"
 
 
 def build(func: tirx.PrimFunc, target: Target) -> tvm.runtime.Executable:
@@ -264,8 +267,6 @@ def _fcompile(target: Target) -> Any:
     """The cross compiler for a library of another architecture (None for this machine's)."""
     if target_arch(target) == host_arch():
         return None
-    from lowbit.backends.tvm import ARM_CXX, ARM_CXX_PACKAGE  # the package imports this module: import late
-
     if target_arch(target) != "aarch64":
         raise BackendError(f"remote tuning for {target_arch(target)} from {host_arch()} is not supported")
     if shutil.which(ARM_CXX) is None:

@@ -1,6 +1,6 @@
 """The tuner: picks each low-bit kernel's knobs from the database, searching (and recording) missing ones.
 
-A kernel module (see `lowbit.backends.tvm.kernels.common`) offers ``KNOBS``,
+A kernel (`lowbit.backends.tvm.kernels.spec.LinearKernel`) offers ``name``, ``knobs``,
 ``default_knobs(spec, target)`` and ``plan(spec, tensors, target, knobs)``. For a layer the
 tuner looks up the record of (target, kernel, knob-space version, spec). Without
 `TuningOptions` it only reads; with them it tunes a signature whose record has fewer
@@ -16,21 +16,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
-import tvm
 import tvm_ffi
 from tvm import s_tir
 from tvm.target import Target
 
-from lowbit.backends.tvm.tuning.database import SHIPPED_DIR, Trial, TuningDatabase, TuningRecord, signature_key
-from lowbit.backends.tvm.tuning.measure import LocalRunner, MeasureOptions, RPCDevice, RPCRunner
+from lowbit.backends.tvm.kernels.spec import LinearKernel
+from lowbit.backends.tvm.tuning.database import (
+    SHIPPED_DIR,
+    Trial,
+    TuningDatabase,
+    TuningRecord,
+    signature_key,
+)
+from lowbit.backends.tvm.tuning.measure import (
+    LocalRunner,
+    MeasureOptions,
+    RPCDevice,
+    RPCRunner,
+)
 from lowbit.backends.tvm.tuning.search import grid, propose, space_version
 from lowbit.errors import BackendError
 
@@ -59,7 +70,7 @@ class TuningOptions:
     measure: MeasureOptions = MeasureOptions()
 
     @classmethod
-    def of(cls, tune: Any) -> "TuningOptions | None":
+    def of(cls, tune: Any) -> TuningOptions | None:
         """Options from a compile's ``tune=``: falsy → None (no tuning), True → defaults, a mapping or an
         object with ``trials``/``max_seconds``/``database`` (a recipe's ``tune`` block) → those values."""
         if not tune:
@@ -118,7 +129,8 @@ class Tuner:
         self._chosen: dict[str, dict[str, int] | None] = {}
         self.measured = 0
 
-    def knobs(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, int] | None:
+    def knobs(self, kernel: LinearKernel, spec: Any,
+              tensors: Mapping[str, torch.Tensor | None]) -> dict[str, int] | None:
         """The best recorded knobs for a layer (tuning first when enabled and unfinished); None: hand schedule.
 
         Layers of one signature share the answer: it is looked up (or tuned) once per tuner.
@@ -136,15 +148,15 @@ class Tuner:
         chosen = self._chosen[key]
         return dict(chosen) if chosen is not None else None
 
-    def tune(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None]) -> TuningRecord:
+    def tune(self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None]) -> TuningRecord:
         """Search ``kernel``'s knobs for ``spec`` until the trial budget, the time budget or the space runs out."""
         trials = self.options.trials if self.options else 0
         key = self._key(kernel, spec)
         found = self.database.get(key)
         record = (dataclasses.replace(found, trials=list(found.trials)) if found else
-                  TuningRecord(kernel_name(kernel), space_version(kernel.KNOBS), _spec_dict(spec)))
+                  TuningRecord(kernel.name, space_version(kernel.knobs), _spec_dict(spec)))
         default = kernel.default_knobs(spec, self.target)
-        size = len(grid(kernel.KNOBS))
+        size = len(grid(kernel.knobs))
         reference: list[np.ndarray] = []
         log.info("tuning %s for %s: %d of %d trials recorded, space of %d", record.kernel, record.spec,
                  record.counted, trials, size)
@@ -153,7 +165,7 @@ class Tuner:
                 log.warning("tuning time budget (max_seconds=%s) spent: %s keeps its best of %d trials",
                             self.options.max_seconds if self.options else None, record.kernel, record.counted)
                 break
-            knobs = propose(kernel.KNOBS, default, record.trials, key)
+            knobs = propose(kernel.knobs, default, record.trials, key)
             if knobs is None:
                 record.exhausted = True
             else:
@@ -178,22 +190,21 @@ class Tuner:
         except BackendError as error:
             where = self.database.path or "memory (no cache directory)"
             raise BackendError(f"tuning {record.kernel} {record.spec} stopped after {record.counted} of {trials} "
-                               f"trial(s), which are kept in {where}; tuning again resumes from them. {error}") from error
+                               f"trial(s), which are kept in {where}; tuning again resumes from them. "
+                               f"{error}") from error
 
     def close(self) -> None:
         """Release the runner (an RPC session)."""
         if self.runner is not None:
             self.runner.close()
 
-    def _trial(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
+    def _trial(self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
                default: Mapping[str, int], record: TuningRecord, reference: list[np.ndarray]) -> Trial:
         """Plan, build, time and check one candidate."""
         try:
             planned = kernel.plan(spec, tensors, self.target, knobs=knobs)
         except (BackendError, ValueError, s_tir.ScheduleError) as error:
             return Trial(knobs, "invalid", error=_first_line(error))
-        if isinstance(planned, str):
-            return Trial(knobs, "invalid", error=planned)
         func_hash = str(tvm_ffi.structural_hash(planned.func))
         same = next((t for t in record.trials if t.func_hash == func_hash and t.counted), None)
         if same is not None:
@@ -211,7 +222,7 @@ class Tuner:
             return Trial(knobs, "failed", error=wrong, func_hash=func_hash)
         return Trial(knobs, "measured", measured.seconds, func_hash=func_hash)
 
-    def _confirm(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None],
+    def _confirm(self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None],
                  record: TuningRecord, default: Mapping[str, int]) -> None:
         """Time the finalists (fastest candidates and the hand schedule) side by side and mark them confirmed:
         the best is chosen among them, never by a one-off time from another moment."""
@@ -229,15 +240,16 @@ class Tuner:
                          if t.func_hash in by_hash and t.seconds is not None else t for t in record.trials]
         self.database.commit(record)
 
-    def _check(self, kernel: ModuleType, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
+    def _check(self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
                default: Mapping[str, int], output: np.ndarray, reference: list[np.ndarray]) -> str | None:
         """Why ``output`` is wrong compared with the hand schedule's output (computed once), or None."""
         if knobs == dict(default):
             reference[:] = [output]
             return None
         if not reference:
-            planned = kernel.plan(spec, tensors, self.target, knobs=dict(default))
-            if isinstance(planned, str):
+            try:
+                planned = kernel.plan(spec, tensors, self.target, knobs=dict(default))
+            except BackendError:
                 return None  # the hand schedule itself is refused: nothing to compare with
             reference.append(self._runner().output(planned.func, planned.consts))
         expected = reference[0]
@@ -258,8 +270,8 @@ class Tuner:
         return trials > 0 and (record is None or not record.confirmed or
                                (not record.exhausted and record.counted < trials))
 
-    def _key(self, kernel: ModuleType, spec: Any) -> str:
-        return signature_key(kernel_name(kernel), space_version(kernel.KNOBS), _spec_dict(spec))
+    def _key(self, kernel: LinearKernel, spec: Any) -> str:
+        return signature_key(kernel.name, space_version(kernel.knobs), _spec_dict(spec))
 
     def _log_trial(self, record: TuningRecord, trials: int) -> None:
         last, best = record.trials[-1], record.best
@@ -270,18 +282,12 @@ class Tuner:
         log.info("tuning %s: trial %d/%d %s -> %s (best %s)", record.kernel, record.counted, trials, last.knobs,
                  outcome, f"{best.seconds * 1e3:.3f} ms {best.knobs}" if best else "none yet")
 
-    def _report(self, kernel: ModuleType, record: TuningRecord, best: Trial | None, spec: Any,
+    def _report(self, kernel: LinearKernel, record: TuningRecord, best: Trial | None, spec: Any,
                 measured_now: int) -> None:
         default = kernel.default_knobs(spec, self.target)
         hand = next((t.seconds for t in record.trials if t.knobs == default), None)
         self.results.append(TuningResult(record.kernel, record.spec, dict(best.knobs) if best else dict(default),
                                          best.seconds if best else hand, hand, measured_now))
-
-
-def kernel_name(kernel: ModuleType) -> str:
-    """A kernel module's name in records: its ``KERNEL_NAME``, else the module's last name."""
-    name = getattr(kernel, "KERNEL_NAME", None)
-    return str(name) if name else kernel.__name__.rsplit(".", 1)[-1]
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:
@@ -293,4 +299,4 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-__all__ = ["OUTPUT_TOLERANCE", "Tuner", "TuningOptions", "TuningResult", "kernel_name"]
+__all__ = ["OUTPUT_TOLERANCE", "Tuner", "TuningOptions", "TuningResult"]

@@ -1,0 +1,259 @@
+"""Lowering: a lowbit GraphModule → a `Lowering` (a Relax module and how each low-bit linear was lowered).
+
+Ordinary operators go through `frontend.import_graph`. Each ``torch.ops.lowbit.linear_packed`` /
+``linear_packed_a8`` call becomes a ``relax.call_tir`` of the first kernel of the toolchain's ordered list that
+supports the layer (`kernels.spec.LinearKernel`), its packed weight, scales, zero points and bias passed as Relax
+constants. An act-order ``g_idx`` of whole groups and a partial last group are first rewritten to contiguous whole
+groups (`contiguous_groups`). A layer no kernel takes (3-bit codes, uneven groups, a shape a kernel does not tile)
+runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `Lowering.fallbacks` with the reason
+the last kernel gave. Shapes are static: the module is specialized to the example inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import tvm
+from torch import fx
+from torch.fx.operator_schemas import normalize_function
+from tvm import relax
+from tvm.target import Target
+
+from lowbit.backends.tvm.frontend import InputSpec, import_graph, input_specs
+from lowbit.backends.tvm.inline import inline_wrapped_regions
+from lowbit.backends.tvm.kernels.spec import (
+    KernelPlan,
+    LinearKernel,
+    PackedLinearSpec,
+    Tensors,
+)
+from lowbit.errors import BackendError, LowbitError
+from lowbit.ir import ops, ops_a8, packing
+from lowbit.ir.graph import get_attr_tensor
+
+if TYPE_CHECKING:
+    from lowbit.backends.tvm.toolchains import Toolchain
+
+log = logging.getLogger(__name__)
+
+#: How the frontend names ``torch.ops.lowbit.linear_packed.default`` (``OpOverload.__name__``).
+LINEAR_PACKED_NAME = ops.linear_packed.__name__
+#: ... and ``torch.ops.lowbit.linear_packed_a8.default`` (int8 activations).
+LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
+#: `LoweredLinear.kernel` of a layer on the toolchain's fallback.
+FALLBACK = "dense"
+
+
+@dataclass(frozen=True)
+class LoweredLinear:
+    """How one ``linear_packed``/``linear_packed_a8`` call was lowered: ``kernel`` is the name of the kernel that
+    runs it (``"packed_gemm"``, ``"a8_linear_x86"``, ``"cuda_linear"``, ...), or ``"dense"`` with the ``reason``."""
+
+    node: str
+    spec: PackedLinearSpec
+    kernel: str
+    reason: str | None = None
+
+
+def fallbacks(linears: Sequence[LoweredLinear]) -> list[LoweredLinear]:
+    """The layers of ``linears`` that run on the fallback (a dequantized fp32 weight), with the reason."""
+    return [linear for linear in linears if linear.kernel == FALLBACK]
+
+
+@dataclass
+class Lowering:
+    """A Relax module for a graph, with the record of how its low-bit linears were lowered."""
+
+    mod: tvm.IRModule
+    target: Target
+    inputs: list[InputSpec]
+    linears: list[LoweredLinear] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[LoweredLinear]:
+        """Low-bit layers that run as dequantized fp32 dense kernels, with the reason."""
+        return fallbacks(self.linears)
+
+
+def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], toolchain: Toolchain,
+          tuner: Any = None) -> Lowering:
+    """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `frontend.input_specs`).
+
+    ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
+    kernel; without it every kernel uses its hand schedule.
+    """
+    gm = inline_wrapped_regions(gm)
+    inputs = input_specs(gm, example_inputs)
+    converter = PackedLinearConverter(gm, toolchain, tuner)
+    mod = import_graph(gm, inputs, {LINEAR_PACKED_NAME: converter, LINEAR_PACKED_A8_NAME: converter},
+                       toolchain.constant_linear)
+    lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
+    log.info("lowered graph for %s: %d low-bit linear(s), %d on the fp32 fallback", toolchain.name,
+             len(lowering.linears), len(lowering.fallbacks))
+    return lowering
+
+
+class PackedLinearConverter:
+    """``custom_convert_map`` entry: ``linear_packed``/``linear_packed_a8`` node → ``call_tir`` of a kernel.
+
+    The kernel is the first of ``toolchain.kernels(spec)`` that supports the layer; without one, the
+    toolchain's fallback runs and the last kernel's reason is recorded.
+    """
+
+    def __init__(self, gm: fx.GraphModule, toolchain: Toolchain, tuner: Any = None) -> None:
+        self.gm = gm
+        self.toolchain = toolchain
+        self.tuner = tuner
+        self.linears: list[LoweredLinear] = []
+
+    def __call__(self, node: fx.Node, importer: Any) -> relax.Expr:
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        x = importer.env[call["x"]]
+        if x.ty.dtype != "float32":
+            raise BackendError(f"node '{node.name}': the TVM kernels take float32 activations, got {x.ty.dtype}")
+        a8 = node.target is ops_a8.linear_packed_a8
+        names = ("qweight", "scales", "zeros", "g_idx", "bias") + (("act_scale",) if a8 else ())
+        tensors = {name: self._tensor(node, call.get(name)) for name in names}
+        rows = math.prod([int(d) for d in x.ty.shape][:-1])
+        spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
+        bb = importer.block_builder
+        return emit_on_rows(bb, x, spec.out_features, lambda x2d, _: self._call(
+            bb, node.name, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors))
+
+    def _call(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
+              tensors: Tensors) -> relax.Expr:
+        """The layer's kernel on the 2-D input ``x``, or the fallback with the reason recorded."""
+        planned, reason = self._plan(spec, tensors)
+        if planned is not None:
+            self.linears.append(LoweredLinear(name, spec, planned.name))
+            return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features)
+        log.info("node '%s': fp32 fallback (%s)", name, reason)
+        self.linears.append(LoweredLinear(name, spec, FALLBACK, reason))
+        return self.toolchain.fallback(bb, x, spec, tensors)
+
+    def _plan(self, spec: PackedLinearSpec, tensors: Tensors) -> tuple[KernelPlan | None, str | None]:
+        """The plan of the first kernel that supports the layer, else None and the last kernel's reason."""
+        kernels = self.toolchain.kernels(spec)
+        reason = f"{self.toolchain.name} has no kernel for {_activations(spec)}"
+        for kernel in kernels:
+            reason = kernel.supports(spec, tensors, self.toolchain.target)
+            if reason is None:
+                return tuned_plan(kernel, spec, tensors, self.toolchain.target, self.tuner), None
+            log.debug("%s declined %s: %s", kernel.name, spec, reason)
+        return None, reason
+
+    def _tensor(self, node: fx.Node, arg: Any) -> torch.Tensor | None:
+        """The tensor a ``get_attr`` argument names (None stays None)."""
+        if arg is None:
+            return None
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            raise BackendError(f"node '{node.name}': packed weights must be graph constants (get_attr), got {arg!r}")
+        try:
+            value = get_attr_tensor(self.gm, arg)
+        except LowbitError as error:
+            raise BackendError(f"node '{node.name}': {error}") from error
+        if value.dtype not in (torch.float32, torch.uint8, torch.int32):
+            raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
+        return value.detach()
+
+
+def _activations(spec: PackedLinearSpec) -> str:
+    return "float activations" if spec.act_bits is None else f"int{spec.act_bits} activations"
+
+
+def tuned_plan(kernel: LinearKernel, spec: PackedLinearSpec, tensors: Tensors, target: Target,
+               tuner: Any) -> KernelPlan:
+    """``kernel``'s plan for a supported layer with the tuner's knobs (the hand schedule without a tuner or a
+    record)."""
+    planned = kernel.plan(spec, tensors, target)
+    if tuner is None:
+        return planned
+    knobs = tuner.knobs(kernel, spec, tensors)
+    if knobs is None or knobs == planned.knobs:
+        return planned
+    return kernel.plan(spec, tensors, target, knobs=knobs)
+
+
+def contiguous_groups(spec: PackedLinearSpec, tensors: Tensors, name: str
+                      ) -> tuple[PackedLinearSpec, dict[str, torch.Tensor | None], torch.Tensor | None]:
+    """The layer rewritten so that its groups are whole and contiguous, as the packed kernels need them, and the
+    order to take the input's columns in (None: as they are).
+
+    ``y = Σ_k x_k · w_k`` does not depend on the order of ``k``: an act-order ``g_idx``
+    whose groups each hold ``group_size`` columns (the last one possibly fewer) becomes
+    contiguous groups by sorting the weight's columns by group, and the input's alike. A
+    partial last group is padded to a whole one with zero codes; the input gets as many
+    zero columns (``spec.in_features`` grows), which add nothing to any sum.
+    """
+    tensors = dict(tensors)
+    k_in, group = spec.in_features, spec.group_size
+    padded = spec.groups * group
+    order = None
+    if spec.has_g_idx:
+        g_idx = tensors["g_idx"].to(torch.int64)
+        counts = torch.bincount(g_idx, minlength=spec.groups)
+        if len(counts) != spec.groups or bool((counts[:-1] != group).any()) or int(counts[-1]) != k_in - padded + group:
+            return spec, tensors, None  # groups of other sizes: the fallback says why
+        order = torch.sort(g_idx, stable=True).indices
+    elif padded == k_in:
+        return spec, tensors, None
+    codes = packing.unpack(tensors["qweight"], spec.bits, k_in)
+    codes = torch.nn.functional.pad(codes if order is None else codes[:, order], (0, padded - k_in))
+    tensors = {**tensors, "qweight": packing.pack(codes.contiguous(), spec.bits), "g_idx": None}
+    log.info("node '%s': %d input columns %s into %d whole groups of %d", name, k_in,
+             "sorted by group" if order is not None else "padded", spec.groups, group)
+    return dataclasses.replace(spec, in_features=padded, has_g_idx=False), tensors, order
+
+
+def grouped_columns(bb: relax.BlockBuilder, x: relax.Expr, order: torch.Tensor | None, padded: int) -> relax.Expr:
+    """The 2-D input of a layer rewritten by `contiguous_groups`: its columns taken in ``order``, then zero columns
+    up to ``padded``."""
+    if order is not None:
+        x = bb.emit(relax.op.take(x, relax.const(order.to(torch.int32).numpy()), axis=1, mode="clip"))
+    k_in = int(x.ty.shape[1])
+    return bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - k_in])) if padded != k_in else x
+
+
+def emit_on_rows(bb: relax.BlockBuilder, x: relax.Expr, n_out: int,
+                 call: Callable[[relax.Expr, int], relax.Expr]) -> relax.Expr:
+    """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored."""
+    shape = [int(d) for d in x.ty.shape]
+    rows = math.prod(shape[:-1])
+    x2d = bb.emit(relax.op.reshape(x, (rows, shape[-1]))) if len(shape) != 2 else x
+    out = bb.emit(call(x2d, rows))
+    return bb.emit(relax.op.reshape(out, (*shape[:-1], n_out))) if len(shape) != 2 else out
+
+
+def call_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, x: relax.Expr,
+                consts: Sequence[torch.Tensor], n_out: int) -> relax.Call:
+    """``call_tir`` of a linear kernel ``func(x, *consts, y)`` with ``consts`` as Relax constants."""
+    gvar = bb.add_func(func, name)
+    args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
+    return relax.call_tir(gvar, args, out_ty=relax.TensorType((int(x.ty.shape[0]), n_out), "float32"))
+
+
+def dequantized_weight(spec: PackedLinearSpec, tensors: Tensors) -> torch.Tensor:
+    """The layer's fp32 weight ``(N, K)``, dequantized at compile time (what the fallbacks multiply by)."""
+    return packing.dequantize(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
+                              spec.bits, spec.group_size, spec.in_features)
+
+
+def layer_spec(call: Mapping[str, Any], rows: int, tensors: Tensors, a8: bool) -> PackedLinearSpec:
+    """The spec of one ``linear_packed``/``linear_packed_a8`` call (normalized kwargs) on ``rows`` input rows."""
+    return PackedLinearSpec(
+        batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0],
+        bits=call["bits"], group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
+        has_bias=tensors["bias"] is not None, has_g_idx=tensors["g_idx"] is not None,
+        act_bits=8 if a8 else None, act_dynamic=tensors.get("act_scale") is None,
+    )
+
+
+__all__ = ["FALLBACK", "LINEAR_PACKED_A8_NAME", "LINEAR_PACKED_NAME", "LoweredLinear", "Lowering",
+           "PackedLinearConverter", "call_kernel", "contiguous_groups", "dequantized_weight", "emit_on_rows",
+           "fallbacks", "grouped_columns", "layer_spec", "lower", "tuned_plan"]

@@ -1,0 +1,197 @@
+"""Graph import: a lowbit GraphModule → a Relax IRModule through TVM's torch frontend.
+
+`GraphImporter` is TVM's FX importer extended with the ATen overloads that graphs traced by torch.export keep, and
+a few conversions the frontend lacks or gets wrong (attention with boolean masks, ``diff``, integer ``cumsum``,
+``to.device``, ``new_ones`` with a dtype). The lowbit linears are converted by the caller's ``custom_convert_map``
+(`convert`); fp32 linears whose weight is a graph constant go to the toolchain's hook (`ConstantLinear`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import tvm
+from torch import fx
+from torch.fx.operator_schemas import normalize_function
+from tvm import relax
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
+
+from lowbit.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+#: ``hook(bb, x, weight, bias)``: a Relax expression for ``x · weightᵀ + bias`` (fp32 constants), or None to keep
+#: Relax's own ``linear``.
+ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: placeholder name, static shape and torch dtype name (``"float32"``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def input_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[InputSpec]:
+    """The graph's inputs: the leading ones shaped like ``example_inputs``, the rest from placeholder metadata.
+
+    Graphs traced from keyword inputs (torch.export) record each placeholder's example
+    value in ``node.meta["val"]``; `lowbit.compile` hands the backend only the
+    positional example inputs.
+    """
+    inputs = list(example_inputs)
+    for index, value in enumerate(inputs):
+        if not isinstance(value, torch.Tensor):
+            raise BackendError(f"example input {index} is a {type(value).__name__}; the TVM backend takes tensors")
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(inputs) > len(placeholders):
+        raise BackendError(f"{len(inputs)} example inputs for a graph with {len(placeholders)} inputs")
+    specs = []
+    for index, node in enumerate(placeholders):
+        value = inputs[index] if index < len(inputs) else node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            raise BackendError(f"graph input '{node.target}' has no example tensor; pass it in example_inputs")
+        specs.append(InputSpec(str(node.target), tuple(int(d) for d in value.shape),
+                               str(value.dtype).removeprefix("torch.")))
+    return specs
+
+
+def import_graph(gm: fx.GraphModule, inputs: Sequence[InputSpec], convert: Mapping[str, Any],
+                 constant_linear: ConstantLinear | None = None) -> tvm.IRModule:
+    """``gm`` as a Relax module for ``inputs``, with ``convert`` as extra converters (by operator name).
+
+    Raises `BackendError` where the frontend cannot import an operator.
+    """
+    try:
+        return GraphImporter(constant_linear).from_fx(
+            gm, [(spec.shape, spec.dtype) for spec in inputs], keep_params_as_input=False,
+            unwrap_unit_return_tuple=True, no_bind_return_tuple=False, custom_convert_map=dict(convert))
+    except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
+        raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
+
+
+class GraphImporter(TorchFXImporter, ExportedProgramImporter):
+    """TVM's FX importer that also knows the ATen overloads (``add.Tensor``, ``view.default``, ...).
+
+    Graphs traced through torch.export keep ATen calls next to ``call_module`` layers;
+    `from_fx` alone knows only torch functions and modules, `from_exported_program` only
+    ATen. The two importers share their base class and per-node conventions, so the ATen
+    table of the latter is merged under the FX table (FX names win where both exist).
+
+    With ``constant_linear``, an fp32 linear layer whose weight (and bias) is a graph constant
+    and whose input has a static shape goes to that hook first (the CPU toolchain runs it on
+    the dense kernel, its weight laid out at compile time, instead of Relax's ``linear``: a
+    matmul with the transposed weight, read with strides).
+    """
+
+    def __init__(self, constant_linear: ConstantLinear | None = None) -> None:
+        super().__init__()
+        self.constant_linear = constant_linear
+
+    def _linear_module(self, node: fx.Node) -> relax.Expr:
+        module = self.named_modules[node.target]
+        dense = self._dense_linear(node.name, self.env[node.args[0]], self.params[module.weight],
+                                   self.params.get(module.bias))
+        return dense if dense is not None else super()._linear_module(node)
+
+    def _linear(self, node: fx.Node) -> relax.Expr:
+        args = self.retrieve_args(node)
+        dense = self._dense_linear(node.name, args[0], args[1], args[2] if len(args) > 2 else None)
+        return dense if dense is not None else super()._linear(node)
+
+    def _dense_linear(self, name: str, x: relax.Expr, weight: relax.Expr,
+                      bias: relax.Expr | None) -> relax.Expr | None:
+        """The hook's expression for ``x · weightᵀ + bias``, or None unless every operand allows it."""
+        operands = [weight] + ([bias] if bias is not None else [])
+        if self.constant_linear is None or not all(
+                isinstance(t, tvm.ir.expr.Constant) and t.value.dtype == "float32" for t in operands):
+            return None
+        if x.ty.dtype != "float32" or len(weight.value.shape) != 2 or not all(
+                isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape):
+            return None
+        as_torch = [torch.from_numpy(t.value.numpy()) for t in operands]
+        log.debug("node '%s': fp32 linear %dx%d with a constant weight", name, *as_torch[0].shape[::-1])
+        return self.constant_linear(self.block_builder, x, as_torch[0], as_torch[1] if bias is not None else None)
+
+    def create_convert_map(self) -> dict[Any, Any]:
+        aten = ExportedProgramImporter.create_convert_map(self)
+        return {**aten, "to.device": self._to_device, "new_ones.default": self._new_ones_typed,
+                "scaled_dot_product_attention.default": self._attention,
+                "diff.default": self._diff,
+                "cumsum.default": self._cumsum_promoted, **TorchFXImporter.create_convert_map(self)}
+
+    def _new_ones_typed(self, node: fx.Node) -> relax.Expr:
+        """``aten.new_ones(x, size, dtype=...)``: the upstream converter ignores ``dtype``."""
+        ones = self._new_ones(node)
+        dtype = node.kwargs.get("dtype")
+        if dtype is None:
+            return ones
+        return self.block_builder.emit(relax.op.astype(ones, self._convert_data_type(dtype, self.env)))
+
+    def _attention(self, node: fx.Node) -> relax.Expr:
+        """``aten.scaled_dot_product_attention`` on ``(..., L, E)`` tensors with a float or boolean mask.
+
+        Written out as ``softmax(q kᵀ · scale + mask) v`` because Relax's fused attention
+        takes float masks of one exact shape only; a boolean mask keeps ``True``
+        positions and sends the others to ``-inf``, as torch does.
+        """
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        if call.get("dropout_p", 0.0) or call.get("is_causal", False):
+            raise BackendError(f"node '{node.name}': attention with dropout or is_causal is not lowered")
+        bb = self.block_builder
+        query, key, value = (self.env[call[name]] for name in ("query", "key", "value"))
+        head_dim = int(query.ty.shape[-1])
+        scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
+        dtype = query.ty.dtype
+        key_t = bb.emit(relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1,
+                                                    len(key.ty.shape) - 2]))
+        scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
+        mask = call.get("attn_mask")
+        if mask is not None:
+            mask = self.env[mask]
+            if mask.ty.dtype == "bool":
+                mask = bb.emit(relax.op.where(mask, relax.const(0.0, dtype), relax.const(float("-inf"), dtype)))
+            scores = bb.emit(relax.op.add(scores, mask))
+        return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
+
+    def _diff(self, node: fx.Node) -> relax.Expr:
+        """``aten.diff(x, n, dim, prepend, append)``: ``n`` times ``x[1:] - x[:-1]`` along ``dim``.
+
+        transformers' Llama mask code calls it on position ids (to detect packed sequences).
+        """
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        bb = self.block_builder
+        parts = [self.env[call[name]] for name in ("prepend", "input", "append") if call.get(name) is not None]
+        dim = call.get("dim", -1) % len(parts[0].ty.shape)
+        x = bb.emit(relax.op.concat(parts, axis=dim)) if len(parts) > 1 else parts[0]
+        for _ in range(call.get("n", 1)):
+            length = int(x.ty.shape[dim])
+            later = relax.op.strided_slice(x, axes=[dim], begin=[1], end=[length])
+            earlier = relax.op.strided_slice(x, axes=[dim], begin=[0], end=[length - 1])
+            x = bb.emit(relax.op.subtract(later, earlier))
+        return x
+
+    def _cumsum_promoted(self, node: fx.Node) -> relax.Expr:
+        """``aten.cumsum`` with torch's promotion: bool and integer inputs sum in int64 unless ``dtype`` is given."""
+        x = self.env[node.args[0]]
+        if "dtype" in node.kwargs or x.ty.dtype not in ("bool", "int8", "uint8", "int16", "int32"):
+            return self._cumsum(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        return self.block_builder.emit(relax.op.cumsum(x, dim, "int64"))
+
+    def _to_device(self, node: fx.Node) -> relax.Expr:
+        """``aten.to.device(x, device, dtype, ...)``: on one device only the dtype can change."""
+        x = self.env[node.args[0]]
+        dtype = self._convert_data_type(node.args[2] if len(node.args) > 2 else node.kwargs["dtype"], self.env)
+        return x if dtype == x.ty.dtype else self.block_builder.emit(relax.op.astype(x, dtype))
+
+
+__all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs"]

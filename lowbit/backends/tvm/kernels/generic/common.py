@@ -1,0 +1,67 @@
+"""Helpers shared by the kernel generators: constant layouts, knob-free schedule steps, marks on finished kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from tvm import s_tir, tirx
+
+#: ``op_pattern`` value of an opaque operator: Relax's FuseOps leaves such calls alone.
+OPAQUE_PATTERN = 8
+
+
+def layer_consts(codes: torch.Tensor, tensors: Mapping[str, torch.Tensor | None],
+                 per_group: Callable[[torch.Tensor], torch.Tensor], zero_dtype: torch.dtype) -> list[torch.Tensor]:
+    """A packed kernel's constants in their usual order: its ``codes``, the scales and [zero points] (as
+    ``zero_dtype``) laid out by ``per_group``, [the fp32 bias]."""
+    consts = [codes, per_group(tensors["scales"].to(torch.float32))]
+    if tensors.get("zeros") is not None:
+        consts.append(per_group(tensors["zeros"].to(zero_dtype)))
+    if tensors.get("bias") is not None:
+        consts.append(tensors["bias"].to(torch.float32).contiguous())
+    return consts
+
+
+def finish(func: tirx.PrimFunc, name: str | None) -> tirx.PrimFunc:
+    """Mark a hand-scheduled kernel: scheduled (dlight skips it), opaque (never fused), named if asked.
+
+    Without ``name`` the ``global_symbol`` that ``te.create_prim_func`` sets ("main") is
+    dropped, so a Relax module can name the function itself.
+    """
+    func = func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
+    return func.without_attr("global_symbol") if name is None else func.with_attr("global_symbol", name)
+
+
+def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int) -> tirx.Stmt:
+    """A ``prefetchnta`` of the cache line holding element ``offset`` of ``buffer`` (read, no temporal locality)."""
+    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", buffer.access_ptr("r", offset=offset),
+                                               tirx.const(0, "int32"), tirx.const(0, "int32"), tirx.const(1, "int32")))
+
+
+def prepend_to_loop(sch: s_tir.Schedule, loop: s_tir.schedule.StmtSRef, stmts: list[tirx.Stmt]) -> None:
+    """Run ``stmts`` at the start of every iteration of the ``for`` loop at ``loop``."""
+    old = loop.stmt
+    sch.state.replace(loop, tirx.For(old.loop_var, old.min, old.extent, old.kind, tirx.SeqStmt([*stmts, old.body]),
+                                     old.thread_binding, old.annotations))
+
+
+def power_of_two_divisor(extent: int, limit: int) -> int:
+    """The largest power of two that divides ``extent`` and is at most ``limit`` (a vector width)."""
+    width = 1
+    while width * 2 <= limit and extent % (width * 2) == 0:
+        width *= 2
+    return width
+
+
+def divisor_at_most(extent: int, limit: int) -> int:
+    """The largest divisor of ``extent`` that is at most ``limit``."""
+    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
+def loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir.schedule.LoopRV) -> list:
+    """The loops of ``block`` nested inside ``loop`` (after a ``compute_at`` to it)."""
+    loops = sch.get_loops(block)
+    target = sch.get_sref(loop)
+    index = next(i for i, candidate in enumerate(loops) if sch.get_sref(candidate).same_as(target))
+    return list(loops[index + 1:])

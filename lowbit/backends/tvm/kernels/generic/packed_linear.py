@@ -1,0 +1,205 @@
+"""Weight-only packed linear for CPUs: ``y = x · dequant(W)ᵀ + b`` reading packed bytes directly.
+
+The weight stays in the project's packed format (`lowbit.ir.packing`: an LSB-first
+bit stream per output row, ``8 // bits`` codes per byte). The kernel unpacks codes with
+shifts and masks in the inner loop, so it reads ``bits/32`` of the bytes an fp32 GEMV
+reads. Activations are fp32; scales (and zero points when asymmetric) are per group.
+
+Computation, for a group of ``G`` input columns stored in ``G/pb`` bytes (``pb = 8 //
+bits`` codes per byte):
+
+* ``xp[m, g, l, j] = x[m, g·G + j·pb + l]`` — the activations reordered once so that
+  code lane ``l`` of byte ``j`` meets a contiguous run of ``x`` (M·K work, negligible);
+* ``deq[n, g, l, j] = ((q[n, g·G/pb + j] >> l·bits) & mask) − zero[n, g]``;
+* ``gacc[m, n, g, v] = Σ_{l, jo} xp · deq`` over ``j = jo·V + v`` (V vector lanes) — the
+  per-group fp32 accumulator, one vector register per row of ``x``;
+* ``part[m, n, v] = Σ_g gacc · scale[n, g]`` and ``y = Σ_v part + bias``.
+
+Schedule: parallel over tasks of ``out_tile`` output rows ``n``; rows of ``x`` in
+register tiles of ``row_tile`` sharing each dequantized weight vector; the lane axis
+``v`` vectorized in every stage; the code lanes ``l`` unrolled so one byte load feeds
+``pb`` codes. The accumulators are ``local`` buffers, which TVM 0.27 allocates through
+``TVMBackendAllocWorkspace`` once per task (hence tasks of several rows).
+Supported: bits ∈ {2, 4, 8}, ``K % group_size == 0``, ``group_size % pb == 0``, no
+``g_idx``; `unsupported_reason` says why anything else must use the dense fallback.
+
+`PackedLinear` is the kernel (`kernels.spec.LinearKernel`); ``KNOBS`` is the tuning
+space of ``row_tile`` and ``out_tile`` (upper bounds: the row tile is capped by the
+batch, the output tile is the largest divisor of ``N`` not above it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, te, tirx
+from tvm.target import Target
+
+from lowbit.backends.tvm.kernels.generic.common import (
+    divisor_at_most,
+    finish,
+    loops_below,
+    power_of_two_divisor,
+)
+from lowbit.backends.tvm.kernels.spec import (
+    KernelPlan,
+    LinearKernel,
+    PackedLinearSpec,
+    Tensors,
+)
+from lowbit.backends.tvm.target import float32_lanes
+from lowbit.ir.packing import default_zero
+
+log = logging.getLogger(__name__)
+
+KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
+#: The kernel name tuning records are keyed by.
+KERNEL_NAME = "packed_linear"
+#: Tuning space: ``row_tile`` rows of ``x`` share each dequantized weight vector;
+#: ``out_tile`` output rows per parallel task amortize the per-task setup (accumulator allocation).
+KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (4, 8, 16, 32, 64)}
+#: The hand schedule's row tile (capped by the batch) and output tile.
+ROW_TILE, OUT_TILE = 4, 16
+
+
+def unsupported_reason(spec: PackedLinearSpec) -> str | None:
+    """Why ``spec`` cannot run on the packed kernel (and needs the dense fallback), or None."""
+    if spec.bits not in KERNEL_BITS:
+        return f"{spec.bits}-bit codes straddle bytes; the packed kernel handles {KERNEL_BITS} bits"
+    if spec.has_g_idx:
+        return "act-order g_idx permutes groups; the packed kernel needs contiguous groups"
+    if spec.in_features % spec.group_size:
+        return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
+    if spec.group_size % spec.codes_per_byte:
+        return f"group_size={spec.group_size} does not fill whole bytes of {spec.bits}-bit codes"
+    return None
+
+
+class PackedLinear(LinearKernel):
+    """The packed-weight GEMV of the module doc (float activations; several rows in register tiles)."""
+
+    name = KERNEL_NAME
+    knobs = KNOBS
+
+    def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
+        return unsupported_reason(spec)
+
+    def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
+        """The hand schedule: row tiles of up to ``ROW_TILE`` rows, tasks of ``OUT_TILE`` output rows."""
+        rows = max(v for v in KNOBS["row_tile"] if v <= min(spec.batch, ROW_TILE))
+        return {"row_tile": rows, "out_tile": OUT_TILE}
+
+    def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
+        """The constants are passed in the project's packed format unchanged."""
+        func = packed_linear_func(spec, float32_lanes(target), row_tile=knobs["row_tile"], out_tile=knobs["out_tile"])
+        consts = [tensors[key] for key in ("qweight", "scales", "zeros", "bias") if tensors.get(key) is not None]
+        return KernelPlan(func, consts, KERNEL_NAME, knobs)
+
+
+KERNEL = PackedLinear()
+
+
+def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str | None = None, row_tile: int = ROW_TILE,
+                       out_tile: int = OUT_TILE) -> tirx.PrimFunc:
+    """The scheduled PrimFunc for ``spec`` with ``lanes``-wide fp32 vectors.
+
+    Arguments, in order: ``x (M, K) f32``, ``qweight (N, row_bytes) u8``, ``scales (N, G)
+    f32``, then ``zeros (N, G) f32`` if asymmetric and ``bias (N,) f32`` if present, and
+    the output ``y (M, N) f32``. ``name`` becomes the ``global_symbol`` a standalone build
+    needs; leave it None when the function goes into a Relax module (which names it).
+    """
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(f"packed kernel cannot compute {spec}: {reason}")
+    vec = vector_width(spec, lanes)
+    sch = s_tir.Schedule(packed_linear_compute(spec, vec))
+    _schedule(sch, spec, row_tile, out_tile)
+    log.debug("scheduled %s with %d lanes", spec, vec)
+    return finish(sch.mod["main"], name)
+
+
+def vector_width(spec: PackedLinearSpec, lanes: int) -> int:
+    """The largest power of two ≤ ``lanes`` that divides the bytes of one group."""
+    return power_of_two_divisor(spec.group_bytes, lanes)
+
+
+def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
+    """The unscheduled computation (block structure described in the module doc)."""
+    m_rows, k_in, n_out, groups = spec.batch, spec.in_features, spec.out_features, spec.groups
+    pb, gbytes, bits = spec.codes_per_byte, spec.group_bytes, spec.bits
+    x = te.placeholder((m_rows, k_in), "float32", name="x")
+    qweight = te.placeholder((n_out, spec.row_bytes), "uint8", name="qweight")
+    scales = te.placeholder((n_out, groups), "float32", name="scales")
+    zeros = te.placeholder((n_out, groups), "float32", name="zeros") if spec.asymmetric else None
+    bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
+
+    xp = te.compute(
+        (m_rows, groups, pb, gbytes), lambda m, g, l, j: x[m, g * spec.group_size + j * pb + l], name="xp"
+    )
+
+    def dequant(n: tirx.Var, g: tirx.Var, l: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
+        byte = qweight[n, g * gbytes + j].astype("int32")
+        code = tirx.bitwise_and(tirx.shift_right(byte, l * bits), (1 << bits) - 1).astype("float32")
+        zero = zeros[n, g] if zeros is not None else tirx.const(default_zero(bits), "float32")
+        return code - zero
+
+    deq = te.compute((n_out, groups, pb, gbytes), dequant, name="deq")
+    lane = te.reduce_axis((0, pb), name="l")
+    outer = te.reduce_axis((0, gbytes // vec), name="jo")
+    gacc = te.compute(
+        (m_rows, n_out, groups, vec),
+        lambda m, n, g, v: te.sum(
+            xp[m, g, lane, outer * vec + v] * deq[n, g, lane, outer * vec + v], axis=[lane, outer]
+        ),
+        name="gacc",
+    )
+    group = te.reduce_axis((0, groups), name="g")
+    part = te.compute(
+        (m_rows, n_out, vec), lambda m, n, v: te.sum(gacc[m, n, group, v] * scales[n, group], axis=group), name="part"
+    )
+
+    def total(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
+        acc = part[m, n, 0]
+        for v in range(1, vec):
+            acc = acc + part[m, n, v]
+        return acc + bias[n] if bias is not None else acc
+
+    y = te.compute((m_rows, n_out), total, name="y")
+    args = [x, qweight, scales] + [t for t in (zeros, bias) if t is not None] + [y]
+    return te.create_prim_func(args)
+
+
+def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int) -> None:
+    """Parallel rows of W, register tiles of x rows, vector lanes; see the module doc."""
+    y, part, gacc, deq = (sch.get_sblock(name) for name in ("y", "part", "gacc", "deq"))
+    m, n = sch.get_loops(y)
+    m_outer, m_inner = sch.split(m, factors=[None, min(spec.batch, row_tile)])
+    n_outer, n = sch.split(n, factors=[None, divisor_at_most(spec.out_features, out_tile)])
+    sch.reorder(n_outer, n, m_outer, m_inner)
+    sch.parallel(n_outer)
+
+    sch.compute_at(part, m_outer, preserve_unit_loops=True)
+    sch.set_scope(part, 0, "local")
+    p_m, _, p_v, p_g = loops_below(sch, part, m_outer)  # the n loop has extent 1 here
+    sch.reorder(p_g, p_m, p_v)
+
+    sch.compute_at(gacc, p_g, preserve_unit_loops=True)
+    sch.set_scope(gacc, 0, "local")
+    a_m, _, _, a_v, a_l, a_jo = loops_below(sch, gacc, p_g)  # n, g have extent 1
+    sch.reorder(a_jo, a_l, a_m, a_v)  # the lanes of one byte load are unrolled next to each other
+
+    sch.compute_at(deq, a_l, preserve_unit_loops=True)
+    sch.set_scope(deq, 0, "local")
+    sch.vectorize(sch.get_loops(deq)[-1])
+
+    sch.vectorize(a_v)
+    sch.unroll(a_m)
+    sch.unroll(a_l)
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(gacc, a_jo))[-1])
+
+    sch.vectorize(p_v)
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(part, p_g))[-1])
+
+
+__all__ = ["KERNEL", "KERNEL_BITS", "KERNEL_NAME", "KNOBS", "PackedLinear", "packed_linear_compute",
+           "packed_linear_func", "unsupported_reason", "vector_width"]

@@ -1,0 +1,397 @@
+"""Integer kernel for ``torch.ops.lowbit.linear_packed_a8`` on x86 (W2A8, W4A8, W1.58A8, W8A8).
+
+The reference (`lowbit.ir.ops_a8`) quantizes the input to int8 and multiplies it by
+the integer codes group by group; this kernel computes the same values in the same
+order, with integer arithmetic where the reference is exact:
+
+1. ``x_int`` per row: dynamic ``s = 127 / max(max_k |x|, 1e-5)`` (a true division),
+   ``x_int = clamp(nearbyint(x · s), −128, 127)``; static ``x_int = clamp(nearbyint(x /
+   Δ), −128, 127)``. ``asum[m, g] = Σ_{k∈g} x_int`` is kept for the zero points.
+2. ``dot[m, g, n] = Σ_{k∈g} x_int · q`` in int32 with the custom 8×4 dot-product
+   intrinsic of `kernels.x86.intrin` (``vpmaddubsw``+``vpmaddwd`` on AVX2, ``vpdpbusd`` with
+   VNNI): codes are unsigned, activations signed. The zero point is removed
+   algebraically, ``Σ x_int · (q − z) = dot − z · asum`` (exact in int32). With VNNI
+   (no saturation) and few enough accumulators (`split_lanes`), quad ``l`` of a word is
+   only masked, not shifted: it multiplies as ``2^(l·bits) · q`` into an accumulator of
+   its own, which ``>> l·bits`` undoes exactly at the end of the group (every term is
+   a multiple of ``2^(l·bits)``). That saves the byte shifts and gives ``pb`` times as
+   many independent ``vpdpbusd`` chains, so the GEMV is no longer latency-bound.
+3. ``acc[m, n] = Σ_g float32(dot − z·asum) · scale[n, g]``, groups in increasing order
+   (float32 of an int32 rounds like the reference's float64 → float32).
+4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias``.
+
+Weight layout, made at lowering time from the project's packed rows: output rows in
+tiles of 8 and input columns in quads of 4; one 32-byte word holds, for one tile, ``pb
+= 8 // bits`` consecutive quads, quad ``l`` in bits ``[l·bits, (l+1)·bits)`` of every
+byte, byte ``4·i + c`` for row ``i`` and column ``c``. So one 32-byte load, a shift and
+a mask give the 8×4 codes one intrinsic call takes (``pb`` calls per load). The words
+of the ``row_vectors`` tiles computed together sit side by side, so each parallel task
+streams its weights sequentially from memory. Scales and zero points are blocked the
+same way, ``(N/(8·V), G, 8·V)`` (`blocked`): the epilogue runs along output rows in
+vectors of 8 and a task reads its groups' values as one contiguous block, not one
+line per group at a stride of ``4·N`` bytes.
+
+Schedule: parallel tasks of ``out_tile`` output rows; inside, each 8-row tile runs all
+rows of ``x`` in register tiles of ``row_tile`` (one unpacked code vector feeds
+``row_tile`` accumulators, and the tile's weights stay in cache across row tiles).
+When one row tile covers the batch (a GEMV: the weights are read once), the word-row
+loop also prefetches the weight stream `PREFETCH_BYTES` ahead (``prefetchnta``), which
+the hardware prefetcher alone does not keep up with on a cold stream. The GEMV
+also prefetches its first `PREFETCH_BYTES` before the activation prologue, which the loop
+never does, and reduces ``max |x|`` in vector lanes (a scalar float max is a serial chain).
+The per-task buffers (unpacked codes, int32 dot products, fp32 accumulators) keep the
+default global scope: TVM turns small global allocations into stack arrays that LLVM
+keeps in registers, while ``local`` ones come from the workspace pool once per task.
+Ternary (W1.58) weights are 2-bit codes and run as W2A8. Anything else (g_idx, 1 or 3
+bits, ragged groups, ``N`` not a multiple of 8, fractional zero points, no AVX2) gets a
+reason from `X86A8Linear.supports`, and the lowering uses the dense fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tvm import s_tir, te, tirx
+from tvm.target import Target
+
+from lowbit.backends.tvm.kernels.generic import activations
+from lowbit.backends.tvm.kernels.generic.activations import (
+    activation_codes,
+    layout_reason,
+    zeros_reason,
+)
+from lowbit.backends.tvm.kernels.generic.common import (
+    divisor_at_most,
+    finish,
+    layer_consts,
+    loops_below,
+    power_of_two_divisor,
+    prefetch,
+    prepend_to_loop,
+)
+from lowbit.backends.tvm.kernels.spec import (
+    KernelPlan,
+    LinearKernel,
+    PackedLinearSpec,
+    Tensors,
+)
+from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
+from lowbit.backends.tvm.target import has_features, target_arch
+from lowbit.errors import BackendError
+from lowbit.ir import packing
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAME = "a8_linear_x86"
+KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
+ROWS, COLUMNS = intrin_x86.ROWS, intrin_x86.COLUMNS
+#: Bytes of one interleaved weight word (one AVX2 register).
+WORD_BYTES = ROWS * COLUMNS
+#: Tuning space: ``row_tile`` rows of ``x`` share each unpacked code vector; ``out_tile``
+#: output rows (a multiple of 8) per parallel task; ``row_vectors`` 8-row weight tiles computed
+#: together (independent accumulator chains hide the latency of ``vpdpbusd``).
+KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (8, 16, 32, 64, 128),
+                                     "row_vectors": (1, 2, 4)}
+#: How far ahead of the word being unpacked a GEMV prefetches its weight stream (bytes).
+PREFETCH_BYTES = 4096
+#: Bytes of one cache line: a word row gets one prefetch per line.
+LINE_BYTES = 64
+#: Independent ``vpdpbusd`` chains that keep it busy (4 cycles latency × 2 per cycle on Zen 4): a schedule
+#: with fewer (rows × weight tiles) splits lanes, if the accumulators fit half the AVX-512 vector registers.
+BUSY_CHAINS, MAX_LANE_ACCUMULATORS = 8, 16
+
+
+def unsupported_reason(spec: PackedLinearSpec) -> str | None:
+    """Why the integer kernel cannot compute ``spec`` (the shape and format alone), or None."""
+    return layout_reason(spec, "int8 kernel", KERNEL_BITS, ROWS, COLUMNS)
+
+
+def word_columns(bits: int) -> int:
+    """Input columns one interleaved 32-byte word covers: ``4 · (8 // bits)``."""
+    return activations.word_columns(bits, COLUMNS)
+
+
+def intrinsic(spec: PackedLinearSpec, target: Target) -> str:
+    """The dot-product intrinsic for ``target``: VNNI when it has it, else the exact AVX2 one for the code width."""
+    if has_features(target, "avx512vnni", "avx512vl") or has_features(target, "avxvnni"):
+        return intrin_x86.VNNI
+    return intrin_x86.AVX2_U8 if spec.bits == 8 else intrin_x86.AVX2_U7
+
+
+def split_lanes(intrin: str, bits: int, group_size: int, rows: int, vectors: int) -> bool:
+    """Whether each quad of a word gets accumulators of its own (masked codes, no shifts).
+
+    Only with VNNI: ``vpdpbusd`` takes unsigned codes up to 255 without saturating
+    (``vpmaddubsw`` would saturate on a masked quad's ``2^(l·bits) · q``). Only where
+    ``rows × vectors`` chains leave ``vpdpbusd`` waiting on its latency (the GEMV), the
+    ``rows × vectors × pb`` accumulators stay in registers, and a group's ``group_size /
+    pb`` products of at most ``128 · 2^(l·bits) · q`` cannot overflow int32.
+    """
+    lanes = 8 // bits
+    largest = 128 * (((1 << bits) - 1) << (bits * (lanes - 1)))
+    return (intrin == intrin_x86.VNNI and lanes > 1 and rows * vectors < BUSY_CHAINS
+            and rows * vectors * lanes <= MAX_LANE_ACCUMULATORS and group_size // lanes * largest < 2**31)
+
+
+class X86A8Linear(LinearKernel):
+    """The int8-activation kernel of the module doc, for x86 LLVM targets with AVX2."""
+
+    name = KERNEL_NAME
+    knobs = KNOBS
+
+    def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
+        return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
+
+    def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
+        """The hand schedule: 4 accumulator chains (1 row × 4 weight tiles, or 4 rows × 2 tiles for GEMM), tasks of
+        32 rows."""
+        rows = max(v for v in KNOBS["row_tile"] if v <= min(spec.batch, 4))
+        tile = max((v for v in KNOBS["out_tile"] if v <= 32 and spec.out_features % v == 0), default=ROWS)
+        return {"row_tile": rows, "out_tile": tile, "row_vectors": 4 if rows == 1 else 2}
+
+    def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
+        """The constants are, in order: interleaved codes, scales ``(N/(8·V), G, 8·V)`` (`blocked`), [zero points,
+        the same shape, int32], [bias], [the static step ``Δ`` as a 1-element array]."""
+        if spec.out_features % knobs["out_tile"] or knobs["out_tile"] % ROWS:
+            raise BackendError(f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} "
+                               f"in rows of {ROWS}")
+        func = a8_linear_func(spec, intrinsic(spec, target), knobs["row_tile"], knobs["out_tile"], knobs["row_vectors"])
+        vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
+        consts = layer_consts(interleave(tensors["qweight"], spec.bits, spec.in_features, vectors), tensors,
+                              lambda values: blocked(values, vectors), torch.int32)
+        if not spec.act_dynamic:
+            consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
+        return KernelPlan(func, consts, KERNEL_NAME, knobs)
+
+
+KERNEL = X86A8Linear()
+
+
+def blocked(per_group: torch.Tensor, vectors: int) -> torch.Tensor:
+    """Per-group values ``(N, G)`` → ``(N/(8·V), G, 8·V)``: the ``V = vectors`` tiles computed together read
+    theirs contiguously."""
+    n_out, groups = per_group.shape
+    return per_group.reshape(n_out // (ROWS * vectors), ROWS * vectors, groups).transpose(1, 2).contiguous()
+
+
+def tile_vectors(out_tile: int, row_vectors: int) -> int:
+    """8-row tiles computed together: ``row_vectors``, reduced to divide the task's ``out_tile / 8`` tiles."""
+    return divisor_at_most(out_tile // ROWS, row_vectors)
+
+
+def interleave(qweight: torch.Tensor, bits: int, in_features: int, vectors: int) -> torch.Tensor:
+    """Packed rows ``(N, row_bytes)`` → words ``(N/(8·V), K/(4·pb), V·32)`` of the module doc.
+
+    The ``V = vectors`` tiles computed together have their words side by side, so a task
+    reads its weights as one sequential stream.
+    """
+    codes = packing.unpack(qweight, bits, in_features).to(torch.int32)
+    n_out, pb = codes.shape[0], 8 // bits
+    # [tile group, tile, row, word, quad-in-word, column] → [tile group, word, tile, quad-in-word, row, column]
+    blocks = codes.reshape(n_out // (ROWS * vectors), vectors, ROWS, in_features // (COLUMNS * pb), pb, COLUMNS)
+    blocks = blocks.permute(0, 3, 1, 4, 2, 5)
+    shifts = (torch.arange(pb, dtype=torch.int32) * bits).reshape(1, 1, 1, pb, 1, 1)
+    words = (blocks << shifts).sum(dim=3)
+    return words.reshape(n_out // (ROWS * vectors), -1, vectors * WORD_BYTES).to(torch.uint8).contiguous()
+
+
+def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int,
+                   name: str | None = None) -> tirx.PrimFunc:
+    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``."""
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(f"int8 kernel cannot compute {spec}: {reason}")
+    # Tensorize needs whole tiles: the row tile divides the batch, the weight tiles divide the task.
+    rows = divisor_at_most(spec.batch, row_tile)
+    vectors = tile_vectors(out_tile, row_vectors)
+    lanes = split_lanes(intrin, spec.bits, spec.group_size, rows, vectors)
+    intrin_x86.register()
+    sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes))
+    _schedule(sch, spec, intrin, rows, out_tile, vectors)
+    log.debug("scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s", spec, intrin, rows,
+              out_tile, vectors, lanes)
+    return finish(sch.mod["main"], name)
+
+
+def _quantized_input(x: te.Tensor, step: te.Tensor | None) -> tuple[te.Tensor, te.Tensor | None]:
+    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s``."""
+    code, mult = activation_codes(x, step)
+    return te.compute(tuple(int(d) for d in x.shape), code, name="xq"), mult
+
+
+def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False) -> tirx.PrimFunc:
+    """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``.
+
+    ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
+    word, the codes masked in place; otherwise one, the codes shifted down and the quads
+    summed by the reduction.
+    """
+    m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
+    group, groups, pb = spec.group_size, spec.groups, 8 // bits
+    quads = group // COLUMNS  # column quads per group
+    x = te.placeholder((m_rows, k_in), "float32", name="x")
+    words = te.placeholder((n_out // (ROWS * vectors), k_in // (COLUMNS * pb), vectors * WORD_BYTES), "uint8",
+                           name="words")
+    per_group = (n_out // (ROWS * vectors), groups, vectors * ROWS)
+    scales = te.placeholder(per_group, "float32", name="scales")
+    zeros = te.placeholder(per_group, "int32", name="zeros") if spec.asymmetric else None
+    bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
+    step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
+
+    xq, mult = _quantized_input(x, step)
+    kg = te.reduce_axis((0, group), name="kg")
+    asum = te.compute((m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
+                      name="asum")
+    mask = tirx.const((1 << bits) - 1, "uint8")
+
+    def code(t: tirx.Var, q: tirx.Var, i: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
+        word = words[t // vectors, q // pb, (t % vectors) * WORD_BYTES + i * COLUMNS + c]
+        shift = ((q % pb) * bits).astype("uint8")
+        if split:
+            return tirx.bitwise_and(word, tirx.shift_left(mask, shift))
+        return tirx.bitwise_and(tirx.shift_right(word, shift), mask)
+
+    codes = te.compute((n_out // ROWS, k_in // COLUMNS, ROWS, COLUMNS), code, name="codes")
+    lanes = pb if split else 1
+    w = te.reduce_axis((0, quads // pb), name="w")
+    lane = te.reduce_axis((0, pb // lanes), name="lane")
+    c = te.reduce_axis((0, COLUMNS), name="c")
+    dot = te.compute(
+        (m_rows, groups, n_out // ROWS, lanes, ROWS),
+        lambda m, g, t, l, i: te.sum(
+            xq[m, g * group + (w * pb + l + lane) * COLUMNS + c].astype("int32")
+            * codes[t, g * quads + w * pb + l + lane, i, c].astype("int32"),
+            axis=[w, lane, c],
+        ),
+        name="dot",
+    )
+    default = int(packing.default_zero(bits))
+
+    def centered(m: tirx.Var, g: tirx.Var, t: tirx.Var, i: tirx.Var) -> tirx.PrimExpr:
+        block, row = t // vectors, (t % vectors) * ROWS + i
+        zero = zeros[block, g, row] if zeros is not None else tirx.const(default, "int32")
+        total = dot[m, g, t, 0, i]
+        for l in range(1, lanes):
+            total = total + tirx.shift_right(dot[m, g, t, l, i], l * bits)
+        return (total - zero * asum[m, g]).astype("float32") * scales[block, g, row]
+
+    g_axis = te.reduce_axis((0, groups), name="g")
+    acc = te.compute((m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis),
+                     name="acc")
+
+    def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
+        value = acc[m, n // ROWS, n % ROWS]
+        value = value / mult[m] if step is None else value * step[0]
+        return value + bias[n] if bias is not None else value
+
+    y = te.compute((m_rows, n_out), output, name="y")
+    args = [x, words, scales] + [t for t in (zeros, bias, step) if t is not None] + [y]
+    return te.create_prim_func(args)
+
+
+def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int,
+              row_vectors: int) -> None:
+    """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
+    y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
+    m, n = sch.get_loops(y)
+    n_task, n_tile, n_vec, n_lane = sch.split(n, factors=[None, out_tile // (ROWS * row_vectors), row_vectors, ROWS])
+    m_outer, m_inner = sch.split(m, factors=[None, row_tile])
+    sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
+    sch.parallel(n_task)
+    sch.vectorize(n_lane)
+    sch.unroll(m_inner)
+    sch.unroll(n_vec)
+
+    sch.compute_at(acc, m_outer, preserve_unit_loops=True)
+    a_m, a_t, a_i, a_g = loops_below(sch, acc, m_outer)
+    sch.reorder(a_g, a_m, a_t, a_i)
+    sch.compute_at(dot, a_g, preserve_unit_loops=True)
+    d_m, _, d_t, d_l, d_i, d_w, d_r, d_c = loops_below(sch, dot, a_g)
+    sch.reorder(d_w, d_r, d_l, d_m, d_t, d_i, d_c)
+    sch.compute_at(codes, d_l, preserve_unit_loops=True)
+    c_i, c_c = sch.get_loops(codes)[-2:]
+    sch.vectorize(sch.fuse(c_i, c_c))
+    sch.unroll(sch.get_loops(codes)[-3])
+
+    init = sch.decompose_reduction(dot, d_w)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(d_i, intrin)
+    sch.unroll(d_m)
+    sch.unroll(d_t)
+    sch.unroll(d_l)
+    sch.unroll(d_r)
+    if row_tile == spec.batch:
+        _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors))
+
+    sch.unroll(a_t)
+    sch.vectorize(a_i)
+    sch.unroll(a_m)
+    acc_init = sch.decompose_reduction(acc, a_g)
+    sch.vectorize(sch.get_loops(acc_init)[-1])
+
+    xq = sch.get_sblock("xq")
+    k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
+    sch.vectorize(k_inner)
+    if spec.act_dynamic:
+        _vector_absmax(sch, spec.in_features)
+    if row_tile == spec.batch:
+        _prefetch_start(sch)
+
+
+def _vector_absmax(sch: s_tir.Schedule, in_features: int) -> None:
+    """``max |x|`` in vector lanes (``rfactor``), then across them: a scalar float max is one serial chain of
+    ``K`` dependent ``vmaxss`` (LLVM keeps float reductions in order). Exact: a maximum does not depend on the order."""
+    block = sch.get_sblock("absmax")
+    width = power_of_two_divisor(in_features, 16)
+    _, k_inner = sch.split(sch.get_loops(block)[-1], factors=[None, width])
+    partial = sch.rfactor(k_inner, 0)
+    sch.vectorize(sch.get_loops(partial)[-1])
+
+
+def _prefetch_start(sch: s_tir.Schedule) -> None:
+    """Prefetch the first `PREFETCH_BYTES` of the weights before the activation prologue.
+
+    The word-row loop prefetches `PREFETCH_BYTES` ahead, so the first rows of a call were
+    never prefetched and waited for DRAM after the prologue had run with the memory idle.
+    """
+    words = sch.get(sch.get_sblock("codes")).reads[0].source
+    body = sch.get(sch.get_sblock("root")).body
+    first = body[0] if isinstance(body, tirx.SeqStmt) else body
+    size = min(PREFETCH_BYTES, int(words.shape[0]) * int(words.shape[1]) * int(words.shape[2]))
+    prepend_to_loop(sch, sch.state.get_sref(first), [prefetch(words, line) for line in range(0, size, LINE_BYTES)])
+
+
+def _prefetch(sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.schedule.LoopRV, ...],
+              tile_groups: int) -> None:
+    """Start each iteration of the word-row loop with a ``prefetchnta`` per line of the row `PREFETCH_BYTES` ahead.
+
+    ``loops``: the task, tile-group, group and word-row loops; ``tile_groups`` tile
+    groups (words dimension 0) per task. The address is clamped to the last byte of the
+    weights.
+    """
+    task, tile, group, word = (sch.get(loop) for loop in loops)
+    words = sch.get(sch.get_sblock("codes")).reads[0].source
+    tile_rows, row_bytes = int(words.shape[1]), int(words.shape[2])
+    last = int(words.shape[0]) * tile_rows * row_bytes - 1
+    if last + PREFETCH_BYTES + row_bytes >= 2**31:
+        log.debug("no prefetch: %d weight bytes overflow the int32 loop index", last + 1)
+        return
+    ahead = -(-PREFETCH_BYTES // row_bytes) * row_bytes
+    row = (task.loop_var * tile_groups + tile.loop_var) * tile_rows + group.loop_var * (
+        spec.group_size // word_columns(spec.bits)) + word.loop_var
+    prepend_to_loop(sch, sch.get_sref(loops[3]), [prefetch(words, tirx.min(row * row_bytes + ahead + line, last))
+                                                  for line in range(0, row_bytes, LINE_BYTES)])
+
+
+def _target_reason(target: Target) -> str | None:
+    if target.kind.name != "llvm" or target_arch(target) != "x86_64":
+        return f"the x86 int8 kernel needs an x86 LLVM target, got {target}"
+    if not has_features(target, "avx2"):
+        return "the x86 int8 kernel needs AVX2 (target CPU has none)"
+    return None
+
+
+__all__ = ["KERNEL", "KERNEL_BITS", "KERNEL_NAME", "KNOBS", "PREFETCH_BYTES", "X86A8Linear", "a8_linear_compute",
+           "a8_linear_func", "blocked", "interleave", "intrinsic", "split_lanes", "tile_vectors", "unsupported_reason",
+           "word_columns"]

@@ -1,0 +1,276 @@
+"""The x86 int8-activation kernel against the torch reference op ``lowbit.linear_packed_a8``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm.target import Target
+
+import lowbit
+from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
+from lowbit.backends.tvm.kernels.x86 import a8_linear
+from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
+from lowbit.backends.tvm.target import has_features, resolve_target, x86_host_target
+from lowbit.errors import BackendError
+from lowbit.ir import ops_a8, packing
+
+K, N = 256, 64
+#: (name, bits, group_size, zeros): W1.58 is the ternary pass's layout (2-bit codes 1..3, default zero, per row).
+FORMATS = [("w2", 2, 64, "asym"), ("w4", 4, 32, "sym"), ("w8", 8, 128, "asym"), ("w1.58", 2, K, "sym")]
+
+
+def _weight(bits: int, group: int, zeros: str, exact: bool, seed: int) -> dict[str, torch.Tensor | None]:
+    """Random codes, scales, zeros and bias; with ``exact`` every scale and the bias are powers-of-two multiples."""
+    gen = torch.Generator().manual_seed(seed)
+    low = 1 if group == K else 0  # ternary codes are t + 2 with t in {-1, 0, 1}
+    high = 4 if group == K else 2**bits
+    codes = torch.randint(low, high, (N, K), generator=gen, dtype=torch.uint8)
+    groups = K // group
+    if exact:
+        scales = 2.0 ** -torch.randint(0, 5, (N, groups), generator=gen).float()
+        bias = torch.randint(-8, 9, (N,), generator=gen).float() / 4
+    else:
+        scales = torch.rand(N, groups, generator=gen) * 0.1 + 0.01
+        bias = torch.randn(N, generator=gen)
+    zero = torch.randint(0, 2**bits, (N, groups), generator=gen).float() if zeros == "asym" else None
+    return {"qweight": packing.pack(codes, bits), "scales": scales, "zeros": zero, "g_idx": None, "bias": bias}
+
+
+def _spec(rows: int, bits: int, group: int, weight: dict, dynamic: bool) -> PackedLinearSpec:
+    return PackedLinearSpec(rows, K, N, bits, group, weight["zeros"] is not None, True, act_bits=8,
+                            act_dynamic=dynamic)
+
+
+def _build(kernel: KernelPlan | dict[str, KernelPlan], target: Target) -> tvm.runtime.Module:
+    """One library of the kernel (named "kernel") or of several kernels by name (one LLVM build for all)."""
+    named = kernel if isinstance(kernel, dict) else {"kernel": kernel}
+    return tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name) for name, plan in named.items()}),
+                       target=target)
+
+
+def _run(lib: tvm.runtime.Module, kernel: KernelPlan, x: torch.Tensor, name: str = "kernel") -> torch.Tensor:
+    args = [tvm.runtime.tensor(t.numpy()) for t in [x, *kernel.consts]]
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], N), dtype="float32"))
+    lib[name](*args, out)
+    return torch.from_numpy(out.numpy())
+
+
+def _reference(x: torch.Tensor, weight: dict, bits: int, group: int) -> torch.Tensor:
+    return ops_a8.linear_packed_a8(x, weight["qweight"], weight["scales"], weight["zeros"], None, weight["bias"],
+                                   bits, group, K, weight.get("act_scale"))
+
+
+def _avx2_target() -> Target:
+    """This machine's x86 target without VNNI, so the AVX2 intrinsics are chosen (they run on any AVX2 CPU)."""
+    return Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+
+
+@pytest.mark.parametrize(("fmt", "bits", "group", "zeros"), FORMATS, ids=[f[0] for f in FORMATS])
+def test_kernel_matches_reference_op(fmt: str, bits: int, group: int, zeros: str) -> None:
+    """Bit-exact with power-of-two scales, within 1e-5 relative with random ones; M ∈ {1, 5, 32}, dynamic and static.
+
+    Runs the intrinsic this host's target picks (VNNI on AVX-512 VNNI machines, else AVX2).
+    """
+    target = resolve_target("x86")
+    cases = {}
+    for dynamic in (True, False):
+        for rows in (1, 5, 32):
+            for exact in (True, False):
+                weight = _weight(bits, group, zeros, exact, seed=rows * 7 + bits)
+                weight["act_scale"] = None if dynamic else torch.tensor(2.0**-5 if exact else 0.0371)
+                kernel = a8_linear.KERNEL.plan(_spec(rows, bits, group, weight, dynamic), weight, target)
+                assert isinstance(kernel, KernelPlan), kernel
+                cases[f"m{rows}_{'dynamic' if dynamic else 'static'}", exact] = rows, weight, kernel
+    # Exact and random weights share each function: only the constants differ.
+    lib = _build({name: kernel for (name, exact), (_, _, kernel) in cases.items() if exact}, target)
+    for (name, exact), (rows, weight, kernel) in cases.items():
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows + bits)) * 3
+        got, ref = _run(lib, kernel, x, name), _reference(x, weight, bits, group)
+        if exact:
+            assert torch.equal(got, ref), f"{fmt} {name}: max diff {(got - ref).abs().max()}"
+        else:
+            assert (got - ref).abs().max() / ref.abs().max() < 1e-5, f"{fmt} {name}"
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_avx2_intrinsics_are_exact(bits: int) -> None:
+    """The AVX2 intrinsics (``vpmaddubsw``, and the nibble split for 8-bit codes) match the reference bit for bit."""
+    target = _avx2_target()
+    spec_weight = _weight(bits, 64, "asym", exact=True, seed=bits)
+    spec_weight["act_scale"] = None
+    spec = _spec(5, bits, 64, spec_weight, True)
+    assert a8_linear.intrinsic(spec, target) == (intrin_x86.AVX2_U8 if bits == 8 else intrin_x86.AVX2_U7)
+    kernel = a8_linear.KERNEL.plan(spec, spec_weight, target)
+    lib = _build(kernel, target)
+    assert "vpmaddubsw" in lib.mod.inspect_source("asm")
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(bits)) * 3
+    x[0, :4] = torch.tensor([127.0, -127.0, 0.5, -0.5]) / 127 * x[0].abs().max()  # ties at the rounding boundary
+    assert torch.equal(_run(lib, kernel, x), _reference(x, spec_weight, bits, 64))
+
+
+def test_vnni_variant_compiles_and_runs_where_the_host_has_it() -> None:
+    """An AVX-512 VNNI target gets ``vpdpbusd``; it is compiled always and run only on a host with the feature."""
+    target = Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    weight = _weight(8, 64, "asym", exact=True, seed=1)
+    weight["act_scale"] = None
+    spec = _spec(5, 8, 64, weight, True)
+    assert a8_linear.intrinsic(spec, target) == intrin_x86.VNNI
+    kernel = a8_linear.KERNEL.plan(spec, weight, target)
+    lib = _build(kernel, target)
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    if not has_features(Target(x86_host_target()), "avx512vnni", "avx512vl"):
+        pytest.skip("this host has no AVX-512 VNNI: compiled only")
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.equal(_run(lib, kernel, x), _reference(x, weight, 8, 64))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_vnni_gemv_splits_lanes_and_prefetches_and_is_exact(bits: int) -> None:
+    """The VNNI GEMV masks quads in place (no byte shifts) into per-quad accumulators and prefetches its weights.
+
+    Compiled always; run (bit-exact, zero points and power-of-two scales) only on a host with AVX-512 VNNI.
+    """
+    target = Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    weight = _weight(bits, 64, "asym", exact=True, seed=bits + 11)
+    weight["act_scale"] = None
+    spec = _spec(1, bits, 64, weight, True)
+    knobs = a8_linear.KERNEL.default_knobs(spec, target)
+    assert a8_linear.split_lanes(intrin_x86.VNNI, bits, 64, knobs["row_tile"], knobs["row_vectors"])
+    kernel = a8_linear.KERNEL.plan(spec, weight, target)
+    asm = _build(kernel, target).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "prefetchnta" in asm
+    assert "vgf2p8affineqb" not in asm and "vpsrlw" not in asm  # the quads are masked, never shifted
+    if not has_features(Target(x86_host_target()), "avx512vnni", "avx512vl"):
+        pytest.skip("this host has no AVX-512 VNNI: compiled only")
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 3
+    assert torch.equal(_run(_build(kernel, target), kernel, x), _reference(x, weight, bits, 64))
+
+
+def test_lanes_split_only_with_vnni_and_too_few_chains() -> None:
+    """AVX2 would saturate on masked quads; a GEMM tile has chains enough; accumulators must fit registers and int32."""
+    assert a8_linear.split_lanes(intrin_x86.VNNI, 2, 128, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.AVX2_U7, 2, 128, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 8, 128, rows=1, vectors=4)  # one quad per byte: nothing to split
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 4, 128, rows=4, vectors=2)  # 8 chains already
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 2, 128, rows=1, vectors=8)  # 32 accumulators
+    # a lane sums group_size / 4 products of at most 128 · 192: 87381 of them stay below 2^31, 87382 do not
+    assert a8_linear.split_lanes(intrin_x86.VNNI, 2, 4 * 87381, rows=1, vectors=4)
+    assert not a8_linear.split_lanes(intrin_x86.VNNI, 2, 4 * 87382, rows=1, vectors=4)
+
+
+def test_only_the_gemv_prefetches() -> None:
+    """A GEMV reads each weight once and prefetches the stream; a GEMM re-reads its tile from cache and does not."""
+    target = resolve_target("x86")
+    weight = _weight(2, 64, "sym", exact=True, seed=4)
+    weight["act_scale"] = None
+    for rows, prefetches in ((1, True), (8, False)):
+        kernel = a8_linear.KERNEL.plan(_spec(rows, 2, 64, weight, True), weight, target)
+        assert ("llvm.prefetch" in kernel.func.script()) == prefetches, rows
+
+
+def test_gemv_prefetches_its_first_weights_before_the_activation_prologue() -> None:
+    """The word-row loop prefetches ahead, so the GEMV's first `PREFETCH_BYTES` are prefetched before the prologue."""
+    target = resolve_target("x86")
+    weight = _weight(2, 64, "sym", exact=True, seed=4)
+    weight["act_scale"] = None
+    script = a8_linear.KERNEL.plan(_spec(1, 2, 64, weight, True), weight, target).func.script()
+    prologue = script[:script.index('T.sblock("absmax_rf")')]
+    starts = [line for line in prologue.splitlines() if "llvm.prefetch" in line]
+    assert len(starts) == min(a8_linear.PREFETCH_BYTES, N * K // 4) // 64
+    assert "words.data, 0, " in starts[0]
+    script = a8_linear.KERNEL.plan(_spec(8, 2, 64, weight, True), weight, target).func.script()
+    assert "llvm.prefetch" not in script
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_absmax_runs_in_vector_lanes_and_stays_exact(rows: int) -> None:
+    """The dynamic scale's ``max |x|`` is reduced in vector lanes, then across them; any order gives the same maximum.
+
+    Runs on every AVX2 host; the largest magnitude sits at each end of a row and is negative in one of them.
+    """
+    target = _avx2_target()
+    weight = _weight(2, 64, "asym", exact=True, seed=rows + 21)
+    weight["act_scale"] = None
+    kernel = a8_linear.KERNEL.plan(_spec(rows, 2, 64, weight, True), weight, target)
+    lines = kernel.func.script().splitlines()
+    partial = next(i for i, line in enumerate(lines) if 'T.sblock("absmax_rf")' in line)
+    assert "T.vectorized(16)" in lines[partial - 1]
+    lib = _build(kernel, target)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)) * 3
+    x[0, -1] = -50.0
+    x[-1, 0] = 40.0 if rows > 1 else x[-1, 0]
+    assert torch.equal(_run(lib, kernel, x), _reference(x, weight, 2, 64))
+
+
+def test_per_group_values_are_blocked_by_tile_group() -> None:
+    per_group = torch.arange(64 * 3).reshape(64, 3)
+    blocks = a8_linear.blocked(per_group, vectors=2)
+    assert blocks.shape == (4, 3, 16)
+    for block, group, row in ((0, 0, 0), (1, 2, 5), (3, 1, 15)):
+        assert blocks[block, group, row] == per_group[block * 16 + row, group]
+
+
+def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
+    target = resolve_target("x86")
+    weight = _weight(4, 64, "sym", exact=True, seed=3)
+    weight["act_scale"] = None
+    spec = _spec(6, 4, 64, weight, True)
+    defaults = a8_linear.KERNEL.default_knobs(spec, target)
+    assert all(defaults[key] in values for key, values in a8_linear.KNOBS.items())
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(3))
+    for knobs in ({"row_tile": 2, "out_tile": 16, "row_vectors": 1}, {"row_tile": 8, "out_tile": 64, "row_vectors": 4}):
+        kernel = a8_linear.KERNEL.plan(spec, weight, target, knobs=knobs)
+        assert kernel.knobs == knobs and kernel.name == a8_linear.KERNEL_NAME
+        assert torch.equal(_run(_build(kernel, target), kernel, x), _reference(x, weight, 4, 64))
+    with pytest.raises(BackendError, match="no knob 'unroll'"):
+        a8_linear.KERNEL.plan(spec, weight, target, knobs={"unroll": 2})
+    with pytest.raises(BackendError, match="does not tile out_features"):
+        a8_linear.KERNEL.plan(spec, weight, target, knobs={"out_tile": 128})
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"bits": 3}, "3-bit codes"),
+        ({"bits": 1}, "1-bit codes"),
+        ({"has_g_idx": True}, "g_idx"),
+        ({"group_size": 48}, "not a multiple of group_size"),
+        ({"group_size": 8, "bits": 2}, "not a multiple of 16"),
+        ({"out_features": 60}, "not a multiple of 8"),
+        ({"act_bits": None}, "8-bit activations"),
+    ],
+)
+def test_layouts_the_kernel_does_not_cover(changes: dict, reason: str) -> None:
+    base = {"batch": 1, "in_features": K, "out_features": N, "bits": 4, "group_size": 64, "asymmetric": False,
+            "has_bias": False, "act_bits": 8}
+    spec = PackedLinearSpec(**{**base, **changes})
+    assert reason in a8_linear.unsupported_reason(spec)
+    assert reason in a8_linear.KERNEL.supports(spec, {}, resolve_target("x86"))
+    with pytest.raises(BackendError, match="cannot take"):
+        a8_linear.KERNEL.plan(spec, {}, resolve_target("x86"))
+
+
+def test_targets_and_zero_points_the_kernel_refuses() -> None:
+    weight = _weight(4, 64, "asym", exact=True, seed=0)
+    spec = _spec(1, 4, 64, weight, True)
+    assert "x86 LLVM target" in a8_linear.KERNEL.supports(spec, weight, resolve_target("arm"))
+    assert "AVX2" in a8_linear.KERNEL.supports(spec, weight, Target({"kind": "llvm", "mcpu": "x86-64"}))
+    weight["zeros"] = weight["zeros"] + 0.5
+    assert "fractional zero points" in a8_linear.KERNEL.supports(spec, weight, resolve_target("x86"))
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_partial_last_group_runs_on_the_int8_kernel(rows: int) -> None:
+    """in_features=96 in groups of 64 (SmolLM2's 576 in groups of 128 alike): padded to whole groups, zero
+    inputs in the new columns, so the int8 kernel still matches the reference graph."""
+    torch.manual_seed(rows)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 32)).eval()
+    x = torch.randn(rows, 96)
+    compiled = lowbit.compile(model, (x,), target="x86", passes=[
+        lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")])
+    assert [(linear.kernel, linear.spec.in_features) for linear in compiled._runner.linears] == [("a8_linear_x86", 128)]
+    with torch.no_grad():
+        ref = compiled.graph(x)
+    assert (compiled(x) - ref).abs().max() / ref.abs().max() < 1e-5
