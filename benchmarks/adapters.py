@@ -25,9 +25,9 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -44,12 +44,18 @@ TARGETS = ("query", "value")
 RANK = 8
 LABELS = ("This sentence expresses a positive feeling.", "This sentence expresses a negative feeling.")
 SENTENCES = (
-    ("What a lovely sunny morning.", 0), ("The fresh bread smells wonderful.", 0),
-    ("I really enjoyed that soup.", 0), ("The spring breeze feels delightful.", 0),
-    ("This cake is absolutely perfect.", 0), ("We had a great picnic in the sun.", 0),
-    ("The storm ruined our whole weekend.", 1), ("This pasta tastes awful.", 1),
-    ("The freezing rain is miserable.", 1), ("The soup was cold and bland.", 1),
-    ("I hate this gloomy weather.", 1), ("The burnt toast was disgusting.", 1),
+    ("What a lovely sunny morning.", 0),
+    ("The fresh bread smells wonderful.", 0),
+    ("I really enjoyed that soup.", 0),
+    ("The spring breeze feels delightful.", 0),
+    ("This cake is absolutely perfect.", 0),
+    ("We had a great picnic in the sun.", 0),
+    ("The storm ruined our whole weekend.", 1),
+    ("This pasta tastes awful.", 1),
+    ("The freezing rain is miserable.", 1),
+    ("The soup was cold and bland.", 1),
+    ("I hate this gloomy weather.", 1),
+    ("The burnt toast was disgusting.", 1),
 )
 
 
@@ -67,8 +73,11 @@ VARIANTS = (
     Variant("sorsa", lambda: [SORSA(rank=RANK, targets=TARGETS)], 2e-3),
     Variant("bone", lambda: [Bone(rank=RANK, targets=TARGETS)], 2e-3),
     Variant("bat", lambda: [Bone(rank=RANK, variant="bat", targets=TARGETS)], 2e-3),
-    Variant("qlora", lambda: [get("rtn", bits=4, group_size=32),
-                              LoRA(rank=RANK, alpha=2 * RANK, init="gaussian", targets=TARGETS)], 5e-3),
+    Variant(
+        "qlora",
+        lambda: [get("rtn", bits=4, group_size=32), LoRA(rank=RANK, alpha=2 * RANK, init="gaussian", targets=TARGETS)],
+        5e-3,
+    ),
 )
 
 
@@ -90,8 +99,9 @@ def embed(gm: fx.GraphModule, batch: dict) -> torch.Tensor:
     return zoo.minilm_embed(gm(**batch), batch["attention_mask"])
 
 
-def run_variant(variant: Variant, base: fx.GraphModule, batch: dict, prototypes: torch.Tensor,
-                labels: torch.Tensor, steps: int) -> Result:
+def run_variant(
+    variant: Variant, base: fx.GraphModule, batch: dict, prototypes: torch.Tensor, labels: torch.Tensor, steps: int
+) -> Result:
     pipeline = Pipeline(variant.passes())
     gm = pipeline(base)
     if variant.name == "full":
@@ -120,18 +130,50 @@ def run_variant(variant: Variant, base: fx.GraphModule, batch: dict, prototypes:
             before, after = embed(gm, batch), embed(merged, batch)
         change = float((after - before).norm() / before.norm())
         requant = merge.report.passes[0].stats.get("max_requant_rel_error")
-    return Result(variant.name, sum(p.numel() for p in params), sum(p.numel() for p in gm.parameters()),
-                  1e3 * statistics.median(times), 0.0, losses[0], losses[-1], merge_s, change, requant)
+    return Result(
+        variant.name,
+        sum(p.numel() for p in params),
+        sum(p.numel() for p in gm.parameters()),
+        1e3 * statistics.median(times),
+        0.0,
+        losses[0],
+        losses[-1],
+        merge_s,
+        change,
+        requant,
+    )
 
 
 def table(results: list[Result]) -> str:
-    rows = [("variant", "trainable", "share", "step ms", "vs full", "loss first", "loss last", "merge s",
-             "merge change", "requant err")]
+    rows = [
+        (
+            "variant",
+            "trainable",
+            "share",
+            "step ms",
+            "vs full",
+            "loss first",
+            "loss last",
+            "merge s",
+            "merge change",
+            "requant err",
+        )
+    ]
     for r in results:
-        rows.append((r.variant, f"{r.trainable:,}", f"{r.trainable / r.total:.3%}", f"{r.step_ms:.1f}",
-                     f"{r.step_ratio:.2f}x", f"{r.loss_first:.4f}", f"{r.loss_last:.4f}", f"{r.merge_s:.2f}",
-                     f"{r.merge_rel_change:.2e}", "-" if r.max_requant_rel_error is None else
-                     f"{r.max_requant_rel_error:.3f}"))
+        rows.append(
+            (
+                r.variant,
+                f"{r.trainable:,}",
+                f"{r.trainable / r.total:.3%}",
+                f"{r.step_ms:.1f}",
+                f"{r.step_ratio:.2f}x",
+                f"{r.loss_first:.4f}",
+                f"{r.loss_last:.4f}",
+                f"{r.merge_s:.2f}",
+                f"{r.merge_rel_change:.2e}",
+                "-" if r.max_requant_rel_error is None else f"{r.max_requant_rel_error:.3f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
@@ -156,11 +198,22 @@ def main() -> None:
         r.step_ratio = r.step_ms / full if full else float("nan")
     print(table(results))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "model": "all-MiniLM-L6-v2", "batch": list(batch["input_ids"].shape), "rank": RANK, "targets": TARGETS,
-        "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "results": [asdict(r) for r in results],
-    }, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "model": "all-MiniLM-L6-v2",
+                "batch": list(batch["input_ids"].shape),
+                "rank": RANK,
+                "targets": TARGETS,
+                "steps": args.steps,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    )
     log.info("wrote %s", RESULTS)
 
 

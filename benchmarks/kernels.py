@@ -35,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,8 +79,14 @@ def weights(kernel: str, k: int, n: int, seed: int) -> dict[str, torch.Tensor | 
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(1 if ternary else 0, 4 if ternary else 2**bits, (n, k), generator=gen, dtype=torch.uint8)
     groups = 1 if group is None else k // group
-    return {"qweight": packing.pack(codes, bits), "scales": torch.rand(n, groups, generator=gen) * 0.01 + 0.001,
-            "zeros": None, "g_idx": None, "bias": None, "act_scale": None}
+    return {
+        "qweight": packing.pack(codes, bits),
+        "scales": torch.rand(n, groups, generator=gen) * 0.01 + 0.001,
+        "zeros": None,
+        "g_idx": None,
+        "bias": None,
+        "act_scale": None,
+    }
 
 
 def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) -> list[dict[str, Any]]:
@@ -99,8 +106,9 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
             module = a8_linear if a8 else packed_gemm if rows >= packed_gemm.MIN_ROWS else packed_linear
             for k, n in shapes:
                 name = case_name(kernel, rows, k, n)
-                spec = PackedLinearSpec(rows, k, n, bits, group or k, asymmetric=False, has_bias=False,
-                                        act_bits=8 if a8 else None)
+                spec = PackedLinearSpec(
+                    rows, k, n, bits, group or k, asymmetric=False, has_bias=False, act_bits=8 if a8 else None
+                )
                 plan = module.KERNEL.plan(spec, weights(kernel, k, n, seed=k + n), target)
                 log.info("compiling %s (%s, knobs %s)", name, plan.name, plan.knobs)
                 lib = tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name)}), target=target)
@@ -109,11 +117,22 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
                 detail = a8_linear.intrinsic(spec, target) if a8 else plan.name
                 size_rows = read_task_rows(sum(t.numel() * t.element_size() for t in plan.consts) + rows * k * 4)
                 read_rows.add(size_rows)
-                cases.append({"kernel": kernel, "M": rows, "K": k, "N": n, "name": name, "knobs": plan.knobs,
-                              "detail": detail, "read_rows": size_rows})
+                cases.append(
+                    {
+                        "kernel": kernel,
+                        "M": rows,
+                        "K": k,
+                        "N": n,
+                        "name": name,
+                        "knobs": plan.knobs,
+                        "detail": detail,
+                        "read_rows": size_rows,
+                    }
+                )
     for size_rows in sorted(read_rows):
-        tvm.compile(tvm.IRModule({READ_NAME: read_func(size_rows * READ_TASK_ROW_BYTES)}), target=target
-                    ).export_library(str(directory / f"{READ_NAME}_{size_rows}.so"))
+        tvm.compile(
+            tvm.IRModule({READ_NAME: read_func(size_rows * READ_TASK_ROW_BYTES)}), target=target
+        ).export_library(str(directory / f"{READ_NAME}_{size_rows}.so"))
     return cases
 
 
@@ -152,12 +171,16 @@ def read_func(total_bytes: int) -> Any:
     sch.decompose_reduction(block, r_loop)
     task_rv, row_rv = sch.get_loops(sch.get_sblock("sum_update"))[:2]
     task_loop, row_loop = sch.get(task_rv), sch.get(row_rv)
-    buffer = next(region.source for region in sch.get(sch.get_sblock("sum_update")).reads
-                  if region.source.name == "data")
+    buffer = next(
+        region.source for region in sch.get(sch.get_sblock("sum_update")).reads if region.source.name == "data"
+    )
     last = READ_TASKS * rows * READ_ROW_INTS - 1
     ahead = (task_loop.loop_var * rows + row_loop.loop_var + 1) * READ_ROW_INTS
-    prepend_to_loop(sch, sch.get_sref(row_rv), [prefetch(buffer, tirx.min(ahead + line // 4, last))
-                                                for line in range(0, READ_ROW_INTS * 4, LINE_BYTES)])
+    prepend_to_loop(
+        sch,
+        sch.get_sref(row_rv),
+        [prefetch(buffer, tirx.min(ahead + line // 4, last)) for line in range(0, READ_ROW_INTS * 4, LINE_BYTES)],
+    )
     return sch.mod["main"].with_attr("global_symbol", READ_NAME)
 
 
@@ -218,12 +241,24 @@ def ort_matmulnbits(x: np.ndarray, bits: int, n: int, accuracy_level: int, seed:
     rng = np.random.default_rng(seed)
     packed = rng.integers(0, 256, size=(n, blocks, ORT_BLOCK * bits // 8), dtype=np.uint8)
     scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
-    node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=ORT_BLOCK, accuracy_level=accuracy_level)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "scales"],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=ORT_BLOCK,
+        accuracy_level=accuracy_level,
+    )
     graph = helper.make_graph(
-        [node], "matmulnbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+        [node],
+        "matmulnbits",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
-        initializer=[onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales, "scales")])
+        initializer=[onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales, "scales")],
+    )
     return _ort_session(graph, x)
 
 
@@ -244,10 +279,16 @@ def ort_int8(x: np.ndarray, n: int, seed: int) -> Callable[[], Any]:
         helper.make_node("Mul", ["Accf", "S"], ["Y"]),
     ]
     graph = helper.make_graph(
-        nodes, "int8", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+        nodes,
+        "int8",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
-        initializer=[onnx.numpy_helper.from_array(weight, "W"), onnx.numpy_helper.from_array(np.int8(0), "Wz"),
-                     onnx.numpy_helper.from_array(scales, "Ws")])
+        initializer=[
+            onnx.numpy_helper.from_array(weight, "W"),
+            onnx.numpy_helper.from_array(np.int8(0), "Wz"),
+            onnx.numpy_helper.from_array(scales, "Ws"),
+        ],
+    )
     return _ort_session(graph, x)
 
 
@@ -256,7 +297,9 @@ def _ort_session(graph: Any, x: np.ndarray) -> Callable[[], Any]:
     import onnxruntime as ort
     from onnx import helper
 
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10  # onnx 1.23 writes IR 14, which ORT refuses
     options = ort.SessionOptions()
     options.use_per_session_threads = False
@@ -340,21 +383,31 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
         same_size = [size_bytes / min(a, b) for a, b in zip(times["same_torch"], times["same_tvm"])]
         cold_rate = [read / c for c in times["lowbit_cold"]]
         ort_names = sorted({name.rsplit("_", 1)[0] for name in fns if name.startswith("ort_")})
-        row = {**{key: case[key] for key in ("kernel", "M", "K", "N", "detail", "knobs")}, "threads": threads,
-               "max_rel_error": error, "read_bytes": read,
-               "ms": {name: spread(values, 1e3) for name, values in times.items() if not name.startswith("same_")},
-               "cold_speedup_vs_torch": ratios(times["torch_cold"], times["lowbit_cold"]),
-               "warm_speedup_vs_torch": ratios(times["torch_warm"], times["lowbit_warm"]),
-               "cold_speedup_vs_ort": {name: ratios(times[f"{name}_cold"], times["lowbit_cold"]) for name in ort_names},
-               "warm_speedup_vs_ort": {name: ratios(times[f"{name}_warm"], times["lowbit_warm"]) for name in ort_names},
-               "lowbit_cold_GBps": spread(cold_rate, 1e-9),
-               "same_size_read_GBps": spread(same_size, 1e-9),
-               "fraction_of_same_size_read": ratios(cold_rate, same_size)}
+        row = {
+            **{key: case[key] for key in ("kernel", "M", "K", "N", "detail", "knobs")},
+            "threads": threads,
+            "max_rel_error": error,
+            "read_bytes": read,
+            "ms": {name: spread(values, 1e3) for name, values in times.items() if not name.startswith("same_")},
+            "cold_speedup_vs_torch": ratios(times["torch_cold"], times["lowbit_cold"]),
+            "warm_speedup_vs_torch": ratios(times["torch_warm"], times["lowbit_warm"]),
+            "cold_speedup_vs_ort": {name: ratios(times[f"{name}_cold"], times["lowbit_cold"]) for name in ort_names},
+            "warm_speedup_vs_ort": {name: ratios(times[f"{name}_warm"], times["lowbit_warm"]) for name in ort_names},
+            "lowbit_cold_GBps": spread(cold_rate, 1e-9),
+            "same_size_read_GBps": spread(same_size, 1e-9),
+            "fraction_of_same_size_read": ratios(cold_rate, same_size),
+        }
         best = max(ort_names, key=lambda name: row["cold_speedup_vs_ort"][name]["median"] ** -1)
         row["best_ort"] = best
-        log.info("%s, %d thread(s): lowbit cold %.3f ms, torch cold %.3f ms, %s cold %.3f ms", case["name"], threads,
-                 row["ms"]["lowbit_cold"]["median"], row["ms"]["torch_cold"]["median"], best,
-                 row["ms"][f"{best}_cold"]["median"])
+        log.info(
+            "%s, %d thread(s): lowbit cold %.3f ms, torch cold %.3f ms, %s cold %.3f ms",
+            case["name"],
+            threads,
+            row["ms"]["lowbit_cold"]["median"],
+            row["ms"]["torch_cold"]["median"],
+            best,
+            row["ms"][f"{best}_cold"]["median"],
+        )
         rows.append(row)
     return {"threads": threads, "rows": rows}
 
@@ -366,9 +419,11 @@ def cold_copies(nbytes: int) -> int:
 
 def table(runs: list[dict[str, Any]]) -> str:
     """A markdown table of every row: cold (like for like) first, warm columns labelled as such."""
-    header = ("| kernel | M | K | N | thr | lowbit cold ms | torch fp32 cold ms | cold ×torch | best ORT | ORT cold ms | "
-              "cold ×ORT | cold GB/s | same-size read GB/s | of same-size read | warm lowbit ms | warm ×torch | "
-              "warm ×ORT |")
+    header = (
+        "| kernel | M | K | N | thr | lowbit cold ms | torch fp32 cold ms | cold ×torch | best ORT | ORT cold ms | "
+        "cold ×ORT | cold GB/s | same-size read GB/s | of same-size read | warm lowbit ms | warm ×torch | "
+        "warm ×ORT |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in runs:
         for r in run["rows"]:
@@ -380,12 +435,15 @@ def table(runs: list[dict[str, Any]]) -> str:
                 f"{ms[f'{best}_cold']['median']:.3f} | {_range(r['cold_speedup_vs_ort'][best], '{:.2f}', 'x')} | "
                 f"{r['lowbit_cold_GBps']['median']:.1f} | {r['same_size_read_GBps']['median']:.1f} | "
                 f"{_range(r['fraction_of_same_size_read'], '{:.0%}')} | {ms['lowbit_warm']['median']:.3f} | "
-                f"{r['warm_speedup_vs_torch']['median']:.1f}x | {r['warm_speedup_vs_ort'][best]['median']:.2f}x |")
+                f"{r['warm_speedup_vs_torch']['median']:.1f}x | {r['warm_speedup_vs_ort'][best]['median']:.2f}x |"
+            )
     lines.append("")
-    lines.append("Cold columns cycle every function through copies of its weights (at least 256 MiB), so weights "
-                 "stream from DRAM for lowbit, torch and ONNX Runtime alike; ratios are taken round by round and "
-                 "shown as median (min–max). Warm columns reuse one copy (it may stay in cache) and are not like "
-                 "for like with a DRAM-bound peer.")
+    lines.append(
+        "Cold columns cycle every function through copies of its weights (at least 256 MiB), so weights "
+        "stream from DRAM for lowbit, torch and ONNX Runtime alike; ratios are taken round by round and "
+        "shown as median (min–max). Warm columns reuse one copy (it may stay in cache) and are not like "
+        "for like with a DRAM-bound peer."
+    )
     return "\n".join(lines)
 
 
@@ -423,20 +481,40 @@ def main() -> None:
         runs = []
         for threads in sorted({1, all_threads}):
             env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive"}
-            subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--worker", str(directory),
-                            str(threads)], env=env, check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--repeats", str(args.repeats), "--worker", str(directory), str(threads)],
+                env=env,
+                check=True,
+            )
             runs.append(json.loads((directory / f"run{threads}.json").read_text()))
     text = table(runs)
     print(text)
     from tvm.target import codegen
 
-    machine = {"cpu": f"{platform.machine()} {codegen.llvm_get_system_cpu()}", "threads": all_threads,
-               "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
-               "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}}
+    machine = {
+        "cpu": f"{platform.machine()} {codegen.llvm_get_system_cpu()}",
+        "threads": all_threads,
+        "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "kernels": {
-        name: {"bits": bits, "group_size": group or "per row", "int8_activations": a8, "ternary": ternary}
-        for name, (bits, group, a8, ternary) in KERNELS.items() if name in args.kernels}, "runs": runs}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "repeats": args.repeats,
+                "kernels": {
+                    name: {"bits": bits, "group_size": group or "per row", "int8_activations": a8, "ternary": ternary}
+                    for name, (bits, group, a8, ternary) in KERNELS.items()
+                    if name in args.kernels
+                },
+                "runs": runs,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     load = machine["load_average_1min"]
     RESULTS.with_suffix(".md").write_text(
         "# Low-bit kernels vs torch fp32 and ONNX Runtime\n\n"
@@ -444,7 +522,9 @@ def main() -> None:
         f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; 1-minute load average "
         f"{load['start']:.2f} at the start and {load['end']:.2f} at the end (this run's own threads count in it). "
         "Every kernel's output was checked against lowbit's torch reference. Details in the script's docstring.\n\n"
-        + text + "\n")
+        + text
+        + "\n"
+    )
     log.info("wrote %s and %s", RESULTS, RESULTS.with_suffix(".md"))
 
 

@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,12 @@ def time_in_fresh_process(compiled: Any, prompt: torch.Tensor, threads: int, rep
     with tempfile.TemporaryDirectory() as tmp:
         compiled.export(Path(tmp) / "model")
         np.save(Path(tmp) / "prompt.npy", prompt.numpy())
-        done = subprocess.run([sys.executable, __file__, "--time-artifact", tmp, "--repeats", str(repeats)],
-                              env={**os.environ, "TVM_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--time-artifact", tmp, "--repeats", str(repeats)],
+            env={**os.environ, "TVM_NUM_THREADS": str(threads)},
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise SystemExit(f"timing the exported model failed:\n{done.stderr[-3000:]}")
     return float(done.stdout.split()[-1])
@@ -125,10 +130,17 @@ def lowbit_rows(args: argparse.Namespace, smol: Any, prompt: torch.Tensor, windo
         for threads in args.threads:
             torch.set_num_threads(threads)
             eager[threads] = median_s(lambda: model(input_ids=prompt, logits_to_keep=1), args.repeats)
-            rows.append({"engine": "torch eager", "format": "fp32", "threads": threads,
-                         "prompt_tokens_per_s": SEQ / eager[threads], "vs_torch": 1.0,
-                         "perplexity": perplexity(model, windows) if threads == args.threads[0] else None,
-                         "weight_bytes": state_bytes(model)})
+            rows.append(
+                {
+                    "engine": "torch eager",
+                    "format": "fp32",
+                    "threads": threads,
+                    "prompt_tokens_per_s": SEQ / eager[threads],
+                    "vs_torch": 1.0,
+                    "perplexity": perplexity(model, windows) if threads == args.threads[0] else None,
+                    "weight_bytes": state_bytes(model),
+                }
+            )
             log.info("torch eager, %d thread(s): %.1f ms", threads, eager[threads] * 1e3)
     calibration = smol.token_blocks(CALIBRATION_TEXT.read_text(), SEQ, args.calibration_windows)
     batches = calibration_set([{"input_ids": block[None]} for block in calibration], (), example)
@@ -138,42 +150,78 @@ def lowbit_rows(args: argparse.Namespace, smol: Any, prompt: torch.Tensor, windo
         compiled = lowbit.compile(model, (), example_kwargs=example, recipe=recipe, calibration=batches)
         compile_s = time.perf_counter() - start
         ppl = perplexity(compiled, windows)
-        last = lowbit.compile(last_position_only(compiled.graph), (), example_kwargs=example, passes=[],
-                              target=compiled.report.target)
+        last = lowbit.compile(
+            last_position_only(compiled.graph), (), example_kwargs=example, passes=[], target=compiled.report.target
+        )
         for threads in args.threads:
             seconds = time_in_fresh_process(last, prompt, threads, args.repeats)
-            rows.append({"engine": "lowbit (TVM)", "format": recipe, "threads": threads,
-                         "prompt_tokens_per_s": SEQ / seconds, "vs_torch": eager[threads] / seconds,
-                         "perplexity": ppl, "compile_s": compile_s, "weight_bytes": state_bytes(compiled.graph),
-                         "fallbacks": compiled.report.fallbacks})
-            log.info("lowbit %s, %d thread(s): %.1f ms (%.2fx torch)", recipe, threads, seconds * 1e3,
-                     eager[threads] / seconds)
+            rows.append(
+                {
+                    "engine": "lowbit (TVM)",
+                    "format": recipe,
+                    "threads": threads,
+                    "prompt_tokens_per_s": SEQ / seconds,
+                    "vs_torch": eager[threads] / seconds,
+                    "perplexity": ppl,
+                    "compile_s": compile_s,
+                    "weight_bytes": state_bytes(compiled.graph),
+                    "fallbacks": compiled.report.fallbacks,
+                }
+            )
+            log.info(
+                "lowbit %s, %d thread(s): %.1f ms (%.2fx torch)",
+                recipe,
+                threads,
+                seconds * 1e3,
+                eager[threads] / seconds,
+            )
         del compiled, last
     return rows
 
 
 def llama_cpp_rows(args: argparse.Namespace, smol: Any, rows: list[dict]) -> list[dict]:
     if not LLAMA_PYTHON.exists():
-        raise SystemExit(f"{LLAMA_PYTHON} is missing: run bash benchmarks/peers/setup_llama_cpp.sh "
-                         "(or pass --no-llama-cpp)")
+        raise SystemExit(
+            f"{LLAMA_PYTHON} is missing: run bash benchmarks/peers/setup_llama_cpp.sh (or pass --no-llama-cpp)"
+        )
     text = PROMPT_TEXT.read_text()
     ids = smol.token_blocks(text, SEQ, 1 + args.eval_windows)
-    request = {"gguf": str(gguf_path()), "work": str(ROOT / ".cache" / "llama_cpp"), "types": args.llama_types,
-               "threads": args.threads, "prompt": ids[0].tolist(), "windows": [w.tolist() for w in ids[1:]],
-               "decode_tokens": 32, "repeats": args.repeats}
+    request = {
+        "gguf": str(gguf_path()),
+        "work": str(ROOT / ".cache" / "llama_cpp"),
+        "types": args.llama_types,
+        "threads": args.threads,
+        "prompt": ids[0].tolist(),
+        "windows": [w.tolist() for w in ids[1:]],
+        "decode_tokens": 32,
+        "repeats": args.repeats,
+    }
     log.info("llama.cpp: %s at %s thread(s)", ", ".join(args.llama_types), args.threads)
-    done = subprocess.run([str(LLAMA_PYTHON), str(LLAMA_SCRIPT)], input=json.dumps(request), text=True,
-                          capture_output=True, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [str(LLAMA_PYTHON), str(LLAMA_SCRIPT)],
+        input=json.dumps(request),
+        text=True,
+        capture_output=True,
+        timeout=3600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     if done.returncode != 0:
         raise SystemExit(f"llama.cpp run failed:\n{done.stderr[-3000:]}")
     eager = {row["threads"]: row["prompt_tokens_per_s"] for row in rows if row["engine"] == "torch eager"}
     out = []
     for result in json.loads(done.stdout):
-        out.append({"engine": f"llama.cpp {result['version']}", "format": result["type"], "threads": result["threads"],
-                    "prompt_tokens_per_s": result["prompt_tokens_per_s"],
-                    "vs_torch": result["prompt_tokens_per_s"] / eager[result["threads"]],
-                    "decode_tokens_per_s": result["decode_tokens_per_s"], "perplexity": result["perplexity"],
-                    "weight_bytes": result["file_bytes"]})
+        out.append(
+            {
+                "engine": f"llama.cpp {result['version']}",
+                "format": result["type"],
+                "threads": result["threads"],
+                "prompt_tokens_per_s": result["prompt_tokens_per_s"],
+                "vs_torch": result["prompt_tokens_per_s"] / eager[result["threads"]],
+                "decode_tokens_per_s": result["decode_tokens_per_s"],
+                "perplexity": result["perplexity"],
+                "weight_bytes": result["file_bytes"],
+            }
+        )
     return out
 
 
@@ -191,8 +239,10 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     for row in rows:
         decode = f"{row['decode_tokens_per_s']:.1f}" if row.get("decode_tokens_per_s") else "–"
         ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") else ""
-        lines.append(f"| {row['engine']} | {row['format']} | {row['threads']} | {row['prompt_tokens_per_s']:.1f} | "
-                     f"{row['vs_torch']:.2f}× | {decode} | {ppl} | {row['weight_bytes'] / 2**20:.1f} |")
+        lines.append(
+            f"| {row['engine']} | {row['format']} | {row['threads']} | {row['prompt_tokens_per_s']:.1f} | "
+            f"{row['vs_torch']:.2f}× | {decode} | {ppl} | {row['weight_bytes'] / 2**20:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

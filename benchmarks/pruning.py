@@ -24,8 +24,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,15 @@ import torch.nn as nn
 import lowbit
 from lowbit import zoo
 from lowbit.passes.pipeline import Pipeline
-from lowbit.passes.prune import ApplyMasks, PruneChannels, PruneLAMP, PruneNM, plot_sparsity, sparsity_rows, sparsity_table
+from lowbit.passes.prune import (
+    ApplyMasks,
+    PruneChannels,
+    PruneLAMP,
+    PruneNM,
+    plot_sparsity,
+    sparsity_rows,
+    sparsity_table,
+)
 
 log = logging.getLogger("benchmarks.pruning")
 
@@ -60,8 +69,15 @@ def paired_ms(dense: Callable[[], Any], pruned: Callable[[], Any], repeats: int)
 
 def wide_mlp() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024), nn.ReLU(),
-                        nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))
+    net = nn.Sequential(
+        nn.Linear(1024, 4096),
+        nn.GELU(),
+        nn.Linear(4096, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 4096),
+        nn.GELU(),
+        nn.Linear(4096, 1024),
+    )
     return net.eval(), torch.randn(64, 1024)
 
 
@@ -72,8 +88,10 @@ def params(module: nn.Module) -> int:
 def structured(repeats: int) -> list[dict[str, Any]]:
     rows = []
     deit = zoo.build("deit_tiny")
-    cases = [("wide MLP (64x1024)", *wide_mlp(), ()), ("deit_tiny (1x3x224x224)", deit.model, deit.example_inputs[0],
-                                                        ("re:.*attn.*", "head", "patch_embed.proj"))]
+    cases = [
+        ("wide MLP (64x1024)", *wide_mlp(), ()),
+        ("deit_tiny (1x3x224x224)", deit.model, deit.example_inputs[0], ("re:.*attn.*", "head", "patch_embed.proj")),
+    ]
     for name, model, x, ignore in cases:
         log.info("structured: %s", name)
         gm = lowbit.trace(model, (x,))
@@ -81,9 +99,18 @@ def structured(repeats: int) -> list[dict[str, Any]]:
         pruned = pipe(gm)
         dense_ms, pruned_ms = paired_ms(lambda: gm(x), lambda: pruned(x), repeats)
         shrunk = [r.layer for r in pipe.report.passes[0].layers if r.action == "pruned"]
-        rows.append({"model": name, "variant": "prune_channels 50%", "layers_shrunk": len(shrunk),
-                     "params_dense": params(gm), "params_pruned": params(pruned),
-                     "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms})
+        rows.append(
+            {
+                "model": name,
+                "variant": "prune_channels 50%",
+                "layers_shrunk": len(shrunk),
+                "params_dense": params(gm),
+                "params_pruned": params(pruned),
+                "dense_ms": dense_ms,
+                "pruned_ms": pruned_ms,
+                "speedup": dense_ms / pruned_ms,
+            }
+        )
     return rows
 
 
@@ -96,8 +123,15 @@ def nm(repeats: int) -> tuple[list[dict[str, Any]], str]:
     rows = []
     for variant, g in variants.items():
         dense_ms, pruned_ms = paired_ms(lambda: gm(x), lambda g=g: g(x), repeats)
-        rows.append({"model": "wide MLP (64x1024)", "variant": variant, "dense_ms": dense_ms, "pruned_ms": pruned_ms,
-                     "speedup": dense_ms / pruned_ms})
+        rows.append(
+            {
+                "model": "wide MLP (64x1024)",
+                "variant": variant,
+                "dense_ms": dense_ms,
+                "pruned_ms": pruned_ms,
+                "speedup": dense_ms / pruned_ms,
+            }
+        )
     layers = [baked.get_submodule(p) for p in ("0", "2", "4", "6")]
     csr = [(l.weight.detach().to_sparse_csr(), l.bias.detach()) for l in layers]
 
@@ -109,8 +143,15 @@ def nm(repeats: int) -> tuple[list[dict[str, Any]], str]:
         return h
 
     dense_ms, pruned_ms = paired_ms(lambda: gm(x), run_csr, repeats)
-    rows.append({"model": "wide MLP (64x1024)", "variant": "2:4 weights as CSR (torch.sparse.mm)", "dense_ms": dense_ms,
-                 "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms})
+    rows.append(
+        {
+            "model": "wide MLP (64x1024)",
+            "variant": "2:4 weights as CSR (torch.sparse.mm)",
+            "dense_ms": dense_ms,
+            "pruned_ms": pruned_ms,
+            "speedup": dense_ms / pruned_ms,
+        }
+    )
     try:
         from torch.sparse import to_sparse_semi_structured
 
@@ -133,8 +174,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [header]
     for r in rows:
         size = f"{r['params_dense'] / 1e6:.2f}M -> {r['params_pruned'] / 1e6:.2f}M" if "params_dense" in r else "same"
-        lines.append((r["model"], r["variant"], f"{r['dense_ms']:.2f}", f"{r['pruned_ms']:.2f}",
-                      f"{r['speedup']:.2f}x", size))
+        lines.append(
+            (r["model"], r["variant"], f"{r['dense_ms']:.2f}", f"{r['pruned_ms']:.2f}", f"{r['speedup']:.2f}x", size)
+        )
     widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines)
 
@@ -155,11 +197,23 @@ def main() -> None:
     print(f"\nsemi-structured (2:4) kernel: {kernel}")
     print(f"\nLAMP 80% on deit_tiny, target vs achieved (plot: {PLOT}):\n{sparsity}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_1_5_15": os.getloadavg()},
-        "repeats": args.repeats, "speed": rows, "semi_structured_kernel": kernel, "lamp_80_deit_tiny": layers,
-    }, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "load_average_1_5_15": os.getloadavg(),
+                },
+                "repeats": args.repeats,
+                "speed": rows,
+                "semi_structured_kernel": kernel,
+                "lamp_80_deit_tiny": layers,
+            },
+            indent=2,
+        )
+    )
     log.info("wrote %s", RESULTS)
 
 

@@ -53,9 +53,10 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -72,8 +73,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 EVALUATION_TEXT = Path("/usr/share/common-licenses/Apache-2.0")
 #: MiniLM calibrates on more text than GPL-3 holds (96 windows of 62 tokens use it up).
-MINILM_CALIBRATION_TEXTS = (CALIBRATION_TEXT, Path("/usr/share/common-licenses/GPL-2"),
-                            Path("/usr/share/common-licenses/MPL-2.0"))
+MINILM_CALIBRATION_TEXTS = (
+    CALIBRATION_TEXT,
+    Path("/usr/share/common-licenses/GPL-2"),
+    Path("/usr/share/common-licenses/MPL-2.0"),
+)
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "run_peer.py"
 #: In the order they run (the best-known peer first, so a spent time budget cuts the least useful ones).
@@ -90,27 +94,31 @@ GPTQ_OPTIONS = {
     "minilm": {"act_order": True, "act_group_aware": False, "mse": 2.4, "mse_steps": 20},
 }
 META = {
-    "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    "machine": platform.machine(),
+    "threads": torch.get_num_threads(),
+    "torch": torch.__version__,
     "text_sources": {"calibration": str(CALIBRATION_TEXT), "evaluation": str(EVALUATION_TEXT)},
     "setup": {
         "smollm2": f"{CALIBRATION_WINDOWS}x{SEQ} calibration tokens, {EVALUATION_WINDOWS}x{SEQ} evaluation tokens, "
-                   f"batch {BATCH}, asymmetric, group {LLM_GROUP}, lm_head in floating point, "
-                   f"lowbit gptq options {GPTQ_OPTIONS['smollm2']}",
+        f"batch {BATCH}, asymmetric, group {LLM_GROUP}, lm_head in floating point, "
+        f"lowbit gptq options {GPTQ_OPTIONS['smollm2']}",
         "minilm": f"{MINILM_WINDOWS}x{MINILM_LENGTH} unpadded calibration tokens ([CLS] text [SEP]) of "
-                  f"{', '.join(p.name for p in MINILM_CALIBRATION_TEXTS)}, "
-                  f"{MINILM_SENTENCES} evaluation sentences padded to {MINILM_LENGTH} tokens, asymmetric, "
-                  f"group {MINILM_GROUP}, lowbit gptq options {GPTQ_OPTIONS['minilm']}",
+        f"{', '.join(p.name for p in MINILM_CALIBRATION_TEXTS)}, "
+        f"{MINILM_SENTENCES} evaluation sentences padded to {MINILM_LENGTH} tokens, asymmetric, "
+        f"group {MINILM_GROUP}, lowbit gptq options {GPTQ_OPTIONS['minilm']}",
     },
     "timing": "single run of the quantization, model loading excluded; wall and process CPU seconds "
-              "(the machine is shared, so wall times carry other load)",
+    "(the machine is shared, so wall times carry other load)",
 }
 
 
 def lowbit_methods(bits: int, group_size: int, gptq_options: dict[str, Any], awq: bool) -> list[tuple[str, list[Any]]]:
     """lowbit's passes for one bit width: (row name, pipeline passes)."""
     common = {"bits": bits, "group_size": group_size, "symmetric": False, "ignore": ("lm_head",)}
-    methods = [("rtn", [lowbit.passes.get("rtn", **common)]),
-               ("gptq", [lowbit.passes.get("gptq", **common, **gptq_options)])]
+    methods = [
+        ("rtn", [lowbit.passes.get("rtn", **common)]),
+        ("gptq", [lowbit.passes.get("gptq", **common, **gptq_options)]),
+    ]
     if awq:
         methods.append(("awq", [lowbit.passes.get("awq", **common)]))
     return methods
@@ -205,8 +213,18 @@ def smollm2_rows(run: Run) -> None:
         gm = lowbit.trace(smol.model, (), example_kwargs=example)
         batches = calibration_set([{"input_ids": chunk} for chunk in calibration.split(BATCH)], (), example)
         reference = lm_logits(gm, evaluation)
-        run.add({**base, "method": "fp32", "library": "lowbit", "bits": 32, "group_size": None,
-                 "value": perplexity(reference, evaluation), "rel_output_error": 0.0, "quantize_s": None})
+        run.add(
+            {
+                **base,
+                "method": "fp32",
+                "library": "lowbit",
+                "bits": 32,
+                "group_size": None,
+                "value": perplexity(reference, evaluation),
+                "rel_output_error": 0.0,
+                "quantize_s": None,
+            }
+        )
         log.info("SmolLM2 fp32 perplexity %.3f", run.rows[-1]["value"])
     with tempfile.TemporaryDirectory(prefix="quant_fidelity_") as tmp:
         work = Path(tmp)
@@ -220,12 +238,24 @@ def smollm2_rows(run: Run) -> None:
                 log.info("SmolLM2: lowbit %s w%d g%d", name, bits, LLM_GROUP)
                 quantized, seconds, cpu = quantize(passes, gm, batches)
                 logits = lm_logits(dense_equivalent(quantized), evaluation)
-                run.add({**base, "method": name, "library": "lowbit", "bits": bits,
-                         "value": perplexity(logits, evaluation),
-                         "rel_output_error": relative_output_error(logits, reference), "quantize_s": seconds,
-                         "quantize_cpu_s": cpu})
-                log.info("  perplexity %.3f, relative logit error %.4f, in %.1f s", run.rows[-1]["value"],
-                         run.rows[-1]["rel_output_error"], seconds)
+                run.add(
+                    {
+                        **base,
+                        "method": name,
+                        "library": "lowbit",
+                        "bits": bits,
+                        "value": perplexity(logits, evaluation),
+                        "rel_output_error": relative_output_error(logits, reference),
+                        "quantize_s": seconds,
+                        "quantize_cpu_s": cpu,
+                    }
+                )
+                log.info(
+                    "  perplexity %.3f, relative logit error %.4f, in %.1f s",
+                    run.rows[-1]["value"],
+                    run.rows[-1]["rel_output_error"],
+                    seconds,
+                )
                 del logits
                 del quantized
             if bits in run.peer_bits:
@@ -253,8 +283,21 @@ def run_peer(method: str, bits: int, work: Path, timeout: float) -> dict[str, An
     if timeout <= 0:
         return {**failed, "error": "not run: the run's time budget for peers (--peer-budget-s) was spent"}
     out = work / f"{method}-w{bits}.json"
-    command = [str(PEERS_PYTHON), str(PEER_SCRIPT), method, "--model", str(work / "model"), "--data", str(work),
-               "--bits", str(bits), "--group-size", str(LLM_GROUP), "--out", str(out)]
+    command = [
+        str(PEERS_PYTHON),
+        str(PEER_SCRIPT),
+        method,
+        "--model",
+        str(work / "model"),
+        "--data",
+        str(work),
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(LLM_GROUP),
+        "--out",
+        str(out),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -262,8 +305,13 @@ def run_peer(method: str, bits: int, work: Path, timeout: float) -> dict[str, An
     if done.returncode != 0 or not out.exists():
         return {**failed, "error": f"exit {done.returncode}: {_error_text(done.stderr + done.stdout)}"}
     result = json.loads(out.read_text())
-    return {"library": result.pop("library"), "value": result.pop("perplexity"), "quantize_s": result.pop("quantize_s"),
-            "quantize_cpu_s": result.pop("quantize_cpu_s"), "settings": result}
+    return {
+        "library": result.pop("library"),
+        "value": result.pop("perplexity"),
+        "quantize_s": result.pop("quantize_s"),
+        "quantize_cpu_s": result.pop("quantize_cpu_s"),
+        "settings": result,
+    }
 
 
 def _error_text(output: str) -> str:
@@ -291,7 +339,7 @@ def minilm_windows(tokenizer: Any, text: str, count: int = MINILM_WINDOWS, lengt
     body = length - 2
     if len(ids) < count * body:
         raise ValueError(f"the text has {len(ids)} tokens, {count} windows of {body} need {count * body}")
-    windows = torch.tensor(ids[:count * body]).view(count, body)
+    windows = torch.tensor(ids[: count * body]).view(count, body)
     edge = torch.full((count, 1), 0)
     return torch.cat([edge + tokenizer.cls_token_id, windows, edge + tokenizer.sep_token_id], dim=1)
 
@@ -300,13 +348,22 @@ def minilm_rows(run: Run) -> None:
     minilm = zoo.load_minilm()
 
     def batches_of(texts: list[str]) -> list[dict[str, torch.Tensor]]:
-        encoded = minilm.tokenizer(texts, padding="max_length", truncation=True, max_length=MINILM_LENGTH,
-                                   return_tensors="pt")
-        return [{"input_ids": ids, "attention_mask": mask} for ids, mask in
-                zip(encoded["input_ids"].split(MINILM_BATCH), encoded["attention_mask"].split(MINILM_BATCH))]
+        encoded = minilm.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=MINILM_LENGTH, return_tensors="pt"
+        )
+        return [
+            {"input_ids": ids, "attention_mask": mask}
+            for ids, mask in zip(
+                encoded["input_ids"].split(MINILM_BATCH), encoded["attention_mask"].split(MINILM_BATCH)
+            )
+        ]
 
-    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                   for ids in minilm_windows(minilm.tokenizer, " ".join(p.read_text() for p in MINILM_CALIBRATION_TEXTS)).split(MINILM_BATCH)]
+    calibration = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        for ids in minilm_windows(minilm.tokenizer, " ".join(p.read_text() for p in MINILM_CALIBRATION_TEXTS)).split(
+            MINILM_BATCH
+        )
+    ]
     evaluation = batches_of(sentences(EVALUATION_TEXT, MINILM_SENTENCES))
     gm = lowbit.trace(minilm.model, (), example_kwargs=evaluation[0])
     batches = calibration_set(calibration, (), evaluation[0])
@@ -317,19 +374,43 @@ def minilm_rows(run: Run) -> None:
 
     reference = embed(gm)
     base = {"model": "all-MiniLM-L6-v2", "metric": "cosine", "library": "lowbit", "group_size": MINILM_GROUP}
-    run.add({**base, "method": "fp32", "bits": 32, "group_size": None, "value": 1.0, "rel_output_error": 0.0,
-             "quantize_s": None})
+    run.add(
+        {
+            **base,
+            "method": "fp32",
+            "bits": 32,
+            "group_size": None,
+            "value": 1.0,
+            "rel_output_error": 0.0,
+            "quantize_s": None,
+        }
+    )
     for bits in run.bits:
         for name, passes in lowbit_methods(bits, MINILM_GROUP, GPTQ_OPTIONS["minilm"], bits in run.awq_bits):
             quantized, seconds, cpu = quantize(passes, gm, batches)
             embeddings = embed(dense_equivalent(quantized))
             cosines = torch.nn.functional.cosine_similarity(embeddings, reference)
-            run.add({**base, "method": name, "bits": bits, "value": float(cosines.mean()),
-                     "min_cosine": float(cosines.min()),
-                     "rel_output_error": relative_output_error([embeddings], [reference]), "quantize_s": seconds,
-                     "quantize_cpu_s": cpu})
-            log.info("MiniLM %s w%d g%d: mean cosine %.5f (min %.5f) in %.1f s", name, bits, MINILM_GROUP,
-                     cosines.mean(), cosines.min(), seconds)
+            run.add(
+                {
+                    **base,
+                    "method": name,
+                    "bits": bits,
+                    "value": float(cosines.mean()),
+                    "min_cosine": float(cosines.min()),
+                    "rel_output_error": relative_output_error([embeddings], [reference]),
+                    "quantize_s": seconds,
+                    "quantize_cpu_s": cpu,
+                }
+            )
+            log.info(
+                "MiniLM %s w%d g%d: mean cosine %.5f (min %.5f) in %.1f s",
+                name,
+                bits,
+                MINILM_GROUP,
+                cosines.mean(),
+                cosines.min(),
+                seconds,
+            )
 
 
 # --------------------------------------------------------------- report
@@ -338,8 +419,14 @@ def minilm_rows(run: Run) -> None:
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """For SmolLM2 rows: perplexity and time relative to the best (lowest-perplexity) peer at the same bits."""
     for row in rows:
-        peers = [r for r in rows if r["model"] == row["model"] and r["bits"] == row["bits"]
-                 and r["library"] not in ("lowbit",) and r["value"] is not None]
+        peers = [
+            r
+            for r in rows
+            if r["model"] == row["model"]
+            and r["bits"] == row["bits"]
+            and r["library"] not in ("lowbit",)
+            and r["value"] is not None
+        ]
         if row["library"] != "lowbit" or not peers or row["value"] is None:
             continue
         best = min(peers, key=lambda r: r["value"])
@@ -354,19 +441,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     def fmt(value: Any, spec: str) -> str:
         return "" if value is None else format(value, spec)
 
-    lines = ["| model | method | library | bits | group | metric | value (cosine: mean, min) | rel. output error "
-             "| quantize wall s | quantize CPU s | vs best peer: metric / wall / CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | library | bits | group | metric | value (cosine: mean, min) | rel. output error "
+        "| quantize wall s | quantize CPU s | vs best peer: metric / wall / CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        value = r.get("error") and f"failed: {r['error']}" or fmt(r["value"], ".4f" if r["metric"] == "cosine" else ".3f")
+        value = (
+            r.get("error") and f"failed: {r['error']}" or fmt(r["value"], ".4f" if r["metric"] == "cosine" else ".3f")
+        )
         if "min_cosine" in r:
             value += f" (min {r['min_cosine']:.4f})"
         ratio = ""
         if "perplexity_vs_best_peer" in r:
-            ratio = (f"{r['perplexity_vs_best_peer']:.3f} / {fmt(r.get('time_vs_best_peer'), '.2f')} / "
-                     f"{fmt(r.get('cpu_time_vs_best_peer'), '.2f')} ({r['best_peer']})")
-        lines.append(f"| {r['model']} | {r['method']} | {r['library']} | {r['bits']} | {fmt(r['group_size'], 'd')} | "
-                     f"{r['metric']} | {value} | {fmt(r.get('rel_output_error'), '.4f')} | {fmt(r['quantize_s'], '.1f')} | {fmt(r.get('quantize_cpu_s'), '.1f')} | {ratio} |")
+            ratio = (
+                f"{r['perplexity_vs_best_peer']:.3f} / {fmt(r.get('time_vs_best_peer'), '.2f')} / "
+                f"{fmt(r.get('cpu_time_vs_best_peer'), '.2f')} ({r['best_peer']})"
+            )
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['library']} | {r['bits']} | {fmt(r['group_size'], 'd')} | "
+            f"{r['metric']} | {value} | {fmt(r.get('rel_output_error'), '.4f')} | {fmt(r['quantize_s'], '.1f')} | {fmt(r.get('quantize_cpu_s'), '.1f')} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -376,14 +471,26 @@ def main() -> None:
     parser.add_argument("--awq-bits", default="4,3", help="bit widths of lowbit's awq rows (comma-separated)")
     parser.add_argument("--peer-bits", default="4", help="peer bit widths (comma-separated; empty for none)")
     parser.add_argument("--peers", default=",".join(PEER_METHODS), help="peer methods (comma-separated)")
-    parser.add_argument("--peer-budget-s", type=float, default=4 * 3600,
-                        help="seconds from the start after which peers still to run are recorded as not run")
+    parser.add_argument(
+        "--peer-budget-s",
+        type=float,
+        default=4 * 3600,
+        help="seconds from the start after which peers still to run are recorded as not run",
+    )
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--no-smollm2", action="store_true")
-    parser.add_argument("--json", type=Path, default=RESULTS / "quant_fidelity.json",
-                        help="where to write the rows (the table goes beside it, as .md)")
-    parser.add_argument("--merge", type=Path, nargs="+",
-                        help="combine the rows of earlier partial runs' JSON files instead of measuring")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=RESULTS / "quant_fidelity.json",
+        help="where to write the rows (the table goes beside it, as .md)",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="combine the rows of earlier partial runs' JSON files instead of measuring",
+    )
     parser.add_argument("--note", default="", help="a line for the table's header (e.g. where merged rows come from)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -391,8 +498,14 @@ def main() -> None:
     unknown = sorted(set(peers) - set(PEER_METHODS))
     if unknown:
         parser.error(f"unknown peers {unknown}; choose from {', '.join(PEER_METHODS)}")
-    run = Run(args.json, _ints(args.bits), _ints(args.awq_bits), _ints(args.peer_bits), peers,
-              time.time() + args.peer_budget_s)
+    run = Run(
+        args.json,
+        _ints(args.bits),
+        _ints(args.awq_bits),
+        _ints(args.peer_bits),
+        peers,
+        time.time() + args.peer_budget_s,
+    )
     if args.merge:
         run.rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
     else:
@@ -404,9 +517,11 @@ def main() -> None:
     table = markdown(run.rows)
     print(table)
     args.json.write_text(json.dumps({"meta": META, "rows": run.rows}, indent=2) + "\n")
-    header = (f"Calibration text: {CALIBRATION_TEXT}; evaluation text: {EVALUATION_TEXT}.\n"
-              f"SmolLM2: {META['setup']['smollm2']}. MiniLM: {META['setup']['minilm']}.\n"
-              f"Times: {META['timing']}.\n" + (f"{args.note}\n" if args.note else "") + "\n")
+    header = (
+        f"Calibration text: {CALIBRATION_TEXT}; evaluation text: {EVALUATION_TEXT}.\n"
+        f"SmolLM2: {META['setup']['smollm2']}. MiniLM: {META['setup']['minilm']}.\n"
+        f"Times: {META['timing']}.\n" + (f"{args.note}\n" if args.note else "") + "\n"
+    )
     args.json.with_suffix(".md").write_text("# Quantization fidelity\n\n" + header + table + "\n")
 
 

@@ -25,9 +25,9 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -92,16 +92,36 @@ def tiny_vit(seed: int) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
-    return VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2,
-                             num_heads=4, mlp_ratio=2.0, class_token=False, global_pool="avg")
+    return VisionTransformer(
+        img_size=8,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=2.0,
+        class_token=False,
+        global_pool="avg",
+    )
 
 
-def train(gm: fx.GraphModule, data: tuple, epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int,
-          param_groups: list | None = None, hooks: Callable[[torch.optim.Optimizer], list] | None = None) -> list[float]:
+def train(
+    gm: fx.GraphModule,
+    data: tuple,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    param_groups: list | None = None,
+    hooks: Callable[[torch.optim.Optimizer], list] | None = None,
+) -> list[float]:
     """AdamW on ``gm``; returns the mean training loss of each epoch."""
     x, y = data[0], data[1]
-    optimizer = torch.optim.AdamW(param_groups if param_groups is not None else gm.parameters(), lr=lr,
-                                  weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups if param_groups is not None else gm.parameters(), lr=lr, weight_decay=weight_decay
+    )
     attached = hooks(optimizer) if hooks else []
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -110,7 +130,7 @@ def train(gm: fx.GraphModule, data: tuple, epochs: int, lr: float, weight_decay:
         order = torch.randperm(len(y), generator=generator)
         total = 0.0
         for start in range(0, len(y), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             loss = F.cross_entropy(gm(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -152,8 +172,9 @@ def run_variant(variant: str, seed: int, schedule: Schedule, data: tuple | None 
     elif variant == "compander":
         gm = Pipeline([get("weight_compander", learnable=True)])(gm)
         groups = compander_param_groups(gm, schedule.weight_decay)
-        result.losses = train(gm, epochs=schedule.epochs, param_groups=groups,
-                              hooks=lambda opt: [CompanderStepRescaling(gm, opt)], **fit)
+        result.losses = train(
+            gm, epochs=schedule.epochs, param_groups=groups, hooks=lambda opt: [CompanderStepRescaling(gm, opt)], **fit
+        )
         deployed = Pipeline(["fold_reparam"])(gm)
     else:
         train(gm, epochs=schedule.epochs, **fit)  # the fp32 "pretrained" start, as OFQ starts from DeiT
@@ -164,15 +185,24 @@ def run_variant(variant: str, seed: int, schedule: Schedule, data: tuple | None 
         qat = dict(fit, lr=schedule.qat_lr)
         result.losses = train(gm, epochs=schedule.qat_epochs, **qat)
         if qkr:
-            result.losses += train(gm, epochs=schedule.cga_epochs, hooks=lambda opt: [CGA(gm).attach(opt)],
-                                   **dict(qat, lr=schedule.cga_lr))
+            result.losses += train(
+                gm, epochs=schedule.cga_epochs, hooks=lambda opt: [CGA(gm).attach(opt)], **dict(qat, lr=schedule.cga_lr)
+            )
         deployed = Pipeline((["fold_reparam"] if qkr else []) + ["convert_statsq"])(gm)
     result.train_s = time.perf_counter() - start
     result.accuracy = accuracy(gm, x_test, y_test)
     result.deployed_accuracy = accuracy(deployed, x_test, y_test)
     result.max_output_diff = max_diff(gm, deployed, x_test)
-    log.info("%s seed %d: loss %.3f -> %.3f, accuracy %.3f (deployed %.3f), %.1fs", variant, seed,
-             result.losses[0], result.losses[-1], result.accuracy, result.deployed_accuracy, result.train_s)
+    log.info(
+        "%s seed %d: loss %.3f -> %.3f, accuracy %.3f (deployed %.3f), %.1fs",
+        variant,
+        seed,
+        result.losses[0],
+        result.losses[-1],
+        result.accuracy,
+        result.deployed_accuracy,
+        result.train_s,
+    )
     return result
 
 
@@ -189,29 +219,38 @@ def summarize(results: list[RunResult]) -> list[dict]:
         acc = statistics.median(r.accuracy for r in runs)
         starts = [r.start_accuracy for r in runs if r.start_accuracy is not None]
         fp32 = statistics.median(starts) if starts else statistics.median(fp32_runs) if fp32_runs else None
-        rows.append({
-            "variant": variant,
-            "seeds": len(runs),
-            "accuracy": acc,
-            "deployed_accuracy": statistics.median(r.deployed_accuracy for r in runs),
-            "fp32_accuracy": fp32,
-            "vs_fp32": acc / fp32 if fp32 else None,
-            "max_output_diff": max(r.max_output_diff for r in runs),
-            "first_loss": statistics.median(r.losses[0] for r in runs),
-            "last_loss": statistics.median(r.losses[-1] for r in runs),
-            "train_s": statistics.median(r.train_s for r in runs),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "seeds": len(runs),
+                "accuracy": acc,
+                "deployed_accuracy": statistics.median(r.deployed_accuracy for r in runs),
+                "fp32_accuracy": fp32,
+                "vs_fp32": acc / fp32 if fp32 else None,
+                "max_output_diff": max(r.max_output_diff for r in runs),
+                "first_loss": statistics.median(r.losses[0] for r in runs),
+                "last_loss": statistics.median(r.losses[-1] for r in runs),
+                "train_s": statistics.median(r.train_s for r in runs),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
     header = ("variant", "acc", "deployed acc", "fp32 acc", "vs fp32", "max |Δout|", "loss first→last", "train s")
-    lines = [header] + [(
-        r["variant"], f"{r['accuracy']:.3f}", f"{r['deployed_accuracy']:.3f}",
-        "-" if r["fp32_accuracy"] is None else f"{r['fp32_accuracy']:.3f}",
-        "-" if r["vs_fp32"] is None else f"{r['vs_fp32']:.3f}", f"{r['max_output_diff']:.2g}",
-        f"{r['first_loss']:.3f}→{r['last_loss']:.3f}", f"{r['train_s']:.1f}",
-    ) for r in rows]
+    lines = [header] + [
+        (
+            r["variant"],
+            f"{r['accuracy']:.3f}",
+            f"{r['deployed_accuracy']:.3f}",
+            "-" if r["fp32_accuracy"] is None else f"{r['fp32_accuracy']:.3f}",
+            "-" if r["vs_fp32"] is None else f"{r['vs_fp32']:.3f}",
+            f"{r['max_output_diff']:.2g}",
+            f"{r['first_loss']:.3f}→{r['last_loss']:.3f}",
+            f"{r['train_s']:.1f}",
+        )
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -221,7 +260,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a few epochs per phase (a smoke run)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a model this small runs best on one)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (a model this small runs best on one)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)

@@ -44,9 +44,18 @@ FORMATS: dict[str, tuple[int, int, bool, bool]] = {
     "w2a8": (2, 64, True, True),
 }
 #: (format, M, K, N): the demo's MiniLM layers at 256 rows and at one row, and a 4096² layer.
-CASES = (("w4a16", 256, 384, 384), ("w4a16", 256, 384, 1536), ("w4a16", 256, 1536, 384), ("w4a16", 1, 384, 1536),
-         ("w4a16", 1, 1536, 384), ("w4a16", 1, 4096, 4096), ("w4a16", 32, 4096, 4096), ("w2a8", 256, 384, 1536),
-         ("w2a8", 1, 4096, 4096), ("w2a8", 32, 4096, 4096))
+CASES = (
+    ("w4a16", 256, 384, 384),
+    ("w4a16", 256, 384, 1536),
+    ("w4a16", 256, 1536, 384),
+    ("w4a16", 1, 384, 1536),
+    ("w4a16", 1, 1536, 384),
+    ("w4a16", 1, 4096, 4096),
+    ("w4a16", 32, 4096, 4096),
+    ("w2a8", 256, 384, 1536),
+    ("w2a8", 1, 4096, 4096),
+    ("w2a8", 32, 4096, 4096),
+)
 
 
 def kernel_of(fmt: str, rows: int) -> LinearKernel:
@@ -60,12 +69,19 @@ def layer(fmt: str, m: int, k: int, n: int) -> tuple[PackedLinearSpec, dict[str,
     """A layer of ``fmt`` with bias and random packed weights (integer zero points when asymmetric)."""
     bits, group, asymmetric, a8 = FORMATS[fmt]
     gen = torch.Generator().manual_seed(0)
-    spec = PackedLinearSpec(m, k, n, bits, group, asymmetric=asymmetric, has_bias=True,
-                            act_bits=8 if a8 else None, act_dynamic=True)
+    spec = PackedLinearSpec(
+        m, k, n, bits, group, asymmetric=asymmetric, has_bias=True, act_bits=8 if a8 else None, act_dynamic=True
+    )
     codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.uint8)
     zeros = torch.randint(0, 2**bits, (n, k // group), generator=gen).float() if asymmetric else None
-    tensors = {"qweight": packing.pack(codes, bits), "scales": torch.rand(n, k // group, generator=gen) * 0.01,
-               "zeros": zeros, "g_idx": None, "bias": torch.randn(n, generator=gen), "act_scale": None}
+    tensors = {
+        "qweight": packing.pack(codes, bits),
+        "scales": torch.rand(n, k // group, generator=gen) * 0.01,
+        "zeros": zeros,
+        "g_idx": None,
+        "bias": torch.randn(n, generator=gen),
+        "act_scale": None,
+    }
     return spec, tensors
 
 
@@ -78,19 +94,39 @@ def compare(case: tuple[str, int, int, int], tuner: Tuner, runner: LocalRunner, 
     tuned_knobs = tuner.knobs(kernel, spec, tensors) or hand_knobs
     plans = [kernel.plan(spec, tensors, tuner.target, knobs=knobs) for knobs in (hand_knobs, tuned_knobs)]
     hand, tuned = runner.compare([(p.func, p.consts) for p in plans], rounds)
-    row = {"format": fmt, "kernel": kernel.name, "M": m, "K": k, "N": n, "hand_knobs": hand_knobs, "tuned_knobs": tuned_knobs,
-           "hand_ms": hand * 1e3, "tuned_ms": tuned * 1e3, "hand_over_tuned": hand / tuned}
-    log.info("%s M=%d K=%d N=%d: hand %.3f ms %s, tuned %.3f ms %s", *case, row["hand_ms"], hand_knobs,
-             row["tuned_ms"], tuned_knobs)
+    row = {
+        "format": fmt,
+        "kernel": kernel.name,
+        "M": m,
+        "K": k,
+        "N": n,
+        "hand_knobs": hand_knobs,
+        "tuned_knobs": tuned_knobs,
+        "hand_ms": hand * 1e3,
+        "tuned_ms": tuned * 1e3,
+        "hand_over_tuned": hand / tuned,
+    }
+    log.info(
+        "%s M=%d K=%d N=%d: hand %.3f ms %s, tuned %.3f ms %s",
+        *case,
+        row["hand_ms"],
+        hand_knobs,
+        row["tuned_ms"],
+        tuned_knobs,
+    )
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'format':>6} {'M':>4} {'K':>5} {'N':>5} {'hand ms':>9} {'tuned ms':>9} {'hand/tuned':>10}  "
-             "knobs (hand -> tuned)"]
+    lines = [
+        f"{'format':>6} {'M':>4} {'K':>5} {'N':>5} {'hand ms':>9} {'tuned ms':>9} {'hand/tuned':>10}  "
+        "knobs (hand -> tuned)"
+    ]
     for r in rows:
-        lines.append(f"{r['format']:>6} {r['M']:>4} {r['K']:>5} {r['N']:>5} {r['hand_ms']:>9.3f} "
-                     f"{r['tuned_ms']:>9.3f} {r['hand_over_tuned']:>9.2f}x  {r['hand_knobs']} -> {r['tuned_knobs']}")
+        lines.append(
+            f"{r['format']:>6} {r['M']:>4} {r['K']:>5} {r['N']:>5} {r['hand_ms']:>9.3f} "
+            f"{r['tuned_ms']:>9.3f} {r['hand_over_tuned']:>9.2f}x  {r['hand_knobs']} -> {r['tuned_knobs']}"
+        )
     return "\n".join(lines)
 
 
@@ -99,8 +135,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--trials", type=int, default=20, help="trials per case when it has no finished record")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cases", nargs="*", default=[f"{f}:{m}x{k}x{n}" for f, m, k, n in CASES],
-                        help="FORMAT:MxKxN, FORMAT one of " + ", ".join(FORMATS))
+    parser.add_argument(
+        "--cases",
+        nargs="*",
+        default=[f"{f}:{m}x{k}x{n}" for f, m, k, n in CASES],
+        help="FORMAT:MxKxN, FORMAT one of " + ", ".join(FORMATS),
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     target = resolve_target("x86")
@@ -110,10 +150,19 @@ def main() -> None:
     rows = [compare(case, tuner, runner, args.rounds) for case in cases]
     print(table(rows))
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": platform.processor() or platform.machine(), "target": str(target),
-        "tvm_threads": tvm.runtime.num_threads(), "rounds": args.rounds, "rows": rows,
-    }, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "target": str(target),
+                "tvm_threads": tvm.runtime.num_threads(),
+                "rounds": args.rounds,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     log.info("wrote %s", RESULTS)
 
 

@@ -12,8 +12,9 @@ import json
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -64,10 +65,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise ArtifactError(f"{manifest_path} is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: artifact format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        raise ArtifactError(
+            f"{path}: artifact format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})"
+        )
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():

@@ -17,9 +17,10 @@ their activation statistics, since the model's outputs never read those position
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -50,8 +51,9 @@ class CalibrationSet:
         return sum(_batch_size(args, kwargs) for args, kwargs in self.batches)
 
 
-def calibration_set(data: Any, example_inputs: tuple,
-                    example_kwargs: Mapping[str, Any] | None = None) -> CalibrationSet:
+def calibration_set(
+    data: Any, example_inputs: tuple, example_kwargs: Mapping[str, Any] | None = None
+) -> CalibrationSet:
     """Validate ``data`` against the example inputs and materialize it as a `CalibrationSet`."""
     if isinstance(data, CalibrationSet):
         return data
@@ -73,7 +75,10 @@ def calibration_set(data: Any, example_inputs: tuple,
 
 
 def load_calibration(
-    path: str | Path, example_inputs: tuple, example_kwargs: Mapping[str, Any] | None = None, tokenizer: Any = None,
+    path: str | Path,
+    example_inputs: tuple,
+    example_kwargs: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> CalibrationSet:
     """Calibration batches from ``path``, validated against the example inputs.
 
@@ -139,12 +144,16 @@ def _split_samples(path: Path, data: Any, example_inputs: tuple, example_kwargs:
     if len(set(counts.values())) != 1 or 0 in counts.values():
         raise CalibrationError(f"calibration file {path}: every array needs the same number of samples, got {counts}")
     if positional and example_kwargs:
-        raise CalibrationError(f"calibration file {path}: models with both positional and keyword inputs need a "
-                               ".pt file holding a list of batches")
+        raise CalibrationError(
+            f"calibration file {path}: models with both positional and keyword inputs need a "
+            ".pt file holding a list of batches"
+        )
     size = _batch_size(tuple(example_inputs), example_kwargs)
     chunks = {name: value.split(size) for name, value in data.items()}
-    return [tuple(chunks[n][i] for n in positional) if positional else {n: chunks[n][i] for n in example_kwargs}
-            for i in range(len(chunks[expected[0]]))]
+    return [
+        tuple(chunks[n][i] for n in positional) if positional else {n: chunks[n][i] for n in example_kwargs}
+        for i in range(len(chunks[expected[0]]))
+    ]
 
 
 def _text_batches(path: Path, tokenizer: Any, example_inputs: tuple, example_kwargs: dict[str, Any]) -> list[Any]:
@@ -165,7 +174,7 @@ def _text_batches(path: Path, tokenizer: Any, example_inputs: tuple, example_kwa
     windows = len(ids) // body if body > 0 else 0
     if windows == 0:
         raise CalibrationError(f"calibration text {path} has {len(ids)} tokens, fewer than one window of {length}")
-    rows = [tokenizer.build_inputs_with_special_tokens(ids[i * body:(i + 1) * body]) for i in range(windows)]
+    rows = [tokenizer.build_inputs_with_special_tokens(ids[i * body : (i + 1) * body]) for i in range(windows)]
     samples = {"input_ids": torch.tensor(rows, dtype=example.dtype)}
     for name, fill in (("attention_mask", 1), ("token_type_ids", 0)):
         if isinstance(example_kwargs.get(name), torch.Tensor):

@@ -12,8 +12,9 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -57,73 +58,130 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors, no progress")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="compile the built-in real model (all-MiniLM-L6-v2) and report size, accuracy, speed",
-                               description="Compile all-MiniLM-L6-v2 (real weights) with a default recipe and compare it with eager PyTorch.")
+    demo = commands.add_parser(
+        "demo",
+        help="compile the built-in real model (all-MiniLM-L6-v2) and report size, accuracy, speed",
+        description="Compile all-MiniLM-L6-v2 (real weights) with a default recipe and compare it with eager PyTorch.",
+    )
     demo.add_argument("--recipe", default=None, help="recipe name or path (default: the demo's default recipe)")
     demo.add_argument("--target", default=None, help="backend target (default: the demo's default target)")
     demo.add_argument("--repeats", type=int, default=20, help="timed runs per model; the median is reported")
     demo.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     demo.set_defaults(run=_demo)
 
-    comp = commands.add_parser("compile", help="compile a model and optionally export it",
-                               description="Trace MODEL, run a recipe's convert passes (or --pass list), compile for a target.")
+    comp = commands.add_parser(
+        "compile",
+        help="compile a model and optionally export it",
+        description="Trace MODEL, run a recipe's convert passes (or --pass list), compile for a target.",
+    )
     _model_args(comp)
-    comp.add_argument("--target", default=None, help="torch, x86, arm or cuda (default: the recipe's target, else torch)")
+    comp.add_argument(
+        "--target", default=None, help="torch, x86, arm or cuda (default: the recipe's target, else torch)"
+    )
     comp.add_argument("--export", type=Path, metavar="DIR", help="write the compiled artifact to DIR")
     comp.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the IR before and after every pass to DIR")
-    comp.add_argument("--calibration", type=Path, metavar="FILE",
-                      help="calibration data for passes that need it (gptq, awq, ...): .npz or .pt input batches, "
-                           "or a text file tokenized by the model's tokenizer (zoo models that have one)")
+    comp.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE",
+        help="calibration data for passes that need it (gptq, awq, ...): .npz or .pt input batches, "
+        "or a text file tokenized by the model's tokenizer (zoo models that have one)",
+    )
     tune = comp.add_argument_group("TVM kernel tuning")
-    tune.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
-                      help="tune the low-bit kernels that have no finished record, with the recipe's tune budget "
-                           "(--no-tune: hand schedules only; default: use recorded tunings, measure nothing)")
-    tune.add_argument("--tune-trials", type=int, metavar="N", help="candidates measured per kernel (default: the recipe's)")
-    tune.add_argument("--tune-rpc", metavar="HOST:PORT",
-                      help="measure on a remote device: an RPC tracker (with --tune-key) or an RPC server")
+    tune.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tune the low-bit kernels that have no finished record, with the recipe's tune budget "
+        "(--no-tune: hand schedules only; default: use recorded tunings, measure nothing)",
+    )
+    tune.add_argument(
+        "--tune-trials", type=int, metavar="N", help="candidates measured per kernel (default: the recipe's)"
+    )
+    tune.add_argument(
+        "--tune-rpc",
+        metavar="HOST:PORT",
+        help="measure on a remote device: an RPC tracker (with --tune-key) or an RPC server",
+    )
     tune.add_argument("--tune-key", metavar="KEY", help="device key at the tracker given by --tune-rpc")
-    tune.add_argument("--tune-timeout", type=float, metavar="S",
-                      help="seconds each step on the --tune-rpc device may take (connecting, uploading, running a "
-                           "candidate) before it counts as lost (default 60)")
-    tune.add_argument("--cache-dir", type=Path, metavar="DIR",
-                      help="tuning database directory (default: $LOWBIT_CACHE_DIR, else ~/.cache/lowbit/tvm)")
+    tune.add_argument(
+        "--tune-timeout",
+        type=float,
+        metavar="S",
+        help="seconds each step on the --tune-rpc device may take (connecting, uploading, running a "
+        "candidate) before it counts as lost (default 60)",
+    )
+    tune.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="tuning database directory (default: $LOWBIT_CACHE_DIR, else ~/.cache/lowbit/tvm)",
+    )
     comp.set_defaults(run=_compile)
 
-    run = commands.add_parser("run", help="run an exported TVM artifact here or on a remote device (TVM RPC)",
-                              description="Run ARTIFACT with the TVM runtime alone, on this machine or on the device at "
-                                          "--rpc; print a summary of each output and the median latency.")
+    run = commands.add_parser(
+        "run",
+        help="run an exported TVM artifact here or on a remote device (TVM RPC)",
+        description="Run ARTIFACT with the TVM runtime alone, on this machine or on the device at "
+        "--rpc; print a summary of each output and the median latency.",
+    )
     run.add_argument("artifact", type=Path, help="directory written by 'lowbit compile --export' (a TVM target)")
     inputs = run.add_mutually_exclusive_group()
-    inputs.add_argument("--input", type=Path, metavar="FILE.npz",
-                        help="input arrays by input name (or arr_0, arr_1, ... in order, as numpy.savez writes them)")
-    inputs.add_argument("--random", action="store_true", help="standard-normal inputs of the compiled shapes (the default)")
+    inputs.add_argument(
+        "--input",
+        type=Path,
+        metavar="FILE.npz",
+        help="input arrays by input name (or arr_0, arr_1, ... in order, as numpy.savez writes them)",
+    )
+    inputs.add_argument(
+        "--random", action="store_true", help="standard-normal inputs of the compiled shapes (the default)"
+    )
     run.add_argument("--rpc", metavar="HOST:PORT", help="the RPC server of the device (or its tracker, with --key)")
     run.add_argument("--key", help="device key at the RPC tracker given by --rpc")
-    run.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the device (default 60)")
+    run.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the device (default 60)"
+    )
     run.add_argument("--repeats", type=int, default=10, help="timed runs; the median is reported (default 10)")
     run.set_defaults(run=_run)
 
-    inspect = commands.add_parser("inspect", help="print a model's graph with lowbit annotations",
-                                  description="Print the graph of MODEL (after the given passes) or of an exported artifact directory.")
+    inspect = commands.add_parser(
+        "inspect",
+        help="print a model's graph with lowbit annotations",
+        description="Print the graph of MODEL (after the given passes) or of an exported artifact directory.",
+    )
     _model_args(inspect)
     inspect.add_argument("--annotated", action="store_true", help="show only nodes that carry lowbit annotations")
     inspect.set_defaults(run=_inspect)
 
-    trace = commands.add_parser("trace", help="try every tracer on a model and show where tracing breaks",
-                                description="Try each tracer on MODEL and report success, node count or the construct that broke it.")
+    trace = commands.add_parser(
+        "trace",
+        help="try every tracer on a model and show where tracing breaks",
+        description="Try each tracer on MODEL and report success, node count or the construct that broke it.",
+    )
     trace.add_argument("model", nargs="?", help="zoo name or package.module:factory")
-    trace.add_argument("--leaf", action="append", default=[], metavar="PATH_OR_CLASS",
-                       help="treat this module (path or class name) as an opaque leaf; repeatable")
+    trace.add_argument(
+        "--leaf",
+        action="append",
+        default=[],
+        metavar="PATH_OR_CLASS",
+        help="treat this module (path or class name) as an opaque leaf; repeatable",
+    )
     trace.add_argument("--list", action="store_true", help="list the built-in zoo models")
     trace.set_defaults(run=_trace)
 
-    rec = commands.add_parser("recipes", help="list the shipped recipes, or show one",
-                              description="List the shipped recipes with their status, or print one recipe's YAML.")
+    rec = commands.add_parser(
+        "recipes",
+        help="list the shipped recipes, or show one",
+        description="List the shipped recipes with their status, or print one recipe's YAML.",
+    )
     rec.add_argument("name", nargs="?", help="recipe to show")
     rec.set_defaults(run=_recipes)
 
-    passes = commands.add_parser("passes", help="list the registered passes and their options",
-                                 description="List every registered pass with its stage and options (defaults shown).")
+    passes = commands.add_parser(
+        "passes",
+        help="list the registered passes and their options",
+        description="List every registered pass with its stage and options (defaults shown).",
+    )
     passes.set_defaults(run=_passes)
     return parser
 
@@ -132,8 +190,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="zoo name, package.module:factory, or (inspect only) an artifact directory")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--recipe", help="recipe name or YAML path")
-    group.add_argument("--pass", dest="passes", action="append", metavar="NAME[:KEY=VALUE,...]",
-                       help="a pass to run, e.g. rtn:bits=4,group_size=64; repeatable, run in order")
+    group.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        metavar="NAME[:KEY=VALUE,...]",
+        help="a pass to run, e.g. rtn:bits=4,group_size=64; repeatable, run in order",
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -155,9 +218,18 @@ def _compile(args: argparse.Namespace) -> None:
 
         text = args.calibration.suffix not in ARRAY_SUFFIXES
         calibration = load_calibration(args.calibration, inputs, kwargs, _tokenizer(args.model) if text else None)
-    compiled = lowbit.compile(model, inputs, example_kwargs=kwargs, recipe=args.recipe, passes=_pass_list(args.passes),
-                              target=args.target, dump_dir=args.dump_dir, calibration=calibration,
-                              tune=_tune_option(args), cache_dir=args.cache_dir)
+    compiled = lowbit.compile(
+        model,
+        inputs,
+        example_kwargs=kwargs,
+        recipe=args.recipe,
+        passes=_pass_list(args.passes),
+        target=args.target,
+        dump_dir=args.dump_dir,
+        calibration=calibration,
+        tune=_tune_option(args),
+        cache_dir=args.cache_dir,
+    )
     print(compiled.report)
     if args.export:
         print(f"exported to {compiled.export(args.export)}")
@@ -181,12 +253,15 @@ def _run(args: argparse.Namespace) -> None:
             raise LowbitError(f"cannot read inputs from {args.input}: {exc}") from exc
         if all(name.startswith("arr_") for name in inputs):
             inputs = [inputs[f"arr_{index}"] for index in range(len(inputs))]
-    result = rpc.run_artifact(args.artifact, inputs, rpc=args.rpc, key=args.key, timeout=args.timeout,
-                              repeats=args.repeats)
+    result = rpc.run_artifact(
+        args.artifact, inputs, rpc=args.rpc, key=args.key, timeout=args.timeout, repeats=args.repeats
+    )
     for index, output in enumerate(result.outputs):
         values = output.astype(np.float64)
-        print(f"output {index}: {output.dtype}{list(output.shape)} mean {values.mean():.6g} std {values.std():.6g} "
-              f"min {values.min():.6g} max {values.max():.6g}")
+        print(
+            f"output {index}: {output.dtype}{list(output.shape)} mean {values.mean():.6g} std {values.std():.6g} "
+            f"min {values.min():.6g} max {values.max():.6g}"
+        )
     print(f"latency: {result.latency_s * 1e3:.3f} ms (median of {args.repeats}) on {result.device}")
 
 

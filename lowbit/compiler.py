@@ -10,9 +10,10 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -58,15 +59,21 @@ class CompileReport:
             f"tracer            {self.tracer}",
             f"parameters        {self.parameters:,}",
             f"size              {_mb(self.bytes_before)} -> {_mb(self.bytes_after)} ({self.compression:.2f}x smaller)",
-            "vs eager          " + ("not measured (cross-compiled: cannot run here)" if math.isnan(self.max_abs_diff)
-                                     else f"max abs diff {self.max_abs_diff:.3g}, relative error {self.rel_error:.3g}"),
+            "vs eager          "
+            + (
+                "not measured (cross-compiled: cannot run here)"
+                if math.isnan(self.max_abs_diff)
+                else f"max abs diff {self.max_abs_diff:.3g}, relative error {self.rel_error:.3g}"
+            ),
             f"time              trace {self.trace_s:.2f}s, passes {self.passes_s:.2f}s, backend {self.backend_s:.2f}s",
         ]
         lines += [f"fallback          {item}" for item in self.fallbacks]
         if self.tuning:
             measured = sum(result.measured_now for result in self.tuning)
-            lines.append(f"tuning            {len(self.tuning)} kernel signature(s) from the tuning database, "
-                         f"{measured} candidate(s) measured by this compile")
+            lines.append(
+                f"tuning            {len(self.tuning)} kernel signature(s) from the tuning database, "
+                f"{measured} candidate(s) measured by this compile"
+            )
         if self.pipeline.passes:
             lines += ["", self.pipeline.table()]
         return "\n".join(lines)
@@ -179,8 +186,9 @@ def prepare(
     return graph.train(model.training)
 
 
-def _agreement_with_eager(model: torch.nn.Module, runner: Runner, example_inputs: tuple,
-                          example_kwargs: Mapping[str, Any] | None) -> tuple[float, float]:
+def _agreement_with_eager(
+    model: torch.nn.Module, runner: Runner, example_inputs: tuple, example_kwargs: Mapping[str, Any] | None
+) -> tuple[float, float]:
     was_training = model.training
     with torch.no_grad():
         expected = model.eval()(*example_inputs, **(example_kwargs or {}))
@@ -209,8 +217,13 @@ def state_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def build_pipeline(recipe: Any, passes: Sequence[Pass | str] | None, stage: str, verify: bool = True,
-                   dump_dir: str | Path | None = None) -> tuple[recipes.Recipe | None, Pipeline]:
+def build_pipeline(
+    recipe: Any,
+    passes: Sequence[Pass | str] | None,
+    stage: str,
+    verify: bool = True,
+    dump_dir: str | Path | None = None,
+) -> tuple[recipes.Recipe | None, Pipeline]:
     """The recipe (loaded if named) and a pipeline of its ``stage`` passes, or of ``passes``."""
     if recipe is not None and passes is not None:
         raise LowbitError("give either recipe= or passes=, not both (copy the recipe and edit its passes instead)")
@@ -219,10 +232,9 @@ def build_pipeline(recipe: Any, passes: Sequence[Pass | str] | None, stage: str,
     return recipe_obj, Pipeline(pass_list, verify=verify, dump_dir=dump_dir)
 
 
-
-
-def _graph_of(model: torch.nn.Module, example_inputs: tuple, leaf_modules: Sequence[Any],
-              example_kwargs: Mapping[str, Any] | None) -> fx.GraphModule:
+def _graph_of(
+    model: torch.nn.Module, example_inputs: tuple, leaf_modules: Sequence[Any], example_kwargs: Mapping[str, Any] | None
+) -> fx.GraphModule:
     """A graph lowbit traced before (e.g. from `prepare`, then trained) is used as it is; anything else is traced."""
     if isinstance(model, fx.GraphModule) and "lowbit_tracer" in model.meta:
         return model

@@ -72,8 +72,12 @@ EVAL_SENTENCES = [
 ]
 
 
-def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
-        thread_counts: Sequence[int] = THREAD_COUNTS) -> dict[str, Any]:
+def run(
+    recipe: str | None = None,
+    target: str | None = None,
+    repeats: int = 20,
+    thread_counts: Sequence[int] = THREAD_COUNTS,
+) -> dict[str, Any]:
     """Compile MiniLM with ``recipe`` for ``target`` and measure size, accuracy and speed against eager and ORT.
 
     Speed: every engine at each of ``thread_counts``, ``repeats`` interleaved rounds (see `time_engines`).
@@ -94,9 +98,10 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
     if build_pipeline(recipe, None, "convert", False, None)[1].requires_calibration:
         windows = _calibration_windows(minilm.tokenizer, CALIBRATION_TEXT.read_text(), CALIBRATION_WINDOWS)
         # The exported graph is specialized to the example's batch size too.
-        calibration = [dict(zip(windows, chunk)) for chunk in zip(*(t.split(len(COMPILE_SENTENCES)) for t in windows.values()))]
-    compiled = lowbit.compile(model, (), example_kwargs=example, recipe=recipe, target=target,
-                              calibration=calibration)
+        calibration = [
+            dict(zip(windows, chunk)) for chunk in zip(*(t.split(len(COMPILE_SENTENCES)) for t in windows.values()))
+        ]
+    compiled = lowbit.compile(model, (), example_kwargs=example, recipe=recipe, target=target, calibration=calibration)
     compile_s = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
@@ -112,8 +117,12 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
         for variant in variants:
             hidden = onnx_peer.session(variant.path, held_out, torch.get_num_threads())()[0]
             outputs[variant.name] = torch.from_numpy(hidden)
-        cosines = {name: torch.nn.functional.cosine_similarity(
-            reference, minilm.embed(output, held_out["attention_mask"]), dim=-1) for name, output in outputs.items()}
+        cosines = {
+            name: torch.nn.functional.cosine_similarity(
+                reference, minilm.embed(output, held_out["attention_mask"]), dim=-1
+            )
+            for name, output in outputs.items()
+        }
 
         torch.save(held_out, directory / INPUTS_FILE)
         (directory / ENGINES_FILE).write_text(json.dumps({v.name: str(v.path) for v in variants}))
@@ -146,9 +155,17 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
         "compiled_ms": best_ms(LOWBIT),
         "speedup": best_ms(EAGER) / best_ms(LOWBIT),
         "passes": compiled.report.pipeline.to_dict(),
-        "engines": {name: {"label": label, **({"cosine_mean": cosines[name].mean().item(),
-                                                "cosine_min": cosines[name].min().item()} if name in cosines else {})}
-                    for name, label in labels.items()},
+        "engines": {
+            name: {
+                "label": label,
+                **(
+                    {"cosine_mean": cosines[name].mean().item(), "cosine_min": cosines[name].min().item()}
+                    if name in cosines
+                    else {}
+                ),
+            }
+            for name, label in labels.items()
+        },
         "peer_export_s": peer_s,
         "rounds": repeats,
         "timings": timings,
@@ -156,8 +173,13 @@ def run(recipe: str | None = None, target: str | None = None, repeats: int = 20,
     }
 
 
-def time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.Module | None = None,
-                 compiled: Callable[..., Any] | None = None) -> dict[str, Any]:
+def time_engines(
+    directory: Path,
+    threads: int,
+    repeats: int,
+    model: torch.nn.Module | None = None,
+    compiled: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
     """Time every engine of the demo at ``threads`` threads, warm, in ``repeats`` interleaved rounds.
 
     ``model`` and ``compiled`` default to the real model and the artifact in ``directory``. A TVM module
@@ -174,8 +196,9 @@ def time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.Mo
         torch.set_num_threads(default_threads)
 
 
-def _time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.Module | None,
-                  compiled: Callable[..., Any] | None) -> dict[str, Any]:
+def _time_engines(
+    directory: Path, threads: int, repeats: int, model: torch.nn.Module | None, compiled: Callable[..., Any] | None
+) -> dict[str, Any]:
     inputs = torch.load(directory / INPUTS_FILE)
     if model is None:
         model = zoo.load_minilm().model
@@ -199,8 +222,11 @@ def _time_engines(directory: Path, threads: int, repeats: int, model: torch.nn.M
                 times[name].append((time.perf_counter() - start) * 1e3)
     ms = {name: {"min": min(t), "median": statistics.median(t), "max": max(t)} for name, t in times.items()}
     lowbit_ms = ms[LOWBIT]["median"]
-    return {"threads": threads, "ms": ms,
-            "lowbit_speedup": {name: ms[name]["median"] / lowbit_ms for name in engines if name != LOWBIT}}
+    return {
+        "threads": threads,
+        "ms": ms,
+        "lowbit_speedup": {name: ms[name]["median"] / lowbit_ms for name in engines if name != LOWBIT},
+    }
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -212,23 +238,34 @@ def format_results(results: dict[str, Any]) -> str:
         f"model        {results['model']}",
         f"recipe       {results['recipe']} on target {results['target']} (batch {results['batch']})",
         f"parameters   {results['parameters']:,}",
-        (f"size         {results['bytes_fp32'] / mib:.1f} MiB fp32 -> {results['bytes_compiled'] / mib:.1f} MiB "
-         f"({results['bytes_fp32'] / results['bytes_compiled']:.2f}x smaller)"),
-        (f"accuracy     embedding cosine similarity to fp32 on held-out sentences: "
-         f"mean {results['cosine_mean']:.5f}, min {results['cosine_min']:.5f}"),
-        *(f"             {engines[name]['label']}: mean {engines[name]['cosine_mean']:.5f}, "
-          f"min {engines[name]['cosine_min']:.5f}" for name in peers),
+        (
+            f"size         {results['bytes_fp32'] / mib:.1f} MiB fp32 -> {results['bytes_compiled'] / mib:.1f} MiB "
+            f"({results['bytes_fp32'] / results['bytes_compiled']:.2f}x smaller)"
+        ),
+        (
+            f"accuracy     embedding cosine similarity to fp32 on held-out sentences: "
+            f"mean {results['cosine_mean']:.5f}, min {results['cosine_min']:.5f}"
+        ),
+        *(
+            f"             {engines[name]['label']}: mean {engines[name]['cosine_mean']:.5f}, "
+            f"min {engines[name]['cosine_min']:.5f}"
+            for name in peers
+        ),
         f"compile      {results['compile_s']:.1f} s",
-        (f"speed        eager {results['eager_ms']:.2f} ms, compiled {results['compiled_ms']:.2f} ms "
-         f"(each the best of {counts} threads; {results['speedup']:.2f}x eager)"),
+        (
+            f"speed        eager {results['eager_ms']:.2f} ms, compiled {results['compiled_ms']:.2f} ms "
+            f"(each the best of {counts} threads; {results['speedup']:.2f}x eager)"
+        ),
         f"latency      ms, median (min-max) of {results['rounds']} interleaved warm rounds:",
     ]
     width = max(len(engine["label"]) for engine in engines.values()) + 2
     header = "".join(f"{timing['threads']} thread(s)".ljust(26) for timing in results["timings"])
     lines.append(" " * 13 + "".ljust(width) + header)
     for name, engine in engines.items():
-        cells = [f"{t['ms'][name]['median']:.2f} ({t['ms'][name]['min']:.2f}-{t['ms'][name]['max']:.2f})"
-                 for t in results["timings"]]
+        cells = [
+            f"{t['ms'][name]['median']:.2f} ({t['ms'][name]['min']:.2f}-{t['ms'][name]['max']:.2f})"
+            for t in results["timings"]
+        ]
         lines.append(" " * 13 + engine["label"].ljust(width) + "".join(cell.ljust(26) for cell in cells))
     for name in (ONNX_INT8, EAGER):
         ratios = ", ".join(f"{t['lowbit_speedup'][name]:.2f}x at {t['threads']} thread(s)" for t in results["timings"])
@@ -274,11 +311,20 @@ def _time_in_subprocess(directory: Path, threads: int, repeats: int) -> dict[str
     """`time_engines` at ``threads`` threads in a fresh process (TVM sizes its thread pool once per process)."""
     log.info("timing every engine at %d thread(s), %d rounds", threads, repeats)
     package_root = str(Path(lowbit.__file__).resolve().parents[1])
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "TVM_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
     out = directory / f"timing_{threads}.json"
-    done = subprocess.run([sys.executable, "-m", "lowbit.demo", str(directory), str(threads), str(repeats), str(out)],
-                          env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "lowbit.demo", str(directory), str(threads), str(repeats), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"timing at {threads} thread(s) failed:\n{done.stderr[-4000:]}")
     return json.loads(out.read_text())

@@ -39,8 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     minilm = zoo.load_minilm()
-    batch = minilm.tokenizer(demo.COMPILE_SENTENCES, padding="max_length", max_length=demo.SEQ_LEN, truncation=True,
-                             return_tensors="pt")
+    batch = minilm.tokenizer(
+        demo.COMPILE_SENTENCES, padding="max_length", max_length=demo.SEQ_LEN, truncation=True, return_tensors="pt"
+    )
     example = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     target = resolve_target("x86")
     name = database_file_name(canonical_target(target))
@@ -54,12 +55,26 @@ def main() -> None:
             tune = {"trials": args.trials} if args.trials is not None else True
             needs_data = any(p.requires_calibration for p in recipes.load(recipe).build("convert"))
             log.info("compiling the demo model with %s, tuning its kernels", recipe)
-            lowbit.compile(minilm.model, (), example_kwargs=example, recipe=recipe, target="x86", tune=tune,
-                           cache_dir=cache, calibration=[example] if needs_data else None)
+            lowbit.compile(
+                minilm.model,
+                (),
+                example_kwargs=example,
+                recipe=recipe,
+                target="x86",
+                tune=tune,
+                cache_dir=cache,
+                calibration=[example] if needs_data else None,
+            )
         for record in TuningDatabase(target, cache, shipped=()).records():
             best = record.best
-            log.info("%s %s: %d trials, best %s (%.3f ms)", record.kernel, record.spec, record.counted,
-                     best.knobs if best else None, best.seconds * 1e3 if best else float("nan"))
+            log.info(
+                "%s %s: %d trials, best %s (%.3f ms)",
+                record.kernel,
+                record.spec,
+                record.counted,
+                best.knobs if best else None,
+                best.seconds * 1e3 if best else float("nan"),
+            )
         SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(cache) / SUBDIR / name, SHIPPED_DIR / name)
     log.info("wrote %s", SHIPPED_DIR / name)

@@ -42,7 +42,10 @@ def test_recipes_and_passes(capsys):
 
 
 def test_compile_with_pass_options_and_export(capsys, tmp_path):
-    assert main(["-q", "compile", SPEC, "--pass", "rtn:bits=8,group_size=16,ignore=[2]", "--export", str(tmp_path / "a")]) == 0
+    assert (
+        main(["-q", "compile", SPEC, "--pass", "rtn:bits=8,group_size=16,ignore=[2]", "--export", str(tmp_path / "a")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "rtn" in out and "exported to" in out
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
@@ -88,7 +91,9 @@ def test_trace_reports_each_tracer(capsys):
 def test_inspect_in_a_fresh_process():
     result = subprocess.run(
         [sys.executable, "-m", "lowbit.cli", "-q", "inspect", "resnet18", "--pass", "rtn:bits=8", "--annotated"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "fc_packed" in result.stdout and "w8 g128 sym [rtn]" in result.stdout

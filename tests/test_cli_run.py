@@ -51,11 +51,14 @@ def test_unreachable_device_exits_2_within_the_timeout(artifact, capsys) -> None
     assert f"cannot reach RPC server 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--key", "arm"], "--key names a device at an RPC tracker"),
-    (["--rpc", "nohost"], "HOST:PORT"),
-    (["--repeats", "0"], "--repeats must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--key", "arm"], "--key names a device at an RPC tracker"),
+        (["--rpc", "nohost"], "HOST:PORT"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+    ],
+)
 def test_bad_options_exit_2(artifact, capsys, extra, message) -> None:
     path, _, _ = artifact
     assert main(["-q", "run", str(path), *extra]) == 2

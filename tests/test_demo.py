@@ -17,9 +17,17 @@ def test_demo_compiles_the_real_model_and_reports(tmp_path, capsys):
     out = tmp_path / "demo.json"
     assert main(["-q", "demo", "--repeats", "2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    for label in ("parameters", "size", "accuracy", "speed", demo.DEFAULT_RECIPE, "ORT int8 (per channel)",
-                  "lowbit speedup over ORT int8 (per channel)", "lowbit speedup over torch eager fp32",
-                  "load average"):
+    for label in (
+        "parameters",
+        "size",
+        "accuracy",
+        "speed",
+        demo.DEFAULT_RECIPE,
+        "ORT int8 (per channel)",
+        "lowbit speedup over ORT int8 (per channel)",
+        "lowbit speedup over torch eager fp32",
+        "load average",
+    ):
         assert label in text
     results = json.loads(out.read_text())
     assert results["parameters"] == 22_713_216
@@ -51,8 +59,14 @@ def test_onnx_peer_quantizes_weights_per_channel_and_per_tensor(tmp_path) -> Non
     """ORT's dynamic int8 models of a tiny BERT: int8 weights with a scale per output column or one per tensor."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = BertModel(config).eval()
@@ -63,8 +77,11 @@ def test_onnx_peer_quantizes_weights_per_channel_and_per_tensor(tmp_path) -> Non
     def weight_scales(path) -> list[np.ndarray]:
         graph = onnx.load(str(path)).graph
         arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-        return [arrays[node.input[1].removesuffix("_quantized") + "_scale"] for node in graph.node
-                if node.op_type == "MatMulInteger"]
+        return [
+            arrays[node.input[1].removesuffix("_quantized") + "_scale"]
+            for node in graph.node
+            if node.op_type == "MatMulInteger"
+        ]
 
     per_channel, per_tensor = weight_scales(variants[1].path), weight_scales(variants[2].path)
     assert per_channel and len(per_channel) == len(per_tensor)

@@ -45,8 +45,9 @@ def test_plain_graph_gives_copies_of_the_weights(net: Net) -> None:
 
 def test_packed_layers_are_dequantized_from_their_buffers(net: Net) -> None:
     x = torch.randn(2, 3, 4, 4)
-    compiled = lowbit.compile(net, (x,), passes=[RTN(bits=4, group_size=16, symmetric=False, ignore=["fc2"])],
-                              target="torch")
+    compiled = lowbit.compile(
+        net, (x,), passes=[RTN(bits=4, group_size=16, symmetric=False, ignore=["fc2"])], target="torch"
+    )
     weights = lowbit.dequantized_weights(compiled)
     assert list(weights) == ["conv", "fc1", "fc2"]
     fc1 = compiled.graph.get_submodule("fc1")
@@ -74,8 +75,9 @@ def test_masked_layer_gives_weight_times_mask(net: Net) -> None:
     sparsity = Sparsity(1 - mask.float().mean().item(), "unstructured", "fc1.weight_mask", "test")
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "fc1"]:
         with gm.graph.inserting_before(node):
-            masked = gm.graph.call_function(torch.mul, (gm.graph.get_attr("fc1.weight"), gm.graph.get_attr(
-                "fc1.weight_mask")))
+            masked = gm.graph.call_function(
+                torch.mul, (gm.graph.get_attr("fc1.weight"), gm.graph.get_attr("fc1.weight_mask"))
+            )
             new = gm.graph.call_function(F.linear, (node.args[0], masked, gm.graph.get_attr("fc1.bias")))
         annotate(new, "fc1", sparsity=sparsity)
         node.replace_all_uses_with(new)

@@ -68,9 +68,15 @@ def last_logits(llm: Llama) -> np.ndarray:
 
 def measure(path: Path, threads: int, request: dict) -> dict:
     prompt, repeats = request["prompt"], request["repeats"]
-    settings = dict(model_path=str(path), n_ctx=max(512, len(prompt) + request["decode_tokens"] + 8),
-                    n_batch=len(prompt), n_ubatch=len(prompt), n_threads=threads, n_threads_batch=threads,
-                    verbose=False)
+    settings = dict(
+        model_path=str(path),
+        n_ctx=max(512, len(prompt) + request["decode_tokens"] + 8),
+        n_batch=len(prompt),
+        n_ubatch=len(prompt),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     llm = Llama(**settings)
     prompt_s, decode_s = [], []
     for _ in range(repeats + 1):  # the first round warms up
@@ -116,8 +122,9 @@ def main() -> None:
         path = source if name == native else quantized(source, work, name)
         for threads in request["threads"]:
             log.info("llama.cpp %s, %d thread(s)", name, threads)
-            results.append({"type": name, "threads": threads, "version": llama_cpp.__version__,
-                            **measure(path, threads, request)})
+            results.append(
+                {"type": name, "threads": threads, "version": llama_cpp.__version__, **measure(path, threads, request)}
+            )
     json.dump(results, sys.stdout)
 
 

@@ -25,8 +25,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,21 +49,28 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) ->
     return math.exp(total / count)
 
 
-def run_gptqmodel(model_dir: Path, calibration: torch.Tensor, bits: int, group_size: int,
-                  act_group_aware: bool) -> tuple[torch.nn.Module, float, dict[str, Any]]:
+def run_gptqmodel(
+    model_dir: Path, calibration: torch.Tensor, bits: int, group_size: int, act_group_aware: bool
+) -> tuple[torch.nn.Module, float, dict[str, Any]]:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
     import gptqmodel
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    config = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False,
-                            act_group_aware=act_group_aware)
+    config = QuantizeConfig(
+        bits=bits, group_size=group_size, sym=False, desc_act=False, act_group_aware=act_group_aware
+    )
     model = GPTQModel.load(str(model_dir), config, device="cpu")
     samples = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calibration]
     start, cpu = time.perf_counter(), time.process_time()
     model.quantize(samples, batch_size=8, calibration_data_min_length=1)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    settings = {"library": f"gptqmodel {gptqmodel.__version__}", "quantize_cpu_s": cpu,
-                "act_group_aware": act_group_aware, "desc_act": False, "damp_percent": config.damp_percent}
+    settings = {
+        "library": f"gptqmodel {gptqmodel.__version__}",
+        "quantize_cpu_s": cpu,
+        "act_group_aware": act_group_aware,
+        "desc_act": False,
+        "damp_percent": config.damp_percent,
+    }
     # The in-memory model is not usable for inference after quantize (its layers were
     # offloaded while packing); evaluate the saved checkpoint, as a user would.
     saved = Path(tempfile.mkdtemp(prefix="gptqmodel_"))
@@ -70,8 +78,9 @@ def run_gptqmodel(model_dir: Path, calibration: torch.Tensor, bits: int, group_s
     return GPTQModel.load(str(saved), device="cpu").model, seconds, settings
 
 
-def run_llmcompressor(model_dir: Path, calibration: torch.Tensor, bits: int, group_size: int,
-                      method: str) -> tuple[torch.nn.Module, float, dict[str, Any]]:
+def run_llmcompressor(
+    model_dir: Path, calibration: torch.Tensor, bits: int, group_size: int, method: str
+) -> tuple[torch.nn.Module, float, dict[str, Any]]:
     import llmcompressor
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -79,17 +88,41 @@ def run_llmcompressor(model_dir: Path, calibration: torch.Tensor, bits: int, gro
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    scheme = {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group_size}}}
+    scheme = {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": False,
+                "strategy": "group",
+                "group_size": group_size,
+            },
+        }
+    }
     recipe = _llmc_modifier(method, scheme)
-    dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
-                                 "attention_mask": torch.ones_like(calibration).tolist()})
+    dataset = Dataset.from_dict(
+        {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
+    )
     start, cpu = time.perf_counter(), time.process_time()
-    oneshot(model=model, dataset=dataset, recipe=recipe, processor=tokenizer,
-            max_seq_length=calibration.shape[1], num_calibration_samples=calibration.shape[0])
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=recipe,
+        processor=tokenizer,
+        max_seq_length=calibration.shape[1],
+        num_calibration_samples=calibration.shape[0],
+    )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return model, seconds, {"library": f"llmcompressor {llmcompressor.__version__}", "quantize_cpu_s": cpu,
-                            "modifier": type(recipe).__name__}
+    return (
+        model,
+        seconds,
+        {
+            "library": f"llmcompressor {llmcompressor.__version__}",
+            "quantize_cpu_s": cpu,
+            "modifier": type(recipe).__name__,
+        },
+    )
 
 
 def _llmc_modifier(method: str, scheme: dict[str, Any]) -> Any:
@@ -126,12 +159,17 @@ def main() -> None:
         "gptqmodel-act-group-aware": lambda: run_gptqmodel(args.model, calibration, args.bits, args.group_size, True),
     }
     run = runners.get(args.method) or (
-        lambda: run_llmcompressor(args.model, calibration, args.bits, args.group_size, args.method))
+        lambda: run_llmcompressor(args.model, calibration, args.bits, args.group_size, args.method)
+    )
     model, seconds, settings = run()
     model.eval()
     log.info("%s quantized in %.1f s; evaluating", args.method, seconds)
-    result = {"perplexity": perplexity(model, evaluation), "quantize_s": seconds,
-              "torch": torch.__version__, **settings}
+    result = {
+        "perplexity": perplexity(model, evaluation),
+        "quantize_s": seconds,
+        "torch": torch.__version__,
+        **settings,
+    }
     args.out.write_text(json.dumps(result, indent=2))
 
 

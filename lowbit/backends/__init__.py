@@ -37,8 +37,9 @@ class Backend(Protocol):
 
     name: str
 
-    def compile(self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None,
-                tune: Any = None) -> Runner: ...
+    def compile(
+        self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None, tune: Any = None
+    ) -> Runner: ...
 
     def save(self, runner: Runner, directory: Path) -> list[str]: ...
 

@@ -7,8 +7,8 @@ state from which fields are set, so annotations are data, never loose dict keys.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch.fx as fx
 

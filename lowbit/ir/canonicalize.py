@@ -16,8 +16,9 @@ the stock one (not overridden, no hooks), the call's weight/bias/statistics are
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -74,11 +75,7 @@ def _embedding_matches(layer: Any, args: _Args) -> bool:
 def _batch_norm_matches(layer: Any, args: _Args) -> bool:
     # Inference only: in eval mode the layer normalises with its running statistics,
     # or with batch statistics when it tracks none.
-    return (
-        not layer.training
-        and bool(args["training"]) == (layer.running_mean is None)
-        and args["eps"] == layer.eps
-    )
+    return not layer.training and bool(args["training"]) == (layer.running_mean is None) and args["eps"] == layer.eps
 
 
 def _weight_bias(layer: Any) -> dict[str, torch.Tensor | None]:

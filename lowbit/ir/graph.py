@@ -8,7 +8,8 @@ graph as ``(path, module, call nodes)``.
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -67,8 +68,9 @@ def op_name(node: fx.Node) -> str:
     return str(getattr(packet if packet is not None else target, "__name__", target))
 
 
-def layers(gm: fx.GraphModule, kinds: type | tuple[type, ...] = torch.nn.Module
-           ) -> Iterator[tuple[str, torch.nn.Module, list[fx.Node]]]:
+def layers(
+    gm: fx.GraphModule, kinds: type | tuple[type, ...] = torch.nn.Module
+) -> Iterator[tuple[str, torch.nn.Module, list[fx.Node]]]:
     """Each ``call_module`` layer of one of ``kinds``, in graph order: ``(path, module, its call nodes)``.
 
     A module called several times (shared weights) is yielded once, with every call node.

@@ -79,12 +79,13 @@ def _linear_packed_a8(
     _check_inputs(x, qweight, bias, in_features, act_scale)
     x_int, act = quantize_activation(x.reshape(-1, in_features), act_scale)
     columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
-    x_groups, w_groups = _grouped(x_int.to(torch.float64), _centered_codes(qweight, zeros, columns, bits, in_features),
-                                  columns, scales.shape[1])
+    x_groups, w_groups = _grouped(
+        x_int.to(torch.float64), _centered_codes(qweight, zeros, columns, bits, in_features), columns, scales.shape[1]
+    )
     y = torch.zeros(x_int.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, y.numel()))
     for first in range(0, scales.shape[1], chunk):
-        acc = torch.bmm(x_groups[first:first + chunk], w_groups[first:first + chunk])  # exact (module doc)
+        acc = torch.bmm(x_groups[first : first + chunk], w_groups[first : first + chunk])  # exact (module doc)
         for offset in range(acc.shape[0]):
             y = y + acc[offset].to(torch.float32) * scales[:, first + offset]
     y = decode_activation(y, act, act_scale is None)
@@ -98,7 +99,11 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def _centered_codes(
-    qweight: torch.Tensor, zeros: torch.Tensor | None, columns: torch.Tensor, bits: int, in_features: int,
+    qweight: torch.Tensor,
+    zeros: torch.Tensor | None,
+    columns: torch.Tensor,
+    bits: int,
+    in_features: int,
 ) -> torch.Tensor:
     """``q − zero`` per weight, float64 ``(N, in_features)`` (integers or half-integers)."""
     codes = packing.unpack(qweight, bits, in_features).to(torch.float64)
@@ -145,7 +150,10 @@ def _linear_packed_a8_fake(
 
 
 def _check_inputs(
-    x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
     act_scale: torch.Tensor | None,
 ) -> None:
     if x.dim() == 0 or x.shape[-1] != in_features:
@@ -164,8 +172,11 @@ def check_act_scale(act_scale: object, where: str) -> None:
     if act_scale is None:
         return
     if not isinstance(act_scale, torch.Tensor) or act_scale.dtype != torch.float32 or act_scale.dim() != 0:
-        got = f"{act_scale.dtype} of shape {tuple(act_scale.shape)}" if isinstance(act_scale, torch.Tensor) else (
-            type(act_scale).__name__)
+        got = (
+            f"{act_scale.dtype} of shape {tuple(act_scale.shape)}"
+            if isinstance(act_scale, torch.Tensor)
+            else (type(act_scale).__name__)
+        )
         raise packing.PackedFormatError(f"{where}: act_scale must be a float32 scalar tensor, got {got}")
 
 
@@ -220,7 +231,13 @@ def _buffer(gm: fx.GraphModule, node: fx.Node, arg: object) -> object:
 
 
 __all__ = [
-    "ACT_EPS", "ACT_QMAX", "ACT_QMIN", "LINEAR_PACKED_A8_SCHEMA", "check_act_scale", "decode_activation",
+    "ACT_EPS",
+    "ACT_QMAX",
+    "ACT_QMIN",
+    "LINEAR_PACKED_A8_SCHEMA",
+    "check_act_scale",
+    "decode_activation",
     "fake_quantize_activation",
-    "linear_packed_a8", "quantize_activation",
+    "linear_packed_a8",
+    "quantize_activation",
 ]

@@ -6,7 +6,7 @@ Checks are small functions registered with `check`; pass families add their own
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.fx as fx
 
@@ -52,7 +52,6 @@ def _annotations_are_typed(gm: fx.GraphModule) -> None:
                 f"node '{node.name}' has node.meta['{META_KEY}'] of type {type(meta).__name__}; "
                 "annotations must be LowbitMeta instances"
             )
-
 
 
 @check

@@ -253,12 +253,24 @@ def load_smollm2(path: str | Path | None = None) -> SmolLM2:
     start = time.perf_counter()
     contents = read_gguf(path)
     model, tokenizer = build_llama(contents), build_tokenizer(contents)
-    log.info("loaded %s: %.1fM parameters in %.1f s", path.name,
-             sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
+    log.info(
+        "loaded %s: %.1fM parameters in %.1f s",
+        path.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        time.perf_counter() - start,
+    )
     return SmolLM2(model, tokenizer)
 
 
 __all__ = [
-    "GGUFContents", "ModelLoadError", "SmolLM2", "build_llama", "build_tokenizer", "gguf_path",
-    "llama_config", "llama_state_dict", "load_smollm2", "read_gguf",
+    "GGUFContents",
+    "ModelLoadError",
+    "SmolLM2",
+    "build_llama",
+    "build_tokenizer",
+    "gguf_path",
+    "llama_config",
+    "llama_state_dict",
+    "load_smollm2",
+    "read_gguf",
 ]

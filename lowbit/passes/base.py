@@ -15,8 +15,9 @@ A pass declares, as class attributes, what the pipeline needs to order it safely
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch.fx as fx
 
@@ -71,8 +72,10 @@ class PassContext:
     def require_calibration(self, pass_name: str, message: str = "") -> CalibrationSet:
         """The calibration set; without one a `CalibrationError` with ``message``, or one naming ``pass_name``."""
         if self.calibration is None:
-            raise CalibrationError(message or f"{pass_name} needs calibration data: "
-                                   "pass calibration= batches shaped like the example inputs")
+            raise CalibrationError(
+                message
+                or f"{pass_name} needs calibration data: pass calibration= batches shaped like the example inputs"
+            )
         return self.calibration
 
     def progress(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
@@ -127,8 +130,12 @@ class Pass:
         """Log override keys that select none of ``layers``, so a typo does not go unnoticed."""
         unused = self.overrides.unused(list(layers))
         if unused:
-            log.warning("%s: per-layer overrides select no %s: %s", self.name, what or self.pattern or "layer",
-                        ", ".join(unused))
+            log.warning(
+                "%s: per-layer overrides select no %s: %s",
+                self.name,
+                what or self.pattern or "layer",
+                ", ".join(unused),
+            )
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -11,14 +11,22 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from lowbit.errors import PassConfigError
 
 
-def option(default: Any, *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, min_exclusive: bool = False, help: str = "") -> Any:
+def option(
+    default: Any,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    help: str = "",
+) -> Any:
     """Declare a config field with its default and constraints."""
     metadata = {"choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive, "help": help}
     if isinstance(default, (list, dict, set)):
@@ -31,12 +39,16 @@ class PassConfig:
     """Base of every pass config. Subclasses must be declared ``@dataclass(frozen=True)``."""
 
     @classmethod
-    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> "PassConfig":
+    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> PassConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else f"; known options: {', '.join(sorted(known)) or 'none'}"
+                hint = (
+                    f" (did you mean '{close[0]}'?)"
+                    if close
+                    else f"; known options: {', '.join(sorted(known)) or 'none'}"
+                )
                 raise PassConfigError(f"{pass_name}: unknown option '{key}'{hint}")
         hints = typing.get_type_hints(cls)
         values = {key: _coerce(pass_name, key, hints[key], value) for key, value in options.items()}
@@ -62,7 +74,7 @@ class PassConfig:
             if high is not None and value is not None and value > high:
                 raise PassConfigError(f"{pass_name}: {f.name}={value!r} is out of range; it must be <= {high}")
 
-    def replace(self, pass_name: str, options: Mapping[str, Any]) -> "PassConfig":
+    def replace(self, pass_name: str, options: Mapping[str, Any]) -> PassConfig:
         """A copy with ``options`` applied, validated like a fresh config."""
         merged = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         merged.update(options)
@@ -88,7 +100,9 @@ def _coerce(pass_name: str, key: str, annotation: Any, value: Any) -> Any:
         raise errors[0]
     if origin is typing.Literal:
         if value not in args:
-            raise PassConfigError(f"{pass_name}: {key}={value!r} is not supported; choose one of {', '.join(map(repr, args))}")
+            raise PassConfigError(
+                f"{pass_name}: {key}={value!r} is not supported; choose one of {', '.join(map(repr, args))}"
+            )
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

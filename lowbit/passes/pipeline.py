@@ -6,9 +6,10 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch.fx as fx
 
@@ -47,8 +48,9 @@ class PipelineReport:
         for r in self.passes:
             done = sum(1 for rec in r.layers if rec.action != "skipped")
             stats = ", ".join(f"{k}={_short(v)}" for k, v in r.stats.items())
-            rows.append((r.name, f"{r.time_s:.2f}s", "yes" if r.changed else "no", str(done), str(len(r.skipped)),
-                         stats))
+            rows.append(
+                (r.name, f"{r.time_s:.2f}s", "yes" if r.changed else "no", str(done), str(len(r.skipped)), stats)
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -94,8 +96,13 @@ class Pipeline:
     listing before the first pass and after each one. Results land in ``report``.
     """
 
-    def __init__(self, passes: Sequence[Pass | str], verify: bool = True, dump_dir: str | Path | None = None,
-                 progress_every: float = 10.0) -> None:
+    def __init__(
+        self,
+        passes: Sequence[Pass | str],
+        verify: bool = True,
+        dump_dir: str | Path | None = None,
+        progress_every: float = 10.0,
+    ) -> None:
         self.passes = [get(p) if isinstance(p, str) else p for p in passes]
         for p in self.passes:
             if not isinstance(p, Pass):
@@ -110,8 +117,9 @@ class Pipeline:
     def requires_calibration(self) -> list[str]:
         return [p.name for p in self.passes if p.requires_calibration]
 
-    def calibration_set(self, calibration: Any, example_inputs: tuple = (),
-                        example_kwargs: Mapping[str, Any] | None = None) -> CalibrationSet | None:
+    def calibration_set(
+        self, calibration: Any, example_inputs: tuple = (), example_kwargs: Mapping[str, Any] | None = None
+    ) -> CalibrationSet | None:
         """``calibration`` (raw batches or a `CalibrationSet`) validated once against the example inputs.
 
         None when none is given and no pass needs it; `CalibrationError` when a pass needs it and
@@ -120,18 +128,29 @@ class Pipeline:
         needing = self.requires_calibration
         if calibration is None:
             if needing:
-                raise CalibrationError(f"pass{'es' if len(needing) > 1 else ''} {', '.join(needing)} "
-                                       "need calibration data: pass calibration=")
+                raise CalibrationError(
+                    f"pass{'es' if len(needing) > 1 else ''} {', '.join(needing)} "
+                    "need calibration data: pass calibration="
+                )
             return None
         return calibration_set(calibration, example_inputs, example_kwargs)
 
-    def __call__(self, gm: fx.GraphModule, *, calibration: Any = None, example_inputs: tuple = (),
-                 example_kwargs: Mapping[str, Any] | None = None) -> fx.GraphModule:
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        *,
+        calibration: Any = None,
+        example_inputs: tuple = (),
+        example_kwargs: Mapping[str, Any] | None = None,
+    ) -> fx.GraphModule:
         """Run the passes on a copy of ``gm``; ``calibration`` is raw batches or a `CalibrationSet`."""
         check_order(self.passes, graph_kinds(gm.graph))
-        ctx = PassContext(example_inputs=example_inputs, example_kwargs=example_kwargs or {},
-                          calibration=self.calibration_set(calibration, example_inputs, example_kwargs),
-                          progress_every=self.progress_every)
+        ctx = PassContext(
+            example_inputs=example_inputs,
+            example_kwargs=example_kwargs or {},
+            calibration=self.calibration_set(calibration, example_inputs, example_kwargs),
+            progress_every=self.progress_every,
+        )
         gm = copy.deepcopy(gm)
         self.report = PipelineReport()
         self._dump(gm, 0, "input")

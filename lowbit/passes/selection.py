@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 SKIP = "skip"
 
@@ -35,7 +36,7 @@ class LayerOverrides:
     rules: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "LayerOverrides":
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> LayerOverrides:
         return cls(tuple((mapping or {}).items()))
 
     def lookup(self, layer: str) -> Any | None:

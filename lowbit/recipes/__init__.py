@@ -79,8 +79,10 @@ def _shipped_path(name: str) -> Path:
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise RecipeError(f"{name}.yaml: no shipped recipe named '{name}'{hint}; available: {', '.join(names)}; "
-                          "to load your own file, pass its path")
+        raise RecipeError(
+            f"{name}.yaml: no shipped recipe named '{name}'{hint}; available: {', '.join(names)}; "
+            "to load your own file, pass its path"
+        )
     return Path(str(resources.files(__name__) / f"{name.rpartition('-')[0]}.yaml"))
 
 
@@ -115,7 +117,8 @@ class _StrictLoader(yaml.SafeLoader):
                 key = self.construct_object(key_node)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+                        "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                    )
                 seen.add(key)
         return super().construct_mapping(node, deep)
 

@@ -15,11 +15,12 @@ import dataclasses
 import difflib
 import re
 import reprlib
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from lowbit.backends import check_target
 from lowbit.errors import BackendError, PassConfigError, RecipeError, UnknownPassError
@@ -75,8 +76,11 @@ class PassSpec:
         except UnknownPassError as exc:
             raise _error(source, f"{self.key_path}.pass", str(exc)) from exc
         if cls.stage not in ("any", self.stage):
-            raise _error(source, f"{self.key_path}.pass",
-                         f"'{self.name}' is a {cls.stage}-stage pass; list it under '{cls.stage}', not '{self.stage}'")
+            raise _error(
+                source,
+                f"{self.key_path}.pass",
+                f"'{self.name}' is a {cls.stage}-stage pass; list it under '{cls.stage}', not '{self.stage}'",
+            )
         return cls
 
 
@@ -98,7 +102,7 @@ class Recipe:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
         return [spec.instantiate(display_name(self.path)) for spec in getattr(self, stage)]
 
-    def with_target(self, target: Target) -> "Recipe":
+    def with_target(self, target: Target) -> Recipe:
         """A copy of this recipe for another target (a name from `TARGETS` or a TVM target dict).
 
         An unknown target raises `BackendError`, as everywhere else a target is given in code.
@@ -149,8 +153,9 @@ def parse_scheme(data: Any, path: Path, target: str) -> Recipe:
     part = _mapping(source, where, parts[target] or {})
     _check_keys(source, f"{where}.", part, TARGET_PART_KEYS)
     if target == "cuda" and "tune" in part:
-        raise _error(source, f"{where}.tune", "CUDA kernels are not tuned (the tuner times kernels on CPUs); "
-                                              "leave 'tune' out")
+        raise _error(
+            source, f"{where}.tune", "CUDA kernels are not tuned (the tuner times kernels on CPUs); leave 'tune' out"
+        )
     template = _parse_string(source, "description", data.get("description", ""))
     filler = _parse_string(source, f"{where}.description", part.get("description", target))
     return _build(
@@ -169,16 +174,27 @@ def _check_top_level(source: str, data: Any, known: tuple[str, ...], required: t
     if not isinstance(data, Mapping):
         raise _error(source, "<top level>", f"a recipe is a mapping of {', '.join(known)}; got {_kind(data)}")
     if "targets" in data and "targets" not in known:
-        raise _error(source, "targets", "a recipe file loaded by path is for one target: give 'target' (and its "
-                                        "'tune') at the top level instead")
+        raise _error(
+            source,
+            "targets",
+            "a recipe file loaded by path is for one target: give 'target' (and its 'tune') at the top level instead",
+        )
     _check_keys(source, "", data, known)
     for key in required:
         if key not in data:
             raise _error(source, key, "missing; every recipe needs it")
 
 
-def _build(source: str, *, name: str, description: str, path: Path, target: Target, tune: TuneOptions,
-           stages: Mapping[str, Any]) -> Recipe:
+def _build(
+    source: str,
+    *,
+    name: str,
+    description: str,
+    path: Path,
+    target: Target,
+    tune: TuneOptions,
+    stages: Mapping[str, Any],
+) -> Recipe:
     """The `Recipe` with the ``prepare`` and ``convert`` passes of ``stages``, each pass built once to validate it."""
     recipe = Recipe(
         name=name,

@@ -38,8 +38,9 @@ def test_every_module_imports_alone() -> None:
     """Each module first in a clean slate (one interpreter, lowbit's modules dropped before each import)."""
     names = _modules(lowbit)
     assert "lowbit.backends.tvm.toolchains.cpu" in names
-    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(names)], capture_output=True, text=True,
-                          check=True, timeout=1200)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(names)], capture_output=True, text=True, check=True, timeout=1200
+    )
     failures = json.loads(done.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(f"{name}:\n{error}" for name, error in failures.items())
 

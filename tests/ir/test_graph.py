@@ -42,8 +42,12 @@ def test_get_attr_follows_nodes_and_dotted_paths() -> None:
 def test_op_name_is_the_same_for_every_spelling() -> None:
     graph = fx.Graph()
     x = graph.placeholder("x")
-    spellings = [graph.call_function(operator.mul, (x, x)), graph.call_function(torch.mul, (x, x)),
-                 graph.call_method("mul", (x, x)), graph.call_function(torch.ops.aten.mul.Tensor, (x, x))]
+    spellings = [
+        graph.call_function(operator.mul, (x, x)),
+        graph.call_function(torch.mul, (x, x)),
+        graph.call_method("mul", (x, x)),
+        graph.call_function(torch.ops.aten.mul.Tensor, (x, x)),
+    ]
     assert {op_name(n) for n in spellings} == {"mul"}
     assert op_name(graph.call_function(operator.getitem, (x, 0))) == "getitem"
     assert op_name(x) == "" and op_name(graph.get_attr("w")) == "" and op_name(graph.call_module("fc", (x,))) == ""

@@ -14,8 +14,9 @@ import lowbit.ir.ops as ops
 from lowbit.ir.packing import PackedFormatError, dequantize, num_groups, pack
 
 
-def make_packed(rows: int, cols: int, bits: int, group_size: int, *, zeros: bool = True,
-                act_order: bool = False, seed: int = 0) -> dict:
+def make_packed(
+    rows: int, cols: int, bits: int, group_size: int, *, zeros: bool = True, act_order: bool = False, seed: int = 0
+) -> dict:
     """Random packed-format tensors (keyword arguments of the op, minus ``x`` and ``bias``)."""
     gen = torch.Generator().manual_seed(seed)
     groups = num_groups(cols, group_size)
@@ -34,8 +35,15 @@ def make_packed(rows: int, cols: int, bits: int, group_size: int, *, zeros: bool
 
 def call(x: torch.Tensor, layout: dict, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.lowbit.linear_packed(
-        x, layout["qweight"], layout["scales"], layout["zeros"], layout["g_idx"], bias,
-        layout["bits"], layout["group_size"], layout["in_features"],
+        x,
+        layout["qweight"],
+        layout["scales"],
+        layout["zeros"],
+        layout["g_idx"],
+        bias,
+        layout["bits"],
+        layout["group_size"],
+        layout["in_features"],
     )
 
 
@@ -61,8 +69,9 @@ def test_op_with_act_order_group_index(bits: int) -> None:
     layout = make_packed(5, 24, bits, 8, act_order=True, seed=bits)
     x, bias = torch.randn(4, 24), torch.randn(5)
     groups = layout["g_idx"].long()
-    codes_weight = dequantize(**{**layout, "g_idx": None, "group_size": 24, "scales": torch.ones(5, 1),
-                                 "zeros": torch.zeros(5, 1)})
+    codes_weight = dequantize(
+        **{**layout, "g_idx": None, "group_size": 24, "scales": torch.ones(5, 1), "zeros": torch.zeros(5, 1)}
+    )
     weight = layout["scales"][:, groups] * (codes_weight - layout["zeros"][:, groups])
     assert torch.equal(call(x, layout, bias), F.linear(x, weight, bias))
     assert not torch.equal(call(x, layout, bias), call(x, {**layout, "g_idx": None}, bias))
@@ -75,8 +84,16 @@ def test_opcheck() -> None:
 
 
 def _positional(layout: dict, bias: torch.Tensor | None) -> tuple:
-    return (layout["qweight"], layout["scales"], layout["zeros"], layout["g_idx"], bias,
-            layout["bits"], layout["group_size"], layout["in_features"])
+    return (
+        layout["qweight"],
+        layout["scales"],
+        layout["zeros"],
+        layout["g_idx"],
+        bias,
+        layout["bits"],
+        layout["group_size"],
+        layout["in_features"],
+    )
 
 
 def test_fake_impl_propagates_shapes() -> None:
@@ -98,8 +115,17 @@ class PackedMLP(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.linear_packed(x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias,
-                              self.layout["bits"], self.layout["group_size"], self.layout["in_features"])
+        y = ops.linear_packed(
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            self.bias,
+            self.layout["bits"],
+            self.layout["group_size"],
+            self.layout["in_features"],
+        )
         return torch.relu(y) * 2
 
 

@@ -178,8 +178,15 @@ def _layout(cols: int = 8, group_size: int = 4):
 )
 def test_dequantize_validates_the_layout(change: dict, message: str) -> None:
     qweight, scales, group_size, cols = _layout()
-    args = {"qweight": qweight, "scales": scales, "zeros": None, "g_idx": None, "bits": 4,
-            "group_size": group_size, "in_features": cols}
+    args = {
+        "qweight": qweight,
+        "scales": scales,
+        "zeros": None,
+        "g_idx": None,
+        "bits": 4,
+        "group_size": group_size,
+        "in_features": cols,
+    }
     args.update(change)
     with pytest.raises(PackedFormatError, match=message):
         dequantize(**args)

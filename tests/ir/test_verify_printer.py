@@ -50,8 +50,13 @@ def test_malformed_graph_is_rejected():
 def test_printer_shows_every_annotation_kind():
     gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=8)])(_mlp())
     first = next(n for n in gm.graph.nodes if "lowbit" in n.meta)
-    annotate(first, "0", sparsity=Sparsity(0.5, "2:4", "0.mask", "test"), reparam=Reparam("weight_norm", "dim=0"),
-             adapter=Adapter("lora", rank=8))
+    annotate(
+        first,
+        "0",
+        sparsity=Sparsity(0.5, "2:4", "0.mask", "test"),
+        reparam=Reparam("weight_norm", "dim=0"),
+        adapter=Adapter("lora", rank=8),
+    )
     text = format_graph(gm, annotated_only=True)
     for expected in ("w4 g8 sym [rtn]", "50.0% 2:4", "weight_norm (dim=0)", "lora r8"):
         assert expected in text

@@ -8,8 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from lowbit.models import ModelLoadError, SmolLM2, gguf_path, load_smollm2
-from lowbit.models import smollm2
+from lowbit.models import ModelLoadError, SmolLM2, gguf_path, load_smollm2, smollm2
 
 TEXT = "/usr/share/common-licenses/Apache-2.0"
 
@@ -24,7 +23,11 @@ def smol() -> SmolLM2:
 def test_model_has_smollm2s_shape_and_tied_real_weights(smol: SmolLM2) -> None:
     model, config = smol.model, smol.model.config
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (
-        30, 576, 9, 3)
+        30,
+        576,
+        9,
+        3,
+    )
     assert not config.use_cache and not model.training
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -65,6 +68,7 @@ def test_missing_package_is_a_clear_error(monkeypatch) -> None:
 
 def test_non_llama_file_is_rejected(tmp_path) -> None:
     import gguf
+
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_tensor("token_embd.weight", torch.zeros(4, 2).numpy())

@@ -64,7 +64,9 @@ def test_unknown_key_suggests_the_close_one():
 
 
 def test_overrides_exact_name_beats_pattern_and_first_pattern_wins():
-    p = _ConfigPass(bits=4, overrides={"*.fc*": {"bits": 2}, "block.fc1": {"bits": 8}, "block.*": {"bits": 3}, "head": "skip"})
+    p = _ConfigPass(
+        bits=4, overrides={"*.fc*": {"bits": 2}, "block.fc1": {"bits": 8}, "block.*": {"bits": 3}, "head": "skip"}
+    )
     assert p.config_for("block.fc1").bits == 8
     assert p.config_for("block.fc2").bits == 2
     assert p.config_for("block.proj").bits == 3

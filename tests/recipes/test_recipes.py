@@ -224,7 +224,9 @@ def test_build_rejects_an_unknown_stage(tmp_path: Path) -> None:
 
 
 def test_override_precedence_exact_beats_pattern_and_first_pattern_wins(tmp_path: Path) -> None:
-    path = _write(tmp_path, """\
+    path = _write(
+        tmp_path,
+        """\
         target: x86
         convert:
           - pass: recipe_test_pass
@@ -235,7 +237,8 @@ def test_override_precedence_exact_beats_pattern_and_first_pattern_wins(tmp_path
               "re:layers\\\\.0\\\\..*": {bits: 2}
               "layers.0.attention.q": {group_size: 32}
               "classifier": skip
-    """)
+    """,
+    )
     (p,) = recipes.load(path).build("convert")
     assert p.config_for("layers.0.attention.q").as_dict() == {"bits": 4, "group_size": 32}  # exact beats patterns
     assert p.config_for("layers.0.attention.k").as_dict() == {"bits": 4, "group_size": 64}  # first pattern wins
@@ -259,32 +262,56 @@ BAD = {
     "entry not a mapping": ("target: x86\nconvert: [rtn]\n", "convert[0]: a pass entry is a mapping"),
     "entry without pass": ("target: x86\nconvert: [{bits: 4}]\n", "convert[0]: missing the 'pass' key"),
     "pass not a name": ("target: x86\nconvert: [{pass: 4}]\n", "convert[0].pass: must be a pass name"),
-    "unknown pass": ("target: x86\nconvert: [{pass: recipe_test_pas}]\n",
-                     "convert[0].pass: unknown pass 'recipe_test_pas' (did you mean 'recipe_test_pass'"),
-    "bad option value": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: 5}]\n",
-                         "convert[0].bits: recipe_test_pass: bits=5 is not supported; choose one of 2, 3, 4, 8"),
-    "bad option type": ("target: x86\nconvert: [{pass: recipe_test_pass, bits: four}]\n",
-                        "convert[0].bits: recipe_test_pass: bits must be an integer"),
-    "unknown option": ("target: x86\nconvert: [{pass: recipe_test_pass, bitz: 4}]\n",
-                       "convert[0].bitz: recipe_test_pass: unknown option 'bitz' (did you mean 'bits'?)"),
-    "overrides not a mapping": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: [fc]}]\n",
-                                "convert[0].overrides: must be a mapping"),
-    "override value": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: {fc: skp}}]\n",
-                       "convert[0].overrides['fc']: must be 'skip' or a mapping of options, got 'skp'"),
-    "override option": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: {fc: {bits: 5}}}]\n",
-                        "convert[0].overrides['fc'].bits: recipe_test_pass: bits=5 is not supported"),
-    "override regex": ("target: x86\nconvert: [{pass: recipe_test_pass, overrides: {'re:(': skip}}]\n",
-                       "convert[0].overrides['re:(']: invalid regular expression"),
+    "unknown pass": (
+        "target: x86\nconvert: [{pass: recipe_test_pas}]\n",
+        "convert[0].pass: unknown pass 'recipe_test_pas' (did you mean 'recipe_test_pass'",
+    ),
+    "bad option value": (
+        "target: x86\nconvert: [{pass: recipe_test_pass, bits: 5}]\n",
+        "convert[0].bits: recipe_test_pass: bits=5 is not supported; choose one of 2, 3, 4, 8",
+    ),
+    "bad option type": (
+        "target: x86\nconvert: [{pass: recipe_test_pass, bits: four}]\n",
+        "convert[0].bits: recipe_test_pass: bits must be an integer",
+    ),
+    "unknown option": (
+        "target: x86\nconvert: [{pass: recipe_test_pass, bitz: 4}]\n",
+        "convert[0].bitz: recipe_test_pass: unknown option 'bitz' (did you mean 'bits'?)",
+    ),
+    "overrides not a mapping": (
+        "target: x86\nconvert: [{pass: recipe_test_pass, overrides: [fc]}]\n",
+        "convert[0].overrides: must be a mapping",
+    ),
+    "override value": (
+        "target: x86\nconvert: [{pass: recipe_test_pass, overrides: {fc: skp}}]\n",
+        "convert[0].overrides['fc']: must be 'skip' or a mapping of options, got 'skp'",
+    ),
+    "override option": (
+        "target: x86\nconvert: [{pass: recipe_test_pass, overrides: {fc: {bits: 5}}}]\n",
+        "convert[0].overrides['fc'].bits: recipe_test_pass: bits=5 is not supported",
+    ),
+    "override regex": (
+        "target: x86\nconvert: [{pass: recipe_test_pass, overrides: {'re:(': skip}}]\n",
+        "convert[0].overrides['re:(']: invalid regular expression",
+    ),
     "unknown target": ("target: x68\nconvert: []\n", "target: unknown target 'x68'"),
     "target dict without kind": ("target: {mcpu: znver3}\nconvert: []\n", "target: a target dict needs a 'kind'"),
     "tune not a mapping": ("target: x86\ntune: 64\nconvert: []\n", "tune: must be a mapping"),
-    "tune unknown key": ("target: x86\ntune: {trails: 64}\nconvert: []\n", "tune.trails: unknown key; did you mean 'trials'?"),
+    "tune unknown key": (
+        "target: x86\ntune: {trails: 64}\nconvert: []\n",
+        "tune.trails: unknown key; did you mean 'trials'?",
+    ),
     "tune trials": ("target: x86\ntune: {trials: -1}\nconvert: []\n", "tune.trials: must be an integer >= 0"),
     "tune trials bool": ("target: x86\ntune: {trials: true}\nconvert: []\n", "tune.trials: must be an integer >= 0"),
-    "tune max_seconds": ("target: x86\ntune: {max_seconds: 0}\nconvert: []\n", "tune.max_seconds: must be a number > 0"),
+    "tune max_seconds": (
+        "target: x86\ntune: {max_seconds: 0}\nconvert: []\n",
+        "tune.max_seconds: must be a number > 0",
+    ),
     "tune database": ("target: x86\ntune: {database: 3}\nconvert: []\n", "tune.database: must be a path or null"),
-    "wrong stage": ("target: x86\nconvert: [{pass: recipe_test_prepare}]\n",
-                    "convert[0].pass: 'recipe_test_prepare' is a prepare-stage pass; list it under 'prepare'"),
+    "wrong stage": (
+        "target: x86\nconvert: [{pass: recipe_test_prepare}]\n",
+        "convert[0].pass: 'recipe_test_prepare' is a prepare-stage pass; list it under 'prepare'",
+    ),
     "description": ("description: [a, b]\ntarget: x86\nconvert: []\n", "description: must be a string"),
     "targets by path": ("targets: {x86: {}}\nconvert: []\n", "targets: a recipe file loaded by path is for one target"),
 }
@@ -349,8 +376,12 @@ def _parse_scheme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, ta
 
 def test_scheme_target_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     x86, arm, cuda = (_parse_scheme(tmp_path, monkeypatch, SCHEME, target) for target in ("x86", "arm", "cuda"))
-    assert (x86.name, x86.target, x86.description, x86.tune) == ("w4a16-x86", "x86", "test scheme for x86 CPUs",
-                                                                 TuneOptions(trials=8))
+    assert (x86.name, x86.target, x86.description, x86.tune) == (
+        "w4a16-x86",
+        "x86",
+        "test scheme for x86 CPUs",
+        TuneOptions(trials=8),
+    )
     assert (arm.name, arm.description, arm.tune) == ("w4a16-arm", "test scheme for arm", TuneOptions())
     assert (cuda.name, cuda.description) == ("w4a16-cuda", "test scheme for GPUs")
     assert x86.convert == arm.convert == cuda.convert
@@ -361,13 +392,22 @@ SCHEME_BAD = {
     "name": (SCHEME.replace("name: w4a16", "name: other"), "x86", "name: 'other' must equal the file name 'w4a16'"),
     "missing targets": ("name: w4a16\nconvert: []\n", "x86", "targets: missing"),
     "top-level target": (SCHEME + "    target: x86\n", "x86", "target: unknown key"),
-    "no part": (SCHEME.replace("      arm:\n", ""), "arm",
-                "targets: no part for target 'arm'; this scheme has x86, cuda"),
-    "part key": (SCHEME.replace("{description: GPUs}", "{tuning: 1, description: GPUs}"), "cuda",
-                 "targets.cuda.tuning: unknown key; did you mean 'tune'?"),
+    "no part": (
+        SCHEME.replace("      arm:\n", ""),
+        "arm",
+        "targets: no part for target 'arm'; this scheme has x86, cuda",
+    ),
+    "part key": (
+        SCHEME.replace("{description: GPUs}", "{tuning: 1, description: GPUs}"),
+        "cuda",
+        "targets.cuda.tuning: unknown key; did you mean 'tune'?",
+    ),
     "part not a mapping": (SCHEME.replace("{description: GPUs}", "[GPUs]"), "cuda", "targets.cuda: must be a mapping"),
-    "cuda tune": (SCHEME.replace("{description: GPUs}", "{tune: {trials: 8}}"), "cuda",
-                  "targets.cuda.tune: CUDA kernels are not tuned"),
+    "cuda tune": (
+        SCHEME.replace("{description: GPUs}", "{tune: {trials: 8}}"),
+        "cuda",
+        "targets.cuda.tune: CUDA kernels are not tuned",
+    ),
     "tune key path": (SCHEME.replace("trials: 8", "trials: -1"), "x86", "targets.x86.tune.trials: must be an integer"),
     "part description": (SCHEME.replace("x86 CPUs", "[x86]"), "x86", "targets.x86.description: must be a string"),
     "unknown target": (SCHEME.replace("arm:", "amr:"), "amr", "targets: unknown target 'amr'"),

@@ -38,8 +38,9 @@ def as_runner(gm: fx.GraphModule) -> fx.GraphModule:
 class TorchBackend:
     name = "torch"
 
-    def compile(self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None,
-                tune: Any = None) -> fx.GraphModule:
+    def compile(
+        self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None, tune: Any = None
+    ) -> fx.GraphModule:
         """The graph itself is the executable; it runs in eval mode without autograd state."""
         return as_runner(gm)
 
@@ -48,11 +49,15 @@ class TorchBackend:
         # generated code on load, which renames some nodes), so the annotations travel in
         # an attribute (gm.meta is not kept either), keyed by node position, with op and
         # target to check the match.
-        setattr(runner, ANNOTATIONS, [
-            (index, node.op, str(node.target), node.meta[META_KEY])
-            for index, node in enumerate(runner.graph.nodes)
-            if META_KEY in node.meta
-        ])
+        setattr(
+            runner,
+            ANNOTATIONS,
+            [
+                (index, node.op, str(node.target), node.meta[META_KEY])
+                for index, node in enumerate(runner.graph.nodes)
+                if META_KEY in node.meta
+            ],
+        )
         try:
             torch.save(runner, directory / GRAPH_FILE)
         finally:

@@ -59,8 +59,7 @@ class TVMBackend:
         self.target = resolve_target(target)
         self.toolchain: Toolchain = resolve_toolchain(self.target)
 
-    def compile(self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None,
-                tune: Any = None) -> Runner:
+    def compile(self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None, tune: Any = None) -> Runner:
         """Lower ``gm`` for the shapes of its inputs, build it, and return a runner.
 
         Inputs beyond ``example_inputs`` take their shapes from the graph's placeholder
@@ -74,8 +73,9 @@ class TVMBackend:
         self.toolchain.check_tuning(tune)
         tuner = None
         if tune is not False:
-            tuner = Tuner(self.target, cache_dir if cache_dir is not None else default_cache_dir(),
-                          TuningOptions.of(tune))
+            tuner = Tuner(
+                self.target, cache_dir if cache_dir is not None else default_cache_dir(), TuningOptions.of(tune)
+            )
         try:
             lowering = lower(gm.eval(), example_inputs, self.toolchain, tuner)
         finally:
@@ -96,5 +96,13 @@ class TVMBackend:
             return self.toolchain.load(directory, read_signature(directory))
 
 
-__all__ = ["ARM_CXX", "ARM_CXX_PACKAGE", "LIBRARY_FILE", "SIGNATURE_FILE", "CPURunner", "CUDARunner", "Runner",
-           "TVMBackend"]
+__all__ = [
+    "ARM_CXX",
+    "ARM_CXX_PACKAGE",
+    "LIBRARY_FILE",
+    "SIGNATURE_FILE",
+    "CPURunner",
+    "CUDARunner",
+    "Runner",
+    "TVMBackend",
+]

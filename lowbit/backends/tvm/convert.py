@@ -81,8 +81,9 @@ class Lowering:
         return fallbacks(self.linears)
 
 
-def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], toolchain: Toolchain,
-          tuner: Any = None) -> Lowering:
+def lower(
+    gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], toolchain: Toolchain, tuner: Any = None
+) -> Lowering:
     """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `frontend.input_specs`).
 
     ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
@@ -91,11 +92,16 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], toolchain:
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
     converter = PackedLinearConverter(gm, toolchain, tuner)
-    mod = import_graph(gm, inputs, {LINEAR_PACKED_NAME: converter, LINEAR_PACKED_A8_NAME: converter},
-                       toolchain.constant_linear)
+    mod = import_graph(
+        gm, inputs, {LINEAR_PACKED_NAME: converter, LINEAR_PACKED_A8_NAME: converter}, toolchain.constant_linear
+    )
     lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
-    log.info("lowered graph for %s: %d low-bit linear(s), %d on the fp32 fallback", toolchain.name,
-             len(lowering.linears), len(lowering.fallbacks))
+    log.info(
+        "lowered graph for %s: %d low-bit linear(s), %d on the fp32 fallback",
+        toolchain.name,
+        len(lowering.linears),
+        len(lowering.fallbacks),
+    )
     return lowering
 
 
@@ -123,11 +129,16 @@ class PackedLinearConverter:
         rows = math.prod([int(d) for d in x.ty.shape][:-1])
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
-        return emit_on_rows(bb, x, spec.out_features, lambda x2d, _: self._call(
-            bb, node.name, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors))
+        return emit_on_rows(
+            bb,
+            x,
+            spec.out_features,
+            lambda x2d, _: self._call(bb, node.name, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors),
+        )
 
-    def _call(self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec,
-              tensors: Tensors) -> relax.Expr:
+    def _call(
+        self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec, tensors: Tensors
+    ) -> relax.Expr:
         """The layer's kernel on the 2-D input ``x``, or the fallback with the reason recorded."""
         planned, reason = self._plan(spec, tensors)
         if planned is not None:
@@ -167,8 +178,9 @@ def _activations(spec: PackedLinearSpec) -> str:
     return "float activations" if spec.act_bits is None else f"int{spec.act_bits} activations"
 
 
-def tuned_plan(kernel: LinearKernel, spec: PackedLinearSpec, tensors: Tensors, target: Target,
-               tuner: Any) -> KernelPlan:
+def tuned_plan(
+    kernel: LinearKernel, spec: PackedLinearSpec, tensors: Tensors, target: Target, tuner: Any
+) -> KernelPlan:
     """``kernel``'s plan for a supported layer with the tuner's knobs (the hand schedule without a tuner or a
     record)."""
     planned = kernel.plan(spec, tensors, target)
@@ -180,8 +192,9 @@ def tuned_plan(kernel: LinearKernel, spec: PackedLinearSpec, tensors: Tensors, t
     return kernel.plan(spec, tensors, target, knobs=knobs)
 
 
-def contiguous_groups(spec: PackedLinearSpec, tensors: Tensors, name: str
-                      ) -> tuple[PackedLinearSpec, dict[str, torch.Tensor | None], torch.Tensor | None]:
+def contiguous_groups(
+    spec: PackedLinearSpec, tensors: Tensors, name: str
+) -> tuple[PackedLinearSpec, dict[str, torch.Tensor | None], torch.Tensor | None]:
     """The layer rewritten so that its groups are whole and contiguous, as the packed kernels need them, and the
     order to take the input's columns in (None: as they are).
 
@@ -206,8 +219,14 @@ def contiguous_groups(spec: PackedLinearSpec, tensors: Tensors, name: str
     codes = packing.unpack(tensors["qweight"], spec.bits, k_in)
     codes = torch.nn.functional.pad(codes if order is None else codes[:, order], (0, padded - k_in))
     tensors = {**tensors, "qweight": packing.pack(codes.contiguous(), spec.bits), "g_idx": None}
-    log.info("node '%s': %d input columns %s into %d whole groups of %d", name, k_in,
-             "sorted by group" if order is not None else "padded", spec.groups, group)
+    log.info(
+        "node '%s': %d input columns %s into %d whole groups of %d",
+        name,
+        k_in,
+        "sorted by group" if order is not None else "padded",
+        spec.groups,
+        group,
+    )
     return dataclasses.replace(spec, in_features=padded, has_g_idx=False), tensors, order
 
 
@@ -220,8 +239,9 @@ def grouped_columns(bb: relax.BlockBuilder, x: relax.Expr, order: torch.Tensor |
     return bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - k_in])) if padded != k_in else x
 
 
-def emit_on_rows(bb: relax.BlockBuilder, x: relax.Expr, n_out: int,
-                 call: Callable[[relax.Expr, int], relax.Expr]) -> relax.Expr:
+def emit_on_rows(
+    bb: relax.BlockBuilder, x: relax.Expr, n_out: int, call: Callable[[relax.Expr, int], relax.Expr]
+) -> relax.Expr:
     """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored."""
     shape = [int(d) for d in x.ty.shape]
     rows = math.prod(shape[:-1])
@@ -230,8 +250,14 @@ def emit_on_rows(bb: relax.BlockBuilder, x: relax.Expr, n_out: int,
     return bb.emit(relax.op.reshape(out, (*shape[:-1], n_out))) if len(shape) != 2 else out
 
 
-def call_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, x: relax.Expr,
-                consts: Sequence[torch.Tensor], n_out: int) -> relax.Call:
+def call_kernel(
+    bb: relax.BlockBuilder,
+    func: tvm.tirx.PrimFunc,
+    name: str,
+    x: relax.Expr,
+    consts: Sequence[torch.Tensor],
+    n_out: int,
+) -> relax.Call:
     """``call_tir`` of a linear kernel ``func(x, *consts, y)`` with ``consts`` as Relax constants."""
     gvar = bb.add_func(func, name)
     args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
@@ -240,20 +266,47 @@ def call_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, x: r
 
 def dequantized_weight(spec: PackedLinearSpec, tensors: Tensors) -> torch.Tensor:
     """The layer's fp32 weight ``(N, K)``, dequantized at compile time (what the fallbacks multiply by)."""
-    return packing.dequantize(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
-                              spec.bits, spec.group_size, spec.in_features)
+    return packing.dequantize(
+        tensors["qweight"],
+        tensors["scales"],
+        tensors["zeros"],
+        tensors["g_idx"],
+        spec.bits,
+        spec.group_size,
+        spec.in_features,
+    )
 
 
 def layer_spec(call: Mapping[str, Any], rows: int, tensors: Tensors, a8: bool) -> PackedLinearSpec:
     """The spec of one ``linear_packed``/``linear_packed_a8`` call (normalized kwargs) on ``rows`` input rows."""
     return PackedLinearSpec(
-        batch=rows, in_features=call["in_features"], out_features=tensors["qweight"].shape[0],
-        bits=call["bits"], group_size=call["group_size"], asymmetric=tensors["zeros"] is not None,
-        has_bias=tensors["bias"] is not None, has_g_idx=tensors["g_idx"] is not None,
-        act_bits=8 if a8 else None, act_dynamic=tensors.get("act_scale") is None,
+        batch=rows,
+        in_features=call["in_features"],
+        out_features=tensors["qweight"].shape[0],
+        bits=call["bits"],
+        group_size=call["group_size"],
+        asymmetric=tensors["zeros"] is not None,
+        has_bias=tensors["bias"] is not None,
+        has_g_idx=tensors["g_idx"] is not None,
+        act_bits=8 if a8 else None,
+        act_dynamic=tensors.get("act_scale") is None,
     )
 
 
-__all__ = ["FALLBACK", "LINEAR_PACKED_A8_NAME", "LINEAR_PACKED_NAME", "LoweredLinear", "Lowering",
-           "PackedLinearConverter", "call_kernel", "contiguous_groups", "dequantized_weight", "emit_on_rows",
-           "fallbacks", "grouped_columns", "layer_spec", "lower", "tuned_plan"]
+__all__ = [
+    "FALLBACK",
+    "LINEAR_PACKED_A8_NAME",
+    "LINEAR_PACKED_NAME",
+    "LoweredLinear",
+    "Lowering",
+    "PackedLinearConverter",
+    "call_kernel",
+    "contiguous_groups",
+    "dequantized_weight",
+    "emit_on_rows",
+    "fallbacks",
+    "grouped_columns",
+    "layer_spec",
+    "lower",
+    "tuned_plan",
+]

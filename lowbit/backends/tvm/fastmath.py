@@ -13,7 +13,7 @@ legalization, so only these operators change.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tvm import relax, te, tirx, topi
 

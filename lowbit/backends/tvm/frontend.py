@@ -59,21 +59,31 @@ def input_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> l
         value = inputs[index] if index < len(inputs) else node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             raise BackendError(f"graph input '{node.target}' has no example tensor; pass it in example_inputs")
-        specs.append(InputSpec(str(node.target), tuple(int(d) for d in value.shape),
-                               str(value.dtype).removeprefix("torch.")))
+        specs.append(
+            InputSpec(str(node.target), tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch."))
+        )
     return specs
 
 
-def import_graph(gm: fx.GraphModule, inputs: Sequence[InputSpec], convert: Mapping[str, Any],
-                 constant_linear: ConstantLinear | None = None) -> tvm.IRModule:
+def import_graph(
+    gm: fx.GraphModule,
+    inputs: Sequence[InputSpec],
+    convert: Mapping[str, Any],
+    constant_linear: ConstantLinear | None = None,
+) -> tvm.IRModule:
     """``gm`` as a Relax module for ``inputs``, with ``convert`` as extra converters (by operator name).
 
     Raises `BackendError` where the frontend cannot import an operator.
     """
     try:
         return GraphImporter(constant_linear).from_fx(
-            gm, [(spec.shape, spec.dtype) for spec in inputs], keep_params_as_input=False,
-            unwrap_unit_return_tuple=True, no_bind_return_tuple=False, custom_convert_map=dict(convert))
+            gm,
+            [(spec.shape, spec.dtype) for spec in inputs],
+            keep_params_as_input=False,
+            unwrap_unit_return_tuple=True,
+            no_bind_return_tuple=False,
+            custom_convert_map=dict(convert),
+        )
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
         raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
 
@@ -98,8 +108,9 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
 
     def _linear_module(self, node: fx.Node) -> relax.Expr:
         module = self.named_modules[node.target]
-        dense = self._dense_linear(node.name, self.env[node.args[0]], self.params[module.weight],
-                                   self.params.get(module.bias))
+        dense = self._dense_linear(
+            node.name, self.env[node.args[0]], self.params[module.weight], self.params.get(module.bias)
+        )
         return dense if dense is not None else super()._linear_module(node)
 
     def _linear(self, node: fx.Node) -> relax.Expr:
@@ -107,15 +118,18 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         dense = self._dense_linear(node.name, args[0], args[1], args[2] if len(args) > 2 else None)
         return dense if dense is not None else super()._linear(node)
 
-    def _dense_linear(self, name: str, x: relax.Expr, weight: relax.Expr,
-                      bias: relax.Expr | None) -> relax.Expr | None:
+    def _dense_linear(self, name: str, x: relax.Expr, weight: relax.Expr, bias: relax.Expr | None) -> relax.Expr | None:
         """The hook's expression for ``x · weightᵀ + bias``, or None unless every operand allows it."""
         operands = [weight] + ([bias] if bias is not None else [])
         if self.constant_linear is None or not all(
-                isinstance(t, tvm.ir.expr.Constant) and t.value.dtype == "float32" for t in operands):
+            isinstance(t, tvm.ir.expr.Constant) and t.value.dtype == "float32" for t in operands
+        ):
             return None
-        if x.ty.dtype != "float32" or len(weight.value.shape) != 2 or not all(
-                isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape):
+        if (
+            x.ty.dtype != "float32"
+            or len(weight.value.shape) != 2
+            or not all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape)
+        ):
             return None
         as_torch = [torch.from_numpy(t.value.numpy()) for t in operands]
         log.debug("node '%s': fp32 linear %dx%d with a constant weight", name, *as_torch[0].shape[::-1])
@@ -123,10 +137,15 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
 
     def create_convert_map(self) -> dict[Any, Any]:
         aten = ExportedProgramImporter.create_convert_map(self)
-        return {**aten, "to.device": self._to_device, "new_ones.default": self._new_ones_typed,
-                "scaled_dot_product_attention.default": self._attention,
-                "diff.default": self._diff,
-                "cumsum.default": self._cumsum_promoted, **TorchFXImporter.create_convert_map(self)}
+        return {
+            **aten,
+            "to.device": self._to_device,
+            "new_ones.default": self._new_ones_typed,
+            "scaled_dot_product_attention.default": self._attention,
+            "diff.default": self._diff,
+            "cumsum.default": self._cumsum_promoted,
+            **TorchFXImporter.create_convert_map(self),
+        }
 
     def _new_ones_typed(self, node: fx.Node) -> relax.Expr:
         """``aten.new_ones(x, size, dtype=...)``: the upstream converter ignores ``dtype``."""
@@ -151,8 +170,9 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         head_dim = int(query.ty.shape[-1])
         scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
         dtype = query.ty.dtype
-        key_t = bb.emit(relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1,
-                                                    len(key.ty.shape) - 2]))
+        key_t = bb.emit(
+            relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1, len(key.ty.shape) - 2])
+        )
         scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
         mask = call.get("attn_mask")
         if mask is not None:

@@ -48,7 +48,7 @@ def _wrapper_name(node: fx.Node) -> str | None:
 
 def _inline(gm: fx.GraphModule, node: fx.Node, leading: int) -> None:
     """Copy the body of one wrapper call before it and rewire its users."""
-    submodule_arg, inputs = node.args[leading], node.args[leading + 1:]
+    submodule_arg, inputs = node.args[leading], node.args[leading + 1 :]
     if not isinstance(submodule_arg, fx.Node) or submodule_arg.op != "get_attr":
         raise BackendError(f"node '{node.name}': expected a submodule argument, got {submodule_arg!r}")
     body = getattr(gm, str(submodule_arg.target))

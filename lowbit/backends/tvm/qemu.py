@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -79,8 +79,10 @@ def find_root(root: str | Path | None = None) -> ArmRoot:
     """The prepared root at ``root`` (default `default_root`), or `EmulatorUnavailable` naming the setup command."""
     found = ArmRoot(Path(root).resolve() if root is not None else default_root())
     if not (found.path / STAMP).is_file() or not found.python.is_file() or not (found.site / "tvm").is_dir():
-        raise EmulatorUnavailable(f"no emulated aarch64 runtime at {found.path}: run `{SETUP_COMMAND}` "
-                                  "(or point LOWBIT_ARM_ROOT at a root it prepared)")
+        raise EmulatorUnavailable(
+            f"no emulated aarch64 runtime at {found.path}: run `{SETUP_COMMAND}` "
+            "(or point LOWBIT_ARM_ROOT at a root it prepared)"
+        )
     return found
 
 
@@ -126,21 +128,45 @@ def unavailable_reason(cpu: str = DEFAULT_CPU) -> str | None:
     return None
 
 
-def emulated_server(cpu: str = DEFAULT_CPU, tracker: rpc.Address | str | None = None, key: str = "",
-                    load_library: str | None = None, timeout: float = START_TIMEOUT,
-                    root: str | Path | None = None) -> rpc.Server:
+def emulated_server(
+    cpu: str = DEFAULT_CPU,
+    tracker: rpc.Address | str | None = None,
+    key: str = "",
+    load_library: str | None = None,
+    timeout: float = START_TIMEOUT,
+    root: str | Path | None = None,
+) -> rpc.Server:
     """A TVM RPC server in the emulated Python on ``cpu`` (stop it, or use it as a context manager)."""
-    return rpc.Server(tracker=tracker, key=key, python=str(python_wrapper(cpu, root)), load_library=load_library,
-                      timeout=timeout)
+    return rpc.Server(
+        tracker=tracker, key=key, python=str(python_wrapper(cpu, root)), load_library=load_library, timeout=timeout
+    )
 
 
-def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None, *,
-                 cpu: str = DEFAULT_CPU, repeats: int = 1, timeout: float = START_TIMEOUT,
-                 root: str | Path | None = None) -> rpc.RunResult:
+def run_artifact(
+    path: str | Path,
+    inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None,
+    *,
+    cpu: str = DEFAULT_CPU,
+    repeats: int = 1,
+    timeout: float = START_TIMEOUT,
+    root: str | Path | None = None,
+) -> rpc.RunResult:
     """Run an exported aarch64 artifact on an emulated ``cpu`` (through an RPC server under qemu)."""
     with emulated_server(cpu, timeout=timeout, root=root) as server:
         return rpc.run_artifact(path, inputs, rpc=str(server.address), timeout=timeout, repeats=repeats)
 
 
-__all__ = ["ArmRoot", "DEFAULT_CPU", "EmulatorUnavailable", "QEMU", "QEMU_PACKAGE", "SETUP_COMMAND", "default_root",
-           "emulated_server", "find_root", "python_wrapper", "qemu_binary", "run_artifact"]
+__all__ = [
+    "ArmRoot",
+    "DEFAULT_CPU",
+    "EmulatorUnavailable",
+    "QEMU",
+    "QEMU_PACKAGE",
+    "SETUP_COMMAND",
+    "default_root",
+    "emulated_server",
+    "find_root",
+    "python_wrapper",
+    "qemu_binary",
+    "run_artifact",
+]

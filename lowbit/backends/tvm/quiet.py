@@ -37,8 +37,11 @@ def quiet_tvm() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            kept = [line for line in capture.read().splitlines(keepends=True)
-                    if not any(text.encode() in line for text in SILENCED)]
+            kept = [
+                line
+                for line in capture.read().splitlines(keepends=True)
+                if not any(text.encode() in line for text in SILENCED)
+            ]
             if kept:
                 os.write(2, b"".join(kept))
 

@@ -33,9 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class Address:
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> "Address":
+    def parse(cls, text: str) -> Address:
         host, sep, port = str(text).rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise RPCError(f"an RPC address is HOST:PORT (e.g. 127.0.0.1:9190), got {text!r}")
@@ -122,8 +123,13 @@ class _Process:
         os.close(handle)
         log.debug("starting %s: %s (output in %s)", what, " ".join(command), self._log)
         with open(self._log, "ab") as output:  # append mode: the child writes at the end whatever we read
-            self.process = subprocess.Popen(list(command), stdout=output, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env={**os.environ, **(env or {})})
+            self.process = subprocess.Popen(
+                list(command),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
 
     def output(self) -> str:
         """Everything the process printed so far."""
@@ -156,12 +162,23 @@ class Tracker:
 
     def __init__(self, host: str = LOCALHOST, port: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = Address(host, port or free_port(host))
-        command = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(self.address.port),
-                   "--port-end", str(self.address.port + 1), "--silent"]
+        command = [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            host,
+            "--port",
+            str(self.address.port),
+            "--port-end",
+            str(self.address.port + 1),
+            "--silent",
+        ]
         self._process = _Process(command, RUNTIME_ONLY, f"RPC tracker {self.address}")
         try:
-            _wait_until(lambda: self._ready(), timeout, f"the RPC tracker at {self.address} did not start",
-                        self._process)
+            _wait_until(
+                lambda: self._ready(), timeout, f"the RPC tracker at {self.address} did not start", self._process
+            )
         except BaseException:
             self.stop()
             raise
@@ -182,7 +199,7 @@ class Tracker:
     def stop(self) -> None:
         self._process.stop()
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -199,9 +216,16 @@ class Server:
     them as free.
     """
 
-    def __init__(self, tracker: Address | str | None = None, key: str = "", host: str = LOCALHOST,
-                 python: str | None = None, env: Mapping[str, str] | None = None,
-                 load_library: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        tracker: Address | str | None = None,
+        key: str = "",
+        host: str = LOCALHOST,
+        python: str | None = None,
+        env: Mapping[str, str] | None = None,
+        load_library: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         if tracker is not None and not key:
             raise RPCError("a server registered at a tracker needs a key naming its kind of device")
         tracker_text = str(Address.parse(str(tracker))) if tracker is not None else ""
@@ -210,8 +234,12 @@ class Server:
         try:
             self.address = Address(host, self._wait_ready(timeout))
             if tracker is not None:
-                _wait_until(lambda: _registered(Address.parse(tracker_text), key), timeout,
-                            f"the RPC server did not register at the tracker {tracker_text} as '{key}'", self._process)
+                _wait_until(
+                    lambda: _registered(Address.parse(tracker_text), key),
+                    timeout,
+                    f"the RPC server did not register at the tracker {tracker_text} as '{key}'",
+                    self._process,
+                )
         except BaseException:
             self.stop()
             raise
@@ -237,7 +265,7 @@ class Server:
     def stop(self) -> None:
         self._process.stop()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -277,20 +305,28 @@ def connect(rpc: str, key: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
 
     address = Address.parse(rpc)
     if not key:
-        return _bounded(lambda: tvm_rpc.connect(address.host, address.port), timeout,
-                        f"RPC server {address}")
-    tracker = _bounded(lambda: tvm_rpc.connect_tracker(address.host, address.port), timeout,
-                       f"RPC tracker {address}")
+        return _bounded(lambda: tvm_rpc.connect(address.host, address.port), timeout, f"RPC server {address}")
+    tracker = _bounded(lambda: tvm_rpc.connect_tracker(address.host, address.port), timeout, f"RPC tracker {address}")
     try:
-        return _bounded(lambda: tracker.request(key, max_retry=1), timeout,
-                        f"a device with key '{key}' at the RPC tracker {address}")
+        return _bounded(
+            lambda: tracker.request(key, max_retry=1),
+            timeout,
+            f"a device with key '{key}' at the RPC tracker {address}",
+        )
     finally:
         tracker.close()
 
 
-def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None, *,
-                 rpc: str | None = None, key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 repeats: int = 10, seed: int = 0) -> RunResult:
+def run_artifact(
+    path: str | Path,
+    inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None,
+    *,
+    rpc: str | None = None,
+    key: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    repeats: int = 10,
+    seed: int = 0,
+) -> RunResult:
     """Run the exported artifact at ``path`` with the TVM runtime, here or on the device at ``rpc``.
 
     ``inputs`` are arrays in the model's input order or by input name; None draws
@@ -305,14 +341,18 @@ def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, n
     path = Path(path)
     manifest = artifact.read_manifest(path)
     if not (path / LIBRARY_FILE).is_file() or not (path / SIGNATURE_FILE).is_file():
-        raise ArtifactError(f"{path} was built for target {manifest.get('target')!r}; the TVM runtime runs "
-                            "artifacts of the TVM targets (x86, arm)")
+        raise ArtifactError(
+            f"{path} was built for target {manifest.get('target')!r}; the TVM runtime runs "
+            "artifacts of the TVM targets (x86, arm)"
+        )
     signature = json.loads((path / SIGNATURE_FILE).read_text())
     arrays = bind_inputs(signature["inputs"], inputs, seed)
     if rpc is None:
         if signature["arch"] != host_arch():
-            raise RPCError(f"{path} holds a library for {signature['arch']}; this machine is {host_arch()}. "
-                           "Run it on a device with --rpc HOST:PORT")
+            raise RPCError(
+                f"{path} holds a library for {signature['arch']}; this machine is {host_arch()}. "
+                "Run it on a device with --rpc HOST:PORT"
+            )
         import tvm
 
         with quiet_tvm():
@@ -320,16 +360,16 @@ def run_artifact(path: str | Path, inputs: Sequence[np.ndarray] | Mapping[str, n
         return _run(module, tvm.cpu(), arrays, repeats, "local cpu")
     device = f"{rpc} (key '{key}')" if key else rpc
     try:
-        return _run_remote(connect(rpc, key, timeout), path / LIBRARY_FILE, arrays, repeats, device,
-                           signature["arch"])
+        return _run_remote(connect(rpc, key, timeout), path / LIBRARY_FILE, arrays, repeats, device, signature["arch"])
     finally:
         # TVM's VM and RPC objects hold reference cycles, so the session would stay open until the
         # next garbage collection, and a server serves one session at a time: close it now.
         gc.collect()
 
 
-def _run_remote(session: Any, library: Path, arrays: Sequence[np.ndarray], repeats: int, device: str,
-                arch: str) -> RunResult:
+def _run_remote(
+    session: Any, library: Path, arrays: Sequence[np.ndarray], repeats: int, device: str, arch: str
+) -> RunResult:
     try:
         session.upload(str(library))
         module = session.load_module(library.name)
@@ -338,8 +378,9 @@ def _run_remote(session: Any, library: Path, arrays: Sequence[np.ndarray], repea
     return _run(module, session.cpu(), arrays, repeats, device)
 
 
-def bind_inputs(specs: Sequence[Mapping[str, Any]], inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None,
-                seed: int = 0) -> list[np.ndarray]:
+def bind_inputs(
+    specs: Sequence[Mapping[str, Any]], inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None, seed: int = 0
+) -> list[np.ndarray]:
     """Arrays for the compiled inputs ``specs`` (name, shape, dtype), checked; random ones when ``inputs`` is None."""
     names = [spec["name"] for spec in specs]
     if inputs is None:
@@ -357,8 +398,10 @@ def bind_inputs(specs: Sequence[Mapping[str, Any]], inputs: Sequence[np.ndarray]
     for spec, value in zip(specs, inputs):
         value = np.asarray(value)
         if tuple(value.shape) != tuple(spec["shape"]) or str(value.dtype) != spec["dtype"]:
-            raise RPCError(f"input '{spec['name']}' must be {spec['dtype']} of shape {tuple(spec['shape'])}, "
-                           f"got {value.dtype} of shape {tuple(value.shape)}")
+            raise RPCError(
+                f"input '{spec['name']}' must be {spec['dtype']} of shape {tuple(spec['shape'])}, "
+                f"got {value.dtype} of shape {tuple(value.shape)}"
+            )
         arrays.append(np.ascontiguousarray(value))
     return arrays
 
@@ -426,5 +469,17 @@ def _message(error: BaseException) -> str:
     return text.splitlines()[-1] if text else type(error).__name__
 
 
-__all__ = ["Address", "DEFAULT_TIMEOUT", "RPCError", "RunResult", "Server", "Tracker", "bind_inputs", "connect",
-           "free_port", "free_servers", "run_artifact", "tracker_summary"]
+__all__ = [
+    "Address",
+    "DEFAULT_TIMEOUT",
+    "RPCError",
+    "RunResult",
+    "Server",
+    "Tracker",
+    "bind_inputs",
+    "connect",
+    "free_port",
+    "free_servers",
+    "run_artifact",
+    "tracker_summary",
+]

@@ -45,8 +45,14 @@ class Runner(ABC):
     #: TVM's name of the device inputs are copied to (``"cpu"``, ``"cuda"``).
     device_type: ClassVar[str]
 
-    def __init__(self, executable: Any, device: Any, inputs: Sequence[InputSpec],
-                 linears: Sequence[LoweredLinear] = (), tuning: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        executable: Any,
+        device: Any,
+        inputs: Sequence[InputSpec],
+        linears: Sequence[LoweredLinear] = (),
+        tuning: Sequence[Any] = (),
+    ) -> None:
         self.executable = executable
         self.inputs = list(inputs)
         self.linears = list(linears)
@@ -73,16 +79,19 @@ class Runner(ABC):
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
         """The inputs in graph order, checked against the compiled shapes and dtypes."""
         names = [spec.name for spec in self.inputs]
-        unknown = sorted(set(kwargs) - set(names[len(args):]))
+        unknown = sorted(set(kwargs) - set(names[len(args) :]))
         if len(args) > len(names) or unknown:
             raise BackendError(f"this module takes inputs {names}, got {len(args)} positional and {sorted(kwargs)}")
-        values = list(args) + [kwargs.get(name) for name in names[len(args):]]
-        got = [(tuple(v.shape), str(v.dtype).removeprefix("torch.")) if isinstance(v, torch.Tensor) else
-               type(v).__name__ for v in values]
+        values = list(args) + [kwargs.get(name) for name in names[len(args) :]]
+        got = [
+            (tuple(v.shape), str(v.dtype).removeprefix("torch.")) if isinstance(v, torch.Tensor) else type(v).__name__
+            for v in values
+        ]
         expected = [(spec.shape, spec.dtype) for spec in self.inputs]
         if got != expected:
-            raise BackendError(f"this module was compiled for inputs {expected}, got {got}; "
-                               "compile it again for new shapes")
+            raise BackendError(
+                f"this module was compiled for inputs {expected}, got {got}; compile it again for new shapes"
+            )
         return values
 
     @abstractmethod
@@ -95,8 +104,10 @@ class Runner(ABC):
 
     def signature(self) -> dict[str, Any]:
         """What a saved library needs to be loaded and called again (`write_signature`)."""
-        return {"inputs": [dataclasses.asdict(spec) for spec in self.inputs],
-                "linears": [dataclasses.asdict(linear) for linear in self.linears]}
+        return {
+            "inputs": [dataclasses.asdict(spec) for spec in self.inputs],
+            "linears": [dataclasses.asdict(linear) for linear in self.linears],
+        }
 
 
 class CPURunner(Runner):
@@ -104,15 +115,24 @@ class CPURunner(Runner):
 
     device_type = "cpu"
 
-    def __init__(self, executable: Any, arch: str, features: Sequence[str], inputs: Sequence[InputSpec],
-                 linears: Sequence[LoweredLinear] = (), tuning: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        executable: Any,
+        arch: str,
+        features: Sequence[str],
+        inputs: Sequence[InputSpec],
+        linears: Sequence[LoweredLinear] = (),
+        tuning: Sequence[Any] = (),
+    ) -> None:
         self.arch = arch
         self.features = list(features)
         super().__init__(executable, tvm.cpu() if arch == host_arch() else None, inputs, linears, tuning)
 
     def not_runnable(self) -> str:
-        return (f"this module is cross-compiled for {self.arch} and cannot run on this {host_arch()} machine; "
-                "export it and run it on the device")
+        return (
+            f"this module is cross-compiled for {self.arch} and cannot run on this {host_arch()} machine; "
+            "export it and run it on the device"
+        )
 
     def signature(self) -> dict[str, Any]:
         return {"arch": self.arch, "features": self.features, **super().signature()}
@@ -127,16 +147,25 @@ class CUDARunner(Runner):
 
     device_type = "cuda"
 
-    def __init__(self, executable: Any, target: Target, inputs: Sequence[InputSpec],
-                 linears: Sequence[LoweredLinear] = (), source: str | None = None, tuning: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        executable: Any,
+        target: Target,
+        inputs: Sequence[InputSpec],
+        linears: Sequence[LoweredLinear] = (),
+        source: str | None = None,
+        tuning: Sequence[Any] = (),
+    ) -> None:
         self.target = target
         self.arch = cuda_arch(target)
         self.source = source
         super().__init__(executable, tvm.cuda(0) if cuda_available() else None, inputs, linears, tuning)
 
     def not_runnable(self) -> str:
-        return (f"this module is compiled for CUDA {self.arch} and this machine has no CUDA device; "
-                "export it and run it on a GPU machine")
+        return (
+            f"this module is compiled for CUDA {self.arch} and this machine has no CUDA device; "
+            "export it and run it on a GPU machine"
+        )
 
     def output_device(self, inputs: Sequence[torch.Tensor]) -> torch.device | None:
         return inputs[0].device if inputs else torch.device("cpu")
@@ -164,8 +193,10 @@ def signature_inputs(signature: Mapping[str, Any]) -> list[InputSpec]:
 
 def signature_linears(signature: Mapping[str, Any]) -> list[LoweredLinear]:
     """The `LoweredLinear` list of a saved signature."""
-    return [LoweredLinear(item["node"], PackedLinearSpec(**item["spec"]), item["kernel"], item["reason"])
-            for item in signature["linears"]]
+    return [
+        LoweredLinear(item["node"], PackedLinearSpec(**item["spec"]), item["kernel"], item["reason"])
+        for item in signature["linears"]
+    ]
 
 
 def to_tvm(value: torch.Tensor, device: str = "cpu") -> tvm.runtime.Tensor:
@@ -185,6 +216,18 @@ def to_torch(value: Any, device: torch.device | None = None) -> Any:
     return tuple(to_torch(item, device) for item in value)
 
 
-__all__ = ["DLPACK_ALIGNMENT", "LIBRARY_FILE", "SIGNATURE_FILE", "CPURunner", "CUDARunner", "Runner",
-           "cuda_available", "read_signature", "signature_inputs", "signature_linears", "to_torch", "to_tvm",
-           "write_signature"]
+__all__ = [
+    "DLPACK_ALIGNMENT",
+    "LIBRARY_FILE",
+    "SIGNATURE_FILE",
+    "CPURunner",
+    "CUDARunner",
+    "Runner",
+    "cuda_available",
+    "read_signature",
+    "signature_inputs",
+    "signature_linears",
+    "to_torch",
+    "to_tvm",
+    "write_signature",
+]

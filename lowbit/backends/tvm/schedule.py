@@ -200,5 +200,11 @@ def _static_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | No
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-__all__ = ["Elementwise", "ParallelFallback", "TiledReduction", "cpu_rules", "parallel_vectorize",
-           "schedule_tiled_reduction"]
+__all__ = [
+    "Elementwise",
+    "ParallelFallback",
+    "TiledReduction",
+    "cpu_rules",
+    "parallel_vectorize",
+    "schedule_tiled_reduction",
+]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tvm.target import Target, codegen
 
@@ -46,7 +47,9 @@ def resolve_target(target: str | Mapping[str, Any] | Target) -> Target:
         if target["kind"] == "cuda":
             return _cuda_target(dict(target))
         return _make_target(dict(target))
-    raise BackendError(f"a target is a name ({', '.join(TARGET_NAMES)}) or a TVM target dict, not {type(target).__name__}")
+    raise BackendError(
+        f"a target is a name ({', '.join(TARGET_NAMES)}) or a TVM target dict, not {type(target).__name__}"
+    )
 
 
 def x86_host_target() -> dict[str, Any]:
@@ -119,7 +122,9 @@ def cuda_arch(target: Target) -> str:
         raise BackendError(f"expected a CUDA target, got kind '{target.kind.name}'")
     arch = str(target.attrs["arch"])  # TVM checks its form (sm_XX) and sets a default
     if int(arch[3:].rstrip("af")) < MIN_CUDA_ARCH:
-        raise BackendError(f"CUDA target {arch} is older than sm_{MIN_CUDA_ARCH}; the CUDA backend needs sm_80 or newer")
+        raise BackendError(
+            f"CUDA target {arch} is older than sm_{MIN_CUDA_ARCH}; the CUDA backend needs sm_80 or newer"
+        )
     return arch
 
 
@@ -146,4 +151,14 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-__all__ = ["TARGET_NAMES", "cuda_arch", "float32_lanes", "has_features", "host_arch", "resolve_target", "runs_on_host", "target_arch", "x86_host_target"]
+__all__ = [
+    "TARGET_NAMES",
+    "cuda_arch",
+    "float32_lanes",
+    "has_features",
+    "host_arch",
+    "resolve_target",
+    "runs_on_host",
+    "target_arch",
+    "x86_host_target",
+]

@@ -84,8 +84,11 @@ class BoneConfig(AdapterConfig):
     """Options of the ``bone`` pass (PEFT's and the author's default: r=64, dropout 0)."""
 
     rank: int = option(64, min=1, help="block size r")
-    variant: str = option("balance", choices=("balance", "bat"),
-                          help="'balance': shared additive block (Bone/MiSS); 'bat': W·B + B block-affine form")
+    variant: str = option(
+        "balance",
+        choices=("balance", "bat"),
+        help="'balance': shared additive block (Bone/MiSS); 'bat': W·B + B block-affine form",
+    )
     dropout: float = option(0.0, min=0, max=1, help="dropout on the input of the balance form's branch")
 
     def check(self, pass_name: str) -> None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import difflib
 import logging
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -42,7 +43,7 @@ class AdapterError(LowbitError):
 
 
 #: Adapter module classes by name, so saved adapters can be rebuilt from their spec.
-MODULES: dict[str, type["AdapterModule"]] = {}
+MODULES: dict[str, type[AdapterModule]] = {}
 
 
 class AdapterModule(nn.Module):
@@ -169,16 +170,18 @@ def base_layers(gm: fx.GraphModule) -> dict[str, BaseLayer]:
     for node in gm.graph.nodes:
         if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear:
             linear = gm.get_submodule(node.target)
-            layer = layers.setdefault(node.target, BaseLayer(node.target, [], linear.in_features,
-                                                            linear.out_features, False))
+            layer = layers.setdefault(
+                node.target, BaseLayer(node.target, [], linear.in_features, linear.out_features, False)
+            )
             layer.nodes.append(node)
         elif node.op == "call_function" and node.target is ops.linear_packed:
             meta = get_meta(node)
             if meta is None:
                 continue
             packed = gm.get_submodule(meta.layer)
-            layer = layers.setdefault(meta.layer, BaseLayer(meta.layer, [], packed.in_features,
-                                                           packed.out_features, True))
+            layer = layers.setdefault(
+                meta.layer, BaseLayer(meta.layer, [], packed.in_features, packed.out_features, True)
+            )
             layer.nodes.append(node)
     return layers
 
@@ -324,8 +327,9 @@ def base_weight(gm: fx.GraphModule, path: str) -> torch.Tensor:
     """The layer's weight ``(out, in)``: the parameter, or the dequantized float32 packed weight."""
     base = gm.get_submodule(path)
     if isinstance(base, PackedLinear):
-        return packing.dequantize(base.qweight, base.scales, base.zeros, base.g_idx, base.bits,
-                                  base.group_size, base.in_features)
+        return packing.dequantize(
+            base.qweight, base.scales, base.zeros, base.g_idx, base.bits, base.group_size, base.in_features
+        )
     return base.weight.detach()
 
 
@@ -333,8 +337,11 @@ def base_tensors(gm: fx.GraphModule, path: str) -> dict[str, torch.Tensor | None
     """Copies of the tensors that define the layer's weight (what merge changes)."""
     base = gm.get_submodule(path)
     if isinstance(base, PackedLinear):
-        return {name: None if getattr(base, name) is None else getattr(base, name).clone()
-                for name in PACKED_BUFFERS if name != "bias"}
+        return {
+            name: None if getattr(base, name) is None else getattr(base, name).clone()
+            for name in PACKED_BUFFERS
+            if name != "bias"
+        }
     return {"weight": base.weight.detach().clone()}
 
 
@@ -368,8 +375,25 @@ def _adapter_branches_exist(gm: fx.GraphModule) -> None:
 
 
 __all__ = [
-    "AdapterConfig", "AdapterError", "AdapterModule", "AdapterPass", "BaseLayer", "MODULES", "adapted_layers",
-    "adapter_module", "attach", "base_layers", "base_tensors", "base_weight", "check_rank", "close_names",
-    "freeze_base", "insert_branches", "layer_calls", "remove_branches", "restore_base_tensors", "select_layers",
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterModule",
+    "AdapterPass",
+    "BaseLayer",
+    "MODULES",
+    "adapted_layers",
+    "adapter_module",
+    "attach",
+    "base_layers",
+    "base_tensors",
+    "base_weight",
+    "check_rank",
+    "close_names",
+    "freeze_base",
+    "insert_branches",
+    "layer_calls",
+    "remove_branches",
+    "restore_base_tensors",
+    "select_layers",
     "target_matches",
 ]

@@ -17,8 +17,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -27,7 +28,15 @@ from safetensors.torch import save_file
 
 from lowbit.ir.annotations import Adapter
 from lowbit.passes.adapters.common import (
-    MODULES, AdapterError, AdapterModule, BaseLayer, adapted_layers, adapter_module, attach, base_layers, close_names,
+    MODULES,
+    AdapterError,
+    AdapterModule,
+    BaseLayer,
+    adapted_layers,
+    adapter_module,
+    attach,
+    base_layers,
+    close_names,
     freeze_base,
 )
 from lowbit.passes.adapters.lora import LoRAModule
@@ -119,13 +128,16 @@ def import_peft_lora(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModul
     layers = base_layers(gm)
     for layer, pair in pairs.items():
         if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{directory}: layer '{layer}' has lora_{next(iter(pair))} but no lora_"
-                               f"{'B' if 'A' in pair else 'A'}")
+            raise AdapterError(
+                f"{directory}: layer '{layer}' has lora_{next(iter(pair))} but no lora_{'B' if 'A' in pair else 'A'}"
+            )
         (key_a, a), (key_b, b) = pair["A"], pair["B"]
         rank = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank:
-            raise AdapterError(f"{directory}: key '{key_b}' of shape {tuple(b.shape)} does not pair with '{key_a}' "
-                               f"of shape {tuple(a.shape)}")
+            raise AdapterError(
+                f"{directory}: key '{key_b}' of shape {tuple(b.shape)} does not pair with '{key_a}' "
+                f"of shape {tuple(a.shape)}"
+            )
         base = _matching_layer(layers, layer, key_a, a.shape[1], b.shape[0], directory)
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, layer, config.get("lora_alpha", 8)))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -160,8 +172,10 @@ def _peft_config(directory: Path) -> dict[str, Any]:
         if config.get(option):
             raise AdapterError(f"{path}: {option}=true is not plain LoRA and is not supported")
     if config.get("modules_to_save"):
-        raise AdapterError(f"{path}: modules_to_save={config['modules_to_save']} (fully trained modules) is not "
-                           "supported; only LoRA A/B weights are imported")
+        raise AdapterError(
+            f"{path}: modules_to_save={config['modules_to_save']} (fully trained modules) is not "
+            "supported; only LoRA A/B weights are imported"
+        )
     return config
 
 
@@ -173,21 +187,26 @@ def _pattern_value(patterns: Mapping[str, Any], layer: str, default: Any) -> Any
     return default
 
 
-def _matching_layer(layers: dict[str, BaseLayer], layer: str, key: str, in_features: int, out_features: int,
-                    source: Any) -> BaseLayer:
+def _matching_layer(
+    layers: dict[str, BaseLayer], layer: str, key: str, in_features: int, out_features: int, source: Any
+) -> BaseLayer:
     """The graph's layer for ``key`` of ``source``; errors name the key when it does not fit."""
     base = layers.get(layer)
     if base is None:
-        raise AdapterError(f"{source}: key '{key}' is for layer '{layer}', which this graph does not have"
-                           f"{close_names(layer, layers)}")
+        raise AdapterError(
+            f"{source}: key '{key}' is for layer '{layer}', which this graph does not have{close_names(layer, layers)}"
+        )
     if (base.in_features, base.out_features) != (in_features, out_features):
-        raise AdapterError(f"{source}: key '{key}' is for a {in_features} -> {out_features} layer, but '{layer}' "
-                           f"is {base.in_features} -> {base.out_features} in this graph")
+        raise AdapterError(
+            f"{source}: key '{key}' is for a {in_features} -> {out_features} layer, but '{layer}' "
+            f"is {base.in_features} -> {base.out_features} in this graph"
+        )
     return base
 
 
-def _load_residual(gm: fx.GraphModule, base: BaseLayer, tensors: Mapping[str, torch.Tensor], layer: str,
-                   source: Any) -> None:
+def _load_residual(
+    gm: fx.GraphModule, base: BaseLayer, tensors: Mapping[str, torch.Tensor], layer: str, source: Any
+) -> None:
     key = f"{layer}.weight"
     if base.packed:
         raise AdapterError(f"{source}: key '{key}' is a residual base weight but '{layer}' is packed in this graph")

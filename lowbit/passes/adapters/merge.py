@@ -26,8 +26,15 @@ import torch.fx as fx
 from lowbit.ir import packing
 from lowbit.ir.annotations import Adapter, annotate
 from lowbit.passes.adapters.common import (
-    AdapterError, AdapterModule, adapted_layers, adapter_module, base_tensors, base_weight, insert_branches,
-    remove_branches, restore_base_tensors,
+    AdapterError,
+    AdapterModule,
+    adapted_layers,
+    adapter_module,
+    base_tensors,
+    base_weight,
+    insert_branches,
+    remove_branches,
+    restore_base_tensors,
 )
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig
@@ -108,8 +115,11 @@ class UnmergeAdapters(Pass):
             insert_branches(gm, path, module)
             _mark(nodes, path, adapter, merged=False)
             records.append(LayerRecord(path, "unmerged"))
-        return PassResult(changed=any(r.action == "unmerged" for r in records), layers=records,
-                          stats={"unmerged": sum(r.action == "unmerged" for r in records)})
+        return PassResult(
+            changed=any(r.action == "unmerged" for r in records),
+            layers=records,
+            stats={"unmerged": sum(r.action == "unmerged" for r in records)},
+        )
 
 
 def merge_layer(gm: fx.GraphModule, path: str, module: AdapterModule) -> dict[str, float]:
@@ -128,8 +138,14 @@ def merge_layer(gm: fx.GraphModule, path: str, module: AdapterModule) -> dict[st
             getattr(base, name).copy_(tensor)
     error = relative_error(merged, base_weight(gm, path))
     update = relative_error(weight, merged)
-    log.info("merge_adapters: re-quantized %s (w%d g%d): relative weight error %.3g, relative update %.3g",
-             path, base.bits, base.group_size, error, update)
+    log.info(
+        "merge_adapters: re-quantized %s (w%d g%d): relative weight error %.3g, relative update %.3g",
+        path,
+        base.bits,
+        base.group_size,
+        error,
+        update,
+    )
     return {"requant_rel_error": error, "update_rel_norm": update}
 
 

@@ -39,8 +39,9 @@ class SORSAModule(AdapterModule):
 
     kind = "sorsa"
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 1.0,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, scale: float = 1.0, dropout: float = 0.0
+    ) -> None:
         super().__init__(in_features, out_features, rank)
         self.scale = scale
         self.p = dropout

@@ -80,10 +80,18 @@ class ApplyMasks(Pass):
             node = node if annotation.merged else restore_call(gm, node, path)
             annotate(node, path, sparsity=sparsity)
         log.debug("apply_masks: %s -> %s (%d weights re-zeroed)", path, sparsity.describe(), rezeroed)
-        return LayerRecord(path, "reapplied" if annotation.merged else "applied", stats={
-            "target": sparsity.target, "achieved": achieved, "params": module.weight.numel(),
-            "pattern": sparsity.pattern, "method": sparsity.method, "rezeroed": rezeroed,
-        })
+        return LayerRecord(
+            path,
+            "reapplied" if annotation.merged else "applied",
+            stats={
+                "target": sparsity.target,
+                "achieved": achieved,
+                "params": module.weight.numel(),
+                "pattern": sparsity.pattern,
+                "method": sparsity.method,
+                "rezeroed": rezeroed,
+            },
+        )
 
 
 def _mask(gm: fx.GraphModule, sparsity: Sparsity) -> torch.Tensor | None:

@@ -32,19 +32,61 @@ log = logging.getLogger(__name__)
 
 #: Modules and functions that act on each channel independently (pass-through for the chain).
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
-    nn.Mish, nn.ELU, nn.Dropout, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.ELU,
+    nn.Dropout,
+    nn.Identity,
 )
-ELEMENTWISE_FUNCTIONS = frozenset({
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.mish, F.elu, F.dropout,
-    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.sigmoid, torch.nn.functional.tanh,
-    *(getattr(torch.ops.aten, op).default for op in (
-        "relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "mish", "elu", "sigmoid", "tanh",
-        "dropout", "clone",
-    )),
-})
+ELEMENTWISE_FUNCTIONS = frozenset(
+    {
+        F.relu,
+        F.relu6,
+        F.gelu,
+        F.silu,
+        F.hardswish,
+        F.hardsigmoid,
+        F.leaky_relu,
+        F.mish,
+        F.elu,
+        F.dropout,
+        torch.relu,
+        torch.sigmoid,
+        torch.tanh,
+        torch.nn.functional.sigmoid,
+        torch.nn.functional.tanh,
+        *(
+            getattr(torch.ops.aten, op).default
+            for op in (
+                "relu",
+                "relu6",
+                "gelu",
+                "silu",
+                "hardswish",
+                "hardsigmoid",
+                "leaky_relu",
+                "mish",
+                "elu",
+                "sigmoid",
+                "tanh",
+                "dropout",
+                "clone",
+            )
+        ),
+    }
+)
 ELEMENTWISE_METHODS = frozenset({"relu", "sigmoid", "tanh", "contiguous"})
-SCALAR_OPS = frozenset({operator.mul, operator.truediv, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor})
+SCALAR_OPS = frozenset(
+    {operator.mul, operator.truediv, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor}
+)
 NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -121,14 +163,28 @@ class PruneChannels(Pass):
                 continue
             if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
                 continue
-            if node.op == "call_function" and node.target in SCALAR_OPS \
-                    and not any(isinstance(a, fx.Node) for a in node.args[1:]):
+            if (
+                node.op == "call_function"
+                and node.target in SCALAR_OPS
+                and not any(isinstance(a, fx.Node) for a in node.args[1:])
+            ):
                 continue
-            return None, f"its output reaches '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}), " \
-                         "which is not channel-wise"
+            return (
+                None,
+                f"its output reaches '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}), "
+                "which is not channel-wise",
+            )
 
-    def _consumer(self, gm: fx.GraphModule, layer: Layer, node: fx.Node, module: nn.Module, norms: list[str],
-                  nodes: list[fx.Node], channel_dim: int) -> tuple[Chain | None, str]:
+    def _consumer(
+        self,
+        gm: fx.GraphModule,
+        layer: Layer,
+        node: fx.Node,
+        module: nn.Module,
+        norms: list[str],
+        nodes: list[fx.Node],
+        channel_dim: int,
+    ) -> tuple[Chain | None, str]:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return None, f"its consumer '{node.target}' is a grouped convolution"
         if isinstance(module, nn.Linear) != isinstance(layer.module, nn.Linear):
@@ -154,14 +210,30 @@ class PruneChannels(Pass):
             node.meta.pop("tensor_meta", None)
             node.meta.pop("val", None)
         achieved = 1 - keep / channels
-        annotate(chain.nodes[0], layer.path, sparsity=Sparsity(achieved, "channels", "", self.name,
-                                                                target=config.sparsity, merged=True))
-        log.debug("prune_channels: %s keeps %d of %d output channels (consumer %s)", layer.path, keep, channels,
-                  chain.consumer)
-        return LayerRecord(layer.path, "pruned", stats={
-            "target": config.sparsity, "achieved": achieved, "params": weight.numel(), "pattern": "channels",
-            "channels": f"{keep}/{channels}", "consumer": chain.consumer,
-        })
+        annotate(
+            chain.nodes[0],
+            layer.path,
+            sparsity=Sparsity(achieved, "channels", "", self.name, target=config.sparsity, merged=True),
+        )
+        log.debug(
+            "prune_channels: %s keeps %d of %d output channels (consumer %s)",
+            layer.path,
+            keep,
+            channels,
+            chain.consumer,
+        )
+        return LayerRecord(
+            layer.path,
+            "pruned",
+            stats={
+                "target": config.sparsity,
+                "achieved": achieved,
+                "params": weight.numel(),
+                "pattern": "channels",
+                "channels": f"{keep}/{channels}",
+                "consumer": chain.consumer,
+            },
+        )
 
 
 def _take_outputs(module: nn.Module, kept: torch.Tensor) -> nn.Module:
@@ -191,14 +263,28 @@ def _take_inputs(module: nn.Module, kept: torch.Tensor) -> nn.Module:
 
 
 def _conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     groups=1, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        groups=1,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
 
 
 def _take_norm(norm: nn.Module, kept: torch.Tensor) -> nn.Module:
     """A copy of a batch norm keeping only channels ``kept`` (affine parameters and running stats)."""
-    new = type(norm)(len(kept), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                     track_running_stats=norm.track_running_stats)
+    new = type(norm)(
+        len(kept),
+        eps=norm.eps,
+        momentum=norm.momentum,
+        affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+    )
     with torch.no_grad():
         for name in ("weight", "bias"):
             if getattr(norm, name) is not None:
@@ -213,4 +299,3 @@ def _take_norm(norm: nn.Module, kept: torch.Tensor) -> nn.Module:
 
 
 __all__ = ["ChannelsConfig", "PruneChannels"]
-

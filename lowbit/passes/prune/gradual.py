@@ -24,7 +24,13 @@ from lowbit.ir.annotations import get_meta
 from lowbit.passes.base import PassContext
 from lowbit.passes.config import option
 from lowbit.passes.prune.masks import (
-    Layer, MaskPass, PruneConfig, check_sparsity, install_mask, keep_count, layer_calls,
+    Layer,
+    MaskPass,
+    PruneConfig,
+    check_sparsity,
+    install_mask,
+    keep_count,
+    layer_calls,
 )
 from lowbit.passes.registry import register
 
@@ -46,8 +52,10 @@ class GradualConfig(PruneConfig):
         if self.end_step <= self.start_step:
             raise PassConfigError(f"{pass_name}: end_step={self.end_step} must come after start_step={self.start_step}")
         if self.initial_sparsity > self.sparsity:
-            raise PassConfigError(f"{pass_name}: initial_sparsity={self.initial_sparsity} exceeds the final "
-                                  f"sparsity={self.sparsity}; the schedule only prunes more over time")
+            raise PassConfigError(
+                f"{pass_name}: initial_sparsity={self.initial_sparsity} exceeds the final "
+                f"sparsity={self.sparsity}; the schedule only prunes more over time"
+            )
 
 
 def cubic_sparsity(step: int, config: GradualConfig) -> float:
@@ -75,7 +83,7 @@ class PruneGradual(MaskPass):
     def masks(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> dict[str, tuple[torch.Tensor, float]]:
         return {l.path: (threshold_mask(l.weight, l.config.initial_sparsity), l.config.sparsity) for l in layers}
 
-    def callback(self, gm: fx.GraphModule) -> "GradualPruning":
+    def callback(self, gm: fx.GraphModule) -> GradualPruning:
         """The training callback for ``gm`` (the graph this pass prepared): call it with each step."""
         return GradualPruning(gm, self)
 
@@ -95,8 +103,10 @@ class GradualPruning:
             if meta is not None and meta.sparsity is not None and meta.sparsity.method == pruner.name:
                 self.layers.append(Layer(path, gm.get_submodule(path), calls, pruner.config_for(path)))
         if not self.layers:
-            raise PassConfigError(f"{pruner.name}: the graph has no layers masked by {pruner.name}; "
-                                  "build the callback for the graph the pass returned")
+            raise PassConfigError(
+                f"{pruner.name}: the graph has no layers masked by {pruner.name}; "
+                "build the callback for the graph the pass returned"
+            )
 
     def __call__(self, step: int) -> bool:
         updated = False
@@ -105,9 +115,12 @@ class GradualPruning:
             if not config.start_step <= step <= config.end_step or (step - config.start_step) % config.frequency:
                 continue
             target = cubic_sparsity(step, config)
-            sparsity = install_mask(self.gm, layer, threshold_mask(layer.weight, target), "unstructured",
-                                    PruneGradual.name, config.sparsity)
-            log.debug("prune_gradual: step %d %s target %.4f achieved %.4f", step, layer.path, target, sparsity.sparsity)
+            sparsity = install_mask(
+                self.gm, layer, threshold_mask(layer.weight, target), "unstructured", PruneGradual.name, config.sparsity
+            )
+            log.debug(
+                "prune_gradual: step %d %s target %.4f achieved %.4f", step, layer.path, target, sparsity.sparsity
+            )
             updated = True
         return updated
 

@@ -37,8 +37,10 @@ class PruneLAMP(MaskPass):
 
     def masks(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> dict[str, tuple[torch.Tensor, float]]:
         fixed, pool = fixed_layers(layers, self)
-        plan = {l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
-                for l in fixed}
+        plan = {
+            l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
+            for l in fixed
+        }
         if not pool:
             return plan
         scores = torch.cat([lamp_scores(l.weight).flatten() for l in pool])

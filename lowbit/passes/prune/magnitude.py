@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class MagnitudeConfig(PruneConfig):
     """Options of ``prune_magnitude``."""
 
-    scope: Literal["layer", "global"] = option("layer", choices=("layer", "global"),
-                                               help="one sparsity per layer, or one threshold across layers")
+    scope: Literal["layer", "global"] = option(
+        "layer", choices=("layer", "global"), help="one sparsity per layer, or one threshold across layers"
+    )
 
 
 @register
@@ -40,11 +41,15 @@ class PruneMagnitude(MaskPass):
 
     def masks(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> dict[str, tuple[torch.Tensor, float]]:
         if self.config.scope == "layer":
-            return {l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
-                    for l in layers}
+            return {
+                l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
+                for l in layers
+            }
         fixed, pool = fixed_layers(layers, self)
-        plan = {l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
-                for l in fixed}
+        plan = {
+            l.path: (keep_largest(l.weight.abs(), keep_count(l.numel, l.config.sparsity)), l.config.sparsity)
+            for l in fixed
+        }
         if pool:
             scores = torch.cat([l.weight.abs().flatten() for l in pool])
             keep = keep_largest(scores, keep_count(scores.numel(), self.config.sparsity))

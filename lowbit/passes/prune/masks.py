@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -66,7 +67,7 @@ class PruneConfig(PassConfig):
     ignore: tuple[str, ...] = option((), help="layers left dense: module paths or glob/re: patterns")
 
     @classmethod
-    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> "PruneConfig":
+    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> PruneConfig:
         if "ignore" in options:
             options = {**options, "ignore": layer_names(options["ignore"])}
         return super().from_options(pass_name, options)
@@ -119,15 +120,18 @@ def unsupported_reason(gm: fx.GraphModule, path: str, calls: list[fx.Node]) -> s
     """Why the layer at ``path`` cannot carry a mask, or None if it can."""
     module = gm.get_submodule(path)
     if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward):
-        return (f"{type(module).__name__} overrides forward, so its computation is not a plain "
-                f"{type(module).__mro__[1].__name__}")
+        return (
+            f"{type(module).__name__} overrides forward, so its computation is not a plain "
+            f"{type(module).__mro__[1].__name__}"
+        )
     if not module.weight.is_floating_point() or module.weight.device.type == "meta":
         return "weight has no floating-point data to prune"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} is not supported (only zero padding)"
     own = _mask_form_reads(calls)
-    readers = [n.name for n in gm.graph.nodes
-               if n.op == "get_attr" and str(n.target).startswith(path + ".") and n not in own]
+    readers = [
+        n.name for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(path + ".") and n not in own
+    ]
     if readers:
         return f"its parameters are also read outside the layer call (nodes {', '.join(readers)})"
     odd = [n.name for n in calls if n.op == "call_module" and _single_input(n) is None]
@@ -154,8 +158,9 @@ def select_layers(gm: fx.GraphModule, p: Pass) -> tuple[list[Layer], list[LayerR
     skipped: list[LayerRecord] = []
     all_calls = layer_calls(gm)
     for path, calls in all_calls.items():
-        reason = next((f"ignored (matches '{pat}')" for pat in getattr(p.config, "ignore", ()) if matches(path, pat)),
-                      None)
+        reason = next(
+            (f"ignored (matches '{pat}')" for pat in getattr(p.config, "ignore", ()) if matches(path, pat)), None
+        )
         reason = reason or unsupported_reason(gm, path, calls)
         config = None if reason else p.config_for(path)
         if config is None:
@@ -199,14 +204,17 @@ def mask_sparsity(mask: torch.Tensor) -> float:
     return 1.0 - int(mask.sum()) / mask.numel() if mask.numel() else 0.0
 
 
-def install_mask(gm: fx.GraphModule, layer: Layer, mask: torch.Tensor, pattern: str, method: str,
-                 target: float | None) -> Sparsity:
+def install_mask(
+    gm: fx.GraphModule, layer: Layer, mask: torch.Tensor, pattern: str, method: str, target: float | None
+) -> Sparsity:
     """Set ``layer``'s mask (monotone: weights pruned before stay pruned), zero the pruned weights,
     make the graph apply it and annotate every call. Returns the annotation."""
     module = layer.module
     if tuple(mask.shape) != tuple(module.weight.shape):
-        raise PruningError(f"layer '{layer.path}': mask of shape {tuple(mask.shape)} does not match its weight "
-                           f"{tuple(module.weight.shape)}")
+        raise PruningError(
+            f"layer '{layer.path}': mask of shape {tuple(mask.shape)} does not match its weight "
+            f"{tuple(module.weight.shape)}"
+        )
     mask = mask.to(device=module.weight.device, dtype=torch.bool) & current_mask(module)
     with torch.no_grad():
         module.weight.mul_(mask)
@@ -272,10 +280,17 @@ def _single_input(node: fx.Node) -> fx.Node | None:
 
 def layer_record(layer: Layer, sparsity: Sparsity, **stats: Any) -> LayerRecord:
     """A "pruned" record with target and achieved sparsity and the layer's size."""
-    return LayerRecord(layer.path, "pruned", stats={
-        "target": sparsity.target, "achieved": sparsity.sparsity, "params": layer.numel, "pattern": sparsity.pattern,
-        **stats,
-    })
+    return LayerRecord(
+        layer.path,
+        "pruned",
+        stats={
+            "target": sparsity.target,
+            "achieved": sparsity.sparsity,
+            "params": layer.numel,
+            "pattern": sparsity.pattern,
+            **stats,
+        },
+    )
 
 
 def summarize(records: Iterable[LayerRecord]) -> dict[str, Any]:
@@ -324,6 +339,7 @@ class MaskPass(Pass):
 
 def fixed_layers(layers: list[Layer], p: Pass) -> tuple[list[Layer], list[Layer]]:
     """Split layers into those a per-layer override gives their own ``sparsity`` and the global pool."""
+
     def overridden(layer: Layer) -> bool:
         override = p.overrides.lookup(layer.path)
         return isinstance(override, Mapping) and "sparsity" in override
@@ -341,12 +357,15 @@ def _masks_match_annotations(gm: fx.GraphModule) -> None:
         try:
             module = gm.get_submodule(owner)
         except AttributeError:
-            raise VerificationError(f"masked layer '{node.name}' names mask '{meta.sparsity.mask}' but '{owner}' "
-                                    "is not a submodule") from None
+            raise VerificationError(
+                f"masked layer '{node.name}' names mask '{meta.sparsity.mask}' but '{owner}' is not a submodule"
+            ) from None
         mask = get_attr(gm, meta.sparsity.mask, None)
         if not isinstance(mask, torch.Tensor) or mask.dtype != module.weight.dtype or mask.shape != module.weight.shape:
-            raise VerificationError(f"masked layer '{node.name}': '{meta.sparsity.mask}' must be a buffer of the "
-                                    f"weight's dtype and shape {tuple(module.weight.shape)}")
+            raise VerificationError(
+                f"masked layer '{node.name}': '{meta.sparsity.mask}' must be a buffer of the "
+                f"weight's dtype and shape {tuple(module.weight.shape)}"
+            )
         if not ((mask == 0) | (mask == 1)).all():
             raise VerificationError(
                 f"masked layer '{node.name}': '{meta.sparsity.mask}' holds values other than 0 and 1"
@@ -354,8 +373,21 @@ def _masks_match_annotations(gm: fx.GraphModule) -> None:
 
 
 __all__ = [
-    "Layer", "MaskPass", "fixed_layers", "PruneConfig", "PruningError", "check_sparsity", "current_mask",
+    "Layer",
+    "MaskPass",
+    "fixed_layers",
+    "PruneConfig",
+    "PruningError",
+    "check_sparsity",
+    "current_mask",
     "effective_weight",
-    "install_mask", "keep_count", "keep_largest", "layer_calls", "layer_record", "mask_sparsity", "restore_call",
-    "select_layers", "summarize",
+    "install_mask",
+    "keep_count",
+    "keep_largest",
+    "layer_calls",
+    "layer_record",
+    "mask_sparsity",
+    "restore_call",
+    "select_layers",
+    "summarize",
 ]

@@ -30,7 +30,7 @@ class NMConfig(PassConfig):
     ignore: tuple[str, ...] = option((), help="layers left dense: module paths or glob/re: patterns")
 
     @classmethod
-    def from_options(cls, pass_name: str, options: dict) -> "NMConfig":
+    def from_options(cls, pass_name: str, options: dict) -> NMConfig:
         if "ignore" in options:
             options = {**options, "ignore": layer_names(options["ignore"])}
         return super().from_options(pass_name, options)
@@ -49,8 +49,10 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, name: str = "weight") -> torch
         w = w.permute(0, 2, 3, 1)  # (K, R, S, C): groups along C
     width = w.shape[-1]
     if width % m:
-        raise PruningError(f"layer '{name}': m={m} does not divide its input width {width}; "
-                           f"choose an m that divides it or skip the layer with an override ('{name}': skip)")
+        raise PruningError(
+            f"layer '{name}': m={m} does not divide its input width {width}; "
+            f"choose an m that divides it or skip the layer with an override ('{name}': skip)"
+        )
     groups = w.reshape(-1, m)
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
@@ -75,8 +77,9 @@ class PruneNM(MaskPass):
         return f"{layer.config.n}:{layer.config.m}"
 
     def masks(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> dict[str, tuple[torch.Tensor, float]]:
-        return {l.path: (nm_mask(l.weight, l.config.n, l.config.m, l.path), 1.0 - l.config.n / l.config.m)
-                for l in layers}
+        return {
+            l.path: (nm_mask(l.weight, l.config.n, l.config.m, l.path), 1.0 - l.config.n / l.config.m) for l in layers
+        }
 
 
 __all__ = ["NMConfig", "PruneNM", "is_nm", "nm_mask"]

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 class RandomConfig(PruneConfig):
     """Options of ``prune_random``."""
 
-    distribution: Literal["erk", "er", "uniform"] = option("erk", choices=("erk", "er", "uniform"),
-                                                           help="how the global sparsity is split across layers")
+    distribution: Literal["erk", "er", "uniform"] = option(
+        "erk", choices=("erk", "er", "uniform"), help="how the global sparsity is split across layers"
+    )
     seed: int = option(0, help="seed of the random mask positions")
 
 
@@ -45,8 +46,10 @@ def erk_sparsities(shapes: dict[str, tuple[int, ...]], sparsity: float, kernel: 
     density above 1 are made dense and the scale is re-solved without them.
     """
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
-    raw = {name: (sum(shape) if kernel else shape[0] + shape[1]) / (numel[name] if kernel else shape[0] * shape[1])
-           for name, shape in shapes.items()}
+    raw = {
+        name: (sum(shape) if kernel else shape[0] + shape[1]) / (numel[name] if kernel else shape[0] * shape[1])
+        for name, shape in shapes.items()
+    }
     dense: set[str] = set()
     while True:
         sparse = [n for n in shapes if n not in dense]
@@ -86,8 +89,9 @@ class PruneRandom(MaskPass):
             shapes = {l.path: tuple(l.module.weight.shape) for l in pool}
             targets.update(erk_sparsities(shapes, self.config.sparsity, kernel=self.config.distribution == "erk"))
         generator = torch.Generator().manual_seed(self.config.seed)
-        return {l.path: (random_mask(l.module.weight.shape, targets[l.path], generator), targets[l.path])
-                for l in layers}
+        return {
+            l.path: (random_mask(l.module.weight.shape, targets[l.path], generator), targets[l.path]) for l in layers
+        }
 
 
 __all__ = ["PruneRandom", "RandomConfig", "erk_sparsities", "random_mask"]

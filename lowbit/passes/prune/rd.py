@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -21,7 +22,15 @@ from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.passes.base import PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.prune.masks import (
-    MASK_SUFFIX, Layer, MaskPass, PruneConfig, current_mask, fixed_layers, install_mask, keep_count, keep_largest,
+    MASK_SUFFIX,
+    Layer,
+    MaskPass,
+    PruneConfig,
+    current_mask,
+    fixed_layers,
+    install_mask,
+    keep_count,
+    keep_largest,
     mask_sparsity,
 )
 from lowbit.passes.registry import register
@@ -61,8 +70,9 @@ class PruneRD(MaskPass):
     requires_calibration = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.require_calibration(self.name, "prune_rd needs calibration data to measure its rate-distortion curves: "
-                                           "pass calibration=")
+        ctx.require_calibration(
+            self.name, "prune_rd needs calibration data to measure its rate-distortion curves: pass calibration="
+        )
         return super().run(gm, ctx)
 
     def masks(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> dict[str, tuple[torch.Tensor, float]]:
@@ -70,9 +80,13 @@ class PruneRD(MaskPass):
             install_mask(gm, layer, current_mask(layer.module), "unstructured", self.name, self.config.sparsity)
         gm.recompile()
         fixed, pool = fixed_layers(layers, self)
-        plan = {layer.path: (keep_largest(layer.weight.abs(), keep_count(layer.numel, layer.config.sparsity)),
-                             layer.config.sparsity)
-                for layer in fixed}
+        plan = {
+            layer.path: (
+                keep_largest(layer.weight.abs(), keep_count(layer.numel, layer.config.sparsity)),
+                layer.config.sparsity,
+            )
+            for layer in fixed
+        }
         if not pool:
             return plan
         curves = self.curves(gm, pool, ctx)
@@ -80,8 +94,12 @@ class PruneRD(MaskPass):
         for curve, phi in zip(curves, choice):
             layer = curve.layer
             plan[layer.path] = (keep_largest(layer.weight.abs(), keep_count(layer.numel, phi)), self.config.sparsity)
-            log.debug("prune_rd: %s -> φ=%.3f (distortion %.4g)", layer.path, phi,
-                      curve.distortions[curve.sparsities.index(phi)])
+            log.debug(
+                "prune_rd: %s -> φ=%.3f (distortion %.4g)",
+                layer.path,
+                phi,
+                curve.distortions[curve.sparsities.index(phi)],
+            )
         return plan
 
     def curves(self, gm: fx.GraphModule, layers: list[Layer], ctx: PassContext) -> list[Curve]:
@@ -97,8 +115,12 @@ class PruneRD(MaskPass):
                 saved = mask.bool()
                 order = torch.argsort(layer.weight.abs().flatten(), stable=True)
                 start = mask_sparsity(saved)
-                grid = sorted({start, *(j / self.config.grid for j in range(self.config.grid + 1)
-                                        if j / self.config.grid > start)})
+                grid = sorted(
+                    {
+                        start,
+                        *(j / self.config.grid for j in range(self.config.grid + 1) if j / self.config.grid > start),
+                    }
+                )
                 distortions = []
                 for phi in grid:
                     pruned = torch.ones(layer.numel, dtype=torch.bool, device=mask.device)
@@ -111,10 +133,12 @@ class PruneRD(MaskPass):
         return curves
 
     def _distortion(self, gm: fx.GraphModule, batches: list, reference: list[torch.Tensor]) -> float:
-        per_sample = torch.cat([
-            ((_flat_output(gm(*args, **kwargs)) - ref) ** 2).mean(dim=1)
-            for (args, kwargs), ref in zip(batches, reference)
-        ])
+        per_sample = torch.cat(
+            [
+                ((_flat_output(gm(*args, **kwargs)) - ref) ** 2).mean(dim=1)
+                for (args, kwargs), ref in zip(batches, reference)
+            ]
+        )
         return float(per_sample.max() if self.config.worst_case else per_sample.mean())
 
 

@@ -42,8 +42,17 @@ def sparsity_rows(gm: fx.GraphModule) -> list[LayerSparsity]:
         seen.add(meta.layer)
         weight = weights[meta.layer]
         s = meta.sparsity
-        rows.append(LayerSparsity(meta.layer, s.method, s.pattern, weight.numel(), s.target, s.sparsity,
-                                  float((weight == 0).sum()) / weight.numel()))
+        rows.append(
+            LayerSparsity(
+                meta.layer,
+                s.method,
+                s.pattern,
+                weight.numel(),
+                s.target,
+                s.sparsity,
+                float((weight == 0).sum()) / weight.numel(),
+            )
+        )
     return rows
 
 
@@ -52,8 +61,15 @@ def overall(rows: list[LayerSparsity]) -> LayerSparsity:
     total = sum(r.params for r in rows) or 1
     targets = [r for r in rows if r.target is not None]
     target = sum(r.target * r.params for r in targets) / total if len(targets) == len(rows) else None
-    return LayerSparsity("overall", ",".join(sorted({r.method for r in rows})), "", total, target,
-                         sum(r.achieved * r.params for r in rows) / total, sum(r.zeros * r.params for r in rows) / total)
+    return LayerSparsity(
+        "overall",
+        ",".join(sorted({r.method for r in rows})),
+        "",
+        total,
+        target,
+        sum(r.achieved * r.params for r in rows) / total,
+        sum(r.zeros * r.params for r in rows) / total,
+    )
 
 
 def sparsity_table(gm: fx.GraphModule) -> str:
@@ -64,8 +80,17 @@ def sparsity_table(gm: fx.GraphModule) -> str:
     header = ("layer", "method", "pattern", "params", "target", "achieved", "zeros")
     lines = [header]
     for r in [*rows, overall(rows)]:
-        lines.append((r.layer, r.method, r.pattern, str(r.params), "-" if r.target is None else f"{r.target:.2%}",
-                      f"{r.achieved:.2%}", f"{r.zeros:.2%}"))
+        lines.append(
+            (
+                r.layer,
+                r.method,
+                r.pattern,
+                str(r.params),
+                "-" if r.target is None else f"{r.target:.2%}",
+                f"{r.achieved:.2%}",
+                f"{r.zeros:.2%}",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 

@@ -11,7 +11,11 @@ from lowbit.passes.quant.gptq import GPTQ, GPTQConfig
 from lowbit.passes.quant.gptq_algorithm import GPTQOptions, gptq_quantize
 from lowbit.passes.quant.grid import QuantizedWeight, quantize_weight
 from lowbit.passes.quant.qat import (
-    FakeQuantConfig, FakeQuantize, WeightFakeQuant, attach_latent_clip, clip_latent_weights,
+    FakeQuantConfig,
+    FakeQuantize,
+    WeightFakeQuant,
+    attach_latent_clip,
+    clip_latent_weights,
 )
 from lowbit.passes.quant.rewrite import PackedLinear, linear_nodes, replace_linear
 from lowbit.passes.quant.rtn import RTN, RTNConfig

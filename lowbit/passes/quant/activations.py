@@ -16,8 +16,9 @@ import copy
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -40,15 +41,18 @@ class ActivationConfig(PassConfig):
 
     bits: int = option(8, choices=(8,), help="activation code width (int8)")
     dynamic: bool = option(True, help="per-token scales at run time (true) or one calibrated scale per layer (false)")
-    granularity: str | None = option(None, choices=(None, "per_token", "per_tensor"),
-                                     help="per_token (dynamic) or per_tensor (static); default follows dynamic")
+    granularity: str | None = option(
+        None,
+        choices=(None, "per_token", "per_tensor"),
+        help="per_token (dynamic) or per_tensor (static); default follows dynamic",
+    )
     symmetric: bool = option(True, choices=(True,), help="symmetric int8 (the only form the op computes)")
     observer: str = option("absmax", choices=("absmax", "percentile"), help="static range: absmax or a percentile")
     percentile: float = option(99.99, min=0.0, max=100.0, min_exclusive=True, help="percentile of |x| (static only)")
     ignore: tuple[str, ...] = option((), help="layers whose activations stay float: module paths or patterns")
 
     @classmethod
-    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> "ActivationConfig":
+    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> ActivationConfig:
         if "ignore" in options:
             entries = options["ignore"] if isinstance(options["ignore"], (list, tuple)) else (options["ignore"],)
             if all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in entries):
@@ -71,15 +75,31 @@ class PackedLinearA8(PackedLinear):
     """A `PackedLinear` with int8 inputs; ``act_scale`` is the static step or None (dynamic)."""
 
     def __init__(self, packed: PackedLinear, act_scale: torch.Tensor | None) -> None:
-        super().__init__(packed.qweight, packed.scales, packed.zeros, packed.g_idx, packed.bias,
-                         packed.bits, packed.group_size, packed.in_features)
+        super().__init__(
+            packed.qweight,
+            packed.scales,
+            packed.zeros,
+            packed.g_idx,
+            packed.bias,
+            packed.bits,
+            packed.group_size,
+            packed.in_features,
+        )
         ops_a8.check_act_scale(act_scale, "PackedLinearA8")
         self.register_buffer("act_scale", act_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops_a8.linear_packed_a8(
-            x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias,
-            self.bits, self.group_size, self.in_features, self.act_scale,
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            self.bias,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.act_scale,
         )
 
     def extra_repr(self) -> str:
@@ -104,8 +124,10 @@ class QuantizeActivations(Pass):
         self.requires_calibration = not self.config.dynamic or static_overrides
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        records = [LayerRecord(path, "skipped", "weight is not packed; run a weight quantizer before this pass")
-                   for _, path, _ in linear_nodes(gm)]
+        records = [
+            LayerRecord(path, "skipped", "weight is not packed; run a weight quantizer before this pass")
+            for _, path, _ in linear_nodes(gm)
+        ]
         layers: dict[str, list[fx.Node]] = {}
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is ops.linear_packed:
@@ -131,14 +153,24 @@ class QuantizeActivations(Pass):
             if record.action == "skipped":
                 log.info("%s: skipping %s: %s", self.name, record.layer, record.reason)
         done = sum(r.action == "quantized" for r in records)
-        return PassResult(changed=done > 0, layers=records,
-                          stats={"quantized": done, "static": len(static), "skipped": len(records) - done})
+        return PassResult(
+            changed=done > 0,
+            layers=records,
+            stats={"quantized": done, "static": len(static), "skipped": len(records) - done},
+        )
 
-    def _calibrate(self, gm: fx.GraphModule, static: dict[str, list[fx.Node]], configs: dict[str, ActivationConfig],
-                   ctx: PassContext) -> dict[str, float]:
+    def _calibrate(
+        self,
+        gm: fx.GraphModule,
+        static: dict[str, list[fx.Node]],
+        configs: dict[str, ActivationConfig],
+        ctx: PassContext,
+    ) -> dict[str, float]:
         """The calibrated input range ``A`` of each static layer (module doc)."""
-        batches = ctx.require_calibration(self.name, f"{self.name}: static activation scales (dynamic=false) need "
-                                                    f"calibration data; layers: {', '.join(static)}")
+        batches = ctx.require_calibration(
+            self.name,
+            f"{self.name}: static activation scales (dynamic=false) need calibration data; layers: {', '.join(static)}",
+        )
         observers = {path: _RangeObserver(path, configs[path]) for path in static}
         with _observing(gm, {node: observers[path] for path, nodes in static.items() for node in nodes}):
             for args, kwargs in ctx.progress(batches, desc=f"{self.name} calibration"):
@@ -158,8 +190,9 @@ class QuantizeActivations(Pass):
         for node in nodes:
             with gm.graph.inserting_before(node):
                 scale_node = None if act_scale is None else gm.graph.get_attr(f"{path}.act_scale")
-                new = gm.graph.create_node("call_function", ops_a8.linear_packed_a8,
-                                           (*node.args[:9], scale_node), name=f"{node.name}_a8")
+                new = gm.graph.create_node(
+                    "call_function", ops_a8.linear_packed_a8, (*node.args[:9], scale_node), name=f"{node.name}_a8"
+                )
             new.meta = copy.copy(node.meta)
             meta = get_meta(node)
             annotate(new, layer=path, quant=dataclasses.replace(meta.quant, act_bits=8))

@@ -32,7 +32,10 @@ from lowbit.passes.quant.awq_groups import Producer, ScaleGroup, describe_node, 
 from lowbit.passes.quant.gptq_algorithm import relative_output_error
 from lowbit.passes.quant.grid import QuantizedWeight, effective_group_size, grid_codes, group_params, quantize_weight
 from lowbit.passes.quant.hessian import (
-    CalibrationCursor, HessianAccumulator, capture_inputs, token_rows,
+    CalibrationCursor,
+    HessianAccumulator,
+    capture_inputs,
+    token_rows,
 )
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
 from lowbit.passes.quant.rtn import RTNConfig
@@ -68,8 +71,9 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) 
     return decoded.reshape(rows, -1)[:, :width]
 
 
-def search_scale(weights: list[tuple[torch.Tensor, AWQConfig]], x_mean: torch.Tensor, h: torch.Tensor,
-                 n_grid: int) -> tuple[torch.Tensor, float, list[float]]:
+def search_scale(
+    weights: list[tuple[torch.Tensor, AWQConfig]], x_mean: torch.Tensor, h: torch.Tensor, n_grid: int
+) -> tuple[torch.Tensor, float, list[float]]:
     """The best scale ``s`` for linears sharing one input, its α, and the loss at every α.
 
     ``x_mean`` is ``mean |x|`` per input channel and ``h`` the input Gram ``mean x xᵀ``.
@@ -119,7 +123,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, config: AWQConfig) -> torch.Te
 def apply_clip(w: torch.Tensor, bounds: torch.Tensor, group_size: int) -> torch.Tensor:
     """``w`` clamped to ``±bounds[n, g]`` per output channel ``n`` and group ``g``."""
     group = effective_group_size(group_size, w.shape[1])
-    per_column = bounds.repeat_interleave(group, dim=1)[:, :w.shape[1]]
+    per_column = bounds.repeat_interleave(group, dim=1)[:, : w.shape[1]]
     return torch.maximum(torch.minimum(w, per_column), -per_column)
 
 
@@ -133,7 +137,7 @@ class _InputStats:
     sample: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, layer: str, width: int, device: torch.device) -> "_InputStats":
+    def empty(cls, layer: str, width: int, device: torch.device) -> _InputStats:
         return cls(layer, torch.zeros(width, device=device), HessianAccumulator.empty(layer, width, device))
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
@@ -196,10 +200,12 @@ class AWQ(Pass):
         batches = ctx.require_calibration(self.name)
         paths, records, states, counts = self._search(gm, batches, ctx, quantize=True)
         for state in states:
-            for node, path, qw, config, stats in zip(state.group.nodes, state.group.paths, state.quantized,
-                                                      state.configs, state.stats):
-                scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric,
-                                     method=self.name)
+            for node, path, qw, config, stats in zip(
+                state.group.nodes, state.group.paths, state.quantized, state.configs, state.stats
+            ):
+                scheme = QuantScheme(
+                    bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric, method=self.name
+                )
                 replace_linear(gm, node, qw, scheme, recompile=False)
                 records[path] = LayerRecord(path, "quantized", stats={**stats, **state.info})
         gm.graph.lint()
@@ -223,8 +229,9 @@ class AWQ(Pass):
         _, _, states, _ = self._search(gm, batches, PassContext(example_inputs, calibration=batches), quantize=False)
         return [state.info for state in states]
 
-    def _search(self, gm: fx.GraphModule, batches: CalibrationSet, ctx: PassContext, quantize: bool
-                ) -> tuple[list[str], dict[str, LayerRecord], list[_GroupState], dict[str, int]]:
+    def _search(
+        self, gm: fx.GraphModule, batches: CalibrationSet, ctx: PassContext, quantize: bool
+    ) -> tuple[list[str], dict[str, LayerRecord], list[_GroupState], dict[str, int]]:
         """Scale every group in graph order and, if ``quantize``, clip and round each group once
         no later group can fold into it. Layers left out get "skipped" records."""
         paths = list(dict.fromkeys(path for _, path, _ in linear_nodes(gm)))
@@ -241,8 +248,9 @@ class AWQ(Pass):
             else:
                 todo[path] = config
         self.warn_unused_overrides(paths)
-        states = [_GroupState(g, [todo[p] for p in g.paths], *find_producer(gm, g))
-                  for g in scale_groups(gm, list(todo))]
+        states = [
+            _GroupState(g, [todo[p] for p in g.paths], *find_producer(gm, g)) for g in scale_groups(gm, list(todo))
+        ]
         counts = {"folded": 0, "explicit_scales": 0}
         cursor = CalibrationCursor(gm, batches)
         for index, state in enumerate(ctx.progress(states, desc="awq")):
@@ -252,14 +260,20 @@ class AWQ(Pass):
                     records[path] = LayerRecord(path, "skipped", state.info["reason"], stats=dict(state.info))
             if not quantize:
                 state.gram = None
-            for earlier in states[:index + 1] if quantize else ():
-                if earlier.gram is not None and not _pending_fold(earlier, states[index + 1:]):
+            for earlier in states[: index + 1] if quantize else ():
+                if earlier.gram is not None and not _pending_fold(earlier, states[index + 1 :]):
                     with single_thread():
                         _clip_and_quantize(gm, earlier)
         return paths, records, states, counts
 
-    def _scale_group(self, gm: fx.GraphModule, state: _GroupState, cursor: CalibrationCursor, first_batch: Any,
-                     counts: dict[str, int]) -> None:
+    def _scale_group(
+        self,
+        gm: fx.GraphModule,
+        state: _GroupState,
+        cursor: CalibrationCursor,
+        first_batch: Any,
+        counts: dict[str, int],
+    ) -> None:
         """Capture the group's input statistics, search its scale and apply it (module doc, steps 1–3)."""
         group, config = state.group, state.configs[0]
         first = gm.get_submodule(group.paths[0])
@@ -273,8 +287,9 @@ class AWQ(Pass):
             return
         weights = [gm.get_submodule(p).weight.detach().float() for p in group.paths]
         with single_thread():
-            s, alpha, losses = search_scale(list(zip(weights, state.configs)), stats.mean_abs, stats.gram,
-                                            config.n_grid)
+            s, alpha, losses = search_scale(
+                list(zip(weights, state.configs)), stats.mean_abs, stats.gram, config.n_grid
+            )
         for path, w in zip(group.paths, weights):
             _set_tensor(gm.get_submodule(path), "weight", w * s)
         if producer is not None and not _fold_is_exact(gm, group, producer, stats.sample, first_batch):
@@ -291,8 +306,15 @@ class AWQ(Pass):
             state.info["scale"] = f"explicit x / s ({name}): {reason}"
         state.info.update(alpha=alpha, search_loss=min(losses), unscaled_loss=losses[0])
         state.scale, state.gram = s, stats.gram / s[:, None] / s[None, :]
-        log.debug("awq: %s: prev %s, alpha %.2f, loss %.3g (unscaled %.3g); %s", group.name, prev, alpha,
-                  min(losses), losses[0], state.info["scale"])
+        log.debug(
+            "awq: %s: prev %s, alpha %.2f, loss %.3g (unscaled %.3g); %s",
+            group.name,
+            prev,
+            alpha,
+            min(losses),
+            losses[0],
+            state.info["scale"],
+        )
 
 
 def _clip_and_quantize(gm: fx.GraphModule, state: _GroupState) -> None:
@@ -310,8 +332,9 @@ def _clip_and_quantize(gm: fx.GraphModule, state: _GroupState) -> None:
         if bounds is not None:
             stats["clip_shrink"] = float((1 - bounds / _group_max(w, qw.group_size).clamp(min=1e-30)).mean())
         stats["output_error"] = relative_output_error(w, qw.dequantize(), state.gram)
-        stats["rtn_output_error"] = relative_output_error(unscaled, rtn, state.gram * state.scale[:, None]
-                                                          * state.scale[None, :])
+        stats["rtn_output_error"] = relative_output_error(
+            unscaled, rtn, state.gram * state.scale[:, None] * state.scale[None, :]
+        )
         state.quantized.append(qw)
         state.stats.append(stats)
     state.gram = None
@@ -324,8 +347,9 @@ def _group_max(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _pending_fold(state: _GroupState, later: list[_GroupState]) -> bool:
     """Whether a later group may still fold its scale into rows of one of ``state``'s linears."""
-    return any(s.producer is not None and s.producer.kind == "linear" and s.producer.target in state.group.paths
-               for s in later)
+    return any(
+        s.producer is not None and s.producer.kind == "linear" and s.producer.target in state.group.paths for s in later
+    )
 
 
 def _fold(gm: fx.GraphModule, producer: Producer, s: torch.Tensor) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -335,7 +359,7 @@ def _fold(gm: fx.GraphModule, producer: Producer, s: torch.Tensor) -> list[tuple
         old = getattr(owner, name)
         new = old.detach().clone()
         if producer.kind == "linear":
-            new[-s.shape[0]:] /= s.to(new).reshape(-1, *([1] * (new.dim() - 1)))
+            new[-s.shape[0] :] /= s.to(new).reshape(-1, *([1] * (new.dim() - 1)))
         else:
             new /= s.to(new)
         replaced.append((owner, name, _set_tensor(owner, name, new)))
@@ -351,8 +375,11 @@ def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> torch.Tenso
     """Rebind ``owner.name`` to ``value`` (a new tensor, so weights tied elsewhere keep theirs); return the old one."""
     old = getattr(owner, name)
     if name in owner._parameters:
-        owner._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(
-            value.to(old.dtype), requires_grad=old.requires_grad)
+        owner._parameters[name] = (
+            value
+            if isinstance(value, nn.Parameter)
+            else nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+        )
     elif name in owner._buffers:
         owner._buffers[name] = value.to(old.dtype)
     else:
@@ -360,8 +387,9 @@ def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> torch.Tenso
     return old
 
 
-def _fold_is_exact(gm: fx.GraphModule, group: ScaleGroup, producer: Producer, reference: torch.Tensor | None,
-                   batch: Any) -> bool:
+def _fold_is_exact(
+    gm: fx.GraphModule, group: ScaleGroup, producer: Producer, reference: torch.Tensor | None, batch: Any
+) -> bool:
     """Whether folding a random positive scale into ``producer`` divides the group's input by it."""
     if reference is None:
         return False

@@ -10,8 +10,8 @@ only through scale-commuting ops nothing else reads. Without one, AWQ keeps an e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -20,13 +20,39 @@ import torch.nn as nn
 from lowbit.ir.graph import get_attr, layers, op_name
 
 #: Ops with one tensor input that commute with a positive per-channel scale of the last dim.
-_PASSTHROUGH = frozenset({
-    "view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "alias", "unsqueeze",
-    "squeeze", "flatten", "t", "detach", "dropout", "relu", "relu_", "leaky_relu", "_to_copy", "to", "float",
-})
+_PASSTHROUGH = frozenset(
+    {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "transpose",
+        "permute",
+        "contiguous",
+        "clone",
+        "alias",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "t",
+        "detach",
+        "dropout",
+        "relu",
+        "relu_",
+        "leaky_relu",
+        "_to_copy",
+        "to",
+        "float",
+    }
+)
 #: Ops linear in one operand, and the argument positions where that operand may sit.
-_LINEAR_IN = {"mul": (0, 1), "truediv": (0,), "div": (0,), "matmul": (1,), "bmm": (1,),
-              "scaled_dot_product_attention": (2,)}
+_LINEAR_IN = {
+    "mul": (0, 1),
+    "truediv": (0,),
+    "div": (0,),
+    "matmul": (1,),
+    "bmm": (1,),
+    "scaled_dot_product_attention": (2,),
+}
 #: Modules that pass their input through unchanged in eval mode, or commute with the scale.
 _PASSTHROUGH_MODULES = (nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU)
 #: Side-effect-only users (shape/dtype assertions in exported graphs) that read no values.
@@ -142,11 +168,13 @@ def _as_producer(gm: fx.GraphModule, node: fx.Node, width: int) -> Producer | No
         module = gm.get_submodule(node.target)
         if not _called_once_and_unread(gm, node.target):
             return None
-        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward \
-                and module.out_features >= width:
+        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and module.out_features >= width:
             return Producer("linear", node, node.target)
-        if isinstance(module, _NORMS) and tuple(module.normalized_shape) == (width,) \
-                and getattr(module, "weight", None) is not None:
+        if (
+            isinstance(module, _NORMS)
+            and tuple(module.normalized_shape) == (width,)
+            and getattr(module, "weight", None) is not None
+        ):
             return Producer("norm", node, node.target)
         return None
     if op_name(node) == "mul" and len(node.args) == 2 and not node.kwargs:
@@ -156,8 +184,13 @@ def _as_producer(gm: fx.GraphModule, node: fx.Node, width: int) -> Producer | No
             attr = attrs[0]
             tensor = get_attr(gm, attr, None)
             shared = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == attr.target]
-            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (width,) \
-                    and tensor.is_floating_point() and shared == [attr] and len(attr.users) == 1:
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tuple(tensor.shape) == (width,)
+                and tensor.is_floating_point()
+                and shared == [attr]
+                and len(attr.users) == 1
+            ):
                 return Producer("weight", node, str(attr.target))
     return None
 
@@ -174,8 +207,11 @@ def _scaled_operands(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
         return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
     if name in _LINEAR_IN and "rounding_mode" not in node.kwargs:
         positions = _LINEAR_IN[name]
-        return [node.args[i] for i in positions if i < len(node.args) and isinstance(node.args[i], fx.Node)
-                and node.args[i].op != "get_attr"]
+        return [
+            node.args[i]
+            for i in positions
+            if i < len(node.args) and isinstance(node.args[i], fx.Node) and node.args[i].op != "get_attr"
+        ]
     return []
 
 

@@ -28,7 +28,11 @@ class BinaryConfig(FewLevelConfig):
 
 
 def binary_quantize(
-    weight: torch.Tensor, granularity: str = "per_channel", group_size: int | None = None, *, name: str | None = None,
+    weight: torch.Tensor,
+    granularity: str = "per_channel",
+    group_size: int | None = None,
+    *,
+    name: str | None = None,
 ) -> QuantizedWeight:
     """Binarize ``weight`` ``(N, K)`` (module doc); ``name`` is the layer used in errors."""
     w = checked_weight(weight, name)

@@ -66,16 +66,19 @@ class ConvertQAT(Pass):
         records.extend(statsq.run(gm, ctx).layers)
         count = sum(r.action == "quantized" for r in records)
         log.info("convert_qat: %d layer(s) packed, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records,
-                          stats={"quantized": count, "skipped": len(records) - count})
+        return PassResult(
+            changed=count > 0, layers=records, stats={"quantized": count, "skipped": len(records) - count}
+        )
 
 
-def _pack(gm: fx.GraphModule, nodes: list[fx.Node], path: str, quantizer: WeightFakeQuant,
-          latent: torch.Tensor) -> LayerRecord:
+def _pack(
+    gm: fx.GraphModule, nodes: list[fx.Node], path: str, quantizer: WeightFakeQuant, latent: torch.Tensor
+) -> LayerRecord:
     qw = quantizer.quantized(latent)
     symmetric = qw.zeros is None
-    scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=symmetric,
-                         method=f"qat-{quantizer.method()}")
+    scheme = QuantScheme(
+        bits=qw.bits, group_size=qw.group_size, symmetric=symmetric, method=f"qat-{quantizer.method()}"
+    )
     new = replace_linear(gm, nodes[0], qw, scheme)
     for node in gm.graph.nodes:
         meta = get_meta(node)

@@ -10,8 +10,9 @@ with `lowbit.passes.quant.rewrite.replace_linear`. A subclass provides `quantize
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -36,13 +37,16 @@ Statistic = Callable[[torch.Tensor], torch.Tensor]
 class FewLevelConfig(PassConfig):
     """Options shared by ``ternary`` and ``binary``."""
 
-    granularity: str = option("per_channel", choices=GRANULARITIES,
-                              help="one scale per tensor, per output channel, or per group of input columns")
+    granularity: str = option(
+        "per_channel",
+        choices=GRANULARITIES,
+        help="one scale per tensor, per output channel, or per group of input columns",
+    )
     group_size: int | None = option(None, min=1, help="input columns per scale; only (and required) with per_group")
     ignore: tuple[str, ...] = option((), help="layers left in floating point: module paths or glob/re: patterns")
 
     @classmethod
-    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> "FewLevelConfig":
+    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> FewLevelConfig:
         if "ignore" in options:
             entries = options["ignore"] if isinstance(options["ignore"], (list, tuple)) else (options["ignore"],)
             if all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in entries):
@@ -94,7 +98,7 @@ def scale_statistic(magnitude: torch.Tensor, granularity: str, group: int, stati
     rows, columns = magnitude.shape
     if granularity == "per_tensor":
         return statistic(magnitude.reshape(1, -1)).expand(rows, 1).contiguous()
-    blocks = [statistic(magnitude[:, start:start + group]) for start in range(0, columns, group)]
+    blocks = [statistic(magnitude[:, start : start + group]) for start in range(0, columns, group)]
     return torch.stack(blocks, dim=1)
 
 
@@ -127,8 +131,9 @@ class FewLevelPass(Pass):
         self.warn_unused_overrides(layers)
         records = [self._layer(gm, node, path) for path, node in ctx.progress(list(layers.items()), desc=self.name)]
         quantized = sum(r.action == "quantized" for r in records)
-        return PassResult(changed=quantized > 0, layers=records,
-                          stats={"quantized": quantized, "skipped": len(records) - quantized})
+        return PassResult(
+            changed=quantized > 0, layers=records, stats={"quantized": quantized, "skipped": len(records) - quantized}
+        )
 
     def _layer(self, gm: fx.GraphModule, node: fx.Node, path: str) -> LayerRecord:
         """Quantize and replace one layer, or return a "skipped" record saying why not."""
@@ -145,12 +150,24 @@ class FewLevelPass(Pass):
         scheme = self.scheme(qw, config)
         replace_linear(gm, node, qw, scheme)
         log.debug("%s: %s -> %s, relative error %.3g", self.name, path, scheme.describe(), error)
-        return LayerRecord(path, "quantized", stats={
-            "bits": qw.bits, "group_size": qw.group_size, "granularity": config.granularity, "rel_error": error,
-        })
+        return LayerRecord(
+            path,
+            "quantized",
+            stats={
+                "bits": qw.bits,
+                "group_size": qw.group_size,
+                "granularity": config.granularity,
+                "rel_error": error,
+            },
+        )
 
 
 __all__ = [
-    "GRANULARITIES", "FewLevelConfig", "FewLevelPass", "checked_weight", "group_width", "per_column",
+    "GRANULARITIES",
+    "FewLevelConfig",
+    "FewLevelPass",
+    "checked_weight",
+    "group_width",
+    "per_column",
     "scale_statistic",
 ]

@@ -49,29 +49,44 @@ class GPTQConfig(RTNConfig):
     symmetric: bool = option(False, help="symmetric grid (no stored zero points); GPTQ's default is asymmetric")
     act_order: bool = option(False, help="quantize columns in order of decreasing Hessian diagonal")
     static_groups: bool = option(False, help="group grids from the original weight (no g_idx with act_order)")
-    act_group_aware: bool = option(True, help="groups by their largest Hessian diagonal, columns by theirs "
-                                              "inside each group (GPTQModel's GAR; no g_idx)")
+    act_group_aware: bool = option(
+        True,
+        help="groups by their largest Hessian diagonal, columns by theirs "
+        "inside each group (GPTQModel's GAR; no g_idx)",
+    )
     block_size: int = option(128, min=1, help="columns per lazy-update block (speed only, same result)")
     damp_percent: float = option(0.01, min=0.0, min_exclusive=True, help="damping, as a fraction of mean(diag H)")
-    mse: float = option(2.4, min=0.0, help="if > 0, shrink each group's range to minimise sum |q - w|^mse; "
-                                              "0 keeps the min/max grid")
+    mse: float = option(
+        2.4, min=0.0, help="if > 0, shrink each group's range to minimise sum |q - w|^mse; 0 keeps the min/max grid"
+    )
     mse_steps: int = option(20, min=1, help="shrink factors 1 - i/mse_steps tried by the mse search")
-    mse_max_shrink: float = option(0.8, min=0.0, max=1.0, min_exclusive=True,
-                                   help="largest fraction of a group's range the mse search may cut off")
+    mse_max_shrink: float = option(
+        0.8, min=0.0, max=1.0, min_exclusive=True, help="largest fraction of a group's range the mse search may cut off"
+    )
 
     def check(self, pass_name: str) -> None:
         super().check(pass_name)
         if self.act_order and self.act_group_aware:
-            raise PassConfigError(f"{pass_name}: act_order and act_group_aware are two column orders; choose one "
-                                  "(act_group_aware is on by default: set act_group_aware=false with act_order)")
+            raise PassConfigError(
+                f"{pass_name}: act_order and act_group_aware are two column orders; choose one "
+                "(act_group_aware is on by default: set act_group_aware=false with act_order)"
+            )
 
     @property
     def options(self) -> GPTQOptions:
         """The algorithm's settings (`gptq_quantize`) these options stand for."""
         return GPTQOptions(
-            bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, act_order=self.act_order,
-            static_groups=self.static_groups, act_group_aware=self.act_group_aware, block_size=self.block_size,
-            damp_percent=self.damp_percent, mse=self.mse, mse_steps=self.mse_steps, mse_max_shrink=self.mse_max_shrink,
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            act_order=self.act_order,
+            static_groups=self.static_groups,
+            act_group_aware=self.act_group_aware,
+            block_size=self.block_size,
+            damp_percent=self.damp_percent,
+            mse=self.mse,
+            mse_steps=self.mse_steps,
+            mse_max_shrink=self.mse_max_shrink,
         )
 
 
@@ -125,15 +140,18 @@ class GPTQ(Pass):
             cursor.capture([n for n in gm.graph.nodes if n.op == "call_module" and n.target == first], hessian.add)
             for batch in _stackable(gm, todo):
                 if hessian.rows == 0:
-                    records.update((path, LayerRecord(path, "skipped", "it received no calibration inputs"))
-                                   for (_, path, _), _ in batch)
+                    records.update(
+                        (path, LayerRecord(path, "skipped", "it received no calibration inputs"))
+                        for (_, path, _), _ in batch
+                    )
                 else:
                     with single_thread():
                         records.update(self._quantize_layers(gm, batch, hessian.hessian, hessian.rows))
         return [records[path] for _, path, _ in group]
 
-    def _quantize_layers(self, gm: fx.GraphModule, batch: list[tuple[_Layer, GPTQConfig]], hessian: torch.Tensor,
-                         rows: int) -> dict[str, LayerRecord]:
+    def _quantize_layers(
+        self, gm: fx.GraphModule, batch: list[tuple[_Layer, GPTQConfig]], hessian: torch.Tensor, rows: int
+    ) -> dict[str, LayerRecord]:
         """Run GPTQ on layers with one input and config, stacked along the rows (module doc),
         replace each by its packed form and record its statistics."""
         config = batch[0][1]
@@ -142,8 +160,9 @@ class GPTQ(Pass):
         meta = get_meta(batch[0][0][0])
         pruned = meta is not None and meta.sparsity is not None  # masks applied: keep the zeros they left
         weight, sizes = torch.cat(weights), [w.shape[0] for w in weights]
-        result = gptq_quantize(weight, hessian, config.options, name=", ".join(paths),
-                               mask=weight != 0 if pruned else None)
+        result = gptq_quantize(
+            weight, hessian, config.options, name=", ".join(paths), mask=weight != 0 if pruned else None
+        )
         # RTN's grids are per row, so the stacked weight gives every layer its own RTN result.
         rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=", ".join(paths))
         energies = row_energies(weight, [result.weight, rtn.dequantize()], hessian).split(sizes, dim=1)
@@ -162,11 +181,17 @@ class GPTQ(Pass):
                 "rtn_output_error": energy_ratio(rtn_error, reference),
                 "rel_error": relative_error(w, result.weight),
             }
-            scheme = QuantScheme(bits=config.bits, group_size=result.quantized.group_size,
-                                 symmetric=config.symmetric, method=self.name)
+            scheme = QuantScheme(
+                bits=config.bits, group_size=result.quantized.group_size, symmetric=config.symmetric, method=self.name
+            )
             replace_linear(gm, node, result.quantized, scheme, recompile=False)
-            log.debug("gptq: %s -> %s, output error %.3g (rtn %.3g)", path, scheme.describe(),
-                      stats["output_error"], stats["rtn_output_error"])
+            log.debug(
+                "gptq: %s -> %s, output error %.3g (rtn %.3g)",
+                path,
+                scheme.describe(),
+                stats["output_error"],
+                stats["rtn_output_error"],
+            )
             records[path] = LayerRecord(path, "quantized", stats=stats)
         return records
 
@@ -174,6 +199,7 @@ class GPTQ(Pass):
 def _stackable(gm: fx.GraphModule, todo: list[tuple[_Layer, GPTQConfig]]) -> list[list[tuple[_Layer, GPTQConfig]]]:
     """Layers (sharing one input) in runs that GPTQ can quantize as one stacked weight:
     equal configs and weight dtypes; a pruned layer (its mask is its own) runs alone."""
+
     def key(item: tuple[_Layer, GPTQConfig]) -> Any:
         (node, path, _), config = item
         meta = get_meta(node)

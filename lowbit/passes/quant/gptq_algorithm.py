@@ -77,21 +77,32 @@ class GPTQResult:
     damp: float
     row_loss: torch.Tensor
 
-    def split(self, sizes: list[int]) -> list["GPTQResult"]:
+    def split(self, sizes: list[int]) -> list[GPTQResult]:
         """The results of the weights stacked along the rows, ``sizes[i]`` rows each."""
         qw, parts = self.quantized, []
         for codes, scales, zeros, weight, loss in zip(
-            qw.codes.split(sizes), qw.scales.split(sizes),
+            qw.codes.split(sizes),
+            qw.scales.split(sizes),
             [None] * len(sizes) if qw.zeros is None else qw.zeros.split(sizes),
-            self.weight.split(sizes), self.row_loss.split(sizes),
+            self.weight.split(sizes),
+            self.row_loss.split(sizes),
         ):
-            parts.append(GPTQResult(replace(qw, codes=codes, scales=scales, zeros=zeros), weight,
-                                    float(loss.sum()), self.damp, loss))
+            parts.append(
+                GPTQResult(
+                    replace(qw, codes=codes, scales=scales, zeros=zeros), weight, float(loss.sum()), self.damp, loss
+                )
+            )
         return parts
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, options: GPTQOptions, *, name: str | None = None,
-                  mask: torch.Tensor | None = None) -> GPTQResult:
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    options: GPTQOptions,
+    *,
+    name: str | None = None,
+    mask: torch.Tensor | None = None,
+) -> GPTQResult:
     """Quantize ``weight`` ``(N, K)`` with GPTQ given its input Hessian ``hessian`` ``(K, K)``.
 
     Computes in float32 (float64 if ``weight`` is float64). ``name`` (the layer's module
@@ -114,7 +125,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, options: GPTQOpti
     grid = _Grid.empty(w, packing.num_groups(columns, group), o.bits, o.symmetric, clip)
     if static:
         for g, start in enumerate(range(0, columns, group)):
-            grid.fit(g, w[:, start:start + group])
+            grid.fit(g, w[:, start : start + group])
     natural = torch.arange(columns, device=w.device)
     if o.act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
@@ -127,15 +138,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, options: GPTQOpti
     keep = None if mask is None else mask[:, perm]
     with single_thread():
         u, damp = _inverse_cholesky_factor(h, o.damp_percent, where)
-        codes, row_loss = _quantize_columns(w, u, grid, group_of.tolist(), None if static else group, o.block_size,
-                                            o.sub_block, keep)
+        codes, row_loss = _quantize_columns(
+            w, u, grid, group_of.tolist(), None if static else group, o.block_size, o.sub_block, keep
+        )
     q = grid.decode(codes, group_of)
     inverse = torch.argsort(perm)
     g_idx = (inverse // group).to(torch.int32) if o.act_order and not static and group < columns else None
     scales, zeros = grid.per_row()
     quantized = QuantizedWeight(
-        codes[:, inverse].to(torch.uint8), scales.float().contiguous(),
-        None if zeros is None else zeros.float().contiguous(), g_idx, o.bits, group,
+        codes[:, inverse].to(torch.uint8),
+        scales.float().contiguous(),
+        None if zeros is None else zeros.float().contiguous(),
+        g_idx,
+        o.bits,
+        group,
     )
     return GPTQResult(quantized, q[:, inverse], float(row_loss.sum()), damp, row_loss)
 
@@ -155,8 +171,9 @@ class _Grid:
     clip: tuple[float, int, float] | None = None
 
     @classmethod
-    def empty(cls, w: torch.Tensor, groups: int, bits: int, symmetric: bool,
-              clip: tuple[float, int, float] | None = None) -> "_Grid":
+    def empty(
+        cls, w: torch.Tensor, groups: int, bits: int, symmetric: bool, clip: tuple[float, int, float] | None = None
+    ) -> _Grid:
         scales = w.new_zeros(groups, w.shape[0])
         return cls(scales, None if symmetric else torch.zeros_like(scales), bits, clip)
 
@@ -170,8 +187,9 @@ class _Grid:
         if self.zeros is not None:
             self.zeros[g] = zero
 
-    def codes(self, column: torch.Tensor, g: int, keep: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+    def codes(
+        self, column: torch.Tensor, g: int, keep: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Codes of ``column`` on group ``g``'s grid; rows where ``keep`` is False get the
         zero point's code, which decodes to exactly 0."""
         zero = self._zero(g)
@@ -245,8 +263,9 @@ def _inverse_cholesky_factor(h: torch.Tensor, damp_percent: float, where: str) -
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if info == 0:
                 return upper, damp
-        log.warning("%sthe damped Hessian is not positive definite at damp_percent=%g; retrying with %g",
-                    where, damp, damp * 10)
+        log.warning(
+            "%sthe damped Hessian is not positive definite at damp_percent=%g; retrying with %g", where, damp, damp * 10
+        )
         damp *= 10
     raise LowbitError(
         f"{where}the Hessian stays numerically singular up to damp_percent={damp / 10:g}; "
@@ -255,8 +274,14 @@ def _inverse_cholesky_factor(h: torch.Tensor, damp_percent: float, where: str) -
 
 
 def _quantize_columns(
-    w: torch.Tensor, u: torch.Tensor, grid: _Grid, group_of: list[int], dynamic_group: int | None, block_size: int,
-    sub_block: int, keep: torch.Tensor | None = None,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    grid: _Grid,
+    group_of: list[int],
+    dynamic_group: int | None,
+    block_size: int,
+    sub_block: int,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column loop with lazy updates at two levels; docs/methods.md (GPTQ).
 
@@ -295,15 +320,22 @@ def _quantize_columns(
                 grid.decode_column(code, g, out=decoded)
                 torch.sub(wt[col], decoded, out=error)
                 error.mul_(inverse_diagonal[col])
-                wt[col + 1:sub_end].addr_(u[col, col + 1:sub_end], error, alpha=-1)
-            wt[sub_end:end].addmm_(u[sub:sub_end, sub_end:end].T, errors[sub - start:sub_end - start], alpha=-1)
+                wt[col + 1 : sub_end].addr_(u[col, col + 1 : sub_end], error, alpha=-1)
+            wt[sub_end:end].addmm_(u[sub:sub_end, sub_end:end].T, errors[sub - start : sub_end - start], alpha=-1)
         row_loss += errors.square().sum(dim=0) / 2
         wt[end:].addmm_(u[start:end, end:].T, errors, alpha=-1)
     return codes.T, row_loss
 
 
 def _current_columns(
-    wt: torch.Tensor, errors: torch.Tensor, u: torch.Tensor, start: int, end: int, sub: int, sub_end: int, col: int,
+    wt: torch.Tensor,
+    errors: torch.Tensor,
+    u: torch.Tensor,
+    start: int,
+    end: int,
+    sub: int,
+    sub_end: int,
+    col: int,
     stop: int,
 ) -> torch.Tensor:
     """The error-updated values (transposed, ``(stop − col, N)``) of columns ``[col, stop)``
@@ -314,12 +346,12 @@ def _current_columns(
     the update from the sub-block's columns before ``col``, and columns after the block
     the update from all of the block's columns before ``col``; both are applied here.
     """
-    parts = [wt[col:min(stop, sub_end)]]
+    parts = [wt[col : min(stop, sub_end)]]
     if stop > sub_end:
         upto = min(stop, end)
-        parts.append(wt[sub_end:upto] - u[sub:col, sub_end:upto].T @ errors[sub - start:col - start])
+        parts.append(wt[sub_end:upto] - u[sub:col, sub_end:upto].T @ errors[sub - start : col - start])
     if stop > end:
-        parts.append(wt[end:stop] - u[start:col, end:stop].T @ errors[:col - start])
+        parts.append(wt[end:stop] - u[start:col, end:stop].T @ errors[: col - start])
     return torch.cat(parts)
 
 
@@ -346,6 +378,11 @@ def energy_ratio(error: float, reference: float) -> float:
 
 
 __all__ = [
-    "DAMP_RETRIES", "GPTQOptions", "GPTQResult", "energy_ratio", "gptq_quantize", "relative_output_error",
+    "DAMP_RETRIES",
+    "GPTQOptions",
+    "GPTQResult",
+    "energy_ratio",
+    "gptq_quantize",
+    "relative_output_error",
     "row_energies",
 ]

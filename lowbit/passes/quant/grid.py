@@ -108,8 +108,9 @@ def clipped_group_params(
     return scales[best, rows, 0], None if zeros is None else zeros[best, rows, 0]
 
 
-def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, bits: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def grid_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, bits: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The grid codes ``clamp(round(w / scale) + zero, 0, 2^bits − 1)`` of ``w``, as floats
     (written into ``out`` if given)."""
     codes = torch.div(w, scale, out=out).round_()
@@ -171,6 +172,12 @@ def _per_column(per_group: torch.Tensor, group: int, width: int) -> torch.Tensor
 
 
 __all__ = [
-    "GRID_BITS", "QuantizedWeight", "clipped_group_params", "effective_group_size", "grid_codes", "group_params", "quantize_weight",
+    "GRID_BITS",
+    "QuantizedWeight",
+    "clipped_group_params",
+    "effective_group_size",
+    "grid_codes",
+    "group_params",
+    "quantize_weight",
     "relative_error",
 ]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -50,7 +51,7 @@ class HessianAccumulator:
     rows: int = 0
 
     @classmethod
-    def empty(cls, layer: str, in_features: int, device: torch.device) -> "HessianAccumulator":
+    def empty(cls, layer: str, in_features: int, device: torch.device) -> HessianAccumulator:
         return cls(layer, torch.zeros(in_features, in_features, dtype=torch.float32, device=device))
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
@@ -214,6 +215,10 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 __all__ = [
-    "CalibrationCursor", "Consumer", "HessianAccumulator", "capture_hessian", "capture_inputs",
+    "CalibrationCursor",
+    "Consumer",
+    "HessianAccumulator",
+    "capture_hessian",
+    "capture_inputs",
     "token_rows",
 ]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -102,8 +103,17 @@ def dequantize_codes(qw: QuantizedWeight) -> torch.Tensor:
 class WeightFakeQuant(nn.Module):
     """Weight parametrization: the fake-quantized weight of one layer (module doc); ``step`` is LSQ's."""
 
-    def __init__(self, weight: torch.Tensor, fmt: str, bits: int, group_size: int, symmetric: bool,
-                 scale: str, latent_clip: float, name: str) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        fmt: str,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        scale: str,
+        latent_clip: float,
+        name: str,
+    ) -> None:
         super().__init__()
         self.format, self.scale, self.symmetric, self.latent_clip, self.layer = fmt, scale, symmetric, latent_clip, name
         self.bits = {"int": bits, "ternary": 2, "binary": 1}[fmt]
@@ -205,10 +215,17 @@ class FakeQuantConfig(PassConfig):
     bits: int = option(4, choices=GRID_BITS, help="code width of the int format")
     group_size: int = option(128, help="int format: input columns per scale; -1 = per-channel")
     symmetric: bool = option(True, help="int format: symmetric grid (no zero points)")
-    scale: str = option("stat", choices=SCALES,
-                        help="stat: the format's statistic; lsq: learnable step (int, symmetric); fixed: ±H (binary)")
-    latent_clip: float = option(1.0, min=0.0, min_exclusive=True,
-                                help="binary: BinaryConnect's H, the latent weight bound (and ±H with scale: fixed)")
+    scale: str = option(
+        "stat",
+        choices=SCALES,
+        help="stat: the format's statistic; lsq: learnable step (int, symmetric); fixed: ±H (binary)",
+    )
+    latent_clip: float = option(
+        1.0,
+        min=0.0,
+        min_exclusive=True,
+        help="binary: BinaryConnect's H, the latent weight bound (and ±H with scale: fixed)",
+    )
     ignore: tuple[str, ...] = option((), help="layers left in floating point: module paths or glob/re: patterns")
 
     def check(self, pass_name: str) -> None:
@@ -243,23 +260,47 @@ class FakeQuantize(Pass):
                 records.append(LayerRecord(path, "skipped", reason or "skipped by a per-layer override"))
                 log.info("fake_quant: skipping %s: %s", path, records[-1].reason)
                 continue
-            quantizer = WeightFakeQuant(module.weight, config.format, config.bits, config.group_size,
-                                        config.symmetric, config.scale, config.latent_clip, path)
+            quantizer = WeightFakeQuant(
+                module.weight,
+                config.format,
+                config.bits,
+                config.group_size,
+                config.symmetric,
+                config.scale,
+                config.latent_clip,
+                path,
+            )
             if config.format == "binary":
                 with torch.no_grad():
                     module.weight.clamp_(-config.latent_clip, config.latent_clip)
             parametrize.register_parametrization(module, "weight", quantizer)
             annotate_calls(nodes, path, fake_quant=FakeQuant(quantizer.bits, quantizer.group_size, quantizer.method()))
-            records.append(LayerRecord(path, "fake_quantized", stats={
-                "format": config.format, "bits": quantizer.bits, "group_size": quantizer.group_size,
-                "scale": config.scale}))
+            records.append(
+                LayerRecord(
+                    path,
+                    "fake_quantized",
+                    stats={
+                        "format": config.format,
+                        "bits": quantizer.bits,
+                        "group_size": quantizer.group_size,
+                        "scale": config.scale,
+                    },
+                )
+            )
         count = sum(r.action == "fake_quantized" for r in records)
         log.info("fake_quant: %d layer(s) fake-quantized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records,
-                          stats={"fake_quantized": count, "skipped": len(records) - count})
+        return PassResult(
+            changed=count > 0, layers=records, stats={"fake_quantized": count, "skipped": len(records) - count}
+        )
 
 
 __all__ = [
-    "FakeQuantConfig", "FakeQuantize", "WeightFakeQuant", "attach_latent_clip", "clip_latent_weights",
-    "dequantize_codes", "fake_quantizer_of", "straight_through",
+    "FakeQuantConfig",
+    "FakeQuantize",
+    "WeightFakeQuant",
+    "attach_latent_clip",
+    "clip_latent_weights",
+    "dequantize_codes",
+    "fake_quantizer_of",
+    "straight_through",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
@@ -63,7 +63,7 @@ class PackedLinear(nn.Module):
         self.out_features = qweight.shape[0]
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None) -> "PackedLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None) -> PackedLinear:
         """Pack ``qw`` (and keep a detached copy of ``bias``)."""
         return cls(
             qw.pack(),
@@ -78,8 +78,15 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear_packed(
-            x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias,
-            self.bits, self.group_size, self.in_features,
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            self.bias,
+            self.bits,
+            self.group_size,
+            self.in_features,
         )
 
     def extra_repr(self) -> str:
@@ -118,8 +125,9 @@ def unsupported_reason(gm: fx.GraphModule, path: str) -> str | None:
     return None
 
 
-def replace_linear(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, scheme: QuantScheme,
-                   recompile: bool = True) -> fx.Node:
+def replace_linear(
+    gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, scheme: QuantScheme, recompile: bool = True
+) -> fx.Node:
     """Replace the ``nn.Linear`` called by ``node`` with its packed form; return the new op node.
 
     Every call site of the same layer is rewritten (they all share the swapped
@@ -164,8 +172,7 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, path: str, scheme: QuantSch
     x = _linear_input(node)
     with gm.graph.inserting_before(node):
         buffers = [
-            None if getattr(packed, name) is None else gm.graph.get_attr(f"{path}.{name}")
-            for name in PACKED_BUFFERS
+            None if getattr(packed, name) is None else gm.graph.get_attr(f"{path}.{name}") for name in PACKED_BUFFERS
         ]
         new_node = gm.graph.create_node(
             "call_function",

@@ -9,8 +9,9 @@ AWQ) are measured against, and a good default for 8-bit weights.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch.fx as fx
 
@@ -35,7 +36,7 @@ class RTNConfig(PassConfig):
     ignore: tuple[str, ...] = option((), help="layers left in floating point: module paths or glob/re: patterns")
 
     @classmethod
-    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> "RTNConfig":
+    def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> RTNConfig:
         if "ignore" in options:
             options = {**options, "ignore": _layer_names(options["ignore"])}
         return super().from_options(pass_name, options)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -95,7 +96,9 @@ class SensitivityReport:
         total = sum(self.weights[layer] for layer in choice)
         return sum(self.weights[layer] * bits for layer, bits in choice.items()) / total
 
-    def suggest_overrides(self, *, max_error: float | None = None, average_bits: float | None = None) -> dict[str, dict[str, int]]:
+    def suggest_overrides(
+        self, *, max_error: float | None = None, average_bits: float | None = None
+    ) -> dict[str, dict[str, int]]:
         """Per-layer ``{"bits", "group_size"}`` overrides meeting an error budget or a target average width.
 
         Give exactly one of ``max_error`` (the estimated joint error, `estimated_error`,
@@ -137,7 +140,10 @@ class SensitivityReport:
 
 
 def sensitivity(
-    gm: fx.GraphModule, calibration: Any, bits: Iterable[int] = (2, 3, 4, 8), group_size: int = 128,
+    gm: fx.GraphModule,
+    calibration: Any,
+    bits: Iterable[int] = (2, 3, 4, 8),
+    group_size: int = 128,
     method: str = "rtn",
 ) -> SensitivityReport:
     """Measure each ``nn.Linear``'s output error when only it is quantized, at each of ``bits`` (module doc).
@@ -160,8 +166,9 @@ def sensitivity(
         gm.train(training)
 
 
-def _measure(gm: fx.GraphModule, batches: CalibrationSet, widths: tuple[int, ...], group_size: int,
-             method: str) -> SensitivityReport:
+def _measure(
+    gm: fx.GraphModule, batches: CalibrationSet, widths: tuple[int, ...], group_size: int, method: str
+) -> SensitivityReport:
     reference = _outputs(gm, batches)
     errors: dict[str, dict[int, float]] = {}
     weights: dict[str, int] = {}
@@ -186,8 +193,13 @@ def _measure(gm: fx.GraphModule, batches: CalibrationSet, widths: tuple[int, ...
             with torch.no_grad():
                 weight.copy_(original)
         weights[path] = original.numel()
-        log.info("sensitivity: %d/%d %s %s", index + 1, len(layers), path,
-                 ", ".join(f"w{b}={e:.3g}" for b, e in errors[path].items()))
+        log.info(
+            "sensitivity: %d/%d %s %s",
+            index + 1,
+            len(layers),
+            path,
+            ", ".join(f"w{b}={e:.3g}" for b, e in errors[path].items()),
+        )
     return SensitivityReport(widths, group_size, method, errors, weights, skipped)
 
 
@@ -213,8 +225,12 @@ def _batches(calibration: Any) -> CalibrationSet:
 
 def _outputs(gm: fx.GraphModule, batches: CalibrationSet) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [leaf.detach().float() for args, kwargs in batches for leaf in tree_leaves(gm(*args, **kwargs))
-                if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        return [
+            leaf.detach().float()
+            for args, kwargs in batches
+            for leaf in tree_leaves(gm(*args, **kwargs))
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+        ]
 
 
 def _relative_error(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:

@@ -22,7 +22,12 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.passes.config import option
 from lowbit.passes.quant.fewlevel import (
-    FewLevelConfig, FewLevelPass, checked_weight, group_width, per_column, scale_statistic,
+    FewLevelConfig,
+    FewLevelPass,
+    checked_weight,
+    group_width,
+    per_column,
+    scale_statistic,
 )
 from lowbit.passes.quant.grid import QuantizedWeight
 from lowbit.passes.registry import register
@@ -39,13 +44,20 @@ class TernaryConfig(FewLevelConfig):
     """Options of the ``ternary`` pass (BitNet b1.58 defaults: absmean, per tensor)."""
 
     scale: str = option("absmean", choices=MEASURES, help="γ from mean|W| (BitNet b1.58) or median|W| (Reloaded)")
-    granularity: str = option("per_tensor", choices=("per_tensor", "per_channel", "per_group"),
-                              help="one γ per tensor (BitNet), per output channel, or per group of input columns")
+    granularity: str = option(
+        "per_tensor",
+        choices=("per_tensor", "per_channel", "per_group"),
+        help="one γ per tensor (BitNet), per output channel, or per group of input columns",
+    )
 
 
 def ternary_quantize(
-    weight: torch.Tensor, scale: str = "absmean", granularity: str = "per_tensor",
-    group_size: int | None = None, *, name: str | None = None,
+    weight: torch.Tensor,
+    scale: str = "absmean",
+    granularity: str = "per_tensor",
+    group_size: int | None = None,
+    *,
+    name: str | None = None,
 ) -> QuantizedWeight:
     """Ternarize ``weight`` ``(N, K)`` (module doc); ``name`` is the layer used in errors."""
     w = checked_weight(weight, name)

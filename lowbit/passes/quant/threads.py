@@ -11,7 +11,7 @@ forwards (large matrix products) keep torch's threads.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -47,7 +47,9 @@ class CGA:
 
     def __init__(self, module: nn.Module, boundary_range: float = 0.005, targets: tuple[str, ...] = ()) -> None:
         if not 0 < boundary_range < 0.5:
-            raise PassConfigError(f"cga: boundary_range={boundary_range!r} is out of range; it must be in (0, 0.5) steps")
+            raise PassConfigError(
+                f"cga: boundary_range={boundary_range!r} is out of range; it must be in (0, 0.5) steps"
+            )
         self.boundary_range = boundary_range
         self.layers: list[tuple[str, nn.Parameter, int]] = []
         self.skipped: dict[str, str] = {}
@@ -59,12 +61,15 @@ class CGA:
             if weight is None:
                 self.skipped[name] = (
                     "QKR's W_qk product: OFQ's freeze of it does not change gradients, and q/k are not frozen"
-                    if isinstance(layer, QKRLinear) else "StatsQ quantizes a reparameterized weight; fold it first"
+                    if isinstance(layer, QKRLinear)
+                    else "StatsQ quantizes a reparameterized weight; fold it first"
                 )
                 continue
             self.layers.append((name, weight, quantizer.bits))
         if not self.layers:
-            raise ReparamError("cga: no StatsQ-quantized weight to anneal (run the statsq pass first, or check targets)")
+            raise ReparamError(
+                "cga: no StatsQ-quantized weight to anneal (run the statsq pass first, or check targets)"
+            )
         self.frozen_fraction: dict[str, float] = {}
         self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self._handles: list[Any] = []
@@ -87,7 +92,7 @@ class CGA:
             weight.copy_(torch.where(mask, saved, weight))
         self._saved = []
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> "CGA":
+    def attach(self, optimizer: torch.optim.Optimizer) -> CGA:
         """Run `before_step`/`after_step` around every ``optimizer.step()``; returns self."""
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, weight, _ in self.layers if id(weight) not in optimized]

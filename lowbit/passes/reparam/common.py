@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 #: Layers whose ``weight`` the weight reparameterizations apply to (never norms or embeddings).
 CONV_LINEAR: tuple[type[nn.Module], ...] = (
     nn.Linear,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
 )
 
 
@@ -48,8 +52,9 @@ def skip_reason(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None:
         return "weight is on the meta device (no data)"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False)
-               if p is weight and name != f"{path}.weight"]
+    sharers = [
+        name for name, p in gm.named_parameters(remove_duplicate=False) if p is weight and name != f"{path}.weight"
+    ]
     if sharers:
         return f"its weight is tied to {', '.join(sharers)}; reparameterizing one side would untie them"
     readers = [n.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{path}.weight"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils import parametrize, parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 from lowbit.ir.annotations import get_meta
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
@@ -56,7 +56,9 @@ class FoldReparam(Pass):
         records = []
         for path, nodes in calls.items():
             if any(n.op != "call_module" or n.target != path for n in nodes):
-                raise ReparamError(f"fold_reparam: layer '{path}' is annotated as reparameterized but is not a call of '{path}'")
+                raise ReparamError(
+                    f"fold_reparam: layer '{path}' is annotated as reparameterized but is not a call of '{path}'"
+                )
             records.append(_fold(gm, path, nodes))
         return PassResult(changed=bool(records), layers=records, stats={"folded": len(records)})
 
@@ -67,18 +69,27 @@ def _fold(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> LayerRecord:
     with torch.no_grad():
         before = module.weight.detach().clone()
         if isinstance(module, QKRLinear):
-            linear = nn.Linear(module.q.in_features, module.num_heads * module.q.in_features, bias=False,
-                               device=before.device, dtype=before.dtype)
+            linear = nn.Linear(
+                module.q.in_features,
+                module.num_heads * module.q.in_features,
+                bias=False,
+                device=before.device,
+                dtype=before.dtype,
+            )
             linear.weight.copy_(module.product())
             if module.weight_quantizer is not None:
                 parametrize.register_parametrization(linear, "weight", module.weight_quantizer)
             parent, _, name = path.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, name, linear)
             module = linear
-        elif parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], REPARAMETRIZATIONS):
+        elif parametrize.is_parametrized(module, "weight") and isinstance(
+            module.parametrizations.weight[0], REPARAMETRIZATIONS
+        ):
             replace_first_parametrization(module, reparam_output(module))
         else:
-            raise ReparamError(f"fold_reparam: layer '{path}' is annotated '{kind}' but carries no reparameterization to fold")
+            raise ReparamError(
+                f"fold_reparam: layer '{path}' is annotated '{kind}' but carries no reparameterization to fold"
+            )
         after = module.weight.detach()
     clear_annotation(nodes, path, "reparam")
     scale = before.abs().max().item() or 1.0

@@ -39,9 +39,27 @@ _SOFTMAX = {F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default}
 _MATMUL = {torch.matmul, operator.matmul, aten.matmul.default, aten.bmm.default}
 #: Pure data movement (each output element is one input element): what may sit between a projection and q/k/v.
 _MOVES = {
-    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "split", "split_with_sizes", "unbind",
-    "select", "slice", "contiguous", "clone", "alias", "unsqueeze", "squeeze", "narrow", "chunk",
-    "flatten", "unflatten", "getitem",
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "permute",
+    "transpose",
+    "t",
+    "split",
+    "split_with_sizes",
+    "unbind",
+    "select",
+    "slice",
+    "contiguous",
+    "clone",
+    "alias",
+    "unsqueeze",
+    "squeeze",
+    "narrow",
+    "chunk",
+    "flatten",
+    "unflatten",
+    "getitem",
 }
 #: Largest probe value a float32 holds exactly.
 _EXACT_FLOAT32 = 2**24
@@ -140,9 +158,16 @@ class QKR(Pass):
         candidates: list[tuple[str, fx.Node, _Projection, _Projection, _Projection | None]] = []
         for node in list(gm.graph.nodes):
             if _is_manual_attention(node):
-                records.append(LayerRecord(_block_name(node), "skipped", (
-                    f"not recognized: attention computed with explicit matmul/softmax (node {node.name}); "
-                    "qkr rewrites scaled_dot_product_attention calls")))
+                records.append(
+                    LayerRecord(
+                        _block_name(node),
+                        "skipped",
+                        (
+                            f"not recognized: attention computed with explicit matmul/softmax (node {node.name}); "
+                            "qkr rewrites scaled_dot_product_attention calls"
+                        ),
+                    )
+                )
             if not _is_sdpa(node):
                 continue
             name = _block_name(node)
@@ -183,14 +208,16 @@ def _is_sdpa(node: fx.Node) -> bool:
 
 def _is_manual_attention(node: fx.Node) -> bool:
     """A softmax over a matmul (possibly scaled or masked): attention written out by hand."""
-    is_softmax = ((node.op == "call_function" and node.target in _SOFTMAX)
-                  or (node.op == "call_method" and node.target == "softmax"))
+    is_softmax = (node.op == "call_function" and node.target in _SOFTMAX) or (
+        node.op == "call_method" and node.target == "softmax"
+    )
     current = node.args[0] if is_softmax and node.args else None
     for _ in range(4):
         if not isinstance(current, fx.Node):
             return False
-        if ((current.op == "call_function" and current.target in _MATMUL)
-                or (current.op == "call_method" and current.target == "matmul")):
+        if (current.op == "call_function" and current.target in _MATMUL) or (
+            current.op == "call_method" and current.target == "matmul"
+        ):
             return True
         current = current.args[0] if current.args else None
     return False
@@ -362,8 +389,15 @@ def _columns(values: dict[fx.Node, torch.Tensor], arg: fx.Node, projection: _Pro
     return cols
 
 
-def _block(gm: fx.GraphModule, name: str, node: fx.Node, q: _Projection, k: _Projection, v: _Projection | None,
-           values: dict[fx.Node, torch.Tensor]) -> _Block:
+def _block(
+    gm: fx.GraphModule,
+    name: str,
+    node: fx.Node,
+    q: _Projection,
+    k: _Projection,
+    v: _Projection | None,
+    values: dict[fx.Node, torch.Tensor],
+) -> _Block:
     q_cols = _columns(values, node.args[0], q, "q")
     k_cols = _columns(values, node.args[1], k, "k")
     v_cols = _columns(values, node.args[2], v, "v") if v is not None else None
@@ -410,8 +444,13 @@ def _rewrite(gm: fx.GraphModule, block: _Block) -> LayerRecord:
         q_new = graph.call_method("expand", (graph.call_method("unsqueeze", (x, 1)), -1, heads, -1, -1))
         v_new = old[2]
         if block.v is not None:
-            v_linear = nn.Linear(channels, block.v_cols.numel(), bias=block.v.bias is not None,
-                                 device=block.v.weight.device, dtype=block.v.weight.dtype)
+            v_linear = nn.Linear(
+                channels,
+                block.v_cols.numel(),
+                bias=block.v.bias is not None,
+                device=block.v.weight.device,
+                dtype=block.v.weight.dtype,
+            )
             with torch.no_grad():
                 v_linear.weight.copy_(block.v.weight[block.v_cols.flatten()])
                 if block.v.bias is not None:
@@ -428,13 +467,24 @@ def _rewrite(gm: fx.GraphModule, block: _Block) -> LayerRecord:
     q_bias = block.q.bias[block.q_cols.flatten()] if block.q.bias is not None else None
     dropped = 0.0 if q_bias is None else q_bias.abs().max().item()
     if dropped > 0:
-        log.warning("qkr: %s drops a nonzero query bias (max |b_q| = %.3g): the key-dependent logit term "
-                    "b_q·W_k·x_j is lost, so the block is not function preserving", block.name, dropped)
+        log.warning(
+            "qkr: %s drops a nonzero query bias (max |b_q| = %.3g): the key-dependent logit term "
+            "b_q·W_k·x_j is lost, so the block is not function preserving",
+            block.name,
+            dropped,
+        )
     stats = {
-        "qk": qk_path, "v": v_path or "unchanged", "heads": heads, "head_dim": head_dim, "channels": channels,
-        "fused": block.q.node is block.k.node, "scale": block.scale,
-        "function_preserving": dropped == 0.0, "dropped_q_bias_max": dropped,
-        "qk_params_before": 2 * heads * head_dim * channels, "qk_params_after": heads * channels * channels,
+        "qk": qk_path,
+        "v": v_path or "unchanged",
+        "heads": heads,
+        "head_dim": head_dim,
+        "channels": channels,
+        "fused": block.q.node is block.k.node,
+        "scale": block.scale,
+        "function_preserving": dropped == 0.0,
+        "dropped_q_bias_max": dropped,
+        "qk_params_before": 2 * heads * head_dim * channels,
+        "qk_params_after": heads * channels * channels,
     }
     return LayerRecord(block.name, "reparameterized", stats=stats)
 

@@ -95,8 +95,9 @@ class StatsQConfig(PassConfig):
     """Options of the ``statsq`` pass."""
 
     bits: int = option(2, choices=(1, 2, 3, 4, 8), help="weight code width")
-    ignore: tuple[str, ...] = option((), help="layers left in floating point "
-                                              "(OFQ keeps the patch embedding and head at 8 bits)")
+    ignore: tuple[str, ...] = option(
+        (), help="layers left in floating point (OFQ keeps the patch embedding and head at 8 bits)"
+    )
 
 
 @register
@@ -128,8 +129,9 @@ class StatsQuant(Pass):
             records.append(LayerRecord(path, "fake_quantized", stats={"bits": config.bits}))
         count = sum(r.action == "fake_quantized" for r in records)
         log.info("statsq: %d layer(s) fake-quantized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records,
-                          stats={"fake_quantized": count, "skipped": len(records) - count})
+        return PassResult(
+            changed=count > 0, layers=records, stats={"fake_quantized": count, "skipped": len(records) - count}
+        )
 
 
 def _skip_reason(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None:
@@ -140,8 +142,11 @@ def _skip_reason(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None
     if not module.weight.is_floating_point():
         return f"weight dtype {module.weight.dtype} is not floating point"
     own = parametrization_inputs(module) if parametrize.is_parametrized(module, "weight") else [module.weight]
-    sharers = [name for name, p in gm.named_parameters(remove_duplicate=False)
-               if any(p is t for t in own) and not name.startswith(path + ".")]
+    sharers = [
+        name
+        for name, p in gm.named_parameters(remove_duplicate=False)
+        if any(p is t for t in own) and not name.startswith(path + ".")
+    ]
     if sharers:
         return f"its weight is tied to {', '.join(sharers)}; quantizing one side would untie them"
     return None
@@ -180,8 +185,9 @@ class ConvertStatsQ(Pass):
                 continue
             records.append(_pack(gm, nodes, path, weight, quantizer.bits))
         count = sum(r.action == "quantized" for r in records)
-        return PassResult(changed=count > 0, layers=records,
-                          stats={"quantized": count, "skipped": len(records) - count})
+        return PassResult(
+            changed=count > 0, layers=records, stats={"quantized": count, "skipped": len(records) - count}
+        )
 
 
 def _pack(gm: fx.GraphModule, nodes: list[fx.Node], path: str, weight: torch.Tensor, bits: int) -> LayerRecord:

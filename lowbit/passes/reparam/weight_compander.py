@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -78,8 +79,9 @@ class Compander(nn.Module):
 class CompanderConfig(PassConfig):
     """Options of the ``weight_compander`` pass."""
 
-    a: float = option(0.5, min=0.0, min_exclusive=True,
-                      help="output scale a > 0 (|w| < a·π/2); the paper assumes a >= 0.5")
+    a: float = option(
+        0.5, min=0.0, min_exclusive=True, help="output scale a > 0 (|w| < a·π/2); the paper assumes a >= 0.5"
+    )
     b: float = option(1.0, min=0.0, min_exclusive=True, help="input scale b > 0")
     learnable: bool = option(False, help="train (a, b) per layer (the paper's 'fine' variant) instead of fixing them")
     ignore: tuple[str, ...] = option((), help="layers left as they are: module paths or glob/re: patterns")
@@ -116,8 +118,9 @@ class WeightCompander(Pass):
             records.append(LayerRecord(path, "reparameterized", stats=stats))
         count = sum(r.action == "reparameterized" for r in records)
         log.info("weight_compander: %d layer(s) reparameterized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records,
-                          stats={"reparameterized": count, "skipped": len(records) - count})
+        return PassResult(
+            changed=count > 0, layers=records, stats={"reparameterized": count, "skipped": len(records) - count}
+        )
 
 
 def _check_range(path: str, weight: torch.Tensor, compander: Compander) -> None:

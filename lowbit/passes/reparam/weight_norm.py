@@ -49,12 +49,15 @@ class ZeroNormError(ReparamError):
 class WeightNormConfig(PassConfig):
     """Options of the ``weight_norm`` pass."""
 
-    dim: int | str | None = option("output", help="'output' (per output channel), a weight axis >= 0, "
-                                                   "or None (whole tensor)")
-    init: str = option("weight", choices=("weight", "data"),
-                       help="function-preserving init, or the paper's data-dependent init")
-    init_scale: float = option(1.0, min=0.0, min_exclusive=True,
-                               help="target pre-activation std of the data-dependent init")
+    dim: int | str | None = option(
+        "output", help="'output' (per output channel), a weight axis >= 0, or None (whole tensor)"
+    )
+    init: str = option(
+        "weight", choices=("weight", "data"), help="function-preserving init, or the paper's data-dependent init"
+    )
+    init_scale: float = option(
+        1.0, min=0.0, min_exclusive=True, help="target pre-activation std of the data-dependent init"
+    )
     ignore: tuple[str, ...] = option((), help="layers left as they are: module paths or glob/re: patterns")
 
     def check(self, pass_name: str) -> None:
@@ -104,12 +107,14 @@ class WeightNorm(Pass):
             done.append((path, module, config))
             records.append(LayerRecord(path, "reparameterized", stats={"dim": dim, "init": config.init}))
         if any(config.init == "data" for _, _, config in done):
-            _data_init(gm, ctx, [(path, module, config.init_scale) for path, module, config in done
-                                 if config.init == "data"])
+            _data_init(
+                gm, ctx, [(path, module, config.init_scale) for path, module, config in done if config.init == "data"]
+            )
         count = len(done)
         log.info("weight_norm: %d layer(s) reparameterized, %d skipped", count, len(records) - count)
-        return PassResult(changed=count > 0, layers=records,
-                          stats={"reparameterized": count, "skipped": len(records) - count})
+        return PassResult(
+            changed=count > 0, layers=records, stats={"reparameterized": count, "skipped": len(records) - count}
+        )
 
 
 def _check_dim(path: str, weight: torch.Tensor, dim: int | None) -> None:
@@ -123,8 +128,9 @@ def _check_nonzero(path: str, weight: torch.Tensor, dim: int | None) -> None:
     zero = torch.nonzero(norms == 0).flatten().tolist()
     if zero:
         more = " ..." if len(zero) > 8 else ""
-        where = ("the whole weight is zero" if dim is None
-                 else f"slice(s) {zero[:8]}{more} along dim {dim} are all zeros")
+        where = (
+            "the whole weight is zero" if dim is None else f"slice(s) {zero[:8]}{more} along dim {dim} are all zeros"
+        )
         raise ZeroNormError(
             f"weight_norm: layer '{path}': {where}, so V/‖V‖ is undefined (NaN); "
             "ignore the layer, or use init='data' to start from a random direction"
@@ -155,8 +161,9 @@ def _data_init(gm: fx.GraphModule, ctx: PassContext, targets: list[tuple[str, nn
         raise CalibrationError(f"weight_norm: init='data': the calibration batch never reached {', '.join(missing)}")
 
 
-def _init_hook(path: str, init_scale: float, pending: dict[int, RemovableHandle], module: nn.Module,
-               inputs: tuple) -> None:
+def _init_hook(
+    path: str, init_scale: float, pending: dict[int, RemovableHandle], module: nn.Module, inputs: tuple
+) -> None:
     """Forward pre-hook: re-initialize ``module`` from its first input, then remove itself."""
     _init_from_batch(path, module, inputs[0], init_scale)
     pending.pop(id(module)).remove()

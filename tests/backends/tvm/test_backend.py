@@ -10,8 +10,8 @@ import torch.nn as nn
 from lowbit import passes
 from lowbit.backends.tvm import TVMBackend
 from lowbit.backends.tvm.convert import lower
-from lowbit.backends.tvm.toolchains.cpu import CPUToolchain, unscheduled_functions
 from lowbit.backends.tvm.target import resolve_target
+from lowbit.backends.tvm.toolchains.cpu import CPUToolchain, unscheduled_functions
 from lowbit.errors import BackendError
 from lowbit.ir import ops, packing
 
@@ -28,9 +28,17 @@ def _mlp() -> nn.Module:
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(32, 16), nn.LayerNorm(16), nn.Softmax(dim=-1),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.LayerNorm(16),
+        nn.Softmax(dim=-1),
     ).eval()
 
 
@@ -106,8 +114,9 @@ def test_uneven_groups_use_the_dense_fallback() -> None:
 def test_partial_last_group_is_padded_onto_the_packed_kernel() -> None:
     """in_features=56 in groups of 16: padded to 64 columns with zero codes and zero inputs, exactly."""
     gen = torch.Generator().manual_seed(1)
-    gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=16)])(fx.symbolic_trace(nn.Sequential(
-        nn.Linear(56, 32, bias=False))))
+    gm = passes.Pipeline([passes.get("rtn", bits=4, group_size=16)])(
+        fx.symbolic_trace(nn.Sequential(nn.Linear(56, 32, bias=False)))
+    )
     for rows in (1, 6):
         x = torch.randn(rows, 56, generator=gen)
         runner = TVMBackend().compile(gm, (x,))

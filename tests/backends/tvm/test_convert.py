@@ -68,8 +68,11 @@ def test_lowered_linears_name_their_kernel_on_cpu_and_cuda() -> None:
     assert [linear.kernel for linear in cuda.linears] == ["cuda_linear"]
     gm, inputs = _graph(rows=2, a8=True)
     assert [linear.kernel for linear in lower(gm, inputs, CPUToolchain(resolve_target("x86"))).linears] == [
-        "a8_linear_x86"]
+        "a8_linear_x86"
+    ]
     assert [linear.kernel for linear in lower(gm, inputs, CPUToolchain(resolve_target("arm"))).linears] == [
-        "a8_linear_arm"]
+        "a8_linear_arm"
+    ]
     assert [linear.kernel for linear in lower(gm, inputs, CUDAToolchain(resolve_target("cuda"))).linears] == [
-        "cuda_a8_linear"]
+        "cuda_a8_linear"
+    ]

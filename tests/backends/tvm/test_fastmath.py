@@ -10,8 +10,8 @@ from torch import nn
 import lowbit
 from lowbit.backends.tvm import TVMBackend
 from lowbit.backends.tvm.convert import lower
-from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 from lowbit.backends.tvm.target import resolve_target
+from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 
 ACTIVATIONS = {
     "exp": torch.exp,

@@ -21,7 +21,8 @@ class _MaskedAttention(nn.Module):
         q, k, v = self.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
         keep = mask.to("cpu", torch.bool)[:, None, None, :] & x.new_ones((), dtype=torch.bool)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep) + F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep.float() * -3.0, scale=0.5)
+            q, k, v, attn_mask=keep.float() * -3.0, scale=0.5
+        )
 
 
 def test_boolean_and_float_masks_match_torch() -> None:

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 import lowbit
-from lowbit.backends.tvm import rpc
-from lowbit.backends.tvm import qemu
+from lowbit.backends.tvm import qemu, rpc
 
 from helpers import norm_mlp
 
@@ -30,13 +29,18 @@ def test_fp32_w4a16_and_w4a8_artifacts_run_under_qemu(tmp_path) -> None:
     # One int8-activation layer (a second one would quantize the first one's float output,
     # where a last-bit difference may move an activation code across a rounding boundary).
     a8_model = nn.Sequential(nn.Linear(128, 64), nn.GELU()).eval()
-    w4a8 = lowbit.compile(a8_model, (x,), target="arm", passes=[
-        lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")])
+    w4a8 = lowbit.compile(
+        a8_model,
+        (x,),
+        target="arm",
+        passes=[lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")],
+    )
     assert [linear.kernel for linear in w4a8._runner.linears] == ["a8_linear_arm"]
     paths = fp32.export(tmp_path / "fp32"), w4.export(tmp_path / "w4a16"), w4a8.export(tmp_path / "w4a8")
     with qemu.emulated_server() as server:
-        results = [rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
-                   for path in paths]
+        results = [
+            rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1) for path in paths
+        ]
     with torch.no_grad():  # the quantized graphs' custom ops are the torch references
         expected = [model(x).numpy(), w4.graph(x).numpy(), w4a8.graph(x).numpy()]
     for result, reference in zip(results, expected):
@@ -70,8 +74,9 @@ def test_transformer_w4a16_runs_under_qemu(tmp_path) -> None:
     from lowbit import zoo
 
     built = zoo.build("llama-tiny")
-    compiled = lowbit.compile(built.model, built.example_inputs, example_kwargs=built.example_kwargs,
-                              recipe="w4a16-arm")
+    compiled = lowbit.compile(
+        built.model, built.example_inputs, example_kwargs=built.example_kwargs, recipe="w4a16-arm"
+    )
     path = compiled.export(tmp_path / "llama")
     inputs = [t.numpy() for t in built.example_inputs] + [v.numpy() for v in built.example_kwargs.values()]
     result = qemu.run_artifact(path, inputs)
@@ -91,8 +96,23 @@ def test_cli_runs_an_arm_artifact_on_an_emulated_device_behind_a_tracker(tmp_pat
     path = lowbit.compile(model, (x,), recipe="w4a16-arm").export(tmp_path / "w4a16")
     np.savez(tmp_path / "x.npz", x.numpy())
     with rpc.Tracker() as tracker, qemu.emulated_server(tracker=tracker.address, key="a76"):
-        code = main(["-q", "run", str(path), "--input", str(tmp_path / "x.npz"), "--rpc", str(tracker.address),
-                     "--key", "a76", "--timeout", "120", "--repeats", "1"])
+        code = main(
+            [
+                "-q",
+                "run",
+                str(path),
+                "--input",
+                str(tmp_path / "x.npz"),
+                "--rpc",
+                str(tracker.address),
+                "--key",
+                "a76",
+                "--timeout",
+                "120",
+                "--repeats",
+                "1",
+            ]
+        )
     out = capsys.readouterr().out
     assert code == 0 and "output 0: float32[4, 32]" in out and "(key 'a76')" in out
 
@@ -105,17 +125,21 @@ def test_every_int8_arm_recipe_runs_its_kernel_under_qemu(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(256, 128), nn.GELU()).eval()
     x = torch.randn(8, 256)
     calibration = [(torch.randn(8, 256),) for _ in range(4)]
-    compiled = {recipe: lowbit.compile(model, (x,), recipe=recipe, calibration=calibration)
-                for recipe in ("w1.58a8-arm", "w2a8-arm", "w4a8-arm", "w8a8-arm")}
+    compiled = {
+        recipe: lowbit.compile(model, (x,), recipe=recipe, calibration=calibration)
+        for recipe in ("w1.58a8-arm", "w2a8-arm", "w4a8-arm", "w8a8-arm")
+    }
     paths = []
     for recipe, model_a8 in compiled.items():
         assert [linear.kernel for linear in model_a8._runner.linears] == ["a8_linear_arm"], recipe
         paths.append(model_a8.export(tmp_path / recipe))
     with qemu.emulated_server() as server:
-        results = [rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
-                   for path in paths]
+        results = [
+            rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1) for path in paths
+        ]
     for (recipe, model_a8), result in zip(compiled.items(), results):
         with torch.no_grad():
             reference = model_a8.graph(x).numpy()
-        np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max(),
-                                   err_msg=recipe)
+        np.testing.assert_allclose(
+            result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max(), err_msg=recipe
+        )

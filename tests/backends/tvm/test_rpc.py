@@ -35,8 +35,7 @@ def tracker():
 def test_run_through_tracker_matches_local_run(x86_artifact, tracker) -> None:
     path, model, x = x86_artifact
     local = rpc.run_artifact(path, [x.numpy()], repeats=2)
-    remote = rpc.run_artifact(path, [x.numpy()], rpc=str(tracker.address),
-                              key=KEY, timeout=30, repeats=2)
+    remote = rpc.run_artifact(path, [x.numpy()], rpc=str(tracker.address), key=KEY, timeout=30, repeats=2)
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(local.outputs[0], expected, rtol=1e-5, atol=1e-6)
@@ -110,8 +109,10 @@ def test_cli_runs_on_the_device_behind_the_tracker(x86_artifact, tracker, capsys
     from lowbit.cli import main
 
     path, _, _ = x86_artifact
-    assert main(["-q", "run", str(path), "--rpc", str(tracker.address), "--key", KEY, "--timeout", "30",
-                 "--repeats", "2"]) == 0
+    assert (
+        main(["-q", "run", str(path), "--rpc", str(tracker.address), "--key", KEY, "--timeout", "30", "--repeats", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "output 0: float32[3, 8]" in out and f"on {tracker.address} (key '{KEY}')" in out
 

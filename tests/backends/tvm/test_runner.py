@@ -22,8 +22,10 @@ from lowbit.backends.tvm.target import resolve_target
 from lowbit.errors import BackendError
 
 INPUTS = [InputSpec("x", (2, 8), "float32"), InputSpec("mask", (2,), "bool")]
-LINEARS = [LoweredLinear("fc", PackedLinearSpec(2, 8, 4, 4, 8, False, True), "packed_linear"),
-           LoweredLinear("head", PackedLinearSpec(2, 8, 4, 3, 8, True, False), "dense", "3-bit codes")]
+LINEARS = [
+    LoweredLinear("fc", PackedLinearSpec(2, 8, 4, 4, 8, False, True), "packed_linear"),
+    LoweredLinear("head", PackedLinearSpec(2, 8, 4, 3, 8, True, False), "dense", "3-bit codes"),
+]
 
 
 @pytest.fixture
@@ -45,9 +47,16 @@ def _outcome(runner, *args, **kwargs) -> str:
 
 def test_cpu_and_cuda_runners_bind_and_refuse_inputs_alike(runners) -> None:
     x, mask = torch.randn(2, 8), torch.ones(2, dtype=torch.bool)
-    calls = [((x, mask), {}), ((x,), {"mask": mask}), ((), {"mask": mask, "x": x}), ((x,), {}),
-             ((x, mask, x), {}), ((x,), {"other": mask}), ((torch.randn(3, 8), mask), {}),
-             ((x.double(), mask), {})]
+    calls = [
+        ((x, mask), {}),
+        ((x,), {"mask": mask}),
+        ((), {"mask": mask, "x": x}),
+        ((x,), {}),
+        ((x, mask, x), {}),
+        ((x,), {"other": mask}),
+        ((torch.randn(3, 8), mask), {}),
+        ((x.double(), mask), {}),
+    ]
     outcomes = [[_outcome(runner, *args, **kwargs) for args, kwargs in calls] for runner in runners]
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][:3] == [repr([((2, 8), torch.float32), ((2,), torch.bool)])] * 3

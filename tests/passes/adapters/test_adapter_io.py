@@ -33,8 +33,15 @@ def trained(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def mixed(gm: fx.GraphModule) -> fx.GraphModule:
-    return trained(Pipeline([LoRA(rank=2, alpha=4, targets=("0",)), LoRA(rank=2, init="pissa", targets=("2",)),
-                             Bone(rank=4, variant="bat", targets=("4",))])(gm))
+    return trained(
+        Pipeline(
+            [
+                LoRA(rank=2, alpha=4, targets=("0",)),
+                LoRA(rank=2, init="pissa", targets=("2",)),
+                Bone(rank=4, variant="bat", targets=("4",)),
+            ]
+        )(gm)
+    )
 
 
 def test_round_trip(model, tmp_path) -> None:
@@ -50,7 +57,8 @@ def test_round_trip(model, tmp_path) -> None:
     loaded = load_adapters(gm, file)
     assert torch.equal(loaded(x), adapted(x))
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
-        n for n, p in adapted.named_parameters() if p.requires_grad}
+        n for n, p in adapted.named_parameters() if p.requires_grad
+    }
     # a merged graph saves the same adapter (the residual from before the merge)
     merged = Pipeline([get("merge_adapters")])(adapted)
     save_adapters(merged, tmp_path / "merged.safetensors")
@@ -90,8 +98,9 @@ def test_file_for_another_architecture(model, tmp_path) -> None:
             return self.proj(x)
 
     named = lowbit.trace(Named(), (torch.randn(3, 16),))
-    with pytest.raises(AdapterError, match="key '0.lora.A' is for layer '0', which this graph does not have; "
-                                           "close layer names: proj"):
+    with pytest.raises(
+        AdapterError, match="key '0.lora.A' is for layer '0', which this graph does not have; close layer names: proj"
+    ):
         load_adapters(named, file)
 
 
@@ -110,8 +119,11 @@ def test_bad_files(model, tmp_path) -> None:
     layers = save_adapters(adapted, file)
     with safe_open(str(file), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    save_file({**tensors, "0.lora.C": torch.zeros(1)}, str(file), metadata={"format": "lowbit-adapters",
-                                                                          "layers": json.dumps(layers)})
+    save_file(
+        {**tensors, "0.lora.C": torch.zeros(1)},
+        str(file),
+        metadata={"format": "lowbit-adapters", "layers": json.dumps(layers)},
+    )
     with pytest.raises(AdapterError, match="key '0.lora.C' belongs to no adapter"):
         load_adapters(gm, file)
     with pytest.raises(AdapterError, match="already carries an adapter"):
@@ -135,10 +147,15 @@ def test_peft_directory_errors(model, tmp_path) -> None:
     with pytest.raises(AdapterError, match="use_dora=true"):
         import_peft_lora(gm, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
-    save_file({"base_model.model.0.lora_A.weight": torch.zeros(2, 16),
-               "base_model.model.0.lora_B.weight": torch.zeros(16, 2),
-               "base_model.model.7.lora_A.weight": torch.zeros(2, 16),
-               "base_model.model.7.lora_B.weight": torch.zeros(16, 2)}, str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.0.lora_A.weight": torch.zeros(2, 16),
+            "base_model.model.0.lora_B.weight": torch.zeros(16, 2),
+            "base_model.model.7.lora_A.weight": torch.zeros(2, 16),
+            "base_model.model.7.lora_B.weight": torch.zeros(16, 2),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     with pytest.raises(AdapterError, match="key 'base_model.model.7.lora_A.weight' is for layer '7'"):
         import_peft_lora(gm, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False, "peft_type": "IA3"}))

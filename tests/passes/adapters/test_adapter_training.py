@@ -17,17 +17,23 @@ import torch.fx as fx
 import lowbit
 from lowbit import zoo
 from lowbit.ir import ops
-from lowbit.passes import Pipeline, Pass, get
+from lowbit.passes import Pass, Pipeline, get
 from lowbit.passes.adapters import SORSA, Bone, LoRA, orthonormal_regularizer
 
 LABELS = ("This sentence expresses a positive feeling.", "This sentence expresses a negative feeling.")
 SENTENCES = (
-    ("What a lovely sunny morning.", 0), ("The fresh bread smells wonderful.", 0),
-    ("I really enjoyed that soup.", 0), ("The spring breeze feels delightful.", 0),
-    ("This cake is absolutely perfect.", 0), ("We had a great picnic in the sun.", 0),
-    ("The storm ruined our whole weekend.", 1), ("This pasta tastes awful.", 1),
-    ("The freezing rain is miserable.", 1), ("The soup was cold and bland.", 1),
-    ("I hate this gloomy weather.", 1), ("The burnt toast was disgusting.", 1),
+    ("What a lovely sunny morning.", 0),
+    ("The fresh bread smells wonderful.", 0),
+    ("I really enjoyed that soup.", 0),
+    ("The spring breeze feels delightful.", 0),
+    ("This cake is absolutely perfect.", 0),
+    ("We had a great picnic in the sun.", 0),
+    ("The storm ruined our whole weekend.", 1),
+    ("This pasta tastes awful.", 1),
+    ("The freezing rain is miserable.", 1),
+    ("The soup was cold and bland.", 1),
+    ("I hate this gloomy weather.", 1),
+    ("The burnt toast was disgusting.", 1),
 )
 TARGETS = ("query", "value")
 ADAPTERS = {

@@ -50,8 +50,8 @@ def test_bat_is_block_affine(model) -> None:
     merged = torch.empty_like(w)
     for a in range(2):
         for c in range(4):
-            block = w[a * 4:(a + 1) * 4, c * 4:(c + 1) * 4]
-            merged[a * 4:(a + 1) * 4, c * 4:(c + 1) * 4] = block @ (torch.eye(4) + bone.B[a]) + bone.B[a]
+            block = w[a * 4 : (a + 1) * 4, c * 4 : (c + 1) * 4]
+            merged[a * 4 : (a + 1) * 4, c * 4 : (c + 1) * 4] = block @ (torch.eye(4) + bone.B[a]) + bone.B[a]
     expected = nn.functional.linear(module[1](module[0](x)), merged, module[2].bias)
     torch.testing.assert_close(adapted(x), expected, atol=1e-5, rtol=1e-5)
     # the weight feeds the branch; it stays frozen

@@ -48,7 +48,11 @@ def test_registered_and_identity_at_init(model) -> None:
     meta = get_meta(next(n for n in adapted.graph.nodes if n.target == "query"))
     assert meta.adapter.describe() == "lora[kaiming] r4"
     assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
-        "query.lora.A", "query.lora.B", "value.lora.A", "value.lora.B"}
+        "query.lora.A",
+        "query.lora.B",
+        "value.lora.A",
+        "value.lora.B",
+    }
 
 
 def test_forward_is_the_lora_formula(model) -> None:
@@ -159,12 +163,25 @@ def test_bad_inputs(model) -> None:
 
 def test_targets_ignore_overrides_and_trainable(model) -> None:
     _, gm, _ = model
-    adapted = Pipeline([LoRA(rank=2, targets=("re:(query|value)",), ignore=("value",), trainable=("out",),
-                             overrides={"query": {"rank": 3}})])(gm)
+    adapted = Pipeline(
+        [
+            LoRA(
+                rank=2,
+                targets=("re:(query|value)",),
+                ignore=("value",),
+                trainable=("out",),
+                overrides={"query": {"rank": 3}},
+            )
+        ]
+    )(gm)
     assert lora_of(adapted, "query").rank == 3
     assert not hasattr(adapted.get_submodule("value"), "lora")
     assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
-        "query.lora.A", "query.lora.B", "out.weight", "out.bias"}
+        "query.lora.A",
+        "query.lora.B",
+        "out.weight",
+        "out.bias",
+    }
 
 
 def test_bf16_base_keeps_float32_adapters(model) -> None:

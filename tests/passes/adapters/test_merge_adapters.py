@@ -46,7 +46,9 @@ def perturbed(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def adapter_calls(gm: fx.GraphModule) -> list[str]:
-    return [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith((".lora", ".sorsa", ".bone"))]
+    return [
+        n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith((".lora", ".sorsa", ".bone"))
+    ]
 
 
 @pytest.mark.parametrize("kind", ADAPTERS)
@@ -103,8 +105,9 @@ def test_merge_into_a_packed_base_requantizes(model, kind: str) -> None:
 def _float_merged(gm: fx.GraphModule, path: str, kind: str) -> torch.Tensor:
     """The float weight a merge should produce before rounding: dequantized base plus update."""
     base = gm.get_submodule(path)
-    weight = packing.dequantize(base.qweight, base.scales, base.zeros, base.g_idx, base.bits, base.group_size,
-                                base.in_features)
+    weight = packing.dequantize(
+        base.qweight, base.scales, base.zeros, base.g_idx, base.bits, base.group_size, base.in_features
+    )
     return weight + base.get_submodule(kind).delta_weight(weight)
 
 
@@ -158,5 +161,7 @@ def test_verifier_catches_a_lost_branch(model) -> None:
     _, gm, _ = model
     adapted = Pipeline([LoRA(rank=2)])(gm)
     remove_branches(adapted, "0", adapted.get_submodule("0.lora"))
-    with pytest.raises(VerificationError, match="layer '0' is annotated lora\\[kaiming\\] r2 but '0.lora' is never called"):
+    with pytest.raises(
+        VerificationError, match="layer '0' is annotated lora\\[kaiming\\] r2 but '0.lora' is never called"
+    ):
         verify(adapted)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
-import peft
 
 import lowbit  # noqa: E402
 from lowbit.passes import Pipeline, get  # noqa: E402
@@ -87,10 +86,13 @@ def test_pissa_init_matches_peft(setup) -> None:
     check_same(peft_model, ours, x)
 
 
-@pytest.mark.parametrize(("variant", "init_weights", "param", "shape"), [
-    ("balance", True, "D", lambda layer, r: (r, layer.out_features)),
-    ("bat", "bat", "B", lambda layer, r: (layer.out_features // r, r, r)),
-])
+@pytest.mark.parametrize(
+    ("variant", "init_weights", "param", "shape"),
+    [
+        ("balance", True, "D", lambda layer, r: (r, layer.out_features)),
+        ("bat", "bat", "B", lambda layer, r: (layer.out_features // r, r, r)),
+    ],
+)
 def test_bone_matches_peft_miss(setup, variant: str, init_weights, param: str, shape) -> None:
     model, gm, x = setup
     rank = 4 if variant == "bat" else 5  # 36 % 5 != 0 exercises the partial last block of "balance"
@@ -110,8 +112,9 @@ def test_bone_matches_peft_miss(setup, variant: str, init_weights, param: str, s
 
 def test_import_peft_lora_directory(setup, tmp_path) -> None:
     model, gm, x = setup
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, alpha_pattern={"out": 2},
-                             rank_pattern={"out": 2})
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, alpha_pattern={"out": 2}, rank_pattern={"out": 2}
+    )
     peft_model = peft.get_peft_model(copy.deepcopy(model), config).eval()
     with torch.no_grad():
         for path in TARGETS:
@@ -120,5 +123,6 @@ def test_import_peft_lora_directory(setup, tmp_path) -> None:
     imported = import_peft_lora(gm, tmp_path)
     assert imported.get_submodule("out.lora").rank == 2 and imported.get_submodule("out.lora").scale == 1.0
     assert {n for n, p in imported.named_parameters() if p.requires_grad} == {
-        f"{path}.lora.{m}" for path in TARGETS for m in "AB"}
+        f"{path}.lora.{m}" for path in TARGETS for m in "AB"
+    }
     check_same(peft_model, imported, x)

@@ -45,11 +45,13 @@ def test_split_is_principal_part_plus_svd_tail(model) -> None:
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     torch.testing.assert_close(sorsa.S, s[:3])
     torch.testing.assert_close((sorsa.B * sorsa.S) @ sorsa.A, u[:, :3] @ torch.diag(s[:3]) @ vh[:3], atol=1e-5, rtol=0)
-    torch.testing.assert_close(adapted.get_submodule("0").weight, u[:, 3:] @ torch.diag(s[3:]) @ vh[3:],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        adapted.get_submodule("0").weight, u[:, 3:] @ torch.diag(s[3:]) @ vh[3:], atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(adapted(x), module(x), atol=1e-5, rtol=1e-5)
     assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
-        f"{i}.sorsa.{p}" for i in (0, 2) for p in "ASB"}
+        f"{i}.sorsa.{p}" for i in (0, 2) for p in "ASB"
+    }
 
 
 def test_alpha_scales_the_principal_part(model) -> None:
@@ -76,8 +78,10 @@ def test_regularizer_value_and_scaling(model) -> None:
                 p.mul_(2.0)
     modules = [adapted.get_submodule(f"{i}.sorsa") for i in (0, 2)]
     eye = torch.eye(3)
-    expected = sum(torch.linalg.matrix_norm(m.A @ m.A.T - eye) + torch.linalg.matrix_norm(m.B.T @ m.B - eye)
-                   for m in modules) / 4
+    expected = (
+        sum(torch.linalg.matrix_norm(m.A @ m.A.T - eye) + torch.linalg.matrix_norm(m.B.T @ m.B - eye) for m in modules)
+        / 4
+    )
     torch.testing.assert_close(orthonormal_loss(adapted), expected)
     torch.testing.assert_close(orthonormal_regularizer(adapted, peak_lr=3e-5), GAMMA / 3e-5 * expected)
     assert GAMMA == 4e-4

@@ -9,9 +9,9 @@ import torch.nn as nn
 import lowbit
 from lowbit.errors import PassConfigError
 from lowbit.ir.annotations import get_meta
+from lowbit.passes.pipeline import Pipeline
 from lowbit.passes.prune import ApplyMasks, PruneGradual, PruneMagnitude, cubic_sparsity
 from lowbit.passes.prune.gradual import GradualConfig, threshold_mask
-from lowbit.passes.pipeline import Pipeline
 
 
 def config(**options) -> GradualConfig:
@@ -33,13 +33,16 @@ def test_threshold_mask_keeps_ties_and_at_least_one_weight() -> None:
     assert int(threshold_mask(w, 0.999).sum()) == 1
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    ({"start_step": 10, "end_step": 5}, "end_step=5 must come after start_step=10"),
-    ({"start_step": 10, "end_step": 10}, "end_step=10 must come after start_step=10"),
-    ({"sparsity": 0.5, "initial_sparsity": 0.6}, "initial_sparsity=0.6 exceeds"),
-    ({"initial_sparsity": 1.0}, "initial_sparsity=1.0 is out of range"),
-    ({"frequency": 0}, "frequency=0 is out of range"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"start_step": 10, "end_step": 5}, "end_step=5 must come after start_step=10"),
+        ({"start_step": 10, "end_step": 10}, "end_step=10 must come after start_step=10"),
+        ({"sparsity": 0.5, "initial_sparsity": 0.6}, "initial_sparsity=0.6 exceeds"),
+        ({"initial_sparsity": 1.0}, "initial_sparsity=1.0 is out of range"),
+        ({"frequency": 0}, "frequency=0 is out of range"),
+    ],
+)
 def test_bad_schedules_are_config_errors(options: dict, match: str) -> None:
     with pytest.raises(PassConfigError, match=match):
         PruneGradual(**options)
@@ -63,8 +66,11 @@ def test_training_callback_follows_the_schedule_and_keeps_zeros() -> None:
             updates.append(step)
         for path in ("0", "2"):
             module = gm.get_submodule(path)
-            expected = round(cubic_sparsity(max(u for u in [2, *updates] if u <= step), pruner.config)
-                             * module.weight.numel()) if updates else 0
+            expected = (
+                round(cubic_sparsity(max(u for u in [2, *updates] if u <= step), pruner.config) * module.weight.numel())
+                if updates
+                else 0
+            )
             zeros = int((~module.weight_mask.bool()).sum())
             assert zeros == expected  # random weights: no ties
             effective = module.weight * module.weight_mask.bool()

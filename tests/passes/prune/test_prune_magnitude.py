@@ -32,7 +32,7 @@ def test_per_layer_exact_count_of_smallest_weights(sparsity: float) -> None:
         weight = gm.get_submodule(path).weight.detach()
         mask = out.get_submodule(path).weight_mask.bool()
         assert int((~mask).sum()) == round(sparsity * weight.numel())
-        if 0 < sparsity:
+        if sparsity > 0:
             assert weight.abs()[~mask].max() <= weight.abs()[mask].min()
     records = {r.layer: r.stats for r in pipe.report.passes[0].layers}
     assert records["0"]["target"] == sparsity and records["0"]["achieved"] == pytest.approx(sparsity, abs=1 / 216)

@@ -29,13 +29,18 @@ def test_masked_layer_is_weight_times_mask_in_the_graph() -> None:
     assert len(calls) == 2
     for node in calls:
         mul = node.args[1]
-        assert mul.target is torch.mul and [a.target for a in mul.args] == [f"{node.meta['lowbit'].layer}.weight",
-                                                                            f"{node.meta['lowbit'].layer}.weight_mask"]
+        assert mul.target is torch.mul and [a.target for a in mul.args] == [
+            f"{node.meta['lowbit'].layer}.weight",
+            f"{node.meta['lowbit'].layer}.weight_mask",
+        ]
         sparsity = get_meta(node).sparsity
         assert sparsity.mask == f"{get_meta(node).layer}.weight_mask" and sparsity.method == "prune_magnitude"
     assert "0.weight_mask" in gm.state_dict()
-    expected = F.linear(F.relu(F.linear(x, model[0].weight * gm.get_submodule("0").weight_mask.bool(), model[0].bias)),
-                        model[2].weight * gm.get_submodule("2").weight_mask.bool(), model[2].bias)
+    expected = F.linear(
+        F.relu(F.linear(x, model[0].weight * gm.get_submodule("0").weight_mask.bool(), model[0].bias)),
+        model[2].weight * gm.get_submodule("2").weight_mask.bool(),
+        model[2].bias,
+    )
     torch.testing.assert_close(gm(x), expected)
 
 
@@ -45,8 +50,11 @@ def test_pruned_weights_stay_zero_through_training(optimizer: str) -> None:
     gm = lowbit.prepare(model.train(), (x,), passes=[PruneMagnitude(sparsity=0.75)])
     masks = {p: gm.get_submodule(p).weight_mask.bool().clone() for p in ("0", "2")}
     params = gm.parameters()
-    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2) if optimizer == "sgd_momentum"
-           else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1))
+    opt = (
+        torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2)
+        if optimizer == "sgd_momentum"
+        else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    )
     for _ in range(5):
         loss = gm(torch.randn(16, 12)).pow(2).mean()
         opt.zero_grad()
@@ -77,8 +85,9 @@ def test_verifier_rejects_a_broken_mask_buffer() -> None:
         verify(gm)
 
 
-@pytest.mark.parametrize("name", ["prune_magnitude", "prune_lamp", "prune_random", "prune_rd", "prune_gradual",
-                                  "prune_channels"])
+@pytest.mark.parametrize(
+    "name", ["prune_magnitude", "prune_lamp", "prune_random", "prune_rd", "prune_gradual", "prune_channels"]
+)
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
 def test_sparsity_outside_unit_interval_is_a_config_error(name: str, value: float) -> None:
     with pytest.raises(PassConfigError, match=f"{name}: sparsity={value}"):

@@ -40,8 +40,10 @@ def test_pass_annotates_pattern_and_exact_half_sparsity() -> None:
     for record in pipe.report.passes[0].layers:
         assert record.stats["pattern"] == "2:4" and record.stats["achieved"] == 0.5 == record.stats["target"]
         assert is_nm(out.get_submodule(record.layer).weight_mask.bool(), 2, 4)
-    assert "2:4" in out.graph.find_nodes(op="call_function", target=torch.nn.functional.linear)[0].meta[
-        "lowbit"].describe()
+    assert (
+        "2:4"
+        in out.graph.find_nodes(op="call_function", target=torch.nn.functional.linear)[0].meta["lowbit"].describe()
+    )
 
 
 def test_n_greater_than_m_is_a_config_error() -> None:

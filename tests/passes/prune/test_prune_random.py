@@ -39,8 +39,9 @@ def test_er_uses_only_input_and_output_widths() -> None:
 
 def net() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(),
-                         nn.Linear(64, 10)), torch.randn(1, 3, 6, 6)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
+    ), torch.randn(1, 3, 6, 6)
 
 
 @pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])

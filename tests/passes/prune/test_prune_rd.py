@@ -117,10 +117,18 @@ def minilm_case(grid: int) -> tuple[float, float, float]:
     from lowbit import zoo
 
     minilm = zoo.load_minilm()
-    calib_text = ["the cat sat on the mat", "a quick brown fox jumps", "prices rose sharply in May",
-                  "he plays the violin well"]
-    test_text = ["the weather is cold today", "she reads a book at night", "markets fell after the news",
-                 "dogs love long walks"]
+    calib_text = [
+        "the cat sat on the mat",
+        "a quick brown fox jumps",
+        "prices rose sharply in May",
+        "he plays the violin well",
+    ]
+    test_text = [
+        "the weather is cold today",
+        "she reads a book at night",
+        "markets fell after the news",
+        "dogs love long walks",
+    ]
 
     def batch(texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = minilm.tokenizer(texts, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
@@ -136,8 +144,10 @@ def minilm_case(grid: int) -> tuple[float, float, float]:
     held_out = batch(test_text)
     with torch.no_grad():
         reference = minilm.model(**held_out).last_hidden_state
-        error = {name: float((g(**held_out).last_hidden_state - reference).pow(2).mean())
-                 for name, g in (("rd", rd), ("uniform", uniform))}
+        error = {
+            name: float((g(**held_out).last_hidden_state - reference).pow(2).mean())
+            for name, g in (("rd", rd), ("uniform", uniform))
+        }
     return achieved, error["rd"], error["uniform"]
 
 

@@ -48,7 +48,7 @@ def test_scale_search_loss_is_the_token_mean_of_the_output_change() -> None:
     x_mean = x.abs().mean(dim=0)
     s, alpha, losses = search_scale([(w, config) for w in weights], x_mean, x.T @ x / x.shape[0], 20)
     for i, loss in enumerate(losses):
-        t = (x_mean.pow(i / 20).clamp(min=1e-4))
+        t = x_mean.pow(i / 20).clamp(min=1e-4)
         t = t / (t.max() * t.min()).sqrt()
         outputs = torch.cat([x @ w.T for w in weights], dim=1)
         quantized = torch.cat([x @ (fake_quantize(w * t, 3, 16, False) / t).T for w in weights], dim=1)
@@ -211,15 +211,21 @@ def test_explicit_scales_keep_the_model_exact() -> None:
 
 def llama(kv_heads: int) -> tuple[fx.GraphModule, object, torch.Tensor]:
     import transformers
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=128,
-                                      use_cache=False)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=128,
+        use_cache=False,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 128, (2, 16))
     gm = lowbit.trace(model, (), example_kwargs={"input_ids": ids})
-    batches = calibration_set([{"input_ids": torch.randint(0, 128, (2, 16))} for _ in range(2)], (),
-                              {"input_ids": ids})
+    batches = calibration_set([{"input_ids": torch.randint(0, 128, (2, 16))} for _ in range(2)], (), {"input_ids": ids})
     return gm, batches, ids
 
 
@@ -234,8 +240,11 @@ def test_llama_groups_follow_the_reference_and_stay_exact(kv_heads) -> None:
     prefix = "model.layers.0."
     norm = "folded into elementwise weight '" + prefix
     assert [g["group"].replace(prefix, "") for g in groups] == [
-        "self_attn.q_proj, self_attn.k_proj, self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj, mlp.up_proj", "mlp.down_proj"]
+        "self_attn.q_proj, self_attn.k_proj, self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj, mlp.up_proj",
+        "mlp.down_proj",
+    ]
     assert groups[0]["scale"].startswith(norm + "input_layernorm.weight'")
     assert groups[2]["scale"].startswith(norm + "post_attention_layernorm.weight'")
     assert groups[3]["scale"] == f"folded into Linear '{prefix}mlp.up_proj'"
@@ -313,17 +322,20 @@ def test_awq_beats_rtn_on_minilm(bits) -> None:
 
     example = tokenize(lines[:8])
     gm = lowbit.trace(minilm.model, (), example_kwargs=example)
-    batches = calibration_set([tokenize(lines[i:i + 8]) for i in range(0, 64, 8)], (), example)
+    batches = calibration_set([tokenize(lines[i : i + 8]) for i in range(0, 64, 8)], (), example)
     test = tokenize(lines[200:208])
     with torch.no_grad():
         reference = minilm.embed(gm(**test), test["attention_mask"])
     cosines = {}
-    for name, pipeline in (("awq", lowbit.Pipeline([AWQ(bits=bits, group_size=128)])),
-                           ("rtn", lowbit.Pipeline([RTN(bits=bits, group_size=128, symmetric=False)]))):
+    for name, pipeline in (
+        ("awq", lowbit.Pipeline([AWQ(bits=bits, group_size=128)])),
+        ("rtn", lowbit.Pipeline([RTN(bits=bits, group_size=128, symmetric=False)])),
+    ):
         out = pipeline(gm, calibration=batches) if name == "awq" else pipeline(gm)
         with torch.no_grad():
-            cosines[name] = float(torch.cosine_similarity(minilm.embed(out(**test), test["attention_mask"]),
-                                                          reference).mean())
+            cosines[name] = float(
+                torch.cosine_similarity(minilm.embed(out(**test), test["attention_mask"]), reference).mean()
+            )
     assert cosines["awq"] > cosines["rtn"], cosines
 
 
@@ -332,9 +344,16 @@ def test_padded_positions_do_not_change_the_result() -> None:
     never reads; AWQ (and GPTQ) must not fit to it. Whatever sits in the padded positions,
     the quantized model is the same."""
     import transformers
+
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
     mask = torch.zeros(4, 16, dtype=torch.long)
     for row, length in enumerate((3, 5, 4, 16)):
@@ -356,10 +375,18 @@ def test_padded_positions_do_not_change_the_result() -> None:
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(("options", "key"), [
-    ({"bits": 5}, "bits"), ({"bits": 1}, "bits"), ({"group_size": 0}, "group_size"), ({"n_grid": 0}, "n_grid"),
-    ({"max_shrink": 1.5}, "max_shrink"), ({"clip": "yes"}, "clip"), ({"duo_scaling": True}, "duo_scaling"),
-])
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"bits": 5}, "bits"),
+        ({"bits": 1}, "bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"n_grid": 0}, "n_grid"),
+        ({"max_shrink": 1.5}, "max_shrink"),
+        ({"clip": "yes"}, "clip"),
+        ({"duo_scaling": True}, "duo_scaling"),
+    ],
+)
 def test_bad_options_name_the_key(options, key) -> None:
     with pytest.raises(PassConfigError, match=key):
         AWQ(**options)
@@ -368,8 +395,15 @@ def test_bad_options_name_the_key(options, key) -> None:
 def test_registry_defaults_and_missing_calibration() -> None:
     awq = lowbit.passes.get("awq", bits=3, ignore=["lm_head"])
     assert isinstance(awq, AWQ) and awq.requires_calibration
-    assert AWQ().config.as_dict() == {"bits": 4, "group_size": 128, "symmetric": False, "ignore": (), "n_grid": 20,
-                                      "max_shrink": 0.5, "clip": True}
+    assert AWQ().config.as_dict() == {
+        "bits": 4,
+        "group_size": 128,
+        "symmetric": False,
+        "ignore": (),
+        "n_grid": 20,
+        "max_shrink": 0.5,
+        "clip": True,
+    }
     gm = salient_block()
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     with pytest.raises(CalibrationError, match="awq"):

@@ -24,15 +24,16 @@ def reference(w: torch.Tensor, block: int | None) -> torch.Tensor:
     out = torch.empty_like(w)
     for n in range(w.shape[0]):
         for start in range(0, w.shape[1], block):
-            part = w[n, start:start + block]
+            part = w[n, start : start + block]
             alpha = part.abs().mean()
-            out[n, start:start + block] = torch.where(part >= 0, alpha, -alpha)
+            out[n, start : start + block] = torch.where(part >= 0, alpha, -alpha)
     return out
 
 
-@pytest.mark.parametrize(("granularity", "group_size", "block"),
-                         [("per_tensor", None, None), ("per_channel", None, 21), ("per_group", 8, 8),
-                          ("per_group", 5, 5)])
+@pytest.mark.parametrize(
+    ("granularity", "group_size", "block"),
+    [("per_tensor", None, None), ("per_channel", None, 21), ("per_group", 8, 8), ("per_group", 5, 5)],
+)
 def test_dequantize_is_plus_minus_alpha_exactly(granularity, group_size, block) -> None:
     w = torch.randn(7, 21, generator=torch.Generator().manual_seed(2))
     qw = binary_quantize(w, granularity, group_size)
@@ -64,8 +65,9 @@ def test_alpha_is_the_least_squares_scale() -> None:
     qw = binary_quantize(w, "per_group", 10)
     error = (qw.dequantize() - w).reshape(6, 4, 10).square().sum(dim=-1)
     alpha = qw.scales / 2
-    torch.testing.assert_close(error, w.reshape(6, 4, 10).square().sum(dim=-1) - 10 * alpha.square(),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        error, w.reshape(6, 4, 10).square().sum(dim=-1) - 10 * alpha.square(), rtol=1e-4, atol=1e-5
+    )
     signs = torch.where(w >= 0, 1.0, -1.0)
     for factor in (0.9, 1.1):
         worse = (signs * (alpha * factor).repeat_interleave(10, dim=1) - w).square().sum()
@@ -97,7 +99,9 @@ def test_registered_and_declared() -> None:
 
 @pytest.mark.parametrize("kind", ["sparsity", "adapter", "fake_quant", "reparam"])
 def test_refuses_graphs_with_active_training_annotations(kind: str) -> None:
-    with pytest.raises(PassOrderError, match="cannot run while the graph carries .* \\(from the input graph \\(fc1\\)\\)"):
+    with pytest.raises(
+        PassOrderError, match="cannot run while the graph carries .* \\(from the input graph \\(fc1\\)\\)"
+    ):
         check_order([Binary()], {kind: ["fc1"]})
     with pytest.raises(PassOrderError, match="add 'apply_masks' before 'ternary'"):
         check_order([Ternary()], {"sparsity": ["fc1"]})
@@ -120,11 +124,14 @@ def test_pass_computes_with_the_binary_weight() -> None:
         assert torch.equal(gm(x), expected)
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"granularity": "per_group"}, "needs group_size"),
-    ({"granularity": "per_row"}, "granularity='per_row' is not supported"),
-    ({"bits": 1}, "unknown option 'bits'"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"granularity": "per_group"}, "needs group_size"),
+        ({"granularity": "per_row"}, "granularity='per_row' is not supported"),
+        ({"bits": 1}, "unknown option 'bits'"),
+    ],
+)
 def test_bad_options(options: dict, message: str) -> None:
     with pytest.raises(PassConfigError, match=message):
         Binary(**options)

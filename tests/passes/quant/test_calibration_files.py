@@ -52,21 +52,37 @@ def test_text_is_tokenized_into_windows_with_special_tokens(tmp_path) -> None:
     path = tmp_path / "calib.txt"
     path.write_text("a bb ccc dddd\n eeeee f gg hhh iiii jjjjj k")  # 11 words: two windows of 4 + [CLS]/[SEP]
     calibration = load_calibration(path, (), IDS, WordTokenizer())
-    (args, kwargs), = calibration
+    ((args, kwargs),) = calibration
     assert args == () and kwargs["input_ids"].tolist() == [[1, 11, 12, 13, 14, 2], [1, 15, 11, 12, 13, 2]]
     assert kwargs["attention_mask"].eq(1).all()
 
 
-@pytest.mark.parametrize(("name", "content", "example", "message"), [
-    ("missing.npz", None, IDS, "does not exist"),
-    ("broken.npz", b"not a zip", IDS, "cannot read calibration file"),
-    ("names.npz", {"input_ids": np.ones((2, 6), dtype=np.int64)}, IDS, r"the model's inputs are \['attention_mask'"),
-    ("counts.npz", {"input_ids": np.ones((2, 6), dtype=np.int64), "attention_mask": np.ones((3, 6), dtype=np.int64)},
-     IDS, "same number of samples"),
-    ("shape.npz", {"input_ids": np.ones((2, 7), dtype=np.int64), "attention_mask": np.ones((2, 7), dtype=np.int64)},
-     IDS, "does not match the example input"),
-    ("text.txt", "some words", {"x": torch.zeros(2, 3)}, "needs a model with a tokenizer"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "example", "message"),
+    [
+        ("missing.npz", None, IDS, "does not exist"),
+        ("broken.npz", b"not a zip", IDS, "cannot read calibration file"),
+        (
+            "names.npz",
+            {"input_ids": np.ones((2, 6), dtype=np.int64)},
+            IDS,
+            r"the model's inputs are \['attention_mask'",
+        ),
+        (
+            "counts.npz",
+            {"input_ids": np.ones((2, 6), dtype=np.int64), "attention_mask": np.ones((3, 6), dtype=np.int64)},
+            IDS,
+            "same number of samples",
+        ),
+        (
+            "shape.npz",
+            {"input_ids": np.ones((2, 7), dtype=np.int64), "attention_mask": np.ones((2, 7), dtype=np.int64)},
+            IDS,
+            "does not match the example input",
+        ),
+        ("text.txt", "some words", {"x": torch.zeros(2, 3)}, "needs a model with a tokenizer"),
+    ],
+)
 def test_bad_files_are_named_errors(tmp_path, name, content, example, message) -> None:
     path = tmp_path / name
     if isinstance(content, dict):

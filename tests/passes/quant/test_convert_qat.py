@@ -29,15 +29,18 @@ def _train(gm: torch.fx.GraphModule, x: torch.Tensor, steps: int = 5) -> None:
         optimizer.step()
 
 
-@pytest.mark.parametrize("options", [
-    {"format": "int", "bits": 4, "group_size": 16},
-    {"format": "int", "bits": 3, "group_size": -1, "symmetric": False},
-    {"format": "int", "bits": 2, "group_size": 16, "scale": "lsq"},
-    {"format": "int", "bits": 8, "group_size": 16, "scale": "lsq"},
-    {"format": "ternary"},
-    {"format": "binary"},
-    {"format": "binary", "scale": "fixed", "latent_clip": 0.25},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"format": "int", "bits": 4, "group_size": 16},
+        {"format": "int", "bits": 3, "group_size": -1, "symmetric": False},
+        {"format": "int", "bits": 2, "group_size": 16, "scale": "lsq"},
+        {"format": "int", "bits": 8, "group_size": 16, "scale": "lsq"},
+        {"format": "ternary"},
+        {"format": "binary"},
+        {"format": "binary", "scale": "fixed", "latent_clip": 0.25},
+    ],
+)
 def test_convert_equals_fake_quant_forward(options: dict) -> None:
     x = torch.randn(8, 40)
     gm = Pipeline([get("fake_quant", **options)])(lowbit.trace(_mlp(), (x,)))
@@ -83,4 +86,3 @@ def test_skip_override_and_graph_without_fake_quant() -> None:
     plain = lowbit.trace(_mlp(), (x,))
     result = get("convert_qat").run(plain, PassContext())
     assert not result.changed and result.stats == {"quantized": 0, "skipped": 0}
-

@@ -24,8 +24,15 @@ def _mlp(hidden: int = 32) -> nn.Module:
 
 
 def _quantizer(w: torch.Tensor, **kw) -> WeightFakeQuant:
-    args = {"fmt": "int", "bits": 4, "group_size": 16, "symmetric": True, "scale": "stat", "latent_clip": 1.0,
-            "name": "layer"} | kw
+    args = {
+        "fmt": "int",
+        "bits": 4,
+        "group_size": 16,
+        "symmetric": True,
+        "scale": "stat",
+        "latent_clip": 1.0,
+        "name": "layer",
+    } | kw
     return WeightFakeQuant(w, **args)
 
 
@@ -89,7 +96,9 @@ def test_lsq_step_gradient_has_the_lsq_formula_and_scale() -> None:
     out.sum().backward()
     s = step0.repeat_interleave(group, dim=1)
     v = w.detach() / s
-    dvds = torch.where(v < -qn, torch.tensor(-qn * 1.0), torch.where(v > qp, torch.tensor(qp * 1.0), -v + torch.round(v)))
+    dvds = torch.where(
+        v < -qn, torch.tensor(-qn * 1.0), torch.where(v > qp, torch.tensor(qp * 1.0), -v + torch.round(v))
+    )
     g = 1 / math.sqrt(group * qp)
     torch.testing.assert_close(q.step.grad, g * dvds.reshape(4, 2, group).sum(-1))
     torch.testing.assert_close(w.grad, ((v >= -qn) & (v <= qp)).float())
@@ -114,11 +123,14 @@ def test_binaryconnect_clip_keeps_latent_weights_in_range() -> None:
     assert clip_latent_weights(gm) == 2 and latent[0].max() <= 0.5
 
 
-@pytest.mark.parametrize("options", [
-    {"format": "int", "bits": 4, "group_size": 16},
-    {"format": "int", "bits": 4, "group_size": 16, "scale": "lsq"},
-    {"format": "ternary"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"format": "int", "bits": 4, "group_size": 16},
+        {"format": "int", "bits": 4, "group_size": 16, "scale": "lsq"},
+        {"format": "ternary"},
+    ],
+)
 def test_qat_trains_on_digits(options: dict) -> None:
     from sklearn.datasets import load_digits
 

@@ -24,7 +24,6 @@ from lowbit.passes.quant.hessian import capture_hessian
 
 from helpers import TwoLayerMLP
 
-
 # ---------------------------------------------------------------- reference
 
 
@@ -44,8 +43,15 @@ def reference_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.T
 
 
 def reference_gptq(
-    w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, act_order: bool,
-    static_groups: bool, damp: float = 0.01, fit=reference_grid,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    act_order: bool,
+    static_groups: bool,
+    damp: float = 0.01,
+    fit=reference_grid,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """GPTQ one column at a time, no blocks (docs/methods.md, GPTQ: the column loop): codes, Q and loss.
     ``fit(w, bits, symmetric)`` gives a group's per-row scale and zero."""
@@ -56,7 +62,7 @@ def reference_gptq(
         if h[j, j] == 0:
             h[j, j] = 1.0
             w[:, j] = 0.0
-    static = [fit(w[:, s:s + g], bits, symmetric) for s in range(0, cols, g)]
+    static = [fit(w[:, s : s + g], bits, symmetric) for s in range(0, cols, g)]
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
@@ -67,7 +73,7 @@ def reference_gptq(
         if static_groups:
             scale, zero = static[int(perm[j]) // g]
         elif j % g == 0:
-            scale, zero = fit(w[:, j:j + g], bits, symmetric)
+            scale, zero = fit(w[:, j : j + g], bits, symmetric)
         codes[:, j] = torch.clamp(torch.round(w[:, j] / scale) + zero, 0, 2**bits - 1)
         q[:, j] = scale * (codes[:, j] - zero)
         err = (w[:, j] - q[:, j]) / u[j, j]
@@ -80,8 +86,9 @@ def reference_gptq(
 def correlated_inputs(rows: int, width: int, rank: int = 6, seed: int = 0) -> torch.Tensor:
     """Low-rank inputs plus noise: the structure GPTQ exploits and RTN ignores."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, rank, generator=gen) @ torch.randn(rank, width, generator=gen) \
-        + 0.1 * torch.randn(rows, width, generator=gen)
+    return torch.randn(rows, rank, generator=gen) @ torch.randn(rank, width, generator=gen) + 0.1 * torch.randn(
+        rows, width, generator=gen
+    )
 
 
 def weight_and_hessian(rows: int = 6, cols: int = 48, dtype: torch.dtype = torch.float64):
@@ -102,8 +109,13 @@ def weight_and_hessian(rows: int = 6, cols: int = 48, dtype: torch.dtype = torch
 @pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (False, True), (True, True)])
 def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_order, static_groups) -> None:
     w, h = weight_and_hessian()
-    result = gptq_quantize(w, h, GPTQOptions(bits, group_size, symmetric, act_order=act_order,
-                                             static_groups=static_groups, block_size=7, sub_block=3))
+    result = gptq_quantize(
+        w,
+        h,
+        GPTQOptions(
+            bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, block_size=7, sub_block=3
+        ),
+    )
     codes, q, loss = reference_gptq(w, h, bits, group_size, symmetric, act_order, static_groups)
     assert torch.equal(packing.unpack(result.quantized.pack(), bits, w.shape[1]), codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
@@ -112,12 +124,20 @@ def test_blocked_equals_unblocked_reference(bits, symmetric, group_size, act_ord
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.integers(1, 5), st.integers(1, 30), st.integers(1, 40), st.sampled_from([2, 3, 4, 8]),
-    st.sampled_from([-1, 1, 2, 3, 8, 64]), st.booleans(), st.booleans(), st.integers(1, 12), st.integers(1, 12),
+    st.integers(1, 5),
+    st.integers(1, 30),
+    st.integers(1, 40),
+    st.sampled_from([2, 3, 4, 8]),
+    st.sampled_from([-1, 1, 2, 3, 8, 64]),
+    st.booleans(),
+    st.booleans(),
+    st.integers(1, 12),
+    st.integers(1, 12),
     st.integers(0, 2**31 - 1),
 )
-def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group_size, act_order, static_groups,
-                                                block_size, sub_block, seed) -> None:
+def test_blocked_equals_reference_for_any_shape(
+    rows, cols, samples, bits, group_size, act_order, static_groups, block_size, sub_block, seed
+) -> None:
     """Ragged groups and blocks, rank-deficient and dead inputs. Asymmetric grids only: a
     symmetric grid puts each group's most negative weight on a rounding tie, which the
     last bit of a sum can flip."""
@@ -126,20 +146,34 @@ def test_blocked_equals_reference_for_any_shape(rows, cols, samples, bits, group
     x = torch.randn(samples, cols, generator=gen, dtype=torch.float64)
     x[:, torch.rand(cols, generator=gen) < 0.2] = 0.0
     h = 2 / samples * x.T @ x
-    result = gptq_quantize(w, h, GPTQOptions(bits, group_size, False, act_order=act_order, static_groups=static_groups,
-                                             block_size=block_size, sub_block=sub_block))
+    result = gptq_quantize(
+        w,
+        h,
+        GPTQOptions(
+            bits,
+            group_size,
+            False,
+            act_order=act_order,
+            static_groups=static_groups,
+            block_size=block_size,
+            sub_block=sub_block,
+        ),
+    )
     codes, q, _ = reference_gptq(w, h, bits, group_size if group_size < cols else -1, False, act_order, static_groups)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(("group_size", "act_order", "static_groups"),
-                         [(-1, False, False), (16, False, False), (20, True, False), (16, True, True)])
+@pytest.mark.parametrize(
+    ("group_size", "act_order", "static_groups"),
+    [(-1, False, False), (16, False, False), (20, True, False), (16, True, True)],
+)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_packed_weight_dequantizes_to_the_algorithms_q(group_size, act_order, static_groups, symmetric) -> None:
     w, h = weight_and_hessian(dtype=torch.float32)
-    result = gptq_quantize(w, h, GPTQOptions(3, group_size, symmetric, act_order=act_order, static_groups=static_groups,
-                                             block_size=8))
+    result = gptq_quantize(
+        w, h, GPTQOptions(3, group_size, symmetric, act_order=act_order, static_groups=static_groups, block_size=8)
+    )
     qw = result.quantized
     assert (qw.g_idx is not None) == (act_order and not static_groups and group_size != -1)
     if qw.g_idx is not None:  # groups are contiguous in act-order, stored per original column
@@ -149,8 +183,9 @@ def test_packed_weight_dequantizes_to_the_algorithms_q(group_size, act_order, st
     assert torch.equal(dequantized, result.weight)
 
 
-def reference_mse_grid(w: torch.Tensor, bits: int, symmetric: bool, norm: float = 2.4, steps: int = 20,
-                       max_shrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_mse_grid(
+    w: torch.Tensor, bits: int, symmetric: bool, norm: float = 2.4, steps: int = 20, max_shrink: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQModel's ``mse`` search (quantizer.find_params): shrink the range by p = 1 - i/steps,
     keep per row the scale and zero with the smallest sum |q - w|^norm (ties keep the earlier)."""
     maxq = 2**bits - 1
@@ -204,16 +239,22 @@ def test_mse_grid_matches_gptqmodels_search_and_never_loses_to_min_max(bits, sym
 def test_mse_option_equals_the_unblocked_reference_with_mse_grids(act_order, static_groups) -> None:
     w, h = weight_and_hessian(rows=8, cols=48)
     w = w**3
-    result = gptq_quantize(w, h, GPTQOptions(3, 16, act_order=act_order, static_groups=static_groups, block_size=7,
-                                             sub_block=2, mse=2.4, mse_steps=20))
+    result = gptq_quantize(
+        w,
+        h,
+        GPTQOptions(
+            3, 16, act_order=act_order, static_groups=static_groups, block_size=7, sub_block=2, mse=2.4, mse_steps=20
+        ),
+    )
     codes, q, loss = reference_gptq(w, h, 3, 16, False, act_order, static_groups, fit=reference_mse_grid)
     assert torch.equal(result.quantized.codes, codes.to(torch.uint8))
     torch.testing.assert_close(result.weight, q, rtol=1e-12, atol=1e-12)
     assert result.loss == pytest.approx(loss, rel=1e-9)
 
 
-@pytest.mark.parametrize(("group_size", "act_order", "static_groups"), [(-1, False, False), (16, True, False),
-                                                                         (16, True, True)])
+@pytest.mark.parametrize(
+    ("group_size", "act_order", "static_groups"), [(-1, False, False), (16, True, False), (16, True, True)]
+)
 def test_stacked_weights_split_into_their_separate_results(group_size, act_order, static_groups) -> None:
     """Layers sharing an input (q/k/v) are quantized as one stacked weight: same result as one by one."""
     w, h = weight_and_hessian(rows=9, cols=48)
@@ -238,8 +279,10 @@ def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size)
     full = cols // group_size * group_size
     groups = [torch.arange(s, s + group_size) for s in range(0, full, group_size)]
     groups.sort(key=lambda g: -float(diag[g].max()))
-    perm = torch.cat([g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
-                     + [full + torch.argsort(diag[full:], descending=True, stable=True)])
+    perm = torch.cat(
+        [g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
+        + [full + torch.argsort(diag[full:], descending=True, stable=True)]
+    )
     result = gptq_quantize(w, h, GPTQOptions(3, group_size, act_group_aware=True, block_size=8))
     plain = gptq_quantize(w[:, perm], h[perm][:, perm], GPTQOptions(3, group_size, block_size=8))
     inverse = torch.argsort(perm)
@@ -247,17 +290,19 @@ def test_group_aware_order_equals_gptq_on_pre_permuted_columns(cols, group_size)
     assert torch.equal(result.quantized.codes, plain.quantized.codes[:, inverse])
     torch.testing.assert_close(result.weight, plain.weight[:, inverse], rtol=1e-12, atol=1e-12)
     order = [int(perm[s]) // group_size for s in range(0, full, group_size)]
-    torch.testing.assert_close(result.quantized.scales[:, order], plain.quantized.scales[:, :len(order)])
+    torch.testing.assert_close(result.quantized.scales[:, order], plain.quantized.scales[:, : len(order)])
     qw = result.quantized
-    torch.testing.assert_close(packing.dequantize(qw.pack(), qw.scales, qw.zeros, None, 3, group_size, cols),
-                               result.weight.float())
+    torch.testing.assert_close(
+        packing.dequantize(qw.pack(), qw.scales, qw.zeros, None, 3, group_size, cols), result.weight.float()
+    )
 
 
 def test_block_and_sub_block_sizes_do_not_change_the_result() -> None:
     w, h = weight_and_hessian()
     sizes = [(1, 1), (5, 2), (16, 16), (16, 5), (128, 16), (128, 128)]
-    results = [gptq_quantize(w, h, GPTQOptions(3, 16, act_order=True, block_size=b, sub_block=s)).weight
-               for b, s in sizes]
+    results = [
+        gptq_quantize(w, h, GPTQOptions(3, 16, act_order=True, block_size=b, sub_block=s)).weight for b, s in sizes
+    ]
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-12)
 
@@ -330,8 +375,9 @@ def test_gptq_beats_rtn_on_the_calibration_distribution(bits: int) -> None:
 
 def test_pass_rewrites_layers_with_annotations_and_g_idx() -> None:
     gm, x = traced_mlp(), correlated_inputs(256, 64)
-    pipeline = lowbit.Pipeline([GPTQ(bits=4, group_size=16, act_order=True, act_group_aware=False, mse=0.0,
-                                     ignore=("fc2",))])
+    pipeline = lowbit.Pipeline(
+        [GPTQ(bits=4, group_size=16, act_order=True, act_group_aware=False, mse=0.0, ignore=("fc2",))]
+    )
     out = pipeline(gm, calibration=calibration(x))
     (node,) = [n for n in out.graph.nodes if n.target is ops.linear_packed]
     meta = get_meta(node)
@@ -372,8 +418,9 @@ def test_layers_after_the_first_see_quantized_outputs() -> None:
         float_input = torch.relu(gm.get_submodule("fc1")(x))
         quantized_input = torch.relu(out.get_submodule("fc1")(x))
     fc2, packed = gm.get_submodule("fc2").weight.detach(), out.get_submodule("fc2")
-    q = packing.dequantize(packed.qweight, packed.scales, packed.zeros, packed.g_idx, packed.bits,
-                           packed.group_size, packed.in_features)
+    q = packing.dequantize(
+        packed.qweight, packed.scales, packed.zeros, packed.g_idx, packed.bits, packed.group_size, packed.in_features
+    )
     recorded = pipeline.report.passes[0].layers[1].stats["output_error"]
     on_quantized = relative_output_error(fc2, q, quantized_input.T @ quantized_input)
     on_float = relative_output_error(fc2, q, float_input.T @ float_input)
@@ -427,9 +474,17 @@ def test_nan_activations_are_an_error_naming_the_layer() -> None:
 
 def test_llama_layers_are_quantized_with_shared_captures() -> None:
     import transformers
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256, use_cache=False)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        use_cache=False,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (2, 16))
     gm = lowbit.trace(model, (), example_kwargs={"input_ids": ids})
@@ -446,12 +501,20 @@ def test_llama_layers_are_quantized_with_shared_captures() -> None:
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(("options", "key"), [
-    ({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"block_size": 0}, "block_size"),
-    ({"damp_percent": 0.0}, "damp_percent"), ({"act_ordr": True}, "act_order"), ({"mse": -1.0}, "mse"),
-    ({"mse_steps": 0}, "mse_steps"), ({"mse_max_shrink": 0.0}, "mse_max_shrink"),
-    ({"act_order": True, "act_group_aware": True}, "act_group_aware"),
-])
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"bits": 5}, "bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"block_size": 0}, "block_size"),
+        ({"damp_percent": 0.0}, "damp_percent"),
+        ({"act_ordr": True}, "act_order"),
+        ({"mse": -1.0}, "mse"),
+        ({"mse_steps": 0}, "mse_steps"),
+        ({"mse_max_shrink": 0.0}, "mse_max_shrink"),
+        ({"act_order": True, "act_group_aware": True}, "act_group_aware"),
+    ],
+)
 def test_bad_options_name_the_key(options, key) -> None:
     with pytest.raises(PassConfigError, match=key):
         GPTQ(**options)
@@ -461,9 +524,18 @@ def test_registry_defaults_and_missing_calibration() -> None:
     gptq = lowbit.passes.get("gptq", bits=2, group_size=64, symmetric=False, ignore=["lm_head"])
     assert isinstance(gptq, GPTQ) and gptq.requires_calibration
     assert GPTQ().config.as_dict() == {
-        "bits": 4, "group_size": 128, "symmetric": False, "ignore": (), "act_order": False,
-        "static_groups": False, "block_size": 128, "damp_percent": 0.01,
-        "mse": 2.4, "mse_steps": 20, "mse_max_shrink": 0.8, "act_group_aware": True,
+        "bits": 4,
+        "group_size": 128,
+        "symmetric": False,
+        "ignore": (),
+        "act_order": False,
+        "static_groups": False,
+        "block_size": 128,
+        "damp_percent": 0.01,
+        "mse": 2.4,
+        "mse_steps": 20,
+        "mse_max_shrink": 0.8,
+        "act_group_aware": True,
     }
     with pytest.raises(CalibrationError, match="gptq"):
         lowbit.Pipeline([gptq])(traced_mlp())
@@ -496,9 +568,17 @@ def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_capt
     """The cursor's block-by-block capture gives the same packed weights as capturing each
     group by running the whole graph as quantized so far, with one forward per batch."""
     import transformers
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256, use_cache=False)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        use_cache=False,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (2, 16))
     gm = lowbit.trace(model, (), example_kwargs={"input_ids": ids})
@@ -521,7 +601,8 @@ def test_calibration_runs_once_through_a_transformer_and_matches_full_graph_capt
             hessians[source] = capture_hessian(reference, source, 1, batches).hessian
         node = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == path)
         result = gptq_quantize(reference.get_submodule(path).weight, hessians[source], gptq.config.options)
-        replace_linear(reference, node, result.quantized, QuantScheme(bits=3, group_size=32, symmetric=False,
-                                                                        method="gptq"))
+        replace_linear(
+            reference, node, result.quantized, QuantScheme(bits=3, group_size=32, symmetric=False, method="gptq")
+        )
     for (name, expected), (other, actual) in zip(reference.named_buffers(), out.named_buffers()):
         assert name == other and torch.equal(expected, actual), name

@@ -20,7 +20,7 @@ WINDOWS, LENGTH, BATCH = 96, 64, 16
 def _windows(tokenizer, text: str) -> torch.Tensor:
     """``WINDOWS`` unpadded ``[CLS] + text + [SEP]`` windows of ``LENGTH`` tokens."""
     ids = tokenizer(re.sub(r"\s+", " ", text), add_special_tokens=False, verbose=False)["input_ids"]
-    body = torch.tensor(ids[:WINDOWS * (LENGTH - 2)]).view(WINDOWS, LENGTH - 2)
+    body = torch.tensor(ids[: WINDOWS * (LENGTH - 2)]).view(WINDOWS, LENGTH - 2)
     edge = torch.ones(WINDOWS, 1, dtype=body.dtype)
     return torch.cat([edge * tokenizer.cls_token_id, body, edge * tokenizer.sep_token_id], dim=1)
 
@@ -31,11 +31,14 @@ def test_gptq_w4_g128_minilm_cosine_and_beats_rtn() -> None:
     minilm = zoo.load_minilm()
     text = re.sub(r"\s+", " ", EVALUATION_TEXT.read_text())
     held_out = [s for s in re.split(r"(?<=[.;:])\s+", text) if len(s.split()) >= 6][:32]
-    evaluation = minilm.tokenizer(held_out, padding="max_length", truncation=True, max_length=LENGTH,
-                                  return_tensors="pt")
+    evaluation = minilm.tokenizer(
+        held_out, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="pt"
+    )
     example = {"input_ids": evaluation["input_ids"][:BATCH], "attention_mask": evaluation["attention_mask"][:BATCH]}
-    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                   for ids in _windows(minilm.tokenizer, CALIBRATION_TEXT.read_text()).split(BATCH)]
+    calibration = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        for ids in _windows(minilm.tokenizer, CALIBRATION_TEXT.read_text()).split(BATCH)
+    ]
     gm = lowbit.trace(minilm.model, (), example_kwargs=example)
     batches = calibration_set(calibration, (), example)
 

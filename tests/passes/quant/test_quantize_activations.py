@@ -21,8 +21,9 @@ from lowbit.passes.quant import RTN, Binary, PackedLinearA8, QuantizeActivations
 from helpers import LMHeadMLP
 
 
-def make_packed(rows: int, cols: int, bits: int, group_size: int, *, zeros: bool, act_order: bool = False,
-                seed: int = 0) -> dict:
+def make_packed(
+    rows: int, cols: int, bits: int, group_size: int, *, zeros: bool, act_order: bool = False, seed: int = 0
+) -> dict:
     gen = torch.Generator().manual_seed(seed)
     groups = num_groups(cols, group_size)
     codes = torch.randint(0, 1 << bits, (rows, cols), generator=gen, dtype=torch.uint8)
@@ -39,8 +40,16 @@ def make_packed(rows: int, cols: int, bits: int, group_size: int, *, zeros: bool
 
 def call(x: torch.Tensor, layout: dict, bias: torch.Tensor | None, act_scale: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.lowbit.linear_packed_a8(
-        x, layout["qweight"], layout["scales"], layout["zeros"], layout["g_idx"], bias,
-        layout["bits"], layout["group_size"], layout["in_features"], act_scale,
+        x,
+        layout["qweight"],
+        layout["scales"],
+        layout["zeros"],
+        layout["g_idx"],
+        bias,
+        layout["bits"],
+        layout["group_size"],
+        layout["in_features"],
+        act_scale,
     )
 
 
@@ -56,8 +65,9 @@ def bitnet_fake_quant(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize(("cols", "group_size", "act_order"), [(32, 32, False), (37, 16, False), (24, 8, True)])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_dynamic_op_is_linear_on_fake_quantized_input_and_dequantized_weight(bits, cols, group_size, act_order,
-                                                                             zeros) -> None:
+def test_dynamic_op_is_linear_on_fake_quantized_input_and_dequantized_weight(
+    bits, cols, group_size, act_order, zeros
+) -> None:
     layout = make_packed(6, cols, bits, group_size, zeros=zeros, act_order=act_order, seed=bits + cols)
     x, bias = torch.randn(2, 3, cols) * 3, torch.randn(6)
     out = call(x, layout, bias, None)
@@ -96,15 +106,26 @@ def integer_reference(x: torch.Tensor, layout: dict, bias: torch.Tensor, act_sca
     else:
         step = np.float32(act_scale.item())
         x_int = np.clip(np.round(xf / step), -128, 127).astype(np.int64)
-    codes = dequantize(layout["qweight"], torch.ones_like(layout["scales"]), torch.zeros_like(layout["scales"]), None,
-                       layout["bits"], layout["group_size"], layout["in_features"]).numpy().astype(np.int64)
+    codes = (
+        dequantize(
+            layout["qweight"],
+            torch.ones_like(layout["scales"]),
+            torch.zeros_like(layout["scales"]),
+            None,
+            layout["bits"],
+            layout["group_size"],
+            layout["in_features"],
+        )
+        .numpy()
+        .astype(np.int64)
+    )
     zeros = layout["zeros"].numpy().astype(np.int64)
     scales = layout["scales"].numpy()
     group = layout["group_size"]
     y = np.zeros((x_int.shape[0], codes.shape[0]), dtype=np.float32)
     for g in range(scales.shape[1]):
         cols = slice(g * group, (g + 1) * group)
-        acc = x_int[:, cols] @ (codes[:, cols] - zeros[:, g:g + 1]).T
+        acc = x_int[:, cols] @ (codes[:, cols] - zeros[:, g : g + 1]).T
         y = y + acc.astype(np.float32) * scales[:, g]
     y = y / s if act_scale is None else y * step
     return y + bias.numpy()
@@ -123,7 +144,9 @@ def test_half_precision_input_keeps_its_dtype() -> None:
     x = torch.randn(3, 16)
     out = call(x.to(torch.bfloat16), layout, None, None)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), call(x.to(torch.bfloat16).float(), layout, None, None), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        out.float(), call(x.to(torch.bfloat16).float(), layout, None, None), rtol=1e-2, atol=1e-2
+    )
 
 
 def test_opcheck_fake_impl_and_straight_through_gradient() -> None:
@@ -203,7 +226,8 @@ def test_static_scale_is_calibrated_absmax_over_127(mlp: MLP) -> None:
     batches = [(torch.randn(4, 32),), (torch.randn(3, 32) * 2,)]
     x = torch.randn(2, 32)
     gm = Pipeline([RTN(bits=8, group_size=-1), QuantizeActivations(dynamic=False, ignore=["lm_head"])])(
-        fx.symbolic_trace(mlp), calibration=batches, example_inputs=(x,))
+        fx.symbolic_trace(mlp), calibration=batches, example_inputs=(x,)
+    )
     weights = lowbit.dequantized_weights(gm)
     with torch.no_grad():
         # Calibration runs the graph as the weight pass left it: fc1 has int8 weights, float inputs.
@@ -226,7 +250,8 @@ def test_percentile_observer_clips_outliers(mlp: MLP) -> None:
     scales = {}
     for observer in ("absmax", "percentile"):
         gm = Pipeline([RTN(bits=8), QuantizeActivations(dynamic=False, observer=observer, percentile=99.0)])(
-            traced, calibration=[(x,)], example_inputs=(x,))
+            traced, calibration=[(x,)], example_inputs=(x,)
+        )
         scales[observer] = float(gm.get_submodule("fc1").act_scale)
     assert scales["absmax"] == pytest.approx(100 / 127)
     expected = float(x.abs().flatten().kthvalue(int(np.ceil(0.99 * x.numel()))).values) / 127
@@ -254,18 +279,22 @@ def test_nan_calibration_activations_name_the_layer() -> None:
     net = LogNet().eval()
     x = torch.randn(16, 8)
     with pytest.raises(CalibrationError, match="layer 'fc2': its calibration inputs contain NaN or Inf"):
-        lowbit.compile(net, (x,), passes=[RTN(bits=8), QuantizeActivations(dynamic=False)], calibration=[(x,)],
-                       target="torch")
+        lowbit.compile(
+            net, (x,), passes=[RTN(bits=8), QuantizeActivations(dynamic=False)], calibration=[(x,)], target="torch"
+        )
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"bits": 4}, "bits=4 is not supported"),
-    ({"granularity": "per_tensor"}, "granularity='per_tensor' needs dynamic=False"),
-    ({"dynamic": False, "granularity": "per_token"}, "granularity='per_token' needs dynamic=True"),
-    ({"symmetric": False}, "symmetric=False is not supported"),
-    ({"observer": "percentile"}, "observer='percentile' applies to static scales"),
-    ({"dynamic": False, "percentile": 0.0}, "percentile=0.0 is out of range"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bits": 4}, "bits=4 is not supported"),
+        ({"granularity": "per_tensor"}, "granularity='per_tensor' needs dynamic=False"),
+        ({"dynamic": False, "granularity": "per_token"}, "granularity='per_token' needs dynamic=True"),
+        ({"symmetric": False}, "symmetric=False is not supported"),
+        ({"observer": "percentile"}, "observer='percentile' applies to static scales"),
+        ({"dynamic": False, "percentile": 0.0}, "percentile=0.0 is out of range"),
+    ],
+)
 def test_bad_options(options: dict, message: str) -> None:
     with pytest.raises(PassConfigError, match=message):
         QuantizeActivations(**options)
@@ -280,8 +309,13 @@ def test_unpacked_layers_are_reported_as_skipped(mlp: MLP) -> None:
 
 def test_export_and_load_keep_static_scales(mlp: MLP, tmp_path) -> None:
     x = torch.randn(3, 32)
-    compiled = lowbit.compile(mlp, (x,), passes=[Ternary(), QuantizeActivations(dynamic=False)],
-                              calibration=[(torch.randn(8, 32),)], target="torch")
+    compiled = lowbit.compile(
+        mlp,
+        (x,),
+        passes=[Ternary(), QuantizeActivations(dynamic=False)],
+        calibration=[(torch.randn(8, 32),)],
+        target="torch",
+    )
     loaded = lowbit.load(compiled.export(tmp_path / "model"))
     assert torch.equal(loaded(x), compiled(x))
     assert list(lowbit.dequantized_weights(loaded)) == ["fc1", "fc2", "lm_head"]

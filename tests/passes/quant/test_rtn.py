@@ -19,7 +19,6 @@ from lowbit.passes.quant.rewrite import linear_nodes
 
 from helpers import LMHeadMLP
 
-
 # ---------------------------------------------------------------- the grid
 
 
@@ -31,7 +30,7 @@ def reference_grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
     out = torch.empty_like(w)
     for n in range(rows):
         for start in range(0, cols, width):
-            group = w[n, start:start + width]
+            group = w[n, start : start + width]
             xmin = torch.clamp(group.min(), max=0)
             xmax = torch.clamp(group.max(), min=0)
             if symmetric:
@@ -42,7 +41,7 @@ def reference_grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
             scale = (xmax - xmin) / maxq
             zero = torch.tensor((maxq + 1) / 2) if symmetric else torch.round(-xmin / scale)
             q = torch.clamp(torch.round(group / scale) + zero, 0, maxq)
-            out[n, start:start + width] = scale * (q - zero)
+            out[n, start : start + width] = scale * (q - zero)
     return out
 
 
@@ -211,8 +210,13 @@ def test_pattern_override_and_per_channel(mlp: MLP) -> None:
 
 @pytest.mark.parametrize(
     ("options", "key"),
-    [({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"group_size": -3}, "group_size"),
-     ({"bitz": 4}, "bitz"), ({"symmetric": "yes"}, "symmetric")],
+    [
+        ({"bits": 5}, "bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": -3}, "group_size"),
+        ({"bitz": 4}, "bitz"),
+        ({"symmetric": "yes"}, "symmetric"),
+    ],
 )
 def test_bad_config_names_the_key(options: dict, key: str) -> None:
     with pytest.raises(PassConfigError, match=f"rtn: .*{key}"):
@@ -284,7 +288,9 @@ def test_linear_subclass_with_its_own_forward_is_skipped() -> None:
     gm = fx.GraphModule(model, LeafTracer().trace(model))
     result = run_rtn(gm, bits=8)
     assert [r.action for r in result.layers] == ["skipped", "quantized"]
-    assert result.layers[0].reason == "ScaledLinear overrides nn.Linear.forward, so its computation is not a plain linear"
+    assert (
+        result.layers[0].reason == "ScaledLinear overrides nn.Linear.forward, so its computation is not a plain linear"
+    )
 
 
 def test_packed_linear_works_standalone_and_exports(mlp: MLP) -> None:
@@ -293,9 +299,7 @@ def test_packed_linear_works_standalone_and_exports(mlp: MLP) -> None:
     run_rtn(gm, bits=4, group_size=32)
     with torch.no_grad():
         hidden = torch.relu(gm.fc1(x))
-        expected = torch.ops.lowbit.linear_packed(
-            x, gm.fc1.qweight, gm.fc1.scales, None, None, gm.fc1.bias, 4, 32, 96
-        )
+        expected = torch.ops.lowbit.linear_packed(x, gm.fc1.qweight, gm.fc1.scales, None, None, gm.fc1.bias, 4, 32, 96)
     assert torch.equal(torch.relu(expected), hidden)
     exported = torch.export.export(gm, (x,))
     assert torch.equal(exported.module()(x), gm(x))

@@ -27,16 +27,23 @@ def bitnet_reference(w: torch.Tensor, measure: str, block: int | None) -> torch.
         return gamma * torch.clamp(torch.round(w / gamma), -1, 1)
     for n in range(w.shape[0]):
         for start in range(0, w.shape[1], block):
-            part = w[n, start:start + block]
+            part = w[n, start : start + block]
             gamma = torch.clamp(stat(part.abs()), min=1e-5)
-            out[n, start:start + block] = gamma * torch.clamp(torch.round(part / gamma), -1, 1)
+            out[n, start : start + block] = gamma * torch.clamp(torch.round(part / gamma), -1, 1)
     return out
 
 
 @pytest.mark.parametrize("measure", ["absmean", "absmedian"])
-@pytest.mark.parametrize(("granularity", "group_size", "block"),
-                         [("per_tensor", None, None), ("per_channel", None, 30), ("per_group", 8, 8),
-                          ("per_group", 7, 7), ("per_group", 64, 30)])
+@pytest.mark.parametrize(
+    ("granularity", "group_size", "block"),
+    [
+        ("per_tensor", None, None),
+        ("per_channel", None, 30),
+        ("per_group", 8, 8),
+        ("per_group", 7, 7),
+        ("per_group", 64, 30),
+    ],
+)
 def test_dequantize_is_bitnet_math_exactly(measure, granularity, group_size, block) -> None:
     w = torch.randn(6, 30, generator=torch.Generator().manual_seed(1)) * 0.05
     qw = ternary_quantize(w, measure, granularity, group_size)
@@ -53,7 +60,7 @@ def test_codes_layout_and_default_zero() -> None:
     assert qw.scales.shape == (5, 1) and torch.all(qw.scales == qw.scales[0, 0])
     gamma = w.abs().mean()
     torch.testing.assert_close(qw.scales[0, 0], gamma)
-    ternary = (qw.codes.float() - 2)
+    ternary = qw.codes.float() - 2
     assert torch.equal(ternary, torch.clamp(torch.round(w / qw.scales[0, 0]), -1, 1))
 
 
@@ -108,8 +115,12 @@ def mlp() -> MLP:
 def test_registered_and_declared() -> None:
     assert lookup("ternary") is Ternary
     assert Ternary.stage == "convert" and Ternary.produces == frozenset({"quant"}) and Ternary.after_pack
-    assert Ternary().config.as_dict() == {"granularity": "per_tensor", "group_size": None, "ignore": (),
-                                          "scale": "absmean"}
+    assert Ternary().config.as_dict() == {
+        "granularity": "per_tensor",
+        "group_size": None,
+        "ignore": (),
+        "scale": "absmean",
+    }
 
 
 def test_pass_packs_every_linear_and_computes_with_the_ternary_weight(mlp: MLP) -> None:
@@ -139,12 +150,15 @@ def test_per_group_through_compile(mlp: MLP) -> None:
     assert 0 < compiled.report.rel_error < 0.8
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"granularity": "per_group"}, "granularity='per_group' needs group_size"),
-    ({"group_size": 64}, "group_size=64 only applies to granularity='per_group'"),
-    ({"scale": "absmax"}, "scale='absmax' is not supported"),
-    ({"granularity": "per_group", "group_size": 0}, "group_size=0 is out of range"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"granularity": "per_group"}, "granularity='per_group' needs group_size"),
+        ({"group_size": 64}, "group_size=64 only applies to granularity='per_group'"),
+        ({"scale": "absmax"}, "scale='absmax' is not supported"),
+        ({"granularity": "per_group", "group_size": 0}, "group_size=0 is out of range"),
+    ],
+)
 def test_bad_options(options: dict, message: str) -> None:
     with pytest.raises(PassConfigError, match=message):
         Ternary(**options)

@@ -19,7 +19,7 @@ def test_only_weights_near_a_rounding_boundary_stay_unfrozen() -> None:
     w = (z + 0.5) / 2
     w = w / (2 * w.abs().mean())  # normalize so that s = 1 exactly
     mask = frozen_mask(w.unsqueeze(0), 2, boundary_range=0.005)
-    z_actual = (w.clamp(-1, 1 - 1e-6) * 2 - 0.5)
+    z_actual = w.clamp(-1, 1 - 1e-6) * 2 - 0.5
     expected = [not any(abs(float(v) - b) <= 0.005 for b in (-1.5, -0.5, 0.5)) for v in z_actual]
     assert mask.squeeze(0).tolist() == expected
     assert frozen_mask(torch.full((2, 3), 0.1), 2, 0.005).all()  # one level only: nothing is near a boundary
@@ -39,7 +39,12 @@ def test_frozen_weights_are_restored_after_adamw_and_others_move() -> None:
     gm, x = _trained_graph()
     optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-3, weight_decay=0.1)
     cga = CGA(gm, boundary_range=0.05).attach(optimizer)
-    assert sorted(name for name, _, _ in cga.layers) == ["blocks.0.attn.proj", "blocks.0.attn.v", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert sorted(name for name, _, _ in cga.layers) == [
+        "blocks.0.attn.proj",
+        "blocks.0.attn.v",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    ]
     assert "does not change gradients" in cga.skipped["blocks.0.attn.qk"]
     weight = gm.get_submodule("blocks.0.mlp.fc1").parametrizations.weight.original
     for _ in range(2):  # the second step also has Adam momentum to undo

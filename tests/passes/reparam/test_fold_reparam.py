@@ -21,7 +21,9 @@ def _vit() -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=4, embed_dim=16, depth=1, num_heads=2).eval()
+    return VisionTransformer(
+        img_size=8, patch_size=2, in_chans=1, num_classes=4, embed_dim=16, depth=1, num_heads=2
+    ).eval()
 
 
 def _train_a_little(gm: torch.fx.GraphModule) -> None:
@@ -34,13 +36,16 @@ def _train_a_little(gm: torch.fx.GraphModule) -> None:
     gm.eval()
 
 
-@pytest.mark.parametrize("passes", [
-    ["weight_norm"],
-    [get("weight_norm", dim=None)],
-    [get("weight_compander", learnable=True)],
-    ["qkr"],
-    ["qkr", "weight_compander"],
-])
+@pytest.mark.parametrize(
+    "passes",
+    [
+        ["weight_norm"],
+        [get("weight_norm", dim=None)],
+        [get("weight_compander", learnable=True)],
+        ["qkr"],
+        ["qkr", "weight_compander"],
+    ],
+)
 def test_fold_is_exact_after_training(passes: list) -> None:
     gm = Pipeline(passes)(lowbit.trace(_vit(), (X,)))
     _train_a_little(gm)

@@ -96,8 +96,9 @@ def test_gpt2_conv1d_addmm_projection() -> None:
     assert [r.layer for r in records] == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert all(r.stats["fused"] and r.stats["function_preserving"] for r in records)
     with torch.no_grad():
-        torch.testing.assert_close(out(**model.example_kwargs).logits, model.model(**model.example_kwargs).logits,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            out(**model.example_kwargs).logits, model.model(**model.example_kwargs).logits, rtol=1e-4, atol=1e-5
+        )
 
 
 def test_llama_rotary_attention_is_reported_not_recognized() -> None:

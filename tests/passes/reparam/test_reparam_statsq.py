@@ -16,7 +16,11 @@ from lowbit.passes.reparam import StatsQ, statsq_quantize
 
 from helpers import seeded_mlp
 
-LEVELS = {2: [-0.75, -0.25, 0.25, 0.75], 3: [(k + 0.5) / 4 for k in range(-4, 4)], 4: [(k + 0.5) / 8 for k in range(-8, 8)]}
+LEVELS = {
+    2: [-0.75, -0.25, 0.25, 0.75],
+    3: [(k + 0.5) / 4 for k in range(-4, 4)],
+    4: [(k + 0.5) / 8 for k in range(-8, 8)],
+}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

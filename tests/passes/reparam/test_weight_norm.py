@@ -18,8 +18,12 @@ from lowbit.passes.reparam import ReparamError, ZeroNormError
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 8 * 8, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 6, 2, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 8 * 8, 10),
     ).eval()
 
 
@@ -73,12 +77,15 @@ def test_zero_row_is_a_named_error() -> None:
         Pipeline(["weight_norm"])(lowbit.trace(model, (X,)))
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"dim": -1}, "dim=-1 is ambiguous"),
-    ({"dim": "rows"}, "dim='rows' is not supported"),
-    ({"init": "data", "dim": None}, "needs dim='output'"),
-    ({"init_scale": 0.0}, "init_scale=0.0 is out of range"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"dim": -1}, "dim=-1 is ambiguous"),
+        ({"dim": "rows"}, "dim='rows' is not supported"),
+        ({"init": "data", "dim": None}, "needs dim='output'"),
+        ({"init_scale": 0.0}, "init_scale=0.0 is out of range"),
+    ],
+)
 def test_bad_options(options: dict, match: str) -> None:
     with pytest.raises(PassConfigError, match=match):
         get("weight_norm", **options)

@@ -94,8 +94,9 @@ class LinearKernel(ABC):
         """The plan for a supported layer with complete, validated ``knobs``; `BackendError` for knobs that do not
         fit the layer."""
 
-    def plan(self, spec: PackedLinearSpec, tensors: Tensors, target: Target,
-             knobs: Mapping[str, int] | None = None) -> KernelPlan:
+    def plan(
+        self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: Mapping[str, int] | None = None
+    ) -> KernelPlan:
         """The scheduled kernel and its constants for one layer, with ``knobs`` over the hand schedule's.
 
         Raises `BackendError` for a layer the kernel does not support, an unknown knob or a bad value.
@@ -103,20 +104,23 @@ class LinearKernel(ABC):
         reason = self.supports(spec, tensors, target)
         if reason is not None:
             raise BackendError(f"kernel '{self.name}' cannot take {spec}: {reason}")
-        return self.build(spec, tensors, target, resolve_knobs(self.knobs, self.default_knobs(spec, target), knobs,
-                                                               self.name))
+        return self.build(
+            spec, tensors, target, resolve_knobs(self.knobs, self.default_knobs(spec, target), knobs, self.name)
+        )
 
 
-def resolve_knobs(space: Mapping[str, tuple[int, ...]], defaults: Mapping[str, int],
-                  knobs: Mapping[str, int] | None, kernel: str) -> dict[str, int]:
+def resolve_knobs(
+    space: Mapping[str, tuple[int, ...]], defaults: Mapping[str, int], knobs: Mapping[str, int] | None, kernel: str
+) -> dict[str, int]:
     """``defaults`` overridden by ``knobs``; raises `BackendError` naming an unknown knob or a bad value."""
     chosen = dict(defaults)
     for key, value in (knobs or {}).items():
         if key not in space:
             raise BackendError(f"kernel '{kernel}' has no knob '{key}'; its knobs are {sorted(space)}")
         if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value not in space[key]):
-            raise BackendError(f"kernel '{kernel}': knob '{key}' must be a positive int or one of "
-                               f"{space[key]}, got {value!r}")
+            raise BackendError(
+                f"kernel '{kernel}': knob '{key}' must be a positive int or one of {space[key]}, got {value!r}"
+            )
         chosen[key] = value
     return chosen
 

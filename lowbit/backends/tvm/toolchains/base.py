@@ -31,12 +31,12 @@ class Toolchain(ABC):
         """The kernels that may take a layer like ``spec``, in order of preference."""
 
     @abstractmethod
-    def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec,
-                 tensors: Tensors) -> relax.Expr:
+    def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, tensors: Tensors) -> relax.Expr:
         """``x · Wᵀ + b`` (``x̂`` for int8 activations) with the weight dequantized at compile time."""
 
-    def constant_linear(self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor,
-                        bias: torch.Tensor | None) -> relax.Expr | None:
+    def constant_linear(
+        self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> relax.Expr | None:
         """An fp32 linear with a constant weight, or None to keep Relax's ``linear`` (`frontend.ConstantLinear`)."""
         return None
 

@@ -64,8 +64,10 @@ ARM_CXX_PACKAGE = "g++-aarch64-linux-gnu"
 #: x86 features a library may be compiled to use; loading checks the host has each one the library needs.
 X86_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
 #: The int8-activation kernels of each CPU architecture, in order of preference.
-A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_linear.KERNEL,),
-                                                   "aarch64": (arm_a8_linear.KERNEL,)}
+A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
+    "x86_64": (x86_a8_linear.KERNEL,),
+    "aarch64": (arm_a8_linear.KERNEL,),
+}
 
 
 class CPUToolchain(Toolchain):
@@ -86,19 +88,20 @@ class CPUToolchain(Toolchain):
             return packed_gemm.KERNEL, packed_linear.KERNEL
         return (packed_linear.KERNEL,)
 
-    def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec,
-                 tensors: Tensors) -> relax.Expr:
+    def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, tensors: Tensors) -> relax.Expr:
         """The dense kernel on the dequantized weight; int8-activation layers first fake-quantize their input."""
         if spec.act_bits is not None:
             step = None if spec.act_dynamic else float(tensors["act_scale"])
             quantize = bb.add_func(fake_quant_cpu_func(spec.batch, spec.in_features, step), "lowbit_fake_quantize")
-            x = bb.emit(relax.call_tir(quantize, [x], out_ty=relax.TensorType((spec.batch, spec.in_features),
-                                                                              "float32")))
+            x = bb.emit(
+                relax.call_tir(quantize, [x], out_ty=relax.TensorType((spec.batch, spec.in_features), "float32"))
+            )
         func, consts = dense_plan(dequantized_weight(spec, tensors), tensors["bias"], spec.batch, self.lanes)
         return call_kernel(bb, func, "lowbit_dense_linear", x, consts, spec.out_features)
 
-    def constant_linear(self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor,
-                        bias: torch.Tensor | None) -> relax.Expr:
+    def constant_linear(
+        self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> relax.Expr:
         """The dense kernel, the weight laid out in panels at compile time."""
         n_out = weight.shape[0]
 
@@ -133,8 +136,9 @@ class CPUToolchain(Toolchain):
             log.warning("no default schedule fits %s: they run as plain loop nests", ", ".join(missing))
         target = self.target
         with torch.no_grad(), target:
-            rest = tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
-                                            + cpu_pipeline.finalize_passes(target))
+            rest = tvm.transform.Sequential(
+                cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
+            )
             executable = tvm.compile(mod, target=target, relax_pipeline=rest)
         for linear in lowering.fallbacks:
             log.warning("%s runs as a dequantized fp32 dense kernel: %s", linear.node, linear.reason)
@@ -150,8 +154,10 @@ class CPUToolchain(Toolchain):
             if runner.arch != "aarch64":
                 raise BackendError(f"exporting a library for {runner.arch} from {host_arch()} is not supported")
             if shutil.which(ARM_CXX) is None:
-                raise BackendError(f"exporting for ARM needs the cross compiler {ARM_CXX}: "
-                                   f"install the Debian package {ARM_CXX_PACKAGE}")
+                raise BackendError(
+                    f"exporting for ARM needs the cross compiler {ARM_CXX}: "
+                    f"install the Debian package {ARM_CXX_PACKAGE}"
+                )
             fcompile = cc.cross_compiler(ARM_CXX)
         runner.executable.export_library(str(directory / LIBRARY_FILE), fcompile=fcompile)
         write_signature(directory, runner.signature())
@@ -161,22 +167,31 @@ class CPUToolchain(Toolchain):
         """A runner for a saved library, after checking this machine can run it (architecture, CPU features)."""
         arch, needed = signature["arch"], signature["features"]
         if arch != host_arch():
-            raise ArtifactError(f"{directory} holds a library for {arch}; this machine is {host_arch()}. "
-                                "Run it on a matching device")
+            raise ArtifactError(
+                f"{directory} holds a library for {arch}; this machine is {host_arch()}. Run it on a matching device"
+            )
         if arch == "x86_64":
             host = Target(x86_host_target())
             missing = [feature for feature in needed if not has_features(host, feature)]
             if missing:
-                raise ArtifactError(f"{directory} was compiled for a CPU with {', '.join(missing)}, "
-                                    "which this machine lacks; compile it again here")
-        return CPURunner(tvm.runtime.load_module(str(directory / LIBRARY_FILE)), arch, needed,
-                         signature_inputs(signature), signature_linears(signature))
+                raise ArtifactError(
+                    f"{directory} was compiled for a CPU with {', '.join(missing)}, "
+                    "which this machine lacks; compile it again here"
+                )
+        return CPURunner(
+            tvm.runtime.load_module(str(directory / LIBRARY_FILE)),
+            arch,
+            needed,
+            signature_inputs(signature),
+            signature_linears(signature),
+        )
 
 
 def unscheduled_functions(mod: tvm.IRModule) -> list[str]:
     """Names of the TIR functions in ``mod`` that no schedule was applied to."""
     return sorted(
-        gvar.name_hint for gvar, func in mod.functions_items()
+        gvar.name_hint
+        for gvar, func in mod.functions_items()
         if isinstance(func, tvm.tirx.PrimFunc) and not (func.attrs and func.attrs.get("tirx.is_scheduled"))
     )
 
@@ -188,5 +203,12 @@ def features(target: Target) -> list[str]:
     return [feature for feature in X86_FEATURES if has_features(target, feature)]
 
 
-__all__ = ["A8_KERNELS", "ARM_CXX", "ARM_CXX_PACKAGE", "X86_FEATURES", "CPUToolchain", "features",
-           "unscheduled_functions"]
+__all__ = [
+    "A8_KERNELS",
+    "ARM_CXX",
+    "ARM_CXX_PACKAGE",
+    "X86_FEATURES",
+    "CPUToolchain",
+    "features",
+    "unscheduled_functions",
+]

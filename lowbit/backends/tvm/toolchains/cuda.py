@@ -64,8 +64,13 @@ COMPILE_HOOK = "tvm_callback_cuda_compile"
 
 def gpu_rules() -> list[dlight.ScheduleRule]:
     """dlight's GPU rules for the ordinary operators, most specific first."""
-    return [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(),
-            dlight.gpu.Fallback()]
+    return [
+        dlight.gpu.Matmul(),
+        dlight.gpu.GEMV(),
+        dlight.gpu.Reduction(),
+        dlight.gpu.GeneralReduction(),
+        dlight.gpu.Fallback(),
+    ]
 
 
 @dataclasses.dataclass
@@ -87,15 +92,16 @@ class CUDAToolchain(Toolchain):
     def kernels(self, spec: PackedLinearSpec) -> Sequence[LinearKernel]:
         return (cuda_linear.KERNEL,) if spec.act_bits is None else (cuda_a8_linear.KERNEL,)
 
-    def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec,
-                 tensors: Tensors) -> relax.Expr:
+    def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, tensors: Tensors) -> relax.Expr:
         """``x (or x̂) · Wᵀ + b`` with the weight dequantized here; dlight schedules the matmul."""
         if spec.act_bits is not None:
             step = None if spec.act_dynamic else float(tensors["act_scale"])
-            quantize = bb.add_func(cuda_a8_linear.fake_quant_func(spec.batch, spec.in_features, step),
-                                   "lowbit_fake_quantize")
-            x = bb.emit(relax.call_tir(quantize, [x], out_ty=relax.TensorType((spec.batch, spec.in_features),
-                                                                              "float32")))
+            quantize = bb.add_func(
+                cuda_a8_linear.fake_quant_func(spec.batch, spec.in_features, step), "lowbit_fake_quantize"
+            )
+            x = bb.emit(
+                relax.call_tir(quantize, [x], out_ty=relax.TensorType((spec.batch, spec.in_features), "float32"))
+            )
         weight = dequantized_weight(spec, tensors)
         y = bb.emit(relax.op.matmul(x, relax.const(weight.t().contiguous().numpy())))
         if tensors["bias"] is not None:
@@ -104,8 +110,10 @@ class CUDAToolchain(Toolchain):
 
     def check_tuning(self, tune: Any) -> None:
         if tune:
-            raise BackendError("tuning CUDA kernels is not supported (the tuner times kernels on CPUs, locally or "
-                               "over RPC); compile with tune=None (recorded knobs) or tune=False (hand schedules)")
+            raise BackendError(
+                "tuning CUDA kernels is not supported (the tuner times kernels on CPUs, locally or "
+                "over RPC); compile with tune=None (recorded knobs) or tune=False (hand schedules)"
+            )
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         """Legalize and fuse the Relax module, then schedule every remaining TIR function with `gpu_rules`."""
@@ -113,9 +121,15 @@ class CUDAToolchain(Toolchain):
         passes = (
             [relax.transform.DecomposeOpsForInference()]
             + cuda_pipeline.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-               relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(),
-               dlight.ApplyDefaultSchedule(*gpu_rules())]
+            + [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination(),
+                dlight.ApplyDefaultSchedule(*gpu_rules()),
+            ]
         )
         with target:
             return tvm.transform.Sequential(passes)(mod)
@@ -129,8 +143,9 @@ class CUDAToolchain(Toolchain):
         mod = self.schedule(lowering.mod)
         unbound = unbound_functions(mod)
         if unbound:
-            raise BackendError(f"no GPU schedule bound {', '.join(unbound)} to CUDA threads; "
-                               "it would not run on the device")
+            raise BackendError(
+                f"no GPU schedule bound {', '.join(unbound)} to CUDA threads; it would not run on the device"
+            )
         target = self.target
         sources: list[str] = []
 
@@ -141,11 +156,11 @@ class CUDAToolchain(Toolchain):
         with contextlib.ExitStack() as stack:
             stack.enter_context(_global_hook(POSTPROC_HOOK, record))
             if cuda_available():
-                stack.enter_context(_global_hook(COMPILE_HOOK, functools.partial(_compile_for_runtime,
-                                                                                 arch=self.arch)))
+                stack.enter_context(_global_hook(COMPILE_HOOK, functools.partial(_compile_for_runtime, arch=self.arch)))
             stack.enter_context(target)
-            rest = tvm.transform.Sequential(cuda_pipeline.dataflow_lower_passes(target)
-                                            + cuda_pipeline.finalize_passes(target))
+            rest = tvm.transform.Sequential(
+                cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target)
+            )
             executable = tvm.compile(mod, target=target, relax_pipeline=rest)
         if len(sources) != 1:
             raise BackendError(f"expected one CUDA module from the build, got {len(sources)}")
@@ -163,11 +178,17 @@ class CUDAToolchain(Toolchain):
             raise BackendError("this CUDA runner has no kernel source to compile; build it with lowbit's CUDA backend")
         fatbin = nvcc_compile(runner.source, runner.arch)
         with tempfile.TemporaryDirectory(prefix="lowbit-fatbin-") as tmp:
-            runner.executable.export_library(str(directory / LIBRARY_FILE),
-                                             addons=[_fatbin_object(fatbin, Path(tmp))])
-        write_signature(directory, {"arch": "cuda", "cuda_arch": runner.arch,
-                                    "source_sha256": _sha256(runner.source.encode()),
-                                    "fatbin_sha256": _sha256(fatbin), **runner.signature()})
+            runner.executable.export_library(str(directory / LIBRARY_FILE), addons=[_fatbin_object(fatbin, Path(tmp))])
+        write_signature(
+            directory,
+            {
+                "arch": "cuda",
+                "cuda_arch": runner.arch,
+                "source_sha256": _sha256(runner.source.encode()),
+                "fatbin_sha256": _sha256(fatbin),
+                **runner.signature(),
+            },
+        )
         log.info("exported CUDA %s module: fatbin of %d bytes", runner.arch, len(fatbin))
         return [LIBRARY_FILE, SIGNATURE_FILE]
 
@@ -177,9 +198,11 @@ class CUDAToolchain(Toolchain):
         if signature.get("arch") != "cuda" or arch is None:
             raise ArtifactError(f"{directory} does not hold a CUDA library (signature arch {signature.get('arch')!r})")
         if not cuda_available():
-            raise ArtifactError(f"{directory} holds a library for target cuda ({arch}); this machine has no CUDA "
-                                "device or driver (TVM's CUDA runtime cannot load). Run it on a machine with an "
-                                "NVIDIA GPU")
+            raise ArtifactError(
+                f"{directory} holds a library for target cuda ({arch}); this machine has no CUDA "
+                "device or driver (TVM's CUDA runtime cannot load). Run it on a machine with an "
+                "NVIDIA GPU"
+            )
         library = directory / LIBRARY_FILE
         fatbin = embedded_fatbin(library)
         if _sha256(fatbin) != signature["fatbin_sha256"]:
@@ -197,8 +220,11 @@ class CUDAToolchain(Toolchain):
 
 def unbound_functions(mod: tvm.IRModule) -> list[str]:
     """Names of the TIR functions of ``mod`` with a block outside every GPU thread binding."""
-    return sorted(gvar.name_hint for gvar, func in mod.functions_items()
-                  if isinstance(func, tirx.PrimFunc) and not _all_blocks_bound(func))
+    return sorted(
+        gvar.name_hint
+        for gvar, func in mod.functions_items()
+        if isinstance(func, tirx.PrimFunc) and not _all_blocks_bound(func)
+    )
 
 
 def _all_blocks_bound(func: tirx.PrimFunc) -> bool:
@@ -224,8 +250,9 @@ def nvcc_compile(source: str, arch: str, fmt: str = "fatbin") -> bytes:
     if shutil.which(NVCC) is None:
         raise BackendError(f"compiling CUDA kernels needs {NVCC} (the CUDA toolkit) on PATH")
     number = arch.removeprefix("sm_")
-    gencode = (["-arch", arch] if fmt == "ptx"
-               else ["-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]"])
+    gencode = (
+        ["-arch", arch] if fmt == "ptx" else ["-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]"]
+    )
     with tempfile.TemporaryDirectory(prefix="lowbit-nvcc-") as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
         src.write_text(source)
@@ -277,8 +304,12 @@ def _fatbin_object(fatbin: bytes, tmp: Path) -> str:
         f"    .globl {FATBIN_SYMBOL}_size\n{FATBIN_SYMBOL}_size:\n    .quad {FATBIN_SYMBOL}_end - {FATBIN_SYMBOL}\n"
         '    .section .note.GNU-stack,"",@progbits\n'
     )
-    result = subprocess.run([compiler, "-c", "-fPIC", str(tmp / "fatbin.S"), "-o", str(tmp / "fatbin.o")],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [compiler, "-c", "-fPIC", str(tmp / "fatbin.S"), "-o", str(tmp / "fatbin.o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise BackendError(f"assembling the embedded fatbin failed: {result.stderr}")
     return str(tmp / "fatbin.o")
@@ -288,5 +319,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["FATBIN_SYMBOL", "CUDABuild", "CUDAToolchain", "embedded_fatbin", "gpu_rules", "nvcc_compile",
-           "unbound_functions"]
+__all__ = [
+    "FATBIN_SYMBOL",
+    "CUDABuild",
+    "CUDAToolchain",
+    "embedded_fatbin",
+    "gpu_rules",
+    "nvcc_compile",
+    "unbound_functions",
+]

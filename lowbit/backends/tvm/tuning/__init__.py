@@ -35,5 +35,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "lowbit" / "tvm"
 
 
-__all__ = ["CACHE_ENV", "SHIPPED_DIR", "CorruptDatabase", "LocalRunner", "MeasureOptions", "RPCDevice", "RPCRunner",
-           "Trial", "Tuner", "TuningDatabase", "TuningOptions", "TuningRecord", "TuningResult", "default_cache_dir"]
+__all__ = [
+    "CACHE_ENV",
+    "SHIPPED_DIR",
+    "CorruptDatabase",
+    "LocalRunner",
+    "MeasureOptions",
+    "RPCDevice",
+    "RPCRunner",
+    "Trial",
+    "Tuner",
+    "TuningDatabase",
+    "TuningOptions",
+    "TuningRecord",
+    "TuningResult",
+    "default_cache_dir",
+]

@@ -24,10 +24,11 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import tvm
 from tvm.target import Target, codegen
@@ -112,19 +113,33 @@ class TuningRecord:
         return any(t.knobs == dict(knobs) for t in self.trials)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "space": self.space, "spec": self.spec, "exhausted": self.exhausted,
-                "trials": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None and v is not False}
-                           for t in self.trials]}
+        return {
+            "kernel": self.kernel,
+            "space": self.space,
+            "spec": self.spec,
+            "exhausted": self.exhausted,
+            "trials": [
+                {k: v for k, v in dataclasses.asdict(t).items() if v is not None and v is not False}
+                for t in self.trials
+            ],
+        }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TuningRecord":
+    def from_json(cls, data: Mapping[str, Any]) -> TuningRecord:
         trials = []
         for item in data["trials"]:
             if item["outcome"] not in OUTCOMES:
                 raise CorruptDatabase(f"unknown trial outcome {item['outcome']!r}")
-            trials.append(Trial({str(k): int(v) for k, v in item["knobs"].items()}, item["outcome"],
-                                item.get("seconds"), item.get("error"), item.get("func_hash"),
-                                bool(item.get("confirmed", False))))
+            trials.append(
+                Trial(
+                    {str(k): int(v) for k, v in item["knobs"].items()},
+                    item["outcome"],
+                    item.get("seconds"),
+                    item.get("error"),
+                    item.get("func_hash"),
+                    bool(item.get("confirmed", False)),
+                )
+            )
         return cls(str(data["kernel"]), str(data["space"]), dict(data["spec"]), trials, bool(data["exhausted"]))
 
 
@@ -145,8 +160,9 @@ def canonical_target(target: Target) -> dict[str, Any]:
         value = attrs.get(key)
         if value is None or value == "" or (key == "mattr" and len(value) == 0):
             continue
-        canon[key] = (sorted(str(v) for v in value) if key == "mattr"
-                      else value if isinstance(value, int) else str(value))
+        canon[key] = (
+            sorted(str(v) for v in value) if key == "mattr" else value if isinstance(value, int) else str(value)
+        )
     if canon["kind"] == "llvm":
         canon["mtriple"] = _arch_and_os(str(canon.get("mtriple") or codegen.llvm_get_system_triple()))
     if runs_on_host(target):
@@ -176,8 +192,9 @@ class TuningDatabase:
     records in memory only. ``shipped`` lists directories of read-only databases.
     """
 
-    def __init__(self, target: Target, directory: str | Path | None,
-                 shipped: Sequence[str | Path] = (SHIPPED_DIR,)) -> None:
+    def __init__(
+        self, target: Target, directory: str | Path | None, shipped: Sequence[str | Path] = (SHIPPED_DIR,)
+    ) -> None:
         self.target = canonical_target(target)
         name = database_file_name(self.target)
         self.path = Path(directory) / SUBDIR / name if directory is not None else None
@@ -231,8 +248,9 @@ class TuningDatabase:
                 return {}
             aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
             os.replace(path, aside)
-            log.warning("tuning database %s is unusable (%s): moved it to %s and starting a new one",
-                        path, error, aside.name)
+            log.warning(
+                "tuning database %s is unusable (%s): moved it to %s and starting a new one", path, error, aside.name
+            )
             return {}
 
 
@@ -259,8 +277,11 @@ def read_database(path: Path, target: Mapping[str, Any]) -> dict[str, TuningReco
 
 def write_database(path: Path, target: Mapping[str, Any], records: Any) -> None:
     """Write a database file atomically: a temporary file in the same folder, fsync, rename."""
-    data: dict[str, Any] = {"schema": SCHEMA_VERSION, "target": dict(target),
-                            "records": [r.to_json() for r in sorted(records, key=lambda r: r.key)]}
+    data: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "target": dict(target),
+        "records": [r.to_json() for r in sorted(records, key=lambda r: r.key)],
+    }
     data["checksum"] = _checksum(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -286,5 +307,17 @@ def _merge(theirs: TuningRecord, mine: TuningRecord) -> TuningRecord:
     return dataclasses.replace(mine, trials=trials, exhausted=mine.exhausted or theirs.exhausted)
 
 
-__all__ = ["CorruptDatabase", "OUTCOMES", "SCHEMA_VERSION", "SHIPPED_DIR", "Trial", "TuningDatabase", "TuningRecord",
-           "canonical_target", "database_file_name", "read_database", "signature_key", "write_database"]
+__all__ = [
+    "CorruptDatabase",
+    "OUTCOMES",
+    "SCHEMA_VERSION",
+    "SHIPPED_DIR",
+    "Trial",
+    "TuningDatabase",
+    "TuningRecord",
+    "canonical_target",
+    "database_file_name",
+    "read_database",
+    "signature_key",
+    "write_database",
+]

@@ -19,9 +19,10 @@ import socket
 import statistics
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -89,8 +90,10 @@ def example_arguments(func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> li
     """
     params = [(tuple(int(d) for d in p.shape), str(p.dtype)) for p in func.ty.params]
     if len(params) != len(consts) + 2:
-        raise BackendError(f"a kernel plan with {len(consts)} constants must take x, the constants and y; "
-                           f"its function takes {len(params)} arguments")
+        raise BackendError(
+            f"a kernel plan with {len(consts)} constants must take x, the constants and y; "
+            f"its function takes {len(params)} arguments"
+        )
     rng = np.random.default_rng(0)
     (x_shape, x_dtype), (y_shape, y_dtype) = params[0], params[-1]
     if x_dtype.startswith("float"):
@@ -105,8 +108,10 @@ class LocalRunner:
 
     def __init__(self, target: Target, options: MeasureOptions = MeasureOptions()) -> None:
         if not runs_on_host(target):
-            raise BackendError(f"kernels for {target_arch(target)} cannot be measured on this {host_arch()} "
-                               "machine: tune through an RPC device")
+            raise BackendError(
+                f"kernels for {target_arch(target)} cannot be measured on this {host_arch()} "
+                "machine: tune through an RPC device"
+            )
         self.target = target
         self.options = options
 
@@ -204,14 +209,17 @@ def connect(device: RPCDevice) -> Any:
     _probe(device)
     if device.key is None:
         return _bounded(lambda: rpc.connect(device.host, device.port), device.timeout_s, f"connecting to {device}")
-    tracker = _bounded(lambda: rpc.connect_tracker(device.host, device.port), device.timeout_s,
-                       f"connecting to {device}")
+    tracker = _bounded(
+        lambda: rpc.connect_tracker(device.host, device.port), device.timeout_s, f"connecting to {device}"
+    )
     keys = sorted(_bounded(tracker.summary, device.timeout_s, f"querying {device}").get("queue_info", {}))
     if device.key not in keys:
-        raise BackendError(f"{device}: the tracker has no device with key '{device.key}' "
-                           f"(keys it serves: {', '.join(keys) or 'none'})")
-    return _bounded(lambda: tracker.request(device.key, max_retry=1), device.timeout_s,
-                    f"requesting a device from {device}")
+        raise BackendError(
+            f"{device}: the tracker has no device with key '{device.key}' (keys it serves: {', '.join(keys) or 'none'})"
+        )
+    return _bounded(
+        lambda: tracker.request(device.key, max_retry=1), device.timeout_s, f"requesting a device from {device}"
+    )
 
 
 def _probe(device: RPCDevice) -> None:
@@ -274,5 +282,14 @@ def _fcompile(target: Target) -> Any:
     return cc.cross_compiler(ARM_CXX)
 
 
-__all__ = ["ENTRY", "LocalRunner", "MeasureOptions", "Measurement", "RPCDevice", "RPCRunner", "build", "connect",
-           "example_arguments"]
+__all__ = [
+    "ENTRY",
+    "LocalRunner",
+    "MeasureOptions",
+    "Measurement",
+    "RPCDevice",
+    "RPCRunner",
+    "build",
+    "connect",
+    "example_arguments",
+]

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 import random
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from lowbit.backends.tvm.tuning.database import Trial
 
@@ -29,8 +29,9 @@ def grid(space: Mapping[str, Sequence[int]]) -> list[dict[str, int]]:
     return [dict(zip(names, values)) for values in itertools.product(*(space[name] for name in names))]
 
 
-def propose(space: Mapping[str, Sequence[int]], default: Mapping[str, int], trials: Sequence[Trial],
-            seed: str) -> dict[str, int] | None:
+def propose(
+    space: Mapping[str, Sequence[int]], default: Mapping[str, int], trials: Sequence[Trial], seed: str
+) -> dict[str, int] | None:
     """The next knobs to try, or None once every candidate (the hand schedule included) was tried.
 
     Order: ``default``; then the untried neighbours of the fastest trial (one knob moved to

@@ -84,12 +84,15 @@ class TuningOptions:
         elif dataclasses.is_dataclass(tune) and hasattr(tune, "trials"):
             values = {f.name: getattr(tune, f.name) for f in dataclasses.fields(cls) if hasattr(tune, f.name)}
         else:
-            raise BackendError(f"tune= takes None, a bool, a mapping of tuning options or TuningOptions, "
-                               f"not {type(tune).__name__} {tune!r}")
+            raise BackendError(
+                f"tune= takes None, a bool, a mapping of tuning options or TuningOptions, "
+                f"not {type(tune).__name__} {tune!r}"
+            )
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise BackendError(f"unknown tuning option(s) {unknown}; the options are "
-                               f"{[f.name for f in dataclasses.fields(cls)]}")
+            raise BackendError(
+                f"unknown tuning option(s) {unknown}; the options are {[f.name for f in dataclasses.fields(cls)]}"
+            )
         options = cls(**values)
         if isinstance(options.trials, bool) or not isinstance(options.trials, int) or options.trials < 0:
             raise BackendError(f"tuning option trials must be an integer >= 0, got {options.trials!r}")
@@ -129,8 +132,9 @@ class Tuner:
         self._chosen: dict[str, dict[str, int] | None] = {}
         self.measured = 0
 
-    def knobs(self, kernel: LinearKernel, spec: Any,
-              tensors: Mapping[str, torch.Tensor | None]) -> dict[str, int] | None:
+    def knobs(
+        self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None]
+    ) -> dict[str, int] | None:
         """The best recorded knobs for a layer (tuning first when enabled and unfinished); None: hand schedule.
 
         Layers of one signature share the answer: it is looked up (or tuned) once per tuner.
@@ -153,17 +157,30 @@ class Tuner:
         trials = self.options.trials if self.options else 0
         key = self._key(kernel, spec)
         found = self.database.get(key)
-        record = (dataclasses.replace(found, trials=list(found.trials)) if found else
-                  TuningRecord(kernel.name, space_version(kernel.knobs), _spec_dict(spec)))
+        record = (
+            dataclasses.replace(found, trials=list(found.trials))
+            if found
+            else TuningRecord(kernel.name, space_version(kernel.knobs), _spec_dict(spec))
+        )
         default = kernel.default_knobs(spec, self.target)
         size = len(grid(kernel.knobs))
         reference: list[np.ndarray] = []
-        log.info("tuning %s for %s: %d of %d trials recorded, space of %d", record.kernel, record.spec,
-                 record.counted, trials, size)
+        log.info(
+            "tuning %s for %s: %d of %d trials recorded, space of %d",
+            record.kernel,
+            record.spec,
+            record.counted,
+            trials,
+            size,
+        )
         while record.counted < trials and not record.exhausted:
             if self._deadline is not None and time.monotonic() > self._deadline:
-                log.warning("tuning time budget (max_seconds=%s) spent: %s keeps its best of %d trials",
-                            self.options.max_seconds if self.options else None, record.kernel, record.counted)
+                log.warning(
+                    "tuning time budget (max_seconds=%s) spent: %s keeps its best of %d trials",
+                    self.options.max_seconds if self.options else None,
+                    record.kernel,
+                    record.counted,
+                )
                 break
             knobs = propose(kernel.knobs, default, record.trials, key)
             if knobs is None:
@@ -189,17 +206,27 @@ class Tuner:
             yield
         except BackendError as error:
             where = self.database.path or "memory (no cache directory)"
-            raise BackendError(f"tuning {record.kernel} {record.spec} stopped after {record.counted} of {trials} "
-                               f"trial(s), which are kept in {where}; tuning again resumes from them. "
-                               f"{error}") from error
+            raise BackendError(
+                f"tuning {record.kernel} {record.spec} stopped after {record.counted} of {trials} "
+                f"trial(s), which are kept in {where}; tuning again resumes from them. "
+                f"{error}"
+            ) from error
 
     def close(self) -> None:
         """Release the runner (an RPC session)."""
         if self.runner is not None:
             self.runner.close()
 
-    def _trial(self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
-               default: Mapping[str, int], record: TuningRecord, reference: list[np.ndarray]) -> Trial:
+    def _trial(
+        self,
+        kernel: LinearKernel,
+        spec: Any,
+        tensors: Mapping[str, torch.Tensor | None],
+        knobs: dict[str, int],
+        default: Mapping[str, int],
+        record: TuningRecord,
+        reference: list[np.ndarray],
+    ) -> Trial:
         """Plan, build, time and check one candidate."""
         try:
             planned = kernel.plan(spec, tensors, self.target, knobs=knobs)
@@ -222,8 +249,14 @@ class Tuner:
             return Trial(knobs, "failed", error=wrong, func_hash=func_hash)
         return Trial(knobs, "measured", measured.seconds, func_hash=func_hash)
 
-    def _confirm(self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None],
-                 record: TuningRecord, default: Mapping[str, int]) -> None:
+    def _confirm(
+        self,
+        kernel: LinearKernel,
+        spec: Any,
+        tensors: Mapping[str, torch.Tensor | None],
+        record: TuningRecord,
+        default: Mapping[str, int],
+    ) -> None:
         """Time the finalists (fastest candidates and the hand schedule) side by side and mark them confirmed:
         the best is chosen among them, never by a one-off time from another moment."""
         timed = sorted((t for t in record.trials if t.outcome == "measured"), key=lambda t: t.seconds)
@@ -231,17 +264,32 @@ class Tuner:
         if len(finalists) > 1:
             plans = [kernel.plan(spec, tensors, self.target, knobs=t.knobs) for t in finalists]
             seconds = self._runner().compare([(p.func, p.consts) for p in plans], CONFIRM_ROUNDS)
-            log.info("tuning %s: finalists timed again in turn: %s", record.kernel,
-                     ", ".join(f"{t.knobs} {s * 1e3:.3f} ms" for t, s in zip(finalists, seconds)))
+            log.info(
+                "tuning %s: finalists timed again in turn: %s",
+                record.kernel,
+                ", ".join(f"{t.knobs} {s * 1e3:.3f} ms" for t, s in zip(finalists, seconds)),
+            )
         else:
             seconds = [t.seconds for t in finalists]
         by_hash = {t.func_hash: s for t, s in zip(finalists, seconds)}
-        record.trials = [dataclasses.replace(t, seconds=by_hash[t.func_hash], confirmed=True)
-                         if t.func_hash in by_hash and t.seconds is not None else t for t in record.trials]
+        record.trials = [
+            dataclasses.replace(t, seconds=by_hash[t.func_hash], confirmed=True)
+            if t.func_hash in by_hash and t.seconds is not None
+            else t
+            for t in record.trials
+        ]
         self.database.commit(record)
 
-    def _check(self, kernel: LinearKernel, spec: Any, tensors: Mapping[str, torch.Tensor | None], knobs: dict[str, int],
-               default: Mapping[str, int], output: np.ndarray, reference: list[np.ndarray]) -> str | None:
+    def _check(
+        self,
+        kernel: LinearKernel,
+        spec: Any,
+        tensors: Mapping[str, torch.Tensor | None],
+        knobs: dict[str, int],
+        default: Mapping[str, int],
+        output: np.ndarray,
+        reference: list[np.ndarray],
+    ) -> str | None:
         """Why ``output`` is wrong compared with the hand schedule's output (computed once), or None."""
         if knobs == dict(default):
             reference[:] = [output]
@@ -255,8 +303,11 @@ class Tuner:
         expected = reference[0]
         error = float(np.max(np.abs(output.astype(np.float64) - expected))) if output.size else 0.0
         scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-        return None if error <= OUTPUT_TOLERANCE * scale else (
-            f"output differs from the hand schedule's by {error:.3g} (max |y| {scale:.3g}): rejected")
+        return (
+            None
+            if error <= OUTPUT_TOLERANCE * scale
+            else (f"output differs from the hand schedule's by {error:.3g} (max |y| {scale:.3g}): rejected")
+        )
 
     def _runner(self) -> Any:
         if self.runner is None:
@@ -267,8 +318,9 @@ class Tuner:
 
     def _unfinished(self, record: TuningRecord | None) -> bool:
         trials = self.options.trials if self.options else 0
-        return trials > 0 and (record is None or not record.confirmed or
-                               (not record.exhausted and record.counted < trials))
+        return trials > 0 and (
+            record is None or not record.confirmed or (not record.exhausted and record.counted < trials)
+        )
 
     def _key(self, kernel: LinearKernel, spec: Any) -> str:
         return signature_key(kernel.name, space_version(kernel.knobs), _spec_dict(spec))
@@ -279,15 +331,31 @@ class Tuner:
             log.debug("tuning %s: %s %s: %s", record.kernel, last.outcome, last.knobs, last.error or "same PrimFunc")
             return
         outcome = f"{last.seconds * 1e3:.3f} ms" if last.seconds is not None else f"{last.outcome}: {last.error}"
-        log.info("tuning %s: trial %d/%d %s -> %s (best %s)", record.kernel, record.counted, trials, last.knobs,
-                 outcome, f"{best.seconds * 1e3:.3f} ms {best.knobs}" if best else "none yet")
+        log.info(
+            "tuning %s: trial %d/%d %s -> %s (best %s)",
+            record.kernel,
+            record.counted,
+            trials,
+            last.knobs,
+            outcome,
+            f"{best.seconds * 1e3:.3f} ms {best.knobs}" if best else "none yet",
+        )
 
-    def _report(self, kernel: LinearKernel, record: TuningRecord, best: Trial | None, spec: Any,
-                measured_now: int) -> None:
+    def _report(
+        self, kernel: LinearKernel, record: TuningRecord, best: Trial | None, spec: Any, measured_now: int
+    ) -> None:
         default = kernel.default_knobs(spec, self.target)
         hand = next((t.seconds for t in record.trials if t.knobs == default), None)
-        self.results.append(TuningResult(record.kernel, record.spec, dict(best.knobs) if best else dict(default),
-                                         best.seconds if best else hand, hand, measured_now))
+        self.results.append(
+            TuningResult(
+                record.kernel,
+                record.spec,
+                dict(best.knobs) if best else dict(default),
+                best.seconds if best else hand,
+                hand,
+                measured_now,
+            )
+        )
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

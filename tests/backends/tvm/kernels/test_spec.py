@@ -31,8 +31,14 @@ def _layer(kernel: LinearKernel, rows: int) -> tuple[PackedLinearSpec, dict]:
     gen = torch.Generator().manual_seed(0)
     n, k, group = 32, 128, 64
     codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    tensors = {"qweight": packing.pack(codes, 4), "scales": torch.rand(n, k // group, generator=gen) + 0.1,
-               "zeros": None, "g_idx": None, "bias": torch.randn(n, generator=gen), "act_scale": None}
+    tensors = {
+        "qweight": packing.pack(codes, 4),
+        "scales": torch.rand(n, k // group, generator=gen) + 0.1,
+        "zeros": None,
+        "g_idx": None,
+        "bias": torch.randn(n, generator=gen),
+        "act_scale": None,
+    }
     return PackedLinearSpec(rows, k, n, 4, group, False, True, act_bits=8 if a8 else None), tensors
 
 

@@ -17,8 +17,10 @@ from lowbit.backends.tvm import TVMBackend
 from lowbit.backends.tvm.runner import cuda_available
 from lowbit.ir import packing
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and TVM's CUDA runtime")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and TVM's CUDA runtime"),
+]
 
 K, N = 512, 256
 
@@ -41,14 +43,17 @@ class PackedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a8:
-            return torch.ops.lowbit.linear_packed_a8(x, self.qweight, self.scales, self.zeros, None, self.bias,
-                                                     *self.layout, self.act_scale)
+            return torch.ops.lowbit.linear_packed_a8(
+                x, self.qweight, self.scales, self.zeros, None, self.bias, *self.layout, self.act_scale
+            )
         return torch.ops.lowbit.linear_packed(x, self.qweight, self.scales, self.zeros, None, self.bias, *self.layout)
 
 
 @pytest.mark.parametrize("rows", [1, 32])
-@pytest.mark.parametrize(("bits", "group", "asymmetric", "static"),
-                         [(2, 64, True, False), (4, 128, False, False), (1, 128, False, True), (8, K, False, False)])
+@pytest.mark.parametrize(
+    ("bits", "group", "asymmetric", "static"),
+    [(2, 64, True, False), (4, 128, False, False), (1, 128, False, True), (8, K, False, False)],
+)
 def test_a8_kernel_is_bit_exact(rows: int, bits: int, group: int, asymmetric: bool, static: bool) -> None:
     layer = PackedLayer(bits, group, asymmetric, a8=True, static=static, seed=bits)
     x = torch.randn(rows, K) * 4

@@ -25,8 +25,13 @@ pytestmark = pytest.mark.skipif(cuda_available(), reason="checks the GPU-less be
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
 
 #: Recipe → kernel its layers must land on.
-RECIPES = {"w4a16-cuda": "cuda_linear", "w8a8-cuda": "cuda_a8_linear", "w1.58a8-cuda": "cuda_a8_linear",
-           "w2a8-cuda": "cuda_a8_linear", "w4a8-cuda": "cuda_a8_linear"}
+RECIPES = {
+    "w4a16-cuda": "cuda_linear",
+    "w8a8-cuda": "cuda_a8_linear",
+    "w1.58a8-cuda": "cuda_a8_linear",
+    "w2a8-cuda": "cuda_a8_linear",
+    "w4a8-cuda": "cuda_a8_linear",
+}
 
 
 def _mlp() -> nn.Module:
@@ -73,8 +78,9 @@ def test_a_llama_block_compiles_with_int8_kernels() -> None:
 
 def test_unsupported_layout_falls_back_with_its_reason() -> None:
     """3-bit codes have no CUDA kernel: the layer runs as a dequantized matmul, and the report says why."""
-    compiled = lowbit.compile(_mlp(), (torch.randn(4, 256),), passes=[registry.get("rtn", bits=3, group_size=64)],
-                              target="cuda")
+    compiled = lowbit.compile(
+        _mlp(), (torch.randn(4, 256),), passes=[registry.get("rtn", bits=3, group_size=64)], target="cuda"
+    )
     assert [linear.kernel for linear in compiled._runner.fallbacks] == ["dense", "dense"]
     assert "straddle" in compiled._runner.fallbacks[0].reason
     assert "straddle" in str(compiled.report)
@@ -98,7 +104,8 @@ def test_old_gpus_and_cuda_tuning_are_refused() -> None:
 def test_partial_last_group_is_padded_onto_the_cuda_kernel() -> None:
     """in_features=96 in groups of 64: padded to whole groups (zero codes, zero inputs) as on the CPU."""
     model = nn.Sequential(nn.Linear(96, 64)).eval()
-    compiled = lowbit.compile(model, (torch.randn(4, 96),), passes=[registry.get("rtn", bits=4, group_size=64)],
-                              target="cuda")
+    compiled = lowbit.compile(
+        model, (torch.randn(4, 96),), passes=[registry.get("rtn", bits=4, group_size=64)], target="cuda"
+    )
     assert [(linear.kernel, linear.spec.in_features) for linear in compiled._runner.linears] == [("cuda_linear", 128)]
     assert not compiled._runner.fallbacks

@@ -27,16 +27,19 @@ def test_the_target_kind_picks_the_toolchain() -> None:
         resolve_toolchain(resolve_target({"kind": "c"}))
 
 
-@pytest.mark.parametrize(("target", "rows", "a8", "kernels"), [
-    ("x86", 1, False, ["packed_linear"]),
-    ("x86", 3, False, ["packed_linear"]),
-    ("x86", 4, False, ["packed_gemm", "packed_linear"]),
-    ("arm", 32, False, ["packed_gemm", "packed_linear"]),
-    ("x86", 1, True, ["a8_linear_x86"]),
-    ("arm", 8, True, ["a8_linear_arm"]),
-    ("cuda", 1, False, ["cuda_linear"]),
-    ("cuda", 8, True, ["cuda_a8_linear"]),
-])
+@pytest.mark.parametrize(
+    ("target", "rows", "a8", "kernels"),
+    [
+        ("x86", 1, False, ["packed_linear"]),
+        ("x86", 3, False, ["packed_linear"]),
+        ("x86", 4, False, ["packed_gemm", "packed_linear"]),
+        ("arm", 32, False, ["packed_gemm", "packed_linear"]),
+        ("x86", 1, True, ["a8_linear_x86"]),
+        ("arm", 8, True, ["a8_linear_arm"]),
+        ("cuda", 1, False, ["cuda_linear"]),
+        ("cuda", 8, True, ["cuda_a8_linear"]),
+    ],
+)
 def test_kernel_lists(target: str, rows: int, a8: bool, kernels: list[str]) -> None:
     toolchain = resolve_toolchain(resolve_target(target))
     assert [kernel.name for kernel in toolchain.kernels(_spec(rows, a8))] == kernels

@@ -17,10 +17,15 @@ from lowbit.backends.tvm.tuning import SHIPPED_DIR
 from lowbit.backends.tvm.tuning.database import read_database
 from lowbit.backends.tvm.tuning.search import space_version
 
-KERNELS = {module.KERNEL.name: module.KERNEL
-           for module in (x86_a8_linear, arm_a8_linear, cuda_a8_linear, cuda_linear, packed_gemm, packed_linear)}
-RECORDS = [(path.name, record) for path in sorted(SHIPPED_DIR.glob("*.json"))
-           for record in read_database(path, json.loads(path.read_text())["target"]).values()]
+KERNELS = {
+    module.KERNEL.name: module.KERNEL
+    for module in (x86_a8_linear, arm_a8_linear, cuda_a8_linear, cuda_linear, packed_gemm, packed_linear)
+}
+RECORDS = [
+    (path.name, record)
+    for path in sorted(SHIPPED_DIR.glob("*.json"))
+    for record in read_database(path, json.loads(path.read_text())["target"]).values()
+]
 
 
 @pytest.mark.parametrize(("file", "record"), RECORDS, ids=[f"{file}:{record.key}" for file, record in RECORDS])

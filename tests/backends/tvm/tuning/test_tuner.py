@@ -23,7 +23,13 @@ from lowbit.backends.tvm.kernels.generic import packed_linear
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.tuning import (
-    CACHE_ENV, SHIPPED_DIR, TuningDatabase, TuningOptions, Tuner, default_cache_dir, measure,
+    CACHE_ENV,
+    SHIPPED_DIR,
+    Tuner,
+    TuningDatabase,
+    TuningOptions,
+    default_cache_dir,
+    measure,
 )
 from lowbit.backends.tvm.tuning.database import canonical_target, database_file_name, read_database
 from lowbit.backends.tvm.tuning.measure import Measurement
@@ -33,11 +39,15 @@ from lowbit.passes.quant.rtn import RTN
 
 from helpers import TwoLayerMLP
 
-SPEC = PackedLinearSpec(batch=2, in_features=128, out_features=32, bits=4, group_size=64, asymmetric=False,
-                        has_bias=True)
+SPEC = PackedLinearSpec(
+    batch=2, in_features=128, out_features=32, bits=4, group_size=64, asymmetric=False, has_bias=True
+)
 TENSORS = {
     "qweight": torch.randint(0, 256, (32, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
-    "scales": torch.full((32, 2), 0.5), "zeros": None, "g_idx": None, "bias": torch.zeros(32),
+    "scales": torch.full((32, 2), 0.5),
+    "zeros": None,
+    "g_idx": None,
+    "bias": torch.zeros(32),
 }
 
 
@@ -130,7 +140,7 @@ def test_interrupted_tuning_resumes_where_it_stopped(target, tmp_path):
     tuner(target, tmp_path / "b", 6, straight).knobs(packed_linear.KERNEL, SPEC, TENSORS)
     done = record_of(target, tmp_path / "a")
     assert [t.knobs for t in done.trials] == [t.knobs for t in record_of(target, tmp_path / "b").trials]
-    kept = [(t.knobs, t.outcome, t.seconds, t.func_hash) for t in done.trials[:len(first.trials)]]
+    kept = [(t.knobs, t.outcome, t.seconds, t.func_hash) for t in done.trials[: len(first.trials)]]
     assert kept == [(t.knobs, t.outcome, t.seconds, t.func_hash) for t in first.trials]  # nothing measured again
 
 
@@ -162,8 +172,10 @@ def _other_schema(path: Path) -> None:
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("corrupt, message", [(_truncate, "not valid JSON"), (_edit_time, "checksum mismatch"),
-                                              (_other_schema, "schema version 99")])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [(_truncate, "not valid JSON"), (_edit_time, "checksum mismatch"), (_other_schema, "schema version 99")],
+)
 def test_corrupt_database_is_moved_aside_with_a_warning_and_rebuilt(target, tmp_path, caplog, corrupt, message):
     tuner(target, tmp_path, 2, FakeRunner()).knobs(packed_linear.KERNEL, SPEC, TENSORS)
     path = _database_file(tmp_path)
@@ -187,12 +199,14 @@ def test_shipped_database_is_a_read_only_layer(target, tmp_path, caplog):
     runner = FakeRunner()
     user = tmp_path / "user"
     knobs = Tuner(target, user, TuningOptions(trials=3), runner=runner, shipped=(shipped,)).knobs(
-        packed_linear.KERNEL, SPEC, TENSORS)
+        packed_linear.KERNEL, SPEC, TENSORS
+    )
     assert runner.calls == [] and knobs == record_of(target, shipped.parent / "build").best.knobs
     assert not (user / "tuning").exists()
 
     Tuner(target, user, TuningOptions(trials=5), runner=runner, shipped=(shipped,)).knobs(
-        packed_linear.KERNEL, SPEC, TENSORS)
+        packed_linear.KERNEL, SPEC, TENSORS
+    )
     assert len(runner.calls) == 2  # continues from the shipped trials, into the user's file
     assert (shipped / source.name).read_text() == source.read_text()
     assert record_of(target, user).counted == 5
@@ -231,9 +245,16 @@ def test_time_budget_stops_tuning_with_a_warning(target, tmp_path, caplog):
     assert any("time budget" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("tune, key", [({"trails": 3}, "trails"), ({"trials": -1}, "trials"),
-                                        ({"trials": True}, "trials"), ({"max_seconds": 0}, "max_seconds"),
-                                        ("meta_schedule", "tune= takes")])
+@pytest.mark.parametrize(
+    "tune, key",
+    [
+        ({"trails": 3}, "trails"),
+        ({"trials": -1}, "trials"),
+        ({"trials": True}, "trials"),
+        ({"max_seconds": 0}, "max_seconds"),
+        ("meta_schedule", "tune= takes"),
+    ],
+)
 def test_bad_tuning_options_name_the_key(tune, key):
     with pytest.raises(BackendError, match=key):
         TuningOptions.of(tune)
@@ -247,10 +268,26 @@ def test_tuning_options_from_a_recipe_block():
 
 
 def test_database_key_is_the_canonical_target():
-    same = [Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2", "+fma"], "num-cores": 2,
-                    "mtriple": "x86_64-linux-gnu"}),
-            Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+fma", "+avx2"], "num-cores": 1,
-                    "mtriple": "x86_64-unknown-linux-gnu"})]
+    same = [
+        Target(
+            {
+                "kind": "llvm",
+                "mcpu": "znver3",
+                "mattr": ["+avx2", "+fma"],
+                "num-cores": 2,
+                "mtriple": "x86_64-linux-gnu",
+            }
+        ),
+        Target(
+            {
+                "kind": "llvm",
+                "mcpu": "znver3",
+                "mattr": ["+fma", "+avx2"],
+                "num-cores": 1,
+                "mtriple": "x86_64-unknown-linux-gnu",
+            }
+        ),
+    ]
     other = Target({"kind": "llvm", "mcpu": "znver3", "mattr": ["+avx2"], "mtriple": "x86_64-linux-gnu"})
     names = {database_file_name(canonical_target(t)) for t in same}
     assert len(names) == 1 and database_file_name(canonical_target(other)) not in names
@@ -311,7 +348,14 @@ def test_shipped_databases_are_valid_and_named_by_their_target():
 def test_best_is_chosen_among_the_confirmed_finalists():
     from lowbit.backends.tvm.tuning.database import Trial, TuningRecord
 
-    record = TuningRecord("k", "v", {}, [Trial({"a": 1}, "measured", 2e-3, func_hash="1", confirmed=True),
-                                         Trial({"a": 2}, "measured", 1e-3, func_hash="2")])
+    record = TuningRecord(
+        "k",
+        "v",
+        {},
+        [
+            Trial({"a": 1}, "measured", 2e-3, func_hash="1", confirmed=True),
+            Trial({"a": 2}, "measured", 1e-3, func_hash="2"),
+        ],
+    )
     assert record.best.knobs == {"a": 1}  # a one-off time from a quieter moment does not win
     assert TuningRecord.from_json(record.to_json()) == record

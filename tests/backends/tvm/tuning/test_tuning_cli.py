@@ -8,14 +8,14 @@ import pytest
 
 from lowbit.cli import main
 
-MODEL = '''
+MODEL = """
 import torch
 
 
 def build():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(128, 32)).eval(), (torch.randn(2, 128),)
-'''
+"""
 
 
 @pytest.fixture
@@ -37,11 +37,14 @@ def test_compile_tunes_into_the_cache_dir_once(model, tmp_path, capsys):
     assert "tuning " not in capsys.readouterr().out  # hand schedules: no tuning line in the report
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tune-key", "phone"], "give the tracker with --tune-rpc"),
-    (["--tune-trials", "2"], "add --tune"),
-    (["--tune", "--tune-rpc", "no-port"], "HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tune-key", "phone"], "give the tracker with --tune-rpc"),
+        (["--tune-trials", "2"], "add --tune"),
+        (["--tune", "--tune-rpc", "no-port"], "HOST:PORT"),
+    ],
+)
 def test_bad_tuning_flags_are_one_line_errors(model, capsys, flags, message):
     assert main(model + flags) == 2
     assert message in capsys.readouterr().err

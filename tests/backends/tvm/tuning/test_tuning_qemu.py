@@ -18,8 +18,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,8 +45,9 @@ KEY = "a76"
 FAST = MeasureOptions(repeat=2, min_repeat_ms=1)
 #: Seconds each remote step may take: leaves room for emulation on a loaded machine.
 TIMEOUT = 60.0
-SPEC = PackedLinearSpec(batch=2, in_features=128, out_features=32, bits=4, group_size=64, asymmetric=False,
-                        has_bias=False)
+SPEC = PackedLinearSpec(
+    batch=2, in_features=128, out_features=32, bits=4, group_size=64, asymmetric=False, has_bias=False
+)
 
 
 def _tensors() -> dict[str, torch.Tensor | None]:
@@ -88,8 +90,11 @@ def _join_abandoned_rpc_calls() -> None:
 @pytest.fixture(scope="module")
 def devices(arm_emulator: None) -> Iterator[tuple[rpc.Tracker, rpc.Server]]:
     """A tracker with an emulated Cortex-A76 registered under `KEY`, and a second one reached directly."""
-    with rpc.Tracker() as tracker, qemu.emulated_server(tracker=tracker.address, key=KEY), \
-            qemu.emulated_server() as direct:
+    with (
+        rpc.Tracker() as tracker,
+        qemu.emulated_server(tracker=tracker.address, key=KEY),
+        qemu.emulated_server() as direct,
+    ):
         yield tracker, direct
 
 
@@ -104,8 +109,9 @@ def test_arm_candidate_is_measured_on_an_emulated_a76_and_matches_the_torch_refe
         measured = runner.measure(planned.func, planned.consts)
         runner.close()
     x = torch.from_numpy(example_arguments(planned.func, planned.consts)[0])
-    expected = ops.linear_packed(x, tensors["qweight"], tensors["scales"], None, None, None, SPEC.bits,
-                                 SPEC.group_size, SPEC.in_features).numpy()
+    expected = ops.linear_packed(
+        x, tensors["qweight"], tensors["scales"], None, None, None, SPEC.bits, SPEC.group_size, SPEC.in_features
+    ).numpy()
     assert measured.seconds > 0
     np.testing.assert_allclose(measured.output, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
@@ -126,8 +132,9 @@ def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path, re
     device = RPCDevice(tracker.address.host, tracker.address.port, KEY, timeout_s=TIMEOUT)
     tune = {"trials": 3, "rpc": device, "measure": FAST}
     with caplog.at_level(logging.INFO, logger="lowbit.backends.tvm.tuning"):
-        compiled = lowbit.compile(model, (x,), recipe=recipe, tune=tune, calibration=_calibration(),
-                                  cache_dir=tmp_path / "cache")
+        compiled = lowbit.compile(
+            model, (x,), recipe=recipe, tune=tune, calibration=_calibration(), cache_dir=tmp_path / "cache"
+        )
     # one progress line per counted trial: refused knobs (i8mm on this CPU) are logged at debug level only
     trial_lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and ": trial " in r.getMessage()]
     assert len(trial_lines) == 6 and not any("invalid" in line for line in trial_lines), trial_lines
@@ -151,8 +158,14 @@ def test_recipe_tuned_through_a_tracker_on_an_emulated_a76(devices, tmp_path, re
     np.testing.assert_allclose(result.outputs[0], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
     unreachable = RPCDevice(tracker.address.host, rpc.free_port(), KEY, timeout_s=2)
-    again = lowbit.compile(model, (x,), recipe=recipe, tune={**tune, "rpc": unreachable},
-                           calibration=_calibration(), cache_dir=tmp_path / "cache")
+    again = lowbit.compile(
+        model,
+        (x,),
+        recipe=recipe,
+        tune={**tune, "rpc": unreachable},
+        calibration=_calibration(),
+        cache_dir=tmp_path / "cache",
+    )
     assert [result.measured_now for result in again.report.tuning] == [0, 0]
     assert [r.knobs for r in again.report.tuning] == [r.knobs for r in compiled.report.tuning]
 
@@ -240,7 +253,7 @@ def test_emulated_device_lost_mid_tuning_is_a_clear_error_and_tuning_again_resum
     assert resumed.results[0].measured_now == 3
     assert runner.outputs == 1  # the hand schedule's output, for checking the new candidates, came from the device
     (record,) = _database(tmp_path).values()
-    assert record.counted == 5 and record.confirmed and [t.knobs for t in record.trials[:len(kept)]] == kept
+    assert record.counted == 5 and record.confirmed and [t.knobs for t in record.trials[: len(kept)]] == kept
 
 
 @pytest.mark.slow
@@ -253,15 +266,23 @@ def test_int8_activation_kernel_tuned_on_an_emulated_cpu_with_i8mm(tmp_path) -> 
     passes = [lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")]
     with qemu.emulated_server(cpu="max") as server:
         device = RPCDevice(server.address.host, server.address.port, timeout_s=TIMEOUT)
-        compiled = lowbit.compile(model, (x,), target=target, passes=passes, cache_dir=tmp_path,
-                                  tune={"trials": 3, "rpc": device, "measure": FAST})
-        result = rpc.run_artifact(compiled.export(tmp_path / "a8"), [x.numpy()], rpc=str(server.address),
-                                  timeout=TIMEOUT, repeats=1)
+        compiled = lowbit.compile(
+            model,
+            (x,),
+            target=target,
+            passes=passes,
+            cache_dir=tmp_path,
+            tune={"trials": 3, "rpc": device, "measure": FAST},
+        )
+        result = rpc.run_artifact(
+            compiled.export(tmp_path / "a8"), [x.numpy()], rpc=str(server.address), timeout=TIMEOUT, repeats=1
+        )
     assert [linear.kernel for linear in compiled._runner.linears] == ["a8_linear_arm"]
     (tuning,) = compiled.report.tuning
     assert tuning.kernel == "a8_linear_arm" and tuning.measured_now == 3
-    (record,) = read_database(next((tmp_path / SUBDIR).glob("*.json")),
-                              canonical_target(resolve_target(target))).values()
+    (record,) = read_database(
+        next((tmp_path / SUBDIR).glob("*.json")), canonical_target(resolve_target(target))
+    ).values()
     # the hand schedule (smmla) first, then its sdot neighbour: both measured, the sdot output checked against
     # the smmla one on the device; which is faster under emulation says nothing, so either may be chosen
     assert [(t.knobs["i8mm"], t.outcome) for t in record.trials[:2]] == [(1, "measured"), (0, "measured")]
@@ -276,11 +297,26 @@ def test_hand_schedule_on_an_i8mm_target_is_sdot_where_smmla_words_do_not_fit_th
     """The tuner checks every candidate against the hand schedule, and lowering uses the int8 kernel only when
     the hand schedule plans: groups narrower than an smmla word (8 columns × 8 // bits codes) take sdot."""
     target = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]})
-    spec = PackedLinearSpec(batch=2, in_features=64, out_features=8, bits=bits, group_size=group_size,
-                            asymmetric=False, has_bias=False, act_bits=8, act_dynamic=True)
-    codes = torch.randint(0, 2 ** bits, (8, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    tensors = {"qweight": packing.pack(codes, bits), "scales": torch.full((8, 64 // group_size), 0.1),
-               "zeros": None, "g_idx": None, "bias": None, "act_scale": None}
+    spec = PackedLinearSpec(
+        batch=2,
+        in_features=64,
+        out_features=8,
+        bits=bits,
+        group_size=group_size,
+        asymmetric=False,
+        has_bias=False,
+        act_bits=8,
+        act_dynamic=True,
+    )
+    codes = torch.randint(0, 2**bits, (8, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tensors = {
+        "qweight": packing.pack(codes, bits),
+        "scales": torch.full((8, 64 // group_size), 0.1),
+        "zeros": None,
+        "g_idx": None,
+        "bias": None,
+        "act_scale": None,
+    }
     planned = a8_linear_arm.KERNEL.plan(spec, tensors, target)
     assert not isinstance(planned, str), planned
     assert planned.knobs["i8mm"] == 0
@@ -307,14 +343,48 @@ def test_cli_tunes_on_an_emulated_device_behind_a_tracker_and_runs_the_artifact_
     np.savez(tmp_path / "calibration.npz", input_ids=tokens.numpy(), attention_mask=np.ones((8, length), np.int64))
     cache, artifact = tmp_path / "cache", tmp_path / "llama"
     with rpc.Tracker() as tracker, qemu.emulated_server(tracker=tracker.address, key=KEY):
-        compile_args = ["-q", "compile", "llama-tiny", "--recipe", "w4a8-arm",
-                        "--calibration", str(tmp_path / "calibration.npz"), "--tune", "--tune-trials", "2",
-                        "--tune-rpc", str(tracker.address), "--tune-key", KEY, "--tune-timeout", str(TIMEOUT),
-                        "--cache-dir", str(cache)]
+        compile_args = [
+            "-q",
+            "compile",
+            "llama-tiny",
+            "--recipe",
+            "w4a8-arm",
+            "--calibration",
+            str(tmp_path / "calibration.npz"),
+            "--tune",
+            "--tune-trials",
+            "2",
+            "--tune-rpc",
+            str(tracker.address),
+            "--tune-key",
+            KEY,
+            "--tune-timeout",
+            str(TIMEOUT),
+            "--cache-dir",
+            str(cache),
+        ]
         assert main([*compile_args, "--export", str(artifact)]) == 0
         first = capsys.readouterr().out
-        assert main(["-q", "run", str(artifact), "--input", str(tmp_path / "inputs.npz"), "--rpc",
-                     str(tracker.address), "--key", KEY, "--timeout", str(TIMEOUT), "--repeats", "1"]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "run",
+                    str(artifact),
+                    "--input",
+                    str(tmp_path / "inputs.npz"),
+                    "--rpc",
+                    str(tracker.address),
+                    "--key",
+                    KEY,
+                    "--timeout",
+                    str(TIMEOUT),
+                    "--repeats",
+                    "1",
+                ]
+            )
+            == 0
+        )
         ran = capsys.readouterr().out
     assert "candidate(s) measured by this compile" in first and " 0 candidate(s) measured" not in first
     assert "output 0: float32[2, 12, 1000]" in ran and f"(key '{KEY}')" in ran

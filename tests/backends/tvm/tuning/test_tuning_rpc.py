@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,10 +28,16 @@ from lowbit.errors import BackendError
 
 HOST = "127.0.0.1"
 KEY = "loopback"
-SPEC = PackedLinearSpec(batch=1, in_features=128, out_features=16, bits=4, group_size=64, asymmetric=False,
-                        has_bias=False)
-TENSORS = {"qweight": torch.randint(0, 256, (16, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)),
-           "scales": torch.full((16, 2), 0.25), "zeros": None, "g_idx": None, "bias": None}
+SPEC = PackedLinearSpec(
+    batch=1, in_features=128, out_features=16, bits=4, group_size=64, asymmetric=False, has_bias=False
+)
+TENSORS = {
+    "qweight": torch.randint(0, 256, (16, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)),
+    "scales": torch.full((16, 2), 0.25),
+    "zeros": None,
+    "g_idx": None,
+    "bias": None,
+}
 FAST = MeasureOptions(repeat=2, min_repeat_ms=1)
 
 
@@ -42,8 +48,9 @@ def _free_port() -> int:
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -79,15 +86,48 @@ def _free_servers(port: int) -> int:
 def tracker() -> Iterator[int]:
     """A tracker with one server registered under `KEY` and one direct server; yields (tracker port, server port)."""
     tracker_port, server_port, direct_port = _free_port(), _free_port(), _free_port()
-    processes = [_start("tvm.exec.rpc_tracker", "--host", HOST, "--port", str(tracker_port),
-                        "--port-end", str(tracker_port + 1), "--silent")]
+    processes = [
+        _start(
+            "tvm.exec.rpc_tracker",
+            "--host",
+            HOST,
+            "--port",
+            str(tracker_port),
+            "--port-end",
+            str(tracker_port + 1),
+            "--silent",
+        )
+    ]
     try:
         _wait(lambda: rpc.connect_tracker(HOST, tracker_port).summary() is not None, "the RPC tracker")
-        processes.append(_start("tvm.exec.rpc_server", "--host", HOST, "--port", str(server_port),
-                                "--port-end", str(server_port + 1), "--tracker", f"{HOST}:{tracker_port}",
-                                "--key", KEY, "--silent"))
-        processes.append(_start("tvm.exec.rpc_server", "--host", HOST, "--port", str(direct_port),
-                                "--port-end", str(direct_port + 1), "--silent"))
+        processes.append(
+            _start(
+                "tvm.exec.rpc_server",
+                "--host",
+                HOST,
+                "--port",
+                str(server_port),
+                "--port-end",
+                str(server_port + 1),
+                "--tracker",
+                f"{HOST}:{tracker_port}",
+                "--key",
+                KEY,
+                "--silent",
+            )
+        )
+        processes.append(
+            _start(
+                "tvm.exec.rpc_server",
+                "--host",
+                HOST,
+                "--port",
+                str(direct_port),
+                "--port-end",
+                str(direct_port + 1),
+                "--silent",
+            )
+        )
         _wait(lambda: _free_servers(tracker_port) > 0, "the RPC server")
         _wait(lambda: socket.create_connection((HOST, direct_port), timeout=2).close() is None, "the direct server")
         yield tracker_port, direct_port
@@ -110,8 +150,12 @@ def test_remote_measurement_through_a_tracker_matches_local(tracker):
 @pytest.mark.slow
 def test_tuning_on_a_direct_rpc_server(tracker, tmp_path):
     target = resolve_target("x86")
-    tuner = Tuner(target, tmp_path, TuningOptions(trials=2, rpc=RPCDevice(HOST, tracker[1], timeout_s=20),
-                                                  measure=FAST), shipped=())
+    tuner = Tuner(
+        target,
+        tmp_path,
+        TuningOptions(trials=2, rpc=RPCDevice(HOST, tracker[1], timeout_s=20), measure=FAST),
+        shipped=(),
+    )
     assert tuner.knobs(packed_linear.KERNEL, SPEC, TENSORS) is not None
     tuner.close()
     assert isinstance(tuner.runner, RPCRunner) and tuner.results[0].measured_now == 2
@@ -142,22 +186,31 @@ def test_silent_peer_times_out_instead_of_hanging():
         assert time.monotonic() - start < 8
 
 
-MODEL = '''
+MODEL = """
 import torch
 
 
 def build():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(128, 32)).eval(), (torch.randn(2, 128),)
-'''
+"""
 
 
 @pytest.fixture
 def cli_model(tmp_path, monkeypatch) -> list[str]:
     (tmp_path / "tuning_rpc_model.py").write_text(MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
-    return ["compile", "tuning_rpc_model:build", "--pass", "rtn:bits=4,group_size=64", "--target", "x86", "--tune",
-            "--cache-dir", str(tmp_path / "cache")]
+    return [
+        "compile",
+        "tuning_rpc_model:build",
+        "--pass",
+        "rtn:bits=4,group_size=64",
+        "--target",
+        "x86",
+        "--tune",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
 
 
 @pytest.mark.parametrize("flags", [["--tune-timeout", "5"], ["--tune-rpc", f"{HOST}:9", "--tune-timeout", "0"]])

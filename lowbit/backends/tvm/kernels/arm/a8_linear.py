@@ -77,8 +77,12 @@ WORD_BYTES = ROWS * COLUMNS
 #: output rows (a multiple of 4) per parallel task; ``row_vectors`` weight tiles (4 rows
 #: for ``sdot``, 2 for ``smmla``) computed together (independent accumulator chains);
 #: ``i8mm`` 1 uses ``smmla`` (targets with ``+i8mm``, an even number of rows), 0 ``sdot``.
-KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (4, 8, 16, 32, 64, 128),
-                                     "row_vectors": (1, 2, 4, 8), "i8mm": (0, 1)}
+KNOBS: dict[str, tuple[int, ...]] = {
+    "row_tile": (1, 2, 4, 8),
+    "out_tile": (4, 8, 16, 32, 64, 128),
+    "row_vectors": (1, 2, 4, 8),
+    "i8mm": (0, 1),
+}
 
 
 def code_offset(bits: int) -> int:
@@ -103,8 +107,9 @@ class ArmA8Linear(LinearKernel):
     knobs = KNOBS
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
-        return (unsupported_reason(spec) or _target_reason(target)
-                or zeros_reason(tensors.get("zeros"), "ARM int8 kernel"))
+        return (
+            unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "ARM int8 kernel")
+        )
 
     def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
         """The hand schedule: 4 accumulator chains for GEMV (1 row × 4 weight tiles), 4 rows × 2 tiles for GEMM;
@@ -122,8 +127,9 @@ class ArmA8Linear(LinearKernel):
         """The constants are, in order: interleaved int8 codes, scales ``(G, N)``, zero points minus the code
         offset ``(G, N)`` int32, [bias], [the static step ``Δ`` as a 1-element array]."""
         if spec.out_features % knobs["out_tile"] or knobs["out_tile"] % ROWS:
-            raise BackendError(f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} "
-                               f"in rows of {ROWS}")
+            raise BackendError(
+                f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
+            )
         if knobs["i8mm"] > 1:
             raise BackendError(f"knob i8mm is 0 (sdot) or 1 (smmla), got {knobs['i8mm']}")
         if knobs["i8mm"]:
@@ -136,10 +142,13 @@ class ArmA8Linear(LinearKernel):
         scales = tensors["scales"].to(torch.float32)
         zeros = tensors.get("zeros")
         zeros = torch.full_like(scales, packing.default_zero(spec.bits)) if zeros is None else zeros.to(torch.float32)
-        words = interleave(tensors["qweight"], spec.bits, spec.in_features,
-                           *((MMLA_ROWS, MMLA_COLUMNS) if knobs["i8mm"] else (ROWS, COLUMNS)))
-        consts = [words, scales.t().contiguous(),
-                  (zeros - code_offset(spec.bits)).t().to(torch.int32).contiguous()]
+        words = interleave(
+            tensors["qweight"],
+            spec.bits,
+            spec.in_features,
+            *((MMLA_ROWS, MMLA_COLUMNS) if knobs["i8mm"] else (ROWS, COLUMNS)),
+        )
+        consts = [words, scales.t().contiguous(), (zeros - code_offset(spec.bits)).t().to(torch.int32).contiguous()]
         if tensors.get("bias") is not None:
             consts.append(tensors["bias"].to(torch.float32).contiguous())
         if not spec.act_dynamic:
@@ -150,8 +159,9 @@ class ArmA8Linear(LinearKernel):
 KERNEL = ArmA8Linear()
 
 
-def interleave(qweight: torch.Tensor, bits: int, in_features: int, rows: int = ROWS,
-               columns: int = COLUMNS) -> torch.Tensor:
+def interleave(
+    qweight: torch.Tensor, bits: int, in_features: int, rows: int = ROWS, columns: int = COLUMNS
+) -> torch.Tensor:
     """Packed rows ``(N, row_bytes)`` → words ``(N/rows, K/(columns·pb), 16)`` of the module doc (8-bit:
     ``q − 128``).
 
@@ -168,8 +178,9 @@ def interleave(qweight: torch.Tensor, bits: int, in_features: int, rows: int = R
     return words.reshape(n_out // rows, -1, WORD_BYTES).to(torch.uint8).contiguous()
 
 
-def a8_linear_arm_func(spec: PackedLinearSpec, row_tile: int, out_tile: int, row_vectors: int,
-                       name: str | None = None) -> tirx.PrimFunc:
+def a8_linear_arm_func(
+    spec: PackedLinearSpec, row_tile: int, out_tile: int, row_vectors: int, name: str | None = None
+) -> tirx.PrimFunc:
     """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``."""
     reason = unsupported_reason(spec)
     if reason is not None:
@@ -199,13 +210,15 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     quantize, mult = activation_codes(x, step)
     xq = te.compute((m_rows, k_in), quantize, name="xq")
     kg = te.reduce_axis((0, group), name="kg")
-    asum = te.compute((m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
-                      name="asum")
+    asum = te.compute(
+        (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
+    )
     codes = te.compute(
         (n_out // ROWS, k_in // COLUMNS, ROWS, COLUMNS),
-        lambda t, q, i, c: tirx.bitwise_and(tirx.shift_right(words[t, q // pb, i * COLUMNS + c],
-                                                             ((q % pb) * bits).astype("uint8")),
-                                            tirx.const((1 << bits) - 1, "uint8")).astype("int8"),
+        lambda t, q, i, c: tirx.bitwise_and(
+            tirx.shift_right(words[t, q // pb, i * COLUMNS + c], ((q % pb) * bits).astype("uint8")),
+            tirx.const((1 << bits) - 1, "uint8"),
+        ).astype("int8"),
         name="codes",
     )
     w = te.reduce_axis((0, quads // pb), name="w")
@@ -225,8 +238,9 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
         return (dot[m, g, t, i] - zeros[g, t * ROWS + i] * asum[m, g]).astype("float32") * scales[g, t * ROWS + i]
 
     g_axis = te.reduce_axis((0, groups), name="g")
-    acc = te.compute((m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis),
-                     name="acc")
+    acc = te.compute(
+        (m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis), name="acc"
+    )
 
     y = te.compute((m_rows, n_out), _epilogue(lambda m, n: acc[m, n // ROWS, n % ROWS], mult, step, bias), name="y")
     args = [x, words, scales, zeros] + [t for t in (bias, step) if t is not None] + [y]
@@ -244,8 +258,9 @@ def _epilogue(acc: Any, mult: te.Tensor | None, step: te.Tensor | None, bias: te
     return output
 
 
-def a8_linear_arm_i8mm_func(spec: PackedLinearSpec, row_tile: int, out_tile: int, row_vectors: int,
-                            name: str | None = None) -> tirx.PrimFunc:
+def a8_linear_arm_i8mm_func(
+    spec: PackedLinearSpec, row_tile: int, out_tile: int, row_vectors: int, name: str | None = None
+) -> tirx.PrimFunc:
     """The ``smmla`` variant (even batch): same arguments as `a8_linear_arm_func`, 2×8 code words."""
     reason = unsupported_reason(spec) or (None if spec.batch % 2 == 0 else "i8mm takes rows of x in pairs")
     if reason is not None:
@@ -273,17 +288,26 @@ def a8_linear_arm_i8mm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
     quantize, mult = activation_codes(x, step)
-    xqp = te.compute((m_rows // 2, k_in // MMLA_COLUMNS, 2, MMLA_COLUMNS),
-                     lambda mp, kb, mi, kk: quantize(mp * 2 + mi, kb * MMLA_COLUMNS + kk), name="xqp")
+    xqp = te.compute(
+        (m_rows // 2, k_in // MMLA_COLUMNS, 2, MMLA_COLUMNS),
+        lambda mp, kb, mi, kk: quantize(mp * 2 + mi, kb * MMLA_COLUMNS + kk),
+        name="xqp",
+    )
     kg = te.reduce_axis((0, group), name="kg")
-    asum = te.compute((m_rows, groups), lambda m, g: te.sum(
-        xqp[m // 2, (g * group + kg) // MMLA_COLUMNS, m % 2, (g * group + kg) % MMLA_COLUMNS].astype("int32"),
-        axis=kg), name="asum")
+    asum = te.compute(
+        (m_rows, groups),
+        lambda m, g: te.sum(
+            xqp[m // 2, (g * group + kg) // MMLA_COLUMNS, m % 2, (g * group + kg) % MMLA_COLUMNS].astype("int32"),
+            axis=kg,
+        ),
+        name="asum",
+    )
     codes = te.compute(
         (n_out // MMLA_ROWS, k_in // MMLA_COLUMNS, MMLA_ROWS, MMLA_COLUMNS),
-        lambda t, o, i, c: tirx.bitwise_and(tirx.shift_right(words[t, o // pb, i * MMLA_COLUMNS + c],
-                                                             ((o % pb) * bits).astype("uint8")),
-                                            tirx.const((1 << bits) - 1, "uint8")).astype("int8"),
+        lambda t, o, i, c: tirx.bitwise_and(
+            tirx.shift_right(words[t, o // pb, i * MMLA_COLUMNS + c], ((o % pb) * bits).astype("uint8")),
+            tirx.const((1 << bits) - 1, "uint8"),
+        ).astype("int8"),
         name="codes",
     )
     w = te.reduce_axis((0, octets // pb), name="w")
@@ -304,10 +328,16 @@ def a8_linear_arm_i8mm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
         return (dot[mp, g, t, mi, i] - zeros[g, n] * asum[mp * 2 + mi, g]).astype("float32") * scales[g, n]
 
     g_axis = te.reduce_axis((0, groups), name="g")
-    acc = te.compute((m_rows // 2, n_out // MMLA_ROWS, 2, MMLA_ROWS),
-                     lambda mp, t, mi, i: te.sum(centered(mp, g_axis, t, mi, i), axis=g_axis), name="acc")
-    y = te.compute((m_rows, n_out), _epilogue(
-        lambda m, n: acc[m // 2, n // MMLA_ROWS, m % 2, n % MMLA_ROWS], mult, step, bias), name="y")
+    acc = te.compute(
+        (m_rows // 2, n_out // MMLA_ROWS, 2, MMLA_ROWS),
+        lambda mp, t, mi, i: te.sum(centered(mp, g_axis, t, mi, i), axis=g_axis),
+        name="acc",
+    )
+    y = te.compute(
+        (m_rows, n_out),
+        _epilogue(lambda m, n: acc[m // 2, n // MMLA_ROWS, m % 2, n % MMLA_ROWS], mult, step, bias),
+        name="y",
+    )
     args = [x, words, scales, zeros] + [t for t in (bias, step) if t is not None] + [y]
     return te.create_prim_func(args)
 
@@ -356,13 +386,13 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
     sch.vectorize(k_inner)
 
 
-def _schedule_i8mm(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int,
-                   row_vectors: int) -> None:
+def _schedule_i8mm(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int, row_vectors: int) -> None:
     """Parallel output tasks, pairs of rows × 2-row weight tiles, the ``smmla`` intrinsic."""
     y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
     m, n = sch.get_loops(y)
     n_task, n_tile, n_vec, n_lane = sch.split(
-        n, factors=[None, out_tile // (MMLA_ROWS * row_vectors), row_vectors, MMLA_ROWS])
+        n, factors=[None, out_tile // (MMLA_ROWS * row_vectors), row_vectors, MMLA_ROWS]
+    )
     m_outer, m_inner = sch.split(m, factors=[None, row_tile])
     sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
     sch.parallel(n_task)
@@ -418,6 +448,18 @@ def _i8mm_reason(spec: PackedLinearSpec, target: Target) -> str | None:
     return None
 
 
-__all__ = ["KERNEL", "KERNEL_BITS", "KERNEL_NAME", "KNOBS", "ArmA8Linear", "a8_linear_arm_compute",
-           "a8_linear_arm_func", "a8_linear_arm_i8mm_compute", "a8_linear_arm_i8mm_func", "code_offset", "interleave",
-           "unsupported_reason", "word_columns"]
+__all__ = [
+    "KERNEL",
+    "KERNEL_BITS",
+    "KERNEL_NAME",
+    "KNOBS",
+    "ArmA8Linear",
+    "a8_linear_arm_compute",
+    "a8_linear_arm_func",
+    "a8_linear_arm_i8mm_compute",
+    "a8_linear_arm_i8mm_func",
+    "code_offset",
+    "interleave",
+    "unsupported_reason",
+    "word_columns",
+]

@@ -65,8 +65,11 @@ def register() -> None:
             T.writes(C[0:4])
             a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
             C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C[T.ramp(T.int32(0), 1, 4)],
-                B.vload([0, 0], "int8x16"), a, dtype="int32x4",
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                C[T.ramp(T.int32(0), 1, 4)],
+                B.vload([0, 0], "int8x16"),
+                a,
+                dtype="int32x4",
             )
 
     @T.prim_func(s_tir=True)
@@ -92,10 +95,16 @@ def register() -> None:
         with T.sblock("root"):
             T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
             T.writes(C[0:2, 0:2])
-            C.vstore([0, 0], T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"), C.vload([0, 0], "int32x4"),
-                A.vload([0, 0], "int8x16"), B.vload([0, 0], "int8x16"), dtype="int32x4",
-            ))
+            C.vstore(
+                [0, 0],
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"),
+                    C.vload([0, 0], "int32x4"),
+                    A.vload([0, 0], "int8x16"),
+                    B.vload([0, 0], "int8x16"),
+                    dtype="int32x4",
+                ),
+            )
 
     TensorIntrin.register(SDOT, dot_desc, dot_sdot, override=True)
     TensorIntrin.register(I8MM, mmla_desc, mmla_i8mm, override=True)

@@ -115,8 +115,13 @@ class CudaA8Linear(LinearKernel):
         group_words = spec.group_size // codes_per_word(spec.bits)
         candidates = [p for p in KNOBS["parts"] if group_words % p == 0] or [1]
         parts = max(candidates, key=lambda p: (divisor_at_most(spec.groups * p, THREADS), -p))
-        return {"threads": THREADS, "parts": parts, "vector": VECTOR, "rows": ROWS,
-                "m_tile": max(v for v in KNOBS["m_tile"] if v <= min(spec.batch, M_TILE))}
+        return {
+            "threads": THREADS,
+            "parts": parts,
+            "vector": VECTOR,
+            "rows": ROWS,
+            "m_tile": max(v for v in KNOBS["m_tile"] if v <= min(spec.batch, M_TILE)),
+        }
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
         """Constants, in order: the packed weight as int32 words ``(N, K / cw)``, ``scales (N, G)``,
@@ -153,8 +158,16 @@ def off_centre(spec: PackedLinearSpec, shape: torch.Size, zeros: torch.Tensor | 
     return zz.contiguous() if bool(zz.any()) else None
 
 
-def cuda_a8_linear_func(spec: PackedLinearSpec, has_zz: bool, step: float | None, threads: int = THREADS,
-                        parts: int = 1, vector: int = VECTOR, rows: int = ROWS, m_tile: int = M_TILE) -> tirx.PrimFunc:
+def cuda_a8_linear_func(
+    spec: PackedLinearSpec,
+    has_zz: bool,
+    step: float | None,
+    threads: int = THREADS,
+    parts: int = 1,
+    vector: int = VECTOR,
+    rows: int = ROWS,
+    m_tile: int = M_TILE,
+) -> tirx.PrimFunc:
     """The scheduled PrimFunc: ``x (M, K)``, words, scales, [zz], [bias], output ``y (M, N)``."""
     reason = unsupported_reason(spec)
     if reason is not None:
@@ -169,8 +182,9 @@ def cuda_a8_linear_func(spec: PackedLinearSpec, has_zz: bool, step: float | None
     return finish(sch.mod["main"], None)
 
 
-def a8_linear_compute(spec: PackedLinearSpec, has_zz: bool, step: float | None, parts: int = 1,
-                      arith: Arithmetic | None = None) -> tirx.PrimFunc:
+def a8_linear_compute(
+    spec: PackedLinearSpec, has_zz: bool, step: float | None, parts: int = 1, arith: Arithmetic | None = None
+) -> tirx.PrimFunc:
     """The unscheduled stages of the module doc, arguments as in `cuda_a8_linear_func` (CUDA intrinsics by default)."""
     arith = arith or Arithmetic()
     m_rows, n_out, k_in, bits = spec.batch, spec.out_features, spec.in_features, spec.bits
@@ -197,8 +211,9 @@ def a8_linear_compute(spec: PackedLinearSpec, has_zz: bool, step: float | None, 
     asum = None
     if has_zz:
         kk = te.reduce_axis((0, spec.group_size), name="kk")
-        asum = te.compute((m_rows, groups), lambda m, g: te.sum(code(m, g * spec.group_size + kk), axis=kk),
-                          name="asum")
+        asum = te.compute(
+            (m_rows, groups), lambda m, g: te.sum(code(m, g * spec.group_size + kk), axis=kk), name="asum"
+        )
 
     def lane_codes(n: tirx.PrimExpr, word: tirx.PrimExpr, lane: tirx.PrimExpr) -> tirx.PrimExpr:
         """Four codes of lane ``lane`` of a word, each byte ``q − c`` as a signed int8 (uint32 math: no overflow)."""
@@ -274,15 +289,16 @@ def _schedule_activations(sch: s_tir.Schedule, in_features: int, dynamic: bool, 
     for name in elementwise:
         block = sch.get_sblock(name)
         info = sch.get(block)
-        spatial = sch.get_loops(block)[:sum(1 for var in info.iter_vars if var.iter_type == 0)]
+        spatial = sch.get_loops(block)[: sum(1 for var in info.iter_vars if var.iter_type == 0)]
         fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         bx, tx = sch.split(fused, factors=[None, min(ACT_THREADS, _extent(sch, fused))])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
 
 
-def _schedule_product(sch: s_tir.Schedule, spec: PackedLinearSpec, threads: int, parts: int, vector: int,
-                      rows: int, m_tile: int) -> None:
+def _schedule_product(
+    sch: s_tir.Schedule, spec: PackedLinearSpec, threads: int, parts: int, vector: int, rows: int, m_tile: int
+) -> None:
     """Kernel 4 (see the module doc)."""
     group_words = spec.group_size // codes_per_word(spec.bits)
     part_words = group_words // parts
@@ -332,13 +348,30 @@ def _schedule_product(sch: s_tir.Schedule, spec: PackedLinearSpec, threads: int,
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
     sch.decompose_reduction(part, w_outer)
-    log.debug("CUDA dp4a linear %s: threads=%d parts=%d vector=%d rows=%d m_tile=%d", spec, threads, parts, vector,
-              rows, m_tile)
+    log.debug(
+        "CUDA dp4a linear %s: threads=%d parts=%d vector=%d rows=%d m_tile=%d",
+        spec,
+        threads,
+        parts,
+        vector,
+        rows,
+        m_tile,
+    )
 
 
 def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
     return int(sch.get(loop).extent)
 
 
-__all__ = ["KERNEL", "KERNEL_NAME", "KNOBS", "CudaA8Linear", "a8_linear_compute", "centre", "cuda_a8_linear_func",
-           "fake_quant_func", "off_centre", "unsupported_reason"]
+__all__ = [
+    "KERNEL",
+    "KERNEL_NAME",
+    "KNOBS",
+    "CudaA8Linear",
+    "a8_linear_compute",
+    "centre",
+    "cuda_a8_linear_func",
+    "fake_quant_func",
+    "off_centre",
+    "unsupported_reason",
+]

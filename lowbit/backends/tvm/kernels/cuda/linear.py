@@ -94,8 +94,12 @@ class CudaLinear(LinearKernel):
 
     def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
         """The hand schedule (see the module doc), with ``m_tile`` capped by the batch."""
-        return {"threads": THREADS, "vector": VECTOR, "rows": ROWS,
-                "m_tile": max(v for v in KNOBS["m_tile"] if v <= min(spec.batch, M_TILE))}
+        return {
+            "threads": THREADS,
+            "vector": VECTOR,
+            "rows": ROWS,
+            "m_tile": max(v for v in KNOBS["m_tile"] if v <= min(spec.batch, M_TILE)),
+        }
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
         """Constants, in order: the packed weight as int32 words ``(N, K / cw)``, ``scales (N, G)``,
@@ -119,8 +123,9 @@ def packed_words(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.contiguous().view(torch.int32).clone()
 
 
-def cuda_linear_func(spec: PackedLinearSpec, threads: int = THREADS, vector: int = VECTOR, rows: int = ROWS,
-                     m_tile: int = M_TILE) -> tirx.PrimFunc:
+def cuda_linear_func(
+    spec: PackedLinearSpec, threads: int = THREADS, vector: int = VECTOR, rows: int = ROWS, m_tile: int = M_TILE
+) -> tirx.PrimFunc:
     """The scheduled PrimFunc: ``x (M, K)``, words, scales, zs, [bias], output ``y (M, N)``."""
     reason = unsupported_reason(spec)
     if reason is not None:
@@ -156,8 +161,7 @@ def cuda_linear_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     return te.create_prim_func([*args, y])
 
 
-def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, threads: int, vector: int, rows: int,
-              m_tile: int) -> None:
+def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, threads: int, vector: int, rows: int, m_tile: int) -> None:
     """Blocks of ``rows × m_tile`` outputs, ``threads`` lanes per row, rfactor + shuffle reduction."""
     words = spec.in_features // codes_per_word(spec.bits)
     vector = power_of_two_divisor(words, vector)
@@ -213,5 +217,15 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, threads: int, vector:
     log.debug("CUDA packed linear %s: threads=%d vector=%d rows=%d m_tile=%d", spec, threads, vector, rows, m_tile)
 
 
-__all__ = ["KERNEL", "KERNEL_BITS", "KERNEL_NAME", "KNOBS", "CudaLinear", "codes_per_word", "cuda_linear_compute",
-           "cuda_linear_func", "packed_words", "unsupported_reason"]
+__all__ = [
+    "KERNEL",
+    "KERNEL_BITS",
+    "KERNEL_NAME",
+    "KNOBS",
+    "CudaLinear",
+    "codes_per_word",
+    "cuda_linear_compute",
+    "cuda_linear_func",
+    "packed_words",
+    "unsupported_reason",
+]

@@ -18,8 +18,9 @@ from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.ir.ops_a8 import ACT_EPS, ACT_QMAX, ACT_QMIN
 
 
-def layout_reason(spec: PackedLinearSpec, kernel: str, kernel_bits: tuple[int, ...], rows: int,
-                  columns: int) -> str | None:
+def layout_reason(
+    spec: PackedLinearSpec, kernel: str, kernel_bits: tuple[int, ...], rows: int, columns: int
+) -> str | None:
     """Why ``kernel`` (its name in messages) cannot compute ``spec`` (shape and format alone), or None."""
     if spec.act_bits != 8:
         return f"the {kernel} needs 8-bit activations, got act_bits={spec.act_bits}"
@@ -33,8 +34,10 @@ def layout_reason(spec: PackedLinearSpec, kernel: str, kernel_bits: tuple[int, .
         return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
     width = word_columns(spec.bits, columns)
     if spec.group_size % width:
-        return (f"group_size={spec.group_size} is not a multiple of {width} "
-                f"(the columns of one {spec.bits}-bit weight word)")
+        return (
+            f"group_size={spec.group_size} is not a multiple of {width} "
+            f"(the columns of one {spec.bits}-bit weight word)"
+        )
     return None
 
 
@@ -50,16 +53,20 @@ def zeros_reason(zeros: torch.Tensor | None, kernel: str) -> str | None:
     return None
 
 
-def activation_codes(x: te.Tensor, step: te.Tensor | None
-                     ) -> tuple[Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], te.Tensor | None]:
+def activation_codes(
+    x: te.Tensor, step: te.Tensor | None
+) -> tuple[Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], te.Tensor | None]:
     """The int8 code of ``x[m, k]`` as an expression builder, and the per-row multiplier ``s`` (None when static)."""
     m_rows, k_in = (int(d) for d in x.shape)
     mult = None
     if step is None:
         k = te.reduce_axis((0, k_in), name="k")
         absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
-        mult = te.compute((m_rows,), lambda m: tirx.const(127.0, "float32")
-                          / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")), name="mult")
+        mult = te.compute(
+            (m_rows,),
+            lambda m: tirx.const(127.0, "float32") / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")),
+            name="mult",
+        )
 
     def code(m: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
         scaled = x[m, kk] * mult[m] if step is None else x[m, kk] / step[0]
@@ -119,17 +126,20 @@ def _signed_byte(value: tirx.PrimExpr, j: int) -> tirx.PrimExpr:
     return tirx.shift_right(tirx.shift_left(value, 24 - 8 * j), 24)
 
 
-def rounded_codes(x: te.Tensor, step: float | None, arith: Arithmetic
-                  ) -> tuple[te.Tensor | None, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]]:
+def rounded_codes(
+    x: te.Tensor, step: float | None, arith: Arithmetic
+) -> tuple[te.Tensor | None, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]]:
     """The reference's step 1 in ``arith``: the per-row scale stage ``act_scale`` (dynamic only) and ``code(m, k)``,
     the int8 code as int32."""
     m_rows, k_in = (int(d) for d in x.shape)
     if step is None:
         k = te.reduce_axis((0, k_in), name="k")
         absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
-        scale = te.compute((m_rows,), lambda m: arith.fdiv(tirx.const(127.0, "float32"),
-                                                           tirx.max(absmax[m], tirx.const(ACT_EPS, "float32"))),
-                           name="act_scale")
+        scale = te.compute(
+            (m_rows,),
+            lambda m: arith.fdiv(tirx.const(127.0, "float32"), tirx.max(absmax[m], tirx.const(ACT_EPS, "float32"))),
+            name="act_scale",
+        )
 
         def code(m: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
             return clamp_code(arith.rint(arith.fmul(x[m, col], scale[m])))
@@ -148,8 +158,9 @@ def clamp_code(value: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.min(tirx.max(value, tirx.const(ACT_QMIN, "int32")), tirx.const(ACT_QMAX, "int32"))
 
 
-def fake_quant_compute(batch: int, in_features: int, step: float | None,
-                       arith: Arithmetic | None = None) -> tirx.PrimFunc:
+def fake_quant_compute(
+    batch: int, in_features: int, step: float | None, arith: Arithmetic | None = None
+) -> tirx.PrimFunc:
     """``x̂ = x_int / s`` (dynamic) or ``x_int · Δ`` (static ``step``) unscheduled: float32 ``(M, K)`` →
     ``xhat (M, K)`` (CUDA intrinsics by default)."""
     arith = arith or Arithmetic()
@@ -172,5 +183,15 @@ def fake_quant_cpu_func(batch: int, in_features: int, step: float | None, name: 
     return finish(sch.mod["main"], name)
 
 
-__all__ = ["Arithmetic", "PlainArithmetic", "activation_codes", "clamp_code", "fake_quant_compute",
-           "fake_quant_cpu_func", "layout_reason", "rounded_codes", "word_columns", "zeros_reason"]
+__all__ = [
+    "Arithmetic",
+    "PlainArithmetic",
+    "activation_codes",
+    "clamp_code",
+    "fake_quant_compute",
+    "fake_quant_cpu_func",
+    "layout_reason",
+    "rounded_codes",
+    "word_columns",
+    "zeros_reason",
+]

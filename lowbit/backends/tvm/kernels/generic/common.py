@@ -11,8 +11,12 @@ from tvm import s_tir, tirx
 OPAQUE_PATTERN = 8
 
 
-def layer_consts(codes: torch.Tensor, tensors: Mapping[str, torch.Tensor | None],
-                 per_group: Callable[[torch.Tensor], torch.Tensor], zero_dtype: torch.dtype) -> list[torch.Tensor]:
+def layer_consts(
+    codes: torch.Tensor,
+    tensors: Mapping[str, torch.Tensor | None],
+    per_group: Callable[[torch.Tensor], torch.Tensor],
+    zero_dtype: torch.dtype,
+) -> list[torch.Tensor]:
     """A packed kernel's constants in their usual order: its ``codes``, the scales and [zero points] (as
     ``zero_dtype``) laid out by ``per_group``, [the fp32 bias]."""
     consts = [codes, per_group(tensors["scales"].to(torch.float32))]
@@ -35,15 +39,33 @@ def finish(func: tirx.PrimFunc, name: str | None) -> tirx.PrimFunc:
 
 def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int) -> tirx.Stmt:
     """A ``prefetchnta`` of the cache line holding element ``offset`` of ``buffer`` (read, no temporal locality)."""
-    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", buffer.access_ptr("r", offset=offset),
-                                               tirx.const(0, "int32"), tirx.const(0, "int32"), tirx.const(1, "int32")))
+    return tirx.Evaluate(
+        tirx.call_llvm_intrin(
+            "void",
+            "llvm.prefetch.p0",
+            buffer.access_ptr("r", offset=offset),
+            tirx.const(0, "int32"),
+            tirx.const(0, "int32"),
+            tirx.const(1, "int32"),
+        )
+    )
 
 
 def prepend_to_loop(sch: s_tir.Schedule, loop: s_tir.schedule.StmtSRef, stmts: list[tirx.Stmt]) -> None:
     """Run ``stmts`` at the start of every iteration of the ``for`` loop at ``loop``."""
     old = loop.stmt
-    sch.state.replace(loop, tirx.For(old.loop_var, old.min, old.extent, old.kind, tirx.SeqStmt([*stmts, old.body]),
-                                     old.thread_binding, old.annotations))
+    sch.state.replace(
+        loop,
+        tirx.For(
+            old.loop_var,
+            old.min,
+            old.extent,
+            old.kind,
+            tirx.SeqStmt([*stmts, old.body]),
+            old.thread_binding,
+            old.annotations,
+        ),
+    )
 
 
 def power_of_two_divisor(extent: int, limit: int) -> int:
@@ -64,4 +86,4 @@ def loops_below(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir
     loops = sch.get_loops(block)
     target = sch.get_sref(loop)
     index = next(i for i, candidate in enumerate(loops) if sch.get_sref(candidate).same_as(target))
-    return list(loops[index + 1:])
+    return list(loops[index + 1 :])

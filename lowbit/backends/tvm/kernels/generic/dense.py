@@ -22,8 +22,9 @@ from lowbit.backends.tvm.schedule import schedule_tiled_reduction
 VECTORS, ROW_BLOCK, K_BLOCK = 2, 32, 256
 
 
-def dense_plan(weight: torch.Tensor, bias: torch.Tensor | None, batch: int, lanes: int,
-               name: str | None = None) -> tuple[tirx.PrimFunc, list[torch.Tensor]]:
+def dense_plan(
+    weight: torch.Tensor, bias: torch.Tensor | None, batch: int, lanes: int, name: str | None = None
+) -> tuple[tirx.PrimFunc, list[torch.Tensor]]:
     """The scheduled PrimFunc for ``x (batch, K) · weightᵀ (N, K) + bias`` and its constants (weight in the
     kernel's layout, [bias]); arguments ``x``, the constants, output ``y (batch, N)``."""
     n_out, k_in = weight.shape
@@ -34,8 +35,9 @@ def dense_plan(weight: torch.Tensor, bias: torch.Tensor | None, batch: int, lane
     if panelled:
         width = lanes * divisor_at_most(n_out // lanes, VECTORS)
         w = te.placeholder((n_out // width, k_in, width), "float32", name="w")
-        y = te.compute((batch, n_out), lambda m, n: te.sum(x[m, k] * w[n // width, k, n % width], axis=k),
-                       name="matmul")
+        y = te.compute(
+            (batch, n_out), lambda m, n: te.sum(x[m, k] * w[n // width, k, n % width], axis=k), name="matmul"
+        )
         laid_out = weight.reshape(n_out // width, width, k_in).transpose(1, 2).contiguous()
     else:
         w = te.placeholder((k_in, n_out), "float32", name="w")

@@ -95,8 +95,12 @@ class PackedGemm(LinearKernel):
         lanes = float32_lanes(target)
         width = panel_width(spec, lanes, knobs["vectors"])
         func = packed_gemm_func(spec, lanes, knobs["row_tile"], knobs["vectors"], knobs["row_block"])
-        consts = layer_consts(panel_codes(tensors["qweight"], spec.bits, spec.in_features, width), tensors,
-                              lambda values: panels(values, width), torch.float32)
+        consts = layer_consts(
+            panel_codes(tensors["qweight"], spec.bits, spec.in_features, width),
+            tensors,
+            lambda values: panels(values, width),
+            torch.float32,
+        )
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
 
 
@@ -124,8 +128,9 @@ def panels(per_group: torch.Tensor, width: int) -> torch.Tensor:
     return per_group.reshape(n_out // width, width, groups).transpose(1, 2).contiguous()
 
 
-def packed_gemm_func(spec: PackedLinearSpec, lanes: int, row_tile: int, vectors: int, row_block: int,
-                     name: str | None = None) -> tirx.PrimFunc:
+def packed_gemm_func(
+    spec: PackedLinearSpec, lanes: int, row_tile: int, vectors: int, row_block: int, name: str | None = None
+) -> tirx.PrimFunc:
     """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``."""
     reason = unsupported_reason(spec, lanes)
     if reason is not None:
@@ -153,15 +158,17 @@ def packed_gemm_compute(spec: PackedLinearSpec, width: int) -> tirx.PrimFunc:
 
     def dequant(p: tirx.Var, k: tirx.Var, v: tirx.Var) -> tirx.PrimExpr:
         byte = codes[p, k // pb, v]
-        code = tirx.bitwise_and(tirx.shift_right(byte, ((k % pb) * bits).astype("uint8")),
-                                tirx.const((1 << bits) - 1, "uint8")).astype("float32")
+        code = tirx.bitwise_and(
+            tirx.shift_right(byte, ((k % pb) * bits).astype("uint8")), tirx.const((1 << bits) - 1, "uint8")
+        ).astype("float32")
         zero = zeros[p, k // group, v] if zeros is not None else tirx.const(packing.default_zero(bits), "float32")
         return (code - zero) * scales[p, k // group, v]
 
     weight = te.compute((n_out // width, k_in, width), dequant, name="weight")
     k = te.reduce_axis((0, k_in), name="k")
-    acc = te.compute((m_rows, n_out), lambda m, n: te.sum(x[m, k] * weight[n // width, k, n % width], axis=k),
-                     name="acc")
+    acc = te.compute(
+        (m_rows, n_out), lambda m, n: te.sum(x[m, k] * weight[n // width, k, n % width], axis=k), name="acc"
+    )
     y = te.compute((m_rows, n_out), lambda m, n: acc[m, n] + bias[n], name="y") if bias is not None else acc
     args = [x, codes, scales] + [t for t in (zeros, bias) if t is not None] + [y]
     return te.create_prim_func(args)
@@ -180,8 +187,9 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, lanes: int, width: in
     sch.vectorize(w_lane)
 
 
-def schedule_panels(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int, width: int, rows: int,
-                    row_block: int, k_block: int) -> s_tir.schedule.LoopRV:
+def schedule_panels(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int, width: int, rows: int, row_block: int, k_block: int
+) -> s_tir.schedule.LoopRV:
     """The panel micro-kernel schedule of a ``(m, n, k)`` matmul block whose weight is read in panels of ``width``.
 
     Parallel tasks of (``row_block`` rows, one panel); in each, the reduction in blocks of
@@ -211,5 +219,18 @@ def schedule_panels(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
     return k_outer
 
 
-__all__ = ["KERNEL", "KERNEL_NAME", "KNOBS", "MIN_ROWS", "PackedGemm", "packed_gemm_compute", "packed_gemm_func",
-           "panel_codes", "panel_width", "panels", "schedule_panels", "tile_rows", "unsupported_reason"]
+__all__ = [
+    "KERNEL",
+    "KERNEL_NAME",
+    "KNOBS",
+    "MIN_ROWS",
+    "PackedGemm",
+    "packed_gemm_compute",
+    "packed_gemm_func",
+    "panel_codes",
+    "panel_width",
+    "panels",
+    "schedule_panels",
+    "tile_rows",
+    "unsupported_reason",
+]

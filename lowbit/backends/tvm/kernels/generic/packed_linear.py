@@ -99,8 +99,9 @@ class PackedLinear(LinearKernel):
 KERNEL = PackedLinear()
 
 
-def packed_linear_func(spec: PackedLinearSpec, lanes: int, name: str | None = None, row_tile: int = ROW_TILE,
-                       out_tile: int = OUT_TILE) -> tirx.PrimFunc:
+def packed_linear_func(
+    spec: PackedLinearSpec, lanes: int, name: str | None = None, row_tile: int = ROW_TILE, out_tile: int = OUT_TILE
+) -> tirx.PrimFunc:
     """The scheduled PrimFunc for ``spec`` with ``lanes``-wide fp32 vectors.
 
     Arguments, in order: ``x (M, K) f32``, ``qweight (N, row_bytes) u8``, ``scales (N, G)
@@ -133,9 +134,7 @@ def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
     zeros = te.placeholder((n_out, groups), "float32", name="zeros") if spec.asymmetric else None
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
 
-    xp = te.compute(
-        (m_rows, groups, pb, gbytes), lambda m, g, l, j: x[m, g * spec.group_size + j * pb + l], name="xp"
-    )
+    xp = te.compute((m_rows, groups, pb, gbytes), lambda m, g, l, j: x[m, g * spec.group_size + j * pb + l], name="xp")
 
     def dequant(n: tirx.Var, g: tirx.Var, l: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
         byte = qweight[n, g * gbytes + j].astype("int32")
@@ -201,5 +200,14 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
     sch.vectorize(sch.get_loops(sch.decompose_reduction(part, p_g))[-1])
 
 
-__all__ = ["KERNEL", "KERNEL_BITS", "KERNEL_NAME", "KNOBS", "PackedLinear", "packed_linear_compute",
-           "packed_linear_func", "unsupported_reason", "vector_width"]
+__all__ = [
+    "KERNEL",
+    "KERNEL_BITS",
+    "KERNEL_NAME",
+    "KNOBS",
+    "PackedLinear",
+    "packed_linear_compute",
+    "packed_linear_func",
+    "unsupported_reason",
+    "vector_width",
+]

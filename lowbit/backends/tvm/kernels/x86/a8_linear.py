@@ -91,8 +91,11 @@ WORD_BYTES = ROWS * COLUMNS
 #: Tuning space: ``row_tile`` rows of ``x`` share each unpacked code vector; ``out_tile``
 #: output rows (a multiple of 8) per parallel task; ``row_vectors`` 8-row weight tiles computed
 #: together (independent accumulator chains hide the latency of ``vpdpbusd``).
-KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (8, 16, 32, 64, 128),
-                                     "row_vectors": (1, 2, 4)}
+KNOBS: dict[str, tuple[int, ...]] = {
+    "row_tile": (1, 2, 4, 8),
+    "out_tile": (8, 16, 32, 64, 128),
+    "row_vectors": (1, 2, 4),
+}
 #: How far ahead of the word being unpacked a GEMV prefetches its weight stream (bytes).
 PREFETCH_BYTES = 4096
 #: Bytes of one cache line: a word row gets one prefetch per line.
@@ -130,8 +133,13 @@ def split_lanes(intrin: str, bits: int, group_size: int, rows: int, vectors: int
     """
     lanes = 8 // bits
     largest = 128 * (((1 << bits) - 1) << (bits * (lanes - 1)))
-    return (intrin == intrin_x86.VNNI and lanes > 1 and rows * vectors < BUSY_CHAINS
-            and rows * vectors * lanes <= MAX_LANE_ACCUMULATORS and group_size // lanes * largest < 2**31)
+    return (
+        intrin == intrin_x86.VNNI
+        and lanes > 1
+        and rows * vectors < BUSY_CHAINS
+        and rows * vectors * lanes <= MAX_LANE_ACCUMULATORS
+        and group_size // lanes * largest < 2**31
+    )
 
 
 class X86A8Linear(LinearKernel):
@@ -154,12 +162,17 @@ class X86A8Linear(LinearKernel):
         """The constants are, in order: interleaved codes, scales ``(N/(8·V), G, 8·V)`` (`blocked`), [zero points,
         the same shape, int32], [bias], [the static step ``Δ`` as a 1-element array]."""
         if spec.out_features % knobs["out_tile"] or knobs["out_tile"] % ROWS:
-            raise BackendError(f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} "
-                               f"in rows of {ROWS}")
+            raise BackendError(
+                f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
+            )
         func = a8_linear_func(spec, intrinsic(spec, target), knobs["row_tile"], knobs["out_tile"], knobs["row_vectors"])
         vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
-        consts = layer_consts(interleave(tensors["qweight"], spec.bits, spec.in_features, vectors), tensors,
-                              lambda values: blocked(values, vectors), torch.int32)
+        consts = layer_consts(
+            interleave(tensors["qweight"], spec.bits, spec.in_features, vectors),
+            tensors,
+            lambda values: blocked(values, vectors),
+            torch.int32,
+        )
         if not spec.act_dynamic:
             consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
@@ -196,8 +209,9 @@ def interleave(qweight: torch.Tensor, bits: int, in_features: int, vectors: int)
     return words.reshape(n_out // (ROWS * vectors), -1, vectors * WORD_BYTES).to(torch.uint8).contiguous()
 
 
-def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int,
-                   name: str | None = None) -> tirx.PrimFunc:
+def a8_linear_func(
+    spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int, name: str | None = None
+) -> tirx.PrimFunc:
     """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``."""
     reason = unsupported_reason(spec)
     if reason is not None:
@@ -209,8 +223,15 @@ def a8_linear_func(spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile:
     intrin_x86.register()
     sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes))
     _schedule(sch, spec, intrin, rows, out_tile, vectors)
-    log.debug("scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s", spec, intrin, rows,
-              out_tile, vectors, lanes)
+    log.debug(
+        "scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s",
+        spec,
+        intrin,
+        rows,
+        out_tile,
+        vectors,
+        lanes,
+    )
     return finish(sch.mod["main"], name)
 
 
@@ -231,8 +252,9 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False)
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
     quads = group // COLUMNS  # column quads per group
     x = te.placeholder((m_rows, k_in), "float32", name="x")
-    words = te.placeholder((n_out // (ROWS * vectors), k_in // (COLUMNS * pb), vectors * WORD_BYTES), "uint8",
-                           name="words")
+    words = te.placeholder(
+        (n_out // (ROWS * vectors), k_in // (COLUMNS * pb), vectors * WORD_BYTES), "uint8", name="words"
+    )
     per_group = (n_out // (ROWS * vectors), groups, vectors * ROWS)
     scales = te.placeholder(per_group, "float32", name="scales")
     zeros = te.placeholder(per_group, "int32", name="zeros") if spec.asymmetric else None
@@ -241,8 +263,9 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False)
 
     xq, mult = _quantized_input(x, step)
     kg = te.reduce_axis((0, group), name="kg")
-    asum = te.compute((m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
-                      name="asum")
+    asum = te.compute(
+        (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
+    )
     mask = tirx.const((1 << bits) - 1, "uint8")
 
     def code(t: tirx.Var, q: tirx.Var, i: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
@@ -277,8 +300,9 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False)
         return (total - zero * asum[m, g]).astype("float32") * scales[block, g, row]
 
     g_axis = te.reduce_axis((0, groups), name="g")
-    acc = te.compute((m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis),
-                     name="acc")
+    acc = te.compute(
+        (m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis), name="acc"
+    )
 
     def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
         value = acc[m, n // ROWS, n % ROWS]
@@ -290,8 +314,9 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False)
     return te.create_prim_func(args)
 
 
-def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int,
-              row_vectors: int) -> None:
+def _schedule(
+    sch: s_tir.Schedule, spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int
+) -> None:
     """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
     y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
     m, n = sch.get_loops(y)
@@ -362,8 +387,9 @@ def _prefetch_start(sch: s_tir.Schedule) -> None:
     prepend_to_loop(sch, sch.state.get_sref(first), [prefetch(words, line) for line in range(0, size, LINE_BYTES)])
 
 
-def _prefetch(sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.schedule.LoopRV, ...],
-              tile_groups: int) -> None:
+def _prefetch(
+    sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.schedule.LoopRV, ...], tile_groups: int
+) -> None:
     """Start each iteration of the word-row loop with a ``prefetchnta`` per line of the row `PREFETCH_BYTES` ahead.
 
     ``loops``: the task, tile-group, group and word-row loops; ``tile_groups`` tile
@@ -378,10 +404,16 @@ def _prefetch(sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.sc
         log.debug("no prefetch: %d weight bytes overflow the int32 loop index", last + 1)
         return
     ahead = -(-PREFETCH_BYTES // row_bytes) * row_bytes
-    row = (task.loop_var * tile_groups + tile.loop_var) * tile_rows + group.loop_var * (
-        spec.group_size // word_columns(spec.bits)) + word.loop_var
-    prepend_to_loop(sch, sch.get_sref(loops[3]), [prefetch(words, tirx.min(row * row_bytes + ahead + line, last))
-                                                  for line in range(0, row_bytes, LINE_BYTES)])
+    row = (
+        (task.loop_var * tile_groups + tile.loop_var) * tile_rows
+        + group.loop_var * (spec.group_size // word_columns(spec.bits))
+        + word.loop_var
+    )
+    prepend_to_loop(
+        sch,
+        sch.get_sref(loops[3]),
+        [prefetch(words, tirx.min(row * row_bytes + ahead + line, last)) for line in range(0, row_bytes, LINE_BYTES)],
+    )
 
 
 def _target_reason(target: Target) -> str | None:
@@ -392,6 +424,20 @@ def _target_reason(target: Target) -> str | None:
     return None
 
 
-__all__ = ["KERNEL", "KERNEL_BITS", "KERNEL_NAME", "KNOBS", "PREFETCH_BYTES", "X86A8Linear", "a8_linear_compute",
-           "a8_linear_func", "blocked", "interleave", "intrinsic", "split_lanes", "tile_vectors", "unsupported_reason",
-           "word_columns"]
+__all__ = [
+    "KERNEL",
+    "KERNEL_BITS",
+    "KERNEL_NAME",
+    "KNOBS",
+    "PREFETCH_BYTES",
+    "X86A8Linear",
+    "a8_linear_compute",
+    "a8_linear_func",
+    "blocked",
+    "interleave",
+    "intrinsic",
+    "split_lanes",
+    "tile_vectors",
+    "unsupported_reason",
+    "word_columns",
+]

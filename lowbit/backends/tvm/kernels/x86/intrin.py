@@ -68,12 +68,15 @@ def register() -> None:
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
             pairs = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), B.vload([0, 0], "uint8x32"),
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                B.vload([0, 0], "uint8x32"),
                 T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
                 dtype="int16x16",
             )
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.broadcast(T.int16(1), 16),
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                pairs,
+                T.broadcast(T.int16(1), 16),
                 dtype="int32x8",
             )
 
@@ -99,10 +102,14 @@ def register() -> None:
                 dtype="int16x16",
             )
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), low, T.broadcast(T.int16(1), 16),
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                low,
+                T.broadcast(T.int16(1), 16),
                 dtype="int32x8",
             ) + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), high, T.broadcast(T.int16(16), 16),
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                high,
+                T.broadcast(T.int16(16), 16),
                 dtype="int32x8",
             )
 
@@ -116,7 +123,8 @@ def register() -> None:
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
             C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), C[T.ramp(T.int32(0), 1, 8)],
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+                C[T.ramp(T.int32(0), 1, 8)],
                 B.vload([0, 0], "uint8x32"),
                 T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
                 dtype="int32x8",

@@ -29,8 +29,18 @@ ARM = resolve_target("arm")
 ARM_I8MM = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]})
 
 
-def _layer(bits: int, rows: int, k_in: int, n_out: int, group: int, asymmetric: bool, bias: bool, dynamic: bool,
-           ternary: bool = False, seed: int = 0) -> tuple[PackedLinearSpec, dict[str, Any], torch.Tensor]:
+def _layer(
+    bits: int,
+    rows: int,
+    k_in: int,
+    n_out: int,
+    group: int,
+    asymmetric: bool,
+    bias: bool,
+    dynamic: bool,
+    ternary: bool = False,
+    seed: int = 0,
+) -> tuple[PackedLinearSpec, dict[str, Any], torch.Tensor]:
     """A random packed layer with power-of-two scales, its input, and its spec."""
     gen = torch.Generator().manual_seed(seed)
     low, high = (1, 3) if ternary else (0, (1 << bits) - 1)
@@ -41,7 +51,7 @@ def _layer(bits: int, rows: int, k_in: int, n_out: int, group: int, asymmetric: 
         "zeros": torch.randint(0, 1 << bits, (n_out, k_in // group), generator=gen).float() if asymmetric else None,
         "g_idx": None,
         "bias": torch.randn(n_out, generator=gen) if bias else None,
-        "act_scale": None if dynamic else torch.tensor(2.0 ** -5),
+        "act_scale": None if dynamic else torch.tensor(2.0**-5),
     }
     spec = PackedLinearSpec(rows, k_in, n_out, bits, group, asymmetric, bias, act_bits=8, act_dynamic=dynamic)
     return spec, tensors, torch.randn(rows, k_in, generator=gen) * 3
@@ -49,13 +59,27 @@ def _layer(bits: int, rows: int, k_in: int, n_out: int, group: int, asymmetric: 
 
 def _reference(spec: PackedLinearSpec, tensors: dict[str, Any], x: torch.Tensor) -> np.ndarray:
     t = tensors
-    return torch.ops.lowbit.linear_packed_a8(x, t["qweight"], t["scales"], t["zeros"], None, t["bias"], spec.bits,
-                                             spec.group_size, spec.in_features, t["act_scale"]).numpy()
+    return torch.ops.lowbit.linear_packed_a8(
+        x,
+        t["qweight"],
+        t["scales"],
+        t["zeros"],
+        None,
+        t["bias"],
+        spec.bits,
+        spec.group_size,
+        spec.in_features,
+        t["act_scale"],
+    ).numpy()
 
 
-def _run_under_qemu(layers: list[tuple[PackedLinearSpec, dict[str, Any], torch.Tensor]], tmp_path,
-                    knobs: list[dict[str, int] | None] | None = None, target: Any = ARM,
-                    cpu: str = qemu.DEFAULT_CPU) -> list[np.ndarray]:
+def _run_under_qemu(
+    layers: list[tuple[PackedLinearSpec, dict[str, Any], torch.Tensor]],
+    tmp_path,
+    knobs: list[dict[str, int] | None] | None = None,
+    target: Any = ARM,
+    cpu: str = qemu.DEFAULT_CPU,
+) -> list[np.ndarray]:
     """Plan, cross-compile all layers into one library, and run each on an emulated ``cpu``."""
     if (reason := qemu.unavailable_reason()) is not None:
         pytest.skip(reason)
@@ -82,9 +106,9 @@ def _run_under_qemu(layers: list[tuple[PackedLinearSpec, dict[str, Any], torch.T
 
 def test_w4a8_w2a8_w8a8_are_bit_exact_under_qemu(tmp_path) -> None:
     layers = [
-        _layer(4, 3, 256, 32, 64, asymmetric=True, bias=True, dynamic=True),                # W4A8 GEMM, zeros
+        _layer(4, 3, 256, 32, 64, asymmetric=True, bias=True, dynamic=True),  # W4A8 GEMM, zeros
         _layer(2, 1, 256, 48, 128, asymmetric=False, bias=False, dynamic=False, ternary=True),  # W1.58A8 GEMV, static
-        _layer(8, 2, 128, 16, 32, asymmetric=False, bias=True, dynamic=True),               # W8A8 (codes − 128)
+        _layer(8, 2, 128, 16, 32, asymmetric=False, bias=True, dynamic=True),  # W8A8 (codes − 128)
     ]
     for (spec, tensors, x), got in zip(layers, _run_under_qemu(layers, tmp_path)):
         np.testing.assert_array_equal(got, _reference(spec, tensors, x), err_msg=str(spec))
@@ -96,8 +120,9 @@ def test_every_format_and_schedule_is_bit_exact_under_qemu(tmp_path) -> None:
     for bits in (2, 4, 8):
         for rows in (1, 5):
             for asymmetric, dynamic in ((False, True), (True, False)):
-                layers.append(_layer(bits, rows, 512, 64, 128, asymmetric, bias=asymmetric, dynamic=dynamic,
-                                     seed=len(layers)))
+                layers.append(
+                    _layer(bits, rows, 512, 64, 128, asymmetric, bias=asymmetric, dynamic=dynamic, seed=len(layers))
+                )
                 knobs.append(None)
     for choice in ({"row_tile": 8, "out_tile": 64, "row_vectors": 8}, {"row_tile": 1, "out_tile": 4, "row_vectors": 1}):
         layers.append(_layer(4, 8, 256, 64, 64, True, True, True, seed=len(layers)))
@@ -121,27 +146,37 @@ def test_i8mm_variant_is_bit_exact_under_qemu(tmp_path) -> None:
         np.testing.assert_array_equal(got, _reference(spec, tensors, x), err_msg=str(spec))
 
 
-@pytest.mark.parametrize(("target", "rows", "instruction"), [
-    (ARM, 1, "sdot\tv"), (ARM, 4, "sdot\tv"), (ARM_I8MM, 1, "sdot\tv"), (ARM_I8MM, 4, "smmla\tv"),
-])
+@pytest.mark.parametrize(
+    ("target", "rows", "instruction"),
+    [
+        (ARM, 1, "sdot\tv"),
+        (ARM, 4, "sdot\tv"),
+        (ARM_I8MM, 1, "sdot\tv"),
+        (ARM_I8MM, 4, "smmla\tv"),
+    ],
+)
 def test_the_target_picks_the_instruction(target, rows, instruction) -> None:
     spec, tensors, _ = _layer(2, rows, 128, 16, 64, False, False, True)
     planned = a8_linear_arm.KERNEL.plan(spec, tensors, target)
     assert planned.knobs["i8mm"] == (instruction == "smmla\tv")
-    assembly = tvm.compile(tvm.IRModule({"k": planned.func.with_attr("global_symbol", "k")}),
-                           target=target).mod.inspect_source("asm")
+    assembly = tvm.compile(
+        tvm.IRModule({"k": planned.func.with_attr("global_symbol", "k")}), target=target
+    ).mod.inspect_source("asm")
     assert instruction in assembly
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    ({"bits": 3}, "3-bit codes"),
-    ({"bits": 1}, "1-bit codes"),
-    ({"has_g_idx": True}, "g_idx"),
-    ({"out_features": 18}, "multiple of 4"),
-    ({"group_size": 96}, "not a multiple of group_size=96"),
-    ({"group_size": 8}, "not a multiple of 16"),
-    ({"act_bits": None}, "8-bit activations"),
-])
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"bits": 3}, "3-bit codes"),
+        ({"bits": 1}, "1-bit codes"),
+        ({"has_g_idx": True}, "g_idx"),
+        ({"out_features": 18}, "multiple of 4"),
+        ({"group_size": 96}, "not a multiple of group_size=96"),
+        ({"group_size": 8}, "not a multiple of 16"),
+        ({"act_bits": None}, "8-bit activations"),
+    ],
+)
 def test_unsupported_layouts_get_a_reason(change, reason) -> None:
     spec, tensors, _ = _layer(2, 1, 128, 16, 64, False, False, True)
     fields = {**spec.__dict__, **change}

@@ -18,25 +18,41 @@ from lowbit.backends.tvm.kernels.cuda import a8_linear as cuda_a8_linear
 from lowbit.backends.tvm.kernels.cuda import linear as cuda_linear
 from lowbit.backends.tvm.kernels.generic.activations import PlainArithmetic, fake_quant_compute
 from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
-from lowbit.backends.tvm.toolchains import cuda
 from lowbit.backends.tvm.target import cuda_arch, resolve_target
+from lowbit.backends.tvm.toolchains import cuda
 from lowbit.errors import BackendError
 from lowbit.ir import ops_a8, packing
 
 TARGET = resolve_target("cuda")
 
 
-def _layer(rows: int, n: int, k: int, bits: int, group: int, asymmetric: bool, seed: int,
-           act_scale: torch.Tensor | None = None, a8: bool = True) -> tuple[PackedLinearSpec, dict, torch.Tensor]:
+def _layer(
+    rows: int,
+    n: int,
+    k: int,
+    bits: int,
+    group: int,
+    asymmetric: bool,
+    seed: int,
+    act_scale: torch.Tensor | None = None,
+    a8: bool = True,
+) -> tuple[PackedLinearSpec, dict, torch.Tensor]:
     """A random packed layer (non-power-of-two scales), its spec and an input."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.uint8)
     scales = torch.rand(n, k // group, generator=gen) * 0.1 + 0.01
     zeros = torch.randint(0, 2**bits, (n, k // group), generator=gen).float() if asymmetric else None
-    tensors = {"qweight": packing.pack(codes, bits), "scales": scales, "zeros": zeros, "g_idx": None,
-               "bias": torch.randn(n, generator=gen), "act_scale": act_scale}
-    spec = PackedLinearSpec(rows, k, n, bits, group, asymmetric, True, act_bits=8 if a8 else None,
-                            act_dynamic=act_scale is None)
+    tensors = {
+        "qweight": packing.pack(codes, bits),
+        "scales": scales,
+        "zeros": zeros,
+        "g_idx": None,
+        "bias": torch.randn(n, generator=gen),
+        "act_scale": act_scale,
+    }
+    spec = PackedLinearSpec(
+        rows, k, n, bits, group, asymmetric, True, act_bits=8 if a8 else None, act_dynamic=act_scale is None
+    )
     return spec, tensors, torch.randn(rows, k, generator=gen) * 3
 
 
@@ -47,24 +63,33 @@ def _source(func: tvm.tirx.PrimFunc) -> str:
 
 @pytest.mark.parametrize(
     ("bits", "group", "asymmetric", "static"),
-    [(1, 128, False, False), (2, 64, False, False), (2, 64, True, True), (4, 32, True, False), (8, 64, False, True),
-     (8, 256, True, False)],
+    [
+        (1, 128, False, False),
+        (2, 64, False, False),
+        (2, 64, True, True),
+        (4, 32, True, False),
+        (8, 64, False, True),
+        (8, 256, True, False),
+    ],
 )
-def test_a8_arithmetic_is_bit_exact_against_the_reference(bits: int, group: int, asymmetric: bool,
-                                                          static: bool) -> None:
+def test_a8_arithmetic_is_bit_exact_against_the_reference(
+    bits: int, group: int, asymmetric: bool, static: bool
+) -> None:
     """The dp4a kernel's computation, its CUDA intrinsics spelled as plain TIR, run on the CPU."""
     act_scale = torch.tensor(0.0371) if static else None
     spec, tensors, x = _layer(3, 16, 256, bits, group, asymmetric, seed=bits, act_scale=act_scale)
     planned = cuda_a8_linear.KERNEL.plan(spec, tensors, TARGET)
     assert isinstance(planned, KernelPlan)
     has_zz = len(planned.consts) == 4  # words, scales, zz, bias
-    func = cuda_a8_linear.a8_linear_compute(spec, has_zz, float(act_scale) if static else None, parts=2,
-                                            arith=PlainArithmetic())
+    func = cuda_a8_linear.a8_linear_compute(
+        spec, has_zz, float(act_scale) if static else None, parts=2, arith=PlainArithmetic()
+    )
     module = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
     out = tvm.runtime.tensor(np.zeros((3, 16), "float32"))
     module["main"](*[tvm.runtime.tensor(t.numpy()) for t in [x, *planned.consts]], out)
-    expected = torch.ops.lowbit.linear_packed_a8(x, tensors["qweight"], tensors["scales"], tensors["zeros"], None,
-                                                 tensors["bias"], bits, group, 256, act_scale)
+    expected = torch.ops.lowbit.linear_packed_a8(
+        x, tensors["qweight"], tensors["scales"], tensors["zeros"], None, tensors["bias"], bits, group, 256, act_scale
+    )
     assert torch.equal(torch.from_numpy(out.numpy()), expected)
 
 
@@ -100,8 +125,15 @@ def test_w4a16_gemm_tiles_rows_of_x_in_shared_memory() -> None:
 def test_a8_source_uses_dp4a_and_rounded_intrinsics() -> None:
     spec, tensors, _ = _layer(4, 64, 512, 2, 64, True, seed=2)
     src = _source(cuda_a8_linear.KERNEL.plan(spec, tensors, TARGET).func)
-    for needle in ("__dp4a", "__fmul_rn", "__fadd_rn", "__fdiv_rn", "__float2int_rn", "__shfl_down_sync",
-                   "threadIdx.y"):
+    for needle in (
+        "__dp4a",
+        "__fmul_rn",
+        "__fadd_rn",
+        "__fdiv_rn",
+        "__float2int_rn",
+        "__shfl_down_sync",
+        "threadIdx.y",
+    ):
         assert needle in src, needle
     kernels = re.findall(r'^extern "C" __global__ .*\{$', src, flags=re.MULTILINE)
     assert len(kernels) == 4  # scale, codes, group sums, product

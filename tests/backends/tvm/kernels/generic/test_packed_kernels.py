@@ -54,13 +54,22 @@ def _run(lib: tvm.runtime.Module, x: torch.Tensor, consts: list) -> torch.Tensor
 
 
 def _reference(x: torch.Tensor, weight: dict, bits: int) -> torch.Tensor:
-    return ops.linear_packed(x, weight["qweight"], weight["scales"], weight["zeros"], None, weight["bias"],
-                             bits, GROUP, K)
+    return ops.linear_packed(
+        x, weight["qweight"], weight["scales"], weight["zeros"], None, weight["bias"], bits, GROUP, K
+    )
 
 
-@pytest.mark.parametrize(("kernel", "rows"), [(packed_linear.KERNEL, 1), (packed_linear.KERNEL, 8),
-                                             (packed_gemm.KERNEL, 4), (packed_gemm.KERNEL, 40),
-                                             (packed_gemm.KERNEL, 7)], ids=lambda value: getattr(value, "name", value))
+@pytest.mark.parametrize(
+    ("kernel", "rows"),
+    [
+        (packed_linear.KERNEL, 1),
+        (packed_linear.KERNEL, 8),
+        (packed_gemm.KERNEL, 4),
+        (packed_gemm.KERNEL, 40),
+        (packed_gemm.KERNEL, 7),
+    ],
+    ids=lambda value: getattr(value, "name", value),
+)
 @pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kernel_matches_reference_op(kernel, bits: int, asymmetric: bool, rows: int) -> None:
@@ -89,8 +98,15 @@ def test_kernel_matches_reference_op(kernel, bits: int, asymmetric: bool, rows: 
     ],
 )
 def test_layouts_the_kernel_does_not_cover(changes: dict, reason: str) -> None:
-    base = {"batch": 1, "in_features": K, "out_features": N, "bits": 4, "group_size": GROUP,
-            "asymmetric": False, "has_bias": False}
+    base = {
+        "batch": 1,
+        "in_features": K,
+        "out_features": N,
+        "bits": 4,
+        "group_size": GROUP,
+        "asymmetric": False,
+        "has_bias": False,
+    }
     spec = PackedLinearSpec(**{**base, **changes})
     assert reason in unsupported_reason(spec)
     with pytest.raises(ValueError, match=reason):
@@ -112,8 +128,9 @@ def test_plan_builds_the_knobs_it_is_given() -> None:
     assert torch.equal(_run(lib, x, tuned.consts), _reference(x, weight, 4))
 
 
-@pytest.mark.parametrize("knobs", [{"row_tile": 2, "vectors": 1, "row_block": 16}, {"row_tile": 6, "vectors": 4,
-                                                                                   "row_block": 64}])
+@pytest.mark.parametrize(
+    "knobs", [{"row_tile": 2, "vectors": 1, "row_block": 16}, {"row_tile": 6, "vectors": 4, "row_block": 64}]
+)
 def test_gemm_plan_builds_the_knobs_it_is_given(knobs: dict) -> None:
     """Every knob changes the schedule, not the result."""
     target = resolve_target("x86")
@@ -144,13 +161,16 @@ def test_gemm_declines_what_it_cannot_take() -> None:
     target = resolve_target("x86")
     weight = _packed_weight(4, False, exact=True, seed=0)
     gemm = packed_gemm.KERNEL
-    assert "not a multiple of group_size" in gemm.supports(PackedLinearSpec(8, K, N, 4, 48, False, True),
-                                                           weight, target)
-    assert "float activations" in gemm.supports(PackedLinearSpec(8, K, N, 4, GROUP, False, True, act_bits=8),
-                                                weight, target)
+    assert "not a multiple of group_size" in gemm.supports(
+        PackedLinearSpec(8, K, N, 4, 48, False, True), weight, target
+    )
+    assert "float activations" in gemm.supports(
+        PackedLinearSpec(8, K, N, 4, GROUP, False, True, act_bits=8), weight, target
+    )
     odd = {**weight, "qweight": weight["qweight"][:40], "scales": weight["scales"][:40], "bias": weight["bias"][:40]}
-    assert "multiple of the 16-lane vector" in gemm.supports(PackedLinearSpec(8, K, 40, 4, GROUP, False, True),
-                                                             odd, target)
+    assert "multiple of the 16-lane vector" in gemm.supports(
+        PackedLinearSpec(8, K, 40, 4, GROUP, False, True), odd, target
+    )
     with pytest.raises(BackendError, match="multiple of the 16-lane vector"):
         gemm.plan(PackedLinearSpec(8, K, 40, 4, GROUP, False, True), odd, target)
     with pytest.raises(ValueError, match="multiple of the 16-lane vector"):

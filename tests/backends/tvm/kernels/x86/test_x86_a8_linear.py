@@ -39,15 +39,15 @@ def _weight(bits: int, group: int, zeros: str, exact: bool, seed: int) -> dict[s
 
 
 def _spec(rows: int, bits: int, group: int, weight: dict, dynamic: bool) -> PackedLinearSpec:
-    return PackedLinearSpec(rows, K, N, bits, group, weight["zeros"] is not None, True, act_bits=8,
-                            act_dynamic=dynamic)
+    return PackedLinearSpec(rows, K, N, bits, group, weight["zeros"] is not None, True, act_bits=8, act_dynamic=dynamic)
 
 
 def _build(kernel: KernelPlan | dict[str, KernelPlan], target: Target) -> tvm.runtime.Module:
     """One library of the kernel (named "kernel") or of several kernels by name (one LLVM build for all)."""
     named = kernel if isinstance(kernel, dict) else {"kernel": kernel}
-    return tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name) for name, plan in named.items()}),
-                       target=target)
+    return tvm.compile(
+        tvm.IRModule({name: plan.func.with_attr("global_symbol", name) for name, plan in named.items()}), target=target
+    )
 
 
 def _run(lib: tvm.runtime.Module, kernel: KernelPlan, x: torch.Tensor, name: str = "kernel") -> torch.Tensor:
@@ -58,8 +58,18 @@ def _run(lib: tvm.runtime.Module, kernel: KernelPlan, x: torch.Tensor, name: str
 
 
 def _reference(x: torch.Tensor, weight: dict, bits: int, group: int) -> torch.Tensor:
-    return ops_a8.linear_packed_a8(x, weight["qweight"], weight["scales"], weight["zeros"], None, weight["bias"],
-                                   bits, group, K, weight.get("act_scale"))
+    return ops_a8.linear_packed_a8(
+        x,
+        weight["qweight"],
+        weight["scales"],
+        weight["zeros"],
+        None,
+        weight["bias"],
+        bits,
+        group,
+        K,
+        weight.get("act_scale"),
+    )
 
 
 def _avx2_target() -> Target:
@@ -176,7 +186,7 @@ def test_gemv_prefetches_its_first_weights_before_the_activation_prologue() -> N
     weight = _weight(2, 64, "sym", exact=True, seed=4)
     weight["act_scale"] = None
     script = a8_linear.KERNEL.plan(_spec(1, 2, 64, weight, True), weight, target).func.script()
-    prologue = script[:script.index('T.sblock("absmax_rf")')]
+    prologue = script[: script.index('T.sblock("absmax_rf")')]
     starts = [line for line in prologue.splitlines() if "llvm.prefetch" in line]
     assert len(starts) == min(a8_linear.PREFETCH_BYTES, N * K // 4) // 64
     assert "words.data, 0, " in starts[0]
@@ -243,8 +253,16 @@ def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
     ],
 )
 def test_layouts_the_kernel_does_not_cover(changes: dict, reason: str) -> None:
-    base = {"batch": 1, "in_features": K, "out_features": N, "bits": 4, "group_size": 64, "asymmetric": False,
-            "has_bias": False, "act_bits": 8}
+    base = {
+        "batch": 1,
+        "in_features": K,
+        "out_features": N,
+        "bits": 4,
+        "group_size": 64,
+        "asymmetric": False,
+        "has_bias": False,
+        "act_bits": 8,
+    }
     spec = PackedLinearSpec(**{**base, **changes})
     assert reason in a8_linear.unsupported_reason(spec)
     assert reason in a8_linear.KERNEL.supports(spec, {}, resolve_target("x86"))
@@ -268,8 +286,12 @@ def test_partial_last_group_runs_on_the_int8_kernel(rows: int) -> None:
     torch.manual_seed(rows)
     model = torch.nn.Sequential(torch.nn.Linear(96, 32)).eval()
     x = torch.randn(rows, 96)
-    compiled = lowbit.compile(model, (x,), target="x86", passes=[
-        lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")])
+    compiled = lowbit.compile(
+        model,
+        (x,),
+        target="x86",
+        passes=[lowbit.passes.get("rtn", bits=4, group_size=64), lowbit.passes.get("quantize_activations")],
+    )
     assert [(linear.kernel, linear.spec.in_features) for linear in compiled._runner.linears] == [("a8_linear_x86", 128)]
     with torch.no_grad():
         ref = compiled.graph(x)
