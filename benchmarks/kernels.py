@@ -26,6 +26,7 @@ Writes ``benchmarks/results/kernels.json`` and ``kernels.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -365,18 +366,14 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
         ort_bytes = n * k * ort_bits // 8
         sessions = [ort_matmulnbits(x.numpy(), ort_bits, n, level, seed) for seed in range(cold_copies(ort_bytes))]
         fns = {
-            "lowbit_cold": cycling(lambda *a: func(*a, out), copies),
-            "lowbit_warm": lambda: func(*copies[0], out),
-            "torch_cold": cycling(lambda w: F.linear(x, w), [[w] for w in torch_weights]),
-            "torch_warm": lambda: F.linear(x, torch_weights[0]),
-            f"{peer}_cold": cycling(lambda s: s(), [[s] for s in sessions]),
-            f"{peer}_warm": sessions[0],
+            **cold_and_warm("lowbit", with_output(func, out), copies),
+            **cold_and_warm("torch", functools.partial(F.linear, x), [[w] for w in torch_weights]),
+            **cold_and_warm(peer, call, [[s] for s in sessions]),
             **same_size_reads(directory, case["read_rows"], len(copies)),
         }
         if kernel == "w8a8":
             int8 = [ort_int8(x.numpy(), n, seed) for seed in range(cold_copies(n * k))]
-            fns["ort_int8_matmulinteger_cold"] = cycling(lambda s: s(), [[s] for s in int8])
-            fns["ort_int8_matmulinteger_warm"] = int8[0]
+            fns.update(cold_and_warm("ort_int8_matmulinteger", call, [[s] for s in int8]))
         with torch.no_grad():
             times = interleaved_s(fns, repeats)
         size_bytes = case["read_rows"] * READ_TASK_ROW_BYTES
@@ -410,6 +407,20 @@ def worker(directory: Path, cases: list[dict[str, Any]], threads: int, repeats: 
         )
         rows.append(row)
     return {"threads": threads, "rows": rows}
+
+
+def cold_and_warm(name: str, fn: Callable[..., Any], copies: list[list[Any]]) -> dict[str, Callable[[], Any]]:
+    """``fn`` timed cold (cycling through ``copies`` of its arguments) and warm (always the first copy)."""
+    return {f"{name}_cold": cycling(fn, copies), f"{name}_warm": functools.partial(fn, *copies[0])}
+
+
+def call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def with_output(func: Callable[..., Any], out: Any) -> Callable[..., Any]:
+    """A TVM kernel called with its inputs, writing into ``out``."""
+    return lambda *args: func(*args, out)
 
 
 def cold_copies(nbytes: int) -> int:

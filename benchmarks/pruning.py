@@ -12,12 +12,14 @@
   a plot written to ``benchmarks/results/pruning_sparsity.png``.
 
 Latencies are medians of ``--repeats`` timed runs after warm-up, the dense and the pruned
-model run alternately in one run; ratios are dense / pruned (above 1 means faster). Run: ``python benchmarks/pruning.py``.
+model run alternately in one run; ratios are dense / pruned (above 1 means faster).
+Run: ``python benchmarks/pruning.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -97,7 +99,7 @@ def structured(repeats: int) -> list[dict[str, Any]]:
         gm = lowbit.trace(model, (x,))
         pipe = Pipeline([PruneChannels(sparsity=0.5, ignore=list(ignore))])
         pruned = pipe(gm)
-        dense_ms, pruned_ms = paired_ms(lambda: gm(x), lambda: pruned(x), repeats)
+        dense_ms, pruned_ms = paired_ms(functools.partial(gm, x), functools.partial(pruned, x), repeats)
         shrunk = [r.layer for r in pipe.report.passes[0].layers if r.action == "pruned"]
         rows.append(
             {

@@ -460,7 +460,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             )
         lines.append(
             f"| {r['model']} | {r['method']} | {r['library']} | {r['bits']} | {fmt(r['group_size'], 'd')} | "
-            f"{r['metric']} | {value} | {fmt(r.get('rel_output_error'), '.4f')} | {fmt(r['quantize_s'], '.1f')} | {fmt(r.get('quantize_cpu_s'), '.1f')} | {ratio} |"
+            f"{r['metric']} | {value} | {fmt(r.get('rel_output_error'), '.4f')} | {fmt(r['quantize_s'], '.1f')} | "
+            f"{fmt(r.get('quantize_cpu_s'), '.1f')} | {ratio} |"
         )
     return "\n".join(lines)
 

@@ -73,7 +73,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{manifest_path} is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: artifact format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: artifact format version {manifest.get('format_version')} is not supported "
+            f"(expected {FORMAT_VERSION})"
         )
     for name, digest in manifest["files"].items():
         file = path / name

@@ -67,10 +67,9 @@ class PassConfig:
                     f"{pass_name}: {f.name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}"
                 )
             low, high = meta.get("min"), meta.get("max")
-            if low is not None and value is not None:
-                if value < low or (meta.get("min_exclusive") and value == low):
-                    op = ">" if meta.get("min_exclusive") else ">="
-                    raise PassConfigError(f"{pass_name}: {f.name}={value!r} is out of range; it must be {op} {low}")
+            if low is not None and value is not None and (value < low or (meta.get("min_exclusive") and value == low)):
+                op = ">" if meta.get("min_exclusive") else ">="
+                raise PassConfigError(f"{pass_name}: {f.name}={value!r} is out of range; it must be {op} {low}")
             if high is not None and value is not None and value > high:
                 raise PassConfigError(f"{pass_name}: {f.name}={value!r} is out of range; it must be <= {high}")
 

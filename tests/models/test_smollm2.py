@@ -4,6 +4,7 @@ one forward, tokenizer round trip, and the errors a user can hit."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_greedy_next_token_is_right(smol: SmolLM2) -> None:
 
 
 def test_tokenizer_round_trips_real_text(smol: SmolLM2) -> None:
-    text = open(TEXT).read()
+    text = Path(TEXT).read_text()
     ids = smol.encode(text)
     assert smol.tokenizer.decode(ids) == text
     assert smol.encode("2024").tolist() == [smol.tokenizer.convert_tokens_to_ids(d) for d in "2024"]  # digits split

@@ -249,7 +249,7 @@ def insert_branches(gm: fx.GraphModule, path: str, module: AdapterModule) -> Non
             out = gm.graph.call_function(operator.add, (node, delta))
         if "val" in node.meta:
             delta.meta["val"] = out.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
     gm.recompile()
 
 

@@ -156,7 +156,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise AdapterError(f"adapter file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            return tensors, dict(handle.metadata() or {})
     except (OSError, SafetensorError) as exc:
         raise AdapterError(f"{path}: cannot read safetensors file: {exc}") from exc
 

@@ -160,14 +160,14 @@ class GPTQ(Pass):
         meta = get_meta(batch[0][0][0])
         pruned = meta is not None and meta.sparsity is not None  # masks applied: keep the zeros they left
         weight, sizes = torch.cat(weights), [w.shape[0] for w in weights]
-        result = gptq_quantize(
+        stacked = gptq_quantize(
             weight, hessian, config.options, name=", ".join(paths), mask=weight != 0 if pruned else None
         )
         # RTN's grids are per row, so the stacked weight gives every layer its own RTN result.
         rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=", ".join(paths))
-        energies = row_energies(weight, [result.weight, rtn.dequantize()], hessian).split(sizes, dim=1)
+        energies = row_energies(weight, [stacked.weight, rtn.dequantize()], hessian).split(sizes, dim=1)
         records = {}
-        for ((node, path, _), _), w, result, energy in zip(batch, weights, result.split(sizes), energies):
+        for ((node, path, _), _), w, result, energy in zip(batch, weights, stacked.split(sizes), energies):
             reference, error, rtn_error = energy.sum(dim=1).tolist()
             stats = {
                 "bits": config.bits,

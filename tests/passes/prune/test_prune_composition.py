@@ -48,7 +48,7 @@ def test_nm_with_int4_is_expressible_end_to_end() -> None:
     net, x = mlp()
     pipe = Pipeline([PruneNM(n=2, m=4), ApplyMasks(), registry.get("rtn", bits=4, group_size=32, symmetric=False)])
     out = pipe(lowbit.trace(net, (x,)))
-    for path, weight in dequantized_weights(out).items():
+    for weight in dequantized_weights(out).values():
         assert is_nm(weight != 0, 2, 4)
         assert float((weight == 0).float().mean()) >= 0.5
     described = [get_meta(n).describe() for n in out.graph.nodes if get_meta(n) is not None]

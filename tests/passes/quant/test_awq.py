@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,7 +314,7 @@ def test_awq_beats_rtn_on_minilm(bits) -> None:
     from lowbit import zoo
 
     minilm = zoo.load_minilm()
-    text = open("/usr/share/common-licenses/GPL-3").read().split("\n")
+    text = Path("/usr/share/common-licenses/GPL-3").read_text().split("\n")
     lines = [line.strip() for line in text if len(line.strip()) > 30]
 
     def tokenize(sentences):

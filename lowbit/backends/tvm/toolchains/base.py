@@ -42,6 +42,7 @@ class Toolchain(ABC):
 
     def check_tuning(self, tune: Any) -> None:
         """Raise `BackendError` if this target cannot tune with ``tune`` (a compile's ``tune=``)."""
+        return None
 
     @abstractmethod
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
