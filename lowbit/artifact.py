@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,9 +22,14 @@ import lowbit
 from lowbit.backends import get_backend
 from lowbit.errors import ArtifactError
 
+if TYPE_CHECKING:
+    from lowbit.compiler import CompiledModel
+
 MANIFEST = "manifest.json"
 FORMAT = "lowbit-artifact"
 FORMAT_VERSION = 1
+
+log = logging.getLogger("lowbit.artifact")
 
 
 def write(path: str | Path, target: Any, runner: Any, info: dict[str, Any], overwrite: bool = False) -> Path:
@@ -34,6 +39,7 @@ def write(path: str | Path, target: Any, runner: Any, info: dict[str, Any], over
         raise ArtifactError(f"{path} already exists and is not empty; pass overwrite=True to replace it")
     backend = get_backend(target)
     path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("writing the %s artifact to %s", target, path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         files = backend.save(runner, staging)
@@ -85,16 +91,27 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | Path, target: Any = None) -> Callable[..., Any]:
-    """Load an exported artifact and return a callable model.
+def load(path: str | Path, target: Any = None) -> CompiledModel:
+    """Load an exported artifact as a `lowbit.CompiledModel` (``graph`` None for TVM targets; ``report`` restored
+    from the manifest), checking its inputs and rebuilding eager's outputs as the compiled model did.
 
     ``target``, when given, must match the target the artifact was built for.
     """
+    from lowbit.compiler import CompiledModel, CompileReport
+    from lowbit.interface import Interface
+
     manifest = read_manifest(path)
     built_for = manifest.get("target")
     if target is not None and built_for != target:
         raise ArtifactError(f"{path} was built for target {built_for!r}, not {target!r}")
-    return get_backend(built_for).load(Path(path))
+    runner = get_backend(built_for).load(Path(path))
+    interface = Interface.from_dict(manifest.get("interface"))
+    if hasattr(runner, "interface"):
+        runner.interface = interface
+    report = CompileReport.from_summary(built_for, {"recipe": manifest.get("recipe"), **manifest.get("report", {})})
+    info = {key: manifest[key] for key in ("recipe", "passes", "inputs") if key in manifest}
+    graph = runner if isinstance(runner, torch.fx.GraphModule) else None
+    return CompiledModel(graph, runner, report, info, interface)
 
 
 def _sha256(path: Path) -> str:

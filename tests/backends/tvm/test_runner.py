@@ -15,11 +15,13 @@ from lowbit.backends.tvm.runner import (
     CUDARunner,
     read_signature,
     signature_inputs,
+    signature_interface,
     signature_linears,
     write_signature,
 )
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.errors import BackendError
+from lowbit.interface import Interface
 
 INPUTS = [InputSpec("x", (2, 8), "float32"), InputSpec("mask", (2,), "bool")]
 LINEARS = [
@@ -81,6 +83,10 @@ def test_signature_round_trip(runners, tmp_path) -> None:
         write_signature(tmp_path, runner.signature())
         signature = read_signature(tmp_path)
         assert signature_inputs(signature) == INPUTS and signature_linears(signature) == LINEARS
-    assert read_signature(tmp_path).keys() == {"inputs", "linears"}  # the CUDA runner's; export adds the rest
+    assert read_signature(tmp_path).keys() == {"inputs", "linears", "interface"}  # the CUDA runner's; export adds more
+    assert signature_interface(read_signature(tmp_path)) == Interface()
+    cpu.interface = Interface(("x", "mask"), {"x": (0, 7)}, None)
+    write_signature(tmp_path, cpu.signature())
+    assert signature_interface(read_signature(tmp_path)) == cpu.interface
     write_signature(tmp_path, cpu.signature())
     assert read_signature(tmp_path)["arch"] == cpu.arch and read_signature(tmp_path)["features"] == []
