@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -383,36 +381,12 @@ def _tune_option(args: argparse.Namespace) -> Any:
 
 
 def _pass_list(specs: list[str] | None) -> list[Any] | None:
-    """Parse ``name:key=value,key=value`` into pass instances (values are YAML scalars/lists)."""
+    """The passes of ``--pass name:key=value,...`` options (`lowbit.passes.registry.parse_spec`)."""
     if not specs:
         return None
-    from lowbit import passes
+    from lowbit.passes.registry import parse_spec
 
-    built = []
-    for spec in specs:
-        name, _, text = spec.partition(":")
-        options = {}
-        for item in filter(None, _split_options(text)):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise LowbitError(f"--pass {spec}: expected KEY=VALUE, got '{item}'")
-            options[key.strip()] = yaml.safe_load(value)
-        built.append(passes.get(name.strip(), **options))
-    return built
-
-
-def _split_options(text: str) -> list[str]:
-    """Split on commas that are not inside [...] so list values survive."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char == "["
-        depth -= char == "]"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return parts + [current]
+    return [parse_spec(spec) for spec in specs]
 
 
 if __name__ == "__main__":
