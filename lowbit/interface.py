@@ -10,6 +10,7 @@ so that a backend's flat tuple of tensors is rebuilt into it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -70,7 +71,7 @@ class Interface:
 
     def rebuild(self, output: Any) -> Any:
         """``output`` in eager's structure: a backend's flat tensor or tuple is unflattened with the recorded spec."""
-        spec = self._spec()
+        spec = self._spec
         if spec is None:
             return output
         if pytree.tree_structure(output) == spec:
@@ -103,7 +104,9 @@ class Interface:
         yield from zip(names, args)
         yield from kwargs.items()
 
+    @functools.cached_property
     def _spec(self) -> pytree.TreeSpec | None:
+        """The recorded spec, read once (its types' modules imported first)."""
         if self.output is None:
             return None
         try:
