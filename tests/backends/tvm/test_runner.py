@@ -64,6 +64,8 @@ def test_cpu_and_cuda_runners_bind_and_refuse_inputs_alike(runners) -> None:
     assert outcomes[0][:3] == [repr([((2, 8), torch.float32), ((2,), torch.bool)])] * 3
     assert "compiled for inputs" in outcomes[0][3] and "takes inputs ['x', 'mask']" in outcomes[0][4]
     assert "takes inputs" in outcomes[0][5] and all("compile it again" in text for text in outcomes[0][6:])
+    assert "of shapes [(2, 8), (2,)], got [(3, 8), (2,)]" in outcomes[0][6]
+    assert "input 'x' is float64, but this module was compiled for float32" in outcomes[0][7]
 
 
 def test_a_runner_that_cannot_run_here_says_why(runners) -> None:
