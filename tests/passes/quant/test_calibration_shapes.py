@@ -1,6 +1,6 @@
-"""Calibration batches of another batch size than the example's: graphs specialized by torch.export take them cut
-to the traced batch size (rows are tokens, so the statistics are unchanged); lengths the graph cannot run are
-refused up front with the shapes named."""
+"""Calibration batches of another batch size or length than the example's: graphs specialized by torch.export take
+them cut to the traced batch size (rows are tokens, so the statistics are unchanged), shorter sequences with an
+attention mask padded to the traced length (padded tokens left out); other shapes are refused up front, named."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import lowbit
+from lowbit.calibration import calibration_set
 from lowbit.errors import CalibrationError
 from lowbit.ir.trace import trace
 from lowbit.passes.quant.hessian import capture_hessian, fit_batches
@@ -44,6 +45,38 @@ def test_calibration_batches_larger_than_the_example_are_accepted(bert, name) ->
     assert 0 < compiled.report.rel_error < 0.1
     out = compiled(_ids(1))
     assert isinstance(out, transformers.modeling_outputs.BaseModelOutputWithPoolingAndCrossAttentions)
+
+
+def _masked(batch: int, length: int = LENGTH) -> dict[str, torch.Tensor]:
+    return {"input_ids": _ids(batch, length), "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("name", ["gptq", "awq"])
+def test_shorter_masked_sequences_and_larger_batches_are_accepted(bert, name) -> None:
+    compiled = lowbit.compile(
+        bert,
+        (),
+        example_kwargs=_masked(1),
+        passes=[f"{name}:bits=4,group_size=32"],
+        calibration=[_masked(4), _masked(2, 9)],
+        target="torch",
+    )
+    assert 0 < compiled.report.rel_error < 0.1
+
+
+def test_padded_tokens_are_left_out_of_the_hessian(bert) -> None:
+    path = "encoder.layer.0.attention.self.query"
+    rows = []
+    handle = bert.get_submodule(path).register_forward_pre_hook(lambda _, args: rows.append(args[0].reshape(-1, 32)))
+    with torch.no_grad():
+        bert(**_masked(2, 9))
+    handle.remove()
+    x = torch.cat(rows)
+    gm = trace(bert, (), example_kwargs=_masked(1))
+    padded = calibration_set([_masked(2, 9)], (), _masked(1))
+    assert padded.batches[0][1]["input_ids"].shape == (2, LENGTH)
+    hessian = capture_hessian(gm, path, 1, padded).hessian
+    torch.testing.assert_close(hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
 def test_a_cut_batch_gives_the_hessian_of_its_rows(bert) -> None:
