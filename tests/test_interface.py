@@ -117,3 +117,29 @@ def test_random_inputs_are_valid_and_checked() -> None:
         bind_inputs(specs, [np.full(64, 9), mask, x], 0, interface)
     with pytest.raises(NonFiniteInputError, match="input 'x'"):
         bind_inputs(specs, [ids, mask, np.full(4, np.nan, dtype=np.float32)], 0, interface)
+
+
+def test_a_causal_lm_on_x86_returns_its_output_class_and_refuses_bad_token_ids() -> None:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        use_cache=False,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    compiled = lowbit.compile(model, (ids,), target="x86")
+    out = compiled(ids)
+    assert isinstance(out, transformers.modeling_outputs.CausalLMOutputWithPast)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    for bad in (5000, -1):
+        with pytest.raises(InputError, match=f"input 'input_ids' holds {bad}, outside \\[0, 100\\)"):
+            compiled(torch.full_like(ids, bad))
