@@ -128,8 +128,11 @@ class CompiledModel:
         report: CompileReport,
         info: dict[str, Any],
         interface: Interface | None = None,
+        source: Path | None = None,
     ) -> None:
         self.graph = graph
+        #: The artifact directory this model was loaded from (None: compiled in this process).
+        self.source = source
         self.report = report
         self.interface = interface or Interface()
         self._runner = runner
@@ -146,7 +149,10 @@ class CompiledModel:
             return self.interface.rebuild(self._runner(*args, **kwargs))
 
     def export(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the compiled model, its weights and ``manifest.json`` to the directory ``path``."""
+        """Write the compiled model, its weights and ``manifest.json`` to the directory ``path`` (a loaded artifact
+        is copied)."""
+        if self.source is not None:
+            return artifact.copy(self.source, path, overwrite=overwrite)
         info = {**self._info, "interface": self.interface.as_dict(), "report": self.report.summary()}
         return artifact.write(path, self.report.target, self._runner, info, overwrite=overwrite)
 

@@ -88,6 +88,8 @@ def test_outputs_have_eager_structure_on_every_target(compiled, tmp_path) -> Non
     again = loaded(*_inputs())
     assert isinstance(again, BaseModelOutput)
     torch.testing.assert_close(again.last_hidden_state, out.last_hidden_state)
+    copied = lowbit.load(loaded.export(tmp_path / "copy"))  # a loaded artifact is exported as a copy
+    torch.testing.assert_close(copied(*_inputs()).last_hidden_state, out.last_hidden_state)
     ids, scale = _inputs()
     ids[0, 0] = -1
     with pytest.raises(InputError, match="input 'ids' holds -1"):
