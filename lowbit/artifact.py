@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,20 +23,21 @@ import lowbit
 from lowbit.backends import get_backend
 from lowbit.errors import ArtifactError
 
+if TYPE_CHECKING:
+    from lowbit.compiler import CompiledModel
+
 MANIFEST = "manifest.json"
 FORMAT = "lowbit-artifact"
 FORMAT_VERSION = 1
 
+log = logging.getLogger("lowbit.artifact")
+
 
 def write(path: str | Path, target: Any, runner: Any, info: dict[str, Any], overwrite: bool = False) -> Path:
     """Write an artifact for ``runner`` (compiled for ``target``) to the directory ``path``."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise ArtifactError(f"{path} already exists and is not empty; pass overwrite=True to replace it")
     backend = get_backend(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         files = backend.save(runner, staging)
         manifest = {
             "format": FORMAT,
@@ -46,6 +48,27 @@ def write(path: str | Path, target: Any, runner: Any, info: dict[str, Any], over
             "files": {name: _sha256(staging / name) for name in files},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+    log.info("writing the %s artifact to %s", target, path)
+    return _publish(Path(path), overwrite, fill)
+
+
+def copy(source: str | Path, path: str | Path, overwrite: bool = False) -> Path:
+    """Copy the artifact at ``source`` to ``path`` after checking it (how a loaded artifact is exported again: a
+    loaded TVM library cannot be serialized a second time)."""
+    read_manifest(source)
+    log.info("copying the artifact %s to %s", source, path)
+    return _publish(Path(path), overwrite, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
+
+
+def _publish(path: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling directory of ``path`` and rename it into place (module doc)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise ArtifactError(f"{path} already exists and is not empty; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        fill(staging)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
@@ -85,16 +108,27 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | Path, target: Any = None) -> Callable[..., Any]:
-    """Load an exported artifact and return a callable model.
+def load(path: str | Path, target: Any = None) -> CompiledModel:
+    """Load an exported artifact as a `lowbit.CompiledModel` (``graph`` None for TVM targets; ``report`` restored
+    from the manifest), checking its inputs and rebuilding eager's outputs as the compiled model did.
 
     ``target``, when given, must match the target the artifact was built for.
     """
+    from lowbit.compiler import CompiledModel, CompileReport
+    from lowbit.interface import Interface
+
     manifest = read_manifest(path)
     built_for = manifest.get("target")
     if target is not None and built_for != target:
         raise ArtifactError(f"{path} was built for target {built_for!r}, not {target!r}")
-    return get_backend(built_for).load(Path(path))
+    runner = get_backend(built_for).load(Path(path))
+    interface = Interface.from_dict(manifest.get("interface"))
+    if hasattr(runner, "interface"):
+        runner.interface = interface
+    report = CompileReport.from_summary(built_for, {"recipe": manifest.get("recipe"), **manifest.get("report", {})})
+    info = {key: manifest[key] for key in ("recipe", "passes", "inputs") if key in manifest}
+    graph = runner if isinstance(runner, torch.fx.GraphModule) else None
+    return CompiledModel(graph, runner, report, info, interface, source=Path(path))
 
 
 def _sha256(path: Path) -> str:

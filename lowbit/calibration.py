@@ -213,11 +213,31 @@ def _check_batch(index: int, item: Any, example_inputs: tuple, example_kwargs: d
             f"calibration batch {index} has keyword inputs {sorted(kwargs)}, "
             f"the example inputs have {sorted(example_kwargs)}"
         )
+    args, kwargs = _pad_tokens(args, kwargs, example_kwargs.get("attention_mask"))
     for name, value, example in [(str(i), a, e) for i, (a, e) in enumerate(zip(args, example_inputs))] + [
         (k, kwargs[k], v) for k, v in example_kwargs.items()
     ]:
         _check_tensor(index, name, value, example)
     return args, kwargs
+
+
+def _pad_tokens(args: tuple, kwargs: dict[str, Any], example_mask: Any) -> tuple[tuple, dict[str, Any]]:
+    """A batch of sequences shorter than the example's, with an ``attention_mask``, padded at the end to the
+    example's length with zeros (mask 0): the model never reads the padded tokens (`padding_mask`), and graphs
+    traced by torch.export run at the example's length only."""
+    mask = kwargs.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and isinstance(example_mask, torch.Tensor)):
+        return args, kwargs
+    if mask.dim() != 2 or example_mask.dim() != 2 or mask.shape[1] >= example_mask.shape[1]:
+        return args, kwargs
+    short, long = mask.shape[1], example_mask.shape[1]
+
+    def pad(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == short:
+            return torch.cat([value, value.new_zeros(value.shape[0], long - short, *value.shape[2:])], dim=1)
+        return value
+
+    return tuple(pad(a) for a in args), {k: pad(v) for k, v in kwargs.items()}
 
 
 def _check_tensor(index: int, name: str, value: Any, example: Any) -> None:
@@ -231,7 +251,8 @@ def _check_tensor(index: int, name: str, value: Any, example: Any) -> None:
     if value.dim() != example.dim() or value.shape[1:] != example.shape[1:]:
         raise CalibrationError(
             f"{where} has shape {tuple(value.shape)}, which does not match the example input's "
-            f"{tuple(example.shape)} beyond the batch dimension"
+            f"{tuple(example.shape)} beyond the batch dimension (shorter sequences need an attention_mask "
+            "input: they are padded to the example's length, and padded tokens are left out)"
         )
     if value.is_floating_point() and not torch.isfinite(value).all():
         raise CalibrationError(f"{where} contains NaN or Inf")

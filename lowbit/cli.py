@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -134,7 +132,10 @@ def _parser() -> argparse.ArgumentParser:
         help="input arrays by input name (or arr_0, arr_1, ... in order, as numpy.savez writes them)",
     )
     inputs.add_argument(
-        "--random", action="store_true", help="standard-normal inputs of the compiled shapes (the default)"
+        "--random",
+        action="store_true",
+        help="random valid inputs of the compiled shapes (the default): token ids within their vocabulary, "
+        "floats standard normal",
     )
     run.add_argument("--rpc", metavar="HOST:PORT", help="the RPC server of the device (or its tracker, with --key)")
     run.add_argument("--key", help="device key at the RPC tracker given by --rpc")
@@ -258,10 +259,14 @@ def _run(args: argparse.Namespace) -> None:
     )
     for index, output in enumerate(result.outputs):
         values = output.astype(np.float64)
-        print(
-            f"output {index}: {output.dtype}{list(output.shape)} mean {values.mean():.6g} std {values.std():.6g} "
-            f"min {values.min():.6g} max {values.max():.6g}"
+        finite = np.isfinite(values)
+        summary = (
+            f"mean {values.mean():.6g} std {values.std():.6g} min {values.min():.6g} max {values.max():.6g}"
+            if finite.all()
+            else f"{values.size - int(finite.sum())} of {values.size} values are NaN or Inf (the inputs are finite "
+            "and within range: the model overflows or divides by zero on them)"
         )
+        print(f"output {index}: {output.dtype}{list(output.shape)} {summary}")
     print(f"latency: {result.latency_s * 1e3:.3f} ms (median of {args.repeats}) on {result.device}")
 
 
@@ -273,7 +278,7 @@ def _inspect(args: argparse.Namespace) -> None:
         import lowbit.artifact
 
         print(json.dumps(lowbit.artifact.read_manifest(path), indent=2))
-        graph = lowbit.artifact.load(path)
+        graph = lowbit.artifact.load(path).graph  # None for TVM artifacts
     else:
         from lowbit.compiler import build_pipeline
         from lowbit.ir.trace import trace
@@ -283,7 +288,7 @@ def _inspect(args: argparse.Namespace) -> None:
         if args.recipe or args.passes:
             _, pipeline = build_pipeline(args.recipe, _pass_list(args.passes), "convert")
             graph = pipeline(graph, example_inputs=inputs, example_kwargs=kwargs)
-    if hasattr(graph, "graph"):
+    if graph is not None:
         print(format_graph(graph, annotated_only=args.annotated))
         print(summarize(graph))
 
@@ -376,36 +381,12 @@ def _tune_option(args: argparse.Namespace) -> Any:
 
 
 def _pass_list(specs: list[str] | None) -> list[Any] | None:
-    """Parse ``name:key=value,key=value`` into pass instances (values are YAML scalars/lists)."""
+    """The passes of ``--pass name:key=value,...`` options (`lowbit.passes.registry.parse_spec`)."""
     if not specs:
         return None
-    from lowbit import passes
+    from lowbit.passes.registry import parse_spec
 
-    built = []
-    for spec in specs:
-        name, _, text = spec.partition(":")
-        options = {}
-        for item in filter(None, _split_options(text)):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise LowbitError(f"--pass {spec}: expected KEY=VALUE, got '{item}'")
-            options[key.strip()] = yaml.safe_load(value)
-        built.append(passes.get(name.strip(), **options))
-    return built
-
-
-def _split_options(text: str) -> list[str]:
-    """Split on commas that are not inside [...] so list values survive."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char == "["
-        depth -= char == "]"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return parts + [current]
+    return [parse_spec(spec) for spec in specs]
 
 
 if __name__ == "__main__":

@@ -21,11 +21,20 @@ import torch.fx as fx
 from lowbit import artifact, recipes
 from lowbit.backends import Runner, check_target, get_backend
 from lowbit.errors import LowbitError
+from lowbit.interface import Interface, output_spec
 from lowbit.ir.trace import trace
 from lowbit.passes.base import Pass
 from lowbit.passes.pipeline import Pipeline, PipelineReport
 
 log = logging.getLogger("lowbit.compile")
+
+#: Relative error to eager (on the example inputs) above which the report warns.
+MAX_REL_ERROR = 0.1
+#: The report fields an artifact's manifest keeps (`CompileReport.summary`, `CompileReport.from_summary`).
+_SUMMARY_FIELDS = (
+    "recipe", "tracer", "parameters", "bytes_before", "bytes_after", "max_abs_diff", "rel_error",
+    "trace_s", "passes_s", "backend_s", "fallbacks", "max_rel_error",
+)  # fmt: skip
 
 
 @dataclass
@@ -48,6 +57,30 @@ class CompileReport:
     fallbacks: list[str] = field(default_factory=list)
     #: TVM kernel tuning: one `TuningResult` (kernel, spec, knobs, times, trials measured now) per kernel signature.
     tuning: list[Any] = field(default_factory=list)
+    #: `warnings` flags a relative error to eager above this.
+    max_rel_error: float = MAX_REL_ERROR
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should look at before trusting the compiled model."""
+        if self.rel_error > self.max_rel_error:  # False for NaN (not measured)
+            return [
+                f"relative error to eager {self.rel_error:.3g} exceeds {self.max_rel_error:g}: the compiled model "
+                "does not reproduce the original (too few bits, or a pass or kernel bug); check it on real data"
+            ]
+        return []
+
+    def summary(self) -> dict[str, Any]:
+        """The fields an artifact's manifest keeps (JSON types)."""
+        return {name: getattr(self, name) for name in _SUMMARY_FIELDS}
+
+    @classmethod
+    def from_summary(cls, target: Any, summary: Mapping[str, Any]) -> CompileReport:
+        """The report of a loaded artifact: what its manifest kept (`summary`), no pass table or tuning."""
+        absent = {"recipe": None, "tracer": "?", "parameters": 0, "bytes_before": 0, "bytes_after": 0}
+        absent |= {"fallbacks": [], "max_rel_error": MAX_REL_ERROR}
+        values = {name: summary.get(name, absent.get(name, float("nan"))) for name in _SUMMARY_FIELDS}
+        return cls(target=target, **values)
 
     @property
     def compression(self) -> float:
@@ -68,6 +101,7 @@ class CompileReport:
             f"time              trace {self.trace_s:.2f}s, passes {self.passes_s:.2f}s, backend {self.backend_s:.2f}s",
         ]
         lines += [f"fallback          {item}" for item in self.fallbacks]
+        lines += [f"WARNING           {item}" for item in self.warnings]
         if self.tuning:
             measured = sum(result.measured_now for result in self.tuning)
             lines.append(
@@ -80,21 +114,47 @@ class CompileReport:
 
 
 class CompiledModel:
-    """A compiled model: call it like the original; ``graph`` is the transformed GraphModule."""
+    """A compiled model: call it like the original; ``graph`` is the transformed GraphModule (None for a loaded
+    TVM artifact).
 
-    def __init__(self, graph: fx.GraphModule, runner: Runner, report: CompileReport, info: dict[str, Any]) -> None:
+    Every call checks its inputs first (`lowbit.interface.Interface`: finite floats, indices within their
+    tables) and returns eager's output structure.
+    """
+
+    def __init__(
+        self,
+        graph: fx.GraphModule | None,
+        runner: Runner,
+        report: CompileReport,
+        info: dict[str, Any],
+        interface: Interface | None = None,
+        source: Path | None = None,
+    ) -> None:
         self.graph = graph
+        #: The artifact directory this model was loaded from (None: compiled in this process).
+        self.source = source
         self.report = report
+        self.interface = interface or Interface()
         self._runner = runner
         self._info = info
 
+    @property
+    def runner(self) -> Runner:
+        """The backend's runner (a TVM `Runner`, or the GraphModule itself on the torch target)."""
+        return self._runner
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.interface.check(args, kwargs)
         with torch.no_grad():
-            return self._runner(*args, **kwargs)
+            return self.interface.rebuild(self._runner(*args, **kwargs))
 
     def export(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the compiled model, its weights and ``manifest.json`` to the directory ``path``."""
-        return artifact.write(path, self.report.target, self._runner, self._info, overwrite=overwrite)
+        """Write the compiled model, its weights and ``manifest.json`` to the directory ``path`` (a loaded artifact
+        is copied)."""
+        if self.source is not None:
+            return artifact.copy(self.source, path, overwrite=overwrite)
+        info = {**self._info, "interface": self.interface.as_dict(), "report": self.report.summary()}
+        return artifact.write(path, self.report.target, self._runner, info, overwrite=overwrite)
 
 
 def compile(
@@ -111,6 +171,7 @@ def compile(
     leaf_modules: Sequence[Any] = (),
     verify: bool = True,
     dump_dir: str | Path | None = None,
+    max_rel_error: float = MAX_REL_ERROR,
 ) -> CompiledModel:
     """Trace ``model``, run the convert-stage passes of ``recipe`` (or ``passes``), compile for ``target``.
 
@@ -122,6 +183,8 @@ def compile(
     ``$LOWBIT_CACHE_DIR`` or ``~/.cache/lowbit/tvm``) and the shipped database; False uses
     the hand schedules; True tunes with the recipe's ``tune`` settings; a mapping
     overrides some of them (e.g. ``{"trials": 8}``).
+    The report warns (and logs a warning) when the relative error to eager exceeds ``max_rel_error``.
+    Progress goes to the ``lowbit`` logger at INFO level.
     """
     example_inputs = _as_tuple(example_inputs)
     recipe_obj, pipeline = build_pipeline(recipe, passes, "convert", verify, dump_dir)
@@ -130,15 +193,26 @@ def compile(
     calib = pipeline.calibration_set(calibration, example_inputs, example_kwargs)
 
     start = time.perf_counter()
+    log.info("tracing %s", type(model).__name__)
     gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
+    interface = Interface.of(gm)  # before the passes, which may replace the embedding tables
     trace_s = time.perf_counter() - start
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     passes_s = time.perf_counter() - start - trace_s
+    log.info("building for target %s", target)
+    if backend.name != "torch":
+        _flatten_output(graph)
     runner = backend.compile(graph, example_inputs, cache_dir=cache_dir, tune=_tune_settings(tune, recipe_obj))
     backend_s = time.perf_counter() - start - trace_s - passes_s
 
+    expected = _eager(model, example_inputs, example_kwargs)
+    interface = dataclasses.replace(interface, output=output_spec(expected))
+    if hasattr(runner, "interface"):  # TVM runners check inputs themselves and save the interface with the library
+        runner.interface = interface
     if runner.runnable:
-        max_abs, rel = _agreement_with_eager(model, runner, example_inputs, example_kwargs)
+        with torch.no_grad():
+            actual = interface.rebuild(runner(*example_inputs, **(example_kwargs or {})))
+        max_abs, rel = output_agreement(expected, actual)
     else:
         log.info("the compiled model cannot run on this machine (cross-compiled); agreement with eager not measured")
         max_abs = rel = float("nan")
@@ -157,13 +231,16 @@ def compile(
         pipeline=pipeline.report,
         fallbacks=[f"{item.node}: {item.reason}" for item in runner.fallbacks],
         tuning=list(runner.tuning),
+        max_rel_error=max_rel_error,
     )
+    for warning in report.warnings:
+        log.warning(warning)
     info = {
         "recipe": report.recipe,
         "passes": [{"pass": p.name, **p.config.as_dict()} for p in pipeline.passes],
         "inputs": _signature(example_inputs, example_kwargs),
     }
-    return CompiledModel(graph, runner, report, info)
+    return CompiledModel(graph, runner, report, info, interface)
 
 
 def prepare(
@@ -186,15 +263,13 @@ def prepare(
     return graph.train(model.training)
 
 
-def _agreement_with_eager(
-    model: torch.nn.Module, runner: Runner, example_inputs: tuple, example_kwargs: Mapping[str, Any] | None
-) -> tuple[float, float]:
+def _eager(model: torch.nn.Module, example_inputs: tuple, example_kwargs: Mapping[str, Any] | None) -> Any:
+    """The original model's output on the example inputs (in eval mode, without autograd)."""
     was_training = model.training
     with torch.no_grad():
         expected = model.eval()(*example_inputs, **(example_kwargs or {}))
-        actual = runner(*example_inputs, **(example_kwargs or {}))
     model.train(was_training)
-    return output_agreement(expected, actual)
+    return expected
 
 
 def output_agreement(expected: Any, actual: Any) -> tuple[float, float]:
@@ -239,6 +314,17 @@ def _graph_of(
     if isinstance(model, fx.GraphModule) and "lowbit_tracer" in model.meta:
         return model
     return trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
+
+
+def _flatten_output(gm: fx.GraphModule) -> None:
+    """Make ``gm`` return a flat tuple of its output's leaves (as graphs from torch.export do): backends other than
+    torch return tensors only, and `Interface.rebuild` restores eager's structure (a ``ModelOutput``, a dict)."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    value = output.args[0]
+    if isinstance(value, fx.Node) or (isinstance(value, tuple) and all(isinstance(v, fx.Node) for v in value)):
+        return
+    output.args = (tuple(torch.utils._pytree.tree_leaves(value)),)
+    gm.recompile()
 
 
 def _tune_settings(tune: Any, recipe: recipes.Recipe | None) -> Any:

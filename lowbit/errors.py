@@ -41,3 +41,11 @@ class BackendError(LowbitError):
 
 class ArtifactError(LowbitError):
     """An exported artifact is incomplete, corrupted or built for another target."""
+
+
+class InputError(LowbitError):
+    """A call's input is outside what the compiled model accepts (e.g. a token id outside the vocabulary)."""
+
+
+class NonFiniteInputError(InputError):
+    """A floating-point input holds NaN or Inf; compiled models refuse them on every target."""

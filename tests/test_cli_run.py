@@ -81,3 +81,26 @@ def test_arm_artifact_here_points_at_rpc(tmp_path, capsys) -> None:
     assert main(["-q", "run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "library for aarch64" in err and "--rpc HOST:PORT" in err
+
+
+class _TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids))
+
+
+def test_run_random_token_ids_stay_in_the_vocabulary_and_bad_ones_exit_2(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    compiled = lowbit.compile(_TokenModel().eval(), (torch.randint(0, 10, (2, 6)),), target="x86")
+    path = compiled.export(tmp_path / "tokens")
+    assert main(["-q", "run", str(path), "--random", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "output 0: float32[2, 6, 4] mean" in out and "nan" not in out
+    file = tmp_path / "ids.npz"
+    np.savez(file, ids=np.full((2, 6), 5000, dtype=np.int64))
+    assert main(["-q", "run", str(path), "--input", str(file), "--repeats", "1"]) == 2
+    assert "input 'ids' holds 5000, outside [0, 10)" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -210,3 +211,21 @@ def test_compile_for_arm_cross_compiles_and_exports(net, tmp_path):
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
     with pytest.raises(ArtifactError):
         lowbit.load(path)
+
+
+def test_report_warns_above_max_rel_error(net, caplog):
+    with caplog.at_level(logging.INFO, logger="lowbit"):
+        compiled = lowbit.compile(net, EXAMPLE, passes=["rtn:bits=2,group_size=8"], max_rel_error=1e-4)
+    assert compiled.report.rel_error > 1e-4 and len(compiled.report.warnings) == 1
+    assert "WARNING           relative error to eager" in str(compiled.report)
+    assert "exceeds 0.0001" in caplog.text
+    assert "tracing Net" in caplog.text and "building for target torch" in caplog.text
+    assert not lowbit.compile(net, EXAMPLE, passes=["rtn:bits=8"]).report.warnings
+
+
+def test_loaded_artifact_keeps_report_and_warnings(net, tmp_path):
+    compiled = lowbit.compile(net, EXAMPLE, passes=["rtn:bits=2,group_size=8"], max_rel_error=1e-4)
+    loaded = lowbit.load(compiled.export(tmp_path / "a"))
+    assert isinstance(loaded, lowbit.CompiledModel) and loaded.report.warnings == compiled.report.warnings
+    assert loaded.report.bytes_after == compiled.report.bytes_after and loaded.report.tracer == compiled.report.tracer
+    assert loaded.export(tmp_path / "b").is_dir()

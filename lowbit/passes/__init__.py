@@ -3,7 +3,7 @@
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.pipeline import Pipeline, PipelineReport, check_order
-from lowbit.passes.registry import available, get, lookup, register
+from lowbit.passes.registry import available, get, lookup, parse_spec, register
 
 __all__ = [
     "LayerRecord",
@@ -18,5 +18,6 @@ __all__ = [
     "get",
     "lookup",
     "option",
+    "parse_spec",
     "register",
 ]

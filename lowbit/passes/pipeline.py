@@ -19,7 +19,7 @@ from lowbit.ir.annotations import graph_kinds
 from lowbit.ir.printer import format_graph
 from lowbit.ir.verify import verify as verify_graph
 from lowbit.passes.base import Pass, PassContext, PassResult
-from lowbit.passes.registry import get
+from lowbit.passes.registry import parse_spec
 
 log = logging.getLogger("lowbit.pipeline")
 
@@ -103,10 +103,12 @@ class Pipeline:
         dump_dir: str | Path | None = None,
         progress_every: float = 10.0,
     ) -> None:
-        self.passes = [get(p) if isinstance(p, str) else p for p in passes]
+        self.passes = [parse_spec(p) if isinstance(p, str) else p for p in passes]
         for p in self.passes:
             if not isinstance(p, Pass):
-                raise TypeError(f"a pipeline takes Pass instances or pass names, not {type(p).__name__}")
+                raise TypeError(
+                    f"a pipeline takes Pass instances or pass specs (name:key=value,...), not {type(p).__name__}"
+                )
         check_order(self.passes)
         self.verify = verify
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None

@@ -1,4 +1,8 @@
-"""Name → pass class registry, so recipes and the CLI can refer to passes by name."""
+"""Name → pass class registry, so recipes, the CLI and Python code can refer to passes by name.
+
+`parse_spec` reads the one text form of a configured pass, ``name:key=value,...``, for the
+command line's ``--pass`` and for strings in ``Pipeline([...])`` / ``compile(passes=[...])``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import difflib
 import importlib
 from typing import Any, TypeVar
 
-from lowbit.errors import UnknownPassError
+import yaml
+
+from lowbit.errors import PassConfigError, UnknownPassError
 from lowbit.passes.base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -38,6 +44,33 @@ def lookup(name: str) -> type[Pass]:
 def get(name: str, **options: Any) -> Pass:
     """Instantiate the pass registered as ``name`` with validated ``options``."""
     return lookup(name)(**options)
+
+
+def parse_spec(spec: str) -> Pass:
+    """The pass written as ``name`` or ``name:key=value,key=value``; values are YAML scalars or lists
+    (``bits=4``, ``ignore=[lm_head, pooler]``), so commas inside ``[...]`` do not split options."""
+    name, _, text = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, _split_options(text)):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PassConfigError(f"pass '{spec}': expected KEY=VALUE, got '{item}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return get(name.strip(), **options)
+
+
+def _split_options(text: str) -> list[str]:
+    """Split on commas that are not inside [...] so list values survive."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
 
 
 def available() -> list[str]:

@@ -43,6 +43,7 @@ from lowbit.backends.tvm.runner import (
     CUDARunner,
     Runner,
     read_signature,
+    signature_interface,
 )
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.toolchains import Toolchain, resolve_toolchain
@@ -92,8 +93,11 @@ class TVMBackend:
     def load(self, directory: Path) -> Runner:
         """A runner for a saved library, after checking this machine can run it."""
         directory = Path(directory)
+        signature = read_signature(directory)
         with quiet_tvm():
-            return self.toolchain.load(directory, read_signature(directory))
+            runner = self.toolchain.load(directory, signature)
+        runner.interface = signature_interface(signature)
+        return runner
 
 
 __all__ = [

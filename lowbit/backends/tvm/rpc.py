@@ -330,8 +330,9 @@ def run_artifact(
     """Run the exported artifact at ``path`` with the TVM runtime, here or on the device at ``rpc``.
 
     ``inputs`` are arrays in the model's input order or by input name; None draws
-    standard-normal inputs of the compiled shapes (``seed``). The artifact's checksums
-    are verified first; locally its architecture must be this machine's.
+    valid inputs of the compiled shapes (``seed``, `bind_inputs`). Inputs are checked like a
+    compiled model's calls (`lowbit.interface`). The artifact's checksums are verified first;
+    locally its architecture must be this machine's.
     """
     from lowbit import artifact
     from lowbit.backends.tvm.quiet import quiet_tvm
@@ -346,7 +347,7 @@ def run_artifact(
             "artifacts of the TVM targets (x86, arm)"
         )
     signature = json.loads((path / SIGNATURE_FILE).read_text())
-    arrays = bind_inputs(signature["inputs"], inputs, seed)
+    arrays = bind_inputs(signature["inputs"], inputs, seed, signature.get("interface"))
     if rpc is None:
         if signature["arch"] != host_arch():
             raise RPCError(
@@ -379,13 +380,23 @@ def _run_remote(
 
 
 def bind_inputs(
-    specs: Sequence[Mapping[str, Any]], inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None, seed: int = 0
+    specs: Sequence[Mapping[str, Any]],
+    inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | None,
+    seed: int = 0,
+    interface: Mapping[str, Any] | None = None,
 ) -> list[np.ndarray]:
-    """Arrays for the compiled inputs ``specs`` (name, shape, dtype), checked; random ones when ``inputs`` is None."""
+    """Arrays for the compiled inputs ``specs`` (name, shape, dtype), checked against the shapes, dtypes and the saved
+    ``interface`` (`lowbit.interface.Interface.as_dict`). Random ones when ``inputs`` is None: integers uniform in
+    their recorded index range (else 0 or 1), booleans True, floats standard normal."""
+    import torch
+
+    from lowbit.interface import Interface
+
     names = [spec["name"] for spec in specs]
+    contract = Interface.from_dict(interface)
     if inputs is None:
         generator = np.random.default_rng(seed)
-        return [generator.standard_normal(tuple(spec["shape"])).astype(spec["dtype"]) for spec in specs]
+        return [_random_input(generator, spec, contract.ranges.get(spec["name"], (0, 2))) for spec in specs]
     if isinstance(inputs, Mapping):
         missing = [name for name in names if name not in inputs]
         unknown = sorted(set(inputs) - set(names))
@@ -403,7 +414,18 @@ def bind_inputs(
                 f"got {value.dtype} of shape {tuple(value.shape)}"
             )
         arrays.append(np.ascontiguousarray(value))
+    contract.check([torch.from_numpy(array) for array in arrays], {})
     return arrays
+
+
+def _random_input(generator: np.random.Generator, spec: Mapping[str, Any], index_range: tuple[int, int]) -> np.ndarray:
+    """A random input for ``spec`` that a compiled model accepts (see `bind_inputs`)."""
+    shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+    if dtype == np.bool_:
+        return np.ones(shape, dtype=dtype)
+    if np.issubdtype(dtype, np.integer):
+        return generator.integers(*index_range, size=shape).astype(dtype)
+    return generator.standard_normal(shape).astype(dtype)
 
 
 def _run(module: Any, device: Any, arrays: Sequence[np.ndarray], repeats: int, where: str) -> RunResult:

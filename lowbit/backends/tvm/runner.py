@@ -25,6 +25,7 @@ from lowbit.backends.tvm.frontend import InputSpec
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.target import cuda_arch, host_arch
 from lowbit.errors import BackendError
+from lowbit.interface import Interface
 
 #: The shared library a saved module is exported to (weights embedded as constants).
 LIBRARY_FILE = "model.so"
@@ -44,6 +45,8 @@ class Runner(ABC):
 
     #: TVM's name of the device inputs are copied to (``"cpu"``, ``"cuda"``).
     device_type: ClassVar[str]
+    #: What calls must satisfy (index ranges, finite floats), set by `lowbit.compile` and saved in the signature.
+    interface: Interface = Interface()
 
     def __init__(
         self,
@@ -73,6 +76,7 @@ class Runner(ABC):
         if not self.runnable:
             raise BackendError(self.not_runnable())
         values = self.bind(args, kwargs)
+        self.interface.check(values, {})
         device = self.output_device(values)
         return to_torch(self._main(*[to_tvm(v, self.device_type) for v in values]), device)
 
@@ -83,15 +87,20 @@ class Runner(ABC):
         if len(args) > len(names) or unknown:
             raise BackendError(f"this module takes inputs {names}, got {len(args)} positional and {sorted(kwargs)}")
         values = list(args) + [kwargs.get(name) for name in names[len(args) :]]
-        got = [
-            (tuple(v.shape), str(v.dtype).removeprefix("torch.")) if isinstance(v, torch.Tensor) else type(v).__name__
-            for v in values
-        ]
-        expected = [(spec.shape, spec.dtype) for spec in self.inputs]
+        expected = [spec.shape for spec in self.inputs]
+        got = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
         if got != expected:
             raise BackendError(
-                f"this module was compiled for inputs {expected}, got {got}; compile it again for new shapes"
+                f"this module was compiled for inputs {names} of shapes {expected}, got {got}; "
+                "compile it again for new shapes"
             )
+        for spec, value in zip(self.inputs, values):
+            dtype = str(value.dtype).removeprefix("torch.")
+            if dtype != spec.dtype:
+                raise BackendError(
+                    f"input '{spec.name}' is {dtype}, but this module was compiled for {spec.dtype}: convert it "
+                    f"(.to(torch.{spec.dtype})) or compile it again for {dtype}"
+                )
         return values
 
     @abstractmethod
@@ -107,6 +116,7 @@ class Runner(ABC):
         return {
             "inputs": [dataclasses.asdict(spec) for spec in self.inputs],
             "linears": [dataclasses.asdict(linear) for linear in self.linears],
+            "interface": self.interface.as_dict(),
         }
 
 
@@ -191,6 +201,11 @@ def signature_inputs(signature: Mapping[str, Any]) -> list[InputSpec]:
     return [InputSpec(item["name"], tuple(item["shape"]), item["dtype"]) for item in signature["inputs"]]
 
 
+def signature_interface(signature: Mapping[str, Any]) -> Interface:
+    """The `Interface` of a saved signature (an empty one for libraries saved before it was recorded)."""
+    return Interface.from_dict(signature.get("interface"))
+
+
 def signature_linears(signature: Mapping[str, Any]) -> list[LoweredLinear]:
     """The `LoweredLinear` list of a saved signature."""
     return [
@@ -226,6 +241,7 @@ __all__ = [
     "cuda_available",
     "read_signature",
     "signature_inputs",
+    "signature_interface",
     "signature_linears",
     "to_torch",
     "to_tvm",

@@ -6,7 +6,9 @@ stops the forward once the layer has seen all its calls, so activations are neve
 `capture_inputs` hands the inputs to any consumer; `CalibrationCursor` advances the batches
 through the graph with a pass that calibrates layer after layer, so all layers together cost
 one forward per batch. ``N`` counts token rows; padded tokens (`lowbit.calibration.padding_mask`)
-are left out, since the model never reads them. The math: docs/methods.md (GPTQ).
+are left out, since the model never reads them. Since rows are tokens, batches larger than the
+batch size a torch.export graph is specialized to are cut into batches of that size first
+(`fit_batches`): the statistics are the same. The math: docs/methods.md (GPTQ).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from lowbit.calibration import padding_mask
-from lowbit.errors import LowbitError
+from lowbit.errors import CalibrationError, LowbitError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,51 @@ def token_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     if keep is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
         return x[keep.to(x.device)]
     return x.reshape(-1, x.shape[-1])
+
+
+def fit_batches(gm: fx.GraphModule, batches: Iterable[Batch]) -> list[Batch]:
+    """``batches`` cut along dim 0 into batches of the size ``gm``'s inputs are specialized to (graphs from
+    torch.export fix the example's shapes); graphs that take any batch size (torch.fx) get them as they are."""
+    batches = list(batches)
+    size = _specialized_batch_size(gm)
+    if size is None:
+        return batches
+    fitted = []
+    for args, kwargs in batches:
+        values = [*args, *kwargs.values()]
+        rows = next((int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), size)
+        if rows == size:
+            fitted.append((args, kwargs))
+            continue
+        if rows % size:
+            raise CalibrationError(
+                f"a calibration batch of {rows} samples cannot be cut into batches of {size}, the batch size the "
+                "graph was traced with (torch.export specializes it): give batches of a multiple of it"
+            )
+        for start in range(0, rows, size):
+            part = slice(start, start + size)
+            fitted.append(
+                (tuple(_rows_of(a, rows, part) for a in args), {k: _rows_of(v, rows, part) for k, v in kwargs.items()})
+            )
+    return fitted
+
+
+def _rows_of(value: Any, rows: int, part: slice) -> Any:
+    """``value[part]`` for a batch's tensors of ``rows`` samples; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+        return value[part]
+    return value
+
+
+def _specialized_batch_size(gm: fx.GraphModule) -> int | None:
+    """The batch size of a torch.export graph's first tensor input, None for graphs that take any batch size."""
+    if gm.meta.get("lowbit_tracer") != "export":
+        return None
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta") if node.op == "placeholder" else None
+        if meta is not None and len(meta.shape) > 0:
+            return int(meta.shape[0])
+    return None
 
 
 class _StopForward(Exception):
@@ -107,7 +154,7 @@ def capture_inputs(gm: fx.GraphModule, path: str, calls: int, batches: Iterable[
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad(), _eval_mode(gm):
-            for args, kwargs in batches:
+            for args, kwargs in fit_batches(gm, batches):
                 seen, keep = 0, padding_mask(args, kwargs)
                 with contextlib.suppress(_StopForward):
                     gm(*args, **kwargs)
@@ -138,7 +185,7 @@ class CalibrationCursor:
         self.gm = gm
         self._interpreter = fx.Interpreter(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        batches = list(batches)
+        batches = fit_batches(gm, batches)
         self._envs = [dict(zip(placeholders, graph_inputs(gm, args, kwargs))) for args, kwargs in batches]
         self._masks = [padding_mask(args, kwargs) for args, kwargs in batches]
         self._done: set[fx.Node] = set(placeholders)
@@ -220,5 +267,6 @@ __all__ = [
     "HessianAccumulator",
     "capture_hessian",
     "capture_inputs",
+    "fit_batches",
     "token_rows",
 ]

@@ -54,7 +54,7 @@ def test_export_load_reproduces_outputs(compiled_x86, tmp_path) -> None:
     loaded = lowbit.load(path)
     x = torch.randn(4, 128)
     assert torch.equal(loaded(x), compiled_x86(x))
-    assert loaded.linears == compiled_x86._runner.linears
+    assert loaded.runner.linears == compiled_x86.runner.linears
     with pytest.raises(BackendError, match="compiled for inputs"):
         loaded(torch.randn(5, 128))
 

@@ -15,11 +15,13 @@ from lowbit.backends.tvm.runner import (
     CUDARunner,
     read_signature,
     signature_inputs,
+    signature_interface,
     signature_linears,
     write_signature,
 )
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.errors import BackendError
+from lowbit.interface import Interface
 
 INPUTS = [InputSpec("x", (2, 8), "float32"), InputSpec("mask", (2,), "bool")]
 LINEARS = [
@@ -62,6 +64,8 @@ def test_cpu_and_cuda_runners_bind_and_refuse_inputs_alike(runners) -> None:
     assert outcomes[0][:3] == [repr([((2, 8), torch.float32), ((2,), torch.bool)])] * 3
     assert "compiled for inputs" in outcomes[0][3] and "takes inputs ['x', 'mask']" in outcomes[0][4]
     assert "takes inputs" in outcomes[0][5] and all("compile it again" in text for text in outcomes[0][6:])
+    assert "of shapes [(2, 8), (2,)], got [(3, 8), (2,)]" in outcomes[0][6]
+    assert "input 'x' is float64, but this module was compiled for float32" in outcomes[0][7]
 
 
 def test_a_runner_that_cannot_run_here_says_why(runners) -> None:
@@ -81,6 +85,10 @@ def test_signature_round_trip(runners, tmp_path) -> None:
         write_signature(tmp_path, runner.signature())
         signature = read_signature(tmp_path)
         assert signature_inputs(signature) == INPUTS and signature_linears(signature) == LINEARS
-    assert read_signature(tmp_path).keys() == {"inputs", "linears"}  # the CUDA runner's; export adds the rest
+    assert read_signature(tmp_path).keys() == {"inputs", "linears", "interface"}  # the CUDA runner's; export adds more
+    assert signature_interface(read_signature(tmp_path)) == Interface()
+    cpu.interface = Interface(("x", "mask"), {"x": (0, 7)}, None)
+    write_signature(tmp_path, cpu.signature())
+    assert signature_interface(read_signature(tmp_path)) == cpu.interface
     write_signature(tmp_path, cpu.signature())
     assert read_signature(tmp_path)["arch"] == cpu.arch and read_signature(tmp_path)["features"] == []

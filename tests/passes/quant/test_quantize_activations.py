@@ -319,7 +319,7 @@ def test_export_and_load_keep_static_scales(mlp: MLP, tmp_path) -> None:
     loaded = lowbit.load(compiled.export(tmp_path / "model"))
     assert torch.equal(loaded(x), compiled(x))
     assert list(lowbit.dequantized_weights(loaded)) == ["fc1", "fc2", "lm_head"]
-    assert [get_meta(n).quant.act_bits for n in a8_nodes(loaded)] == [8, 8, 8]
+    assert [get_meta(n).quant.act_bits for n in a8_nodes(loaded.graph)] == [8, 8, 8]
 
 
 def test_verifier_checks_the_annotation(mlp: MLP) -> None:

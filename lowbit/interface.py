@@ -1,0 +1,200 @@
+"""What a compiled model accepts and returns, recorded at compile time and checked on every call.
+
+Eager PyTorch raises on a token id outside an embedding table, where a compiled kernel would
+read out of bounds or clamp; so the valid range of every integer input that indexes a table
+is recorded and checked before a run, on every target. Float inputs must be finite: int8
+kernels cannot carry NaN or Inf, so every target refuses them instead of answering wrongly.
+Eager's output structure (a pytree spec, e.g. a transformers ``ModelOutput``) is recorded
+so that a backend's flat tuple of tensors is rebuilt into it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from lowbit.errors import InputError, NonFiniteInputError
+
+log = logging.getLogger(__name__)
+
+#: Ops an index tensor passes through unchanged in value on its way to a table lookup.
+_VALUE_PRESERVING_METHODS = frozenset({"long", "int", "to", "view", "reshape", "contiguous", "flatten", "clone"})
+_VALUE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.ops.aten.view.default, torch.ops.aten.clone.default)
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The graph's input names (in order), the valid ``[low, high)`` range of each integer input that indexes a
+    table, and eager's output spec (`torch.utils._pytree.treespec_dumps`; None: returned as the backend gives it)."""
+
+    names: tuple[str, ...] = ()
+    ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    output: str | None = None
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, eager_output: Any = None) -> Interface:
+        """The interface of the traced graph ``gm`` (before any pass), with the spec of ``eager_output``."""
+        names = tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder")
+        return cls(names, index_ranges(gm), output_spec(eager_output) if eager_output is not None else None)
+
+    def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise `NonFiniteInputError` for a float input holding NaN/Inf, `InputError` for an index out of range."""
+        for name, value in self._named(args, kwargs):
+            if not isinstance(value, torch.Tensor) or value.numel() == 0:
+                continue
+            if value.is_floating_point() or value.is_complex():
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    raise NonFiniteInputError(
+                        f"input '{name}' holds {bad} NaN or Inf value(s) of {value.numel()}; compiled models refuse "
+                        "non-finite inputs on every target (check the data, or run the eager model to see them)"
+                    )
+            elif name in self.ranges:
+                low, high = self.ranges[name]
+                smallest, largest = int(value.min()), int(value.max())
+                if smallest < low or largest >= high:
+                    offending = smallest if smallest < low else largest
+                    raise InputError(
+                        f"input '{name}' holds {offending}, outside [{low}, {high}): it indexes a table of {high} "
+                        "rows (eager PyTorch raises IndexError for it)"
+                    )
+
+    def rebuild(self, output: Any) -> Any:
+        """``output`` in eager's structure: a backend's flat tensor or tuple is unflattened with the recorded spec."""
+        spec = self._spec
+        if spec is None:
+            return output
+        if pytree.tree_structure(output) == spec:
+            return output
+        leaves = pytree.tree_leaves(output)
+        if len(leaves) != spec.num_leaves:
+            log.warning(
+                "the compiled model returns %d tensors, eager %d: outputs left flat", len(leaves), spec.num_leaves
+            )
+            return output
+        return pytree.tree_unflatten(leaves, spec)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "ranges": {k: list(v) for k, v in self.ranges.items()},
+            "output": self.output,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Interface:
+        """The interface saved by `as_dict` (an empty one for artifacts written before it was saved)."""
+        if not data:
+            return cls()
+        ranges = {name: (int(low), int(high)) for name, (low, high) in data.get("ranges", {}).items()}
+        return cls(tuple(data.get("names", ())), ranges, data.get("output"))
+
+    def _named(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+        names = list(self.names) + [str(i) for i in range(len(self.names), len(args))]
+        yield from zip(names, args)
+        yield from kwargs.items()
+
+    @functools.cached_property
+    def _spec(self) -> pytree.TreeSpec | None:
+        """The recorded spec, read once (its types' modules imported first)."""
+        if self.output is None:
+            return None
+        try:
+            _import_types(json.loads(self.output))
+            return pytree.treespec_loads(self.output)
+        except Exception as error:  # an output class that cannot be imported here: keep the flat outputs
+            log.warning("cannot rebuild eager's output structure (%s); outputs are returned flat", error)
+            return None
+
+
+def index_ranges(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """Per graph input that indexes a table (embedding lookup, ``take``/``index_select`` on a constant), the valid
+    ``[0, rows)``; an input indexing several tables gets the smallest."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for node in gm.graph.nodes:
+        lookup = _lookup(gm, node)
+        if lookup is None:
+            continue
+        index, rows = lookup
+        source = _source(index)
+        if source is not None and rows is not None:
+            name = str(source.target)
+            ranges[name] = (0, min(rows, ranges.get(name, (0, rows))[1]))
+    return ranges
+
+
+def output_spec(output: Any) -> str | None:
+    """``output``'s pytree spec as text, or None where a type in it cannot be serialized (logged)."""
+    try:
+        return pytree.treespec_dumps(pytree.tree_structure(output))
+    except Exception as error:  # an unregistered container type: the structure is not recorded
+        log.warning("eager's output structure cannot be recorded (%s); compiled outputs stay flat", error)
+        return None
+
+
+def _lookup(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, int | None] | None:
+    """(index argument, table rows) when ``node`` looks rows up in a table."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), torch.nn.Embedding):
+        return node.args[0], gm.get_submodule(str(node.target)).num_embeddings
+    if node.op == "call_function" and node.target is F.embedding:
+        return node.args[0], _rows(gm, node.args[1], 0)
+    if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+        return node.args[1], _rows(gm, node.args[0], 0)
+    if node.op == "call_function" and node.target is torch.take:
+        table = _constant(gm, node.args[0])
+        return node.args[1], table.numel() if table is not None else None
+    if node.target in (torch.index_select, "index_select") and node.op in ("call_function", "call_method"):
+        return node.args[2], _rows(gm, node.args[0], int(node.args[1]))
+    return None
+
+
+def _rows(gm: fx.GraphModule, table: Any, dim: int) -> int | None:
+    constant = _constant(gm, table)
+    return int(constant.shape[dim]) if constant is not None else None
+
+
+def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _source(index: Any) -> fx.Node | None:
+    """The graph input ``index`` is (through value-preserving views and casts), else None."""
+    while isinstance(index, fx.Node):
+        if index.op == "placeholder":
+            return index
+        if (index.op == "call_method" and index.target in _VALUE_PRESERVING_METHODS) or (
+            index.op == "call_function" and index.target in _VALUE_PRESERVING_FUNCTIONS
+        ):
+            index = index.args[0]
+        else:
+            return None
+    return None
+
+
+def _import_types(spec: Any) -> None:
+    """Import the module of every type named in a serialized spec, so that its pytree registration exists."""
+    if isinstance(spec, list):
+        for item in spec:
+            _import_types(item)
+    elif isinstance(spec, dict):
+        if isinstance(spec.get("type"), str) and "." in spec["type"]:
+            importlib.import_module(spec["type"].rsplit(".", 1)[0])
+        _import_types(spec.get("children_spec", []))
+
+
+__all__ = ["Interface", "index_ranges", "output_spec"]

@@ -1,0 +1,147 @@
+"""Every target answers what eager answers or raises a named error: index ranges, non-finite inputs, eager's
+output structure, and artifacts that keep all of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+import lowbit
+from lowbit.backends.tvm.rpc import bind_inputs
+from lowbit.errors import InputError, NonFiniteInputError
+from lowbit.interface import Interface, index_ranges
+from lowbit.ir.trace import trace
+
+VOCAB = 50
+
+
+class Embedder(torch.nn.Module):
+    """Token ids and a float scale; returns a transformers output, as a Hugging Face model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 16)
+        self.fc = torch.nn.Linear(16, 8)
+
+    def forward(self, ids: torch.Tensor, scale: torch.Tensor) -> BaseModelOutput:
+        hidden = self.fc(self.emb(ids)) * scale
+        return BaseModelOutput(last_hidden_state=hidden, hidden_states=(hidden, hidden.relu()))
+
+
+class Functional(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(30, 4))
+        self.rows = torch.nn.Parameter(torch.randn(20, 4))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        first = torch.nn.functional.embedding(a.long(), self.table)
+        return first.sum() + torch.index_select(self.rows, 0, b.view(-1)).sum() + c.sum()
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randint(0, VOCAB, (2, 5)), torch.full((2, 5, 1), 0.5)
+
+
+@pytest.fixture(scope="module", params=["torch", "x86"])
+def compiled(request) -> lowbit.CompiledModel:
+    torch.manual_seed(0)
+    return lowbit.compile(Embedder().eval(), _inputs(), target=request.param)
+
+
+def test_index_ranges_follow_views_and_casts() -> None:
+    torch.manual_seed(0)
+    args = (torch.zeros(3, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2))
+    assert index_ranges(trace(Functional(), args)) == {"a": (0, 30), "b": (0, 20)}
+    assert index_ranges(trace(Embedder(), _inputs())) == {"ids": (0, VOCAB)}
+
+
+@pytest.mark.parametrize("bad", [VOCAB, 5000, -1])
+def test_token_ids_outside_the_table_are_refused_on_every_target(compiled, bad) -> None:
+    ids, scale = _inputs()
+    ids[1, 3] = bad
+    with pytest.raises(InputError, match=rf"input 'ids' holds {bad}, outside \[0, {VOCAB}\)"):
+        compiled(ids, scale)
+    if compiled.graph is not None and compiled.report.target != "torch":  # a TVM runner checks on its own too
+        with pytest.raises(InputError, match=f"input 'ids' holds {bad}"):
+            compiled.runner(ids, scale)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_refused_on_every_target(compiled, bad) -> None:
+    ids, scale = _inputs()
+    scale[0, 2, 0] = bad
+    with pytest.raises(NonFiniteInputError, match="input 'scale' holds 1 NaN or Inf"):
+        compiled(ids, scale=scale)
+
+
+def test_outputs_have_eager_structure_on_every_target(compiled, tmp_path) -> None:
+    out = compiled(*_inputs())
+    assert isinstance(out, BaseModelOutput) and list(out.keys()) == ["last_hidden_state", "hidden_states"]
+    assert isinstance(out.hidden_states, tuple) and len(out.hidden_states) == 2
+    loaded = lowbit.load(compiled.export(tmp_path / "model"))
+    assert isinstance(loaded, lowbit.CompiledModel) and loaded.report.rel_error == compiled.report.rel_error
+    assert (loaded.graph is None) == (compiled.report.target != "torch")
+    again = loaded(*_inputs())
+    assert isinstance(again, BaseModelOutput)
+    torch.testing.assert_close(again.last_hidden_state, out.last_hidden_state)
+    copied = lowbit.load(loaded.export(tmp_path / "copy"))  # a loaded artifact is exported as a copy
+    torch.testing.assert_close(copied(*_inputs()).last_hidden_state, out.last_hidden_state)
+    ids, scale = _inputs()
+    ids[0, 0] = -1
+    with pytest.raises(InputError, match="input 'ids' holds -1"):
+        loaded(ids, scale)
+    with pytest.raises(NonFiniteInputError):
+        loaded(_inputs()[0], torch.full((2, 5, 1), float("nan")))
+
+
+def test_an_output_class_that_cannot_be_imported_leaves_outputs_flat(caplog) -> None:
+    spec = Interface.of(trace(Embedder(), _inputs()), (torch.ones(1), torch.ones(2))).output
+    broken = Interface(output=spec.replace("builtins.tuple", "no_such_module.Output"))
+    with caplog.at_level("WARNING"):
+        assert broken.rebuild([torch.ones(1)]) == [torch.ones(1)]
+    assert "outputs are returned flat" in caplog.text
+
+
+def test_random_inputs_are_valid_and_checked() -> None:
+    specs = [
+        {"name": "ids", "shape": [64], "dtype": "int64"},
+        {"name": "mask", "shape": [64], "dtype": "bool"},
+        {"name": "x", "shape": [4], "dtype": "float32"},
+    ]
+    interface = Interface(("ids", "mask", "x"), {"ids": (0, 7)}).as_dict()
+    ids, mask, x = bind_inputs(specs, None, 0, interface)
+    assert ids.min() >= 0 and ids.max() < 7 and len(np.unique(ids)) > 1 and mask.all() and x.dtype == np.float32
+    with pytest.raises(InputError, match="input 'ids' holds 9"):
+        bind_inputs(specs, [np.full(64, 9), mask, x], 0, interface)
+    with pytest.raises(NonFiniteInputError, match="input 'x'"):
+        bind_inputs(specs, [ids, mask, np.full(4, np.nan, dtype=np.float32)], 0, interface)
+
+
+def test_a_causal_lm_on_x86_returns_its_output_class_and_refuses_bad_token_ids() -> None:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        use_cache=False,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    compiled = lowbit.compile(model, (ids,), target="x86")
+    out = compiled(ids)
+    assert isinstance(out, transformers.modeling_outputs.CausalLMOutputWithPast)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    for bad in (5000, -1):
+        with pytest.raises(InputError, match=f"input 'input_ids' holds {bad}, outside \\[0, 100\\)"):
+            compiled(torch.full_like(ids, bad))
