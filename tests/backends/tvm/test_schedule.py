@@ -36,11 +36,12 @@ def layer_norm(shape: tuple[int, ...], residual: bool = False, scale_after: bool
 
 
 def softmax(shape: tuple[int, ...]) -> list[te.Tensor]:
-    """Softmax over the last axis as `lowbit.backends.tvm.fastmath` legalizes it (max, fast exp, sum, divide)."""
+    """Softmax over the last axis as `lowbit.backends.tvm.fastmath` legalizes it (max, fast exp, sum, reciprocal)."""
     x = te.placeholder(shape, "float32", name="x")
     peak = topi.max(x, axis=[-1], keepdims=True)
     exp = topi.fast_exp(topi.subtract(x, peak))
-    return [x, topi.divide(exp, topi.sum(exp, axis=[-1], keepdims=True))]
+    inverse = topi.divide(tirx.const(1.0, "float32"), topi.sum(exp, axis=[-1], keepdims=True))
+    return [x, topi.multiply(exp, inverse)]
 
 
 def reference_layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
