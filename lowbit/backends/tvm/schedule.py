@@ -81,8 +81,8 @@ class RowReduction(ScheduleRule):
     """Row-wise reductions over the last axis with elementwise stages (softmax, layer norm, RMS norm).
 
     Every block is computed inside one parallel loop over the output's rows, so a row's
-    statistics and intermediates stay in L1. A reduction is split into ``lanes``-wide
-    partial results (rfactor) accumulated with vector instructions, then folded; the
+    statistics and intermediates stay in L1. A reduction is split into vector-wide partial
+    results (rfactor) accumulated with vector instructions, then folded; the
     elementwise stages and the output are vectorized along the row. A stage read by
     several others (softmax's exponentials) is kept per row instead of recomputed.
     """

@@ -44,6 +44,14 @@ def softmax(shape: tuple[int, ...]) -> list[te.Tensor]:
     return [x, topi.multiply(exp, inverse)]
 
 
+def rms_norm(shape: tuple[int, ...]) -> list[te.Tensor]:
+    """``x * rsqrt(mean(x²) + eps) * w`` over the last axis (the square is inlined into the reduction)."""
+    x = te.placeholder(shape, "float32", name="x")
+    w = te.placeholder(shape[-1:], "float32", name="w")
+    mean_square = topi.divide(topi.sum(topi.multiply(x, x), axis=[-1], keepdims=True), float(shape[-1]))
+    return [x, w, topi.multiply(topi.multiply(x, topi.rsqrt(topi.add(mean_square, 1e-6))), w)]
+
+
 def reference_layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     mean = x.mean(-1, keepdims=True)
@@ -99,6 +107,16 @@ def test_row_reduction_softmax_matches_numpy(shape: tuple[int, ...]) -> None:
     np.testing.assert_allclose(run(sch.mod["main"], [x], shape), reference_softmax(x), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(197, 576), (2, 1, 576), (3, 7, 30)])
+def test_row_reduction_rms_norm_matches_numpy(shape: tuple[int, ...]) -> None:
+    sch = RowReduction().apply(te.create_prim_func(rms_norm(shape)), TARGET, False)
+    assert sch is not None
+    x = RNG.standard_normal(shape).astype("float32")
+    w = RNG.standard_normal(shape[-1:]).astype("float32")
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(run(sch.mod["main"], [x, w], shape), want, rtol=1e-5, atol=1e-6)
+
+
 def test_row_reduction_is_parallel_over_rows_and_vectorized_along_them() -> None:
     tensors = layer_norm((197, 768), residual=True)
     sch = RowReduction().apply(te.create_prim_func(tensors), TARGET, False)
@@ -121,6 +139,7 @@ def test_row_reduction_keeps_short_rows_with_few_lanes() -> None:
 
 
 def test_row_reduction_declines_other_patterns() -> None:
+    assert RowReduction().apply(te.create_prim_func(rms_norm((1, 576))), TARGET, False) is None  # one row: no loop
     a, b = te.placeholder((64, 32), name="a"), te.placeholder((32, 48), name="b")
     matmul = topi.matmul(a, b)
     column_sum = topi.sum(a, axis=[0])
@@ -135,3 +154,7 @@ def test_default_rules_schedule_row_reductions(tensors: list[te.Tensor]) -> None
     assert func.attrs["tirx.is_scheduled"]
     script = func.script()
     assert "_rf_update" in script and "T.parallel(" in script and "T.vectorized(" in script
+
+
+def test_default_rules_still_schedule_a_single_row() -> None:
+    assert default_schedule(te.create_prim_func(rms_norm((1, 576)))).attrs["tirx.is_scheduled"]
