@@ -25,7 +25,8 @@ def _softmax(x: te.Tensor, axis: int) -> te.Tensor:
     reduce_axes = [axis]
     peak = topi.max(x, axis=reduce_axes, keepdims=True)
     exp = topi.fast_exp(topi.subtract(x, peak))
-    return topi.divide(exp, topi.sum(exp, axis=reduce_axes, keepdims=True))
+    inverse = topi.divide(tirx.const(1.0, x.dtype), topi.sum(exp, axis=reduce_axes, keepdims=True))
+    return topi.multiply(exp, inverse)  # one division per row
 
 
 def _sigmoid(x: te.Tensor) -> te.Tensor:

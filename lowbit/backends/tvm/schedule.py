@@ -11,8 +11,10 @@ PrimFunc a real schedule:
   such as padding are inlined and elementwise epilogues (bias, ReLU) are folded into
   the write-back.
 * `Elementwise` — only spatial blocks: fuse, parallelize, vectorize.
-* `ParallelFallback` — anything else (softmax, normalization: several reductions):
-  parallelize the outer spatial loop of every block.
+* `RowReduction` — reductions over the last axis with elementwise stages (softmax,
+  layer norm): one parallel loop over rows, each reduction accumulated in vector lanes
+  (rfactor), every stage vectorized along the row.
+* `ParallelFallback` — anything else: parallelize the outer spatial loop of every block.
 
 `cpu_rules` lists them after dlight's CPU GEMV and reduction rules.
 """
@@ -75,6 +77,47 @@ class Elementwise(ScheduleRule):
         return sch
 
 
+class RowReduction(ScheduleRule):
+    """Row-wise reductions over the last axis with elementwise stages (softmax, layer norm, RMS norm).
+
+    Every block is computed inside one parallel loop over the output's rows, so a row's
+    statistics and intermediates stay in L1. A reduction is split into vector-wide partial
+    results (rfactor) accumulated with vector instructions, then folded; the
+    elementwise stages and the output are vectorized along the row. A stage read by
+    several others (softmax's exponentials) is kept per row instead of recomputed.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        normalized = _normalized(func, target)
+        if normalized is None:
+            return None
+        sch, infos = normalized
+        output = infos[-1]
+        reductions = [info for info in infos if info.is_reduction()]
+        if not reductions or not output.is_injective() or not all(_static_extents(info) for info in infos):
+            return None
+        if any(not (info.is_reduction() or info.is_injective()) for info in infos):
+            return None
+        extents = [int(it.dom) for it in output.iters[:-1]]
+        if not extents or not all(_reduces_last_axis(info, extents) for info in reductions):
+            return None
+        lanes = float32_lanes(target)
+        stages: list[tuple[s_tir.schedule.SBlockRV, str]] = []  # (block, "partial" | "fold" | "spatial")
+        for info in _inline_single_use(sch, infos[:-1]):
+            partial = _partials(sch, info.block_rv, lanes) if info.is_reduction() else None
+            stages += [(partial, "partial")] if partial is not None else []
+            stages.append((info.block_rv, "fold" if info.is_reduction() else "spatial"))
+        rows = parallel_rows(sch, output.block_rv, lanes)
+        for block, _kind in reversed(stages):
+            sch.compute_at(block, rows, preserve_unit_loops=True)
+        for block, kind in stages:
+            if kind == "partial":
+                _vectorize_partials(sch, block)
+            elif kind == "spatial":
+                _vectorize_innermost(sch, block, _row_simd(sch, block, lanes))
+        return sch
+
+
 class ParallelFallback(ScheduleRule):
     """Parallelize the outermost spatial loop of each block (multi-reduction functions)."""
 
@@ -98,9 +141,70 @@ class Guarded(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         try:
             return self.rule.apply(func, target, tunable)
-        except (s_tir.ScheduleError, ValueError) as error:
+        except (s_tir.ScheduleError, ValueError, InternalError) as error:
             log.debug("%s declined a function: %s", type(self.rule).__name__, str(error).splitlines()[0])
             return None
+
+
+def parallel_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> s_tir.schedule.LoopRV:
+    """Fuse the outer loops of ``block`` into a parallel row loop, vectorize its last loop; return the row loop."""
+    loops = sch.get_loops(block)
+    rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.parallel(rows)
+    _vectorize_innermost(sch, block, _row_simd(sch, block, lanes))
+    return rows
+
+
+def _row_simd(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> int:
+    """The vector width for the innermost loop of ``block``: the largest power of two up to ``lanes`` dividing it."""
+    return power_of_two_divisor(_static_extent(sch, sch.get_loops(block)[-1]) or 1, lanes)
+
+
+def _partials(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> s_tir.schedule.SBlockRV | None:
+    """Split the innermost (reduction) loop of ``block`` into a block of ``simd``-wide partial results (rfactor).
+
+    ``block`` then folds the partials, one after the other: short rows (softmax over 32
+    keys) get fewer lanes, about the square root of the row length, which balances the
+    vector accumulation against the serial fold. Returns the partials' block, or None (the
+    block is left as it is) when the row length has no power-of-two divisor.
+    """
+    length = _static_extent(sch, sch.get_loops(block)[-1]) or 1
+    while lanes > 1 and lanes * lanes > 2 * length:
+        lanes //= 2
+    simd = power_of_two_divisor(length, lanes)
+    if simd == 1:
+        return None
+    lane = sch.split(sch.get_loops(block)[-1], factors=[None, simd])[1]
+    return sch.rfactor(lane, factor_axis=len(sch.get(block).writes[0].region))
+
+
+def _vectorize_partials(sch: s_tir.Schedule, partial: s_tir.schedule.SBlockRV) -> None:
+    """Accumulate a partials block (after `RowReduction`'s compute_at) along the row, one vector of lanes at a time."""
+    lane, *_, step = sch.get_loops(partial)[1:]  # compute_at orders loops as the block's iterators: the lane first
+    sch.reorder(step, lane)
+    sch.vectorize(lane)
+    _vectorize_innermost(sch, sch.decompose_reduction(partial, step), int(sch.get(lane).extent))
+
+
+def _inline_single_use(sch: s_tir.Schedule, infos: list[SBlockInfo]) -> list[SBlockInfo]:
+    """Inline the spatial blocks among ``infos`` that have one consumer; the others (read twice) are kept."""
+    kept = []
+    for info in infos:
+        if not info.is_reduction() and len(sch.get_consumers(info.block_rv)) == 1:
+            try:
+                sch.compute_inline(info.block_rv)
+                continue
+            except s_tir.ScheduleError:
+                pass
+        kept.append(info)
+    return kept
+
+
+def _reduces_last_axis(info: SBlockInfo, rows: list[int]) -> bool:
+    """Whether ``info`` is one reduction over an innermost axis, its spatial iterators being ``rows``."""
+    kinds = "".join(it.kind for it in info.iters)
+    spatial = [int(it.dom) for it in info.iters if it.kind == "S" and int(it.dom) != 1]
+    return kinds.endswith("R") and kinds.count("R") == 1 and spatial == [r for r in rows if r != 1]
 
 
 def _normalized(func: tirx.PrimFunc, target: Target) -> tuple[s_tir.Schedule, list[SBlockInfo]] | None:
@@ -114,7 +218,14 @@ def _normalized(func: tirx.PrimFunc, target: Target) -> tuple[s_tir.Schedule, li
 
 def cpu_rules() -> list[ScheduleRule]:
     """The rule chain for ``dlight.ApplyDefaultSchedule`` on CPU targets, most specific first."""
-    rules = [dlight.cpu.GEMV(), TiledReduction(), Elementwise(), dlight.cpu.Reduction(), ParallelFallback()]
+    rules = [
+        dlight.cpu.GEMV(),
+        TiledReduction(),
+        Elementwise(),
+        RowReduction(),
+        dlight.cpu.Reduction(),
+        ParallelFallback(),
+    ]
     return [Guarded(rule) for rule in rules]
 
 
@@ -203,8 +314,10 @@ def _static_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | No
 __all__ = [
     "Elementwise",
     "ParallelFallback",
+    "RowReduction",
     "TiledReduction",
     "cpu_rules",
+    "parallel_rows",
     "parallel_vectorize",
     "schedule_tiled_reduction",
 ]

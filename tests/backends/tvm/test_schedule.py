@@ -1,0 +1,160 @@
+"""The default CPU schedules: each rule takes its pattern, and the scheduled function computes what NumPy does.
+
+Shapes are odd on purpose: 197 rows (ViT's tokens), rows whose length has no power-of-two divisor
+(no vector lanes), and short rows (softmax over 32 keys).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir, te, tirx, topi
+from tvm.s_tir import dlight
+
+from lowbit.backends.tvm.schedule import RowReduction, cpu_rules
+from lowbit.backends.tvm.target import resolve_target
+
+TARGET = resolve_target("x86")
+RNG = np.random.default_rng(0)
+
+
+def layer_norm(shape: tuple[int, ...], residual: bool = False, scale_after: bool = False) -> list[te.Tensor]:
+    """``layer_norm(x [+ r]) [* 2]`` over the last axis: the tensors of a PrimFunc, inputs first."""
+    x = te.placeholder(shape, "float32", name="x")
+    inputs = [x]
+    if residual:
+        r = te.placeholder(shape, "float32", name="r")
+        inputs.append(r)
+        x = topi.add(x, r)
+    gamma = te.placeholder(shape[-1:], "float32", name="gamma")
+    beta = te.placeholder(shape[-1:], "float32", name="beta")
+    y = topi.nn.layer_norm(x, gamma, beta, axis=[-1], epsilon=1e-5)
+    if scale_after:
+        y = topi.multiply(y, tirx.const(2.0, "float32"))
+    return [*inputs, gamma, beta, y]
+
+
+def softmax(shape: tuple[int, ...]) -> list[te.Tensor]:
+    """Softmax over the last axis as `lowbit.backends.tvm.fastmath` legalizes it (max, fast exp, sum, reciprocal)."""
+    x = te.placeholder(shape, "float32", name="x")
+    peak = topi.max(x, axis=[-1], keepdims=True)
+    exp = topi.fast_exp(topi.subtract(x, peak))
+    inverse = topi.divide(tirx.const(1.0, "float32"), topi.sum(exp, axis=[-1], keepdims=True))
+    return [x, topi.multiply(exp, inverse)]
+
+
+def rms_norm(shape: tuple[int, ...]) -> list[te.Tensor]:
+    """``x * rsqrt(mean(x²) + eps) * w`` over the last axis (the square is inlined into the reduction)."""
+    x = te.placeholder(shape, "float32", name="x")
+    w = te.placeholder(shape[-1:], "float32", name="w")
+    mean_square = topi.divide(topi.sum(topi.multiply(x, x), axis=[-1], keepdims=True), float(shape[-1]))
+    return [x, w, topi.multiply(topi.multiply(x, topi.rsqrt(topi.add(mean_square, 1e-6))), w)]
+
+
+def reference_layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gamma + beta
+
+
+def reference_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def run(func: tirx.PrimFunc, inputs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+    """``func`` compiled for this machine, called on ``inputs`` and a zeroed output."""
+    module = tvm.compile(func.with_attr("global_symbol", "main"), target=TARGET).jit()
+    device = tvm.cpu()
+    args = [tvm.runtime.tensor(a, device) for a in inputs]
+    out = tvm.runtime.tensor(np.zeros(out_shape, "float32"), device)
+    module["main"](*args, out)
+    return out.numpy()
+
+
+def loop_kinds(sch: s_tir.Schedule, name: str) -> list[tirx.ForKind]:
+    return [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock(name))]
+
+
+def default_schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    with TARGET:
+        return dlight.ApplyDefaultSchedule(*cpu_rules())(tvm.IRModule({"main": func}))["main"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "residual", "scale_after"),
+    [((197, 768), False, False), ((2, 197, 384), True, False), ((5, 3, 50), False, True), ((7, 13), True, True)],
+)
+def test_row_reduction_layer_norm_matches_numpy(shape: tuple[int, ...], residual: bool, scale_after: bool) -> None:
+    tensors = layer_norm(shape, residual, scale_after)
+    sch = RowReduction().apply(te.create_prim_func(tensors), TARGET, False)
+    assert sch is not None
+    x = RNG.standard_normal(shape).astype("float32") * 3 + 1
+    others = [RNG.standard_normal(shape).astype("float32")] if residual else []
+    gamma, beta = (RNG.standard_normal(shape[-1:]).astype("float32") for _ in range(2))
+    got = run(sch.mod["main"], [x, *others, gamma, beta], shape)
+    want = reference_layer_norm(x + (others[0] if residual else 0), gamma, beta) * (2.0 if scale_after else 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 12, 32, 32), (3, 197, 197), (4, 40), (6, 1000)])
+def test_row_reduction_softmax_matches_numpy(shape: tuple[int, ...]) -> None:
+    tensors = softmax(shape)
+    sch = RowReduction().apply(te.create_prim_func(tensors), TARGET, False)
+    assert sch is not None
+    x = RNG.standard_normal(shape).astype("float32") * 4
+    np.testing.assert_allclose(run(sch.mod["main"], [x], shape), reference_softmax(x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(197, 576), (2, 1, 576), (3, 7, 30)])
+def test_row_reduction_rms_norm_matches_numpy(shape: tuple[int, ...]) -> None:
+    sch = RowReduction().apply(te.create_prim_func(rms_norm(shape)), TARGET, False)
+    assert sch is not None
+    x = RNG.standard_normal(shape).astype("float32")
+    w = RNG.standard_normal(shape[-1:]).astype("float32")
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(run(sch.mod["main"], [x, w], shape), want, rtol=1e-5, atol=1e-6)
+
+
+def test_row_reduction_is_parallel_over_rows_and_vectorized_along_them() -> None:
+    tensors = layer_norm((197, 768), residual=True)
+    sch = RowReduction().apply(te.create_prim_func(tensors), TARGET, False)
+    output = tensors[-1].op.name
+    kinds = loop_kinds(sch, output)
+    assert kinds[0] == tirx.ForKind.PARALLEL and kinds[-1] == tirx.ForKind.VECTORIZED
+    in_row_loop = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_loops(sch.get_sblock(output))[0])]
+    updates = [name for name in in_row_loop if name.endswith("_rf_update")]
+    assert len(updates) == 2  # mean and variance accumulate in vector lanes
+    for name in updates:
+        assert loop_kinds(sch, name)[-1] == tirx.ForKind.VECTORIZED
+    assert "T_add" in in_row_loop  # the residual add, read three times, is computed once per row
+    assert loop_kinds(sch, "T_add")[-1] == tirx.ForKind.VECTORIZED
+
+
+def test_row_reduction_keeps_short_rows_with_few_lanes() -> None:
+    sch = RowReduction().apply(te.create_prim_func(softmax((96, 32))), TARGET, False)
+    lanes = [int(sch.get(sch.get_loops(sch.get_sblock(name))[-1]).extent) for name in ("T_fast_exp_red_rf_update",)]
+    assert lanes == [8]
+
+
+def test_row_reduction_declines_other_patterns() -> None:
+    assert RowReduction().apply(te.create_prim_func(rms_norm((1, 576))), TARGET, False) is None  # one row: no loop
+    a, b = te.placeholder((64, 32), name="a"), te.placeholder((32, 48), name="b")
+    matmul = topi.matmul(a, b)
+    column_sum = topi.sum(a, axis=[0])
+    rule = RowReduction()
+    assert rule.apply(te.create_prim_func([a, b, matmul]), TARGET, False) is None
+    assert rule.apply(te.create_prim_func([a, topi.add(column_sum, topi.sum(column_sum))]), TARGET, False) is None
+
+
+@pytest.mark.parametrize("tensors", [layer_norm((197, 384), residual=True), softmax((8, 12, 32, 32))])
+def test_default_rules_schedule_row_reductions(tensors: list[te.Tensor]) -> None:
+    func = default_schedule(te.create_prim_func(tensors))
+    assert func.attrs["tirx.is_scheduled"]
+    script = func.script()
+    assert "_rf_update" in script and "T.parallel(" in script and "T.vectorized(" in script
+
+
+def test_default_rules_still_schedule_a_single_row() -> None:
+    assert default_schedule(te.create_prim_func(rms_norm((1, 576)))).attrs["tirx.is_scheduled"]
