@@ -236,18 +236,22 @@ def a8_linear_func(
     return finish(sch.mod["main"], name)
 
 
-def _quantized_input(x: te.Tensor, step: te.Tensor | None) -> tuple[te.Tensor, te.Tensor | None]:
-    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s``."""
-    code, mult = activation_codes(x, step)
+def _quantized_input(x: te.Tensor, step: te.Tensor | None, vector_round: bool) -> tuple[te.Tensor, te.Tensor | None]:
+    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s`` (``vector_round``:
+    rounded with ``tirx.round``, see `activation_codes`)."""
+    code, mult = activation_codes(x, step, tirx.round if vector_round else tirx.nearbyint)
     return te.compute(tuple(int(d) for d in x.shape), code, name="xq"), mult
 
 
-def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False, rows: int = ROWS) -> tirx.PrimFunc:
+def a8_linear_compute(
+    spec: PackedLinearSpec, vectors: int, split: bool = False, rows: int = ROWS, vector_round: bool = False
+) -> tirx.PrimFunc:
     """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``.
 
     ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
     word, the codes masked in place; otherwise one, the codes shifted down and the quads
-    summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call).
+    summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
+    activation codes rounded in vector lanes (`activation_codes`).
     """
     m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
@@ -263,7 +267,7 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False,
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    xq, mult = _quantized_input(x, step)
+    xq, mult = _quantized_input(x, step, vector_round)
     kg = te.reduce_axis((0, group), name="kg")
     asum = te.compute(
         (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
