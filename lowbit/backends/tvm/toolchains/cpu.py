@@ -36,6 +36,7 @@ from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
 from lowbit.backends.tvm.kernels.generic.dense import dense_plan
 from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec, Tensors
+from lowbit.backends.tvm.kernels.x86 import a8_amx as x86_a8_amx
 from lowbit.backends.tvm.kernels.x86 import a8_gemm as x86_a8_gemm
 from lowbit.backends.tvm.kernels.x86 import a8_linear as x86_a8_linear
 from lowbit.backends.tvm.runner import (
@@ -63,11 +64,24 @@ log = logging.getLogger(__name__)
 ARM_CXX = "aarch64-linux-gnu-g++"
 ARM_CXX_PACKAGE = "g++-aarch64-linux-gnu"
 #: x86 features a library may be compiled to use; loading checks the host has each one the library needs.
-X86_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
-#: The int8-activation kernels of each CPU architecture, in order of preference (x86: the AVX-512 VNNI GEMM from
-#: `a8_gemm.MIN_ROWS` rows on, then the kernel for every row count).
+X86_FEATURES = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512vnni",
+    "avxvnni",
+    "amx-tile",
+    "amx-int8",
+)
+#: The int8-activation kernels of each CPU architecture, in order of preference (x86: the AMX GEMM for 8-bit codes
+#: and whole blocks of 32 rows, the AVX-512 VNNI GEMM from `a8_gemm.MIN_ROWS` rows on, then the kernel for every
+#: row count).
 A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
-    "x86_64": (x86_a8_gemm.KERNEL, x86_a8_linear.KERNEL),
+    "x86_64": (x86_a8_amx.KERNEL, x86_a8_gemm.KERNEL, x86_a8_linear.KERNEL),
     "aarch64": (arm_a8_linear.KERNEL,),
 }
 
