@@ -77,13 +77,14 @@ X86_FEATURES = (
     "amx-tile",
     "amx-int8",
 )
-#: The int8-activation kernels of each CPU architecture, in order of preference (x86: the AMX GEMM for 8-bit codes
-#: and whole blocks of 32 rows, the AVX-512 VNNI GEMM from `a8_gemm.MIN_ROWS` rows on, then the kernel for every
-#: row count).
+#: The int8-activation kernels of each CPU architecture, in order of preference.
 A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
-    "x86_64": (x86_a8_amx.KERNEL, x86_a8_gemm.KERNEL, x86_a8_linear.KERNEL),
+    "x86_64": (x86_a8_linear.KERNEL,),
     "aarch64": (arm_a8_linear.KERNEL,),
 }
+#: int8-activation GEMMs tried before those from `a8_gemm.MIN_ROWS` rows on (x86: AMX for 8-bit codes in whole
+#: blocks of 32 rows, then AVX-512 VNNI).
+A8_GEMM_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_amx.KERNEL, x86_a8_gemm.KERNEL)}
 
 
 class CPUToolchain(Toolchain):
@@ -96,10 +97,11 @@ class CPUToolchain(Toolchain):
         self.name = f"the {self.arch} CPU"
 
     def kernels(self, spec: PackedLinearSpec) -> Sequence[LinearKernel]:
-        """int8 activations: the architecture's int8 kernel; float: the panel GEMM from `packed_gemm.MIN_ROWS`
-        rows on, then the packed GEMV."""
+        """int8 activations: the architecture's int8 GEMMs from `a8_gemm.MIN_ROWS` rows on, then its int8 kernel;
+        float: the panel GEMM from `packed_gemm.MIN_ROWS` rows on, then the packed GEMV."""
         if spec.act_bits is not None:
-            return A8_KERNELS.get(self.arch, ())
+            gemms = A8_GEMM_KERNELS.get(self.arch, ()) if spec.batch >= x86_a8_gemm.MIN_ROWS else ()
+            return (*gemms, *A8_KERNELS.get(self.arch, ()))
         if spec.batch >= packed_gemm.MIN_ROWS:
             return packed_gemm.KERNEL, packed_linear.KERNEL
         return (packed_linear.KERNEL,)
@@ -220,6 +222,7 @@ def features(target: Target) -> list[str]:
 
 
 __all__ = [
+    "A8_GEMM_KERNELS",
     "A8_KERNELS",
     "ARM_CXX",
     "ARM_CXX_PACKAGE",

@@ -179,3 +179,14 @@ def test_fractional_zero_points_are_refused() -> None:
     weight = _weight(64, 256, 4, 64, True, False, seed=0)
     weight["zeros"] = weight["zeros"] + 0.5
     assert "fractional zero points" in a8_gemm.KERNEL.supports(_spec(64, 256, 64, 4, 64, weight), weight, VNNI_TARGET)
+
+
+def test_the_x86_kernel_list_has_the_gemms_only_from_min_rows_on() -> None:
+    toolchain = CPUToolchain(VNNI_TARGET)
+
+    def names(rows: int) -> list[str]:
+        spec = PackedLinearSpec(rows, 384, 384, 8, 384, False, True, act_bits=8)
+        return [kernel.name for kernel in toolchain.kernels(spec)]
+
+    assert names(a8_gemm.MIN_ROWS - 1) == [a8_linear.KERNEL_NAME]
+    assert names(a8_gemm.MIN_ROWS) == names(256) == ["a8_amx_x86", a8_gemm.KERNEL_NAME, a8_linear.KERNEL_NAME]
