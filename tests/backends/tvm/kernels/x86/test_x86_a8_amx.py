@@ -12,6 +12,8 @@ from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_amx, a8_gemm, a8_linear
 from lowbit.backends.tvm.target import has_features, x86_host_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
+from lowbit.backends.tvm.tuning.database import Trial
+from lowbit.backends.tvm.tuning.search import propose
 from lowbit.errors import BackendError
 from lowbit.ir import ops_a8, packing
 
@@ -137,3 +139,12 @@ def test_layers_and_targets_the_amx_gemm_refuses(changes: dict, target: Target, 
     assert reason in a8_amx.KERNEL.supports(spec, {}, target)
     with pytest.raises(BackendError, match="cannot take"):
         a8_amx.KERNEL.plan(spec, {}, target)
+
+
+def test_the_amx_kernel_has_no_knobs_and_the_tuner_tries_only_its_hand_schedule() -> None:
+    weight = _weight(64, 256, 128, False, True, seed=1)
+    spec = _spec(64, 256, 64, 128, weight)
+    plan = a8_amx.KERNEL.plan(spec, weight, AMX_TARGET)
+    assert plan.name == a8_amx.KERNEL_NAME and plan.knobs == a8_amx.KERNEL.default_knobs(spec, AMX_TARGET) == {}
+    assert propose(a8_amx.KERNEL.knobs, {}, [], "amx") == {}
+    assert propose(a8_amx.KERNEL.knobs, {}, [Trial({}, "measured", 1e-4)], "amx") is None
