@@ -21,6 +21,8 @@ get a reason from `supports` (`a8_gemm` or `a8_linear` take them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from tvm import tirx
 from tvm.script import tirx as T
@@ -84,6 +86,13 @@ def _tile(name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def a8_amx_func(spec: PackedLinearSpec, name: str | None = None) -> tirx.PrimFunc:
     """The PrimFunc ``(x, words, scales, zeros, bias, step, y)`` of the module doc for one layer."""
+    return finish(_kernel(spec), name)
+
+
+@functools.cache
+def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
+    """The unmarked PrimFunc of `a8_amx_func`, parsed once per layer shape (parsing TVMScript takes ~0.2 s; a
+    model repeats a few shapes many times)."""
     m_rows, k_in, n_out, group, groups = spec.batch, spec.in_features, spec.out_features, spec.group_size, spec.groups
     dynamic, asym, has_bias = spec.act_dynamic, spec.asymmetric, spec.has_bias
     zrows, zcols = (groups, n_out) if asym else (1, 1)
@@ -232,7 +241,7 @@ def a8_amx_func(spec: PackedLinearSpec, name: str | None = None) -> tirx.PrimFun
                             y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0]
             T.evaluate(_tile("tilerelease"))
 
-    return finish(kernel, name)
+    return kernel
 
 
 __all__ = ["KERNEL", "KERNEL_NAME", "MIN_ROWS", "X86A8Amx", "a8_amx_func"]
