@@ -36,6 +36,8 @@ from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
 from lowbit.backends.tvm.kernels.generic.dense import dense_plan
 from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec, Tensors
+from lowbit.backends.tvm.kernels.x86 import a8_amx as x86_a8_amx
+from lowbit.backends.tvm.kernels.x86 import a8_gemm as x86_a8_gemm
 from lowbit.backends.tvm.kernels.x86 import a8_linear as x86_a8_linear
 from lowbit.backends.tvm.runner import (
     LIBRARY_FILE,
@@ -62,12 +64,27 @@ log = logging.getLogger(__name__)
 ARM_CXX = "aarch64-linux-gnu-g++"
 ARM_CXX_PACKAGE = "g++-aarch64-linux-gnu"
 #: x86 features a library may be compiled to use; loading checks the host has each one the library needs.
-X86_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
+X86_FEATURES = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512vnni",
+    "avxvnni",
+    "amx-tile",
+    "amx-int8",
+)
 #: The int8-activation kernels of each CPU architecture, in order of preference.
 A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
     "x86_64": (x86_a8_linear.KERNEL,),
     "aarch64": (arm_a8_linear.KERNEL,),
 }
+#: int8-activation GEMMs tried before those from `a8_gemm.MIN_ROWS` rows on (x86: AMX for 8-bit codes in whole
+#: blocks of 32 rows, then AVX-512 VNNI).
+A8_GEMM_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_amx.KERNEL, x86_a8_gemm.KERNEL)}
 
 
 class CPUToolchain(Toolchain):
@@ -80,10 +97,11 @@ class CPUToolchain(Toolchain):
         self.name = f"the {self.arch} CPU"
 
     def kernels(self, spec: PackedLinearSpec) -> Sequence[LinearKernel]:
-        """int8 activations: the architecture's int8 kernel; float: the panel GEMM from `packed_gemm.MIN_ROWS`
-        rows on, then the packed GEMV."""
+        """int8 activations: the architecture's int8 GEMMs from `a8_gemm.MIN_ROWS` rows on, then its int8 kernel;
+        float: the panel GEMM from `packed_gemm.MIN_ROWS` rows on, then the packed GEMV."""
         if spec.act_bits is not None:
-            return A8_KERNELS.get(self.arch, ())
+            gemms = A8_GEMM_KERNELS.get(self.arch, ()) if spec.batch >= x86_a8_gemm.MIN_ROWS else ()
+            return (*gemms, *A8_KERNELS.get(self.arch, ()))
         if spec.batch >= packed_gemm.MIN_ROWS:
             return packed_gemm.KERNEL, packed_linear.KERNEL
         return (packed_linear.KERNEL,)
@@ -204,6 +222,7 @@ def features(target: Target) -> list[str]:
 
 
 __all__ = [
+    "A8_GEMM_KERNELS",
     "A8_KERNELS",
     "ARM_CXX",
     "ARM_CXX_PACKAGE",

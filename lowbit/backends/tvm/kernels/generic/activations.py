@@ -54,9 +54,13 @@ def zeros_reason(zeros: torch.Tensor | None, kernel: str) -> str | None:
 
 
 def activation_codes(
-    x: te.Tensor, step: te.Tensor | None
+    x: te.Tensor, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr] = tirx.nearbyint
 ) -> tuple[Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], te.Tensor | None]:
-    """The int8 code of ``x[m, k]`` as an expression builder, and the per-row multiplier ``s`` (None when static)."""
+    """The int8 code of ``x[m, k]`` as an expression builder, and the per-row multiplier ``s`` (None when static).
+
+    ``rint`` rounds half to even: ``tirx.nearbyint``, or on LLVM CPU targets ``tirx.round`` (it lowers to the
+    same ``llvm.nearbyint``, and TVM vectorizes it where it scalarizes ``nearbyint``).
+    """
     m_rows, k_in = (int(d) for d in x.shape)
     mult = None
     if step is None:
@@ -70,7 +74,7 @@ def activation_codes(
 
     def code(m: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
         scaled = x[m, kk] * mult[m] if step is None else x[m, kk] / step[0]
-        return tirx.max(tirx.min(tirx.nearbyint(scaled), float(ACT_QMAX)), float(ACT_QMIN)).astype("int8")
+        return tirx.max(tirx.min(rint(scaled), float(ACT_QMAX)), float(ACT_QMIN)).astype("int8")
 
     return code, mult
 

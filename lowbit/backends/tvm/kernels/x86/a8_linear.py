@@ -181,11 +181,11 @@ class X86A8Linear(LinearKernel):
 KERNEL = X86A8Linear()
 
 
-def blocked(per_group: torch.Tensor, vectors: int) -> torch.Tensor:
-    """Per-group values ``(N, G)`` → ``(N/(8·V), G, 8·V)``: the ``V = vectors`` tiles computed together read
-    theirs contiguously."""
+def blocked(per_group: torch.Tensor, vectors: int, rows: int = ROWS) -> torch.Tensor:
+    """Per-group values ``(N, G)`` → ``(N/(R·V), G, R·V)`` for tiles of ``R = rows`` (8): the ``V = vectors``
+    tiles computed together read theirs contiguously."""
     n_out, groups = per_group.shape
-    return per_group.reshape(n_out // (ROWS * vectors), ROWS * vectors, groups).transpose(1, 2).contiguous()
+    return per_group.reshape(n_out // (rows * vectors), rows * vectors, groups).transpose(1, 2).contiguous()
 
 
 def tile_vectors(out_tile: int, row_vectors: int) -> int:
@@ -193,8 +193,9 @@ def tile_vectors(out_tile: int, row_vectors: int) -> int:
     return divisor_at_most(out_tile // ROWS, row_vectors)
 
 
-def interleave(qweight: torch.Tensor, bits: int, in_features: int, vectors: int) -> torch.Tensor:
-    """Packed rows ``(N, row_bytes)`` → words ``(N/(8·V), K/(4·pb), V·32)`` of the module doc.
+def interleave(qweight: torch.Tensor, bits: int, in_features: int, vectors: int, rows: int = ROWS) -> torch.Tensor:
+    """Packed rows ``(N, row_bytes)`` → words ``(N/(R·V), K/(4·pb), V·4·R)`` of the module doc (tiles of ``R =
+    rows`` output rows, 8 by default).
 
     The ``V = vectors`` tiles computed together have their words side by side, so a task
     reads its weights as one sequential stream.
@@ -202,11 +203,11 @@ def interleave(qweight: torch.Tensor, bits: int, in_features: int, vectors: int)
     codes = packing.unpack(qweight, bits, in_features).to(torch.int32)
     n_out, pb = codes.shape[0], 8 // bits
     # [tile group, tile, row, word, quad-in-word, column] → [tile group, word, tile, quad-in-word, row, column]
-    blocks = codes.reshape(n_out // (ROWS * vectors), vectors, ROWS, in_features // (COLUMNS * pb), pb, COLUMNS)
+    blocks = codes.reshape(n_out // (rows * vectors), vectors, rows, in_features // (COLUMNS * pb), pb, COLUMNS)
     blocks = blocks.permute(0, 3, 1, 4, 2, 5)
     shifts = (torch.arange(pb, dtype=torch.int32) * bits).reshape(1, 1, 1, pb, 1, 1)
     words = (blocks << shifts).sum(dim=3)
-    return words.reshape(n_out // (ROWS * vectors), -1, vectors * WORD_BYTES).to(torch.uint8).contiguous()
+    return words.reshape(n_out // (rows * vectors), -1, vectors * rows * COLUMNS).to(torch.uint8).contiguous()
 
 
 def a8_linear_func(
@@ -235,33 +236,38 @@ def a8_linear_func(
     return finish(sch.mod["main"], name)
 
 
-def _quantized_input(x: te.Tensor, step: te.Tensor | None) -> tuple[te.Tensor, te.Tensor | None]:
-    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s``."""
-    code, mult = activation_codes(x, step)
+def _quantized_input(x: te.Tensor, step: te.Tensor | None, vector_round: bool) -> tuple[te.Tensor, te.Tensor | None]:
+    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s`` (``vector_round``:
+    rounded with ``tirx.round``, see `activation_codes`)."""
+    code, mult = activation_codes(x, step, tirx.round if vector_round else tirx.nearbyint)
     return te.compute(tuple(int(d) for d in x.shape), code, name="xq"), mult
 
 
-def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False) -> tirx.PrimFunc:
+def a8_linear_compute(
+    spec: PackedLinearSpec, vectors: int, split: bool = False, rows: int = ROWS, vector_round: bool = False
+) -> tirx.PrimFunc:
     """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``.
 
     ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
     word, the codes masked in place; otherwise one, the codes shifted down and the quads
-    summed by the reduction.
+    summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
+    activation codes rounded in vector lanes (`activation_codes`).
     """
     m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
     quads = group // COLUMNS  # column quads per group
+    word_bytes = rows * COLUMNS
     x = te.placeholder((m_rows, k_in), "float32", name="x")
     words = te.placeholder(
-        (n_out // (ROWS * vectors), k_in // (COLUMNS * pb), vectors * WORD_BYTES), "uint8", name="words"
+        (n_out // (rows * vectors), k_in // (COLUMNS * pb), vectors * word_bytes), "uint8", name="words"
     )
-    per_group = (n_out // (ROWS * vectors), groups, vectors * ROWS)
+    per_group = (n_out // (rows * vectors), groups, vectors * rows)
     scales = te.placeholder(per_group, "float32", name="scales")
     zeros = te.placeholder(per_group, "int32", name="zeros") if spec.asymmetric else None
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    xq, mult = _quantized_input(x, step)
+    xq, mult = _quantized_input(x, step, vector_round)
     kg = te.reduce_axis((0, group), name="kg")
     asum = te.compute(
         (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
@@ -269,19 +275,19 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False)
     mask = tirx.const((1 << bits) - 1, "uint8")
 
     def code(t: tirx.Var, q: tirx.Var, i: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
-        word = words[t // vectors, q // pb, (t % vectors) * WORD_BYTES + i * COLUMNS + c]
+        word = words[t // vectors, q // pb, (t % vectors) * word_bytes + i * COLUMNS + c]
         shift = ((q % pb) * bits).astype("uint8")
         if split:
             return tirx.bitwise_and(word, tirx.shift_left(mask, shift))
         return tirx.bitwise_and(tirx.shift_right(word, shift), mask)
 
-    codes = te.compute((n_out // ROWS, k_in // COLUMNS, ROWS, COLUMNS), code, name="codes")
+    codes = te.compute((n_out // rows, k_in // COLUMNS, rows, COLUMNS), code, name="codes")
     lanes = pb if split else 1
     w = te.reduce_axis((0, quads // pb), name="w")
     lane = te.reduce_axis((0, pb // lanes), name="lane")
     c = te.reduce_axis((0, COLUMNS), name="c")
     dot = te.compute(
-        (m_rows, groups, n_out // ROWS, lanes, ROWS),
+        (m_rows, groups, n_out // rows, lanes, rows),
         lambda m, g, t, l, i: te.sum(
             xq[m, g * group + (w * pb + l + lane) * COLUMNS + c].astype("int32")
             * codes[t, g * quads + w * pb + l + lane, i, c].astype("int32"),
@@ -292,7 +298,7 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False)
     default = int(packing.default_zero(bits))
 
     def centered(m: tirx.Var, g: tirx.Var, t: tirx.Var, i: tirx.Var) -> tirx.PrimExpr:
-        block, row = t // vectors, (t % vectors) * ROWS + i
+        block, row = t // vectors, (t % vectors) * rows + i
         zero = zeros[block, g, row] if zeros is not None else tirx.const(default, "int32")
         total = dot[m, g, t, 0, i]
         for l in range(1, lanes):
@@ -301,11 +307,11 @@ def a8_linear_compute(spec: PackedLinearSpec, vectors: int, split: bool = False)
 
     g_axis = te.reduce_axis((0, groups), name="g")
     acc = te.compute(
-        (m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis), name="acc"
+        (m_rows, n_out // rows, rows), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis), name="acc"
     )
 
     def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
-        value = acc[m, n // ROWS, n % ROWS]
+        value = acc[m, n // rows, n % rows]
         value = value / mult[m] if step is None else value * step[0]
         return value + bias[n] if bias is not None else value
 

@@ -15,7 +15,9 @@ one 256-bit register of codes, eight int32 lanes of ``C``. Implementations:
   exactly and ``vpmaddwd`` weighs the pairs by 1 and 16 (both fit int32);
 * ``VNNI``: ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.256``; AVX-512 VNNI with VL, or
   AVX-VNNI) sums four unsigned × signed products into each int32 lane without
-  saturation, so it is exact for every uint8 code.
+  saturation, so it is exact for every uint8 code;
+* ``VNNI_512``: the same on 16 output rows (64 bytes of codes, one zmm register,
+  ``llvm.x86.avx512.vpdpbusd.512``), for the register-blocked GEMM of `kernels.x86.a8_gemm`.
 
 Values are written inline, not bound to names: a vector bound in TVMScript becomes a
 buffer, which inside a parallel loop TVM allocates from the workspace pool per task.
@@ -30,12 +32,14 @@ import functools
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-#: Output rows and input columns one intrinsic call covers.
+#: Output rows and input columns one intrinsic call covers (``VNNI_512``: ``WIDE_ROWS`` rows).
 ROWS, COLUMNS = 8, 4
+WIDE_ROWS = 16
 
 AVX2_U7 = "lowbit_dot_8x4_u7s8_avx2"
 AVX2_U8 = "lowbit_dot_8x4_u8s8_avx2"
 VNNI = "lowbit_dot_8x4_u8s8_vnni"
+VNNI_512 = "lowbit_dot_16x4_u8s8_vnni512"
 
 
 @functools.cache
@@ -130,9 +134,42 @@ def register() -> None:
                 dtype="int32x8",
             )
 
+    @T.prim_func(s_tir=True)
+    def wide_desc(
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        B: T.Buffer((16, 4), "uint8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def dot_vnni512(
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        B: T.Buffer((16, 4), "uint8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C[T.ramp(T.int32(0), 1, 16)],
+                B.vload([0, 0], "uint8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64"),
+                dtype="int32x16",
+            )
+
     TensorIntrin.register(AVX2_U7, dot_desc, dot_avx2_u7, override=True)
     TensorIntrin.register(AVX2_U8, dot_desc, dot_avx2_u8, override=True)
     TensorIntrin.register(VNNI, dot_desc, dot_vnni, override=True)
+    TensorIntrin.register(VNNI_512, wide_desc, dot_vnni512, override=True)
 
 
-__all__ = ["AVX2_U7", "AVX2_U8", "COLUMNS", "ROWS", "VNNI", "register"]
+__all__ = ["AVX2_U7", "AVX2_U8", "COLUMNS", "ROWS", "VNNI", "VNNI_512", "WIDE_ROWS", "register"]

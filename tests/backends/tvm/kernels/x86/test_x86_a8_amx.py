@@ -1,0 +1,150 @@
+"""The x86 AMX int8 GEMM against the torch reference op ``lowbit.linear_packed_a8``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm.target import Target
+
+from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
+from lowbit.backends.tvm.kernels.x86 import a8_amx, a8_gemm, a8_linear
+from lowbit.backends.tvm.target import has_features, x86_host_target
+from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
+from lowbit.backends.tvm.tuning.database import Trial
+from lowbit.backends.tvm.tuning.search import propose
+from lowbit.errors import BackendError
+from lowbit.ir import ops_a8, packing
+
+#: A target with AMX-INT8: the kernel compiles for it on any host and runs where the host has AMX.
+AMX_TARGET = Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+HOST_HAS_AMX = has_features(Target(x86_host_target()), "amx-int8", "amx-tile")
+
+
+def _weight(n_out: int, k_in: int, group: int, asym: bool, bias: bool, seed: int) -> dict:
+    """Random 8-bit codes, power-of-two scales (the float epilogue is exact), [zero points], [a bias in quarters]."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n_out, k_in), generator=gen, dtype=torch.uint8)
+    groups = k_in // group
+    return {
+        "qweight": packing.pack(codes, 8),
+        "scales": 2.0 ** -torch.randint(0, 5, (n_out, groups), generator=gen).float(),
+        "zeros": torch.randint(0, 256, (n_out, groups), generator=gen).float() if asym else None,
+        "g_idx": None,
+        "bias": torch.randint(-8, 9, (n_out,), generator=gen).float() / 4 if bias else None,
+        "act_scale": None,
+    }
+
+
+def _spec(rows: int, k_in: int, n_out: int, group: int, weight: dict, bits: int = 8) -> PackedLinearSpec:
+    return PackedLinearSpec(
+        rows,
+        k_in,
+        n_out,
+        bits,
+        group,
+        weight["zeros"] is not None,
+        weight["bias"] is not None,
+        act_bits=8,
+        act_dynamic=weight["act_scale"] is None,
+    )
+
+
+def _run(lib: tvm.runtime.Module, name: str, plan: KernelPlan, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    args = [tvm.runtime.tensor(t.numpy()) for t in [x, *plan.consts]]
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], n_out), dtype="float32"))
+    lib[name](*args, out)
+    return torch.from_numpy(out.numpy())
+
+
+#: (rows, in, out, group, asymmetric, bias, static step): the demo's W8A8 shapes at 256 rows, 32 rows, groups
+#: of 64 and 128 with zero points, no bias, static activation steps.
+CASES = [
+    (256, 384, 384, 384, False, True, None),
+    (256, 1536, 384, 1536, False, True, None),
+    (256, 384, 1536, 384, False, True, None),
+    (32, 384, 64, 128, True, False, None),
+    (64, 1536, 384, 64, True, True, 2.0**-5),
+    (96, 256, 96, 256, False, False, 2.0**-6),
+]
+
+
+def test_amx_gemm_is_bit_exact_with_the_reference_op() -> None:
+    """Power-of-two scales make every float step exact, so the outputs must equal the reference's bit for bit."""
+    plans = {}
+    for index, (rows, k_in, n_out, group, asym, bias, step) in enumerate(CASES):
+        weight = _weight(n_out, k_in, group, asym, bias, seed=index)
+        if step is not None:
+            weight["act_scale"] = torch.tensor(step)
+        spec = _spec(rows, k_in, n_out, group, weight)
+        assert a8_amx.KERNEL.supports(spec, weight, AMX_TARGET) is None
+        plans[f"case{index}"] = weight, spec, a8_amx.KERNEL.plan(spec, weight, AMX_TARGET)
+    lib = tvm.compile(
+        tvm.IRModule({name: plan.func.with_attr("global_symbol", name) for name, (_, _, plan) in plans.items()}),
+        target=AMX_TARGET,
+    )
+    assert "tdpbsud" in lib.mod.inspect_source("asm")
+    if not HOST_HAS_AMX:
+        pytest.skip("this host has no AMX-INT8: compiled only")
+    for name, (weight, spec, plan) in plans.items():
+        x = torch.randn(spec.batch, spec.in_features, generator=torch.Generator().manual_seed(spec.batch)) * 3
+        x[0, :4] = torch.tensor([127.0, -127.0, 0.5, -0.5]) / 127 * x[0].abs().max()
+        if weight["act_scale"] is not None:  # exact ties of a static step round half to even
+            x[1, :6] = torch.tensor([0.5, 1.5, 2.5, -2.5, -0.5, 300.0]) * weight["act_scale"]
+        got = _run(lib, name, plan, x, spec.out_features)
+        ref = ops_a8.linear_packed_a8(
+            x,
+            weight["qweight"],
+            weight["scales"],
+            weight["zeros"],
+            None,
+            weight["bias"],
+            8,
+            spec.group_size,
+            spec.in_features,
+            weight["act_scale"],
+        )
+        assert torch.equal(got, ref), f"{name} {spec}: max diff {(got - ref).abs().max()}"
+
+
+def test_the_lowering_takes_amx_for_whole_blocks_of_8_bit_rows() -> None:
+    weight = _weight(384, 384, 384, False, True, seed=0)
+    toolchain = CPUToolchain(AMX_TARGET)
+
+    def chosen(rows: int, bits: int = 8) -> str:
+        spec = _spec(rows, 384, 384, 384, weight, bits)
+        return next(k.name for k in toolchain.kernels(spec) if k.supports(spec, weight, AMX_TARGET) is None)
+
+    assert chosen(256) == chosen(32) == a8_amx.KERNEL_NAME
+    assert chosen(48) == chosen(256, bits=4) == a8_gemm.KERNEL_NAME
+    assert chosen(1) == a8_linear.KERNEL_NAME
+
+
+@pytest.mark.parametrize(
+    ("changes", "target", "reason"),
+    [
+        ({"batch": 16}, AMX_TARGET, "multiple of 32 rows"),
+        ({"batch": 80}, AMX_TARGET, "multiple of 32 rows"),
+        ({}, Target({"kind": "llvm", "mcpu": "znver4"}), "AMX-INT8"),
+        ({"bits": 4}, AMX_TARGET, "8-bit codes"),
+        ({"out_features": 48}, AMX_TARGET, "not a multiple of 32"),
+        ({"group_size": 32}, AMX_TARGET, "not a multiple of 64"),
+        ({"act_bits": None}, AMX_TARGET, "8-bit activations"),
+    ],
+)
+def test_layers_and_targets_the_amx_gemm_refuses(changes: dict, target: Target, reason: str) -> None:
+    base = {"batch": 64, "in_features": 256, "out_features": 64, "bits": 8, "group_size": 128, "act_bits": 8}
+    spec = PackedLinearSpec(**{**base, **changes}, asymmetric=False, has_bias=False)
+    assert reason in a8_amx.KERNEL.supports(spec, {}, target)
+    with pytest.raises(BackendError, match="cannot take"):
+        a8_amx.KERNEL.plan(spec, {}, target)
+
+
+def test_the_amx_kernel_has_no_knobs_and_the_tuner_tries_only_its_hand_schedule() -> None:
+    weight = _weight(64, 256, 128, False, True, seed=1)
+    spec = _spec(64, 256, 64, 128, weight)
+    plan = a8_amx.KERNEL.plan(spec, weight, AMX_TARGET)
+    assert plan.name == a8_amx.KERNEL_NAME and plan.knobs == a8_amx.KERNEL.default_knobs(spec, AMX_TARGET) == {}
+    assert propose(a8_amx.KERNEL.knobs, {}, [], "amx") == {}
+    assert propose(a8_amx.KERNEL.knobs, {}, [Trial({}, "measured", 1e-4)], "amx") is None
