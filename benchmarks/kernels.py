@@ -3,8 +3,9 @@
 For (M, K, N) in {1, 32} × {(4096, 4096), (4096, 11008), (11008, 4096)}, on one thread and on all
 threads, each x86 kernel with its hand schedule: ``w2a8``/``w4a8`` (2/4-bit groups of 128, int8 dynamic
 per-token activations), ``w1.58a8`` (ternary, one scale per row), ``w8a8`` (8-bit, one scale per row) and
-``w4a16`` (4-bit groups of 128, fp32 activations; the GEMV at M=1, the panel GEMM at M=32). Each kernel's
-output is checked against lowbit's torch reference op before it is timed.
+``w4a16`` (4-bit groups of 128, fp32 activations). Each case runs the kernel the x86 lowering picks for it
+(GEMVs at M=1; at M=32 the int8 GEMMs, AMX where the CPU has it, and the W4A16 panel GEMM), and its output is
+checked against lowbit's torch reference op before it is timed.
 
 Peers on the same inputs and thread count: torch fp32 ``F.linear`` and ONNX Runtime ``MatMulNBits``
 (block 128; ``accuracy_level=4``, int8 activations, against the A8 kernels; ``0`` against W4A16), plus
@@ -94,28 +95,29 @@ def build(kernels: list[str], shapes: list[tuple[int, int]], directory: Path) ->
     """Compile every kernel for this machine's x86 target into ``directory`` with its constants; returns the cases."""
     import tvm
 
-    from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
     from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
-    from lowbit.backends.tvm.kernels.x86 import a8_linear
     from lowbit.backends.tvm.target import resolve_target
+    from lowbit.backends.tvm.toolchains import resolve_toolchain
 
     target = resolve_target("x86")
+    toolchain = resolve_toolchain(target)
     cases, read_rows = [], set()
     for kernel in kernels:
         bits, group, a8, _ = KERNELS[kernel]
         for rows in ROWS:
-            module = a8_linear if a8 else packed_gemm if rows >= packed_gemm.MIN_ROWS else packed_linear
             for k, n in shapes:
                 name = case_name(kernel, rows, k, n)
                 spec = PackedLinearSpec(
                     rows, k, n, bits, group or k, asymmetric=False, has_bias=False, act_bits=8 if a8 else None
                 )
-                plan = module.KERNEL.plan(spec, weights(kernel, k, n, seed=k + n), target)
+                tensors = weights(kernel, k, n, seed=k + n)
+                chosen = next(c for c in toolchain.kernels(spec) if c.supports(spec, tensors, target) is None)
+                plan = chosen.plan(spec, tensors, target)
                 log.info("compiling %s (%s, knobs %s)", name, plan.name, plan.knobs)
                 lib = tvm.compile(tvm.IRModule({name: plan.func.with_attr("global_symbol", name)}), target=target)
                 lib.export_library(str(directory / f"{name}.so"))
                 np.savez(directory / f"{name}.npz", *[t.contiguous().numpy() for t in plan.consts])
-                detail = a8_linear.intrinsic(spec, target) if a8 else plan.name
+                detail = plan.name
                 size_rows = read_task_rows(sum(t.numel() * t.element_size() for t in plan.consts) + rows * k * 4)
                 read_rows.add(size_rows)
                 cases.append(
