@@ -19,6 +19,9 @@ def test_minilm_w4a16_matches_the_torch_graph() -> None:
     held_out = demo._encode(minilm.tokenizer, demo.EVAL_SENTENCES)
     with torch.no_grad():
         expected = compiled.graph(**held_out)
+        eager = minilm.model(**held_out)
     got = compiled(**held_out)
-    for value, reference in zip(got, (expected.last_hidden_state, expected.pooler_output)):
+    assert type(got) is type(eager) and list(got.keys()) == list(eager.keys())
+    pairs = zip((got.last_hidden_state, got.pooler_output), (expected.last_hidden_state, expected.pooler_output))
+    for value, reference in pairs:
         assert float((value - reference).norm() / reference.norm()) < 1e-4
