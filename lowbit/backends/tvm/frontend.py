@@ -73,10 +73,12 @@ def import_graph(
 ) -> tvm.IRModule:
     """``gm`` as a Relax module for ``inputs``, with ``convert`` as extra converters (by operator name).
 
-    Raises `BackendError` where the frontend cannot import an operator.
+    Raises `BackendError` where the frontend cannot import an operator, naming the layers it does not know.
     """
+    importer = GraphImporter(constant_linear)
+    _check_modules(gm, importer.create_convert_map())
     try:
-        return GraphImporter(constant_linear).from_fx(
+        return importer.from_fx(
             gm,
             [(spec.shape, spec.dtype) for spec in inputs],
             keep_params_as_input=False,
@@ -86,6 +88,22 @@ def import_graph(
         )
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
         raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
+
+
+def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
+    """`BackendError` naming every ``call_module`` layer whose type the frontend has no converter for."""
+    unknown = {
+        str(node.target): type(gm.get_submodule(str(node.target)))
+        for node in gm.graph.nodes
+        if node.op == "call_module" and type(gm.get_submodule(str(node.target))) not in convert_map
+    }
+    if unknown:
+        layers = ", ".join(f"{path!r} ({kind.__module__}.{kind.__qualname__})" for path, kind in unknown.items())
+        raise BackendError(
+            f"TVM's torch frontend cannot import the layer(s) {layers}: the module type has no converter; "
+            "trace without leaf_modules= naming them (so they are traced into primitive ops), "
+            "or compile with target='torch'"
+        )
 
 
 class GraphImporter(TorchFXImporter, ExportedProgramImporter):
