@@ -229,3 +229,27 @@ def test_loaded_artifact_keeps_report_and_warnings(net, tmp_path):
     assert isinstance(loaded, lowbit.CompiledModel) and loaded.report.warnings == compiled.report.warnings
     assert loaded.report.bytes_after == compiled.report.bytes_after and loaded.report.tracer == compiled.report.tracer
     assert loaded.export(tmp_path / "b").is_dir()
+
+
+def test_recurrent_and_attention_layers_compile_for_x86_with_their_linears_quantized():
+    class Sequence(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+            self.gru = torch.nn.GRU(32, 16, batch_first=True)
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            y, _ = self.lstm(x)
+            y, _ = self.gru(y)
+            return self.attn(y, y, y, key_padding_mask=padding)[0]
+
+    torch.manual_seed(0)
+    model = Sequence().eval()
+    x, padding = torch.randn(2, 5, 8), torch.tensor([[False] * 4 + [True], [False] * 5])
+    dense = lowbit.compile(model, (x, padding), target="x86")
+    assert dense.report.rel_error < 1e-4
+    compiled = lowbit.compile(model, (x, padding), passes=["rtn:bits=8,group_size=-1"], target="x86")
+    quantized = {r.layer for r in compiled.report.pipeline.passes[0].layers if r.action == "quantized"}
+    assert {"lstm.ih_l1_reverse", "lstm.hh_l0", "gru.hh_l0", "attn.q_proj", "attn.out_proj"} <= quantized
+    assert compiled.report.rel_error < 0.02

@@ -71,9 +71,9 @@ class UnrolledRNN(nn.Module):
         self.directions = 2 if rnn.bidirectional else 1
         for layer in range(self.layers):
             for suffix in self._suffixes(layer):
-                bias = (getattr(rnn, f"bias_ih{suffix}"), getattr(rnn, f"bias_hh{suffix}")) if rnn.bias else (None, None)
-                self.add_module(f"ih{suffix}", _linear(getattr(rnn, f"weight_ih{suffix}"), bias[0]))
-                self.add_module(f"hh{suffix}", _linear(getattr(rnn, f"weight_hh{suffix}"), bias[1]))
+                for kind in ("ih", "hh"):
+                    bias = getattr(rnn, f"bias_{kind}{suffix}") if rnn.bias else None
+                    self.add_module(f"{kind}{suffix}", _linear(getattr(rnn, f"weight_{kind}{suffix}"), bias))
 
     def _suffixes(self, layer: int) -> list[str]:
         return [f"_l{layer}", f"_l{layer}_reverse"][: self.directions]
@@ -267,6 +267,7 @@ _MHA_OPTIONS = {"need_weights": True, "average_attn_weights": True, "is_causal":
 
 # --- graph rewriting ------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Decomposition:
     """How one layer kind is decomposed: the equivalent module for a call (from the static shapes of its
@@ -352,9 +353,9 @@ def decomposable(layer: nn.Module) -> bool:
     return type(layer) in _DECOMPOSITIONS and not (layer._forward_hooks or layer._forward_pre_hooks)
 
 
-def decompose(gm: fx.GraphModule, keep: Callable[[str, nn.Module], bool] = lambda path, layer: False) -> int:
+def decompose(gm: fx.GraphModule, keep: Callable[[nn.Module, str], bool] = lambda layer, path: False) -> int:
     """Replace every call of a decomposable layer in ``gm`` (shape-propagated) by its decomposition,
-    except layers for which ``keep(path, layer)`` is true.
+    except layers for which ``keep(layer, path)`` is true.
 
     Returns the number of calls replaced; the caller re-propagates shapes.
     """
@@ -363,7 +364,7 @@ def decompose(gm: fx.GraphModule, keep: Callable[[str, nn.Module], bool] = lambd
     for node in gm.graph.nodes:
         if node.op == "call_module":
             path, layer = str(node.target), gm.get_submodule(str(node.target))
-            if decomposable(layer) and not keep(path, layer):
+            if decomposable(layer) and not keep(layer, path):
                 calls.append((node, path, layer, _DECOMPOSITIONS[type(layer)].module(path, layer, node)))
     for node, path, layer, module in calls:
         structure = _inline(gm, node, path, module, _DECOMPOSITIONS[type(layer)].inputs(layer, node))

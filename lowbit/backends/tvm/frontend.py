@@ -2,8 +2,9 @@
 
 `GraphImporter` is TVM's FX importer extended with the ATen overloads that graphs traced by torch.export keep, and
 a few conversions the frontend lacks or gets wrong (attention with boolean masks, ``diff``, integer ``cumsum``,
-``to.device``, ``new_ones`` with a dtype). The lowbit linears are converted by the caller's ``custom_convert_map``
-(`convert`); fp32 linears whose weight is a graph constant go to the toolchain's hook (`ConstantLinear`).
+``to.device``, ``new_ones`` with a dtype, ``masked_fill``). The lowbit linears are converted by the caller's
+``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the toolchain's hook
+(`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the fix.
 """
 
 from __future__ import annotations
@@ -163,7 +164,17 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "diff.default": self._diff,
             "cumsum.default": self._cumsum_promoted,
             **TorchFXImporter.create_convert_map(self),
+            "masked_fill": self._masked_fill_where,
+            "masked_fill.Scalar": self._masked_fill_where,
         }
+
+    def _masked_fill_where(self, node: fx.Node) -> relax.Expr:
+        """``x.masked_fill(mask, value)`` with a scalar value as ``where(mask, value, x)`` (the upstream converter
+        emits a ``full_like`` that this TVM cannot legalize)."""
+        x, mask, value = self.retrieve_args(node)[:3]
+        if not isinstance(value, int | float):
+            return self._masked_fill(node)
+        return self.block_builder.emit(relax.op.where(mask, relax.const(value, x.ty.dtype), x))
 
     def _new_ones_typed(self, node: fx.Node) -> relax.Expr:
         """``aten.new_ones(x, size, dtype=...)``: the upstream converter ignores ``dtype``."""
