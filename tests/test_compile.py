@@ -18,6 +18,7 @@ from lowbit.errors import (
     RecipeError,
     TraceError,
     UnknownPassError,
+    UnsupportedLayerError,
 )
 
 
@@ -253,3 +254,29 @@ def test_recurrent_and_attention_layers_compile_for_x86_with_their_linears_quant
     quantized = {r.layer for r in compiled.report.pipeline.passes[0].layers if r.action == "quantized"}
     assert {"lstm.ih_l1_reverse", "lstm.hh_l0", "gru.hh_l0", "attn.q_proj", "attn.out_proj"} <= quantized
     assert compiled.report.rel_error < 0.02
+
+
+def test_layers_the_kernels_cannot_serve_are_announced_before_the_build(net, caplog):
+    with caplog.at_level(logging.INFO, logger="lowbit"):
+        compiled = lowbit.compile(net, EXAMPLE, passes=["rtn:bits=3,group_size=32"], target="x86")
+    messages = [record.getMessage() for record in caplog.records]
+    announced = [i for i, m in enumerate(messages) if "dequantized fp32 fallback" in m]
+    built = next(i for i, m in enumerate(messages) if m.startswith("built ") or "building" in m.lower())
+    assert len(announced) == 2 and all(caplog.records[i].levelno == logging.WARNING for i in announced)
+    assert all("3-bit" in messages[i] and "nearest supported setting: bits=4" in messages[i] for i in announced)
+    assert compiled.report.fallbacks and all("bits=4" in item for item in compiled.report.fallbacks)
+    assert built < announced[0]  # "building for target" precedes lowering; the TVM build itself comes after
+
+
+def test_strict_refuses_fallback_layers_before_building(net, monkeypatch):
+    from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("strict must refuse before the build")
+
+    monkeypatch.setattr(CPUToolchain, "build", no_build)
+    with pytest.raises(
+        UnsupportedLayerError, match=r"(?s)2 low-bit layer.*fc1 \(fc1_packed\): 3-bit.*bits=4.*strict=False"
+    ):
+        lowbit.compile(net, EXAMPLE, passes=["rtn:bits=3,group_size=32"], target="x86", strict=True)
+    assert issubclass(UnsupportedLayerError, BackendError)

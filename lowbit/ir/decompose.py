@@ -7,7 +7,7 @@ tracing, each ``call_module`` of such a layer is replaced by the graph of an equ
 path: an LSTM at ``rnn`` becomes ``rnn.ih_l0`` / ``rnn.hh_l0`` linears and its gate math unrolled over
 the (static) sequence length; an attention layer at ``attn`` becomes ``attn.q_proj`` ... ``attn.out_proj``
 and an explicit ``softmax(q kᵀ / √d + mask) v``. An option that is not decomposed raises
-`UnsupportedLayerError` naming the layer, the option and the fix, never a different result.
+`UnsupportedOptionError` naming the layer, the option and the fix, never a different result.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ logger = logging.getLogger("lowbit.trace")
 _FIX = "keep the layer whole with leaf_modules=(its class or path,) and compile with target='torch'"
 
 
-class UnsupportedLayerError(TraceError):
+class UnsupportedOptionError(TraceError):
     """A recurrent or attention layer uses an option lowbit does not decompose."""
 
 
-def _refuse(path: str, layer: nn.Module, option: str) -> UnsupportedLayerError:
-    return UnsupportedLayerError(
+def _refuse(path: str, layer: nn.Module, option: str) -> UnsupportedOptionError:
+    return UnsupportedOptionError(
         f"module {path!r} ({type(layer).__name__}): {option} is not supported by the decomposition into linears; "
         f"{_FIX}, or drop the option"
     )
@@ -219,6 +219,10 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor, is_bool: bool) -> torch.Te
     return scores.masked_fill(mask, float("-inf")) if is_bool else scores + mask
 
 
+#: ``MultiheadAttention.forward`` options that must be Python constants, with their defaults.
+_MHA_OPTIONS = {"need_weights": True, "average_attn_weights": True, "is_causal": False}
+
+
 def _attention_module(path: str, mha: nn.Module, node: fx.Node) -> nn.Module:
     bound = _bind(mha, node)
     options = {name: bound.get(name, default) for name, default in _MHA_OPTIONS.items()}
@@ -260,9 +264,6 @@ def _mask_kind(mask: Any) -> str | None:
         return None
     dtype = mask.meta["tensor_meta"].dtype if isinstance(mask, fx.Node) else mask.dtype
     return "bool" if dtype == torch.bool else "float"
-
-
-_MHA_OPTIONS = {"need_weights": True, "average_attn_weights": True, "is_causal": False}
 
 
 # --- graph rewriting ------------------------------------------------------------
@@ -388,7 +389,7 @@ __all__ = [
     "AttentionCall",
     "DecomposedAttention",
     "UnrolledRNN",
-    "UnsupportedLayerError",
+    "UnsupportedOptionError",
     "decomposable",
     "decompose",
     "output_structure",

@@ -43,7 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from lowbit.errors import TraceError
 from lowbit.ir.canonicalize import canonicalize_exported
-from lowbit.ir.decompose import UnsupportedLayerError, decomposable, decompose, output_structure
+from lowbit.ir.decompose import UnsupportedOptionError, decomposable, decompose, output_structure
 
 logger = logging.getLogger("lowbit.trace")
 
@@ -328,7 +328,7 @@ def trace(
         for index, name in enumerate(chain):
             try:
                 gm = _trace_with(name, model, args, kwargs, leaf_modules)
-            except UnsupportedLayerError:
+            except UnsupportedOptionError:
                 raise  # the model traced; one of its layers uses an option with no decomposition
             except Exception as exc:  # noqa: BLE001 - any tracer failure moves on to the next one
                 then = f"; trying {chain[index + 1]}" if index + 1 < len(chain) else ""

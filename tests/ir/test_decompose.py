@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import lowbit
-from lowbit.ir.decompose import UnsupportedLayerError
+from lowbit.ir.decompose import UnsupportedOptionError
 from lowbit.ir.trace import trace
 
 
@@ -152,5 +152,5 @@ def test_leaf_modules_keeps_a_layer_whole():
 )
 def test_options_without_decomposition_are_named(model, option):
     inputs = (torch.randn(3, 2, 6),) if isinstance(model, Recurrent) else (torch.randn(3, 2, 8),) * 3
-    with pytest.raises(UnsupportedLayerError, match=rf"'(rnn|attn)'.*{option}.*leaf_modules"):
+    with pytest.raises(UnsupportedOptionError, match=rf"'(rnn|attn)'.*{option}.*leaf_modules"):
         trace(model.eval(), inputs)

@@ -44,9 +44,16 @@ class TorchBackend:
     name = "torch"
 
     def compile(
-        self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None, tune: Any = None
+        self,
+        gm: fx.GraphModule,
+        example_inputs: tuple,
+        *,
+        cache_dir: Any = None,
+        tune: Any = None,
+        strict: bool = False,
     ) -> fx.GraphModule:
-        """The graph itself is the executable; it runs in eval mode without autograd state."""
+        """The graph itself is the executable; it runs in eval mode without autograd state. Every layer runs its
+        reference implementation, so nothing is on a fallback and ``strict`` has nothing to refuse."""
         return as_runner(gm)
 
     def save(self, runner: fx.GraphModule, directory: Path) -> list[str]:
