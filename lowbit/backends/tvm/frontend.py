@@ -2,9 +2,9 @@
 
 `GraphImporter` is TVM's FX importer extended with the ATen overloads that graphs traced by torch.export keep, and
 a few conversions the frontend lacks or gets wrong (attention with boolean masks, ``diff``, integer ``cumsum``,
-``to.device``, ``new_ones`` with a dtype, ``masked_fill``). The lowbit linears are converted by the caller's
-``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the toolchain's hook
-(`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the fix.
+``to.device``, ``new_ones`` with a dtype, ``masked_fill``, integer indexing). The lowbit linears are converted by
+the caller's ``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the toolchain's
+hook (`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the fix.
 """
 
 from __future__ import annotations
@@ -166,7 +166,18 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             **TorchFXImporter.create_convert_map(self),
             "masked_fill": self._masked_fill_where,
             "masked_fill.Scalar": self._masked_fill_where,
+            "getitem": self._getitem_int,
         }
+
+    def _getitem_int(self, node: fx.Node) -> relax.Expr:
+        """``x[i]`` on a tensor with an integer ``i``: the upstream converter returns ``x`` itself."""
+        x, index = self.env.get(node.args[0]), node.args[1]
+        if not (isinstance(x, relax.Expr) and isinstance(x.ty, relax.TensorType) and isinstance(index, int)):
+            return self._getitem(node)
+        length = int(x.ty.shape[0])
+        index = index + length if index < 0 else index
+        row = self.block_builder.emit(relax.op.strided_slice(x, axes=[0], begin=[index], end=[index + 1]))
+        return self.block_builder.emit(relax.op.squeeze(row, axis=[0]))
 
     def _masked_fill_where(self, node: fx.Node) -> relax.Expr:
         """``x.masked_fill(mask, value)`` with a scalar value as ``where(mask, value, x)`` (the upstream converter

@@ -95,3 +95,13 @@ def test_a_layer_type_the_frontend_lacks_is_named() -> None:
     gm = lowbit.trace(Recurrent().eval(), (x,), tracer="fx")
     with pytest.raises(BackendError, match=r"'rnn' \(torch.nn.modules.rnn.RNN\).*leaf_modules=.*target='torch'"):
         TVMBackend().compile(gm, (x,))
+
+
+def test_integer_index_of_a_tensor_matches_torch() -> None:
+    class Rows(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[1] * 2.0 + x[-1] + (x + 1.0)[0]
+
+    x = torch.randn(3, 4, 5)
+    runner = TVMBackend().compile(lowbit.trace(Rows(), (x,), tracer="fx"), (x,))
+    assert torch.allclose(runner(x), Rows()(x), atol=1e-6)
