@@ -88,7 +88,33 @@ def import_graph(
             custom_convert_map=dict(convert),
         )
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
-        raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
+        where = "; ".join(_describe(node) for node in _failing_nodes(gm, importer))
+        raise BackendError(
+            f"TVM's torch frontend cannot import this graph: {error}"
+            + (f"\n  at {where}\n  fix: compile with target='torch'" if where else "")
+        ) from error
+
+
+def _failing_nodes(gm: fx.GraphModule, importer: GraphImporter) -> list[fx.Node]:
+    """The nodes the import stopped at: those with no converter, else the first one left unconverted."""
+    known = getattr(importer, "convert_map", {})
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    missing = [node for node in calls if getattr(node.target, "__name__", None) not in known]
+    if missing or not importer.env:
+        return missing
+    stopped = next((node for node in gm.graph.nodes if node not in importer.env and node.op != "output"), None)
+    return [stopped] if stopped is not None else []
+
+
+def _describe(node: fx.Node) -> str:
+    """``node 'lstm' (aten.lstm.input) of module 'rnn' (torch.nn.modules.rnn.LSTM)``, as far as it is known."""
+    text = f"node '{node.name}' ({node.target})"
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, kind = list(stack.values())[-1]
+        name = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+        text += f" of module '{path}' ({name})"
+    return text
 
 
 def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:

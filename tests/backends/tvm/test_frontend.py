@@ -105,3 +105,19 @@ def test_integer_index_of_a_tensor_matches_torch() -> None:
     x = torch.randn(3, 4, 5)
     runner = TVMBackend().compile(lowbit.trace(Rows(), (x,), tracer="fx"), (x,))
     assert torch.allclose(runner(x), Rows()(x), atol=1e-6)
+
+
+def test_an_operator_the_frontend_cannot_import_is_named_with_its_module() -> None:
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 4, num_layers=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    x = torch.randn(3, 2, 4)
+    gm = lowbit.trace(Recurrent().eval(), (x,), tracer="export")  # the export tracer keeps aten.lstm
+    message = r"(?s)node 'lstm' \(aten.lstm.input\) of module 'rnn' \(.*LSTM\).*target='torch'"
+    with pytest.raises(BackendError, match=message):
+        TVMBackend().compile(gm, (x,))
