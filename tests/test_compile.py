@@ -280,3 +280,25 @@ def test_strict_refuses_fallback_layers_before_building(net, monkeypatch):
     ):
         lowbit.compile(net, EXAMPLE, passes=["rtn:bits=3,group_size=32"], target="x86", strict=True)
     assert issubclass(UnsupportedLayerError, BackendError)
+
+
+def test_initial_states_separate_attention_weights_and_masks_compile_for_x86():
+    class Stateful(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(8, 16, bidirectional=True, bias=False)
+            self.lstm = torch.nn.LSTM(32, 16)
+            self.attn = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
+
+        def forward(self, x, h0, c0, memory, mask):
+            y, h = self.gru(x, h0)
+            y, (_, c) = self.lstm(y, (h0[:1], c0))
+            out, weights = self.attn(y, memory, memory, attn_mask=mask)
+            return out, weights, h, c
+
+    torch.manual_seed(0)
+    mask = torch.rand(5, 6) > 0.7
+    mask[:, 0] = False
+    inputs = (torch.randn(5, 2, 8), torch.randn(2, 2, 16), torch.randn(1, 2, 16), torch.randn(6, 2, 8), mask)
+    compiled = lowbit.compile(Stateful().eval(), inputs, target="x86")
+    assert compiled.report.tracer == "fx" and compiled.report.rel_error < 1e-4
