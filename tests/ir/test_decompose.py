@@ -154,3 +154,11 @@ def test_options_without_decomposition_are_named(model, option):
     inputs = (torch.randn(3, 2, 6),) if isinstance(model, Recurrent) else (torch.randn(3, 2, 8),) * 3
     with pytest.raises(UnsupportedOptionError, match=rf"'(rnn|attn)'.*{option}.*leaf_modules"):
         trace(model.eval(), inputs)
+
+
+def test_the_model_keeps_its_layers_and_the_graph_shares_their_weights():
+    model = Stacked().eval()
+    gm = trace(model, (torch.randn(2, 5, 6),), tracer="fx")
+    assert isinstance(model.lstm, nn.LSTM) and isinstance(model.attn, nn.MultiheadAttention)
+    assert gm.get_submodule("lstm.ih_l0").weight is model.lstm.weight_ih_l0
+    assert gm.get_submodule("attn.k_proj").weight.data_ptr() == model.attn.in_proj_weight[8:].data_ptr()
