@@ -172,6 +172,7 @@ def compile(
     verify: bool = True,
     dump_dir: str | Path | None = None,
     max_rel_error: float = MAX_REL_ERROR,
+    strict: bool = False,
 ) -> CompiledModel:
     """Trace ``model``, run the convert-stage passes of ``recipe`` (or ``passes``), compile for ``target``.
 
@@ -184,7 +185,9 @@ def compile(
     the hand schedules; True tunes with the recipe's ``tune`` settings; a mapping
     overrides some of them (e.g. ``{"trials": 8}``).
     The report warns (and logs a warning) when the relative error to eager exceeds ``max_rel_error``.
-    Progress goes to the ``lowbit`` logger at INFO level.
+    Low-bit layers the target's kernels cannot serve (3-bit codes, uneven groups...) run dequantized: each is
+    logged as a warning before the build, with the nearest supported setting; ``strict=True`` raises
+    `UnsupportedLayerError` for them instead. Progress goes to the ``lowbit`` logger at INFO level.
     """
     example_inputs = _as_tuple(example_inputs)
     recipe_obj, pipeline = build_pipeline(recipe, passes, "convert", verify, dump_dir)
@@ -202,7 +205,9 @@ def compile(
     log.info("building for target %s", target)
     if backend.name != "torch":
         _flatten_output(graph)
-    runner = backend.compile(graph, example_inputs, cache_dir=cache_dir, tune=_tune_settings(tune, recipe_obj))
+    runner = backend.compile(
+        graph, example_inputs, cache_dir=cache_dir, tune=_tune_settings(tune, recipe_obj), strict=strict
+    )
     backend_s = time.perf_counter() - start - trace_s - passes_s
 
     expected = _eager(model, example_inputs, example_kwargs)
@@ -229,7 +234,7 @@ def compile(
         passes_s=passes_s,
         backend_s=backend_s,
         pipeline=pipeline.report,
-        fallbacks=[f"{item.node}: {item.reason}" for item in runner.fallbacks],
+        fallbacks=[item.describe() for item in runner.fallbacks],
         tuning=list(runner.tuning),
         max_rel_error=max_rel_error,
     )

@@ -39,6 +39,10 @@ class BackendError(LowbitError):
     """A backend or target cannot compile, export or run the graph."""
 
 
+class UnsupportedLayerError(BackendError):
+    """``compile(..., strict=True)``: a low-bit layer no kernel of the target takes (it would run dequantized)."""
+
+
 class ArtifactError(LowbitError):
     """An exported artifact is incomplete, corrupted or built for another target."""
 

@@ -18,6 +18,7 @@ from lowbit.errors import (
     RecipeError,
     TraceError,
     UnknownPassError,
+    UnsupportedLayerError,
 )
 
 
@@ -229,3 +230,75 @@ def test_loaded_artifact_keeps_report_and_warnings(net, tmp_path):
     assert isinstance(loaded, lowbit.CompiledModel) and loaded.report.warnings == compiled.report.warnings
     assert loaded.report.bytes_after == compiled.report.bytes_after and loaded.report.tracer == compiled.report.tracer
     assert loaded.export(tmp_path / "b").is_dir()
+
+
+def test_recurrent_and_attention_layers_compile_for_x86_with_their_linears_quantized():
+    class Sequence(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+            self.gru = torch.nn.GRU(32, 16, batch_first=True)
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            y, _ = self.lstm(x)
+            y, _ = self.gru(y)
+            return self.attn(y, y, y, key_padding_mask=padding)[0]
+
+    torch.manual_seed(0)
+    model = Sequence().eval()
+    x, padding = torch.randn(2, 5, 8), torch.tensor([[False] * 4 + [True], [False] * 5])
+    dense = lowbit.compile(model, (x, padding), target="x86")
+    assert dense.report.rel_error < 1e-4
+    compiled = lowbit.compile(model, (x, padding), passes=["rtn:bits=8,group_size=-1"], target="x86")
+    quantized = {r.layer for r in compiled.report.pipeline.passes[0].layers if r.action == "quantized"}
+    assert {"lstm.ih_l1_reverse", "lstm.hh_l0", "gru.hh_l0", "attn.q_proj", "attn.out_proj"} <= quantized
+    assert compiled.report.rel_error < 0.02
+
+
+def test_layers_the_kernels_cannot_serve_are_announced_before_the_build(net, caplog):
+    with caplog.at_level(logging.INFO, logger="lowbit"):
+        compiled = lowbit.compile(net, EXAMPLE, passes=["rtn:bits=3,group_size=32"], target="x86")
+    messages = [record.getMessage() for record in caplog.records]
+    announced = [i for i, m in enumerate(messages) if "dequantized fp32 fallback" in m]
+    built = next(i for i, m in enumerate(messages) if m.startswith("built ") or "building" in m.lower())
+    assert len(announced) == 2 and all(caplog.records[i].levelno == logging.WARNING for i in announced)
+    assert all("3-bit" in messages[i] and "nearest supported setting: bits=4" in messages[i] for i in announced)
+    assert compiled.report.fallbacks and all("bits=4" in item for item in compiled.report.fallbacks)
+    assert built < announced[0]  # "building for target" precedes lowering; the TVM build itself comes after
+
+
+def test_strict_refuses_fallback_layers_before_building(net, monkeypatch):
+    from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("strict must refuse before the build")
+
+    monkeypatch.setattr(CPUToolchain, "build", no_build)
+    with pytest.raises(
+        UnsupportedLayerError, match=r"(?s)2 low-bit layer.*fc1 \(fc1_packed\): 3-bit.*bits=4.*strict=False"
+    ):
+        lowbit.compile(net, EXAMPLE, passes=["rtn:bits=3,group_size=32"], target="x86", strict=True)
+    assert issubclass(UnsupportedLayerError, BackendError)
+
+
+def test_initial_states_separate_attention_weights_and_masks_compile_for_x86():
+    class Stateful(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(8, 16, bidirectional=True, bias=False)
+            self.lstm = torch.nn.LSTM(32, 16)
+            self.attn = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
+
+        def forward(self, x, h0, c0, memory, mask):
+            y, h = self.gru(x, h0)
+            y, (_, c) = self.lstm(y, (h0[:1], c0))
+            out, weights = self.attn(y, memory, memory, attn_mask=mask)
+            return out, weights, h, c
+
+    torch.manual_seed(0)
+    mask = torch.rand(5, 6) > 0.7
+    mask[:, 0] = False
+    inputs = (torch.randn(5, 2, 8), torch.randn(2, 2, 16), torch.randn(1, 2, 16), torch.randn(6, 2, 8), mask)
+    compiled = lowbit.compile(Stateful().eval(), inputs, target="x86")
+    assert compiled.report.tracer == "fx" and compiled.report.rel_error < 1e-4

@@ -38,8 +38,17 @@ class Backend(Protocol):
     name: str
 
     def compile(
-        self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None, tune: Any = None
-    ) -> Runner: ...
+        self,
+        gm: fx.GraphModule,
+        example_inputs: tuple,
+        *,
+        cache_dir: Any = None,
+        tune: Any = None,
+        strict: bool = False,
+    ) -> Runner:
+        """A runner for ``gm``; ``strict``: raise `lowbit.errors.UnsupportedLayerError` before building where a
+        low-bit layer would run on a fallback instead of its kernel."""
+        ...
 
     def save(self, runner: Runner, directory: Path) -> list[str]: ...
 

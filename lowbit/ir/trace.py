@@ -12,6 +12,8 @@ Two tracers, tried in this order by ``tracer="auto"``:
   object can be neither an input nor an output of the graph. ``leaf_modules`` does not
   apply to it. Its graph is specialised to the example input shapes.
 
+Under the fx tracer, ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` layers are then decomposed into
+``nn.Linear`` layers and primitive ops (`lowbit.ir.decompose`) so passes and backends see ordinary layers.
 Whichever tracer succeeds, every node's result is shape-propagated into
 ``node.meta["tensor_meta"]`` and ``gm.meta["lowbit_tracer"]`` records the tracer. The
 graph is traced in eval mode and shares its layers and tensors with the model, as
@@ -41,6 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from lowbit.errors import TraceError
 from lowbit.ir.canonicalize import canonicalize_exported
+from lowbit.ir.decompose import UnsupportedOptionError, decomposable, decompose, output_structure
 
 logger = logging.getLogger("lowbit.trace")
 
@@ -65,11 +68,16 @@ class LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # The base rule keeps every torch.nn module except containers (Sequential) a leaf.
-        return (
-            isinstance(m, self.leaf_classes)
-            or module_qualified_name in self.leaf_paths
-            or super().is_leaf_module(m, module_qualified_name)
-        )
+        return self.is_user_leaf(m, module_qualified_name) or super().is_leaf_module(m, module_qualified_name)
+
+    def is_user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """The user asked to keep this module whole (``leaf_modules``)."""
+        return isinstance(m, self.leaf_classes) or module_qualified_name in self.leaf_paths
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # A recurrent or attention layer returns a tuple: its call unpacks like one (``out, _ = self.lstm(x)``).
+        out = super().call_module(m, forward, args, kwargs)
+        return output_structure(m, out) if isinstance(out, fx.Proxy) and decomposable(m) else out
 
 
 def _trace_fx(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> fx.GraphModule:
@@ -288,6 +296,9 @@ def _trace_with(
     gm = _trace_fx(model, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs)
     gm.graph.lint()
     propagate_shapes(gm, args, kwargs)
+    if decompose(gm, LeafTracer(leaf_modules).is_user_leaf):
+        gm.graph.lint()
+        propagate_shapes(gm, args, kwargs)
     gm.meta["lowbit_tracer"] = name
     return gm
 
@@ -317,6 +328,8 @@ def trace(
         for index, name in enumerate(chain):
             try:
                 gm = _trace_with(name, model, args, kwargs, leaf_modules)
+            except UnsupportedOptionError:
+                raise  # the model traced; one of its layers uses an option with no decomposition
             except Exception as exc:  # noqa: BLE001 - any tracer failure moves on to the next one
                 then = f"; trying {chain[index + 1]}" if index + 1 < len(chain) else ""
                 logger.info("%s tracer cannot trace %s (%s)%s", name, type(model).__name__, _summary(exc), then)

@@ -60,7 +60,15 @@ class TVMBackend:
         self.target = resolve_target(target)
         self.toolchain: Toolchain = resolve_toolchain(self.target)
 
-    def compile(self, gm: fx.GraphModule, example_inputs: tuple, *, cache_dir: Any = None, tune: Any = None) -> Runner:
+    def compile(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: tuple,
+        *,
+        cache_dir: Any = None,
+        tune: Any = None,
+        strict: bool = False,
+    ) -> Runner:
         """Lower ``gm`` for the shapes of its inputs, build it, and return a runner.
 
         Inputs beyond ``example_inputs`` take their shapes from the graph's placeholder
@@ -69,7 +77,8 @@ class TVMBackend:
         shipped one. ``tune``: None reads those records and measures nothing; False uses the
         hand schedules only; True, a mapping (``trials``, ``max_seconds``, ``database``,
         ``rpc``, ...) or `tuning.TuningOptions` also tunes the kernels that have no
-        finished record (see `lowbit.backends.tvm.tuning`).
+        finished record (see `lowbit.backends.tvm.tuning`). Low-bit layers no kernel takes are announced
+        before the build; ``strict`` turns them into `UnsupportedLayerError` (see `convert.lower`).
         """
         self.toolchain.check_tuning(tune)
         tuner = None
@@ -78,7 +87,7 @@ class TVMBackend:
                 self.target, cache_dir if cache_dir is not None else default_cache_dir(), TuningOptions.of(tune)
             )
         try:
-            lowering = lower(gm.eval(), example_inputs, self.toolchain, tuner)
+            lowering = lower(gm.eval(), example_inputs, self.toolchain, tuner, strict)
         finally:
             if tuner is not None:
                 tuner.close()

@@ -6,7 +6,9 @@ supports the layer (`kernels.spec.LinearKernel`), its packed weight, scales, zer
 constants. An act-order ``g_idx`` of whole groups and a partial last group are first rewritten to contiguous whole
 groups (`contiguous_groups`). A layer no kernel takes (3-bit codes, uneven groups, a shape a kernel does not tile)
 runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `Lowering.fallbacks` with the reason
-the last kernel gave. Shapes are static: the module is specialized to the example inputs.
+the last kernel gave and the nearest setting a kernel takes; `lower` announces each one (a warning) before anything
+is built, or with ``strict`` refuses them (`UnsupportedLayerError`). Shapes are static: the module is specialized to
+the example inputs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from lowbit.backends.tvm.kernels.spec import (
     PackedLinearSpec,
     Tensors,
 )
-from lowbit.errors import BackendError, LowbitError
+from lowbit.errors import BackendError, LowbitError, UnsupportedLayerError
 from lowbit.ir import ops, ops_a8, packing
 from lowbit.ir.graph import get_attr_tensor
 
@@ -48,6 +50,9 @@ LINEAR_PACKED_NAME = ops.linear_packed.__name__
 LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
 #: `LoweredLinear.kernel` of a layer on the toolchain's fallback.
 FALLBACK = "dense"
+#: Code widths and group sizes tried, nearest first, for the setting to suggest instead of a fallback.
+_BITS = (2, 4, 8)
+_GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,16 @@ class LoweredLinear:
     spec: PackedLinearSpec
     kernel: str
     reason: str | None = None
+    #: A fallback layer: the nearest setting a kernel takes (``"bits=4"``), if one differs in a single option.
+    nearest: str | None = None
+    #: The module path of the layer the packed weight belongs to (``"encoder.fc1"``), where known.
+    layer: str | None = None
+
+    def describe(self) -> str:
+        """``"layer (node): reason"``, with the nearest supported setting where there is one."""
+        nearest = f"; nearest supported setting: {self.nearest}" if self.nearest else ""
+        where = f"{self.layer} ({self.node})" if self.layer else self.node
+        return f"{where}: {self.reason}{nearest}"
 
 
 def fallbacks(linears: Sequence[LoweredLinear]) -> list[LoweredLinear]:
@@ -82,12 +97,18 @@ class Lowering:
 
 
 def lower(
-    gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], toolchain: Toolchain, tuner: Any = None
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    toolchain: Toolchain,
+    tuner: Any = None,
+    strict: bool = False,
 ) -> Lowering:
     """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `frontend.input_specs`).
 
     ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
-    kernel; without it every kernel uses its hand schedule.
+    kernel; without it every kernel uses its hand schedule. Each layer on the fallback is
+    logged as a warning with its reason and the nearest supported setting; ``strict``
+    raises `UnsupportedLayerError` listing them instead.
     """
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
@@ -96,6 +117,7 @@ def lower(
         gm, inputs, {LINEAR_PACKED_NAME: converter, LINEAR_PACKED_A8_NAME: converter}, toolchain.constant_linear
     )
     lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
+    announce_fallbacks(lowering.fallbacks, toolchain.name, strict)
     log.info(
         "lowered graph for %s: %d low-bit linear(s), %d on the fp32 fallback",
         toolchain.name,
@@ -103,6 +125,18 @@ def lower(
         len(lowering.fallbacks),
     )
     return lowering
+
+
+def announce_fallbacks(linears: Sequence[LoweredLinear], toolchain: str, strict: bool = False) -> None:
+    """Warn about each layer on the fallback, or raise `UnsupportedLayerError` naming them all when ``strict``."""
+    if strict and linears:
+        layers = "\n".join(f"  {linear.describe()}" for linear in linears)
+        raise UnsupportedLayerError(
+            f"strict=True: no kernel of {toolchain} takes {len(linears)} low-bit layer(s), which would run as "
+            f"dequantized fp32:\n{layers}\nquantize them with a supported setting, or compile with strict=False"
+        )
+    for linear in linears:
+        log.warning("a low-bit layer runs on the dequantized fp32 fallback: %s", linear.describe())
 
 
 class PackedLinearConverter:
@@ -129,24 +163,40 @@ class PackedLinearConverter:
         rows = math.prod([int(d) for d in x.ty.shape][:-1])
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
+        layer = str(call["qweight"].target).rpartition(".")[0] or None
         return emit_on_rows(
             bb,
             x,
             spec.out_features,
-            lambda x2d, _: self._call(bb, node.name, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors),
+            lambda x2d, _: self._call(
+                bb, node.name, layer, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors
+            ),
         )
 
     def _call(
-        self, bb: relax.BlockBuilder, name: str, x: relax.Expr, spec: PackedLinearSpec, tensors: Tensors
+        self,
+        bb: relax.BlockBuilder,
+        name: str,
+        layer: str | None,
+        x: relax.Expr,
+        spec: PackedLinearSpec,
+        tensors: Tensors,
     ) -> relax.Expr:
         """The layer's kernel on the 2-D input ``x``, or the fallback with the reason recorded."""
         planned, reason = self._plan(spec, tensors)
         if planned is not None:
-            self.linears.append(LoweredLinear(name, spec, planned.name))
+            self.linears.append(LoweredLinear(name, spec, planned.name, layer=layer))
             return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features)
-        log.info("node '%s': fp32 fallback (%s)", name, reason)
-        self.linears.append(LoweredLinear(name, spec, FALLBACK, reason))
+        self.linears.append(LoweredLinear(name, spec, FALLBACK, reason, self._nearest(spec, tensors), layer))
         return self.toolchain.fallback(bb, x, spec, tensors)
+
+    def _nearest(self, spec: PackedLinearSpec, tensors: Tensors) -> str | None:
+        """The first of `_alternatives` that a kernel of the toolchain supports, as ``"option=value"``."""
+        target = self.toolchain.target
+        for setting, other in _alternatives(spec):
+            if any(kernel.supports(other, tensors, target) is None for kernel in self.toolchain.kernels(other)):
+                return setting
+        return None
 
     def _plan(self, spec: PackedLinearSpec, tensors: Tensors) -> tuple[KernelPlan | None, str | None]:
         """The plan of the first kernel that supports the layer, else None and the last kernel's reason."""
@@ -172,6 +222,19 @@ class PackedLinearConverter:
         if value.dtype not in (torch.float32, torch.uint8, torch.int32):
             raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
         return value.detach()
+
+
+def _alternatives(spec: PackedLinearSpec) -> list[tuple[str, PackedLinearSpec]]:
+    """Settings that differ from ``spec`` in one option, nearest first: contiguous groups, the closest code width
+    (the wider one on a tie), the closest group size that divides the input."""
+    options = [("contiguous groups (no act-order g_idx)", dataclasses.replace(spec, has_g_idx=False))]
+    options = options if spec.has_g_idx else []
+    for bits in sorted((b for b in _BITS if b != spec.bits), key=lambda b: (abs(b - spec.bits), -b)):
+        options.append((f"bits={bits}", dataclasses.replace(spec, bits=bits)))
+    groups = [g for g in _GROUP_SIZES if g != spec.group_size and spec.in_features % g == 0]
+    for group in sorted(groups, key=lambda g: (abs(g - spec.group_size), -g)):
+        options.append((f"group_size={group}", dataclasses.replace(spec, group_size=group)))
+    return options
 
 
 def _activations(spec: PackedLinearSpec) -> str:
@@ -300,6 +363,7 @@ __all__ = [
     "LoweredLinear",
     "Lowering",
     "PackedLinearConverter",
+    "announce_fallbacks",
     "call_kernel",
     "contiguous_groups",
     "dequantized_weight",

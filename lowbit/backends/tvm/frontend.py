@@ -2,8 +2,9 @@
 
 `GraphImporter` is TVM's FX importer extended with the ATen overloads that graphs traced by torch.export keep, and
 a few conversions the frontend lacks or gets wrong (attention with boolean masks, ``diff``, integer ``cumsum``,
-``to.device``, ``new_ones`` with a dtype). The lowbit linears are converted by the caller's ``custom_convert_map``
-(`convert`); fp32 linears whose weight is a graph constant go to the toolchain's hook (`ConstantLinear`).
+``to.device``, ``new_ones`` with a dtype, ``masked_fill``, integer indexing). The lowbit linears are converted by
+the caller's ``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the toolchain's
+hook (`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the fix.
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def import_graph(
 ) -> tvm.IRModule:
     """``gm`` as a Relax module for ``inputs``, with ``convert`` as extra converters (by operator name).
 
-    Raises `BackendError` where the frontend cannot import an operator.
+    Raises `BackendError` where the frontend cannot import an operator, naming the layers it does not know.
     """
+    importer = GraphImporter(constant_linear)
+    _check_modules(gm, importer.create_convert_map())
     try:
-        return GraphImporter(constant_linear).from_fx(
+        return importer.from_fx(
             gm,
             [(spec.shape, spec.dtype) for spec in inputs],
             keep_params_as_input=False,
@@ -85,7 +88,49 @@ def import_graph(
             custom_convert_map=dict(convert),
         )
     except (AssertionError, KeyError, NotImplementedError) as error:  # how the frontend reports unsupported ops
-        raise BackendError(f"TVM's torch frontend cannot import this graph: {error}") from error
+        where = "; ".join(_describe(node) for node in _failing_nodes(gm, importer))
+        raise BackendError(
+            f"TVM's torch frontend cannot import this graph: {error}"
+            + (f"\n  at {where}\n  fix: compile with target='torch'" if where else "")
+        ) from error
+
+
+def _failing_nodes(gm: fx.GraphModule, importer: GraphImporter) -> list[fx.Node]:
+    """The nodes the import stopped at: those with no converter, else the first one left unconverted."""
+    known = getattr(importer, "convert_map", {})
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    missing = [node for node in calls if getattr(node.target, "__name__", None) not in known]
+    if missing or not importer.env:
+        return missing
+    stopped = next((node for node in gm.graph.nodes if node not in importer.env and node.op != "output"), None)
+    return [stopped] if stopped is not None else []
+
+
+def _describe(node: fx.Node) -> str:
+    """``node 'lstm' (aten.lstm.input) of module 'rnn' (torch.nn.modules.rnn.LSTM)``, as far as it is known."""
+    text = f"node '{node.name}' ({node.target})"
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, kind = list(stack.values())[-1]
+        name = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+        text += f" of module '{path}' ({name})"
+    return text
+
+
+def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
+    """`BackendError` naming every ``call_module`` layer whose type the frontend has no converter for."""
+    unknown = {
+        str(node.target): type(gm.get_submodule(str(node.target)))
+        for node in gm.graph.nodes
+        if node.op == "call_module" and type(gm.get_submodule(str(node.target))) not in convert_map
+    }
+    if unknown:
+        layers = ", ".join(f"{path!r} ({kind.__module__}.{kind.__qualname__})" for path, kind in unknown.items())
+        raise BackendError(
+            f"TVM's torch frontend cannot import the layer(s) {layers}: the module type has no converter; "
+            "trace without leaf_modules= naming them (so they are traced into primitive ops), "
+            "or compile with target='torch'"
+        )
 
 
 class GraphImporter(TorchFXImporter, ExportedProgramImporter):
@@ -145,7 +190,28 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "diff.default": self._diff,
             "cumsum.default": self._cumsum_promoted,
             **TorchFXImporter.create_convert_map(self),
+            "masked_fill": self._masked_fill_where,
+            "masked_fill.Scalar": self._masked_fill_where,
+            "getitem": self._getitem_int,
         }
+
+    def _getitem_int(self, node: fx.Node) -> relax.Expr:
+        """``x[i]`` on a tensor with an integer ``i``: the upstream converter returns ``x`` itself."""
+        x, index = self.env.get(node.args[0]), node.args[1]
+        if not (isinstance(x, relax.Expr) and isinstance(x.ty, relax.TensorType) and isinstance(index, int)):
+            return self._getitem(node)
+        length = int(x.ty.shape[0])
+        index = index + length if index < 0 else index
+        row = self.block_builder.emit(relax.op.strided_slice(x, axes=[0], begin=[index], end=[index + 1]))
+        return self.block_builder.emit(relax.op.squeeze(row, axis=[0]))
+
+    def _masked_fill_where(self, node: fx.Node) -> relax.Expr:
+        """``x.masked_fill(mask, value)`` with a scalar value as ``where(mask, value, x)`` (the upstream converter
+        emits a ``full_like`` that this TVM cannot legalize)."""
+        x, mask, value = self.retrieve_args(node)[:3]
+        if not isinstance(value, int | float):
+            return self._masked_fill(node)
+        return self.block_builder.emit(relax.op.where(mask, relax.const(value, x.ty.dtype), x))
 
     def _new_ones_typed(self, node: fx.Node) -> relax.Expr:
         """``aten.new_ones(x, size, dtype=...)``: the upstream converter ignores ``dtype``."""

@@ -209,7 +209,14 @@ def signature_interface(signature: Mapping[str, Any]) -> Interface:
 def signature_linears(signature: Mapping[str, Any]) -> list[LoweredLinear]:
     """The `LoweredLinear` list of a saved signature."""
     return [
-        LoweredLinear(item["node"], PackedLinearSpec(**item["spec"]), item["kernel"], item["reason"])
+        LoweredLinear(
+            item["node"],
+            PackedLinearSpec(**item["spec"]),
+            item["kernel"],
+            item["reason"],
+            item.get("nearest"),  # absent from signatures written before it was recorded
+            item.get("layer"),
+        )
         for item in signature["linears"]
     ]
 

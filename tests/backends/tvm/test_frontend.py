@@ -1,13 +1,15 @@
-"""ATen overloads of torch.export graphs that the TVM importer handles itself."""
+"""ATen overloads of torch.export graphs and torch ops that the TVM importer handles itself, and layers it names."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lowbit
 from lowbit.backends.tvm import TVMBackend
+from lowbit.errors import BackendError
 
 
 class _MaskedAttention(nn.Module):
@@ -68,3 +70,54 @@ def test_cumsum_of_bool_promotes_to_int64() -> None:
     got = TVMBackend().compile(gm, (mask,))(mask)
     assert got.dtype == torch.int64
     assert torch.equal(got, gm(mask))
+
+
+def test_masked_fill_matches_torch() -> None:
+    class Fill(nn.Module):
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x.masked_fill(mask, float("-inf")), dim=-1) + x.masked_fill(mask, 2.0)
+
+    x, mask = torch.randn(3, 4), torch.tensor([[True, False, False, False]] * 3)
+    runner = TVMBackend().compile(lowbit.trace(Fill(), (x, mask)), (x, mask))
+    assert torch.allclose(runner(x, mask), Fill()(x, mask), atol=1e-6)
+
+
+def test_a_layer_type_the_frontend_lacks_is_named() -> None:
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.RNN(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    x = torch.randn(3, 2, 4)
+    gm = lowbit.trace(Recurrent().eval(), (x,), tracer="fx")
+    with pytest.raises(BackendError, match=r"'rnn' \(torch.nn.modules.rnn.RNN\).*leaf_modules=.*target='torch'"):
+        TVMBackend().compile(gm, (x,))
+
+
+def test_integer_index_of_a_tensor_matches_torch() -> None:
+    class Rows(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[1] * 2.0 + x[-1] + (x + 1.0)[0]
+
+    x = torch.randn(3, 4, 5)
+    runner = TVMBackend().compile(lowbit.trace(Rows(), (x,), tracer="fx"), (x,))
+    assert torch.allclose(runner(x), Rows()(x), atol=1e-6)
+
+
+def test_an_operator_the_frontend_cannot_import_is_named_with_its_module() -> None:
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 4, num_layers=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    x = torch.randn(3, 2, 4)
+    gm = lowbit.trace(Recurrent().eval(), (x,), tracer="export")  # the export tracer keeps aten.lstm
+    message = r"(?s)node 'lstm' \(aten.lstm.input\) of module 'rnn' \(.*LSTM\).*target='torch'"
+    with pytest.raises(BackendError, match=message):
+        TVMBackend().compile(gm, (x,))
