@@ -31,7 +31,6 @@ from lowbit.backends.tvm.kernels.generic.common import (
     divisor_at_most,
     finish,
     layer_consts,
-    loops_below,
     power_of_two_divisor,
 )
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
@@ -116,40 +115,8 @@ def a8_gemm_func(
 
 def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int, vectors: int) -> None:
     """Parallel output tasks; register tiles of ``row_tile`` rows × ``vectors`` weight tiles; the prologue."""
-    y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
-    m, n = sch.get_loops(y)
-    n_task, n_tile, n_vec, n_lane = sch.split(n, factors=[None, out_tile // (ROWS * vectors), vectors, ROWS])
-    m_outer, m_inner = sch.split(m, factors=[None, row_tile])
-    sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
-    sch.parallel(n_task)
-    sch.vectorize(n_lane)
-    sch.unroll(m_inner)
-    sch.unroll(n_vec)
-
-    sch.compute_at(acc, m_outer, preserve_unit_loops=True)
-    a_m, a_t, a_i, a_g = loops_below(sch, acc, m_outer)
-    sch.reorder(a_g, a_m, a_t, a_i)
-    sch.compute_at(dot, a_g, preserve_unit_loops=True)
-    d_m, _, d_t, d_l, d_i, d_w, d_r, d_c = loops_below(sch, dot, a_g)
-    sch.reorder(d_w, d_r, d_l, d_m, d_t, d_i, d_c)
-    sch.compute_at(codes, d_l, preserve_unit_loops=True)
-    c_i, c_c = sch.get_loops(codes)[-2:]
-    sch.vectorize(sch.fuse(c_i, c_c))
-    sch.unroll(sch.get_loops(codes)[-3])
-
-    init = sch.decompose_reduction(dot, d_w)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(d_i, intrin_x86.VNNI_512)
-    sch.unroll(d_m)
-    sch.unroll(d_t)
-    sch.unroll(d_l)
-    sch.unroll(d_r)
-
-    sch.unroll(a_t)
-    sch.vectorize(a_i)
-    sch.unroll(a_m)
-    acc_init = sch.decompose_reduction(acc, a_g)
-    sch.vectorize(sch.get_loops(acc_init)[-1])
+    loops = a8_linear.schedule_tiles(sch, intrin_x86.VNNI_512, ROWS, row_tile, out_tile, vectors)
+    a8_linear.finish_accumulators(sch, loops)
     _schedule_prologue(sch, spec)
 
 

@@ -50,6 +50,7 @@ reason from `X86A8Linear.supports`, and the lowering uses the dense fallback.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from tvm import s_tir, te, tirx
@@ -324,9 +325,42 @@ def _schedule(
     sch: s_tir.Schedule, spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int
 ) -> None:
     """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
+    loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors)
+    if row_tile == spec.batch:
+        n_task, n_tile, a_g, d_w = loops.task, loops.tile, loops.group, loops.word
+        _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors))
+    finish_accumulators(sch, loops)
+
+    xq = sch.get_sblock("xq")
+    k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
+    sch.vectorize(k_inner)
+    if spec.act_dynamic:
+        _vector_absmax(sch, spec.in_features)
+    if row_tile == spec.batch:
+        _prefetch_start(sch)
+
+
+@dataclass(frozen=True)
+class TileLoops:
+    """The loops `schedule_tiles` leaves for the caller: output tasks and tiles, the group accumulator's loops,
+    and the word loop of the dot products."""
+
+    task: s_tir.schedule.LoopRV
+    tile: s_tir.schedule.LoopRV
+    acc: tuple[s_tir.schedule.LoopRV, s_tir.schedule.LoopRV, s_tir.schedule.LoopRV]
+    group: s_tir.schedule.LoopRV
+    word: s_tir.schedule.LoopRV
+
+
+def schedule_tiles(
+    sch: s_tir.Schedule, intrin: str, tile_rows: int, row_tile: int, out_tile: int, vectors: int
+) -> TileLoops:
+    """The int8 kernels' register tiling (`a8_linear_compute` blocks ``y``, ``acc``, ``dot``, ``codes``): parallel
+    tasks of ``out_tile`` outputs, tiles of ``row_tile`` input rows × ``vectors`` weight tiles of ``tile_rows``
+    outputs, the dot products tensorized with ``intrin`` and fully unrolled inside a tile."""
     y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
     m, n = sch.get_loops(y)
-    n_task, n_tile, n_vec, n_lane = sch.split(n, factors=[None, out_tile // (ROWS * row_vectors), row_vectors, ROWS])
+    n_task, n_tile, n_vec, n_lane = sch.split(n, factors=[None, out_tile // (tile_rows * vectors), vectors, tile_rows])
     m_outer, m_inner = sch.split(m, factors=[None, row_tile])
     sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
     sch.parallel(n_task)
@@ -352,22 +386,17 @@ def _schedule(
     sch.unroll(d_t)
     sch.unroll(d_l)
     sch.unroll(d_r)
-    if row_tile == spec.batch:
-        _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors))
+    return TileLoops(n_task, n_tile, (a_m, a_t, a_i), a_g, d_w)
 
+
+def finish_accumulators(sch: s_tir.Schedule, loops: TileLoops) -> None:
+    """The per-group accumulators of a tile: unrolled, vectorized along the outputs, zeroed per group."""
+    a_m, a_t, a_i = loops.acc
     sch.unroll(a_t)
     sch.vectorize(a_i)
     sch.unroll(a_m)
-    acc_init = sch.decompose_reduction(acc, a_g)
+    acc_init = sch.decompose_reduction(sch.get_sblock("acc"), loops.group)
     sch.vectorize(sch.get_loops(acc_init)[-1])
-
-    xq = sch.get_sblock("xq")
-    k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
-    sch.vectorize(k_inner)
-    if spec.act_dynamic:
-        _vector_absmax(sch, spec.in_features)
-    if row_tile == spec.batch:
-        _prefetch_start(sch)
 
 
 def _vector_absmax(sch: s_tir.Schedule, in_features: int) -> None:
