@@ -87,6 +87,20 @@ A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
 A8_GEMM_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_amx.KERNEL, x86_a8_gemm.KERNEL)}
 
 
+def library_compiler(arch: str, what: str) -> Any:
+    """The compiler that links a library for ``arch``: None on a machine of that architecture, the aarch64 cross
+    compiler for ARM; `BackendError` saying that ``what`` (e.g. "exporting a library") cannot be done otherwise."""
+    if arch == host_arch():
+        return None
+    if arch != "aarch64":
+        raise BackendError(f"{what} for {arch} from {host_arch()} is not supported")
+    if shutil.which(ARM_CXX) is None:
+        raise BackendError(
+            f"{what} for ARM needs the cross compiler {ARM_CXX}: install the Debian package {ARM_CXX_PACKAGE}"
+        )
+    return cc.cross_compiler(ARM_CXX)
+
+
 class CPUToolchain(Toolchain):
     """An LLVM CPU target: x86-64 (runs here on an x86 host) or aarch64 (cross-compiled, run over RPC or exported)."""
 
@@ -167,16 +181,7 @@ class CPUToolchain(Toolchain):
         the cross compiler ``aarch64-linux-gnu-g++``."""
         if not isinstance(runner, CPURunner):
             raise BackendError(f"the CPU toolchain exports CPU modules, not a {type(runner).__name__}")
-        fcompile = None
-        if runner.arch != host_arch():
-            if runner.arch != "aarch64":
-                raise BackendError(f"exporting a library for {runner.arch} from {host_arch()} is not supported")
-            if shutil.which(ARM_CXX) is None:
-                raise BackendError(
-                    f"exporting for ARM needs the cross compiler {ARM_CXX}: "
-                    f"install the Debian package {ARM_CXX_PACKAGE}"
-                )
-            fcompile = cc.cross_compiler(ARM_CXX)
+        fcompile = library_compiler(runner.arch, "exporting a library")
         runner.executable.export_library(str(directory / LIBRARY_FILE), fcompile=fcompile)
         write_signature(directory, runner.signature())
         return [LIBRARY_FILE, SIGNATURE_FILE]
@@ -229,5 +234,6 @@ __all__ = [
     "X86_FEATURES",
     "CPUToolchain",
     "features",
+    "library_compiler",
     "unscheduled_functions",
 ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import shutil
 import socket
 import statistics
 import tempfile
@@ -28,11 +27,10 @@ import numpy as np
 import torch
 import tvm
 from tvm import rpc, tirx
-from tvm.support import cc
 from tvm.target import Target
 
 from lowbit.backends.tvm.target import host_arch, runs_on_host, target_arch
-from lowbit.backends.tvm.toolchains.cpu import ARM_CXX, ARM_CXX_PACKAGE
+from lowbit.backends.tvm.toolchains.cpu import library_compiler
 from lowbit.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -273,13 +271,7 @@ def _time(module: Any, dev: Any, arrays: Sequence[np.ndarray], options: MeasureO
 
 def _fcompile(target: Target) -> Any:
     """The cross compiler for a library of another architecture (None for this machine's)."""
-    if target_arch(target) == host_arch():
-        return None
-    if target_arch(target) != "aarch64":
-        raise BackendError(f"remote tuning for {target_arch(target)} from {host_arch()} is not supported")
-    if shutil.which(ARM_CXX) is None:
-        raise BackendError(f"remote tuning for ARM needs the cross compiler {ARM_CXX}: install {ARM_CXX_PACKAGE}")
-    return cc.cross_compiler(ARM_CXX)
+    return library_compiler(target_arch(target), "remote tuning")
 
 
 __all__ = [
