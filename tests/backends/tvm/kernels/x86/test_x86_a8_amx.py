@@ -2,60 +2,24 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import tvm
 from tvm.target import Target
+from x86_a8_layers import layer, layer_spec, run
 
-from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
+from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_amx, a8_gemm, a8_linear
 from lowbit.backends.tvm.target import has_features, x86_host_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 from lowbit.backends.tvm.tuning.database import Trial
 from lowbit.backends.tvm.tuning.search import propose
 from lowbit.errors import BackendError
-from lowbit.ir import ops_a8, packing
+from lowbit.ir import ops_a8
 
 #: A target with AMX-INT8: the kernel compiles for it on any host and runs where the host has AMX.
 AMX_TARGET = Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 HOST_HAS_AMX = has_features(Target(x86_host_target()), "amx-int8", "amx-tile")
-
-
-def _weight(n_out: int, k_in: int, group: int, asym: bool, bias: bool, seed: int) -> dict:
-    """Random 8-bit codes, power-of-two scales (the float epilogue is exact), [zero points], [a bias in quarters]."""
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 256, (n_out, k_in), generator=gen, dtype=torch.uint8)
-    groups = k_in // group
-    return {
-        "qweight": packing.pack(codes, 8),
-        "scales": 2.0 ** -torch.randint(0, 5, (n_out, groups), generator=gen).float(),
-        "zeros": torch.randint(0, 256, (n_out, groups), generator=gen).float() if asym else None,
-        "g_idx": None,
-        "bias": torch.randint(-8, 9, (n_out,), generator=gen).float() / 4 if bias else None,
-        "act_scale": None,
-    }
-
-
-def _spec(rows: int, k_in: int, n_out: int, group: int, weight: dict, bits: int = 8) -> PackedLinearSpec:
-    return PackedLinearSpec(
-        rows,
-        k_in,
-        n_out,
-        bits,
-        group,
-        weight["zeros"] is not None,
-        weight["bias"] is not None,
-        act_bits=8,
-        act_dynamic=weight["act_scale"] is None,
-    )
-
-
-def _run(lib: tvm.runtime.Module, name: str, plan: KernelPlan, x: torch.Tensor, n_out: int) -> torch.Tensor:
-    args = [tvm.runtime.tensor(t.numpy()) for t in [x, *plan.consts]]
-    out = tvm.runtime.tensor(np.zeros((x.shape[0], n_out), dtype="float32"))
-    lib[name](*args, out)
-    return torch.from_numpy(out.numpy())
 
 
 #: (rows, in, out, group, asymmetric, bias, static step): the demo's W8A8 shapes at 256 rows, 32 rows, groups
@@ -74,10 +38,10 @@ def test_amx_gemm_is_bit_exact_with_the_reference_op() -> None:
     """Power-of-two scales make every float step exact, so the outputs must equal the reference's bit for bit."""
     plans = {}
     for index, (rows, k_in, n_out, group, asym, bias, step) in enumerate(CASES):
-        weight = _weight(n_out, k_in, group, asym, bias, seed=index)
+        weight = layer(n_out, k_in, 8, group, asym, bias, seed=index)
         if step is not None:
             weight["act_scale"] = torch.tensor(step)
-        spec = _spec(rows, k_in, n_out, group, weight)
+        spec = layer_spec(rows, k_in, n_out, 8, group, weight)
         assert a8_amx.KERNEL.supports(spec, weight, AMX_TARGET) is None
         plans[f"case{index}"] = weight, spec, a8_amx.KERNEL.plan(spec, weight, AMX_TARGET)
     lib = tvm.compile(
@@ -92,7 +56,7 @@ def test_amx_gemm_is_bit_exact_with_the_reference_op() -> None:
         x[0, :4] = torch.tensor([127.0, -127.0, 0.5, -0.5]) / 127 * x[0].abs().max()
         if weight["act_scale"] is not None:  # exact ties of a static step round half to even
             x[1, :6] = torch.tensor([0.5, 1.5, 2.5, -2.5, -0.5, 300.0]) * weight["act_scale"]
-        got = _run(lib, name, plan, x, spec.out_features)
+        got = run(lib, name, plan, x, spec.out_features)
         ref = ops_a8.linear_packed_a8(
             x,
             weight["qweight"],
@@ -109,11 +73,11 @@ def test_amx_gemm_is_bit_exact_with_the_reference_op() -> None:
 
 
 def test_the_lowering_takes_amx_for_whole_blocks_of_8_bit_rows() -> None:
-    weight = _weight(384, 384, 384, False, True, seed=0)
+    weight = layer(384, 384, 8, 384, False, True, seed=0)
     toolchain = CPUToolchain(AMX_TARGET)
 
     def chosen(rows: int, bits: int = 8) -> str:
-        spec = _spec(rows, 384, 384, 384, weight, bits)
+        spec = layer_spec(rows, 384, 384, bits, 384, weight)
         return next(k.name for k in toolchain.kernels(spec) if k.supports(spec, weight, AMX_TARGET) is None)
 
     assert chosen(256) == chosen(32) == a8_amx.KERNEL_NAME
@@ -142,8 +106,8 @@ def test_layers_and_targets_the_amx_gemm_refuses(changes: dict, target: Target, 
 
 
 def test_the_amx_kernel_has_no_knobs_and_the_tuner_tries_only_its_hand_schedule() -> None:
-    weight = _weight(64, 256, 128, False, True, seed=1)
-    spec = _spec(64, 256, 64, 128, weight)
+    weight = layer(64, 256, 8, 128, False, True, seed=1)
+    spec = layer_spec(64, 256, 64, 8, 128, weight)
     plan = a8_amx.KERNEL.plan(spec, weight, AMX_TARGET)
     assert plan.name == a8_amx.KERNEL_NAME and plan.knobs == a8_amx.KERNEL.default_knobs(spec, AMX_TARGET) == {}
     assert propose(a8_amx.KERNEL.knobs, {}, [], "amx") == {}

@@ -2,58 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import tvm
 from tvm.target import Target
+from x86_a8_layers import layer, layer_spec, run
 
-from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
+from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_gemm, a8_linear
 from lowbit.backends.tvm.target import has_features, x86_host_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 from lowbit.errors import BackendError
-from lowbit.ir import ops_a8, packing
+from lowbit.ir import ops_a8
 
 #: A target with AVX-512 VNNI: the GEMM compiles for it on any host and runs where the host has the feature.
 VNNI_TARGET = Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
 HOST_HAS_VNNI = has_features(Target(x86_host_target()), "avx512vnni", "avx512bw")
-
-
-def _weight(n_out: int, k_in: int, bits: int, group: int, asym: bool, bias: bool, seed: int) -> dict:
-    """Random codes, power-of-two scales (the float epilogue is exact), [zero points], [a bias in quarters]."""
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (n_out, k_in), generator=gen, dtype=torch.uint8)
-    groups = k_in // group
-    return {
-        "qweight": packing.pack(codes, bits),
-        "scales": 2.0 ** -torch.randint(0, 5, (n_out, groups), generator=gen).float(),
-        "zeros": torch.randint(0, 2**bits, (n_out, groups), generator=gen).float() if asym else None,
-        "g_idx": None,
-        "bias": torch.randint(-8, 9, (n_out,), generator=gen).float() / 4 if bias else None,
-        "act_scale": None,
-    }
-
-
-def _spec(rows: int, k_in: int, n_out: int, bits: int, group: int, weight: dict) -> PackedLinearSpec:
-    return PackedLinearSpec(
-        rows,
-        k_in,
-        n_out,
-        bits,
-        group,
-        weight["zeros"] is not None,
-        weight["bias"] is not None,
-        act_bits=8,
-        act_dynamic=weight["act_scale"] is None,
-    )
-
-
-def _run(lib: tvm.runtime.Module, name: str, plan: KernelPlan, x: torch.Tensor, n_out: int) -> torch.Tensor:
-    args = [tvm.runtime.tensor(t.numpy()) for t in [x, *plan.consts]]
-    out = tvm.runtime.tensor(np.zeros((x.shape[0], n_out), dtype="float32"))
-    lib[name](*args, out)
-    return torch.from_numpy(out.numpy())
 
 
 def _reference(x: torch.Tensor, weight: dict, bits: int, group: int, k_in: int) -> torch.Tensor:
@@ -89,10 +53,10 @@ def test_gemm_is_bit_exact_with_the_reference_op() -> None:
     """Power-of-two scales make every float step exact, so the outputs must equal the reference's bit for bit."""
     plans = {}
     for index, (rows, k_in, n_out, bits, group, asym, bias, step) in enumerate(CASES):
-        weight = _weight(n_out, k_in, bits, group, asym, bias, seed=index)
+        weight = layer(n_out, k_in, bits, group, asym, bias, seed=index)
         if step is not None:
             weight["act_scale"] = torch.tensor(step)
-        spec = _spec(rows, k_in, n_out, bits, group, weight)
+        spec = layer_spec(rows, k_in, n_out, bits, group, weight)
         assert a8_gemm.KERNEL.supports(spec, weight, VNNI_TARGET) is None
         plans[f"case{index}"] = weight, spec, a8_gemm.KERNEL.plan(spec, weight, VNNI_TARGET)
     lib = tvm.compile(
@@ -107,14 +71,14 @@ def test_gemm_is_bit_exact_with_the_reference_op() -> None:
         x[0, :4] = torch.tensor([127.0, -127.0, 0.5, -0.5]) / 127 * x[0].abs().max()  # ties at the rounding boundary
         if weight["act_scale"] is not None:  # exact ties of a static step round half to even
             x[1, :6] = torch.tensor([0.5, 1.5, 2.5, -2.5, -0.5, 300.0]) * weight["act_scale"]
-        got = _run(lib, name, plan, x, spec.out_features)
+        got = run(lib, name, plan, x, spec.out_features)
         ref = _reference(x, weight, spec.bits, spec.group_size, spec.in_features)
         assert torch.equal(got, ref), f"{name} {spec}: max diff {(got - ref).abs().max()}"
 
 
 def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
-    weight = _weight(384, 384, 8, 384, False, True, seed=5)
-    spec = _spec(48, 384, 384, 8, 384, weight)
+    weight = layer(384, 384, 8, 384, False, True, seed=5)
+    spec = layer_spec(48, 384, 384, 8, 384, weight)
     defaults = a8_gemm.KERNEL.default_knobs(spec, VNNI_TARGET)
     assert all(defaults[key] in values for key, values in a8_gemm.KNOBS.items())
     choices = [
@@ -134,22 +98,22 @@ def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
     )
     x = torch.randn(48, 384, generator=torch.Generator().manual_seed(5)) * 3
     for name, plan in plans.items():
-        assert torch.equal(_run(lib, name, plan, x, 384), _reference(x, weight, 8, 384, 384)), plan.knobs
+        assert torch.equal(run(lib, name, plan, x, 384), _reference(x, weight, 8, 384, 384)), plan.knobs
 
 
 def test_the_lowering_takes_the_gemm_for_many_rows_and_the_gemv_kernel_for_few() -> None:
-    weight = _weight(384, 384, 8, 384, False, True, seed=0)
+    weight = layer(384, 384, 8, 384, False, True, seed=0)
     toolchain = CPUToolchain(VNNI_TARGET)
 
     def chosen(rows: int) -> str:
-        spec = _spec(rows, 384, 384, 8, 384, weight)
+        spec = layer_spec(rows, 384, 384, 8, 384, weight)
         return next(k.name for k in toolchain.kernels(spec) if k.supports(spec, weight, VNNI_TARGET) is None)
 
     assert chosen(256) == a8_gemm.KERNEL_NAME
     assert chosen(a8_gemm.MIN_ROWS) == a8_gemm.KERNEL_NAME
     assert chosen(1) == chosen(a8_gemm.MIN_ROWS - 1) == a8_linear.KERNEL_NAME
     avx2 = CPUToolchain(Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2}))
-    spec = _spec(256, 384, 384, 8, 384, weight)
+    spec = layer_spec(256, 384, 384, 8, 384, weight)
     assert next(k.name for k in avx2.kernels(spec) if k.supports(spec, weight, avx2.target) is None) == (
         a8_linear.KERNEL_NAME
     )
@@ -176,9 +140,11 @@ def test_layers_and_targets_the_gemm_refuses(changes: dict, target: Target, reas
 
 
 def test_fractional_zero_points_are_refused() -> None:
-    weight = _weight(64, 256, 4, 64, True, False, seed=0)
+    weight = layer(64, 256, 4, 64, True, False, seed=0)
     weight["zeros"] = weight["zeros"] + 0.5
-    assert "fractional zero points" in a8_gemm.KERNEL.supports(_spec(64, 256, 64, 4, 64, weight), weight, VNNI_TARGET)
+    assert "fractional zero points" in a8_gemm.KERNEL.supports(
+        layer_spec(64, 256, 64, 4, 64, weight), weight, VNNI_TARGET
+    )
 
 
 def test_the_x86_kernel_list_has_the_gemms_only_from_min_rows_on() -> None:
