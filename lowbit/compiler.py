@@ -212,8 +212,7 @@ def compile(
 
     expected = _eager(model, example_inputs, example_kwargs)
     interface = dataclasses.replace(interface, output=output_spec(expected))
-    if hasattr(runner, "interface"):  # TVM runners check inputs themselves and save the interface with the library
-        runner.interface = interface
+    runner.interface = interface  # TVM runners also check inputs themselves and save it with the library
     if runner.runnable:
         with torch.no_grad():
             actual = interface.rebuild(runner(*example_inputs, **(example_kwargs or {})))

@@ -15,6 +15,8 @@ from lowbit.errors import BackendError
 if TYPE_CHECKING:
     from torch import fx
 
+    from lowbit.interface import Interface
+
 TARGETS: tuple[str, ...] = ("torch", "x86", "arm", "cuda")
 
 
@@ -28,6 +30,8 @@ class Runner(Protocol):
     fallbacks: Sequence[Any]
     #: The kernel knobs chosen per kernel signature (TVM's `TuningResult`); empty where nothing is tuned.
     tuning: Sequence[Any]
+    #: What `lowbit.compile` recorded about the inputs and outputs; a runner that saves itself saves it too.
+    interface: Interface
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 

@@ -21,6 +21,7 @@ from torch.fx.node import map_aggregate
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is loaded)
 import lowbit.ir.ops_a8  # noqa: F401  (the int8-activation packed linear)
 from lowbit.errors import ArtifactError
+from lowbit.interface import Interface
 from lowbit.ir.annotations import META_KEY
 
 GRAPH_FILE = "graph.pt"
@@ -29,14 +30,14 @@ ANNOTATIONS = "_lowbit_annotations"
 
 def as_runner(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` in eval mode as its own runner (`lowbit.backends.Runner`): it runs wherever torch does, with no
-    fallbacks and nothing tuned.
+    fallbacks, nothing tuned, and an empty `Interface` until `lowbit.compile` records one (it checks inputs itself).
 
     torch.fx gives every GraphModule a class of its own (it holds the generated ``forward``), so
     the attributes go on that class: nothing is added to the module's state or to what
     `torch.save` writes.
     """
     cls = type(gm)
-    cls.runnable, cls.fallbacks, cls.tuning = True, (), ()
+    cls.runnable, cls.fallbacks, cls.tuning, cls.interface = True, (), (), Interface()
     return gm.eval()
 
 
