@@ -1,0 +1,195 @@
+"""Causal attention over a static key/value cache, as one hand-scheduled CPU PrimFunc.
+
+The cache is two plain tensors ``(B, Hkv, T, D)`` of fixed capacity ``T`` that the kernel
+updates in place: each call appends its ``C`` new keys and values at positions ``n - C ..
+n - 1`` (``n``, the sequence length after the call, is symbolic), then lets query ``i`` (at
+position ``p = n - C + i``) attend to the cached positions ``j <= p`` whose ``mask[b, j]``
+is non-zero. Masked positions are never read into the result (the cache may hold garbage
+there); a query with nothing to attend to gets zeros.
+
+Schedule: one parallel task per (batch row, kv head, block of queries); the task's rows are
+the block's queries times the query heads that share the kv head (grouped-query
+attention), so every key and value row loaded from the cache serves all of them. Keys
+stream in tiles of `KEY_TILE` with an online softmax (running max and sum per row,
+accumulators rescaled per tile), so the work and the memory read are bounded by ``n``, not
+``T``, and nothing but the tile's scores is kept. Dot products and the value accumulation
+are vectorized along ``D``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish, power_of_two_divisor
+from lowbit.backends.tvm.target import float32_lanes
+
+#: Keys per tile of the online softmax (their scores stay in L1; their rows stay in L1 across the task's rows).
+KEY_TILE = 64
+#: Rows (queries × grouped heads) per task in a prefill chunk: each loaded key serves that many dot products.
+ROW_BLOCK = 32
+#: The score of a position that is not attended to: the lowest float32, so differences with it stay finite.
+MASKED = -3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Shapes of one attention call: ``C`` new tokens for ``B`` rows, against a cache of ``T`` positions."""
+
+    batch: int
+    chunk: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    max_context: int
+    scale: float
+
+    def __post_init__(self) -> None:
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"q_heads={self.q_heads} is not a multiple of kv_heads={self.kv_heads}")
+        if not 1 <= self.chunk <= self.max_context:
+            raise ValueError(f"chunk={self.chunk} must lie in [1, max_context={self.max_context}]")
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.q_heads // self.kv_heads
+
+    @property
+    def query_block(self) -> int:
+        """Queries per task: all of a decode step, up to `ROW_BLOCK` rows (queries × group) in a prefill chunk."""
+        return divisor_at_most(self.chunk, max(1, ROW_BLOCK // self.group))
+
+
+def cache_attention(spec: AttentionSpec, target: tvm.target.Target) -> tirx.PrimFunc:
+    """The PrimFunc ``(q, k, v, mask, k_cache, v_cache, out)`` of the module doc, for ``target``'s CPU.
+
+    Shapes: ``q, out (B, C, Hq, D)``, ``k, v (B, C, Hkv, D)``, ``mask (B, n)`` int32 with a
+    symbolic int64 ``n``, ``k_cache, v_cache (B, Hkv, T, D)``; all float32 but the mask.
+    """
+    return finish(_kernel(spec, power_of_two_divisor(spec.head_dim, float32_lanes(target))), None)
+
+
+@functools.cache
+def _kernel(spec: AttentionSpec, lanes: int) -> tirx.PrimFunc:
+    """The unmarked PrimFunc, parsed once per shape; ``lanes`` divides ``head_dim``."""
+    batch, chunk, q_heads, kv_heads, dim, capacity = (
+        spec.batch,
+        spec.chunk,
+        spec.q_heads,
+        spec.kv_heads,
+        spec.head_dim,
+        spec.max_context,
+    )
+    group, block = spec.group, spec.query_block
+    rows, blocks, chunks, tile = block * group, chunk // block, dim // lanes, KEY_TILE
+    scale = spec.scale
+
+    @T.prim_func(private=True)
+    def kernel(
+        q: T.Buffer((batch, chunk, q_heads, dim), "float32"),
+        k: T.Buffer((batch, chunk, kv_heads, dim), "float32"),
+        v: T.Buffer((batch, chunk, kv_heads, dim), "float32"),
+        mask_handle: T.handle,
+        k_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
+        v_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
+        out: T.Buffer((batch, chunk, q_heads, dim), "float32"),
+    ) -> None:
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        mask = T.match_buffer(mask_handle, (batch, n), "int32")
+        start = n - chunk  # position of the first new token
+        for bh in T.parallel(batch * kv_heads):
+            for i, dc in T.grid(chunk, chunks):
+                for lane in T.vectorized(lanes):
+                    k_cache[bh // kv_heads, bh % kv_heads, start + i, dc * lanes + lane] = k[
+                        bh // kv_heads, i, bh % kv_heads, dc * lanes + lane
+                    ]
+                    v_cache[bh // kv_heads, bh % kv_heads, start + i, dc * lanes + lane] = v[
+                        bh // kv_heads, i, bh % kv_heads, dc * lanes + lane
+                    ]
+        for task in T.parallel(batch * kv_heads * blocks):
+            b = task // (kv_heads * blocks)
+            g = task // blocks % kv_heads
+            first = task % blocks * block  # first query of the task
+            end = start + first + block  # positions < end are attended to by some row of the task
+            qs = T.decl_buffer((rows, dim), "float32")
+            acc = T.decl_buffer((rows, dim), "float32")
+            scores = T.decl_buffer((rows, tile), "float32")
+            top = T.decl_buffer((rows,), "float32")
+            tile_top = T.decl_buffer((rows,), "float32")
+            total = T.decl_buffer((rows,), "float32")
+            part = T.decl_buffer((lanes,), "float32")
+            for r, dc in T.grid(rows, chunks):
+                for lane in T.vectorized(lanes):
+                    qs[r, dc * lanes + lane] = q[
+                        b, first + r // group, g * group + r % group, dc * lanes + lane
+                    ] * T.float32(scale)
+                    acc[r, dc * lanes + lane] = T.float32(0)
+            for r in range(rows):
+                top[r] = T.float32(MASKED)
+                total[r] = T.float32(0)
+            for t in range((end + (tile - 1)) // tile):
+                for r, jj in T.grid(rows, tile):
+                    scores[r, jj] = T.float32(MASKED)
+                for jj in range(tile):
+                    if t * tile + jj < end:  # noqa: SIM102 (TIR's `and` evaluates both sides: no mask read past n)
+                        if mask[b, t * tile + jj] != 0:
+                            for r in range(rows):
+                                for lane in T.vectorized(lanes):
+                                    part[lane] = qs[r, lane] * k_cache[b, g, t * tile + jj, lane]
+                                for dc in range(1, chunks):
+                                    for lane in T.vectorized(lanes):
+                                        part[lane] = (
+                                            part[lane]
+                                            + qs[r, dc * lanes + lane] * k_cache[b, g, t * tile + jj, dc * lanes + lane]
+                                        )
+                                if lanes >= 16:
+                                    for lane in T.vectorized(8):
+                                        part[lane] = part[lane] + part[lane + 8]
+                                if lanes >= 8:
+                                    for lane in T.vectorized(4):
+                                        part[lane] = part[lane] + part[lane + 4]
+                                if lanes >= 4:
+                                    for lane in T.vectorized(2):
+                                        part[lane] = part[lane] + part[lane + 2]
+                                if lanes >= 2:
+                                    part[0] = part[0] + part[1]
+                                if t * tile + jj <= start + first + r // group:
+                                    scores[r, jj] = part[0]
+                for r in range(rows):
+                    tile_top[r] = top[r]
+                    for jj in range(tile):
+                        tile_top[r] = T.max(tile_top[r], scores[r, jj])
+                    for jj in range(tile):
+                        scores[r, jj] = T.Select(
+                            scores[r, jj] > T.float32(MASKED), T.exp(scores[r, jj] - tile_top[r]), T.float32(0)
+                        )
+                    total[r] = total[r] * T.exp(top[r] - tile_top[r])
+                    for dc in range(chunks):
+                        for lane in T.vectorized(lanes):
+                            acc[r, dc * lanes + lane] = acc[r, dc * lanes + lane] * T.exp(top[r] - tile_top[r])
+                    top[r] = tile_top[r]
+                    for jj in range(tile):
+                        total[r] = total[r] + scores[r, jj]
+                        if scores[r, jj] != T.float32(0):
+                            for dc in range(chunks):
+                                for lane in T.vectorized(lanes):
+                                    acc[r, dc * lanes + lane] = (
+                                        acc[r, dc * lanes + lane]
+                                        + scores[r, jj] * v_cache[b, g, t * tile + jj, dc * lanes + lane]
+                                    )
+            for r, dc in T.grid(rows, chunks):
+                for lane in T.vectorized(lanes):
+                    out[b, first + r // group, g * group + r % group, dc * lanes + lane] = T.Select(
+                        total[r] > T.float32(0), acc[r, dc * lanes + lane] / total[r], T.float32(0)
+                    )
+
+    return kernel
+
+
+__all__ = ["KEY_TILE", "AttentionSpec", "cache_attention"]
