@@ -53,3 +53,8 @@ class InputError(LowbitError):
 
 class NonFiniteInputError(InputError):
     """A floating-point input holds NaN or Inf; compiled models refuse them on every target."""
+
+
+class GenerationError(LowbitError):
+    """A generation request the compiled causal LM cannot serve (too long, too large a batch, bad options), or a
+    model the generation lowering does not know."""

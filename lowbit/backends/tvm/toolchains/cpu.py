@@ -162,7 +162,14 @@ class CPUToolchain(Toolchain):
 
     def build(self, lowering: Lowering, tuning: Sequence[Any] = ()) -> CPURunner:
         """Schedule every TIR function of a lowered module and compile it for the VM."""
-        mod = self.schedule(lowering.mod)
+        executable = self.compile_module(lowering.mod)
+        for linear in lowering.fallbacks:
+            log.warning("%s runs as a dequantized fp32 dense kernel: %s", linear.node, linear.reason)
+        return CPURunner(executable, self.arch, features(target), lowering.inputs, lowering.linears, tuning)
+
+    def compile_module(self, mod: tvm.IRModule) -> Any:
+        """A Relax module scheduled (`schedule`) and compiled to a VM executable."""
+        mod = self.schedule(mod)
         missing = unscheduled_functions(mod)
         if missing:
             log.warning("no default schedule fits %s: they run as plain loop nests", ", ".join(missing))
@@ -171,10 +178,7 @@ class CPUToolchain(Toolchain):
             rest = tvm.transform.Sequential(
                 cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
             )
-            executable = tvm.compile(mod, target=target, relax_pipeline=rest)
-        for linear in lowering.fallbacks:
-            log.warning("%s runs as a dequantized fp32 dense kernel: %s", linear.node, linear.reason)
-        return CPURunner(executable, self.arch, features(target), lowering.inputs, lowering.linears, tuning)
+            return tvm.compile(mod, target=target, relax_pipeline=rest)
 
     def save(self, runner: Runner, directory: Path) -> list[str]:
         """Write the shared library (weights embedded) and the signature; libraries for aarch64 are linked with

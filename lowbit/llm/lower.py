@@ -1,0 +1,257 @@
+"""The decoder as one Relax module: prefill and decode steps over an in-place static KV cache, sharing weights.
+
+For each step size ``C`` (1 = decode, and the prefill chunk sizes) the module has ``step_C`` (the logits of one
+column) and ``all_C`` (the logits of every column), each taking ``ids, positions (B, C)`` int64, ``mask (B, n)``
+int32 with a symbolic ``n`` (the length after the step), ``last (1,)`` int64 (``step_C`` only) and the caches,
+two ``(B, kv_heads, T, head_dim)`` tensors per block that `attention.cache_attention` updates in place. Every
+low-bit linear runs on one kernel in one weight layout for all step sizes: the kernel (and its knobs, from the
+tuner) is chosen for a decode step, the other sizes reuse its knobs, and each constant is one Relax constant
+shared by every function (`ConstantPool`), so the library holds each weight once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import tvm
+from tvm import relax
+
+from lowbit.backends.tvm.convert import (
+    FALLBACK,
+    LoweredLinear,
+    announce_fallbacks,
+    contiguous_groups,
+    dequantized_weight,
+    grouped_columns,
+    layer_spec,
+    tuned_plan,
+)
+from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
+from lowbit.backends.tvm.kernels.generic.dense import dense_plan
+from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec
+from lowbit.backends.tvm.target import float32_lanes
+from lowbit.errors import BackendError
+from lowbit.ir import ops_a8
+from lowbit.llm.attention import AttentionSpec, cache_attention
+from lowbit.llm.family import DecoderSpec
+from lowbit.llm.weights import DecoderWeights, Linear
+
+log = logging.getLogger(__name__)
+
+
+class ConstantPool:
+    """One Relax constant per distinct array, so functions that use the same weight share it in the library."""
+
+    def __init__(self) -> None:
+        self._constants: dict[tuple[Any, ...], relax.Constant] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> relax.Constant:
+        array = tensor.detach().cpu().contiguous().numpy()
+        key = (array.shape, str(array.dtype), hashlib.blake2b(array.tobytes(), digest_size=16).digest())
+        if key not in self._constants:
+            self._constants[key] = relax.const(array)
+        return self._constants[key]
+
+
+@dataclass(frozen=True)
+class LayerKernel:
+    """How one packed linear runs: its kernel and knobs (None: the dense fallback), the spec and constants after
+    `contiguous_groups`, and the input column order."""
+
+    kernel: LinearKernel | None
+    knobs: dict[str, int] | None
+    spec: PackedLinearSpec
+    tensors: dict[str, torch.Tensor | None]
+    order: torch.Tensor | None
+
+
+class DecoderBuilder:
+    """Builds the step functions of one decoder for a toolchain (CPU) and a batch capacity."""
+
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        weights: DecoderWeights,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        toolchain: Any,
+        max_batch: int,
+        tuner: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.weights = weights
+        self.toolchain = toolchain
+        self.target = toolchain.target
+        self.max_batch = max_batch
+        self.max_context = int(rotary[0].shape[0])
+        self.tuner = tuner
+        self.bb = relax.BlockBuilder()
+        self.pool = ConstantPool()
+        self.cos, self.sin = (self.pool(t) for t in rotary)
+        self.kernels: dict[str, LayerKernel] = {}
+        self.linears: list[LoweredLinear] = []
+        for path in spec.linears():
+            linear = weights.linears[path]
+            if linear.packed:
+                self.kernels[path] = self._choose(linear)
+
+    # -- functions ------------------------------------------------------------------------------------------------
+
+    def build(self, chunks: tuple[int, ...], strict: bool = False) -> tvm.IRModule:
+        """The module with ``step_C`` and ``all_C`` for ``C`` in 1 and ``chunks``."""
+        announce_fallbacks([linear for linear in self.linears if linear.kernel == FALLBACK], "the CPU", strict)
+        for chunk in sorted({1, *chunks}):
+            self._function(chunk, all_columns=False)
+            self._function(chunk, all_columns=True)
+        return self.bb.get()
+
+    def _function(self, chunk: int, all_columns: bool) -> None:
+        spec, batch = self.spec, self.max_batch
+        n = tvm.tirx.Var("n", "int64")
+        ids = relax.Var("ids", relax.TensorType((batch, chunk), "int64"))
+        positions = relax.Var("positions", relax.TensorType((batch, chunk), "int64"))
+        mask = relax.Var("mask", relax.TensorType((batch, n), "int32"))
+        last = relax.Var("last", relax.TensorType((1,), "int64"))
+        cache_type = relax.TensorType((batch, spec.kv_heads, self.max_context, spec.head_dim), "float32")
+        caches = [relax.Var(f"{kind}{i}", cache_type) for i in range(spec.layers) for kind in ("k", "v")]
+        params = [ids, positions, mask, *([] if all_columns else [last]), *caches]
+        bb = self.bb
+        with bb.function(f"{'all' if all_columns else 'step'}_{chunk}", params):
+            with bb.dataflow():
+                hidden = self._decoder(ids, positions, mask, caches, chunk)
+                if not all_columns:
+                    hidden = bb.emit(relax.op.take(hidden, last, axis=1))
+                    rows = 1
+                else:
+                    rows = chunk
+                logits = self._linear(spec.lm_head, hidden, rows)
+                if not all_columns:
+                    logits = bb.emit(relax.op.reshape(logits, (batch, spec.vocab)))
+                output = bb.emit_output(logits)
+            bb.emit_func_output(output)
+
+    def _decoder(
+        self, ids: relax.Expr, positions: relax.Expr, mask: relax.Expr, caches: list[relax.Var], chunk: int
+    ) -> relax.Expr:
+        """The final-normed hidden states ``(B, C, hidden)``."""
+        bb, spec, w = self.bb, self.spec, self.weights
+        batch = self.max_batch
+        x = bb.emit(relax.op.take(self.pool(w.embedding), ids, axis=0))
+        cos = bb.emit(relax.op.expand_dims(relax.op.take(self.cos, positions, axis=0), 2))
+        sin = bb.emit(relax.op.expand_dims(relax.op.take(self.sin, positions, axis=0), 2))
+        attention = bb.add_func(
+            cache_attention(
+                AttentionSpec(
+                    batch, chunk, spec.q_heads, spec.kv_heads, spec.head_dim, self.max_context, spec.head_dim**-0.5
+                ),
+                self.target,
+            ),
+            "lowbit_cache_attention",
+        )
+        for i in range(spec.layers):
+            h = self._norm(x, spec.norm(i, "attn"))
+            q = self._heads(self._linear(spec.linear(i, "q"), h, chunk), spec.q_heads, chunk)
+            k = self._heads(self._linear(spec.linear(i, "k"), h, chunk), spec.kv_heads, chunk)
+            v = self._heads(self._linear(spec.linear(i, "v"), h, chunk), spec.kv_heads, chunk)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q_type = relax.TensorType((batch, chunk, spec.q_heads, spec.head_dim), "float32")
+            cache_types = [caches[2 * i].ty, caches[2 * i + 1].ty]
+            result = bb.emit(
+                relax.call_tir_inplace(
+                    attention,
+                    [q, k, v, mask, caches[2 * i], caches[2 * i + 1]],
+                    inplace_indices=[-1, 4, 5],
+                    out_ty=[q_type, *cache_types],
+                )
+            )
+            attended = bb.emit(relax.TupleGetItem(result, 0))
+            attended = bb.emit(relax.op.reshape(attended, (batch, chunk, spec.q_heads * spec.head_dim)))
+            x = bb.emit(relax.op.add(x, self._linear(spec.linear(i, "o"), attended, chunk)))
+            h = self._norm(x, spec.norm(i, "mlp"))
+            gate = self._linear(spec.linear(i, "gate"), h, chunk)
+            up = self._linear(spec.linear(i, "up"), h, chunk)
+            mixed = bb.emit(relax.op.multiply(relax.op.nn.silu(gate), up))
+            x = bb.emit(relax.op.add(x, self._linear(spec.linear(i, "down"), mixed, chunk)))
+        return self._norm(x, spec.final_norm)
+
+    def _norm(self, x: relax.Expr, path: str) -> relax.Expr:
+        weight = self.pool(self.weights.norms[path])
+        return self.bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=self.spec.norm_eps))
+
+    def _heads(self, x: relax.Expr, heads: int, chunk: int) -> relax.Expr:
+        return self.bb.emit(relax.op.reshape(x, (self.max_batch, chunk, heads, self.spec.head_dim)))
+
+    def _rotate(self, x: relax.Expr, cos: relax.Expr, sin: relax.Expr) -> relax.Expr:
+        half = self.spec.head_dim // 2
+        first = relax.op.strided_slice(x, axes=[3], begin=[0], end=[half])
+        second = relax.op.strided_slice(x, axes=[3], begin=[half], end=[2 * half])
+        rotated = relax.op.concat([relax.op.negative(second), first], axis=3)
+        return self.bb.emit(relax.op.add(relax.op.multiply(x, cos), relax.op.multiply(rotated, sin)))
+
+    # -- linears --------------------------------------------------------------------------------------------------
+
+    def _linear(self, path: str, x: relax.Expr, chunk: int) -> relax.Expr:
+        """The linear ``path`` on ``x`` ``(B, chunk, K)``: ``(B, chunk, N)``."""
+        bb, linear = self.bb, self.weights.linears[path]
+        rows = self.max_batch * chunk
+        in_features = int(x.ty.shape[-1])
+        x2d = bb.emit(relax.op.reshape(x, (rows, in_features)))
+        y = self._packed(path, x2d, rows) if linear.packed else self._dense(linear.weight, linear.bias, x2d, rows)
+        return bb.emit(relax.op.reshape(y, (self.max_batch, chunk, linear.out_features)))
+
+    def _choose(self, linear: Linear) -> LayerKernel:
+        """The kernel of a packed linear for a decode step (``max_batch`` rows), or the fallback, recorded."""
+        a8 = linear.op is ops_a8.linear_packed_a8
+        tensors = linear.tensors()
+        spec, tensors, order = contiguous_groups(
+            layer_spec(linear.arguments, self.max_batch, tensors, a8), tensors, linear.path
+        )
+        reason = f"{self.toolchain.name} has no kernel for this layer"
+        for kernel in self.toolchain.kernels(spec):
+            reason = kernel.supports(spec, tensors, self.target)
+            if reason is None:
+                knobs = tuned_plan(kernel, spec, tensors, self.target, self.tuner).knobs
+                self.linears.append(LoweredLinear(linear.path, spec, kernel.name, layer=linear.path))
+                return LayerKernel(kernel, knobs, spec, tensors, order)
+        self.linears.append(LoweredLinear(linear.path, spec, FALLBACK, reason, layer=linear.path))
+        return LayerKernel(None, None, spec, tensors, order)
+
+    def _packed(self, path: str, x: relax.Expr, rows: int) -> relax.Expr:
+        chosen = self.kernels[path]
+        spec = replace(chosen.spec, batch=rows)
+        x = grouped_columns(self.bb, x, chosen.order, spec.in_features)
+        if chosen.kernel is None:
+            return self._fallback(x, spec, chosen.tensors)
+        reason = chosen.kernel.supports(spec, chosen.tensors, self.target)
+        if reason is not None:
+            raise BackendError(
+                f"{path}: kernel '{chosen.kernel.name}' serves a decode step but not {rows} rows: {reason}"
+            )
+        plan = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=chosen.knobs)
+        return self._call(plan.func, f"lowbit_{plan.name}", x, plan.consts, spec.out_features)
+
+    def _fallback(self, x: relax.Expr, spec: PackedLinearSpec, tensors: dict[str, Any]) -> relax.Expr:
+        """The dense kernel on the dequantized weight (int8-activation layers fake-quantize their input first)."""
+        if spec.act_bits is not None:
+            step = None if spec.act_dynamic else float(tensors["act_scale"])
+            quantize = self.bb.add_func(fake_quant_cpu_func(spec.batch, spec.in_features, step), "lowbit_fake_quantize")
+            x = self.bb.emit(
+                relax.call_tir(quantize, [x], out_ty=relax.TensorType((spec.batch, spec.in_features), "float32"))
+            )
+        return self._dense(dequantized_weight(spec, tensors), tensors["bias"], x, spec.batch)
+
+    def _dense(self, weight: torch.Tensor, bias: torch.Tensor | None, x: relax.Expr, rows: int) -> relax.Expr:
+        func, consts = dense_plan(weight, bias, rows, float32_lanes(self.target))
+        return self._call(func, "lowbit_fp32_linear", x, consts, int(weight.shape[0]))
+
+    def _call(self, func: Any, name: str, x: relax.Expr, consts: list[torch.Tensor], n_out: int) -> relax.Expr:
+        gvar = self.bb.add_func(func, name)
+        rows = int(x.ty.shape[0])
+        args = [x, *(self.pool(t) for t in consts)]
+        return self.bb.emit(relax.call_tir(gvar, args, out_ty=relax.TensorType((rows, n_out), "float32")))
+
+
+__all__ = ["ConstantPool", "DecoderBuilder", "LayerKernel"]

@@ -1,0 +1,83 @@
+"""A compiled decoder driven through the Relax VM: the caches live on the device, steps are padded to the batch.
+
+`TVMDecoder` implements `generate.Decoder` over a library built by `lowbit.llm.lower` (this CPU, or a remote
+device through an RPC session). The caches are allocated once, on the device, and only the kernels write them;
+a batch smaller than the compiled one runs with padding rows whose mask is all zeros (they attend to nothing and
+produce zeros, never NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from lowbit.errors import GenerationError
+from lowbit.llm.family import DecoderSpec
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """What a compiled decoder takes: its family spec, batch capacity, context capacity, prefill step sizes."""
+
+    spec: DecoderSpec
+    max_batch: int
+    max_context: int
+    chunks: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "spec": self.spec.as_dict(), "chunks": list(self.chunks)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecoderLayout:
+        return cls(DecoderSpec(**data["spec"]), int(data["max_batch"]), int(data["max_context"]), tuple(data["chunks"]))
+
+
+class TVMDecoder:
+    """`generate.Decoder` over a compiled decoder library on ``device`` (``tvm.cpu()`` or a remote CPU)."""
+
+    def __init__(self, executable: Any, device: Any, layout: DecoderLayout) -> None:
+        self.layout = layout
+        self.device = device
+        self.vm = relax.VirtualMachine(executable, device)
+        self.max_batch, self.max_context, self.chunks = layout.max_batch, layout.max_context, layout.chunks
+        self.vocab = layout.spec.vocab
+        self._caches: list[Any] = []
+        self._batch = 0
+
+    def reset(self, batch: int) -> None:
+        if not self._caches:
+            spec = self.layout.spec
+            shape = (self.max_batch, spec.kv_heads, self.max_context, spec.head_dim)
+            zeros = np.zeros(shape, dtype="float32")
+            self._caches = [tvm.runtime.tensor(zeros, self.device) for _ in range(2 * spec.layers)]
+        self._batch = batch
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, last: int | None) -> torch.Tensor:
+        """Logits of column ``last`` ``(batch, vocab)``, or of every column ``(batch, C, vocab)`` when None."""
+        if not self._caches:
+            raise GenerationError("reset(batch) must start a batch before its first step")
+        batch, chunk = ids.shape
+        sizes = {1, *self.chunks}
+        if chunk not in sizes:
+            raise GenerationError(f"no compiled step takes {chunk} tokens; the step sizes are {sorted(sizes)}")
+        rows = self.max_batch - batch
+        arrays = [
+            np.pad(ids.numpy().astype("int64"), ((0, rows), (0, 0))),
+            np.pad(positions.numpy().astype("int64"), ((0, rows), (0, 0))),
+            np.pad(mask.numpy().astype("int32"), ((0, rows), (0, 0))),
+        ]
+        if last is not None:
+            arrays.append(np.array([last], dtype="int64"))
+        inputs = [tvm.runtime.tensor(array, self.device) for array in arrays]
+        name = f"{'step' if last is not None else 'all'}_{chunk}"
+        logits = self.vm[name](*inputs, *self._caches)
+        return torch.from_numpy(logits.numpy()[:batch])
+
+
+__all__ = ["DecoderLayout", "TVMDecoder"]

@@ -1,0 +1,122 @@
+"""The weights of a decoder, read from the graph the passes produced.
+
+Each linear of the `DecoderSpec` is either a packed low-bit call the passes left in the graph (its normalized
+arguments, the constants resolved) or an fp32 weight still held by the graph; norms and the embedding are read by
+module path. `DecoderWeights.linear` runs one layer in torch exactly as the graph does, which is what the torch
+reference decoder calls. Whatever else a pass may have added to the graph is not read here: the lowering checks
+the decoder against the graph on the example inputs (`lowbit.llm.compile`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+from lowbit.errors import GenerationError
+from lowbit.ir import ops, ops_a8
+from lowbit.ir.graph import get_attr
+from lowbit.llm.family import DecoderSpec
+
+#: The packed linear operators and the argument names that are graph constants.
+PACKED_OPS = (ops.linear_packed, ops_a8.linear_packed_a8)
+PACKED_TENSORS = ("qweight", "scales", "zeros", "g_idx", "bias", "act_scale")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer: fp32 ``weight``/``bias``, or a packed call (``op`` and its normalized arguments without
+    ``x``)."""
+
+    path: str
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    op: Any = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        return self.op is not None
+
+    @property
+    def out_features(self) -> int:
+        return int((self.arguments["qweight"] if self.packed else self.weight).shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return self.op(x, **self.arguments)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """A packed layer's constants by name (``qweight``, ``scales``, ``zeros``, ``g_idx``, ``bias``
+        [, ``act_scale``])."""
+        return {name: self.arguments.get(name) for name in PACKED_TENSORS}
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    """Every tensor the lowering reads: the embedding table, per-block norm weights, the linears."""
+
+    embedding: torch.Tensor
+    norms: dict[str, torch.Tensor]
+    linears: dict[str, Linear]
+
+    def bytes(self) -> int:
+        """Bytes of the distinct tensors held (tied tables counted once)."""
+        tensors = [self.embedding, *self.norms.values()]
+        for linear in self.linears.values():
+            tensors += [linear.weight, linear.bias, *linear.tensors().values()]
+        seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)}
+        return sum(seen.values())
+
+
+def read_weights(gm: fx.GraphModule, spec: DecoderSpec, tied: bool) -> DecoderWeights:
+    """The decoder's tensors in ``gm``; `GenerationError` naming the first one that is missing."""
+    packed = _packed_calls(gm)
+    embedding = _tensor(gm, f"{spec.embed}.weight")
+    norms = {f"{spec.norm(i, role)}": _tensor(gm, f"{spec.norm(i, role)}.weight") for i in range(spec.layers)
+             for role in ("attn", "mlp")}  # fmt: skip
+    norms[spec.final_norm] = _tensor(gm, f"{spec.final_norm}.weight")
+    linears = {}
+    for path in spec.linears():
+        if path in packed:
+            linears[path] = packed[path]
+        elif path == spec.lm_head and tied and get_attr(gm, f"{path}.weight", None) is None:
+            linears[path] = Linear(path, weight=embedding)
+        else:
+            linears[path] = Linear(path, _tensor(gm, f"{path}.weight"), _tensor(gm, f"{path}.bias", optional=True))
+    return DecoderWeights(embedding, norms, linears)
+
+
+def _packed_calls(gm: fx.GraphModule) -> dict[str, Linear]:
+    """The packed linear calls of ``gm`` by the module path of their packed weight."""
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in PACKED_OPS:
+            continue
+        kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        path = str(kwargs["qweight"].target).rpartition(".")[0]
+        arguments = {
+            name: get_attr(gm, value) if isinstance(value, fx.Node) else value
+            for name, value in kwargs.items()
+            if name != "x"
+        }
+        if any(isinstance(value, fx.Node) for value in arguments.values()):
+            raise GenerationError(f"node '{node.name}': a packed linear whose constants are not graph attributes")
+        calls[path] = Linear(path, op=node.target, arguments=arguments)
+    return calls
+
+
+def _tensor(gm: fx.GraphModule, path: str, optional: bool = False) -> torch.Tensor | None:
+    value = get_attr(gm, path, None)
+    if value is None and optional:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise GenerationError(f"the graph holds no tensor '{path}' where the decoder lowering expects one")
+    return value.detach()
+
+
+__all__ = ["DecoderWeights", "Linear", "read_weights"]
