@@ -33,12 +33,19 @@ FORMAT_VERSION = 1
 log = logging.getLogger("lowbit.artifact")
 
 
-def write(path: str | Path, target: Any, runner: Any, info: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write an artifact for ``runner`` (compiled for ``target``) to the directory ``path``."""
-    backend = get_backend(target)
+def write(
+    path: str | Path,
+    target: Any,
+    runner: Any,
+    info: dict[str, Any],
+    overwrite: bool = False,
+    save: Callable[[Path], list[str]] | None = None,
+) -> Path:
+    """Write an artifact for ``runner`` (compiled for ``target``) to the directory ``path``: the files the backend
+    saves, or those ``save(directory)`` writes (it returns their names)."""
 
     def fill(staging: Path) -> None:
-        files = backend.save(runner, staging)
+        files = save(staging) if save is not None else get_backend(target).save(runner, staging)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -121,6 +128,10 @@ def load(path: str | Path, target: Any = None) -> CompiledModel:
     built_for = manifest.get("target")
     if target is not None and built_for != target:
         raise ArtifactError(f"{path} was built for target {built_for!r}, not {target!r}")
+    if "decoder" in manifest:
+        from lowbit.llm.model import load as load_causal_lm
+
+        return load_causal_lm(Path(path), manifest)
     runner = get_backend(built_for).load(Path(path))
     interface = Interface.from_dict(manifest.get("interface"))
     if hasattr(runner, "interface"):

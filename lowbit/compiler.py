@@ -6,6 +6,7 @@ calibration) is checked first, so a bad call fails in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -173,6 +174,8 @@ def compile(
     dump_dir: str | Path | None = None,
     max_rel_error: float = MAX_REL_ERROR,
     strict: bool = False,
+    dynamic_shapes: Any = None,
+    tokenizer: Any = None,
 ) -> CompiledModel:
     """Trace ``model``, run the convert-stage passes of ``recipe`` (or ``passes``), compile for ``target``.
 
@@ -188,34 +191,53 @@ def compile(
     Low-bit layers the target's kernels cannot serve (3-bit codes, uneven groups...) run dequantized: each is
     logged as a warning before the build, with the nearest supported setting; ``strict=True`` raises
     `UnsupportedLayerError` for them instead. Progress goes to the ``lowbit`` logger at INFO level.
+
+    ``dynamic_shapes`` (transformers causal LMs of the families `lowbit.llm.family` knows): the batch and sequence
+    ranges to serve, ``{"input_ids": {0: (1, 4), 1: (1, 2048)}}`` or with ``torch.export.Dim`` values; the result is
+    a `lowbit.llm.model.CompiledCausalLM` with a KV-cache decoder and ``generate``. ``tokenizer`` is saved with
+    its artifact.
     """
     example_inputs = _as_tuple(example_inputs)
     recipe_obj, pipeline = build_pipeline(recipe, passes, "convert", verify, dump_dir)
     target = check_target(target if target is not None else (recipe_obj.target if recipe_obj else "torch"))
     backend = get_backend(target)
     calib = pipeline.calibration_set(calibration, example_inputs, example_kwargs)
+    causal_lm = None
+    if dynamic_shapes is not None:
+        from lowbit.llm.compile import CausalLMCompile
+
+        causal_lm = CausalLMCompile.check(model, dynamic_shapes, example_inputs, example_kwargs, backend)
 
     start = time.perf_counter()
     log.info("tracing %s", type(model).__name__)
-    gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
+    with causal_lm.tracing() if causal_lm else contextlib.nullcontext():
+        gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
     interface = Interface.of(gm)  # before the passes, which may replace the embedding tables
     trace_s = time.perf_counter() - start
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     passes_s = time.perf_counter() - start - trace_s
     log.info("building for target %s", target)
-    if backend.name != "torch":
-        _flatten_output(graph)
-    runner = backend.compile(
-        graph, example_inputs, cache_dir=cache_dir, tune=_tune_settings(tune, recipe_obj), strict=strict
-    )
+    if causal_lm:
+        runner = causal_lm.build(graph, backend, cache_dir, _tune_settings(tune, recipe_obj), strict)
+    else:
+        if backend.name != "torch":
+            _flatten_output(graph)
+        runner = backend.compile(
+            graph, example_inputs, cache_dir=cache_dir, tune=_tune_settings(tune, recipe_obj), strict=strict
+        )
     backend_s = time.perf_counter() - start - trace_s - passes_s
 
-    expected = _eager(model, example_inputs, example_kwargs)
+    with causal_lm.tracing() if causal_lm else contextlib.nullcontext():
+        expected = _eager(model, example_inputs, example_kwargs)
     interface = dataclasses.replace(interface, output=output_spec(expected))
     runner.interface = interface  # TVM runners also check inputs themselves and save it with the library
     if runner.runnable:
         with torch.no_grad():
-            actual = interface.rebuild(runner(*example_inputs, **(example_kwargs or {})))
+            actual = (
+                causal_lm.run(runner)
+                if causal_lm
+                else interface.rebuild(runner(*example_inputs, **(example_kwargs or {})))
+            )
         max_abs, rel = output_agreement(expected, actual)
     else:
         log.info("the compiled model cannot run on this machine (cross-compiled); agreement with eager not measured")
@@ -244,6 +266,8 @@ def compile(
         "passes": [{"pass": p.name, **p.config.as_dict()} for p in pipeline.passes],
         "inputs": _signature(example_inputs, example_kwargs),
     }
+    if causal_lm:
+        return causal_lm.compiled(graph, runner, report, info, interface, tokenizer)
     return CompiledModel(graph, runner, report, info, interface)
 
 

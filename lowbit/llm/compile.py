@@ -10,17 +10,19 @@ generating silently wrong text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from lowbit.errors import GenerationError
+from lowbit.interface import Interface
 from lowbit.llm.family import DecoderSpec, decoder_spec, rotary_table
-from lowbit.llm.generate import all_logits
+from lowbit.llm.generate import Decoder, all_logits
 from lowbit.llm.reference import TorchDecoder
 from lowbit.llm.runtime import DecoderLayout
 from lowbit.llm.weights import read_weights
@@ -91,16 +93,16 @@ def _range(value: Any, example: int, what: str) -> tuple[int, int]:
 def torch_decoder(model: torch.nn.Module, graph: fx.GraphModule, limits: ShapeLimits) -> TorchDecoder:
     """The torch decoder with the transformed graph's weights."""
     spec = decoder_spec(model)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     cos, sin = rotary_table(model, limits.max_context)
-    return TorchDecoder(spec, read_weights(graph, spec, tied), cos, sin, limits.max_batch)
+    return TorchDecoder(spec, read_weights(graph, spec), cos, sin, limits.max_batch)
 
 
-def check_against_graph(decoder: TorchDecoder, graph: fx.GraphModule, example_ids: torch.Tensor) -> None:
-    """`GenerationError` unless the decoder reproduces the transformed graph's logits on the example ids."""
+def check_against_graph(decoder: TorchDecoder, graph: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) -> None:
+    """`GenerationError` unless the decoder reproduces the transformed graph's logits on the example inputs."""
+    ids, mask = _ids_and_mask(args, kwargs)
     with torch.no_grad():
-        expected = _logits(graph(example_ids))
-    actual = all_logits(decoder, example_ids)
+        expected = _logits(graph(*args, **kwargs))
+    actual = all_logits(decoder, ids, mask)
     error = float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
     log.info("decoder against the transformed graph: relative error %.2e", error)
     if not error <= MAX_GRAPH_ERROR:
@@ -110,6 +112,115 @@ def check_against_graph(decoder: TorchDecoder, graph: fx.GraphModule, example_id
             "(e.g. unmerged adapters or an inserted transform); merge it into the weights, or compile without "
             "dynamic_shapes for a fixed-shape forward"
         )
+
+
+@dataclass
+class DecoderRunner:
+    """What the compile of a causal LM built: the decoder (None where it cannot run here), its TVM library (None
+    on the torch target), layout and kernel tuning; the `lowbit.backends.Runner` fields the report reads."""
+
+    decoder: Decoder | None
+    library: Any
+    layout: DecoderLayout
+    tuning: list[Any] = field(default_factory=list)
+    interface: Interface = field(default_factory=Interface)
+
+    @property
+    def runnable(self) -> bool:
+        return self.decoder is not None
+
+    @property
+    def fallbacks(self) -> list[Any]:
+        return self.library.fallbacks if self.library is not None else []
+
+
+class CausalLMCompile:
+    """The causal-LM branch of `lowbit.compile`: checks before tracing, tracing without a cache object, the
+    decoder build and its check, the compiled model."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], limits: ShapeLimits) -> None:
+        self.model = model
+        self.args = args
+        self.kwargs = dict(kwargs)
+        self.limits = limits
+
+    @classmethod
+    def check(
+        cls, model: torch.nn.Module, dynamic_shapes: Any, args: tuple, kwargs: Mapping[str, Any] | None, backend: Any
+    ) -> CausalLMCompile:
+        """Everything checkable before tracing: the family, the limits, a target the decoder is lowered for."""
+        spec = decoder_spec(model)
+        kwargs = dict(kwargs or {})
+        ids, _ = _ids_and_mask(args, kwargs)
+        if backend.name != "torch":
+            from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
+
+            if not isinstance(backend.toolchain, CPUToolchain):
+                raise GenerationError(
+                    f"generation is lowered for the torch and CPU targets (x86, arm), not {backend.toolchain.name}; "
+                    "compile without dynamic_shapes for a fixed-shape forward"
+                )
+        return cls(model, args, kwargs, shape_limits(dynamic_shapes, ids, spec))
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[None]:
+        """The model with ``use_cache`` off (its cache object cannot be traced; the decoder has its own)."""
+        config = self.model.config
+        saved = getattr(config, "use_cache", None)
+        config.use_cache = False
+        try:
+            yield
+        finally:
+            config.use_cache = saved
+
+    def build(self, graph: fx.GraphModule, backend: Any, cache_dir: Any, tune: Any, strict: bool) -> DecoderRunner:
+        """The decoder for ``backend``, checked against the transformed graph first."""
+        reference = torch_decoder(self.model, graph, self.limits)
+        check_against_graph(reference, graph, self.args, self.kwargs)
+        if backend.name == "torch":
+            return DecoderRunner(reference, None, DecoderLayout(reference.spec, *self._limits(), ()))
+        from lowbit.backends.tvm.toolchains.cpu import features
+        from lowbit.llm.library import DecoderLibrary
+
+        tuner = backend.tuner(cache_dir, tune)
+        try:
+            executable, linears, layout = build_tvm_decoder(reference, backend.toolchain, self.limits, tuner, strict)
+        finally:
+            if tuner is not None:
+                tuner.close()
+        library = DecoderLibrary(executable, backend.toolchain.arch, features(backend.toolchain.target), linears)
+        return DecoderRunner(library.decoder(layout), library, layout, list(tuner.results) if tuner else [])
+
+    def run(self, runner: DecoderRunner) -> torch.Tensor:
+        """The compiled decoder's logits on the example inputs."""
+        return all_logits(runner.decoder, *_ids_and_mask(self.args, self.kwargs))
+
+    def compiled(
+        self, graph: fx.GraphModule, runner: DecoderRunner, report: Any, info: dict[str, Any], interface: Interface,
+        tokenizer: Any,
+    ) -> Any:  # fmt: skip
+        from lowbit.llm.model import CompiledCausalLM
+
+        generation = getattr(self.model, "generation_config", None)
+        settings = generation.to_dict() if generation is not None else {}
+        keep = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+                "bos_token_id")  # fmt: skip
+        generation = {key: settings[key] for key in keep if settings.get(key) is not None}
+        return CompiledCausalLM(
+            graph, runner.decoder, report, info, interface, runner.layout, generation, tokenizer, runner.library
+        )
+
+    def _limits(self) -> tuple[int, int]:
+        return self.limits.max_batch, self.limits.max_context
+
+
+def _ids_and_mask(args: tuple, kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The example token ids (first positional input or ``input_ids``) and attention mask (or None)."""
+    ids = args[0] if args else kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise GenerationError("a causal LM compiles from example input_ids of shape (batch, length)")
+    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+    return ids, mask
 
 
 def build_tvm_decoder(
@@ -145,4 +256,13 @@ def _logits(output: Any) -> torch.Tensor:
     return leaves[0]
 
 
-__all__ = ["PREFILL_CHUNKS", "ShapeLimits", "build_tvm_decoder", "check_against_graph", "shape_limits", "torch_decoder"]
+__all__ = [
+    "PREFILL_CHUNKS",
+    "CausalLMCompile",
+    "DecoderRunner",
+    "ShapeLimits",
+    "build_tvm_decoder",
+    "check_against_graph",
+    "shape_limits",
+    "torch_decoder",
+]

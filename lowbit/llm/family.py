@@ -44,6 +44,8 @@ class DecoderSpec:
     vocab: int
     norm_eps: float
     max_positions: int
+    #: The output projection reuses the embedding table (``tie_word_embeddings``).
+    tied: bool = False
     #: Mistral's attention window (None: every earlier position).
     sliding_window: int | None = None
     embed: str = "model.embed_tokens"
@@ -97,6 +99,7 @@ def decoder_spec(model: torch.nn.Module) -> DecoderSpec:
         vocab=config.vocab_size,
         norm_eps=float(config.rms_norm_eps),
         max_positions=int(config.max_position_embeddings),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
         sliding_window=_window(config),
     )
 

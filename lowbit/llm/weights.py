@@ -73,7 +73,7 @@ class DecoderWeights:
         return sum(seen.values())
 
 
-def read_weights(gm: fx.GraphModule, spec: DecoderSpec, tied: bool) -> DecoderWeights:
+def read_weights(gm: fx.GraphModule, spec: DecoderSpec) -> DecoderWeights:
     """The decoder's tensors in ``gm``; `GenerationError` naming the first one that is missing."""
     packed = _packed_calls(gm)
     embedding = _tensor(gm, f"{spec.embed}.weight")
@@ -84,7 +84,7 @@ def read_weights(gm: fx.GraphModule, spec: DecoderSpec, tied: bool) -> DecoderWe
     for path in spec.linears():
         if path in packed:
             linears[path] = packed[path]
-        elif path == spec.lm_head and tied and get_attr(gm, f"{path}.weight", None) is None:
+        elif path == spec.lm_head and spec.tied and get_attr(gm, f"{path}.weight", None) is None:
             linears[path] = Linear(path, weight=embedding)
         else:
             linears[path] = Linear(path, _tensor(gm, f"{path}.weight"), _tensor(gm, f"{path}.bias", optional=True))

@@ -80,12 +80,7 @@ class TVMBackend:
         finished record (see `lowbit.backends.tvm.tuning`). Low-bit layers no kernel takes are announced
         before the build; ``strict`` turns them into `UnsupportedLayerError` (see `convert.lower`).
         """
-        self.toolchain.check_tuning(tune)
-        tuner = None
-        if tune is not False:
-            tuner = Tuner(
-                self.target, cache_dir if cache_dir is not None else default_cache_dir(), TuningOptions.of(tune)
-            )
+        tuner = self.tuner(cache_dir, tune)
         try:
             lowering = lower(gm.eval(), example_inputs, self.toolchain, tuner, strict)
         finally:
@@ -93,6 +88,14 @@ class TVMBackend:
                 tuner.close()
         with quiet_tvm():
             return self.toolchain.build(lowering, tuner.results if tuner else ())
+
+    def tuner(self, cache_dir: Any, tune: Any) -> Tuner | None:
+        """The tuner ``compile`` chooses kernel knobs with (None for ``tune=False``: hand schedules); close it
+        after use."""
+        self.toolchain.check_tuning(tune)
+        if tune is False:
+            return None
+        return Tuner(self.target, cache_dir if cache_dir is not None else default_cache_dir(), TuningOptions.of(tune))
 
     def save(self, runner: Runner, directory: Path) -> list[str]:
         """Write the shared library (weights embedded) and the input signature; returns the file names."""

@@ -193,18 +193,7 @@ class CPUToolchain(Toolchain):
     def load(self, directory: Path, signature: Mapping[str, Any]) -> CPURunner:
         """A runner for a saved library, after checking this machine can run it (architecture, CPU features)."""
         arch, needed = signature["arch"], signature["features"]
-        if arch != host_arch():
-            raise ArtifactError(
-                f"{directory} holds a library for {arch}; this machine is {host_arch()}. Run it on a matching device"
-            )
-        if arch == "x86_64":
-            host = Target(x86_host_target())
-            missing = [feature for feature in needed if not has_features(host, feature)]
-            if missing:
-                raise ArtifactError(
-                    f"{directory} was compiled for a CPU with {', '.join(missing)}, "
-                    "which this machine lacks; compile it again here"
-                )
+        check_loadable(directory, arch, needed)
         return CPURunner(
             tvm.runtime.load_module(str(directory / LIBRARY_FILE)),
             arch,
@@ -212,6 +201,22 @@ class CPUToolchain(Toolchain):
             signature_inputs(signature),
             signature_linears(signature),
         )
+
+
+def check_loadable(directory: Path, arch: str, needed: Sequence[str]) -> None:
+    """`ArtifactError` unless this machine has the library's architecture and the x86 features it was built for."""
+    if arch != host_arch():
+        raise ArtifactError(
+            f"{directory} holds a library for {arch}; this machine is {host_arch()}. Run it on a matching device"
+        )
+    if arch == "x86_64":
+        host = Target(x86_host_target())
+        missing = [feature for feature in needed if not has_features(host, feature)]
+        if missing:
+            raise ArtifactError(
+                f"{directory} was compiled for a CPU with {', '.join(missing)}, "
+                "which this machine lacks; compile it again here"
+            )
 
 
 def unscheduled_functions(mod: tvm.IRModule) -> list[str]:
