@@ -165,7 +165,7 @@ class CPUToolchain(Toolchain):
         executable = self.compile_module(lowering.mod)
         for linear in lowering.fallbacks:
             log.warning("%s runs as a dequantized fp32 dense kernel: %s", linear.node, linear.reason)
-        return CPURunner(executable, self.arch, features(target), lowering.inputs, lowering.linears, tuning)
+        return CPURunner(executable, self.arch, features(self.target), lowering.inputs, lowering.linears, tuning)
 
     def compile_module(self, mod: tvm.IRModule) -> Any:
         """A Relax module scheduled (`schedule`) and compiled to a VM executable."""
