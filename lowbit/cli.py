@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: compile, run, inspect, trace, recipes, passes, demo.
+"""The ``lowbit`` command line: compile, run, generate, inspect, trace, recipes, passes, demo.
 
 A MODEL argument is a built-in zoo name (``lowbit trace --list`` shows them) or
 ``package.module:factory``, where ``factory()`` returns ``(model, example_inputs)``.
@@ -145,6 +145,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--repeats", type=int, default=10, help="timed runs; the median is reported (default 10)")
     run.set_defaults(run=_run)
 
+    gen = commands.add_parser(
+        "generate",
+        help="generate text with an exported causal LM, here or on a remote device (TVM RPC)",
+        description="Continue --prompt with the causal LM in ARTIFACT (compiled with dynamic_shapes and a "
+        "tokenizer), streaming the text as it is produced; prefill and decode speeds go to stderr.",
+    )
+    gen.add_argument("artifact", type=Path, help="directory written by CompiledCausalLM.export")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else 1.0)")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: the model's)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of sampling (default 0)")
+    gen.add_argument("--rpc", metavar="HOST:PORT", help="the RPC server of the device (or its tracker, with --key)")
+    gen.add_argument("--key", help="device key at the RPC tracker given by --rpc")
+    gen.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait for the device (default 60)"
+    )
+    gen.set_defaults(run=_generate)
+
     inspect = commands.add_parser(
         "inspect",
         help="print a model's graph with lowbit annotations",
@@ -268,6 +289,40 @@ def _run(args: argparse.Namespace) -> None:
         )
         print(f"output {index}: {output.dtype}{list(output.shape)} {summary}")
     print(f"latency: {result.latency_s * 1e3:.3f} ms (median of {args.repeats}) on {result.device}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit import artifact
+    from lowbit.llm.model import load
+    from lowbit.llm.stream import TimedTextStreamer
+
+    if args.key and not args.rpc:
+        raise LowbitError("--key names a device at an RPC tracker: give the tracker with --rpc HOST:PORT")
+    manifest = artifact.read_manifest(args.artifact)
+    if "decoder" not in manifest:
+        raise LowbitError(f"{args.artifact} holds no causal-LM decoder: compile the model with dynamic_shapes=")
+    session = None
+    if args.rpc:
+        from lowbit.backends.tvm import rpc
+
+        session = rpc.connect(args.rpc, args.key, args.timeout)
+    model = load(args.artifact, manifest, session)
+    if model.tokenizer is None:
+        raise LowbitError(f"{args.artifact} has no tokenizer: compile with tokenizer= to generate from text")
+    ids = torch.tensor([model.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    streamer = TimedTextStreamer(model.tokenizer)
+    options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    model.generate(
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample or None,
+        streamer=streamer,
+        generator=torch.Generator().manual_seed(args.seed),
+        **options,
+    )
+    print(streamer.summary(), file=sys.stderr)
 
 
 def _inspect(args: argparse.Namespace) -> None:

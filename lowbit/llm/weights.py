@@ -9,7 +9,7 @@ the decoder against the graph on the example inputs (`lowbit.llm.compile`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,14 @@ class Linear:
             return self.op(x, **self.arguments)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
+    def float_activations(self) -> Linear:
+        """This layer with its activations left in float (an int8-activation call becomes ``linear_packed`` on the
+        same weight; others are unchanged)."""
+        if self.op is not ops_a8.linear_packed_a8:
+            return self
+        arguments = {name: value for name, value in self.arguments.items() if name != "act_scale"}
+        return replace(self, op=ops.linear_packed, arguments=arguments)
+
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """A packed layer's constants by name (``qweight``, ``scales``, ``zeros``, ``g_idx``, ``bias``
         [, ``act_scale``])."""
@@ -63,6 +71,10 @@ class DecoderWeights:
     embedding: torch.Tensor
     norms: dict[str, torch.Tensor]
     linears: dict[str, Linear]
+
+    def float_activations(self) -> DecoderWeights:
+        """The same weights with every layer's activations left in float (`Linear.float_activations`)."""
+        return replace(self, linears={path: linear.float_activations() for path, linear in self.linears.items()})
 
     def bytes(self) -> int:
         """Bytes of the distinct tensors held (tied tables counted once)."""
@@ -89,6 +101,17 @@ def read_weights(gm: fx.GraphModule, spec: DecoderSpec) -> DecoderWeights:
         else:
             linears[path] = Linear(path, _tensor(gm, f"{path}.weight"), _tensor(gm, f"{path}.bias", optional=True))
     return DecoderWeights(embedding, norms, linears)
+
+
+class FloatActivations(fx.Interpreter):
+    """Runs a graph with its int8-activation linears computed on float activations (`Linear.float_activations`)."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target is ops_a8.linear_packed_a8:
+            call = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True).kwargs
+            call.pop("act_scale", None)
+            return ops.linear_packed(**call)
+        return super().call_function(target, args, kwargs)
 
 
 def _packed_calls(gm: fx.GraphModule) -> dict[str, Linear]:
@@ -119,4 +142,4 @@ def _tensor(gm: fx.GraphModule, path: str, optional: bool = False) -> torch.Tens
     return value.detach()
 
 
-__all__ = ["DecoderWeights", "Linear", "read_weights"]
+__all__ = ["DecoderWeights", "FloatActivations", "Linear", "read_weights"]
