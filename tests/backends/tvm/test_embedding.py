@@ -26,3 +26,10 @@ def test_x86_equals_the_torch_target(build, passes) -> None:
     assert compiled.report.fallbacks == []
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[0], reference(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_binds_the_lookup_and_names_the_tied_head_by_its_own_path() -> None:
+    """The gather-dequantize kernel gets GPU threads (compiled, run only where there is a GPU)."""
+    model = tiny_llama()
+    compiled = lowbit.compile(model, (token_ids(),), passes=["quantize_embeddings"], target="cuda")
+    assert [linear.layer for linear in compiled.runner.linears] == ["lm_head"]
