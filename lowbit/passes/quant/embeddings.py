@@ -53,8 +53,11 @@ class EmbeddingConfig(PassConfig):
 
     @classmethod
     def from_options(cls, pass_name: str, options: Mapping[str, Any]) -> EmbeddingConfig:
-        if "ignore" in options and isinstance(options["ignore"], str):
-            options = {**options, "ignore": (options["ignore"],)}
+        if "ignore" in options:
+            # Module paths as strings: YAML reads an ``nn.Sequential`` child's name (``[0]``) as an int.
+            entries = options["ignore"] if isinstance(options["ignore"], (list, tuple)) else (options["ignore"],)
+            if all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in entries):
+                options = {**options, "ignore": tuple(str(e) for e in entries)}
         return super().from_options(pass_name, options)
 
     def check(self, pass_name: str) -> None:

@@ -102,7 +102,7 @@ def test_bad_options_and_layers_raise_named_errors() -> None:
     model = nn.Sequential(nn.Embedding(10, 32, max_norm=1.0))
     with pytest.raises(UnsupportedEmbeddingError, match="max_norm=1.0"):
         Pipeline(["quantize_embeddings"])(trace(model, (torch.tensor([[1, 2]]),)))
-    out = Pipeline([get("quantize_embeddings", ignore=["0"])])(trace(model, (torch.tensor([[1, 2]]),)))
+    out = Pipeline(["quantize_embeddings:ignore=[0]"])(trace(model, (torch.tensor([[1, 2]]),)))
     assert isinstance(out.get_submodule("0"), nn.Embedding)
 
 
