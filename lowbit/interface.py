@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from lowbit.errors import InputError, NonFiniteInputError
+from lowbit.ir.ops_embedding import embedding_packed
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ def _lookup(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, int | None] | None:
         return node.args[0], _rows(gm, node.args[1], 0)
     if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
         return node.args[1], _rows(gm, node.args[0], 0)
+    if node.op == "call_function" and node.target is embedding_packed:
+        return node.args[0], _rows(gm, node.args[1], 0)
     if node.op == "call_function" and node.target is torch.take:
         table = _constant(gm, node.args[0])
         return node.args[1], table.numel() if table is not None else None

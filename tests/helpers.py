@@ -55,3 +55,48 @@ class LMHeadMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+#: Vocabulary and width of `tiny_llama` and `tiny_bert`.
+TINY_VOCAB, TINY_DIM = 96, 64
+
+
+def tiny_llama(tie: bool = True) -> nn.Module:
+    """A one-layer transformers Llama (``use_cache=False``, as tracing needs), its lm_head tied to its embedding
+    table unless ``tie`` is False."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=TINY_DIM,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        use_cache=False,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_bert() -> nn.Module:
+    """A one-layer transformers BERT encoder (word, position and token-type embedding tables)."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=TINY_DIM,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def token_ids() -> torch.Tensor:
+    """A fixed ``(2, 8)`` batch of ids for `tiny_llama` and `tiny_bert`."""
+    return torch.randint(0, TINY_VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))

@@ -114,10 +114,20 @@ def test_shipped_recipe_equals_its_one_target_file(name: str) -> None:
 
 @pytest.mark.parametrize("target", ["x86", "arm", "cuda"])
 def test_w4a16_is_ready_with_rtn(target: str) -> None:
-    (rtn,) = recipes.load(f"w4a16-{target}").build("convert")
+    rtn, _ = recipes.load(f"w4a16-{target}").build("convert")
     config = rtn.config.as_dict()
     assert (config["bits"], config["group_size"], config["symmetric"]) == (4, 128, True)
     assert tuple(config["ignore"]) == ("lm_head",)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_pack_embeddings_last_and_keep_the_weight_pass_off_lm_head(name: str) -> None:
+    """Token embeddings (and a tied lm_head) get llama.cpp Q8_0-like tables; the weight quantizer ignores lm_head."""
+    passes = recipes.load(name).build("convert")
+    config = passes[-1].config.as_dict()
+    assert passes[-1].name == "quantize_embeddings"
+    assert (config["bits"], config["group_size"], config["symmetric"], config["tied_output"]) == (8, 32, True, True)
+    assert tuple(passes[0].config.as_dict()["ignore"]) == ("lm_head",)
 
 
 def test_rtn_option_error_names_file_key_path_and_choices(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Lowering: a lowbit GraphModule → a `Lowering` (a Relax module and how each low-bit linear was lowered).
 
-Ordinary operators go through `frontend.import_graph`. Each ``torch.ops.lowbit.linear_packed`` /
+Ordinary operators go through `frontend.import_graph`; a packed table lookup (``embedding_packed``) becomes a
+``call_tir`` of the gather-dequantize kernel (`PackedEmbeddingConverter`). Each ``torch.ops.lowbit.linear_packed`` /
 ``linear_packed_a8`` call becomes a ``relax.call_tir`` of the first kernel of the toolchain's ordered list that
 supports the layer (`kernels.spec.LinearKernel`), its packed weight, scales, zero points and bias passed as Relax
 constants. An act-order ``g_idx`` of whole groups and a partial last group are first rewritten to contiguous whole
@@ -29,6 +30,7 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.frontend import InputSpec, import_graph, input_specs
 from lowbit.backends.tvm.inline import inline_wrapped_regions
+from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -36,7 +38,8 @@ from lowbit.backends.tvm.kernels.spec import (
     Tensors,
 )
 from lowbit.errors import BackendError, LowbitError, UnsupportedLayerError
-from lowbit.ir import ops, ops_a8, packing
+from lowbit.ir import ops, ops_a8, ops_embedding, packing
+from lowbit.ir.annotations import get_meta
 from lowbit.ir.graph import get_attr_tensor
 
 if TYPE_CHECKING:
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 LINEAR_PACKED_NAME = ops.linear_packed.__name__
 #: ... and ``torch.ops.lowbit.linear_packed_a8.default`` (int8 activations).
 LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
+#: ... and ``torch.ops.lowbit.embedding_packed.default`` (a packed table lookup).
+EMBEDDING_PACKED_NAME = ops_embedding.embedding_packed.__name__
 #: `LoweredLinear.kernel` of a layer on the toolchain's fallback.
 FALLBACK = "dense"
 #: Code widths and group sizes tried, nearest first, for the setting to suggest instead of a fallback.
@@ -113,9 +118,12 @@ def lower(
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
     converter = PackedLinearConverter(gm, toolchain, tuner)
-    mod = import_graph(
-        gm, inputs, {LINEAR_PACKED_NAME: converter, LINEAR_PACKED_A8_NAME: converter}, toolchain.constant_linear
-    )
+    convert = {
+        LINEAR_PACKED_NAME: converter,
+        LINEAR_PACKED_A8_NAME: converter,
+        EMBEDDING_PACKED_NAME: PackedEmbeddingConverter(gm),
+    }
+    mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
     lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
     announce_fallbacks(lowering.fallbacks, toolchain.name, strict)
     log.info(
@@ -163,7 +171,9 @@ class PackedLinearConverter:
         rows = math.prod([int(d) for d in x.ty.shape][:-1])
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
-        layer = str(call["qweight"].target).rpartition(".")[0] or None
+        meta = get_meta(node)  # a tied lm_head reads its embedding table's constants: its own path names it
+        layer = meta.layer if meta is not None and meta.layer else str(call["qweight"].target).rpartition(".")[0]
+        layer = layer or None
         return emit_on_rows(
             bb,
             x,
@@ -210,18 +220,49 @@ class PackedLinearConverter:
         return None, reason
 
     def _tensor(self, node: fx.Node, arg: Any) -> torch.Tensor | None:
-        """The tensor a ``get_attr`` argument names (None stays None)."""
-        if arg is None:
-            return None
-        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-            raise BackendError(f"node '{node.name}': packed weights must be graph constants (get_attr), got {arg!r}")
-        try:
-            value = get_attr_tensor(self.gm, arg)
-        except LowbitError as error:
-            raise BackendError(f"node '{node.name}': {error}") from error
-        if value.dtype not in (torch.float32, torch.uint8, torch.int32):
-            raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
-        return value.detach()
+        return packed_constant(self.gm, node, arg)
+
+
+class PackedEmbeddingConverter:
+    """``custom_convert_map`` entry: ``embedding_packed`` node → ``call_tir`` of the gather-dequantize kernel on the
+    ids flattened to one row, its table passed as Relax constants; the ids' shape is restored around the result."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def __call__(self, node: fx.Node, importer: Any) -> relax.Expr:
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        ids = importer.env[call["ids"]]
+        tables = [packed_constant(self.gm, node, call.get(name)) for name in ("qweight", "scales", "zeros")]
+        shape = [int(d) for d in ids.ty.shape]
+        count, dim = math.prod(shape), call["embedding_dim"]
+        func = embedding_func(
+            count, tables[0].shape[0], dim, call["bits"], call["group_size"], tables[2] is not None, ids.ty.dtype
+        )
+        bb = importer.block_builder
+        flat = bb.emit(relax.op.reshape(ids, (count,))) if len(shape) != 1 else ids
+        consts = [relax.const(t.cpu().contiguous().numpy()) for t in tables if t is not None]
+        out = bb.emit(
+            relax.call_tir(
+                bb.add_func(func, "lowbit_embedding"), [flat, *consts], out_ty=relax.TensorType((count, dim), "float32")
+            )
+        )
+        return bb.emit(relax.op.reshape(out, (*shape, dim))) if len(shape) != 1 else out
+
+
+def packed_constant(gm: fx.GraphModule, node: fx.Node, arg: Any) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` argument of a packed op names (None stays None)."""
+    if arg is None:
+        return None
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        raise BackendError(f"node '{node.name}': packed weights must be graph constants (get_attr), got {arg!r}")
+    try:
+        value = get_attr_tensor(gm, arg)
+    except LowbitError as error:
+        raise BackendError(f"node '{node.name}': {error}") from error
+    if value.dtype not in (torch.float32, torch.uint8, torch.int32):
+        raise BackendError(f"'{arg.target}' has dtype {value.dtype}; the packed format stores uint8/int32/float32")
+    return value.detach()
 
 
 def _alternatives(spec: PackedLinearSpec) -> list[tuple[str, PackedLinearSpec]]:
@@ -357,11 +398,13 @@ def layer_spec(call: Mapping[str, Any], rows: int, tensors: Tensors, a8: bool) -
 
 
 __all__ = [
+    "EMBEDDING_PACKED_NAME",
     "FALLBACK",
     "LINEAR_PACKED_A8_NAME",
     "LINEAR_PACKED_NAME",
     "LoweredLinear",
     "Lowering",
+    "PackedEmbeddingConverter",
     "PackedLinearConverter",
     "announce_fallbacks",
     "call_kernel",
@@ -372,5 +415,6 @@ __all__ = [
     "grouped_columns",
     "layer_spec",
     "lower",
+    "packed_constant",
     "tuned_plan",
 ]

@@ -1,12 +1,13 @@
 """Quantization passes. Importing this package registers them (``rtn``, ``gptq``, ``awq``, ``ternary``,
-``binary``, ``quantize_activations``, ``fake_quant``, ``convert_qat``; they share `grid`, `rewrite` and the
-packed format; `sensitivity` measures per-layer error for mixed precision)."""
+``binary``, ``quantize_activations``, ``quantize_embeddings``, ``fake_quant``, ``convert_qat``; they share `grid`,
+`rewrite` and the packed format; `sensitivity` measures per-layer error for mixed precision)."""
 
 from lowbit.ir import ops_a8  # noqa: F401  (registers lowbit::linear_packed_a8 and its verifier check)
 from lowbit.passes.quant.activations import ActivationConfig, PackedLinearA8, QuantizeActivations
 from lowbit.passes.quant.awq import AWQ, AWQConfig
 from lowbit.passes.quant.binary import Binary, BinaryConfig, binary_quantize
 from lowbit.passes.quant.convert_qat import ConvertQAT, ConvertQATConfig
+from lowbit.passes.quant.embeddings import EmbeddingConfig, PackedEmbedding, QuantizeEmbeddings
 from lowbit.passes.quant.gptq import GPTQ, GPTQConfig
 from lowbit.passes.quant.gptq_algorithm import GPTQOptions, gptq_quantize
 from lowbit.passes.quant.grid import QuantizedWeight, quantize_weight
@@ -30,14 +31,17 @@ __all__ = [
     "BinaryConfig",
     "ConvertQAT",
     "ConvertQATConfig",
+    "EmbeddingConfig",
     "FakeQuantConfig",
     "FakeQuantize",
     "GPTQ",
     "GPTQConfig",
     "GPTQOptions",
+    "PackedEmbedding",
     "PackedLinear",
     "PackedLinearA8",
     "QuantizeActivations",
+    "QuantizeEmbeddings",
     "QuantizedWeight",
     "RTN",
     "RTNConfig",
