@@ -32,6 +32,7 @@ from lowbit.backends.tvm.convert import (
 )
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
 from lowbit.backends.tvm.kernels.generic.dense import dense_plan
+from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
 from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec
 from lowbit.backends.tvm.target import float32_lanes
 from lowbit.errors import BackendError
@@ -137,9 +138,9 @@ class DecoderBuilder:
         self, ids: relax.Expr, positions: relax.Expr, mask: relax.Expr, caches: list[relax.Var], chunk: int
     ) -> relax.Expr:
         """The final-normed hidden states ``(B, C, hidden)``."""
-        bb, spec, w = self.bb, self.spec, self.weights
+        bb, spec = self.bb, self.spec
         batch = self.max_batch
-        x = bb.emit(relax.op.take(self.pool(w.embedding), ids, axis=0))
+        x = self._embedding(ids, chunk)
         cos = bb.emit(relax.op.expand_dims(relax.op.take(self.cos, positions, axis=0), 2))
         sin = bb.emit(relax.op.expand_dims(relax.op.take(self.sin, positions, axis=0), 2))
         attention = bb.add_func(
@@ -176,6 +177,26 @@ class DecoderBuilder:
             mixed = bb.emit(relax.op.multiply(relax.op.nn.silu(gate), up))
             x = bb.emit(relax.op.add(x, self._linear(spec.linear(i, "down"), mixed, chunk)))
         return self._norm(x, spec.final_norm)
+
+    def _embedding(self, ids: relax.Expr, chunk: int) -> relax.Expr:
+        """The rows of ``ids`` ``(B, C)``: a take from the fp32 table, or the packed gather-dequantize kernel."""
+        bb, embedding = self.bb, self.weights.embedding
+        if not embedding.packed:
+            return bb.emit(relax.op.take(self.pool(embedding.table), ids, axis=0))
+        qweight, scales, zeros = embedding.tensors()
+        count, dim = self.max_batch * chunk, self.spec.hidden
+        arguments = embedding.arguments
+        func = embedding_func(
+            count, qweight.shape[0], dim, arguments["bits"], arguments["group_size"], zeros is not None, "int64"
+        )
+        flat = bb.emit(relax.op.reshape(ids, (count,)))
+        consts = [self.pool(t) for t in (qweight, scales, zeros) if t is not None]
+        rows = bb.emit(
+            relax.call_tir(
+                bb.add_func(func, "lowbit_embedding"), [flat, *consts], out_ty=relax.TensorType((count, dim), "float32")
+            )
+        )
+        return bb.emit(relax.op.reshape(rows, (self.max_batch, chunk, dim)))
 
     def _norm(self, x: relax.Expr, path: str) -> relax.Expr:
         weight = self.pool(self.weights.norms[path])

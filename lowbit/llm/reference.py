@@ -93,7 +93,7 @@ class TorchDecoder:
         """The final-normed hidden states ``(B, C, hidden)`` of ``ids`` ``(B, C)``; updates ``cache`` in place."""
         spec, w = self.spec, self.weights
         batch, chunk = ids.shape
-        x = w.embedding[ids]
+        x = w.embedding(ids)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
         for i in range(spec.layers):
             linear = {role: w.linears[spec.linear(i, role)] for role in ("q", "k", "v", "o", "gate", "up", "down")}

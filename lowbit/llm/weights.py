@@ -17,7 +17,8 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from lowbit.errors import GenerationError
-from lowbit.ir import ops, ops_a8
+from lowbit.ir import ops, ops_a8, ops_embedding
+from lowbit.ir.annotations import get_meta
 from lowbit.ir.graph import get_attr
 from lowbit.llm.family import DecoderSpec
 
@@ -65,10 +66,31 @@ class Linear:
 
 
 @dataclass(frozen=True)
-class DecoderWeights:
-    """Every tensor the lowering reads: the embedding table, per-block norm weights, the linears."""
+class Embedding:
+    """The token embedding: an fp32 ``table``, or a packed lookup (``embedding_packed`` and its arguments without
+    ``ids``)."""
 
-    embedding: torch.Tensor
+    table: torch.Tensor | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        return self.table is None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return ops_embedding.embedding_packed(ids, **self.arguments)
+        return self.table[ids]
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.table] if not self.packed else [self.arguments.get(n) for n in ("qweight", "scales", "zeros")]
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    """Every tensor the lowering reads: the embedding, per-block norm weights, the linears."""
+
+    embedding: Embedding
     norms: dict[str, torch.Tensor]
     linears: dict[str, Linear]
 
@@ -78,7 +100,7 @@ class DecoderWeights:
 
     def bytes(self) -> int:
         """Bytes of the distinct tensors held (tied tables counted once)."""
-        tensors = [self.embedding, *self.norms.values()]
+        tensors = [*self.embedding.tensors(), *self.norms.values()]
         for linear in self.linears.values():
             tensors += [linear.weight, linear.bias, *linear.tensors().values()]
         seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)}
@@ -88,7 +110,7 @@ class DecoderWeights:
 def read_weights(gm: fx.GraphModule, spec: DecoderSpec) -> DecoderWeights:
     """The decoder's tensors in ``gm``; `GenerationError` naming the first one that is missing."""
     packed = _packed_calls(gm)
-    embedding = _tensor(gm, f"{spec.embed}.weight")
+    embedding = _packed_embedding(gm, spec) or Embedding(_tensor(gm, f"{spec.embed}.weight"))
     norms = {f"{spec.norm(i, role)}": _tensor(gm, f"{spec.norm(i, role)}.weight") for i in range(spec.layers)
              for role in ("attn", "mlp")}  # fmt: skip
     norms[spec.final_norm] = _tensor(gm, f"{spec.final_norm}.weight")
@@ -97,7 +119,7 @@ def read_weights(gm: fx.GraphModule, spec: DecoderSpec) -> DecoderWeights:
         if path in packed:
             linears[path] = packed[path]
         elif path == spec.lm_head and spec.tied and get_attr(gm, f"{path}.weight", None) is None:
-            linears[path] = Linear(path, weight=embedding)
+            linears[path] = Linear(path, weight=_tensor(gm, f"{spec.embed}.weight"))
         else:
             linears[path] = Linear(path, _tensor(gm, f"{path}.weight"), _tensor(gm, f"{path}.bias", optional=True))
     return DecoderWeights(embedding, norms, linears)
@@ -121,16 +143,33 @@ def _packed_calls(gm: fx.GraphModule) -> dict[str, Linear]:
         if node.op != "call_function" or node.target not in PACKED_OPS:
             continue
         kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-        path = str(kwargs["qweight"].target).rpartition(".")[0]
-        arguments = {
-            name: get_attr(gm, value) if isinstance(value, fx.Node) else value
-            for name, value in kwargs.items()
-            if name != "x"
-        }
-        if any(isinstance(value, fx.Node) for value in arguments.values()):
-            raise GenerationError(f"node '{node.name}': a packed linear whose constants are not graph attributes")
+        meta = get_meta(node)  # a tied output projection reads the embedding's table: its own path names it
+        path = meta.layer if meta is not None and meta.layer else str(kwargs["qweight"].target).rpartition(".")[0]
+        arguments = _constants(gm, node, kwargs, "x")
         calls[path] = Linear(path, op=node.target, arguments=arguments)
     return calls
+
+
+def _packed_embedding(gm: fx.GraphModule, spec: DecoderSpec) -> Embedding | None:
+    """The ``embedding_packed`` lookup of the embedding table, if the passes packed it."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is ops_embedding.embedding_packed:
+            kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+            if str(kwargs["qweight"].target).rpartition(".")[0] == spec.embed:
+                return Embedding(arguments=_constants(gm, node, kwargs, "ids"))
+    return None
+
+
+def _constants(gm: fx.GraphModule, node: fx.Node, kwargs: dict[str, Any], skip: str) -> dict[str, Any]:
+    """A call's normalized arguments but ``skip``, each ``get_attr`` resolved to its tensor."""
+    arguments = {
+        name: get_attr(gm, value) if isinstance(value, fx.Node) else value
+        for name, value in kwargs.items()
+        if name != skip
+    }
+    if any(isinstance(value, fx.Node) for value in arguments.values()):
+        raise GenerationError(f"node '{node.name}': a packed call whose constants are not graph attributes")
+    return arguments
 
 
 def _tensor(gm: fx.GraphModule, path: str, optional: bool = False) -> torch.Tensor | None:
@@ -142,4 +181,4 @@ def _tensor(gm: fx.GraphModule, path: str, optional: bool = False) -> torch.Tens
     return value.detach()
 
 
-__all__ = ["DecoderWeights", "FloatActivations", "Linear", "read_weights"]
+__all__ = ["DecoderWeights", "Embedding", "FloatActivations", "Linear", "read_weights"]
