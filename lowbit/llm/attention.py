@@ -201,14 +201,14 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
                     for dc in range(chunks):
                         for lane in T.vectorized(lanes):
                             acc[r, dc * lanes + lane] = acc[r, dc * lanes + lane] * rescale[0]
-                    for jj in range(tile):
-                        if scores[r, jj] != T.float32(0):  # masked positions: never read (their rows may be NaN)
-                            for dc in range(chunks):
-                                for lane in T.vectorized(lanes):
-                                    acc[r, dc * lanes + lane] = (
-                                        acc[r, dc * lanes + lane]
-                                        + scores[r, jj] * v_cache[b, g, t * tile + jj, dc * lanes + lane]
-                                    )
+                for jj, r in T.grid(tile, rows):  # a value row serves every row; the rows' sums are independent
+                    if scores[r, jj] != T.float32(0):  # masked positions: never read (their rows may be NaN)
+                        for dc in range(chunks):
+                            for lane in T.vectorized(lanes):
+                                acc[r, dc * lanes + lane] = (
+                                    acc[r, dc * lanes + lane]
+                                    + scores[r, jj] * v_cache[b, g, t * tile + jj, dc * lanes + lane]
+                                )
             for r, dc in T.grid(rows, chunks):
                 for lane in T.vectorized(lanes):
                     out[b, first + r // group, g * group + r % group, dc * lanes + lane] = T.Select(
