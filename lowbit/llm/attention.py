@@ -13,7 +13,10 @@ attention), so every key and value row loaded from the cache serves all of them.
 stream in tiles of `KEY_TILE` with an online softmax (running max and sum per row,
 accumulators rescaled per tile), so the work and the memory read are bounded by ``n``, not
 ``T``, and nothing but the tile's scores is kept. Dot products and the value accumulation
-are vectorized along ``D``.
+are vectorized along ``D`` (a value row is loaded once and added into every row's sum); the
+tile's max, exponentials (a polynomial, `_exp`: LLVM would call libm per lane) and sum are
+vectorized along the keys. Masked and future positions get the lowest float32 as score and
+an exact 0 as weight, and a value row whose weight is 0 is skipped, never multiplied.
 """
 
 from __future__ import annotations
