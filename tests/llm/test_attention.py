@@ -10,9 +10,10 @@ import pytest
 import torch
 import tvm
 from tvm import relax, tirx
+from tvm.script import tirx as T
 
 from lowbit.backends.tvm.target import resolve_target
-from lowbit.llm.attention import AttentionSpec, cache_attention
+from lowbit.llm.attention import AttentionSpec, _exp, cache_attention
 
 CAPACITY = 160  # more than two key tiles, not a multiple of one
 SHAPES = {"smollm2": (9, 3, 64), "tiny": (4, 2, 8)}
@@ -189,3 +190,22 @@ def test_relax_call_tir_inplace_updates_the_caches_across_calls() -> None:
         assert torch.equal(k_cache[0, :, : step + 1], torch.cat([w[0] for w in written], dim=1)[0].transpose(0, 1))
         assert torch.equal(v_cache[0, :, : step + 1], torch.cat([w[1] for w in written], dim=1)[0].transpose(0, 1))
         assert_close(out, reference(q, k_cache, v_cache, mask))
+
+
+def test_polynomial_exp_is_within_3e7_of_exp() -> None:
+    """The kernel's vectorized exp over its whole range, [-87, 0], and clamped (not NaN) far below it."""
+    size = 1 << 16
+
+    @T.prim_func
+    def exp_of(x: T.Buffer((size,), "float32"), y: T.Buffer((size,), "float32")) -> None:
+        for outer in range(size // 16):
+            for lane in T.vectorized(16):
+                y[outer * 16 + lane] = _exp(x[outer * 16 + lane])
+
+    kernel = tvm.compile(tvm.IRModule({"main": exp_of}), target=resolve_target("x86"))["main"]
+    x = np.concatenate([np.linspace(-87, 0, size - 16), np.full(16, -3.4e38)]).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros(size, np.float32))
+    kernel(tvm.runtime.tensor(x), y)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(y.numpy()[:-16] - exact[:-16]) / exact[:-16]) < 3e-7
+    assert np.all(np.isfinite(y.numpy())) and np.all(y.numpy()[-16:] < 1e-37)
