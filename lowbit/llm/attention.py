@@ -13,12 +13,16 @@ attention), so every key and value row loaded from the cache serves all of them.
 stream in tiles of `KEY_TILE` with an online softmax (running max and sum per row,
 accumulators rescaled per tile), so the work and the memory read are bounded by ``n``, not
 ``T``, and nothing but the tile's scores is kept. Dot products and the value accumulation
-are vectorized along ``D``.
+are vectorized along ``D`` (a value row is loaded once and added into every row's sum); the
+tile's max, exponentials (a polynomial, `_exp`: LLVM would call libm per lane) and sum are
+vectorized along the keys. Masked and future positions get the lowest float32 as score and
+an exact 0 as weight, and a value row whose weight is 0 is skipped, never multiplied.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import tvm
@@ -32,6 +36,10 @@ from lowbit.backends.tvm.target import float32_lanes
 KEY_TILE = 64
 #: Rows (queries × grouped heads) per task in a prefill chunk: each loaded key serves that many dot products.
 ROW_BLOCK = 32
+#: Below this, `_exp` returns its value at the floor: ``2^k`` stays a normal float32 (``k >= -126``).
+EXP_FLOOR = -87.0
+#: ln 2 split in two (the high part exact in a few bits), so ``x - k·ln 2`` loses nothing for ``|k| <= 126``.
+LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4
 #: The score of a position that is not attended to: the lowest float32, so differences with it stay finite.
 MASKED = -3.4028234663852886e38
 
@@ -71,12 +79,12 @@ def cache_attention(spec: AttentionSpec, target: tvm.target.Target) -> tirx.Prim
     Shapes: ``q, out (B, C, Hq, D)``, ``k, v (B, C, Hkv, D)``, ``mask (B, n)`` int32 with a
     symbolic int64 ``n``, ``k_cache, v_cache (B, Hkv, T, D)``; all float32 but the mask.
     """
-    return finish(_kernel(spec, power_of_two_divisor(spec.head_dim, float32_lanes(target))), None)
+    return finish(_kernel(spec, float32_lanes(target)), None)
 
 
 @functools.cache
-def _kernel(spec: AttentionSpec, lanes: int) -> tirx.PrimFunc:
-    """The unmarked PrimFunc, parsed once per shape; ``lanes`` divides ``head_dim``."""
+def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
+    """The unmarked PrimFunc, parsed once per shape, for vectors of ``wide`` float32 lanes."""
     batch, chunk, q_heads, kv_heads, dim, capacity = (
         spec.batch,
         spec.chunk,
@@ -86,8 +94,24 @@ def _kernel(spec: AttentionSpec, lanes: int) -> tirx.PrimFunc:
         spec.max_context,
     )
     group, block = spec.group, spec.query_block
+    lanes = power_of_two_divisor(dim, wide)  # vectors along the head dimension
     rows, blocks, chunks, tile = block * group, chunk // block, dim // lanes, KEY_TILE
     scale = spec.scale
+
+    @T.macro
+    def fold_lanes(buffer: T.Buffer, width: T.int32, combine: T.handle) -> None:
+        """Combine the ``width`` lanes of ``buffer`` into its first element, halving the vector each step."""
+        if width >= 16:
+            for lane in T.vectorized(8):
+                buffer[lane] = combine(buffer[lane], buffer[lane + 8])
+        if width >= 8:
+            for lane in T.vectorized(4):
+                buffer[lane] = combine(buffer[lane], buffer[lane + 4])
+        if width >= 4:
+            for lane in T.vectorized(2):
+                buffer[lane] = combine(buffer[lane], buffer[lane + 2])
+        if width >= 2:
+            buffer[0] = combine(buffer[0], buffer[1])
 
     @T.prim_func(private=True)
     def kernel(
@@ -124,6 +148,8 @@ def _kernel(spec: AttentionSpec, lanes: int) -> tirx.PrimFunc:
             tile_top = T.decl_buffer((rows,), "float32")
             total = T.decl_buffer((rows,), "float32")
             part = T.decl_buffer((lanes,), "float32")
+            fold = T.decl_buffer((wide,), "float32")
+            rescale = T.decl_buffer((1,), "float32")
             for r, dc in T.grid(rows, chunks):
                 for lane in T.vectorized(lanes):
                     qs[r, dc * lanes + lane] = q[
@@ -148,41 +174,44 @@ def _kernel(spec: AttentionSpec, lanes: int) -> tirx.PrimFunc:
                                             part[lane]
                                             + qs[r, dc * lanes + lane] * k_cache[b, g, t * tile + jj, dc * lanes + lane]
                                         )
-                                if lanes >= 16:
-                                    for lane in T.vectorized(8):
-                                        part[lane] = part[lane] + part[lane + 8]
-                                if lanes >= 8:
-                                    for lane in T.vectorized(4):
-                                        part[lane] = part[lane] + part[lane + 4]
-                                if lanes >= 4:
-                                    for lane in T.vectorized(2):
-                                        part[lane] = part[lane] + part[lane + 2]
-                                if lanes >= 2:
-                                    part[0] = part[0] + part[1]
+                                fold_lanes(part, lanes, _add)
                                 if t * tile + jj <= start + first + r // group:
                                     scores[r, jj] = part[0]
                 for r in range(rows):
-                    tile_top[r] = top[r]
-                    for jj in range(tile):
-                        tile_top[r] = T.max(tile_top[r], scores[r, jj])
-                    for jj in range(tile):
-                        scores[r, jj] = T.Select(
-                            scores[r, jj] > T.float32(MASKED), T.exp(scores[r, jj] - tile_top[r]), T.float32(0)
-                        )
-                    total[r] = total[r] * T.exp(top[r] - tile_top[r])
+                    for lane in T.vectorized(wide):
+                        fold[lane] = scores[r, lane]
+                    for jc in range(1, tile // wide):
+                        for lane in T.vectorized(wide):
+                            fold[lane] = T.max(fold[lane], scores[r, jc * wide + lane])
+                    fold_lanes(fold, wide, T.max)
+                    tile_top[r] = T.max(top[r], fold[0])
+                    rescale[0] = _exp(top[r] - tile_top[r])
+                    top[r] = tile_top[r]
+                    for jc in range(tile // wide):
+                        for lane in T.vectorized(wide):
+                            scores[r, jc * wide + lane] = T.Select(
+                                scores[r, jc * wide + lane] > T.float32(MASKED),
+                                _exp(scores[r, jc * wide + lane] - tile_top[r]),
+                                T.float32(0),
+                            )
+                    for lane in T.vectorized(wide):
+                        fold[lane] = scores[r, lane]
+                    for jc in range(1, tile // wide):
+                        for lane in T.vectorized(wide):
+                            fold[lane] = fold[lane] + scores[r, jc * wide + lane]
+                    fold_lanes(fold, wide, _add)
+                    total[r] = total[r] * rescale[0] + fold[0]
                     for dc in range(chunks):
                         for lane in T.vectorized(lanes):
-                            acc[r, dc * lanes + lane] = acc[r, dc * lanes + lane] * T.exp(top[r] - tile_top[r])
-                    top[r] = tile_top[r]
-                    for jj in range(tile):
-                        total[r] = total[r] + scores[r, jj]
-                        if scores[r, jj] != T.float32(0):
-                            for dc in range(chunks):
-                                for lane in T.vectorized(lanes):
-                                    acc[r, dc * lanes + lane] = (
-                                        acc[r, dc * lanes + lane]
-                                        + scores[r, jj] * v_cache[b, g, t * tile + jj, dc * lanes + lane]
-                                    )
+                            acc[r, dc * lanes + lane] = acc[r, dc * lanes + lane] * rescale[0]
+                for jj, r in T.grid(tile, rows):  # a value row serves every row; the rows' sums are independent
+                    if scores[r, jj] != T.float32(0):  # masked positions: never read (their rows may be NaN)
+                        for dc in range(chunks):
+                            for lane in T.vectorized(lanes):
+                                acc[r, dc * lanes + lane] = (
+                                    acc[r, dc * lanes + lane]
+                                    + scores[r, jj] * v_cache[b, g, t * tile + jj, dc * lanes + lane]
+                                )
             for r, dc in T.grid(rows, chunks):
                 for lane in T.vectorized(lanes):
                     out[b, first + r // group, g * group + r % group, dc * lanes + lane] = T.Select(
@@ -190,6 +219,25 @@ def _kernel(spec: AttentionSpec, lanes: int) -> tirx.PrimFunc:
                     )
 
     return kernel
+
+
+def _add(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    return a + b
+
+
+def _exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``exp(x)`` for ``x <= 0`` that vectorizes (LLVM calls libm once per lane for ``exp``), within 3e-7 relative.
+
+    ``x = k·ln 2 + r`` with ``|r| <= ln 2 / 2``, ``exp(r)`` by its Taylor polynomial of degree 6, ``2^k`` built in
+    the exponent bits; ``x`` is clamped at `EXP_FLOOR`, where the result (~1e-38) is as good as zero here.
+    """
+    x = T.max(x, T.float32(EXP_FLOOR))
+    k = T.round(x * T.float32(1 / math.log(2)))
+    r = x - k * T.float32(LN2_HIGH) - k * T.float32(LN2_LOW)
+    poly = T.float32(1 / 720)
+    for degree in (5, 4, 3, 2, 1, 0):
+        poly = poly * r + T.float32(1 / math.factorial(degree))
+    return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", k) + 127, 23))
 
 
 __all__ = ["KEY_TILE", "AttentionSpec", "cache_attention"]

@@ -10,9 +10,10 @@ import pytest
 import torch
 import tvm
 from tvm import relax, tirx
+from tvm.script import tirx as T
 
 from lowbit.backends.tvm.target import resolve_target
-from lowbit.llm.attention import AttentionSpec, cache_attention
+from lowbit.llm.attention import AttentionSpec, _exp, cache_attention
 
 CAPACITY = 160  # more than two key tiles, not a multiple of one
 SHAPES = {"smollm2": (9, 3, 64), "tiny": (4, 2, 8)}
@@ -63,7 +64,7 @@ def spec_for(shape: str, batch: int, chunk: int) -> AttentionSpec:
 @pytest.fixture(scope="module")
 def steppers() -> dict[tuple[str, int, int], Stepper]:
     """Kernels built once: (shape, batch, chunk)."""
-    keys = [("smollm2", 2, 1), ("smollm2", 2, 37), ("tiny", 2, 1), ("tiny", 2, 8), ("smollm2", 1, 1)]
+    keys = [("smollm2", 2, 1), ("smollm2", 2, 40), ("tiny", 2, 1), ("tiny", 2, 8), ("smollm2", 1, 1)]
     return {key: Stepper(spec_for(*key)) for key in keys}
 
 
@@ -82,7 +83,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def run_sequence(steppers: dict, shape: str, pad: int) -> None:
     """A prefill chunk then decode steps (row 1 left-padded by ``pad``): outputs and cache contents."""
-    prefill, decode = steppers[(shape, 2, 37 if shape == "smollm2" else 8)], steppers[(shape, 2, 1)]
+    prefill, decode = steppers[(shape, 2, 40 if shape == "smollm2" else 8)], steppers[(shape, 2, 1)]
     n = prefill.spec.chunk
     mask = torch.ones(2, n, dtype=torch.int32)
     mask[1, :pad] = 0
@@ -144,8 +145,8 @@ def test_fully_masked_query_is_zero_and_masked_garbage_does_not_leak(steppers: d
 def test_one_and_two_threads_give_the_same_result(steppers: dict) -> None:
     """The parallel tasks are independent: 1 and 2 worker threads give bit-identical outputs, as the reference."""
     config = tvm.get_global_func("runtime.config_threadpool")
-    stepper = steppers[("smollm2", 2, 37)]
-    mask = torch.ones(2, 40, dtype=torch.int32)
+    stepper = steppers[("smollm2", 2, 40)]
+    mask = torch.ones(2, 100, dtype=torch.int32)
     q, k, v = tokens(stepper.spec, 10)
     outs = []
     try:
@@ -189,3 +190,22 @@ def test_relax_call_tir_inplace_updates_the_caches_across_calls() -> None:
         assert torch.equal(k_cache[0, :, : step + 1], torch.cat([w[0] for w in written], dim=1)[0].transpose(0, 1))
         assert torch.equal(v_cache[0, :, : step + 1], torch.cat([w[1] for w in written], dim=1)[0].transpose(0, 1))
         assert_close(out, reference(q, k_cache, v_cache, mask))
+
+
+def test_polynomial_exp_is_within_3e7_of_exp() -> None:
+    """The kernel's vectorized exp over its whole range, [-87, 0], and clamped (not NaN) far below it."""
+    size = 1 << 16
+
+    @T.prim_func
+    def exp_of(x: T.Buffer((size,), "float32"), y: T.Buffer((size,), "float32")) -> None:
+        for outer in range(size // 16):
+            for lane in T.vectorized(16):
+                y[outer * 16 + lane] = _exp(x[outer * 16 + lane])
+
+    kernel = tvm.compile(tvm.IRModule({"main": exp_of}), target=resolve_target("x86"))["main"]
+    x = np.concatenate([np.linspace(-87, 0, size - 16), np.full(16, -3.4e38)]).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros(size, np.float32))
+    kernel(tvm.runtime.tensor(x), y)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(y.numpy()[:-16] - exact[:-16]) / exact[:-16]) < 3e-7
+    assert np.all(np.isfinite(y.numpy())) and np.all(y.numpy()[-16:] < 1e-37)
