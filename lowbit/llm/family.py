@@ -233,6 +233,23 @@ def _window(config: Any) -> int | None:
     return int(window) if window and getattr(config, "use_sliding_window", True) else None
 
 
+def check_rotary(model: torch.nn.Module, length: int) -> None:
+    """`GenerationError` where the model's rotary frequencies change within a context of ``length`` tokens:
+    ``longrope`` switches to its long factors once a sequence passes the original context (transformers then
+    recomputes the whole cache), which one rotary table does not implement."""
+    config = model.config
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if parameters.get("rope_type") != "longrope":
+        return
+    original = parameters.get("original_max_position_embeddings")
+    original = int(original or getattr(config, "original_max_position_embeddings", 0) or config.max_position_embeddings)
+    if length > original:
+        raise GenerationError(
+            f"{config.model_type}: rope_type 'longrope' switches to its long factors past {original} positions, which "
+            f"the cache lowering does not implement: compile with a context of at most {original}"
+        )
+
+
 def rotary_table(model: torch.nn.Module, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and ``sin`` of every position below ``length``, ``(length, rotary_dim)`` fp32, as the model's own
     rotary module computes them (its rope type, scaling and partial rotary factor included); ``(length, 0)`` for
@@ -248,4 +265,13 @@ def rotary_table(model: torch.nn.Module, length: int) -> tuple[torch.Tensor, tor
     return cos[0].float().contiguous(), sin[0].float().contiguous()
 
 
-__all__ = ["FAMILIES", "MODEL_TYPES", "DecoderSpec", "Family", "Projection", "decoder_spec", "rotary_table"]
+__all__ = [
+    "FAMILIES",
+    "MODEL_TYPES",
+    "DecoderSpec",
+    "Family",
+    "Projection",
+    "check_rotary",
+    "decoder_spec",
+    "rotary_table",
+]

@@ -296,6 +296,10 @@ def test_models_and_limits_the_lowering_cannot_serve():
     phi3.config.sliding_window = 64
     with pytest.raises(GenerationError, match="window of 64"):
         lowbit.compile(phi3, (prompts(1, 8),), dynamic_shapes=LIMITS)
+    phi3 = causal_lm("phi3", layers=1)
+    phi3.config.rope_parameters.update(rope_type="longrope", original_max_position_embeddings=64)
+    with pytest.raises(GenerationError, match="'longrope' switches to its long factors past 64"):
+        lowbit.compile(phi3, (prompts(1, 8),), dynamic_shapes=LIMITS)
     gpt2 = causal_lm("gpt2", layers=1)
     gpt2.config.scale_attn_by_inverse_layer_idx = True
     with pytest.raises(GenerationError, match="scale_attn_by_inverse_layer_idx"):
