@@ -53,6 +53,10 @@ class Family:
     mlp: str = "gated_silu"
     #: The block projections' fp32 weights are stored ``(in, out)`` (transformers' Conv1D).
     transposed: bool = False
+    #: The config attribute naming the MLP activation.
+    activation_setting: str = "hidden_act"
+    #: Config settings the lowering implements only at these values (name, value).
+    fixed_settings: tuple[tuple[str, Any], ...] = ()
 
 
 LLAMA = Family(
@@ -104,6 +108,12 @@ GPT2 = Family(
     position_embed="transformer.wpe",
     mlp="gelu_tanh",
     transposed=True,
+    activation_setting="activation_function",
+    fixed_settings=(
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+    ),
 )
 #: Family name → description.
 FAMILIES = {"llama": LLAMA, "phi3": PHI3, "gpt2": GPT2}
@@ -111,8 +121,6 @@ FAMILIES = {"llama": LLAMA, "phi3": PHI3, "gpt2": GPT2}
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "phi3", "gpt2": "gpt2"}
 #: Activations each MLP kind accepts, by the config's name for them.
 ACTIVATIONS = {"gated_silu": ("silu",), "gelu_tanh": ("gelu_new", "gelu_pytorch_tanh")}
-#: GPT-2 attention settings the lowering implements only at their defaults.
-GPT2_DEFAULTS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
 
 
 @dataclass(frozen=True)
@@ -199,15 +207,14 @@ def decoder_spec(model: torch.nn.Module) -> DecoderSpec:
             "fixed-shape forward"
         )
     family = FAMILIES[MODEL_TYPES[model_type]]
-    activation = getattr(config, "activation_function" if family is GPT2 else "hidden_act", "silu")
+    activation = getattr(config, family.activation_setting, None)
     if activation not in ACTIVATIONS[family.mlp]:
         raise GenerationError(
             f"{model_type}: activation {activation!r} is not lowered (only {', '.join(ACTIVATIONS[family.mlp])})"
         )
-    if family is GPT2:
-        changed = [name for name, default in GPT2_DEFAULTS.items() if getattr(config, name, default) != default]
-        if changed:
-            raise GenerationError(f"{model_type}: the attention settings {changed} are not lowered at these values")
+    changed = [name for name, value in family.fixed_settings if getattr(config, name, value) != value]
+    if changed:
+        raise GenerationError(f"{model_type}: the settings {changed} are lowered only at their defaults")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     eps = config.layer_norm_epsilon if family.norm == "layer" else config.rms_norm_eps
