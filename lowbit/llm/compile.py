@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from lowbit.errors import GenerationError
 from lowbit.interface import Interface
-from lowbit.llm.family import DecoderSpec, decoder_spec, rotary_table
+from lowbit.llm.family import DecoderSpec, check_rotary, decoder_spec, rotary_table
 from lowbit.llm.generate import Decoder, all_logits
 from lowbit.llm.reference import TorchDecoder
 from lowbit.llm.runtime import DecoderLayout
@@ -168,7 +168,9 @@ class CausalLMCompile:
                     f"generation is lowered for the torch and CPU targets (x86, arm), not {backend.toolchain.name}; "
                     "compile without dynamic_shapes for a fixed-shape forward"
                 )
-        return cls(model, args, kwargs, shape_limits(dynamic_shapes, ids, spec))
+        limits = shape_limits(dynamic_shapes, ids, spec)
+        check_rotary(model, limits.max_context)
+        return cls(model, args, kwargs, limits)
 
     @contextlib.contextmanager
     def tracing(self) -> Iterator[None]:

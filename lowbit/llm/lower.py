@@ -6,7 +6,9 @@ int32 with a symbolic ``n`` (the length after the step), ``last (1,)`` int64 (``
 two ``(B, kv_heads, T, head_dim)`` tensors per block that `attention.cache_attention` updates in place. Every
 low-bit linear runs on one kernel in one weight layout for all step sizes: the kernel (and its knobs, from the
 tuner) is chosen for a decode step, the other sizes reuse its knobs, and each constant is one Relax constant
-shared by every function (`ConstantPool`), so the library holds each weight once.
+shared by every function (`ConstantPool`), so the library holds each weight once. Projections that read the same
+input (q, k, v; gate, up) run as one linear where their formats agree (`weights.fuse`, stacked at lowering time),
+and their outputs are sliced apart.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from lowbit.backends.tvm.target import float32_lanes
 from lowbit.errors import BackendError
 from lowbit.ir import ops_a8
 from lowbit.llm.attention import AttentionSpec, cache_attention
-from lowbit.llm.family import DecoderSpec
-from lowbit.llm.weights import DecoderWeights, Linear
+from lowbit.llm.family import ATTENTION_INPUT, MLP_INPUT, DecoderSpec
+from lowbit.llm.weights import DecoderWeights, Embedding, Linear, fuse
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +93,28 @@ class DecoderBuilder:
         self.tuner = tuner
         self.bb = relax.BlockBuilder()
         self.pool = ConstantPool()
-        self.cos, self.sin = (self.pool(t) for t in rotary)
+        self.rotary_dim = int(rotary[0].shape[1])
+        self.cos, self.sin = (self.pool(t) for t in rotary) if self.rotary_dim else (None, None)
+        #: Per block and input, the linears that run on it and the roles their output rows hold.
+        self.groups = {
+            (i, roles): self._group(i, roles)
+            for i in range(spec.layers)
+            for roles in (ATTENTION_INPUT, ("o",), MLP_INPUT, ("down",))
+        }
+        self.head = weights.linears[spec.lm_head]
         self.kernels: dict[str, LayerKernel] = {}
         self.linears: list[LoweredLinear] = []
-        for path in spec.linears():
-            linear = weights.linears[path]
+        for linear in [*(linear for group in self.groups.values() for linear, _ in group), self.head]:
             if linear.packed:
-                self.kernels[path] = self._choose(linear)
+                self.kernels[linear.path] = self._choose(linear)
+
+    def _group(self, index: int, roles: tuple[str, ...]) -> list[tuple[Linear, tuple[str, ...]]]:
+        """The projections of block ``index`` holding ``roles``: one fused linear where `fuse` allows, else each."""
+        projections = [(self.weights.linears[path], held) for path, held in self.spec.projections(index, roles)]
+        fused = fuse([linear for linear, _ in projections]) if len(projections) > 1 else None
+        if fused is None:
+            return projections
+        return [(fused, tuple(role for _, held in projections for role in held))]
 
     # -- functions ------------------------------------------------------------------------------------------------
 
@@ -128,7 +145,7 @@ class DecoderBuilder:
                     rows = 1
                 else:
                     rows = chunk
-                logits = self._linear(spec.lm_head, hidden, rows)
+                logits = self._linear(self.head, hidden, rows)
                 if not all_columns:
                     logits = bb.emit(relax.op.reshape(logits, (batch, spec.vocab)))
                 output = bb.emit_output(logits)
@@ -139,10 +156,14 @@ class DecoderBuilder:
     ) -> relax.Expr:
         """The final-normed hidden states ``(B, C, hidden)``."""
         bb, spec = self.bb, self.spec
+        family = spec.description
         batch = self.max_batch
-        x = self._embedding(ids, chunk)
-        cos = bb.emit(relax.op.expand_dims(relax.op.take(self.cos, positions, axis=0), 2))
-        sin = bb.emit(relax.op.expand_dims(relax.op.take(self.sin, positions, axis=0), 2))
+        x = self._embedding(self.weights.embedding, ids, chunk)
+        if self.weights.positions is not None:
+            x = bb.emit(relax.op.add(x, self._embedding(self.weights.positions, positions, chunk)))
+        if self.rotary_dim:
+            cos = bb.emit(relax.op.expand_dims(relax.op.take(self.cos, positions, axis=0), 2))
+            sin = bb.emit(relax.op.expand_dims(relax.op.take(self.sin, positions, axis=0), 2))
         attention = bb.add_func(
             cache_attention(
                 AttentionSpec(
@@ -153,11 +174,12 @@ class DecoderBuilder:
             "lowbit_cache_attention",
         )
         for i in range(spec.layers):
-            h = self._norm(x, spec.norm(i, "attn"))
-            q = self._heads(self._linear(spec.linear(i, "q"), h, chunk), spec.q_heads, chunk)
-            k = self._heads(self._linear(spec.linear(i, "k"), h, chunk), spec.kv_heads, chunk)
-            v = self._heads(self._linear(spec.linear(i, "v"), h, chunk), spec.kv_heads, chunk)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            out = self._project(i, ATTENTION_INPUT, self._norm(x, spec.norm(i, "attn")), chunk)
+            q = self._heads(out["q"], spec.q_heads, chunk)
+            k = self._heads(out["k"], spec.kv_heads, chunk)
+            v = self._heads(out["v"], spec.kv_heads, chunk)
+            if self.rotary_dim:
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             q_type = relax.TensorType((batch, chunk, spec.q_heads, spec.head_dim), "float32")
             cache_types = [caches[2 * i].ty, caches[2 * i + 1].ty]
             result = bb.emit(
@@ -170,17 +192,18 @@ class DecoderBuilder:
             )
             attended = bb.emit(relax.TupleGetItem(result, 0))
             attended = bb.emit(relax.op.reshape(attended, (batch, chunk, spec.q_heads * spec.head_dim)))
-            x = bb.emit(relax.op.add(x, self._linear(spec.linear(i, "o"), attended, chunk)))
-            h = self._norm(x, spec.norm(i, "mlp"))
-            gate = self._linear(spec.linear(i, "gate"), h, chunk)
-            up = self._linear(spec.linear(i, "up"), h, chunk)
-            mixed = bb.emit(relax.op.multiply(relax.op.nn.silu(gate), up))
-            x = bb.emit(relax.op.add(x, self._linear(spec.linear(i, "down"), mixed, chunk)))
+            x = bb.emit(relax.op.add(x, self._project(i, ("o",), attended, chunk)["o"]))
+            out = self._project(i, MLP_INPUT, self._norm(x, spec.norm(i, "mlp")), chunk)
+            if family.mlp == "gated_silu":
+                mixed = bb.emit(relax.op.multiply(relax.op.nn.silu(out["gate"]), out["up"]))
+            else:
+                mixed = bb.emit(relax.op.nn.gelu_tanh(out["up"]))
+            x = bb.emit(relax.op.add(x, self._project(i, ("down",), mixed, chunk)["down"]))
         return self._norm(x, spec.final_norm)
 
-    def _embedding(self, ids: relax.Expr, chunk: int) -> relax.Expr:
+    def _embedding(self, embedding: Embedding, ids: relax.Expr, chunk: int) -> relax.Expr:
         """The rows of ``ids`` ``(B, C)``: a take from the fp32 table, or the packed gather-dequantize kernel."""
-        bb, embedding = self.bb, self.weights.embedding
+        bb = self.bb
         if not embedding.packed:
             return bb.emit(relax.op.take(self.pool(embedding.table), ids, axis=0))
         qweight, scales, zeros = embedding.tensors()
@@ -200,27 +223,53 @@ class DecoderBuilder:
 
     def _norm(self, x: relax.Expr, path: str) -> relax.Expr:
         weight = self.pool(self.weights.norms[path])
-        return self.bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=self.spec.norm_eps))
+        bias = self.weights.norm_biases.get(path)
+        eps = self.spec.norm_eps
+        if bias is None:
+            return self.bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=eps))
+        return self.bb.emit(relax.op.nn.layer_norm(x, weight, self.pool(bias), axes=[-1], epsilon=eps))
 
     def _heads(self, x: relax.Expr, heads: int, chunk: int) -> relax.Expr:
         return self.bb.emit(relax.op.reshape(x, (self.max_batch, chunk, heads, self.spec.head_dim)))
 
     def _rotate(self, x: relax.Expr, cos: relax.Expr, sin: relax.Expr) -> relax.Expr:
-        half = self.spec.head_dim // 2
-        first = relax.op.strided_slice(x, axes=[3], begin=[0], end=[half])
-        second = relax.op.strided_slice(x, axes=[3], begin=[half], end=[2 * half])
+        """Rotate-half on the first ``rotary_dim`` features of each head; the rest pass through."""
+        dim, half, head_dim = self.rotary_dim, self.rotary_dim // 2, self.spec.head_dim
+        part = relax.op.strided_slice(x, axes=[3], begin=[0], end=[dim]) if dim < head_dim else x
+        first = relax.op.strided_slice(part, axes=[3], begin=[0], end=[half])
+        second = relax.op.strided_slice(part, axes=[3], begin=[half], end=[dim])
         rotated = relax.op.concat([relax.op.negative(second), first], axis=3)
-        return self.bb.emit(relax.op.add(relax.op.multiply(x, cos), relax.op.multiply(rotated, sin)))
+        turned = relax.op.add(relax.op.multiply(part, cos), relax.op.multiply(rotated, sin))
+        if dim < head_dim:
+            turned = relax.op.concat([turned, relax.op.strided_slice(x, axes=[3], begin=[dim], end=[head_dim])], axis=3)
+        return self.bb.emit(turned)
+
+    def _project(self, index: int, roles: tuple[str, ...], x: relax.Expr, chunk: int) -> dict[str, relax.Expr]:
+        """The outputs of block ``index``'s projections holding ``roles`` on ``x`` ``(B, C, K)``, by role."""
+        outputs = {}
+        for linear, held in self.groups[(index, roles)]:
+            y = self._linear(linear, x, chunk)
+            if len(held) == 1:
+                outputs[held[0]] = y
+                continue
+            start = 0
+            for role, width in zip(held, self.spec.widths(held, linear.out_features)):
+                outputs[role] = self.bb.emit(relax.op.strided_slice(y, axes=[2], begin=[start], end=[start + width]))
+                start += width
+        return outputs
 
     # -- linears --------------------------------------------------------------------------------------------------
 
-    def _linear(self, path: str, x: relax.Expr, chunk: int) -> relax.Expr:
-        """The linear ``path`` on ``x`` ``(B, chunk, K)``: ``(B, chunk, N)``."""
-        bb, linear = self.bb, self.weights.linears[path]
+    def _linear(self, linear: Linear, x: relax.Expr, chunk: int) -> relax.Expr:
+        """``linear`` on ``x`` ``(B, chunk, K)``: ``(B, chunk, N)``."""
+        bb = self.bb
         rows = self.max_batch * chunk
         in_features = int(x.ty.shape[-1])
         x2d = bb.emit(relax.op.reshape(x, (rows, in_features)))
-        y = self._packed(path, x2d, rows) if linear.packed else self._dense(linear.weight, linear.bias, x2d, rows)
+        if linear.packed:
+            y = self._packed(linear.path, x2d, rows)
+        else:
+            y = self._dense(linear.weight, linear.bias, x2d, rows)
         return bb.emit(relax.op.reshape(y, (self.max_batch, chunk, linear.out_features)))
 
     def _choose(self, linear: Linear) -> LayerKernel:

@@ -2,14 +2,15 @@
 
 Every step takes ``C`` new tokens per row with their rotary positions and the attention mask of all ``n`` positions
 so far; their keys and values are written to cache slots ``n - C .. n - 1`` and each query attends causally to the
-unmasked slots. The math is the transformers Llama block's (docs/generation.md), with the graph's own linears.
+unmasked slots. The block is the family's (`family.Family`: its norm, positions and MLP), with the graph's own
+linears; a fused projection's output is split into its roles.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.llm.family import DecoderSpec
+from lowbit.llm.family import ATTENTION_INPUT, MLP_INPUT, DecoderSpec
 from lowbit.llm.weights import DecoderWeights
 
 
@@ -18,10 +19,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` ``(B, C, H, D)`` with ``cos``/``sin`` ``(B, C, 1, D)`` (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotary embedding of ``x`` ``(B, C, H, D)`` with ``cos``/``sin`` ``(B, C, 1, R)`` (rotate-half convention) on
+    the first ``R`` features of each head; the rest pass through."""
+    dim = cos.shape[-1]
+    part, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat([-part[..., half:], part[..., :half]], dim=-1)
+    return torch.cat([part * cos + rotated * sin, rest], dim=-1)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm, or LayerNorm where the family's norms have a bias."""
+    if bias is None:
+        return rms_norm(x, weight, eps)
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
 def cache_attention(
@@ -92,21 +103,40 @@ class TorchDecoder:
     ) -> torch.Tensor:
         """The final-normed hidden states ``(B, C, hidden)`` of ``ids`` ``(B, C)``; updates ``cache`` in place."""
         spec, w = self.spec, self.weights
+        family = spec.description
         batch, chunk = ids.shape
         x = w.embedding(ids)
+        if w.positions is not None:
+            x = x + w.positions(positions)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
         for i in range(spec.layers):
-            linear = {role: w.linears[spec.linear(i, role)] for role in ("q", "k", "v", "o", "gate", "up", "down")}
-            h = rms_norm(x, w.norms[spec.norm(i, "attn")], spec.norm_eps)
-            q = linear["q"](h).view(batch, chunk, spec.q_heads, spec.head_dim)
-            k = linear["k"](h).view(batch, chunk, spec.kv_heads, spec.head_dim)
-            v = linear["v"](h).view(batch, chunk, spec.kv_heads, spec.head_dim)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            h = self._norm(x, spec.norm(i, "attn"))
+            out = self._project(i, ATTENTION_INPUT, h)
+            q = out["q"].view(batch, chunk, spec.q_heads, spec.head_dim)
+            k = out["k"].view(batch, chunk, spec.kv_heads, spec.head_dim)
+            v = out["v"].view(batch, chunk, spec.kv_heads, spec.head_dim)
+            if family.position == "rotary":
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             attended = cache_attention(q, k, v, mask, cache[2 * i], cache[2 * i + 1], spec.head_dim**-0.5)
-            x = x + linear["o"](attended.reshape(batch, chunk, -1))
-            h = rms_norm(x, w.norms[spec.norm(i, "mlp")], spec.norm_eps)
-            x = x + linear["down"](torch.nn.functional.silu(linear["gate"](h)) * linear["up"](h))
-        return rms_norm(x, w.norms[spec.final_norm], spec.norm_eps)
+            x = x + self._project(i, ("o",), attended.reshape(batch, chunk, -1))["o"]
+            out = self._project(i, MLP_INPUT, self._norm(x, spec.norm(i, "mlp")))
+            if family.mlp == "gated_silu":
+                mixed = torch.nn.functional.silu(out["gate"]) * out["up"]
+            else:
+                mixed = torch.nn.functional.gelu(out["up"], approximate="tanh")
+            x = x + self._project(i, ("down",), mixed)["down"]
+        return self._norm(x, spec.final_norm)
+
+    def _norm(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        return norm(x, self.weights.norms[path], self.weights.norm_biases.get(path), self.spec.norm_eps)
+
+    def _project(self, index: int, roles: tuple[str, ...], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs of block ``index``'s projections holding ``roles``, by role (fused ones split)."""
+        outputs = {}
+        for path, held in self.spec.projections(index, roles):
+            y = self.weights.linears[path](x)
+            outputs.update(zip(held, y.split(self.spec.widths(held, y.shape[-1]), dim=-1)))
+        return outputs
 
 
-__all__ = ["TorchDecoder", "cache_attention", "rms_norm", "rotate"]
+__all__ = ["TorchDecoder", "cache_attention", "norm", "rms_norm", "rotate"]

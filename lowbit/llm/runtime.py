@@ -35,7 +35,8 @@ class DecoderLayout:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DecoderLayout:
-        return cls(DecoderSpec(**data["spec"]), int(data["max_batch"]), int(data["max_context"]), tuple(data["chunks"]))
+        spec = {name: value for name, value in data["spec"].items() if name in DecoderSpec.__dataclass_fields__}
+        return cls(DecoderSpec(**spec), int(data["max_batch"]), int(data["max_context"]), tuple(data["chunks"]))
 
 
 class TVMDecoder:

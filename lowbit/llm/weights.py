@@ -1,10 +1,11 @@
 """The weights of a decoder, read from the graph the passes produced.
 
 Each linear of the `DecoderSpec` is either a packed low-bit call the passes left in the graph (its normalized
-arguments, the constants resolved) or an fp32 weight still held by the graph; norms and the embedding are read by
-module path. `DecoderWeights.linear` runs one layer in torch exactly as the graph does, which is what the torch
-reference decoder calls. Whatever else a pass may have added to the graph is not read here: the lowering checks
-the decoder against the graph on the example inputs (`lowbit.llm.compile`).
+arguments, the constants resolved) or an fp32 weight still held by the graph (stored ``(in, out)`` by Conv1D
+families, transposed here); norms and the embeddings are read by module path. A `Linear` runs one layer in torch
+exactly as the graph does, which is what the torch reference decoder calls; `fuse` stacks layers that read the same
+input into one (rows are independent, so this is exact). Whatever else a pass may have added to the graph is not
+read here: the lowering checks the decoder against the graph on the example inputs (`lowbit.llm.compile`).
 """
 
 from __future__ import annotations
@@ -86,13 +87,61 @@ class Embedding:
         return [self.table] if not self.packed else [self.arguments.get(n) for n in ("qweight", "scales", "zeros")]
 
 
+def fuse(linears: list[Linear]) -> Linear | None:
+    """One layer computing the outputs of ``linears`` (same input) side by side: their constants stacked along the
+    output rows. None unless all are fp32, or all packed by the same op with the same format (bits, group size,
+    zeros present, column order, activation quantization)."""
+    first = linears[0]
+    path = "+".join(linear.path for linear in linears)
+    bias = _stacked_bias(linears)
+    if not first.packed:
+        if any(linear.packed for linear in linears):
+            return None
+        return Linear(path, torch.cat([linear.weight for linear in linears]), bias)
+    settings = {name: value for name, value in first.arguments.items() if name not in PACKED_TENSORS}
+    for linear in linears:
+        if linear.op is not first.op or settings != {
+            name: value for name, value in linear.arguments.items() if name not in PACKED_TENSORS
+        }:
+            return None
+        for name in ("g_idx", "act_scale"):
+            if not _same(first.arguments.get(name), linear.arguments.get(name)):
+                return None
+        if (first.arguments.get("zeros") is None) != (linear.arguments.get("zeros") is None):
+            return None
+    arguments = {**first.arguments, "bias": bias}
+    for name in ("qweight", "scales", "zeros"):
+        if first.arguments.get(name) is not None:
+            arguments[name] = torch.cat([linear.arguments[name] for linear in linears])
+    return Linear(path, op=first.op, arguments=arguments)
+
+
+def _stacked_bias(linears: list[Linear]) -> torch.Tensor | None:
+    """The biases side by side (zeros for a layer without one); None when no layer has one."""
+    biases = [linear.arguments.get("bias") if linear.packed else linear.bias for linear in linears]
+    if all(bias is None for bias in biases):
+        return None
+    return torch.cat(
+        [torch.zeros(linear.out_features) if bias is None else bias for linear, bias in zip(linears, biases)]
+    )
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
 @dataclass(frozen=True)
 class DecoderWeights:
-    """Every tensor the lowering reads: the embedding, per-block norm weights, the linears."""
+    """Every tensor the lowering reads: the embedding (and learned position table), per-block norm weights (and
+    LayerNorm biases), the linears."""
 
     embedding: Embedding
     norms: dict[str, torch.Tensor]
     linears: dict[str, Linear]
+    norm_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    positions: Embedding | None = None
 
     def float_activations(self) -> DecoderWeights:
         """The same weights with every layer's activations left in float (`Linear.float_activations`)."""
@@ -100,7 +149,8 @@ class DecoderWeights:
 
     def bytes(self) -> int:
         """Bytes of the distinct tensors held (tied tables counted once)."""
-        tensors = [*self.embedding.tensors(), *self.norms.values()]
+        tensors = [*self.embedding.tensors(), *self.norms.values(), *self.norm_biases.values()]
+        tensors += self.positions.tensors() if self.positions is not None else []
         for linear in self.linears.values():
             tensors += [linear.weight, linear.bias, *linear.tensors().values()]
         seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)}
@@ -109,11 +159,12 @@ class DecoderWeights:
 
 def read_weights(gm: fx.GraphModule, spec: DecoderSpec) -> DecoderWeights:
     """The decoder's tensors in ``gm``; `GenerationError` naming the first one that is missing."""
+    family = spec.description
     packed = _packed_calls(gm)
-    embedding = _packed_embedding(gm, spec) or Embedding(_tensor(gm, f"{spec.embed}.weight"))
-    norms = {f"{spec.norm(i, role)}": _tensor(gm, f"{spec.norm(i, role)}.weight") for i in range(spec.layers)
-             for role in ("attn", "mlp")}  # fmt: skip
-    norms[spec.final_norm] = _tensor(gm, f"{spec.final_norm}.weight")
+    norm_paths = [spec.norm(i, role) for i in range(spec.layers) for role in ("attn", "mlp")] + [spec.final_norm]
+    norms = {path: _tensor(gm, f"{path}.weight") for path in norm_paths}
+    biases = {path: _tensor(gm, f"{path}.bias") for path in norm_paths} if family.norm == "layer" else {}
+    positions = _embedding(gm, family.position_embed) if family.position_embed else None
     linears = {}
     for path in spec.linears():
         if path in packed:
@@ -121,8 +172,16 @@ def read_weights(gm: fx.GraphModule, spec: DecoderSpec) -> DecoderWeights:
         elif path == spec.lm_head and spec.tied and get_attr(gm, f"{path}.weight", None) is None:
             linears[path] = Linear(path, weight=_tensor(gm, f"{spec.embed}.weight"))
         else:
-            linears[path] = Linear(path, _tensor(gm, f"{path}.weight"), _tensor(gm, f"{path}.bias", optional=True))
-    return DecoderWeights(embedding, norms, linears)
+            weight = _tensor(gm, f"{path}.weight")
+            if family.transposed and path != spec.lm_head:
+                weight = weight.t()
+            linears[path] = Linear(path, weight, _tensor(gm, f"{path}.bias", optional=True))
+    return DecoderWeights(_embedding(gm, spec.embed), norms, linears, biases, positions)
+
+
+def _embedding(gm: fx.GraphModule, path: str) -> Embedding:
+    """The table at ``path``: its packed lookup if the passes packed it, else its fp32 weight."""
+    return _packed_embedding(gm, path) or Embedding(_tensor(gm, f"{path}.weight"))
 
 
 class FloatActivations(fx.Interpreter):
@@ -150,12 +209,12 @@ def _packed_calls(gm: fx.GraphModule) -> dict[str, Linear]:
     return calls
 
 
-def _packed_embedding(gm: fx.GraphModule, spec: DecoderSpec) -> Embedding | None:
-    """The ``embedding_packed`` lookup of the embedding table, if the passes packed it."""
+def _packed_embedding(gm: fx.GraphModule, path: str) -> Embedding | None:
+    """The ``embedding_packed`` lookup of the table at ``path``, if the passes packed it."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is ops_embedding.embedding_packed:
             kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-            if str(kwargs["qweight"].target).rpartition(".")[0] == spec.embed:
+            if str(kwargs["qweight"].target).rpartition(".")[0] == path:
                 return Embedding(arguments=_constants(gm, node, kwargs, "ids"))
     return None
 
@@ -181,4 +240,4 @@ def _tensor(gm: fx.GraphModule, path: str, optional: bool = False) -> torch.Tens
     return value.detach()
 
 
-__all__ = ["DecoderWeights", "Embedding", "FloatActivations", "Linear", "read_weights"]
+__all__ = ["DecoderWeights", "Embedding", "FloatActivations", "Linear", "fuse", "read_weights"]

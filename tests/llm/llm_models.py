@@ -10,7 +10,15 @@ VOCAB = 256
 
 
 def causal_lm(model_type: str = "llama", layers: int = 2, tie: bool = True, seed: int = 0) -> torch.nn.Module:
-    """A random transformers causal LM of ``model_type`` (llama, qwen2, mistral) with grouped-query attention."""
+    """A random transformers causal LM of ``model_type``: llama, qwen2, mistral, phi3 (grouped-query attention; Phi-3
+    rotates half of each head) or gpt2."""
+    if model_type == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=512, tie_word_embeddings=tie,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        return transformers.GPT2LMHeadModel(config).eval()
     sizes = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -25,7 +33,11 @@ def causal_lm(model_type: str = "llama", layers: int = 2, tie: bool = True, seed
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
         "mistral": transformers.MistralConfig,
+        "phi3": transformers.Phi3Config,
     }[model_type](**sizes)
+    if model_type == "phi3":
+        config.rope_parameters["partial_rotary_factor"] = 0.5
+        config.pad_token_id = None
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 

@@ -4,15 +4,20 @@ error for every request or model it cannot serve."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
 from llm_models import VOCAB, byte_tokenizer, calibration, causal_lm, prompts
 
 import lowbit
+from lowbit.backends import get_backend
 from lowbit.errors import BackendError, GenerationError, InputError
 from lowbit.llm.generate import GenerationOptions, chunk_plan, next_tokens, prefill
+from lowbit.llm.lower import DecoderBuilder
 from lowbit.llm.model import CompiledCausalLM
+from lowbit.llm.weights import Linear, fuse
 
 LIMITS = {"input_ids": {0: (1, 3), 1: (1, 160)}}
 NEW = 64
@@ -81,17 +86,59 @@ def test_other_llama_family_models_equal_transformers(model_type):
     )
 
 
-def test_quantized_x86_tokens_and_logits_equal_the_torch_reference(quantized):
-    reference, compiled = quantized["torch"], quantized["x86"]
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
+def test_gpt2_and_phi3_equal_transformers(model_type):
+    model = causal_lm(model_type)
+    compiled = compile_lm(model, "x86", passes=[])
+    prompt = prompts(2, 9)
+    assert torch.equal(
+        compiled.generate(prompt, max_new_tokens=24), transformers_generate(model, prompt, max_new_tokens=24)
+    )
+
+
+def assert_equals_reference(reference: CompiledCausalLM, compiled: CompiledCausalLM, new: int = NEW) -> None:
+    """The same tokens as the torch reference, and logits within 1e-4 at the prefill and every decode step."""
     assert compiled.report.fallbacks == []
     prompt = prompts(1, 21, seed=5)
-    tokens = reference.generate(prompt, max_new_tokens=NEW)
-    assert torch.equal(compiled.generate(prompt, max_new_tokens=NEW), tokens)
-    new = tokens[:, prompt.shape[1] :]
+    tokens = reference.generate(prompt, max_new_tokens=new)
+    assert torch.equal(compiled.generate(prompt, max_new_tokens=new), tokens)
+    new_tokens = tokens[:, prompt.shape[1] :]
     for expected, actual in zip(
-        stepwise_logits(reference.decoder, prompt, new), stepwise_logits(compiled.decoder, prompt, new)
+        stepwise_logits(reference.decoder, prompt, new_tokens), stepwise_logits(compiled.decoder, prompt, new_tokens)
     ):
         assert float((actual - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_quantized_x86_tokens_and_logits_equal_the_torch_reference(quantized):
+    assert_equals_reference(quantized["torch"], quantized["x86"])
+
+
+def test_projections_reading_one_input_run_fused(quantized):
+    block = "model.layers.0"
+    qkv = "+".join(f"{block}.self_attn.{name}_proj" for name in "qkv")
+    gate_up = f"{block}.mlp.gate_proj+{block}.mlp.up_proj"
+    reference = quantized["torch"].decoder
+    toolchain = get_backend("x86").toolchain
+    builder = DecoderBuilder(reference.spec, reference.weights, (reference.cos, reference.sin), toolchain, 1)
+    lowered = {linear.node for linear in builder.linears}
+    assert {qkv, gate_up} <= lowered and f"{block}.self_attn.q_proj" not in lowered
+    linears = reference.weights.linears
+    parts = [linears[path] for path in qkv.split("+")]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(fuse(parts)(x), torch.cat([part(x) for part in parts], dim=-1), atol=1e-5)
+    other = replace(parts[1], arguments={**parts[1].arguments, "bits": 8})
+    assert fuse([parts[0], other, parts[2]]) is None
+    assert fuse([parts[0], Linear("dense", torch.zeros(32, 64))]) is None
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
+def test_gpt2_and_phi3_quantized_equal_the_torch_reference(model_type):
+    model = causal_lm(model_type)
+    for recipe in ("w4a16-x86", "w4a8-x86"):
+        reference, compiled = (
+            compile_lm(model, target, recipe=recipe, calibration=calibration()) for target in ("torch", "x86")
+        )
+        assert_equals_reference(reference, compiled, new=32)
 
 
 def test_scoring_any_length_equals_eager(llama, fp32_x86):
@@ -245,6 +292,22 @@ def test_models_and_limits_the_lowering_cannot_serve():
     mistral.config.sliding_window = 64
     with pytest.raises(GenerationError, match="window of 64"):
         lowbit.compile(mistral, (prompts(1, 8),), dynamic_shapes=LIMITS)
+    phi3 = causal_lm("phi3", layers=1)
+    phi3.config.sliding_window = 64
+    with pytest.raises(GenerationError, match="window of 64"):
+        lowbit.compile(phi3, (prompts(1, 8),), dynamic_shapes=LIMITS)
+    phi3 = causal_lm("phi3", layers=1)
+    phi3.config.rope_parameters.update(rope_type="longrope", original_max_position_embeddings=64)
+    with pytest.raises(GenerationError, match="'longrope' switches to its long factors past 64"):
+        lowbit.compile(phi3, (prompts(1, 8),), dynamic_shapes=LIMITS)
+    gpt2 = causal_lm("gpt2", layers=1)
+    gpt2.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(GenerationError, match="scale_attn_by_inverse_layer_idx"):
+        lowbit.compile(gpt2, (prompts(1, 8),), dynamic_shapes=LIMITS)
+    gpt2 = causal_lm("gpt2", layers=1)
+    gpt2.config.activation_function = "relu"
+    with pytest.raises(GenerationError, match="'relu'"):
+        lowbit.compile(gpt2, (prompts(1, 8),), dynamic_shapes=LIMITS)
     with pytest.raises(GenerationError, match=r"\(min, max\)"):
         lowbit.compile(llama, (prompts(1, 8),), dynamic_shapes={"input_ids": {1: 64}})
 
