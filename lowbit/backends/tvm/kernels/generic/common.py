@@ -37,15 +37,16 @@ def finish(func: tirx.PrimFunc, name: str | None) -> tirx.PrimFunc:
     return func.without_attr("global_symbol") if name is None else func.with_attr("global_symbol", name)
 
 
-def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int) -> tirx.Stmt:
-    """A ``prefetchnta`` of the cache line holding element ``offset`` of ``buffer`` (read, no temporal locality)."""
+def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int, locality: int = 0) -> tirx.Stmt:
+    """A read prefetch of the cache line holding element ``offset`` of ``buffer``; ``locality`` is LLVM's hint,
+    0 (``prefetchnta``, no temporal locality) to 3 (``prefetcht0``)."""
     return tirx.Evaluate(
         tirx.call_llvm_intrin(
             "void",
             "llvm.prefetch.p0",
             buffer.access_ptr("r", offset=offset),
             tirx.const(0, "int32"),
-            tirx.const(0, "int32"),
+            tirx.const(locality, "int32"),
             tirx.const(1, "int32"),
         )
     )
