@@ -6,9 +6,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 from tvm import s_tir, tirx
+from tvm.target import Target
+
+from lowbit.backends.tvm.target import target_arch
 
 #: ``op_pattern`` value of an opaque operator: Relax's FuseOps leaves such calls alone.
 OPAQUE_PATTERN = 8
+#: LLVM prefetch locality hints: ``prefetchnta`` and ``prefetcht0``.
+NTA, T0 = 0, 3
 
 
 def layer_consts(
@@ -50,6 +55,15 @@ def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int, locality: int = 0
             tirx.const(1, "int32"),
         )
     )
+
+
+def stream_locality(target: Target) -> int | None:
+    """The prefetch hint for a GEMV's cold weight stream on ``target``: `NTA` on AMD x86 cores (``-mcpu=znver*``,
+    where the kernels were tuned with it), `T0` on other x86 cores (on Emerald Rapids a cold ``prefetchnta``
+    stream ran at half the bandwidth of a ``prefetcht0`` one), None elsewhere."""
+    if target.kind.name != "llvm" or target_arch(target) != "x86_64":
+        return None
+    return NTA if str(target.attrs.get("mcpu", "")).startswith("znver") else T0
 
 
 def prepend_to_loop(sch: s_tir.Schedule, loop: s_tir.schedule.StmtSRef, stmts: list[tirx.Stmt]) -> None:

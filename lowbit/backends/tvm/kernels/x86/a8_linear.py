@@ -38,7 +38,7 @@ When one row tile covers the batch (a GEMV: the weights are read once), the word
 loop also prefetches the weight stream `PREFETCH_BYTES` ahead, which the hardware
 prefetcher alone does not keep up with on a cold stream: ``prefetchnta`` on AMD cores,
 ``prefetcht0`` on others (on Emerald Rapids a cold ``prefetchnta`` stream ran at half the
-bandwidth; `prefetch_locality`). The GEMV also prefetches its first `PREFETCH_BYTES` before
+bandwidth; `common.stream_locality`). The GEMV also prefetches its first `PREFETCH_BYTES` before
 the activation prologue, which the loop never does, and reduces ``max |x|`` in vector
 lanes (a scalar float max is a serial chain).
 The per-task buffers (unpacked codes, int32 dot products, fp32 accumulators) keep the
@@ -65,6 +65,7 @@ from lowbit.backends.tvm.kernels.generic.activations import (
     zeros_reason,
 )
 from lowbit.backends.tvm.kernels.generic.common import (
+    NTA,
     divisor_at_most,
     finish,
     layer_consts,
@@ -72,6 +73,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     power_of_two_divisor,
     prefetch,
     prepend_to_loop,
+    stream_locality,
 )
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
@@ -103,8 +105,6 @@ KNOBS: dict[str, tuple[int, ...]] = {
 PREFETCH_BYTES = 4096
 #: Bytes of one cache line: a word row gets one prefetch per line.
 LINE_BYTES = 64
-#: LLVM prefetch locality hints: ``prefetchnta`` and ``prefetcht0``.
-NTA, T0 = 0, 3
 #: Independent ``vpdpbusd`` chains that keep it busy (4 cycles latency × 2 per cycle on Zen 4): a schedule
 #: with fewer (rows × weight tiles) splits lanes, if the accumulators fit half the AVX-512 vector registers.
 BUSY_CHAINS, MAX_LANE_ACCUMULATORS = 8, 16
@@ -125,12 +125,6 @@ def intrinsic(spec: PackedLinearSpec, target: Target) -> str:
     if has_features(target, "avx512vnni", "avx512vl") or has_features(target, "avxvnni"):
         return intrin_x86.VNNI
     return intrin_x86.AVX2_U8 if spec.bits == 8 else intrin_x86.AVX2_U7
-
-
-def prefetch_locality(target: Target) -> int:
-    """The GEMV's weight prefetch hint: `NTA` on AMD cores (``-mcpu=znver*``, where it was tuned), `T0` elsewhere
-    (Intel cores stream a cold weight stream twice as fast with it)."""
-    return NTA if str(target.attrs.get("mcpu", "")).startswith("znver") else T0
 
 
 def split_lanes(intrin: str, bits: int, group_size: int, rows: int, vectors: int) -> bool:
@@ -182,7 +176,7 @@ class X86A8Linear(LinearKernel):
             knobs["row_tile"],
             knobs["out_tile"],
             knobs["row_vectors"],
-            locality=prefetch_locality(target),
+            locality=stream_locality(target) or NTA,
         )
         vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
         consts = layer_consts(
@@ -238,7 +232,7 @@ def a8_linear_func(
     locality: int = NTA,
 ) -> tirx.PrimFunc:
     """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``;
-    ``locality``: the GEMV's weight prefetch hint (`prefetch_locality`)."""
+    ``locality``: the GEMV's weight prefetch hint (`common.stream_locality`)."""
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"int8 kernel cannot compute {spec}: {reason}")
@@ -512,7 +506,6 @@ __all__ = [
     "blocked",
     "interleave",
     "intrinsic",
-    "prefetch_locality",
     "split_lanes",
     "tile_vectors",
     "unsupported_reason",
