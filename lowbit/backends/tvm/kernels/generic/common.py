@@ -6,9 +6,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 from tvm import s_tir, tirx
+from tvm.target import Target
+
+from lowbit.backends.tvm.target import target_arch
 
 #: ``op_pattern`` value of an opaque operator: Relax's FuseOps leaves such calls alone.
 OPAQUE_PATTERN = 8
+#: LLVM prefetch locality hints: ``prefetchnta`` and ``prefetcht0``.
+NTA, T0 = 0, 3
 
 
 def layer_consts(
@@ -37,18 +42,28 @@ def finish(func: tirx.PrimFunc, name: str | None) -> tirx.PrimFunc:
     return func.without_attr("global_symbol") if name is None else func.with_attr("global_symbol", name)
 
 
-def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int) -> tirx.Stmt:
-    """A ``prefetchnta`` of the cache line holding element ``offset`` of ``buffer`` (read, no temporal locality)."""
+def prefetch(buffer: tirx.Buffer, offset: tirx.PrimExpr | int, locality: int = 0) -> tirx.Stmt:
+    """A read prefetch of the cache line holding element ``offset`` of ``buffer``; ``locality`` is LLVM's hint,
+    0 (``prefetchnta``, no temporal locality) to 3 (``prefetcht0``)."""
     return tirx.Evaluate(
         tirx.call_llvm_intrin(
             "void",
             "llvm.prefetch.p0",
             buffer.access_ptr("r", offset=offset),
             tirx.const(0, "int32"),
-            tirx.const(0, "int32"),
+            tirx.const(locality, "int32"),
             tirx.const(1, "int32"),
         )
     )
+
+
+def stream_locality(target: Target) -> int | None:
+    """The prefetch hint for a GEMV's cold weight stream on ``target``: `NTA` on AMD x86 cores (``-mcpu=znver*``,
+    where the kernels were tuned with it), `T0` on other x86 cores (on Emerald Rapids a cold ``prefetchnta``
+    stream ran at half the bandwidth of a ``prefetcht0`` one), None elsewhere."""
+    if target.kind.name != "llvm" or target_arch(target) != "x86_64":
+        return None
+    return NTA if str(target.attrs.get("mcpu", "")).startswith("znver") else T0
 
 
 def prepend_to_loop(sch: s_tir.Schedule, loop: s_tir.schedule.StmtSRef, stmts: list[tirx.Stmt]) -> None:

@@ -35,10 +35,12 @@ Schedule: parallel tasks of ``out_tile`` output rows; inside, each 8-row tile ru
 rows of ``x`` in register tiles of ``row_tile`` (one unpacked code vector feeds
 ``row_tile`` accumulators, and the tile's weights stay in cache across row tiles).
 When one row tile covers the batch (a GEMV: the weights are read once), the word-row
-loop also prefetches the weight stream `PREFETCH_BYTES` ahead (``prefetchnta``), which
-the hardware prefetcher alone does not keep up with on a cold stream. The GEMV
-also prefetches its first `PREFETCH_BYTES` before the activation prologue, which the loop
-never does, and reduces ``max |x|`` in vector lanes (a scalar float max is a serial chain).
+loop also prefetches the weight stream `PREFETCH_BYTES` ahead, which the hardware
+prefetcher alone does not keep up with on a cold stream: ``prefetchnta`` on AMD cores,
+``prefetcht0`` on others (on Emerald Rapids a cold ``prefetchnta`` stream ran at half the
+bandwidth; `common.stream_locality`). The GEMV also prefetches its first `PREFETCH_BYTES` before
+the activation prologue, which the loop never does, and reduces ``max |x|`` in vector
+lanes (a scalar float max is a serial chain).
 The per-task buffers (unpacked codes, int32 dot products, fp32 accumulators) keep the
 default global scope: TVM turns small global allocations into stack arrays that LLVM
 keeps in registers, while ``local`` ones come from the workspace pool once per task.
@@ -63,6 +65,7 @@ from lowbit.backends.tvm.kernels.generic.activations import (
     zeros_reason,
 )
 from lowbit.backends.tvm.kernels.generic.common import (
+    NTA,
     divisor_at_most,
     finish,
     layer_consts,
@@ -70,6 +73,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     power_of_two_divisor,
     prefetch,
     prepend_to_loop,
+    stream_locality,
 )
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
@@ -166,7 +170,14 @@ class X86A8Linear(LinearKernel):
             raise BackendError(
                 f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
             )
-        func = a8_linear_func(spec, intrinsic(spec, target), knobs["row_tile"], knobs["out_tile"], knobs["row_vectors"])
+        func = a8_linear_func(
+            spec,
+            intrinsic(spec, target),
+            knobs["row_tile"],
+            knobs["out_tile"],
+            knobs["row_vectors"],
+            locality=stream_locality(target) or NTA,
+        )
         vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
         consts = layer_consts(
             interleave(tensors["qweight"], spec.bits, spec.in_features, vectors),
@@ -212,9 +223,16 @@ def interleave(qweight: torch.Tensor, bits: int, in_features: int, vectors: int,
 
 
 def a8_linear_func(
-    spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int, name: str | None = None
+    spec: PackedLinearSpec,
+    intrin: str,
+    row_tile: int,
+    out_tile: int,
+    row_vectors: int,
+    name: str | None = None,
+    locality: int = NTA,
 ) -> tirx.PrimFunc:
-    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``."""
+    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``;
+    ``locality``: the GEMV's weight prefetch hint (`common.stream_locality`)."""
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"int8 kernel cannot compute {spec}: {reason}")
@@ -224,15 +242,16 @@ def a8_linear_func(
     lanes = split_lanes(intrin, spec.bits, spec.group_size, rows, vectors)
     intrin_x86.register()
     sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes))
-    _schedule(sch, spec, intrin, rows, out_tile, vectors)
+    _schedule(sch, spec, intrin, rows, out_tile, vectors, locality)
     log.debug(
-        "scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s",
+        "scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s, prefetch locality %d",
         spec,
         intrin,
         rows,
         out_tile,
         vectors,
         lanes,
+        locality,
     )
     return finish(sch.mod["main"], name)
 
@@ -322,13 +341,19 @@ def a8_linear_compute(
 
 
 def _schedule(
-    sch: s_tir.Schedule, spec: PackedLinearSpec, intrin: str, row_tile: int, out_tile: int, row_vectors: int
+    sch: s_tir.Schedule,
+    spec: PackedLinearSpec,
+    intrin: str,
+    row_tile: int,
+    out_tile: int,
+    row_vectors: int,
+    locality: int,
 ) -> None:
     """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
     loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors)
     if row_tile == spec.batch:
         n_task, n_tile, a_g, d_w = loops.task, loops.tile, loops.group, loops.word
-        _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors))
+        _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors), locality)
     finish_accumulators(sch, loops)
 
     xq = sch.get_sblock("xq")
@@ -337,7 +362,7 @@ def _schedule(
     if spec.act_dynamic:
         _vector_absmax(sch, spec.in_features)
     if row_tile == spec.batch:
-        _prefetch_start(sch)
+        _prefetch_start(sch, locality)
 
 
 @dataclass(frozen=True)
@@ -409,7 +434,7 @@ def _vector_absmax(sch: s_tir.Schedule, in_features: int) -> None:
     sch.vectorize(sch.get_loops(partial)[-1])
 
 
-def _prefetch_start(sch: s_tir.Schedule) -> None:
+def _prefetch_start(sch: s_tir.Schedule, locality: int) -> None:
     """Prefetch the first `PREFETCH_BYTES` of the weights before the activation prologue.
 
     The word-row loop prefetches `PREFETCH_BYTES` ahead, so the first rows of a call were
@@ -419,13 +444,20 @@ def _prefetch_start(sch: s_tir.Schedule) -> None:
     body = sch.get(sch.get_sblock("root")).body
     first = body[0] if isinstance(body, tirx.SeqStmt) else body
     size = min(PREFETCH_BYTES, int(words.shape[0]) * int(words.shape[1]) * int(words.shape[2]))
-    prepend_to_loop(sch, sch.state.get_sref(first), [prefetch(words, line) for line in range(0, size, LINE_BYTES)])
+    prepend_to_loop(
+        sch, sch.state.get_sref(first), [prefetch(words, line, locality) for line in range(0, size, LINE_BYTES)]
+    )
 
 
 def _prefetch(
-    sch: s_tir.Schedule, spec: PackedLinearSpec, loops: tuple[s_tir.schedule.LoopRV, ...], tile_groups: int
+    sch: s_tir.Schedule,
+    spec: PackedLinearSpec,
+    loops: tuple[s_tir.schedule.LoopRV, ...],
+    tile_groups: int,
+    locality: int,
 ) -> None:
-    """Start each iteration of the word-row loop with a ``prefetchnta`` per line of the row `PREFETCH_BYTES` ahead.
+    """Start each iteration of the word-row loop with a prefetch (hint ``locality``) per line of the row
+    `PREFETCH_BYTES` ahead.
 
     ``loops``: the task, tile-group, group and word-row loops; ``tile_groups`` tile
     groups (words dimension 0) per task. The address is clamped to the last byte of the
@@ -447,7 +479,10 @@ def _prefetch(
     prepend_to_loop(
         sch,
         sch.get_sref(loops[3]),
-        [prefetch(words, tirx.min(row * row_bytes + ahead + line, last)) for line in range(0, row_bytes, LINE_BYTES)],
+        [
+            prefetch(words, tirx.min(row * row_bytes + ahead + line, last), locality)
+            for line in range(0, row_bytes, LINE_BYTES)
+        ],
     )
 
 

@@ -128,6 +128,17 @@ def test_plan_builds_the_knobs_it_is_given() -> None:
     assert torch.equal(_run(lib, x, tuned.consts), _reference(x, weight, 4))
 
 
+@pytest.mark.parametrize(("mcpu", "prefetches"), [("emeraldrapids", True), ("znver4", False)])
+def test_gemv_prefetches_its_weights_on_intel_cores(mcpu: str, prefetches: bool) -> None:
+    """On x86 cores other than AMD's the GEMV prefetches its weight stream with ``prefetcht0``; AMD's keep the
+    hardware prefetcher alone."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    spec = PackedLinearSpec(1, K, N, 8, GROUP, False, True)
+    planned = packed_linear.KERNEL.plan(spec, _packed_weight(8, False, exact=True, seed=5), target)
+    lib = tvm.compile(tvm.IRModule({"kernel": planned.func.with_attr("global_symbol", "kernel")}), target=target)
+    assert ("prefetcht0" in lib.mod.inspect_source("asm")) == prefetches
+
+
 @pytest.mark.parametrize(
     "knobs", [{"row_tile": 2, "vectors": 1, "row_block": 16}, {"row_tile": 6, "vectors": 4, "row_block": 64}]
 )

@@ -152,6 +152,8 @@ def test_vnni_gemv_splits_lanes_and_prefetches_and_is_exact(bits: int) -> None:
     asm = _build(kernel, target).mod.inspect_source("asm")
     assert "vpdpbusd" in asm and "prefetchnta" in asm
     assert "vgf2p8affineqb" not in asm and "vpsrlw" not in asm  # the quads are masked, never shifted
+    intel = Target({"kind": "llvm", "mcpu": "emeraldrapids", "num-cores": 2})
+    assert "prefetcht0" in _build(a8_linear.KERNEL.plan(spec, weight, intel), intel).mod.inspect_source("asm")
     if not has_features(Target(x86_host_target()), "avx512vnni", "avx512vl"):
         pytest.skip("this host has no AVX-512 VNNI: compiled only")
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 3
