@@ -103,6 +103,7 @@ class DecoderBuilder:
         }
         self.head = weights.linears[spec.lm_head]
         self.kernels: dict[str, LayerKernel] = {}
+        self._knobs: dict[tuple[Any, ...], dict[str, int]] = {}
         self.linears: list[LoweredLinear] = []
         for linear in [*(linear for group in self.groups.values() for linear, _ in group), self.head]:
             if linear.packed:
@@ -300,8 +301,32 @@ class DecoderBuilder:
             raise BackendError(
                 f"{path}: kernel '{chosen.kernel.name}' serves a decode step but not {rows} rows: {reason}"
             )
-        plan = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=chosen.knobs)
+        plan = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=self._step_knobs(chosen, spec))
         return self._call(plan.func, f"lowbit_{plan.name}", x, plan.consts, spec.out_features)
+
+    def _step_knobs(self, chosen: LayerKernel, spec: PackedLinearSpec) -> dict[str, int]:
+        """The decode step's knobs for ``spec.batch`` rows, except where the kernel's hand schedule for that many
+        rows sets a knob differently and taking it keeps the weight layout (the same constants): a register tile
+        over rows is capped at one row in a decode step but not in a prefill step."""
+        assert chosen.kernel is not None and chosen.knobs is not None
+        key = (chosen.kernel.name, spec, tuple(sorted(chosen.knobs.items())))
+        if key not in self._knobs:
+            knobs = dict(chosen.knobs)
+            reference = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=knobs).consts
+            for name, value in chosen.kernel.default_knobs(spec, self.target).items():
+                if knobs.get(name) == value:
+                    continue
+                candidate = {**knobs, name: value}
+                try:
+                    consts = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=candidate).consts
+                except BackendError:
+                    continue
+                if len(consts) == len(reference) and all(
+                    a.shape == b.shape and torch.equal(a, b) for a, b in zip(consts, reference)
+                ):
+                    knobs = candidate
+            self._knobs[key] = knobs
+        return self._knobs[key]
 
     def _fallback(self, x: relax.Expr, spec: PackedLinearSpec, tensors: dict[str, Any]) -> relax.Expr:
         """The dense kernel on the dequantized weight (int8-activation layers fake-quantize their input first)."""
