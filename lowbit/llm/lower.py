@@ -209,18 +209,38 @@ class DecoderBuilder:
             return bb.emit(relax.op.take(self.pool(embedding.table), ids, axis=0))
         qweight, scales, zeros = embedding.tensors()
         count, dim = self.max_batch * chunk, self.spec.hidden
-        arguments = embedding.arguments
-        func = embedding_func(
-            count, qweight.shape[0], dim, arguments["bits"], arguments["group_size"], zeros is not None, "int64"
-        )
         flat = bb.emit(relax.op.reshape(ids, (count,)))
-        consts = [self.pool(t) for t in (qweight, scales, zeros) if t is not None]
+        tied = self._tied_rows(embedding, count)
+        if tied is not None:
+            func, consts = tied
+        else:
+            arguments = embedding.arguments
+            func = embedding_func(
+                count, qweight.shape[0], dim, arguments["bits"], arguments["group_size"], zeros is not None, "int64"
+            )
+            consts = [self.pool(t) for t in (qweight, scales, zeros) if t is not None]
         rows = bb.emit(
             relax.call_tir(
                 bb.add_func(func, "lowbit_embedding"), [flat, *consts], out_ty=relax.TensorType((count, dim), "float32")
             )
         )
         return bb.emit(relax.op.reshape(rows, (self.max_batch, chunk, dim)))
+
+    def _tied_rows(self, embedding: Embedding, count: int) -> tuple[Any, list[relax.Constant]] | None:
+        """The output projection's kernel decoding table rows from its own constants, where the table is tied to
+        that projection and the kernel can (`LinearKernel.gather_rows`); None otherwise."""
+        chosen = self.kernels.get(self.head.path)
+        tied = self.head.packed and self.head.arguments.get("qweight") is embedding.arguments.get("qweight")
+        if not tied or chosen is None or chosen.kernel is None or chosen.order is not None:
+            return None
+        if chosen.spec.in_features != self.spec.hidden:
+            return None
+        func = chosen.kernel.gather_rows(chosen.spec, chosen.knobs, count)
+        if func is None:
+            return None
+        plan = chosen.kernel.plan(chosen.spec, chosen.tensors, self.target, knobs=chosen.knobs)
+        weights = 3 if chosen.spec.asymmetric else 2
+        return func, [self.pool(t) for t in plan.consts[:weights]]
 
     def _norm(self, x: relax.Expr, path: str) -> relax.Expr:
         weight = self.pool(self.weights.norms[path])

@@ -342,3 +342,20 @@ def test_cross_compiled_decoder_explains_how_to_run_it():
     compiled = lowbit.compile(causal_lm("llama", layers=1), (prompts(1, 8),), target="arm", dynamic_shapes=LIMITS)
     with pytest.raises(BackendError, match="--rpc"):
         compiled.generate(prompts(1, 4))
+
+
+def test_a_tied_table_is_stored_once_when_the_head_kernel_reads_its_rows(llama):
+    """w4a8 runs the tied lm_head on the int8 GEMV, whose layout differs from the table's packed rows: the embedding
+    lookup then decodes rows from the head's constants instead of keeping a second copy."""
+    from lowbit.backends.tvm import TVMBackend
+    from lowbit.llm.lower import DecoderBuilder
+
+    reference = compile_lm(llama, "torch", recipe="w4a8-x86", calibration=calibration()).decoder
+    builder = DecoderBuilder(
+        reference.spec, reference.weights, (reference.cos, reference.sin), TVMBackend("x86").toolchain, 1
+    )
+    builder.build((16,))
+    assert [linear.kernel for linear in builder.linears if linear.node == "lm_head"] == ["a8_linear_x86"]
+    table = reference.weights.embedding.arguments["qweight"]
+    shapes = [tuple(int(d) for d in constant.ty.shape) for constant in builder.pool._constants.values()]
+    assert tuple(table.shape) not in shapes

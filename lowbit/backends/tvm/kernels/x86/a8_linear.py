@@ -52,6 +52,7 @@ reason from `X86A8Linear.supports`, and the lowering uses the dense fallback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -189,8 +190,37 @@ class X86A8Linear(LinearKernel):
             consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
 
+    def gather_rows(self, spec: PackedLinearSpec, knobs: Mapping[str, int], count: int) -> tirx.PrimFunc | None:
+        """Rows of the interleaved codes and blocked scales (and zero points), decoded as
+        `lowbit.ir.ops_embedding` decodes a packed table: ``(code − zero) · scale``."""
+        vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
+        return gather_rows_func(spec, vectors, count)
+
 
 KERNEL = X86A8Linear()
+
+
+def gather_rows_func(spec: PackedLinearSpec, vectors: int, count: int) -> tirx.PrimFunc:
+    """`X86A8Linear.gather_rows` for tiles of `ROWS` rows, ``vectors`` tiles side by side (`interleave`,
+    `blocked`)."""
+    n_out, k_in, bits = spec.out_features, spec.in_features, spec.bits
+    pb, span = 8 // bits, ROWS * vectors
+    ids = te.placeholder((count,), "int64", name="ids")
+    words = te.placeholder((n_out // span, k_in // (COLUMNS * pb), span * COLUMNS), "uint8", name="words")
+    scales = te.placeholder((n_out // span, spec.groups, span), "float32", name="scales")
+    zeros = te.placeholder((n_out // span, spec.groups, span), "int32", name="zeros") if spec.asymmetric else None
+
+    def decode(i: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+        n = ids[i]
+        block, lane, group = n // span, n % span, k // spec.group_size
+        byte = words[block, k // (COLUMNS * pb), lane * COLUMNS + k % COLUMNS].astype("int32")
+        code = byte if bits == 8 else (byte >> ((k // COLUMNS) % pb * bits)) & ((1 << bits) - 1)
+        zero = zeros[block, group, lane].astype("float32") if zeros is not None else float(packing.default_zero(bits))
+        return (code.astype("float32") - zero) * scales[block, group, lane]
+
+    rows = te.compute((count, k_in), decode, name="rows")
+    args = [ids, words, scales] + ([zeros] if zeros is not None else [])
+    return te.create_prim_func([*args, rows]).without_attr("global_symbol")
 
 
 def blocked(per_group: torch.Tensor, vectors: int, rows: int = ROWS) -> torch.Tensor:

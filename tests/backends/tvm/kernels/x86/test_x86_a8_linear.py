@@ -298,3 +298,36 @@ def test_partial_last_group_runs_on_the_int8_kernel(rows: int) -> None:
     with torch.no_grad():
         ref = compiled.graph(x)
     assert (compiled(x) - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+GATHER_CASES = [
+    (8, 32, False, {"out_tile": 64, "row_vectors": 4}),
+    (4, 64, True, {"out_tile": 32, "row_vectors": 2}),
+    (4, 32, False, {"out_tile": 16, "row_vectors": 1}),
+]
+
+
+@pytest.mark.parametrize(("bits", "group", "asym", "knobs"), GATHER_CASES)
+def test_gather_rows_decodes_the_interleaved_table_like_the_packed_embedding(bits, group, asym, knobs) -> None:
+    """A table tied to the layer is read from the kernel's own constants: the rows equal the packed embedding
+    reference bit for bit."""
+    from lowbit.ir import ops_embedding
+
+    n_out, k_in = 128, 128
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (n_out, k_in), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n_out, k_in // group, generator=gen) + 0.1
+    zeros = torch.randint(0, 2**bits, (n_out, k_in // group), generator=gen).float() if asym else None
+    tensors = {"qweight": packing.pack(codes, bits), "scales": scales, "zeros": zeros, "g_idx": None, "bias": None}
+    spec = PackedLinearSpec(1, k_in, n_out, bits, group, asym, False, act_bits=8)
+    target = Target(x86_host_target())
+    chosen = {**a8_linear.KERNEL.default_knobs(spec, target), **knobs}
+    plan = a8_linear.KERNEL.plan(spec, tensors, target, knobs=chosen)
+    ids = torch.tensor([0, 5, 127, 64, 5, 9], dtype=torch.int64)
+    func = a8_linear.KERNEL.gather_rows(spec, chosen, ids.numel())
+    lib = tvm.compile(func.with_attr("global_symbol", "gather"), target=target)
+    out = tvm.runtime.tensor(np.zeros((ids.numel(), k_in), "float32"))
+    consts = [tvm.runtime.tensor(t.numpy()) for t in plan.consts[: 3 if asym else 2]]
+    lib["gather"](tvm.runtime.tensor(ids.numpy()), *consts, out)
+    expected = ops_embedding.embedding_packed(ids, tensors["qweight"], scales, zeros, bits, group, k_in)
+    assert torch.equal(torch.from_numpy(out.numpy()), expected)
