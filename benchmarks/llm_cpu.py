@@ -464,6 +464,11 @@ def markdown(report: dict[str, Any]) -> str:
         "Peak RSS: the resident-set high-water mark of the process that generated, from the end of loading "
         "(the model's resident pages included, a loader's temporary buffers not; the JSON has the loading peak).",
     ]
+    if any(row["engine"] == "lowbit (TVM)" for row in report["rows"]):
+        lines.append(
+            f"lowbit: a compiled {LOWBIT_SEQ}-token forward without a KV cache (prefill at {LOWBIT_SEQ} tokens only, "
+            f"no decode; perplexity with every position's logits, where the windows are {LOWBIT_SEQ} tokens)."
+        )
     if torch_info:
         lines.append(
             f"torch {torch_info['torch']}, transformers {torch_info['transformers']} (`generate`, static cache)."
