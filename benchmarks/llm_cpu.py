@@ -428,14 +428,19 @@ def llama_engines(args: argparse.Namespace) -> tuple[list[Engine], dict[str, Any
 # --- results -------------------------------------------------------------------------------------------------
 
 
+#: CPU features that decide which kernels the engines can use.
+CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
 def cpu_model() -> str:
+    """The CPU's model name and which of `CPU_FLAGS` it has (from /proc/cpuinfo)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return os.uname().machine
+        return os.uname().machine
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    return f"{name or os.uname().machine} ({' '.join(flag for flag in CPU_FLAGS if flag in flags)})"
 
 
 def cell(stats: dict[str, float] | None) -> str:
@@ -480,6 +485,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"commit {version['ggml_commit']}), default context parameters (flash attention auto), "
             f"built for this CPU: {version['system_info']}"
         )
+        if "amx_int8" in conditions["cpu"] and "AMX" not in version["system_info"]:
+            lines.append(
+                "The llama.cpp build leaves out AMX, which this CPU has: ggml's AMX matrix multiplication stopped "
+                "with an illegal instruction here (benchmarks/peers/setup_llama_cpp.sh)."
+            )
     lines += [
         "",
         "| engine | format | threads | "
