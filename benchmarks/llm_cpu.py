@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from peers.llm_protocol import serve
 from transformers.generation.streamers import BaseStreamer
 
@@ -205,8 +206,6 @@ class TorchRunner:
     """transformers ``generate`` (greedy, static cache) on the fp32 model; a streamer clocks each token."""
 
     def __init__(self, setup: dict[str, Any]) -> None:
-        import transformers
-
         torch.set_num_threads(setup["threads"])
         self.model = load_smollm2().model
         self.info = {"torch": torch.__version__, "transformers": transformers.__version__, "cache": "static"}
