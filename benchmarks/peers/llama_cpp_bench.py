@@ -1,131 +1,164 @@
-"""llama.cpp (through llama-cpp-python) on SmolLM2-135M: prompt processing, decode and perplexity.
+"""llama.cpp (through llama-cpp-python's C API bindings) as a worker of `benchmarks/llm_cpu.py`.
 
-Runs in the `.venv-llama` environment (`bash benchmarks/peers/setup_llama_cpp.sh`); called by
-`benchmarks/llm_cpu.py`, which compares it with lowbit. Input is a JSON request on stdin:
+Runs in the `.venv-llama` environment (`bash benchmarks/peers/setup_llama_cpp.sh`):
 
-    {"gguf": PATH, "work": DIR, "types": ["Q4_1", "Q4_0", ...], "threads": [1, 2],
-     "prompt": [token ids], "windows": [[token ids], ...], "decode_tokens": 32, "repeats": 5}
+    python llama_cpp_bench.py quantize SOURCE.gguf OUT.gguf TYPE   # llama.cpp's own quantizer
+    python llama_cpp_bench.py version                               # JSON: versions and CPU features
+    python llama_cpp_bench.py worker MODEL.gguf                     # speaks benchmarks/peers/llm_protocol.py
 
-For each type other than the file's own, the GGUF is requantized with llama.cpp's own
-quantizer (``allow_requantize``). Prompt processing evaluates the prompt in one batch
-from an empty KV cache; decode then evaluates ``decode_tokens`` single tokens against
-the cache; both compute the logits of the last position only, as llama.cpp does by
-default. Perplexity is over the windows, each scored from an empty cache with every
-position's logits. Prints one
-JSON list of results on stdout; progress goes to stderr.
+``quantize`` is ``llama_model_quantize`` with the default parameters (no importance matrix)
+and ``allow_requantize``. The worker calls llama.cpp the
+way its own tools do: a context with llama.cpp's default parameters (flash attention
+``auto``, f16 KV cache), batches of tokens into ``llama_decode`` with the logits of the last
+position only for prefill and decode, greedy tokens by argmax, and the KV cache cleared
+between measurements; perplexity asks for every position's logits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama
+from llama_cpp import _ggml
+from llm_protocol import serve
 
-log = logging.getLogger("llama_cpp_bench")
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own log lines
 
 FTYPES = {
+    "F32": llama_cpp.LLAMA_FTYPE_ALL_F32,
+    "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
     "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
     "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+    "Q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
     "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-    "Q2_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
-    "TQ2_0": getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_TQ2_0", None),
+    "Q4_K_S": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
+    "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+    "Q6_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
 }
 
 
-def quantized(source: Path, work: Path, name: str) -> Path:
-    """``source`` requantized to ``name`` (cached in ``work``)."""
-    out = work / f"{source.stem}.{name}.gguf"
-    if out.exists():
-        return out
-    ftype = FTYPES.get(name)
-    if ftype is None:
-        raise SystemExit(f"this llama-cpp-python has no quantization type {name}")
+def quantize(source: Path, out: Path, name: str) -> None:
+    if name not in FTYPES:
+        raise SystemExit(f"unknown llama.cpp type {name}; known: {', '.join(FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.allow_requantize = True
+    params.ftype = FTYPES[name]
+    params.allow_requantize = True  # needed only where SOURCE is itself quantized
     params.nthread = 2
-    tmp = out.with_suffix(".tmp")
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
     if status != 0:
         raise SystemExit(f"llama.cpp could not quantize {source} to {name} (status {status})")
-    tmp.rename(out)
-    return out
 
 
-def last_logits(llm: Llama) -> np.ndarray:
-    """Logits of the last evaluated position (llama-cpp-python keeps ``scores`` only with ``logits_all``)."""
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
-
-
-def measure(path: Path, threads: int, request: dict) -> dict:
-    prompt, repeats = request["prompt"], request["repeats"]
-    settings = dict(
-        model_path=str(path),
-        n_ctx=max(512, len(prompt) + request["decode_tokens"] + 8),
-        n_batch=len(prompt),
-        n_ubatch=len(prompt),
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    llm = Llama(**settings)
-    prompt_s, decode_s = [], []
-    for _ in range(repeats + 1):  # the first round warms up
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        prompt_s.append(time.perf_counter() - start)
-        token = int(np.argmax(last_logits(llm)))
-        start = time.perf_counter()
-        for _ in range(request["decode_tokens"]):
-            llm.eval([token])
-            token = int(np.argmax(last_logits(llm)))
-        decode_s.append(time.perf_counter() - start)
-    llm = Llama(**settings, logits_all=True)
-    nll, count = 0.0, 0
-    for window in request["windows"]:
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        nll -= float(logprobs[np.arange(len(window) - 1), window[1:]].sum())
-        count += len(window) - 1
-    prompt_median = statistics.median(prompt_s[1:])
-    decode_median = statistics.median(decode_s[1:])
+def version() -> dict:
+    ggml = _ggml.libggml
+    ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p
     return {
-        "prompt_ms": prompt_median * 1e3,
-        "prompt_tokens_per_s": len(prompt) / prompt_median,
-        "decode_tokens_per_s": request["decode_tokens"] / decode_median,
-        "perplexity": math.exp(nll / count),
-        "file_bytes": path.stat().st_size,
+        "llama_cpp_python": llama_cpp.__version__,
+        "ggml": ggml.ggml_version().decode(),
+        "ggml_commit": ggml.ggml_commit().decode(),
+        "system_info": llama_cpp.llama_print_system_info().decode().strip(),
     }
 
 
+class LlamaCppRunner:
+    """A llama.cpp model and context; the context holds one sequence of ``n_ctx`` positions."""
+
+    def __init__(self, path: Path, setup: dict) -> None:
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise SystemExit(f"llama.cpp could not load {path}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        longest = max(len(ids) for ids in setup["prompts"].values())
+        window = max(len(ids) for ids in setup["windows"])
+        self.ctx = self.context(
+            max(longest, len(setup["decode_prompt"]) + setup["new_tokens"]), longest, setup["threads"]
+        )
+        self.window_ctx = self.context(window, window, setup["threads"])
+        flash = llama_cpp.llama_context_default_params().flash_attn_type
+        self.info = {
+            **version(),
+            "file_bytes": path.stat().st_size,
+            "flash_attn": llama_cpp.llama_flash_attn_type_name(flash).decode(),
+        }
+
+    def context(self, n_ctx: int, n_batch: int, threads: int) -> llama_cpp.llama_context_p:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise SystemExit("llama.cpp could not create a context")
+        return ctx
+
+    def evaluate(self, ids: list[int]) -> int:
+        """Decode ``ids`` after what the cache holds; the greedy next token."""
+        tokens = (llama_cpp.llama_token * len(ids))(*ids)
+        if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(tokens, len(ids))) != 0:
+            raise SystemExit("llama_decode failed")
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
+
+    def clear(self, ctx: llama_cpp.llama_context_p) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+
+    def prefill(self, ids: list[int]) -> float:
+        self.clear(self.ctx)
+        start = time.perf_counter()
+        self.evaluate(ids)
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], new_tokens: int) -> float:
+        self.clear(self.ctx)
+        token = self.evaluate(ids)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token = self.evaluate([token])
+        return time.perf_counter() - start
+
+    def perplexity(self, windows: list[list[int]]) -> float:
+        nll, count = 0.0, 0
+        for window in windows:
+            self.clear(self.window_ctx)
+            batch = llama_cpp.llama_batch_init(len(window), 0, 1)
+            for position, token in enumerate(window):
+                batch.token[position], batch.pos[position] = token, position
+                batch.n_seq_id[position], batch.seq_id[position][0], batch.logits[position] = 1, 0, 1
+            batch.n_tokens = len(window)
+            status = llama_cpp.llama_decode(self.window_ctx, batch)
+            llama_cpp.llama_batch_free(batch)
+            if status != 0:
+                raise SystemExit("llama_decode failed")
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits(self.window_ctx), shape=(len(window), self.n_vocab)
+            ).astype(np.float64)[:-1]
+            logits -= logits.max(axis=1, keepdims=True)
+            logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            nll -= float(logprobs[np.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+        return math.exp(nll / count)
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    request = json.load(sys.stdin)
-    source, work = Path(request["gguf"]), Path(request["work"])
-    work.mkdir(parents=True, exist_ok=True)
-    native = source.stem.rsplit(".", 1)[-1]
-    results = []
-    for name in request["types"]:
-        path = source if name == native else quantized(source, work, name)
-        for threads in request["threads"]:
-            log.info("llama.cpp %s, %d thread(s)", name, threads)
-            results.append(
-                {"type": name, "threads": threads, "version": llama_cpp.__version__, **measure(path, threads, request)}
-            )
-    json.dump(results, sys.stdout)
+    command, *rest = sys.argv[1:]
+    if command == "quantize":
+        source, out, name = rest
+        quantize(Path(source), Path(out), name)
+    elif command == "version":
+        print(json.dumps(version()))
+    elif command == "worker":
+        serve(lambda setup: LlamaCppRunner(Path(rest[0]), setup))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
 
 
 if __name__ == "__main__":
