@@ -21,7 +21,7 @@ first token), model bytes (the file for llama.cpp, the exported artifact for low
 fp32 parameters for torch), the process's peak RSS from the end of loading, and perplexity.
 torch is transformers ``generate`` with a static cache. Reports min/median/max over rounds,
 the load average, the CPU and the versions in ``benchmarks/results/llm_cpu.{json,md}``
-(``--out``). lowbit's rows come from one small slot (`LowbitRunner`, `lowbit_engines`).
+(``--out``). lowbit's rows are its KV-cache generation (`LowbitRunner`, `lowbit_engines`; docs/generation.md).
 llama.cpp spins its threads: run on an otherwise idle machine.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import logging
 import math
@@ -61,8 +60,8 @@ CALIBRATION_TEXT = LICENSES / "GPL-3"
 LLAMA_PYTHON = ROOT / ".venv-llama" / "bin" / "python"
 LLAMA_SCRIPT = ROOT / "benchmarks" / "peers" / "llama_cpp_bench.py"
 LLAMA_WORK = ROOT / ".cache" / "llama_cpp"
-#: lowbit compiles a fixed-length forward (no KV cache yet): its prompt length and perplexity window.
-LOWBIT_SEQ = 128
+#: Tokens per calibration window of lowbit's GPTQ recipes.
+CALIBRATION_SEQ = 128
 
 
 @dataclass(frozen=True)
@@ -262,59 +261,63 @@ def perplexity(model: Any, windows: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
-# --- lowbit: the slot for its generation ---------------------------------------------------------------------
-# Today lowbit compiles a fixed-length forward without a KV cache: its rows have prefill at LOWBIT_SEQ tokens
-# only (the logits of the last position, as the other engines), no decode, and the perplexity of the compiled
-# model with every position's logits, measured here. Plugging in generation means changing `LowbitRunner`
-# (prefill at every length, decode) and what `lowbit_engines` exports.
+# --- lowbit ------------------------------------------------------------------------------------------------
 
 
 class LowbitRunner:
-    """An exported lowbit artifact, loaded with a TVM pool of ``TVM_NUM_THREADS`` threads from the start."""
+    """An exported lowbit causal LM (KV-cache decoder), loaded with a TVM pool of ``TVM_NUM_THREADS`` threads
+    from the start; its ``generate`` clocked like transformers' (the streamer protocol is the same)."""
 
     def __init__(self, setup: dict[str, Any]) -> None:
         import lowbit
 
         torch.set_num_threads(setup["threads"])
         self.model = lowbit.load(Path(setup["artifact"]))
-        self.info = {"tvm_threads": os.environ.get("TVM_NUM_THREADS")}
+        self.info = {"tvm_threads": os.environ.get("TVM_NUM_THREADS"), "max_context": self.model.layout.max_context}
 
-    def prefill(self, ids: list[int]) -> float | None:
-        if len(ids) != LOWBIT_SEQ:
-            return None
+    def clock(self, ids: list[int], new_tokens: int) -> list[float]:
+        clock = TokenClock()
         prompt = torch.tensor([ids])
-        start = time.perf_counter()
-        int(logits_of(self.model(input_ids=prompt))[0, -1].argmax())
-        return time.perf_counter() - start
+        self.model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
+        return clock.times
 
-    def decode(self, ids: list[int], new_tokens: int) -> None:
-        return None
+    def prefill(self, ids: list[int]) -> float:
+        times = self.clock(ids, 1)
+        return times[1] - times[0]
 
-    def perplexity(self, windows: list[list[int]]) -> None:
-        return None
+    def decode(self, ids: list[int], new_tokens: int) -> float:
+        times = self.clock(ids, new_tokens)
+        return times[-1] - times[1]
+
+    def perplexity(self, windows: list[list[int]]) -> float:
+        return perplexity(self.model, torch.tensor(windows))
 
 
 def lowbit_engines(args: argparse.Namespace, smol: Any, inputs: Inputs, work: Path) -> list[Engine]:
-    """Each recipe compiled (GPTQ calibration on GPL-3), scored, and exported with a last-position logits head."""
+    """Each recipe compiled with a KV-cache decoder for one row and every length the rounds use (GPTQ
+    calibration on GPL-3), exported; model bytes are the artifact's library and metadata (no tokenizer)."""
     import lowbit
     from lowbit.calibration import calibration_set
 
     if not args.recipes:
         return []
-    calibration = smol.token_blocks(CALIBRATION_TEXT.read_text(), LOWBIT_SEQ, args.calibration_windows)
+    calibration = smol.token_blocks(CALIBRATION_TEXT.read_text(), CALIBRATION_SEQ, args.calibration_windows)
     example = {"input_ids": calibration[:1]}
     batches = calibration_set([{"input_ids": block[None]} for block in calibration], (), example)
-    windows = torch.tensor(inputs.windows)
+    context = max(*inputs.prompts, len(inputs.decode_prompt) + inputs.new_tokens, len(inputs.windows[0]))
     engines = []
     for recipe in args.recipes:
         log.info("lowbit: compiling with %s", recipe)
-        compiled = lowbit.compile(smol.model, (), example_kwargs=example, recipe=recipe, calibration=batches)
-        ppl = perplexity(compiled, windows) if windows.shape[1] == LOWBIT_SEQ else None
-        last = lowbit.compile(
-            last_position_only(compiled.graph), (), example_kwargs=example, passes=[], target=compiled.report.target
+        compiled = lowbit.compile(
+            smol.model,
+            (),
+            example_kwargs=example,
+            recipe=recipe,
+            calibration=batches,
+            dynamic_shapes={"input_ids": {1: (1, context)}},
         )
         artifact = work / recipe
-        last.export(artifact)
+        compiled.export(artifact)
         size = sum(path.stat().st_size for path in artifact.rglob("*") if path.is_file())
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "lowbit"]
         engines += [
@@ -326,24 +329,11 @@ def lowbit_engines(args: argparse.Namespace, smol: Any, inputs: Inputs, work: Pa
                 size,
                 env={"TVM_NUM_THREADS": str(threads)},
                 setup={"artifact": str(artifact)},
-                perplexity=ppl,
             )
             for threads in args.threads
         ]
-        del compiled, last
+        del compiled
     return engines
-
-
-def last_position_only(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of a causal LM graph whose logits layer sees the last position only."""
-    gm = copy.deepcopy(gm)
-    outputs = gm.graph.output_node().args[0]
-    head = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-    with gm.graph.inserting_before(head):
-        last = gm.graph.call_function(torch.ops.aten.slice.Tensor, (head.args[0], 1, -1, sys.maxsize))
-    head.args = (last, *head.args[1:])
-    gm.recompile()
-    return gm
 
 
 # --- llama.cpp -----------------------------------------------------------------------------------------------
@@ -472,8 +462,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if any(row["engine"] == "lowbit (TVM)" for row in report["rows"]):
         lines.append(
-            f"lowbit: a compiled {LOWBIT_SEQ}-token forward without a KV cache (prefill at {LOWBIT_SEQ} tokens only, "
-            f"no decode; perplexity with every position's logits, where the windows are {LOWBIT_SEQ} tokens)."
+            "lowbit: `CompiledCausalLM.generate` on the exported artifact (static KV cache, prefill in steps of 128 "
+            "and 16 tokens, one-token decode steps; docs/generation.md); its perplexity from the same artifact."
         )
     if torch_info:
         lines.append(
@@ -533,8 +523,8 @@ def main() -> None:
     parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--decode-prompt", type=int, default=128, help="prompt tokens before decode")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated for decode")
-    parser.add_argument("--eval-window", type=int, default=LOWBIT_SEQ, help="perplexity window (tokens)")
-    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--eval-window", type=int, default=512, help="perplexity window (tokens)")
+    parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--recipes", nargs="*", default=["w4a16-x86", "w4a8-x86", "w2a8-x86"])
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument(
