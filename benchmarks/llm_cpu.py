@@ -173,16 +173,42 @@ def measure(engines: list[Engine], inputs: Inputs, repeats: int) -> tuple[list[d
         log.info("starting %s %s, %d thread(s)", engine.engine, engine.format, engine.threads)
         workers.append(Worker(engine, inputs))
     load_start = os.getloadavg()
+    read_bytes = max(engine.model_bytes for engine in engines if engine.engine != "torch eager")
+    reads: dict[int, list[float]] = {threads: [] for threads in sorted({engine.threads for engine in engines})}
     for index in range(repeats):
         log.info("round %d of %d (load average %.2f)", index + 1, repeats, os.getloadavg()[0])
         for worker in workers[index % len(workers) :] + workers[: index % len(workers)]:
             worker.rounds.append(worker.ask("round"))
+        for threads, rates in reads.items():
+            rates.append(read_rate(read_bytes, threads))
     load_end = os.getloadavg()
     rows = []
     for worker in workers:
         log.info("perplexity: %s %s, %d thread(s)", worker.engine.engine, worker.engine.format, worker.engine.threads)
         rows.append(worker.row(inputs))
-    return rows, {"load_average_start": load_start, "load_average_end": load_end}
+    bandwidth = {"bytes": read_bytes, "GBps": {str(t): spread([r / 1e9 for r in rates]) for t, rates in reads.items()}}
+    for row in rows:
+        decode = row["decode_tokens_per_s"]
+        if decode is not None and row["engine"] != "torch eager":
+            # the time a token would take if it read the model's bytes once at the same-size read's best rate
+            bound_s = row["model_bytes"] / (bandwidth["GBps"][str(row["threads"])]["max"] * 1e9)
+            row["decode_vs_read_bound"] = (1 / decode["median"]) / bound_s
+    return rows, {"load_average_start": load_start, "load_average_end": load_end, "read_bandwidth": bandwidth}
+
+
+def read_rate(nbytes: int, threads: int, copies: int = 2) -> float:
+    """Bytes per second of ``torch.sum`` over a float32 buffer of ``nbytes`` bytes at ``threads`` threads,
+    cycling through ``copies`` buffers (the best of 5 reads each): what a decode step reading every weight once
+    from the same place in the memory hierarchy can at most stream."""
+    torch.set_num_threads(threads)
+    buffers = [torch.ones(nbytes // 4) for _ in range(copies)]
+    best = float("inf")
+    for _ in range(5):
+        for buffer in buffers:
+            start = time.perf_counter()
+            float(buffer.sum())
+            best = min(best, time.perf_counter() - start)
+    return nbytes / best
 
 
 # --- torch eager ---------------------------------------------------------------------------------------------
@@ -456,6 +482,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"token. Decode: greedy new tokens 2..{args['new_tokens']} after the {args['decode_prompt']}-token prompt. "
         f"Perplexity: {args['eval_windows']} windows of {args['eval_window']} tokens after the prompts, each from "
         "an empty cache, every position scored.",
+        "Decode ÷ read bound: the median decode time per token over the time to read the model's bytes once at "
+        "the best same-size read rate of the run at that thread count (torch.sum over a buffer of the largest "
+        f"quantized model's size, {fmt_read(conditions)}); 1.0 would be reading every weight once per token at "
+        "that rate.",
         "Model MiB: the GGUF file (llama.cpp), the exported artifact (lowbit), the fp32 parameters (torch). "
         "Peak RSS: the resident-set high-water mark of the process that generated, from the end of loading "
         "(the model's resident pages included, a loader's temporary buffers not; the JSON has the loading peak).",
@@ -485,15 +515,16 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| engine | format | threads | "
         + " | ".join(f"prefill {length} tok/s" for length in lengths)
-        + " | decode tok/s | model MiB | peak RSS MiB | perplexity |",
-        "|---|---|---|" + "---|" * len(lengths) + "---|---|---|---|",
+        + " | decode tok/s | decode ÷ read bound | model MiB | peak RSS MiB | perplexity |",
+        "|---|---|---|" + "---|" * len(lengths) + "---|---|---|---|---|",
     ]
     for row in report["rows"]:
         prefill = " | ".join(cell(row["prefill_tokens_per_s"][length]) for length in lengths)
         ppl = f"{row['perplexity']:.2f}" if row["perplexity"] is not None else "–"
+        bound = f"{row['decode_vs_read_bound']:.2f}×" if row.get("decode_vs_read_bound") else "–"
         lines.append(
             f"| {row['engine']} | {row['format']} | {row['threads']} | {prefill} | {cell(row['decode_tokens_per_s'])}"
-            f" | {row['model_bytes'] / 2**20:.1f} | {row['peak_rss_bytes'] / 2**20:.0f} | {ppl} |"
+            f" | {bound} | {row['model_bytes'] / 2**20:.1f} | {row['peak_rss_bytes'] / 2**20:.0f} | {ppl} |"
         )
     if llama_cpp:
         lines += ["", "## llama.cpp files", "", "| type | source | tensors by type |", "|---|---|---|"]
@@ -510,6 +541,14 @@ def markdown(report: dict[str, Any]) -> str:
             "llama.cpp keeps at higher precision.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def fmt_read(conditions: dict[str, Any]) -> str:
+    read = conditions.get("read_bandwidth")
+    if not read:
+        return "not measured"
+    rates = ", ".join(f"{threads} thread(s) {stats['max']:.1f} GB/s" for threads, stats in read["GBps"].items())
+    return f"{read['bytes'] / 2**20:.1f} MiB: {rates}"
 
 
 def fmt_load(load: list[float]) -> str:
