@@ -330,7 +330,8 @@ def lowbit_engines(args: argparse.Namespace, smol: Any, inputs: Inputs, work: Pa
     calibration = smol.token_blocks(CALIBRATION_TEXT.read_text(), CALIBRATION_SEQ, args.calibration_windows)
     example = {"input_ids": calibration[:1]}
     batches = calibration_set([{"input_ids": block[None]} for block in calibration], (), example)
-    context = max(*inputs.prompts, len(inputs.decode_prompt) + inputs.new_tokens, len(inputs.windows[0]))
+    context = max(*(length + 1 for length in inputs.prompts), len(inputs.decode_prompt) + inputs.new_tokens)
+    context = max(context, len(inputs.windows[0]))
     engines = []
     for recipe in args.recipes:
         log.info("lowbit: compiling with %s", recipe)
