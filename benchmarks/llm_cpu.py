@@ -227,7 +227,28 @@ class TokenClock(BaseStreamer):
         pass
 
 
-class TorchRunner:
+class ClockedRunner:
+    """Prefill and decode times from a ``clock(ids, new_tokens)`` that returns the streamer's times (prompt, then
+    each new token); perplexity from the model's logits at every position."""
+
+    model: Any
+
+    def clock(self, ids: list[int], new_tokens: int) -> list[float]:
+        raise NotImplementedError
+
+    def prefill(self, ids: list[int]) -> float:
+        times = self.clock(ids, 1)
+        return times[1] - times[0]
+
+    def decode(self, ids: list[int], new_tokens: int) -> float:
+        times = self.clock(ids, new_tokens)
+        return times[-1] - times[1]
+
+    def perplexity(self, windows: list[list[int]]) -> float:
+        return perplexity(self.model, torch.tensor(windows))
+
+
+class TorchRunner(ClockedRunner):
     """transformers ``generate`` (greedy, static cache) on the fp32 model; a streamer clocks each token."""
 
     def __init__(self, setup: dict[str, Any]) -> None:
@@ -251,17 +272,6 @@ class TorchRunner:
                 streamer=clock,
             )
         return clock.times
-
-    def prefill(self, ids: list[int]) -> float:
-        times = self.clock(ids, 1)
-        return times[1] - times[0]
-
-    def decode(self, ids: list[int], new_tokens: int) -> float:
-        times = self.clock(ids, new_tokens)
-        return times[-1] - times[1]
-
-    def perplexity(self, windows: list[list[int]]) -> float:
-        return perplexity(self.model, torch.tensor(windows))
 
 
 def torch_engines(args: argparse.Namespace, smol: Any) -> list[Engine]:
@@ -290,7 +300,7 @@ def perplexity(model: Any, windows: torch.Tensor) -> float:
 # --- lowbit ------------------------------------------------------------------------------------------------
 
 
-class LowbitRunner:
+class LowbitRunner(ClockedRunner):
     """An exported lowbit causal LM (KV-cache decoder), loaded with a TVM pool of ``TVM_NUM_THREADS`` threads
     from the start; its ``generate`` clocked like transformers' (the streamer protocol is the same)."""
 
@@ -306,17 +316,6 @@ class LowbitRunner:
         prompt = torch.tensor([ids])
         self.model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
         return clock.times
-
-    def prefill(self, ids: list[int]) -> float:
-        times = self.clock(ids, 1)
-        return times[1] - times[0]
-
-    def decode(self, ids: list[int], new_tokens: int) -> float:
-        times = self.clock(ids, new_tokens)
-        return times[-1] - times[1]
-
-    def perplexity(self, windows: list[list[int]]) -> float:
-        return perplexity(self.model, torch.tensor(windows))
 
 
 def lowbit_engines(args: argparse.Namespace, smol: Any, inputs: Inputs, work: Path) -> list[Engine]:
