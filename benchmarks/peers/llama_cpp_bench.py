@@ -5,6 +5,7 @@ Runs in the `.venv-llama` environment (`bash benchmarks/peers/setup_llama_cpp.sh
     python llama_cpp_bench.py quantize SOURCE.gguf OUT.gguf TYPE   # llama.cpp's own quantizer
     python llama_cpp_bench.py version                               # JSON: versions and CPU features
     python llama_cpp_bench.py worker MODEL.gguf                     # speaks benchmarks/peers/llm_protocol.py
+    python llama_cpp_bench.py greedy MODEL.gguf NEW_TOKENS ID...    # JSON: the greedy tokens after the prompt
 
 ``quantize`` is ``llama_model_quantize`` with the default parameters (no importance matrix)
 and ``allow_requantize``. The worker calls llama.cpp the
@@ -20,6 +21,7 @@ import ctypes
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,8 @@ FTYPES = {
     "Q4_K_S": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
     "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
     "Q6_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+    "TQ1_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ1_0,
+    "TQ2_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ2_0,
 }
 
 
@@ -148,6 +152,23 @@ class LlamaCppRunner:
         return math.exp(nll / count)
 
 
+def greedy(path: Path, ids: list[int], new_tokens: int) -> list[int]:
+    """The first ``new_tokens`` greedy tokens after the prompt ``ids`` (empty cache)."""
+    threads = len(os.sched_getaffinity(0))
+    setup = {
+        "prompts": {"0": ids},
+        "windows": [ids],
+        "decode_prompt": ids,
+        "new_tokens": new_tokens,
+        "threads": threads,
+    }
+    runner = LlamaCppRunner(path, setup)
+    tokens = [runner.evaluate(ids)]
+    while len(tokens) < new_tokens:
+        tokens.append(runner.evaluate(tokens[-1:]))
+    return tokens
+
+
 def main() -> None:
     command, *rest = sys.argv[1:]
     if command == "quantize":
@@ -157,6 +178,9 @@ def main() -> None:
         print(json.dumps(version()))
     elif command == "worker":
         serve(lambda setup: LlamaCppRunner(Path(rest[0]), setup))
+    elif command == "greedy":
+        path, new_tokens, *ids = rest
+        print(json.dumps(greedy(Path(path), [int(i) for i in ids], int(new_tokens))))
     else:
         raise SystemExit(f"unknown command {command!r}")
 
