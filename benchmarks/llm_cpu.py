@@ -555,6 +555,14 @@ def fmt_load(load: list[float]) -> str:
     return ", ".join(f"{value:.2f}" for value in load)
 
 
+def write_report(report: dict[str, Any], out: Path, table: str) -> None:
+    """``OUT.json`` (the report) and ``OUT.md`` (its table), and the table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}))
@@ -595,11 +603,7 @@ def main() -> None:
         rows, conditions = measure(engines, inputs, args.repeats)
     report["conditions"] = {"cpu": cpu_model(), "cpus": os.cpu_count(), **conditions}
     report["rows"] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(report, args.out, markdown(report))
 
 
 if __name__ == "__main__":

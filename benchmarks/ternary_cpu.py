@@ -55,6 +55,7 @@ from llm_cpu import (
     measure,
     perplexity,
     tensor_types,
+    write_report,
 )
 
 log = logging.getLogger("ternary_cpu")
@@ -425,11 +426,7 @@ def main() -> None:
     report["conditions"] = {"cpu": cpu_model(), "cpus": os.cpu_count(), **conditions}
     report["rows"] = rows
     report["ratios"] = ratios(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(report, args.out, markdown(report))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,8 +121,7 @@ def load(path: str | Path, target: Any = None) -> CompiledModel:
 
     ``target``, when given, must match the target the artifact was built for.
     """
-    from lowbit.compiler import CompiledModel, CompileReport
-    from lowbit.interface import Interface
+    from lowbit.compiler import CompiledModel
 
     manifest = read_manifest(path)
     built_for = manifest.get("target")
@@ -133,13 +132,23 @@ def load(path: str | Path, target: Any = None) -> CompiledModel:
 
         return load_causal_lm(Path(path), manifest)
     runner = get_backend(built_for).load(Path(path))
-    interface = Interface.from_dict(manifest.get("interface"))
+    report, interface, info = restored(manifest)
     if hasattr(runner, "interface"):
         runner.interface = interface
-    report = CompileReport.from_summary(built_for, {"recipe": manifest.get("recipe"), **manifest.get("report", {})})
-    info = {key: manifest[key] for key in ("recipe", "passes", "inputs") if key in manifest}
     graph = runner if isinstance(runner, torch.fx.GraphModule) else None
     return CompiledModel(graph, runner, report, info, interface, source=Path(path))
+
+
+def restored(manifest: Mapping[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """What a compiled model kept in its manifest: its `CompileReport`, its `Interface`, and the recipe, passes
+    and inputs it was compiled with."""
+    from lowbit.compiler import CompileReport
+    from lowbit.interface import Interface
+
+    target = manifest.get("target")
+    report = CompileReport.from_summary(target, {"recipe": manifest.get("recipe"), **manifest.get("report", {})})
+    info = {key: manifest[key] for key in ("recipe", "passes", "inputs") if key in manifest}
+    return report, Interface.from_dict(manifest.get("interface")), info
 
 
 def _sha256(path: Path) -> str:

@@ -138,6 +138,13 @@ def get_meta(node: fx.Node) -> LowbitMeta | None:
     return node.meta.get(META_KEY)
 
 
+def packed_layer(node: fx.Node, qweight: fx.Node) -> str:
+    """The module path of the layer a packed call computes: its annotation's layer (a tied output projection reads
+    its embedding table's constants, so only the annotation names it), else the owner of its packed weight."""
+    meta = get_meta(node)
+    return meta.layer if meta is not None and meta.layer else str(qweight.target).rpartition(".")[0]
+
+
 def annotate(node: fx.Node, layer: str, **fields: object) -> LowbitMeta:
     """Set (or update) the lowbit annotation of ``node`` and return it."""
     current = get_meta(node)
@@ -174,4 +181,5 @@ __all__ = [
     "annotated_nodes",
     "get_meta",
     "graph_kinds",
+    "packed_layer",
 ]

@@ -130,9 +130,7 @@ def load(path: Path, manifest: Mapping[str, Any], session: Any = None) -> Compil
     the device of ``session`` (a TVM RPC session)."""
     layout = DecoderLayout.from_dict(manifest["decoder"])
     target = manifest["target"]
-    report = CompileReport.from_summary(target, {"recipe": manifest.get("recipe"), **manifest.get("report", {})})
-    interface = Interface.from_dict(manifest.get("interface"))
-    info = {key: manifest[key] for key in ("recipe", "passes", "inputs") if key in manifest}
+    report, interface, info = artifact.restored(manifest)
     generation = json.loads((path / GENERATION_FILE).read_text()) if (path / GENERATION_FILE).is_file() else {}
     tokenizer = None
     if (path / TOKENIZER_DIR).is_dir():

@@ -19,7 +19,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from lowbit.errors import GenerationError
 from lowbit.ir import ops, ops_a8, ops_embedding
-from lowbit.ir.annotations import get_meta
+from lowbit.ir.annotations import packed_layer
 from lowbit.ir.graph import get_attr
 from lowbit.llm.family import DecoderSpec
 
@@ -202,8 +202,7 @@ def _packed_calls(gm: fx.GraphModule) -> dict[str, Linear]:
         if node.op != "call_function" or node.target not in PACKED_OPS:
             continue
         kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-        meta = get_meta(node)  # a tied output projection reads the embedding's table: its own path names it
-        path = meta.layer if meta is not None and meta.layer else str(kwargs["qweight"].target).rpartition(".")[0]
+        path = packed_layer(node, kwargs["qweight"])
         arguments = _constants(gm, node, kwargs, "x")
         calls[path] = Linear(path, op=node.target, arguments=arguments)
     return calls

@@ -39,7 +39,7 @@ from lowbit.backends.tvm.kernels.spec import (
 )
 from lowbit.errors import BackendError, LowbitError, UnsupportedLayerError
 from lowbit.ir import ops, ops_a8, ops_embedding, packing
-from lowbit.ir.annotations import get_meta
+from lowbit.ir.annotations import packed_layer
 from lowbit.ir.graph import get_attr_tensor
 
 if TYPE_CHECKING:
@@ -171,9 +171,7 @@ class PackedLinearConverter:
         rows = math.prod([int(d) for d in x.ty.shape][:-1])
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
-        meta = get_meta(node)  # a tied lm_head reads its embedding table's constants: its own path names it
-        layer = meta.layer if meta is not None and meta.layer else str(call["qweight"].target).rpartition(".")[0]
-        layer = layer or None
+        layer = packed_layer(node, call["qweight"]) or None
         return emit_on_rows(
             bb,
             x,
