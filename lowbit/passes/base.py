@@ -158,7 +158,11 @@ class Pass:
 
 
 def _kind(module: object) -> str:
-    """A layer's kind for positional override keys: ``"conv"``, ``"linear"`` or its class name."""
+    """A layer's kind for positional override keys: ``"conv"``, ``"linear"`` (a packed layer's ``layer_kind``) or its
+    class name."""
+    packed = getattr(module, "layer_kind", None)
+    if isinstance(packed, str):
+        return packed
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
     return "linear" if isinstance(module, nn.Linear) else type(module).__name__

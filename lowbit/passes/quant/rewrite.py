@@ -42,6 +42,9 @@ class PackedLinear(nn.Module):
     also works standalone.
     """
 
+    #: The layer's kind for positional override keys (`lowbit.passes.selection`).
+    layer_kind = "linear"
+
     def __init__(
         self,
         qweight: torch.Tensor,
@@ -131,6 +134,8 @@ class ConvGeometry:
 class PackedConv(PackedLinear):
     """A 1-D or 2-D convolution whose weight matrix is stored as a `PackedLinear`'s; ``forward`` calls
     ``lowbit.conv_packed``."""
+
+    layer_kind = "conv"
 
     def __init__(self, packed: PackedLinear, geometry: ConvGeometry) -> None:
         super().__init__(
