@@ -9,7 +9,8 @@ groups (`contiguous_groups`). A layer no kernel takes (3-bit codes, uneven group
 runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `Lowering.fallbacks` with the reason
 the last kernel gave and the nearest setting a kernel takes; `lower` announces each one (a warning) before anything
 is built, or with ``strict`` refuses them (`UnsupportedLayerError`). Shapes are static: the module is specialized to
-the example inputs.
+the example inputs. Packed convolutions are lowered by `convert_conv` (an fp32 convolution on the dequantized weight,
+recorded as a fallback).
 """
 
 from __future__ import annotations
@@ -118,10 +119,15 @@ def lower(
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
     converter = PackedLinearConverter(gm, toolchain, tuner)
+    from lowbit.backends.tvm.convert_conv import CONV_PACKED_A8_NAME, CONV_PACKED_NAME, PackedConvConverter
+
+    conv = PackedConvConverter(gm, converter.linears)
     convert = {
         LINEAR_PACKED_NAME: converter,
         LINEAR_PACKED_A8_NAME: converter,
         EMBEDDING_PACKED_NAME: PackedEmbeddingConverter(gm),
+        CONV_PACKED_NAME: conv,
+        CONV_PACKED_A8_NAME: conv,
     }
     mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
     lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
