@@ -94,7 +94,5 @@ class LayerOverrides:
         """Override keys that select none of ``layers`` (reported so typos do not go unnoticed); positional keys
         are generic rules (a recipe's), never reported."""
         return [
-            key
-            for key, _ in self.rules
-            if positional(key) is None and not any(matches(layer, key) for layer in layers)
+            key for key, _ in self.rules if positional(key) is None and not any(matches(layer, key) for layer in layers)
         ]

@@ -200,7 +200,6 @@ class GPTQ(Pass):
             records[path] = LayerRecord(path, "quantized", stats=stats)
         return records
 
-
     def _quantize_conv(
         self, gm: fx.GraphModule, layer: _Layer, config: GPTQConfig, cursor: CalibrationCursor
     ) -> LayerRecord:

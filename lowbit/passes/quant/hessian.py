@@ -138,7 +138,11 @@ class ConvHessianAccumulator:
 
     @classmethod
     def empty(
-        cls, layer: str, geometry: tuple[list[int], list[int], list[int], list[int], int], width: int, device: torch.device
+        cls,
+        layer: str,
+        geometry: tuple[list[int], list[int], list[int], list[int], int],
+        width: int,
+        device: torch.device,
     ) -> ConvHessianAccumulator:
         return cls(layer, geometry, torch.zeros(geometry[-1], width, width, dtype=torch.float32, device=device))
 

@@ -1,9 +1,10 @@
 """``rtn``: round-to-nearest weight-only quantization of every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
 
-Each weight (a convolution's as its matrix ``(C_out, C_in/groups · prod(kernel))``) is rounded to its per-group GPTQ grid (`lowbit.passes.quant.grid`) without
-calibration data, packed, and the layer is replaced by a ``lowbit.linear_packed`` (``conv_packed``) call
-(`lowbit.passes.quant.rewrite`). It is the baseline the calibrated quantizers (GPTQ,
-AWQ) are measured against, and a good default for 8-bit weights.
+Each weight (a convolution's as its matrix ``(C_out, C_in/groups · prod(kernel))``) is rounded to its
+per-group GPTQ grid (`lowbit.passes.quant.grid`) without calibration data, packed, and the layer is
+replaced by a ``lowbit.linear_packed`` (``conv_packed``) call (`lowbit.passes.quant.rewrite`). It is
+the baseline the calibrated quantizers (GPTQ, AWQ) are measured against, and a good default for
+8-bit weights.
 """
 
 from __future__ import annotations

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conv_models import TinyCNN, TinyConv1d, images, sequences, trained
 
 import lowbit
 from lowbit.passes.quant import RTN, QuantizeActivations
-
-from conv_models import TinyCNN, TinyConv1d, images, sequences, trained
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["weight-only", "int8-activations"])

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from conv_models import TinyCNN, TinyConv1d, Unsupported, images, sequences, trained
 
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir import ops_conv, packing
@@ -29,8 +30,6 @@ from lowbit.passes.quant import (
 from lowbit.passes.quant.rewrite import PackedConv
 from lowbit.passes.selection import LayerOverrides
 
-from conv_models import TinyCNN, TinyConv1d, Unsupported, images, sequences, trained
-
 CONVS = ("stem", "grouped", "depthwise", "strided", "dilated", "padded")
 
 
@@ -40,7 +39,13 @@ def _dequantized_model(model: nn.Module, gm: fx.GraphModule) -> nn.Module:
     for name, module in gm.named_modules():
         if hasattr(module, "qweight"):
             weight = packing.dequantize(
-                module.qweight, module.scales, module.zeros, module.g_idx, module.bits, module.group_size, module.in_features
+                module.qweight,
+                module.scales,
+                module.zeros,
+                module.g_idx,
+                module.bits,
+                module.group_size,
+                module.in_features,
             )
             layer = reference.get_submodule(name)
             layer.weight.data = weight.view_as(layer.weight)
