@@ -8,7 +8,7 @@ dequantizes the weight and calls ``F.conv1d``/``F.conv2d`` in ``x``'s dtype. ``c
 to int8 with one static per-tensor step (as ONNX Runtime's and TFLite's int8 convolutions) and computes each output
 as the int8-activation linear of its unfolded patch (`lowbit.ir.ops_a8.integer_linear`), so its arithmetic is the
 linear one's bit for bit (docs/methods.md (Convolutions)). Both have fake implementations and a straight-through
-gradient for ``x`` and ``bias``. Importing this module registers them.
+gradient for ``x`` and ``bias``. Importing this module registers them and their verifier check.
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ import logging
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
+from lowbit.errors import VerificationError
 from lowbit.ir import ops, ops_a8, packing
+from lowbit.ir.annotations import get_meta
+from lowbit.ir.graph import get_attr
+from lowbit.ir.verify import check
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +241,36 @@ for _name, _impl, _schema in (
 #: The op overloads that graphs call and backends match on.
 conv_packed = torch.ops.lowbit.conv_packed.default
 conv_packed_a8 = torch.ops.lowbit.conv_packed_a8.default
+
+
+@check
+def _packed_convs_are_consistent(gm: fx.GraphModule) -> None:
+    """Each packed convolution: annotated with the bits and group size it computes, buffers in the packed layout."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (conv_packed, conv_packed_a8):
+            continue
+        bits, group_size, in_features = node.args[6:9]
+        meta = get_meta(node)
+        if meta is None or meta.quant is None:
+            raise VerificationError(f"packed convolution '{node.name}' has no quantization annotation")
+        if (meta.quant.bits, meta.quant.group_size) != (bits, group_size):
+            raise VerificationError(
+                f"packed convolution '{node.name}' computes w{bits} g{group_size} "
+                f"but is annotated {meta.quant.describe()}"
+            )
+        tensors = []
+        for arg in node.args[1:5]:
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                tensors.append(get_attr(gm, arg))
+            elif arg is None:
+                tensors.append(None)
+            else:
+                raise VerificationError(f"packed convolution '{node.name}': input {arg} must be a get_attr of a buffer")
+        try:
+            packing.check_layout(*tensors, bits, group_size, in_features)
+        except packing.PackedFormatError as exc:
+            raise VerificationError(f"packed convolution '{node.name}': {exc}") from exc
+
 
 __all__ = [
     "CONV_PACKED_A8_SCHEMA",

@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conv_models import TinyCNN, TinyConv1d, Unsupported, images, sequences, trained
 
+import lowbit
 from lowbit.errors import CalibrationError, PassConfigError
+from lowbit.inspection import dequantized_weights
 from lowbit.ir import ops_conv, packing
 from lowbit.passes import Pipeline
 from lowbit.passes.quant import (
@@ -255,3 +257,17 @@ def test_calibration_images_of_the_wrong_shape_are_a_calibration_error(bad) -> N
     gm = fx.symbolic_trace(trained(TinyCNN()))
     with pytest.raises(CalibrationError, match="does not match the example input"):
         Pipeline([GPTQ(bits=4)])(gm, calibration=[(torch.randn(bad),)], example_inputs=images(1)[0])
+
+
+def test_a_compiled_cnn_reloads_with_its_packed_convs(tmp_path) -> None:
+    net = trained(TinyCNN())
+    calibration = images(2)
+    x = calibration[0][0]
+    passes = [RTN(bits=4, group_size=8), QuantizeActivations(dynamic=False)]
+    compiled = lowbit.compile(net, (x,), passes=passes, calibration=calibration, target="torch")
+    compiled.export(tmp_path / "cnn")
+    loaded = lowbit.load(tmp_path / "cnn")
+    assert torch.equal(loaded(x), compiled(x))
+    weights = dequantized_weights(loaded)
+    assert weights["depthwise"].shape == net.depthwise.weight.shape
+    assert torch.equal(weights["stem"], _dequantized_model(net, compiled.graph).stem.weight)
