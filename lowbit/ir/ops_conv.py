@@ -14,6 +14,7 @@ gradient for ``x`` and ``bias``. Importing this module registers them and their 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -188,7 +189,7 @@ def _check(
             f"{where}: a {dims}-D convolution takes a {dims + 2}-D input (batch, channels, ...), "
             f"got shape {tuple(x.shape)}"
         )
-    patch = (x.shape[1] // groups) * int(torch.tensor(kernel_size).prod())
+    patch = (x.shape[1] // groups) * math.prod(kernel_size)
     if groups < 1 or x.shape[1] % groups or qweight.shape[0] % groups or patch != in_features:
         raise packing.PackedFormatError(
             f"{where}: input of {x.shape[1]} channels in {groups} group(s) with kernel {kernel_size} does not match "
