@@ -2,9 +2,10 @@
 
 Used for a pass's ``targets``/``ignore`` lists and for per-layer overrides, where an
 exact name beats any pattern and, among patterns, the first match wins. Overrides may also
-name a layer by position: ``@first``/``@last`` is the first/last layer the pass matches in
-graph order, ``@first:conv``/``@last:linear`` the first/last of one kind (how a recipe keeps a
-CNN's stem convolution and its classifier at a higher precision without knowing their names).
+name layers by position or kind: ``@first``/``@last`` is the first/last layer the pass matches
+in graph order, ``@first:conv``/``@last:linear`` the first/last of one kind (how a recipe keeps a
+CNN's stem convolution and its classifier at a higher precision without knowing their names),
+and ``@conv``/``@linear`` every layer of that kind (``{"@conv": "skip"}`` keeps convolutions float).
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ KINDS: tuple[str, ...] = ("conv", "linear")
 
 
 def positional(key: str) -> tuple[str, str | None] | None:
-    """``("first" | "last", kind or None)`` for a positional key, None for a name or pattern.
+    """``("first" | "last" | "all", kind or None)`` for a positional or kind key, None for a name or pattern.
 
-    Raises `PassConfigError` for a key that starts with ``@`` but names no position.
+    Raises `PassConfigError` for a key that starts with ``@`` but names no position or kind.
     """
     if not key.startswith("@"):
         return None
+    if key[1:] in KINDS:
+        return "all", key[1:]
     where, _, kind = key[1:].partition(":")
     if where not in ("first", "last") or (kind and kind not in KINDS):
         raise PassConfigError(
             f"override key {key!r}: positions are @first and @last, optionally with a kind ({', '.join(KINDS)}), "
-            "e.g. @first:conv"
+            f"e.g. @first:conv; every layer of a kind is {' or '.join('@' + kind for kind in KINDS)}"
         )
     return where, kind or None
 
@@ -66,8 +69,8 @@ class LayerOverrides:
         return cls(rules)
 
     def bind(self, layers: Sequence[tuple[str, str]]) -> LayerOverrides:
-        """The overrides with each positional key replaced by the name of the layer it selects among ``layers``
-        (``(name, kind)`` in graph order); a position that selects nothing is dropped."""
+        """The overrides with each positional key replaced by the names of the layers it selects among ``layers``
+        (``(name, kind)`` in graph order); a key that selects nothing is dropped."""
         rules = []
         for key, value in self.rules:
             position = positional(key)
@@ -76,8 +79,9 @@ class LayerOverrides:
                 continue
             where, kind = position
             names = [name for name, layer_kind in layers if kind is None or layer_kind == kind]
-            if names:
-                rules.append((names[0] if where == "first" else names[-1], value))
+            if where != "all":
+                names = names[:1] if where == "first" else names[-1:]
+            rules.extend((name, value) for name in names)
         return LayerOverrides(tuple(rules))
 
     def lookup(self, layer: str) -> Any | None:

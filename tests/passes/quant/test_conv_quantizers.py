@@ -94,11 +94,20 @@ def test_first_and_last_layer_overrides_by_position() -> None:
     assert isinstance(gm.stem, PackedConv)
 
 
+def test_every_conv_can_be_excluded_by_kind() -> None:
+    pipeline = Pipeline([Ternary(overrides={"@conv": "skip"})])
+    gm = pipeline(fx.symbolic_trace(trained(TinyCNN())))
+    assert _packed_convs(gm) == [] and not isinstance(gm.fc, nn.Linear)
+    assert {r.layer for r in pipeline.report.passes[0].skipped} == set(CONVS)
+
+
 def test_positional_override_keys() -> None:
     layers = [("stem", "conv"), ("body", "conv"), ("proj", "linear"), ("fc", "linear")]
     bound = LayerOverrides.from_mapping({"@first:conv": 1, "@last": 2, "@first:linear": 3, "body": 4}).bind(layers)
     assert [bound.lookup(name) for name, _ in layers] == [1, 4, 3, 2]
     assert LayerOverrides.from_mapping({"@last:conv": 1}).bind([("fc", "linear")]).rules == ()
+    every_conv = LayerOverrides.from_mapping({"@conv": "skip"}).bind(layers)
+    assert [every_conv.lookup(name) for name, _ in layers] == ["skip", "skip", None, None]
     with pytest.raises(PassConfigError, match="positions are @first and @last"):
         RTN(overrides={"@middle": "skip"})
 
