@@ -3,12 +3,20 @@ arithmetic bit for bit, for every geometry (grouped, depthwise, strided, dilated
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
+from conv_models import TinyCNN
 
+from lowbit.errors import VerificationError
 from lowbit.ir import ops_a8, ops_conv, packing
-from lowbit.passes.quant import quantize_weight
+from lowbit.ir.annotations import annotate, get_meta
+from lowbit.ir.verify import verify
+from lowbit.passes import Pipeline
+from lowbit.passes.quant import RTN, quantize_weight
 
 #: (dims, in channels, out channels, kernel, stride, padding, dilation, groups)
 GEOMETRIES = [
@@ -92,3 +100,13 @@ def test_conv_packed_rejects_inputs_that_do_not_match_the_weight() -> None:
         ops_conv.conv_packed(torch.randn(2, 5, 9, 9), *args[1:])
     with pytest.raises(packing.PackedFormatError, match="takes a 4-D input"):
         ops_conv.conv_packed(torch.randn(2, 4, 9), *args[1:])
+
+
+def test_the_verifier_checks_packed_convolutions() -> None:
+    gm = Pipeline([RTN(bits=4, group_size=8)])(fx.symbolic_trace(TinyCNN()))
+    verify(gm)
+    node = next(n for n in gm.graph.nodes if n.target is ops_conv.conv_packed)
+    meta = get_meta(node)
+    annotate(node, meta.layer, quant=dataclasses.replace(meta.quant, bits=2))
+    with pytest.raises(VerificationError, match="packed convolution .* computes w4 g8 but is annotated w2"):
+        verify(gm)
