@@ -5,9 +5,10 @@ The pass moves the calibration batches through the graph with the layers
 inputs that reach it through the already-quantized layers before it, and every batch runs
 through the graph once in all. Layers reading one input node (q/k/v, gate/up) share one
 capture, and with equal options are quantized as one weight stacked along the rows, which
-gives each the result it would get alone. A convolution is quantized as its weight matrix, each convolution
-group's rows with the Hessian of that group's unfolded input patches. The algorithm itself, single-threaded while the
-forwards keep torch's threads, is `lowbit.passes.quant.gptq_algorithm`; docs/methods.md (GPTQ).
+gives each the result it would get alone. A convolution is quantized as its weight matrix,
+each convolution group's rows with the Hessian of that group's unfolded input patches. The
+algorithm itself, single-threaded while the forwards keep torch's threads, is
+`lowbit.passes.quant.gptq_algorithm`; docs/methods.md (GPTQ, Convolutions).
 """
 
 from __future__ import annotations
@@ -220,10 +221,9 @@ class GPTQ(Pass):
         rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path).dequantize()
         results, energies = [], torch.zeros(3, dtype=torch.float64)
         with single_thread():
-            for rows, h in zip(weight.chunk(conv.groups), hessian.hessian):
+            for rows, rtn_rows, h in zip(weight.chunk(conv.groups), rtn.chunk(conv.groups), hessian.hessian):
                 result = gptq_quantize(rows, h, options, name=path, mask=rows != 0 if pruned else None)
-                part = slice(len(results) * rows.shape[0], (len(results) + 1) * rows.shape[0])
-                energies += row_energies(rows, [result.weight, rtn[part]], h).sum(dim=1).double().cpu()
+                energies += row_energies(rows, [result.weight, rtn_rows], h).sum(dim=1).double().cpu()
                 results.append(result)
         qw = _stack([r.quantized for r in results])
         reference, error, rtn_error = energies.tolist()
