@@ -29,6 +29,7 @@ import torch.fx as fx
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir import ops, ops_a8, ops_conv
 from lowbit.ir.annotations import annotate, get_meta
+from lowbit.ir.packing import PackedFormatError
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.rewrite import PackedConv, PackedLinear, layer_nodes
@@ -114,6 +115,8 @@ class PackedConvA8(PackedConv):
 
     def __init__(self, packed: PackedConv, act_scale: torch.Tensor) -> None:
         super().__init__(packed, packed.geometry)
+        if act_scale is None:
+            raise PackedFormatError("PackedConvA8: int8 convolution inputs take a static act_scale, got None")
         ops_a8.check_act_scale(act_scale, "PackedConvA8")
         self.register_buffer("act_scale", act_scale)
 

@@ -214,14 +214,14 @@ def conv_reason(conv: nn.Module) -> str | None:
 
 def unsupported_reason(gm: fx.GraphModule, path: str) -> str | None:
     """Why the ``nn.Linear`` or convolution at ``path`` cannot be replaced by a packed one, or None if it can."""
-    linear = gm.get_submodule(path)
-    if is_conv(linear):
-        reason = conv_reason(linear)
+    layer = gm.get_submodule(path)
+    if is_conv(layer):
+        reason = conv_reason(layer)
         if reason is not None:
             return reason
-    elif type(linear).forward is not nn.Linear.forward:
-        return f"{type(linear).__name__} overrides nn.Linear.forward, so its computation is not a plain linear"
-    weight = linear.weight
+    elif type(layer).forward is not nn.Linear.forward:
+        return f"{type(layer).__name__} overrides nn.Linear.forward, so its computation is not a plain linear"
+    weight = layer.weight
     if weight.device.type == "meta":
         return "weight is on the meta device (no data to quantize)"
     if not weight.is_floating_point():
