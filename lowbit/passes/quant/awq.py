@@ -7,9 +7,10 @@ clipping range per output channel and group, then the asymmetric project grid. S
 losses come from the group's input Gram matrix over real (unpadded) tokens, captured as the
 calibration batches advance through the graph with the pass, so all groups cost about one
 forward per batch. Unlike the reference, losses are measured at the linears' outputs (a traced
-graph has no block boundary) and the grid always includes 0. A convolution (``groups=1``) is scaled per
-input channel: its weight matrix's columns of one channel share the channel's scale, and the losses use the Gram
-matrix of its unfolded input patches. The math: docs/methods.md (AWQ, Convolutions).
+graph has no block boundary) and the grid always includes 0. A convolution (``groups=1``) is
+scaled per input channel: the columns of its weight matrix that belong to one channel share that
+channel's scale, and the losses use the Gram matrix of its unfolded input patches. The math:
+docs/methods.md (AWQ, Convolutions).
 """
 
 from __future__ import annotations
