@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conv_models import TinyCNN, TinyConv1d, images, sequences, trained
+from conv_models import TinyCNN, TinyConv1d, Unsupported, images, sequences, trained
 
 import lowbit
 from lowbit.passes.quant import RTN, QuantizeActivations
@@ -37,3 +37,15 @@ def test_x86_build_of_packed_conv1d() -> None:
     reference = lowbit.compile(net, (x,), passes=passes, target="torch")
     compiled = lowbit.compile(net, (x,), passes=[RTN(bits=8, group_size=-1)], target="x86", tune=False)
     torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convs_without_a_packed_form_stay_fp32_in_an_x86_build() -> None:
+    torch.manual_seed(0)
+    net = Unsupported().eval()
+    x = torch.randn(1, 2, 4, 6, 6)
+    compiled = lowbit.compile(net, (x,), passes=[RTN(bits=8, group_size=-1)], target="x86", tune=False)
+    reference = lowbit.compile(net, (x,), passes=[RTN(bits=8, group_size=-1)], target="torch")
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
+    skipped = {r.layer: r.reason for r in compiled.report.pipeline.passes[0].skipped}
+    assert set(skipped) == {"conv3d", "up"} and "transposed" in skipped["up"]
+    assert [item.split(" ")[0] for item in compiled.report.fallbacks] == ["conv"]
