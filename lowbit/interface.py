@@ -21,10 +21,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from lowbit.errors import InputError, NonFiniteInputError
+from lowbit.errors import InputError, InputShapeError, NonFiniteInputError
 from lowbit.ir.ops_embedding import embedding_packed
+from lowbit.ir.trace import FREE_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +38,34 @@ _VALUE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.ops.aten.view
 @dataclass(frozen=True)
 class Interface:
     """The graph's input names (in order), the valid ``[low, high)`` range of each integer input that indexes a
-    table, and eager's output spec (`torch.utils._pytree.treespec_dumps`; None: returned as the backend gives it)."""
+    table, eager's output spec (`torch.utils._pytree.treespec_dumps`; None: returned as the backend gives it) and
+    the batch size of each input whose batch dimension the graph fixes (known for graphs traced with a free batch)."""
 
     names: tuple[str, ...] = ()
     ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     output: str | None = None
+    batch: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, gm: fx.GraphModule, eager_output: Any = None) -> Interface:
         """The interface of the traced graph ``gm`` (before any pass), with the spec of ``eager_output``."""
         names = tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder")
-        return cls(names, index_ranges(gm), output_spec(eager_output) if eager_output is not None else None)
+        output = output_spec(eager_output) if eager_output is not None else None
+        return cls(names, index_ranges(gm), output, fixed_batch(gm) if gm.meta.get(FREE_BATCH) else {})
 
     def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Raise `NonFiniteInputError` for a float input holding NaN/Inf, `InputError` for an index out of range."""
+        """Raise `InputShapeError` for a batch size the graph cannot take, `NonFiniteInputError` for a float input
+        holding NaN/Inf, `InputError` for an index out of range."""
         for name, value in self._named(args, kwargs):
-            if not isinstance(value, torch.Tensor) or value.numel() == 0:
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name in self.batch and (value.dim() == 0 or value.shape[0] != self.batch[name]):
+                raise InputShapeError(
+                    f"input '{name}' of shape {tuple(value.shape)}: the traced graph fixes its batch dimension "
+                    f"(dim 0) at {self.batch[name]} (the model's code ties it to that size); pass batches of "
+                    f"{self.batch[name]}, or compile again with example inputs of the batch size to serve"
+                )
+            if value.numel() == 0:
                 continue
             if value.is_floating_point() or value.is_complex():
                 bad = int((~torch.isfinite(value)).sum())
@@ -90,6 +104,7 @@ class Interface:
             "names": list(self.names),
             "ranges": {k: list(v) for k, v in self.ranges.items()},
             "output": self.output,
+            "batch": dict(self.batch),
         }
 
     @classmethod
@@ -98,7 +113,8 @@ class Interface:
         if not data:
             return cls()
         ranges = {name: (int(low), int(high)) for name, (low, high) in data.get("ranges", {}).items()}
-        return cls(tuple(data.get("names", ())), ranges, data.get("output"))
+        batch = {name: int(size) for name, size in data.get("batch", {}).items()}
+        return cls(tuple(data.get("names", ())), ranges, data.get("output"), batch)
 
     def _named(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         names = list(self.names) + [str(i) for i in range(len(self.names), len(args))]
@@ -132,6 +148,16 @@ def index_ranges(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
             name = str(source.target)
             ranges[name] = (0, min(rows, ranges.get(name, (0, rows))[1]))
     return ranges
+
+
+def fixed_batch(gm: fx.GraphModule) -> dict[str, int]:
+    """Per graph input whose dim 0 the traced graph holds at a concrete size (not a symbol), that size."""
+    fixed = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.dim() and is_concrete_int(value.shape[0]):
+            fixed[str(node.target)] = int(value.shape[0])
+    return fixed
 
 
 def output_spec(output: Any) -> str | None:
@@ -200,4 +226,4 @@ def _import_types(spec: Any) -> None:
         _import_types(spec.get("children_spec", []))
 
 
-__all__ = ["Interface", "index_ranges", "output_spec"]
+__all__ = ["Interface", "fixed_batch", "index_ranges", "output_spec"]

@@ -10,9 +10,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import lowbit
 from lowbit.backends.tvm.rpc import bind_inputs
-from lowbit.errors import InputError, NonFiniteInputError
+from lowbit.errors import InputError, InputShapeError, NonFiniteInputError
 from lowbit.interface import Interface, index_ranges
 from lowbit.ir.trace import trace
+
+from helpers import TINY_VOCAB, tiny_bert
 
 VOCAB = 50
 
@@ -96,6 +98,45 @@ def test_outputs_have_eager_structure_on_every_target(compiled, tmp_path) -> Non
         loaded(ids, scale)
     with pytest.raises(NonFiniteInputError):
         loaded(_inputs()[0], torch.full((2, 5, 1), float("nan")))
+
+
+def test_the_torch_target_takes_any_batch_size_of_an_exported_graph(tmp_path) -> None:
+    """Compiled at batch 1 (the size torch.export specializes unless told otherwise), called at 3 and 5."""
+    model = tiny_bert()
+    ids = torch.randint(0, TINY_VOCAB, (5, 16), generator=torch.Generator().manual_seed(0))
+    compiled = lowbit.compile(model, (ids[:1],), passes=["rtn"], target="torch")
+    assert compiled.report.tracer == "export" and not compiled.interface.batch
+    got = compiled(ids[:3]).last_hidden_state
+    rows = torch.cat([compiled(ids[i : i + 1]).last_hidden_state for i in range(3)])
+    torch.testing.assert_close(got, rows, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(ids[:3]).last_hidden_state, rtol=0, atol=0.1)  # 4-bit weights
+    loaded = lowbit.load(compiled.export(tmp_path / "bert"))
+    torch.testing.assert_close(loaded(ids).last_hidden_state, compiled(ids).last_hidden_state)
+
+
+class FixesItsBatch(torch.nn.Module):
+    """fx cannot trace the item assignment (torch.export does); the sum with ``base`` ties the batch to 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.register_buffer("base", torch.zeros(2, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        y[:, 0] = 0.0
+        return y + self.base
+
+
+def test_a_batch_size_the_graph_cannot_take_is_refused_before_running(tmp_path) -> None:
+    compiled = lowbit.compile(FixesItsBatch().eval(), (torch.randn(2, 8),), passes=["rtn"], target="torch")
+    assert compiled.report.tracer == "export" and compiled.interface.batch == {"x": 2}
+    assert compiled(torch.randn(2, 8)).shape == (2, 4)
+    loaded = lowbit.load(compiled.export(tmp_path / "fixed"))
+    for model in (compiled, loaded):
+        with pytest.raises(InputShapeError, match=r"input 'x' of shape \(3, 8\): .* fixes its batch .* at 2"):
+            model(torch.randn(3, 8))
 
 
 def test_an_output_class_that_cannot_be_imported_leaves_outputs_flat(caplog) -> None:
