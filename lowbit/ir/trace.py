@@ -13,7 +13,7 @@ Two tracers, tried in this order by ``tracer="auto"``:
   apply to it. Its graph is specialised to the example input shapes, except the batch dimension when the
   caller asks for it free (``free_batch``).
 
-Under the fx tracer, ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` layers are then decomposed into
+Under either tracer, ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` layers are decomposed into
 ``nn.Linear`` layers and primitive ops (`lowbit.ir.decompose`) so passes and backends see ordinary layers.
 Whichever tracer succeeds, every node's result is shape-propagated into
 ``node.meta["tensor_meta"]`` and ``gm.meta["lowbit_tracer"]`` records the tracer. The
@@ -46,7 +46,13 @@ from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
 from lowbit.ir.canonicalize import canonicalize_exported
-from lowbit.ir.decompose import UnsupportedOptionError, decomposable, decompose, output_structure
+from lowbit.ir.decompose import (
+    UnsupportedOptionError,
+    decomposable,
+    decompose,
+    decomposed_for_export,
+    output_structure,
+)
 
 logger = logging.getLogger("lowbit.trace")
 
@@ -94,8 +100,9 @@ def _trace_fx(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> fx.GraphM
 def _trace_export(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], free_batch: bool = False
 ) -> fx.GraphModule:
-    program = _export_free_batch(model, args, kwargs) if free_batch else None
-    gm = canonicalize_exported(program or torch.export.export(model, args, kwargs, strict=False), model)
+    with decomposed_for_export(model, args, kwargs):
+        program = _export_free_batch(model, args, kwargs) if free_batch else None
+        gm = canonicalize_exported(program or torch.export.export(model, args, kwargs, strict=False), model)
     gm.meta[FREE_BATCH] = program is not None
     return gm
 
