@@ -56,7 +56,8 @@ class InputShapeError(InputError):
 
 
 class NonFiniteInputError(InputError):
-    """A floating-point input holds NaN or Inf; compiled models refuse them on every target."""
+    """A floating-point input holds NaN or Inf; compiled models refuse them on every target (an additive softmax
+    mask may hold -inf, see `lowbit.interface.mask_inputs`)."""
 
 
 class GenerationError(LowbitError):

@@ -100,6 +100,70 @@ def test_outputs_have_eager_structure_on_every_target(compiled, tmp_path) -> Non
         loaded(_inputs()[0], torch.full((2, 5, 1), float("nan")))
 
 
+class MaskedAttention(torch.nn.Module):
+    """Scores plus an additive mask (``-inf``: not attended), and a key padding mask through MultiheadAttention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4.0 + mask, dim=-1)
+        return self.attn(weights @ x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+@pytest.fixture(scope="module", params=["torch", "x86"])
+def masked(request) -> tuple[torch.nn.Module, lowbit.CompiledModel]:
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    example = (torch.randn(2, 6, 16), torch.zeros(2, 6, 6), torch.zeros(2, 6))
+    return model, lowbit.compile(model, example, target=request.param)
+
+
+def _masks() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    mask = torch.zeros(2, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))  # causal
+    padding = torch.zeros(2, 6)
+    padding[1, 4:] = float("-inf")
+    return torch.randn(2, 6, 16), mask, padding
+
+
+def test_minus_inf_in_an_additive_mask_answers_as_eager_on_every_target(masked, tmp_path) -> None:
+    model, compiled = masked
+    assert compiled.interface.masks == ("mask", "padding")
+    x, mask, padding = _masks()
+    with torch.no_grad():
+        expected = model(x, mask, padding)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(compiled(x, mask, padding), expected, rtol=1e-5, atol=1e-5)
+    if compiled.report.target != "torch":  # a TVM runner checks on its own too
+        out = compiled.runner(x, mask, padding)
+        torch.testing.assert_close(compiled.interface.rebuild(out), expected, rtol=1e-5, atol=1e-5)
+    loaded = lowbit.load(compiled.export(tmp_path / "masked"))
+    torch.testing.assert_close(loaded(x, mask, padding), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "where,value,message",
+    [
+        ("x", float("-inf"), "input 'x' holds 1 NaN or Inf .* only in an additive mask"),
+        ("mask", float("inf"), "input 'mask' holds 1 NaN or \\+Inf .* additive softmax mask"),
+        ("mask", float("nan"), "input 'mask' holds 1 NaN or \\+Inf"),
+        ("padding", float("-inf"), "input 'padding' masks every position of a row with -inf: .* NaN"),
+    ],
+)
+def test_what_eager_answers_nan_for_is_refused_in_a_mask(masked, where, value, message) -> None:
+    model, compiled = masked
+    inputs = dict(zip(("x", "mask", "padding"), _masks()))
+    if where == "padding":
+        inputs[where][0] = value  # every key of the first sequence
+    else:
+        inputs[where][0, 0, 0] = value
+    with pytest.raises(NonFiniteInputError, match=message):
+        compiled(*inputs.values())
+
+
 def test_the_torch_target_takes_any_batch_size_of_an_exported_graph(tmp_path) -> None:
     """Compiled at batch 1 (the size torch.export specializes unless told otherwise), called at 3 and 5."""
     model = tiny_bert()
