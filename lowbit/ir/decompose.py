@@ -157,9 +157,9 @@ def _rnn_arguments(rnn: nn.Module, bound: dict[str, Any]) -> list[Any]:
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """What one call of an attention layer does, known when tracing: static sizes and options."""
+    """What one call of an attention layer does, known when tracing: static sizes and options (the batch is
+    left free: it is whatever the inputs hold)."""
 
-    batch: int
     q_len: int
     kv_len: int
     need_weights: bool = True
@@ -188,7 +188,7 @@ class DecomposedAttention(nn.Module):
         self.call = call
 
     def _split(self, x: torch.Tensor, length: int) -> torch.Tensor:
-        return x.reshape(self.call.batch, length, self.heads, self.head_dim).transpose(1, 2)
+        return x.reshape(-1, length, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -207,13 +207,13 @@ class DecomposedAttention(nn.Module):
         scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-2, -1))
         if call.attn_mask is not None:
             if call.attn_mask_rank == 3:
-                attn_mask = attn_mask.reshape(call.batch, self.heads, call.q_len, call.kv_len)
+                attn_mask = attn_mask.reshape(-1, self.heads, call.q_len, call.kv_len)
             scores = _masked(scores, attn_mask, call.attn_mask == "bool")
         if call.key_padding_mask is not None:
-            mask = key_padding_mask.reshape(call.batch, 1, 1, call.kv_len)
+            mask = key_padding_mask.reshape(-1, 1, 1, call.kv_len)
             scores = _masked(scores, mask, call.key_padding_mask == "bool")
         weights = torch.softmax(scores, dim=-1)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(call.batch, call.q_len, self.embed)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(-1, call.q_len, self.embed)
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -247,9 +247,8 @@ def _attention_module(path: str, mha: nn.Module, bound: dict[str, Any]) -> nn.Mo
     ):
         if used:
             raise _refuse(path, mha, option)
-    batch_dim, seq_dim = (0, 1) if mha.batch_first else (1, 0)
+    seq_dim = 1 if mha.batch_first else 0
     call = AttentionCall(
-        batch=query[batch_dim],
         q_len=query[seq_dim],
         kv_len=key[seq_dim],
         need_weights=bool(options["need_weights"]),

@@ -181,6 +181,15 @@ def test_exported_layers_compile_for_x86_and_quantize():
     assert (compiled(x) - model(x)).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_decomposed_layers_take_any_batch_size(tracer):
+    """The graph of a model traced at batch 2 (the batch left free under torch.export) runs at batch 3."""
+    model = Stacked().eval()
+    gm = trace(model, (torch.randn(2, 5, 6),), tracer=tracer, free_batch=True)
+    x = torch.randn(3, 5, 6)
+    assert max_abs_diff(model(x), gm(x)) < 1e-5
+
+
 def test_a_layer_called_with_other_shapes_is_named_under_export():
     class Twice(nn.Module):
         def __init__(self) -> None:
