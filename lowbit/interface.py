@@ -249,8 +249,10 @@ def _calls(node: fx.Node, targets: frozenset[Any]) -> bool:
 
 
 def _width(node: fx.Node) -> int | None:
+    """The last dimension of the float tensor ``node`` makes (None for any other value)."""
     meta = node.meta.get("tensor_meta")
-    return int(meta.shape[-1]) if meta is not None and len(meta.shape) else None
+    floating = meta is not None and getattr(meta, "dtype", None) is not None and meta.dtype.is_floating_point
+    return int(meta.shape[-1]) if floating and len(meta.shape) else None
 
 
 def output_spec(output: Any) -> str | None:
