@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lowbit import progress
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(logging.WARNING if args.quiet else logging.INFO)
+    progress.enable(not args.quiet)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2

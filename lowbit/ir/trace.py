@@ -10,9 +10,10 @@ Two tracers, tried in this order by ``tracer="auto"``:
   tracer that handles transformers 5.x models (their own fx tracer no longer exists);
   causal LMs must be built with ``use_cache=False`` in their config, since a KV cache
   object can be neither an input nor an output of the graph. ``leaf_modules`` does not
-  apply to it. Its graph is specialised to the example input shapes.
+  apply to it. Its graph is specialised to the example input shapes, except the batch dimension when the
+  caller asks for it free (``free_batch``).
 
-Under the fx tracer, ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` layers are then decomposed into
+Under either tracer, ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` layers are decomposed into
 ``nn.Linear`` layers and primitive ops (`lowbit.ir.decompose`) so passes and backends see ordinary layers.
 Whichever tracer succeeds, every node's result is shape-propagated into
 ``node.meta["tensor_meta"]`` and ``gm.meta["lowbit_tracer"]`` records the tracer. The
@@ -37,17 +38,27 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
+import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
 from lowbit.ir.canonicalize import canonicalize_exported
-from lowbit.ir.decompose import UnsupportedOptionError, decomposable, decompose, output_structure
+from lowbit.ir.decompose import (
+    UnsupportedOptionError,
+    decomposable,
+    decompose,
+    decomposed_for_export,
+    output_structure,
+)
 
 logger = logging.getLogger("lowbit.trace")
 
 TRACERS: tuple[str, ...] = ("fx", "export")
+#: ``gm.meta`` key: True when torch.export traced the graph with the batch dimension of its inputs left free.
+FREE_BATCH = "lowbit_free_batch"
 LeafModule = type[nn.Module] | str
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -86,9 +97,32 @@ def _trace_fx(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> fx.GraphM
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
-def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
-    program = torch.export.export(model, args, kwargs, strict=False)
-    return canonicalize_exported(program, model)
+def _trace_export(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], free_batch: bool = False
+) -> fx.GraphModule:
+    with decomposed_for_export(model, args, kwargs):
+        program = _export_free_batch(model, args, kwargs) if free_batch else None
+        gm = canonicalize_exported(program or torch.export.export(model, args, kwargs, strict=False), model)
+    gm.meta[FREE_BATCH] = program is not None
+    return gm
+
+
+def _export_free_batch(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.export.ExportedProgram | None:
+    """``model`` exported with dim 0 of every tensor input left free wherever the model allows it (``Dim.AUTO``,
+    a size of 1 included), or None when that export fails (the export at the example shapes then runs)."""
+    shapes = torch.export.ShapesCollection()
+    for value in pytree.tree_leaves((args, kwargs)):
+        if isinstance(value, torch.Tensor) and value.dim():
+            shapes[value] = {0: torch.export.Dim.AUTO}
+    try:
+        with fx_config.patch(backed_size_oblivious=True):
+            dynamic = shapes.dynamic_shapes(model, args, kwargs)
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    except Exception as exc:  # noqa: BLE001 - the export at the example shapes reports a real failure
+        logger.info("export with a free batch dimension failed (%s); exporting at the example shapes", _summary(exc))
+        return None
 
 
 # --- shape propagation ----------------------------------------------------------
@@ -291,9 +325,10 @@ def _trace_with(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     leaf_modules: Sequence[LeafModule],
+    free_batch: bool = False,
 ) -> fx.GraphModule:
     """Trace with one tracer, shape-propagate and check the graph (model already in eval)."""
-    gm = _trace_fx(model, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs)
+    gm = _trace_fx(model, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs, free_batch)
     gm.graph.lint()
     propagate_shapes(gm, args, kwargs)
     if decompose(gm, LeafTracer(leaf_modules).is_user_leaf):
@@ -309,6 +344,7 @@ def trace(
     leaf_modules: Sequence[LeafModule] = (),
     tracer: str = "auto",
     example_kwargs: dict[str, Any] | None = None,
+    free_batch: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` into lowbit's canonical fx.GraphModule.
 
@@ -317,7 +353,9 @@ def trace(
     models). ``leaf_modules`` (module classes or module paths) stay opaque under the fx
     tracer. ``tracer`` is ``"fx"``, ``"export"`` or ``"auto"`` (fx, then export; build
     transformers causal LMs with ``use_cache=False`` for it). Raises `TraceError` naming
-    the module, construct and source line that broke tracing, with a fix.
+    the module, construct and source line that broke tracing, with a fix. ``free_batch`` lets torch.export leave
+    the batch dimension (dim 0 of each tensor input) symbolic where the model allows it, for a graph that runs as
+    it is (the torch target); ``gm.meta[FREE_BATCH]`` says whether it did.
     """
     chain = _chain(tracer)
     if not isinstance(model, nn.Module):
@@ -327,7 +365,7 @@ def trace(
     with _eval_mode(model):
         for index, name in enumerate(chain):
             try:
-                gm = _trace_with(name, model, args, kwargs, leaf_modules)
+                gm = _trace_with(name, model, args, kwargs, leaf_modules, free_batch)
             except UnsupportedOptionError:
                 raise  # the model traced; one of its layers uses an option with no decomposition
             except Exception as exc:  # noqa: BLE001 - any tracer failure moves on to the next one

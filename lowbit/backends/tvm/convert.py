@@ -29,6 +29,7 @@ from torch.fx.operator_schemas import normalize_function
 from tvm import relax
 from tvm.target import Target
 
+from lowbit import progress
 from lowbit.backends.tvm.frontend import InputSpec, import_graph, input_specs
 from lowbit.backends.tvm.inline import inline_wrapped_regions
 from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
@@ -54,6 +55,8 @@ LINEAR_PACKED_NAME = ops.linear_packed.__name__
 LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
 #: ... and ``torch.ops.lowbit.embedding_packed.default`` (a packed table lookup).
 EMBEDDING_PACKED_NAME = ops_embedding.embedding_packed.__name__
+#: The packed linear ops, whose layers `lower` counts for its progress bar.
+_PACKED_LINEARS = (ops.linear_packed, ops_a8.linear_packed_a8)
 #: `LoweredLinear.kernel` of a layer on the toolchain's fallback.
 FALLBACK = "dense"
 #: Code widths and group sizes tried, nearest first, for the setting to suggest instead of a fallback.
@@ -118,18 +121,20 @@ def lower(
     """
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
-    converter = PackedLinearConverter(gm, toolchain, tuner)
     from lowbit.backends.tvm.convert_conv import CONV_PACKED_A8_NAME, CONV_PACKED_NAME, PackedConvConverter
 
-    conv = PackedConvConverter(gm, converter.linears)
-    convert = {
-        LINEAR_PACKED_NAME: converter,
-        LINEAR_PACKED_A8_NAME: converter,
-        EMBEDDING_PACKED_NAME: PackedEmbeddingConverter(gm),
-        CONV_PACKED_NAME: conv,
-        CONV_PACKED_A8_NAME: conv,
-    }
-    mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
+    layers = sum(node.op == "call_function" and node.target in _PACKED_LINEARS for node in gm.graph.nodes)
+    with progress.bar(layers, "low-bit layers") as shown:
+        converter = PackedLinearConverter(gm, toolchain, tuner, shown.update)
+        conv = PackedConvConverter(gm, converter.linears)
+        convert = {
+            LINEAR_PACKED_NAME: converter,
+            LINEAR_PACKED_A8_NAME: converter,
+            EMBEDDING_PACKED_NAME: PackedEmbeddingConverter(gm),
+            CONV_PACKED_NAME: conv,
+            CONV_PACKED_A8_NAME: conv,
+        }
+        mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
     lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
     announce_fallbacks(lowering.fallbacks, toolchain.name, strict)
     log.info(
@@ -160,10 +165,13 @@ class PackedLinearConverter:
     toolchain's fallback runs and the last kernel's reason is recorded.
     """
 
-    def __init__(self, gm: fx.GraphModule, toolchain: Toolchain, tuner: Any = None) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, toolchain: Toolchain, tuner: Any = None, done: Callable[[], Any] = lambda: None
+    ) -> None:
         self.gm = gm
         self.toolchain = toolchain
         self.tuner = tuner
+        self.done = done  # called after each layer (a progress bar's update)
         self.linears: list[LoweredLinear] = []
 
     def __call__(self, node: fx.Node, importer: Any) -> relax.Expr:
@@ -178,7 +186,7 @@ class PackedLinearConverter:
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
         layer = packed_layer(node, call["qweight"]) or None
-        return emit_on_rows(
+        out = emit_on_rows(
             bb,
             x,
             spec.out_features,
@@ -186,6 +194,8 @@ class PackedLinearConverter:
                 bb, node.name, layer, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors
             ),
         )
+        self.done()
+        return out
 
     def _call(
         self,

@@ -111,13 +111,13 @@ def test_an_operator_the_frontend_cannot_import_is_named_with_its_module() -> No
     class Recurrent(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.rnn = nn.LSTM(4, 4, num_layers=2)
+            self.rnn = nn.RNN(4, 4, num_layers=2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.rnn(x)[0]
 
     x = torch.randn(3, 2, 4)
-    gm = lowbit.trace(Recurrent().eval(), (x,), tracer="export")  # the export tracer keeps aten.lstm
-    message = r"(?s)node 'lstm' \(aten.lstm.input\) of module 'rnn' \(.*LSTM\).*target='torch'"
+    gm = lowbit.trace(Recurrent().eval(), (x,), tracer="export")  # nn.RNN is not decomposed: aten.rnn_tanh stays
+    message = r"(?s)node 'rnn_tanh' \(aten.rnn_tanh.input\) of module 'rnn' \(.*RNN\).*target='torch'"
     with pytest.raises(BackendError, match=message):
         TVMBackend().compile(gm, (x,))
