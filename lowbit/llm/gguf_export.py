@@ -46,7 +46,7 @@ BLOCK_TENSORS = {
 }
 #: HF pre-tokenizers (as tokenizers' JSON describes them) → llama.cpp's name for the same splitting.
 PRE_TOKENIZERS = {
-    ("ByteLevel",): "gpt2",
+    ("ByteLevel",): "gpt-2",
     ("Digits", "ByteLevel"): "smollm",
 }
 #: GGUF token types.

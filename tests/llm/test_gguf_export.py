@@ -13,6 +13,7 @@ from gguf.quants import dequantize
 from llm_models import prompts
 
 import lowbit
+from lowbit.cli import main
 from lowbit.ir import packing
 from lowbit.llm.gguf_export import GGUFExportError, rotary_rows
 from lowbit.llm.model import CompiledCausalLM
@@ -130,7 +131,7 @@ def test_metadata_names_and_vocabulary(tmp_path):
         2, 64, 128)  # fmt: skip
     assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (4, 2)
     assert fields["llama.rope.freq_base"] == pytest.approx(10000.0)
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens) == VOCAB and tokens[: len(tokenizer)] == sorted(
         tokenizer.get_vocab(), key=tokenizer.get_vocab().get
@@ -185,3 +186,15 @@ def _without_tokenizer(compiled: CompiledCausalLM) -> CompiledCausalLM:
     clone = object.__new__(type(compiled))
     clone.__dict__.update(compiled.__dict__, tokenizer=None)
     return clone
+
+
+def test_cli_writes_gguf(tmp_path, capsys):
+    merges_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    target = tmp_path / "tiny.gguf"
+    argv = ["-q", "compile", "llama-tiny", "--pass", "rtn:bits=4,group_size=32,symmetric=false", "--export-gguf"]
+    assert main([*argv, str(target), "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    assert f"exported GGUF to {target}" in capsys.readouterr().out
+    reader = gguf.GGUFReader(target)
+    assert {tensor.tensor_type.name for tensor in reader.tensors if tensor.name.startswith("blk.")} == {"F32", "Q4_1"}
+    assert main([*argv, str(tmp_path / "other.gguf")]) == 2
+    assert "--tokenizer DIR" in capsys.readouterr().err
