@@ -193,9 +193,7 @@ def vocabulary(tokenizer: Any, size: int) -> Vocabulary:
         )
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     structure = tuple(step["type"] for step in steps)
-    plain = all(step.get("use_regex", True) and not step.get("add_prefix_space", False)
-                for step in steps if step["type"] == "ByteLevel") and all(
-                step.get("individual_digits", False) for step in steps if step["type"] == "Digits")  # fmt: skip
+    plain = all(_plain(step) for step in steps)
     if structure not in PRE_TOKENIZERS or not plain:
         raise GGUFExportError(
             f"pre-tokenizer {structure} ({json.dumps(pre)}) has no llama.cpp equivalent the export knows; known: "
@@ -226,6 +224,14 @@ def vocabulary(tokenizer: Any, size: int) -> Vocabulary:
     template = getattr(tokenizer, "chat_template", None)
     return Vocabulary(tokens, types, merges, PRE_TOKENIZERS[structure], special, add_bos, add_eos,
                       template if isinstance(template, str) else None)  # fmt: skip
+
+
+def _plain(step: dict[str, Any]) -> bool:
+    """A pre-tokenizer step splits as llama.cpp's named pre-tokenizers do: GPT-2's regex without a prefix space,
+    digits one by one."""
+    if step["type"] == "ByteLevel":
+        return step.get("use_regex", True) and not step.get("add_prefix_space", False)
+    return step["type"] != "Digits" or step.get("individual_digits", False)
 
 
 def decoder_tensors(graph: fx.GraphModule, spec: DecoderSpec, arch_permutes: bool) -> list[GGUFTensor]:

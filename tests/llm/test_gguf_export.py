@@ -166,6 +166,16 @@ def test_grid_without_gguf_type_is_refused_naming_the_layer(tmp_path, rtn, grid)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial file
 
 
+def test_act_order_groups_that_are_not_contiguous_are_refused(tmp_path):
+    calibration = [prompts(1, 16, seed=100 + index) for index in range(4)]
+    compiled = lowbit.compile(
+        llama(), (prompts(1, 16),), target="torch", dynamic_shapes=LIMITS, calibration=calibration,
+        passes=["gptq:bits=4,group_size=32,act_order=true,act_group_aware=false"], tokenizer=merges_tokenizer(),
+    )  # fmt: skip
+    with pytest.raises(GGUFExportError, match="4-bit asymmetric, groups of 32, act-order groups that are not contig"):
+        compiled.export(tmp_path / "a.gguf", format="gguf")
+
+
 def test_refusals(tmp_path):
     compiled = compile_lm(llama(), ["rtn:bits=4,group_size=32"])
     with pytest.raises(GGUFExportError, match="needs the tokenizer"):
