@@ -3,8 +3,9 @@
     python llama_cpp_logits.py MODEL.gguf OUT.npy WINDOWS.npy
 
 ``WINDOWS.npy`` holds int token ids ``(windows, length)``; ``OUT.npy`` gets float32 logits ``(windows, length,
-vocab)``. Each window is one batch into ``llama_decode`` on an empty cache, with an fp32 KV cache (llama.cpp's
-default f16 cache would add its own rounding to the comparison).
+vocab)``. Each window is one batch into ``llama_decode`` on an empty cache, with an fp32 KV cache and flash attention
+off: llama.cpp's default f16 cache and its CPU flash attention round to fp16, which would add their own error to the
+comparison.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     params.n_ctx = params.n_batch = params.n_ubatch = windows.shape[1]
     params.type_k = params.type_v = GGML_TYPE_F32
     params.no_perf = True
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         raise SystemExit("llama.cpp could not create a context")
