@@ -49,6 +49,8 @@ PRE_TOKENIZERS = {
     ("ByteLevel",): "gpt-2",
     ("Digits", "ByteLevel"): "smollm",
 }
+#: The largest finite fp16, the type of GGUF block scales.
+FP16_MAX = 65504.0
 #: GGUF token types.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
@@ -128,6 +130,9 @@ def packed_tensor(name: str, path: str, arguments: dict[str, Any], rows: torch.T
     qweight, scales, zeros = arguments["qweight"], arguments["scales"], arguments.get("zeros")
     columns = arguments.get("in_features", arguments.get("embedding_dim"))
     kind = block_type(path, bits, group_size, zeros, arguments.get("g_idx"), columns)
+    largest = float(scales.abs().max()) if scales.numel() else 0.0
+    if largest > FP16_MAX:
+        raise GGUFExportError(f"layer '{path}': a scale of {largest:.3g} exceeds fp16, in which GGUF stores scales")
     codes = packing.unpack(qweight, bits, columns)
     if rows is not None:
         codes, scales = codes[rows], scales[rows]

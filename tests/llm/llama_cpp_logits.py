@@ -1,11 +1,11 @@
 """Every position's logits of token windows under llama.cpp (run with the llama-cpp-python environment's Python).
 
-    python llama_cpp_logits.py MODEL.gguf OUT.npy WINDOWS.npy
+    python llama_cpp_logits.py MODEL.gguf OUT.npy WINDOWS.npy [TEXT]
 
 ``WINDOWS.npy`` holds int token ids ``(windows, length)``; ``OUT.npy`` gets float32 logits ``(windows, length,
 vocab)``. Each window is one batch into ``llama_decode`` on an empty cache, with an fp32 KV cache and flash attention
 off: llama.cpp's default f16 cache and its CPU flash attention round to fp16, which would add their own error to the
-comparison.
+comparison. With a ``TEXT`` file, llama.cpp's tokens of it (no special tokens added) go to ``OUT.tokens.npy``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,18 @@ import numpy as np
 GGML_TYPE_F32 = 0
 
 
+def tokenize(model: llama_cpp.llama_model_p, text: str) -> np.ndarray:
+    data = text.encode()
+    tokens = (llama_cpp.llama_token * (len(data) + 1))()
+    count = llama_cpp.llama_tokenize(llama_cpp.llama_model_get_vocab(model), data, len(data), tokens, len(tokens),
+                                     False, False)  # fmt: skip
+    if count < 0:
+        raise SystemExit("llama_tokenize failed")
+    return np.array(tokens[:count], dtype=np.int64)
+
+
 def main() -> None:
-    model_path, out, windows_path = sys.argv[1:]
+    model_path, out, windows_path, *text = sys.argv[1:]
     windows = np.load(windows_path)
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
@@ -48,6 +58,9 @@ def main() -> None:
             raise SystemExit(f"llama_decode failed ({status})")
         logits[index] = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(window), vocab))
     np.save(out, logits)
+    if text:
+        with open(text[0], encoding="utf-8") as file:
+            np.save(out.removesuffix(".npy") + ".tokens.npy", tokenize(model, file.read()))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ order and metadata are right), and SmolLM2-135M quantized by GPTQ (4-bit groups 
 perplexity within noise.
 
 llama.cpp runs in its own environment (``.venv-llama``, built by benchmarks/peers/setup_llama_cpp.sh) through
-``llama_cpp_logits.py``. On CPU it multiplies Q4_0/Q4_1/Q8_0 weights with activations it rounds to 8-bit blocks of
-32 itself, so quantized layers agree with lowbit's float-activation reference to that rounding, not to float
-precision: the tolerances below are set by it (measured: tiny random Llama 0.6 % relative logits error; SmolLM2
-4.4 %, perplexity 49.58 against lowbit's 49.29 on 508 tokens of the Apache-2.0 text).
+``llama_cpp_logits.py`` (fp32 KV cache, flash attention off). With float weights it computes in fp32 like lowbit
+(measured: 2e-7 relative logits error on the tiny Llama, 2e-6 on SmolLM2). With Q4_0/Q4_1/Q8_0 weights its CPU
+kernels multiply by activations they round to 8-bit blocks of 32 themselves, which lowbit's reference keeps in
+float: quantized layers agree to that rounding, and the tolerances below are set by it (measured: tiny Llama 0.6 %
+relative logits error; SmolLM2 GPTQ 5.5 %, 92-95 % of argmax tokens equal, perplexity 47.96 against lowbit's 47.83
+on 508 tokens of the Apache-2.0 text; llama.cpp's own Q4_1 and F32 runs of the same weights differ as much).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ pytestmark = [
 ]
 
 
-def llama_cpp_logits(path: Path, windows: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's logits ``(windows, length, vocab)`` for the GGUF file ``path``."""
+def llama_cpp_logits(path: Path, windows: torch.Tensor, text: str | None = None) -> torch.Tensor:
+    """llama.cpp's logits ``(windows, length, vocab)`` for the GGUF file ``path`` (and its tokens of the file
+    ``text`` in ``*.logits.tokens.npy``)."""
     np.save(path.with_suffix(".ids.npy"), windows.numpy())
     out = path.with_suffix(".logits.npy")
     command = [str(LLAMA_PYTHON), str(SCRIPT), str(path), str(out), str(path.with_suffix(".ids.npy"))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*command, *([text] if text else [])], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return torch.from_numpy(np.load(out))
 
@@ -83,7 +86,9 @@ def test_llama_cpp_perplexity_of_gptq_smollm2_equals_lowbits(tmp_path):
     )  # fmt: skip
     path = compiled.export(tmp_path / "smollm2.gguf", format="gguf")
     ours = lowbit_logits(compiled, windows)
-    theirs = llama_cpp_logits(path, windows)
+    theirs = llama_cpp_logits(path, windows, TEXT)
+    # llama.cpp tokenizes with the exported vocabulary, merges and pre-tokenizer as transformers does
+    assert np.array_equal(np.load(path.with_suffix(".logits.tokens.npy")), smol.encode(Path(TEXT).read_text()).numpy())
     # the file's own weights (fp16 block scales) in eager transformers: only the scale rounding differs from lowbit
     exported = load_smollm2(path).model
     with torch.no_grad():
@@ -96,4 +101,4 @@ def test_llama_cpp_perplexity_of_gptq_smollm2_equals_lowbits(tmp_path):
     assert relative(stored, ours) < 5e-3
     assert abs(ppl["llama.cpp"] / ppl["lowbit"] - 1) < 0.02
     assert relative(theirs, ours) < 0.08
-    assert float((theirs.argmax(-1) == ours.argmax(-1)).double().mean()) > 0.9
+    assert float((theirs.argmax(-1) == ours.argmax(-1)).double().mean()) > 0.85
