@@ -14,6 +14,7 @@ from llm_models import prompts
 
 import lowbit
 from lowbit.cli import main
+from lowbit.errors import ArtifactError
 from lowbit.ir import packing
 from lowbit.llm.gguf_export import GGUFExportError, rotary_rows
 from lowbit.llm.model import CompiledCausalLM
@@ -174,6 +175,19 @@ def test_act_order_groups_that_are_not_contiguous_are_refused(tmp_path):
     )  # fmt: skip
     with pytest.raises(GGUFExportError, match="4-bit asymmetric, groups of 32, act-order groups that are not contig"):
         compiled.export(tmp_path / "a.gguf", format="gguf")
+
+
+def test_a_loaded_torch_artifact_exports_the_same_file(tmp_path):
+    compiled = compile_lm(llama(), ["quantize_embeddings", "rtn:bits=4,group_size=32"])
+    loaded = lowbit.load(compiled.export(tmp_path / "artifact"))
+    assert isinstance(loaded, CompiledCausalLM)
+    first = gguf.GGUFReader(compiled.export(tmp_path / "a.gguf", format="gguf"))
+    second = gguf.GGUFReader(loaded.export(tmp_path / "b.gguf", format="gguf"))
+    assert [t.name for t in first.tensors] == [t.name for t in second.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(first.tensors, second.tensors))
+    assert first.fields["tokenizer.ggml.tokens"].contents() == second.fields["tokenizer.ggml.tokens"].contents()
+    with pytest.raises(ArtifactError, match="unknown export format 'onnx'"):
+        compiled.export(tmp_path / "c", format="onnx")
 
 
 def test_refusals(tmp_path):
