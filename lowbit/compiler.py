@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from lowbit import artifact, recipes
 from lowbit.backends import Runner, check_target, get_backend
-from lowbit.errors import LowbitError
+from lowbit.errors import ArtifactError, LowbitError
 from lowbit.interface import Interface, output_spec
 from lowbit.ir.trace import trace
 from lowbit.passes.base import Pass
@@ -149,9 +149,20 @@ class CompiledModel:
         with torch.no_grad():
             return self.interface.rebuild(self._runner(*args, **kwargs))
 
-    def export(self, path: str | Path, overwrite: bool = False) -> Path:
+    def export(self, path: str | Path, overwrite: bool = False, format: str = "lowbit") -> Path:
         """Write the compiled model, its weights and ``manifest.json`` to the directory ``path`` (a loaded artifact
-        is copied)."""
+        is copied); ``format="onnx"`` writes the graph as ``model.onnx`` for ONNX Runtime instead
+        (`lowbit.interop.onnx_export`)."""
+        if format == "onnx":
+            from lowbit.interop import onnx_export
+
+            if self.graph is None:
+                raise ArtifactError("ONNX export needs the compiled graph; a loaded TVM artifact has none")
+            inputs = onnx_export.example_inputs(self.graph, self._info.get("inputs", []))
+            info = {**self._info, "interface": self.interface.as_dict(), "report": self.report.summary()}
+            return onnx_export.write(self.graph, inputs, path, info, overwrite=overwrite)
+        if format != "lowbit":
+            raise ArtifactError(f"unknown export format {format!r}; known: 'lowbit', 'onnx'")
         if self.source is not None:
             return artifact.copy(self.source, path, overwrite=overwrite)
         info = {**self._info, "interface": self.interface.as_dict(), "report": self.report.summary()}
