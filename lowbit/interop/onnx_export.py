@@ -360,11 +360,13 @@ def _conv_packed(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: Map
 
 
 def _conv_packed_a8(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> Any:
-    """QDQ: ``QuantizeLinear``/``DequantizeLinear`` of the input with the static int8 step, then ``Conv`` on the
-    dequantized weight."""
-    step = b.const("step", tensors["act_scale"].to(torch.float32))
+    """The input's int8 codes with the static step (as `ops_a8.quantize_activation`: ``x / Δ``, round, clip), their
+    ``DequantizeLinear``, then ``Conv`` on the dequantized weight."""
+    import onnx_ir as ir
+
+    codes, step = _quantized_activation(b, b.op("Cast", x, to=ir.DataType.FLOAT), tensors["act_scale"])
     zero = b.const("zero_point", np.array(0, dtype=np.int8))
-    x = b.op("DequantizeLinear", b.op("QuantizeLinear", x, step, zero), step, zero)
+    x = b.op("DequantizeLinear", b.op("Cast", codes, to=ir.DataType.INT8), step, zero)
     return _conv_packed(b, x, tensors, arguments)
 
 

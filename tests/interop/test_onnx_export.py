@@ -1,0 +1,133 @@
+"""ONNX export: ONNX Runtime runs the exported graph and agrees with the torch target (docs/onnx.md tolerances)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import ArtifactError
+from lowbit.interop import onnx_export
+from tests.conv_models import TinyCNN, images, trained
+from tests.helpers import norm_mlp, tiny_bert, token_ids
+
+ort = pytest.importorskip("onnxruntime")
+
+A8 = "quantize_activations:bits=8,granularity=per_token,dynamic=true,symmetric=true"
+
+
+def _session(directory: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(directory / onnx_export.MODEL_FILE), providers=["CPUExecutionProvider"])
+
+
+def _relative(actual: np.ndarray, expected: torch.Tensor) -> float:
+    return float((torch.from_numpy(actual) - expected).abs().max() / expected.abs().max())
+
+
+def _ops(directory: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(directory / onnx_export.MODEL_FILE)).graph.node}
+
+
+@pytest.mark.parametrize(
+    ("passes", "op", "tolerance"),
+    [
+        (["rtn:bits=4,group_size=32,symmetric=true"], "MatMulNBits", 2e-6),
+        (["rtn:bits=4,group_size=32,symmetric=false"], "MatMulNBits", 2e-6),
+        (["rtn:bits=2,group_size=16,symmetric=false"], "MatMulNBits", 2e-6),
+        (["rtn:bits=8,group_size=64,symmetric=true"], "MatMulNBits", 2e-6),
+        (["gptq:bits=4,group_size=32,act_order=true,act_group_aware=false"], "MatMulNBits", 2e-6),
+        (["rtn:bits=3,group_size=32,symmetric=true"], "MatMul", 2e-6),
+        (["rtn:bits=4,group_size=32,symmetric=true", A8], "MatMulInteger", 2e-6),
+        (["rtn:bits=8,group_size=-1,symmetric=false", A8], "MatMul", 2e-6),
+    ],
+)
+def test_mlp_runs_in_onnx_runtime_like_the_torch_target(tmp_path: Path, passes: list[str], op: str, tolerance: float):
+    model = norm_mlp()
+    calibration = [(torch.randn(4, 128, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    compiled = lowbit.compile(model, (torch.randn(3, 128),), passes=passes, target="torch", calibration=calibration)
+    directory = compiled.export(tmp_path / "mlp", format="onnx")
+    assert op in _ops(directory)
+    session = _session(directory)
+    for batch in (1, 3):  # the batch dimension is symbolic
+        x = torch.randn(batch, 128, generator=torch.Generator().manual_seed(batch))
+        (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert _relative(actual, compiled(x)) <= tolerance
+
+
+def test_int8_activation_linear_is_bit_exact(tmp_path: Path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64)).eval()
+    compiled = lowbit.compile(model, (torch.randn(3, 128),), passes=["rtn:bits=4,group_size=32", A8], target="torch")
+    session = _session(compiled.export(tmp_path / "a8", format="onnx"))
+    x = torch.randn(7, 128)
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.equal(torch.from_numpy(actual), compiled(x))
+
+
+def test_cnn_with_int8_convolutions(tmp_path: Path):
+    model = trained(TinyCNN())
+    passes = ["rtn:bits=4,group_size=16", "quantize_activations:bits=8,granularity=per_token,dynamic=true"]
+    compiled = lowbit.compile(model, images()[0], passes=passes, target="torch", calibration=images())
+    targets = {str(node.target) for node in compiled.graph.graph.nodes}
+    assert "lowbit.conv_packed_a8.default" in targets
+    directory = compiled.export(tmp_path / "cnn", format="onnx")
+    assert {"DequantizeLinear", "Conv"} <= _ops(directory)
+    session = _session(directory)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 12, 12, generator=torch.Generator().manual_seed(batch))
+        (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert _relative(actual, compiled(x)) <= 1e-5
+
+
+def test_bert_with_packed_embeddings(tmp_path: Path):
+    passes = ["quantize_embeddings:bits=4,group_size=32", "rtn:bits=4,group_size=32", A8]
+    ids = token_ids()
+    compiled = lowbit.compile(tiny_bert(), (ids,), passes=passes, target="torch")
+    directory = compiled.export(tmp_path / "bert", format="onnx")
+    session = _session(directory)
+    expected = compiled(ids)
+    outputs = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    assert _relative(outputs[0], expected.last_hidden_state) <= 1e-4
+
+
+def test_the_artifact_is_checksummed_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    compiled = lowbit.compile(norm_mlp(), (torch.randn(3, 128),), passes=["rtn"], target="torch")
+    directory = compiled.export(tmp_path / "mlp", format="onnx")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["target"] == "onnx" and set(manifest["files"]) == {onnx_export.MODEL_FILE}
+    lowbit.artifact.read_manifest(directory)
+    with pytest.raises(ArtifactError, match="already exists"):
+        compiled.export(directory, format="onnx")
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("onnx_ir.save", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        compiled.export(tmp_path / "broken", format="onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp"]
+
+
+@torch.library.custom_op("lowbit::untranslated", mutates_args=())
+def _untranslated(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+def test_an_op_without_translation_is_a_named_error():
+    graph = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    x = graph.graph.placeholder("x")
+    graph.graph.output(graph.graph.call_function(torch.ops.lowbit.untranslated.default, (x,)))
+    graph.recompile()
+    with pytest.raises(onnx_export.OnnxExportError, match="no ONNX translation for lowbit.untranslated"):
+        onnx_export.to_onnx(graph, {"x": torch.randn(3, 4)})
+
+
+def test_an_unknown_format_is_a_named_error(tmp_path: Path):
+    compiled = lowbit.compile(norm_mlp(), (torch.randn(3, 128),), passes=["rtn"], target="torch")
+    with pytest.raises(ArtifactError, match="unknown export format 'tflite'"):
+        compiled.export(tmp_path / "x", format="tflite")
