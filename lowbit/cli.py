@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--tokenizer", type=Path, metavar="DIR", help="the transformers tokenizer directory --export-gguf writes"
     )
+    comp.add_argument(
+        "--export-onnx", type=Path, metavar="DIR", help="write the compiled graph as model.onnx for ONNX Runtime to DIR"
+    )
     comp.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the IR before and after every pass to DIR")
     comp.add_argument(
         "--calibration",
@@ -220,7 +223,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="zoo name, package.module:factory, or (inspect only) an artifact directory")
+    parser.add_argument(
+        "model", help="zoo name, package.module:factory, an .onnx file, or (inspect only) an artifact directory"
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--recipe", help="recipe name or YAML path")
     group.add_argument(
@@ -272,6 +277,8 @@ def _compile(args: argparse.Namespace) -> None:
         print(f"exported to {compiled.export(args.export)}")
     if args.export_gguf:
         print(f"exported GGUF to {compiled.export(args.export_gguf, format='gguf')}")
+    if args.export_onnx:
+        print(f"exported ONNX to {compiled.export(args.export_onnx, format='onnx')}")
 
 
 def _causal_lm_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -417,9 +424,13 @@ def _passes(args: argparse.Namespace) -> None:
 
 
 def _load_model(spec: str) -> tuple[Any, tuple, dict]:
-    """A zoo model, or ``module:factory`` returning (model, example_inputs[, example_kwargs])."""
+    """A zoo model, an ONNX file, or ``module:factory`` returning (model, example_inputs[, example_kwargs])."""
     from lowbit import zoo
+    from lowbit.interop import onnx_import
 
+    if onnx_import.is_onnx(spec):
+        imported = onnx_import.load(spec)
+        return imported.module, imported.example_inputs, {}
     if ":" not in spec:
         built = zoo.build(spec)
         return built.model, built.example_inputs, built.example_kwargs

@@ -170,8 +170,8 @@ class CompiledModel:
 
 
 def compile(
-    model: torch.nn.Module,
-    example_inputs: Any,
+    model: torch.nn.Module | str | Path,
+    example_inputs: Any = None,
     *,
     recipe: str | Path | recipes.Recipe | None = None,
     passes: Sequence[Pass | str] | None = None,
@@ -207,7 +207,11 @@ def compile(
     ranges to serve, ``{"input_ids": {0: (1, 4), 1: (1, 2048)}}`` or with ``torch.export.Dim`` values; the result is
     a `lowbit.llm.model.CompiledCausalLM` with a KV-cache decoder and ``generate``. ``tokenizer`` is saved with
     its artifact.
+
+    ``model`` may be the path of an ONNX file: it is imported into the same graph IR (`lowbit.interop.onnx_import`),
+    with ``example_inputs`` defaulting to the shapes of its inputs.
     """
+    model, example_inputs = _imported(model, example_inputs)
     example_inputs = _as_tuple(example_inputs)
     recipe_obj, pipeline = build_pipeline(recipe, passes, "convert", verify, dump_dir)
     target = check_target(target if target is not None else (recipe_obj.target if recipe_obj else "torch"))
@@ -301,6 +305,18 @@ def prepare(
     gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch=False)
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     return graph.train(model.training)
+
+
+def _imported(model: Any, example_inputs: Any) -> tuple[torch.nn.Module, Any]:
+    """``model`` and its example inputs, an ONNX file imported as a torch module."""
+    from lowbit.interop import onnx_import
+
+    if not onnx_import.is_onnx(model):
+        if example_inputs is None:
+            raise LowbitError("example_inputs are required (only an ONNX file has its own input shapes)")
+        return model, example_inputs
+    imported = onnx_import.load(model, example_inputs)
+    return imported.module, imported.example_inputs
 
 
 def _eager(model: torch.nn.Module, example_inputs: tuple, example_kwargs: Mapping[str, Any] | None) -> Any:

@@ -45,6 +45,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
+from lowbit.interop import onnx_import
 from lowbit.ir.canonicalize import canonicalize_exported
 from lowbit.ir.decompose import (
     UnsupportedOptionError,
@@ -339,8 +340,8 @@ def _trace_with(
 
 
 def trace(
-    model: nn.Module,
-    example_inputs: Any,
+    model: nn.Module | str | Path,
+    example_inputs: Any = None,
     leaf_modules: Sequence[LeafModule] = (),
     tracer: str = "auto",
     example_kwargs: dict[str, Any] | None = None,
@@ -355,9 +356,13 @@ def trace(
     transformers causal LMs with ``use_cache=False`` for it). Raises `TraceError` naming
     the module, construct and source line that broke tracing, with a fix. ``free_batch`` lets torch.export leave
     the batch dimension (dim 0 of each tensor input) symbolic where the model allows it, for a graph that runs as
-    it is (the torch target); ``gm.meta[FREE_BATCH]`` says whether it did.
+    it is (the torch target); ``gm.meta[FREE_BATCH]`` says whether it did. ``model`` may be the path of an ONNX file
+    (`lowbit.interop.onnx_import`; ``example_inputs`` then default to its input shapes).
     """
     chain = _chain(tracer)
+    if onnx_import.is_onnx(model):
+        imported = onnx_import.load(model, example_inputs)
+        model, example_inputs = imported.module, imported.example_inputs
     if not isinstance(model, nn.Module):
         raise TraceError(f"can only trace a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _normalize_inputs(example_inputs, example_kwargs)
