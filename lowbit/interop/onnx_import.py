@@ -77,8 +77,11 @@ def load(path: str | Path, example_inputs: Any = None) -> ImportedModel:
     """Convert the ONNX file at ``path`` to a torch module with example inputs (``example_inputs`` if given, else
     from the graph's input shapes)."""
     import onnx
-    import onnx2torch
 
+    try:
+        import onnx2torch
+    except ImportError as exc:
+        raise OnnxImportError("ONNX import needs onnx2torch: pip install 'lowbit[onnx]'") from exc
     model = _converted(onnx.load(str(path)))
     missing = unsupported_ops(model)
     if missing:

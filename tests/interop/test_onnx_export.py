@@ -127,6 +127,19 @@ def test_an_op_without_translation_is_a_named_error():
         onnx_export.to_onnx(graph, {"x": torch.randn(3, 4)})
 
 
+def factory() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    return norm_mlp(), (torch.randn(3, 128),)
+
+
+def test_cli_compile_writes_onnx(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    from lowbit.cli import main
+
+    spec = f"{__name__}:factory"
+    assert main(["-q", "compile", spec, "--pass", "rtn:bits=4,group_size=32", "--export-onnx", str(tmp_path / "m")]) == 0
+    assert "exported ONNX to" in capsys.readouterr().out
+    assert "MatMulNBits" in _ops(tmp_path / "m")
+
+
 def test_an_unknown_format_is_a_named_error(tmp_path: Path):
     compiled = lowbit.compile(norm_mlp(), (torch.randn(3, 128),), passes=["rtn"], target="torch")
     with pytest.raises(ArtifactError, match="unknown export format 'tflite'"):
