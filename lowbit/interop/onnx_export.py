@@ -146,8 +146,14 @@ def to_onnx(graph: fx.GraphModule, inputs: Mapping[str, torch.Tensor]) -> Any:
     with _quiet("onnxscript"), torch.no_grad():
         try:
             program = torch.onnx.export(
-                graph, (), kwargs=dict(inputs), dynamo=True, custom_translation_table=table,
-                dynamic_shapes=dynamic, opset_version=OPSET, verbose=False,
+                graph,
+                (),
+                kwargs=dict(inputs),
+                dynamo=True,
+                custom_translation_table=table,
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                verbose=False,
             )
         except Exception as exc:  # the exporter wraps what it cannot translate in its own errors
             raise OnnxExportError(f"torch.onnx could not export the graph: {exc}") from exc
@@ -265,8 +271,19 @@ def _linear_packed(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: M
         x = b.op("Gather", x, b.const("order", order.numpy()), axis=-1)
     zeros = None if tensors["zeros"] is None else b.const("zero_points", tensors["zeros"])
     return b.op(
-        "MatMulNBits", x, b.const("B", blob), b.const("scales", tensors["scales"]), zeros, None, bias,
-        domain="com.microsoft", K=in_features, N=rows, bits=bits, block_size=group_size, accuracy_level=0,
+        "MatMulNBits",
+        x,
+        b.const("B", blob),
+        b.const("scales", tensors["scales"]),
+        zeros,
+        None,
+        bias,
+        domain="com.microsoft",
+        K=in_features,
+        N=rows,
+        bits=bits,
+        block_size=group_size,
+        accuracy_level=0,
     )
 
 
@@ -327,8 +344,9 @@ def _linear_packed_a8(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments
     else:  # codes beyond int8 (asymmetric 8-bit) or half-integers (1 bit): float products, exact below 2^24
         product = b.op("MatMul", grouped, b.const("weight_codes", grouped_weight.to(torch.float32)))
     group_scales = b.const("scales", scales.T.contiguous().view(groups, 1, rows))
-    y = b.op("ReduceSum", b.op("Mul", product, group_scales), b.const("groups", np.array([0], dtype=np.int64)),
-             keepdims=0)
+    y = b.op(
+        "ReduceSum", b.op("Mul", product, group_scales), b.const("groups", np.array([0], dtype=np.int64)), keepdims=0
+    )
     y = b.op("Div", y, scale) if step is None else b.op("Mul", y, scale)
     if tensors["bias"] is not None:
         y = b.op("Add", y, b.const("bias", tensors["bias"].to(torch.float32)))

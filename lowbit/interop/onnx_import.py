@@ -8,6 +8,7 @@ than onnx2torch covers are first taken down to `CONVERTER_OPSET` by ONNX's versi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,8 @@ def unsupported_ops(model: Any) -> list[str]:
     for node in _nodes(model.graph):
         domain = node.domain or defs.ONNX_DOMAIN
         version = opsets.get(domain, 1)
-        try:
+        with contextlib.suppress(defs.SchemaError):
             version = defs.get_schema(node.op_type, max_inclusive_version=version, domain=domain).since_version
-        except defs.SchemaError:
-            pass
         if OperationDescription(domain, node.op_type, version) not in _CONVERTER_REGISTRY:
             missing.add(node.op_type if domain == defs.ONNX_DOMAIN else f"{domain}::{node.op_type}")
     return sorted(missing)

@@ -70,25 +70,37 @@ def test_an_imported_model_takes_the_quantization_passes(bert: Path):
 
 def test_trace_accepts_an_onnx_file(resnet: Path):
     graph = lowbit.trace(resnet)
-    modules = [type(graph.get_submodule(node.target)).__name__ for node in graph.graph.nodes if node.op == "call_module"]
+    modules = [
+        type(graph.get_submodule(node.target)).__name__ for node in graph.graph.nodes if node.op == "call_module"
+    ]
     assert modules.count("Conv2d") == 20 and modules.count("Linear") == 1
 
 
 def test_unconvertible_ops_are_a_named_error(tmp_path: Path):
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Hardmax", ["r"], ["h"]),
-             helper.make_node("NonMaxSuppression", ["h", "h"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [value], [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Hardmax", ["r"], ["h"]),
+        helper.make_node("Custom", ["h"], ["y"], domain="my.domain"),
+    ]
+    graph = helper.make_graph(nodes, "g", [value], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)]
     path = tmp_path / "bad.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(onnx_import.OnnxImportError, match="no converter for the ONNX op"):
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    with pytest.raises(
+        onnx_import.OnnxImportError, match=r"no converter for the ONNX op\(s\) Hardmax, my.domain::Custom"
+    ):
         lowbit.compile(path, target="torch")
 
 
 def test_a_symbolic_dimension_needs_example_inputs(tmp_path: Path):
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [value],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [value],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(onnx_import.OnnxImportError, match="symbolic dimension batch"):
