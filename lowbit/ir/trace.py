@@ -24,8 +24,10 @@ tracing broke and how to fix it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import logging
+import operator
 import sysconfig
 import time
 import traceback
@@ -38,6 +40,7 @@ import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 from torch import nn
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -80,10 +83,64 @@ class LeafTracer(fx.Tracer):
         return output_structure(m, out) if isinstance(out, fx.Proxy) and decomposable(m) else out
 
 
-def _trace_fx(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> fx.GraphModule:
+#: Types of a default value that the fx tracer binds as a constant when no example input is given for it.
+_CONSTANT_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def unbound_defaults(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``model.forward`` left at a constant default (``attn_mask=None``, ``is_causal=False``).
+
+    They are no graph inputs: the fx tracer binds them as constants, so branches such as
+    ``if attn_mask is not None`` are decided at trace time, as they are in the eager call.
+    """
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    bound = {p.name for p in parameters[: len(args)] if p.kind in positional} | set(kwargs)
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in bound
+        and p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)
+        and type(p.default) in _CONSTANT_DEFAULTS
+    }
+
+
+def _drop_specialization_guards(gm: fx.GraphModule) -> None:
+    """Remove the inputs fx keeps for constant-bound arguments, with the checks it attaches to them.
+
+    fx leaves each bound argument as a defaulted placeholder that only feeds a guard
+    (``_assert_is_none(arg)`` or ``torch._assert(arg == value)``); the traced graph never reads it otherwise.
+    """
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder" and n.args]:
+        guards = [_guard(user) for user in node.users]
+        if not node.users or any(guard is None for guard in guards):
+            continue
+        for guard in guards:
+            for step in guard:
+                gm.graph.erase_node(step)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _guard(user: fx.Node) -> list[fx.Node] | None:
+    """The nodes of fx's specialization guard starting at ``user`` (in erase order), or None if it is none."""
+    if user.target is _assert_is_none:
+        return [user]
+    asserts = list(user.users)
+    if user.target is operator.eq and len(asserts) == 1 and asserts[0].target is torch._assert:
+        if "has been specialized to have value" in str(asserts[0].args[1]):
+            return [asserts[0], user]
+    return None
+
+
+def _trace_fx(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Sequence[LeafModule]
+) -> fx.GraphModule:
     tracer = LeafTracer(leaf_modules)
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    graph = tracer.trace(model, concrete_args=unbound_defaults(model, args, kwargs) or None)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _drop_specialization_guards(gm)
+    return gm
 
 
 def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
@@ -293,7 +350,7 @@ def _trace_with(
     leaf_modules: Sequence[LeafModule],
 ) -> fx.GraphModule:
     """Trace with one tracer, shape-propagate and check the graph (model already in eval)."""
-    gm = _trace_fx(model, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs)
+    gm = _trace_fx(model, args, kwargs, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs)
     gm.graph.lint()
     propagate_shapes(gm, args, kwargs)
     if decompose(gm, LeafTracer(leaf_modules).is_user_leaf):

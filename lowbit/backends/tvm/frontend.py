@@ -193,7 +193,32 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "masked_fill": self._masked_fill_where,
             "masked_fill.Scalar": self._masked_fill_where,
             "getitem": self._getitem_int,
+            "_assert": self._static_assert,
+            "layer_norm": self._layer_norm_call,
         }
+
+    def _layer_norm_call(self, node: fx.Node) -> relax.Expr:
+        """``F.layer_norm(x, shape, weight=, bias=, eps=)``: the upstream converter reads positional arguments only,
+        so a call with keywords (how fx records ``nn.LayerNorm.forward``) lost its weight, bias and ``eps``."""
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        weight, bias = (self.env[call[name]] if call.get(name) is not None else None for name in ("weight", "bias"))
+        eps = call.get("eps", 1e-5)
+        return self._layer_norm_impl(self.env[call["input"]], weight, bias, eps, call["normalized_shape"])
+
+    def _static_assert(self, node: fx.Node) -> None:
+        """``torch._assert(condition, message)`` on shapes: checked now, since the module is compiled for the
+        input shapes given; a condition on tensor values, which the compiled module could not check, is an error."""
+        condition = self.env.get(node.args[0], node.args[0]) if isinstance(node.args[0], fx.Node) else node.args[0]
+        if isinstance(condition, tvm.tirx.IntImm):  # a comparison of static shapes, folded by the importer
+            condition = bool(condition.value)
+        if not isinstance(condition, bool | int):
+            raise BackendError(
+                f"node '{node.name}': torch._assert on tensor values cannot be checked by the compiled module; "
+                "remove it from the model or compile with target='torch'"
+            )
+        if not condition:
+            message = node.args[1] if len(node.args) > 1 else node.kwargs.get("message", "")
+            raise BackendError(f"node '{node.name}': torch._assert fails for the example input shapes: {message}")
 
     def _getitem_int(self, node: fx.Node) -> relax.Expr:
         """``x[i]`` on a tensor with an integer ``i``: the upstream converter returns ``x`` itself."""
