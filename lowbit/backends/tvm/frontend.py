@@ -1,8 +1,9 @@
 """Graph import: a lowbit GraphModule → a Relax IRModule through TVM's torch frontend.
 
 `GraphImporter` is TVM's FX importer extended with the ATen overloads that graphs traced by torch.export keep, and
-a few conversions the frontend lacks or gets wrong (attention with boolean masks, ``diff``, integer ``cumsum``,
-``to.device``, ``new_ones`` with a dtype, ``masked_fill``, integer indexing). The lowbit linears are converted by
+a few conversions the frontend lacks or gets wrong (attention written out as matmuls and softmax, ``diff``, integer
+``cumsum``, ``to.device``, ``new_ones`` with a dtype, ``masked_fill``, integer indexing, ``F.layer_norm`` with keyword
+arguments, ``torch._assert`` on static shapes). The lowbit linears are converted by
 the caller's ``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the toolchain's
 hook (`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the fix.
 """
@@ -195,6 +196,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "getitem": self._getitem_int,
             "_assert": self._static_assert,
             "layer_norm": self._layer_norm_call,
+            "scaled_dot_product_attention": self._attention,
         }
 
     def _layer_norm_call(self, node: fx.Node) -> relax.Expr:
@@ -247,15 +249,17 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return self.block_builder.emit(relax.op.astype(ones, self._convert_data_type(dtype, self.env)))
 
     def _attention(self, node: fx.Node) -> relax.Expr:
-        """``aten.scaled_dot_product_attention`` on ``(..., L, E)`` tensors with a float or boolean mask.
+        """``F.scaled_dot_product_attention`` (or its ATen overload) on ``(..., L, E)`` tensors with a float or
+        boolean mask.
 
         Written out as ``softmax(q kᵀ · scale + mask) v`` because Relax's fused attention
-        takes float masks of one exact shape only; a boolean mask keeps ``True``
-        positions and sends the others to ``-inf``, as torch does.
+        takes float masks of one exact shape only and legalizes to one unscheduled loop nest
+        (the batched matmuls and the softmax get the CPU schedules instead); a boolean mask
+        keeps ``True`` positions and sends the others to ``-inf``, as torch does.
         """
         call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-        if call.get("dropout_p", 0.0) or call.get("is_causal", False):
-            raise BackendError(f"node '{node.name}': attention with dropout or is_causal is not lowered")
+        if call.get("dropout_p", 0.0) or call.get("is_causal", False) or call.get("enable_gqa", False):
+            raise BackendError(f"node '{node.name}': attention with dropout, is_causal or enable_gqa is not lowered")
         bb = self.block_builder
         query, key, value = (self.env[call[name]] for name in ("query", "key", "value"))
         head_dim = int(query.ty.shape[-1])

@@ -239,6 +239,7 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     through contiguous rows. The tile lives in a local buffer written back once, with
     any elementwise consumers inlined into the write-back.
     """
+    padded = _pad_to_tiles(sch, block, lanes)
     info = get_sblock_info(sch, block)
     spatial = [it for it in info.iters if it.kind == "S"]
     reduce = [it.loop_rv for it in info.iters if it.kind == "R"]
@@ -263,6 +264,52 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     _vectorize_innermost(sch, block, simd)
     _vectorize_innermost(sch, write_back, simd)
     _vectorize_innermost(sch, sch.decompose_reduction(block, reduce[0]), simd)
+    for copy in padded:
+        if _exists(sch, copy):  # the result's copy may have been inlined into the write-back
+            parallel_vectorize(sch, copy, lanes)
+
+
+def _pad_to_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> list[s_tir.schedule.SBlockRV]:
+    """Pad a matmul-like block whose rows or columns would leave `schedule_tiled_reduction` a degenerate tile.
+
+    197 rows (a ViT's tokens) have no divisor up to `ROW_TILE` but 1, and 197 columns no
+    power-of-two divisor: the tile would be one scalar. The block's rows are then rounded up
+    to a multiple of `ROW_TILE` and its columns to a whole register tile, computing on
+    zero-padded copies of its inputs (``pad_einsum``); a copy block takes the result back
+    out, with the block's elementwise consumers inlined into it. Returns the copy blocks
+    (inputs and result) to schedule, none where nothing is padded or the block's reads are
+    not plain indexed loads (a convolution's windows).
+    """
+    iters = get_sblock_info(sch, block).iters
+    spatial = [index for index, it in enumerate(iters) if it.kind == "S"]
+    extents = [int(it.dom) for it in iters]
+    padding = list(extents)
+    if len(spatial) >= 2 and extents[spatial[-2]] > 1 and divisor_at_most(extents[spatial[-2]], ROW_TILE) == 1:
+        padding[spatial[-2]] = _round_up(extents[spatial[-2]], ROW_TILE)
+    tile = lanes * ACCUMULATORS // ROW_TILE
+    if spatial and extents[spatial[-1]] >= tile and power_of_two_divisor(extents[spatial[-1]], lanes) < lanes:
+        padding[spatial[-1]] = _round_up(extents[spatial[-1]], tile)
+    if padding == extents:
+        return []
+    try:
+        sch.pad_einsum(block, padding)
+    except s_tir.ScheduleError:
+        return []
+    result = sch.get_consumers(block)[0]
+    _inline_consumers(sch, result)
+    return [*sch.get_producers(block), result]
+
+
+def _exists(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    try:
+        sch.get(block)
+    except ValueError:
+        return False
+    return True
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, simd: int) -> None:
