@@ -134,6 +134,21 @@ def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
         )
 
 
+def _tiles_its_input(conv: torch.nn.Conv2d, shape: Sequence[int]) -> bool:
+    """Whether ``conv``'s windows tile an input of ``shape`` exactly: stride = kernel, no padding or dilation."""
+    kernel = tuple(conv.kernel_size)
+    unpadded = conv.padding == "valid" or (not isinstance(conv.padding, str) and not any(conv.padding))
+    return (
+        len(shape) == 4
+        and tuple(conv.stride) == kernel
+        and unpadded
+        and tuple(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and shape[2] % kernel[0] == 0
+        and shape[3] % kernel[1] == 0
+    )
+
+
 class GraphImporter(TorchFXImporter, ExportedProgramImporter):
     """TVM's FX importer that also knows the ATen overloads (``add.Tensor``, ``view.default``, ...).
 
@@ -163,6 +178,40 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         args = self.retrieve_args(node)
         dense = self._dense_linear(node.name, args[0], args[1], args[2] if len(args) > 2 else None)
         return dense if dense is not None else super()._linear(node)
+
+    def _conv2d_module(self, node: fx.Node) -> relax.Expr:
+        module = self.named_modules[node.target]
+        patches = self._patch_conv(node.name, self.env[node.args[0]], module)
+        return patches if patches is not None else super()._conv2d_module(node)
+
+    def _patch_conv(self, name: str, x: relax.Expr, conv: torch.nn.Conv2d) -> relax.Expr | None:
+        """A convolution whose stride is its kernel, without padding (a ViT's patch embedding) as one matmul.
+
+        Its windows tile the image: ``x (N, C, H, W)`` is cut into ``N·Hₒ·Wₒ`` patch rows of ``C·kh·kw``
+        values (reshape and transpose), multiplied by the weight as a linear layer (the constant-weight hook when
+        there is one), and the result is laid out back as ``(N, O, Hₒ, Wₒ)``. None for any other convolution.
+        """
+        shape = [int(d) for d in x.ty.shape] if all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape) else []
+        if not _tiles_its_input(conv, shape):
+            return None
+        kh, kw = conv.kernel_size
+        bb = self.block_builder
+        n, c, h, w = shape
+        rows, out = (n, h // kh, w // kw), conv.out_channels
+        x = bb.emit(relax.op.reshape(x, (n, c, rows[1], kh, rows[2], kw)))
+        x = bb.emit(relax.op.permute_dims(x, [0, 2, 4, 1, 3, 5]))
+        x = bb.emit(relax.op.reshape(x, (math.prod(rows), c * kh * kw)))
+        weight = self.params[conv.weight]
+        if isinstance(weight, tvm.ir.expr.Constant):
+            weight = relax.const(conv.weight.detach().reshape(out, -1).numpy())
+        else:
+            weight = bb.emit(relax.op.reshape(weight, (out, c * kh * kw)))
+        bias = self.params.get(conv.bias) if conv.bias is not None else None
+        y = self._dense_linear(name, x, weight, bias)
+        if y is None:
+            y = bb.emit(relax.op.linear(x, weight, bias))
+        y = bb.emit(relax.op.reshape(y, (*rows, out)))
+        return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
     def _dense_linear(self, name: str, x: relax.Expr, weight: relax.Expr, bias: relax.Expr | None) -> relax.Expr | None:
         """The hook's expression for ``x · weightᵀ + bias``, or None unless every operand allows it."""

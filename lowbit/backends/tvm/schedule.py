@@ -266,7 +266,7 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     _vectorize_innermost(sch, sch.decompose_reduction(block, reduce[0]), simd)
     for copy in padded:
         if _exists(sch, copy):  # the result's copy may have been inlined into the write-back
-            parallel_vectorize(sch, copy, lanes)
+            parallel_rows(sch, copy, lanes)
 
 
 def _pad_to_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> list[s_tir.schedule.SBlockRV]:

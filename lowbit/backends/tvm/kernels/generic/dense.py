@@ -52,8 +52,8 @@ def dense_plan(
     sch = s_tir.Schedule(te.create_prim_func([*args, y]))
     block = sch.get_sblock("matmul")
     if panelled:
-        row_block = divisor_at_most(batch, ROW_BLOCK)
-        rows = divisor_at_most(row_block, tile_rows(lanes))
+        rows = divisor_at_most(batch, tile_rows(lanes))
+        row_block = rows * divisor_at_most(batch // rows, ROW_BLOCK // rows)
         schedule_panels(sch, block, lanes, width, rows, row_block, divisor_at_most(k_in, K_BLOCK))
     else:
         schedule_tiled_reduction(sch, block, lanes)
