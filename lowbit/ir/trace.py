@@ -4,7 +4,9 @@ Two tracers, tried in this order by ``tracer="auto"``:
 
 * ``"fx"``: torch.fx symbolic tracing. Standard ``torch.nn`` layers (Linear, Conv,
   Embedding, norms, activations, pooling...) and the user's ``leaf_modules`` stay
-  opaque ``call_module`` nodes. Fails on data-dependent Python control flow.
+  opaque ``call_module`` nodes. Arguments of ``forward`` with no example value and a constant default
+  (``attn_mask=None``, ``is_causal=False``) are bound to it, not graph inputs. Fails on data-dependent
+  Python control flow.
 * ``"export"``: ``torch.export.export`` (non-strict), then canonicalized
   (`lowbit.ir.canonicalize`) so layers are ``call_module`` nodes again. This is the
   tracer that handles transformers 5.x models (their own fx tracer no longer exists);
@@ -126,11 +128,14 @@ def _guard(user: fx.Node) -> list[fx.Node] | None:
     """The nodes of fx's specialization guard starting at ``user`` (in erase order), or None if it is none."""
     if user.target is _assert_is_none:
         return [user]
-    asserts = list(user.users)
-    if user.target is operator.eq and len(asserts) == 1 and asserts[0].target is torch._assert:
-        if "has been specialized to have value" in str(asserts[0].args[1]):
-            return [asserts[0], user]
-    return None
+    checks = list(user.users)
+    specialized = (
+        user.target is operator.eq
+        and len(checks) == 1
+        and checks[0].target is torch._assert
+        and "has been specialized to have value" in str(checks[0].args[1])
+    )
+    return [checks[0], user] if specialized else None
 
 
 def _trace_fx(
@@ -233,6 +238,11 @@ _CONSTRUCTS: tuple[_Construct, ...] = (
         ("register a pytree",),
         "an input or output of a type torch.export cannot flatten (e.g. a KV cache object)",
         "build transformers causal LMs with use_cache=False in their config, or register the type as a pytree node",
+    ),
+    _Construct(
+        ("target=torch._assert", "AssertionError"),
+        "an assertion of the model (torch._assert, assert) that fails for the example inputs",
+        "pass example inputs of the shape and size the model expects",
     ),
     _Construct(
         ("Proxy",),
@@ -440,4 +450,13 @@ def diagnose(
         return [_attempt(name, model, args, kwargs, leaf_modules) for name in TRACERS]
 
 
-__all__ = ["TRACERS", "LeafTracer", "TraceAttempt", "diagnose", "graph_inputs", "propagate_shapes", "trace"]
+__all__ = [
+    "TRACERS",
+    "LeafTracer",
+    "TraceAttempt",
+    "diagnose",
+    "graph_inputs",
+    "propagate_shapes",
+    "trace",
+    "unbound_defaults",
+]

@@ -134,19 +134,39 @@ def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
         )
 
 
-def _tiles_its_input(conv: torch.nn.Conv2d, shape: Sequence[int]) -> bool:
-    """Whether ``conv``'s windows tile an input of ``shape`` exactly: stride = kernel, no padding or dilation."""
-    kernel = tuple(conv.kernel_size)
-    unpadded = conv.padding == "valid" or (not isinstance(conv.padding, str) and not any(conv.padding))
-    return (
-        len(shape) == 4
-        and tuple(conv.stride) == kernel
-        and unpadded
-        and tuple(conv.dilation) == (1, 1)
-        and conv.groups == 1
-        and shape[2] % kernel[0] == 0
-        and shape[3] % kernel[1] == 0
-    )
+#: ``F.conv2d``'s arguments in order.
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+#: ``F.conv2d``'s window arguments and their defaults.
+_CONV_DEFAULTS = (("stride", 1), ("padding", 0), ("dilation", 1))
+
+
+def _pair(value: Any) -> Any:
+    return (value, value) if isinstance(value, int) else value if isinstance(value, str) else tuple(value)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A 2-D convolution's stride, padding, dilation and groups."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+
+    def tiles(self, x: Sequence[int | None], weight: Sequence[int | None]) -> bool:
+        """Whether the windows tile an input of shape ``x`` exactly (stride = kernel, no padding or dilation)."""
+        if len(x) != 4 or len(weight) != 4 or None in x or None in weight:
+            return False
+        kernel = tuple(weight[2:])
+        unpadded = self.padding == "valid" or (not isinstance(self.padding, str) and not any(self.padding))
+        return (
+            self.stride == kernel
+            and unpadded
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and x[2] % kernel[0] == 0
+            and x[3] % kernel[1] == 0
+        )
 
 
 class GraphImporter(TorchFXImporter, ExportedProgramImporter):
@@ -180,33 +200,41 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return dense if dense is not None else super()._linear(node)
 
     def _conv2d_module(self, node: fx.Node) -> relax.Expr:
-        module = self.named_modules[node.target]
-        patches = self._patch_conv(node.name, self.env[node.args[0]], module)
+        conv = self.named_modules[node.target]
+        bias = self.params[conv.bias] if conv.bias is not None else None
+        window = _Window(tuple(conv.stride), conv.padding, tuple(conv.dilation), conv.groups)
+        patches = self._patch_conv(node.name, self.env[node.args[0]], self.params[conv.weight], bias, window)
         return patches if patches is not None else super()._conv2d_module(node)
 
-    def _patch_conv(self, name: str, x: relax.Expr, conv: torch.nn.Conv2d) -> relax.Expr | None:
+    def _conv2d_call(self, node: fx.Node) -> relax.Expr:
+        call = {**dict(zip(_CONV_ARGUMENTS, node.args)), **node.kwargs}  # two schemas: torch cannot normalize it
+        bias = self.env[call["bias"]] if call.get("bias") is not None else None
+        window = _Window(*(_pair(call.get(name, default)) for name, default in _CONV_DEFAULTS), call.get("groups", 1))
+        patches = self._patch_conv(node.name, self.env[call["input"]], self.env[call["weight"]], bias, window)
+        return patches if patches is not None else self._conv2d(node)
+
+    def _patch_conv(
+        self, name: str, x: relax.Expr, weight: relax.Expr, bias: relax.Expr | None, window: _Window
+    ) -> relax.Expr | None:
         """A convolution whose stride is its kernel, without padding (a ViT's patch embedding) as one matmul.
 
         Its windows tile the image: ``x (N, C, H, W)`` is cut into ``N·Hₒ·Wₒ`` patch rows of ``C·kh·kw``
         values (reshape and transpose), multiplied by the weight as a linear layer (the constant-weight hook when
         there is one), and the result is laid out back as ``(N, O, Hₒ, Wₒ)``. None for any other convolution.
         """
-        shape = [int(d) for d in x.ty.shape] if all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape) else []
-        if not _tiles_its_input(conv, shape):
+        shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in t.ty.shape] for t in (x, weight)]
+        if not window.tiles(*shapes):
             return None
-        kh, kw = conv.kernel_size
+        (n, c, h, w), (out, _, kh, kw) = shapes
         bb = self.block_builder
-        n, c, h, w = shape
-        rows, out = (n, h // kh, w // kw), conv.out_channels
+        rows = (n, h // kh, w // kw)
         x = bb.emit(relax.op.reshape(x, (n, c, rows[1], kh, rows[2], kw)))
         x = bb.emit(relax.op.permute_dims(x, [0, 2, 4, 1, 3, 5]))
         x = bb.emit(relax.op.reshape(x, (math.prod(rows), c * kh * kw)))
-        weight = self.params[conv.weight]
         if isinstance(weight, tvm.ir.expr.Constant):
-            weight = relax.const(conv.weight.detach().reshape(out, -1).numpy())
+            weight = relax.const(weight.value.numpy().reshape(out, c * kh * kw))
         else:
             weight = bb.emit(relax.op.reshape(weight, (out, c * kh * kw)))
-        bias = self.params.get(conv.bias) if conv.bias is not None else None
         y = self._dense_linear(name, x, weight, bias)
         if y is None:
             y = bb.emit(relax.op.linear(x, weight, bias))
@@ -246,6 +274,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "_assert": self._static_assert,
             "layer_norm": self._layer_norm_call,
             "scaled_dot_product_attention": self._attention,
+            "conv2d": self._conv2d_call,
         }
 
     def _layer_norm_call(self, node: fx.Node) -> relax.Expr:
