@@ -53,11 +53,18 @@ def dense_plan(
     block = sch.get_sblock("matmul")
     if panelled:
         rows = divisor_at_most(batch, tile_rows(lanes))
-        row_block = rows * divisor_at_most(batch // rows, ROW_BLOCK // rows)
+        row_block = _row_block(batch, rows)
         schedule_panels(sch, block, lanes, width, rows, row_block, divisor_at_most(k_in, K_BLOCK))
     else:
         schedule_tiled_reduction(sch, block, lanes)
     return finish(sch.mod["main"], name), consts
+
+
+def _row_block(batch: int, rows: int) -> int:
+    """The rows of a task: the multiple of ``rows`` dividing ``batch`` nearest `ROW_BLOCK` (the larger on a tie);
+    200 rows in tiles of 8 take blocks of 40, not 8 (a task per tile would stream its panel once per 8 rows)."""
+    blocks = [rows * d for d in range(1, batch // rows + 1) if batch % (rows * d) == 0]
+    return min(blocks, key=lambda block: (abs(block - ROW_BLOCK), -block))
 
 
 __all__ = ["dense_plan"]
