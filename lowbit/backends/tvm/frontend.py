@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import tvm
 from torch import fx
@@ -134,6 +135,8 @@ def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
         )
 
 
+#: Attention without a mask pads its keys to a multiple of this (a vector of AVX-512 float32 lanes).
+KEY_MULTIPLE = 16
 #: ``F.conv2d``'s arguments in order.
 _CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 #: ``F.conv2d``'s window arguments and their defaults.
@@ -333,7 +336,10 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         Written out as ``softmax(q kᵀ · scale + mask) v`` because Relax's fused attention
         takes float masks of one exact shape only and legalizes to one unscheduled loop nest
         (the batched matmuls and the softmax get the CPU schedules instead); a boolean mask
-        keeps ``True`` positions and sends the others to ``-inf``, as torch does.
+        keeps ``True`` positions and sends the others to ``-inf``, as torch does. Without a mask, keys
+        and values of static length are zero-padded to a multiple of `KEY_MULTIPLE` and the padded
+        keys' scores sent to ``-inf`` (their weights are 0): the softmax rows then fill whole vectors
+        (197 tokens have no power-of-two divisor).
         """
         call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
         if call.get("dropout_p", 0.0) or call.get("is_causal", False) or call.get("enable_gqa", False):
@@ -343,13 +349,19 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         head_dim = int(query.ty.shape[-1])
         scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
         dtype = query.ty.dtype
+        mask = call.get("attn_mask")
+        keys = key.ty.shape[-2]
+        padded = -(-int(keys) // KEY_MULTIPLE) * KEY_MULTIPLE if isinstance(keys, tvm.tirx.IntImm) else keys
+        if mask is None and isinstance(keys, tvm.tirx.IntImm) and int(keys) > KEY_MULTIPLE and padded != int(keys):
+            pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - int(keys), 0, 0]
+            key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
+            mask = relax.const(np.where(np.arange(padded) < int(keys), 0.0, -np.inf).astype(str(dtype)))
         key_t = bb.emit(
             relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1, len(key.ty.shape) - 2])
         )
         scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
-        mask = call.get("attn_mask")
         if mask is not None:
-            mask = self.env[mask]
+            mask = self.env[mask] if isinstance(mask, fx.Node) else mask
             if mask.ty.dtype == "bool":
                 mask = bb.emit(relax.op.where(mask, relax.const(0.0, dtype), relax.const(float("-inf"), dtype)))
             scores = bb.emit(relax.op.add(scores, mask))

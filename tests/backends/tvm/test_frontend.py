@@ -169,3 +169,19 @@ def test_shape_asserts_are_checked_at_import_and_value_asserts_are_named() -> No
     torch.testing.assert_close(runner(x), x + 1)
     with pytest.raises(BackendError, match=r"torch._assert on tensor values"):
         TVMBackend().compile(lowbit.trace(_ValueAssert(), (x,)), (x,))
+
+
+class _SelfAttention(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("keys", [37, 16, 5])
+def test_attention_with_keys_padded_to_whole_vectors_matches_torch(keys: int) -> None:
+    """37 keys are padded to 48 (their scores sent to -inf), 16 and 5 are not; the result is torch's."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 11, 8), torch.randn(2, 3, keys, 8), torch.randn(2, 3, keys, 8)
+    gm = lowbit.trace(_SelfAttention(), (q, k, v))
+    assert ("pad" in import_graph(gm, input_specs(gm, (q, k, v)), {}).script()) == (keys == 37)
+    runner = TVMBackend().compile(gm, (q, k, v))
+    torch.testing.assert_close(runner(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
