@@ -336,10 +336,10 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         Written out as ``softmax(q kᵀ · scale + mask) v`` because Relax's fused attention
         takes float masks of one exact shape only and legalizes to one unscheduled loop nest
         (the batched matmuls and the softmax get the CPU schedules instead); a boolean mask
-        keeps ``True`` positions and sends the others to ``-inf``, as torch does. Without a mask, keys
-        and values of static length are zero-padded to a multiple of `KEY_MULTIPLE` and the padded
-        keys' scores sent to ``-inf`` (their weights are 0): the softmax rows then fill whole vectors
-        (197 tokens have no power-of-two divisor).
+        keeps ``True`` positions and sends the others to ``-inf``, as torch does. Keys and values of
+        static length are zero-padded to a multiple of `KEY_MULTIPLE` and the padded keys' scores
+        sent to ``-inf`` (their weights are 0; a mask is padded likewise): the softmax rows then fill
+        whole vectors (197 tokens have no power-of-two divisor).
         """
         call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
         if call.get("dropout_p", 0.0) or call.get("is_causal", False) or call.get("enable_gqa", False):
@@ -349,23 +349,36 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         head_dim = int(query.ty.shape[-1])
         scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
         dtype = query.ty.dtype
-        mask = call.get("attn_mask")
-        keys = key.ty.shape[-2]
-        padded = -(-int(keys) // KEY_MULTIPLE) * KEY_MULTIPLE if isinstance(keys, tvm.tirx.IntImm) else keys
-        if mask is None and isinstance(keys, tvm.tirx.IntImm) and int(keys) > KEY_MULTIPLE and padded != int(keys):
-            pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - int(keys), 0, 0]
+        masks = [self._additive_mask(self.env[call["attn_mask"]], dtype)] if call.get("attn_mask") is not None else []
+        keys = int(key.ty.shape[-2]) if isinstance(key.ty.shape[-2], tvm.tirx.IntImm) else 0
+        padded = -(-keys // KEY_MULTIPLE) * KEY_MULTIPLE
+        if keys > KEY_MULTIPLE and padded != keys:
+            pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - keys, 0, 0]
             key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
-            mask = relax.const(np.where(np.arange(padded) < int(keys), 0.0, -np.inf).astype(str(dtype)))
+            masks = [self._pad_keys(mask, padded) for mask in masks]
+            if not masks or int(masks[0].ty.shape[-1]) != padded:
+                masks.append(relax.const(np.where(np.arange(padded) < keys, 0.0, -np.inf).astype(str(dtype))))
         key_t = bb.emit(
             relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1, len(key.ty.shape) - 2])
         )
         scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
-        if mask is not None:
-            mask = self.env[mask] if isinstance(mask, fx.Node) else mask
-            if mask.ty.dtype == "bool":
-                mask = bb.emit(relax.op.where(mask, relax.const(0.0, dtype), relax.const(float("-inf"), dtype)))
+        for mask in masks:
             scores = bb.emit(relax.op.add(scores, mask))
         return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
+
+    def _additive_mask(self, mask: relax.Expr, dtype: str) -> relax.Expr:
+        """A float mask as it is; a boolean one as 0 where ``True`` and ``-inf`` elsewhere."""
+        if mask.ty.dtype != "bool":
+            return mask
+        zero, never = relax.const(0.0, dtype), relax.const(float("-inf"), dtype)
+        return self.block_builder.emit(relax.op.where(mask, zero, never))
+
+    def _pad_keys(self, mask: relax.Expr, padded: int) -> relax.Expr:
+        """An additive mask over the keys extended to ``padded`` keys at ``-inf`` (one broadcast over them stays)."""
+        if int(mask.ty.shape[-1]) == 1:
+            return mask
+        pad_width = [0, 0] * (len(mask.ty.shape) - 1) + [0, padded - int(mask.ty.shape[-1])]
+        return self.block_builder.emit(relax.op.nn.pad(mask, pad_width, pad_value=float("-inf")))
 
     def _diff(self, node: fx.Node) -> relax.Expr:
         """``aten.diff(x, n, dim, prepend, append)``: ``n`` times ``x[1:] - x[:-1]`` along ``dim``.

@@ -172,16 +172,21 @@ def test_shape_asserts_are_checked_at_import_and_value_asserts_are_named() -> No
 
 
 class _SelfAttention(nn.Module):
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v) + F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.parametrize("keys", [37, 16, 5])
-def test_attention_with_keys_padded_to_whole_vectors_matches_torch(keys: int) -> None:
-    """37 keys are padded to 48 (their scores sent to -inf), 16 and 5 are not; the result is torch's."""
+@pytest.mark.parametrize(
+    ("keys", "mask_keys", "boolean"), [(37, 37, True), (37, 1, False), (16, 16, True), (5, 5, False)]
+)
+def test_attention_with_keys_padded_to_whole_vectors_matches_torch(keys: int, mask_keys: int, boolean: bool) -> None:
+    """37 keys are padded to 48 (their scores sent to -inf, a mask over them too), 16 and 5 are not."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 11, 8), torch.randn(2, 3, keys, 8), torch.randn(2, 3, keys, 8)
-    gm = lowbit.trace(_SelfAttention(), (q, k, v))
-    assert ("pad" in import_graph(gm, input_specs(gm, (q, k, v)), {}).script()) == (keys == 37)
-    runner = TVMBackend().compile(gm, (q, k, v))
-    torch.testing.assert_close(runner(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    mask = torch.rand(2, 1, 11, mask_keys) > 0.3 if boolean else torch.randn(2, 1, 11, mask_keys)
+    if boolean:
+        mask[..., 0] = True  # every query sees a key
+    gm = lowbit.trace(_SelfAttention(), (q, k, v, mask))
+    assert ("pad" in import_graph(gm, input_specs(gm, (q, k, v, mask)), {}).script()) == (keys == 37)
+    runner = TVMBackend().compile(gm, (q, k, v, mask))
+    torch.testing.assert_close(runner(q, k, v, mask), _SelfAttention()(q, k, v, mask), rtol=1e-5, atol=1e-5)
