@@ -9,7 +9,8 @@ PrimFunc a real schedule:
   run, the vector axis being the innermost spatial loop (contiguous for matmul with a
   (K, N) weight and for NCHW convolution), parallel over the remaining tiles; producers
   such as padding are inlined and elementwise epilogues (bias, ReLU) are folded into
-  the write-back.
+  the write-back. A matmul whose rows or columns leave no whole tile (197 tokens) runs
+  on zero-padded copies of its inputs.
 * `Elementwise` — only spatial blocks: fuse, parallelize, vectorize.
 * `RowReduction` — reductions over the last axis with elementwise stages (softmax,
   layer norm): one parallel loop over rows, each reduction accumulated in vector lanes

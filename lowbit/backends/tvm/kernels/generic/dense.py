@@ -6,6 +6,7 @@ packed kernel covers (3-bit codes, uneven groups), dequantized once at compile t
 and runs on the panel micro-kernel of `packed_gemm.schedule_panels` (a task streams one
 contiguous panel; its rows share each loaded weight vector); otherwise it is stored
 transposed ``(K, N)`` and scheduled by `lowbit.backends.tvm.schedule.schedule_tiled_reduction`.
+The CPU toolchain pads the rows to a multiple of the register tile (`packed_gemm.tile_rows`).
 """
 
 from __future__ import annotations
