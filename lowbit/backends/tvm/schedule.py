@@ -274,21 +274,23 @@ def _pad_to_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: in
     """Pad a matmul-like block whose rows or columns would leave `schedule_tiled_reduction` a degenerate tile.
 
     197 rows (a ViT's tokens) have no divisor up to `ROW_TILE` but 1, and 197 columns no
-    power-of-two divisor: the tile would be one scalar. The block's rows are then rounded up
-    to a multiple of `ROW_TILE` and its columns to a whole register tile, computing on
+    power-of-two divisor: the tile would be one scalar. Such rows are then rounded up to a
+    multiple of `ROW_TILE` and such (odd) columns to a whole register tile, computing on
     zero-padded copies of its inputs (``pad_einsum``); a copy block takes the result back
     out, with the block's elementwise consumers inlined into it. Returns the copy blocks
-    (inputs and result) to schedule, none where nothing is padded or the block's reads are
-    not plain indexed loads (a convolution's windows).
+    (inputs and result) to schedule, none where nothing is padded, the block reduces over
+    several axes or its reads are not plain indexed loads.
     """
     iters = get_sblock_info(sch, block).iters
     spatial = [index for index, it in enumerate(iters) if it.kind == "S"]
+    if len(iters) - len(spatial) != 1:
+        return []  # a matmul reduces over one axis
     extents = [int(it.dom) for it in iters]
     padding = list(extents)
     if len(spatial) >= 2 and extents[spatial[-2]] > 1 and divisor_at_most(extents[spatial[-2]], ROW_TILE) == 1:
         padding[spatial[-2]] = _round_up(extents[spatial[-2]], ROW_TILE)
     tile = lanes * ACCUMULATORS // ROW_TILE
-    if spatial and extents[spatial[-1]] >= tile and power_of_two_divisor(extents[spatial[-1]], lanes) < lanes:
+    if spatial and extents[spatial[-1]] >= tile and extents[spatial[-1]] % 2:
         padding[spatial[-1]] = _round_up(extents[spatial[-1]], tile)
     if padding == extents:
         return []
