@@ -3,9 +3,10 @@
 `GraphImporter` is TVM's FX importer extended with the ATen overloads that graphs traced by torch.export keep, and
 a few conversions the frontend lacks or gets wrong (attention written out as matmuls and softmax, ``diff``, integer
 ``cumsum``, ``to.device``, ``new_ones`` with a dtype, ``masked_fill``, integer indexing, ``F.layer_norm`` with keyword
-arguments, ``torch._assert`` on static shapes). The lowbit linears are converted by
-the caller's ``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the toolchain's
-hook (`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the fix.
+arguments, ``torch._assert`` on static shapes, patch-embedding convolutions as matmuls). The lowbit linears are
+converted by the caller's ``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the
+toolchain's hook (`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the
+fix.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
         )
 
 
-#: Attention without a mask pads its keys to a multiple of this (a vector of AVX-512 float32 lanes).
+#: Attention pads its keys to a multiple of this (a vector of AVX-512 float32 lanes).
 KEY_MULTIPLE = 16
 #: ``F.conv2d``'s arguments in order.
 _CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -291,7 +292,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
     def _static_assert(self, node: fx.Node) -> None:
         """``torch._assert(condition, message)`` on shapes: checked now, since the module is compiled for the
         input shapes given; a condition on tensor values, which the compiled module could not check, is an error."""
-        condition = self.env.get(node.args[0], node.args[0]) if isinstance(node.args[0], fx.Node) else node.args[0]
+        condition = self.env[node.args[0]] if isinstance(node.args[0], fx.Node) else node.args[0]
         if isinstance(condition, tvm.tirx.IntImm):  # a comparison of static shapes, folded by the importer
             condition = bool(condition.value)
         if not isinstance(condition, bool | int):
