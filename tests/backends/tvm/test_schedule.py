@@ -186,5 +186,5 @@ def test_tiled_reduction_is_exact_on_rows_and_columns_without_whole_tiles(
 
 def test_tiled_reduction_pads_197_rows_to_whole_register_tiles() -> None:
     script = default_schedule(te.create_prim_func(batched_matmul(6, 197, 64, 197))).script()
-    assert "a_pad" in script and "b_pad" in script  # zero-padded copies: 200 rows, 224 columns
-    assert "T.unroll(4)" in script.replace("T.int64(4)", "4") and "T.vectorized(" in script
+    assert "a_pad" in script and "b_pad" in script  # zero-padded copies: 200 rows (8-row tiles), 224 columns
+    assert "T.unroll(8)" in script.replace("T.int64(8)", "8") and "T.vectorized(" in script
