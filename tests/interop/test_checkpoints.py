@@ -24,6 +24,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 LIMITS = {"input_ids": {0: (1, 2), 1: (1, 32)}}
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+GPTQ_ACT_ORDER = "gptq:bits=4,group_size=16,act_order=true,act_group_aware=false,mse=0,ignore=[lm_head]"
 
 
 def llama() -> torch.nn.Module:
@@ -252,8 +253,8 @@ def test_compressed_tensors_export_reads_back_in_the_package_and_round_trips(tmp
 
 
 def test_exports_refuse_what_compressed_tensors_cannot_hold_and_leave_no_files(tmp_path, monkeypatch):
-    calibration = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    act_order = lowbit.compile(llama(), (ids(),), passes=["gptq:bits=4,group_size=16,act_order=true,ignore=[lm_head]"],
+    calibration = [torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    act_order = lowbit.compile(llama(), (ids(),), passes=[GPTQ_ACT_ORDER],
                                calibration=calibration, target="torch", dynamic_shapes=LIMITS)  # fmt: skip
     with pytest.raises(CheckpointError, match=r"layer 'model\.layers\.0\..*act-order"):
         export_compressed_tensors(act_order, tmp_path / "a")
