@@ -209,6 +209,16 @@ def test_compressed_tensors_packed_by_the_package_load_bit_exact(bits, group_siz
         assert got.group_size == qw.group_size and got.g_idx is None
 
 
+def test_compressed_tensors_act_order_groups_load():
+    """A checkpoint with ``weight_g_idx`` (compressed-tensors' former 'group' activation ordering) keeps its groups."""
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    qw = quantized(weight, 4, 16, False, True)
+    tensors = {**ct_tensors("fc", qw), "fc.weight_g_idx": qw.g_idx}
+    got = read_checkpoint(tensors, ct_config(4, 16, False)).layers["fc"]
+    assert torch.equal(got.g_idx, qw.g_idx) and torch.equal(got.codes, qw.codes) and torch.equal(got.zeros, qw.zeros)
+    torch.testing.assert_close(got.dequantize(), qw.dequantize(), rtol=0, atol=0)
+
+
 def compiled_lm(bits: int, group_size: int, symmetric: bool):
     spec = f"rtn:bits={bits},group_size={group_size},symmetric={symmetric},ignore=[lm_head]"
     return lowbit.compile(llama(), (ids(),), passes=[spec], target="torch", dynamic_shapes=LIMITS)
@@ -346,5 +356,10 @@ def test_checkpoint_layers_that_do_not_fit_the_model_are_named_errors(tmp_path):
     wrong = torch.nn.Sequential(torch.nn.Linear(32, 16))
     with pytest.raises(CheckpointError, match=r"0: the checkpoint's weight is 16x64, the layer's is \(16, 32\)"):
         lowbit.compile(wrong, (torch.randn(2, 32),), passes=[f"load_checkpoint:path={directory}"])
+    tensors["0.bias"] = torch.ones(16, dtype=torch.float16)
+    save_file({k.replace("fc.", "0."): v for k, v in tensors.items()}, directory / "model.safetensors")
+    no_bias = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False))
+    with pytest.raises(CheckpointError, match=r"0\.bias: a non-zero bias for a layer of the model that has none"):
+        lowbit.compile(no_bias, (torch.randn(2, 64),), passes=[f"load_checkpoint:path={directory}"])
     with pytest.raises(CheckpointError, match="no \\*.safetensors file"):
         read_checkpoint(tmp_path / "nothing")

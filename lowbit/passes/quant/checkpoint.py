@@ -100,6 +100,8 @@ def _load_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> int:
     for name, value in tensors.items():
         target = state.get(name)
         if target is None:
+            if name.endswith(".bias") and bool(value.any()):
+                raise checkpoints.CheckpointError(f"{name}: a non-zero bias for a layer of the model that has none")
             log.debug("load_checkpoint: %s names no tensor of the graph; left out", name)
             continue
         if tuple(target.shape) != tuple(value.shape):
