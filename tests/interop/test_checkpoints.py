@@ -14,6 +14,7 @@ import transformers
 from safetensors.torch import save_file
 
 import lowbit
+from lowbit.errors import PassConfigError
 from lowbit.interop.checkpoints import CheckpointError, export_compressed_tensors, packed_linears, read_checkpoint
 from lowbit.ir import packing
 from lowbit.passes.quant import GPTQOptions, LoadCheckpoint, QuantizedWeight, gptq_quantize, quantize_weight
@@ -361,5 +362,7 @@ def test_checkpoint_layers_that_do_not_fit_the_model_are_named_errors(tmp_path):
     no_bias = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False))
     with pytest.raises(CheckpointError, match=r"0\.bias: a non-zero bias for a layer of the model that has none"):
         lowbit.compile(no_bias, (torch.randn(2, 64),), passes=[f"load_checkpoint:path={directory}"])
+    with pytest.raises(PassConfigError, match="load_checkpoint: path is required"):
+        lowbit.compile(wrong, (torch.randn(2, 32),), passes=["load_checkpoint"])
     with pytest.raises(CheckpointError, match="no \\*.safetensors file"):
         read_checkpoint(tmp_path / "nothing")

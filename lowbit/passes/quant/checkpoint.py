@@ -29,12 +29,7 @@ log = logging.getLogger(__name__)
 class LoadCheckpointConfig(PassConfig):
     """Options of the ``load_checkpoint`` pass."""
 
-    path: str = option("", help="directory of a GPTQ or compressed-tensors checkpoint (safetensors + config.json)")
-
-    def check(self, pass_name: str) -> None:
-        super().check(pass_name)
-        if not self.path:
-            raise PassConfigError(f"{pass_name}: path is required (the checkpoint directory)")
+    path: str = option("", help="(required) GPTQ or compressed-tensors checkpoint directory (safetensors, config.json)")
 
 
 @register
@@ -50,6 +45,8 @@ class LoadCheckpoint(Pass):
     pattern = "nn.Linear"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not self.config.path:
+            raise PassConfigError(f"{self.name}: path is required (the checkpoint directory)")
         return apply_checkpoint(gm, checkpoints.read_checkpoint(self.config.path))
 
 
