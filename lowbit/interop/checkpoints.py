@@ -120,12 +120,10 @@ def packed_linears(graph: fx.GraphModule) -> dict[str, tuple[dict[str, Any], set
         if node.op != "call_function" or not str(node.target).startswith("lowbit."):
             continue
         if node.target is not ops.linear_packed:
-            if str(node.target).startswith("lowbit.linear_packed"):
-                raise CheckpointError(
-                    f"node '{node.name}' ({node.target}) quantizes activations, which compressed-tensors "
-                    "pack-quantized (weight-only) does not describe"
-                )
-            continue
+            raise CheckpointError(
+                f"node '{node.name}' calls {node.target}: compressed-tensors pack-quantized describes weight-only "
+                "linears (int8 activations, packed embeddings and convolutions have no form there)"
+            )
         kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
         attributes = {str(v.target) for k, v in kwargs.items() if k != "x" and isinstance(v, fx.Node)}
         arguments = {k: get_attr(graph, v) if isinstance(v, fx.Node) else v for k, v in kwargs.items() if k != "x"}
@@ -368,16 +366,8 @@ def _ct_config(schemes: Mapping[tuple[int, str, int | None, bool], list[str]], i
 
 
 def _plain_tensors(graph: fx.GraphModule, owned: set[str]) -> dict[str, torch.Tensor]:
-    """The graph's float parameters and buffers that no packed linear reads; other packed tensors are refused."""
-    tensors = {}
-    for name, value in graph.state_dict().items():
-        if name in owned:
-            continue
-        if not value.is_floating_point():
-            raise CheckpointError(f"'{name}' ({value.dtype}) belongs to a packed layer that is not a linear; "
-                                  "compressed-tensors pack-quantized holds linear weights only")  # fmt: skip
-        tensors[name] = value.detach().cpu().contiguous()
-    return tensors
+    """The graph's parameters and buffers that no packed linear reads (`packed_linears` refused other packed ops)."""
+    return {name: value.detach().cpu().contiguous() for name, value in graph.state_dict().items() if name not in owned}
 
 
 def _float_linears(graph: fx.GraphModule) -> list[str]:

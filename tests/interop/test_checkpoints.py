@@ -273,6 +273,10 @@ def test_exports_refuse_what_compressed_tensors_cannot_hold_and_leave_no_files(t
                             passes=["rtn:bits=4,group_size=32"])  # fmt: skip
     with pytest.raises(CheckpointError, match=r"layer '0': group_size 32 does not divide in_features 48"):
         export_compressed_tensors(uneven, tmp_path / "b")
+    conv = lowbit.compile(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3)), (torch.randn(1, 4, 8, 8),),
+                          passes=["rtn:bits=4,group_size=-1"])  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"calls lowbit\.conv_packed\.default: compressed-tensors"):
+        export_compressed_tensors(conv, tmp_path / "conv")
     compiled = compiled_lm(4, 32, True)
     with pytest.raises(CheckpointError, match="not exact in torch.float16"):
         export_compressed_tensors(compiled, tmp_path / "c", scale_dtype=torch.float16)
