@@ -242,6 +242,8 @@ def test_compressed_tensors_export_reads_back_in_the_package_and_round_trips(tmp
     tensors = load_file(out / "model.safetensors")
     layers = packed_linears(compiled.graph)
     assert len(layers) == len(PROJECTIONS)
+    floats = {name for name in llama().state_dict() if name.removesuffix(".weight") not in layers}
+    assert {name for name in tensors if ".weight_" not in name} == floats
     for path, (arguments, _) in layers.items():
         shape = tensors[f"{path}.weight_shape"].tolist()
         codes = unpack_from_int32(tensors[f"{path}.weight_packed"], bits, torch.Size(shape)).to(torch.int32)
@@ -261,6 +263,18 @@ def test_compressed_tensors_export_reads_back_in_the_package_and_round_trips(tmp
             a, b = arguments[name], layers[path][0][name]
             assert (a is None and b is None) or torch.equal(a, b), (path, name)
     torch.testing.assert_close(reloaded(ids()).logits, compiled(ids()).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(4, 16, False), (8, -1, True)])
+def test_compressed_tensors_export_loads_in_transformers(tmp_path, bits, group_size, symmetric):
+    """transformers (through compressed-tensors) loads the export with no missing or unexpected tensor and computes
+    lowbit's logits."""
+    compiled = compiled_lm(bits, group_size, symmetric)
+    out = export_compressed_tensors(compiled, tmp_path / "ct", config=llama().config)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, compiled(ids()).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_exports_refuse_what_compressed_tensors_cannot_hold_and_leave_no_files(tmp_path, monkeypatch):
