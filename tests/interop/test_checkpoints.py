@@ -155,7 +155,9 @@ def test_gptq_checkpoint_compiles_for_x86(tmp_path):
     layers = {path: quantized(mlp.get_submodule(path).weight.detach(), 4, 32, False, False) for path in ("0", "2")}
     tensors = {name: value for path, qw in layers.items() for name, value in gptq_tensors(path, qw).items()}
     tensors.update({"0.bias": mlp[0].bias.detach(), "2.bias": mlp[2].bias.detach()})
-    save_file(tensors, directory / "model.safetensors")
+    for shard, prefix in enumerate(("0.", "2.")):  # a sharded checkpoint: one file per layer
+        shard_tensors = {name: value for name, value in tensors.items() if name.startswith(prefix)}
+        save_file(shard_tensors, directory / f"model-0000{shard + 1}-of-00002.safetensors")
     (directory / "config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False}}))  # fmt: skip
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(2))
@@ -225,7 +227,9 @@ def compiled_lm(bits: int, group_size: int, symmetric: bool):
     return lowbit.compile(llama(), (ids(),), passes=[spec], target="torch", dynamic_shapes=LIMITS)
 
 
-@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(4, 32, True), (4, 16, False), (8, -1, False)])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"), [(4, 32, True), (4, 16, False), (8, -1, False), (3, 32, False), (2, 16, True)]
+)
 def test_compressed_tensors_export_reads_back_in_the_package_and_round_trips(tmp_path, bits, group_size, symmetric):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
