@@ -159,6 +159,7 @@ def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
@@ -166,19 +167,32 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{directory}: no *.safetensors file to read")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        tensors.update(load_file(file))
+        try:
+            tensors.update(load_file(file))
+        except SafetensorError as error:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
     return tensors
 
 
 def _read_quantization_config(directory: Path) -> dict[str, Any]:
     config_file, gptq_file = directory / "config.json", directory / "quantize_config.json"
     if config_file.is_file():
-        quantization = json.loads(config_file.read_text()).get("quantization_config")
+        quantization = _read_json(config_file).get("quantization_config")
         if quantization is not None:
             return quantization
     if gptq_file.is_file():
-        return {"quant_method": "gptq", **json.loads(gptq_file.read_text())}
+        return {"quant_method": "gptq", **_read_json(gptq_file)}
     raise CheckpointError(f"{directory}: neither config.json's quantization_config nor quantize_config.json is present")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file}: not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _read_gptq(tensors: dict[str, torch.Tensor], settings: Mapping[str, Any]) -> QuantizedCheckpoint:

@@ -388,3 +388,9 @@ def test_checkpoint_layers_that_do_not_fit_the_model_are_named_errors(tmp_path):
         lowbit.compile(wrong, (torch.randn(2, 32),), passes=["load_checkpoint"])
     with pytest.raises(CheckpointError, match="no \\*.safetensors file"):
         read_checkpoint(tmp_path / "nothing")
+    (directory / "quantize_config.json").write_text("{bits: 4")
+    with pytest.raises(CheckpointError, match=r"quantize_config\.json: not valid JSON"):
+        read_checkpoint(directory)
+    (directory / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        read_checkpoint(directory)
