@@ -379,6 +379,10 @@ def test_checkpoint_layers_that_do_not_fit_the_model_are_named_errors(tmp_path):
     wrong = torch.nn.Sequential(torch.nn.Linear(32, 16))
     with pytest.raises(CheckpointError, match=r"0: the checkpoint's weight is 16x64, the layer's is \(16, 32\)"):
         lowbit.compile(wrong, (torch.randn(2, 32),), passes=[f"load_checkpoint:path={directory}"])
+    save_file({"0.weight": torch.zeros(16, 64), "0.bias": torch.zeros(8)}, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"0\.bias: shape \(8,\) in the checkpoint, \(16,\) in the model"):
+        lowbit.compile(torch.nn.Sequential(torch.nn.Linear(64, 16)), (torch.randn(2, 64),),
+                       passes=[f"load_checkpoint:path={directory}"])  # fmt: skip
     tensors["0.bias"] = torch.ones(16, dtype=torch.float16)
     save_file({k.replace("fc.", "0."): v for k, v in tensors.items()}, directory / "model.safetensors")
     no_bias = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False))

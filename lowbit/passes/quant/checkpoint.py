@@ -19,6 +19,7 @@ from lowbit.interop import checkpoints
 from lowbit.ir.annotations import QuantScheme
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
+from lowbit.passes.quant.grid import QuantizedWeight
 from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
 from lowbit.passes.registry import register
 
@@ -51,28 +52,16 @@ class LoadCheckpoint(Pass):
 
 
 def apply_checkpoint(gm: fx.GraphModule, checkpoint: checkpoints.QuantizedCheckpoint) -> PassResult:
-    """Load ``checkpoint``'s plain tensors into ``gm``, then replace every linear it quantizes (module doc)."""
-    loaded = _load_tensors(gm, checkpoint.tensors)
+    """Check that every layer ``checkpoint`` quantizes fits ``gm``, load its plain tensors into ``gm``, then replace
+    those layers (module doc)."""
     nodes = {}
     for node, path, _ in linear_nodes(gm):
         nodes.setdefault(path, node)
-    missing = sorted(set(checkpoint.layers) - set(nodes))
-    if missing:
-        raise checkpoints.CheckpointError(
-            f"{missing[0]}: the checkpoint quantizes this layer, but the graph calls no nn.Linear there"
-        )
+    for path, qw in checkpoint.layers.items():
+        _check_layer(gm, path, qw, path in nodes)
+    loaded = _load_tensors(gm, checkpoint.tensors)
     records = []
     for path, qw in checkpoint.layers.items():
-        reason = unsupported_reason(gm, path)
-        if reason is not None:
-            raise checkpoints.CheckpointError(
-                f"{path}: the checkpoint's packed weight cannot replace this layer: {reason}"
-            )
-        shape = tuple(gm.get_submodule(path).weight.shape)
-        if (qw.out_features, qw.in_features) != shape:
-            raise checkpoints.CheckpointError(
-                f"{path}: the checkpoint's weight is {qw.out_features}x{qw.in_features}, the layer's is {shape}"
-            )
         symmetric = qw.zeros is None
         scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=symmetric, method=checkpoint.format)
         replace_linear(gm, nodes[path], qw, scheme, recompile=False)
@@ -90,25 +79,43 @@ def apply_checkpoint(gm: fx.GraphModule, checkpoint: checkpoints.QuantizedCheckp
     )
 
 
+def _check_layer(gm: fx.GraphModule, path: str, qw: QuantizedWeight, called: bool) -> None:
+    """Raise `CheckpointError` unless the packed weight ``qw`` can replace the linear the graph calls at ``path``."""
+    if not called:
+        raise checkpoints.CheckpointError(
+            f"{path}: the checkpoint quantizes this layer, but the graph calls no nn.Linear there"
+        )
+    reason = unsupported_reason(gm, path)
+    if reason is not None:
+        raise checkpoints.CheckpointError(f"{path}: the checkpoint's packed weight cannot replace this layer: {reason}")
+    shape = tuple(gm.get_submodule(path).weight.shape)
+    if (qw.out_features, qw.in_features) != shape:
+        raise checkpoints.CheckpointError(
+            f"{path}: the checkpoint's weight is {qw.out_features}x{qw.in_features}, the layer's is {shape}"
+        )
+
+
 def _load_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> int:
-    """Copy the checkpoint tensors that name a parameter or buffer of ``gm`` into it; the count copied."""
+    """Copy the checkpoint tensors that name a parameter or buffer of ``gm`` into it, after checking them all; the
+    count copied."""
     state = gm.state_dict(keep_vars=True)
-    loaded = 0
+    pairs = []
     for name, value in tensors.items():
         target = state.get(name)
         if target is None:
             if name.endswith(".bias") and bool(value.any()):
                 raise checkpoints.CheckpointError(f"{name}: a non-zero bias for a layer of the model that has none")
             log.debug("load_checkpoint: %s names no tensor of the graph; left out", name)
-            continue
-        if tuple(target.shape) != tuple(value.shape):
+        elif tuple(target.shape) != tuple(value.shape):
             raise checkpoints.CheckpointError(
                 f"{name}: shape {tuple(value.shape)} in the checkpoint, {tuple(target.shape)} in the model"
             )
-        with torch.no_grad():
+        else:
+            pairs.append((target, value))
+    with torch.no_grad():
+        for target, value in pairs:
             target.copy_(value.to(target.dtype))
-        loaded += 1
-    return loaded
+    return len(pairs)
 
 
 __all__ = ["LoadCheckpoint", "LoadCheckpointConfig", "apply_checkpoint"]
