@@ -1,0 +1,1 @@
+"""Interchange with other tools' model formats (quantized checkpoints, exchange graphs)."""
