@@ -1,2 +1,1 @@
-"""Exchange with other model formats: ONNX export of a compiled graph (`onnx_export`) and ONNX import into the FX IR
-(`onnx_import`)."""
+"""Interchange with other tools' model formats (quantized checkpoints, exchange graphs such as ONNX)."""

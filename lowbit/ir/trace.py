@@ -4,7 +4,9 @@ Two tracers, tried in this order by ``tracer="auto"``:
 
 * ``"fx"``: torch.fx symbolic tracing. Standard ``torch.nn`` layers (Linear, Conv,
   Embedding, norms, activations, pooling...) and the user's ``leaf_modules`` stay
-  opaque ``call_module`` nodes. Fails on data-dependent Python control flow.
+  opaque ``call_module`` nodes. Arguments of ``forward`` with no example value and a constant default
+  (``attn_mask=None``, ``is_causal=False``) are bound to it, not graph inputs. Fails on data-dependent
+  Python control flow.
 * ``"export"``: ``torch.export.export`` (non-strict), then canonicalized
   (`lowbit.ir.canonicalize`) so layers are ``call_module`` nodes again. This is the
   tracer that handles transformers 5.x models (their own fx tracer no longer exists);
@@ -25,8 +27,10 @@ tracing broke and how to fix it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import logging
+import operator
 import sysconfig
 import time
 import traceback
@@ -40,6 +44,7 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.fx.experimental._config as fx_config
 from torch import nn
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
@@ -92,10 +97,67 @@ class LeafTracer(fx.Tracer):
         return output_structure(m, out) if isinstance(out, fx.Proxy) and decomposable(m) else out
 
 
-def _trace_fx(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> fx.GraphModule:
+#: Types of a default value that the fx tracer binds as a constant when no example input is given for it.
+_CONSTANT_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def unbound_defaults(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``model.forward`` left at a constant default (``attn_mask=None``, ``is_causal=False``).
+
+    They are no graph inputs: the fx tracer binds them as constants, so branches such as
+    ``if attn_mask is not None`` are decided at trace time, as they are in the eager call.
+    """
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    bound = {p.name for p in parameters[: len(args)] if p.kind in positional} | set(kwargs)
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in bound
+        and p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)
+        and type(p.default) in _CONSTANT_DEFAULTS
+    }
+
+
+def _drop_specialization_guards(gm: fx.GraphModule) -> None:
+    """Remove the inputs fx keeps for constant-bound arguments, with the checks it attaches to them.
+
+    fx leaves each bound argument as a defaulted placeholder that only feeds a guard
+    (``_assert_is_none(arg)`` or ``torch._assert(arg == value)``); the traced graph never reads it otherwise.
+    """
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder" and n.args]:
+        guards = [_guard(user) for user in node.users]
+        if not node.users or any(guard is None for guard in guards):
+            continue
+        for guard in guards:
+            for step in guard:
+                gm.graph.erase_node(step)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _guard(user: fx.Node) -> list[fx.Node] | None:
+    """The nodes of fx's specialization guard starting at ``user`` (in erase order), or None if it is none."""
+    if user.target is _assert_is_none:
+        return [user]
+    checks = list(user.users)
+    specialized = (
+        user.target is operator.eq
+        and len(checks) == 1
+        and checks[0].target is torch._assert
+        and "has been specialized to have value" in str(checks[0].args[1])
+    )
+    return [checks[0], user] if specialized else None
+
+
+def _trace_fx(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Sequence[LeafModule]
+) -> fx.GraphModule:
     tracer = LeafTracer(leaf_modules)
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    graph = tracer.trace(model, concrete_args=unbound_defaults(model, args, kwargs) or None)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _drop_specialization_guards(gm)
+    return gm
 
 
 def _trace_export(
@@ -211,6 +273,11 @@ _CONSTRUCTS: tuple[_Construct, ...] = (
         ("register a pytree",),
         "an input or output of a type torch.export cannot flatten (e.g. a KV cache object)",
         "build transformers causal LMs with use_cache=False in their config, or register the type as a pytree node",
+    ),
+    _Construct(
+        ("target=torch._assert", "AssertionError"),
+        "an assertion of the model (torch._assert, assert) that fails for the example inputs",
+        "pass example inputs of the shape and size the model expects",
     ),
     _Construct(
         ("Proxy",),
@@ -329,7 +396,10 @@ def _trace_with(
     free_batch: bool = False,
 ) -> fx.GraphModule:
     """Trace with one tracer, shape-propagate and check the graph (model already in eval)."""
-    gm = _trace_fx(model, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs, free_batch)
+    if name == "fx":
+        gm = _trace_fx(model, args, kwargs, leaf_modules)
+    else:
+        gm = _trace_export(model, args, kwargs, free_batch)
     gm.graph.lint()
     propagate_shapes(gm, args, kwargs)
     if decompose(gm, LeafTracer(leaf_modules).is_user_leaf):
@@ -426,4 +496,13 @@ def diagnose(
         return [_attempt(name, model, args, kwargs, leaf_modules) for name in TRACERS]
 
 
-__all__ = ["TRACERS", "LeafTracer", "TraceAttempt", "diagnose", "graph_inputs", "propagate_shapes", "trace"]
+__all__ = [
+    "TRACERS",
+    "LeafTracer",
+    "TraceAttempt",
+    "diagnose",
+    "graph_inputs",
+    "propagate_shapes",
+    "trace",
+    "unbound_defaults",
+]

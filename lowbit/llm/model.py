@@ -95,9 +95,9 @@ class CompiledCausalLM(CompiledModel):
 
     def export(self, path: str | Path, overwrite: bool = False, format: str = "lowbit") -> Path:
         """Write the decoder, ``decoder.json``, the generation config and the tokenizer to the directory ``path``;
-        ``format="gguf"`` writes the file ``path`` for llama.cpp instead (`lowbit.llm.gguf_export`)."""
+        ``format="gguf"`` writes the file ``path`` for llama.cpp instead (`lowbit.interop.gguf`)."""
         if format == "gguf":
-            from lowbit.llm.gguf_export import write_gguf
+            from lowbit.interop.gguf import write_gguf
 
             return write_gguf(self.graph, self.layout.spec, self.tokenizer, path, overwrite=overwrite)
         if format != "lowbit":

@@ -16,7 +16,7 @@ import lowbit
 from lowbit.cli import main
 from lowbit.errors import ArtifactError
 from lowbit.ir import packing
-from lowbit.llm.gguf_export import GGUFExportError, rotary_rows
+from lowbit.interop.gguf import GGUFExportError, rotary_rows
 from lowbit.llm.model import CompiledCausalLM
 from lowbit.llm.weights import read_weights
 

@@ -358,13 +358,26 @@ def grouped_columns(bb: relax.BlockBuilder, x: relax.Expr, order: torch.Tensor |
 
 
 def emit_on_rows(
-    bb: relax.BlockBuilder, x: relax.Expr, n_out: int, call: Callable[[relax.Expr, int], relax.Expr]
+    bb: relax.BlockBuilder,
+    x: relax.Expr,
+    n_out: int,
+    call: Callable[[relax.Expr, int], relax.Expr],
+    row_multiple: int = 1,
 ) -> relax.Expr:
-    """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored."""
+    """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored.
+
+    With ``row_multiple``, more rows than that are zero-padded to a multiple of it (the padded rows of the result
+    dropped), so a kernel tiled by rows gets whole tiles: 197 tokens have no divisor but 1 up to a tile of 8.
+    """
     shape = [int(d) for d in x.ty.shape]
     rows = math.prod(shape[:-1])
     x2d = bb.emit(relax.op.reshape(x, (rows, shape[-1]))) if len(shape) != 2 else x
-    out = bb.emit(call(x2d, rows))
+    padded = -(-rows // row_multiple) * row_multiple if rows > row_multiple else rows
+    if padded != rows:
+        x2d = bb.emit(relax.op.nn.pad(x2d, [0, padded - rows, 0, 0]))
+    out = bb.emit(call(x2d, padded))
+    if padded != rows:
+        out = bb.emit(relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows]))
     return bb.emit(relax.op.reshape(out, (*shape[:-1], n_out))) if len(shape) != 2 else out
 
 

@@ -1,12 +1,13 @@
 """Quantization passes. Importing this package registers them (``rtn``, ``gptq``, ``awq``, ``ternary``,
-``binary``, ``quantize_activations``, ``quantize_embeddings``, ``fake_quant``, ``convert_qat``; they share `grid`,
-`rewrite` and the packed format, for linears and convolutions alike; `sensitivity` measures per-layer error for
-mixed precision)."""
+``binary``, ``quantize_activations``, ``quantize_embeddings``, ``fake_quant``, ``convert_qat``, ``load_checkpoint``;
+they share `grid`, `rewrite` and the packed format, for linears and convolutions alike; `sensitivity` measures
+per-layer error for mixed precision)."""
 
 from lowbit.ir import ops_a8  # noqa: F401  (registers lowbit::linear_packed_a8 and its verifier check)
 from lowbit.passes.quant.activations import ActivationConfig, PackedConvA8, PackedLinearA8, QuantizeActivations
 from lowbit.passes.quant.awq import AWQ, AWQConfig
 from lowbit.passes.quant.binary import Binary, BinaryConfig, binary_quantize
+from lowbit.passes.quant.checkpoint import LoadCheckpoint, LoadCheckpointConfig
 from lowbit.passes.quant.convert_qat import ConvertQAT, ConvertQATConfig
 from lowbit.passes.quant.embeddings import EmbeddingConfig, PackedEmbedding, QuantizeEmbeddings
 from lowbit.passes.quant.gptq import GPTQ, GPTQConfig
@@ -45,6 +46,8 @@ __all__ = [
     "GPTQ",
     "GPTQConfig",
     "GPTQOptions",
+    "LoadCheckpoint",
+    "LoadCheckpointConfig",
     "PackedConv",
     "PackedConvA8",
     "PackedEmbedding",

@@ -134,14 +134,14 @@ class CPUToolchain(Toolchain):
     def constant_linear(
         self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> relax.Expr:
-        """The dense kernel, the weight laid out in panels at compile time."""
+        """The dense kernel, the weight laid out in panels at compile time, on rows padded to its register tile."""
         n_out = weight.shape[0]
 
         def call(x2d: relax.Expr, rows: int) -> relax.Call:
             func, consts = dense_plan(weight, bias, rows, self.lanes)
             return call_kernel(bb, func, "lowbit_fp32_linear", x2d, consts, n_out)
 
-        return emit_on_rows(bb, x, n_out, call)
+        return emit_on_rows(bb, x, n_out, call, packed_gemm.tile_rows(self.lanes))
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         """Legalize and fuse the Relax module, then give each TIR function a default CPU schedule.
