@@ -15,8 +15,8 @@ from llm_models import prompts
 import lowbit
 from lowbit.cli import main
 from lowbit.errors import ArtifactError
-from lowbit.ir import packing
 from lowbit.interop.gguf import GGUFExportError, rotary_rows
+from lowbit.ir import packing
 from lowbit.llm.model import CompiledCausalLM
 from lowbit.llm.weights import read_weights
 
