@@ -24,7 +24,7 @@ from tvm.s_tir import dlight
 from tvm.support import cc
 from tvm.target import Target
 
-from lowbit.backends.tvm import fastmath, schedule
+from lowbit.backends.tvm import fastmath, layout, schedule
 from lowbit.backends.tvm.convert import (
     Lowering,
     call_kernel,
@@ -151,7 +151,8 @@ class CPUToolchain(Toolchain):
         """
         target = self.target
         passes = (
-            [relax.transform.DecomposeOpsForInference()]
+            layout.channels_last()
+            + [relax.transform.DecomposeOpsForInference()]
             + cpu_pipeline.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps(fastmath.legalize_map())]
             + cpu_pipeline.legalize_passes(target)
