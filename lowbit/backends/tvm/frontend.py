@@ -193,6 +193,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "masked_fill": self._masked_fill_where,
             "masked_fill.Scalar": self._masked_fill_where,
             "getitem": self._getitem_int,
+            "layer_norm": self._layer_norm_keywords,
         }
 
     def _getitem_int(self, node: fx.Node) -> relax.Expr:
@@ -278,6 +279,14 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         x = self.env[node.args[0]]
         dtype = self._convert_data_type(node.args[2] if len(node.args) > 2 else node.kwargs["dtype"], self.env)
         return x if dtype == x.ty.dtype else self.block_builder.emit(relax.op.astype(x, dtype))
+
+    def _layer_norm_keywords(self, node: fx.Node) -> relax.Expr:
+        """``F.layer_norm`` with its weight, bias and eps given by keyword, as fx records torchvision's
+        ``LayerNorm2d`` (the upstream converter reads them by position only, else uses no affine and eps 1e-5)."""
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        gamma, beta = (self.env[call[name]] if call.get(name) is not None else None for name in ("weight", "bias"))
+        eps = call.get("eps", 1e-5)
+        return self._layer_norm_impl(self.env[call["input"]], gamma, beta, eps, call["normalized_shape"])
 
 
 __all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs"]
