@@ -4,7 +4,8 @@ torch hands convolutions over in NCHW, where the output channels, the axis a CPU
 outermost and the reduction over input channels is strided. Relax's ``ConvertLayout`` rewrites every conv2d to
 NHWC data and HWIO weights and carries the layout through the operators that can follow it (batch norm,
 elementwise, pooling, means, concat), so permutations remain only at the graph's boundaries and before operators
-that cannot (flatten, reshape). `FoldConstantLayouts` then applies the weights' permutations at compile time.
+that cannot (flatten, reshape); `ClipAsMinMax` first rewrites ``clip`` (hardswish), which it cannot carry.
+`FoldConstantLayouts` then applies the weights' permutations at compile time.
 """
 
 from __future__ import annotations
@@ -45,6 +46,31 @@ class _ConstantLayoutFolder(PyExprMutator):
         return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
+@mutator
+class _ClipAsMinMax(PyExprMutator):
+    """Rewrites ``clip(x, lo, hi)`` (hardswish, hardsigmoid, ReLU6) as ``minimum(maximum(x, lo), hi)``."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.clip":
+            return call
+        bounds = [getattr(bound.value, "value", bound.value) for bound in call.args[1:]]
+        if not all(isinstance(bound, int | float) for bound in bounds):
+            return call
+        (low, high), x = bounds, call.args[0]
+        dtype = x.ty.dtype
+        return relax.op.minimum(relax.op.maximum(x, relax.const(low, dtype)), relax.const(high, dtype))
+
+
+@tvm.transform.module_pass(opt_level=0, name="ClipAsMinMax")
+class ClipAsMinMax:
+    """``clip`` as ``maximum`` then ``minimum``, which ``ConvertLayout`` carries through (it has no layout rule
+    for ``clip``, so a hardswish between two convolutions would cost two permutations)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return _rewrite_functions(mod, _ClipAsMinMax(mod))
+
+
 @tvm.transform.module_pass(opt_level=0, name="FoldConstantLayouts")
 class FoldConstantLayouts:
     """Evaluate ``permute_dims`` and ``reshape`` of constants (the converted weights) at compile time, with NumPy.
@@ -54,16 +80,20 @@ class FoldConstantLayouts:
     """
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        folder = _ConstantLayoutFolder(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                folder.builder_.update_func(gvar, folder.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(folder.builder_.get())
+        return relax.transform.DeadCodeElimination()(_rewrite_functions(mod, _ConstantLayoutFolder(mod)))
+
+
+def _rewrite_functions(mod: tvm.IRModule, rewriter: PyExprMutator) -> tvm.IRModule:
+    """``mod`` with each Relax function rewritten by ``rewriter``."""
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
 
 
 def channels_last() -> list[tvm.transform.Pass]:
     """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time."""
-    return [relax.transform.ConvertLayout(CONV2D_LAYOUTS), FoldConstantLayouts()]
+    return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), FoldConstantLayouts()]
 
 
-__all__ = ["CONV2D_LAYOUTS", "FoldConstantLayouts", "channels_last"]
+__all__ = ["CONV2D_LAYOUTS", "ClipAsMinMax", "FoldConstantLayouts", "channels_last"]
