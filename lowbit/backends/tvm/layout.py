@@ -11,6 +11,7 @@ that cannot (flatten, reshape); `ClipAsMinMax` first rewrites ``clip`` (hardswis
 from __future__ import annotations
 
 import numpy as np
+import torch
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -91,9 +92,24 @@ def _rewrite_functions(mod: tvm.IRModule, rewriter: PyExprMutator) -> tvm.IRModu
     return rewriter.builder_.get()
 
 
+def pointwise_convolution(
+    bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
+) -> relax.Expr:
+    """``x · weightᵀ + bias`` over the last axis of a 4-D ``x`` as a 1x1 NHWC convolution (HWIO weight).
+
+    A linear layer on a channels-last image (ConvNeXt's pointwise layers) is then tiled over pixels × output
+    channels like every other convolution, instead of running as a matmul of the flattened rows.
+    """
+    kernel = weight.detach().to(torch.float32).t().contiguous().reshape(1, 1, *weight.shape[::-1])
+    y = bb.emit(relax.op.nn.conv2d(x, relax.const(kernel.numpy()), data_layout="NHWC", kernel_layout="HWIO"))
+    if bias is None:
+        return y
+    return bb.emit(relax.op.add(y, relax.const(bias.detach().to(torch.float32).numpy())))
+
+
 def channels_last() -> list[tvm.transform.Pass]:
     """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time."""
     return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), FoldConstantLayouts()]
 
 
-__all__ = ["CONV2D_LAYOUTS", "ClipAsMinMax", "FoldConstantLayouts", "channels_last"]
+__all__ = ["CONV2D_LAYOUTS", "ClipAsMinMax", "FoldConstantLayouts", "channels_last", "pointwise_convolution"]

@@ -135,7 +135,10 @@ class CPUToolchain(Toolchain):
     def constant_linear(
         self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> relax.Expr:
-        """The dense kernel, the weight laid out in panels at compile time."""
+        """The dense kernel, the weight laid out in panels at compile time; on a 4-D input (a channels-last
+        image) a 1x1 convolution (`layout.pointwise_convolution`), tiled over pixels like the others."""
+        if len(x.ty.shape) == 4:
+            return layout.pointwise_convolution(bb, x, weight, bias)
         n_out = weight.shape[0]
 
         def call(x2d: relax.Expr, rows: int) -> relax.Call:
