@@ -5,16 +5,23 @@ outermost and the reduction over input channels is strided. Relax's ``ConvertLay
 NHWC data and HWIO weights and carries the layout through the operators that can follow it (batch norm,
 elementwise, pooling, means, concat), so permutations remain only at the graph's boundaries and before operators
 that cannot (flatten, reshape); `ClipAsMinMax` first rewrites ``clip`` (hardswish), which it cannot carry.
-`FoldConstantLayouts` then applies the weights' permutations at compile time.
+`FoldConstantLayouts` then applies the weights' permutations at compile time, and `packed_conv2d` legalizes the
+convolutions with their weights in blocks of the schedule's register tile.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from lowbit.backends.tvm.fastmath import Legalizer
+from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
+from lowbit.backends.tvm.schedule import conv_tile
 
 #: The layouts ``ConvertLayout`` gives conv2d: data, then weight (output channels innermost: one vector of them).
 CONV2D_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -26,6 +33,10 @@ class _ConstantLayoutFolder(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
         call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+            weight = self._constant(call.args[1])  # the constant itself as the argument, for `packed_conv2d`
+            if weight is not None:
+                return relax.Call(call.op, [call.args[0], relax.const(weight)], call.attrs)
         if not isinstance(call.op, tvm.ir.Op) or call.op.name not in ("relax.permute_dims", "relax.reshape"):
             return call
         value = self._constant(call.args[0])
@@ -107,9 +118,83 @@ def pointwise_convolution(
     return bb.emit(relax.op.add(y, relax.const(bias.detach().to(torch.float32).numpy())))
 
 
+def packed_conv2d(lanes: int, registers: int) -> Legalizer:
+    """The legalization of an NHWC conv2d with a constant fp32 HWIO weight, the weight packed at compile time.
+
+    The weight is stored in blocks of as many output channels as the `schedule.Convolution` register tile
+    holds, ``(O / V, KH, KW, I, V)``, so that a task streams one contiguous block instead of reading ``V``
+    channels out of every row of ``O`` (a stride of a page or more for wide layers). Other conv2d calls get
+    TVM's default legalization.
+    """
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        attrs, (x, weight) = call.attrs, call.args
+        layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+        if layouts != ("NHWC", "HWIO", "NHWC") or not isinstance(weight, tvm.ir.expr.Constant):
+            return call
+        if {str(x.ty.dtype), str(weight.ty.dtype), str(call.ty.dtype)} != {"float32"} or not _static(call.ty.shape):
+            return call
+        kernel = weight.value.numpy()
+        height, width, inputs, outputs = kernel.shape
+        simd = power_of_two_divisor(outputs, lanes)
+        block = simd * conv_tile(int(call.ty.shape[2]), outputs // simd, registers)[1]
+        packed = kernel.reshape(height, width, inputs, outputs // block, block).transpose(3, 0, 1, 2, 4)
+        options = [[int(v) for v in values] for values in (attrs.strides, attrs.padding, attrs.dilation)]
+        return bb.call_te(
+            _blocked_conv2d,
+            x,
+            relax.const(np.ascontiguousarray(packed)),
+            *options,
+            int(attrs.groups),
+            primfunc_name_hint="conv2d",
+        )
+
+    return legalize
+
+
+def _blocked_conv2d(
+    x: te.Tensor, w: te.Tensor, strides: list[int], padding: list[int], dilation: list[int], groups: int
+) -> te.Tensor:
+    """NHWC conv2d with a weight packed as ``(O / V, KH, KW, I / groups, V)``; ``padding`` is (top, left,
+    bottom, right)."""
+    batch, height, width, _ = (int(d) for d in x.shape)
+    blocks, kernel_h, kernel_w, per_group, block = (int(d) for d in w.shape)
+    top, left, bottom, right = padding
+    data = topi.nn.pad(x, [0, top, left, 0], [0, bottom, right, 0], name="pad_temp") if any(padding) else x
+    out_h = (height + top + bottom - dilation[0] * (kernel_h - 1) - 1) // strides[0] + 1
+    out_w = (width + left + right - dilation[1] * (kernel_w - 1) - 1) // strides[1] + 1
+    out_per_group = blocks * block // groups
+    rh, rw = te.reduce_axis((0, kernel_h), name="rh"), te.reduce_axis((0, kernel_w), name="rw")
+    rc = te.reduce_axis((0, per_group), name="rc")
+
+    def channel(o: tirx.PrimExpr) -> tirx.PrimExpr:
+        return rc if groups == 1 else o // out_per_group * per_group + rc
+
+    return te.compute(
+        (batch, out_h, out_w, blocks * block),
+        lambda n, i, j, o: te.sum(
+            data[n, i * strides[0] + rh * dilation[0], j * strides[1] + rw * dilation[1], channel(o)]
+            * w[o // block, rh, rw, rc, o % block],
+            axis=[rh, rw, rc],
+        ),
+        name="conv2d_nhwc",
+    )
+
+
+def _static(shape: Any) -> bool:
+    return shape is not None and all(isinstance(d, tvm.tirx.IntImm) for d in shape)
+
+
 def channels_last() -> list[tvm.transform.Pass]:
     """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time."""
     return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), FoldConstantLayouts()]
 
 
-__all__ = ["CONV2D_LAYOUTS", "ClipAsMinMax", "FoldConstantLayouts", "channels_last", "pointwise_convolution"]
+__all__ = [
+    "CONV2D_LAYOUTS",
+    "ClipAsMinMax",
+    "FoldConstantLayouts",
+    "channels_last",
+    "packed_conv2d",
+    "pointwise_convolution",
+]

@@ -115,8 +115,8 @@ class Window:
     def of(cls, sch: s_tir.Schedule, info: SBlockInfo) -> Window | None:
         """The window of reduction block ``info``, or None unless it writes a 4-D output indexed by its spatial
         iterators with the channels last, its first read is a 4-D input whose rows and columns follow the
-        output's, the channels are the last index of some read, and no other read (the weights) depends on
-        the output's pixel."""
+        output's, the channels (or their lane in a packed weight) are the last index of some read, and no
+        other read (the weights) depends on the output's pixel."""
         block = sch.get(info.block_rv)
         if not _static_extents(info) or len(block.writes) != 1 or not block.reads:
             return None
@@ -129,7 +129,7 @@ class Window:
         if {id(it) for it in spatial} != {id(it) for it in out if it is not None}:
             return None
         channel = out[3]
-        if not any(len(r.region) == 4 and r.region[-1].min.same_as(channel.var) for r in block.reads):
+        if not any(_is_channel(r.region[-1].min, channel.var) for r in block.reads):
             return None
         if any(_uses(r.min, {channel.var}) for r in data[1:3]):
             return None
@@ -415,6 +415,11 @@ def vector_registers(target: Target) -> int:
 def _index_iter(index: tirx.PrimExpr, iters: list[IterInfo]) -> IterInfo | None:
     """The iterator among ``iters`` that ``index`` is, or None (a constant index: a dimension of extent 1)."""
     return next((it for it in iters if index.same_as(it.var)), None)
+
+
+def _is_channel(index: tirx.PrimExpr, channel: tirx.Var) -> bool:
+    """Whether ``index`` is ``channel``, or ``channel % V`` (the lane of a weight packed in blocks of ``V``)."""
+    return index.same_as(channel) or (isinstance(index, tirx.FloorMod) and index.a.same_as(channel))
 
 
 def _uses(expr: tirx.PrimExpr, variables: set) -> bool:

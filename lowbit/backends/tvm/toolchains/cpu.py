@@ -154,11 +154,12 @@ class CPUToolchain(Toolchain):
         (Relax's ``batch_norm`` otherwise legalizes to the training-mode computation).
         """
         target = self.target
+        packed_conv2d = layout.packed_conv2d(self.lanes, schedule.vector_registers(target))
         passes = (
             layout.channels_last()
             + [relax.transform.DecomposeOpsForInference()]
             + cpu_pipeline.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps(fastmath.legalize_map())]
+            + [relax.transform.LegalizeOps({**fastmath.legalize_map(), "relax.nn.conv2d": packed_conv2d})]
             + cpu_pipeline.legalize_passes(target)
             + [relax.transform.DeadCodeElimination(), dlight.ApplyDefaultSchedule(*schedule.cpu_rules())]
         )
