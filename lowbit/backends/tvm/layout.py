@@ -83,6 +83,68 @@ class ClipAsMinMax:
         return _rewrite_functions(mod, _ClipAsMinMax(mod))
 
 
+#: Elementwise binary operators a permutation moves through.
+_ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+
+
+@mutator
+class _PermutationSinker(PyExprMutator):
+    """Moves ``permute_dims`` after elementwise operators and cancels a permutation followed by its inverse."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
+        call = super().visit_call_(call)
+        name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
+        if name == "relax.permute_dims" and call.attrs.axes is not None:
+            return self._compose(call.args[0], [int(a) for a in call.attrs.axes])
+        if name in _ELEMENTWISE and isinstance(call.ty, relax.TensorType):
+            return self._sink(call)
+        return call
+
+    def _permutation(self, expr: relax.Expr) -> tuple[relax.Expr, list[int]] | None:
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.permute_dims") and value.attrs.axes:
+            return value.args[0], [int(a) for a in value.attrs.axes]
+        return None
+
+    def _compose(self, x: relax.Expr, axes: list[int]) -> relax.Expr:
+        inner = self._permutation(x)
+        if inner is not None:
+            x, axes = inner[0], [inner[1][a] for a in axes]
+        return x if axes == sorted(axes) else relax.op.permute_dims(x, axes)
+
+    def _sink(self, call: relax.Call) -> relax.Expr:
+        """``op(permute(a, p), permute(b, p) or constant)`` → ``permute(op(a, b or constant'), p)``."""
+        permuted = [self._permutation(arg) for arg in call.args]
+        axes = next((found[1] for found in permuted if found is not None), None)
+        rank = len(call.ty.shape) if call.ty.shape is not None else -1
+        if axes is None or len(axes) != rank:
+            return call
+        inverse = [axes.index(i) for i in range(rank)]
+        args = []
+        for arg, found in zip(call.args, permuted):
+            value = self.lookup_binding(arg) if isinstance(arg, relax.Var) else arg
+            if found is not None and found[1] == axes:
+                args.append(found[0])
+            elif isinstance(value, tvm.ir.expr.Constant):
+                array = value.value.numpy()
+                array = array.reshape((1,) * (rank - array.ndim) + array.shape).transpose(inverse)
+                args.append(relax.const(np.ascontiguousarray(array)))
+            else:
+                return call
+        return relax.op.permute_dims(relax.Call(call.op, args, call.attrs), axes)
+
+
+@tvm.transform.module_pass(opt_level=0, name="SinkPermutations")
+class SinkPermutations:
+    """Cancel the permutations that torch code writes around channels-last blocks (ConvNeXt permutes to NHWC
+    for its layer norm and linears, back to NCHW for the residual add), once the convolutions are NHWC too:
+    a permutation moves past elementwise operators (constants permuted at compile time) until it meets its
+    inverse, and both go."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return relax.transform.DeadCodeElimination()(_rewrite_functions(mod, _PermutationSinker(mod)))
+
+
 @tvm.transform.module_pass(opt_level=0, name="FoldConstantLayouts")
 class FoldConstantLayouts:
     """Evaluate ``permute_dims`` and ``reshape`` of constants (the converted weights) at compile time, with NumPy.
@@ -187,13 +249,14 @@ def _static(shape: Any) -> bool:
 
 def channels_last() -> list[tvm.transform.Pass]:
     """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time."""
-    return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), FoldConstantLayouts()]
+    return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), SinkPermutations(), FoldConstantLayouts()]
 
 
 __all__ = [
     "CONV2D_LAYOUTS",
     "ClipAsMinMax",
     "FoldConstantLayouts",
+    "SinkPermutations",
     "channels_last",
     "packed_conv2d",
     "pointwise_convolution",
