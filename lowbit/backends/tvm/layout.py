@@ -91,6 +91,16 @@ _ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
 class _PermutationSinker(PyExprMutator):
     """Moves ``permute_dims`` after elementwise operators and cancels a permutation followed by its inverse."""
 
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        #: ``(x, axes) → y`` for each binding ``y = permute_dims(x, axes)`` of the input functions.
+        self.permuted: dict[tuple[relax.Expr, tuple[int, ...]], relax.Var] = {}
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                for var, value in relax.analysis.get_var2val(func).items():
+                    if (found := _permutation_of(value)) is not None:
+                        self.permuted[(found[0], tuple(found[1]))] = var
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
         call = super().visit_call_(call)
         name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
@@ -101,10 +111,7 @@ class _PermutationSinker(PyExprMutator):
         return call
 
     def _permutation(self, expr: relax.Expr) -> tuple[relax.Expr, list[int]] | None:
-        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
-        if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.permute_dims") and value.attrs.axes:
-            return value.args[0], [int(a) for a in value.attrs.axes]
-        return None
+        return _permutation_of(self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr)
 
     def _compose(self, x: relax.Expr, axes: list[int]) -> relax.Expr:
         inner = self._permutation(x)
@@ -113,7 +120,8 @@ class _PermutationSinker(PyExprMutator):
         return x if axes == sorted(axes) else relax.op.permute_dims(x, axes)
 
     def _sink(self, call: relax.Call) -> relax.Expr:
-        """``op(permute(a, p), permute(b, p) or constant)`` → ``permute(op(a, b or constant'), p)``."""
+        """``op(permute(a, p), permute(b, p) or constant)`` → ``permute(op(a, b or constant'), p)``; an operand
+        ``b`` that is also permuted by ``p``'s inverse elsewhere is read in that order."""
         permuted = [self._permutation(arg) for arg in call.args]
         axes = next((found[1] for found in permuted if found is not None), None)
         rank = len(call.ty.shape) if call.ty.shape is not None else -1
@@ -125,6 +133,8 @@ class _PermutationSinker(PyExprMutator):
             value = self.lookup_binding(arg) if isinstance(arg, relax.Var) else arg
             if found is not None and found[1] == axes:
                 args.append(found[0])
+            elif (arg, tuple(inverse)) in self.permuted:  # a value also used permuted (a block's residual input)
+                args.append(self.permuted[(arg, tuple(inverse))])
             elif isinstance(value, tvm.ir.expr.Constant):
                 array = value.value.numpy()
                 array = array.reshape((1,) * (rank - array.ndim) + array.shape).transpose(inverse)
@@ -132,6 +142,13 @@ class _PermutationSinker(PyExprMutator):
             else:
                 return call
         return relax.op.permute_dims(relax.Call(call.op, args, call.attrs), axes)
+
+
+def _permutation_of(value: relax.Expr | None) -> tuple[relax.Expr, list[int]] | None:
+    """``(x, axes)`` if ``value`` is ``permute_dims(x, axes)`` with explicit axes."""
+    if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.permute_dims") and value.attrs.axes:
+        return value.args[0], [int(a) for a in value.attrs.axes]
+    return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="SinkPermutations")
