@@ -10,13 +10,16 @@ PrimFunc a real schedule:
   (K, N) weight and for NCHW convolution), parallel over the remaining tiles; producers
   such as padding are inlined and elementwise epilogues (bias, ReLU) are folded into
   the write-back.
+* `Convolution` — channels-last convolutions, pooling and spatial means: the padded input
+  materialized once, kernel rows and columns outside the input channels, a register tile of
+  output columns × channel vectors sized to the register file (`conv_tile`).
 * `Elementwise` — only spatial blocks: fuse, parallelize, vectorize.
 * `RowReduction` — reductions over the last axis with elementwise stages (softmax,
   layer norm): one parallel loop over rows, each reduction accumulated in vector lanes
   (rfactor), every stage vectorized along the row.
 * `ParallelFallback` — anything else: parallelize the outer spatial loop of every block.
 
-`cpu_rules` lists them after dlight's CPU GEMV and reduction rules.
+`cpu_rules` lists them with dlight's CPU GEMV and reduction rules, `Convolution` first.
 """
 
 from __future__ import annotations
@@ -351,7 +354,8 @@ def schedule_convolution(
 
     Loop order: ``n, oc tiles, oh, ow tiles`` (fused, parallel: consecutive tasks reuse one slice of the
     weights) → the reduction loops in their order (kernel rows, kernel columns, input channels: the input
-    channels are contiguous in NHWC and in HWIO weights) → the tile's output columns (unrolled) → its channel
+    channels are contiguous in NHWC, and so are the weights `layout.packed_conv2d` packs for this tile) → the
+    tile's output columns (unrolled) → its channel
     vectors (unrolled) → lanes (vectorized). The tile (`conv_tile`) accumulates in a local buffer written back
     once per task, with the elementwise consumers (bias, batch norm, activation) inlined there.
     """
