@@ -5,7 +5,8 @@ outermost and the reduction over input channels is strided. Relax's ``ConvertLay
 NHWC data and HWIO weights and carries the layout through the operators that can follow it (batch norm,
 elementwise, pooling, means, concat), so permutations remain only at the graph's boundaries and before operators
 that cannot (flatten, reshape); `ClipAsMinMax` first rewrites ``clip`` (hardswish), which it cannot carry.
-`FoldConstantLayouts` then applies the weights' permutations at compile time, and `packed_conv2d` legalizes the
+`SinkPermutations` cancels the permutations torch code writes itself around NHWC blocks (ConvNeXt),
+`FoldConstantLayouts` applies the weights' permutations at compile time, and `packed_conv2d` legalizes the
 convolutions with their weights in blocks of the schedule's register tile.
 """
 
@@ -29,7 +30,8 @@ CONV2D_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 @mutator
 class _ConstantLayoutFolder(PyExprMutator):
-    """Replaces ``permute_dims`` and ``reshape`` of a constant by the constant they compute."""
+    """Replaces ``permute_dims`` and ``reshape`` of a constant by the constant they compute, and passes conv2d
+    its constant weight directly (not through a variable), as `packed_conv2d` needs it."""
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
         call = super().visit_call_(call)
