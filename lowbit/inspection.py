@@ -10,13 +10,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from lowbit.errors import LowbitError
-from lowbit.ir import ops, ops_a8, packing
+from lowbit.ir import ops, ops_a8, ops_conv, packing
 from lowbit.ir.annotations import get_meta
 from lowbit.ir.graph import get_attr
 
 log = logging.getLogger(__name__)
 
-_PACKED_OPS = (ops.linear_packed, ops_a8.linear_packed_a8)
+_PACKED_OPS = (ops.linear_packed, ops_a8.linear_packed_a8, ops_conv.conv_packed, ops_conv.conv_packed_a8)
 _DENSE_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
@@ -24,8 +24,8 @@ def dequantized_weights(graph: Any) -> dict[str, torch.Tensor]:
     """Per layer name, in graph order, the weight that ``graph`` computes with.
 
     ``graph`` is a GraphModule (from `lowbit.compile(...).graph`, a pipeline or
-    `lowbit.load`) or a compiled model. Packed linears (weight-only or with int8
-    activations) give their dequantized float32 weight; plain ``nn.Linear`` and conv
+    `lowbit.load`) or a compiled model. Packed linears and convolutions (weight-only or with
+    int8 activations) give their dequantized float32 weight; plain ``nn.Linear`` and conv
     layers give a copy of their weight. A layer annotated with a pruning mask
     (``Sparsity``; a masked layer's call or a packed one) whose mask buffer is still in
     the graph gives ``weight × mask``. The
@@ -52,6 +52,9 @@ def _layer_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[str, torch.Tensor]
         qweight, scales, zeros, g_idx = (_buffer(gm, arg) for arg in node.args[1:5])
         bits, group_size, in_features = node.args[6:9]
         layer = meta.layer if meta is not None else node.name
+        if node.target in (ops_conv.conv_packed, ops_conv.conv_packed_a8):
+            weight = ops_conv.conv_weight(qweight, scales, zeros, g_idx, bits, group_size, in_features, node.args[9])
+            return layer, weight
         return layer, packing.dequantize(qweight, scales, zeros, g_idx, bits, group_size, in_features)
     if node.op == "call_module":
         module = gm.get_submodule(node.target)

@@ -53,8 +53,11 @@ def test_packed_layers_are_dequantized_from_their_buffers(net: Net) -> None:
     fc1 = compiled.graph.get_submodule("fc1")
     assert torch.equal(weights["fc1"], dequantize(fc1.qweight, fc1.scales, fc1.zeros, fc1.g_idx, 4, 16, 64))
     assert torch.equal(weights["fc2"], net.fc2.weight)
+    conv = compiled.graph.get_submodule("conv")  # rtn packs convolutions too
+    conv_weight = dequantize(conv.qweight, conv.scales, conv.zeros, None, 4, 16, 27).view(4, 3, 3, 3)
+    assert torch.equal(weights["conv"], conv_weight)
     with torch.no_grad():
-        h = torch.relu(net.conv(x)).flatten(1)
+        h = torch.relu(F.conv2d(x, weights["conv"], net.conv.bias, padding=1)).flatten(1)
         first = F.linear(h, weights["fc1"], net.fc1.bias)
         assert torch.equal(compiled(x), net.fc2(first + first.relu()))
     assert lowbit.dequantized_weights(compiled.graph).keys() == weights.keys()

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 #: int8 range of the quantized activations (asymmetric clamp; docs/methods.md (BitNet b1.58)).
 ACT_QMIN, ACT_QMAX = -128, 127
-#: Floor of a token's absmax before ``127 / absmax`` (BitNet's 1e-5).
-ACT_EPS = 1e-5
+#: Floor of an absmax before ``127 / absmax`` or ``absmax / 127``: the largest power of two that keeps the multiplier
+#: finite and the static step a normal float32. It only guards all-zero rows (exactly zero out) and rows below it
+#: (subnormal scale), which quantize on its grid; every other row keeps its own scale (docs/methods.md).
+ACT_ABSMAX_FLOOR = 2.0**-119
 
 LINEAR_PACKED_A8_SCHEMA = (
     "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, "
@@ -43,7 +45,7 @@ def quantize_activation(x: torch.Tensor, act_scale: torch.Tensor | None) -> tupl
     """
     xf = x.to(torch.float32)
     if act_scale is None:
-        absmax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+        absmax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR)
         # A true division (``127.0 / tensor`` would compute ``reciprocal(tensor) · 127``).
         multiplier = torch.full_like(absmax, 127.0) / absmax
         return torch.clamp(torch.round(xf * multiplier), ACT_QMIN, ACT_QMAX), multiplier
@@ -78,20 +80,38 @@ def _linear_packed_a8(
     packing.check_layout(qweight, scales, zeros, g_idx, bits, group_size, in_features)
     _check_inputs(x, qweight, bias, in_features, act_scale)
     x_int, act = quantize_activation(x.reshape(-1, in_features), act_scale)
+    y = integer_linear(x_int, qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    y = decode_activation(y, act, act_scale is None)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
+
+
+def integer_linear(
+    x_int: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Steps 2 and 3: ``Σ_g scale_g · (x_int · (q − zero))_g`` for int8 codes ``x_int`` ``(T, K)``, float32 ``(T, N)``.
+
+    Each group's dot product is exact (float64 sums of integers); the groups are added in order in float32.
+    """
     columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
     x_groups, w_groups = _grouped(
         x_int.to(torch.float64), _centered_codes(qweight, zeros, columns, bits, in_features), columns, scales.shape[1]
     )
-    y = torch.zeros(x_int.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
+    y = torch.zeros(x_int.shape[0], qweight.shape[0], dtype=torch.float32, device=x_int.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, y.numel()))
     for first in range(0, scales.shape[1], chunk):
         acc = torch.bmm(x_groups[first : first + chunk], w_groups[first : first + chunk])  # exact (module doc)
         for offset in range(acc.shape[0]):
             y = y + acc[offset].to(torch.float32) * scales[:, first + offset]
-    y = decode_activation(y, act, act_scale is None)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
+    return y
 
 
 #: Bound on the float64 elements of one batch of per-group dot products (128 MiB).
@@ -231,13 +251,14 @@ def _buffer(gm: fx.GraphModule, node: fx.Node, arg: object) -> object:
 
 
 __all__ = [
-    "ACT_EPS",
+    "ACT_ABSMAX_FLOOR",
     "ACT_QMAX",
     "ACT_QMIN",
     "LINEAR_PACKED_A8_SCHEMA",
     "check_act_scale",
     "decode_activation",
     "fake_quantize_activation",
+    "integer_linear",
     "linear_packed_a8",
     "quantize_activation",
 ]

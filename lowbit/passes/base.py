@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch.fx as fx
+import torch.nn as nn
 
+from lowbit import progress
 from lowbit.calibration import CalibrationSet
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.passes.config import PassConfig
@@ -79,19 +81,22 @@ class PassContext:
         return self.calibration
 
     def progress(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-        """Yield ``items``, logging progress through `logging` about every ``progress_every`` seconds."""
+        """Yield ``items``, logging progress through `logging` about every ``progress_every`` seconds (and
+        drawing a bar where `lowbit.progress` draws one)."""
         import time
 
         items = list(items) if total is None and not hasattr(items, "__len__") else items
         total = total if total is not None else len(items)  # type: ignore[arg-type]
         start = last = time.perf_counter()
-        for index, item in enumerate(items, 1):
-            yield item
-            now = time.perf_counter()
-            if now - last >= self.progress_every or index == total:
-                if now - start >= self.progress_every:
-                    log.info("%s: %d/%d (%.0f s)", desc, index, total, now - start)
-                last = now
+        with progress.bar(total, desc) as shown:
+            for index, item in enumerate(items, 1):
+                yield item
+                shown.update()
+                now = time.perf_counter()
+                if now - last >= self.progress_every or index == total:
+                    if now - start >= self.progress_every:
+                        log.info("%s: %d/%d (%.0f s)", desc, index, total, now - start)
+                    last = now
 
 
 class Pass:
@@ -111,6 +116,8 @@ class Pass:
     def __init__(self, overrides: Mapping[str, Any] | None = None, **options: Any) -> None:
         self.config = self.Config.from_options(self.name, options)
         self.overrides = LayerOverrides.from_mapping(overrides)
+        #: ``self.overrides`` and their positional keys bound to the layers of the graph being run (`bind_layers`).
+        self._bound: tuple[LayerOverrides, LayerOverrides] | None = None
         for key, value in self.overrides.rules:
             if value != SKIP:
                 if not isinstance(value, Mapping):
@@ -119,7 +126,8 @@ class Pass:
 
     def config_for(self, layer: str) -> PassConfig | None:
         """The config for ``layer`` after per-layer overrides, or None if it is skipped."""
-        override = self.overrides.lookup(layer)
+        bound = self._bound[1] if self._bound is not None and self._bound[0] is self.overrides else self.overrides
+        override = bound.lookup(layer)
         if override == SKIP:
             return None
         if override is None:
@@ -137,12 +145,31 @@ class Pass:
                 ", ".join(unused),
             )
 
+    def bind_layers(self, gm: fx.GraphModule, layers: Iterable[str], what: str = "") -> None:
+        """Point the positional override keys (``@first:conv``, ``@last``) at ``layers``, the module paths the pass
+        matches in ``gm`` in graph order, and log override keys that select none of them (`warn_unused_overrides`)."""
+        layers = list(layers)
+        kinds = [(path, _kind(gm.get_submodule(path))) for path in layers]
+        self._bound = (self.overrides, self.overrides.bind(kinds))
+        self.warn_unused_overrides(layers, what)
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
         return f"{type(self).__name__}({options})"
+
+
+def _kind(module: object) -> str:
+    """A layer's kind for positional override keys: ``"conv"``, ``"linear"`` (a packed layer's ``layer_kind``) or its
+    class name."""
+    packed = getattr(module, "layer_kind", None)
+    if isinstance(packed, str):
+        return packed
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    return "linear" if isinstance(module, nn.Linear) else type(module).__name__
 
 
 __all__ = ["LayerRecord", "Pass", "PassContext", "PassResult"]

@@ -20,6 +20,7 @@ from torch.fx.node import map_aggregate
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is loaded)
 import lowbit.ir.ops_a8  # noqa: F401  (the int8-activation packed linear)
+import lowbit.ir.ops_conv  # noqa: F401  (the packed convolutions)
 import lowbit.ir.ops_embedding  # noqa: F401  (the packed embedding table)
 from lowbit.errors import ArtifactError
 from lowbit.interface import Interface

@@ -5,8 +5,11 @@ It runs after any weight quantizer and rewrites each ``lowbit.linear_packed`` ca
 fixes the arithmetic; this pass only chooses the activation scale: dynamic per token (the
 default, BitNet b1.58, no calibration) or one static step per layer from the calibration
 batches (``absmax``, or a per-batch ``percentile`` averaged over batches); docs/methods.md
-(BitNet b1.58) has the formulas. Linears that are not packed keep float activations and are
-reported as skipped.
+(BitNet b1.58) has the formulas. A packed convolution (``lowbit.conv_packed``) becomes
+``lowbit.conv_packed_a8``, whose int8 input has one static per-tensor step (as ONNX Runtime's and
+TFLite's int8 convolutions): it is calibrated whatever ``dynamic`` says, so with ``dynamic=true``
+and no calibration data convolutions keep float activations, reported as skipped. Layers that are
+not packed keep float activations and are reported as skipped.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import torch
 import torch.fx as fx
 
 from lowbit.errors import CalibrationError, PassConfigError
-from lowbit.ir import ops, ops_a8
+from lowbit.ir import ops, ops_a8, ops_conv
 from lowbit.ir.annotations import annotate, get_meta
+from lowbit.ir.packing import PackedFormatError
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
-from lowbit.passes.quant.rewrite import PackedLinear, linear_nodes
+from lowbit.passes.quant.rewrite import PackedConv, PackedLinear, layer_nodes
 from lowbit.passes.registry import register
 from lowbit.passes.selection import matches
 
@@ -106,16 +110,50 @@ class PackedLinearA8(PackedLinear):
         return super().extra_repr() + f", act={'dynamic' if self.act_scale is None else 'static'}"
 
 
+class PackedConvA8(PackedConv):
+    """A `PackedConv` with int8 inputs of one static per-tensor step ``act_scale``."""
+
+    def __init__(self, packed: PackedConv, act_scale: torch.Tensor) -> None:
+        super().__init__(packed, packed.geometry)
+        if act_scale is None:
+            raise PackedFormatError("PackedConvA8: int8 convolution inputs take a static act_scale, got None")
+        ops_a8.check_act_scale(act_scale, "PackedConvA8")
+        self.register_buffer("act_scale", act_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops_conv.conv_packed_a8(
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            self.bias,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            *self.geometry.args(),
+            self.act_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", act=static"
+
+
+#: The packed ops this pass rewrites, with their int8-activation form and how many arguments precede ``act_scale``.
+_A8_FORMS = {ops.linear_packed: (ops_a8.linear_packed_a8, 9), ops_conv.conv_packed: (ops_conv.conv_packed_a8, 14)}
+
+
 @register
 class QuantizeActivations(Pass):
-    """int8 activations for every packed linear (dynamic per token, or static per tensor)."""
+    """int8 activations for every packed linear (dynamic per token, or static per tensor) and packed convolution
+    (static per tensor)."""
 
     name = "quantize_activations"
     Config = ActivationConfig
     stage = "convert"
     forbids = frozenset({"adapter", "reparam", "fake_quant"})
     after_pack = True
-    pattern = "lowbit.linear_packed"
+    pattern = "lowbit.linear_packed, lowbit.conv_packed"
 
     def __init__(self, overrides: Mapping[str, Any] | None = None, **options: Any) -> None:
         super().__init__(overrides, **options)
@@ -126,24 +164,30 @@ class QuantizeActivations(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records = [
             LayerRecord(path, "skipped", "weight is not packed; run a weight quantizer before this pass")
-            for _, path, _ in linear_nodes(gm)
+            for _, path, _ in layer_nodes(gm)
         ]
         layers: dict[str, list[fx.Node]] = {}
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is ops.linear_packed:
+            if node.op == "call_function" and node.target in _A8_FORMS:
                 layers.setdefault(get_meta(node).layer, []).append(node)
+        self.bind_layers(gm, layers, "packed layer")
         configs: dict[str, ActivationConfig] = {}
         for path in layers:
             config = self.config_for(path)
             reason = next((f"ignored (matches '{p}')" for p in self.config.ignore if matches(path, p)), None)
             if not isinstance(gm.get_submodule(path), PackedLinear):
                 reason = f"its packed weight is held by a {type(gm.get_submodule(path)).__name__}, not a PackedLinear"
+            elif isinstance(gm.get_submodule(path), PackedConv) and ctx.calibration is None:
+                reason = "int8 convolution inputs take a static per-tensor scale: pass calibration data to calibrate it"
             if config is None or reason:
                 records.append(LayerRecord(path, "skipped", reason or "skipped by a per-layer override"))
             else:
                 configs[path] = config
-        self.warn_unused_overrides(layers, "packed linear")
-        static = {path: layers[path] for path, config in configs.items() if not config.dynamic}
+        static = {
+            path: layers[path]
+            for path, config in configs.items()
+            if not config.dynamic or isinstance(gm.get_submodule(path), PackedConv)
+        }
         ranges = self._calibrate(gm, static, configs, ctx) if static else {}
         for path in ctx.progress(list(configs), desc=self.name):
             records.append(self._rewrite(gm, path, layers[path], ranges.get(path)))
@@ -182,16 +226,20 @@ class QuantizeActivations(Pass):
         return {path: observer.value() for path, observer in observers.items()}
 
     def _rewrite(self, gm: fx.GraphModule, path: str, nodes: list[fx.Node], value: float | None) -> LayerRecord:
-        """Swap the layer's module for a `PackedLinearA8` and its op calls for ``linear_packed_a8``."""
+        """Swap the layer's module for a `PackedLinearA8` (`PackedConvA8`) and its op calls for their int8 form."""
         packed = gm.get_submodule(path)
-        act_scale = None if value is None else torch.tensor(max(value, ops_a8.ACT_EPS) / 127.0, dtype=torch.float32)
-        module = PackedLinearA8(packed, act_scale).to(packed.qweight.device)
+        act_scale = (
+            None if value is None else torch.tensor(max(value, ops_a8.ACT_ABSMAX_FLOOR) / 127.0, dtype=torch.float32)
+        )
+        a8 = PackedConvA8 if isinstance(packed, PackedConv) else PackedLinearA8
+        module = a8(packed, act_scale).to(packed.qweight.device)
         gm.set_submodule(path, module)
         for node in nodes:
+            target, count = _A8_FORMS[node.target]
             with gm.graph.inserting_before(node):
                 scale_node = None if act_scale is None else gm.graph.get_attr(f"{path}.act_scale")
                 new = gm.graph.create_node(
-                    "call_function", ops_a8.linear_packed_a8, (*node.args[:9], scale_node), name=f"{node.name}_a8"
+                    "call_function", target, (*node.args[:count], scale_node), name=f"{node.name}_a8"
                 )
             new.meta = copy.copy(node.meta)
             meta = get_meta(node)
@@ -249,10 +297,10 @@ class _RangeObserver:
 
 @contextlib.contextmanager
 def _observing(gm: fx.GraphModule, observers: dict[fx.Node, _RangeObserver]) -> Iterator[None]:
-    """Run ``gm`` with each observed ``linear_packed`` node reporting its input first (eval, no grad)."""
+    """Run ``gm`` with each observed packed node reporting its input first (eval, no grad)."""
     originals = {node: node.target for node in observers}
     for node, observer in observers.items():
-        node.target = _observed_op(observer)
+        node.target = _observed_op(observer, node.target)
     training = gm.training
     gm.recompile()
     gm.eval()
@@ -266,12 +314,12 @@ def _observing(gm: fx.GraphModule, observers: dict[fx.Node, _RangeObserver]) -> 
         gm.train(training)
 
 
-def _observed_op(observer: _RangeObserver) -> Any:
-    def linear_packed_observed(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+def _observed_op(observer: _RangeObserver, target: Any) -> Any:
+    def packed_observed(x: torch.Tensor, *rest: Any) -> torch.Tensor:
         observer.observe(x)
-        return ops.linear_packed(x, *rest)
+        return target(x, *rest)
 
-    return linear_packed_observed
+    return packed_observed
 
 
-__all__ = ["ActivationConfig", "PackedLinearA8", "QuantizeActivations"]
+__all__ = ["ActivationConfig", "PackedConvA8", "PackedLinearA8", "QuantizeActivations"]

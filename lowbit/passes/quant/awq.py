@@ -7,7 +7,10 @@ clipping range per output channel and group, then the asymmetric project grid. S
 losses come from the group's input Gram matrix over real (unpadded) tokens, captured as the
 calibration batches advance through the graph with the pass, so all groups cost about one
 forward per batch. Unlike the reference, losses are measured at the linears' outputs (a traced
-graph has no block boundary) and the grid always includes 0. The math: docs/methods.md (AWQ).
+graph has no block boundary) and the grid always includes 0. A convolution (``groups=1``) is
+scaled per input channel: the columns of its weight matrix that belong to one channel share that
+channel's scale, and the losses use the Gram matrix of its unfolded input patches. The math:
+docs/methods.md (AWQ, Convolutions).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from lowbit.passes.quant.gptq_algorithm import relative_output_error
 from lowbit.passes.quant.grid import QuantizedWeight, effective_group_size, grid_codes, group_params, quantize_weight
 from lowbit.passes.quant.hessian import (
     CalibrationCursor,
+    ConvHessianAccumulator,
     HessianAccumulator,
     capture_inputs,
     token_rows,
 )
-from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
+from lowbit.passes.quant.rewrite import ConvGeometry, is_conv, layer_nodes, replace_layer, skip_reason, weight_matrix
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.quant.threads import single_thread
 from lowbit.passes.registry import register
@@ -168,6 +172,53 @@ class _InputStats:
 
 
 @dataclass
+class _ConvInputStats:
+    """A convolution's input statistics: ``mean |x|`` per input channel and the Gram of its unfolded patches,
+    both per weight-matrix column (a channel's columns share its value), plus one sample."""
+
+    layer: str
+    abs_sum: torch.Tensor
+    hessian: ConvHessianAccumulator
+    taps: int
+    pixels: int = 0
+    sample: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, layer: str, conv: nn.Module, device: torch.device) -> _ConvInputStats:
+        geometry = ConvGeometry.of(conv)
+        taps = math.prod(geometry.kernel_size)
+        width = conv.in_channels * taps
+        hessian = ConvHessianAccumulator.empty(layer, geometry.args(), width, device)
+        return cls(layer, torch.zeros(conv.in_channels, device=device), hessian, taps)
+
+    def add(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold one input ``(B, C, *spatial)`` into the statistics."""
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            raise LowbitError(
+                f"layer '{self.layer}': its calibration inputs contain NaN or Inf, so AWQ's activation "
+                "statistics are undefined; check the calibration data and the layers before it"
+            )
+        if self.sample is None:
+            self.sample = x.clone()
+        self.abs_sum += x.float().abs().transpose(0, 1).reshape(x.shape[1], -1).sum(dim=1)
+        self.pixels += x.numel() // x.shape[1]
+        self.hessian.add(x)
+
+    @property
+    def rows(self) -> int:
+        return self.hessian.rows
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.pixels, 1)).repeat_interleave(self.taps)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.hessian.hessian[0] / 2
+
+
+@dataclass
 class _GroupState:
     """A group's progress through scale search, clip search and quantization."""
 
@@ -184,7 +235,7 @@ class _GroupState:
 
 @register
 class AWQ(Pass):
-    """AWQ quantization of every ``nn.Linear`` not ignored or skipped, using calibration data."""
+    """AWQ quantization of every linear and (ungrouped) convolution not ignored or skipped, using calibration data."""
 
     name = "awq"
     Config = AWQConfig
@@ -194,7 +245,7 @@ class AWQ(Pass):
     # Masked layers are not nn.Linear calls: quantizing around them would silently skip them.
     forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
-    pattern = "nn.Linear"
+    pattern = "nn.Linear, nn.Conv1d, nn.Conv2d"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = ctx.require_calibration(self.name)
@@ -206,7 +257,7 @@ class AWQ(Pass):
                 scheme = QuantScheme(
                     bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric, method=self.name
                 )
-                replace_linear(gm, node, qw, scheme, recompile=False)
+                replace_layer(gm, node, qw, scheme, recompile=False)
                 records[path] = LayerRecord(path, "quantized", stats={**stats, **state.info})
         gm.graph.lint()
         gm.recompile()
@@ -234,11 +285,12 @@ class AWQ(Pass):
     ) -> tuple[list[str], dict[str, LayerRecord], list[_GroupState], dict[str, int]]:
         """Scale every group in graph order and, if ``quantize``, clip and round each group once
         no later group can fold into it. Layers left out get "skipped" records."""
-        paths = list(dict.fromkeys(path for _, path, _ in linear_nodes(gm)))
+        paths = list(dict.fromkeys(path for _, path, _ in layer_nodes(gm)))
+        self.bind_layers(gm, paths)
         records: dict[str, LayerRecord] = {}
         todo: dict[str, AWQConfig] = {}
         for path in paths:
-            reason = skip_reason(gm, path, self.config.ignore)
+            reason = skip_reason(gm, path, self.config.ignore) or _grouped_reason(gm.get_submodule(path))
             config = None if reason else self.config_for(path)
             if config is None:
                 records[path] = LayerRecord(path, "skipped", reason or "skipped by a per-layer override")
@@ -247,7 +299,6 @@ class AWQ(Pass):
                 raise LowbitError(f"layer '{path}': weight contains NaN or Inf; it cannot be quantized")
             else:
                 todo[path] = config
-        self.warn_unused_overrides(paths)
         states = [
             _GroupState(g, [todo[p] for p in g.paths], *find_producer(gm, g)) for g in scale_groups(gm, list(todo))
         ]
@@ -277,7 +328,11 @@ class AWQ(Pass):
         """Capture the group's input statistics, search its scale and apply it (module doc, steps 1–3)."""
         group, config = state.group, state.configs[0]
         first = gm.get_submodule(group.paths[0])
-        stats = _InputStats.empty(group.paths[0], first.in_features, first.weight.device)
+        stats = (
+            _ConvInputStats.empty(group.paths[0], first, first.weight.device)
+            if is_conv(first)
+            else _InputStats.empty(group.paths[0], first.in_features, first.weight.device)
+        )
         cursor.capture(group.nodes if group.calls > 1 else group.nodes[:1], stats.add)  # one read of X
         producer, reason = state.producer, state.no_fold_reason
         prev = producer.describe(gm) if producer else describe_node(gm, group.input)
@@ -285,23 +340,26 @@ class AWQ(Pass):
         if stats.rows == 0:
             state.info["reason"] = "it received no calibration inputs"
             return
-        weights = [gm.get_submodule(p).weight.detach().float() for p in group.paths]
+        weights = [weight_matrix(gm.get_submodule(p)).float() for p in group.paths]
         with single_thread():
             s, alpha, losses = search_scale(
                 list(zip(weights, state.configs)), stats.mean_abs, stats.gram, config.n_grid
             )
         for path, w in zip(group.paths, weights):
-            _set_tensor(gm.get_submodule(path), "weight", w * s)
+            module = gm.get_submodule(path)
+            _set_tensor(module, "weight", (w * s).view_as(module.weight))
+        # The scale of each input channel, shaped to broadcast over the input (channels on dim 1 for a convolution).
+        channel = s[:: stats.taps].reshape(-1, *[1] * (first.weight.dim() - 2)) if is_conv(first) else s
         if producer is not None and not _fold_is_exact(gm, group, producer, stats.sample, first_batch):
             reason = f"folding into {prev} does not divide the input channel by channel"
             producer = None
         if producer is not None:
-            _fold(gm, producer, s)
-            cursor.update(group.input, lambda x: x / s.to(x))
+            _fold(gm, producer, channel.flatten())
+            cursor.update(group.input, lambda x: x / channel.to(x))
             counts["folded"] += 1
             state.info["scale"] = f"folded into {prev}"
         else:
-            name = _insert_explicit_scale(gm, group, 1 / s)
+            name = _insert_explicit_scale(gm, group, 1 / channel)
             counts["explicit_scales"] += 1
             state.info["scale"] = f"explicit x / s ({name}): {reason}"
         state.info.update(alpha=alpha, search_loss=min(losses), unscaled_loss=losses[0])
@@ -321,7 +379,7 @@ def _clip_and_quantize(gm: fx.GraphModule, state: _GroupState) -> None:
     """Search each linear's clipping on the scaled input, then round it (module doc, step 4)."""
     assert state.gram is not None and state.scale is not None
     for path, config in zip(state.group.paths, state.configs):
-        w = gm.get_submodule(path).weight.detach().float()
+        w = weight_matrix(gm.get_submodule(path)).float()
         clipped = config.clip and not any(token in path.rpartition(".")[2] for token in CLIP_SKIP)
         bounds = search_clip(w, state.gram, config) if clipped else None
         final = w if bounds is None else apply_clip(w, bounds, config.group_size)
@@ -390,11 +448,13 @@ def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> torch.Tenso
 def _fold_is_exact(
     gm: fx.GraphModule, group: ScaleGroup, producer: Producer, reference: torch.Tensor | None, batch: Any
 ) -> bool:
-    """Whether folding a random positive scale into ``producer`` divides the group's input by it."""
+    """Whether folding a random positive scale into ``producer`` divides the group's input by it (channel by
+    channel: the last dimension of a linear's input, dimension 1 of a convolution's)."""
     if reference is None:
         return False
     generator = torch.Generator().manual_seed(0)
-    width = reference.shape[-1]
+    conv = is_conv(gm.get_submodule(group.paths[0]))
+    width = reference.shape[1] if conv else reference.shape[-1]
     s = torch.exp((torch.rand(width, generator=generator) * 2 - 1) * math.log(2)).to(reference.device)
     seen: list[torch.Tensor] = []
     replaced = _fold(gm, producer, s)
@@ -404,9 +464,19 @@ def _fold_is_exact(
         _restore(replaced)
     if not seen or seen[0].shape != reference.shape:
         return False
-    expected = reference.float() / s
+    expected = reference.float() / (s.reshape(-1, *[1] * (reference.dim() - 2)) if conv else s)
     error = torch.linalg.vector_norm(seen[0].float() - expected)
     return bool(error <= FOLD_TOLERANCE * torch.linalg.vector_norm(expected))
+
+
+def _grouped_reason(module: nn.Module) -> str | None:
+    """Why AWQ leaves a grouped convolution alone (its input channels each reach only one group's rows)."""
+    if is_conv(module) and getattr(module, "groups", 1) > 1:
+        return (
+            f"grouped convolution (groups={module.groups}): AWQ scales an input channel across every output, "
+            "so it leaves grouped and depthwise convolutions to rtn or gptq"
+        )
+    return None
 
 
 def _insert_explicit_scale(gm: fx.GraphModule, group: ScaleGroup, inverse: torch.Tensor) -> str:

@@ -1,11 +1,12 @@
 """Graph analysis for AWQ: which linears share an input, and which op can absorb its scale.
 
-`scale_groups` groups the linears called once on one input node (a linear called several times
-is a group of its own); `find_producer` looks upstream of that input for an op whose parameters
-can divide its output channels by AWQ's scale with the model unchanged: an ``nn.Linear``'s last
-rows, a LayerNorm/RMSNorm module, or a multiply by a 1-D weight (transformers' RMSNorm), reached
-only through scale-commuting ops nothing else reads. Without one, AWQ keeps an explicit
-``x / s``; docs/methods.md (AWQ).
+`scale_groups` groups the linears called once on one input node (a linear called several times,
+and every convolution, is a group of its own); `find_producer` looks upstream of that input for an
+op whose parameters can divide its output channels by AWQ's scale with the model unchanged: an
+``nn.Linear``'s last rows, a LayerNorm/RMSNorm module, or a multiply by a 1-D weight (transformers'
+RMSNorm), reached only through scale-commuting ops nothing else reads; for a convolution's input
+(channels on dim 1), a batch norm or a convolution's output channels. Without one, AWQ keeps an
+explicit ``x / s``; docs/methods.md (AWQ).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ _MAX_DEPTH = 32
 
 @dataclass
 class ScaleGroup:
-    """Linears that share one AWQ scale: their call nodes, module paths and calls per forward."""
+    """Linears (or one convolution) that share one AWQ scale: their call nodes, module paths and calls per forward."""
 
     nodes: list[fx.Node]
     paths: list[str]
@@ -83,7 +84,7 @@ class ScaleGroup:
 class Producer:
     """An op that can absorb a scale of its output channels.
 
-    ``kind`` is ``"linear"`` (rows of ``target``'s weight and bias), ``"norm"`` (weight
+    ``kind`` is ``"linear"`` (rows of ``target``'s weight and bias: a linear or convolution), ``"norm"`` (weight
     and bias of the norm module ``target``) or ``"weight"`` (the 1-D tensor at
     attribute path ``target``, multiplied into ``node``'s output).
     """
@@ -110,10 +111,10 @@ def scale_groups(gm: fx.GraphModule, paths: list[str]) -> list[ScaleGroup]:
     """Groups of the ``nn.Linear`` layers at ``paths`` in graph order (module doc)."""
     wanted = set(paths)
     groups: dict[object, ScaleGroup] = {}
-    for path, _, nodes in layers(gm):
+    for path, module, nodes in layers(gm):
         if path not in wanted:
             continue
-        key = nodes[0].args[0] if len(nodes) == 1 else path
+        key = nodes[0].args[0] if len(nodes) == 1 and isinstance(module, nn.Linear) else path
         if key in groups:
             groups[key].nodes.append(nodes[0])
             groups[key].paths.append(path)
@@ -143,24 +144,38 @@ def find_producer(gm: fx.GraphModule, group: ScaleGroup) -> tuple[Producer | Non
     x = group.input
     if set(readers(x)) != set(group.nodes):
         return None, "the input is also read by other ops than the group's linears"
-    width = gm.get_submodule(group.paths[0]).in_features
+    layer = gm.get_submodule(group.paths[0])
+    conv = isinstance(layer, nn.modules.conv._ConvNd)
+    width = layer.in_channels if conv else layer.in_features
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for producer in _candidates(gm, x, width, 0):
+    for producer in _candidates(gm, x, width, 0, conv):
         if _isolated(gm, producer.node, x, order):
             return producer, ""
     return None, f"no norm, linear or weight multiply upstream of {describe_node(gm, x)} can absorb it"
 
 
-def _candidates(gm: fx.GraphModule, node: fx.Node, width: int, depth: int) -> Iterator[Producer]:
-    """Foldable ops reachable backwards from ``node`` through scale-commuting ops."""
-    producer = _as_producer(gm, node, width)
+def _candidates(gm: fx.GraphModule, node: fx.Node, width: int, depth: int, conv: bool) -> Iterator[Producer]:
+    """Foldable ops reachable backwards from ``node`` through scale-commuting ops (channels on dim 1 if ``conv``)."""
+    producer = _conv_producer(gm, node, width) if conv else _as_producer(gm, node, width)
     if producer is not None:
         yield producer
         return
     if depth >= _MAX_DEPTH:
         return
     for arg in _scaled_operands(gm, node):
-        yield from _candidates(gm, arg, width, depth + 1)
+        yield from _candidates(gm, arg, width, depth + 1, conv)
+
+
+def _conv_producer(gm: fx.GraphModule, node: fx.Node, width: int) -> Producer | None:
+    """A batch norm (affine) or a plain convolution with ``width`` output channels, called once."""
+    if node.op != "call_module" or not _called_once_and_unread(gm, node.target):
+        return None
+    module = gm.get_submodule(node.target)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == width and module.affine:
+        return Producer("norm", node, node.target)
+    if type(module) in (nn.Conv1d, nn.Conv2d) and module.out_channels == width:
+        return Producer("linear", node, node.target)
+    return None
 
 
 def _as_producer(gm: fx.GraphModule, node: fx.Node, width: int) -> Producer | None:

@@ -44,7 +44,7 @@ def binary_quantize(
 
 @register
 class Binary(FewLevelPass):
-    """Binary (1-bit) weights for every ``nn.Linear`` not ignored or skipped."""
+    """Binary (1-bit) weights for every linear and convolution not ignored or skipped."""
 
     name = "binary"
     Config = BinaryConfig

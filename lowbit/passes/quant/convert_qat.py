@@ -1,4 +1,5 @@
-"""``convert_qat``: pack a trained fake-quant graph (``fake_quant`` or ``statsq``) into ``lowbit.linear_packed``.
+"""``convert_qat``: pack a trained fake-quant graph (``fake_quant`` or ``statsq``) into ``lowbit.linear_packed``
+(``lowbit.conv_packed`` for convolutions).
 
 Each layer with a `lowbit.passes.quant.qat.WeightFakeQuant` weight is replaced by the
 packed codes, scales and zeros its quantizer computes from the trained latent weight
@@ -22,7 +23,7 @@ from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig
 from lowbit.passes.quant.qat import WeightFakeQuant, fake_quantizer_of
-from lowbit.passes.quant.rewrite import replace_linear, unsupported_reason
+from lowbit.passes.quant.rewrite import CONV_TYPES, replace_layer, unsupported_reason
 from lowbit.passes.registry import get, register
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class ConvertQATConfig(PassConfig):
 
 @register
 class ConvertQAT(Pass):
-    """Replace every trained fake-quant linear (STE, LSQ, ternary, binary, StatsQ) by its packed form."""
+    """Replace every trained fake-quant linear or convolution (STE, LSQ, ternary, binary, StatsQ) by its packed
+    form."""
 
     name = "convert_qat"
     Config = ConvertQATConfig
@@ -44,11 +46,11 @@ class ConvertQAT(Pass):
     produces = frozenset({"quant"})
     forbids = frozenset({"reparam", "adapter"})
     after_pack = True
-    pattern = "nn.Linear with a fake-quant weight"
+    pattern = "nn.Linear, nn.Conv1d or nn.Conv2d with a fake-quant weight"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layers(gm, (nn.Linear,)):
+        for path, module, nodes in layers(gm, (nn.Linear, *CONV_TYPES)):
             quantizer = fake_quantizer_of(module)
             if quantizer is None:
                 continue
@@ -79,7 +81,7 @@ def _pack(
     scheme = QuantScheme(
         bits=qw.bits, group_size=qw.group_size, symmetric=symmetric, method=f"qat-{quantizer.method()}"
     )
-    new = replace_linear(gm, nodes[0], qw, scheme)
+    new = replace_layer(gm, nodes[0], qw, scheme)
     for node in gm.graph.nodes:
         meta = get_meta(node)
         if meta is not None and meta.layer == path and meta.fake_quant is not None:

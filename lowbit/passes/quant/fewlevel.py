@@ -1,10 +1,11 @@
 """What the ternary and binary weight quantizers share: scale granularity and the pass loop.
 
-Both quantize each ``nn.Linear`` weight to a few levels times one real scale per
-tensor, per output channel or per group of input columns, without calibration data.
+Both quantize each ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` weight (a convolution's as its matrix)
+to a few levels times one real scale per tensor, per output channel or per group of input columns,
+without calibration data.
 `scale_statistic` computes that scale; `FewLevelPass` walks the layers (ignore lists,
 per-layer overrides, unsupported layers skipped with a reason) and packs each weight
-with `lowbit.passes.quant.rewrite.replace_linear`. A subclass provides `quantize`.
+with `lowbit.passes.quant.rewrite.replace_layer`. A subclass provides `quantize`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lowbit.ir.annotations import QuantScheme
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.grid import QuantizedWeight, relative_error
-from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, unsupported_reason
+from lowbit.passes.quant.rewrite import layer_nodes, replace_layer, unsupported_reason, weight_matrix
 from lowbit.passes.selection import matches
 
 log = logging.getLogger(__name__)
@@ -108,14 +109,14 @@ def per_column(scales: torch.Tensor, group: int, columns: int) -> torch.Tensor:
 
 
 class FewLevelPass(Pass):
-    """Quantize every ``nn.Linear`` not ignored or skipped with `quantize`; subclasses set the rest."""
+    """Quantize every linear and convolution not ignored or skipped with `quantize`; subclasses set the rest."""
 
     stage = "convert"
     produces = frozenset({"quant"})
     # Masked layers are no longer nn.Linear calls: bake masks in first (apply_masks).
     forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
-    pattern = "nn.Linear"
+    pattern = "nn.Linear, nn.Conv1d, nn.Conv2d"
 
     def quantize(self, weight: torch.Tensor, config: Any, name: str) -> QuantizedWeight:
         """The packed-ready codes of one weight under ``config``."""
@@ -126,9 +127,9 @@ class FewLevelPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers: dict[str, fx.Node] = {}
-        for node, path, _ in linear_nodes(gm):
+        for node, path, _ in layer_nodes(gm):
             layers.setdefault(path, node)
-        self.warn_unused_overrides(layers)
+        self.bind_layers(gm, layers)
         records = [self._layer(gm, node, path) for path, node in ctx.progress(list(layers.items()), desc=self.name)]
         quantized = sum(r.action == "quantized" for r in records)
         return PassResult(
@@ -144,11 +145,11 @@ class FewLevelPass(Pass):
             reason = reason or "skipped by a per-layer override"
             log.info("%s: skipping %s: %s", self.name, path, reason)
             return LayerRecord(path, "skipped", reason)
-        weight = gm.get_submodule(path).weight.detach()
+        weight = weight_matrix(gm.get_submodule(path))
         qw = self.quantize(weight, config, path)
         error = relative_error(weight, qw.dequantize())
         scheme = self.scheme(qw, config)
-        replace_linear(gm, node, qw, scheme)
+        replace_layer(gm, node, qw, scheme)
         log.debug("%s: %s -> %s, relative error %.3g", self.name, path, scheme.describe(), error)
         return LayerRecord(
             path,

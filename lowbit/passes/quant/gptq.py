@@ -1,16 +1,19 @@
-"""``gptq``: GPTQ weight quantization of every ``nn.Linear`` (Frantar et al. 2022).
+"""``gptq``: GPTQ weight quantization of every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (Frantar et al. 2022).
 
 The pass moves the calibration batches through the graph with the layers
 (`lowbit.passes.quant.hessian.CalibrationCursor`), so each layer's Hessian comes from the
 inputs that reach it through the already-quantized layers before it, and every batch runs
 through the graph once in all. Layers reading one input node (q/k/v, gate/up) share one
 capture, and with equal options are quantized as one weight stacked along the rows, which
-gives each the result it would get alone. The algorithm itself, single-threaded while the
-forwards keep torch's threads, is `lowbit.passes.quant.gptq_algorithm`; docs/methods.md (GPTQ).
+gives each the result it would get alone. A convolution is quantized as its weight matrix,
+each convolution group's rows with the Hessian of that group's unfolded input patches. The
+algorithm itself, single-threaded while the forwards keep torch's threads, is
+`lowbit.passes.quant.gptq_algorithm`; docs/methods.md (GPTQ, Convolutions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -25,16 +28,16 @@ from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.quant.gptq_algorithm import GPTQOptions, energy_ratio, gptq_quantize, row_energies
-from lowbit.passes.quant.grid import quantize_weight, relative_error
-from lowbit.passes.quant.hessian import CalibrationCursor, HessianAccumulator
-from lowbit.passes.quant.rewrite import replace_linear, skip_reason
+from lowbit.passes.quant.grid import QuantizedWeight, quantize_weight, relative_error
+from lowbit.passes.quant.hessian import CalibrationCursor, ConvHessianAccumulator, HessianAccumulator
+from lowbit.passes.quant.rewrite import ConvGeometry, is_conv, replace_layer, replace_linear, skip_reason, weight_matrix
 from lowbit.passes.quant.rtn import RTNConfig
 from lowbit.passes.quant.threads import single_thread
 from lowbit.passes.registry import register
 
 log = logging.getLogger(__name__)
 
-#: One ``nn.Linear``: its first call node, module path and number of call sites.
+#: One ``nn.Linear`` or convolution: its first call node, module path and number of call sites.
 _Layer = tuple[fx.Node, str, int]
 
 
@@ -92,7 +95,7 @@ class GPTQConfig(RTNConfig):
 
 @register
 class GPTQ(Pass):
-    """GPTQ quantization of every ``nn.Linear`` not ignored or skipped, using calibration data."""
+    """GPTQ quantization of every linear and convolution not ignored or skipped, using calibration data."""
 
     name = "gptq"
     Config = GPTQConfig
@@ -101,12 +104,12 @@ class GPTQ(Pass):
     produces = frozenset({"quant"})
     forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
-    pattern = "nn.Linear"
+    pattern = "nn.Linear, nn.Conv1d, nn.Conv2d"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cursor = CalibrationCursor(gm, ctx.require_calibration(self.name))
         groups = _input_groups(gm)
-        self.warn_unused_overrides([path for group in groups for _, path, _ in group])
+        self.bind_layers(gm, [path for group in groups for _, path, _ in group])
         records: list[LayerRecord] = []
         for group in ctx.progress(groups, desc="gptq"):
             records.extend(self._quantize_group(gm, group, cursor))
@@ -133,7 +136,10 @@ class GPTQ(Pass):
                 raise LowbitError(f"layer '{path}': weight contains NaN or Inf; it cannot be quantized")
             else:
                 todo.append((layer, config))
-        if todo:
+        if todo and is_conv(gm.get_submodule(todo[0][0][1])):
+            (layer, config), path = todo[0], todo[0][0][1]  # a convolution is alone in its group
+            records[path] = self._quantize_conv(gm, layer, config, cursor)
+        elif todo:
             (_, first, _), _ = todo[0]
             linear = gm.get_submodule(first)
             hessian = HessianAccumulator.empty(first, linear.in_features, linear.weight.device)
@@ -195,6 +201,62 @@ class GPTQ(Pass):
             records[path] = LayerRecord(path, "quantized", stats=stats)
         return records
 
+    def _quantize_conv(
+        self, gm: fx.GraphModule, layer: _Layer, config: GPTQConfig, cursor: CalibrationCursor
+    ) -> LayerRecord:
+        """GPTQ on each convolution group's rows of the weight matrix with that group's Hessian (module doc)."""
+        node, path, _ = layer
+        conv = gm.get_submodule(path)
+        weight = weight_matrix(conv)
+        hessian = ConvHessianAccumulator.empty(path, ConvGeometry.of(conv).args(), weight.shape[1], weight.device)
+        cursor.capture([n for n in gm.graph.nodes if n.op == "call_module" and n.target == path], hessian.add)
+        if hessian.rows == 0:
+            return LayerRecord(path, "skipped", "it received no calibration inputs")
+        options = config.options
+        if conv.groups > 1 and options.act_order:
+            # Each group has its own column order, which one g_idx cannot hold: fit the grids before reordering.
+            options = dataclasses.replace(options, static_groups=True)
+        meta = get_meta(node)
+        pruned = meta is not None and meta.sparsity is not None
+        rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path).dequantize()
+        results, energies = [], torch.zeros(3, dtype=torch.float64)
+        with single_thread():
+            for rows, rtn_rows, h in zip(weight.chunk(conv.groups), rtn.chunk(conv.groups), hessian.hessian):
+                result = gptq_quantize(rows, h, options, name=path, mask=rows != 0 if pruned else None)
+                energies += row_energies(rows, [result.weight, rtn_rows], h).sum(dim=1).double().cpu()
+                results.append(result)
+        qw = _stack([r.quantized for r in results])
+        reference, error, rtn_error = energies.tolist()
+        stats = {
+            "bits": config.bits,
+            "group_size": qw.group_size,
+            "act_order": config.act_order,
+            "act_group_aware": config.act_group_aware,
+            "samples": hessian.rows,
+            "damp_percent": max(r.damp for r in results),
+            "gptq_loss": sum(r.loss for r in results),
+            "output_error": energy_ratio(error, reference),
+            "rtn_output_error": energy_ratio(rtn_error, reference),
+            "rel_error": relative_error(weight, torch.cat([r.weight for r in results])),
+        }
+        scheme = QuantScheme(bits=config.bits, group_size=qw.group_size, symmetric=config.symmetric, method=self.name)
+        replace_layer(gm, node, qw, scheme, recompile=False)
+        log.debug("gptq: %s -> %s, output error %.3g (rtn %.3g)", path, scheme.describe(), error, rtn_error)
+        return LayerRecord(path, "quantized", stats=stats)
+
+
+def _stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Quantized row blocks (a convolution's groups, without ``g_idx``, or one block) as one weight."""
+    if len(parts) == 1:
+        return parts[0]
+    zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
+    return dataclasses.replace(
+        parts[0],
+        codes=torch.cat([p.codes for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+        zeros=zeros,
+    )
+
 
 def _stackable(gm: fx.GraphModule, todo: list[tuple[_Layer, GPTQConfig]]) -> list[list[tuple[_Layer, GPTQConfig]]]:
     """Layers (sharing one input) in runs that GPTQ can quantize as one stacked weight:
@@ -216,11 +278,12 @@ def _stackable(gm: fx.GraphModule, todo: list[tuple[_Layer, GPTQConfig]]) -> lis
 
 
 def _input_groups(gm: fx.GraphModule) -> list[list[_Layer]]:
-    """The ``nn.Linear`` layers in graph order, grouped when they are called once on the same input."""
+    """The ``nn.Linear`` layers and convolutions in graph order, linears grouped when they are called once on the
+    same input (a convolution's Hessian depends on its geometry: it is always alone)."""
     groups: dict[Any, list[_Layer]] = {}
-    for path, _, nodes in layers(gm, nn.Linear):
+    for path, module, nodes in layers(gm, (nn.Linear, nn.modules.conv._ConvNd)):
         node = nodes[0]
-        shares_input = len(nodes) == 1 and len(node.args) == 1 and not node.kwargs
+        shares_input = len(nodes) == 1 and len(node.args) == 1 and not node.kwargs and not is_conv(module)
         groups.setdefault(node.args[0] if shares_input else path, []).append((node, path, len(nodes)))
     return list(groups.values())
 

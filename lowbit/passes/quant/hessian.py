@@ -8,7 +8,8 @@ through the graph with a pass that calibrates layer after layer, so all layers t
 one forward per batch. ``N`` counts token rows; padded tokens (`lowbit.calibration.padding_mask`)
 are left out, since the model never reads them. Since rows are tokens, batches larger than the
 batch size a torch.export graph is specialized to are cut into batches of that size first
-(`fit_batches`): the statistics are the same. The math: docs/methods.md (GPTQ).
+(`fit_batches`): the statistics are the same. A convolution's Hessians (`ConvHessianAccumulator`, one per
+convolution group) come from its unfolded input patches. The math: docs/methods.md (GPTQ, Convolutions).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.fx as fx
 
 from lowbit.calibration import padding_mask
 from lowbit.errors import CalibrationError, LowbitError
+from lowbit.ir.ops_conv import unfold_patches
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,45 @@ class HessianAccumulator:
         self.hessian.addmm_(rows.T, rows, beta=self.rows / total, alpha=2.0 / total)
         self.rows = total
         if not torch.isfinite(self.hessian.diagonal()).all():
+            raise LowbitError(
+                f"layer '{self.layer}': its calibration inputs contain NaN or Inf (or overflow float32), so its "
+                "Hessian is undefined; check the calibration data and the layers before it"
+            )
+
+
+@dataclass
+class ConvHessianAccumulator:
+    """Running per-group Hessians of a convolution's unfolded input, ``H_g = 2/N · Σ p pᵀ`` ``(groups, K, K)``
+    over the ``N`` patches ``p`` of each convolution group (docs/methods.md (Convolutions)).
+
+    ``geometry`` is the op's ``(kernel_size, stride, padding, dilation, groups)``; ``rows`` counts patches.
+    """
+
+    layer: str
+    geometry: tuple[list[int], list[int], list[int], list[int], int]
+    hessian: torch.Tensor
+    rows: int = 0
+
+    @classmethod
+    def empty(
+        cls,
+        layer: str,
+        geometry: tuple[list[int], list[int], list[int], list[int], int],
+        width: int,
+        device: torch.device,
+    ) -> ConvHessianAccumulator:
+        return cls(layer, geometry, torch.zeros(geometry[-1], width, width, dtype=torch.float32, device=device))
+
+    def add(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold the patches of one input ``(B, C_in, *spatial)`` into the averages; NaN or Inf raises naming the
+        layer. ``keep`` is ignored: a convolution reads every position."""
+        patches, _ = unfold_patches(x.detach().to(self.hessian), *self.geometry)
+        total = self.rows + patches.shape[1]
+        if total == 0:
+            return
+        self.hessian.baddbmm_(patches.transpose(1, 2), patches, beta=self.rows / total, alpha=2.0 / total)
+        self.rows = total
+        if not torch.isfinite(self.hessian.diagonal(dim1=1, dim2=2)).all():
             raise LowbitError(
                 f"layer '{self.layer}': its calibration inputs contain NaN or Inf (or overflow float32), so its "
                 "Hessian is undefined; check the calibration data and the layers before it"
@@ -264,6 +305,7 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 __all__ = [
     "CalibrationCursor",
     "Consumer",
+    "ConvHessianAccumulator",
     "HessianAccumulator",
     "capture_hessian",
     "capture_inputs",

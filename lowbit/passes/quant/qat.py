@@ -1,6 +1,7 @@
 """``fake_quant``: quantization-aware training with straight-through estimators.
 
-Each target ``nn.Linear`` weight gets a `WeightFakeQuant` parametrization: the forward uses
+Each target ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` weight (a convolution's as its matrix
+``(C_out, C_in/groups · prod(kernel))``) gets a `WeightFakeQuant` parametrization: the forward uses
 the quantized weight, the backward passes the gradient to the latent float weight. Formats,
 per layer through overrides: ``int`` with the ``rtn`` grid recomputed every step (clipped STE)
 or LSQ's learnable steps, BitNet b1.58 ``ternary`` and BinaryConnect ``binary`` (call
@@ -31,7 +32,7 @@ from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.binary import binary_quantize
 from lowbit.passes.quant.fewlevel import checked_weight, per_column
 from lowbit.passes.quant.grid import GRID_BITS, QuantizedWeight, effective_group_size, quantize_weight
-from lowbit.passes.quant.rewrite import unsupported_reason
+from lowbit.passes.quant.rewrite import CONV_TYPES, is_conv, unsupported_reason
 from lowbit.passes.quant.ternary import ternary_quantize
 from lowbit.passes.registry import register
 from lowbit.passes.reparam.common import annotate_calls, skip_reason
@@ -117,6 +118,7 @@ class WeightFakeQuant(nn.Module):
         super().__init__()
         self.format, self.scale, self.symmetric, self.latent_clip, self.layer = fmt, scale, symmetric, latent_clip, name
         self.bits = {"int": bits, "ternary": 2, "binary": 1}[fmt]
+        weight = weight.flatten(1)
         columns = weight.shape[1]
         self.group_size = effective_group_size(group_size, columns) if fmt == "int" else columns
         self.step: nn.Parameter | None = None
@@ -131,8 +133,9 @@ class WeightFakeQuant(nn.Module):
             self.grad_scale = 1.0 / math.sqrt(w.numel() / self.step.numel() * qp)
 
     def quantized(self, weight: torch.Tensor) -> QuantizedWeight:
-        """The codes, scales and zeros of ``weight`` (detached) that the forward computes with."""
-        w = weight.detach()
+        """The codes, scales and zeros of ``weight`` (detached; a convolution's as its matrix) that the forward
+        computes with."""
+        w = weight.detach().flatten(1)
         if self.scale == "lsq":
             step = self.step.detach().clamp_min(MIN_STEP)
             k = self._lsq_levels(w.float(), per_column(step, self.group_size, w.shape[1]))
@@ -153,13 +156,14 @@ class WeightFakeQuant(nn.Module):
         return _RoundSTE.apply(torch.clamp(w / step, -qn, qp))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        matrix = weight.flatten(1)
         if self.scale == "lsq":
             step = _GradScale.apply(self.step, self.grad_scale).clamp_min(MIN_STEP)
-            step = per_column(step, self.group_size, weight.shape[1])
-            return (self._lsq_levels(weight.float(), step) * step).to(weight.dtype)
+            step = per_column(step, self.group_size, matrix.shape[1])
+            return (self._lsq_levels(matrix.float(), step) * step).to(weight.dtype).view_as(weight)
         qw = self.quantized(weight)
-        mask = self._inside_grid(weight, qw) if self.format == "int" else None
-        return straight_through(weight, dequantize_codes(qw).to(weight.dtype), mask)
+        mask = self._inside_grid(matrix, qw).view_as(weight) if self.format == "int" else None
+        return straight_through(weight, dequantize_codes(qw).to(weight.dtype).view_as(weight), mask)
 
     def _inside_grid(self, weight: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
         """Clipped STE mask: ``round(w/s) + z`` inside ``[0, 2^b − 1]``."""
@@ -240,7 +244,8 @@ class FakeQuantConfig(PassConfig):
 
 @register
 class FakeQuantize(Pass):
-    """Fake-quantize linear weights with a straight-through estimator for QAT (``convert_qat`` packs them)."""
+    """Fake-quantize linear and convolution weights with a straight-through estimator for QAT (``convert_qat``
+    packs them)."""
 
     name = "fake_quant"
     Config = FakeQuantConfig
@@ -248,11 +253,17 @@ class FakeQuantize(Pass):
     produces = frozenset({"fake_quant"})
     # Masked layers are no longer nn.Linear calls: bake masks in first (apply_masks).
     forbids = frozenset({"quant", "fake_quant", "sparsity"})
-    pattern = "nn.Linear"
+    pattern = "nn.Linear, nn.Conv1d, nn.Conv2d"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records: list[LayerRecord] = []
-        for path, module, nodes in layers(gm, (nn.Linear,)):
+        found = list(layers(gm, (nn.Linear, nn.modules.conv._ConvNd)))
+        self.bind_layers(gm, [path for path, _, _ in found])
+        for path, module, nodes in found:
+            if is_conv(module) and not isinstance(module, CONV_TYPES):
+                records.append(LayerRecord(path, "skipped", unsupported_reason(gm, path) or ""))
+                log.info("fake_quant: skipping %s: %s", path, records[-1].reason)
+                continue
             reason = "ignored" if matches_any(path, self.config.ignore) else None
             reason = reason or skip_reason(gm, path, module) or unsupported_reason(gm, path)
             config = None if reason else self.config_for(path)

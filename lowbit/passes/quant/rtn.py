@@ -1,9 +1,10 @@
-"""``rtn``: round-to-nearest weight-only quantization of every ``nn.Linear``.
+"""``rtn``: round-to-nearest weight-only quantization of every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
 
-Each weight is rounded to its per-group GPTQ grid (`lowbit.passes.quant.grid`) without
-calibration data, packed, and the layer is replaced by a ``lowbit.linear_packed`` call
-(`lowbit.passes.quant.rewrite`). It is the baseline the calibrated quantizers (GPTQ,
-AWQ) are measured against, and a good default for 8-bit weights.
+Each weight (a convolution's as its matrix ``(C_out, C_in/groups · prod(kernel))``) is rounded to its
+per-group GPTQ grid (`lowbit.passes.quant.grid`) without calibration data, packed, and the layer is
+replaced by a ``lowbit.linear_packed`` (``conv_packed``) call (`lowbit.passes.quant.rewrite`). It is
+the baseline the calibrated quantizers (GPTQ, AWQ) are measured against, and a good default for
+8-bit weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lowbit.ir.annotations import QuantScheme
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.grid import quantize_weight, relative_error
-from lowbit.passes.quant.rewrite import linear_nodes, replace_linear, skip_reason
+from lowbit.passes.quant.rewrite import layer_nodes, replace_layer, skip_reason, weight_matrix
 from lowbit.passes.registry import register
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class RTNConfig(PassConfig):
 
 @register
 class RTN(Pass):
-    """Round-to-nearest weight quantization of every ``nn.Linear`` not ignored or skipped."""
+    """Round-to-nearest weight quantization of every linear and convolution not ignored or skipped."""
 
     name = "rtn"
     Config = RTNConfig
@@ -59,11 +60,11 @@ class RTN(Pass):
     produces = frozenset({"quant"})
     forbids = frozenset({"adapter", "reparam", "fake_quant", "sparsity"})
     after_pack = True
-    pattern = "nn.Linear"
+    pattern = "nn.Linear, nn.Conv1d, nn.Conv2d"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        layers = _unique_layers(gm)
-        self.warn_unused_overrides([path for _, path in layers])
+        layers = unique_layers(gm)
+        self.bind_layers(gm, [path for _, path in layers])
         records = [self._quantize_layer(gm, node, path) for node, path in ctx.progress(layers, desc="rtn")]
         gm.graph.lint()
         gm.recompile()
@@ -82,11 +83,11 @@ class RTN(Pass):
             reason = reason or "skipped by a per-layer override"
             log.info("rtn: skipping %s: %s", path, reason)
             return LayerRecord(path, "skipped", reason)
-        weight = gm.get_submodule(path).weight.detach()
+        weight = weight_matrix(gm.get_submodule(path))
         qw = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path)
         error = relative_error(weight, qw.dequantize())
         scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric, method=self.name)
-        replace_linear(gm, node, qw, scheme, recompile=False)
+        replace_layer(gm, node, qw, scheme, recompile=False)
         log.debug("rtn: %s -> %s, relative error %.3g", path, scheme.describe(), error)
         return LayerRecord(path, "quantized", stats={"bits": qw.bits, "group_size": qw.group_size, "rel_error": error})
 
@@ -99,12 +100,12 @@ def _layer_names(value: Any) -> Any:
     return value
 
 
-def _unique_layers(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
-    """One (first call) node per ``nn.Linear`` module path; `replace_linear` rewrites every call."""
+def unique_layers(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
+    """One (first call) node per linear or convolution module path; `replace_layer` rewrites every call."""
     seen: dict[str, fx.Node] = {}
-    for node, path, _ in linear_nodes(gm):
+    for node, path, _ in layer_nodes(gm):
         seen.setdefault(path, node)
     return [(node, path) for path, node in seen.items()]
 
 
-__all__ = ["RTN", "RTNConfig"]
+__all__ = ["RTN", "RTNConfig", "unique_layers"]

@@ -81,7 +81,7 @@ def _median(block: torch.Tensor) -> torch.Tensor:
 
 @register
 class Ternary(FewLevelPass):
-    """Ternary (1.58-bit) weights for every ``nn.Linear`` not ignored or skipped."""
+    """Ternary (1.58-bit) weights for every linear and convolution not ignored or skipped."""
 
     name = "ternary"
     Config = TernaryConfig
