@@ -12,6 +12,7 @@ convolutions with their weights in blocks of the schedule's register tile.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from lowbit.backends.tvm.fastmath import Legalizer
 from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
 from lowbit.backends.tvm.schedule import conv_tile
+
+log = logging.getLogger(__name__)
 
 #: The layouts ``ConvertLayout`` gives conv2d: data, then weight (output channels innermost: one vector of them).
 CONV2D_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -266,13 +269,44 @@ def _static(shape: Any) -> bool:
     return shape is not None and all(isinstance(d, tvm.tirx.IntImm) for d in shape)
 
 
+@tvm.transform.module_pass(opt_level=0, name="ChannelsLast")
+class ChannelsLast:
+    """A module with conv2d layers: `ClipAsMinMax`, ``ConvertLayout``, `SinkPermutations`, `FoldConstantLayouts`.
+
+    A module without one is left as it is (``ConvertLayout`` fails on some graphs it has nothing to do in, such as
+    recurrent layers); where ``ConvertLayout`` fails on a module with convolutions, they stay NCHW (correct, slower)
+    and a warning says so.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if not _has_conv2d(mod):
+            return mod
+        try:
+            converted = relax.transform.ConvertLayout(CONV2D_LAYOUTS)(ClipAsMinMax()(mod))
+        except Exception as error:  # an upstream pass on arbitrary graphs: any failure keeps NCHW
+            log.warning("convolutions stay NCHW: Relax's ConvertLayout failed (%s)", str(error).splitlines()[0])
+            return mod
+        return FoldConstantLayouts()(SinkPermutations()(converted))
+
+
+def _has_conv2d(mod: tvm.IRModule) -> bool:
+    conv2d, found = tvm.ir.Op.get("relax.nn.conv2d"), []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op == conv2d else None
+            )
+    return bool(found)
+
+
 def channels_last() -> list[tvm.transform.Pass]:
     """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time."""
-    return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), SinkPermutations(), FoldConstantLayouts()]
+    return [ChannelsLast()]
 
 
 __all__ = [
     "CONV2D_LAYOUTS",
+    "ChannelsLast",
     "ClipAsMinMax",
     "FoldConstantLayouts",
     "SinkPermutations",
