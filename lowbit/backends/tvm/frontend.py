@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: Relax's own ``linear``.
 ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
 
+#: ``F.max_pool2d``'s options after the stride, with their defaults.
+PAD_DILATE_CEIL = (("padding", 0), ("dilation", 1), ("ceil_mode", False))
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -158,10 +161,13 @@ class _Window:
     groups: int
 
     def tiles(self, x: Sequence[int | None], weight: Sequence[int | None]) -> bool:
-        """Whether the windows tile an input of shape ``x`` exactly (stride = kernel, no padding or dilation)."""
+        """Whether the windows tile an input of shape ``x`` exactly (stride = kernel, no padding or dilation) with
+        a kernel larger than 1x1 (a 1x1 convolution stays one: the CPU runs it channels-last, as a GEMM)."""
         if len(x) != 4 or len(weight) != 4 or None in x or None in weight:
             return False
         kernel = tuple(weight[2:])
+        if kernel == (1, 1):
+            return False
         unpadded = self.padding == "valid" or (not isinstance(self.padding, str) and not any(self.padding))
         return (
             self.stride == kernel
@@ -279,6 +285,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "layer_norm": self._layer_norm_call,
             "scaled_dot_product_attention": self._attention,
             "conv2d": self._conv2d_call,
+            "max_pool2d": self._max_pool2d_keywords,
         }
 
     def _layer_norm_call(self, node: fx.Node) -> relax.Expr:
@@ -411,6 +418,16 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         x = self.env[node.args[0]]
         dtype = self._convert_data_type(node.args[2] if len(node.args) > 2 else node.kwargs["dtype"], self.env)
         return x if dtype == x.ty.dtype else self.block_builder.emit(relax.op.astype(x, dtype))
+
+    def _max_pool2d_keywords(self, node: fx.Node) -> relax.Expr:
+        """``F.max_pool2d`` with stride, padding, dilation or ceil_mode given by keyword, as fx records
+        ``nn.MaxPool2d`` (the upstream converter reads them by position only)."""
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        if call.get("return_indices"):
+            raise BackendError(f"node '{node.name}': max_pool2d with return_indices is not lowered")
+        x, stride = self.env[call["input"]], call.get("stride") or None  # None or []: the kernel size
+        padding, dilation, ceil_mode = (call.get(name, default) for name, default in PAD_DILATE_CEIL)
+        return self._max_pool2d_impl(x, call["kernel_size"], stride, padding, dilation, ceil_mode)
 
 
 __all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs"]
