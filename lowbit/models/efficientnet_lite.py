@@ -160,10 +160,17 @@ def rename_state_dict(state: dict[str, torch.Tensor], model: EfficientNetLite) -
     return {keys[name]: tensor for name, tensor in state.items()}
 
 
-def preprocess(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
+def preprocess(
+    image: np.ndarray,
+    size: int = IMAGE_SIZE,
+    mean: tuple[float, float, float] = (PIXEL_MEAN,) * 3,
+    std: tuple[float, float, float] = (PIXEL_STD,) * 3,
+) -> torch.Tensor:
     """An HWC uint8 RGB image (or HW grayscale) → a normalized ``1x3xsize x size`` tensor.
 
-    The shorter side is resized to ``size`` (bilinear, antialiased), then the center is cropped.
+    The shorter side is resized to ``size`` (bilinear, antialiased), the center is cropped,
+    and each channel becomes ``(pixel - mean) / std`` on 0..255 values (EfficientNet-Lite's
+    normalization by default).
     """
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
@@ -174,7 +181,7 @@ def preprocess(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     pixels = F.interpolate(pixels, size=resized, mode="bilinear", align_corners=False, antialias=True)
     top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
     pixels = pixels[:, :, top : top + size, left : left + size].clamp(0, 255)
-    return (pixels - PIXEL_MEAN) / PIXEL_STD
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def load_efficientnet_lite0() -> tuple[EfficientNetLite, Callable[[np.ndarray], torch.Tensor]]:
