@@ -7,7 +7,8 @@ ReLU6, a 32-channel stem and a 1280-channel head (the Lite changes), TensorFlow'
 padding (asymmetric for stride 2, as the weights were trained with), and batch norms with
 TensorFlow's epsilon 1e-3. `load_efficientnet_lite0` returns the model in eval mode and the
 preprocessing the weights expect: shorter side resized, center crop 224, ``(x - 127) / 128``
-on 0..255 pixels (the Lite models' normalization, not ImageNet's mean and std).
+on 0..255 pixels (the Lite models' normalization, not ImageNet's mean and std). How the padding
+and the normalization were checked on photographs: docs/vision.md.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """Stem, MBConv stages, 1x1 head, global average pool and a linear classifier (dropout is train-only)."""
+    """Stem, MBConv stages, 1x1 head, global average pool and a linear classifier (no dropout: inference only)."""
 
     def __init__(self, stages: tuple[Stage, ...] = LITE0_STAGES, classes: int = CLASSES) -> None:
         super().__init__()
