@@ -43,6 +43,11 @@ class UnsupportedLayerError(BackendError):
     """``compile(..., strict=True)``: a low-bit layer no kernel of the target takes (it would run dequantized)."""
 
 
+class BuildTimeoutError(BackendError):
+    """Compiling a lowered module took longer than its time limit; the message names the TIR function (the
+    operators fused in it) that does not finish, where one does not."""
+
+
 class ArtifactError(LowbitError):
     """An exported artifact is incomplete, corrupted or built for another target."""
 

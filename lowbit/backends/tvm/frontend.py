@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 #: Relax's own ``linear``.
 ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
 
+#: ``F.max_pool2d``'s options after the stride, with their defaults.
+PAD_DILATE_CEIL = (("padding", 0), ("dilation", 1), ("ceil_mode", False))
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -193,6 +196,8 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "masked_fill": self._masked_fill_where,
             "masked_fill.Scalar": self._masked_fill_where,
             "getitem": self._getitem_int,
+            "layer_norm": self._layer_norm_keywords,
+            "max_pool2d": self._max_pool2d_keywords,
         }
 
     def _getitem_int(self, node: fx.Node) -> relax.Expr:
@@ -278,6 +283,24 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         x = self.env[node.args[0]]
         dtype = self._convert_data_type(node.args[2] if len(node.args) > 2 else node.kwargs["dtype"], self.env)
         return x if dtype == x.ty.dtype else self.block_builder.emit(relax.op.astype(x, dtype))
+
+    def _layer_norm_keywords(self, node: fx.Node) -> relax.Expr:
+        """``F.layer_norm`` with its weight, bias and eps given by keyword, as fx records torchvision's
+        ``LayerNorm2d`` (the upstream converter reads them by position only, else uses no affine and eps 1e-5)."""
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        gamma, beta = (self.env[call[name]] if call.get(name) is not None else None for name in ("weight", "bias"))
+        eps = call.get("eps", 1e-5)
+        return self._layer_norm_impl(self.env[call["input"]], gamma, beta, eps, call["normalized_shape"])
+
+    def _max_pool2d_keywords(self, node: fx.Node) -> relax.Expr:
+        """``F.max_pool2d`` with stride, padding, dilation or ceil_mode given by keyword, as fx records
+        ``nn.MaxPool2d`` (the upstream converter reads them by position only)."""
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        if call.get("return_indices"):
+            raise BackendError(f"node '{node.name}': max_pool2d with return_indices is not lowered")
+        x, stride = self.env[call["input"]], call.get("stride") or None  # None or []: the kernel size
+        padding, dilation, ceil_mode = (call.get(name, default) for name, default in PAD_DILATE_CEIL)
+        return self._max_pool2d_impl(x, call["kernel_size"], stride, padding, dilation, ceil_mode)
 
 
 __all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs"]

@@ -22,16 +22,17 @@ PrimFunc a real schedule:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 from tvm.error import InternalError
 from tvm.s_tir import dlight
-from tvm.s_tir.dlight.analysis import SBlockInfo, get_sblock_info, normalize_prim_func
+from tvm.s_tir.dlight.analysis import IterInfo, SBlockInfo, get_sblock_info, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, power_of_two_divisor
-from lowbit.backends.tvm.target import float32_lanes
+from lowbit.backends.tvm.target import float32_lanes, has_features, target_arch
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 ROW_TILE = 4
 #: Vector registers of one accumulator tile (independent accumulators hide FMA latency).
 ACCUMULATORS = 8
+#: Most channel vectors in a convolution's register tile.
+MAX_TILE_VECTORS = 4
 #: Outputs per task when a reduction has one output row: a strip of accumulators in L1.
 STREAM_TILE = 1024
 
@@ -60,6 +63,81 @@ class TiledReduction(ScheduleRule):
         try_inline(sch, [info for info in infos if info is not main])  # padding in, epilogues stay
         schedule_tiled_reduction(sch, main.block_rv, float32_lanes(target))
         return sch
+
+
+class Convolution(ScheduleRule):
+    """Channels-last convolutions and pooling windows: one reduction into an ``(n, oh, ow, oc)`` output.
+
+    Matches the NHWC conv2d (HWIO weights, grouped and depthwise included), pooling and spatial means that
+    `lowbit.backends.tvm.layout` leaves after legalization (`Window`). A sliding window's padded input is
+    materialized once (a parallel, vectorized copy) instead of being recomputed, behind a bounds test, in the
+    inner loop; other producers are inlined. See `schedule_convolution` for the loop nest.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        normalized = _normalized(func, target)
+        if normalized is None:
+            return None
+        sch, infos = normalized
+        reductions = [info for info in infos if info.is_reduction()]
+        if len(reductions) != 1 or any(not (i.is_reduction() or i.is_injective()) for i in infos):
+            return None
+        main = reductions[0]
+        window = Window.of(sch, main)
+        if window is None:
+            return None
+        padded = _data_producer(sch, main.block_rv) if window.sliding else None
+        try_inline(sch, [info for info in infos if info is not main and not _same_block(sch, info, padded)])
+        lanes = float32_lanes(target)
+        if padded is not None:
+            parallel_channels(sch, padded, lanes)
+        schedule_convolution(sch, main.block_rv, window, lanes, vector_registers(target))
+        return sch
+
+
+@dataclass(frozen=True)
+class Window:
+    """The iterators of a channels-last window reduction (conv2d, pooling, spatial mean) after normalization.
+
+    ``height``, ``width`` and ``batch`` are None where their extent is 1 (normalization drops such iterators);
+    ``sliding`` says whether a reduction iterator moves over the input's rows or columns (a kernel larger than
+    1×1, a pooling window), so that each input value is read by several outputs.
+    """
+
+    batch: IterInfo | None
+    height: IterInfo | None
+    width: IterInfo | None
+    channel: IterInfo
+    reduce: tuple[IterInfo, ...]
+    sliding: bool
+
+    @classmethod
+    def of(cls, sch: s_tir.Schedule, info: SBlockInfo) -> Window | None:
+        """The window of reduction block ``info``, or None unless it writes a 4-D output indexed by its spatial
+        iterators with the channels last, its first read is a 4-D input whose rows and columns follow the
+        output's, the channels are the last index of some read, and no other read (the weights) depends on
+        the output's pixel."""
+        block = sch.get(info.block_rv)
+        if not _static_extents(info) or len(block.writes) != 1 or not block.reads:
+            return None
+        spatial = [it for it in info.iters if it.kind == "S"]
+        reduce = tuple(it for it in info.iters if it.kind == "R")
+        out = [_index_iter(r.min, spatial) for r in block.writes[0].region]
+        data = block.reads[0].region
+        if len(out) != 4 or len(data) != 4 or out[3] is None or not reduce:
+            return None
+        if {id(it) for it in spatial} != {id(it) for it in out if it is not None}:
+            return None
+        channel = out[3]
+        if not any(len(r.region) == 4 and r.region[-1].min.same_as(channel.var) for r in block.reads):
+            return None
+        if any(_uses(r.min, {channel.var}) for r in data[1:3]):
+            return None
+        pixel = {it.var for it in out[:3] if it is not None}
+        if any(_uses(r.min, pixel) for read in block.reads[1:] for r in read.region):
+            return None
+        sliding = any(_uses(r.min, {it.var for it in reduce}) for r in data[1:3])
+        return cls(out[0], out[1], out[2], channel, reduce, sliding)
 
 
 class Elementwise(ScheduleRule):
@@ -219,6 +297,7 @@ def _normalized(func: tirx.PrimFunc, target: Target) -> tuple[s_tir.Schedule, li
 def cpu_rules() -> list[ScheduleRule]:
     """The rule chain for ``dlight.ApplyDefaultSchedule`` on CPU targets, most specific first."""
     rules = [
+        Convolution(),
         dlight.cpu.GEMV(),
         TiledReduction(),
         Elementwise(),
@@ -263,6 +342,97 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     _vectorize_innermost(sch, block, simd)
     _vectorize_innermost(sch, write_back, simd)
     _vectorize_innermost(sch, sch.decompose_reduction(block, reduce[0]), simd)
+
+
+def schedule_convolution(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, window: Window, lanes: int, registers: int
+) -> None:
+    """Tile a channels-last window reduction into register tiles of output columns × channel vectors.
+
+    Loop order: ``n, oc tiles, oh, ow tiles`` (fused, parallel: consecutive tasks reuse one slice of the
+    weights) → the reduction loops in their order (kernel rows, kernel columns, input channels: the input
+    channels are contiguous in NHWC and in HWIO weights) → the tile's output columns (unrolled) → its channel
+    vectors (unrolled) → lanes (vectorized). The tile (`conv_tile`) accumulates in a local buffer written back
+    once per task, with the elementwise consumers (bias, batch norm, activation) inlined there.
+    """
+    simd = power_of_two_divisor(int(window.channel.dom), lanes)
+    width = int(window.width.dom) if window.width is not None else 1
+    columns, vectors = conv_tile(width, int(window.channel.dom) // simd, registers)
+    write_back = sch.cache_write(block, 0, "local")
+    channel_outer, vector, lane = sch.split(window.channel.loop_rv, factors=[None, vectors, simd])
+    outer = [it.loop_rv for it in (window.batch,) if it is not None] + [channel_outer]
+    outer += [window.height.loop_rv] if window.height is not None else []
+    tile = [vector, lane]
+    if window.width is not None:
+        column_outer, column = sch.split(window.width.loop_rv, factors=[None, columns])
+        outer.append(column_outer)
+        tile.insert(0, column)
+        sch.unroll(column)
+    reduce = [it.loop_rv for it in window.reduce]
+    sch.reorder(*outer, *reduce, *tile)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+    sch.unroll(vector)
+    sch.reverse_compute_at(write_back, fused)
+    _inline_consumers(sch, write_back)
+    _vectorize_innermost(sch, block, simd)
+    _vectorize_innermost(sch, write_back, simd)
+    _vectorize_innermost(sch, sch.decompose_reduction(block, reduce[0]), simd)
+
+
+def conv_tile(columns: int, vectors: int, registers: int) -> tuple[int, int]:
+    """``(output columns, channel vectors)`` of a convolution's register tile.
+
+    Each reduction step loads the tile's weight vectors and broadcasts one input value per column, then issues
+    ``columns × vectors`` FMAs; the tile that maximizes FMAs per load, with the accumulators, the weights and
+    one broadcast fitting in ``registers`` vector registers, wins. Columns divide the output width and vectors
+    the channel vectors, so no tile is partial.
+    """
+    best, best_score = (1, 1), 0.0
+    for count in range(1, min(vectors, MAX_TILE_VECTORS) + 1):
+        if vectors % count:
+            continue
+        rows = divisor_at_most(columns, max(1, (registers - count - 1) // count))
+        score = rows * count / (rows + count)
+        if score > best_score:
+            best, best_score = (rows, count), score
+    return best
+
+
+def parallel_channels(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """A channels-last spatial block: the outer loops fused and parallel, the channel loop vectorized."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    _vectorize_innermost(sch, block, _row_simd(sch, block, lanes))
+
+
+def vector_registers(target: Target) -> int:
+    """Architectural vector registers of an LLVM CPU target: 32 with AVX-512 or on aarch64, else 16."""
+    return 32 if target_arch(target) == "aarch64" or has_features(target, "avx512f") else 16
+
+
+def _index_iter(index: tirx.PrimExpr, iters: list[IterInfo]) -> IterInfo | None:
+    """The iterator among ``iters`` that ``index`` is, or None (a constant index: a dimension of extent 1)."""
+    return next((it for it in iters if index.same_as(it.var)), None)
+
+
+def _uses(expr: tirx.PrimExpr, variables: set) -> bool:
+    """Whether ``expr`` reads one of ``variables``."""
+    return any(var in variables for var in tirx.analysis.undefined_vars(expr))
+
+
+def _data_producer(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> s_tir.schedule.SBlockRV | None:
+    """The block that writes the first buffer ``block`` reads (a convolution's or pool's padded input), if any."""
+    data = sch.get(block).reads[0].source
+    for producer in sch.get_producers(block):
+        if sch.get(producer).writes[0].source.same_as(data):
+            return producer
+    return None
+
+
+def _same_block(sch: s_tir.Schedule, info: SBlockInfo, block: s_tir.schedule.SBlockRV | None) -> bool:
+    return block is not None and sch.get(info.block_rv).same_as(sch.get(block))
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, simd: int) -> None:
@@ -312,12 +482,17 @@ def _static_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | No
 
 
 __all__ = [
+    "Convolution",
+    "Window",
     "Elementwise",
     "ParallelFallback",
     "RowReduction",
     "TiledReduction",
+    "conv_tile",
     "cpu_rules",
     "parallel_rows",
     "parallel_vectorize",
+    "schedule_convolution",
     "schedule_tiled_reduction",
+    "vector_registers",
 ]

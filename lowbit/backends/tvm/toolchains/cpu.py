@@ -24,7 +24,8 @@ from tvm.s_tir import dlight
 from tvm.support import cc
 from tvm.target import Target
 
-from lowbit.backends.tvm import fastmath, schedule
+from lowbit.backends.tvm import fastmath, layout, schedule
+from lowbit.backends.tvm.build_guard import bounded_build
 from lowbit.backends.tvm.convert import (
     Lowering,
     call_kernel,
@@ -151,7 +152,8 @@ class CPUToolchain(Toolchain):
         """
         target = self.target
         passes = (
-            [relax.transform.DecomposeOpsForInference()]
+            layout.channels_last()
+            + [relax.transform.DecomposeOpsForInference()]
             + cpu_pipeline.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps(fastmath.legalize_map())]
             + cpu_pipeline.legalize_passes(target)
@@ -168,17 +170,22 @@ class CPUToolchain(Toolchain):
         return CPURunner(executable, self.arch, features(self.target), lowering.inputs, lowering.linears, tuning)
 
     def compile_module(self, mod: tvm.IRModule) -> Any:
-        """A Relax module scheduled (`schedule`) and compiled to a VM executable."""
+        """A Relax module scheduled (`schedule`) and compiled to a VM executable, within the build time limit
+        (`build_guard.bounded_build`: `BuildTimeoutError` names the function that does not compile)."""
         mod = self.schedule(mod)
         missing = unscheduled_functions(mod)
         if missing:
             log.warning("no default schedule fits %s: they run as plain loop nests", ", ".join(missing))
         target = self.target
-        with torch.no_grad(), target:
-            rest = tvm.transform.Sequential(
-                cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
-            )
-            return tvm.compile(mod, target=target, relax_pipeline=rest)
+
+        def build() -> Any:
+            with torch.no_grad(), target:
+                rest = tvm.transform.Sequential(
+                    cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
+                )
+                return tvm.compile(mod, target=target, relax_pipeline=rest)
+
+        return bounded_build(build, mod, target)
 
     def save(self, runner: Runner, directory: Path) -> list[str]:
         """Write the shared library (weights embedded) and the signature; libraries for aarch64 are linked with
