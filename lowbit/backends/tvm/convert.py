@@ -121,7 +121,7 @@ def lower(
     converter = PackedLinearConverter(gm, toolchain, tuner)
     from lowbit.backends.tvm.convert_conv import CONV_PACKED_A8_NAME, CONV_PACKED_NAME, PackedConvConverter
 
-    conv = PackedConvConverter(gm, converter.linears)
+    conv = PackedConvConverter(gm, converter)
     convert = {
         LINEAR_PACKED_NAME: converter,
         LINEAR_PACKED_A8_NAME: converter,

@@ -10,6 +10,8 @@ that cannot (flatten, reshape); `ClipAsMinMax` first rewrites ``clip`` (hardswis
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -91,9 +93,10 @@ def _rewrite_functions(mod: tvm.IRModule, rewriter: PyExprMutator) -> tvm.IRModu
     return rewriter.builder_.get()
 
 
-def channels_last() -> list[tvm.transform.Pass]:
-    """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time."""
-    return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), FoldConstantLayouts()]
+def channels_last(converted: Sequence[tvm.transform.Pass] = ()) -> list[tvm.transform.Pass]:
+    """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time;
+    ``converted`` run right after the conversion, while each weight is still a permutation of its constant."""
+    return [ClipAsMinMax(), relax.transform.ConvertLayout(CONV2D_LAYOUTS), *converted, FoldConstantLayouts()]
 
 
 __all__ = ["CONV2D_LAYOUTS", "ClipAsMinMax", "FoldConstantLayouts", "channels_last"]

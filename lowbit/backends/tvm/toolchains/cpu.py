@@ -32,6 +32,7 @@ from lowbit.backends.tvm.convert import (
     dequantized_weight,
     emit_on_rows,
 )
+from lowbit.backends.tvm.convert_conv import Int8ConvCalls
 from lowbit.backends.tvm.kernels.arm import a8_linear as arm_a8_linear
 from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
@@ -152,7 +153,7 @@ class CPUToolchain(Toolchain):
         """
         target = self.target
         passes = (
-            layout.channels_last()
+            layout.channels_last([Int8ConvCalls()])
             + [relax.transform.DecomposeOpsForInference()]
             + cpu_pipeline.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps(fastmath.legalize_map())]

@@ -61,7 +61,6 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic import activations
 from lowbit.backends.tvm.kernels.generic.activations import (
-    activation_codes,
     layout_reason,
     zeros_reason,
 )
@@ -76,6 +75,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     prepend_to_loop,
     stream_locality,
 )
+from lowbit.backends.tvm.kernels.generic.conv import quantized_input
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -153,6 +153,7 @@ class X86A8Linear(LinearKernel):
 
     name = KERNEL_NAME
     knobs = KNOBS
+    convolutions = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
@@ -286,13 +287,6 @@ def a8_linear_func(
     return finish(sch.mod["main"], name)
 
 
-def _quantized_input(x: te.Tensor, step: te.Tensor | None, vector_round: bool) -> tuple[te.Tensor, te.Tensor | None]:
-    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s`` (``vector_round``:
-    rounded with ``tirx.round``, see `activation_codes`)."""
-    code, mult = activation_codes(x, step, tirx.round if vector_round else tirx.nearbyint)
-    return te.compute(tuple(int(d) for d in x.shape), code, name="xq"), mult
-
-
 def a8_linear_compute(
     spec: PackedLinearSpec, vectors: int, split: bool = False, rows: int = ROWS, vector_round: bool = False
 ) -> tirx.PrimFunc:
@@ -301,13 +295,13 @@ def a8_linear_compute(
     ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
     word, the codes masked in place; otherwise one, the codes shifted down and the quads
     summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
-    activation codes rounded in vector lanes (`activation_codes`).
+    activation codes rounded in vector lanes (`activation_codes`). A `ConvSpec` reads its input as the patches of
+    an NHWC image (`conv.quantized_input`).
     """
     m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
     quads = group // COLUMNS  # column quads per group
     word_bytes = rows * COLUMNS
-    x = te.placeholder((m_rows, k_in), "float32", name="x")
     words = te.placeholder(
         (n_out // (rows * vectors), k_in // (COLUMNS * pb), vectors * word_bytes), "uint8", name="words"
     )
@@ -317,7 +311,7 @@ def a8_linear_compute(
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    xq, mult = _quantized_input(x, step, vector_round)
+    x, xq, mult = quantized_input(spec, step, tirx.round if vector_round else tirx.nearbyint)
     kg = te.reduce_axis((0, group), name="kg")
     asum = te.compute(
         (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
