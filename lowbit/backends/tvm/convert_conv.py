@@ -131,7 +131,9 @@ class PackedConvConverter:
         )
         patched = {
             **tensors,
-            "qweight": patch_weight(tensors["qweight"], call["bits"], image[1], spec.kernel_size, columns, whole_rows),
+            "qweight": patch_weight(
+                tensors["qweight"], tensors["zeros"], call["bits"], image[1], spec.kernel_size, columns, whole_rows
+            ),
             "bias": None,
         }
         toolchain = self.linears.toolchain
@@ -195,6 +197,8 @@ class _Int8ConvCalls(PyExprMutator):
         x = self._unquantized(call.args[0])
         if found is None or x is None:
             return call
+        batch, height, width, channels = (int(d) for d in x.ty.shape)
+        x = self.builder_.emit(relax.op.reshape(x, (batch, height, width * channels)))
         gvar, func = found
         out = [int(d) for d in call.ty.shape]
         kernel = self.builder_.emit(

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tvm import te, tirx
+from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.generic.activations import activation_codes
+from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.ir import packing
 from lowbit.ir.ops_a8 import ACT_QMAX, ACT_QMIN
@@ -44,15 +45,26 @@ class ConvSpec(PackedLinearSpec):
 
 
 def patch_weight(
-    qweight: torch.Tensor, bits: int, channels: int, kernel_size: tuple[int, ...], columns: int, channels_last: bool
+    qweight: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    channels: int,
+    kernel_size: tuple[int, ...],
+    columns: int,
+    channels_last: bool,
 ) -> torch.Tensor:
     """The packed rows ``(C_out, C_in·kh·kw)`` of ``conv_packed_a8`` with their columns in the order of the patch
-    matrix (``channels_last``: (kh, kw, ic)) and zero codes up to ``columns`` (they meet zero activation codes)."""
+    matrix (``channels_last``: (kh, kw, ic)), then codes equal to the row's zero point up to ``columns`` (one weight
+    group per row): ``q − z = 0`` there, whatever activation code they meet."""
     patch = channels * kernel_size[0] * kernel_size[1]
     codes = packing.unpack(qweight, bits, patch)
     if channels_last:
         codes = codes.view(-1, channels, *kernel_size).permute(0, 2, 3, 1).reshape(-1, patch)
-    return packing.pack(torch.nn.functional.pad(codes, (0, columns - patch)).contiguous(), bits)
+    if columns == patch:
+        return packing.pack(codes.contiguous(), bits)
+    zero = torch.full((codes.shape[0], 1), packing.default_zero(bits)) if zeros is None else zeros[:, :1]
+    fill = zero.to(torch.uint8).expand(-1, columns - patch)
+    return packing.pack(torch.cat([codes, fill], dim=1).contiguous(), bits)
 
 
 def quantized_input(
@@ -66,30 +78,62 @@ def quantized_input(
         return x, te.compute((spec.batch, spec.in_features), code, name="xq"), mult
     if step is None:
         raise ValueError("an int8 convolution quantizes its input with a static step")
-    x = te.placeholder(spec.image, "float32", name="x")
-    _, height, width, channels = spec.image
-    kh, kw = spec.kernel_size
-    out_h, out_w = spec.out_size
+    batch, height, width, channels = spec.image
+    (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
+    (pad_h, pad_w), (dil_h, dil_w) = spec.padding, spec.dilation
+    padded_h, padded_w = height + 2 * pad_h, width + 2 * pad_w
+    # Pixel rows of interleaved channels: a kernel row of a patch reads kw·C consecutive values (dilation 1).
+    x = te.placeholder((batch, height, width * channels), "float32", name="x")
 
-    def code(m: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
+        w, c = wc // channels, wc % channels
+        inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
+        # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
+        value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
+        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
+        return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
+
+    xp = te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
+
+    def patch(m: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
         b, pixel = m // (out_h * out_w), m % (out_h * out_w)
+        top, left = pixel // out_w * spec.stride[0], pixel % out_w * spec.stride[1]
         if spec.channels_last:
-            row, col, channel = k // (kw * channels), k // channels % kw, k % channels
+            row, span = k // (kw * channels), k % (kw * channels)
+            wc = left * channels + span + (dil_w - 1) * channels * (span // channels)
         else:
             channel, row, col = k // (kh * kw), k // kw % kh, k % kw
-        h = pixel // out_w * spec.stride[0] + row * spec.dilation[0] - spec.padding[0]
-        w = pixel % out_w * spec.stride[1] + col * spec.dilation[1] - spec.padding[1]
-        inside = tirx.all(k < spec.patch, h >= 0, h < height, w >= 0, w < width)
-        # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
-        pixel_value = x[b, _clamp(h, height), _clamp(w, width), _clamp(channel, channels)]
-        value = tirx.max(tirx.min(rint(pixel_value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
-        return tirx.if_then_else(inside, value.astype("int8"), tirx.const(0, "int8"))
+            wc = (left + col * dil_w) * channels + _clamp(channel, channels)
+        # Columns past the patch (whole weight words) meet zero-point codes: any finite code there adds nothing.
+        return xp[b, _clamp(top + row * dil_h, padded_h), wc]
 
-    return x, te.compute((spec.batch, spec.in_features), code, name="xq"), None
+    return x, te.compute((spec.batch, spec.in_features), patch, name="xq"), None
+
+
+def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
+    """The input stage of a `ConvSpec` kernel: the padded codes by pixel rows, channels in vector lanes; the patch
+    rows in parallel, each kernel row of a patch (``kw·C`` consecutive codes in channels-last order) one inner
+    loop, vectorized in its largest power-of-two part."""
+    channels = spec.image[3]
+    xp = sch.get_sblock("xp")
+    b, h, wc = sch.get_loops(xp)
+    sch.parallel(sch.fuse(b, h))
+    _, c = sch.split(wc, factors=[None, channels])
+    _vectorize(sch, c, channels)
+    m, k = sch.get_loops(sch.get_sblock("xq"))
+    sch.parallel(m)
+    span = spec.kernel_size[1] * channels if spec.channels_last else spec.in_features
+    _vectorize(sch, sch.split(k, factors=[None, span])[-1], span)
+
+
+def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int) -> None:
+    width = power_of_two_divisor(extent, 16)
+    if width > 1:
+        sch.vectorize(sch.split(loop, factors=[None, width])[-1])
 
 
 def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
     return tirx.max(tirx.min(index, extent - 1), 0)
 
 
-__all__ = ["ConvSpec", "patch_weight", "quantized_input"]
+__all__ = ["ConvSpec", "patch_weight", "quantized_input", "schedule_patches"]

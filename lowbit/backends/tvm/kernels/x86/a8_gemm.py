@@ -33,6 +33,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     layer_consts,
     power_of_two_divisor,
 )
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_patches
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
@@ -122,16 +123,19 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
 
 
 def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec) -> None:
-    """Activation codes, row maxima and code sums: rows in parallel, columns in vector lanes.
+    """Activation codes (a convolution's patches: `conv.schedule_patches`), row maxima and code sums: rows in
+    parallel, columns in vector lanes.
 
     The maxima and sums reduce into one vector of partial results per row (``rfactor``, row-major, so the lanes
     of a row are contiguous), then across it: exact, an int32 sum and a maximum do not depend on the order.
     """
     width = power_of_two_divisor(spec.in_features, 16)
-    xq = sch.get_sblock("xq")
-    xq_m, xq_k = sch.get_loops(xq)
-    sch.parallel(xq_m)
-    sch.vectorize(sch.split(xq_k, factors=[None, width])[-1])
+    if isinstance(spec, ConvSpec):
+        schedule_patches(sch, spec)
+    else:
+        xq_m, xq_k = sch.get_loops(sch.get_sblock("xq"))
+        sch.parallel(xq_m)
+        sch.vectorize(sch.split(xq_k, factors=[None, width])[-1])
     reductions = [("asum", power_of_two_divisor(spec.group_size, 16))]
     if spec.act_dynamic:
         reductions.append(("absmax", width))

@@ -75,7 +75,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     prepend_to_loop,
     stream_locality,
 )
-from lowbit.backends.tvm.kernels.generic.conv import quantized_input
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, quantized_input, schedule_patches
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -380,9 +380,12 @@ def _schedule(
         _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors), locality)
     finish_accumulators(sch, loops)
 
-    xq = sch.get_sblock("xq")
-    k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
-    sch.vectorize(k_inner)
+    if isinstance(spec, ConvSpec):
+        schedule_patches(sch, spec)
+    else:
+        xq = sch.get_sblock("xq")
+        k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
+        sch.vectorize(k_inner)
     if spec.act_dynamic:
         _vector_absmax(sch, spec.in_features)
     if row_tile == spec.batch:
