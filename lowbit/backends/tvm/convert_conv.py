@@ -110,9 +110,10 @@ class PackedConvConverter:
         if len(call["kernel_size"]) != 2:
             return None, "a 1-D int8 convolution has no kernel: an fp32 convolution on its dequantized weight runs it"
         if call["groups"] != 1:
+            kind = "depthwise" if call["in_features"] == math.prod(call["kernel_size"]) else "grouped"
             return None, (
-                f"a grouped int8 convolution ({call['groups']} groups; depthwise for one channel each) has no int8 "
-                "kernel: the fp32 (NHWC depthwise) convolution on the dequantized weight runs it"
+                f"a {kind} int8 convolution ({call['groups']} groups) has no int8 kernel: the fp32 NHWC "
+                "convolution on the dequantized weight runs it"
             )
         whole_rows = tensors["scales"].shape[1] == 1 and tensors["g_idx"] is None
         width = word_columns(call["bits"], _WORD_COLUMNS)
