@@ -72,9 +72,12 @@ class X86A8Gemm(LinearKernel):
         return layout or a8_linear.KERNEL.supports(spec, tensors, target)
 
     def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
-        """The hand schedule: 4 rows × 4 weight tiles (16 accumulators) in tasks of 64 output rows."""
+        """The hand schedule: 4 rows × 4 weight tiles (16 accumulators) in tasks of 64 output rows (a convolution
+        whose output pixels are not a multiple of 4: up to 8 rows)."""
         tile = max((v for v in KNOBS["out_tile"] if v <= 64 and spec.out_features % v == 0), default=ROWS)
-        return {"row_tile": 4, "out_tile": tile, "row_vectors": 4}
+        # A convolution's rows (output pixels) need not be a multiple of 4: 7 × 7 runs in tiles of 7 rows.
+        rows = 8 if isinstance(spec, ConvSpec) and spec.batch % 4 else 4
+        return {"row_tile": rows, "out_tile": tile, "row_vectors": 4}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
         """The constants of `a8_linear` (its ``build``), laid out for 16-row tiles."""
@@ -117,7 +120,9 @@ def a8_gemm_func(
 
 def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int, vectors: int) -> None:
     """Parallel output tasks; register tiles of ``row_tile`` rows × ``vectors`` weight tiles; the prologue."""
-    loops = a8_linear.schedule_tiles(sch, intrin_x86.VNNI_512, ROWS, row_tile, out_tile, vectors)
+    loops = a8_linear.schedule_tiles(
+        sch, intrin_x86.VNNI_512, ROWS, row_tile, out_tile, vectors, a8_linear.row_tasks(spec, row_tile, out_tile)
+    )
     a8_linear.finish_accumulators(sch, loops)
     _schedule_prologue(sch, spec)
 

@@ -102,6 +102,8 @@ KNOBS: dict[str, tuple[int, ...]] = {
     "out_tile": (8, 16, 32, 64, 128),
     "row_vectors": (1, 2, 4),
 }
+#: Parallel tasks a convolution's kernel makes at least, splitting its rows where its outputs make fewer.
+MIN_TASKS = 8
 #: How far ahead of the word being unpacked a GEMV prefetches its weight stream (bytes).
 PREFETCH_BYTES = 4096
 #: Bytes of one cache line: a word row gets one prefetch per line.
@@ -374,7 +376,7 @@ def _schedule(
     locality: int,
 ) -> None:
     """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
-    loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors)
+    loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors, row_tasks(spec, row_tile, out_tile))
     if row_tile == spec.batch:
         n_task, n_tile, a_g, d_w = loops.task, loops.tile, loops.group, loops.word
         _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors), locality)
@@ -392,6 +394,15 @@ def _schedule(
         _prefetch_start(sch, locality)
 
 
+def row_tasks(spec: PackedLinearSpec, row_tile: int, out_tile: int) -> int:
+    """Blocks of rows run as parallel tasks: a convolution's many rows (its output pixels) feed the threads when its
+    few output channels make fewer than `MIN_TASKS` tasks; a linear layer's tasks split its outputs only."""
+    if not isinstance(spec, ConvSpec):
+        return 1
+    wanted = -(-MIN_TASKS // (spec.out_features // out_tile))
+    return divisor_at_most(spec.batch // row_tile, wanted)
+
+
 @dataclass(frozen=True)
 class TileLoops:
     """The loops `schedule_tiles` leaves for the caller: output tasks and tiles, the group accumulator's loops,
@@ -405,16 +416,21 @@ class TileLoops:
 
 
 def schedule_tiles(
-    sch: s_tir.Schedule, intrin: str, tile_rows: int, row_tile: int, out_tile: int, vectors: int
+    sch: s_tir.Schedule, intrin: str, tile_rows: int, row_tile: int, out_tile: int, vectors: int, row_tasks: int = 1
 ) -> TileLoops:
     """The int8 kernels' register tiling (`a8_linear_compute` blocks ``y``, ``acc``, ``dot``, ``codes``): parallel
-    tasks of ``out_tile`` outputs, tiles of ``row_tile`` input rows × ``vectors`` weight tiles of ``tile_rows``
-    outputs, the dot products tensorized with ``intrin`` and fully unrolled inside a tile."""
+    tasks of ``out_tile`` outputs (× ``row_tasks`` blocks of rows), tiles of ``row_tile`` input rows × ``vectors``
+    weight tiles of ``tile_rows`` outputs, the dot products tensorized with ``intrin`` and fully unrolled inside a
+    tile."""
     y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
     m, n = sch.get_loops(y)
     n_task, n_tile, n_vec, n_lane = sch.split(n, factors=[None, out_tile // (tile_rows * vectors), vectors, tile_rows])
     m_outer, m_inner = sch.split(m, factors=[None, row_tile])
     sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
+    if row_tasks > 1:
+        m_task, m_outer = sch.split(m_outer, factors=[row_tasks, None])
+        sch.reorder(m_task, n_task, n_tile)
+        n_task = sch.fuse(m_task, n_task)
     sch.parallel(n_task)
     sch.vectorize(n_lane)
     sch.unroll(m_inner)
