@@ -11,7 +11,7 @@ import tvm
 from tvm import relax
 
 import lowbit
-from lowbit.backends.tvm import convert
+from lowbit.backends.tvm import convert, qemu, rpc
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, patch_weight
 from lowbit.backends.tvm.kernels.x86 import a8_gemm, a8_linear
 from lowbit.backends.tvm.target import resolve_target
@@ -175,3 +175,22 @@ def test_every_knob_setting_computes_the_reference(kernel, knobs) -> None:
     module["main"](*args, y)
     got = torch.from_numpy(y.numpy()).view(1, size, size, out).permute(0, 3, 1, 2)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_int8_convolutions_are_bit_exact_on_arm(arm_emulator, tmp_path) -> None:
+    """The ARM sdot kernel over the patches, under qemu: a padded 3x3 (27 columns, padded to whole words), a
+    strided 3x3 and a 1x1, bit for bit the torch target's values."""
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Conv2d(16, 8, 1)
+    ).eval()
+    x = torch.randn(1, 3, 10, 10)
+    calibration = [(x,), (torch.randn_like(x),)]
+    reference = lowbit.compile(net, (x,), passes=int8_passes()(), calibration=calibration, target="torch")
+    compiled = lowbit.compile(net, (x,), passes=int8_passes()(), calibration=calibration, target="arm", tune=False)
+    assert [linear.kernel for linear in compiled.runner.linears] == ["a8_linear_arm"] * 3
+    path = compiled.export(tmp_path / "convnet")
+    with qemu.emulated_server() as server:
+        result = rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
+    assert torch.equal(torch.from_numpy(result.outputs[0]), reference(x))
