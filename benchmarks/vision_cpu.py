@@ -101,8 +101,23 @@ def build_model(name: str) -> Any:
 
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
-        return timm.create_model(name, pretrained=False).eval()
+        return plain_batch_norms(timm.create_model(name, pretrained=False)).eval()
     return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def plain_batch_norms(model: Any) -> Any:
+    """timm's fused ``BatchNormAct2d`` (``F.batch_norm`` behind a shape assertion, which TVM's torch importer does not
+    take) replaced by ``nn.BatchNorm2d`` then its activation, the same values."""
+    import torch.nn as nn
+    from timm.layers.norm_act import BatchNormAct2d
+
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, BatchNormAct2d):
+                norm = nn.BatchNorm2d(child.num_features, child.eps, child.momentum)
+                norm.load_state_dict(child.state_dict())
+                setattr(parent, child_name, nn.Sequential(norm, child.drop, child.act))
+    return model
 
 
 def onnx_engines(model: Any, calibration: Any, folder: Path, threads: int) -> dict[str, tuple[Any, int]]:
