@@ -10,13 +10,16 @@ PrimFunc a real schedule:
   (K, N) weight and for NCHW convolution), parallel over the remaining tiles; producers
   such as padding are inlined and elementwise epilogues (bias, ReLU) are folded into
   the write-back.
+* `Convolution` — channels-last convolutions, pooling and spatial means: the padded input
+  materialized once, kernel rows and columns outside the input channels, a register tile of
+  output columns × channel vectors sized to the register file (`conv_tile`).
 * `Elementwise` — only spatial blocks: fuse, parallelize, vectorize.
 * `RowReduction` — reductions over the last axis with elementwise stages (softmax,
   layer norm): one parallel loop over rows, each reduction accumulated in vector lanes
   (rfactor), every stage vectorized along the row.
 * `ParallelFallback` — anything else: parallelize the outer spatial loop of every block.
 
-`cpu_rules` lists them after dlight's CPU GEMV and reduction rules.
+`cpu_rules` lists them with dlight's CPU GEMV and reduction rules, `Convolution` first.
 """
 
 from __future__ import annotations
@@ -115,8 +118,8 @@ class Window:
     def of(cls, sch: s_tir.Schedule, info: SBlockInfo) -> Window | None:
         """The window of reduction block ``info``, or None unless it writes a 4-D output indexed by its spatial
         iterators with the channels last, its first read is a 4-D input whose rows and columns follow the
-        output's, the channels are the last index of some read, and no other read (the weights) depends on
-        the output's pixel."""
+        output's, the channels (or their lane in a packed weight) are the last index of some read, and no
+        other read (the weights) depends on the output's pixel."""
         block = sch.get(info.block_rv)
         if not _static_extents(info) or len(block.writes) != 1 or not block.reads:
             return None
@@ -129,7 +132,7 @@ class Window:
         if {id(it) for it in spatial} != {id(it) for it in out if it is not None}:
             return None
         channel = out[3]
-        if not any(len(r.region) == 4 and r.region[-1].min.same_as(channel.var) for r in block.reads):
+        if not any(_is_channel(r.region[-1].min, channel.var) for r in block.reads):
             return None
         if any(_uses(r.min, {channel.var}) for r in data[1:3]):
             return None
@@ -351,7 +354,8 @@ def schedule_convolution(
 
     Loop order: ``n, oc tiles, oh, ow tiles`` (fused, parallel: consecutive tasks reuse one slice of the
     weights) → the reduction loops in their order (kernel rows, kernel columns, input channels: the input
-    channels are contiguous in NHWC and in HWIO weights) → the tile's output columns (unrolled) → its channel
+    channels are contiguous in NHWC, and so are the weights `layout.packed_conv2d` packs for this tile) → the
+    tile's output columns (unrolled) → its channel
     vectors (unrolled) → lanes (vectorized). The tile (`conv_tile`) accumulates in a local buffer written back
     once per task, with the elementwise consumers (bias, batch norm, activation) inlined there.
     """
@@ -415,6 +419,11 @@ def vector_registers(target: Target) -> int:
 def _index_iter(index: tirx.PrimExpr, iters: list[IterInfo]) -> IterInfo | None:
     """The iterator among ``iters`` that ``index`` is, or None (a constant index: a dimension of extent 1)."""
     return next((it for it in iters if index.same_as(it.var)), None)
+
+
+def _is_channel(index: tirx.PrimExpr, channel: tirx.Var) -> bool:
+    """Whether ``index`` is ``channel``, or ``channel % V`` (the lane of a weight packed in blocks of ``V``)."""
+    return index.same_as(channel) or (isinstance(index, tirx.FloorMod) and index.a.same_as(channel))
 
 
 def _uses(expr: tirx.PrimExpr, variables: set) -> bool:

@@ -69,6 +69,24 @@ class MixedNet(nn.Module):
         return self.head(torch.flatten(z, 1))
 
 
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block as torchvision writes it: a depthwise 7x7 conv in NCHW, a permutation to NHWC for the
+    layer norm (weights by keyword) and the pointwise linears, a permutation back, layer scale, residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm_weight, self.norm_bias = nn.Parameter(torch.rand(channels) + 0.5), nn.Parameter(torch.randn(channels))
+        self.up, self.down = nn.Linear(channels, 4 * channels), nn.Linear(4 * channels, channels)
+        self.scale = nn.Parameter(torch.rand(channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.depthwise(x).permute(0, 2, 3, 1)
+        y = F.layer_norm(y, self.norm_weight.shape, weight=self.norm_weight, bias=self.norm_bias, eps=1e-6)
+        y = self.down(F.gelu(self.up(y))).permute(0, 3, 1, 2)
+        return x + self.scale * y
+
+
 CONVS = {
     "1x1": (conv(24, 40, 1), 24, 9),
     "3x3": (conv(16, 32, 3, padding=1), 16, 13),
@@ -147,6 +165,16 @@ def test_layouts_change_only_at_the_graph_boundaries() -> None:
     permutes = calls(mod, "relax.permute_dims")
     assert [list(call.attrs.axes) for call in permutes] == [[0, 2, 3, 1], [0, 3, 1, 2]]
     assert not calls(mod, "relax.layout_transform")
+
+
+def test_permutations_written_around_nhwc_blocks_cancel() -> None:
+    """Two ConvNeXt blocks keep NHWC from the input's permutation to the output's: torch's own permutations
+    and their inverses cancel across the layer scale and the residual add."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(ConvNeXtBlock(16), ConvNeXtBlock(16)), torch.randn(1, 16, 9, 9)
+    permutes = calls(channels_last_module(model, x), "relax.permute_dims")
+    assert [list(call.attrs.axes) for call in permutes] == [[0, 2, 3, 1], [0, 3, 1, 2]]
+    assert_matches_torch(model, x)
 
 
 def test_the_convolution_rule_takes_nhwc_windows_only() -> None:

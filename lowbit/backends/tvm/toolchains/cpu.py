@@ -136,7 +136,10 @@ class CPUToolchain(Toolchain):
     def constant_linear(
         self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> relax.Expr:
-        """The dense kernel, the weight laid out in panels at compile time."""
+        """The dense kernel, the weight laid out in panels at compile time; on a 4-D input (a channels-last
+        image) a 1x1 convolution (`layout.pointwise_convolution`), tiled over pixels like the others."""
+        if len(x.ty.shape) == 4:
+            return layout.pointwise_convolution(bb, x, weight, bias)
         n_out = weight.shape[0]
 
         def call(x2d: relax.Expr, rows: int) -> relax.Call:
@@ -152,11 +155,12 @@ class CPUToolchain(Toolchain):
         (Relax's ``batch_norm`` otherwise legalizes to the training-mode computation).
         """
         target = self.target
+        packed_conv2d = layout.packed_conv2d(self.lanes, schedule.vector_registers(target))
         passes = (
             layout.channels_last([Int8ConvCalls()])
             + [relax.transform.DecomposeOpsForInference()]
             + cpu_pipeline.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps(fastmath.legalize_map())]
+            + [relax.transform.LegalizeOps({**fastmath.legalize_map(), "relax.nn.conv2d": packed_conv2d})]
             + cpu_pipeline.legalize_passes(target)
             + [relax.transform.DeadCodeElimination(), dlight.ApplyDefaultSchedule(*schedule.cpu_rules())]
         )
