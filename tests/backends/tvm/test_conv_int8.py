@@ -16,6 +16,7 @@ from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, patch_weight
 from lowbit.backends.tvm.kernels.x86 import a8_gemm, a8_linear
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
+from lowbit.backends.tvm.tuning import TuningDatabase, measure
 from lowbit.ir import ops_conv, packing
 from lowbit.passes.quant import RTN, QuantizeActivations
 
@@ -194,3 +195,21 @@ def test_int8_convolutions_are_bit_exact_on_arm(arm_emulator, tmp_path) -> None:
     with qemu.emulated_server() as server:
         result = rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
     assert torch.equal(torch.from_numpy(result.outputs[0]), reference(x))
+
+
+def test_the_tuner_searches_an_int8_convolution_kernel(tmp_path) -> None:
+    """A convolution's record is keyed by its geometry (`ConvSpec`), and the tuned kernel stays bit-exact."""
+    torch.manual_seed(6)
+    net = ConvReLU(nn.Conv2d(16, 32, 3, padding=1), True).eval()
+    x = torch.randn(1, 16, 8, 8)
+    calibration = [(x,)]
+    tune = {"trials": 2, "measure": measure.MeasureOptions(repeat=2, min_repeat_ms=1)}
+    reference = lowbit.compile(net, (x,), passes=int8_passes()(), calibration=calibration, target="torch")
+    compiled = lowbit.compile(
+        net, (x,), passes=int8_passes()(), calibration=calibration, target="x86", tune=tune, cache_dir=tmp_path
+    )
+    (result,) = compiled.report.tuning
+    assert result.measured_now == 2
+    (record,) = TuningDatabase(resolve_target("x86"), tmp_path, shipped=()).records()
+    assert record.spec["kernel_size"] == [3, 3] and record.spec["image"] == [1, 8, 8, 16]
+    assert torch.equal(compiled(x), reference(x))
