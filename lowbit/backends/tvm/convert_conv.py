@@ -109,14 +109,15 @@ class PackedConvConverter:
         """The spec and plan of the first int8 kernel of the toolchain that takes the layer, or None and why not."""
         if len(call["kernel_size"]) != 2:
             return None, "a 1-D int8 convolution has no kernel: an fp32 convolution on its dequantized weight runs it"
-        if call["groups"] != 1:
-            kind = "depthwise" if call["in_features"] == math.prod(call["kernel_size"]) else "grouped"
+        groups = call["groups"]
+        depthwise = groups == image[1] == out_shape[1]
+        if groups != 1 and not depthwise:
             return None, (
-                f"a {kind} int8 convolution ({call['groups']} groups) has no int8 kernel: the fp32 NHWC "
-                "convolution on the dequantized weight runs it"
+                f"a grouped int8 convolution ({groups} groups) has no int8 kernel: the fp32 NHWC convolution on the "
+                "dequantized weight runs it"
             )
         whole_rows = tensors["scales"].shape[1] == 1 and tensors["g_idx"] is None
-        width = word_columns(call["bits"], _WORD_COLUMNS)
+        width = 1 if depthwise else word_columns(call["bits"], _WORD_COLUMNS)
         columns = -(-call["in_features"] // width) * width if whole_rows else call["in_features"]
         base = layer_spec(call, out_shape[0] * out_shape[2] * out_shape[3], tensors, True)
         group_size = columns if whole_rows else base.group_size
@@ -129,10 +130,13 @@ class PackedConvConverter:
             padding=tuple(call["padding"]),
             dilation=tuple(call["dilation"]),
             channels_last=whole_rows,
+            conv_groups=groups,
         )
         patched = {
             **tensors,
-            "qweight": patch_weight(
+            "qweight": tensors["qweight"]
+            if depthwise
+            else patch_weight(
                 tensors["qweight"], tensors["zeros"], call["bits"], image[1], spec.kernel_size, columns, whole_rows
             ),
             "bias": None,

@@ -1,6 +1,6 @@
-"""Int8 convolutions on x86: ``conv_packed_a8`` layers run the int8 GEMM over their NHWC patches, bit for bit
-the torch target's values, with the model kept NHWC between them; grouped and depthwise ones stay fp32 with
-their reason."""
+"""Int8 convolutions on x86: ``conv_packed_a8`` layers run the int8 GEMM over their NHWC patches (depthwise ones a
+direct int8 kernel), bit for bit the torch target's values, with the model kept NHWC between them; other grouped
+ones stay fp32 with their reason."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tvm import relax
 import lowbit
 from lowbit.backends.tvm import convert, qemu, rpc
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, patch_weight
-from lowbit.backends.tvm.kernels.x86 import a8_gemm, a8_linear
+from lowbit.backends.tvm.kernels.x86 import a8_depthwise, a8_gemm, a8_linear
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 from lowbit.backends.tvm.tuning import TuningDatabase, measure
@@ -39,6 +39,8 @@ CASES = {
     "1x1-stride2": (16, 10, nn.Conv2d(16, 32, 1, stride=2), True),
     "stem-7x7-three-channels": (3, 20, nn.Conv2d(3, 16, 7, stride=2, padding=3), True),
     "1x3-dilated": (8, 9, nn.Conv2d(8, 16, (1, 3), padding=(0, 2), dilation=(1, 2)), False),
+    "depthwise-relu": (32, 10, nn.Conv2d(32, 32, 3, padding=1, groups=32), True),
+    "depthwise-stride2-no-bias": (48, 11, nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48, bias=False), False),
 }
 
 
@@ -105,7 +107,7 @@ class Block(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_a_w8a8_cnn_has_only_grouped_convolutions_on_fp32() -> None:
+def test_a_w8a8_cnn_has_only_its_grouped_convolution_on_fp32() -> None:
     torch.manual_seed(2)
     net = Block().eval()
     calibration = [(torch.randn(1, 3, 16, 16),) for _ in range(2)]
@@ -114,15 +116,16 @@ def test_a_w8a8_cnn_has_only_grouped_convolutions_on_fp32() -> None:
     compiled = lowbit.compile(net, (x,), recipe="w8a8-x86", calibration=calibration, target="x86", tune=False)
     torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
     fallbacks = compiled.report.fallbacks
-    assert [item.split(" ")[0] for item in fallbacks] == ["depthwise", "grouped"]
-    assert "depthwise int8 convolution" in fallbacks[0] and "grouped int8 convolution" in fallbacks[1]
+    assert [item.split(" ")[0] for item in fallbacks] == ["grouped"]
+    assert "grouped int8 convolution (4 groups)" in fallbacks[0]
     kernels = {linear.node: linear.kernel for linear in compiled.runner.linears}
     assert {kernels[f"{name}_packed_a8"] for name in ("stem_0", "conv1_0", "conv2_0")} == {a8_gemm.KERNEL_NAME}
+    assert kernels["depthwise_packed_a8"] == a8_depthwise.KERNEL_NAME
 
 
 def test_int8_convolutions_keep_the_block_channels_last() -> None:
     """One permutation, the input's: the int8 kernels take and give NHWC; their bias, batch norm, the residual add,
-    ReLU, the fp32 depthwise and grouped convolutions and the mean run on NHWC."""
+    ReLU, the fp32 grouped convolution and the mean run on NHWC."""
     torch.manual_seed(3)
     net = Block().eval()
     calibration = [(torch.randn(1, 3, 16, 16),) for _ in range(2)]
@@ -139,7 +142,7 @@ def test_int8_convolutions_keep_the_block_channels_last() -> None:
             else None
         ),
     )
-    assert sum(name.startswith("lowbit_conv_") for name in names) == 3
+    assert sum(name.startswith("lowbit_conv_") for name in names) == 4
     assert len([name for name in names if "transpose" in name]) == 1  # the input's
 
 

@@ -37,6 +37,8 @@ class ConvSpec(PackedLinearSpec):
     #: Patch columns in (kernel row, kernel column, channel) order; False: torch's (channel, row, column) order,
     #: kept when the weight has several quantization groups per row.
     channels_last: bool = True
+    #: Convolution groups: 1, or one per channel (depthwise, `kernels.x86.a8_depthwise`).
+    conv_groups: int = 1
 
     @property
     def patch(self) -> int:
@@ -67,22 +69,16 @@ def patch_weight(
     return packing.pack(torch.cat([codes, fill], dim=1).contiguous(), bits)
 
 
-def quantized_input(
-    spec: PackedLinearSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr]
-) -> tuple[te.Tensor, te.Tensor, te.Tensor | None]:
-    """The kernel's input ``x``, its int8 codes ``xq`` ``(batch, in_features)`` and the per-row multiplier (None when
-    static): a linear layer's rows, or a `ConvSpec`'s patches of the NHWC image (static step only)."""
-    if not isinstance(spec, ConvSpec):
-        x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
-        code, mult = activation_codes(x, step, rint)
-        return x, te.compute((spec.batch, spec.in_features), code, name="xq"), mult
+def padded_codes(
+    spec: ConvSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+) -> tuple[te.Tensor, te.Tensor]:
+    """The input ``x`` ``(B, H, W·C)`` (NHWC, pixel rows of interleaved channels) and its int8 codes with the static
+    step, zero-padded: ``xp`` ``(B, H + 2·pad_h, (W + 2·pad_w)·C)``."""
     if step is None:
         raise ValueError("an int8 convolution quantizes its input with a static step")
     batch, height, width, channels = spec.image
-    (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
-    (pad_h, pad_w), (dil_h, dil_w) = spec.padding, spec.dilation
+    pad_h, pad_w = spec.padding
     padded_h, padded_w = height + 2 * pad_h, width + 2 * pad_w
-    # Pixel rows of interleaved channels: a kernel row of a patch reads kw·C consecutive values (dilation 1).
     x = te.placeholder((batch, height, width * channels), "float32", name="x")
 
     def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -93,7 +89,23 @@ def quantized_input(
         rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
         return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
 
-    xp = te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
+    return x, te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
+
+
+def quantized_input(
+    spec: PackedLinearSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+) -> tuple[te.Tensor, te.Tensor, te.Tensor | None]:
+    """The kernel's input ``x``, its int8 codes ``xq`` ``(batch, in_features)`` and the per-row multiplier (None when
+    static): a linear layer's rows, or a `ConvSpec`'s patches of the NHWC image (static step only)."""
+    if not isinstance(spec, ConvSpec):
+        x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
+        code, mult = activation_codes(x, step, rint)
+        return x, te.compute((spec.batch, spec.in_features), code, name="xq"), mult
+    x, xp = padded_codes(spec, step, rint)
+    channels = spec.image[3]
+    (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
+    dil_h, dil_w = spec.dilation
+    padded_h = int(xp.shape[1])
 
     def patch(m: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
         b, pixel = m // (out_h * out_w), m % (out_h * out_w)
@@ -115,15 +127,19 @@ def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
     rows in parallel, each kernel row of a patch (``kw·C`` consecutive codes in channels-last order) one inner
     loop, vectorized in its largest power-of-two part."""
     channels = spec.image[3]
-    xp = sch.get_sblock("xp")
-    b, h, wc = sch.get_loops(xp)
-    sch.parallel(sch.fuse(b, h))
-    _, c = sch.split(wc, factors=[None, channels])
-    _vectorize(sch, c, channels)
+    schedule_padded(sch, channels)
     m, k = sch.get_loops(sch.get_sblock("xq"))
     sch.parallel(m)
     span = spec.kernel_size[1] * channels if spec.channels_last else spec.in_features
     _vectorize(sch, sch.split(k, factors=[None, span])[-1], span)
+
+
+def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
+    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes."""
+    b, h, wc = sch.get_loops(sch.get_sblock("xp"))
+    sch.parallel(sch.fuse(b, h))
+    _, c = sch.split(wc, factors=[None, channels])
+    _vectorize(sch, c, channels)
 
 
 def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int) -> None:
@@ -136,4 +152,11 @@ def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
     return tirx.max(tirx.min(index, extent - 1), 0)
 
 
-__all__ = ["ConvSpec", "patch_weight", "quantized_input", "schedule_patches"]
+__all__ = [
+    "ConvSpec",
+    "padded_codes",
+    "patch_weight",
+    "quantized_input",
+    "schedule_padded",
+    "schedule_patches",
+]
