@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lowbit import progress
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(logging.WARNING if args.quiet else logging.INFO)
+    progress.enable(not args.quiet)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -77,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
         "--target", default=None, help="torch, x86, arm or cuda (default: the recipe's target, else torch)"
     )
     comp.add_argument("--export", type=Path, metavar="DIR", help="write the compiled artifact to DIR")
+    comp.add_argument(
+        "--export-gguf",
+        type=Path,
+        metavar="FILE",
+        help="compile MODEL as a causal LM (llama, mistral, qwen2) and write it as a GGUF file for llama.cpp",
+    )
+    comp.add_argument(
+        "--tokenizer", type=Path, metavar="DIR", help="the transformers tokenizer directory --export-gguf writes"
+    )
     comp.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the IR before and after every pass to DIR")
     comp.add_argument(
         "--calibration",
@@ -240,6 +251,9 @@ def _compile(args: argparse.Namespace) -> None:
 
         text = args.calibration.suffix not in ARRAY_SUFFIXES
         calibration = load_calibration(args.calibration, inputs, kwargs, _tokenizer(args.model) if text else None)
+    causal_lm = _causal_lm_options(args)
+    if causal_lm:  # the example ids only size the decoder, which builds its own masks
+        kwargs = {name: value for name, value in kwargs.items() if name != "attention_mask"}
     compiled = lowbit.compile(
         model,
         inputs,
@@ -251,10 +265,26 @@ def _compile(args: argparse.Namespace) -> None:
         calibration=calibration,
         tune=_tune_option(args),
         cache_dir=args.cache_dir,
+        **causal_lm,
     )
     print(compiled.report)
     if args.export:
         print(f"exported to {compiled.export(args.export)}")
+    if args.export_gguf:
+        print(f"exported GGUF to {compiled.export(args.export_gguf, format='gguf')}")
+
+
+def _causal_lm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``compile`` options for --export-gguf: a KV-cache decoder sized to the example inputs, and the tokenizer."""
+    if args.tokenizer and not args.export_gguf:
+        raise LowbitError("--tokenizer DIR is the tokenizer --export-gguf writes: add --export-gguf FILE")
+    if not args.export_gguf:
+        return {}
+    if not args.tokenizer:
+        raise LowbitError("--export-gguf writes the tokenizer too: give its directory with --tokenizer DIR")
+    from transformers import AutoTokenizer
+
+    return {"dynamic_shapes": {"input_ids": {}}, "tokenizer": AutoTokenizer.from_pretrained(str(args.tokenizer))}
 
 
 def _run(args: argparse.Namespace) -> None:

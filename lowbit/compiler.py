@@ -211,7 +211,8 @@ def compile(
     start = time.perf_counter()
     log.info("tracing %s", type(model).__name__)
     with causal_lm.tracing() if causal_lm else contextlib.nullcontext():
-        gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
+        free_batch = backend.name == "torch" and not causal_lm
+        gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch)
     interface = Interface.of(gm)  # before the passes, which may replace the embedding tables
     trace_s = time.perf_counter() - start
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
@@ -286,7 +287,7 @@ def prepare(
     example_inputs = _as_tuple(example_inputs)
     _, pipeline = build_pipeline(recipe, passes, "prepare", verify, None)
     calib = pipeline.calibration_set(calibration, example_inputs, example_kwargs)
-    gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs)
+    gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch=False)
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     return graph.train(model.training)
 
@@ -336,12 +337,19 @@ def build_pipeline(
 
 
 def _graph_of(
-    model: torch.nn.Module, example_inputs: tuple, leaf_modules: Sequence[Any], example_kwargs: Mapping[str, Any] | None
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    leaf_modules: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None,
+    free_batch: bool,
 ) -> fx.GraphModule:
-    """A graph lowbit traced before (e.g. from `prepare`, then trained) is used as it is; anything else is traced."""
+    """A graph lowbit traced before (e.g. from `prepare`, then trained) is used as it is; anything else is traced,
+    with a free batch dimension where the graph runs as it is (``free_batch``: the torch target)."""
     if isinstance(model, fx.GraphModule) and "lowbit_tracer" in model.meta:
         return model
-    return trace(model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs)
+    return trace(
+        model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs, free_batch=free_batch
+    )
 
 
 def _flatten_output(gm: fx.GraphModule) -> None:

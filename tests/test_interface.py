@@ -10,9 +10,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import lowbit
 from lowbit.backends.tvm.rpc import bind_inputs
-from lowbit.errors import InputError, NonFiniteInputError
+from lowbit.errors import InputError, InputShapeError, NonFiniteInputError
 from lowbit.interface import Interface, index_ranges
 from lowbit.ir.trace import trace
+
+from helpers import TINY_VOCAB, tiny_bert
 
 VOCAB = 50
 
@@ -96,6 +98,110 @@ def test_outputs_have_eager_structure_on_every_target(compiled, tmp_path) -> Non
         loaded(ids, scale)
     with pytest.raises(NonFiniteInputError):
         loaded(_inputs()[0], torch.full((2, 5, 1), float("nan")))
+
+
+class MaskedAttention(torch.nn.Module):
+    """Scores plus an additive mask (``-inf``: not attended), and a key padding mask through MultiheadAttention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4.0 + mask, dim=-1)
+        return self.attn(weights @ x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+@pytest.fixture(scope="module", params=["torch", "x86"])
+def masked(request) -> tuple[torch.nn.Module, lowbit.CompiledModel]:
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    example = (torch.randn(2, 6, 16), torch.zeros(2, 6, 6), torch.zeros(2, 6))
+    return model, lowbit.compile(model, example, target=request.param)
+
+
+def _masks() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    mask = torch.zeros(2, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))  # causal
+    padding = torch.zeros(2, 6)
+    padding[1, 4:] = float("-inf")
+    return torch.randn(2, 6, 16), mask, padding
+
+
+def test_minus_inf_in_an_additive_mask_answers_as_eager_on_every_target(masked, tmp_path) -> None:
+    model, compiled = masked
+    assert compiled.interface.masks == ("mask", "padding")
+    x, mask, padding = _masks()
+    with torch.no_grad():
+        expected = model(x, mask, padding)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(compiled(x, mask, padding), expected, rtol=1e-5, atol=1e-5)
+    if compiled.report.target != "torch":  # a TVM runner checks on its own too
+        out = compiled.runner(x, mask, padding)
+        torch.testing.assert_close(compiled.interface.rebuild(out), expected, rtol=1e-5, atol=1e-5)
+    loaded = lowbit.load(compiled.export(tmp_path / "masked"))
+    torch.testing.assert_close(loaded(x, mask, padding), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "where,value,message",
+    [
+        ("x", float("-inf"), "input 'x' holds 1 NaN or Inf .* only in an additive mask"),
+        ("mask", float("inf"), "input 'mask' holds 1 NaN or \\+Inf .* additive softmax mask"),
+        ("mask", float("nan"), "input 'mask' holds 1 NaN or \\+Inf"),
+        ("padding", float("-inf"), "input 'padding' masks every position of a row with -inf: .* NaN"),
+    ],
+)
+def test_what_eager_answers_nan_for_is_refused_in_a_mask(masked, where, value, message) -> None:
+    model, compiled = masked
+    inputs = dict(zip(("x", "mask", "padding"), _masks()))
+    if where == "padding":
+        inputs[where][0] = value  # every key of the first sequence
+    else:
+        inputs[where][0, 0, 0] = value
+    with pytest.raises(NonFiniteInputError, match=message):
+        compiled(*inputs.values())
+
+
+def test_the_torch_target_takes_any_batch_size_of_an_exported_graph(tmp_path) -> None:
+    """Compiled at batch 1 (the size torch.export specializes unless told otherwise), called at 3 and 5."""
+    model = tiny_bert()
+    ids = torch.randint(0, TINY_VOCAB, (5, 16), generator=torch.Generator().manual_seed(0))
+    compiled = lowbit.compile(model, (ids[:1],), passes=["rtn"], target="torch")
+    assert compiled.report.tracer == "export" and not compiled.interface.batch
+    assert compiled.report.bytes_after < compiled.report.bytes_before / 2  # the linears are packed
+    got = compiled(ids[:3]).last_hidden_state
+    rows = torch.cat([compiled(ids[i : i + 1]).last_hidden_state for i in range(3)])
+    torch.testing.assert_close(got, rows, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(ids[:3]).last_hidden_state, rtol=0, atol=0.1)  # 4-bit weights
+    loaded = lowbit.load(compiled.export(tmp_path / "bert"))
+    torch.testing.assert_close(loaded(ids).last_hidden_state, compiled(ids).last_hidden_state)
+
+
+class FixesItsBatch(torch.nn.Module):
+    """fx cannot trace the item assignment (torch.export does); the sum with ``base`` ties the batch to 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.register_buffer("base", torch.zeros(2, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        y[:, 0] = 0.0
+        return y + self.base
+
+
+def test_a_batch_size_the_graph_cannot_take_is_refused_before_running(tmp_path) -> None:
+    compiled = lowbit.compile(FixesItsBatch().eval(), (torch.randn(2, 8),), passes=["rtn"], target="torch")
+    assert compiled.report.tracer == "export" and compiled.interface.batch == {"x": 2}
+    assert compiled(torch.randn(2, 8)).shape == (2, 4)
+    loaded = lowbit.load(compiled.export(tmp_path / "fixed"))
+    for model in (compiled, loaded):
+        with pytest.raises(InputShapeError, match=r"input 'x' of shape \(3, 8\): .* fixes its batch .* at 2"):
+            model(torch.randn(3, 8))
 
 
 def test_an_output_class_that_cannot_be_imported_leaves_outputs_flat(caplog) -> None:

@@ -67,3 +67,23 @@ def test_torch_target_is_eager_or_a_named_error(case) -> None:
 @given(cases())
 def test_x86_target_is_eager_or_a_named_error(case) -> None:
     _same_as_eager_or_named_error("x86", case)
+
+
+@pytest.mark.parametrize("target", ["torch", "x86"])
+def test_int8_activations_keep_rows_of_tiny_values(target: str) -> None:
+    """A token with absmax 1e-7 keeps its own scale (it is not flushed to zero); an all-zero token gives zero."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False)).eval()
+    compiled = lowbit.compile(
+        model, (torch.randn(3, 64),), passes=[lowbit.passes.get("rtn", bits=8), "quantize_activations"], target=target
+    )
+    assert compiled.report.bytes_after < compiled.report.bytes_before, "the linear is packed"
+    x = torch.randn(3, 64)
+    x[1] *= 1e-7 / x[1].abs().max()
+    x[2] = 0.0
+    with torch.no_grad():
+        expected, got = model(x), compiled(x)
+    # int8 weights and int8 activations: a few quantization steps of each, relative to the row's size
+    for row in (0, 1):
+        assert (got[row] - expected[row]).abs().max() <= 0.02 * expected[row].abs().max(), row
+    assert torch.equal(got[2], torch.zeros(16))

@@ -1,28 +1,31 @@
 """Decompose recurrent and attention layers into ordinary linears and primitive ops.
 
 ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` hide their matrix products behind fused
-kernels, so neither the quantization passes nor the TVM frontend see a linear layer in them. After
+kernels, so neither the quantization passes nor the TVM frontend see a linear layer in them. After fx
 tracing, each ``call_module`` of such a layer is replaced by the graph of an equivalent module made of
 ``nn.Linear`` layers (sharing the original weights) and elementwise ops, inlined under the layer's own
 path: an LSTM at ``rnn`` becomes ``rnn.ih_l0`` / ``rnn.hh_l0`` linears and its gate math unrolled over
 the (static) sequence length; an attention layer at ``attn`` becomes ``attn.q_proj`` ... ``attn.out_proj``
-and an explicit ``softmax(q kᵀ / √d + mask) v``. An option that is not decomposed raises
+and an explicit ``softmax(q kᵀ / √d + mask) v``. torch.export has no ``call_module`` to replace: the same
+modules stand in for the layers while it traces (`decomposed_for_export`). An option that is not decomposed raises
 `UnsupportedOptionError` naming the layer, the option and the fix, never a different result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from lowbit.errors import TraceError
 
@@ -89,7 +92,7 @@ class UnrolledRNN(nn.Module):
         r = torch.sigmoid(x_r + h_r)
         z = torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
-        return (1 - z) * n + z * h, None
+        return (1.0 - z) * n + z * h, None  # a float constant: as an ATen rsub, TVM types an int one int32
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, c0: torch.Tensor | None = None) -> Any:
         if self.batch_first:
@@ -117,8 +120,7 @@ class UnrolledRNN(nn.Module):
         return (out, (h_n, torch.stack(finals_c, dim=0))) if self.lstm else (out, h_n)
 
 
-def _rnn_module(path: str, rnn: nn.Module, node: fx.Node) -> nn.Module:
-    bound = _bind(rnn, node)
+def _rnn_module(path: str, rnn: nn.Module, bound: dict[str, Any]) -> nn.Module:
     x, hx = bound.get("input"), bound.get("hx")
     for option, used in (
         ("proj_size", getattr(rnn, "proj_size", 0)),
@@ -136,11 +138,17 @@ def _rnn_module(path: str, rnn: nn.Module, node: fx.Node) -> nn.Module:
 
 def _rnn_inputs(rnn: nn.Module, node: fx.Node) -> list[Any]:
     bound = _bind(rnn, node)
+    hx = bound.get("hx")
+    if isinstance(rnn, nn.LSTM) and isinstance(hx, fx.Node):
+        bound["hx"] = (_getitem(node.graph, node, hx, 0), _getitem(node.graph, node, hx, 1))
+    return _rnn_arguments(rnn, bound)
+
+
+def _rnn_arguments(rnn: nn.Module, bound: dict[str, Any]) -> list[Any]:
+    """`UnrolledRNN.forward`'s ``(x, h0, c0)`` from the layer's arguments (an LSTM's ``hx`` as a pair)."""
     x, hx = bound.get("input"), bound.get("hx")
     if not isinstance(rnn, nn.LSTM):
         return [x, hx, None]
-    if isinstance(hx, fx.Node):
-        hx = (_getitem(node.graph, node, hx, 0), _getitem(node.graph, node, hx, 1))
     return [x, *(hx if hx is not None else (None, None))]
 
 
@@ -149,9 +157,9 @@ def _rnn_inputs(rnn: nn.Module, node: fx.Node) -> list[Any]:
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """What one call of an attention layer does, known when tracing: static sizes and options."""
+    """What one call of an attention layer does, known when tracing: static sizes and options (the batch is
+    left free: it is whatever the inputs hold)."""
 
-    batch: int
     q_len: int
     kv_len: int
     need_weights: bool = True
@@ -180,7 +188,7 @@ class DecomposedAttention(nn.Module):
         self.call = call
 
     def _split(self, x: torch.Tensor, length: int) -> torch.Tensor:
-        return x.reshape(self.call.batch, length, self.heads, self.head_dim).transpose(1, 2)
+        return x.reshape(-1, length, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -199,13 +207,13 @@ class DecomposedAttention(nn.Module):
         scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-2, -1))
         if call.attn_mask is not None:
             if call.attn_mask_rank == 3:
-                attn_mask = attn_mask.reshape(call.batch, self.heads, call.q_len, call.kv_len)
+                attn_mask = attn_mask.reshape(-1, self.heads, call.q_len, call.kv_len)
             scores = _masked(scores, attn_mask, call.attn_mask == "bool")
         if call.key_padding_mask is not None:
-            mask = key_padding_mask.reshape(call.batch, 1, 1, call.kv_len)
+            mask = key_padding_mask.reshape(-1, 1, 1, call.kv_len)
             scores = _masked(scores, mask, call.key_padding_mask == "bool")
         weights = torch.softmax(scores, dim=-1)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(call.batch, call.q_len, self.embed)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(-1, call.q_len, self.embed)
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -223,8 +231,7 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor, is_bool: bool) -> torch.Te
 _MHA_OPTIONS = {"need_weights": True, "average_attn_weights": True, "is_causal": False}
 
 
-def _attention_module(path: str, mha: nn.Module, node: fx.Node) -> nn.Module:
-    bound = _bind(mha, node)
+def _attention_module(path: str, mha: nn.Module, bound: dict[str, Any]) -> nn.Module:
     options = {name: bound.get(name, default) for name, default in _MHA_OPTIONS.items()}
     for name, value in options.items():
         if isinstance(value, fx.Node):
@@ -240,9 +247,8 @@ def _attention_module(path: str, mha: nn.Module, node: fx.Node) -> nn.Module:
     ):
         if used:
             raise _refuse(path, mha, option)
-    batch_dim, seq_dim = (0, 1) if mha.batch_first else (1, 0)
+    seq_dim = 1 if mha.batch_first else 0
     call = AttentionCall(
-        batch=query[batch_dim],
         q_len=query[seq_dim],
         kv_len=key[seq_dim],
         need_weights=bool(options["need_weights"]),
@@ -255,7 +261,11 @@ def _attention_module(path: str, mha: nn.Module, node: fx.Node) -> nn.Module:
 
 
 def _attention_inputs(mha: nn.Module, node: fx.Node) -> list[Any]:
-    bound = _bind(mha, node)
+    return _attention_arguments(mha, _bind(mha, node))
+
+
+def _attention_arguments(mha: nn.Module, bound: dict[str, Any]) -> list[Any]:
+    """`DecomposedAttention.forward`'s arguments from the layer's."""
     return [bound["query"], bound["key"], bound["value"], bound.get("key_padding_mask"), bound.get("attn_mask")]
 
 
@@ -272,23 +282,29 @@ def _mask_kind(mask: Any) -> str | None:
 @dataclass(frozen=True)
 class _Decomposition:
     """How one layer kind is decomposed: the equivalent module for a call (from the static shapes of its
-    inputs) and the values bound to that module's ``forward`` parameters."""
+    arguments, bound by name: nodes or tensors) and the values bound to that module's ``forward`` parameters,
+    from a graph's call (``inputs``) or from the layer's arguments bound by name (``arguments``)."""
 
-    module: Callable[[str, nn.Module, fx.Node], nn.Module]
+    module: Callable[[str, nn.Module, dict[str, Any]], nn.Module]
     inputs: Callable[[nn.Module, fx.Node], list[Any]]
+    arguments: Callable[[nn.Module, dict[str, Any]], list[Any]]
 
 
-_RNN = _Decomposition(_rnn_module, _rnn_inputs)
+_RNN = _Decomposition(_rnn_module, _rnn_inputs, _rnn_arguments)
 _DECOMPOSITIONS: dict[type[nn.Module], _Decomposition] = {
     nn.LSTM: _RNN,
     nn.GRU: _RNN,
-    nn.MultiheadAttention: _Decomposition(_attention_module, _attention_inputs),
+    nn.MultiheadAttention: _Decomposition(_attention_module, _attention_inputs, _attention_arguments),
 }
 
 
 def _bind(layer: nn.Module, node: fx.Node) -> dict[str, Any]:
+    return _bind_call(layer, node.args, node.kwargs)
+
+
+def _bind_call(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     signature = inspect.signature(type(layer).forward)
-    return dict(signature.bind(None, *node.args, **node.kwargs).arguments)
+    return dict(signature.bind(None, *args, **kwargs).arguments)
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -366,7 +382,8 @@ def decompose(gm: fx.GraphModule, keep: Callable[[nn.Module, str], bool] = lambd
         if node.op == "call_module":
             path, layer = str(node.target), gm.get_submodule(str(node.target))
             if decomposable(layer) and not keep(layer, path):
-                calls.append((node, path, layer, _DECOMPOSITIONS[type(layer)].module(path, layer, node)))
+                module = _DECOMPOSITIONS[type(layer)].module(path, layer, _bind(layer, node))
+                calls.append((node, path, layer, module))
     for node, path, layer, module in calls:
         structure = _inline(gm, node, path, module, _DECOMPOSITIONS[type(layer)].inputs(layer, node))
         _replace(node, structure)
@@ -379,9 +396,80 @@ def decompose(gm: fx.GraphModule, keep: Callable[[nn.Module, str], bool] = lambd
     return len(calls)
 
 
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+@contextlib.contextmanager
+def decomposed_for_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[int]:
+    """Within the block, every decomposable layer of ``model`` that its forward calls is replaced by its
+    decomposition, so that torch.export traces linears and primitive ops; the layers are put back on exit.
+
+    torch.export sees calls, not ``call_module`` nodes, so each layer's decomposition is built beforehand from
+    the arguments of its call in one eager run of ``model`` on the example inputs. Yields the number replaced.
+    """
+    layers = {path: layer for path, layer in model.named_modules() if path and decomposable(layer)}
+    modules = {}
+    for path, bound in _recorded_calls(model, layers, args, kwargs):
+        module = _DECOMPOSITIONS[type(layers[path])].module(path, layers[path], bound)
+        module.forward = _called_as(layers[path], module)  # the instance's forward takes the layer's arguments
+        modules[path] = module
+    try:
+        for path, module in modules.items():
+            _set_submodule(model, path, module)
+        if modules:
+            logger.info("decomposed %d recurrent/attention layer(s) into linears before torch.export", len(modules))
+        yield len(modules)
+    finally:
+        for path in modules:
+            _set_submodule(model, path, layers[path])
+
+
+def _recorded_calls(
+    model: nn.Module, layers: dict[str, nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Per layer of ``layers`` that ``model(*args, **kwargs)`` calls, its arguments bound by name; a layer called
+    twice with arguments of other shapes or options raises `UnsupportedOptionError`."""
+    if not layers:
+        return []
+    calls: dict[str, dict[str, Any]] = {}
+
+    def record(path: str, layer: nn.Module, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> None:
+        bound = _bind_call(layer, call_args, call_kwargs)
+        if path in calls and _signature(calls[path]) != _signature(bound):
+            raise UnsupportedOptionError(
+                f"module {path!r} ({type(layer).__name__}): calls with inputs of different shapes or options are "
+                "not decomposed under tracer='export'; use tracer='fx', which decomposes each call"
+            )
+        calls[path] = bound
+
+    handles = [
+        layer.register_forward_pre_hook(lambda layer, a, k, path=path: record(path, layer, a, k), with_kwargs=True)
+        for path, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(calls.items())
+
+
+def _called_as(layer: nn.Module, module: nn.Module) -> Callable[..., Any]:
+    """``module``'s forward taking ``layer``'s arguments."""
+    arguments = _DECOMPOSITIONS[type(layer)].arguments
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return type(module).forward(module, *arguments(layer, _bind_call(layer, args, kwargs)))
+
+    return forward
+
+
+def _signature(bound: dict[str, Any]) -> Any:
+    """What a decomposition depends on in a call: tensor shapes and dtypes, and every other value."""
+    return tree_map(lambda v: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v, bound)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     owner, _, name = path.rpartition(".")
-    parent = gm.get_submodule(owner) if owner else gm
+    parent = root.get_submodule(owner) if owner else root
     setattr(parent, name, module)
 
 
@@ -392,5 +480,6 @@ __all__ = [
     "UnsupportedOptionError",
     "decomposable",
     "decompose",
+    "decomposed_for_export",
     "output_structure",
 ]

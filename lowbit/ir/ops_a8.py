@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 #: int8 range of the quantized activations (asymmetric clamp; docs/methods.md (BitNet b1.58)).
 ACT_QMIN, ACT_QMAX = -128, 127
-#: Floor of a token's absmax before ``127 / absmax`` (BitNet's 1e-5).
-ACT_EPS = 1e-5
+#: Floor of an absmax before ``127 / absmax`` or ``absmax / 127``: the largest power of two that keeps the multiplier
+#: finite and the static step a normal float32. It only guards all-zero rows (exactly zero out) and rows below it
+#: (subnormal scale), which quantize on its grid; every other row keeps its own scale (docs/methods.md).
+ACT_ABSMAX_FLOOR = 2.0**-119
 
 LINEAR_PACKED_A8_SCHEMA = (
     "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, "
@@ -43,7 +45,7 @@ def quantize_activation(x: torch.Tensor, act_scale: torch.Tensor | None) -> tupl
     """
     xf = x.to(torch.float32)
     if act_scale is None:
-        absmax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+        absmax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR)
         # A true division (``127.0 / tensor`` would compute ``reciprocal(tensor) · 127``).
         multiplier = torch.full_like(absmax, 127.0) / absmax
         return torch.clamp(torch.round(xf * multiplier), ACT_QMIN, ACT_QMAX), multiplier
@@ -249,7 +251,7 @@ def _buffer(gm: fx.GraphModule, node: fx.Node, arg: object) -> object:
 
 
 __all__ = [
-    "ACT_EPS",
+    "ACT_ABSMAX_FLOOR",
     "ACT_QMAX",
     "ACT_QMIN",
     "LINEAR_PACKED_A8_SCHEMA",

@@ -4,15 +4,18 @@ Two tracers, tried in this order by ``tracer="auto"``:
 
 * ``"fx"``: torch.fx symbolic tracing. Standard ``torch.nn`` layers (Linear, Conv,
   Embedding, norms, activations, pooling...) and the user's ``leaf_modules`` stay
-  opaque ``call_module`` nodes. Fails on data-dependent Python control flow.
+  opaque ``call_module`` nodes. Arguments of ``forward`` with no example value and a constant default
+  (``attn_mask=None``, ``is_causal=False``) are bound to it, not graph inputs. Fails on data-dependent
+  Python control flow.
 * ``"export"``: ``torch.export.export`` (non-strict), then canonicalized
   (`lowbit.ir.canonicalize`) so layers are ``call_module`` nodes again. This is the
   tracer that handles transformers 5.x models (their own fx tracer no longer exists);
   causal LMs must be built with ``use_cache=False`` in their config, since a KV cache
   object can be neither an input nor an output of the graph. ``leaf_modules`` does not
-  apply to it. Its graph is specialised to the example input shapes.
+  apply to it. Its graph is specialised to the example input shapes, except the batch dimension when the
+  caller asks for it free (``free_batch``).
 
-Under the fx tracer, ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` layers are then decomposed into
+Under either tracer, ``nn.LSTM``, ``nn.GRU`` and ``nn.MultiheadAttention`` layers are decomposed into
 ``nn.Linear`` layers and primitive ops (`lowbit.ir.decompose`) so passes and backends see ordinary layers.
 Whichever tracer succeeds, every node's result is shape-propagated into
 ``node.meta["tensor_meta"]`` and ``gm.meta["lowbit_tracer"]`` records the tracer. The
@@ -24,8 +27,10 @@ tracing broke and how to fix it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import logging
+import operator
 import sysconfig
 import time
 import traceback
@@ -37,17 +42,28 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
+import torch.fx.experimental._config as fx_config
 from torch import nn
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
 from lowbit.ir.canonicalize import canonicalize_exported
-from lowbit.ir.decompose import UnsupportedOptionError, decomposable, decompose, output_structure
+from lowbit.ir.decompose import (
+    UnsupportedOptionError,
+    decomposable,
+    decompose,
+    decomposed_for_export,
+    output_structure,
+)
 
 logger = logging.getLogger("lowbit.trace")
 
 TRACERS: tuple[str, ...] = ("fx", "export")
+#: ``gm.meta`` key: True when torch.export traced the graph with the batch dimension of its inputs left free.
+FREE_BATCH = "lowbit_free_batch"
 LeafModule = type[nn.Module] | str
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -80,15 +96,95 @@ class LeafTracer(fx.Tracer):
         return output_structure(m, out) if isinstance(out, fx.Proxy) and decomposable(m) else out
 
 
-def _trace_fx(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> fx.GraphModule:
+#: Types of a default value that the fx tracer binds as a constant when no example input is given for it.
+_CONSTANT_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def unbound_defaults(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``model.forward`` left at a constant default (``attn_mask=None``, ``is_causal=False``).
+
+    They are no graph inputs: the fx tracer binds them as constants, so branches such as
+    ``if attn_mask is not None`` are decided at trace time, as they are in the eager call.
+    """
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    bound = {p.name for p in parameters[: len(args)] if p.kind in positional} | set(kwargs)
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in bound
+        and p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)
+        and type(p.default) in _CONSTANT_DEFAULTS
+    }
+
+
+def _drop_specialization_guards(gm: fx.GraphModule) -> None:
+    """Remove the inputs fx keeps for constant-bound arguments, with the checks it attaches to them.
+
+    fx leaves each bound argument as a defaulted placeholder that only feeds a guard
+    (``_assert_is_none(arg)`` or ``torch._assert(arg == value)``); the traced graph never reads it otherwise.
+    """
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder" and n.args]:
+        guards = [_guard(user) for user in node.users]
+        if not node.users or any(guard is None for guard in guards):
+            continue
+        for guard in guards:
+            for step in guard:
+                gm.graph.erase_node(step)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _guard(user: fx.Node) -> list[fx.Node] | None:
+    """The nodes of fx's specialization guard starting at ``user`` (in erase order), or None if it is none."""
+    if user.target is _assert_is_none:
+        return [user]
+    checks = list(user.users)
+    specialized = (
+        user.target is operator.eq
+        and len(checks) == 1
+        and checks[0].target is torch._assert
+        and "has been specialized to have value" in str(checks[0].args[1])
+    )
+    return [checks[0], user] if specialized else None
+
+
+def _trace_fx(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Sequence[LeafModule]
+) -> fx.GraphModule:
     tracer = LeafTracer(leaf_modules)
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    graph = tracer.trace(model, concrete_args=unbound_defaults(model, args, kwargs) or None)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _drop_specialization_guards(gm)
+    return gm
 
 
-def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
-    program = torch.export.export(model, args, kwargs, strict=False)
-    return canonicalize_exported(program, model)
+def _trace_export(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], free_batch: bool = False
+) -> fx.GraphModule:
+    with decomposed_for_export(model, args, kwargs):
+        program = _export_free_batch(model, args, kwargs) if free_batch else None
+        gm = canonicalize_exported(program or torch.export.export(model, args, kwargs, strict=False), model)
+    gm.meta[FREE_BATCH] = program is not None
+    return gm
+
+
+def _export_free_batch(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.export.ExportedProgram | None:
+    """``model`` exported with dim 0 of every tensor input left free wherever the model allows it (``Dim.AUTO``,
+    a size of 1 included), or None when that export fails (the export at the example shapes then runs)."""
+    shapes = torch.export.ShapesCollection()
+    for value in pytree.tree_leaves((args, kwargs)):
+        if isinstance(value, torch.Tensor) and value.dim():
+            shapes[value] = {0: torch.export.Dim.AUTO}
+    try:
+        with fx_config.patch(backed_size_oblivious=True):
+            dynamic = shapes.dynamic_shapes(model, args, kwargs)
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    except Exception as exc:  # noqa: BLE001 - the export at the example shapes reports a real failure
+        logger.info("export with a free batch dimension failed (%s); exporting at the example shapes", _summary(exc))
+        return None
 
 
 # --- shape propagation ----------------------------------------------------------
@@ -176,6 +272,11 @@ _CONSTRUCTS: tuple[_Construct, ...] = (
         ("register a pytree",),
         "an input or output of a type torch.export cannot flatten (e.g. a KV cache object)",
         "build transformers causal LMs with use_cache=False in their config, or register the type as a pytree node",
+    ),
+    _Construct(
+        ("target=torch._assert", "AssertionError"),
+        "an assertion of the model (torch._assert, assert) that fails for the example inputs",
+        "pass example inputs of the shape and size the model expects",
     ),
     _Construct(
         ("Proxy",),
@@ -291,9 +392,13 @@ def _trace_with(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     leaf_modules: Sequence[LeafModule],
+    free_batch: bool = False,
 ) -> fx.GraphModule:
     """Trace with one tracer, shape-propagate and check the graph (model already in eval)."""
-    gm = _trace_fx(model, leaf_modules) if name == "fx" else _trace_export(model, args, kwargs)
+    if name == "fx":
+        gm = _trace_fx(model, args, kwargs, leaf_modules)
+    else:
+        gm = _trace_export(model, args, kwargs, free_batch)
     gm.graph.lint()
     propagate_shapes(gm, args, kwargs)
     if decompose(gm, LeafTracer(leaf_modules).is_user_leaf):
@@ -309,6 +414,7 @@ def trace(
     leaf_modules: Sequence[LeafModule] = (),
     tracer: str = "auto",
     example_kwargs: dict[str, Any] | None = None,
+    free_batch: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` into lowbit's canonical fx.GraphModule.
 
@@ -317,7 +423,9 @@ def trace(
     models). ``leaf_modules`` (module classes or module paths) stay opaque under the fx
     tracer. ``tracer`` is ``"fx"``, ``"export"`` or ``"auto"`` (fx, then export; build
     transformers causal LMs with ``use_cache=False`` for it). Raises `TraceError` naming
-    the module, construct and source line that broke tracing, with a fix.
+    the module, construct and source line that broke tracing, with a fix. ``free_batch`` lets torch.export leave
+    the batch dimension (dim 0 of each tensor input) symbolic where the model allows it, for a graph that runs as
+    it is (the torch target); ``gm.meta[FREE_BATCH]`` says whether it did.
     """
     chain = _chain(tracer)
     if not isinstance(model, nn.Module):
@@ -327,7 +435,7 @@ def trace(
     with _eval_mode(model):
         for index, name in enumerate(chain):
             try:
-                gm = _trace_with(name, model, args, kwargs, leaf_modules)
+                gm = _trace_with(name, model, args, kwargs, leaf_modules, free_batch)
             except UnsupportedOptionError:
                 raise  # the model traced; one of its layers uses an option with no decomposition
             except Exception as exc:  # noqa: BLE001 - any tracer failure moves on to the next one
@@ -383,4 +491,13 @@ def diagnose(
         return [_attempt(name, model, args, kwargs, leaf_modules) for name in TRACERS]
 
 
-__all__ = ["TRACERS", "LeafTracer", "TraceAttempt", "diagnose", "graph_inputs", "propagate_shapes", "trace"]
+__all__ = [
+    "TRACERS",
+    "LeafTracer",
+    "TraceAttempt",
+    "diagnose",
+    "graph_inputs",
+    "propagate_shapes",
+    "trace",
+    "unbound_defaults",
+]

@@ -93,8 +93,15 @@ class CompiledCausalLM(CompiledModel):
         chosen = GenerationOptions(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
         return generate(self.decoder, input_ids, chosen, attention_mask, streamer, generator)
 
-    def export(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the decoder, ``decoder.json``, the generation config and the tokenizer to the directory ``path``."""
+    def export(self, path: str | Path, overwrite: bool = False, format: str = "lowbit") -> Path:
+        """Write the decoder, ``decoder.json``, the generation config and the tokenizer to the directory ``path``;
+        ``format="gguf"`` writes the file ``path`` for llama.cpp instead (`lowbit.llm.gguf_export`)."""
+        if format == "gguf":
+            from lowbit.llm.gguf_export import write_gguf
+
+            return write_gguf(self.graph, self.layout.spec, self.tokenizer, path, overwrite=overwrite)
+        if format != "lowbit":
+            raise ArtifactError(f"unknown export format {format!r}; known: 'lowbit' (an artifact directory), 'gguf'")
         if self.source is not None:
             return artifact.copy(self.source, path, overwrite=overwrite)
         info = {

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import torch.fx as fx
 import torch.nn as nn
 
+from lowbit import progress
 from lowbit.calibration import CalibrationSet
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.passes.config import PassConfig
@@ -80,19 +81,22 @@ class PassContext:
         return self.calibration
 
     def progress(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-        """Yield ``items``, logging progress through `logging` about every ``progress_every`` seconds."""
+        """Yield ``items``, logging progress through `logging` about every ``progress_every`` seconds (and
+        drawing a bar where `lowbit.progress` draws one)."""
         import time
 
         items = list(items) if total is None and not hasattr(items, "__len__") else items
         total = total if total is not None else len(items)  # type: ignore[arg-type]
         start = last = time.perf_counter()
-        for index, item in enumerate(items, 1):
-            yield item
-            now = time.perf_counter()
-            if now - last >= self.progress_every or index == total:
-                if now - start >= self.progress_every:
-                    log.info("%s: %d/%d (%.0f s)", desc, index, total, now - start)
-                last = now
+        with progress.bar(total, desc) as shown:
+            for index, item in enumerate(items, 1):
+                yield item
+                shown.update()
+                now = time.perf_counter()
+                if now - last >= self.progress_every or index == total:
+                    if now - start >= self.progress_every:
+                        log.info("%s: %d/%d (%.0f s)", desc, index, total, now - start)
+                    last = now
 
 
 class Pass:

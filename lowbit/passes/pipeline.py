@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from lowbit import progress
 from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import CalibrationError, PassOrderError
 from lowbit.ir.annotations import graph_kinds
@@ -156,21 +157,27 @@ class Pipeline:
         gm = copy.deepcopy(gm)
         self.report = PipelineReport()
         self._dump(gm, 0, "input")
-        for index, p in enumerate(self.passes, 1):
-            log.info("pass %d/%d: %s", index, len(self.passes), p.name)
-            start = time.perf_counter()
-            result = p.run(gm, ctx)
-            gm.recompile()
-            result.name, result.time_s = p.name, time.perf_counter() - start
-            for record in result.skipped:
-                log.info("%s skipped %s: %s", p.name, record.layer, record.reason)
-            if not result.layers and not result.changed and p.pattern:
-                log.warning("%s matched no layers (it applies to %s)", p.name, p.pattern)
-            if self.verify:
-                verify_graph(gm, after=p.name)
-            self.report.passes.append(result)
-            self._dump(gm, index, p.name)
+        with progress.bar(len(self.passes), "passes") as shown:
+            for index, p in enumerate(self.passes, 1):
+                log.info("pass %d/%d: %s", index, len(self.passes), p.name)
+                shown.set_postfix_str(p.name)
+                self._run(p, index, gm, ctx)
+                shown.update()
         return gm
+
+    def _run(self, p: Pass, index: int, gm: fx.GraphModule, ctx: PassContext) -> None:
+        start = time.perf_counter()
+        result = p.run(gm, ctx)
+        gm.recompile()
+        result.name, result.time_s = p.name, time.perf_counter() - start
+        for record in result.skipped:
+            log.info("%s skipped %s: %s", p.name, record.layer, record.reason)
+        if not result.layers and not result.changed and p.pattern:
+            log.warning("%s matched no layers (it applies to %s)", p.name, p.pattern)
+        if self.verify:
+            verify_graph(gm, after=p.name)
+        self.report.passes.append(result)
+        self._dump(gm, index, p.name)
 
     def _dump(self, gm: fx.GraphModule, index: int, name: str) -> None:
         if self.dump_dir is None:

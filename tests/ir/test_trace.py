@@ -258,3 +258,51 @@ def test_causal_lm_with_kv_cache_gets_the_use_cache_hint() -> None:
     )
     with pytest.raises(TraceError, match=r"(?s)KV cache.*use_cache=False"):
         trace(LlamaForCausalLM(config), (), example_kwargs={"input_ids": torch.tensor([[3, 4, 5]])})
+
+
+class OptionalMask(nn.Module):
+    """A block with timm's optional arguments: a mask that may be None, a flag and a number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, scale: float = 2.0
+    ) -> torch.Tensor:
+        y = self.fc(x)
+        if attn_mask is not None or is_causal:
+            y = y.masked_fill(attn_mask == 0, 0.0)
+        return y * scale
+
+
+def test_fx_binds_arguments_left_at_their_default_as_constants() -> None:
+    model, x = OptionalMask().eval(), torch.randn(2, 4)
+    gm = trace(model, (x,), tracer="fx")
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert not any(n.op == "call_function" and "assert" in str(n.target) for n in gm.graph.nodes)
+    assert max_abs_diff(model(x), gm(x)) <= 1e-6
+
+
+def test_fx_keeps_an_optional_argument_given_an_example_as_an_input() -> None:
+    model, x, mask = OptionalMask().eval(), torch.randn(2, 4), torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1]])
+    gm = trace(model, (x,), tracer="fx", example_kwargs={"attn_mask": mask})
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "attn_mask"]
+    assert max_abs_diff(model(x, attn_mask=mask), gm(x, attn_mask=mask)) <= 1e-6
+
+
+class PatchGrid(nn.Module):
+    """timm's patch embedding check: the input size must match the model's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[-1] == 8, "Input width doesn't match model (8).")
+        return x * 2
+
+
+def test_static_assert_is_checked_at_trace_time() -> None:
+    gm = trace(PatchGrid(), torch.randn(1, 8), tracer="fx")
+    assert any(n.target is torch._assert for n in gm.graph.nodes)  # kept: the graph still checks other shapes
+    with pytest.raises(TraceError, match=r"(?s)assertion of the model.*Input width doesn't match model \(8\)"):
+        trace(PatchGrid(), torch.randn(1, 6), tracer="fx")
+    with pytest.raises(TraceError, match=r"(?s)assertion of the model.*Input width doesn't match model \(8\)"):
+        trace(PatchGrid(), torch.randn(1, 6))  # export fails on it too

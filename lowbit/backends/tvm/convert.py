@@ -29,6 +29,7 @@ from torch.fx.operator_schemas import normalize_function
 from tvm import relax
 from tvm.target import Target
 
+from lowbit import progress
 from lowbit.backends.tvm.frontend import InputSpec, import_graph, input_specs
 from lowbit.backends.tvm.inline import inline_wrapped_regions
 from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
@@ -54,6 +55,8 @@ LINEAR_PACKED_NAME = ops.linear_packed.__name__
 LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
 #: ... and ``torch.ops.lowbit.embedding_packed.default`` (a packed table lookup).
 EMBEDDING_PACKED_NAME = ops_embedding.embedding_packed.__name__
+#: The packed linear ops, whose layers `lower` counts for its progress bar.
+_PACKED_LINEARS = (ops.linear_packed, ops_a8.linear_packed_a8)
 #: `LoweredLinear.kernel` of a layer on the toolchain's fallback.
 FALLBACK = "dense"
 #: Code widths and group sizes tried, nearest first, for the setting to suggest instead of a fallback.
@@ -118,18 +121,20 @@ def lower(
     """
     gm = inline_wrapped_regions(gm)
     inputs = input_specs(gm, example_inputs)
-    converter = PackedLinearConverter(gm, toolchain, tuner)
     from lowbit.backends.tvm.convert_conv import CONV_PACKED_A8_NAME, CONV_PACKED_NAME, PackedConvConverter
 
-    conv = PackedConvConverter(gm, converter)
-    convert = {
-        LINEAR_PACKED_NAME: converter,
-        LINEAR_PACKED_A8_NAME: converter,
-        EMBEDDING_PACKED_NAME: PackedEmbeddingConverter(gm),
-        CONV_PACKED_NAME: conv,
-        CONV_PACKED_A8_NAME: conv,
-    }
-    mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
+    layers = sum(node.op == "call_function" and node.target in _PACKED_LINEARS for node in gm.graph.nodes)
+    with progress.bar(layers, "low-bit layers") as shown:
+        converter = PackedLinearConverter(gm, toolchain, tuner, shown.update)
+        conv = PackedConvConverter(gm, converter)
+        convert = {
+            LINEAR_PACKED_NAME: converter,
+            LINEAR_PACKED_A8_NAME: converter,
+            EMBEDDING_PACKED_NAME: PackedEmbeddingConverter(gm),
+            CONV_PACKED_NAME: conv,
+            CONV_PACKED_A8_NAME: conv,
+        }
+        mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
     lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
     announce_fallbacks(lowering.fallbacks, toolchain.name, strict)
     log.info(
@@ -160,10 +165,13 @@ class PackedLinearConverter:
     toolchain's fallback runs and the last kernel's reason is recorded.
     """
 
-    def __init__(self, gm: fx.GraphModule, toolchain: Toolchain, tuner: Any = None) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, toolchain: Toolchain, tuner: Any = None, done: Callable[[], Any] = lambda: None
+    ) -> None:
         self.gm = gm
         self.toolchain = toolchain
         self.tuner = tuner
+        self.done = done  # called after each layer (a progress bar's update)
         self.linears: list[LoweredLinear] = []
 
     def __call__(self, node: fx.Node, importer: Any) -> relax.Expr:
@@ -178,7 +186,7 @@ class PackedLinearConverter:
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
         bb = importer.block_builder
         layer = packed_layer(node, call["qweight"]) or None
-        return emit_on_rows(
+        out = emit_on_rows(
             bb,
             x,
             spec.out_features,
@@ -186,6 +194,8 @@ class PackedLinearConverter:
                 bb, node.name, layer, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors
             ),
         )
+        self.done()
+        return out
 
     def _call(
         self,
@@ -348,13 +358,26 @@ def grouped_columns(bb: relax.BlockBuilder, x: relax.Expr, order: torch.Tensor |
 
 
 def emit_on_rows(
-    bb: relax.BlockBuilder, x: relax.Expr, n_out: int, call: Callable[[relax.Expr, int], relax.Expr]
+    bb: relax.BlockBuilder,
+    x: relax.Expr,
+    n_out: int,
+    call: Callable[[relax.Expr, int], relax.Expr],
+    row_multiple: int = 1,
 ) -> relax.Expr:
-    """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored."""
+    """``call(x2d, rows)``, a ``(rows, n_out)`` result, on ``x`` flattened to rows; the leading dimensions restored.
+
+    With ``row_multiple``, more rows than that are zero-padded to a multiple of it (the padded rows of the result
+    dropped), so a kernel tiled by rows gets whole tiles: 197 tokens have no divisor but 1 up to a tile of 8.
+    """
     shape = [int(d) for d in x.ty.shape]
     rows = math.prod(shape[:-1])
     x2d = bb.emit(relax.op.reshape(x, (rows, shape[-1]))) if len(shape) != 2 else x
-    out = bb.emit(call(x2d, rows))
+    padded = -(-rows // row_multiple) * row_multiple if rows > row_multiple else rows
+    if padded != rows:
+        x2d = bb.emit(relax.op.nn.pad(x2d, [0, padded - rows, 0, 0]))
+    out = bb.emit(call(x2d, padded))
+    if padded != rows:
+        out = bb.emit(relax.op.strided_slice(out, axes=[0], begin=[0], end=[rows]))
     return bb.emit(relax.op.reshape(out, (*shape[:-1], n_out))) if len(shape) != 2 else out
 
 

@@ -1,10 +1,12 @@
 """Graph import: a lowbit GraphModule → a Relax IRModule through TVM's torch frontend.
 
 `GraphImporter` is TVM's FX importer extended with the ATen overloads that graphs traced by torch.export keep, and
-a few conversions the frontend lacks or gets wrong (attention with boolean masks, ``diff``, integer ``cumsum``,
-``to.device``, ``new_ones`` with a dtype, ``masked_fill``, integer indexing). The lowbit linears are converted by
-the caller's ``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the toolchain's
-hook (`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the fix.
+a few conversions the frontend lacks or gets wrong (attention written out as matmuls and softmax, ``diff``, integer
+``cumsum``, ``to.device``, ``new_ones`` with a dtype, ``masked_fill``, integer indexing, ``F.layer_norm`` with keyword
+arguments, ``torch._assert`` on static shapes, patch-embedding convolutions as matmuls). The lowbit linears are
+converted by the caller's ``custom_convert_map`` (`convert`); fp32 linears whose weight is a graph constant go to the
+toolchain's hook (`ConstantLinear`). A layer type the frontend has no converter for is named in the error, with the
+fix.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import tvm
 from torch import fx
@@ -136,6 +139,46 @@ def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
         )
 
 
+#: Attention pads its keys to a multiple of this (a vector of AVX-512 float32 lanes).
+KEY_MULTIPLE = 16
+#: ``F.conv2d``'s arguments in order.
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+#: ``F.conv2d``'s window arguments and their defaults.
+_CONV_DEFAULTS = (("stride", 1), ("padding", 0), ("dilation", 1))
+
+
+def _pair(value: Any) -> Any:
+    return (value, value) if isinstance(value, int) else value if isinstance(value, str) else tuple(value)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A 2-D convolution's stride, padding, dilation and groups."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+
+    def tiles(self, x: Sequence[int | None], weight: Sequence[int | None]) -> bool:
+        """Whether the windows tile an input of shape ``x`` exactly (stride = kernel, no padding or dilation) with
+        a kernel larger than 1x1 (a 1x1 convolution stays one: the CPU runs it channels-last, as a GEMM)."""
+        if len(x) != 4 or len(weight) != 4 or None in x or None in weight:
+            return False
+        kernel = tuple(weight[2:])
+        if kernel == (1, 1):
+            return False
+        unpadded = self.padding == "valid" or (not isinstance(self.padding, str) and not any(self.padding))
+        return (
+            self.stride == kernel
+            and unpadded
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and x[2] % kernel[0] == 0
+            and x[3] % kernel[1] == 0
+        )
+
+
 class GraphImporter(TorchFXImporter, ExportedProgramImporter):
     """TVM's FX importer that also knows the ATen overloads (``add.Tensor``, ``view.default``, ...).
 
@@ -165,6 +208,48 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         args = self.retrieve_args(node)
         dense = self._dense_linear(node.name, args[0], args[1], args[2] if len(args) > 2 else None)
         return dense if dense is not None else super()._linear(node)
+
+    def _conv2d_module(self, node: fx.Node) -> relax.Expr:
+        conv = self.named_modules[node.target]
+        bias = self.params[conv.bias] if conv.bias is not None else None
+        window = _Window(tuple(conv.stride), conv.padding, tuple(conv.dilation), conv.groups)
+        patches = self._patch_conv(node.name, self.env[node.args[0]], self.params[conv.weight], bias, window)
+        return patches if patches is not None else super()._conv2d_module(node)
+
+    def _conv2d_call(self, node: fx.Node) -> relax.Expr:
+        call = {**dict(zip(_CONV_ARGUMENTS, node.args)), **node.kwargs}  # two schemas: torch cannot normalize it
+        bias = self.env[call["bias"]] if call.get("bias") is not None else None
+        window = _Window(*(_pair(call.get(name, default)) for name, default in _CONV_DEFAULTS), call.get("groups", 1))
+        patches = self._patch_conv(node.name, self.env[call["input"]], self.env[call["weight"]], bias, window)
+        return patches if patches is not None else self._conv2d(node)
+
+    def _patch_conv(
+        self, name: str, x: relax.Expr, weight: relax.Expr, bias: relax.Expr | None, window: _Window
+    ) -> relax.Expr | None:
+        """A convolution whose stride is its kernel, without padding (a ViT's patch embedding) as one matmul.
+
+        Its windows tile the image: ``x (N, C, H, W)`` is cut into ``N·Hₒ·Wₒ`` patch rows of ``C·kh·kw``
+        values (reshape and transpose), multiplied by the weight as a linear layer (the constant-weight hook when
+        there is one), and the result is laid out back as ``(N, O, Hₒ, Wₒ)``. None for any other convolution.
+        """
+        shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in t.ty.shape] for t in (x, weight)]
+        if not window.tiles(*shapes):
+            return None
+        (n, c, h, w), (out, _, kh, kw) = shapes
+        bb = self.block_builder
+        rows = (n, h // kh, w // kw)
+        x = bb.emit(relax.op.reshape(x, (n, c, rows[1], kh, rows[2], kw)))
+        x = bb.emit(relax.op.permute_dims(x, [0, 2, 4, 1, 3, 5]))
+        x = bb.emit(relax.op.reshape(x, (math.prod(rows), c * kh * kw)))
+        if isinstance(weight, tvm.ir.expr.Constant):
+            weight = relax.const(weight.value.numpy().reshape(out, c * kh * kw))
+        else:
+            weight = bb.emit(relax.op.reshape(weight, (out, c * kh * kw)))
+        y = self._dense_linear(name, x, weight, bias)
+        if y is None:
+            y = bb.emit(relax.op.linear(x, weight, bias))
+        y = bb.emit(relax.op.reshape(y, (*rows, out)))
+        return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
     def _dense_linear(self, name: str, x: relax.Expr, weight: relax.Expr, bias: relax.Expr | None) -> relax.Expr | None:
         """The hook's expression for ``x · weightᵀ + bias``, or None unless every operand allows it."""
@@ -196,9 +281,35 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "masked_fill": self._masked_fill_where,
             "masked_fill.Scalar": self._masked_fill_where,
             "getitem": self._getitem_int,
-            "layer_norm": self._layer_norm_keywords,
+            "_assert": self._static_assert,
+            "layer_norm": self._layer_norm_call,
+            "scaled_dot_product_attention": self._attention,
+            "conv2d": self._conv2d_call,
             "max_pool2d": self._max_pool2d_keywords,
         }
+
+    def _layer_norm_call(self, node: fx.Node) -> relax.Expr:
+        """``F.layer_norm(x, shape, weight=, bias=, eps=)``: the upstream converter reads positional arguments only,
+        so a call with keywords (how fx records ``nn.LayerNorm.forward``) lost its weight, bias and ``eps``."""
+        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        weight, bias = (self.env[call[name]] if call.get(name) is not None else None for name in ("weight", "bias"))
+        eps = call.get("eps", 1e-5)
+        return self._layer_norm_impl(self.env[call["input"]], weight, bias, eps, call["normalized_shape"])
+
+    def _static_assert(self, node: fx.Node) -> None:
+        """``torch._assert(condition, message)`` on shapes: checked now, since the module is compiled for the
+        input shapes given; a condition on tensor values, which the compiled module could not check, is an error."""
+        condition = self.env[node.args[0]] if isinstance(node.args[0], fx.Node) else node.args[0]
+        if isinstance(condition, tvm.tirx.IntImm):  # a comparison of static shapes, folded by the importer
+            condition = bool(condition.value)
+        if not isinstance(condition, bool | int):
+            raise BackendError(
+                f"node '{node.name}': torch._assert on tensor values cannot be checked by the compiled module; "
+                "remove it from the model or compile with target='torch'"
+            )
+        if not condition:
+            message = node.args[1] if len(node.args) > 1 else node.kwargs.get("message", "")
+            raise BackendError(f"node '{node.name}': torch._assert fails for the example input shapes: {message}")
 
     def _getitem_int(self, node: fx.Node) -> relax.Expr:
         """``x[i]`` on a tensor with an integer ``i``: the upstream converter returns ``x`` itself."""
@@ -227,31 +338,55 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return self.block_builder.emit(relax.op.astype(ones, self._convert_data_type(dtype, self.env)))
 
     def _attention(self, node: fx.Node) -> relax.Expr:
-        """``aten.scaled_dot_product_attention`` on ``(..., L, E)`` tensors with a float or boolean mask.
+        """``F.scaled_dot_product_attention`` (or its ATen overload) on ``(..., L, E)`` tensors with a float or
+        boolean mask.
 
         Written out as ``softmax(q kᵀ · scale + mask) v`` because Relax's fused attention
-        takes float masks of one exact shape only; a boolean mask keeps ``True``
-        positions and sends the others to ``-inf``, as torch does.
+        takes float masks of one exact shape only and legalizes to one unscheduled loop nest
+        (the batched matmuls and the softmax get the CPU schedules instead); a boolean mask
+        keeps ``True`` positions and sends the others to ``-inf``, as torch does. Keys and values of
+        static length are zero-padded to a multiple of `KEY_MULTIPLE` and the padded keys' scores
+        sent to ``-inf`` (their weights are 0; a mask is padded likewise): the softmax rows then fill
+        whole vectors (197 tokens have no power-of-two divisor).
         """
         call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-        if call.get("dropout_p", 0.0) or call.get("is_causal", False):
-            raise BackendError(f"node '{node.name}': attention with dropout or is_causal is not lowered")
+        if call.get("dropout_p", 0.0) or call.get("is_causal", False) or call.get("enable_gqa", False):
+            raise BackendError(f"node '{node.name}': attention with dropout, is_causal or enable_gqa is not lowered")
         bb = self.block_builder
         query, key, value = (self.env[call[name]] for name in ("query", "key", "value"))
         head_dim = int(query.ty.shape[-1])
         scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
         dtype = query.ty.dtype
+        masks = [self._additive_mask(self.env[call["attn_mask"]], dtype)] if call.get("attn_mask") is not None else []
+        keys = int(key.ty.shape[-2]) if isinstance(key.ty.shape[-2], tvm.tirx.IntImm) else 0
+        padded = -(-keys // KEY_MULTIPLE) * KEY_MULTIPLE
+        if keys > KEY_MULTIPLE and padded != keys:
+            pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - keys, 0, 0]
+            key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
+            masks = [self._pad_keys(mask, padded) for mask in masks]
+            if not masks or int(masks[0].ty.shape[-1]) != padded:
+                masks.append(relax.const(np.where(np.arange(padded) < keys, 0.0, -np.inf).astype(str(dtype))))
         key_t = bb.emit(
             relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1, len(key.ty.shape) - 2])
         )
         scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
-        mask = call.get("attn_mask")
-        if mask is not None:
-            mask = self.env[mask]
-            if mask.ty.dtype == "bool":
-                mask = bb.emit(relax.op.where(mask, relax.const(0.0, dtype), relax.const(float("-inf"), dtype)))
+        for mask in masks:
             scores = bb.emit(relax.op.add(scores, mask))
         return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
+
+    def _additive_mask(self, mask: relax.Expr, dtype: str) -> relax.Expr:
+        """A float mask as it is; a boolean one as 0 where ``True`` and ``-inf`` elsewhere."""
+        if mask.ty.dtype != "bool":
+            return mask
+        zero, never = relax.const(0.0, dtype), relax.const(float("-inf"), dtype)
+        return self.block_builder.emit(relax.op.where(mask, zero, never))
+
+    def _pad_keys(self, mask: relax.Expr, padded: int) -> relax.Expr:
+        """An additive mask over the keys extended to ``padded`` keys at ``-inf`` (one broadcast over them stays)."""
+        if int(mask.ty.shape[-1]) == 1:
+            return mask
+        pad_width = [0, 0] * (len(mask.ty.shape) - 1) + [0, padded - int(mask.ty.shape[-1])]
+        return self.block_builder.emit(relax.op.nn.pad(mask, pad_width, pad_value=float("-inf")))
 
     def _diff(self, node: fx.Node) -> relax.Expr:
         """``aten.diff(x, n, dim, prepend, append)``: ``n`` times ``x[1:] - x[:-1]`` along ``dim``.
@@ -283,14 +418,6 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         x = self.env[node.args[0]]
         dtype = self._convert_data_type(node.args[2] if len(node.args) > 2 else node.kwargs["dtype"], self.env)
         return x if dtype == x.ty.dtype else self.block_builder.emit(relax.op.astype(x, dtype))
-
-    def _layer_norm_keywords(self, node: fx.Node) -> relax.Expr:
-        """``F.layer_norm`` with its weight, bias and eps given by keyword, as fx records torchvision's
-        ``LayerNorm2d`` (the upstream converter reads them by position only, else uses no affine and eps 1e-5)."""
-        call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-        gamma, beta = (self.env[call[name]] if call.get(name) is not None else None for name in ("weight", "bias"))
-        eps = call.get("eps", 1e-5)
-        return self._layer_norm_impl(self.env[call["input"]], gamma, beta, eps, call["normalized_shape"])
 
     def _max_pool2d_keywords(self, node: fx.Node) -> relax.Expr:
         """``F.max_pool2d`` with stride, padding, dilation or ceil_mode given by keyword, as fx records

@@ -5,12 +5,14 @@ outermost and the reduction over input channels is strided. Relax's ``ConvertLay
 NHWC data and HWIO weights and carries the layout through the operators that can follow it (batch norm,
 elementwise, pooling, means, concat), so permutations remain only at the graph's boundaries and before operators
 that cannot (flatten, reshape); `ClipAsMinMax` first rewrites ``clip`` (hardswish), which it cannot carry.
-`FoldConstantLayouts` then applies the weights' permutations at compile time, and `packed_conv2d` legalizes the
+`SinkPermutations` cancels the permutations torch code writes itself around NHWC blocks (ConvNeXt),
+`FoldConstantLayouts` applies the weights' permutations at compile time, and `packed_conv2d` legalizes the
 convolutions with their weights in blocks of the schedule's register tile.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,13 +26,16 @@ from lowbit.backends.tvm.fastmath import Legalizer
 from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
 from lowbit.backends.tvm.schedule import conv_tile
 
+log = logging.getLogger(__name__)
+
 #: The layouts ``ConvertLayout`` gives conv2d: data, then weight (output channels innermost: one vector of them).
 CONV2D_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
 @mutator
 class _ConstantLayoutFolder(PyExprMutator):
-    """Replaces ``permute_dims`` and ``reshape`` of a constant by the constant they compute."""
+    """Replaces ``permute_dims`` and ``reshape`` of a constant by the constant they compute, and passes conv2d
+    its constant weight directly (not through a variable), as `packed_conv2d` needs it."""
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
         call = super().visit_call_(call)
@@ -265,20 +270,51 @@ def _static(shape: Any) -> bool:
     return shape is not None and all(isinstance(d, tvm.tirx.IntImm) for d in shape)
 
 
+@tvm.transform.module_pass(opt_level=0, name="ChannelsLast")
+class ChannelsLast:
+    """A module with conv2d layers: `ClipAsMinMax`, ``ConvertLayout``, `SinkPermutations`, `FoldConstantLayouts`.
+
+    A module without one is left as it is (``ConvertLayout`` fails on some graphs it has nothing to do in, such as
+    recurrent layers); where ``ConvertLayout`` fails on a module with convolutions, they stay NCHW (correct, slower)
+    and a warning says so. ``converted`` run right after ``ConvertLayout``, while each weight is still a
+    permutation of its constant.
+    """
+
+    def __init__(self, converted: Sequence[tvm.transform.Pass] = ()) -> None:
+        self.converted = list(converted)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if not _has_conv2d(mod):
+            return mod
+        try:
+            converted = relax.transform.ConvertLayout(CONV2D_LAYOUTS)(ClipAsMinMax()(mod))
+        except Exception as error:  # an upstream pass on arbitrary graphs: any failure keeps NCHW
+            log.warning("convolutions stay NCHW: Relax's ConvertLayout failed (%s)", str(error).splitlines()[0])
+            return mod
+        for rewrite in self.converted:
+            converted = rewrite(converted)
+        return FoldConstantLayouts()(SinkPermutations()(converted))
+
+
+def _has_conv2d(mod: tvm.IRModule) -> bool:
+    conv2d, found = tvm.ir.Op.get("relax.nn.conv2d"), []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op == conv2d else None
+            )
+    return bool(found)
+
+
 def channels_last(converted: Sequence[tvm.transform.Pass] = ()) -> list[tvm.transform.Pass]:
-    """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time;
-    ``converted`` run right after the conversion, while each weight is still a permutation of its constant."""
-    return [
-        ClipAsMinMax(),
-        relax.transform.ConvertLayout(CONV2D_LAYOUTS),
-        *converted,
-        SinkPermutations(),
-        FoldConstantLayouts(),
-    ]
+    """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time
+    (``converted``: `ChannelsLast`)."""
+    return [ChannelsLast(converted)]
 
 
 __all__ = [
     "CONV2D_LAYOUTS",
+    "ChannelsLast",
     "ClipAsMinMax",
     "FoldConstantLayouts",
     "SinkPermutations",

@@ -228,7 +228,9 @@ class QuantizeActivations(Pass):
     def _rewrite(self, gm: fx.GraphModule, path: str, nodes: list[fx.Node], value: float | None) -> LayerRecord:
         """Swap the layer's module for a `PackedLinearA8` (`PackedConvA8`) and its op calls for their int8 form."""
         packed = gm.get_submodule(path)
-        act_scale = None if value is None else torch.tensor(max(value, ops_a8.ACT_EPS) / 127.0, dtype=torch.float32)
+        act_scale = (
+            None if value is None else torch.tensor(max(value, ops_a8.ACT_ABSMAX_FLOOR) / 127.0, dtype=torch.float32)
+        )
         a8 = PackedConvA8 if isinstance(packed, PackedConv) else PackedLinearA8
         module = a8(packed, act_scale).to(packed.qweight.device)
         gm.set_submodule(path, module)

@@ -158,3 +158,33 @@ def test_default_rules_schedule_row_reductions(tensors: list[te.Tensor]) -> None
 
 def test_default_rules_still_schedule_a_single_row() -> None:
     assert default_schedule(te.create_prim_func(rms_norm((1, 576)))).attrs["tirx.is_scheduled"]
+
+
+def batched_matmul(batch: int, rows: int, inner: int, columns: int) -> list[te.Tensor]:
+    """``a (batch, rows, inner) @ b (batch, inner, columns) * 0.5``: attention's matmuls and their scale."""
+    a = te.placeholder((batch, rows, inner), "float32", name="a")
+    b = te.placeholder((batch, inner, columns), "float32", name="b")
+    k = te.reduce_axis((0, inner), name="k")
+    product = te.compute((batch, rows, columns), lambda h, i, j: te.sum(a[h, i, k] * b[h, k, j], axis=k), name="mm")
+    return [a, b, topi.multiply(product, tirx.const(0.5, "float32"))]
+
+
+@pytest.mark.parametrize(
+    ("batch", "rows", "inner", "columns"),
+    [(6, 197, 64, 197), (6, 197, 197, 64), (2, 1, 33, 197), (3, 7, 20, 40), (1, 197, 16, 16)],
+)
+def test_tiled_reduction_is_exact_on_rows_and_columns_without_whole_tiles(
+    batch: int, rows: int, inner: int, columns: int
+) -> None:
+    func = default_schedule(te.create_prim_func(batched_matmul(batch, rows, inner, columns)))
+    assert func.attrs["tirx.is_scheduled"]
+    a = RNG.standard_normal((batch, rows, inner)).astype("float32")
+    b = RNG.standard_normal((batch, inner, columns)).astype("float32")
+    want = (a.astype(np.float64) @ b) * 0.5
+    np.testing.assert_allclose(run(func, [a, b], want.shape), want, rtol=1e-5, atol=1e-4)
+
+
+def test_tiled_reduction_pads_197_rows_to_whole_register_tiles() -> None:
+    script = default_schedule(te.create_prim_func(batched_matmul(6, 197, 64, 197))).script()
+    assert "a_pad" in script and "b_pad" in script  # zero-padded copies: 200 rows (8-row tiles), 224 columns
+    assert "T.unroll(8)" in script.replace("T.int64(8)", "8") and "T.vectorized(" in script

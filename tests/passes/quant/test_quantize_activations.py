@@ -54,8 +54,8 @@ def call(x: torch.Tensor, layout: dict, bias: torch.Tensor | None, act_scale: to
 
 
 def bitnet_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """docs/methods.md (Int8 activations): s = 127 / max(max|x|, 1e-5) per token, clamp(round(x·s), −128, 127) / s."""
-    s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    """docs/methods.md (Int8 activations): s = 127 / max(max|x|, 2⁻¹¹⁹) per token, clamp(round(x·s), −128, 127) / s."""
+    s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=2.0**-119)
     return (x * s).round().clamp(-128, 127) / s
 
 
@@ -101,7 +101,7 @@ def integer_reference(x: torch.Tensor, layout: dict, bias: torch.Tensor, act_sca
     """The op's documented order of operations, in numpy with int64 accumulation."""
     xf = x.numpy().astype(np.float32)
     if act_scale is None:
-        s = np.float32(127) / np.maximum(np.abs(xf).max(axis=-1, keepdims=True), np.float32(1e-5))
+        s = np.float32(127) / np.maximum(np.abs(xf).max(axis=-1, keepdims=True), np.float32(2.0**-119))
         x_int = np.clip(np.round(xf * s), -128, 127).astype(np.int64)
     else:
         step = np.float32(act_scale.item())

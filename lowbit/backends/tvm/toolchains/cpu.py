@@ -140,8 +140,9 @@ class CPUToolchain(Toolchain):
     def constant_linear(
         self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> relax.Expr:
-        """The dense kernel, the weight laid out in panels at compile time; on a 4-D input (a channels-last
-        image) a 1x1 convolution (`layout.pointwise_convolution`), tiled over pixels like the others."""
+        """The dense kernel, the weight laid out in panels at compile time, on rows padded to its register tile;
+        on a 4-D input (a channels-last image) a 1x1 convolution (`layout.pointwise_convolution`), tiled over
+        pixels like the other convolutions."""
         if len(x.ty.shape) == 4:
             return layout.pointwise_convolution(bb, x, weight, bias)
         n_out = weight.shape[0]
@@ -150,7 +151,7 @@ class CPUToolchain(Toolchain):
             func, consts = dense_plan(weight, bias, rows, self.lanes)
             return call_kernel(bb, func, "lowbit_fp32_linear", x2d, consts, n_out)
 
-        return emit_on_rows(bb, x, n_out, call)
+        return emit_on_rows(bb, x, n_out, call, packed_gemm.tile_rows(self.lanes))
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         """Legalize and fuse the Relax module, then give each TIR function a default CPU schedule.

@@ -28,6 +28,7 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.target import Target
 
+from lowbit import progress
 from lowbit.backends.tvm.kernels.spec import LinearKernel
 from lowbit.backends.tvm.tuning.database import (
     SHIPPED_DIR,
@@ -173,26 +174,28 @@ class Tuner:
             trials,
             size,
         )
-        while record.counted < trials and not record.exhausted:
-            if self._deadline is not None and time.monotonic() > self._deadline:
-                log.warning(
-                    "tuning time budget (max_seconds=%s) spent: %s keeps its best of %d trials",
-                    self.options.max_seconds if self.options else None,
-                    record.kernel,
-                    record.counted,
-                )
-                break
-            knobs = propose(kernel.knobs, default, record.trials, key)
-            if knobs is None:
-                record.exhausted = True
-            else:
-                with self._stopping(record, trials):
-                    new = self._trial(kernel, spec, tensors, knobs, default, record, reference)
-                # a new candidate may be a finalist: the finalists are chosen and timed again at the end
-                record.trials = [dataclasses.replace(t, confirmed=False) for t in record.trials] + [new]
-            self.database.commit(record)
-            if knobs is not None:
-                self._log_trial(record, trials)
+        with progress.bar(trials, f"tuning {record.kernel}", initial=min(record.counted, trials)) as shown:
+            while record.counted < trials and not record.exhausted:
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    log.warning(
+                        "tuning time budget (max_seconds=%s) spent: %s keeps its best of %d trials",
+                        self.options.max_seconds if self.options else None,
+                        record.kernel,
+                        record.counted,
+                    )
+                    break
+                knobs = propose(kernel.knobs, default, record.trials, key)
+                if knobs is None:
+                    record.exhausted = True
+                else:
+                    with self._stopping(record, trials):
+                        new = self._trial(kernel, spec, tensors, knobs, default, record, reference)
+                    # a new candidate may be a finalist: the finalists are chosen and timed again at the end
+                    record.trials = [dataclasses.replace(t, confirmed=False) for t in record.trials] + [new]
+                    shown.update(int(new.counted))
+                self.database.commit(record)
+                if knobs is not None:
+                    self._log_trial(record, trials)
         if (record.exhausted or record.counted >= trials) and not record.confirmed:
             with self._stopping(record, trials):
                 self._confirm(kernel, spec, tensors, record, default)

@@ -4,7 +4,7 @@ The reference (`lowbit.ir.ops_a8`) quantizes the input to int8 and multiplies it
 the integer codes group by group; this kernel computes the same values in the same
 order, with integer arithmetic where the reference is exact:
 
-1. ``x_int`` per row: dynamic ``s = 127 / max(max_k |x|, 1e-5)`` (a true division),
+1. ``x_int`` per row: dynamic ``s = 127 / max(max_k |x|, 2⁻¹¹⁹)`` (a true division),
    ``x_int = clamp(nearbyint(x · s), −128, 127)``; static ``x_int = clamp(nearbyint(x /
    Δ), −128, 127)``. ``asum[m, g] = Σ_{k∈g} x_int`` is kept for the zero points.
 2. ``dot[m, g, n] = Σ_{k∈g} x_int · c`` in int32 with the NEON ``sdot`` intrinsic of

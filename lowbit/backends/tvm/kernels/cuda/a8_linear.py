@@ -7,7 +7,7 @@ fast-math can change a result, and integer dot products are exact in any order.
 
 One PrimFunc, several kernel launches:
 
-1. (dynamic activations) ``s[m] = 127 / max(max_k |x[m, k]|, 1e-5)`` — a block per row,
+1. (dynamic activations) ``s[m] = 127 / max(max_k |x[m, k]|, 2⁻¹¹⁹)`` — a block per row,
    shuffle reduction;
 2. ``xq[m, w, l]`` — the int8 codes ``clamp(rint(x · s), −128, 127)`` (static: ``rint(x /
    Δ)``) packed four to an int32 word in the order the weight words unpack: weight word

@@ -15,7 +15,7 @@ from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.generic.common import finish, power_of_two_divisor
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
-from lowbit.ir.ops_a8 import ACT_EPS, ACT_QMAX, ACT_QMIN
+from lowbit.ir.ops_a8 import ACT_ABSMAX_FLOOR, ACT_QMAX, ACT_QMIN
 
 
 def layout_reason(
@@ -70,7 +70,7 @@ def activation_codes(
         absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
         mult = te.compute(
             (m_rows,),
-            lambda m: tirx.const(127.0, "float32") / tirx.max(absmax[m], tirx.const(ACT_EPS, "float32")),
+            lambda m: tirx.const(127.0, "float32") / tirx.max(absmax[m], tirx.const(ACT_ABSMAX_FLOOR, "float32")),
             name="mult",
         )
 
@@ -143,7 +143,9 @@ def rounded_codes(
         absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
         scale = te.compute(
             (m_rows,),
-            lambda m: arith.fdiv(tirx.const(127.0, "float32"), tirx.max(absmax[m], tirx.const(ACT_EPS, "float32"))),
+            lambda m: arith.fdiv(
+                tirx.const(127.0, "float32"), tirx.max(absmax[m], tirx.const(ACT_ABSMAX_FLOOR, "float32"))
+            ),
             name="act_scale",
         )
 

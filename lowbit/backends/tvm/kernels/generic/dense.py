@@ -6,6 +6,7 @@ packed kernel covers (3-bit codes, uneven groups), dequantized once at compile t
 and runs on the panel micro-kernel of `packed_gemm.schedule_panels` (a task streams one
 contiguous panel; its rows share each loaded weight vector); otherwise it is stored
 transposed ``(K, N)`` and scheduled by `lowbit.backends.tvm.schedule.schedule_tiled_reduction`.
+The CPU toolchain pads the rows to a multiple of the register tile (`packed_gemm.tile_rows`).
 """
 
 from __future__ import annotations
@@ -52,12 +53,19 @@ def dense_plan(
     sch = s_tir.Schedule(te.create_prim_func([*args, y]))
     block = sch.get_sblock("matmul")
     if panelled:
-        row_block = divisor_at_most(batch, ROW_BLOCK)
-        rows = divisor_at_most(row_block, tile_rows(lanes))
+        rows = divisor_at_most(batch, tile_rows(lanes))
+        row_block = _row_block(batch, rows)
         schedule_panels(sch, block, lanes, width, rows, row_block, divisor_at_most(k_in, K_BLOCK))
     else:
         schedule_tiled_reduction(sch, block, lanes)
     return finish(sch.mod["main"], name), consts
+
+
+def _row_block(batch: int, rows: int) -> int:
+    """The rows of a task: the multiple of ``rows`` dividing ``batch`` nearest `ROW_BLOCK` (the larger on a tie);
+    200 rows in tiles of 8 take blocks of 40, not 8 (a task per tile would stream its panel once per 8 rows)."""
+    blocks = [rows * d for d in range(1, batch // rows + 1) if batch % (rows * d) == 0]
+    return min(blocks, key=lambda block: (abs(block - ROW_BLOCK), -block))
 
 
 __all__ = ["dense_plan"]

@@ -34,7 +34,7 @@ from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLin
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.target import has_features
 from lowbit.ir import packing
-from lowbit.ir.ops_a8 import ACT_EPS, ACT_QMAX, ACT_QMIN
+from lowbit.ir.ops_a8 import ACT_ABSMAX_FLOOR, ACT_QMAX, ACT_QMIN
 
 KERNEL_NAME = "a8_amx_x86"
 #: Rows and columns of a tile of int32 accumulators; bytes of one tile row; rows and output rows per task block.
@@ -128,7 +128,7 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
                         part[lane] = T.max(part[lane], T.fabs(x[m, ko * lanes + lane]))
                 for lane in range(1, lanes):
                     part[0] = T.max(part[0], part[lane])
-                mult[m] = T.float32(127.0) / T.max(part[0], T.float32(ACT_EPS))
+                mult[m] = T.float32(127.0) / T.max(part[0], T.float32(ACT_ABSMAX_FLOOR))
             for ko in range(k_in // lanes):
                 for lane in T.vectorized(lanes):
                     if dynamic:

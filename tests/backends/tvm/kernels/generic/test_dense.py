@@ -13,7 +13,8 @@ from lowbit.backends.tvm.target import float32_lanes, resolve_target
 
 
 @pytest.mark.parametrize(
-    ("rows", "n_out", "bias"), [(1, 64, True), (5, 64, False), (40, 96, True), (3, 10, True), (8, 40, False)]
+    ("rows", "n_out", "bias"),
+    [(1, 64, True), (5, 64, False), (40, 96, True), (3, 10, True), (8, 40, False), (200, 64, True)],
 )
 def test_dense_matches_linear(rows: int, n_out: int, bias: bool) -> None:
     """Within 1e-5 relative on random values, whichever layout N allows (10 is no multiple of a vector; 40 is

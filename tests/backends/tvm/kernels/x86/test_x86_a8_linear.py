@@ -72,6 +72,20 @@ def _reference(x: torch.Tensor, weight: dict, bits: int, group: int) -> torch.Te
     )
 
 
+def test_rows_of_tiny_values_keep_their_scale_bit_exactly() -> None:
+    """A row scaled by 2⁻²⁴ (absmax about 1e-7) gets the same codes as the row itself and 2⁻²⁴ times its output;
+    one scaled below the floor (``ACT_ABSMAX_FLOOR``) equals the reference op's; an all-zero row gives zero."""
+    target = resolve_target("x86")
+    weight = {**_weight(4, 32, "sym", exact=True, seed=3), "bias": torch.zeros(N)}
+    row = torch.randn(K, generator=torch.Generator().manual_seed(0))
+    x = torch.stack([row, row * 2.0**-24, row * 2.0**-124, torch.zeros(K)])
+    kernel = a8_linear.KERNEL.plan(_spec(4, 4, 32, weight, True), weight, target)
+    got, ref = _run(_build(kernel, target), kernel, x), _reference(x, weight, 4, 32)
+    assert torch.equal(got, ref)
+    assert torch.equal(got[1], got[0] * 2.0**-24) and got[0].abs().max() > 0.1
+    assert torch.equal(got[3], torch.zeros(N))
+
+
 def _avx2_target() -> Target:
     """This machine's x86 target without VNNI, so the AVX2 intrinsics are chosen (they run on any AVX2 CPU)."""
     return Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
