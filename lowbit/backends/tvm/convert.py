@@ -9,8 +9,8 @@ groups (`contiguous_groups`). A layer no kernel takes (3-bit codes, uneven group
 runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `Lowering.fallbacks` with the reason
 the last kernel gave and the nearest setting a kernel takes; `lower` announces each one (a warning) before anything
 is built, or with ``strict`` refuses them (`UnsupportedLayerError`). Shapes are static: the module is specialized to
-the example inputs. Packed convolutions are lowered by `convert_conv` (an fp32 convolution on the dequantized weight,
-recorded as a fallback).
+the example inputs. Packed convolutions are lowered by `convert_conv` (int8 ones to the int8 kernels of the toolchain
+where one takes them, others to an fp32 convolution on the dequantized weight, recorded as a fallback).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def lower(
     layers = sum(node.op == "call_function" and node.target in _PACKED_LINEARS for node in gm.graph.nodes)
     with progress.bar(layers, "low-bit layers") as shown:
         converter = PackedLinearConverter(gm, toolchain, tuner, shown.update)
-        conv = PackedConvConverter(gm, converter.linears)
+        conv = PackedConvConverter(gm, converter)
         convert = {
             LINEAR_PACKED_NAME: converter,
             LINEAR_PACKED_A8_NAME: converter,

@@ -1,9 +1,16 @@
 """Lowering of packed convolutions (``lowbit.conv_packed`` / ``conv_packed_a8``) to Relax.
 
-No low-bit convolution kernel exists yet, so each call becomes Relax's ``conv1d``/``conv2d`` on the weight
-dequantized at compile time (a Relax constant), after the static int8 fake-quantization of the input
-``clip(round(x / Δ), −128, 127) · Δ`` for ``conv_packed_a8``; the fp32 convolution schedules of the toolchain run it.
-Every such layer is recorded as a fallback (`convert.LoweredLinear` with the reason), like a linear no kernel takes.
+Each call first becomes Relax's ``conv1d``/``conv2d`` on the weight dequantized at compile time (a Relax constant),
+after the static int8 fake-quantization of the input ``clip(round(x / Δ), −128, 127) · Δ`` for ``conv_packed_a8``,
+and the bias as an ``add``: operators that the channels-last conversion (`layout`) carries to NHWC.
+
+A 2-D ``conv_packed_a8`` of one group that an int8 kernel of the toolchain takes (`kernels.generic.conv`: the
+linear int8 GEMM over the patches of the NHWC input) also gets its planned kernel in the module, tagged with the
+weight constant. `Int8ConvCalls`, run right after the layout conversion, replaces the NHWC ``conv2d`` on that
+weight by a ``call_tir`` of the kernel on the unquantized input (the kernel quantizes it), so the layers around it
+stay NHWC; the bias ``add`` that follows is the reference's last step. Everything else (weight-only packed
+convolutions, grouped and depthwise int8 ones, 1-D ones) runs as the fp32 convolution and is recorded as a fallback
+with its reason.
 """
 
 from __future__ import annotations
@@ -12,11 +19,23 @@ import math
 from typing import Any
 
 import torch
+import tvm
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from lowbit.backends.tvm.convert import FALLBACK, LoweredLinear, layer_spec, packed_constant
+from lowbit.backends.tvm.convert import (
+    FALLBACK,
+    LoweredLinear,
+    PackedLinearConverter,
+    layer_spec,
+    packed_constant,
+    tuned_plan,
+)
+from lowbit.backends.tvm.kernels.generic.activations import word_columns
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, patch_weight
+from lowbit.backends.tvm.kernels.spec import KernelPlan
 from lowbit.errors import BackendError
 from lowbit.ir import ops_a8, ops_conv
 from lowbit.ir.annotations import packed_layer
@@ -24,13 +43,17 @@ from lowbit.ir.annotations import packed_layer
 #: How the frontend names the packed convolution ops (``OpOverload.__name__``).
 CONV_PACKED_NAME = ops_conv.conv_packed.__name__
 CONV_PACKED_A8_NAME = ops_conv.conv_packed_a8.__name__
+#: Attributes of a planned int8 convolution kernel: the weight constant of the conv2d it replaces, its constants.
+WEIGHT_ATTR, CONSTS_ATTR = "lowbit.conv_weight", "lowbit.conv_consts"
+#: Columns of an int8 kernel's weight word (the patch width is rounded up to whole words).
+_WORD_COLUMNS = 4
 
 
 class PackedConvConverter:
-    """``custom_convert_map`` entry: a packed convolution → fp32 Relax convolution on its dequantized weight
-    (module doc); each layer is appended to ``linears`` as a fallback with its reason."""
+    """``custom_convert_map`` entry: a packed convolution → Relax convolution on its dequantized weight, with the
+    int8 kernel that replaces it where one takes it (module doc); each layer is appended to ``linears``."""
 
-    def __init__(self, gm: fx.GraphModule, linears: list[LoweredLinear]) -> None:
+    def __init__(self, gm: fx.GraphModule, linears: PackedLinearConverter) -> None:
         self.gm = gm
         self.linears = linears
 
@@ -56,20 +79,83 @@ class PackedConvConverter:
         bb = importer.block_builder
         if a8:
             x = _fake_quantize(bb, x, tensors["act_scale"])
-        out = bb.emit(_conv(x, weight, *geometry[1:]))
+        const = relax.const(weight.contiguous().cpu().numpy())
+        out = bb.emit(_conv(x, const, *geometry[1:]))
+        out_shape = [int(d) for d in out.ty.shape]
+        layer = packed_layer(node, call["qweight"]) or None
+        rows = out_shape[0] * math.prod(out_shape[2:])
+        planned, reason = (None, _FLOAT_REASON)
+        if a8:
+            planned, reason = self._int8_kernel(call, tensors, [int(d) for d in x.ty.shape], out_shape)
+        if planned is not None:
+            spec, plan = planned
+            func = plan.func.with_attr(WEIGHT_ATTR, const).with_attr(
+                CONSTS_ATTR, [relax.const(t.detach().cpu().contiguous().numpy()) for t in plan.consts]
+            )
+            bb.add_func(func, f"lowbit_conv_{plan.name}")
+            self.linears.linears.append(LoweredLinear(node.name, spec, plan.name, layer=layer))
+        else:
+            self.linears.linears.append(
+                LoweredLinear(node.name, layer_spec(call, rows, tensors, a8), FALLBACK, reason, None, layer)
+            )
         if tensors["bias"] is not None:
             shape = (1, weight.shape[0]) + (1,) * len(geometry[0])
             out = bb.emit(relax.op.add(out, relax.const(tensors["bias"].reshape(shape).cpu().numpy())))
-        self._record(node, call, tensors, [int(d) for d in out.ty.shape], a8)
         return out
 
-    def _record(self, node: fx.Node, call: dict, tensors: dict, out_shape: list[int], a8: bool) -> None:
-        rows = out_shape[0] * math.prod(out_shape[2:])
-        spec = layer_spec(call, rows, tensors, a8)
-        kind = "int8-activation" if a8 else "low-bit"
-        reason = f"no {kind} convolution kernel yet: an fp32 convolution on the dequantized weight runs it"
-        layer = packed_layer(node, call["qweight"]) or None
-        self.linears.append(LoweredLinear(node.name, spec, FALLBACK, reason, None, layer))
+    def _int8_kernel(
+        self, call: dict, tensors: dict, image: list[int], out_shape: list[int]
+    ) -> tuple[tuple[ConvSpec, KernelPlan] | None, str]:
+        """The spec and plan of the first int8 kernel of the toolchain that takes the layer, or None and why not."""
+        if len(call["kernel_size"]) != 2:
+            return None, "a 1-D int8 convolution has no kernel: an fp32 convolution on its dequantized weight runs it"
+        groups = call["groups"]
+        depthwise = groups == image[1] == out_shape[1]
+        if groups != 1 and not depthwise:
+            return None, (
+                f"a grouped int8 convolution ({groups} groups) has no int8 kernel: the fp32 NHWC convolution on the "
+                "dequantized weight runs it"
+            )
+        whole_rows = tensors["scales"].shape[1] == 1 and tensors["g_idx"] is None
+        width = 1 if depthwise else word_columns(call["bits"], _WORD_COLUMNS)
+        columns = -(-call["in_features"] // width) * width if whole_rows else call["in_features"]
+        base = layer_spec(call, out_shape[0] * out_shape[2] * out_shape[3], tensors, True)
+        group_size = columns if whole_rows else base.group_size
+        spec = ConvSpec(
+            **{**vars(base), "in_features": columns, "group_size": group_size, "has_bias": False},
+            image=(image[0], image[2], image[3], image[1]),
+            out_size=tuple(out_shape[2:]),
+            kernel_size=tuple(call["kernel_size"]),
+            stride=tuple(call["stride"]),
+            padding=tuple(call["padding"]),
+            dilation=tuple(call["dilation"]),
+            channels_last=whole_rows,
+            conv_groups=groups,
+        )
+        patched = {
+            **tensors,
+            "qweight": tensors["qweight"]
+            if depthwise
+            else patch_weight(
+                tensors["qweight"], tensors["zeros"], call["bits"], image[1], spec.kernel_size, columns, whole_rows
+            ),
+            "bias": None,
+        }
+        toolchain = self.linears.toolchain
+        reason = f"{toolchain.name} has no int8 convolution kernel"
+        for kernel in toolchain.kernels(spec):
+            if not kernel.convolutions:
+                continue
+            reason = kernel.supports(spec, patched, toolchain.target)
+            if reason is None:
+                return (spec, tuned_plan(kernel, spec, patched, toolchain.target, self.linears.tuner)), ""
+        return None, f"no int8 convolution kernel takes it: {reason}"
+
+
+_FLOAT_REASON = (
+    "weight-only packed convolution: the fp32 convolution on the dequantized weight runs it (float activations; "
+    "the weight is stored dequantized)"
+)
 
 
 def _fake_quantize(bb: relax.BlockBuilder, x: relax.Expr, act_scale: torch.Tensor) -> relax.Expr:
@@ -81,12 +167,105 @@ def _fake_quantize(bb: relax.BlockBuilder, x: relax.Expr, act_scale: torch.Tenso
 
 
 def _conv(
-    x: relax.Expr, weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
+    x: relax.Expr, const: relax.Constant, stride: list[int], padding: list[int], dilation: list[int], groups: int
 ) -> relax.Expr:
-    const = relax.const(weight.contiguous().cpu().numpy())
     if len(stride) == 1:
         return relax.op.nn.conv1d(x, const, strides=stride, padding=padding, dilation=dilation, groups=groups)
     return relax.op.nn.conv2d(x, const, strides=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-__all__ = ["CONV_PACKED_A8_NAME", "CONV_PACKED_NAME", "PackedConvConverter"]
+#: Operators between a fake-quantized convolution's input and its ``conv2d`` after the layout conversion.
+_QUANTIZE_CHAIN = frozenset(
+    f"relax.{name}" for name in ("multiply", "clip", "minimum", "maximum", "round", "divide", "permute_dims")
+)
+
+
+@mutator
+class _Int8ConvCalls(PyExprMutator):
+    """Replaces each NHWC ``conv2d`` whose weight a planned int8 kernel is tagged with by the kernel's call."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.kernels = [
+            (gvar, func)
+            for gvar, func in mod.functions_items()
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs and WEIGHT_ATTR in func.attrs
+        ]
+        self.replaced = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d" or call.attrs.data_layout != "NHWC":
+            return call
+        weight = self._source(call.args[1])
+        found = next((item for item in self.kernels if item[1].attrs[WEIGHT_ATTR].same_as(weight)), None)
+        x = self._unquantized(call.args[0])
+        if found is None or x is None:
+            return call
+        batch, height, width, channels = (int(d) for d in x.ty.shape)
+        x = self.builder_.emit(relax.op.reshape(x, (batch, height, width * channels)))
+        gvar, func = found
+        out = [int(d) for d in call.ty.shape]
+        kernel = self.builder_.emit(
+            relax.call_tir(
+                gvar,
+                [x, *func.attrs[CONSTS_ATTR]],
+                out_ty=relax.TensorType((math.prod(out[:3]), out[3]), "float32"),
+            )
+        )
+        self.replaced += 1
+        return relax.op.reshape(kernel, out)
+
+    def _source(self, expr: relax.Expr) -> relax.Expr:
+        """The constant a weight was permuted from (the layout conversion's ``permute_dims``)."""
+        expr = self._bound(expr)
+        if isinstance(expr, relax.Call) and expr.op.name == "relax.permute_dims":
+            return self._bound(expr.args[0])
+        return expr
+
+    def _unquantized(self, expr: relax.Expr) -> relax.Expr | None:
+        """The NHWC input of a fake-quantized ``conv2d`` input: the chain followed back to the ``divide``, its
+        permutations applied to the divided value."""
+        axes: list[int] | None = None
+        while True:
+            value = self._bound(expr)
+            if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+                return None
+            name = value.op.name
+            if name not in _QUANTIZE_CHAIN:
+                return None
+            if name == "relax.permute_dims":
+                step = [int(a) for a in value.attrs.axes]
+                axes = step if axes is None else [step[a] for a in axes]
+            if name == "relax.divide":
+                x = value.args[0]
+                return x if axes is None else self.builder_.emit(relax.op.permute_dims(x, axes))
+            expr = value.args[0]
+
+    def _bound(self, expr: relax.Expr) -> relax.Expr:
+        while isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if bound is None:
+                return expr
+            expr = bound
+        return expr
+
+
+@tvm.transform.module_pass(opt_level=0, name="Int8ConvCalls")
+class Int8ConvCalls:
+    """The int8 convolution kernels planned at lowering, called in place of their NHWC ``conv2d`` (module doc);
+    run after the layout conversion. The kernels' tags are removed; kernels left unused are dropped."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Int8ConvCalls(mod)
+        if not rewriter.kernels:
+            return mod
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        for gvar, func in rewriter.kernels:
+            rewriter.builder_.update_func(gvar, func.without_attr(WEIGHT_ATTR).without_attr(CONSTS_ATTR))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+__all__ = ["CONV_PACKED_A8_NAME", "CONV_PACKED_NAME", "Int8ConvCalls", "PackedConvConverter"]

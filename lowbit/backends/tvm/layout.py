@@ -13,6 +13,7 @@ convolutions with their weights in blocks of the schedule's register tile.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -275,8 +276,12 @@ class ChannelsLast:
 
     A module without one is left as it is (``ConvertLayout`` fails on some graphs it has nothing to do in, such as
     recurrent layers); where ``ConvertLayout`` fails on a module with convolutions, they stay NCHW (correct, slower)
-    and a warning says so.
+    and a warning says so. ``converted`` run right after ``ConvertLayout``, while each weight is still a
+    permutation of its constant.
     """
+
+    def __init__(self, converted: Sequence[tvm.transform.Pass] = ()) -> None:
+        self.converted = list(converted)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not _has_conv2d(mod):
@@ -286,6 +291,8 @@ class ChannelsLast:
         except Exception as error:  # an upstream pass on arbitrary graphs: any failure keeps NCHW
             log.warning("convolutions stay NCHW: Relax's ConvertLayout failed (%s)", str(error).splitlines()[0])
             return mod
+        for rewrite in self.converted:
+            converted = rewrite(converted)
         return FoldConstantLayouts()(SinkPermutations()(converted))
 
 
@@ -299,9 +306,10 @@ def _has_conv2d(mod: tvm.IRModule) -> bool:
     return bool(found)
 
 
-def channels_last() -> list[tvm.transform.Pass]:
-    """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time."""
-    return [ChannelsLast()]
+def channels_last(converted: Sequence[tvm.transform.Pass] = ()) -> list[tvm.transform.Pass]:
+    """The passes that turn a module's conv2d layers channels-last, the weights permuted at compile time
+    (``converted``: `ChannelsLast`)."""
+    return [ChannelsLast(converted)]
 
 
 __all__ = [

@@ -80,6 +80,8 @@ class LinearKernel(ABC):
     name: ClassVar[str]
     #: The tuning space: candidate values of each schedule parameter (it contains the hand schedule).
     knobs: ClassVar[dict[str, tuple[int, ...]]]
+    #: Whether the kernel also takes a `kernels.generic.conv.ConvSpec` (an int8 convolution's patch GEMM).
+    convolutions: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:

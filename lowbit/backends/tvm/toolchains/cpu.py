@@ -32,12 +32,14 @@ from lowbit.backends.tvm.convert import (
     dequantized_weight,
     emit_on_rows,
 )
+from lowbit.backends.tvm.convert_conv import Int8ConvCalls
 from lowbit.backends.tvm.kernels.arm import a8_linear as arm_a8_linear
 from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
 from lowbit.backends.tvm.kernels.generic.dense import dense_plan
 from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.kernels.x86 import a8_amx as x86_a8_amx
+from lowbit.backends.tvm.kernels.x86 import a8_depthwise as x86_a8_depthwise
 from lowbit.backends.tvm.kernels.x86 import a8_gemm as x86_a8_gemm
 from lowbit.backends.tvm.kernels.x86 import a8_linear as x86_a8_linear
 from lowbit.backends.tvm.runner import (
@@ -86,6 +88,8 @@ A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
 #: int8-activation GEMMs tried before those from `a8_gemm.MIN_ROWS` rows on (x86: AMX for 8-bit codes in whole
 #: blocks of 32 rows, then AVX-512 VNNI).
 A8_GEMM_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_amx.KERNEL, x86_a8_gemm.KERNEL)}
+#: int8 depthwise convolution kernels, tried first for a depthwise `ConvSpec`.
+A8_DEPTHWISE_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_depthwise.KERNEL,)}
 
 
 def library_compiler(arch: str, what: str) -> Any:
@@ -116,7 +120,8 @@ class CPUToolchain(Toolchain):
         float: the panel GEMM from `packed_gemm.MIN_ROWS` rows on, then the packed GEMV."""
         if spec.act_bits is not None:
             gemms = A8_GEMM_KERNELS.get(self.arch, ()) if spec.batch >= x86_a8_gemm.MIN_ROWS else ()
-            return (*gemms, *A8_KERNELS.get(self.arch, ()))
+            grouped = A8_DEPTHWISE_KERNELS.get(self.arch, ()) if getattr(spec, "conv_groups", 1) != 1 else ()
+            return (*grouped, *gemms, *A8_KERNELS.get(self.arch, ()))
         if spec.batch >= packed_gemm.MIN_ROWS:
             return packed_gemm.KERNEL, packed_linear.KERNEL
         return (packed_linear.KERNEL,)
@@ -157,7 +162,7 @@ class CPUToolchain(Toolchain):
         target = self.target
         packed_conv2d = layout.packed_conv2d(self.lanes, schedule.vector_registers(target))
         passes = (
-            layout.channels_last()
+            layout.channels_last([Int8ConvCalls()])
             + [relax.transform.DecomposeOpsForInference()]
             + cpu_pipeline.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps({**fastmath.legalize_map(), "relax.nn.conv2d": packed_conv2d})]
@@ -248,6 +253,7 @@ def features(target: Target) -> list[str]:
 
 
 __all__ = [
+    "A8_DEPTHWISE_KERNELS",
     "A8_GEMM_KERNELS",
     "A8_KERNELS",
     "ARM_CXX",

@@ -55,6 +55,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     loops_below,
     power_of_two_divisor,
 )
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, quantized_input, schedule_patches
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -105,6 +106,7 @@ class ArmA8Linear(LinearKernel):
 
     name = KERNEL_NAME
     knobs = KNOBS
+    convolutions = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return (
@@ -200,15 +202,13 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
     quads = group // COLUMNS  # column quads per group
-    x = te.placeholder((m_rows, k_in), "float32", name="x")
     words = te.placeholder((n_out // ROWS, k_in // (COLUMNS * pb), WORD_BYTES), "uint8", name="words")
     scales = te.placeholder((groups, n_out), "float32", name="scales")
     zeros = te.placeholder((groups, n_out), "int32", name="zeros")
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    quantize, mult = activation_codes(x, step)
-    xq = te.compute((m_rows, k_in), quantize, name="xq")
+    x, xq, mult = quantized_input(spec, step, tirx.nearbyint)
     kg = te.reduce_axis((0, group), name="kg")
     asum = te.compute(
         (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
@@ -381,6 +381,9 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
     acc_init = sch.decompose_reduction(acc, a_g)
     sch.vectorize(sch.get_loops(acc_init)[-1])
 
+    if isinstance(spec, ConvSpec):
+        schedule_patches(sch, spec)
+        return
     xq = sch.get_sblock("xq")
     k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
     sch.vectorize(k_inner)
@@ -439,6 +442,8 @@ def _target_reason(target: Target) -> str | None:
 
 
 def _i8mm_reason(spec: PackedLinearSpec, target: Target) -> str | None:
+    if isinstance(spec, ConvSpec):
+        return "knob i8mm=1 reads rows of x in pairs, not a convolution's patches (sdot takes them)"
     if not has_features(target, "i8mm"):
         return "knob i8mm=1 needs the int8 matrix-multiply extension (add '+i8mm' to the target's mattr)"
     if spec.batch % 2:

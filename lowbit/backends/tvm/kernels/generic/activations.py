@@ -24,6 +24,8 @@ def layout_reason(
     """Why ``kernel`` (its name in messages) cannot compute ``spec`` (shape and format alone), or None."""
     if spec.act_bits != 8:
         return f"the {kernel} needs 8-bit activations, got act_bits={spec.act_bits}"
+    if getattr(spec, "conv_groups", 1) != 1:
+        return f"the {kernel} computes ungrouped convolutions only ({spec.conv_groups} groups)"
     if spec.bits not in kernel_bits:
         return f"{spec.bits}-bit codes are not handled by the {kernel} (it takes {kernel_bits} bits)"
     if spec.has_g_idx:

@@ -33,6 +33,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     layer_consts,
     power_of_two_divisor,
 )
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_patches
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
@@ -60,6 +61,7 @@ class X86A8Gemm(LinearKernel):
 
     name = KERNEL_NAME
     knobs = KNOBS
+    convolutions = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         if spec.batch < MIN_ROWS:
@@ -70,9 +72,12 @@ class X86A8Gemm(LinearKernel):
         return layout or a8_linear.KERNEL.supports(spec, tensors, target)
 
     def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
-        """The hand schedule: 4 rows × 4 weight tiles (16 accumulators) in tasks of 64 output rows."""
+        """The hand schedule: 4 rows × 4 weight tiles (16 accumulators) in tasks of 64 output rows (a convolution
+        whose output pixels are not a multiple of 4: up to 8 rows)."""
         tile = max((v for v in KNOBS["out_tile"] if v <= 64 and spec.out_features % v == 0), default=ROWS)
-        return {"row_tile": 4, "out_tile": tile, "row_vectors": 4}
+        # A convolution's rows (output pixels) need not be a multiple of 4: 7 × 7 runs in tiles of 7 rows.
+        rows = 8 if isinstance(spec, ConvSpec) and spec.batch % 4 else 4
+        return {"row_tile": rows, "out_tile": tile, "row_vectors": 4}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
         """The constants of `a8_linear` (its ``build``), laid out for 16-row tiles."""
@@ -115,22 +120,27 @@ def a8_gemm_func(
 
 def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_tile: int, vectors: int) -> None:
     """Parallel output tasks; register tiles of ``row_tile`` rows × ``vectors`` weight tiles; the prologue."""
-    loops = a8_linear.schedule_tiles(sch, intrin_x86.VNNI_512, ROWS, row_tile, out_tile, vectors)
+    loops = a8_linear.schedule_tiles(
+        sch, intrin_x86.VNNI_512, ROWS, row_tile, out_tile, vectors, a8_linear.row_tasks(spec, row_tile, out_tile)
+    )
     a8_linear.finish_accumulators(sch, loops)
     _schedule_prologue(sch, spec)
 
 
 def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec) -> None:
-    """Activation codes, row maxima and code sums: rows in parallel, columns in vector lanes.
+    """Activation codes (a convolution's patches: `conv.schedule_patches`), row maxima and code sums: rows in
+    parallel, columns in vector lanes.
 
     The maxima and sums reduce into one vector of partial results per row (``rfactor``, row-major, so the lanes
     of a row are contiguous), then across it: exact, an int32 sum and a maximum do not depend on the order.
     """
     width = power_of_two_divisor(spec.in_features, 16)
-    xq = sch.get_sblock("xq")
-    xq_m, xq_k = sch.get_loops(xq)
-    sch.parallel(xq_m)
-    sch.vectorize(sch.split(xq_k, factors=[None, width])[-1])
+    if isinstance(spec, ConvSpec):
+        schedule_patches(sch, spec)
+    else:
+        xq_m, xq_k = sch.get_loops(sch.get_sblock("xq"))
+        sch.parallel(xq_m)
+        sch.vectorize(sch.split(xq_k, factors=[None, width])[-1])
     reductions = [("asum", power_of_two_divisor(spec.group_size, 16))]
     if spec.act_dynamic:
         reductions.append(("absmax", width))

@@ -61,7 +61,6 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic import activations
 from lowbit.backends.tvm.kernels.generic.activations import (
-    activation_codes,
     layout_reason,
     zeros_reason,
 )
@@ -76,6 +75,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     prepend_to_loop,
     stream_locality,
 )
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, quantized_input, schedule_patches
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -102,6 +102,8 @@ KNOBS: dict[str, tuple[int, ...]] = {
     "out_tile": (8, 16, 32, 64, 128),
     "row_vectors": (1, 2, 4),
 }
+#: Parallel tasks a convolution's kernel makes at least, splitting its rows where its outputs make fewer.
+MIN_TASKS = 8
 #: How far ahead of the word being unpacked a GEMV prefetches its weight stream (bytes).
 PREFETCH_BYTES = 4096
 #: Bytes of one cache line: a word row gets one prefetch per line.
@@ -153,6 +155,7 @@ class X86A8Linear(LinearKernel):
 
     name = KERNEL_NAME
     knobs = KNOBS
+    convolutions = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
@@ -286,13 +289,6 @@ def a8_linear_func(
     return finish(sch.mod["main"], name)
 
 
-def _quantized_input(x: te.Tensor, step: te.Tensor | None, vector_round: bool) -> tuple[te.Tensor, te.Tensor | None]:
-    """Stage 1: the int8 codes ``xq`` of ``x`` and, when dynamic, the per-row multiplier ``s`` (``vector_round``:
-    rounded with ``tirx.round``, see `activation_codes`)."""
-    code, mult = activation_codes(x, step, tirx.round if vector_round else tirx.nearbyint)
-    return te.compute(tuple(int(d) for d in x.shape), code, name="xq"), mult
-
-
 def a8_linear_compute(
     spec: PackedLinearSpec, vectors: int, split: bool = False, rows: int = ROWS, vector_round: bool = False
 ) -> tirx.PrimFunc:
@@ -301,13 +297,13 @@ def a8_linear_compute(
     ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
     word, the codes masked in place; otherwise one, the codes shifted down and the quads
     summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
-    activation codes rounded in vector lanes (`activation_codes`).
+    activation codes rounded in vector lanes (`activation_codes`). A `ConvSpec` reads its input as the patches of
+    an NHWC image (`conv.quantized_input`).
     """
     m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
     quads = group // COLUMNS  # column quads per group
     word_bytes = rows * COLUMNS
-    x = te.placeholder((m_rows, k_in), "float32", name="x")
     words = te.placeholder(
         (n_out // (rows * vectors), k_in // (COLUMNS * pb), vectors * word_bytes), "uint8", name="words"
     )
@@ -317,7 +313,7 @@ def a8_linear_compute(
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    xq, mult = _quantized_input(x, step, vector_round)
+    x, xq, mult = quantized_input(spec, step, tirx.round if vector_round else tirx.nearbyint)
     kg = te.reduce_axis((0, group), name="kg")
     asum = te.compute(
         (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
@@ -380,19 +376,31 @@ def _schedule(
     locality: int,
 ) -> None:
     """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
-    loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors)
+    loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors, row_tasks(spec, row_tile, out_tile))
     if row_tile == spec.batch:
         n_task, n_tile, a_g, d_w = loops.task, loops.tile, loops.group, loops.word
         _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors), locality)
     finish_accumulators(sch, loops)
 
-    xq = sch.get_sblock("xq")
-    k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
-    sch.vectorize(k_inner)
+    if isinstance(spec, ConvSpec):
+        schedule_patches(sch, spec)
+    else:
+        xq = sch.get_sblock("xq")
+        k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
+        sch.vectorize(k_inner)
     if spec.act_dynamic:
         _vector_absmax(sch, spec.in_features)
     if row_tile == spec.batch:
         _prefetch_start(sch, locality)
+
+
+def row_tasks(spec: PackedLinearSpec, row_tile: int, out_tile: int) -> int:
+    """Blocks of rows run as parallel tasks: a convolution's many rows (its output pixels) feed the threads when its
+    few output channels make fewer than `MIN_TASKS` tasks; a linear layer's tasks split its outputs only."""
+    if not isinstance(spec, ConvSpec):
+        return 1
+    wanted = -(-MIN_TASKS // (spec.out_features // out_tile))
+    return divisor_at_most(spec.batch // row_tile, wanted)
 
 
 @dataclass(frozen=True)
@@ -408,16 +416,21 @@ class TileLoops:
 
 
 def schedule_tiles(
-    sch: s_tir.Schedule, intrin: str, tile_rows: int, row_tile: int, out_tile: int, vectors: int
+    sch: s_tir.Schedule, intrin: str, tile_rows: int, row_tile: int, out_tile: int, vectors: int, row_tasks: int = 1
 ) -> TileLoops:
     """The int8 kernels' register tiling (`a8_linear_compute` blocks ``y``, ``acc``, ``dot``, ``codes``): parallel
-    tasks of ``out_tile`` outputs, tiles of ``row_tile`` input rows × ``vectors`` weight tiles of ``tile_rows``
-    outputs, the dot products tensorized with ``intrin`` and fully unrolled inside a tile."""
+    tasks of ``out_tile`` outputs (× ``row_tasks`` blocks of rows), tiles of ``row_tile`` input rows × ``vectors``
+    weight tiles of ``tile_rows`` outputs, the dot products tensorized with ``intrin`` and fully unrolled inside a
+    tile."""
     y, acc, dot, codes = (sch.get_sblock(name) for name in ("y", "acc", "dot", "codes"))
     m, n = sch.get_loops(y)
     n_task, n_tile, n_vec, n_lane = sch.split(n, factors=[None, out_tile // (tile_rows * vectors), vectors, tile_rows])
     m_outer, m_inner = sch.split(m, factors=[None, row_tile])
     sch.reorder(n_task, n_tile, m_outer, m_inner, n_vec, n_lane)
+    if row_tasks > 1:
+        m_task, m_outer = sch.split(m_outer, factors=[row_tasks, None])
+        sch.reorder(m_task, n_task, n_tile)
+        n_task = sch.fuse(m_task, n_task)
     sch.parallel(n_task)
     sch.vectorize(n_lane)
     sch.unroll(m_inner)

@@ -1,0 +1,162 @@
+"""Int8 convolutions as the int8 GEMM over their patches: `ConvSpec` and the quantized patch matrix.
+
+``conv_packed_a8`` computes each output pixel as the int8-activation linear of its unfolded patch
+(`lowbit.ir.ops_conv`), so an int8 linear kernel computes it bit for bit once its input stage reads the patch
+codes: row ``m`` is output pixel ``(b, oh, ow)``, column ``k`` one (kernel row, kernel column, input channel) of
+the NHWC input, quantized with the static step and 0 where the patch overlaps the padding (the reference
+quantizes, then pads with zero codes). `quantized_input` builds that stage (one pass: quantize, pad, gather) or a
+linear layer's plain one; the kernels' GEMM, weight layout and epilogue stay those of the linear layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tvm import s_tir, te, tirx
+
+from lowbit.backends.tvm.kernels.generic.activations import activation_codes
+from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
+from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
+from lowbit.ir import packing
+from lowbit.ir.ops_a8 import ACT_QMAX, ACT_QMIN
+
+
+@dataclass(frozen=True)
+class ConvSpec(PackedLinearSpec):
+    """A 2-D int8 convolution as a linear layer over its patches (``batch`` = ``B·OH·OW`` output pixels,
+    ``in_features`` = the patch width ``kh·kw·C_in`` rounded up to whole weight words) on an NHWC ``image``."""
+
+    image: tuple[int, ...] = ()
+    out_size: tuple[int, ...] = ()
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    #: Patch columns in (kernel row, kernel column, channel) order; False: torch's (channel, row, column) order,
+    #: kept when the weight has several quantization groups per row.
+    channels_last: bool = True
+    #: Convolution groups: 1, or one per channel (depthwise, `kernels.x86.a8_depthwise`).
+    conv_groups: int = 1
+
+    @property
+    def patch(self) -> int:
+        """Columns of one patch before the rounding up."""
+        return self.image[3] * self.kernel_size[0] * self.kernel_size[1]
+
+
+def patch_weight(
+    qweight: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    channels: int,
+    kernel_size: tuple[int, ...],
+    columns: int,
+    channels_last: bool,
+) -> torch.Tensor:
+    """The packed rows ``(C_out, C_in·kh·kw)`` of ``conv_packed_a8`` with their columns in the order of the patch
+    matrix (``channels_last``: (kh, kw, ic)), then codes equal to the row's zero point up to ``columns`` (one weight
+    group per row): ``q − z = 0`` there, whatever activation code they meet."""
+    patch = channels * kernel_size[0] * kernel_size[1]
+    codes = packing.unpack(qweight, bits, patch)
+    if channels_last:
+        codes = codes.view(-1, channels, *kernel_size).permute(0, 2, 3, 1).reshape(-1, patch)
+    if columns == patch:
+        return packing.pack(codes.contiguous(), bits)
+    zero = torch.full((codes.shape[0], 1), packing.default_zero(bits)) if zeros is None else zeros[:, :1]
+    fill = zero.to(torch.uint8).expand(-1, columns - patch)
+    return packing.pack(torch.cat([codes, fill], dim=1).contiguous(), bits)
+
+
+def padded_codes(
+    spec: ConvSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+) -> tuple[te.Tensor, te.Tensor]:
+    """The input ``x`` ``(B, H, W·C)`` (NHWC, pixel rows of interleaved channels) and its int8 codes with the static
+    step, zero-padded: ``xp`` ``(B, H + 2·pad_h, (W + 2·pad_w)·C)``."""
+    if step is None:
+        raise ValueError("an int8 convolution quantizes its input with a static step")
+    batch, height, width, channels = spec.image
+    pad_h, pad_w = spec.padding
+    padded_h, padded_w = height + 2 * pad_h, width + 2 * pad_w
+    x = te.placeholder((batch, height, width * channels), "float32", name="x")
+
+    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
+        w, c = wc // channels, wc % channels
+        inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
+        # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
+        value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
+        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
+        return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
+
+    return x, te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
+
+
+def quantized_input(
+    spec: PackedLinearSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+) -> tuple[te.Tensor, te.Tensor, te.Tensor | None]:
+    """The kernel's input ``x``, its int8 codes ``xq`` ``(batch, in_features)`` and the per-row multiplier (None when
+    static): a linear layer's rows, or a `ConvSpec`'s patches of the NHWC image (static step only)."""
+    if not isinstance(spec, ConvSpec):
+        x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
+        code, mult = activation_codes(x, step, rint)
+        return x, te.compute((spec.batch, spec.in_features), code, name="xq"), mult
+    x, xp = padded_codes(spec, step, rint)
+    channels = spec.image[3]
+    (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
+    dil_h, dil_w = spec.dilation
+    padded_h = int(xp.shape[1])
+
+    def patch(m: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+        b, pixel = m // (out_h * out_w), m % (out_h * out_w)
+        top, left = pixel // out_w * spec.stride[0], pixel % out_w * spec.stride[1]
+        if spec.channels_last:
+            row, span = k // (kw * channels), k % (kw * channels)
+            wc = left * channels + span + (dil_w - 1) * channels * (span // channels)
+        else:
+            channel, row, col = k // (kh * kw), k // kw % kh, k % kw
+            wc = (left + col * dil_w) * channels + _clamp(channel, channels)
+        # Columns past the patch (whole weight words) meet zero-point codes: any finite code there adds nothing.
+        return xp[b, _clamp(top + row * dil_h, padded_h), wc]
+
+    return x, te.compute((spec.batch, spec.in_features), patch, name="xq"), None
+
+
+def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
+    """The input stage of a `ConvSpec` kernel: the padded codes by pixel rows, channels in vector lanes; the patch
+    rows in parallel, each kernel row of a patch (``kw·C`` consecutive codes in channels-last order) one inner
+    loop, vectorized in its largest power-of-two part."""
+    channels = spec.image[3]
+    schedule_padded(sch, channels)
+    m, k = sch.get_loops(sch.get_sblock("xq"))
+    sch.parallel(m)
+    span = spec.kernel_size[1] * channels if spec.channels_last else spec.in_features
+    _vectorize(sch, sch.split(k, factors=[None, span])[-1], span)
+
+
+def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
+    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes."""
+    b, h, wc = sch.get_loops(sch.get_sblock("xp"))
+    sch.parallel(sch.fuse(b, h))
+    _, c = sch.split(wc, factors=[None, channels])
+    _vectorize(sch, c, channels)
+
+
+def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int) -> None:
+    width = power_of_two_divisor(extent, 16)
+    if width > 1:
+        sch.vectorize(sch.split(loop, factors=[None, width])[-1])
+
+
+def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
+    return tirx.max(tirx.min(index, extent - 1), 0)
+
+
+__all__ = [
+    "ConvSpec",
+    "padded_codes",
+    "patch_weight",
+    "quantized_input",
+    "schedule_padded",
+    "schedule_patches",
+]

@@ -1,0 +1,218 @@
+"""Int8 convolutions on x86: ``conv_packed_a8`` layers run the int8 GEMM over their NHWC patches (depthwise ones a
+direct int8 kernel), bit for bit the torch target's values, with the model kept NHWC between them; other grouped
+ones stay fp32 with their reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import tvm
+from tvm import relax
+
+import lowbit
+from lowbit.backends.tvm import convert, qemu, rpc
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, patch_weight
+from lowbit.backends.tvm.kernels.x86 import a8_depthwise, a8_gemm, a8_linear
+from lowbit.backends.tvm.target import resolve_target
+from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
+from lowbit.backends.tvm.tuning import TuningDatabase, measure
+from lowbit.ir import ops_conv, packing
+from lowbit.passes.quant import RTN, QuantizeActivations
+
+
+class ConvReLU(nn.Module):
+    def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
+        super().__init__()
+        self.conv, self.relu = conv, relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.relu(y) if self.relu else y
+
+
+#: (input channels, size, convolution, ReLU after it)
+CASES = {
+    "1x1": (32, 9, nn.Conv2d(32, 16, 1), False),
+    "3x3-padded-relu": (16, 10, nn.Conv2d(16, 32, 3, padding=1), True),
+    "3x3-stride2-no-bias": (16, 11, nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False), False),
+    "1x1-stride2": (16, 10, nn.Conv2d(16, 32, 1, stride=2), True),
+    "stem-7x7-three-channels": (3, 20, nn.Conv2d(3, 16, 7, stride=2, padding=3), True),
+    "1x3-dilated": (8, 9, nn.Conv2d(8, 16, (1, 3), padding=(0, 2), dilation=(1, 2)), False),
+    "depthwise-relu": (32, 10, nn.Conv2d(32, 32, 3, padding=1, groups=32), True),
+    "depthwise-stride2-no-bias": (48, 11, nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48, bias=False), False),
+}
+
+
+def compiled_pair(net: nn.Module, x: torch.Tensor, passes) -> tuple:
+    net = net.eval()
+    calibration = [(x,), (torch.randn_like(x),)]
+    reference = lowbit.compile(net, (x,), passes=passes(), calibration=calibration, target="torch")
+    compiled = lowbit.compile(net, (x,), passes=passes(), calibration=calibration, target="x86", tune=False)
+    return reference, compiled
+
+
+def int8_passes(bits: int = 8, group_size: int = -1, symmetric: bool = True):
+    return lambda: [RTN(bits=bits, group_size=group_size, symmetric=symmetric), QuantizeActivations(dynamic=False)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_int8_convolutions_are_bit_exact(name: str) -> None:
+    channels, size, conv, relu = CASES[name]
+    torch.manual_seed(0)
+    x = torch.randn(1, channels, size, size)
+    reference, compiled = compiled_pair(ConvReLU(conv, relu), x, int8_passes())
+    y = torch.randn(1, channels, size, size) * 1.5
+    assert torch.equal(compiled(y), reference(y))
+    assert compiled.report.fallbacks == []
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric", "channels"),
+    [(4, 16, True, 16), (8, -1, False, 3)],
+    ids=["w4-groups", "asymmetric-padded-patch"],
+)
+def test_grouped_and_asymmetric_weights_are_bit_exact(
+    bits: int, group_size: int, symmetric: bool, channels: int
+) -> None:
+    """Weight groups within a patch row keep torch's (channel, kh, kw) column order (the groups' integer sums are
+    exact); asymmetric rows pad the patch (27 columns) to whole words with their zero point."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(2, channels, 8, 8)
+    reference, compiled = compiled_pair(net, x, int8_passes(bits, group_size, symmetric))
+    if group_size == -1:
+        assert torch.equal(compiled(x), reference(x))
+    else:  # several groups per row: their float32 sum rounds within an ulp of torch's, as the int8 linears do
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert [linear.kernel for linear in compiled.runner.linears] == [a8_gemm.KERNEL_NAME] * 2
+
+
+class Block(nn.Module):
+    """A ResNet basic block after a stem, a depthwise and a grouped convolution, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.grouped = nn.Conv2d(32, 32, 1, groups=4)
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.conv2(self.conv1(x)) + x)
+        x = torch.relu(self.grouped(torch.relu(self.depthwise(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_w8a8_cnn_has_only_its_grouped_convolution_on_fp32() -> None:
+    torch.manual_seed(2)
+    net = Block().eval()
+    calibration = [(torch.randn(1, 3, 16, 16),) for _ in range(2)]
+    x = calibration[0][0]
+    reference = lowbit.compile(net, (x,), recipe="w8a8-x86", calibration=calibration, target="torch")
+    compiled = lowbit.compile(net, (x,), recipe="w8a8-x86", calibration=calibration, target="x86", tune=False)
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
+    fallbacks = compiled.report.fallbacks
+    assert [item.split(" ")[0] for item in fallbacks] == ["grouped"]
+    assert "grouped int8 convolution (4 groups)" in fallbacks[0]
+    kernels = {linear.node: linear.kernel for linear in compiled.runner.linears}
+    assert {kernels[f"{name}_packed_a8"] for name in ("stem_0", "conv1_0", "conv2_0")} == {a8_gemm.KERNEL_NAME}
+    assert kernels["depthwise_packed_a8"] == a8_depthwise.KERNEL_NAME
+
+
+def test_int8_convolutions_keep_the_block_channels_last() -> None:
+    """One permutation, the input's: the int8 kernels take and give NHWC; their bias, batch norm, the residual add,
+    ReLU, the fp32 grouped convolution and the mean run on NHWC."""
+    torch.manual_seed(3)
+    net = Block().eval()
+    calibration = [(torch.randn(1, 3, 16, 16),) for _ in range(2)]
+    x = calibration[0][0]
+    graph = lowbit.compile(net, (x,), recipe="w8a8-x86", calibration=calibration, target="torch").graph
+    toolchain = CPUToolchain(resolve_target("x86"))
+    mod = toolchain.schedule(convert.lower(graph, (x,), toolchain).mod)
+    names = []
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: (
+            names.append(e.args[0].name_hint)
+            if isinstance(e, relax.Call) and e.op == tvm.ir.Op.get("relax.call_tir")
+            else None
+        ),
+    )
+    assert sum(name.startswith("lowbit_conv_") for name in names) == 4
+    assert len([name for name in names if "transpose" in name]) == 1  # the input's
+
+
+@pytest.mark.parametrize("knobs", [{"row_tile": 2, "row_vectors": 1}, {"row_tile": 8, "out_tile": 32}])
+@pytest.mark.parametrize("kernel", [a8_gemm.KERNEL, a8_linear.KERNEL], ids=["gemm", "avx2"])
+def test_every_knob_setting_computes_the_reference(kernel, knobs) -> None:
+    """The tuner's candidates for a convolution: any knobs, the same values as ``conv_packed_a8``."""
+    torch.manual_seed(4)
+    channels, size, out = 16, 7, 32
+    codes = torch.randint(0, 256, (out, channels * 9), dtype=torch.uint8)
+    qweight, scales, step = packing.pack(codes, 8), torch.rand(out, 1) / 100, torch.tensor(0.02)
+    x = torch.randn(1, channels, size, size)
+    expected = ops_conv.conv_packed_a8(
+        x, qweight, scales, None, None, None, 8, 144, 144, [3, 3], [1, 1], [1, 1], [1, 1], 1, step
+    )
+    spec = ConvSpec(
+        batch=size * size, in_features=144, out_features=out, bits=8, group_size=144, asymmetric=False,
+        has_bias=False, act_bits=8, act_dynamic=False, image=(1, size, size, channels), out_size=(size, size),
+        kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+    )  # fmt: skip
+    tensors = {
+        "qweight": patch_weight(qweight, None, 8, channels, (3, 3), 144, True),
+        "scales": scales, "zeros": None, "g_idx": None, "bias": None, "act_scale": step,
+    }  # fmt: skip
+    target = resolve_target("x86")
+    reason = kernel.supports(spec, tensors, target)
+    if reason is not None:
+        pytest.skip(reason)
+    plan = kernel.plan(spec, tensors, target, knobs)
+    module = tvm.compile(plan.func.with_attr("global_symbol", "main"), target=target).jit()
+    image = x.permute(0, 2, 3, 1).reshape(1, size, size * channels).contiguous()
+    args = [tvm.runtime.tensor(t.contiguous().numpy()) for t in (image, *plan.consts)]
+    y = tvm.runtime.tensor(torch.zeros(size * size, out).numpy())
+    module["main"](*args, y)
+    got = torch.from_numpy(y.numpy()).view(1, size, size, out).permute(0, 3, 1, 2)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_int8_convolutions_are_bit_exact_on_arm(arm_emulator, tmp_path) -> None:
+    """The ARM sdot kernel over the patches, under qemu: a padded 3x3 (27 columns, padded to whole words), a
+    strided 3x3 and a 1x1, bit for bit the torch target's values."""
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Conv2d(16, 8, 1)
+    ).eval()
+    x = torch.randn(1, 3, 10, 10)
+    calibration = [(x,), (torch.randn_like(x),)]
+    reference = lowbit.compile(net, (x,), passes=int8_passes()(), calibration=calibration, target="torch")
+    compiled = lowbit.compile(net, (x,), passes=int8_passes()(), calibration=calibration, target="arm", tune=False)
+    assert [linear.kernel for linear in compiled.runner.linears] == ["a8_linear_arm"] * 3
+    path = compiled.export(tmp_path / "convnet")
+    with qemu.emulated_server() as server:
+        result = rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
+    assert torch.equal(torch.from_numpy(result.outputs[0]), reference(x))
+
+
+def test_the_tuner_searches_an_int8_convolution_kernel(tmp_path) -> None:
+    """A convolution's record is keyed by its geometry (`ConvSpec`), and the tuned kernel stays bit-exact."""
+    torch.manual_seed(6)
+    net = ConvReLU(nn.Conv2d(16, 32, 3, padding=1), True).eval()
+    x = torch.randn(1, 16, 8, 8)
+    calibration = [(x,)]
+    tune = {"trials": 2, "measure": measure.MeasureOptions(repeat=2, min_repeat_ms=1)}
+    reference = lowbit.compile(net, (x,), passes=int8_passes()(), calibration=calibration, target="torch")
+    compiled = lowbit.compile(
+        net, (x,), passes=int8_passes()(), calibration=calibration, target="x86", tune=tune, cache_dir=tmp_path
+    )
+    (result,) = compiled.report.tuning
+    assert result.measured_now == 2
+    (record,) = TuningDatabase(resolve_target("x86"), tmp_path, shipped=()).records()
+    assert record.spec["kernel_size"] == [3, 3] and record.spec["image"] == [1, 8, 8, 16]
+    assert torch.equal(compiled(x), reference(x))
