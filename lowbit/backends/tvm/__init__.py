@@ -34,7 +34,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 from tvm.target import Target
 
 import lowbit.ir.ops  # noqa: F401  (registers torch.ops.lowbit before a graph is lowered)
-from lowbit.backends.tvm.convert import lower
+from lowbit.backends.tvm.lowering import lower
 from lowbit.backends.tvm.quiet import quiet_tvm
 from lowbit.backends.tvm.runner import (
     LIBRARY_FILE,
@@ -78,7 +78,7 @@ class TVMBackend:
         hand schedules only; True, a mapping (``trials``, ``max_seconds``, ``database``,
         ``rpc``, ...) or `tuning.TuningOptions` also tunes the kernels that have no
         finished record (see `lowbit.backends.tvm.tuning`). Low-bit layers no kernel takes are announced
-        before the build; ``strict`` turns them into `UnsupportedLayerError` (see `convert.lower`).
+        before the build; ``strict`` turns them into `UnsupportedLayerError` (see `lowering.lower`).
         """
         tuner = self.tuner(cache_dir, tune)
         try:

@@ -7,10 +7,11 @@ supports the layer (`kernels.spec.LinearKernel`), its packed weight, scales, zer
 constants. An act-order ``g_idx`` of whole groups and a partial last group are first rewritten to contiguous whole
 groups (`contiguous_groups`). A layer no kernel takes (3-bit codes, uneven groups, a shape a kernel does not tile)
 runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `Lowering.fallbacks` with the reason
-the last kernel gave and the nearest setting a kernel takes; `lower` announces each one (a warning) before anything
-is built, or with ``strict`` refuses them (`UnsupportedLayerError`). Shapes are static: the module is specialized to
-the example inputs. Packed convolutions are lowered by `convert_conv` (int8 ones to the int8 kernels of the toolchain
-where one takes them, others to an fp32 convolution on the dequantized weight, recorded as a fallback).
+the last kernel gave and the nearest setting a kernel takes; `lowering.lower` announces each one (a warning)
+before anything is built, or with ``strict`` refuses them (`UnsupportedLayerError`). Shapes are static: the module
+is specialized to the example inputs. Packed convolutions are lowered by `convert_conv` (int8 ones to the int8
+kernels of the toolchain where one takes them, others to an fp32 convolution on the dequantized weight, recorded as
+a fallback).
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from torch.fx.operator_schemas import normalize_function
 from tvm import relax
 from tvm.target import Target
 
-from lowbit import progress
-from lowbit.backends.tvm.frontend import InputSpec, import_graph, input_specs
-from lowbit.backends.tvm.inline import inline_wrapped_regions
+from lowbit.backends.tvm.frontend import InputSpec
 from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
@@ -56,7 +55,7 @@ LINEAR_PACKED_A8_NAME = ops_a8.linear_packed_a8.__name__
 #: ... and ``torch.ops.lowbit.embedding_packed.default`` (a packed table lookup).
 EMBEDDING_PACKED_NAME = ops_embedding.embedding_packed.__name__
 #: The packed linear ops, whose layers `lower` counts for its progress bar.
-_PACKED_LINEARS = (ops.linear_packed, ops_a8.linear_packed_a8)
+PACKED_LINEARS = (ops.linear_packed, ops_a8.linear_packed_a8)
 #: `LoweredLinear.kernel` of a layer on the toolchain's fallback.
 FALLBACK = "dense"
 #: Code widths and group sizes tried, nearest first, for the setting to suggest instead of a fallback.
@@ -103,47 +102,6 @@ class Lowering:
     def fallbacks(self) -> list[LoweredLinear]:
         """Low-bit layers that run as dequantized fp32 dense kernels, with the reason."""
         return fallbacks(self.linears)
-
-
-def lower(
-    gm: fx.GraphModule,
-    example_inputs: Sequence[torch.Tensor],
-    toolchain: Toolchain,
-    tuner: Any = None,
-    strict: bool = False,
-) -> Lowering:
-    """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `frontend.input_specs`).
-
-    ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
-    kernel; without it every kernel uses its hand schedule. Each layer on the fallback is
-    logged as a warning with its reason and the nearest supported setting; ``strict``
-    raises `UnsupportedLayerError` listing them instead.
-    """
-    gm = inline_wrapped_regions(gm)
-    inputs = input_specs(gm, example_inputs)
-    from lowbit.backends.tvm.convert_conv import CONV_PACKED_A8_NAME, CONV_PACKED_NAME, PackedConvConverter
-
-    layers = sum(node.op == "call_function" and node.target in _PACKED_LINEARS for node in gm.graph.nodes)
-    with progress.bar(layers, "low-bit layers") as shown:
-        converter = PackedLinearConverter(gm, toolchain, tuner, shown.update)
-        conv = PackedConvConverter(gm, converter)
-        convert = {
-            LINEAR_PACKED_NAME: converter,
-            LINEAR_PACKED_A8_NAME: converter,
-            EMBEDDING_PACKED_NAME: PackedEmbeddingConverter(gm),
-            CONV_PACKED_NAME: conv,
-            CONV_PACKED_A8_NAME: conv,
-        }
-        mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
-    lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
-    announce_fallbacks(lowering.fallbacks, toolchain.name, strict)
-    log.info(
-        "lowered graph for %s: %d low-bit linear(s), %d on the fp32 fallback",
-        toolchain.name,
-        len(lowering.linears),
-        len(lowering.fallbacks),
-    )
-    return lowering
 
 
 def announce_fallbacks(linears: Sequence[LoweredLinear], toolchain: str, strict: bool = False) -> None:
@@ -441,7 +399,6 @@ __all__ = [
     "fallbacks",
     "grouped_columns",
     "layer_spec",
-    "lower",
     "packed_constant",
     "tuned_plan",
 ]

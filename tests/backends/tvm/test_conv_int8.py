@@ -11,7 +11,7 @@ import tvm
 from tvm import relax
 
 import lowbit
-from lowbit.backends.tvm import convert, qemu, rpc
+from lowbit.backends.tvm import lowering, qemu, rpc
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, patch_weight
 from lowbit.backends.tvm.kernels.x86 import a8_depthwise, a8_gemm, a8_linear
 from lowbit.backends.tvm.target import resolve_target
@@ -132,7 +132,7 @@ def test_int8_convolutions_keep_the_block_channels_last() -> None:
     x = calibration[0][0]
     graph = lowbit.compile(net, (x,), recipe="w8a8-x86", calibration=calibration, target="torch").graph
     toolchain = CPUToolchain(resolve_target("x86"))
-    mod = toolchain.schedule(convert.lower(graph, (x,), toolchain).mod)
+    mod = toolchain.schedule(lowering.lower(graph, (x,), toolchain).mod)
     names = []
     relax.analysis.post_order_visit(
         mod["main"],

@@ -8,9 +8,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from lowbit import passes
-from lowbit.backends.tvm.convert import FALLBACK, lower
+from lowbit.backends.tvm.convert import FALLBACK
 from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec, Tensors
+from lowbit.backends.tvm.lowering import lower
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.toolchains import CPUToolchain, CUDAToolchain
 

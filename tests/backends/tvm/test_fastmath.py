@@ -9,7 +9,7 @@ from torch import nn
 
 import lowbit
 from lowbit.backends.tvm import TVMBackend
-from lowbit.backends.tvm.convert import lower
+from lowbit.backends.tvm.lowering import lower
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 
