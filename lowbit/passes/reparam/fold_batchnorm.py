@@ -112,8 +112,9 @@ def _fold(gm: fx.GraphModule, node: fx.Node) -> LayerRecord:
         if norm.affine:
             shift = shift + norm.bias.double()
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        folded.weight = nn.Parameter((weight * scale.reshape(shape)).to(layer.weight.dtype))
-        folded.bias = nn.Parameter(shift.to(layer.weight.dtype))
+        trainable = layer.weight.requires_grad
+        folded.weight = nn.Parameter((weight * scale.reshape(shape)).to(layer.weight.dtype), requires_grad=trainable)
+        folded.bias = nn.Parameter(shift.to(layer.weight.dtype), requires_grad=trainable)
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, folded)
     norm_path = str(node.target)
