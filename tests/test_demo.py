@@ -37,7 +37,8 @@ def test_demo_compiles_the_real_model_and_reports(tmp_path, capsys):
     # W8A8 (RTN per channel, int8 per-token activations) measures ~0.997 on this model.
     assert results["cosine_mean"] > 0.99 and results["cosine_min"] > 0.985
     assert results["eager_ms"] > 0 and results["compiled_ms"] > 0
-    assert [p["name"] for p in results["passes"]["passes"]] == ["rtn", "quantize_embeddings", "quantize_activations"]
+    names = [p["name"] for p in results["passes"]["passes"]]
+    assert names == ["fold_batchnorm", "rtn", "quantize_embeddings", "quantize_activations"]
 
     engines = results["engines"]
     assert list(engines) == ["torch", "ort_fp32", "ort_int8", "ort_int8_default", "lowbit"]

@@ -114,7 +114,8 @@ def test_shipped_recipe_equals_its_one_target_file(name: str) -> None:
 
 @pytest.mark.parametrize("target", ["x86", "arm", "cuda"])
 def test_w4a16_is_ready_with_rtn(target: str) -> None:
-    rtn, _ = recipes.load(f"w4a16-{target}").build("convert")
+    fold, rtn, _ = recipes.load(f"w4a16-{target}").build("convert")
+    assert fold.name == "fold_batchnorm"
     config = rtn.config.as_dict()
     assert (config["bits"], config["group_size"], config["symmetric"]) == (4, 128, True)
     assert tuple(config["ignore"]) == ("lm_head",)
@@ -134,9 +135,14 @@ def test_shipped_recipes_pack_embeddings_after_the_weights_and_keep_the_weight_p
         True,
         True,
     )
-    assert names.index("quantize_embeddings") == 1
+    assert names.index("quantize_embeddings") == 2
     assert names[-1] == ("quantize_activations" if "quantize_activations" in names else "quantize_embeddings")
-    assert tuple(passes[0].config.as_dict()["ignore"]) == ("lm_head",)
+    assert tuple(passes[1].config.as_dict()["ignore"]) == ("lm_head",)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_fold_batch_norms_before_the_weight_quantizer(name: str) -> None:
+    assert recipes.load(name).build("convert")[0].name == "fold_batchnorm"
 
 
 def test_rtn_option_error_names_file_key_path_and_choices(tmp_path: Path) -> None:

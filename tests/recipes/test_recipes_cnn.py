@@ -29,7 +29,9 @@ def _run(name: str, resnet: tuple) -> tuple:
     pipeline = Pipeline(recipes.load(name).build("convert"))
     out = pipeline(gm, calibration=calibration, example_inputs=example)
     counts = {op: sum(n.target is op for n in out.graph.nodes) for op in _OPS}
-    records = {r.layer: r for r in pipeline.report.passes[0].layers}
+    folded = pipeline.report.passes[0]
+    assert folded.name == "fold_batchnorm" and folded.stats == {"folded": CONVS}  # a BatchNorm after every conv
+    records = {r.layer: r for r in pipeline.report.passes[1].layers}
     return out, counts, records
 
 
@@ -40,7 +42,7 @@ _OPS = (ops.linear_packed, ops_a8.linear_packed_a8, ops_conv.conv_packed, ops_co
 def test_every_target_of_an_int8_recipe_quantizes_convs_alike(scheme: str) -> None:
     built = [recipes.load(f"{scheme}-{target}").build("convert") for target in ("x86", "arm", "cuda")]
     assert len({repr(passes) for passes in built}) == 1
-    weights = built[0][0]
+    weights = built[0][1]
     assert weights.pattern == "nn.Linear, nn.Conv1d, nn.Conv2d"
     if scheme != "w8a8":
         assert {key for key, _ in weights.overrides.rules} == {"@first:conv", "@last:linear"}
