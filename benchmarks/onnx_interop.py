@@ -5,7 +5,8 @@ artifact (``compiled.export(dir)``) and as ONNX (``compiled.export(dir, format="
 run on the same inputs. Cases:
 
 - all-MiniLM-L6-v2 (real weights, `lowbit.zoo`), the demo's batch of 8 held-out sentences × 32 tokens, recipes
-  w8a8-x86 and w4a8-x86, calibrated as `lowbit.demo` does (unpadded windows of GPL-3);
+  w8a8-x86 and w4a8-x86, calibrated as `lowbit.demo` does (unpadded windows of GPL-3); outputs compared at the
+  attended tokens (the padding positions' states are never read);
 - SmolLM2-135M-Instruct (real weights, `lowbit.models.smollm2`), one forward pass over the first 128 tokens of
   Apache-2.0 (prefill-shaped, no KV cache; compiled at the fixed shape (1, 128)), recipes w4a8-x86 and w4a16-x86
   (weight-only: ``MatMulNBits`` in ONNX); GPTQ and static-scale passes calibrate on windows of GPL-3.
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from llm_cpu import cpu_model
 
@@ -68,6 +70,8 @@ class Subject:
     inputs: dict[str, torch.Tensor]
     example: dict[str, torch.Tensor]
     calibration: list[dict[str, torch.Tensor]]
+    #: The output positions compared (MiniLM: the attended tokens; padding states are never read).
+    positions: torch.Tensor
 
 
 def load_minilm(calibration_windows: int) -> Subject:
@@ -77,12 +81,10 @@ def load_minilm(calibration_windows: int) -> Subject:
     windows = demo._calibration_windows(minilm.tokenizer, CALIBRATION_TEXT.read_text(), calibration_windows)
     batch = len(demo.COMPILE_SENTENCES)
     calibration = [dict(zip(windows, chunk)) for chunk in zip(*(t.split(batch) for t in windows.values()))]
+    inputs = demo._encode(minilm.tokenizer, demo.EVAL_SENTENCES)
+    positions = inputs["attention_mask"].bool()
     return Subject(
-        "sentence-transformers/all-MiniLM-L6-v2 (real weights)",
-        minilm.model,
-        demo._encode(minilm.tokenizer, demo.EVAL_SENTENCES),
-        example,
-        calibration,
+        "sentence-transformers/all-MiniLM-L6-v2 (real weights)", minilm.model, inputs, example, calibration, positions
     )
 
 
@@ -92,8 +94,9 @@ def load_smol(calibration_windows: int) -> Subject:
     windows = smol.token_blocks(CALIBRATION_TEXT.read_text(), SMOLLM2_TOKENS, calibration_windows)
     calibration = [{"input_ids": window[None]} for window in windows]
     inputs = {"input_ids": smol.token_blocks(SMOLLM2_TEXT.read_text(), SMOLLM2_TOKENS, 1)}
+    positions = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     return Subject(
-        "HuggingFaceTB/SmolLM2-135M-Instruct (real weights)", smol.model, inputs, calibration[0], calibration
+        "HuggingFaceTB/SmolLM2-135M-Instruct (real weights)", smol.model, inputs, calibration[0], calibration, positions
     )
 
 
@@ -101,10 +104,10 @@ LOADERS: dict[str, Callable[[int], Subject]] = {"minilm": load_minilm, "smollm2"
 
 
 def first_tensor(output: Any) -> torch.Tensor:
-    """The model's main output: MiniLM's token states, SmolLM2's logits (the first entry of a mapping or tuple)."""
-    while not isinstance(output, torch.Tensor):
+    """The model's main output (MiniLM's token states, SmolLM2's logits): the first entry of a mapping or sequence."""
+    while not isinstance(output, (torch.Tensor, np.ndarray)):
         output = next(iter(output.values())) if isinstance(output, Mapping) else output[0]
-    return output.detach().float()
+    return torch.as_tensor(output).detach().float()
 
 
 def agreement(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -140,6 +143,8 @@ def build_case(subject: Subject, recipe: str, work: Path) -> dict[str, Any]:
         outputs = {TVM: first_tensor(compiled(**subject.inputs))}
     threads = torch.get_num_threads()
     outputs[ORT] = first_tensor(onnx_peer.session(onnx_dir / "model.onnx", subject.inputs, threads)())
+    fp32, target = fp32[subject.positions], target[subject.positions]
+    outputs = {name: output[subject.positions] for name, output in outputs.items()}
     torch.save(subject.inputs, work / "inputs.pt")
     return {
         "recipe": recipe,
@@ -229,8 +234,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         + f". onnxruntime {report['versions']['onnxruntime']}, torch {report['versions']['torch']}.",
         "",
         "Bytes: each export's directory (manifest included). Agreement: largest error relative to the largest "
-        "reference value / cosine, of MiniLM's token states and SmolLM2's logits, against the torch target's output "
-        "of the same compiled graph and against fp32 eager.",
+        "reference value / cosine, of MiniLM's token states (attended tokens) and SmolLM2's logits, against the "
+        "torch target's output of the same compiled graph and against fp32 eager.",
         "",
         "| model | recipe | fp32 MiB | TVM MiB | ONNX MiB | torch target vs fp32 | TVM vs target | ORT vs target "
         "| TVM vs fp32 | ORT vs fp32 |",
