@@ -334,7 +334,8 @@ def _linear_packed_a8(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments
         b.op("Reshape", gathered, b.const("grouped", np.array([-1, groups, width], dtype=np.int64))),
         perm=[1, 0, 2],
     )
-    if bool(torch.all(grouped_weight == grouped_weight.round()) and torch.all(grouped_weight.abs() <= 127)):
+    integral = torch.all(grouped_weight == grouped_weight.round())
+    if bool(integral and torch.all((grouped_weight >= -128) & (grouped_weight <= 127))):
         weight = b.const("weight_codes", grouped_weight.to(torch.int8))
         product = b.op("MatMulInteger", b.op("Cast", grouped, to=ir.DataType.INT8), weight)
         product = b.op("Cast", product, to=ir.DataType.FLOAT)
