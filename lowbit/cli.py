@@ -8,11 +8,12 @@ Errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +26,38 @@ log = logging.getLogger("lowbit")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _configure_logging(logging.WARNING if args.quiet else logging.INFO)
     progress.enable(not args.quiet)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    try:
-        return args.run(args) or 0
-    except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
+    with _logging_to_stderr(logging.WARNING if args.quiet else logging.INFO):
+        try:
+            return args.run(args) or 0
+        except LowbitError as exc:
+            print(f"lowbit: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("lowbit: interrupted", file=sys.stderr)
+            return 130
 
 
-def _configure_logging(level: int) -> None:
-    """Progress and warnings of lowbit's own loggers go to stderr; other libraries are left alone."""
+@contextlib.contextmanager
+def _logging_to_stderr(level: int) -> Iterator[None]:
+    """Progress and warnings of lowbit's own loggers go to stderr while a command runs; other libraries are left
+    alone, and the logger is restored afterwards (a longer process that calls `main` keeps its own setup)."""
+    previous = log.level
+    handler = None
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("lowbit: %(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+        if handler is not None:
+            log.removeHandler(handler)
 
 
 def _parser() -> argparse.ArgumentParser:

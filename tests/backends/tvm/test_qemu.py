@@ -120,9 +120,10 @@ def test_cli_runs_an_arm_artifact_on_an_emulated_device_behind_a_tracker(tmp_pat
 @pytest.mark.slow
 @pytest.mark.usefixtures("arm_emulator")
 def test_every_int8_arm_recipe_runs_its_kernel_under_qemu(tmp_path) -> None:
-    """W1.58A8, W2A8, W4A8 and W8A8 recipes: each linear on the sdot kernel, outputs as the torch reference."""
+    """W1.58A8, W2A8, W4A8 and W8A8 recipes: each quantized linear on the sdot kernel, outputs as the torch reference
+    (the ternary recipe keeps the last linear, a classifier, in floating point)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 128), nn.GELU()).eval()
+    model = nn.Sequential(nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 64)).eval()
     x = torch.randn(8, 256)
     calibration = [(torch.randn(8, 256),) for _ in range(4)]
     compiled = {
@@ -131,7 +132,8 @@ def test_every_int8_arm_recipe_runs_its_kernel_under_qemu(tmp_path) -> None:
     }
     paths = []
     for recipe, model_a8 in compiled.items():
-        assert [linear.kernel for linear in model_a8._runner.linears] == ["a8_linear_arm"], recipe
+        quantized = 1 if recipe.startswith("w1.58") else 2
+        assert [linear.kernel for linear in model_a8._runner.linears] == ["a8_linear_arm"] * quantized, recipe
         paths.append(model_a8.export(tmp_path / recipe))
     with qemu.emulated_server() as server:
         results = [
