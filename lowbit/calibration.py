@@ -2,8 +2,9 @@
 
 Accepted forms: an iterable (list, generator, DataLoader) whose items are a tensor, a
 tuple/list of tensors (positional inputs), or a dict (keyword inputs). Each batch must
-match the example inputs in count, names, dtype, rank and every dimension but the
-batch dimension (dim 0).
+match the example inputs in count, names, dtype and rank; its sizes are any the model takes
+(a batch of another batch size or sequence length runs through the traced graph as
+`lowbit.ir.variants` describes, and a size the model rejects is named when the model is traced).
 
 `load_calibration` reads batches from a file (the ``lowbit compile --calibration`` option):
 a text file tokenized into windows shaped like the example's ``input_ids``, or arrays
@@ -223,8 +224,8 @@ def _check_batch(index: int, item: Any, example_inputs: tuple, example_kwargs: d
 
 def _pad_tokens(args: tuple, kwargs: dict[str, Any], example_mask: Any) -> tuple[tuple, dict[str, Any]]:
     """A batch of sequences shorter than the example's, with an ``attention_mask``, padded at the end to the
-    example's length with zeros (mask 0): the model never reads the padded tokens (`padding_mask`), and graphs
-    traced by torch.export run at the example's length only."""
+    example's length with zeros (mask 0): the model never reads the padded tokens (`padding_mask`), and a graph
+    traced by torch.export then runs them at the shape it was traced at."""
     mask = kwargs.get("attention_mask")
     if not (isinstance(mask, torch.Tensor) and isinstance(example_mask, torch.Tensor)):
         return args, kwargs
@@ -248,11 +249,9 @@ def _check_tensor(index: int, name: str, value: Any, example: Any) -> None:
         raise CalibrationError(f"{where} is a {type(value).__name__}, the example input is a tensor")
     if value.dtype != example.dtype:
         raise CalibrationError(f"{where} has dtype {value.dtype}, the example input has {example.dtype}")
-    if value.dim() != example.dim() or value.shape[1:] != example.shape[1:]:
+    if value.dim() != example.dim():
         raise CalibrationError(
-            f"{where} has shape {tuple(value.shape)}, which does not match the example input's "
-            f"{tuple(example.shape)} beyond the batch dimension (shorter sequences need an attention_mask "
-            "input: they are padded to the example's length, and padded tokens are left out)"
+            f"{where} has shape {tuple(value.shape)}, of another rank than the example input's {tuple(example.shape)}"
         )
     if value.is_floating_point() and not torch.isfinite(value).all():
         raise CalibrationError(f"{where} contains NaN or Inf")

@@ -24,6 +24,7 @@ from lowbit.backends import Runner, check_target, get_backend
 from lowbit.errors import ArtifactError, LowbitError
 from lowbit.interface import Interface, output_spec
 from lowbit.ir.trace import trace
+from lowbit.ir.variants import add_calibration_variants
 from lowbit.passes.base import Pass
 from lowbit.passes.pipeline import Pipeline, PipelineReport
 
@@ -193,7 +194,9 @@ def compile(
     ``model`` may also be a graph returned by `prepare` (trained or not): it is not traced again.
 
     ``target`` defaults to the recipe's target, else ``"torch"`` (the reference backend).
-    ``calibration`` is an iterable of input batches shaped like ``example_inputs``.
+    ``calibration`` is an iterable of input batches like ``example_inputs``, of any batch size and sequence length
+    the model takes (where the traced graph is specialized to the example's shapes, the model is traced again at
+    each other calibration shape, `lowbit.ir.variants`); a shape the model rejects is a `CalibrationError`.
     ``tune`` (TVM targets): None uses tuning records already in ``cache_dir`` (default
     ``$LOWBIT_CACHE_DIR`` or ``~/.cache/lowbit/tvm``) and the shipped database; False uses
     the hand schedules; True tunes with the recipe's ``tune`` settings; a mapping
@@ -228,6 +231,8 @@ def compile(
     with causal_lm.tracing() if causal_lm else contextlib.nullcontext():
         free_batch = backend.name == "torch" and not causal_lm
         gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch)
+        if calib is not None and gm is not model and not causal_lm:
+            add_calibration_variants(model, gm, calib, leaf_modules)
     interface = Interface.of(gm)  # before the passes, which may replace the embedding tables
     trace_s = time.perf_counter() - start
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
@@ -303,6 +308,8 @@ def prepare(
     _, pipeline = build_pipeline(recipe, passes, "prepare", verify, None)
     calib = pipeline.calibration_set(calibration, example_inputs, example_kwargs)
     gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch=False)
+    if calib is not None and gm is not model:
+        add_calibration_variants(model, gm, calib, leaf_modules)
     graph = pipeline(gm, calibration=calib, example_inputs=example_inputs, example_kwargs=example_kwargs)
     return graph.train(model.training)
 

@@ -132,7 +132,11 @@ def test_failed_export_leaves_no_directory(net, tmp_path, monkeypatch):
         ({"recipe": "w4a16-x86", "passes": ["rtn"]}, LowbitError, "either recipe= or passes="),
         ({"passes": ["nope"]}, UnknownPassError, "unknown pass 'nope'"),
         ({"passes": ["rtn"], "calibration": []}, CalibrationError, "empty"),
-        ({"passes": ["rtn"], "calibration": [(torch.randn(2, 3, 4, 4),)]}, CalibrationError, "beyond the batch"),
+        (
+            {"passes": ["rtn"], "calibration": [(torch.randn(2, 3, 4, 4),)]},
+            CalibrationError,
+            r"x \(2, 3, 4, 4\)\): the model does not run",
+        ),
     ],
 )
 def test_bad_calls_fail_before_any_work(net, tmp_path, kwargs, error, message):

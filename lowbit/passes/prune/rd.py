@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from lowbit.errors import CalibrationError, PassConfigError
+from lowbit.ir.variants import fit_batches, run_batch
 from lowbit.passes.base import PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.prune.masks import (
@@ -107,8 +108,8 @@ class PruneRD(MaskPass):
         was_training = gm.training
         gm.eval()
         with torch.no_grad():
-            batches = list(ctx.require_calibration(self.name))
-            reference = [_flat_output(gm(*args, **kwargs)) for args, kwargs in batches]
+            batches = fit_batches(gm, ctx.require_calibration(self.name))
+            reference = [_flat_output(run_batch(gm, args, kwargs)) for args, kwargs in batches]
             curves = []
             for layer in ctx.progress(layers, desc="prune_rd curves"):
                 mask = getattr(layer.module, MASK_SUFFIX)
@@ -135,7 +136,7 @@ class PruneRD(MaskPass):
     def _distortion(self, gm: fx.GraphModule, batches: list, reference: list[torch.Tensor]) -> float:
         per_sample = torch.cat(
             [
-                ((_flat_output(gm(*args, **kwargs)) - ref) ** 2).mean(dim=1)
+                ((_flat_output(run_batch(gm, args, kwargs)) - ref) ** 2).mean(dim=1)
                 for (args, kwargs), ref in zip(batches, reference)
             ]
         )

@@ -30,6 +30,7 @@ from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir import ops, ops_a8, ops_conv
 from lowbit.ir.annotations import annotate, get_meta
 from lowbit.ir.packing import PackedFormatError
+from lowbit.ir.variants import fit_batches, run_batch
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.quant.rewrite import PackedConv, PackedLinear, layer_nodes
@@ -217,10 +218,10 @@ class QuantizeActivations(Pass):
         )
         observers = {path: _RangeObserver(path, configs[path]) for path in static}
         with _observing(gm, {node: observers[path] for path, nodes in static.items() for node in nodes}):
-            for args, kwargs in ctx.progress(batches, desc=f"{self.name} calibration"):
+            for args, kwargs in ctx.progress(fit_batches(gm, batches), desc=f"{self.name} calibration"):
                 for observer in observers.values():
                     observer.start_batch()
-                gm(*args, **kwargs)
+                run_batch(gm, args, kwargs)
                 for observer in observers.values():
                     observer.end_batch()
         return {path: observer.value() for path, observer in observers.items()}

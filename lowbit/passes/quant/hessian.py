@@ -6,9 +6,10 @@ stops the forward once the layer has seen all its calls, so activations are neve
 `capture_inputs` hands the inputs to any consumer; `CalibrationCursor` advances the batches
 through the graph with a pass that calibrates layer after layer, so all layers together cost
 one forward per batch. ``N`` counts token rows; padded tokens (`lowbit.calibration.padding_mask`)
-are left out, since the model never reads them. Since rows are tokens, batches larger than the
-batch size a torch.export graph is specialized to are cut into batches of that size first
-(`fit_batches`): the statistics are the same. A convolution's Hessians (`ConvHessianAccumulator`, one per
+are left out, since the model never reads them. Batches go through the graph as `lowbit.ir.variants.fit_batches`
+fits them: a graph specialized to the example's shapes by torch.export runs other shapes through a trace at that
+shape (`lowbit.ir.variants.ShapeVariant`), or batches cut to its batch size: the statistics are those of the
+batches as given. A convolution's Hessians (`ConvHessianAccumulator`, one per
 convolution group) come from its unfolded input patches. The math: docs/methods.md (GPTQ, Convolutions).
 """
 
@@ -24,8 +25,9 @@ import torch
 import torch.fx as fx
 
 from lowbit.calibration import padding_mask
-from lowbit.errors import CalibrationError, LowbitError
+from lowbit.errors import LowbitError
 from lowbit.ir.ops_conv import unfold_patches
+from lowbit.ir.variants import Signature, fit_batches, interpreter, run_batch, signature
 
 log = logging.getLogger(__name__)
 
@@ -40,51 +42,6 @@ def token_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     if keep is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
         return x[keep.to(x.device)]
     return x.reshape(-1, x.shape[-1])
-
-
-def fit_batches(gm: fx.GraphModule, batches: Iterable[Batch]) -> list[Batch]:
-    """``batches`` cut along dim 0 into batches of the size ``gm``'s inputs are specialized to (graphs from
-    torch.export fix the example's shapes); graphs that take any batch size (torch.fx) get them as they are."""
-    batches = list(batches)
-    size = _specialized_batch_size(gm)
-    if size is None:
-        return batches
-    fitted = []
-    for args, kwargs in batches:
-        values = [*args, *kwargs.values()]
-        rows = next((int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), size)
-        if rows == size:
-            fitted.append((args, kwargs))
-            continue
-        if rows % size:
-            raise CalibrationError(
-                f"a calibration batch of {rows} samples cannot be cut into batches of {size}, the batch size the "
-                "graph was traced with (torch.export specializes it): give batches of a multiple of it"
-            )
-        for start in range(0, rows, size):
-            part = slice(start, start + size)
-            fitted.append(
-                (tuple(_rows_of(a, rows, part) for a in args), {k: _rows_of(v, rows, part) for k, v in kwargs.items()})
-            )
-    return fitted
-
-
-def _rows_of(value: Any, rows: int, part: slice) -> Any:
-    """``value[part]`` for a batch's tensors of ``rows`` samples; anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
-        return value[part]
-    return value
-
-
-def _specialized_batch_size(gm: fx.GraphModule) -> int | None:
-    """The batch size of a torch.export graph's first tensor input, None for graphs that take any batch size."""
-    if gm.meta.get("lowbit_tracer") != "export":
-        return None
-    for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta") if node.op == "placeholder" else None
-        if meta is not None and len(meta.shape) > 0:
-            return int(meta.shape[0])
-    return None
 
 
 class _StopForward(Exception):
@@ -198,7 +155,7 @@ def capture_inputs(gm: fx.GraphModule, path: str, calls: int, batches: Iterable[
             for args, kwargs in fit_batches(gm, batches):
                 seen, keep = 0, padding_mask(args, kwargs)
                 with contextlib.suppress(_StopForward):
-                    gm(*args, **kwargs)
+                    run_batch(gm, args, kwargs)
     finally:
         handle.remove()
 
@@ -224,9 +181,13 @@ class CalibrationCursor:
         from lowbit.ir.trace import graph_inputs
 
         self.gm = gm
-        self._interpreter = fx.Interpreter(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         batches = fit_batches(gm, batches)
+        shared: dict[Signature, fx.Interpreter] = {}  # one interpreter per input shape
+        for args, kwargs in batches:
+            shape = signature(gm, args, kwargs)
+            shared[shape] = shared.get(shape) or interpreter(gm, args, kwargs)
+        self._interpreters = [shared[signature(gm, args, kwargs)] for args, kwargs in batches]
         self._envs = [dict(zip(placeholders, graph_inputs(gm, args, kwargs))) for args, kwargs in batches]
         self._masks = [padding_mask(args, kwargs) for args, kwargs in batches]
         self._done: set[fx.Node] = set(placeholders)
@@ -241,14 +202,14 @@ class CalibrationCursor:
         with torch.no_grad(), _eval_mode(self.gm):
             self._advance(calls[0])
             pending = set(calls)
-            for env, keep in zip(self._envs, self._masks):
+            for env, keep, runner in zip(self._envs, self._masks, self._interpreters):
                 scratch = dict(env)
                 for node in self._ahead():
                     if node in pending:
                         consume(scratch[_call_input(node)], keep)
                         if node is calls[-1]:
                             break
-                    scratch[node] = self._run(node, scratch)
+                    scratch[node] = _run(runner, node, scratch)
 
     def update(self, node: fx.Node, change: Callable[[Any], Any]) -> None:
         """Replace ``node``'s held value in every batch by ``change(value)``.
@@ -271,8 +232,8 @@ class CalibrationCursor:
         for node in list(self._ahead()):
             if node is stop:
                 return
-            for env in self._envs:
-                env[node] = self._run(node, env)
+            for env, runner in zip(self._envs, self._interpreters):
+                env[node] = _run(runner, node, env)
             self._done.add(node)
             for value in [*node.all_input_nodes, node]:
                 if all(user in self._done for user in value.users):
@@ -280,9 +241,10 @@ class CalibrationCursor:
                         env.pop(value, None)
         raise LowbitError(f"node '{stop.name}' is not ahead of the calibration cursor")
 
-    def _run(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-        self._interpreter.env = env
-        return self._interpreter.run_node(node)
+
+def _run(runner: fx.Interpreter, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    runner.env = env
+    return runner.run_node(node)
 
 
 def _call_input(node: fx.Node) -> fx.Node:
@@ -309,6 +271,5 @@ __all__ = [
     "HessianAccumulator",
     "capture_hessian",
     "capture_inputs",
-    "fit_batches",
     "token_rows",
 ]

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import CalibrationError, LowbitError
+from lowbit.ir.variants import fit_batches, run_batch
 from lowbit.passes.quant.grid import GRID_BITS, quantize_weight
 from lowbit.passes.quant.rewrite import linear_nodes, unsupported_reason
 
@@ -227,8 +228,8 @@ def _outputs(gm: fx.GraphModule, batches: CalibrationSet) -> list[torch.Tensor]:
     with torch.no_grad():
         return [
             leaf.detach().float()
-            for args, kwargs in batches
-            for leaf in tree_leaves(gm(*args, **kwargs))
+            for args, kwargs in fit_batches(gm, batches)
+            for leaf in tree_leaves(run_batch(gm, args, kwargs))
             if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
         ]
 

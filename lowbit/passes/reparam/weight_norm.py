@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from lowbit.errors import CalibrationError, PassConfigError
 from lowbit.ir.annotations import Reparam
 from lowbit.ir.graph import layers
+from lowbit.ir.variants import fit_batches, run_batch
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
 from lowbit.passes.registry import register
@@ -144,14 +145,14 @@ def _data_init(gm: fx.GraphModule, ctx: PassContext, targets: list[tuple[str, nn
     every later layer sees the already re-initialized earlier ones (the paper's layer-by-layer order).
     """
     batches = ctx.require_calibration("weight_norm", "weight_norm: init='data' needs one calibration batch")
-    args, kwargs = batches.batches[0]
+    args, kwargs = fit_batches(gm, batches.batches[:1])[0]
     pending: dict[int, RemovableHandle] = {}
     for path, module, init_scale in targets:
         pending[id(module)] = module.register_forward_pre_hook(functools.partial(_init_hook, path, init_scale, pending))
     was_training = gm.training
     try:
         with torch.no_grad():
-            gm.eval()(*args, **kwargs)
+            run_batch(gm.eval(), args, kwargs)
     finally:
         gm.train(was_training)
         for handle in pending.values():

@@ -1,6 +1,7 @@
 """Calibration batches of another batch size or length than the example's: graphs specialized by torch.export take
 them cut to the traced batch size (rows are tokens, so the statistics are unchanged), shorter sequences with an
-attention mask padded to the traced length (padded tokens left out); other shapes are refused up front, named."""
+attention mask padded to the traced length (padded tokens left out); shapes the model rejects are refused up front,
+named (other shapes: tests/passes/quant/test_calibration_variants.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import lowbit
 from lowbit.calibration import calibration_set
 from lowbit.errors import CalibrationError
 from lowbit.ir.trace import trace
-from lowbit.passes.quant.hessian import capture_hessian, fit_batches
+from lowbit.ir.variants import fit_batches
+from lowbit.passes.quant.hessian import capture_hessian
 
 VOCAB, LENGTH = 100, 16
 
@@ -89,9 +91,9 @@ def test_a_cut_batch_gives_the_hessian_of_its_rows(bert) -> None:
     torch.testing.assert_close(capture_hessian(gm, path, 1, whole).hessian, capture_hessian(gm, path, 1, parts).hessian)
 
 
-def test_shapes_the_graph_cannot_run_are_named(bert) -> None:
-    with pytest.raises(CalibrationError, match=r"shape \(2, 9\)"):
-        lowbit.compile(bert, (_ids(1),), passes=["gptq:bits=4"], calibration=[(_ids(2, 9),)], target="torch")
+def test_shapes_the_model_cannot_run_are_named(bert) -> None:
+    with pytest.raises(CalibrationError, match=r"input_ids \(2, 40\)\): the model does not run at this shape"):
+        lowbit.compile(bert, (_ids(1),), passes=["gptq:bits=4"], calibration=[(_ids(2, 40),)], target="torch")
     gm = trace(bert, (_ids(2),))
-    with pytest.raises(CalibrationError, match="3 samples cannot be cut into batches of 2"):
+    with pytest.raises(CalibrationError, match=r"input_ids \(3, 16\) does not fit the graph traced by torch.export"):
         fit_batches(gm, [((_ids(3),), {})])
