@@ -76,9 +76,9 @@ def test_text_is_tokenized_into_windows_with_special_tokens(tmp_path) -> None:
         ),
         (
             "shape.npz",
-            {"input_ids": np.ones((2, 7), dtype=np.int64), "attention_mask": np.ones((2, 7), dtype=np.int64)},
+            {"input_ids": np.ones((2, 6, 1), dtype=np.int64), "attention_mask": np.ones((2, 6), dtype=np.int64)},
             IDS,
-            "does not match the example input",
+            "of another rank than the example input",
         ),
         ("text.txt", "some words", {"x": torch.zeros(2, 3)}, "needs a model with a tokenizer"),
     ],
