@@ -26,53 +26,59 @@ from lowbit.errors import CalibrationError, TraceError
 from lowbit.ir.trace import FREE_BATCH, _summary, graph_inputs, trace
 
 log = logging.getLogger(__name__)
+aten = torch.ops.aten
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 #: The shape of each graph input (None: not a tensor), in placeholder order.
 Signature = tuple[tuple[int, ...] | None, ...]
 #: ``gm.meta`` key: the graph's `ShapeVariant` per input `Signature`.
 VARIANTS = "lowbit_shape_variants"
+#: Ops a trace at another shape may leave out where they keep their input as it is.
+_VIEWS = frozenset({aten.expand.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 
 
 @dataclass(frozen=True)
 class ShapeVariant:
     """The constants a trace at another input shape puts in place of the traced graph's: per node name, the
     ``(leaf index, traced value, value at that shape)`` of its flattened ``(args, kwargs)``; per attribute target,
-    the tensor constant at that shape."""
+    the tensor constant at that shape; the nodes that are the identity at that shape (``identities``: an ``expand``
+    or view the trace there leaves out, as torch.export does to one that keeps a dimension of size 1 as it is)."""
 
     constants: Mapping[str, tuple[tuple[int, Any, Any], ...]] = field(default_factory=dict)
     attributes: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    identities: frozenset[str] = frozenset()
 
     @classmethod
     def between(cls, traced: fx.GraphModule, other: fx.GraphModule) -> ShapeVariant:
         """The variant taking ``traced`` to ``other`` (the same model traced at another shape); `ValueError` saying
-        where when the two graphs differ in more than constants."""
-        first, second = list(traced.graph.nodes), list(other.graph.nodes)
-        if len(first) != len(second):
-            raise ValueError(f"{len(second)} nodes instead of {len(first)}")
+        where when the two graphs differ in more than constants and left-out views."""
+        second = list(other.graph.nodes)
+        names: dict[str, str] = {}  # traced node name -> name of the node of ``other`` computing its value
         constants: dict[str, tuple[tuple[int, Any, Any], ...]] = {}
         attributes: dict[str, torch.Tensor] = {}
-        for a, b in zip(first, second):
-            if (a.name, a.op, a.target) != (b.name, b.op, b.target):
-                raise ValueError(f"node '{b.name}' ({b.target}) where the compiled graph has '{a.name}' ({a.target})")
-            leaves, spec = pytree.tree_flatten((a.args, a.kwargs))
-            others, other_spec = pytree.tree_flatten((b.args, b.kwargs))
-            if spec != other_spec:
-                raise ValueError(f"node '{a.name}' takes other arguments")
-            changes = []
-            for index, (x, y) in enumerate(zip(leaves, others)):
-                if isinstance(x, fx.Node) or isinstance(y, fx.Node):
-                    if not (isinstance(x, fx.Node) and isinstance(y, fx.Node) and x.name == y.name):
-                        raise ValueError(f"node '{a.name}' reads other nodes")
-                elif not _same(x, y):
-                    changes.append((index, x, y))
+        identities = set()
+        position = 0
+        for a in traced.graph.nodes:
+            b = second[position] if position < len(second) else None
+            changes = _changes(a, b, names) if b is not None and (a.op, a.target) == (b.op, b.target) else None
+            if changes is None:
+                if a.target not in _VIEWS or not a.args or not isinstance(a.args[0], fx.Node):
+                    where = f"'{b.name}' ({b.target})" if b is not None else "nothing"
+                    raise ValueError(f"node {where} where the compiled graph has '{a.name}' ({a.target})")
+                identities.add(a.name)
+                names[a.name] = names[a.args[0].name]
+                continue
+            position += 1
+            names[a.name] = b.name
             if changes:
-                constants[a.name] = tuple(changes)
+                constants[a.name] = changes
             if a.op == "get_attr":
                 x, y = _attribute(traced, str(a.target)), _attribute(other, str(b.target))
                 if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not _same(x, y):
                     attributes[str(a.target)] = y.detach()
-        return cls(constants, attributes)
+        if position != len(second):
+            raise ValueError(f"node '{second[position].name}' ({second[position].target}) has no counterpart")
+        return cls(constants, attributes, frozenset(identities))
 
     def arguments(self, node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``node``'s ``(args, kwargs)`` at this variant's shape: each recorded constant still in place replaced."""
@@ -92,6 +98,11 @@ class VariantInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, variant: ShapeVariant) -> None:
         super().__init__(gm)
         self.variant = variant
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.variant.identities:
+            return self.env[n.args[0]]
+        return super().run_node(n)
 
     def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
         args, kwargs = self.variant.arguments(n)
@@ -277,6 +288,23 @@ def _rows_of(value: Any, rows: int, part: slice) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
         return value[part]
     return value
+
+
+def _changes(a: fx.Node, b: fx.Node, names: Mapping[str, str]) -> tuple[tuple[int, Any, Any], ...] | None:
+    """The constants of ``a`` that ``b`` (its counterpart at another shape) holds other values of, as
+    ``(leaf index, value in a, value in b)``; None where they read other nodes or take other arguments."""
+    leaves, spec = pytree.tree_flatten((a.args, a.kwargs))
+    others, other_spec = pytree.tree_flatten((b.args, b.kwargs))
+    if spec != other_spec:
+        return None
+    changes = []
+    for index, (x, y) in enumerate(zip(leaves, others)):
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            if not (isinstance(x, fx.Node) and isinstance(y, fx.Node) and names.get(x.name) == y.name):
+                return None
+        elif not _same(x, y):
+            changes.append((index, x, y))
+    return tuple(changes)
 
 
 def _attribute(gm: fx.GraphModule, target: str) -> Any:

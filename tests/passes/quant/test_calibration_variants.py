@@ -140,6 +140,20 @@ def test_hessians_through_a_variant_are_those_of_the_model(request, name, path, 
     torch.testing.assert_close(hessian, 2 * x.T @ x / x.shape[0])
 
 
+def test_views_left_out_at_a_batch_of_one_run_as_the_identity(llama) -> None:
+    """torch.export leaves out an ``expand`` that keeps a dimension of size 1: a graph traced at batch 2 takes batches
+    of 1 through a trace at batch 1 all the same, with the Hessian of that trace."""
+    gm = trace(llama, (_ids(2),), tracer="export")
+    batches = [((_ids(1),), {}), ((_ids(1, 9),), {})]
+    add_calibration_variants(llama, gm, batches)
+    assert all(variant.identities for variant in gm.meta[VARIANTS].values())
+    path = "model.layers.0.self_attn.o_proj"
+    for batch in batches:
+        at_shape = trace(llama, batch[0], tracer="export")
+        hessian = capture_hessian(gm, path, 1, [batch]).hessian
+        assert torch.equal(hessian, capture_hessian(at_shape, path, 1, [batch]).hessian)
+
+
 @pytest.mark.parametrize("name", ["gptq", "awq"])
 def test_llama_calibrates_at_any_batch_and_length(llama, name) -> None:
     graph = _calibrated(llama, (_ids(1),), "export", PASSES[name], [_ids(3), _ids(2, 9), _ids(2, 40)])
