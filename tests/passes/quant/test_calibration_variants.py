@@ -4,11 +4,14 @@ equal to those of a graph traced at that shape; shapes the model rejects are a n
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 import transformers
 
+import lowbit
 from lowbit.errors import CalibrationError
 from lowbit.ir.trace import trace
 from lowbit.ir.variants import VARIANTS, add_calibration_variants, fit_batches
@@ -209,3 +212,32 @@ def test_a_batch_without_its_trace_is_named(bert) -> None:
     gm = trace(bert, (_ids(2),), tracer="export")
     with pytest.raises(CalibrationError, match=r"input_ids \(3, 16\) does not fit the graph .* input_ids \(2, 16\)"):
         fit_batches(gm, [((_ids(3),), {})])
+
+
+def test_bert_compiled_for_x86_calibrates_at_any_batch_and_length(bert) -> None:
+    """The x86 target builds the graph traced at the example's shapes; GPTQ and the static int8 scales are
+    calibrated on batches of other sizes and lengths through traces at their shapes."""
+    compiled = lowbit.compile(
+        bert,
+        (_ids(2),),
+        passes=["gptq:bits=4,group_size=32", "quantize_activations:dynamic=false"],
+        calibration=[(_ids(3),), (_ids(1, 9),), (_ids(2, 24),)],
+        target="x86",
+    )
+    assert [p.name for p in compiled.report.pipeline.passes] == ["gptq", "quantize_activations"]
+    assert sorted(compiled.graph.meta[VARIANTS]) == [((1, 9),), ((2, 24),), ((3, 16),)]
+    assert 0 < compiled.report.rel_error < 0.2
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("spec", ["prune_rd:sparsity=0.5,grid=4", "weight_norm:init=data"])
+def test_pruning_and_data_init_calibrate_at_any_batch_and_image_size(cnn, tracer, spec) -> None:
+    """The other calibrating passes: prune_rd's distortion curves and weight_norm's data-dependent init (on the first
+    batch), with the result of a graph traced at the calibration shape."""
+    results = []
+    for example in (_images(2), _images(3, 12)):
+        torch.manual_seed(0)  # weight_norm draws its directions from the global generator
+        graph = _calibrated(copy.deepcopy(cnn), (example,), tracer, [spec], [_images(3, 12), _images(1), _images(4, 6)])
+        assert graph.meta["lowbit_tracer"] == tracer
+        results.append(graph)
+    _assert_same_state(*results)
