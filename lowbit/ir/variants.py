@@ -1,14 +1,15 @@
 """Running a graph specialized to the example's input shapes on calibration batches of other shapes.
 
 torch.export bakes the example's sizes into the graph (view shapes, ``arange`` lengths, slice ends). A trace of the
-same model at another input shape has, for most models, the same nodes with other constants: `ShapeVariant`
-records the constants that differ, by node name, and `VariantInterpreter` runs the graph being compiled with them,
-so a batch of that shape reaches the same layers, as earlier passes left them. `add_calibration_variants` traces the
-model at each calibration shape the graph cannot take (and names the batch, its inputs and the reason where the
-model itself rejects a shape); `fit_batches` cuts batches larger than a specialized batch size into batches of it
-where it divides them (rows are independent samples, so the statistics are those of the whole batch); `run_batch`
-runs one batch through the graph, or through its shape's variant. Graphs from torch.fx compute their shapes at run
-time and take every shape the model takes.
+same model at another input shape has, for most models, the same nodes with other constants (and without views
+that keep a size-1 dimension as it is): `ShapeVariant` records the constants that differ, by node name, and
+`VariantInterpreter` runs the graph being compiled with them, so a batch of that shape reaches the same layers, as
+earlier passes left them. `add_calibration_variants` traces the model at each calibration shape the graph cannot
+take (and names the batch, its inputs and the reason where the model itself rejects a shape); `fit_batches` cuts
+batches whose size is a multiple of a specialized batch size into batches of it (rows are independent samples, so
+the statistics are those of the whole batch); `run_batch` runs one batch through the graph, or through its shape's
+variant. Graphs from torch.fx compute most sizes as they run, but lowbit's decompositions (`lowbit.ir.decompose`)
+write sizes into them too: they are traced again at each calibration shape as well.
 """
 
 from __future__ import annotations
@@ -157,48 +158,46 @@ def fit_batches(gm: fx.GraphModule, batches: Iterable[Batch]) -> list[Batch]:
 def add_calibration_variants(
     model: torch.nn.Module, gm: fx.GraphModule, batches: Iterable[Batch], leaf_modules: Sequence[Any] = ()
 ) -> None:
-    """Make every calibration batch runnable through ``gm`` (traced from ``model``): trace ``model`` at each shape
-    `fit_batches` would refuse and record its `ShapeVariant` in ``gm.meta``. A shape the model rejects (or whose
-    trace differs from ``gm`` in more than constants) is a `CalibrationError` naming the batch, its inputs and why.
-    Graphs from torch.fx take any shape: each new shape beyond the batch dimension runs through ``gm`` once to check
-    it."""
+    """Make every calibration batch runnable through ``gm`` (traced from ``model``): trace ``model`` again, with
+    ``gm``'s tracer, at each shape ``gm`` does not take as it is and record the constants that differ there as a
+    `ShapeVariant` in ``gm.meta``. Graphs from torch.fx are traced again at every shape, since lowbit's own
+    decompositions (`lowbit.ir.decompose`) write sizes into them too; where nothing differs there, they need no
+    variant. A shape the model rejects (or whose trace differs from ``gm`` in more than constants) is a
+    `CalibrationError` naming the batch, its inputs and why."""
     variants = dict(gm.meta.get(VARIANTS, {}))
+    tracer = gm.meta.get("lowbit_tracer")
     checked: set[Signature] = set()
     for index, (args, kwargs) in enumerate(batches):
         shapes = signature(gm, args, kwargs)
         if shapes in checked:
             continue
         checked.add(shapes)
-        if gm.meta.get("lowbit_tracer") != "export":
-            if _beyond_batch(shapes) != _beyond_batch(traced_shapes(gm)):
-                _check_runs(gm, index, shapes, args, kwargs)
-            continue
         where = f"calibration batch {index} (inputs {_describe(gm, shapes)})"
         args, kwargs = _parts(gm, shapes, args, kwargs)[0]
         shapes = signature(gm, args, kwargs)
-        if takes(gm, shapes) or shapes in variants:
+        if shapes in variants or shapes == traced_shapes(gm) or (tracer == "export" and takes(gm, shapes)):
             continue
         try:
             other = trace(
                 model,
                 tuple(args),
                 leaf_modules=tuple(leaf_modules),
-                tracer="export",
+                tracer=tracer or "auto",
                 example_kwargs=dict(kwargs),
                 free_batch=bool(gm.meta.get(FREE_BATCH)),
             )
         except TraceError as exc:
-            raise CalibrationError(
-                f"{where}: the model does not run at this shape: {_summary(exc.__cause__ or exc)}"
-            ) from exc
+            raise CalibrationError(f"{where}: the model does not run at this shape: {_summary(_root(exc))}") from exc
         try:
-            variants[shapes] = ShapeVariant.between(gm, other)
+            variant = ShapeVariant.between(gm, other)
         except ValueError as exc:
             raise CalibrationError(
                 f"{where}: the model traced at this shape is another graph than at the example's shape ({exc}), so "
                 f"it cannot calibrate the compiled one; give batches of shape {_describe(gm, traced_shapes(gm))}"
             ) from exc
-        log.info("calibration: traced the model at %s", _describe(gm, shapes))
+        if variant.constants or variant.attributes or variant.identities or not takes(gm, shapes):
+            variants[shapes] = variant
+            log.info("calibration: traced the model at %s", _describe(gm, shapes))
     gm.meta[VARIANTS] = variants
 
 
@@ -209,8 +208,9 @@ def traced_shapes(gm: fx.GraphModule) -> Signature:
 
 
 def takes(gm: fx.GraphModule, shapes: Signature) -> bool:
-    """Whether ``gm`` runs inputs of ``shapes`` as it is: any shape for torch.fx graphs; for graphs from torch.export,
-    every dimension it holds at a concrete size (not a symbol, as a free batch dimension is) has that size."""
+    """Whether ``gm`` runs inputs of ``shapes`` as it is: for graphs from torch.export, every dimension it holds at a
+    concrete size (not a symbol, as a free batch dimension is) has that size; graphs from torch.fx run any shape
+    (`add_calibration_variants` records the shapes where they run with other constants)."""
     if gm.meta.get("lowbit_tracer") != "export":
         return True
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
@@ -226,14 +226,12 @@ def takes(gm: fx.GraphModule, shapes: Signature) -> bool:
 
 def _variant(gm: fx.GraphModule, shapes: Signature) -> ShapeVariant | None:
     """The variant ``gm`` runs inputs of ``shapes`` through; None where it runs them as it is."""
-    if takes(gm, shapes):
-        return None
     return gm.meta.get(VARIANTS, {}).get(shapes)
 
 
 def _runs(gm: fx.GraphModule, shapes: Signature) -> bool:
     """Whether ``gm`` runs inputs of ``shapes``, as it is or through a variant."""
-    return takes(gm, shapes) or shapes in gm.meta.get(VARIANTS, {})
+    return shapes in gm.meta.get(VARIANTS, {}) or takes(gm, shapes)
 
 
 def _parts(gm: fx.GraphModule, shapes: Signature, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Batch]:
@@ -255,26 +253,11 @@ def _parts(gm: fx.GraphModule, shapes: Signature, args: Sequence[Any], kwargs: M
     ]
 
 
-def _beyond_batch(shapes: Signature) -> Signature:
-    return tuple(s[1:] if s else s for s in shapes)
-
-
-def _check_runs(
-    gm: fx.GraphModule, index: int, shapes: Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> None:
-    """`CalibrationError` naming the batch, its inputs and the model's error where ``gm`` cannot run it."""
-    modes = [(m, m.training) for m in gm.modules()]
-    try:
-        with torch.no_grad():
-            gm.eval()(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - whatever the model raises is the reason it rejects the shape
-        raise CalibrationError(
-            f"calibration batch {index} (inputs {_describe(gm, shapes)}): the model does not run at this shape: "
-            f"{_summary(exc)}"
-        ) from exc
-    finally:
-        for module, training in modes:
-            module.training = training
+def _root(exc: BaseException) -> BaseException:
+    """The exception at the bottom of ``exc``'s chain of causes (the model's own error under a tracer's report)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _describe(gm: fx.GraphModule, shapes: Signature) -> str:

@@ -186,7 +186,8 @@ class CalibrationCursor:
         shared: dict[Signature, fx.Interpreter] = {}  # one interpreter per input shape
         for args, kwargs in batches:
             shape = signature(gm, args, kwargs)
-            shared[shape] = shared.get(shape) or interpreter(gm, args, kwargs)
+            if shape not in shared:
+                shared[shape] = interpreter(gm, args, kwargs)
         self._interpreters = [shared[signature(gm, args, kwargs)] for args, kwargs in batches]
         self._envs = [dict(zip(placeholders, graph_inputs(gm, args, kwargs))) for args, kwargs in batches]
         self._masks = [padding_mask(args, kwargs) for args, kwargs in batches]

@@ -165,6 +165,38 @@ def test_llama_calibrates_at_any_batch_and_length(llama, name) -> None:
     assert 0 < float((out - expected).norm() / expected.norm()) < 0.2
 
 
+class TokenAttention(nn.Module):
+    """Token and position embeddings, self-attention and a linear: torch.fx traces it, and the attention's
+    decomposition (`lowbit.ir.decompose`) writes the sequence length into the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(VOCAB, 32), nn.Embedding(32, 32)
+        self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("name", list(PASSES))
+def test_token_attention_calibrates_at_any_batch_and_length(tracer, name) -> None:
+    torch.manual_seed(0)
+    model = TokenAttention().eval()
+    batches = [_ids(3), _ids(2, 9), _ids(1, 24)]
+    graph = _calibrated(model, (_ids(2),), tracer, PASSES[name], batches)
+    assert graph.meta["lowbit_tracer"] == tracer and graph.meta[VARIANTS]
+    with torch.no_grad():
+        expected, out = model(_ids(2)), graph(_ids(2))
+    out = out[0] if isinstance(out, tuple) else out
+    assert 0 < float((out - expected).norm() / expected.norm()) < 0.2
+    _assert_same_state(graph, _calibrated(model, (_ids(2, 9),), tracer, PASSES[name], batches))
+    with pytest.raises(CalibrationError, match=r"ids \(1, 40\)\): the model does not run at this shape: IndexError"):
+        add_calibration_variants(model, trace(model, (_ids(2),), tracer=tracer), [((_ids(1, 40),), {})])
+
+
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 @pytest.mark.parametrize("name", list(PASSES))
 def test_cnn_calibrates_at_any_batch_and_image_size(cnn, tracer, name) -> None:
