@@ -7,7 +7,7 @@ stops the forward once the layer has seen all its calls, so activations are neve
 through the graph with a pass that calibrates layer after layer, so all layers together cost
 one forward per batch. ``N`` counts token rows; padded tokens (`lowbit.calibration.padding_mask`)
 are left out, since the model never reads them. Batches go through the graph as `lowbit.ir.variants.fit_batches`
-fits them: a graph specialized to the example's shapes by torch.export runs other shapes through a trace at that
+fits them: a graph specialized to the example's shapes runs other shapes with the constants of a trace at that
 shape (`lowbit.ir.variants.ShapeVariant`), or batches cut to its batch size: the statistics are those of the
 batches as given. A convolution's Hessians (`ConvHessianAccumulator`, one per
 convolution group) come from its unfolded input patches. The math: docs/methods.md (GPTQ, Convolutions).
