@@ -231,7 +231,7 @@ def compile(
     with causal_lm.tracing() if causal_lm else contextlib.nullcontext():
         free_batch = backend.name == "torch" and not causal_lm
         gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch)
-        if calib is not None and gm is not model and not causal_lm:
+        if calib is not None and gm is not model:
             add_calibration_variants(model, gm, calib, leaf_modules)
     interface = Interface.of(gm)  # before the passes, which may replace the embedding tables
     trace_s = time.perf_counter() - start

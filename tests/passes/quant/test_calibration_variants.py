@@ -197,6 +197,19 @@ def test_token_attention_calibrates_at_any_batch_and_length(tracer, name) -> Non
         add_calibration_variants(model, trace(model, (_ids(2),), tracer=tracer), [((_ids(1, 40),), {})])
 
 
+def test_a_causal_lm_compiled_with_dynamic_shapes_calibrates_at_any_batch_and_length(llama) -> None:
+    compiled = lowbit.compile(
+        llama,
+        (_ids(1),),
+        passes=["gptq:bits=4,group_size=32"],
+        calibration=[(_ids(3, 9),), (_ids(2, 24),)],
+        dynamic_shapes={"input_ids": {0: (1, 2), 1: (1, 64)}},
+        target="torch",
+    )
+    assert sorted(compiled.graph.meta[VARIANTS]) == [((1, 9),), ((1, 24),)]
+    assert 0 < compiled.report.rel_error < 0.2
+
+
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 @pytest.mark.parametrize("name", list(PASSES))
 def test_cnn_calibrates_at_any_batch_and_image_size(cnn, tracer, name) -> None:
