@@ -146,13 +146,45 @@ def fit_batches(gm: fx.GraphModule, batches: Iterable[Batch]) -> list[Batch]:
         if all(_runs(gm, signature(gm, *part)) for part in parts):
             fitted.extend(parts)
             continue
-        raise CalibrationError(
-            f"a calibration batch of inputs {_describe(gm, shapes)} does not fit the graph traced by torch.export, "
-            f"which is specialized to {_describe(gm, traced_shapes(gm))}, and no trace at its shape was made: "
-            "calibrate through lowbit.compile or lowbit.prepare (they trace the model at each calibration shape), "
-            "or call lowbit.ir.variants.add_calibration_variants first"
-        )
+        raise CalibrationError(f"a calibration batch of {_untraced(gm, shapes)}")
     return fitted
+
+
+def _untraced(gm: fx.GraphModule, shapes: Signature) -> str:
+    return (
+        f"inputs {_describe(gm, shapes)} does not fit the graph traced by torch.export, which is specialized to "
+        f"{_describe(gm, traced_shapes(gm))}, and no trace at its shape was made: calibrate through lowbit.compile "
+        "or lowbit.prepare (they trace the model at each calibration shape), or call "
+        "lowbit.ir.variants.add_calibration_variants first"
+    )
+
+
+def check_batches(gm: fx.GraphModule, batches: Iterable[Batch]) -> None:
+    """`CalibrationError` naming the batch, its inputs and why, for a calibration batch ``gm`` cannot run: one of a
+    shape it has no trace at (`add_calibration_variants`), or one the model rejects. Each shape other than the
+    traced one runs through ``gm`` once (in eval mode, without gradients)."""
+    seen = {traced_shapes(gm)}
+    modes = [(module, module.training) for module in gm.modules()]
+    try:
+        with torch.no_grad():
+            for index, (args, kwargs) in enumerate(batches):
+                shapes = signature(gm, args, kwargs)
+                if shapes in seen:
+                    continue
+                seen.add(shapes)
+                parts = _parts(gm, shapes, args, kwargs)
+                if not all(_runs(gm, signature(gm, *part)) for part in parts):
+                    raise CalibrationError(f"calibration batch {index}: {_untraced(gm, shapes)}")
+                try:
+                    run_batch(gm.eval(), *parts[0])
+                except Exception as exc:  # noqa: BLE001 - whatever the model raises is why it rejects the shape
+                    raise CalibrationError(
+                        f"calibration batch {index} (inputs {_describe(gm, shapes)}): the model does not run at this "
+                        f"shape: {_summary(_root(exc))}"
+                    ) from exc
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def add_calibration_variants(
@@ -315,6 +347,7 @@ __all__ = [
     "Signature",
     "VariantInterpreter",
     "add_calibration_variants",
+    "check_batches",
     "fit_batches",
     "interpreter",
     "run_batch",

@@ -18,6 +18,7 @@ from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.errors import CalibrationError, PassOrderError
 from lowbit.ir.annotations import graph_kinds
 from lowbit.ir.printer import format_graph
+from lowbit.ir.variants import check_batches
 from lowbit.ir.verify import verify as verify_graph
 from lowbit.passes.base import Pass, PassContext, PassResult
 from lowbit.passes.registry import parse_spec
@@ -146,7 +147,8 @@ class Pipeline:
         example_inputs: tuple = (),
         example_kwargs: Mapping[str, Any] | None = None,
     ) -> fx.GraphModule:
-        """Run the passes on a copy of ``gm``; ``calibration`` is raw batches or a `CalibrationSet`."""
+        """Run the passes on a copy of ``gm``; ``calibration`` is raw batches or a `CalibrationSet`, each batch of a
+        shape ``gm`` runs (`lowbit.ir.variants.check_batches`: checked before any pass)."""
         check_order(self.passes, graph_kinds(gm.graph))
         ctx = PassContext(
             example_inputs=example_inputs,
@@ -154,6 +156,8 @@ class Pipeline:
             calibration=self.calibration_set(calibration, example_inputs, example_kwargs),
             progress_every=self.progress_every,
         )
+        if ctx.calibration is not None and self.requires_calibration:
+            check_batches(gm, ctx.calibration)
         gm = copy.deepcopy(gm)
         self.report = PipelineReport()
         self._dump(gm, 0, "input")

@@ -257,6 +257,10 @@ def test_a_batch_without_its_trace_is_named(bert) -> None:
     gm = trace(bert, (_ids(2),), tracer="export")
     with pytest.raises(CalibrationError, match=r"input_ids \(3, 16\) does not fit the graph .* input_ids \(2, 16\)"):
         fit_batches(gm, [((_ids(3),), {})])
+    pipeline = Pipeline(["gptq:bits=4,group_size=32"])
+    with pytest.raises(CalibrationError, match=r"calibration batch 1: inputs input_ids \(3, 16\) does not fit"):
+        pipeline(gm, calibration=[(_ids(4),), (_ids(3),)], example_inputs=(_ids(2),))
+    assert not pipeline.report.passes, "checked before any pass"
 
 
 def test_bert_compiled_for_x86_calibrates_at_any_batch_and_length(bert) -> None:

@@ -261,10 +261,18 @@ def test_convs_without_a_packed_form_stay_fp32_with_the_reason(make_pass) -> Non
     assert isinstance(gm.conv3d, nn.Conv3d) and isinstance(gm.up, nn.ConvTranspose2d)
 
 
-@pytest.mark.parametrize("bad", [(2, 3, 12), (2, 1, 12, 12), (2, 12, 12, 3)], ids=["3d", "channels", "nhwc"])
-def test_calibration_images_of_the_wrong_shape_are_a_calibration_error(bad) -> None:
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ((2, 3, 12), r"has shape \(2, 3, 12\), of another rank than the example input's"),
+        ((2, 1, 12, 12), r"\(inputs x \(2, 1, 12, 12\)\): the model does not run at this shape: RuntimeError"),
+        ((2, 12, 12, 3), r"\(inputs x \(2, 12, 12, 3\)\): the model does not run at this shape: RuntimeError"),
+    ],
+    ids=["3d", "channels", "nhwc"],
+)
+def test_calibration_images_of_the_wrong_shape_are_a_calibration_error(bad, message) -> None:
     gm = fx.symbolic_trace(trained(TinyCNN()))
-    with pytest.raises(CalibrationError, match="does not match the example input"):
+    with pytest.raises(CalibrationError, match=message):
         Pipeline([GPTQ(bits=4)])(gm, calibration=[(torch.randn(bad),)], example_inputs=images(1)[0])
 
 
