@@ -8,8 +8,9 @@ earlier passes left them. `add_calibration_variants` traces the model at each ca
 take (and names the batch, its inputs and the reason where the model itself rejects a shape); `fit_batches` cuts
 batches whose size is a multiple of a specialized batch size into batches of it (rows are independent samples, so
 the statistics are those of the whole batch); `run_batch` runs one batch through the graph, or through its shape's
-variant. Graphs from torch.fx compute most sizes as they run, but lowbit's decompositions (`lowbit.ir.decompose`)
-write sizes into them too: they are traced again at each calibration shape as well.
+variant; `check_batches` (run by the pipeline before any pass) names a batch the graph cannot run. Graphs from
+torch.fx compute most sizes as they run, but lowbit's decompositions (`lowbit.ir.decompose`) write sizes into them
+too: they are traced again at each calibration shape as well.
 """
 
 from __future__ import annotations
