@@ -1,6 +1,7 @@
-"""Calibration batches of any batch size and length the model takes, under both tracers: a graph torch.export
-specialized to the example's shapes runs them through a trace at their shape (`lowbit.ir.variants`), with statistics
-equal to those of a graph traced at that shape; shapes the model rejects are a named error."""
+"""Calibration batches of any batch size and length the model takes, under both tracers and for every calibrating
+pass: a graph specialized to the example's shapes runs them with the constants of a trace at their shape
+(`lowbit.ir.variants`), with statistics equal to those of a graph traced at that shape; shapes the model rejects
+are a named error."""
 
 from __future__ import annotations
 
