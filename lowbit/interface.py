@@ -57,7 +57,7 @@ class Interface:
         """The interface of the traced graph ``gm`` (before any pass), with the spec of ``eager_output``."""
         names = tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder")
         output = output_spec(eager_output) if eager_output is not None else None
-        batch = fixed_batch(gm) if gm.meta.get(FREE_BATCH) else {}
+        batch = fixed_batch(gm) if FREE_BATCH in gm.meta else {}
         return cls(names, index_ranges(gm), output, batch, mask_inputs(gm))
 
     def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:

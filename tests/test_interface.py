@@ -14,7 +14,7 @@ from lowbit.errors import InputError, InputShapeError, NonFiniteInputError
 from lowbit.interface import Interface, index_ranges
 from lowbit.ir.trace import trace
 
-from helpers import TINY_VOCAB, tiny_bert
+from helpers import TINY_VOCAB, tiny_bert, tiny_llama
 
 VOCAB = 50
 
@@ -178,6 +178,23 @@ def test_the_torch_target_takes_any_batch_size_of_an_exported_graph(tmp_path) ->
         torch.testing.assert_close(got, model(ids[:3]).last_hidden_state, rtol=0, atol=0.1)  # 4-bit weights
     loaded = lowbit.load(compiled.export(tmp_path / "bert"))
     torch.testing.assert_close(loaded(ids).last_hidden_state, compiled(ids).last_hidden_state)
+
+
+def test_a_causal_lm_on_the_torch_target_answers_as_eager_at_other_batches_or_refuses_them() -> None:
+    """transformers' Llama exported at batch 1 with a free batch keeps a batch-1 constant in its mask: the export
+    is checked at twice the batch, falls back to the example's batch, and other batches are refused by name."""
+    model = tiny_llama()
+    ids = torch.randint(0, TINY_VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    compiled = lowbit.compile(model, (ids[:1],), passes=[], target="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids[:1]).logits, model(ids[:1]).logits)
+        for batch in (2, 3):
+            try:
+                got = compiled(ids[:batch]).logits
+            except InputShapeError as error:
+                assert "fixes its batch dimension (dim 0) at 1" in str(error)
+            else:
+                torch.testing.assert_close(got, model(ids[:batch]).logits)
 
 
 class FixesItsBatch(torch.nn.Module):

@@ -182,10 +182,32 @@ def _export_free_batch(
     try:
         with fx_config.patch(backed_size_oblivious=True):
             dynamic = shapes.dynamic_shapes(model, args, kwargs)
-            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        _check_doubled_batch(model, program, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - the export at the example shapes reports a real failure
         logger.info("export with a free batch dimension failed (%s); exporting at the example shapes", _summary(exc))
         return None
+    return program
+
+
+def _check_doubled_batch(
+    model: nn.Module, program: torch.export.ExportedProgram, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Raise unless ``program`` answers as ``model`` does on the example batch repeated twice: a size-oblivious
+    export can keep a size-1 constant the batch indexes (transformers' masks at batch 1), which only another
+    batch size shows."""
+
+    def doubled(value: Any) -> Any:
+        return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() else value
+
+    args2, kwargs2 = pytree.tree_map(doubled, (args, kwargs))
+    with torch.no_grad():
+        expected = pytree.tree_leaves(model(*args2, **kwargs2))
+        got = pytree.tree_leaves(program.module()(*args2, **kwargs2))
+    pairs = list(zip(expected, got, strict=True))
+    for want, have in pairs:
+        if isinstance(want, torch.Tensor) and not torch.allclose(have, want, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise ValueError("the export with a free batch differs from the model at twice the example batch")
 
 
 # --- shape propagation ----------------------------------------------------------
