@@ -295,7 +295,7 @@ def _matmul_nbits(
     input's columns gathered in that order unless it is the identity."""
     bits, group_size, in_features = arguments["bits"], arguments["group_size"], arguments["in_features"]
     rows = tensors["qweight"].shape[0]
-    blocks = packing.num_groups(in_features, block)
+    blocks = -(-in_features // block)  # a per-channel row may be narrower than its one block
     codes = torch.nn.functional.pad(_codes(tensors, arguments)[:, order], (0, blocks * block - in_features))
     blob = packing.pack(codes, bits).view(rows, blocks, block * bits // 8)
     group = torch.arange(blocks) * block // group_size
@@ -401,14 +401,17 @@ def _linear_packed_a8(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments
 
 def _fast_block(bits: int, group_size: int, in_features: int) -> int | None:
     """The ``MatMulNBits`` block of the fast int8 translation: the largest power of two up to `FAST_INT8_BLOCK` that
-    divides the weight's groups (per-channel: any, the last block partial), or None below the smallest block."""
+    divides the weight's groups, or None below the smallest block. A per-channel row is one block up to
+    `FAST_INT8_BLOCK` columns, and blocks of its largest such divisor beyond (`FAST_INT8_BLOCK` columns where that is
+    below the smallest block; the last block partial)."""
     if bits not in MATMUL_NBITS_BITS:
         return None
-    if group_size >= in_features:
-        block = min(FAST_INT8_BLOCK, 1 << (in_features.bit_length() - 1))
-    else:
-        block = min(FAST_INT8_BLOCK, group_size & -group_size)
-    return block if block >= MATMUL_NBITS_MIN_BLOCK else None
+    block = min(FAST_INT8_BLOCK, group_size & -group_size)
+    if group_size < in_features:
+        return block if block >= MATMUL_NBITS_MIN_BLOCK else None
+    if in_features <= FAST_INT8_BLOCK:
+        return max(MATMUL_NBITS_MIN_BLOCK, 1 << (in_features - 1).bit_length())
+    return block if block >= MATMUL_NBITS_MIN_BLOCK else FAST_INT8_BLOCK
 
 
 def _integral_zeros(zeros: torch.Tensor | None, bits: int) -> bool:

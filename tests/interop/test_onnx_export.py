@@ -86,17 +86,18 @@ def test_int8_activation_linear_is_bit_exact(tmp_path: Path, weights: str):
     assert torch.equal(torch.from_numpy(actual), compiled(x))
 
 
-def test_fast_int8_over_a_whole_row_is_per_token(tmp_path: Path):
-    """Per-channel weights over 128 inputs make one ``MatMulNBits`` block per row: ONNX Runtime's per-block int8
-    rounding is then lowbit's per-token one, and only the float sums differ."""
+@pytest.mark.parametrize("in_features", [128, 100])
+def test_fast_int8_over_a_whole_row_is_per_token(tmp_path: Path, in_features: int):
+    """Per-channel weights over at most 128 inputs make one ``MatMulNBits`` block per row: ONNX Runtime's per-block
+    int8 rounding is then lowbit's per-token one, and only the float sums differ."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(128, 64)).eval()
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, 64)).eval()
     passes = ["rtn:bits=8,group_size=-1,symmetric=true", A8]
-    compiled = lowbit.compile(model, (torch.randn(3, 128),), passes=passes, target="torch")
+    compiled = lowbit.compile(model, (torch.randn(3, in_features),), passes=passes, target="torch")
     directory = compiled.export(tmp_path / "a8", format="onnx")
     assert "MatMulNBits" in _ops(directory) and "MatMulInteger" not in _ops(directory)
     session = _session(directory)
-    x = torch.randn(7, 128)
+    x = torch.randn(7, in_features)
     (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert _relative(actual, compiled(x)) <= 1e-6
 
