@@ -270,6 +270,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         size, agree = case["bytes"], case["agreement"]
         head = f"| {case['model']} {case['shape']} | {case['recipe']}"
         target = agree["torch_target_vs_fp32"]
+        lines.append(f"{head} | fp32 eager | {size['fp32_parameters'] / mib:.1f} (parameters) | — | — |")
         lines.append(
             f"{head} | torch target | {size['compiled_graph_state'] / mib:.1f} (graph state) | — | "
             f"{target['max_rel_error']:.2e} / {target['cosine']:.5f} |"
