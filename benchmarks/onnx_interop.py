@@ -1,8 +1,9 @@
-"""One compiled model, two engines: lowbit's TVM artifact beside ONNX Runtime on the ONNX export of the same graph.
+"""One compiled model, two engines: lowbit's TVM artifact beside ONNX Runtime on the ONNX exports of the same graph.
 
-For each (model, recipe) case the model is compiled once for x86; that compiled model is written twice, as the TVM
-artifact (``compiled.export(dir)``) and as ONNX (``compiled.export(dir, format="onnx")``, docs/onnx.md), and both
-run on the same inputs. Cases:
+For each (model, recipe) case the model is compiled once for x86; that compiled model is written as the TVM artifact
+(``compiled.export(dir)``) and as ONNX in both int8 modes (``compiled.export(dir, format="onnx", int8=...)``,
+docs/onnx.md: ``"fast"``, ONNX Runtime's int8 ``MatMulNBits``, and ``"exact"``, lowbit's per-token arithmetic; a
+weight-only recipe has no int8 layers and one export), and all run on the same inputs. Cases:
 
 - all-MiniLM-L6-v2 (real weights, `lowbit.zoo`), the demo's batch of 8 held-out sentences × 32 tokens, recipes
   w8a8-x86 and w4a8-x86, calibrated as `lowbit.demo` does (unpadded windows of GPL-3); outputs compared at the
@@ -56,8 +57,10 @@ LICENSES = Path("/usr/share/common-licenses")
 SMOLLM2_TEXT, CALIBRATION_TEXT = LICENSES / "Apache-2.0", LICENSES / "GPL-3"
 SMOLLM2_TOKENS = 128
 DEFAULT_CASES = ("minilm:w8a8-x86", "minilm:w4a8-x86", "smollm2:w4a8-x86", "smollm2:w4a16-x86")
-#: Engine keys: lowbit's TVM artifact and ONNX Runtime on the ONNX export.
-TVM, ORT = "lowbit_tvm", "ort_onnx"
+#: Engine keys: lowbit's TVM artifact and ONNX Runtime on the ONNX export of each int8 mode (docs/onnx.md).
+TVM, ORT_FAST, ORT_EXACT = "lowbit_tvm", "ort_onnx_fast", "ort_onnx_exact"
+ORT_MODES = {ORT_FAST: "fast", ORT_EXACT: "exact"}
+LABELS = {TVM: "lowbit TVM", ORT_FAST: 'ORT, int8="fast"', ORT_EXACT: 'ORT, int8="exact"'}
 CASES_FILE = "cases.json"
 
 
@@ -123,8 +126,14 @@ def directory_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
+def has_int8_linears(compiled: lowbit.CompiledModel) -> bool:
+    """Whether the compiled graph has int8-activation linears (otherwise both ONNX int8 modes write the same file)."""
+    target = torch.ops.lowbit.linear_packed_a8.default
+    return any(node.target is target for node in compiled.graph.graph.nodes)
+
+
 def build_case(subject: Subject, recipe: str, work: Path) -> dict[str, Any]:
-    """Compile ``subject`` with ``recipe`` for x86, export both ways into ``work``; sizes and agreement."""
+    """Compile ``subject`` with ``recipe`` for x86, export it every way into ``work``; sizes and agreement."""
     log.info("compiling %s with %s for x86", subject.name, recipe)
     needs_calibration = build_pipeline(recipe, None, "convert", False, None)[1].requires_calibration
     calibration = subject.calibration if needs_calibration else None
@@ -133,39 +142,48 @@ def build_case(subject: Subject, recipe: str, work: Path) -> dict[str, Any]:
         subject.module, (), example_kwargs=subject.example, recipe=recipe, target="x86", calibration=calibration
     )
     compile_s = time.perf_counter() - start
-    tvm_dir, onnx_dir = work / "tvm", work / "onnx"
+    tvm_dir = work / "tvm"
     with demo._native_stderr_dropped():
         compiled.export(tvm_dir)
-    start = time.perf_counter()
-    compiled.export(onnx_dir, format="onnx")
-    onnx_export_s = time.perf_counter() - start
+    engines = [ORT_FAST, ORT_EXACT] if has_int8_linears(compiled) else [ORT_FAST]
+    onnx_dirs, onnx_export_s = {}, {}
+    for engine in engines:
+        onnx_dirs[engine] = work / engine
+        start = time.perf_counter()
+        compiled.export(onnx_dirs[engine], format="onnx", int8=ORT_MODES[engine])
+        onnx_export_s[engine] = time.perf_counter() - start
     with torch.no_grad():
         fp32 = first_tensor(subject.module(**subject.inputs))
         target = first_tensor(compiled.graph(**subject.inputs))
         outputs = {TVM: first_tensor(compiled(**subject.inputs))}
     threads = torch.get_num_threads()
-    outputs[ORT] = first_tensor(onnx_peer.session(onnx_dir / "model.onnx", subject.inputs, threads)())
+    for engine, directory in onnx_dirs.items():
+        outputs[engine] = first_tensor(onnx_peer.session(directory / "model.onnx", subject.inputs, threads)())
     fp32, target = fp32[subject.positions], target[subject.positions]
     outputs = {name: output[subject.positions] for name, output in outputs.items()}
     torch.save(subject.inputs, work / "inputs.pt")
     return {
         "recipe": recipe,
         "shape": list(next(iter(subject.inputs.values())).shape),
+        "engines": [TVM, *engines],
         "compile_s": compile_s,
         "onnx_export_s": onnx_export_s,
         "bytes": {
             "fp32_parameters": state_bytes(subject.module),
             "compiled_graph_state": state_bytes(compiled.graph),
             TVM: directory_bytes(tvm_dir),
-            ORT: directory_bytes(onnx_dir),
-            "onnx_model_file": (onnx_dir / "model.onnx").stat().st_size,
+            **{engine: directory_bytes(directory) for engine, directory in onnx_dirs.items()},
         },
         "agreement": {
             "torch_target_vs_fp32": agreement(target, fp32),
             **{f"{name}_vs_torch_target": agreement(out, target) for name, out in outputs.items()},
             **{f"{name}_vs_fp32": agreement(out, fp32) for name, out in outputs.items()},
         },
-        "paths": {"tvm": str(tvm_dir), "onnx": str(onnx_dir / "model.onnx"), "inputs": str(work / "inputs.pt")},
+        "paths": {
+            TVM: str(tvm_dir),
+            **{engine: str(directory / "model.onnx") for engine, directory in onnx_dirs.items()},
+            "inputs": str(work / "inputs.pt"),
+        },
     }
 
 
@@ -176,9 +194,11 @@ def time_cases(cases: Mapping[str, Mapping[str, str]], threads: int, repeats: in
     engines: dict[tuple[str, str], Callable[[], Any]] = {}
     for key, paths in cases.items():
         inputs = torch.load(paths["inputs"])
-        compiled = lowbit.load(paths["tvm"])
+        compiled = lowbit.load(paths[TVM])
         engines[key, TVM] = lambda compiled=compiled, inputs=inputs: compiled(**inputs)
-        engines[key, ORT] = onnx_peer.session(Path(paths["onnx"]), inputs, threads)
+        for engine in ORT_MODES:
+            if engine in paths:
+                engines[key, engine] = onnx_peer.session(Path(paths[engine]), inputs, threads)
     times: dict[tuple[str, str], list[float]] = {engine: [] for engine in engines}
     load_start = os.getloadavg()[0]
     with torch.no_grad():
@@ -225,7 +245,7 @@ def cell(stats: Mapping[str, float]) -> str:
 def markdown(report: Mapping[str, Any]) -> str:
     mib = 2**20
     lines = [
-        "# lowbit's TVM artifact and ONNX Runtime on the ONNX export of the same compiled graph",
+        "# lowbit's TVM artifact and ONNX Runtime on the ONNX exports of the same compiled graph",
         "",
         f"CPU: {report['cpu']}. {report['rounds']} round(s); each round times every engine of every case once "
         "(a short idle, one untimed call, one timed call), each thread count in its own process. 1-minute load "
@@ -235,42 +255,48 @@ def markdown(report: Mapping[str, Any]) -> str:
         )
         + f". onnxruntime {report['versions']['onnxruntime']}, torch {report['versions']['torch']}.",
         "",
-        "Bytes: each export's directory (manifest included). Agreement: largest error relative to the largest "
-        "reference value / cosine, of MiniLM's token states (attended tokens) and SmolLM2's logits, against the "
-        "torch target's output of the same compiled graph and against fp32 eager. In the ONNX export an "
-        "int8-activation linear's weight codes are `MatMulInteger`'s int8, one byte per code whatever their width; "
-        "a weight-only linear's `MatMulNBits` packs 4-bit codes two to a byte.",
+        'ONNX exports: `int8="fast"` (the default) writes int8-activation linears as ONNX Runtime\'s `MatMulNBits` '
+        "with `accuracy_level` 4 (ONNX Runtime rounds the activations to int8 per block of up to 128 columns; the "
+        'codes stay packed at their width), `int8="exact"` as lowbit\'s per-token int8 codes and a `MatMulInteger` '
+        "per weight group (one byte per code whatever its width); a weight-only recipe has one export (both modes "
+        "write the same file). Bytes: each export's directory (manifest included). Agreement: largest error "
+        "relative to the largest reference value / cosine, of MiniLM's token states (attended tokens) and "
+        "SmolLM2's logits, against the torch target's output of the same compiled graph and against fp32 eager.",
         "",
-        "| model | recipe | fp32 MiB | TVM MiB | ONNX MiB | torch target vs fp32 | TVM vs target | ORT vs target "
-        "| TVM vs fp32 | ORT vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | recipe | engine | MiB | vs torch target | vs fp32 |",
+        "|---|---|---|---|---|---|",
     ]
     for case in report["cases"].values():
         size, agree = case["bytes"], case["agreement"]
-        pairs = (
-            "torch_target_vs_fp32",
-            *(f"{engine}_vs_{ref}" for ref in ("torch_target", "fp32") for engine in (TVM, ORT)),
-        )
-        cells = " | ".join(f"{agree[p]['max_rel_error']:.2e} / {agree[p]['cosine']:.5f}" for p in pairs)
+        head = f"| {case['model']} {case['shape']} | {case['recipe']}"
+        target = agree["torch_target_vs_fp32"]
+        lines.append(f"{head} | fp32 eager | {size['fp32_parameters'] / mib:.1f} (parameters) | — | — |")
         lines.append(
-            f"| {case['model']} {case['shape']} | {case['recipe']} | {size['fp32_parameters'] / mib:.1f} | "
-            f"{size[TVM] / mib:.1f} | {size[ORT] / mib:.1f} | {cells} |"
+            f"{head} | torch target | {size['compiled_graph_state'] / mib:.1f} (graph state) | — | "
+            f"{target['max_rel_error']:.2e} / {target['cosine']:.5f} |"
         )
+        for engine in case["engines"]:
+            cells = " | ".join(
+                f"{agree[f'{engine}_vs_{ref}']['max_rel_error']:.2e} / {agree[f'{engine}_vs_{ref}']['cosine']:.5f}"
+                for ref in ("torch_target", "fp32")
+            )
+            lines.append(f"{head} | {LABELS[engine]} | {size[engine] / mib:.1f} | {cells} |")
     lines += [
         "",
-        "Latency, ms: median (min–max) over the rounds; ORT ÷ TVM is the ratio of the medians.",
+        "Latency, ms: median (min–max) over the rounds; ÷ TVM is the ratio of the medians.",
         "",
-        "| model | recipe | threads | lowbit TVM | ORT on the ONNX export | ORT ÷ TVM |",
+        "| model | recipe | threads | engine | ms | ÷ TVM |",
         "|---|---|---|---|---|---|",
     ]
     for key, case in report["cases"].items():
         for timing in report["timings"]:
             ms = timing["ms"][key]
-            ratio = ms[ORT]["median"] / ms[TVM]["median"]
-            lines.append(
-                f"| {case['model']} | {case['recipe']} | {timing['threads']} | {cell(ms[TVM])} | {cell(ms[ORT])} "
-                f"| {ratio:.2f} |"
-            )
+            for engine in case["engines"]:
+                ratio = ms[engine]["median"] / ms[TVM]["median"]
+                lines.append(
+                    f"| {case['model']} | {case['recipe']} | {timing['threads']} | {LABELS[engine]} | "
+                    f"{cell(ms[engine])} | {ratio:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 

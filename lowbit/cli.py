@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--export-onnx", type=Path, metavar="DIR", help="write the compiled graph as model.onnx for ONNX Runtime to DIR"
     )
+    comp.add_argument(
+        "--onnx-int8",
+        choices=("fast", "exact"),
+        default="fast",
+        help="--export-onnx's int8-activation linears: ONNX Runtime's int8 MatMulNBits (fast, its own per-block "
+        "activation rounding) or lowbit's per-token arithmetic bit for bit (exact, slower in ONNX Runtime)",
+    )
     comp.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the IR before and after every pass to DIR")
     comp.add_argument(
         "--calibration",
@@ -289,7 +296,7 @@ def _compile(args: argparse.Namespace) -> None:
     if args.export_gguf:
         print(f"exported GGUF to {compiled.export(args.export_gguf, format='gguf')}")
     if args.export_onnx:
-        print(f"exported ONNX to {compiled.export(args.export_onnx, format='onnx')}")
+        print(f"exported ONNX to {compiled.export(args.export_onnx, format='onnx', int8=args.onnx_int8)}")
 
 
 def _causal_lm_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -150,20 +150,27 @@ class CompiledModel:
         with torch.no_grad():
             return self.interface.rebuild(self._runner(*args, **kwargs))
 
-    def export(self, path: str | Path, overwrite: bool = False, format: str = "lowbit") -> Path:
+    def export(
+        self, path: str | Path, overwrite: bool = False, format: str = "lowbit", int8: str | None = None
+    ) -> Path:
         """Write the compiled model, its weights and ``manifest.json`` to the directory ``path`` (a loaded artifact
         is copied); ``format="onnx"`` writes the graph as ``model.onnx`` for ONNX Runtime instead
-        (`lowbit.interop.onnx_export`)."""
+        (`lowbit.interop.onnx_export`), its int8-activation linears ``int8="fast"`` (the default: ONNX Runtime's int8
+        ``MatMulNBits``) or ``"exact"`` (lowbit's arithmetic bit for bit; docs/onnx.md)."""
         if format == "onnx":
             from lowbit.interop import onnx_export
 
+            mode = onnx_export.DEFAULT_INT8 if int8 is None else int8
+            onnx_export.check_int8(mode)
             if self.graph is None:
                 raise ArtifactError("ONNX export needs the compiled graph; a loaded TVM artifact has none")
             inputs = onnx_export.example_inputs(self.graph, self._info.get("inputs", []))
             info = {**self._info, "interface": self.interface.as_dict(), "report": self.report.summary()}
-            return onnx_export.write(self.graph, inputs, path, info, overwrite=overwrite)
+            return onnx_export.write(self.graph, inputs, path, info, overwrite=overwrite, int8=mode)
         if format != "lowbit":
             raise ArtifactError(f"unknown export format {format!r}; known: 'lowbit', 'onnx'")
+        if int8 is not None:
+            raise ArtifactError(f"int8={int8!r} applies to format='onnx' only")
         if self.source is not None:
             return artifact.copy(self.source, path, overwrite=overwrite)
         info = {**self._info, "interface": self.interface.as_dict(), "report": self.report.summary()}

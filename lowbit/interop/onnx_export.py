@@ -3,9 +3,11 @@
 Each ``lowbit`` op is first exported as a placeholder node of the ``lowbit`` domain carrying the op's tensors and
 arguments; a rewrite then replaces it with ops ONNX Runtime runs, encoding the packed tensors for them: weight-only
 linears as ``com.microsoft::MatMulNBits`` (act-order as a column permutation of the input), int8-activation linears
-as the per-token (or static) int8 quantization written in standard ops and an exact ``MatMulInteger`` per weight
-group, convolutions as ``Conv`` on the dequantized weight (QDQ on the input for int8 activations), packed embeddings
-as a ``Gather`` of the packed rows and their dequantization. The mapping and its tolerances are in docs/onnx.md.
+either as ``MatMulNBits`` whose int8 path quantizes the input per block (``int8="fast"``, the default: ONNX
+Runtime's fast kernels) or as the per-token (or static) int8 quantization written in standard ops and an exact
+``MatMulInteger`` per weight group (``int8="exact"``: lowbit's arithmetic bit for bit), convolutions as ``Conv``
+on the dequantized weight (QDQ on the input for int8 activations), packed embeddings as a ``Gather`` of the packed
+rows and their dequantization. The mapping and its tolerances are in docs/onnx.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ MATMUL_NBITS_BITS = (2, 4, 8)
 MATMUL_NBITS_MIN_BLOCK = 16
 #: The file of an ONNX artifact directory (next to its manifest).
 MODEL_FILE = "model.onnx"
+#: How int8-activation linears are written (docs/onnx.md): ``"fast"``, ONNX Runtime's int8 ``MatMulNBits`` (it
+#: quantizes the input per block itself); ``"exact"``, lowbit's per-token quantization and per-group integer products.
+INT8_MODES = ("fast", "exact")
+DEFAULT_INT8 = "fast"
+#: ``MatMulNBits``' ``accuracy_level`` for int8 inputs, and the largest block of the fast translation (a per-channel
+#: weight is split into blocks of this many columns, each with the channel's scale).
+FAST_INT8_ACCURACY = 4
+FAST_INT8_BLOCK = 128
 
 
 class OnnxExportError(LowbitError):
@@ -120,13 +130,21 @@ PLACEHOLDERS: dict[str, Placeholder] = {
 }
 
 
-def to_onnx(graph: fx.GraphModule, inputs: Mapping[str, torch.Tensor]) -> Any:
-    """The ONNX model (an ``onnx_ir.Model``) of ``graph`` called with the named ``inputs`` (its placeholders); every
-    input dimension the graph leaves free is symbolic."""
+def check_int8(int8: str) -> None:
+    """Raise `OnnxExportError` unless ``int8`` is one of `INT8_MODES`."""
+    if int8 not in INT8_MODES:
+        raise OnnxExportError(f"unknown int8 mode {int8!r}; known: {', '.join(map(repr, INT8_MODES))}")
+
+
+def to_onnx(graph: fx.GraphModule, inputs: Mapping[str, torch.Tensor], int8: str = DEFAULT_INT8) -> Any:
+    """The ONNX model (an ``onnx_ir.Model``) of ``graph`` called with the named ``inputs`` (its placeholders), its
+    int8-activation linears written the ``int8`` way (`INT8_MODES`); every input dimension the graph leaves free is
+    symbolic."""
     import onnx_ir as ir
 
     from lowbit.onnx_peer import _quiet
 
+    check_int8(int8)
     unknown = sorted(
         {
             str(node.target)
@@ -158,9 +176,10 @@ def to_onnx(graph: fx.GraphModule, inputs: Mapping[str, torch.Tensor]) -> Any:
         except Exception as exc:  # the exporter wraps what it cannot translate in its own errors
             raise OnnxExportError(f"torch.onnx could not export the graph: {exc}") from exc
     model = program.model
+    translations = {**_TRANSLATIONS, **_FAST_TRANSLATIONS} if int8 == "fast" else _TRANSLATIONS
     for node in list(model.graph):
         if node.domain == PLACEHOLDER_DOMAIN:
-            _rewrite(model.graph, node)
+            _rewrite(model.graph, node, translations[node.op_type])
     model.opset_imports.pop(PLACEHOLDER_DOMAIN, None)
     model.opset_imports["com.microsoft"] = 1
     used = {value.name for node in model.graph for value in node.inputs if value is not None}
@@ -171,8 +190,8 @@ def to_onnx(graph: fx.GraphModule, inputs: Mapping[str, torch.Tensor]) -> Any:
     return model
 
 
-def _rewrite(graph: Any, node: Any) -> None:
-    """Replace one placeholder node by the ONNX Runtime ops of its ``lowbit`` op."""
+def _rewrite(graph: Any, node: Any, translation: Callable[..., Any]) -> None:
+    """Replace one placeholder node by the ONNX Runtime ops ``translation`` writes for its ``lowbit`` op."""
     import onnx_ir as ir
 
     placeholder = PLACEHOLDERS[node.op_type]
@@ -188,7 +207,7 @@ def _rewrite(graph: Any, node: Any) -> None:
             constants[name] = torch.from_numpy(np.array(value.const_value.numpy()))
     arguments = {name: node.attributes[name].value for name in placeholder.arguments}
     builder = _Builder(ir.tape.Tape(), node.name)
-    output = _TRANSLATIONS[node.op_type](builder, values[names[0]], constants, arguments)
+    output = translation(builder, values[names[0]], constants, arguments)
     graph.insert_before(node, builder.tape.nodes)
     for initializer in builder.tape.initializers:
         graph.register_initializer(initializer)
@@ -240,13 +259,10 @@ def _dequantized_weight(b: _Builder, tensors: Mapping[str, Any], arguments: Mapp
     return b.op("Mul", b.op("Sub", codes, zero), b.op("Gather", b.const("scales", tensors["scales"]), index, axis=1))
 
 
-def _nbits_layout(tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> torch.Tensor | None:
-    """The input-column permutation that makes the weight's groups contiguous blocks for ``MatMulNBits``
-    (identity without act-order), or None where ``MatMulNBits`` cannot serve the layout."""
-    bits, group_size, in_features = arguments["bits"], arguments["group_size"], arguments["in_features"]
-    power_of_two = group_size & (group_size - 1) == 0
-    if bits not in MATMUL_NBITS_BITS or group_size < MATMUL_NBITS_MIN_BLOCK or not power_of_two:
-        return None
+def _act_order(tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> torch.Tensor | None:
+    """The input-column permutation that makes the weight's groups contiguous (identity without act-order), or None
+    where an act-order's groups are uneven."""
+    group_size, in_features = arguments["group_size"], arguments["in_features"]
     if tensors["g_idx"] is None:
         return torch.arange(in_features)
     order = torch.argsort(tensors["g_idx"].to(torch.long), stable=True)
@@ -254,37 +270,67 @@ def _nbits_layout(tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> t
     return order if contiguous else None
 
 
-def _linear_packed(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> Any:
-    """``MatMulNBits`` where its layout fits (module doc); otherwise the dequantized weight and ``MatMul``."""
+def _nbits_layout(tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> torch.Tensor | None:
+    """The column permutation (`_act_order`) for ``MatMulNBits`` blocks equal to the weight's groups, or None where
+    ``MatMulNBits`` cannot serve the layout."""
+    bits, group_size = arguments["bits"], arguments["group_size"]
+    power_of_two = group_size & (group_size - 1) == 0
+    if bits not in MATMUL_NBITS_BITS or group_size < MATMUL_NBITS_MIN_BLOCK or not power_of_two:
+        return None
+    return _act_order(tensors, arguments)
+
+
+def _matmul_nbits(
+    b: _Builder,
+    x: Any,
+    tensors: Mapping[str, Any],
+    arguments: Mapping[str, Any],
+    order: torch.Tensor,
+    block: int,
+    zero_points: torch.Tensor | None,
+    accuracy_level: int,
+) -> Any:
+    """``MatMulNBits`` over blocks of ``block`` columns in ``order`` (each block within one weight group, whose scale
+    and zero point it repeats; uint8 zero points are packed like the codes, float32 ones stay floats), with the
+    input's columns gathered in that order unless it is the identity."""
     bits, group_size, in_features = arguments["bits"], arguments["group_size"], arguments["in_features"]
     rows = tensors["qweight"].shape[0]
-    bias = None if tensors["bias"] is None else b.const("bias", tensors["bias"].to(torch.float32))
-    order = _nbits_layout(tensors, arguments)
-    if order is None:
-        weight = _dequantized_weight(b, tensors, arguments)
-        y = b.op("MatMul", x, b.op("Transpose", weight, perm=[1, 0]))
-        return y if bias is None else b.op("Add", y, bias)
-    blocks = packing.num_groups(in_features, group_size)
-    codes = torch.nn.functional.pad(_codes(tensors, arguments)[:, order], (0, blocks * group_size - in_features))
-    blob = packing.pack(codes, bits).view(rows, blocks, group_size * bits // 8)
-    if tensors["g_idx"] is not None:
+    blocks = -(-in_features // block)  # a per-channel row may be narrower than its one block
+    codes = torch.nn.functional.pad(_codes(tensors, arguments)[:, order], (0, blocks * block - in_features))
+    blob = packing.pack(codes, bits).view(rows, blocks, block * bits // 8)
+    group = torch.arange(blocks) * block // group_size
+    zeros = None if zero_points is None else zero_points[:, group].contiguous()
+    if zeros is not None and zeros.dtype == torch.uint8 and bits < 8:  # packed like the codes, each row padded
+        zeros = packing.pack(zeros, bits)
+    if not torch.equal(order, torch.arange(in_features)):
         x = b.op("Gather", x, b.const("order", order.numpy()), axis=-1)
-    zeros = None if tensors["zeros"] is None else b.const("zero_points", tensors["zeros"])
+    bias = None if tensors["bias"] is None else b.const("bias", tensors["bias"].to(torch.float32))
     return b.op(
         "MatMulNBits",
         x,
         b.const("B", blob),
-        b.const("scales", tensors["scales"]),
-        zeros,
+        b.const("scales", tensors["scales"][:, group].contiguous()),
+        None if zeros is None else b.const("zero_points", zeros),
         None,
         bias,
         domain="com.microsoft",
         K=in_features,
         N=rows,
         bits=bits,
-        block_size=group_size,
-        accuracy_level=0,
+        block_size=block,
+        accuracy_level=accuracy_level,
     )
+
+
+def _linear_packed(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> Any:
+    """``MatMulNBits`` where its layout fits (module doc); otherwise the dequantized weight and ``MatMul``."""
+    order = _nbits_layout(tensors, arguments)
+    if order is None:
+        weight = _dequantized_weight(b, tensors, arguments)
+        y = b.op("MatMul", x, b.op("Transpose", weight, perm=[1, 0]))
+        bias = None if tensors["bias"] is None else b.const("bias", tensors["bias"].to(torch.float32))
+        return y if bias is None else b.op("Add", y, bias)
+    return _matmul_nbits(b, x, tensors, arguments, order, arguments["group_size"], tensors["zeros"], accuracy_level=0)
 
 
 def _rows_of(b: _Builder, x: Any, width: int) -> Any:
@@ -351,6 +397,40 @@ def _linear_packed_a8(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments
     leading = b.op("Shape", x, end=-1)
     shape = b.op("Concat", leading, b.const("out_features", np.array([rows], dtype=np.int64)), axis=0)
     return b.op("Reshape", y, shape)
+
+
+def _fast_block(bits: int, group_size: int, in_features: int) -> int | None:
+    """The ``MatMulNBits`` block of the fast int8 translation: the largest power of two up to `FAST_INT8_BLOCK` that
+    divides the weight's groups, or None below the smallest block. A per-channel row is one block up to
+    `FAST_INT8_BLOCK` columns, and blocks of its largest such divisor beyond (`FAST_INT8_BLOCK` columns where that is
+    below the smallest block; the last block partial)."""
+    if bits not in MATMUL_NBITS_BITS:
+        return None
+    block = min(FAST_INT8_BLOCK, group_size & -group_size)
+    if group_size < in_features:
+        return block if block >= MATMUL_NBITS_MIN_BLOCK else None
+    if in_features <= FAST_INT8_BLOCK:
+        return max(MATMUL_NBITS_MIN_BLOCK, 1 << (in_features - 1).bit_length())
+    return block if block >= MATMUL_NBITS_MIN_BLOCK else FAST_INT8_BLOCK
+
+
+def _integral_zeros(zeros: torch.Tensor | None, bits: int) -> bool:
+    """Whether the zero points are codes (integers in ``[0, 2^bits)``); None is ``2^(bits−1)``, ``MatMulNBits``'
+    default as well."""
+    return zeros is None or bool(torch.all((zeros == zeros.round()) & (zeros >= 0) & (zeros < 1 << bits)))
+
+
+def _linear_packed_a8_fast(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> Any:
+    """``MatMulNBits`` with ``accuracy_level`` 4, uint8 zero points: ONNX Runtime quantizes the input to int8 per
+    block itself (module doc); the exact translation where the weight's layout or zero points do not fit it."""
+    bits, group_size, in_features = arguments["bits"], arguments["group_size"], arguments["in_features"]
+    block = _fast_block(bits, group_size, in_features)
+    order = _act_order(tensors, arguments)
+    zeros = tensors["zeros"]
+    if block is None or order is None or not _integral_zeros(zeros, bits):
+        return _linear_packed_a8(b, x, tensors, arguments)
+    zero_points = None if zeros is None else zeros.to(torch.uint8)
+    return _matmul_nbits(b, x, tensors, arguments, order, block, zero_points, accuracy_level=FAST_INT8_ACCURACY)
 
 
 def _conv_attributes(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -421,6 +501,8 @@ _TRANSLATIONS: dict[str, Callable[..., Any]] = {
     "conv_packed_a8": _conv_packed_a8,
     "embedding_packed": _embedding_packed,
 }
+#: What ``int8="fast"`` writes instead.
+_FAST_TRANSLATIONS: dict[str, Callable[..., Any]] = {"linear_packed_a8": _linear_packed_a8_fast}
 
 
 def example_inputs(graph: fx.GraphModule, signature: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -442,21 +524,32 @@ def write(
     path: str | Path,
     info: dict[str, Any],
     overwrite: bool = False,
+    int8: str = DEFAULT_INT8,
 ) -> Path:
     """Write ``graph`` as ``model.onnx`` in the artifact directory ``path`` (atomic, with a checksummed manifest whose
-    target is ``"onnx"``)."""
+    target is ``"onnx"`` and which records the ``int8`` mode)."""
     import onnx_ir as ir
 
     from lowbit import artifact
 
-    model = to_onnx(graph, inputs)
+    model = to_onnx(graph, inputs, int8)
 
     def save(directory: Path) -> list[str]:
         ir.save(model, directory / MODEL_FILE)
         return [MODEL_FILE]
 
-    onnx_info = {**info, "onnx": {"opset": OPSET, "inputs": [v.name for v in model.graph.inputs]}}
+    onnx_info = {**info, "onnx": {"opset": OPSET, "int8": int8, "inputs": [v.name for v in model.graph.inputs]}}
     return artifact.write(path, "onnx", None, onnx_info, overwrite=overwrite, save=save)
 
 
-__all__ = ["MODEL_FILE", "OnnxExportError", "PLACEHOLDERS", "example_inputs", "to_onnx", "write"]
+__all__ = [
+    "DEFAULT_INT8",
+    "INT8_MODES",
+    "MODEL_FILE",
+    "OnnxExportError",
+    "PLACEHOLDERS",
+    "check_int8",
+    "example_inputs",
+    "to_onnx",
+    "write",
+]
