@@ -563,6 +563,8 @@ def test_registry_defaults_and_missing_calibration() -> None:
         "mse_steps": 20,
         "mse_max_shrink": 0.8,
         "act_group_aware": True,
+        "divisible_groups": False,
+        "scale_dtype": "float32",
     }
     with pytest.raises(CalibrationError, match="gptq"):
         lowbit.Pipeline([gptq])(traced_mlp())
