@@ -235,10 +235,10 @@ class DecoderBuilder:
             return None
         if chosen.spec.in_features != self.spec.hidden:
             return None
-        func = chosen.kernel.gather_rows(chosen.spec, chosen.knobs, count)
+        plan = chosen.kernel.plan(chosen.spec, chosen.tensors, self.target, knobs=chosen.knobs)
+        func = chosen.kernel.gather_rows(chosen.spec, chosen.knobs, count, scale_dtype=plan.consts[1].dtype)
         if func is None:
             return None
-        plan = chosen.kernel.plan(chosen.spec, chosen.tensors, self.target, knobs=chosen.knobs)
         weights = 3 if chosen.spec.asymmetric else 2
         return func, [self.pool(t) for t in plan.consts[:weights]]
 

@@ -26,7 +26,7 @@ from lowbit.ir import ops, ops_embedding
 from lowbit.ir.annotations import QuantScheme, annotate
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import PassConfig, option
-from lowbit.passes.quant.grid import QuantizedWeight, quantize_weight, relative_error
+from lowbit.passes.quant.grid import SCALE_DTYPES, QuantizedWeight, quantize_weight, relative_error
 from lowbit.passes.quant.rewrite import PackedLinear, linear_nodes, skip_reason
 from lowbit.passes.registry import register
 from lowbit.passes.selection import matches
@@ -49,6 +49,9 @@ class EmbeddingConfig(PassConfig):
     group_size: int = option(32, help="columns per scale; it must divide the embedding dim; -1 = one scale per row")
     symmetric: bool = option(True, help="symmetric grid (no stored zero points) instead of asymmetric")
     tied_output: bool = option(True, help="an output linear tied to a table runs on the packed table too")
+    scale_dtype: str = option(
+        "float32", choices=tuple(SCALE_DTYPES), help="the values group scales are rounded to (float16: half the bytes)"
+    )
     ignore: tuple[str, ...] = option((), help="embedding layers left in floating point: module paths or patterns")
 
     @classmethod
@@ -162,7 +165,14 @@ class QuantizeEmbeddings(Pass):
                 f"choose a divisor of {dim}, -1 (one scale per row), or ignore the layer"
             )
         weight = embedding.weight.detach()
-        qw = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path)
+        qw = quantize_weight(
+            weight,
+            config.bits,
+            config.group_size,
+            config.symmetric,
+            name=path,
+            scale_dtype=SCALE_DTYPES[config.scale_dtype],
+        )
         scheme = QuantScheme(bits=qw.bits, group_size=qw.group_size, symmetric=config.symmetric, method=self.name)
         tied = _tied_linears(gm, weight, config.tied_output)
         packed = PackedEmbedding.from_quantized(qw).to(weight.device)

@@ -28,7 +28,7 @@ from lowbit.ir.graph import layers
 from lowbit.passes.base import LayerRecord, Pass, PassContext, PassResult
 from lowbit.passes.config import option
 from lowbit.passes.quant.gptq_algorithm import GPTQOptions, energy_ratio, gptq_quantize, row_energies
-from lowbit.passes.quant.grid import QuantizedWeight, quantize_weight, relative_error
+from lowbit.passes.quant.grid import SCALE_DTYPES, QuantizedWeight, quantize_weight, relative_error
 from lowbit.passes.quant.hessian import CalibrationCursor, ConvHessianAccumulator, HessianAccumulator
 from lowbit.passes.quant.rewrite import ConvGeometry, is_conv, replace_layer, replace_linear, skip_reason, weight_matrix
 from lowbit.passes.quant.rtn import RTNConfig
@@ -66,6 +66,14 @@ class GPTQConfig(RTNConfig):
     mse_max_shrink: float = option(
         0.8, min=0.0, max=1.0, min_exclusive=True, help="largest fraction of a group's range the mse search may cut off"
     )
+    divisible_groups: bool = option(
+        False,
+        help="a group_size that does not divide a layer's input width becomes the largest multiple of 32 below it "
+        "that does (no short last group for the kernels to pad)",
+    )
+    scale_dtype: str = option(
+        "float32", choices=tuple(SCALE_DTYPES), help="the values group scales are rounded to (float16: half the bytes)"
+    )
 
     def check(self, pass_name: str) -> None:
         super().check(pass_name)
@@ -90,6 +98,20 @@ class GPTQConfig(RTNConfig):
             mse=self.mse,
             mse_steps=self.mse_steps,
             mse_max_shrink=self.mse_max_shrink,
+            divisible_groups=self.divisible_groups,
+            scale_dtype=SCALE_DTYPES[self.scale_dtype],
+        )
+
+    def rtn(self, weight: torch.Tensor, name: str) -> QuantizedWeight:
+        """Round-to-nearest on the grid these options fit (the baseline GPTQ's errors are compared with)."""
+        return quantize_weight(
+            weight,
+            self.bits,
+            self.group_size,
+            self.symmetric,
+            name=name,
+            divisible_groups=self.divisible_groups,
+            scale_dtype=SCALE_DTYPES[self.scale_dtype],
         )
 
 
@@ -170,7 +192,7 @@ class GPTQ(Pass):
             weight, hessian, config.options, name=", ".join(paths), mask=weight != 0 if pruned else None
         )
         # RTN's grids are per row, so the stacked weight gives every layer its own RTN result.
-        rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=", ".join(paths))
+        rtn = config.rtn(weight, ", ".join(paths))
         energies = row_energies(weight, [stacked.weight, rtn.dequantize()], hessian).split(sizes, dim=1)
         records = {}
         for ((node, path, _), _), w, result, energy in zip(batch, weights, stacked.split(sizes), energies):
@@ -218,7 +240,7 @@ class GPTQ(Pass):
             options = dataclasses.replace(options, static_groups=True)
         meta = get_meta(node)
         pruned = meta is not None and meta.sparsity is not None
-        rtn = quantize_weight(weight, config.bits, config.group_size, config.symmetric, name=path).dequantize()
+        rtn = config.rtn(weight, path).dequantize()
         results, energies = [], torch.zeros(3, dtype=torch.float64)
         with single_thread():
             for rows, rtn_rows, h in zip(weight.chunk(conv.groups), rtn.chunk(conv.groups), hessian.hessian):

@@ -45,7 +45,9 @@ class GPTQOptions:
     ``act_group_aware`` orders whole groups by their largest ``H_jj`` and the columns inside
     each (no ``g_idx``); ``mse`` > 0 fits each group's grid by `grid.clipped_group_params`
     (``mse_steps``, ``mse_max_shrink``); ``damp_percent`` is added to ``H``'s diagonal as a
-    fraction of its mean. ``block_size`` and ``sub_block`` (`_quantize_columns`) only change the speed.
+    fraction of its mean; ``divisible_groups`` and ``scale_dtype`` choose the group width and round the scales
+    (`grid.effective_group_size`, `grid.round_scales`) before any code is computed on them. ``block_size`` and
+    ``sub_block`` (`_quantize_columns`) only change the speed.
     """
 
     bits: int
@@ -60,6 +62,8 @@ class GPTQOptions:
     mse: float = 0.0
     mse_steps: int = 100
     mse_max_shrink: float = 0.8
+    divisible_groups: bool = False
+    scale_dtype: torch.dtype = torch.float32
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,11 @@ def gptq_quantize(
     w = _checked_weight(weight, where)
     h = hessian.detach().to(w).clone()
     columns = w.shape[1]
-    group = effective_group_size(o.group_size, columns)
+    group = effective_group_size(o.group_size, columns, o.divisible_groups)
     static = o.static_groups and group < columns
     _drop_dead_inputs(w, h)
     clip = (o.mse, o.mse_steps, o.mse_max_shrink) if o.mse > 0 else None
-    grid = _Grid.empty(w, packing.num_groups(columns, group), o.bits, o.symmetric, clip)
+    grid = _Grid.empty(w, packing.num_groups(columns, group), o.bits, o.symmetric, clip, o.scale_dtype)
     if static:
         for g, start in enumerate(range(0, columns, group)):
             grid.fit(g, w[:, start : start + group])
@@ -162,27 +166,37 @@ class _Grid:
 
     Stored group-major, ``(groups, N)``, so that one group's grid is contiguous for the
     column loop; `per_row` gives the format's ``(N, groups)``. ``clip`` is ``(norm, steps,
-    max_shrink)`` of `grid.clipped_group_params`, or None for the plain min/max grid.
+    max_shrink)`` of `grid.clipped_group_params`, or None for the plain min/max grid; the scales take
+    ``scale_dtype``'s values (`grid.round_scales`).
     """
 
     scales: torch.Tensor
     zeros: torch.Tensor | None
     bits: int
     clip: tuple[float, int, float] | None = None
+    scale_dtype: torch.dtype = torch.float32
 
     @classmethod
     def empty(
-        cls, w: torch.Tensor, groups: int, bits: int, symmetric: bool, clip: tuple[float, int, float] | None = None
+        cls,
+        w: torch.Tensor,
+        groups: int,
+        bits: int,
+        symmetric: bool,
+        clip: tuple[float, int, float] | None = None,
+        scale_dtype: torch.dtype = torch.float32,
     ) -> _Grid:
         scales = w.new_zeros(groups, w.shape[0])
-        return cls(scales, None if symmetric else torch.zeros_like(scales), bits, clip)
+        return cls(scales, None if symmetric else torch.zeros_like(scales), bits, clip, scale_dtype)
 
     def fit(self, g: int, columns: torch.Tensor) -> None:
         """Set group ``g``'s grid from the weight ``columns`` ``(N, width)`` it covers."""
         if self.clip is None:
-            scale, zero = group_params(columns, self.bits, self.zeros is None)
+            scale, zero = group_params(columns, self.bits, self.zeros is None, self.scale_dtype)
         else:
-            scale, zero = clipped_group_params(columns, self.bits, self.zeros is None, *self.clip)
+            scale, zero = clipped_group_params(
+                columns, self.bits, self.zeros is None, *self.clip, scale_dtype=self.scale_dtype
+            )
         self.scales[g] = scale
         if self.zeros is not None:
             self.zeros[g] = zero

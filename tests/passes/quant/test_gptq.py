@@ -373,6 +373,33 @@ def test_gptq_beats_rtn_on_the_calibration_distribution(bits: int) -> None:
         assert record.stats["samples"] == 512
 
 
+def test_divisible_groups_and_float16_scales() -> None:
+    """``divisible_groups``: 96 inputs in groups of 64 get groups of 32 (the largest multiple of 32 below 64 that
+    divides 96), 128 inputs keep 64; ``scale_dtype: float16``: every scale is a float16 number, and the codes are
+    fitted to those scales (the packed weight decodes to the algorithm's Q)."""
+    torch.manual_seed(0)
+    gm, x = fx.symbolic_trace(TwoLayerMLP(96, 128, 96)), correlated_inputs(256, 96)
+    options = {"bits": 4, "group_size": 64, "symmetric": True}
+    plain = lowbit.Pipeline([GPTQ(**options)])(gm, calibration=calibration(x))
+    pipeline = lowbit.Pipeline([GPTQ(**options, divisible_groups=True, scale_dtype="float16")])
+    fitted = pipeline(gm, calibration=calibration(x))
+    assert [plain.get_submodule(path).scales.shape[1] for path in ("fc1", "fc2")] == [2, 2]
+    fc1, fc2 = fitted.get_submodule("fc1"), fitted.get_submodule("fc2")
+    assert (fc1.group_size, fc1.scales.shape[1], fc2.group_size, fc2.scales.shape[1]) == (32, 3, 64, 2)
+    assert [record.stats["group_size"] for record in pipeline.report.passes[0].layers] == [32, 64]
+    for packed in (fc1, fc2):
+        assert packed.scales.dtype == torch.float32
+        assert torch.equal(packed.scales.half().float(), packed.scales)
+    assert not torch.equal(plain.get_submodule("fc1").scales.half().float(), plain.get_submodule("fc1").scales)
+    w, h = weight_and_hessian(dtype=torch.float32)
+    result = gptq_quantize(w, h, GPTQOptions(4, 16, True, mse=2.4, mse_steps=20, scale_dtype=torch.float16))
+    qw = result.quantized
+    assert torch.equal(qw.scales.half().float(), qw.scales)
+    dequantized = packing.dequantize(qw.pack(), qw.scales, qw.zeros, qw.g_idx, qw.bits, qw.group_size, w.shape[1])
+    assert torch.equal(dequantized, result.weight)
+    assert output_error(fitted, gm, x) < 1.2 * output_error(plain, gm, x)
+
+
 def test_pass_rewrites_layers_with_annotations_and_g_idx() -> None:
     gm, x = traced_mlp(), correlated_inputs(256, 64)
     pipeline = lowbit.Pipeline(
@@ -536,6 +563,8 @@ def test_registry_defaults_and_missing_calibration() -> None:
         "mse_steps": 20,
         "mse_max_shrink": 0.8,
         "act_group_aware": True,
+        "divisible_groups": False,
+        "scale_dtype": "float32",
     }
     with pytest.raises(CalibrationError, match="gptq"):
         lowbit.Pipeline([gptq])(traced_mlp())

@@ -94,6 +94,17 @@ def test_4_bit_asymmetric_tables_and_ignore() -> None:
     assert relative_error(model, out) < 0.1
 
 
+def test_float16_scales_are_float16_numbers_on_the_table_and_its_tied_head() -> None:
+    """``scale_dtype: float16`` (llama.cpp's Q8_0 stores its block scales so): every scale is a float16 number,
+    within the error bound of the float32 grid."""
+    model = tiny_llama()
+    out = Pipeline([get("quantize_embeddings", scale_dtype="float16")])(trace(model, (token_ids(),)))
+    table, linear = out.get_submodule("model.embed_tokens"), out.get_submodule("lm_head")
+    assert linear.scales is table.scales and table.scales.dtype == torch.float32
+    assert torch.equal(table.scales.half().float(), table.scales)
+    assert relative_error(model, out) < ERROR_BOUND
+
+
 def test_bad_options_and_layers_raise_named_errors() -> None:
     with pytest.raises(PassConfigError, match="bits=3 is not supported"):
         get("quantize_embeddings", bits=3)

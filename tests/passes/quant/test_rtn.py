@@ -15,6 +15,7 @@ from lowbit.ir import ops
 from lowbit.ir.annotations import QuantScheme, Sparsity, annotate, get_meta
 from lowbit.passes import PassContext, lookup
 from lowbit.passes.quant import RTN, PackedLinear, quantize_weight, replace_linear
+from lowbit.passes.quant.grid import effective_group_size, round_scales
 from lowbit.passes.quant.rewrite import linear_nodes
 
 from helpers import LMHeadMLP
@@ -84,6 +85,43 @@ def test_rounding_error_is_at_most_half_a_step(bits, symmetric, rows, cols, grou
     step = qw.scales.repeat_interleave(qw.group_size, dim=1)[:, :cols]
     rounding_slack = 1e-6 * w.abs() + 1e-7  # float32 error of w/scale and scale*(q - zero)
     assert torch.all((qw.dequantize() - w).abs() <= step / 2 + rounding_slack)
+
+
+@pytest.mark.parametrize(
+    ("group_size", "in_features", "group"),
+    [
+        (128, 576, 96),
+        (64, 576, 64),
+        (256, 576, 192),
+        (128, 1536, 128),
+        (128, 100, 100),
+        (64, 100, 64),
+        (32, 48, 32),
+        (64, 1000, 64),
+    ],
+)
+def test_divisible_groups_take_the_largest_multiple_of_32_that_divides(group_size, in_features, group) -> None:
+    """Below the requested width, a multiple of `GROUP_QUANTUM` that divides ``in_features``; none (100, 48 at 32,
+    1000 at 64: 1000 = 8 · 125) keeps the groups as asked, a short last one included."""
+    assert effective_group_size(group_size, in_features, divisible=True) == group
+    assert effective_group_size(group_size, in_features) == min(group_size, in_features)
+
+
+def test_float16_scales_are_float16_numbers_in_range() -> None:
+    """`round_scales` rounds to the nearest float16 value, clamped into its positive normal range; the grid fits
+    its codes to those scales, so the error stays within half a (rounded) step, but for the symmetric grid's top
+    code, which a scale rounded down by at most 2⁻¹¹ of itself moves by at most 7.5 · 2⁻¹¹ steps."""
+    scales = torch.tensor([1e-9, 3e-3, 0.1 + 1e-7, 1e6])
+    rounded = round_scales(scales, torch.float16)
+    info = torch.finfo(torch.float16)
+    assert rounded.dtype == torch.float32 and torch.equal(rounded.half().float(), rounded)
+    assert rounded[0] == info.tiny and rounded[-1] == info.max
+    assert torch.equal(round_scales(scales), scales)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    qw = quantize_weight(w, 4, 32, True, scale_dtype=torch.float16)
+    assert torch.equal(qw.scales.half().float(), qw.scales)
+    step = qw.scales.repeat_interleave(32, dim=1)
+    assert bool(((qw.dequantize() - w).abs() <= step * (0.5 + 7.5 * 2**-11) + 1e-6).all())
 
 
 def test_all_zero_weight_stays_zero() -> None:

@@ -96,11 +96,14 @@ class LinearKernel(ABC):
         """The plan for a supported layer with complete, validated ``knobs``; `BackendError` for knobs that do not
         fit the layer."""
 
-    def gather_rows(self, spec: PackedLinearSpec, knobs: Mapping[str, int], count: int) -> tirx.PrimFunc | None:
+    def gather_rows(
+        self, spec: PackedLinearSpec, knobs: Mapping[str, int], count: int, scale_dtype: torch.dtype = torch.float32
+    ) -> tirx.PrimFunc | None:
         """A PrimFunc ``(ids (count,) int64, *weight constants, rows (count, in_features) f32)`` that decodes the
         weight rows ``ids`` names from this kernel's constants laid out with ``knobs`` (the leading constants of
-        its plan that hold codes, scales [and zero points]), or None where the kernel offers none. An embedding
-        table tied to the layer reads its rows this way, so the table is stored once."""
+        its plan that hold codes, scales [and zero points]; the scales stored as ``scale_dtype``), or None where
+        the kernel offers none. An embedding table tied to the layer reads its rows this way, so the table is
+        stored once."""
         return None
 
     def plan(

@@ -16,15 +16,24 @@ OPAQUE_PATTERN = 8
 NTA, T0 = 0, 3
 
 
+def scale_storage(scales: torch.Tensor) -> torch.dtype:
+    """The type a kernel stores ``scales`` in: float16 when every scale is exactly a float16 number (a quantizer's
+    ``scale_dtype: float16`` rounds them so), which halves their bytes and decodes to the same float32 values;
+    float32 otherwise."""
+    half = scales.to(torch.float16)
+    return torch.float16 if bool(torch.equal(half.to(scales.dtype), scales)) else torch.float32
+
+
 def layer_consts(
     codes: torch.Tensor,
     tensors: Mapping[str, torch.Tensor | None],
     per_group: Callable[[torch.Tensor], torch.Tensor],
     zero_dtype: torch.dtype,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
-    """A packed kernel's constants in their usual order: its ``codes``, the scales and [zero points] (as
-    ``zero_dtype``) laid out by ``per_group``, [the fp32 bias]."""
-    consts = [codes, per_group(tensors["scales"].to(torch.float32))]
+    """A packed kernel's constants in their usual order: its ``codes``, the scales (as ``scale_dtype``) and [zero
+    points] (as ``zero_dtype``) laid out by ``per_group``, [the fp32 bias]."""
+    consts = [codes, per_group(tensors["scales"].to(torch.float32).to(scale_dtype))]
     if tensors.get("zeros") is not None:
         consts.append(per_group(tensors["zeros"].to(zero_dtype)))
     if tensors.get("bias") is not None:

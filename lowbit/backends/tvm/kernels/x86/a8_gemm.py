@@ -32,6 +32,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     finish,
     layer_consts,
     power_of_two_divisor,
+    scale_storage,
 )
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_patches
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
@@ -86,12 +87,14 @@ class X86A8Gemm(LinearKernel):
                 f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
             )
         vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
-        func = a8_gemm_func(spec, knobs["row_tile"], knobs["out_tile"], vectors)
+        scale_dtype = scale_storage(tensors["scales"])
+        func = a8_gemm_func(spec, knobs["row_tile"], knobs["out_tile"], vectors, scale_dtype=scale_dtype)
         consts = layer_consts(
             a8_linear.interleave(tensors["qweight"], spec.bits, spec.in_features, vectors, ROWS),
             tensors,
             lambda values: a8_linear.blocked(values, vectors, ROWS),
             torch.int32,
+            scale_dtype,
         )
         if not spec.act_dynamic:
             consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
@@ -107,12 +110,20 @@ def tile_vectors(out_tile: int, row_vectors: int) -> int:
 
 
 def a8_gemm_func(
-    spec: PackedLinearSpec, row_tile: int, out_tile: int, vectors: int, name: str | None = None
+    spec: PackedLinearSpec,
+    row_tile: int,
+    out_tile: int,
+    vectors: int,
+    name: str | None = None,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tirx.PrimFunc:
-    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `build`, output ``y (M, N) f32``."""
+    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `build` (scales as ``scale_dtype``),
+    output ``y (M, N) f32``."""
     rows = divisor_at_most(spec.batch, row_tile)  # tensorize needs whole tiles
     intrin_x86.register()
-    sch = s_tir.Schedule(a8_linear.a8_linear_compute(spec, vectors, rows=ROWS, vector_round=True))
+    sch = s_tir.Schedule(
+        a8_linear.a8_linear_compute(spec, vectors, rows=ROWS, vector_round=True, scale_dtype=scale_dtype)
+    )
     _schedule(sch, spec, rows, out_tile, vectors)
     log.debug("scheduled %s: row_tile=%d, out_tile=%d, row_vectors=%d", spec, rows, out_tile, vectors)
     return finish(sch.mod["main"], name)

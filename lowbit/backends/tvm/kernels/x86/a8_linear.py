@@ -29,7 +29,9 @@ of the ``row_vectors`` tiles computed together sit side by side, so each paralle
 streams its weights sequentially from memory. Scales and zero points are blocked the
 same way, ``(N/(8·V), G, 8·V)`` (`blocked`): the epilogue runs along output rows in
 vectors of 8 and a task reads its groups' values as one contiguous block, not one
-line per group at a stride of ``4·N`` bytes.
+line per group at a stride of ``4·N`` bytes. Scales that are all float16 numbers (a
+quantizer's ``scale_dtype: float16``) are stored as float16, half the bytes, and widened
+to the same float32 values in the epilogue (`common.scale_storage`).
 
 Schedule: parallel tasks of ``out_tile`` output rows; inside, each 8-row tile runs all
 rows of ``x`` in register tiles of ``row_tile`` (one unpacked code vector feeds
@@ -73,6 +75,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     power_of_two_divisor,
     prefetch,
     prepend_to_loop,
+    scale_storage,
     stream_locality,
 )
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, quantized_input, schedule_patches
@@ -168,12 +171,14 @@ class X86A8Linear(LinearKernel):
         return {"row_tile": rows, "out_tile": tile, "row_vectors": 4 if rows == 1 else 2}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
-        """The constants are, in order: interleaved codes, scales ``(N/(8·V), G, 8·V)`` (`blocked`), [zero points,
-        the same shape, int32], [bias], [the static step ``Δ`` as a 1-element array]."""
+        """The constants are, in order: interleaved codes, scales ``(N/(8·V), G, 8·V)`` (`blocked`; float16 where
+        that is exact, `common.scale_storage`), [zero points, the same shape, int32], [bias], [the static step ``Δ``
+        as a 1-element array]."""
         if spec.out_features % knobs["out_tile"] or knobs["out_tile"] % ROWS:
             raise BackendError(
                 f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
             )
+        scale_dtype = scale_storage(tensors["scales"])
         func = a8_linear_func(
             spec,
             intrinsic(spec, target),
@@ -181,6 +186,7 @@ class X86A8Linear(LinearKernel):
             knobs["out_tile"],
             knobs["row_vectors"],
             locality=stream_locality(target) or NTA,
+            scale_dtype=scale_dtype,
         )
         vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
         consts = layer_consts(
@@ -188,29 +194,34 @@ class X86A8Linear(LinearKernel):
             tensors,
             lambda values: blocked(values, vectors),
             torch.int32,
+            scale_dtype,
         )
         if not spec.act_dynamic:
             consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
 
-    def gather_rows(self, spec: PackedLinearSpec, knobs: Mapping[str, int], count: int) -> tirx.PrimFunc | None:
+    def gather_rows(
+        self, spec: PackedLinearSpec, knobs: Mapping[str, int], count: int, scale_dtype: torch.dtype = torch.float32
+    ) -> tirx.PrimFunc | None:
         """Rows of the interleaved codes and blocked scales (and zero points), decoded as
         `lowbit.ir.ops_embedding` decodes a packed table: ``(code − zero) · scale``."""
         vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
-        return gather_rows_func(spec, vectors, count)
+        return gather_rows_func(spec, vectors, count, scale_dtype)
 
 
 KERNEL = X86A8Linear()
 
 
-def gather_rows_func(spec: PackedLinearSpec, vectors: int, count: int) -> tirx.PrimFunc:
+def gather_rows_func(
+    spec: PackedLinearSpec, vectors: int, count: int, scale_dtype: torch.dtype = torch.float32
+) -> tirx.PrimFunc:
     """`X86A8Linear.gather_rows` for tiles of `ROWS` rows, ``vectors`` tiles side by side (`interleave`,
-    `blocked`)."""
+    `blocked`), scales stored as ``scale_dtype``."""
     n_out, k_in, bits = spec.out_features, spec.in_features, spec.bits
     pb, span = 8 // bits, ROWS * vectors
     ids = te.placeholder((count,), "int64", name="ids")
     words = te.placeholder((n_out // span, k_in // (COLUMNS * pb), span * COLUMNS), "uint8", name="words")
-    scales = te.placeholder((n_out // span, spec.groups, span), "float32", name="scales")
+    scales = te.placeholder((n_out // span, spec.groups, span), tvm_dtype(scale_dtype), name="scales")
     zeros = te.placeholder((n_out // span, spec.groups, span), "int32", name="zeros") if spec.asymmetric else None
 
     def decode(i: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -219,11 +230,16 @@ def gather_rows_func(spec: PackedLinearSpec, vectors: int, count: int) -> tirx.P
         byte = words[block, k // (COLUMNS * pb), lane * COLUMNS + k % COLUMNS].astype("int32")
         code = byte if bits == 8 else (byte >> ((k // COLUMNS) % pb * bits)) & ((1 << bits) - 1)
         zero = zeros[block, group, lane].astype("float32") if zeros is not None else float(packing.default_zero(bits))
-        return (code.astype("float32") - zero) * scales[block, group, lane]
+        return (code.astype("float32") - zero) * scales[block, group, lane].astype("float32")
 
     rows = te.compute((count, k_in), decode, name="rows")
     args = [ids, words, scales] + ([zeros] if zeros is not None else [])
     return te.create_prim_func([*args, rows]).without_attr("global_symbol")
+
+
+def tvm_dtype(dtype: torch.dtype) -> str:
+    """TVM's name of a torch floating-point type (``torch.float16`` → ``"float16"``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def blocked(per_group: torch.Tensor, vectors: int, rows: int = ROWS) -> torch.Tensor:
@@ -263,9 +279,10 @@ def a8_linear_func(
     row_vectors: int,
     name: str | None = None,
     locality: int = NTA,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tirx.PrimFunc:
     """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``;
-    ``locality``: the GEMV's weight prefetch hint (`common.stream_locality`)."""
+    ``locality``: the GEMV's weight prefetch hint (`common.stream_locality`); ``scale_dtype``: the scales' type."""
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"int8 kernel cannot compute {spec}: {reason}")
@@ -274,7 +291,7 @@ def a8_linear_func(
     vectors = tile_vectors(out_tile, row_vectors)
     lanes = split_lanes(intrin, spec.bits, spec.group_size, rows, vectors)
     intrin_x86.register()
-    sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes))
+    sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes, scale_dtype=scale_dtype))
     _schedule(sch, spec, intrin, rows, out_tile, vectors, locality)
     log.debug(
         "scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s, prefetch locality %d",
@@ -290,15 +307,21 @@ def a8_linear_func(
 
 
 def a8_linear_compute(
-    spec: PackedLinearSpec, vectors: int, split: bool = False, rows: int = ROWS, vector_round: bool = False
+    spec: PackedLinearSpec,
+    vectors: int,
+    split: bool = False,
+    rows: int = ROWS,
+    vector_round: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tirx.PrimFunc:
     """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``.
 
     ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
     word, the codes masked in place; otherwise one, the codes shifted down and the quads
     summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
-    activation codes rounded in vector lanes (`activation_codes`). A `ConvSpec` reads its input as the patches of
-    an NHWC image (`conv.quantized_input`).
+    activation codes rounded in vector lanes (`activation_codes`); ``scale_dtype``: the scales' type (float16
+    scales widen exactly to float32). A `ConvSpec` reads its input as the patches of an NHWC image
+    (`conv.quantized_input`).
     """
     m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
@@ -308,7 +331,7 @@ def a8_linear_compute(
         (n_out // (rows * vectors), k_in // (COLUMNS * pb), vectors * word_bytes), "uint8", name="words"
     )
     per_group = (n_out // (rows * vectors), groups, vectors * rows)
-    scales = te.placeholder(per_group, "float32", name="scales")
+    scales = te.placeholder(per_group, tvm_dtype(scale_dtype), name="scales")
     zeros = te.placeholder(per_group, "int32", name="zeros") if spec.asymmetric else None
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
@@ -349,7 +372,7 @@ def a8_linear_compute(
         total = dot[m, g, t, 0, i]
         for l in range(1, lanes):
             total = total + tirx.shift_right(dot[m, g, t, l, i], l * bits)
-        return (total - zero * asum[m, g]).astype("float32") * scales[block, g, row]
+        return (total - zero * asum[m, g]).astype("float32") * scales[block, g, row].astype("float32")
 
     g_axis = te.reduce_axis((0, groups), name="g")
     acc = te.compute(
@@ -551,6 +574,7 @@ __all__ = [
     "intrinsic",
     "split_lanes",
     "tile_vectors",
+    "tvm_dtype",
     "unsupported_reason",
     "word_columns",
 ]

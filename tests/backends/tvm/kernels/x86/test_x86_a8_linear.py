@@ -107,11 +107,13 @@ def test_kernel_matches_reference_op(fmt: str, bits: int, group: int, zeros: str
                 kernel = a8_linear.KERNEL.plan(_spec(rows, bits, group, weight, dynamic), weight, target)
                 assert isinstance(kernel, KernelPlan), kernel
                 cases[f"m{rows}_{'dynamic' if dynamic else 'static'}", exact] = rows, weight, kernel
-    # Exact and random weights share each function: only the constants differ.
-    lib = _build({name: kernel for (name, exact), (_, _, kernel) in cases.items() if exact}, target)
+    # Power-of-two scales are float16 numbers, which the kernel stores as such (`common.scale_storage`): exact and
+    # random weights get functions of their own.
+    lib = _build({f"{name}_{exact}": kernel for (name, exact), (_, _, kernel) in cases.items()}, target)
     for (name, exact), (rows, weight, kernel) in cases.items():
+        assert kernel.consts[1].dtype == (torch.float16 if exact else torch.float32)
         x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows + bits)) * 3
-        got, ref = _run(lib, kernel, x, name), _reference(x, weight, bits, group)
+        got, ref = _run(lib, kernel, x, f"{name}_{exact}"), _reference(x, weight, bits, group)
         if exact:
             assert torch.equal(got, ref), f"{fmt} {name}: max diff {(got - ref).abs().max()}"
         else:
@@ -295,6 +297,30 @@ def test_targets_and_zero_points_the_kernel_refuses() -> None:
     assert "fractional zero points" in a8_linear.KERNEL.supports(spec, weight, resolve_target("x86"))
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_float16_scales_are_stored_in_half_the_bytes_with_the_same_output(rows: int) -> None:
+    """Random scales rounded to float16 numbers: the plan stores them as float16, and its output is bit for bit the
+    output of the same layer with the scales stored as float32 (the kernel widens them exactly)."""
+    target = resolve_target("x86")
+    weight = _weight(4, 32, "asym", exact=False, seed=rows)
+    weight["scales"] = weight["scales"].half().float()
+    spec = _spec(rows, 4, 32, weight, True)
+    half = a8_linear.KERNEL.plan(spec, weight, target)
+    knobs = a8_linear.KERNEL.default_knobs(spec, target)
+    func = a8_linear.a8_linear_func(
+        spec, a8_linear.intrinsic(spec, target), knobs["row_tile"], knobs["out_tile"], knobs["row_vectors"]
+    )
+    full = KernelPlan(func, [*half.consts[:1], half.consts[1].float(), *half.consts[2:]], half.name, knobs)
+    assert half.consts[1].dtype == torch.float16
+    assert half.consts[1].nbytes * 2 == full.consts[1].nbytes
+    lib = _build({"half": half, "full": full}, target)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)) * 3
+    got, expected = _run(lib, half, x, "half"), _run(lib, full, x, "full")
+    assert torch.equal(got, expected)
+    ref = _reference(x, weight, 4, 32)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("rows", [1, 6])
 def test_partial_last_group_runs_on_the_int8_kernel(rows: int) -> None:
     """in_features=96 in groups of 64 (SmolLM2's 576 in groups of 128 alike): padded to whole groups, zero
@@ -315,30 +341,33 @@ def test_partial_last_group_runs_on_the_int8_kernel(rows: int) -> None:
 
 
 GATHER_CASES = [
-    (8, 32, False, {"out_tile": 64, "row_vectors": 4}),
-    (4, 64, True, {"out_tile": 32, "row_vectors": 2}),
-    (4, 32, False, {"out_tile": 16, "row_vectors": 1}),
+    (8, 32, False, {"out_tile": 64, "row_vectors": 4}, False),
+    (4, 64, True, {"out_tile": 32, "row_vectors": 2}, False),
+    (4, 32, False, {"out_tile": 16, "row_vectors": 1}, False),
+    (8, 32, False, {"out_tile": 64, "row_vectors": 4}, True),
 ]
 
 
-@pytest.mark.parametrize(("bits", "group", "asym", "knobs"), GATHER_CASES)
-def test_gather_rows_decodes_the_interleaved_table_like_the_packed_embedding(bits, group, asym, knobs) -> None:
+@pytest.mark.parametrize(("bits", "group", "asym", "knobs", "half"), GATHER_CASES)
+def test_gather_rows_decodes_the_interleaved_table_like_the_packed_embedding(bits, group, asym, knobs, half) -> None:
     """A table tied to the layer is read from the kernel's own constants: the rows equal the packed embedding
-    reference bit for bit."""
+    reference bit for bit (``half``: scales that are float16 numbers, stored as float16)."""
     from lowbit.ir import ops_embedding
 
     n_out, k_in = 128, 128
     gen = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (n_out, k_in), generator=gen, dtype=torch.uint8)
     scales = torch.rand(n_out, k_in // group, generator=gen) + 0.1
+    scales = scales.half().float() if half else scales
     zeros = torch.randint(0, 2**bits, (n_out, k_in // group), generator=gen).float() if asym else None
     tensors = {"qweight": packing.pack(codes, bits), "scales": scales, "zeros": zeros, "g_idx": None, "bias": None}
     spec = PackedLinearSpec(1, k_in, n_out, bits, group, asym, False, act_bits=8)
     target = Target(x86_host_target())
     chosen = {**a8_linear.KERNEL.default_knobs(spec, target), **knobs}
     plan = a8_linear.KERNEL.plan(spec, tensors, target, knobs=chosen)
+    assert plan.consts[1].dtype == (torch.float16 if half else torch.float32)
     ids = torch.tensor([0, 5, 127, 64, 5, 9], dtype=torch.int64)
-    func = a8_linear.KERNEL.gather_rows(spec, chosen, ids.numel())
+    func = a8_linear.KERNEL.gather_rows(spec, chosen, ids.numel(), scale_dtype=plan.consts[1].dtype)
     lib = tvm.compile(func.with_attr("global_symbol", "gather"), target=target)
     out = tvm.runtime.tensor(np.zeros((ids.numel(), k_in), "float32"))
     consts = [tvm.runtime.tensor(t.numpy()) for t in plan.consts[: 3 if asym else 2]]
