@@ -34,6 +34,10 @@ OPSET = 20
 #: ONNX Runtime's ``MatMulNBits`` serves these code widths with power-of-two blocks of at least 16 columns.
 MATMUL_NBITS_BITS = (2, 4, 8)
 MATMUL_NBITS_MIN_BLOCK = 16
+#: Code widths whose weight-only ``MatMulNBits`` takes zero points that are codes as packed uint8 (ONNX Runtime's
+#: fast kernels; its 8-bit kernel takes no others). 2-bit ones stay float32: ONNX Runtime 1.32 runs 2-bit weights
+#: several times slower with uint8 zero points than with float ones (docs/onnx.md).
+PACKED_ZERO_POINT_BITS = (4, 8)
 #: The file of an ONNX artifact directory (next to its manifest).
 MODEL_FILE = "model.onnx"
 #: How int8-activation linears are written (docs/onnx.md): ``"fast"``, ONNX Runtime's int8 ``MatMulNBits`` (it
@@ -323,14 +327,19 @@ def _matmul_nbits(
 
 
 def _linear_packed(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> Any:
-    """``MatMulNBits`` where its layout fits (module doc); otherwise the dequantized weight and ``MatMul``."""
+    """``MatMulNBits`` where its layout fits (module doc), with packed uint8 zero points where they are codes of a
+    width in `PACKED_ZERO_POINT_BITS` and float32 ones otherwise; else (and for 8-bit weights whose zero points are
+    not codes, which ONNX Runtime's 8-bit kernel refuses) the dequantized weight and ``MatMul``."""
     order = _nbits_layout(tensors, arguments)
-    if order is None:
+    zeros, bits = tensors["zeros"], arguments["bits"]
+    codes = bits in PACKED_ZERO_POINT_BITS and _integral_zeros(zeros, bits)
+    if order is None or (bits == 8 and not codes):
         weight = _dequantized_weight(b, tensors, arguments)
         y = b.op("MatMul", x, b.op("Transpose", weight, perm=[1, 0]))
         bias = None if tensors["bias"] is None else b.const("bias", tensors["bias"].to(torch.float32))
         return y if bias is None else b.op("Add", y, bias)
-    return _matmul_nbits(b, x, tensors, arguments, order, arguments["group_size"], tensors["zeros"], accuracy_level=0)
+    zero_points = _code_zero_points(zeros) if codes else zeros
+    return _matmul_nbits(b, x, tensors, arguments, order, arguments["group_size"], zero_points, accuracy_level=0)
 
 
 def _rows_of(b: _Builder, x: Any, width: int) -> Any:
@@ -420,6 +429,11 @@ def _integral_zeros(zeros: torch.Tensor | None, bits: int) -> bool:
     return zeros is None or bool(torch.all((zeros == zeros.round()) & (zeros >= 0) & (zeros < 1 << bits)))
 
 
+def _code_zero_points(zeros: torch.Tensor | None) -> torch.Tensor | None:
+    """Zero points that are codes (`_integral_zeros`) as uint8, which `_matmul_nbits` packs like the weight."""
+    return None if zeros is None else zeros.to(torch.uint8)
+
+
 def _linear_packed_a8_fast(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: Mapping[str, Any]) -> Any:
     """``MatMulNBits`` with ``accuracy_level`` 4, uint8 zero points: ONNX Runtime quantizes the input to int8 per
     block itself (module doc); the exact translation where the weight's layout or zero points do not fit it."""
@@ -429,8 +443,9 @@ def _linear_packed_a8_fast(b: _Builder, x: Any, tensors: Mapping[str, Any], argu
     zeros = tensors["zeros"]
     if block is None or order is None or not _integral_zeros(zeros, bits):
         return _linear_packed_a8(b, x, tensors, arguments)
-    zero_points = None if zeros is None else zeros.to(torch.uint8)
-    return _matmul_nbits(b, x, tensors, arguments, order, block, zero_points, accuracy_level=FAST_INT8_ACCURACY)
+    return _matmul_nbits(
+        b, x, tensors, arguments, order, block, _code_zero_points(zeros), accuracy_level=FAST_INT8_ACCURACY
+    )
 
 
 def _conv_attributes(arguments: Mapping[str, Any]) -> dict[str, Any]:

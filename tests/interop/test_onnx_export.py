@@ -118,6 +118,68 @@ def test_cnn_with_int8_convolutions(tmp_path: Path, int8: str, tolerance: float)
         assert _relative(actual, compiled(x)) <= tolerance
 
 
+def _zero_points(directory: Path) -> list[np.ndarray | None]:
+    """The zero points of each ``MatMulNBits`` node (None where it has none)."""
+    model = onnx.load(str(directory / onnx_export.MODEL_FILE))
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    nodes = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    return [initializers[node.input[3]] if len(node.input) > 3 and node.input[3] else None for node in nodes]
+
+
+# Zero points that are codes are packed uint8 like the codes (two 4-bit ones a byte, low nibble first, each row
+# padded to whole bytes); 2-bit ones stay float32 (ONNX Runtime's faster 2-bit kernel) and symmetric grids write none
+# (MatMulNBits' default zero point is theirs). The layer has 96 inputs: an odd number of 32-column blocks.
+@pytest.mark.parametrize(
+    ("weights", "dtype", "shape"),
+    [
+        ("rtn:bits=4,group_size=32,symmetric=false", np.uint8, (64, 2)),  # 3 blocks
+        ("rtn:bits=4,group_size=64,symmetric=false", np.uint8, (64, 1)),  # 2 blocks, the last one partial
+        ("gptq:bits=4,group_size=16,act_order=true,act_group_aware=false,symmetric=false", np.uint8, (64, 3)),
+        ("rtn:bits=8,group_size=32,symmetric=false", np.uint8, (64, 3)),
+        ("rtn:bits=2,group_size=16,symmetric=false", np.float32, (64, 6)),
+        ("rtn:bits=4,group_size=32,symmetric=true", None, None),
+        ("rtn:bits=8,group_size=32,symmetric=true", None, None),
+    ],
+)
+def test_weight_only_zero_points(tmp_path: Path, weights: str, dtype: type | None, shape: tuple[int, int] | None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64)).eval()
+    calibration = [(torch.randn(4, 96, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    compiled = lowbit.compile(model, (torch.randn(3, 96),), passes=[weights], target="torch", calibration=calibration)
+    directory = compiled.export(tmp_path / "layer", format="onnx")
+    (zero_points,) = _zero_points(directory)
+    assert zero_points is None if dtype is None else (zero_points.dtype, zero_points.shape) == (dtype, shape)
+    if dtype is np.uint8 and "bits=4,group_size=32" in weights:
+        zeros = dict(compiled.graph.named_buffers())["0.zeros"].to(torch.uint8).numpy()
+        assert np.array_equal(zero_points & 15, zeros[:, 0::2]) and np.array_equal(zero_points[:, 0] >> 4, zeros[:, 1])
+        assert not np.any(zero_points[:, 1] >> 4)  # the padding nibble
+    session = _session(directory)
+    for batch in (1, 5):
+        x = torch.randn(batch, 96, generator=torch.Generator().manual_seed(batch))
+        (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert _relative(actual, compiled(x)) <= 2e-6
+
+
+@pytest.mark.parametrize(("bits", "op"), [(4, "MatMulNBits"), (8, "MatMul")])
+def test_zero_points_that_are_not_codes(tmp_path: Path, bits: int, op: str):
+    """Half-integer zero points stay float32 for ``MatMulNBits``; ONNX Runtime's 8-bit kernel takes none, so 8-bit
+    weights with them are dequantized and multiplied in standard ops."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64)).eval()
+    weights = f"rtn:bits={bits},group_size=32,symmetric=false"
+    compiled = lowbit.compile(model, (torch.randn(3, 128),), passes=[weights], target="torch")
+    zeros = dict(compiled.graph.named_buffers())["0.zeros"]
+    zeros.add_(0.5)
+    directory = compiled.export(tmp_path / "mlp", format="onnx")
+    assert op in _ops(directory)
+    if op == "MatMulNBits":
+        assert _zero_points(directory)[0].dtype == np.float32
+    session = _session(directory)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(5))
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert _relative(actual, compiled(x)) <= 2e-6
+
+
 @pytest.mark.parametrize(("int8", "tolerance"), [("exact", 1e-5), ("fast", FAST_TOLERANCE)])
 def test_bert_with_packed_embeddings(tmp_path: Path, int8: str, tolerance: float):
     passes = ["quantize_embeddings:bits=4,group_size=32", "rtn:bits=4,group_size=32", A8]
