@@ -339,6 +339,8 @@ def _linear_packed(b: _Builder, x: Any, tensors: Mapping[str, Any], arguments: M
         bias = None if tensors["bias"] is None else b.const("bias", tensors["bias"].to(torch.float32))
         return y if bias is None else b.op("Add", y, bias)
     zero_points = _code_zero_points(zeros) if codes else zeros
+    if zero_points is None and bits not in PACKED_ZERO_POINT_BITS:  # ONNX Runtime's fast path reads float ones
+        zero_points = torch.full_like(tensors["scales"], float(1 << (bits - 1)))
     return _matmul_nbits(b, x, tensors, arguments, order, arguments["group_size"], zero_points, accuracy_level=0)
 
 

@@ -127,8 +127,9 @@ def _zero_points(directory: Path) -> list[np.ndarray | None]:
 
 
 # Zero points that are codes are packed uint8 like the codes (two 4-bit ones a byte, low nibble first, each row
-# padded to whole bytes); 2-bit ones stay float32 (ONNX Runtime's faster 2-bit kernel) and symmetric grids write none
-# (MatMulNBits' default zero point is theirs). The layer has 96 inputs: an odd number of 32-column blocks.
+# padded to whole bytes); 2-bit ones stay float32 (ONNX Runtime's faster 2-bit kernel), symmetric 2-bit grids write
+# their zero point 2 as float32 for the same reason, and other symmetric grids write none (MatMulNBits' default zero
+# point is theirs). The layer has 96 inputs: an odd number of 32-column blocks.
 @pytest.mark.parametrize(
     ("weights", "dtype", "shape"),
     [
@@ -137,6 +138,7 @@ def _zero_points(directory: Path) -> list[np.ndarray | None]:
         ("gptq:bits=4,group_size=16,act_order=true,act_group_aware=false,symmetric=false", np.uint8, (64, 3)),
         ("rtn:bits=8,group_size=32,symmetric=false", np.uint8, (64, 3)),
         ("rtn:bits=2,group_size=16,symmetric=false", np.float32, (64, 6)),
+        ("rtn:bits=2,group_size=16,symmetric=true", np.float32, (64, 6)),
         ("rtn:bits=4,group_size=32,symmetric=true", None, None),
         ("rtn:bits=8,group_size=32,symmetric=true", None, None),
     ],
@@ -153,6 +155,8 @@ def test_weight_only_zero_points(tmp_path: Path, weights: str, dtype: type | Non
         zeros = dict(compiled.graph.named_buffers())["0.zeros"].to(torch.uint8).numpy()
         assert np.array_equal(zero_points & 15, zeros[:, 0::2]) and np.array_equal(zero_points[:, 0] >> 4, zeros[:, 1])
         assert not np.any(zero_points[:, 1] >> 4)  # the padding nibble
+    if "bits=2,group_size=16,symmetric=true" in weights:
+        assert np.all(zero_points == 2.0)
     session = _session(directory)
     for batch in (1, 5):
         x = torch.randn(batch, 96, generator=torch.Generator().manual_seed(batch))
