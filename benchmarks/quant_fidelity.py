@@ -81,6 +81,8 @@ PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "run_peer.py"
 #: Each peer at its defaults, then at its best documented settings (``-mse``).
 PEER_METHODS = ("gptqmodel", "gptqmodel-mse", "llmc-rtn", "llmc-gptq", "llmc-gptq-mse", "llmc-awq")
 PEER_TIMEOUT_S = 1800
+#: setup key -> model name in the rows.
+MODELS = {"smollm2": "SmolLM2-135M", "minilm": "all-MiniLM-L6-v2"}
 #: The slowest methods on this CPU, run after the others in their phase (see `Run.schedule`).
 SLOW = ("awq", "llmc-gptq-mse", "llmc-awq")
 PEER_LIBRARY = {"gptqmodel": "gptqmodel", "llmc": "llmcompressor"}
@@ -218,6 +220,9 @@ class Run:
 
     def write(self) -> None:
         summary = summarize(self.rows)
+        self.meta["peer_versions"] = sorted(
+            {r["library"] for r in self.rows if r["library"] != "lowbit" and r["value"]}
+        )
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         self.json_path.write_text(
             json.dumps({"meta": self.meta, "summary": summary, "rows": self.rows}, indent=2) + "\n"
@@ -505,11 +510,22 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for e in summary
             if e["model"] == entry["model"] and e["bits"] == entry["bits"] and e["library"] != "lowbit" and "value" in e
         ]
-        if entry["library"] == "lowbit" and peers and "value" in entry:
-            best = min(peers, key=lambda e: e["value"]["mean"])
-            entry["best_peer"] = best["method"]
-            entry["value_vs_best_peer"] = entry["value"]["mean"] / best["value"]["mean"]
+        if entry["library"] != "lowbit" or "value" not in entry:
+            continue
+        own = dict(zip(entry["seeds"], entry["value"]["per_set"]))
+        ratios = {
+            e["method"]: statistics.fmean(own[s] for s in e["seeds"]) / e["value"]["mean"]
+            for e in peers
+            if all(s in own for s in e["seeds"])
+        }
+        if ratios:
+            entry["best_peer"] = min(ratios, key=lambda m: next(e["value"]["mean"] for e in peers if e["method"] == m))
+            entry["value_vs_best_peer"] = ratios[entry["best_peer"]]
     return summary
+
+
+def any_rows(summary: list[dict[str, Any]], model: str) -> bool:
+    return any(e["model"] == model for e in summary)
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
@@ -536,7 +552,7 @@ def report(meta: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         "| model | method | library | bits | group | sets | held-out "
         f"{Path(meta['texts']['held_out']).name}: mean ± std [min–max] | tuning text "
         f"{Path(meta['texts']['tuning']).name} (mean) "
-        "| rel. output error | quantize wall s | quantize CPU s | vs best peer (held-out mean) |",
+        "| rel. output error | quantize wall s | quantize CPU s | held-out vs best peer (on the peer's sets) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
@@ -545,7 +561,7 @@ def report(meta: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         if "min_cosine" in e:
             value += f" (min {e['min_cosine']['mean']:.4f})"
         if e["errors"]:
-            value += " failed: " + "; ".join(e["errors"])
+            value += " — " + "; ".join(e["errors"])
         ratio = f"{e['value_vs_best_peer']:.3f} ({e['best_peer']})" if "best_peer" in e else ""
         lines.append(
             f"| {e['model']} | {e['method']} | {e['library']} | {e['bits']} | {e['group_size'] or ''} | "
@@ -560,14 +576,19 @@ def report(meta: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         f"Command: `{meta['command']}`, {meta['started']} to {meta.get('finished', '(running)')}; "
         f"load average (1, 5, 15 min) at the start {load.get('start')}, at the end {load.get('end', '(running)')}.",
         f"Versions: {meta['versions']}; peers: {meta.get('peer_versions', 'none')}.",
+        *(
+            [f"Summary and table rebuilt from the rows by `{meta['summary_rebuilt']}`."]
+            if "summary_rebuilt" in meta
+            else []
+        ),
         "",
         "Like for like: every row quantizes the same model with the same calibration windows (per set), bits, "
         "group size and asymmetric grids, keeps `lm_head` in floating point, and is scored on the same token "
         "windows with the same perplexity. Peers run at their defaults and at their best documented settings "
         "(`-mse` rows; benchmarks/peers/run_peer.py says which and why). lowbit's options were fixed on the "
         "tuning text before the held-out text was evaluated.",
-        f"Calibration: {', '.join(meta['texts']['calibration'])}. SmolLM2: {meta['setup']['smollm2']}. "
-        f"MiniLM: {meta['setup']['minilm']}.",
+        f"Calibration: {', '.join(meta['texts']['calibration'])}. "
+        + " ".join(f"{model}: {meta['setup'][key]}." for key, model in MODELS.items() if any_rows(summary, model)),
         f"Spread: over the calibration sets (sets column); rows with one set ran on set 0 only. "
         f"Times (means over sets): {meta['timing']}.",
         "",
@@ -602,7 +623,17 @@ def main() -> None:
         default=RESULTS / "quant_fidelity.json",
         help="where to write the rows (the table goes beside it, as .md)",
     )
+    parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="rebuild the summary and table of an existing --json from its rows and meta, without measuring",
+    )
     args = parser.parse_args()
+    if args.rewrite:
+        saved = json.loads(args.json.read_text())
+        saved["meta"]["summary_rebuilt"] = f"python benchmarks/quant_fidelity.py --rewrite, {_now()}"
+        Run(args.json, [], [], [], [], [], 0, [], 0.0, saved["meta"], saved["rows"]).write()
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     peers = [p for p in args.peers.split(",") if p]
     unknown = sorted(set(peers) - set(PEER_METHODS))
@@ -630,7 +661,6 @@ def main() -> None:
         smollm2_rows(run)
     if not args.no_minilm:
         minilm_rows(run)
-    meta["peer_versions"] = sorted({r["library"] for r in run.rows if r["library"] != "lowbit"})
     meta["finished"] = _now()
     meta["load_average"]["end"] = _load()
     run.write()
