@@ -21,17 +21,18 @@
   sentences, and their relative error; group 128; GPTQ with ``act_order`` and ``mse=2.4``
   (chosen earlier on Apache-2.0 sentences: ``act_order`` and more distinct windows helped).
 
-Methods in ``--seed-methods`` at bit widths in ``--seed-bits`` run on every calibration set
-(mean ± spread over the sets), the others on the first set only. Peers run at ``--peer-bits``
-on the same model, windows, bits and group size, each at its defaults and at its best documented settings (see
+Methods in ``--seed-methods`` at bit widths in ``--seed-bits`` run on every calibration set (mean ±
+spread over the sets), the others on the first set only. Peers run at ``--peer-bits`` on the same
+model, windows, bits and group size, each at its defaults and at its best documented settings (see
 `benchmarks/peers/run_peer.py` for which and why): GPTQModel (GPTQ) and llm-compressor
 (GPTQModifier, AWQModifier, QuantizationModifier = RTN), in their own virtual environment
-(``bash benchmarks/peers/setup.sh``) as subprocesses; a peer that fails is recorded with
-its error text. ``--budget-s`` bounds the run: what has not started by then is recorded as
-not run (`Run.schedule` gives the order).
-Perplexities are deterministic; times are single runs of the quantization
-alone (model loading excluded; lowbit's include its calibration forwards), wall and process
-CPU seconds, and carry the machine's other load (its load average is recorded).
+(``$LOWBIT_PEERS_VENV`` or ``.venv-peers``, made by ``bash benchmarks/peers/setup.sh``) as
+subprocesses; a peer that fails is recorded with its error text. ``--budget-s`` bounds the run: what
+has not started by then is recorded as not run (`Run.schedule` gives the order). ``--rewrite``
+rebuilds a results file's summary and table from its rows. Perplexities are deterministic; times are
+single runs of the quantization alone (model loading excluded; lowbit's include its calibration
+forwards), wall and process CPU seconds, and carry the machine's other load (its load average is
+recorded).
 
 Writes benchmarks/results/quant_fidelity.json (every per-set row and the summary) and
 quant_fidelity.md.

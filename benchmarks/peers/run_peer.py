@@ -12,7 +12,7 @@ METHOD is one of `METHODS`. ``--model`` is a saved transformers model directory,
 Weights are asymmetric integers with the given group size; ``lm_head`` is left in
 floating point, as lowbit's rows do.
 
-Each peer runs twice: at its defaults, and at the settings its own documentation
+Each peer's GPTQ runs twice: at its defaults, and at the settings its own documentation
 gives as the most accurate for asymmetric 4-bit group GPTQ (``-mse`` methods):
 
 * GPTQModel 7.6.0: its defaults already enable group-aware reordering
