@@ -7,13 +7,32 @@ transformers pins differ from lowbit's:
         --bits 4 --group-size 64 --out result.json
 
 METHOD is one of `METHODS`. ``--model`` is a saved transformers model directory,
-``--data`` holds ``calibration.pt`` and ``evaluation.pt`` (int64 token windows
-``(n, length)``, the same ones lowbit uses). Weights are asymmetric integers with
-the given group size; ``lm_head`` is left in floating point, as lowbit's rows do.
-The JSON result holds the perplexity of the quantized model on the evaluation windows,
+``--data`` holds ``calibration.pt`` (int64 token windows ``(n, length)``) and
+``evaluation.pt`` (a dict of named token windows), the same ones lowbit uses.
+Weights are asymmetric integers with the given group size; ``lm_head`` is left in
+floating point, as lowbit's rows do.
+
+Each peer's GPTQ runs twice: at its defaults, and at the settings its own documentation
+gives as the most accurate for asymmetric 4-bit group GPTQ (``-mse`` methods):
+
+* GPTQModel 7.6.0: its defaults already enable group-aware reordering
+  (``act_group_aware``, the README's GAR section: better accuracy at no inference
+  cost) with ``desc_act`` off, ``damp_percent`` 0.05 and ``true_sequential``. Its
+  only further documented accuracy option for plain GPTQ is ``mse``, the MSE-clipped
+  group grid; 2.4 is the norm GPTQModel itself uses when it quantizes output
+  embeddings. GPTAQ is labelled experimental and "may not improve quality", so it is
+  not used.
+* llm-compressor 0.14: ``GPTQModifier`` defaults to ``actorder="static"``, which its
+  docstring calls the best accuracy recovery at no runtime cost, and
+  ``dampening_frac`` 0.01. The scheme's weight observer defaults to min-max; the
+  documented alternative is ``"mse"`` (a grid search of clipped ranges, norm 2.4).
+  ``AWQModifier`` (duo scaling, 20-point grid) and ``QuantizationModifier`` (RTN) run
+  at their defaults, as the library's examples use them.
+
+The JSON result holds the perplexity of the quantized model on each evaluation set,
 the quantization wall and CPU time (model loading excluded; CPU time counts this
-process's threads, so it is less sensitive to other load on the machine) and the
-library versions.
+process's threads, so it is less sensitive to other load on the machine), the
+library versions and the settings that were passed and resolved.
 """
 
 from __future__ import annotations
@@ -33,7 +52,9 @@ import torch
 
 log = logging.getLogger("peers")
 
-METHODS = ("gptqmodel", "gptqmodel-act-group-aware", "llmc-gptq", "llmc-awq", "llmc-rtn")
+METHODS = ("gptqmodel", "gptqmodel-mse", "llmc-gptq", "llmc-gptq-mse", "llmc-awq", "llmc-rtn")
+#: The norm of the MSE-clipped group grids of the ``-mse`` methods (both peers' documented value).
+MSE_NORM = 2.4
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> float:
@@ -50,15 +71,16 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) ->
 
 
 def run_gptqmodel(
-    model_dir: Path, calibration: torch.Tensor, bits: int, group_size: int, act_group_aware: bool
+    model_dir: Path, calibration: torch.Tensor, bits: int, group_size: int, mse: bool
 ) -> tuple[torch.nn.Module, float, dict[str, Any]]:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
     import gptqmodel
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    config = QuantizeConfig(
-        bits=bits, group_size=group_size, sym=False, desc_act=False, act_group_aware=act_group_aware
-    )
+    passed: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": False}
+    if mse:
+        passed["mse"] = MSE_NORM
+    config = QuantizeConfig(**passed)
     model = GPTQModel.load(str(model_dir), config, device="cpu")
     samples = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calibration]
     start, cpu = time.perf_counter(), time.process_time()
@@ -67,9 +89,11 @@ def run_gptqmodel(
     settings = {
         "library": f"gptqmodel {gptqmodel.__version__}",
         "quantize_cpu_s": cpu,
-        "act_group_aware": act_group_aware,
-        "desc_act": False,
-        "damp_percent": config.damp_percent,
+        "passed": passed,
+        "resolved": {
+            key: getattr(config, key)
+            for key in ("act_group_aware", "desc_act", "damp_percent", "mse", "static_groups", "true_sequential")
+        },
     }
     # The in-memory model is not usable for inference after quantize (its layers were
     # offloaded while packing); evaluate the saved checkpoint, as a user would.
@@ -97,6 +121,7 @@ def run_llmcompressor(
                 "symmetric": False,
                 "strategy": "group",
                 "group_size": group_size,
+                **({"observer": "mse"} if method == "llmc-gptq-mse" else {}),
             },
         }
     }
@@ -121,12 +146,18 @@ def run_llmcompressor(
             "library": f"llmcompressor {llmcompressor.__version__}",
             "quantize_cpu_s": cpu,
             "modifier": type(recipe).__name__,
+            "resolved": {
+                key: str(getattr(recipe, key))
+                for key in ("actorder", "dampening_frac", "block_size", "duo_scaling", "n_grid")
+                if hasattr(recipe, key)
+            },
+            "scheme": scheme,
         },
     )
 
 
 def _llmc_modifier(method: str, scheme: dict[str, Any]) -> Any:
-    if method == "llmc-gptq":
+    if method in ("llmc-gptq", "llmc-gptq-mse"):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         return GPTQModifier(config_groups=scheme, ignore=["lm_head"])
@@ -156,7 +187,7 @@ def main() -> None:
     evaluation = torch.load(args.data / "evaluation.pt")
     runners: dict[str, Callable[[], tuple[torch.nn.Module, float, dict[str, Any]]]] = {
         "gptqmodel": lambda: run_gptqmodel(args.model, calibration, args.bits, args.group_size, False),
-        "gptqmodel-act-group-aware": lambda: run_gptqmodel(args.model, calibration, args.bits, args.group_size, True),
+        "gptqmodel-mse": lambda: run_gptqmodel(args.model, calibration, args.bits, args.group_size, True),
     }
     run = runners.get(args.method) or (
         lambda: run_llmcompressor(args.model, calibration, args.bits, args.group_size, args.method)
@@ -165,7 +196,7 @@ def main() -> None:
     model.eval()
     log.info("%s quantized in %.1f s; evaluating", args.method, seconds)
     result = {
-        "perplexity": perplexity(model, evaluation),
+        "perplexity": {name: perplexity(model, windows) for name, windows in evaluation.items()},
         "quantize_s": seconds,
         "torch": torch.__version__,
         **settings,
