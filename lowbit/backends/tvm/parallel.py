@@ -25,17 +25,20 @@ MIN_PARALLEL_WORK = 1 << 15
 
 def parallel_work(sch: s_tir.Schedule) -> dict[tirx.Var, int | None]:
     """The work inside each parallel loop of the scheduled function ``sch``, by loop variable: for every block in
-    the loop, the product of the extents of the loops around it from that loop inwards, times the block's own
-    inner blocks' work (a tensorized step), summed; None when an extent is not a constant."""
+    the loop, the product of the extents of the loops around it from that loop inwards, times the work of one
+    execution of the block (its inner blocks', or `_step`), summed; None when an extent is not a constant."""
 
     def inner_work(scope: s_tir.schedule.SBlockRV) -> int | None:
+        children = sch.get_child_blocks(scope)
+        if not children:
+            return _step(sch.get(scope))
         total = 0
-        for block in sch.get_child_blocks(scope):
+        for block in children:
             extents = [_constant(sch.get(loop).extent) for loop in sch.get_loops(block)]
             inner = inner_work(block)
             if inner is None or None in extents:
                 return None
-            total += math.prod(extents) * max(inner, 1)
+            total += math.prod(extents) * inner
         return total
 
     work: dict[tirx.Var, int | None] = {}
@@ -47,7 +50,7 @@ def parallel_work(sch: s_tir.Schedule) -> dict[tirx.Var, int | None]:
             if loop.kind != tirx.ForKind.PARALLEL:
                 continue
             known = inner is not None and None not in extents[depth:] and work.get(loop.loop_var, 0) is not None
-            amount = math.prod(extents[depth:]) * max(inner, 1) if known else None
+            amount = math.prod(extents[depth:]) * inner if known else None
             work[loop.loop_var] = work.get(loop.loop_var, 0) + amount if amount is not None else None
     return work
 
@@ -73,6 +76,13 @@ def serialize_small_loops(func: tirx.PrimFunc, min_work: int = MIN_PARALLEL_WORK
                 )  # fmt: skip
                 sch.state.replace(sch.get_sref(loop), serial)
     return sch.mod["main"]
+
+
+def _step(block: s_tir.SBlock) -> int:
+    """The work of one execution of a leaf block: the most elements any of its buffer regions spans, 1 for a
+    scalar statement and the operand width for a tensorized step (a ``vpdpbusd`` reads 64 bytes of weights)."""
+    sizes = [math.prod(_constant(r.extent) or 1 for r in region.region) for region in [*block.reads, *block.writes]]
+    return max([1, *sizes])
 
 
 def _constant(extent: tirx.PrimExpr) -> int | None:
