@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutput
 import lowbit
 from lowbit.backends.tvm.rpc import bind_inputs
 from lowbit.errors import InputError, InputShapeError, NonFiniteInputError
-from lowbit.interface import Interface, index_ranges
+from lowbit.interface import Interface, index_ranges, non_finite_count
 from lowbit.ir.trace import trace
 
 from helpers import TINY_VOCAB, tiny_bert, tiny_llama
@@ -78,6 +78,16 @@ def test_non_finite_inputs_are_refused_on_every_target(compiled, bad) -> None:
     scale[0, 2, 0] = bad
     with pytest.raises(NonFiniteInputError, match="input 'scale' holds 1 NaN or Inf"):
         compiled(ids, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_non_finite_values_are_counted_in_every_float_dtype(dtype) -> None:
+    values = torch.randn(4, 300).to(dtype)
+    assert non_finite_count(values) == 0
+    assert non_finite_count(values.t()) == 0  # a strided view
+    values[1, 7], values[2, 9], values[3, 11] = float("nan"), float("inf"), float("-inf")
+    assert non_finite_count(values) == 3
+    assert non_finite_count(values.t()) == 3
 
 
 def test_outputs_have_eager_structure_on_every_target(compiled, tmp_path) -> None:

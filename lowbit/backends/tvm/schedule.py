@@ -14,7 +14,8 @@ PrimFunc a real schedule:
 * `Convolution` — channels-last convolutions, pooling and spatial means: the padded input
   materialized once, kernel rows and columns outside the input channels, a register tile of
   output columns × channel vectors sized to the register file (`conv_tile`).
-* `Elementwise` — only spatial blocks: fuse, parallelize, vectorize.
+* `Elementwise` — only spatial blocks: vectors along the innermost axis (the channels), the loops outside
+  them fused and parallel.
 * `RowReduction` — reductions over the last axis with elementwise stages (softmax,
   layer norm): one parallel loop over rows, each reduction accumulated in vector lanes
   (rfactor), every stage vectorized along the row.
@@ -511,8 +512,26 @@ def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, si
 
 
 def parallel_vectorize(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
-    """Fuse the loops of a spatial block, run the outer part in parallel and vectorize the inner part."""
+    """Run a spatial block's loops in parallel with vectors along its innermost loop (the channels of an NHWC tensor).
+
+    The vectors are the largest power-of-two divisor of the innermost extent, up to ``lanes``, and the loops
+    outside them are fused into one parallel loop: each vector then reads consecutive elements of the output and of
+    any per-channel operand (bias, scale), which stay contiguous loads. Only where that divisor is under 8 (an odd
+    or narrow row) are all the loops fused and vectorized together, the vectors crossing rows.
+    """
     loops = sch.get_loops(block)
+    inner = _static_extent(sch, loops[-1])
+    simd = power_of_two_divisor(inner, lanes) if inner is not None else 1
+    if len(loops) == 1 or simd < min(8, lanes):
+        _parallel_vectorize_flat(sch, loops, lanes)
+        return
+    *outer, lane = sch.split(loops[-1], factors=[None, simd]) if inner != simd else [loops[-1]]
+    sch.parallel(sch.fuse(*loops[:-1], *outer))
+    sch.vectorize(lane)
+
+
+def _parallel_vectorize_flat(sch: s_tir.Schedule, loops: list[s_tir.schedule.LoopRV], lanes: int) -> None:
+    """Fuse ``loops``, run the outer part in parallel and vectorize the inner part."""
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     extent = _static_extent(sch, fused)
     vec = power_of_two_divisor(extent, lanes) if extent is not None else 1

@@ -12,7 +12,7 @@ import tvm
 from tvm import s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
-from lowbit.backends.tvm.schedule import RowReduction, cpu_rules
+from lowbit.backends.tvm.schedule import Elementwise, RowReduction, cpu_rules
 from lowbit.backends.tvm.target import resolve_target
 
 TARGET = resolve_target("x86")
@@ -188,3 +188,27 @@ def test_tiled_reduction_pads_197_rows_to_whole_register_tiles() -> None:
     script = default_schedule(te.create_prim_func(batched_matmul(6, 197, 64, 197))).script()
     assert "a_pad" in script and "b_pad" in script  # zero-padded copies: 200 rows (8-row tiles), 224 columns
     assert "T.unroll(8)" in script.replace("T.int64(8)", "8") and "T.vectorized(" in script
+
+
+def bias_relu6(shape: tuple[int, ...]) -> list[te.Tensor]:
+    """``min(max(x + bias, 0), 6)`` with a per-channel bias over a channels-last image: the epilogue of a layer."""
+    x = te.placeholder(shape, "float32", name="x")
+    bias = te.placeholder(shape[-1:], "float32", name="bias")
+    y = te.compute(shape, lambda *i: tirx.min(tirx.max(x[i] + bias[i[-1]], 0.0), 6.0), name="y")
+    return [x, bias, y]
+
+
+@pytest.mark.parametrize(("shape", "lanes"), [((56, 56, 72), 8), ((28, 28, 144), 16), ((14, 14, 3), None)])
+def test_elementwise_vectors_run_along_the_channels(shape: tuple[int, ...], lanes: int | None) -> None:
+    """72 channels: 8-lane vectors along them (a flat 16-lane vector would cross pixels, so the bias would be
+    gathered); 3 channels: no such vector, so the loops are vectorized together."""
+    sch = Elementwise().apply(te.create_prim_func(bias_relu6(shape)), TARGET, False)
+    assert sch is not None
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("y"))]
+    assert [loop.kind for loop in loops] == [tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED]
+    if lanes is not None:
+        assert int(loops[-1].extent) == lanes
+        assert int(loops[0].extent) == np.prod(shape) // lanes
+    x = RNG.standard_normal(shape).astype("float32") * 4
+    bias = RNG.standard_normal(shape[-1:]).astype("float32")
+    np.testing.assert_array_equal(run(sch.mod["main"], [x, bias], shape), np.clip(x + bias, 0, 6))

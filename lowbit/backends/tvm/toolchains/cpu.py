@@ -24,7 +24,7 @@ from tvm.s_tir import dlight
 from tvm.support import cc
 from tvm.target import Target
 
-from lowbit.backends.tvm import fastmath, layout, schedule
+from lowbit.backends.tvm import fastmath, layout, parallel, schedule
 from lowbit.backends.tvm.build_guard import bounded_build
 from lowbit.backends.tvm.convert import (
     Lowering,
@@ -154,7 +154,8 @@ class CPUToolchain(Toolchain):
         return emit_on_rows(bb, x, n_out, call, packed_gemm.tile_rows(self.lanes))
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
-        """Legalize and fuse the Relax module, then give each TIR function a default CPU schedule.
+        """Legalize and fuse the Relax module, then give each TIR function a default CPU schedule; parallel loops
+        too small to pay for a fork and join of the thread pool then run serially (`parallel.serial_small_loops`).
 
         ``DecomposeOpsForInference`` runs first so batch norm uses its running statistics
         (Relax's ``batch_norm`` otherwise legalizes to the training-mode computation).
@@ -168,6 +169,7 @@ class CPUToolchain(Toolchain):
             + [relax.transform.LegalizeOps({**fastmath.legalize_map(), "relax.nn.conv2d": packed_conv2d})]
             + cpu_pipeline.legalize_passes(target)
             + [relax.transform.DeadCodeElimination(), dlight.ApplyDefaultSchedule(*schedule.cpu_rules())]
+            + [parallel.serial_small_loops]
         )
         with target:
             return tvm.transform.Sequential(passes)(mod)
