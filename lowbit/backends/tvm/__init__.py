@@ -43,6 +43,7 @@ from lowbit.backends.tvm.runner import (
     CUDARunner,
     Runner,
     read_signature,
+    signature_dims,
     signature_interface,
 )
 from lowbit.backends.tvm.target import resolve_target
@@ -87,7 +88,9 @@ class TVMBackend:
             if tuner is not None:
                 tuner.close()
         with quiet_tvm():
-            return self.toolchain.build(lowering, tuner.results if tuner else ())
+            runner = self.toolchain.build(lowering, tuner.results if tuner else ())
+        runner.dims = lowering.dims
+        return runner
 
     def tuner(self, cache_dir: Any, tune: Any) -> Tuner | None:
         """The tuner ``compile`` chooses kernel knobs with (None for ``tune=False``: hand schedules); close it
@@ -109,6 +112,7 @@ class TVMBackend:
         with quiet_tvm():
             runner = self.toolchain.load(directory, signature)
         runner.interface = signature_interface(signature)
+        runner.dims = signature_dims(signature)
         return runner
 
 

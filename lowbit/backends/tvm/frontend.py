@@ -22,11 +22,12 @@ import torch
 import tvm
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
-from tvm import relax
+from tvm import relax, sym
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
 
 from lowbit.errors import BackendError
+from lowbit.ir.shapes import SYMBOLIC_DIMS, SymbolicDim
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,11 @@ PAD_DILATE_CEIL = (("padding", 0), ("dilation", 1), ("ceil_mode", False))
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: placeholder name, static shape and torch dtype name (``"float32"``)."""
+    """One graph input: placeholder name, shape (a size, or the name of a symbolic dimension,
+    `lowbit.ir.shapes.SymbolicDim`) and torch dtype name (``"float32"``)."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
 
 
@@ -61,15 +63,25 @@ def input_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> l
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     if len(inputs) > len(placeholders):
         raise BackendError(f"{len(inputs)} example inputs for a graph with {len(placeholders)} inputs")
+    symbols = gm.meta.get(SYMBOLIC_DIMS, {})
     specs = []
     for index, node in enumerate(placeholders):
-        value = inputs[index] if index < len(inputs) else node.meta.get("val")
+        value = node.meta.get("val") if symbols or index >= len(inputs) else inputs[index]
         if not isinstance(value, torch.Tensor):
             raise BackendError(f"graph input '{node.target}' has no example tensor; pass it in example_inputs")
-        specs.append(
-            InputSpec(str(node.target), tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch."))
-        )
+        shape = tuple(symbols[str(d)].name if str(d) in symbols else int(d) for d in value.shape)
+        specs.append(InputSpec(str(node.target), shape, str(value.dtype).removeprefix("torch.")))
     return specs
+
+
+def symbolic_dims(gm: fx.GraphModule) -> dict[str, SymbolicDim]:
+    """The symbolic dimensions of ``gm``'s inputs by name (none for a graph of static shapes)."""
+    return {dim.name: dim for dim in gm.meta.get(SYMBOLIC_DIMS, {}).values()}
+
+
+def relax_shape(shape: Sequence[int | str], variables: dict[str, tvm.tirx.Var]) -> tuple[Any, ...]:
+    """An `InputSpec` shape for Relax: a symbolic dimension as one int64 TIR variable per name (``variables``)."""
+    return tuple(variables.setdefault(d, tvm.tirx.Var(d, "int64")) if isinstance(d, str) else d for d in shape)
 
 
 def import_graph(
@@ -82,12 +94,15 @@ def import_graph(
 
     Raises `BackendError` where the frontend cannot import an operator, naming the layers it does not know.
     """
-    importer = GraphImporter(constant_linear)
+    variables: dict[str, tvm.tirx.Var] = {}
+    shapes = [(relax_shape(spec.shape, variables), spec.dtype) for spec in inputs]
+    dims = symbolic_dims(gm)
+    importer = GraphImporter(constant_linear, {variables[name]: (dim.low, dim.high) for name, dim in dims.items()})
     _check_modules(gm, importer.create_convert_map())
     try:
         return importer.from_fx(
             gm,
-            [(spec.shape, spec.dtype) for spec in inputs],
+            shapes,
             keep_params_as_input=False,
             unwrap_unit_return_tuple=True,
             no_bind_return_tuple=False,
@@ -193,9 +208,33 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
     matmul with the transposed weight, read with strides).
     """
 
-    def __init__(self, constant_linear: ConstantLinear | None = None) -> None:
+    def __init__(
+        self,
+        constant_linear: ConstantLinear | None = None,
+        bounds: Mapping[tvm.tirx.Var, tuple[int, int]] | None = None,
+    ) -> None:
+        self.bounded = bool(bounds)  # before the base class reads the convert map
         super().__init__()
         self.constant_linear = constant_linear
+        self.analyzer = sym.Analyzer()
+        for var, (low, high) in (bounds or {}).items():
+            self.analyzer.bind(var, tvm.ir.Range(low, high + 1))
+
+    def _within_bounds(self, convert: Callable[..., Any]) -> Callable[..., Any]:
+        """``convert`` whose tensor result has its shape simplified under the symbolic dimensions' ranges: slicing
+        a 64-row table to ``seq`` rows gives ``min(seq, 64)`` rows, which is ``seq`` when ``seq <= 64``."""
+
+        def converted(node: fx.Node, *args: Any) -> Any:
+            value = convert(node, *args)
+            shape = getattr(getattr(value, "ty", None), "shape", None) if isinstance(value, relax.Expr) else None
+            if shape is None or all(isinstance(d, tvm.tirx.IntImm | tvm.tirx.Var) for d in shape):
+                return value
+            simple = [self.analyzer.simplify(d) for d in shape]
+            if all(str(a) == str(b) for a, b in zip(simple, shape)):
+                return value
+            return self.block_builder.match_cast(value, relax.TensorType(simple, value.ty.dtype))
+
+        return converted
 
     def _linear_module(self, node: fx.Node) -> relax.Expr:
         module = self.named_modules[node.target]
@@ -269,6 +308,12 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return self.constant_linear(self.block_builder, x, as_torch[0], as_torch[1] if bias is not None else None)
 
     def create_convert_map(self) -> dict[Any, Any]:
+        converters = self._convert_map()
+        if not self.bounded:
+            return converters
+        return {name: self._within_bounds(convert) for name, convert in converters.items()}
+
+    def _convert_map(self) -> dict[Any, Any]:
         aten = ExportedProgramImporter.create_convert_map(self)
         return {
             **aten,
@@ -430,4 +475,4 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return self._max_pool2d_impl(x, call["kernel_size"], stride, padding, dilation, ceil_mode)
 
 
-__all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs"]
+__all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs", "relax_shape", "symbolic_dims"]

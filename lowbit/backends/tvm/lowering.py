@@ -25,7 +25,7 @@ from lowbit.backends.tvm.convert import (
     announce_fallbacks,
 )
 from lowbit.backends.tvm.convert_conv import CONV_PACKED_A8_NAME, CONV_PACKED_NAME, PackedConvConverter
-from lowbit.backends.tvm.frontend import import_graph, input_specs
+from lowbit.backends.tvm.frontend import import_graph, input_specs, symbolic_dims
 from lowbit.backends.tvm.inline import inline_wrapped_regions
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def lower(
             CONV_PACKED_A8_NAME: conv,
         }
         mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
-    lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
+    lowering = Lowering(mod, toolchain.target, inputs, converter.linears, symbolic_dims(gm))
     announce_fallbacks(lowering.fallbacks, toolchain.name, strict)
     log.info(
         "lowered graph for %s: %d low-bit linear(s), %d on the fp32 fallback",

@@ -63,7 +63,7 @@ def activation_codes(
     ``rint`` rounds half to even: ``tirx.nearbyint``, or on LLVM CPU targets ``tirx.round`` (it lowers to the
     same ``llvm.nearbyint``, and TVM vectorizes it where it scalarizes ``nearbyint``).
     """
-    m_rows, k_in = (int(d) for d in x.shape)
+    m_rows, k_in = x.shape[0], int(x.shape[1])  # the rows may be symbolic
     mult = None
     if step is None:
         k = te.reduce_axis((0, k_in), name="k")
