@@ -100,9 +100,46 @@ def export_shapes(parsed: Mapping[str, Mapping[int, SymbolicDim]]) -> dict[str, 
     }
 
 
-def symbols(parsed: Mapping[str, Mapping[int, SymbolicDim]]) -> dict[str, SymbolicDim]:
-    """Every symbol of ``parsed`` by name."""
-    return {dim.name: dim for axes in parsed.values() for dim in axes.values()}
+def symbolic_axes(gm: Any) -> dict[str, dict[int, SymbolicDim]]:
+    """Per placeholder of a graph traced with symbolic dimensions (`SYMBOLIC_DIMS`), its symbolic axes."""
+    found = gm.meta.get(SYMBOLIC_DIMS, {})
+    axes: dict[str, dict[int, SymbolicDim]] = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            symbolic = {axis: found[str(size)] for axis, size in enumerate(value.shape) if str(size) in found}
+            if symbolic:
+                axes[str(node.target)] = symbolic
+    return axes
 
 
-__all__ = ["SYMBOLIC_DIMS", "SymbolicDim", "SymbolicDimError", "export_shapes", "parse", "symbols"]
+def check_symbolic(axes: Mapping[str, Mapping[int, SymbolicDim]], values: Mapping[str, torch.Tensor]) -> None:
+    """`InputShapeError` for an input whose symbolic dimension is outside its range, or a symbol at two sizes."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, by_axis in axes.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        for axis, dim in by_axis.items():
+            where = f"input '{name}' dimension {axis}"
+            if value.dim() <= axis:
+                raise InputShapeError(f"{where} does not exist: the input has shape {tuple(value.shape)}")
+            size = int(value.shape[axis])
+            dim.check(size, where)
+            seen, other = sizes.setdefault(dim.name, (size, where))
+            if seen != size:
+                raise InputShapeError(
+                    f"{where} has size {size}, but {other} has size {seen}; both are dimension '{dim.name}', which "
+                    "the model was compiled with equal"
+                )
+
+
+__all__ = [
+    "SYMBOLIC_DIMS",
+    "SymbolicDim",
+    "SymbolicDimError",
+    "check_symbolic",
+    "export_shapes",
+    "parse",
+    "symbolic_axes",
+]

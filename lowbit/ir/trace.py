@@ -51,8 +51,8 @@ from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
 from lowbit.interop import onnx_import
-from lowbit.ir.canonicalize import canonicalize_exported
 from lowbit.ir import shapes
+from lowbit.ir.canonicalize import canonicalize_exported
 from lowbit.ir.decompose import (
     UnsupportedOptionError,
     decomposable,

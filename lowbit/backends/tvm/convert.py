@@ -178,11 +178,6 @@ class PackedLinearConverter:
             self.linears.append(LoweredLinear(name, spec, planned.name, layer=layer))
             blocks = [x.ty.shape[0] // spec.batch] if spec.row_blocks else []
             return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features, blocks)
-        if spec.row_blocks:
-            raise BackendError(
-                f"node '{name}'{f' ({layer})' if layer else ''}: {reason}; the dequantized fallback takes static "
-                "shapes only: quantize the layer with a setting a kernel takes, or compile without dynamic_shapes"
-            )
         self.linears.append(LoweredLinear(name, spec, FALLBACK, reason, self._nearest(spec, tensors), layer))
         return self.toolchain.fallback(bb, x, spec, tensors)
 

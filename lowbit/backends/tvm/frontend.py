@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 #: Relax's own ``linear``.
 ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
 
+_STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
 #: ``F.max_pool2d``'s options after the stride, with their defaults.
 PAD_DILATE_CEIL = (("padding", 0), ("dilation", 1), ("ceil_mode", False))
 
@@ -221,18 +222,20 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             self.analyzer.bind(var, tvm.ir.Range(low, high + 1))
 
     def _within_bounds(self, convert: Callable[..., Any]) -> Callable[..., Any]:
-        """``convert`` whose tensor result has its shape simplified under the symbolic dimensions' ranges: slicing
-        a 64-row table to ``seq`` rows gives ``min(seq, 64)`` rows, which is ``seq`` when ``seq <= 64``."""
+        """``convert`` whose slices are known in bounds under the symbolic dimensions' ranges: slicing a 64-row
+        table to ``seq`` rows gives ``min(seq, 64)`` rows, which is ``seq`` when ``seq <= 64`` (an unsimplified
+        shape leaves the ops after it without a shape, which Relax cannot legalize)."""
 
         def converted(node: fx.Node, *args: Any) -> Any:
             value = convert(node, *args)
-            shape = getattr(getattr(value, "ty", None), "shape", None) if isinstance(value, relax.Expr) else None
-            if shape is None or all(isinstance(d, tvm.tirx.IntImm | tvm.tirx.Var) for d in shape):
+            call = self.block_builder.lookup_binding(value) if isinstance(value, relax.Var) else None
+            if not isinstance(call, relax.Call) or call.op != _STRIDED_SLICE or call.attrs.assume_inbound:
                 return value
-            simple = [self.analyzer.simplify(d) for d in shape]
-            if all(str(a) == str(b) for a, b in zip(simple, shape)):
-                return value
-            return self.block_builder.match_cast(value, relax.TensorType(simple, value.ty.dtype))
+            inbound = self.block_builder.normalize(relax.op.strided_slice(*call.args, assume_inbound=True))
+            proven = [self.analyzer.simplify(d) for d in value.ty.shape]
+            if all(self.analyzer.can_prove_equal(a, b) for a, b in zip(proven, inbound.ty.shape)):
+                return self.block_builder.emit(inbound)
+            return value
 
         return converted
 
@@ -475,4 +478,12 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return self._max_pool2d_impl(x, call["kernel_size"], stride, padding, dilation, ceil_mode)
 
 
-__all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs", "relax_shape", "symbolic_dims"]
+__all__ = [
+    "ConstantLinear",
+    "GraphImporter",
+    "InputSpec",
+    "import_graph",
+    "input_specs",
+    "relax_shape",
+    "symbolic_dims",
+]

@@ -1,9 +1,10 @@
 """Runners: a built Relax VM executable called with torch tensors, and the signature saved next to its library.
 
 `Runner` binds the inputs (positionally or by placeholder name) and checks them against the compiled shapes (a
-symbolic dimension against its range: `InputShapeError`) and dtypes, hands them to TVM, and returns torch tensors. Subclasses say only on which device the module runs
-(`CPURunner`: this CPU, when the library is for this architecture; `CUDARunner`: ``tvm.cuda(0)``, where there is a
-GPU) and what their signature adds. A runner that cannot run here still exists for export (``runnable`` False).
+symbolic dimension against its range: `InputShapeError`) and dtypes, hands them to TVM, and returns torch tensors.
+Subclasses say only on which device the module runs (`CPURunner`: this CPU, when the library is for this
+architecture; `CUDARunner`: ``tvm.cuda(0)``, where there is a GPU) and what their signature adds. A runner that
+cannot run here still exists for export (``runnable`` False).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from lowbit.backends.tvm.convert import LoweredLinear, fallbacks
 from lowbit.backends.tvm.frontend import InputSpec
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.target import cuda_arch, host_arch
-from lowbit.errors import BackendError, InputShapeError
+from lowbit.errors import BackendError
 from lowbit.interface import Interface
-from lowbit.ir.shapes import SymbolicDim
+from lowbit.ir.shapes import SymbolicDim, check_symbolic
 
 #: The shared library a saved module is exported to (weights embedded as constants).
 LIBRARY_FILE = "model.so"
@@ -117,17 +118,11 @@ class Runner(ABC):
                 "compile it again for new shapes"
                 + (" (or with dynamic_shapes for a range of them)" if not self.dims else "")
             )
-        sizes: dict[str, int] = {}
-        for name, spec, shape in zip(names, expected, got):
-            for axis, (dim, size) in enumerate(zip(spec, shape)):
-                if isinstance(dim, str):
-                    where = f"input '{name}' dimension {axis}"
-                    self.dims[dim].check(size, where)
-                    if sizes.setdefault(dim, size) != size:
-                        raise InputShapeError(
-                            f"{where} has size {size}, but another input's dimension '{dim}' has size {sizes[dim]}: "
-                            "the model was compiled with them equal"
-                        )
+        axes = {
+            spec.name: {axis: self.dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+            for spec in self.inputs
+        }
+        check_symbolic(axes, dict(zip(names, values)))
 
     @abstractmethod
     def not_runnable(self) -> str:

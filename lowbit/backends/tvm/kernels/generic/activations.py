@@ -137,7 +137,7 @@ def rounded_codes(
 ) -> tuple[te.Tensor | None, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]]:
     """The reference's step 1 in ``arith``: the per-row scale stage ``act_scale`` (dynamic only) and ``code(m, k)``,
     the int8 code as int32."""
-    m_rows, k_in = (int(d) for d in x.shape)
+    m_rows, k_in = x.shape[0], int(x.shape[1])  # the rows may be symbolic
     if step is None:
         k = te.reduce_axis((0, k_in), name="k")
         absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
