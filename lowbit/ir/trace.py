@@ -317,6 +317,11 @@ _CONSTRUCTS: tuple[_Construct, ...] = (
         "build transformers causal LMs with use_cache=False in their config, or register the type as a pytree node",
     ),
     _Construct(
+        ("Constraints violated",),
+        "a dimension of dynamic_shapes that the model ties to a size or to other dimensions",
+        "leave that dimension out of dynamic_shapes or narrow its range (TORCH_LOGS=+dynamic shows the constraint)",
+    ),
+    _Construct(
         ("target=torch._assert", "AssertionError"),
         "an assertion of the model (torch._assert, assert) that fails for the example inputs",
         "pass example inputs of the shape and size the model expects",
