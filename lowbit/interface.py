@@ -125,10 +125,13 @@ class Interface:
             "output": self.output,
             "batch": dict(self.batch),
             "masks": list(self.masks),
-            "symbolic": {
-                name: {str(axis): [dim.name, dim.low, dim.high] for axis, dim in axes.items()}
-                for name, axes in self.symbolic.items()
-            },
+            **({"symbolic": self._symbolic_dict()} if self.symbolic else {}),
+        }
+
+    def _symbolic_dict(self) -> dict[str, dict[str, list[Any]]]:
+        return {
+            name: {str(axis): [dim.name, dim.low, dim.high] for axis, dim in axes.items()}
+            for name, axes in self.symbolic.items()
         }
 
     @classmethod

@@ -138,7 +138,7 @@ class Runner(ABC):
             "inputs": [dataclasses.asdict(spec) for spec in self.inputs],
             "linears": [dataclasses.asdict(linear) for linear in self.linears],
             "interface": self.interface.as_dict(),
-            "dims": {name: [dim.low, dim.high] for name, dim in self.dims.items()},
+            **({"dims": {name: [dim.low, dim.high] for name, dim in self.dims.items()}} if self.dims else {}),
         }
 
 

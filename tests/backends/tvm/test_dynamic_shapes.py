@@ -63,7 +63,11 @@ def test_bert_linears_run_the_int8_kernels_on_symbolic_rows(bert) -> None:
 @pytest.mark.parametrize("target", ["torch", "x86"])
 @pytest.mark.parametrize(
     ("shape", "message"),
-    [((9, 4), "size 9, outside the compiled range 1..8 of dimension 'batch'"), ((2, 33), "range 2..32"), ((2, 1), "size 1")],
+    [
+        ((9, 4), "size 9, outside the compiled range 1..8 of dimension 'batch'"),
+        ((2, 33), "range 2..32"),
+        ((2, 1), "size 1"),
+    ],
 )
 def test_sizes_outside_the_range_are_refused_before_running(bert, target, shape, message) -> None:
     compiled = bert[0] if target == "torch" else bert[1]
