@@ -347,8 +347,14 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
         tile_loops.insert(0, row)
         sch.unroll(row)
     sch.reorder(*outer, *reduce, *tile_loops)
-    fused = sch.fuse(*outer)
-    sch.parallel(fused)
+    if len(outer) > 2 and any(_static_extent(sch, loop) is None for loop in outer):
+        # Symbolic extents: the batch loops run in parallel, the tile loops serially inside them (one loop fused
+        # across a symbolic extent divides each tile's index by a variable).
+        sch.parallel(sch.fuse(*outer[:-2]) if len(outer) > 3 else outer[0])
+        fused = outer[-1]
+    else:
+        fused = sch.fuse(*outer)
+        sch.parallel(fused)
     sch.reverse_compute_at(write_back, fused)
     _inline_consumers(sch, write_back)
     _vectorize_innermost(sch, block, simd)
@@ -515,8 +521,15 @@ def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, si
 
 
 def parallel_vectorize(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
-    """Fuse the loops of a spatial block, run the outer part in parallel and vectorize the inner part."""
+    """Fuse the loops of a spatial block, run the outer part in parallel and vectorize the inner part.
+
+    With a symbolic extent among the loops, only the outer loops are fused (parallel) and the innermost one is
+    vectorized on its own: a loop fused across a symbolic extent divides every element's index by a variable."""
     loops = sch.get_loops(block)
+    if len(loops) > 1 and any(_static_extent(sch, loop) is None for loop in loops):
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        _vectorize_innermost(sch, block, power_of_two_divisor(_known_divisor(sch.get(loops[-1]).extent), lanes))
+        return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     vec = power_of_two_divisor(_known_divisor(sch.get(fused).extent), lanes)
     if vec == 1:
