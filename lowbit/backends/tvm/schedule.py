@@ -65,8 +65,6 @@ class TiledReduction(ScheduleRule):
         reductions = [info for info in infos if info.is_reduction()]
         if len(reductions) != 1 or any(not (i.is_reduction() or i.is_injective()) for i in infos):
             return None
-        if not _static_reduction(reductions[0]):
-            return None
         main = reductions[0]
         try_inline(sch, [info for info in infos if info is not main])  # padding in, epilogues stay
         schedule_tiled_reduction(sch, main.block_rv, float32_lanes(target))
@@ -555,11 +553,6 @@ def _inline_consumers(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> No
 
 def _static_extents(info: SBlockInfo) -> bool:
     return all(isinstance(it.dom, int) for it in info.iters)
-
-
-def _static_reduction(info: SBlockInfo) -> bool:
-    """Whether the reduction iterators of ``info`` have static extents (its spatial ones may be symbolic)."""
-    return all(isinstance(it.dom, int) for it in info.iters if it.kind == "R")
 
 
 def _known_divisor(extent: int | tirx.PrimExpr) -> int:
