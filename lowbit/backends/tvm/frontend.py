@@ -26,6 +26,7 @@ from tvm import relax, sym
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
 
+from lowbit.backends.tvm.kernels.generic import rows as rows_module
 from lowbit.errors import BackendError
 from lowbit.ir.shapes import SYMBOLIC_DIMS, SymbolicDim
 
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
 
 _STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
+
+
+def _unit_last(mask: relax.Expr) -> bool:
+    """Whether an additive mask broadcasts over the keys (its last dimension is 1)."""
+    last = mask.ty.shape[-1]
+    return isinstance(last, tvm.tirx.IntImm) and int(last) == 1
+
+
 #: ``F.max_pool2d``'s options after the stride, with their defaults.
 PAD_DILATE_CEIL = (("padding", 0), ("dilation", 1), ("ceil_mode", False))
 
@@ -408,7 +417,9 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         masks = [self._additive_mask(self.env[call["attn_mask"]], dtype)] if call.get("attn_mask") is not None else []
         keys = int(key.ty.shape[-2]) if isinstance(key.ty.shape[-2], tvm.tirx.IntImm) else 0
         padded = -(-keys // KEY_MULTIPLE) * KEY_MULTIPLE
-        if keys > KEY_MULTIPLE and padded != keys:
+        if not keys and self.bounded:
+            key, value, masks = self._pad_symbolic_keys(key, value, masks, dtype)
+        elif keys > KEY_MULTIPLE and padded != keys:
             pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - keys, 0, 0]
             key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
             masks = [self._pad_keys(mask, padded) for mask in masks]
@@ -421,6 +432,29 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         for mask in masks:
             scores = bb.emit(relax.op.add(scores, mask))
         return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
+
+    def _pad_symbolic_keys(
+        self, key: relax.Expr, value: relax.Expr, masks: list[relax.Expr], dtype: str
+    ) -> tuple[relax.Expr, relax.Expr, list[relax.Expr]]:
+        """A symbolic number of keys padded to a multiple of `KEY_MULTIPLE` (`rows.pad_axis_func`), the padded keys'
+        scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length."""
+        bb, rank, keys = self.block_builder, len(key.ty.shape), key.ty.shape[-2]
+
+        def padded(tensor: relax.Expr, axis: int, fill: float) -> relax.Expr:
+            shape = list(tensor.ty.shape)
+            shape[axis] = rows_module.padded_rows(shape[axis], KEY_MULTIPLE)
+            func = bb.add_func(rows_module.pad_axis_func(len(shape), axis, KEY_MULTIPLE, fill, dtype), "lowbit_pad")
+            return bb.emit(relax.call_tir(func, [tensor], out_ty=relax.TensorType(shape, dtype)))
+
+        key, value = padded(key, rank - 2, 0.0), padded(value, rank - 2, 0.0)
+        masks = [padded(mask, len(mask.ty.shape) - 1, float("-inf")) for mask in masks if not _unit_last(mask)] + [
+            mask for mask in masks if _unit_last(mask)
+        ]
+        if len(masks) == sum(_unit_last(mask) for mask in masks):  # no mask covers the keys: one for the padding
+            func = bb.add_func(rows_module.key_mask_func(KEY_MULTIPLE, dtype), "lowbit_key_mask")
+            shape = (rows_module.padded_rows(keys, KEY_MULTIPLE),)
+            masks.append(bb.emit(relax.call_tir(func, [relax.prim_value(keys)], out_ty=relax.TensorType(shape, dtype))))
+        return key, value, masks
 
     def _additive_mask(self, mask: relax.Expr, dtype: str) -> relax.Expr:
         """A float mask as it is; a boolean one as 0 where ``True`` and ``-inf`` elsewhere."""

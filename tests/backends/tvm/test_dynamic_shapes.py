@@ -151,3 +151,19 @@ def test_bad_specs_and_dimensions_the_model_fixes_are_refused() -> None:
 
     with pytest.raises(TraceError, match="ties to a size or to other dimensions"):
         lowbit.compile(FixedRows(), (torch.randn(2, 8),), dynamic_shapes={"x": {0: (1, 4)}})
+
+
+def test_attention_over_a_symbolic_number_of_keys_equals_eager() -> None:
+    """Keys and values padded to whole vectors at run time, the padded keys masked out (no mask given)."""
+
+    class Attention(nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return nn.functional.scaled_dot_product_attention(q, k, v)
+
+    batch, length = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("length", min=2, max=128)
+    shapes = {name: {0: batch, 2: length} for name in ("q", "k", "v")}
+    example = tuple(torch.randn(2, 4, 16, 32) for _ in range(3))  # distinct tensors: export aliases equal ones
+    compiled = lowbit.compile(Attention(), example, target="x86", dynamic_shapes=shapes)
+    for size, keys in ((1, 2), (3, 17), (8, 128)):
+        q, k, v = (torch.randn(size, 4, keys, 32) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), Attention()(q, k, v), rtol=1e-5, atol=1e-5)

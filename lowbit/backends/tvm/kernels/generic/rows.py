@@ -39,10 +39,35 @@ def first_rows_func(columns: int, dtype: str = "float32") -> tirx.PrimFunc:
     return _rows_in_parallel(te.create_prim_func([x, m, y]), "rows")
 
 
+def pad_axis_func(rank: int, axis: int, block: int, value: float, dtype: str = "float32") -> tirx.PrimFunc:
+    """``(x, y)`` for a tensor of ``rank`` dimensions of any sizes: ``x`` with its ``axis`` padded to a multiple of
+    ``block`` with ``value`` (attention's keys, values and mask over a symbolic number of keys)."""
+    dims = [te.var(f"d{i}", "int64") for i in range(rank)]
+    x = te.placeholder(dims, dtype, name="x")
+    shape = [padded_rows(d, block) if i == axis else d for i, d in enumerate(dims)]
+
+    def padded(*index: tirx.PrimExpr) -> tirx.PrimExpr:
+        inside = [tirx.min(i, dims[axis] - 1) if k == axis else i for k, i in enumerate(index)]
+        return tirx.if_then_else(index[axis] < dims[axis], x[tuple(inside)], tirx.const(value, dtype))
+
+    return _rows_in_parallel(te.create_prim_func([x, te.compute(shape, padded, name="padded")]), "padded")
+
+
+def key_mask_func(block: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """``(n, y (⌈n / block⌉ · block,))``: 0 for the first ``n`` keys, ``-inf`` for the padding after them."""
+    n = te.var("n", "int64")
+    y = te.compute(
+        (padded_rows(n, block),),
+        lambda i: tirx.if_then_else(i < n, tirx.const(0.0, dtype), tirx.const(float("-inf"), dtype)),
+        name="mask",
+    )
+    return _rows_in_parallel(te.create_prim_func([n, y]), "mask")
+
+
 def _rows_in_parallel(func: tirx.PrimFunc, block: str) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     sch.parallel(sch.get_loops(sch.get_sblock(block))[0])
     return finish(sch.mod["main"], None)
 
 
-__all__ = ["first_rows_func", "pad_rows_func", "padded_rows"]
+__all__ = ["first_rows_func", "key_mask_func", "pad_axis_func", "pad_rows_func", "padded_rows"]
