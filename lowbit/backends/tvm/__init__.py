@@ -12,7 +12,8 @@ linears → kernel calls: `lower`), `kernels` (TIR generators behind one `kernel
 `toolchains` (per target: kernel lists, fallback, schedules, build, export), `runner` (calling a built module),
 `tuning` (knob search for the low-bit kernels with a persistent database: ``compile(..., tune=True,
 cache_dir=...)``; ``runner.tuning`` lists the knobs chosen). The module is specialized to the shapes of the example
-inputs. LLVM CPU targets compile (``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules for this
+inputs, except the symbolic dimensions of a graph traced with ``dynamic_shapes`` (x86). LLVM CPU targets compile
+(``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules for this
 machine's architecture run in-process; ``cuda`` (or ``{"kind": "cuda", "arch": "sm_90"}``) builds CUDA kernels,
 runnable where there is a GPU. Saved modules are shared libraries with the weights embedded as constants; loading
 checks that this machine can run them. TVM's thread pool uses every core this process may run on unless

@@ -8,8 +8,10 @@ constants. An act-order ``g_idx`` of whole groups and a partial last group are f
 groups (`contiguous_groups`). A layer no kernel takes (3-bit codes, uneven groups, a shape a kernel does not tile)
 runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `Lowering.fallbacks` with the reason
 the last kernel gave and the nearest setting a kernel takes; `lowering.lower` announces each one (a warning)
-before anything is built, or with ``strict`` refuses them (`UnsupportedLayerError`). Shapes are static: the module
-is specialized to the example inputs. Packed convolutions are lowered by `convert_conv` (int8 ones to the int8
+before anything is built, or with ``strict`` refuses them (`UnsupportedLayerError`). The module is specialized to
+the example inputs' shapes, except symbolic dimensions (``compile(..., dynamic_shapes=...)``): a layer over a
+symbolic row count runs a kernel that takes whole blocks of `ROW_BLOCK` rows, on its input padded to them.
+Packed convolutions are lowered by `convert_conv` (int8 ones to the int8
 kernels of the toolchain where one takes them, others to an fp32 convolution on the dequantized weight, recorded as
 a fallback).
 """

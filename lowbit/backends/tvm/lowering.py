@@ -41,7 +41,8 @@ def lower(
     tuner: Any = None,
     strict: bool = False,
 ) -> Lowering:
-    """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `frontend.input_specs`).
+    """Import ``gm`` specialized to the shapes and dtypes of its inputs, symbolic dimensions kept (see
+    `frontend.input_specs`).
 
     ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
     kernel; without it every kernel uses its hand schedule. Each layer on the fallback is
