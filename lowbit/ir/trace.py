@@ -34,7 +34,7 @@ import operator
 import sysconfig
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
 from lowbit.interop import onnx_import
+from lowbit.ir import shapes
 from lowbit.ir.canonicalize import canonicalize_exported
 from lowbit.ir.decompose import (
     UnsupportedOptionError,
@@ -161,13 +162,54 @@ def _trace_fx(
 
 
 def _trace_export(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], free_batch: bool = False
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    free_batch: bool = False,
+    dynamic: Mapping[str, Mapping[int, shapes.SymbolicDim]] | None = None,
 ) -> fx.GraphModule:
     with decomposed_for_export(model, args, kwargs):
-        program = _export_free_batch(model, args, kwargs) if free_batch else None
+        if dynamic:
+            program = torch.export.export(
+                model, args, kwargs, strict=False, dynamic_shapes=_export_dynamic(model, args, kwargs, dynamic)
+            )
+        else:
+            program = _export_free_batch(model, args, kwargs) if free_batch else None
         gm = canonicalize_exported(program or torch.export.export(model, args, kwargs, strict=False), model)
-    gm.meta[FREE_BATCH] = program is not None
+    gm.meta[FREE_BATCH] = program is not None and not dynamic
+    if dynamic:
+        gm.meta[shapes.SYMBOLIC_DIMS] = _symbol_names(gm, dynamic)
     return gm
+
+
+def _export_dynamic(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Mapping[str, Mapping[int, Any]]
+) -> Any:
+    """torch.export's ``dynamic_shapes`` for the parsed spec ``dynamic``: keyed like the call (positional
+    arguments by position, in a tuple) when there are positional arguments, else by keyword."""
+    by_name = shapes.export_shapes(dynamic)
+    if not args:
+        return {name: by_name.get(name) for name in kwargs}
+    names = list(inspect.signature(model.forward).parameters)[: len(args)]
+    return (*(by_name.get(name) for name in names), *(by_name.get(name) for name in kwargs))
+
+
+def _symbol_names(gm: fx.GraphModule, dynamic: Mapping[str, Mapping[int, shapes.SymbolicDim]]) -> dict[str, Any]:
+    """torch's symbol of each dimension of ``dynamic`` (``"s43"``) → its `SymbolicDim`; `TraceError` where the model
+    ties a dimension to a size or to an expression of other sizes."""
+    found: dict[str, shapes.SymbolicDim] = {}
+    placeholders = {str(node.target): node for node in gm.graph.nodes if node.op == "placeholder"}
+    for name, axes in dynamic.items():
+        value = placeholders[name].meta.get("val") if name in placeholders else None
+        for axis, dim in axes.items():
+            size = value.shape[axis] if isinstance(value, torch.Tensor) else None
+            if not isinstance(size, torch.SymInt) or not size.node.expr.is_symbol:
+                raise shapes.SymbolicDimError(
+                    f"input '{name}' dimension {axis} ({dim.name}) did not stay symbolic in the traced graph (it is "
+                    f"{size}): the model ties it to a fixed size or to other dimensions; leave it out of dynamic_shapes"
+                )
+            found[str(size.node.expr)] = dim
+    return found
 
 
 def _export_free_batch(
@@ -297,6 +339,11 @@ _CONSTRUCTS: tuple[_Construct, ...] = (
         "build transformers causal LMs with use_cache=False in their config, or register the type as a pytree node",
     ),
     _Construct(
+        ("Constraints violated",),
+        "a dimension of dynamic_shapes that the model ties to a size or to other dimensions",
+        "leave that dimension out of dynamic_shapes or narrow its range (TORCH_LOGS=+dynamic shows the constraint)",
+    ),
+    _Construct(
         ("target=torch._assert", "AssertionError"),
         "an assertion of the model (torch._assert, assert) that fails for the example inputs",
         "pass example inputs of the shape and size the model expects",
@@ -416,12 +463,13 @@ def _trace_with(
     kwargs: dict[str, Any],
     leaf_modules: Sequence[LeafModule],
     free_batch: bool = False,
+    dynamic: Mapping[str, Mapping[int, shapes.SymbolicDim]] | None = None,
 ) -> fx.GraphModule:
     """Trace with one tracer, shape-propagate and check the graph (model already in eval)."""
     if name == "fx":
         gm = _trace_fx(model, args, kwargs, leaf_modules)
     else:
-        gm = _trace_export(model, args, kwargs, free_batch)
+        gm = _trace_export(model, args, kwargs, free_batch, dynamic)
     gm.graph.lint()
     propagate_shapes(gm, args, kwargs)
     if decompose(gm, LeafTracer(leaf_modules).is_user_leaf):
@@ -438,6 +486,7 @@ def trace(
     tracer: str = "auto",
     example_kwargs: dict[str, Any] | None = None,
     free_batch: bool = False,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into lowbit's canonical fx.GraphModule.
 
@@ -449,22 +498,25 @@ def trace(
     the module, construct and source line that broke tracing, with a fix. ``free_batch`` lets torch.export leave
     the batch dimension (dim 0 of each tensor input) symbolic where the model allows it, for a graph that runs as
     it is (the torch target); ``gm.meta[FREE_BATCH]`` says whether it did. ``model`` may be the path of an ONNX file
-    (`lowbit.interop.onnx_import`; ``example_inputs`` then default to its input shapes).
+    (`lowbit.interop.onnx_import`; ``example_inputs`` then default to its input shapes). ``dynamic_shapes``
+    (`lowbit.ir.shapes`: per input name, ``{axis: (min, max) or torch.export.Dim}``) traces with torch.export, those
+    dimensions symbolic; ``gm.meta[shapes.SYMBOLIC_DIMS]`` maps torch's symbols to them.
     """
-    chain = _chain(tracer)
+    chain = _chain("export" if dynamic_shapes is not None else tracer)
     if onnx_import.is_onnx(model):
         imported = onnx_import.load(model, example_inputs)
         model, example_inputs = imported.module, imported.example_inputs
     if not isinstance(model, nn.Module):
         raise TraceError(f"can only trace a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _normalize_inputs(example_inputs, example_kwargs)
+    dynamic = shapes.parse(dynamic_shapes, _named_inputs(model, args, kwargs)) if dynamic_shapes is not None else None
     failures: list[_Failure] = []
     with _eval_mode(model):
         for index, name in enumerate(chain):
             try:
-                gm = _trace_with(name, model, args, kwargs, leaf_modules, free_batch)
-            except UnsupportedOptionError:
-                raise  # the model traced; one of its layers uses an option with no decomposition
+                gm = _trace_with(name, model, args, kwargs, leaf_modules, free_batch, dynamic)
+            except (UnsupportedOptionError, shapes.SymbolicDimError):
+                raise  # the model traced; a layer uses an option with no decomposition, or a dimension is not free
             except Exception as exc:  # noqa: BLE001 - any tracer failure moves on to the next one
                 then = f"; trying {chain[index + 1]}" if index + 1 < len(chain) else ""
                 logger.info("%s tracer cannot trace %s (%s)%s", name, type(model).__name__, _summary(exc), then)
@@ -474,6 +526,13 @@ def trace(
             return gm
     primary = _primary(model, failures)
     raise TraceError(_explain(model, failures, primary)) from primary.exc
+
+
+def _named_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor arguments of a call by ``forward``'s parameter names."""
+    names = list(inspect.signature(model.forward).parameters)[: len(args)]
+    named = {**dict(zip(names, args)), **kwargs}
+    return {name: value for name, value in named.items() if isinstance(value, torch.Tensor)}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ linears → kernel calls: `lower`), `kernels` (TIR generators behind one `kernel
 `toolchains` (per target: kernel lists, fallback, schedules, build, export), `runner` (calling a built module),
 `tuning` (knob search for the low-bit kernels with a persistent database: ``compile(..., tune=True,
 cache_dir=...)``; ``runner.tuning`` lists the knobs chosen). The module is specialized to the shapes of the example
-inputs. LLVM CPU targets compile (``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules for this
+inputs, except the symbolic dimensions of a graph traced with ``dynamic_shapes`` (x86). LLVM CPU targets compile
+(``x86``; ``arm`` cross-compiles; or a TVM target dict) and modules for this
 machine's architecture run in-process; ``cuda`` (or ``{"kind": "cuda", "arch": "sm_90"}``) builds CUDA kernels,
 runnable where there is a GPU. Saved modules are shared libraries with the weights embedded as constants; loading
 checks that this machine can run them. TVM's thread pool uses every core this process may run on unless
@@ -43,6 +44,7 @@ from lowbit.backends.tvm.runner import (
     CUDARunner,
     Runner,
     read_signature,
+    signature_dims,
     signature_interface,
 )
 from lowbit.backends.tvm.target import resolve_target
@@ -87,7 +89,9 @@ class TVMBackend:
             if tuner is not None:
                 tuner.close()
         with quiet_tvm():
-            return self.toolchain.build(lowering, tuner.results if tuner else ())
+            runner = self.toolchain.build(lowering, tuner.results if tuner else ())
+        runner.dims = lowering.dims
+        return runner
 
     def tuner(self, cache_dir: Any, tune: Any) -> Tuner | None:
         """The tuner ``compile`` chooses kernel knobs with (None for ``tune=False``: hand schedules); close it
@@ -109,6 +113,7 @@ class TVMBackend:
         with quiet_tvm():
             runner = self.toolchain.load(directory, signature)
         runner.interface = signature_interface(signature)
+        runner.dims = signature_dims(signature)
         return runner
 
 

@@ -8,8 +8,10 @@ constants. An act-order ``g_idx`` of whole groups and a partial last group are f
 groups (`contiguous_groups`). A layer no kernel takes (3-bit codes, uneven groups, a shape a kernel does not tile)
 runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `Lowering.fallbacks` with the reason
 the last kernel gave and the nearest setting a kernel takes; `lowering.lower` announces each one (a warning)
-before anything is built, or with ``strict`` refuses them (`UnsupportedLayerError`). Shapes are static: the module
-is specialized to the example inputs. Packed convolutions are lowered by `convert_conv` (int8 ones to the int8
+before anything is built, or with ``strict`` refuses them (`UnsupportedLayerError`). The module is specialized to
+the example inputs' shapes, except symbolic dimensions (``compile(..., dynamic_shapes=...)``): a layer over a
+symbolic row count runs a kernel that takes whole blocks of `ROW_BLOCK` rows, on its input padded to them.
+Packed convolutions are lowered by `convert_conv` (int8 ones to the int8
 kernels of the toolchain where one takes them, others to an fp32 convolution on the dequantized weight, recorded as
 a fallback).
 """
@@ -31,6 +33,7 @@ from tvm import relax
 from tvm.target import Target
 
 from lowbit.backends.tvm.frontend import InputSpec
+from lowbit.backends.tvm.kernels.generic import rows as rows_module
 from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
@@ -58,6 +61,9 @@ EMBEDDING_PACKED_NAME = ops_embedding.embedding_packed.__name__
 PACKED_LINEARS = (ops.linear_packed, ops_a8.linear_packed_a8)
 #: `LoweredLinear.kernel` of a layer on the toolchain's fallback.
 FALLBACK = "dense"
+#: Rows of one block of a symbolic row count: a layer's input is padded to whole blocks for kernels that take any
+#: number of them (`kernels.spec.LinearKernel.symbolic_rows`); the int8 GEMM takes 16 rows and more.
+ROW_BLOCK = 16
 #: Code widths and group sizes tried, nearest first, for the setting to suggest instead of a fallback.
 _BITS = (2, 4, 8)
 _GROUP_SIZES = (32, 64, 128, 256)
@@ -97,6 +103,8 @@ class Lowering:
     target: Target
     inputs: list[InputSpec]
     linears: list[LoweredLinear] = field(default_factory=list)
+    #: The symbolic dimensions of the inputs by name (`lowbit.ir.shapes.SymbolicDim`).
+    dims: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> list[LoweredLinear]:
@@ -140,8 +148,9 @@ class PackedLinearConverter:
         a8 = node.target is ops_a8.linear_packed_a8
         names = ("qweight", "scales", "zeros", "g_idx", "bias") + (("act_scale",) if a8 else ())
         tensors = {name: self._tensor(node, call.get(name)) for name in names}
-        rows = math.prod([int(d) for d in x.ty.shape][:-1])
-        spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8), tensors, node.name)
+        symbolic = not static_shape(x)
+        rows = ROW_BLOCK if symbolic else math.prod([int(d) for d in x.ty.shape][:-1])
+        spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8, symbolic), tensors, node.name)
         bb = importer.block_builder
         layer = packed_layer(node, call["qweight"]) or None
         out = emit_on_rows(
@@ -151,6 +160,7 @@ class PackedLinearConverter:
             lambda x2d, _: self._call(
                 bb, node.name, layer, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors
             ),
+            ROW_BLOCK if symbolic else 1,
         )
         self.done()
         return out
@@ -168,7 +178,8 @@ class PackedLinearConverter:
         planned, reason = self._plan(spec, tensors)
         if planned is not None:
             self.linears.append(LoweredLinear(name, spec, planned.name, layer=layer))
-            return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features)
+            blocks = [x.ty.shape[0] // spec.batch] if spec.row_blocks else []
+            return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features, blocks)
         self.linears.append(LoweredLinear(name, spec, FALLBACK, reason, self._nearest(spec, tensors), layer))
         return self.toolchain.fallback(bb, x, spec, tensors)
 
@@ -186,8 +197,11 @@ class PackedLinearConverter:
         reason = f"{self.toolchain.name} has no kernel for {_activations(spec)}"
         for kernel in kernels:
             reason = kernel.supports(spec, tensors, self.toolchain.target)
+            if reason is None and spec.row_blocks and not kernel.symbolic_rows:
+                reason = f"kernel '{kernel.name}' takes a static row count (the input has symbolic dimensions)"
             if reason is None:
-                return tuned_plan(kernel, spec, tensors, self.toolchain.target, self.tuner), None
+                tuner = None if spec.row_blocks else self.tuner  # tuning measures one row count
+                return tuned_plan(kernel, spec, tensors, self.toolchain.target, tuner), None
             log.debug("%s declined %s: %s", kernel.name, spec, reason)
         return None, reason
 
@@ -206,10 +220,16 @@ class PackedEmbeddingConverter:
         call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
         ids = importer.env[call["ids"]]
         tables = [packed_constant(self.gm, node, call.get(name)) for name in ("qweight", "scales", "zeros")]
-        shape = [int(d) for d in ids.ty.shape]
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in ids.ty.shape]
         count, dim = math.prod(shape), call["embedding_dim"]
         func = embedding_func(
-            count, tables[0].shape[0], dim, call["bits"], call["group_size"], tables[2] is not None, ids.ty.dtype
+            count if static_shape(ids) else tvm.te.var("count", "int64"),
+            tables[0].shape[0],
+            dim,
+            call["bits"],
+            call["group_size"],
+            tables[2] is not None,
+            ids.ty.dtype,
         )
         bb = importer.block_builder
         flat = bb.emit(relax.op.reshape(ids, (count,))) if len(shape) != 1 else ids
@@ -327,6 +347,8 @@ def emit_on_rows(
     With ``row_multiple``, more rows than that are zero-padded to a multiple of it (the padded rows of the result
     dropped), so a kernel tiled by rows gets whole tiles: 197 tokens have no divisor but 1 up to a tile of 8.
     """
+    if not static_shape(x):
+        return _emit_on_symbolic_rows(bb, x, n_out, call, row_multiple)
     shape = [int(d) for d in x.ty.shape]
     rows = math.prod(shape[:-1])
     x2d = bb.emit(relax.op.reshape(x, (rows, shape[-1]))) if len(shape) != 2 else x
@@ -339,6 +361,37 @@ def emit_on_rows(
     return bb.emit(relax.op.reshape(out, (*shape[:-1], n_out))) if len(shape) != 2 else out
 
 
+def _emit_on_symbolic_rows(
+    bb: relax.BlockBuilder,
+    x: relax.Expr,
+    n_out: int,
+    call: Callable[[relax.Expr, Any], relax.Expr],
+    block: int,
+) -> relax.Expr:
+    """`emit_on_rows` for a symbolic row count: the rows zero-padded to whole blocks (`kernels.generic.rows`), the
+    result cut back to them."""
+    shape = list(x.ty.shape)
+    rows = math.prod(shape[:-1])
+    columns = int(shape[-1])
+    x2d = bb.emit(relax.op.reshape(x, (rows, columns))) if len(shape) != 2 else x
+    padded = rows_module.padded_rows(rows, block)
+    if block > 1:
+        pad = bb.add_func(rows_module.pad_rows_func(columns, block), "lowbit_pad_rows")
+        x2d = bb.emit(relax.call_tir(pad, [x2d], out_ty=relax.TensorType((padded, columns), "float32")))
+    out = bb.emit(call(x2d, padded))
+    if block > 1:
+        first = bb.add_func(rows_module.first_rows_func(n_out), "lowbit_first_rows")
+        out = bb.emit(
+            relax.call_tir(first, [out, relax.prim_value(rows)], out_ty=relax.TensorType((rows, n_out), "float32"))
+        )
+    return bb.emit(relax.op.reshape(out, (*shape[:-1], n_out))) if len(shape) != 2 else out
+
+
+def static_shape(x: relax.Expr) -> bool:
+    """Whether every dimension of the tensor ``x`` is a known size (no symbolic dimension)."""
+    return all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape)
+
+
 def call_kernel(
     bb: relax.BlockBuilder,
     func: tvm.tirx.PrimFunc,
@@ -346,11 +399,14 @@ def call_kernel(
     x: relax.Expr,
     consts: Sequence[torch.Tensor],
     n_out: int,
+    scalars: Sequence[Any] = (),
 ) -> relax.Call:
-    """``call_tir`` of a linear kernel ``func(x, *consts, y)`` with ``consts`` as Relax constants."""
+    """``call_tir`` of a linear kernel ``func(x, *consts, *scalars, y)`` with ``consts`` as Relax constants
+    (``scalars``: the values of its integer arguments, e.g. a count of row blocks)."""
     gvar = bb.add_func(func, name)
     args = [x] + [relax.const(t.detach().cpu().contiguous().numpy()) for t in consts]
-    return relax.call_tir(gvar, args, out_ty=relax.TensorType((int(x.ty.shape[0]), n_out), "float32"))
+    args += [relax.prim_value(value) for value in scalars]
+    return relax.call_tir(gvar, args, out_ty=relax.TensorType((x.ty.shape[0], n_out), "float32"))
 
 
 def dequantized_weight(spec: PackedLinearSpec, tensors: Tensors) -> torch.Tensor:
@@ -366,8 +422,11 @@ def dequantized_weight(spec: PackedLinearSpec, tensors: Tensors) -> torch.Tensor
     )
 
 
-def layer_spec(call: Mapping[str, Any], rows: int, tensors: Tensors, a8: bool) -> PackedLinearSpec:
-    """The spec of one ``linear_packed``/``linear_packed_a8`` call (normalized kwargs) on ``rows`` input rows."""
+def layer_spec(
+    call: Mapping[str, Any], rows: int, tensors: Tensors, a8: bool, row_blocks: bool = False
+) -> PackedLinearSpec:
+    """The spec of one ``linear_packed``/``linear_packed_a8`` call (normalized kwargs) on ``rows`` input rows (with
+    ``row_blocks``: on any number of blocks of ``rows``)."""
     return PackedLinearSpec(
         batch=rows,
         in_features=call["in_features"],
@@ -379,6 +438,7 @@ def layer_spec(call: Mapping[str, Any], rows: int, tensors: Tensors, a8: bool) -
         has_g_idx=tensors["g_idx"] is not None,
         act_bits=8 if a8 else None,
         act_dynamic=tensors.get("act_scale") is None,
+        row_blocks=row_blocks,
     )
 
 
@@ -387,6 +447,7 @@ __all__ = [
     "FALLBACK",
     "LINEAR_PACKED_A8_NAME",
     "LINEAR_PACKED_NAME",
+    "ROW_BLOCK",
     "LoweredLinear",
     "Lowering",
     "PackedEmbeddingConverter",
@@ -400,5 +461,6 @@ __all__ = [
     "grouped_columns",
     "layer_spec",
     "packed_constant",
+    "static_shape",
     "tuned_plan",
 ]

@@ -31,6 +31,7 @@ from lowbit.backends.tvm.convert import (
     PackedLinearConverter,
     layer_spec,
     packed_constant,
+    static_shape,
     tuned_plan,
 )
 from lowbit.backends.tvm.kernels.generic.activations import word_columns
@@ -81,12 +82,16 @@ class PackedConvConverter:
             x = _fake_quantize(bb, x, tensors["act_scale"])
         const = relax.const(weight.contiguous().cpu().numpy())
         out = bb.emit(_conv(x, const, *geometry[1:]))
-        out_shape = [int(d) for d in out.ty.shape]
         layer = packed_layer(node, call["qweight"]) or None
-        rows = out_shape[0] * math.prod(out_shape[2:])
         planned, reason = (None, _FLOAT_REASON)
-        if a8:
-            planned, reason = self._int8_kernel(call, tensors, [int(d) for d in x.ty.shape], out_shape)
+        if not static_shape(out):  # a symbolic batch: the rows of one image, repeated per image
+            rows, symbolic = math.prod(int(d) for d in list(out.ty.shape)[2:]), True
+            reason = _SYMBOLIC_REASON if a8 else reason
+        else:
+            out_shape = [int(d) for d in out.ty.shape]
+            rows, symbolic = out_shape[0] * math.prod(out_shape[2:]), False
+            if a8:
+                planned, reason = self._int8_kernel(call, tensors, [int(d) for d in x.ty.shape], out_shape)
         if planned is not None:
             spec, plan = planned
             func = plan.func.with_attr(WEIGHT_ATTR, const).with_attr(
@@ -96,7 +101,7 @@ class PackedConvConverter:
             self.linears.linears.append(LoweredLinear(node.name, spec, plan.name, layer=layer))
         else:
             self.linears.linears.append(
-                LoweredLinear(node.name, layer_spec(call, rows, tensors, a8), FALLBACK, reason, None, layer)
+                LoweredLinear(node.name, layer_spec(call, rows, tensors, a8, symbolic), FALLBACK, reason, None, layer)
             )
         if tensors["bias"] is not None:
             shape = (1, weight.shape[0]) + (1,) * len(geometry[0])
@@ -155,6 +160,13 @@ class PackedConvConverter:
 _FLOAT_REASON = (
     "weight-only packed convolution: the fp32 convolution on the dequantized weight runs it (float activations; "
     "the weight is stored dequantized)"
+)
+
+
+#: Why an int8 convolution of an input with a symbolic batch runs on its dequantized weight.
+_SYMBOLIC_REASON = (
+    "the int8 convolution kernels take a static batch (the input's batch is symbolic): an fp32 convolution on the "
+    "dequantized weight runs it, on int8-rounded activations"
 )
 
 

@@ -22,11 +22,13 @@ import torch
 import tvm
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
-from tvm import relax
+from tvm import relax, sym
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
 
+from lowbit.backends.tvm.kernels.generic import rows as rows_module
 from lowbit.errors import BackendError
+from lowbit.ir.shapes import SYMBOLIC_DIMS, SymbolicDim
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,26 @@ log = logging.getLogger(__name__)
 #: Relax's own ``linear``.
 ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
 
+_STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
+
+
+def _unit_last(mask: relax.Expr) -> bool:
+    """Whether an additive mask broadcasts over the keys (its last dimension is 1)."""
+    last = mask.ty.shape[-1]
+    return isinstance(last, tvm.tirx.IntImm) and int(last) == 1
+
+
 #: ``F.max_pool2d``'s options after the stride, with their defaults.
 PAD_DILATE_CEIL = (("padding", 0), ("dilation", 1), ("ceil_mode", False))
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: placeholder name, static shape and torch dtype name (``"float32"``)."""
+    """One graph input: placeholder name, shape (a size, or the name of a symbolic dimension,
+    `lowbit.ir.shapes.SymbolicDim`) and torch dtype name (``"float32"``)."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
 
 
@@ -61,15 +73,25 @@ def input_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> l
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     if len(inputs) > len(placeholders):
         raise BackendError(f"{len(inputs)} example inputs for a graph with {len(placeholders)} inputs")
+    symbols = gm.meta.get(SYMBOLIC_DIMS, {})
     specs = []
     for index, node in enumerate(placeholders):
-        value = inputs[index] if index < len(inputs) else node.meta.get("val")
+        value = node.meta.get("val") if symbols or index >= len(inputs) else inputs[index]
         if not isinstance(value, torch.Tensor):
             raise BackendError(f"graph input '{node.target}' has no example tensor; pass it in example_inputs")
-        specs.append(
-            InputSpec(str(node.target), tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch."))
-        )
+        shape = tuple(symbols[str(d)].name if str(d) in symbols else int(d) for d in value.shape)
+        specs.append(InputSpec(str(node.target), shape, str(value.dtype).removeprefix("torch.")))
     return specs
+
+
+def symbolic_dims(gm: fx.GraphModule) -> dict[str, SymbolicDim]:
+    """The symbolic dimensions of ``gm``'s inputs by name (none for a graph of static shapes)."""
+    return {dim.name: dim for dim in gm.meta.get(SYMBOLIC_DIMS, {}).values()}
+
+
+def relax_shape(shape: Sequence[int | str], variables: dict[str, tvm.tirx.Var]) -> tuple[Any, ...]:
+    """An `InputSpec` shape for Relax: a symbolic dimension as one int64 TIR variable per name (``variables``)."""
+    return tuple(variables.setdefault(d, tvm.tirx.Var(d, "int64")) if isinstance(d, str) else d for d in shape)
 
 
 def import_graph(
@@ -82,12 +104,15 @@ def import_graph(
 
     Raises `BackendError` where the frontend cannot import an operator, naming the layers it does not know.
     """
-    importer = GraphImporter(constant_linear)
+    variables: dict[str, tvm.tirx.Var] = {}
+    shapes = [(relax_shape(spec.shape, variables), spec.dtype) for spec in inputs]
+    dims = symbolic_dims(gm)
+    importer = GraphImporter(constant_linear, {variables[name]: (dim.low, dim.high) for name, dim in dims.items()})
     _check_modules(gm, importer.create_convert_map())
     try:
         return importer.from_fx(
             gm,
-            [(spec.shape, spec.dtype) for spec in inputs],
+            shapes,
             keep_params_as_input=False,
             unwrap_unit_return_tuple=True,
             no_bind_return_tuple=False,
@@ -193,9 +218,35 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
     matmul with the transposed weight, read with strides).
     """
 
-    def __init__(self, constant_linear: ConstantLinear | None = None) -> None:
+    def __init__(
+        self,
+        constant_linear: ConstantLinear | None = None,
+        bounds: Mapping[tvm.tirx.Var, tuple[int, int]] | None = None,
+    ) -> None:
+        self.bounded = bool(bounds)  # before the base class reads the convert map
         super().__init__()
         self.constant_linear = constant_linear
+        self.analyzer = sym.Analyzer()
+        for var, (low, high) in (bounds or {}).items():
+            self.analyzer.bind(var, tvm.ir.Range(low, high + 1))
+
+    def _within_bounds(self, convert: Callable[..., Any]) -> Callable[..., Any]:
+        """``convert`` whose slices are known in bounds under the symbolic dimensions' ranges: slicing a 64-row
+        table to ``seq`` rows gives ``min(seq, 64)`` rows, which is ``seq`` when ``seq <= 64`` (an unsimplified
+        shape leaves the ops after it without a shape, which Relax cannot legalize)."""
+
+        def converted(node: fx.Node, *args: Any) -> Any:
+            value = convert(node, *args)
+            call = self.block_builder.lookup_binding(value) if isinstance(value, relax.Var) else None
+            if not isinstance(call, relax.Call) or call.op != _STRIDED_SLICE or call.attrs.assume_inbound:
+                return value
+            inbound = self.block_builder.normalize(relax.op.strided_slice(*call.args, assume_inbound=True))
+            proven = [self.analyzer.simplify(d) for d in value.ty.shape]
+            if all(self.analyzer.can_prove_equal(a, b) for a, b in zip(proven, inbound.ty.shape)):
+                return self.block_builder.emit(inbound)
+            return value
+
+        return converted
 
     def _linear_module(self, node: fx.Node) -> relax.Expr:
         module = self.named_modules[node.target]
@@ -269,6 +320,12 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return self.constant_linear(self.block_builder, x, as_torch[0], as_torch[1] if bias is not None else None)
 
     def create_convert_map(self) -> dict[Any, Any]:
+        converters = self._convert_map()
+        if not self.bounded:
+            return converters
+        return {name: self._within_bounds(convert) for name, convert in converters.items()}
+
+    def _convert_map(self) -> dict[Any, Any]:
         aten = ExportedProgramImporter.create_convert_map(self)
         return {
             **aten,
@@ -360,7 +417,9 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         masks = [self._additive_mask(self.env[call["attn_mask"]], dtype)] if call.get("attn_mask") is not None else []
         keys = int(key.ty.shape[-2]) if isinstance(key.ty.shape[-2], tvm.tirx.IntImm) else 0
         padded = -(-keys // KEY_MULTIPLE) * KEY_MULTIPLE
-        if keys > KEY_MULTIPLE and padded != keys:
+        if not keys and self.bounded:
+            key, value, masks = self._pad_symbolic_keys(key, value, masks, dtype)
+        elif keys > KEY_MULTIPLE and padded != keys:
             pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - keys, 0, 0]
             key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
             masks = [self._pad_keys(mask, padded) for mask in masks]
@@ -373,6 +432,29 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         for mask in masks:
             scores = bb.emit(relax.op.add(scores, mask))
         return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
+
+    def _pad_symbolic_keys(
+        self, key: relax.Expr, value: relax.Expr, masks: list[relax.Expr], dtype: str
+    ) -> tuple[relax.Expr, relax.Expr, list[relax.Expr]]:
+        """A symbolic number of keys padded to a multiple of `KEY_MULTIPLE` (`rows.pad_axis_func`), the padded keys'
+        scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length."""
+        bb, rank, keys = self.block_builder, len(key.ty.shape), key.ty.shape[-2]
+
+        def padded(tensor: relax.Expr, axis: int, fill: float) -> relax.Expr:
+            shape = list(tensor.ty.shape)
+            shape[axis] = rows_module.padded_rows(shape[axis], KEY_MULTIPLE)
+            func = bb.add_func(rows_module.pad_axis_func(len(shape), axis, KEY_MULTIPLE, fill, dtype), "lowbit_pad")
+            return bb.emit(relax.call_tir(func, [tensor], out_ty=relax.TensorType(shape, dtype)))
+
+        key, value = padded(key, rank - 2, 0.0), padded(value, rank - 2, 0.0)
+        masks = [padded(mask, len(mask.ty.shape) - 1, float("-inf")) for mask in masks if not _unit_last(mask)] + [
+            mask for mask in masks if _unit_last(mask)
+        ]
+        if len(masks) == sum(_unit_last(mask) for mask in masks):  # no mask covers the keys: one for the padding
+            func = bb.add_func(rows_module.key_mask_func(KEY_MULTIPLE, dtype), "lowbit_key_mask")
+            shape = (rows_module.padded_rows(keys, KEY_MULTIPLE),)
+            masks.append(bb.emit(relax.call_tir(func, [relax.prim_value(keys)], out_ty=relax.TensorType(shape, dtype))))
+        return key, value, masks
 
     def _additive_mask(self, mask: relax.Expr, dtype: str) -> relax.Expr:
         """A float mask as it is; a boolean one as 0 where ``True`` and ``-inf`` elsewhere."""
@@ -430,4 +512,12 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return self._max_pool2d_impl(x, call["kernel_size"], stride, padding, dilation, ceil_mode)
 
 
-__all__ = ["ConstantLinear", "GraphImporter", "InputSpec", "import_graph", "input_specs"]
+__all__ = [
+    "ConstantLinear",
+    "GraphImporter",
+    "InputSpec",
+    "import_graph",
+    "input_specs",
+    "relax_shape",
+    "symbolic_dims",
+]

@@ -25,7 +25,7 @@ from lowbit.backends.tvm.convert import (
     announce_fallbacks,
 )
 from lowbit.backends.tvm.convert_conv import CONV_PACKED_A8_NAME, CONV_PACKED_NAME, PackedConvConverter
-from lowbit.backends.tvm.frontend import import_graph, input_specs
+from lowbit.backends.tvm.frontend import import_graph, input_specs, symbolic_dims
 from lowbit.backends.tvm.inline import inline_wrapped_regions
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ def lower(
     tuner: Any = None,
     strict: bool = False,
 ) -> Lowering:
-    """Import ``gm`` specialized to the shapes and dtypes of its inputs (see `frontend.input_specs`).
+    """Import ``gm`` specialized to the shapes and dtypes of its inputs, symbolic dimensions kept (see
+    `frontend.input_specs`).
 
     ``tuner`` (a `lowbit.backends.tvm.tuning.Tuner`) chooses the knobs of each low-bit
     kernel; without it every kernel uses its hand schedule. Each layer on the fallback is
@@ -62,7 +63,7 @@ def lower(
             CONV_PACKED_A8_NAME: conv,
         }
         mod = import_graph(gm, inputs, convert, toolchain.constant_linear)
-    lowering = Lowering(mod, toolchain.target, inputs, converter.linears)
+    lowering = Lowering(mod, toolchain.target, inputs, converter.linears, symbolic_dims(gm))
     announce_fallbacks(lowering.fallbacks, toolchain.name, strict)
     log.info(
         "lowered graph for %s: %d low-bit linear(s), %d on the fp32 fallback",

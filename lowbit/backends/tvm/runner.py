@@ -1,9 +1,10 @@
 """Runners: a built Relax VM executable called with torch tensors, and the signature saved next to its library.
 
-`Runner` binds the inputs (positionally or by placeholder name) and checks them against the compiled shapes and
-dtypes, hands them to TVM, and returns torch tensors. Subclasses say only on which device the module runs
-(`CPURunner`: this CPU, when the library is for this architecture; `CUDARunner`: ``tvm.cuda(0)``, where there is a
-GPU) and what their signature adds. A runner that cannot run here still exists for export (``runnable`` False).
+`Runner` binds the inputs (positionally or by placeholder name) and checks them against the compiled shapes (a
+symbolic dimension against its range: `InputShapeError`) and dtypes, hands them to TVM, and returns torch tensors.
+Subclasses say only on which device the module runs (`CPURunner`: this CPU, when the library is for this
+architecture; `CUDARunner`: ``tvm.cuda(0)``, where there is a GPU) and what their signature adds. A runner that
+cannot run here still exists for export (``runnable`` False).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.target import cuda_arch, host_arch
 from lowbit.errors import BackendError
 from lowbit.interface import Interface
+from lowbit.ir.shapes import SymbolicDim, check_symbolic
 
 #: The shared library a saved module is exported to (weights embedded as constants).
 LIBRARY_FILE = "model.so"
@@ -47,6 +49,8 @@ class Runner(ABC):
     device_type: ClassVar[str]
     #: What calls must satisfy (index ranges, finite floats), set by `lowbit.compile` and saved in the signature.
     interface: Interface = Interface()
+    #: The symbolic dimensions of the inputs by name, with the range of sizes the module serves (saved with it).
+    dims: Mapping[str, SymbolicDim] = {}
 
     def __init__(
         self,
@@ -87,13 +91,7 @@ class Runner(ABC):
         if len(args) > len(names) or unknown:
             raise BackendError(f"this module takes inputs {names}, got {len(args)} positional and {sorted(kwargs)}")
         values = list(args) + [kwargs.get(name) for name in names[len(args) :]]
-        expected = [spec.shape for spec in self.inputs]
-        got = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
-        if got != expected:
-            raise BackendError(
-                f"this module was compiled for inputs {names} of shapes {expected}, got {got}; "
-                "compile it again for new shapes"
-            )
+        self.check_shapes(values)
         for spec, value in zip(self.inputs, values):
             dtype = str(value.dtype).removeprefix("torch.")
             if dtype != spec.dtype:
@@ -102,6 +100,29 @@ class Runner(ABC):
                     f"(.to(torch.{spec.dtype})) or compile it again for {dtype}"
                 )
         return values
+
+    def check_shapes(self, values: Sequence[Any]) -> None:
+        """`BackendError` for inputs of another rank or static size than compiled; `InputShapeError` for a symbolic
+        dimension outside its range, or one symbol at two sizes."""
+        names = [spec.name for spec in self.inputs]
+        expected = [spec.shape for spec in self.inputs]
+        got = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+        if any(
+            isinstance(shape, str)
+            or len(shape) != len(spec)
+            or any(isinstance(d, int) and d != size for d, size in zip(spec, shape))
+            for spec, shape in zip(expected, got)
+        ):
+            raise BackendError(
+                f"this module was compiled for inputs {names} of shapes {expected}, got {got}; "
+                "compile it again for new shapes"
+                + (" (or with dynamic_shapes for a range of them)" if not self.dims else "")
+            )
+        axes = {
+            spec.name: {axis: self.dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+            for spec in self.inputs
+        }
+        check_symbolic(axes, dict(zip(names, values)))
 
     @abstractmethod
     def not_runnable(self) -> str:
@@ -117,6 +138,7 @@ class Runner(ABC):
             "inputs": [dataclasses.asdict(spec) for spec in self.inputs],
             "linears": [dataclasses.asdict(linear) for linear in self.linears],
             "interface": self.interface.as_dict(),
+            **({"dims": {name: [dim.low, dim.high] for name, dim in self.dims.items()}} if self.dims else {}),
         }
 
 
@@ -201,6 +223,11 @@ def signature_inputs(signature: Mapping[str, Any]) -> list[InputSpec]:
     return [InputSpec(item["name"], tuple(item["shape"]), item["dtype"]) for item in signature["inputs"]]
 
 
+def signature_dims(signature: Mapping[str, Any]) -> dict[str, SymbolicDim]:
+    """The symbolic dimensions of a saved signature (none for libraries of static shapes)."""
+    return {name: SymbolicDim(name, int(low), int(high)) for name, (low, high) in signature.get("dims", {}).items()}
+
+
 def signature_interface(signature: Mapping[str, Any]) -> Interface:
     """The `Interface` of a saved signature (an empty one for libraries saved before it was recorded)."""
     return Interface.from_dict(signature.get("interface"))
@@ -247,6 +274,7 @@ __all__ = [
     "Runner",
     "cuda_available",
     "read_signature",
+    "signature_dims",
     "signature_inputs",
     "signature_interface",
     "signature_linears",

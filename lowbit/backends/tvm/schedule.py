@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tvm import s_tir, tirx
+from tvm import s_tir, sym, tirx
 from tvm.error import InternalError
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import IterInfo, SBlockInfo, get_sblock_info, normalize_prim_func
@@ -40,6 +40,7 @@ from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, power_of
 from lowbit.backends.tvm.target import float32_lanes, has_features, target_arch
 
 log = logging.getLogger(__name__)
+_ANALYZER = sym.Analyzer()
 
 #: Rows of a register tile in `TiledReduction`.
 ROW_TILE = 4
@@ -64,8 +65,6 @@ class TiledReduction(ScheduleRule):
         sch, infos = normalized
         reductions = [info for info in infos if info.is_reduction()]
         if len(reductions) != 1 or any(not (i.is_reduction() or i.is_injective()) for i in infos):
-            return None
-        if not _static_extents(reductions[0]):
             return None
         main = reductions[0]
         try_inline(sch, [info for info in infos if info is not main])  # padding in, epilogues stay
@@ -180,11 +179,11 @@ class RowReduction(ScheduleRule):
         sch, infos = normalized
         output = infos[-1]
         reductions = [info for info in infos if info.is_reduction()]
-        if not reductions or not output.is_injective() or not all(_static_extents(info) for info in infos):
+        if not reductions or not output.is_injective():
             return None
         if any(not (info.is_reduction() or info.is_injective()) for info in infos):
             return None
-        extents = [int(it.dom) for it in output.iters[:-1]]
+        extents = [it.dom for it in output.iters[:-1]]
         if not extents or not all(_reduces_last_axis(info, extents) for info in reductions):
             return None
         lanes = float32_lanes(target)
@@ -243,7 +242,7 @@ def parallel_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: in
 
 def _row_simd(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> int:
     """The vector width for the innermost loop of ``block``: the largest power of two up to ``lanes`` dividing it."""
-    return power_of_two_divisor(_static_extent(sch, sch.get_loops(block)[-1]) or 1, lanes)
+    return power_of_two_divisor(_known_divisor(sch.get(sch.get_loops(block)[-1]).extent), lanes)
 
 
 def _partials(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> s_tir.schedule.SBlockRV | None:
@@ -254,7 +253,7 @@ def _partials(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -
     vector accumulation against the serial fold. Returns the partials' block, or None (the
     block is left as it is) when the row length has no power-of-two divisor.
     """
-    length = _static_extent(sch, sch.get_loops(block)[-1]) or 1
+    length = _known_divisor(sch.get(sch.get_loops(block)[-1]).extent)
     while lanes > 1 and lanes * lanes > 2 * length:
         lanes //= 2
     simd = power_of_two_divisor(length, lanes)
@@ -286,11 +285,12 @@ def _inline_single_use(sch: s_tir.Schedule, infos: list[SBlockInfo]) -> list[SBl
     return kept
 
 
-def _reduces_last_axis(info: SBlockInfo, rows: list[int]) -> bool:
-    """Whether ``info`` is one reduction over an innermost axis, its spatial iterators being ``rows``."""
+def _reduces_last_axis(info: SBlockInfo, rows: list[int | tirx.PrimExpr]) -> bool:
+    """Whether ``info`` is one reduction over an innermost axis, its spatial iterators being ``rows`` (sizes, or
+    expressions of symbolic ones)."""
     kinds = "".join(it.kind for it in info.iters)
-    spatial = [int(it.dom) for it in info.iters if it.kind == "S" and int(it.dom) != 1]
-    return kinds.endswith("R") and kinds.count("R") == 1 and spatial == [r for r in rows if r != 1]
+    spatial = [str(it.dom) for it in info.iters if it.kind == "S" and not _is_one(it.dom)]
+    return kinds.endswith("R") and kinds.count("R") == 1 and spatial == [str(r) for r in rows if not _is_one(r)]
 
 
 def _normalized(func: tirx.PrimFunc, target: Target) -> tuple[s_tir.Schedule, list[SBlockInfo]] | None:
@@ -333,8 +333,10 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     if not spatial or not reduce:
         raise ValueError(f"block '{info.name}' is not a reduction with spatial outputs")
     write_back = sch.cache_write(block, 0, "local")
-    rows = divisor_at_most(int(spatial[-2].dom), row_tile) if len(spatial) >= 2 else 1
-    width = power_of_two_divisor(int(spatial[-1].dom), STREAM_TILE if rows == 1 else lanes * ACCUMULATORS // rows)
+    rows = divisor_at_most(_known_divisor(spatial[-2].dom), row_tile) if len(spatial) >= 2 else 1
+    width = power_of_two_divisor(
+        _known_divisor(spatial[-1].dom), STREAM_TILE if rows == 1 else lanes * ACCUMULATORS // rows
+    )
     simd = power_of_two_divisor(width, lanes)
     column_outer, column, lane = sch.split(spatial[-1].loop_rv, factors=[None, width // simd, simd])
     outer, tile_loops = [it.loop_rv for it in spatial[:-2]] + [column_outer], [column, lane]
@@ -344,8 +346,14 @@ def schedule_tiled_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
         tile_loops.insert(0, row)
         sch.unroll(row)
     sch.reorder(*outer, *reduce, *tile_loops)
-    fused = sch.fuse(*outer)
-    sch.parallel(fused)
+    if len(outer) > 2 and any(_static_extent(sch, loop) is None for loop in outer):
+        # Symbolic extents: the batch loops run in parallel, the tile loops serially inside them (one loop fused
+        # across a symbolic extent divides each tile's index by a variable).
+        sch.parallel(sch.fuse(*outer[:-2]) if len(outer) > 3 else outer[0])
+        fused = outer[-1]
+    else:
+        fused = sch.fuse(*outer)
+        sch.parallel(fused)
     sch.reverse_compute_at(write_back, fused)
     _inline_consumers(sch, write_back)
     _vectorize_innermost(sch, block, simd)
@@ -371,8 +379,8 @@ def _pad_to_tiles(
     """
     iters = get_sblock_info(sch, block).iters
     spatial = [index for index, it in enumerate(iters) if it.kind == "S"]
-    if len(iters) - len(spatial) != 1:
-        return [], ROW_TILE  # a matmul reduces over one axis
+    if len(iters) - len(spatial) != 1 or not all(isinstance(it.dom, int) for it in iters):
+        return [], ROW_TILE  # a matmul reduces over one axis; symbolic extents are tiled by what divides them
     extents = [int(it.dom) for it in iters]
     padding = list(extents)
     if len(spatial) >= 2 and extents[spatial[-2]] > 1 and divisor_at_most(extents[spatial[-2]], ROW_TILE) == 1:
@@ -517,9 +525,15 @@ def parallel_vectorize(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lane
     The vectors are the largest power-of-two divisor of the innermost extent, up to ``lanes``, and the loops
     outside them are fused into one parallel loop: each vector then reads consecutive elements of the output and of
     any per-channel operand (bias, scale), which stay contiguous loads. Only where that divisor is under 8 (an odd
-    or narrow row) are all the loops fused and vectorized together, the vectors crossing rows.
+    or narrow row) are all the loops fused and vectorized together, the vectors crossing rows. With a symbolic
+    extent among the loops, only the outer loops are fused (parallel) and the innermost one is vectorized on its
+    own: a loop fused across a symbolic extent divides every element's index by a variable.
     """
     loops = sch.get_loops(block)
+    if len(loops) > 1 and any(_static_extent(sch, loop) is None for loop in loops):
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        _vectorize_innermost(sch, block, power_of_two_divisor(_known_divisor(sch.get(loops[-1]).extent), lanes))
+        return
     inner = _static_extent(sch, loops[-1])
     simd = power_of_two_divisor(inner, lanes) if inner is not None else 1
     if len(loops) == 1 or simd < min(8, lanes):
@@ -533,8 +547,7 @@ def parallel_vectorize(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lane
 def _parallel_vectorize_flat(sch: s_tir.Schedule, loops: list[s_tir.schedule.LoopRV], lanes: int) -> None:
     """Fuse ``loops``, run the outer part in parallel and vectorize the inner part."""
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    extent = _static_extent(sch, fused)
-    vec = power_of_two_divisor(extent, lanes) if extent is not None else 1
+    vec = power_of_two_divisor(_known_divisor(sch.get(fused).extent), lanes)
     if vec == 1:
         sch.parallel(fused)
         return
@@ -558,6 +571,19 @@ def _inline_consumers(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> No
 
 def _static_extents(info: SBlockInfo) -> bool:
     return all(isinstance(it.dom, int) for it in info.iters)
+
+
+def _known_divisor(extent: int | tirx.PrimExpr) -> int:
+    """The extent itself when static, else the largest integer known to divide it (``16 · n`` → 16; a bare symbol
+    → 1): symbolic extents get the tiles and vector widths that divide every size they take."""
+    if isinstance(extent, int | tirx.IntImm):
+        return int(extent)
+    modular = _ANALYZER.modular_set(extent)
+    return int(modular.coeff) if int(modular.base) == 0 and int(modular.coeff) > 0 else 1
+
+
+def _is_one(extent: int | tirx.PrimExpr) -> bool:
+    return isinstance(extent, int | tirx.IntImm) and int(extent) == 1
 
 
 def _static_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:

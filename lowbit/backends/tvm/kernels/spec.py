@@ -20,6 +20,8 @@ from tvm.target import Target
 
 from lowbit.errors import BackendError
 
+#: The name of the scalar argument that counts the row blocks of a `PackedLinearSpec.row_blocks` kernel.
+ROW_BLOCKS = "row_blocks"
 #: A layer's constants by name: ``qweight``, ``scales``, ``zeros``, ``g_idx``, ``bias`` [, ``act_scale``].
 Tensors = Mapping[str, "torch.Tensor | None"]
 
@@ -40,6 +42,14 @@ class PackedLinearSpec:
     act_bits: int | None = None
     #: A8 layers: per-token dynamic activation scale (True) or one static step (False).
     act_dynamic: bool = True
+    #: A symbolic row count: the kernel runs on any number of whole blocks of ``batch`` rows, the count of blocks
+    #: a scalar argument after its inputs (`LinearKernel.symbolic_rows`; the lowering pads the rows to whole blocks).
+    row_blocks: bool = False
+
+    @property
+    def rows(self) -> tirx.PrimExpr | int:
+        """The kernel's row count: ``batch``, or ``blocks · batch`` for `row_blocks` (see `row_block_count`)."""
+        return row_block_count() * self.batch if self.row_blocks else self.batch
 
     @property
     def codes_per_byte(self) -> int:
@@ -73,6 +83,14 @@ class KernelPlan:
     knobs: dict[str, int] = field(default_factory=dict)
 
 
+def row_block_count() -> tirx.Var:
+    """The scalar argument (int64) that counts the row blocks of a `PackedLinearSpec.row_blocks` kernel."""
+    return _ROW_BLOCK_VAR
+
+
+_ROW_BLOCK_VAR = tirx.Var(ROW_BLOCKS, "int64")
+
+
 class LinearKernel(ABC):
     """One low-bit linear kernel: its name, knob space, the layers it takes, and its plan for a layer."""
 
@@ -82,6 +100,8 @@ class LinearKernel(ABC):
     knobs: ClassVar[dict[str, tuple[int, ...]]]
     #: Whether the kernel also takes a `kernels.generic.conv.ConvSpec` (an int8 convolution's patch GEMM).
     convolutions: ClassVar[bool] = False
+    #: Whether the kernel takes a symbolic row count (`PackedLinearSpec.row_blocks`).
+    symbolic_rows: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
@@ -137,4 +157,12 @@ def resolve_knobs(
     return chosen
 
 
-__all__ = ["KernelPlan", "LinearKernel", "PackedLinearSpec", "Tensors", "resolve_knobs"]
+__all__ = [
+    "ROW_BLOCKS",
+    "KernelPlan",
+    "LinearKernel",
+    "PackedLinearSpec",
+    "Tensors",
+    "resolve_knobs",
+    "row_block_count",
+]

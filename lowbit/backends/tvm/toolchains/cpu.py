@@ -127,14 +127,21 @@ class CPUToolchain(Toolchain):
         return (packed_linear.KERNEL,)
 
     def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, tensors: Tensors) -> relax.Expr:
-        """The dense kernel on the dequantized weight; int8-activation layers first fake-quantize their input."""
+        """The dense kernel on the dequantized weight; int8-activation layers first fake-quantize their input. A
+        symbolic row count (`PackedLinearSpec.row_blocks`) runs Relax's ``linear``, scheduled by the default rules."""
         if spec.act_bits is not None:
             step = None if spec.act_dynamic else float(tensors["act_scale"])
-            quantize = bb.add_func(fake_quant_cpu_func(spec.batch, spec.in_features, step), "lowbit_fake_quantize")
+            rows = tvm.te.var("rows", "int64") if spec.row_blocks else spec.batch
+            quantize = bb.add_func(fake_quant_cpu_func(rows, spec.in_features, step), "lowbit_fake_quantize")
             x = bb.emit(
-                relax.call_tir(quantize, [x], out_ty=relax.TensorType((spec.batch, spec.in_features), "float32"))
+                relax.call_tir(quantize, [x], out_ty=relax.TensorType((x.ty.shape[0], spec.in_features), "float32"))
             )
-        func, consts = dense_plan(dequantized_weight(spec, tensors), tensors["bias"], spec.batch, self.lanes)
+        weight = dequantized_weight(spec, tensors)
+        if spec.row_blocks:
+            bias = tensors["bias"]
+            constants = [relax.const(t.to(torch.float32).contiguous().numpy()) for t in (weight, bias) if t is not None]
+            return relax.op.linear(x, *constants)
+        func, consts = dense_plan(weight, tensors["bias"], spec.batch, self.lanes)
         return call_kernel(bb, func, "lowbit_dense_linear", x, consts, spec.out_features)
 
     def constant_linear(

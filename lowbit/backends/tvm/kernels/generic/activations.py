@@ -55,6 +55,11 @@ def zeros_reason(zeros: torch.Tensor | None, kernel: str) -> str | None:
     return None
 
 
+def static_or_symbolic(extent: tirx.PrimExpr) -> int | tirx.PrimExpr:
+    """A buffer's extent as an int when static, else the symbolic expression (a row count known at run time)."""
+    return int(extent) if isinstance(extent, tirx.IntImm) else extent
+
+
 def activation_codes(
     x: te.Tensor, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr] = tirx.nearbyint
 ) -> tuple[Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], te.Tensor | None]:
@@ -63,7 +68,7 @@ def activation_codes(
     ``rint`` rounds half to even: ``tirx.nearbyint``, or on LLVM CPU targets ``tirx.round`` (it lowers to the
     same ``llvm.nearbyint``, and TVM vectorizes it where it scalarizes ``nearbyint``).
     """
-    m_rows, k_in = (int(d) for d in x.shape)
+    m_rows, k_in = static_or_symbolic(x.shape[0]), int(x.shape[1])
     mult = None
     if step is None:
         k = te.reduce_axis((0, k_in), name="k")
@@ -137,7 +142,7 @@ def rounded_codes(
 ) -> tuple[te.Tensor | None, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]]:
     """The reference's step 1 in ``arith``: the per-row scale stage ``act_scale`` (dynamic only) and ``code(m, k)``,
     the int8 code as int32."""
-    m_rows, k_in = (int(d) for d in x.shape)
+    m_rows, k_in = static_or_symbolic(x.shape[0]), int(x.shape[1])
     if step is None:
         k = te.reduce_axis((0, k_in), name="k")
         absmax = te.compute((m_rows,), lambda m: te.max(tirx.abs(x[m, k]), axis=k), name="absmax")
@@ -200,6 +205,7 @@ __all__ = [
     "fake_quant_cpu_func",
     "layout_reason",
     "rounded_codes",
+    "static_or_symbolic",
     "word_columns",
     "zeros_reason",
 ]

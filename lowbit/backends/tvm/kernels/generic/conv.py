@@ -98,9 +98,9 @@ def quantized_input(
     """The kernel's input ``x``, its int8 codes ``xq`` ``(batch, in_features)`` and the per-row multiplier (None when
     static): a linear layer's rows, or a `ConvSpec`'s patches of the NHWC image (static step only)."""
     if not isinstance(spec, ConvSpec):
-        x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
+        x = te.placeholder((spec.rows, spec.in_features), "float32", name="x")
         code, mult = activation_codes(x, step, rint)
-        return x, te.compute((spec.batch, spec.in_features), code, name="xq"), mult
+        return x, te.compute((spec.rows, spec.in_features), code, name="xq"), mult
     x, xp = padded_codes(spec, step, rint)
     channels = spec.image[3]
     (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size

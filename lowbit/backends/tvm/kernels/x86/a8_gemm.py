@@ -63,6 +63,7 @@ class X86A8Gemm(LinearKernel):
     name = KERNEL_NAME
     knobs = KNOBS
     convolutions = True
+    symbolic_rows = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         if spec.batch < MIN_ROWS:

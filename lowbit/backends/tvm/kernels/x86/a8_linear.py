@@ -84,6 +84,7 @@ from lowbit.backends.tvm.kernels.spec import (
     LinearKernel,
     PackedLinearSpec,
     Tensors,
+    row_block_count,
 )
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
 from lowbit.backends.tvm.target import has_features, target_arch
@@ -159,6 +160,7 @@ class X86A8Linear(LinearKernel):
     name = KERNEL_NAME
     knobs = KNOBS
     convolutions = True
+    symbolic_rows = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
@@ -323,7 +325,7 @@ def a8_linear_compute(
     scales widen exactly to float32). A `ConvSpec` reads its input as the patches of an NHWC image
     (`conv.quantized_input`).
     """
-    m_rows, k_in, n_out, bits = spec.batch, spec.in_features, spec.out_features, spec.bits
+    m_rows, k_in, n_out, bits = spec.rows, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
     quads = group // COLUMNS  # column quads per group
     word_bytes = rows * COLUMNS
@@ -385,8 +387,8 @@ def a8_linear_compute(
         return value + bias[n] if bias is not None else value
 
     y = te.compute((m_rows, n_out), output, name="y")
-    args = [x, words, scales] + [t for t in (zeros, bias, step) if t is not None] + [y]
-    return te.create_prim_func(args)
+    args = [x, words, scales] + [t for t in (zeros, bias, step) if t is not None]
+    return te.create_prim_func(args + ([row_block_count()] if spec.row_blocks else []) + [y])
 
 
 def _schedule(
@@ -400,7 +402,8 @@ def _schedule(
 ) -> None:
     """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
     loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors, row_tasks(spec, row_tile, out_tile))
-    if row_tile == spec.batch:
+    gemv = row_tile == spec.batch and not spec.row_blocks
+    if gemv:
         n_task, n_tile, a_g, d_w = loops.task, loops.tile, loops.group, loops.word
         _prefetch(sch, spec, (n_task, n_tile, a_g, d_w), out_tile // (ROWS * row_vectors), locality)
     finish_accumulators(sch, loops)
@@ -413,7 +416,7 @@ def _schedule(
         sch.vectorize(k_inner)
     if spec.act_dynamic:
         _vector_absmax(sch, spec.in_features)
-    if row_tile == spec.batch:
+    if gemv:
         _prefetch_start(sch, locality)
 
 
