@@ -26,6 +26,10 @@ a GEMV at about half the read bandwidth on Emerald Rapids.
 Supported: bits ∈ {2, 4, 8}, ``K % group_size == 0``, ``group_size % pb == 0``, no
 ``g_idx``; `unsupported_reason` says why anything else must use the dense fallback.
 
+From `GEMM_ROWS` rows of ``x`` on (a decoder's prefill step, which keeps the decode step's kernel and constants)
+with ``N`` a multiple of the vector width, the plan is `packed_gemm`'s panel GEMM reading these same packed rows:
+each weight is then unpacked once per block of rows instead of once per register tile of rows.
+
 `PackedLinear` is the kernel (`kernels.spec.LinearKernel`); ``KNOBS`` is the tuning
 space of ``row_tile`` and ``out_tile`` (upper bounds: the row tile is capped by the
 batch, the output tile is the largest divisor of ``N`` not above it).
@@ -67,6 +71,10 @@ KERNEL_NAME = "packed_linear"
 KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (4, 8, 16, 32, 64)}
 #: The hand schedule's row tile (capped by the batch) and output tile.
 ROW_TILE, OUT_TILE = 4, 16
+#: Rows of ``x`` from which the plan is the panel GEMM of `gemm_on_rows` (a prefill step) instead of the GEMV.
+GEMM_ROWS = 16
+#: Its vectors per panel and rows of ``x`` per block (its register tile is `packed_gemm.tile_rows` rows).
+GEMM_VECTORS, GEMM_ROW_BLOCK = 2, 128
 #: How far ahead of the row being computed the weight stream is prefetched (bytes), one prefetch per line.
 PREFETCH_BYTES, LINE_BYTES = 4096, 64
 
@@ -99,19 +107,34 @@ class PackedLinear(LinearKernel):
         return {"row_tile": rows, "out_tile": OUT_TILE}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
-        """The constants are passed in the project's packed format unchanged."""
-        func = packed_linear_func(
-            spec,
-            float32_lanes(target),
-            row_tile=knobs["row_tile"],
-            out_tile=knobs["out_tile"],
-            prefetch_weights=stream_locality(target) == T0,
-        )
+        """The constants are passed in the project's packed format unchanged; from `GEMM_ROWS` rows on (a prefill
+        step), the function is `gemm_on_rows` (the knobs, of the GEMV, are kept as given)."""
+        lanes = float32_lanes(target)
+        if spec.batch >= GEMM_ROWS and spec.out_features % lanes == 0:
+            func = gemm_on_rows(spec, lanes)
+        else:
+            func = packed_linear_func(
+                spec,
+                lanes,
+                row_tile=knobs["row_tile"],
+                out_tile=knobs["out_tile"],
+                prefetch_weights=stream_locality(target) == T0,
+            )
         consts = [tensors[key] for key in ("qweight", "scales", "zeros", "bias") if tensors.get(key) is not None]
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
 
 
 KERNEL = PackedLinear()
+
+
+def gemm_on_rows(spec: PackedLinearSpec, lanes: int) -> tirx.PrimFunc:
+    """`packed_gemm`'s panel GEMM reading this kernel's constants: each group's codes are unpacked once per block of
+    `GEMM_ROW_BLOCK` rows into an fp32 tile, which a register-blocked micro-kernel runs over."""
+    from lowbit.backends.tvm.kernels.generic import packed_gemm  # it imports this module
+
+    return packed_gemm.packed_gemm_func(
+        spec, lanes, packed_gemm.tile_rows(lanes), GEMM_VECTORS, GEMM_ROW_BLOCK, packed_rows=True
+    )
 
 
 def packed_linear_func(
@@ -253,8 +276,12 @@ __all__ = [
     "KERNEL",
     "KERNEL_BITS",
     "KERNEL_NAME",
+    "GEMM_ROWS",
+    "GEMM_ROW_BLOCK",
+    "GEMM_VECTORS",
     "KNOBS",
     "PackedLinear",
+    "gemm_on_rows",
     "packed_linear_compute",
     "packed_linear_func",
     "unsupported_reason",
