@@ -11,18 +11,17 @@ bits`` codes per byte):
 * ``xp[m, g, l, j] = x[m, g·G + j·pb + l]`` — the activations reordered once so that
   code lane ``l`` of byte ``j`` meets a contiguous run of ``x`` (M·K work, negligible);
 * ``deq[n, g, l, j] = ((q[n, g·G/pb + j] >> l·bits) & mask) − zero[n, g]``;
-* ``gacc[m, n, g, l, h, v] = Σ_jo xp · deq`` over ``j = (jo·C + h)·V + v`` (V vector lanes, C
-  chains) — the per-group fp32 accumulators, ``pb·C`` vector registers per row of ``x``;
-* ``part[m, n, v] = Σ_g (Σ_{l, h} gacc) · scale[n, g]`` and ``y = Σ_v part + bias``.
+* ``gacc[m, n, g, v] = Σ_{l, jo} xp · deq`` over ``j = jo·V + v`` (V vector lanes) — the
+  per-group fp32 accumulator, one vector register per row of ``x``;
+* ``part[m, n, v] = Σ_g gacc · scale[n, g]`` and ``y = Σ_v part + bias``.
 
 Schedule: parallel over tasks of ``out_tile`` output rows ``n``; rows of ``x`` in
 register tiles of ``row_tile`` sharing each dequantized weight vector; the lane axis
 ``v`` vectorized in every stage; the code lanes ``l`` unrolled so one byte load feeds
-``pb`` codes. Each group's sum is split over ``pb × chains`` accumulators per row (at least
-`CHAINS` in a register tile) so that successive multiply-adds do not wait on one another. The
-per-row buffers keep the default global scope, which TVM turns into stack arrays that LLVM keeps
-in registers: as ``local`` buffers they came from ``TVMBackendAllocWorkspace``, three allocations
-and frees per output row, which cost more than a row's arithmetic at SmolLM2's widths. On x86 cores other
+``pb`` codes. The per-row buffers keep the default global scope, which TVM turns into stack
+arrays that LLVM keeps in registers: as ``local`` buffers they came from
+``TVMBackendAllocWorkspace``, three allocations and frees per output row, which cost more than
+a row's arithmetic at SmolLM2's widths. On x86 cores other
 than AMD's (`common.stream_locality`), each output row starts with a ``prefetcht0`` of the
 weight row `PREFETCH_BYTES` ahead: the hardware prefetcher alone streamed the cold weights of
 a GEMV at about half the read bandwidth on Emerald Rapids.
@@ -74,9 +73,6 @@ KERNEL_NAME = "packed_linear"
 KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (4, 8, 16, 32, 64)}
 #: The hand schedule's row tile (capped by the batch) and output tile.
 ROW_TILE, OUT_TILE = 4, 16
-#: Independent vector accumulators a group's dot product is split over at least (rows × code lanes × chains), so
-#: that the multiply-adds do not wait on one another's latency.
-CHAINS = 4
 #: Rows of ``x`` from which the plan is the panel GEMM of `gemm_on_rows` (a prefill step) instead of the GEMV.
 GEMM_ROWS = 16
 #: Its vectors per panel and rows of ``x`` per block (its register tile is `packed_gemm.tile_rows` rows).
@@ -163,9 +159,7 @@ def packed_linear_func(
     if reason is not None:
         raise ValueError(f"packed kernel cannot compute {spec}: {reason}")
     vec = vector_width(spec, lanes)
-    tile = min(spec.batch, row_tile)
-    chains = divisor_at_most(spec.group_bytes // vec, max(1, CHAINS // (tile * spec.codes_per_byte)))
-    sch = s_tir.Schedule(packed_linear_compute(spec, vec, chains))
+    sch = s_tir.Schedule(packed_linear_compute(spec, vec))
     rows = _schedule(sch, spec, row_tile, out_tile)
     if prefetch_weights:
         _prefetch(sch, spec, rows, divisor_at_most(spec.out_features, out_tile))
@@ -178,9 +172,8 @@ def vector_width(spec: PackedLinearSpec, lanes: int) -> int:
     return power_of_two_divisor(spec.group_bytes, lanes)
 
 
-def packed_linear_compute(spec: PackedLinearSpec, vec: int, chains: int = 1) -> tirx.PrimFunc:
-    """The unscheduled computation (block structure described in the module doc), each group's sum split over
-    ``pb × chains`` accumulators (``chains`` divides the group's vectors)."""
+def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
+    """The unscheduled computation (block structure described in the module doc)."""
     m_rows, k_in, n_out, groups = spec.batch, spec.in_features, spec.out_features, spec.groups
     pb, gbytes, bits = spec.codes_per_byte, spec.group_bytes, spec.bits
     x = te.placeholder((m_rows, k_in), "float32", name="x")
@@ -198,27 +191,18 @@ def packed_linear_compute(spec: PackedLinearSpec, vec: int, chains: int = 1) -> 
         return code - zero
 
     deq = te.compute((n_out, groups, pb, gbytes), dequant, name="deq")
-    outer = te.reduce_axis((0, gbytes // vec // chains), name="jo")
+    lane = te.reduce_axis((0, pb), name="l")
+    outer = te.reduce_axis((0, gbytes // vec), name="jo")
     gacc = te.compute(
-        (m_rows, n_out, groups, pb, chains, vec),
-        lambda m, n, g, l, h, v: te.sum(
-            xp[m, g, l, (outer * chains + h) * vec + v] * deq[n, g, l, (outer * chains + h) * vec + v], axis=outer
+        (m_rows, n_out, groups, vec),
+        lambda m, n, g, v: te.sum(
+            xp[m, g, lane, outer * vec + v] * deq[n, g, lane, outer * vec + v], axis=[lane, outer]
         ),
         name="gacc",
     )
-
-    def group_sum(m: tirx.Var, n: tirx.Var, g: tirx.Var, v: tirx.Var) -> tirx.PrimExpr:
-        terms = [gacc[m, n, g, l, h, v] for l in range(pb) for h in range(chains)]
-        acc = terms[0]
-        for term in terms[1:]:
-            acc = acc + term
-        return acc
-
     group = te.reduce_axis((0, groups), name="g")
     part = te.compute(
-        (m_rows, n_out, vec),
-        lambda m, n, v: te.sum(group_sum(m, n, group, v) * scales[n, group], axis=group),
-        name="part",
+        (m_rows, n_out, vec), lambda m, n, v: te.sum(gacc[m, n, group, v] * scales[n, group], axis=group), name="part"
     )
 
     def total(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
@@ -249,8 +233,8 @@ def _schedule(
     sch.reorder(p_g, p_m, p_v)
 
     sch.compute_at(gacc, p_g, preserve_unit_loops=True)
-    a_m, _, _, a_l, a_h, a_v, a_jo = loops_below(sch, gacc, p_g)  # n, g have extent 1
-    sch.reorder(a_jo, a_h, a_l, a_m, a_v)  # the lanes of one byte load are unrolled next to each other
+    a_m, _, _, a_v, a_l, a_jo = loops_below(sch, gacc, p_g)  # n, g have extent 1
+    sch.reorder(a_jo, a_l, a_m, a_v)  # the lanes of one byte load are unrolled next to each other
 
     sch.compute_at(deq, a_l, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(deq)[-1])
@@ -258,7 +242,6 @@ def _schedule(
     sch.vectorize(a_v)
     sch.unroll(a_m)
     sch.unroll(a_l)
-    sch.unroll(a_h)
     sch.vectorize(sch.get_loops(sch.decompose_reduction(gacc, a_jo))[-1])
 
     sch.vectorize(p_v)
