@@ -129,9 +129,18 @@ def panels(per_group: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def packed_gemm_func(
-    spec: PackedLinearSpec, lanes: int, row_tile: int, vectors: int, row_block: int, name: str | None = None
+    spec: PackedLinearSpec,
+    lanes: int,
+    row_tile: int,
+    vectors: int,
+    row_block: int,
+    name: str | None = None,
+    packed_rows: bool = False,
 ) -> tirx.PrimFunc:
-    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``."""
+    """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``.
+
+    ``packed_rows``: the constants are `packed_linear`'s instead (the project's packed rows ``(N, row_bytes)``,
+    scales [and zero points] ``(N, G)``); each group's tile then gathers its panel's columns from ``W`` rows."""
     reason = unsupported_reason(spec, lanes)
     if reason is not None:
         raise ValueError(f"panel GEMM cannot compute {spec}: {reason}")
@@ -139,30 +148,44 @@ def packed_gemm_func(
     # Whole tiles only: the row tile divides the row block, which divides the batch.
     block = divisor_at_most(spec.batch, row_block)
     rows = divisor_at_most(block, row_tile)
-    sch = s_tir.Schedule(packed_gemm_compute(spec, width))
+    sch = s_tir.Schedule(packed_gemm_compute(spec, width, packed_rows))
     _schedule(sch, spec, lanes, width, rows, block)
     log.debug("scheduled %s: panels of %d, %d-row tiles, %d-row blocks", spec, width, rows, block)
     return finish(sch.mod["main"], name)
 
 
-def packed_gemm_compute(spec: PackedLinearSpec, width: int) -> tirx.PrimFunc:
-    """The unscheduled computation of the module doc, for panels of ``width`` columns."""
+def packed_gemm_compute(spec: PackedLinearSpec, width: int, packed_rows: bool = False) -> tirx.PrimFunc:
+    """The unscheduled computation of the module doc, for panels of ``width`` columns (``packed_rows``: read from
+    `packed_linear`'s constants, see `packed_gemm_func`)."""
     m_rows, k_in, n_out, bits, group = spec.batch, spec.in_features, spec.out_features, spec.bits, spec.group_size
     pb, groups = spec.codes_per_byte, spec.groups
     x = te.placeholder((m_rows, k_in), "float32", name="x")
-    codes = te.placeholder((n_out // width, k_in // pb, width), "uint8", name="codes")
-    per_group = (n_out // width, groups, width)
+    if packed_rows:
+        codes = te.placeholder((n_out, spec.row_bytes), "uint8", name="qweight")
+        per_group: tuple[int, ...] = (n_out, groups)
+
+        def at(table: te.Tensor, p: tirx.Var, row: tirx.PrimExpr, v: tirx.Var) -> tirx.PrimExpr:
+            return table[p * width + v, row]
+
+    else:
+        codes = te.placeholder((n_out // width, k_in // pb, width), "uint8", name="codes")
+        per_group = (n_out // width, groups, width)
+
+        def at(table: te.Tensor, p: tirx.Var, row: tirx.PrimExpr, v: tirx.Var) -> tirx.PrimExpr:
+            return table[p, row, v]
+
     scales = te.placeholder(per_group, "float32", name="scales")
     zeros = te.placeholder(per_group, "float32", name="zeros") if spec.asymmetric else None
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
 
     def dequant(p: tirx.Var, k: tirx.Var, v: tirx.Var) -> tirx.PrimExpr:
-        byte = codes[p, k // pb, v]
+        byte = at(codes, p, k // pb, v)
         code = tirx.bitwise_and(
             tirx.shift_right(byte, ((k % pb) * bits).astype("uint8")), tirx.const((1 << bits) - 1, "uint8")
         ).astype("float32")
-        zero = zeros[p, k // group, v] if zeros is not None else tirx.const(packing.default_zero(bits), "float32")
-        return (code - zero) * scales[p, k // group, v]
+        default = tirx.const(packing.default_zero(bits), "float32")
+        zero = at(zeros, p, k // group, v) if zeros is not None else default
+        return (code - zero) * at(scales, p, k // group, v)
 
     weight = te.compute((n_out // width, k_in, width), dequant, name="weight")
     k = te.reduce_axis((0, k_in), name="k")

@@ -10,21 +10,30 @@ bits`` codes per byte):
 
 * ``xp[m, g, l, j] = x[m, g·G + j·pb + l]`` — the activations reordered once so that
   code lane ``l`` of byte ``j`` meets a contiguous run of ``x`` (M·K work, negligible);
-* ``deq[n, g, l, j] = ((q[n, g·G/pb + j] >> l·bits) & mask) − zero[n, g]``;
+* ``deq[n, g, l, j] = (q[n, g·G/pb + j] >> l·bits) & mask`` — the codes, without the zero point;
 * ``gacc[m, n, g, v] = Σ_{l, jo} xp · deq`` over ``j = jo·V + v`` (V vector lanes) — the
   per-group fp32 accumulator, one vector register per row of ``x``;
-* ``part[m, n, v] = Σ_g gacc · scale[n, g]`` and ``y = Σ_v part + bias``.
+* ``xsum[m, g] = Σ_c x[m, g·G + c]`` and ``shift[m, n] = Σ_g zero[n, g] · scale[n, g] · xsum[m, g]``
+  — the zero points, applied once per group and row instead of once per code, since
+  ``Σ x·(q − z) = Σ x·q − z·Σ x`` (a subtraction less per vector of codes in the inner loop);
+* ``part[m, n, v] = Σ_g gacc · scale[n, g]`` and ``y = Σ_v part − shift + bias``.
 
 Schedule: parallel over tasks of ``out_tile`` output rows ``n``; rows of ``x`` in
 register tiles of ``row_tile`` sharing each dequantized weight vector; the lane axis
 ``v`` vectorized in every stage; the code lanes ``l`` unrolled so one byte load feeds
-``pb`` codes. The accumulators are ``local`` buffers, which TVM 0.27 allocates through
-``TVMBackendAllocWorkspace`` once per task (hence tasks of several rows). On x86 cores other
+``pb`` codes. The per-row buffers keep the default global scope, which TVM turns into stack
+arrays that LLVM keeps in registers: as ``local`` buffers they came from
+``TVMBackendAllocWorkspace``, three allocations and frees per output row, which cost more than
+a row's arithmetic at SmolLM2's widths. On x86 cores other
 than AMD's (`common.stream_locality`), each output row starts with a ``prefetcht0`` of the
 weight row `PREFETCH_BYTES` ahead: the hardware prefetcher alone streamed the cold weights of
 a GEMV at about half the read bandwidth on Emerald Rapids.
 Supported: bits ∈ {2, 4, 8}, ``K % group_size == 0``, ``group_size % pb == 0``, no
 ``g_idx``; `unsupported_reason` says why anything else must use the dense fallback.
+
+From `GEMM_ROWS` rows of ``x`` on (a decoder's prefill step, which keeps the decode step's kernel and constants)
+with ``N`` a multiple of the vector width, the plan is `packed_gemm`'s panel GEMM reading these same packed rows:
+each weight is then unpacked once per block of rows instead of once per register tile of rows.
 
 `PackedLinear` is the kernel (`kernels.spec.LinearKernel`); ``KNOBS`` is the tuning
 space of ``row_tile`` and ``out_tile`` (upper bounds: the row tile is capped by the
@@ -63,10 +72,14 @@ KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 #: The kernel name tuning records are keyed by.
 KERNEL_NAME = "packed_linear"
 #: Tuning space: ``row_tile`` rows of ``x`` share each dequantized weight vector;
-#: ``out_tile`` output rows per parallel task amortize the per-task setup (accumulator allocation).
+#: ``out_tile`` output rows per parallel task amortize the per-task setup.
 KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (1, 2, 4, 8), "out_tile": (4, 8, 16, 32, 64)}
 #: The hand schedule's row tile (capped by the batch) and output tile.
 ROW_TILE, OUT_TILE = 4, 16
+#: Rows of ``x`` from which the plan is the panel GEMM of `gemm_on_rows` (a prefill step) instead of the GEMV.
+GEMM_ROWS = 16
+#: Its vectors per panel and rows of ``x`` per block (its register tile is `packed_gemm.tile_rows` rows).
+GEMM_VECTORS, GEMM_ROW_BLOCK = 2, 128
 #: How far ahead of the row being computed the weight stream is prefetched (bytes), one prefetch per line.
 PREFETCH_BYTES, LINE_BYTES = 4096, 64
 
@@ -99,19 +112,34 @@ class PackedLinear(LinearKernel):
         return {"row_tile": rows, "out_tile": OUT_TILE}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
-        """The constants are passed in the project's packed format unchanged."""
-        func = packed_linear_func(
-            spec,
-            float32_lanes(target),
-            row_tile=knobs["row_tile"],
-            out_tile=knobs["out_tile"],
-            prefetch_weights=stream_locality(target) == T0,
-        )
+        """The constants are passed in the project's packed format unchanged; from `GEMM_ROWS` rows on (a prefill
+        step), the function is `gemm_on_rows` (the knobs, of the GEMV, are kept as given)."""
+        lanes = float32_lanes(target)
+        if spec.batch >= GEMM_ROWS and spec.out_features % lanes == 0:
+            func = gemm_on_rows(spec, lanes)
+        else:
+            func = packed_linear_func(
+                spec,
+                lanes,
+                row_tile=knobs["row_tile"],
+                out_tile=knobs["out_tile"],
+                prefetch_weights=stream_locality(target) == T0,
+            )
         consts = [tensors[key] for key in ("qweight", "scales", "zeros", "bias") if tensors.get(key) is not None]
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
 
 
 KERNEL = PackedLinear()
+
+
+def gemm_on_rows(spec: PackedLinearSpec, lanes: int) -> tirx.PrimFunc:
+    """`packed_gemm`'s panel GEMM reading this kernel's constants: each group's codes are unpacked once per block of
+    `GEMM_ROW_BLOCK` rows into an fp32 tile, which a register-blocked micro-kernel runs over."""
+    from lowbit.backends.tvm.kernels.generic import packed_gemm  # it imports this module
+
+    return packed_gemm.packed_gemm_func(
+        spec, lanes, packed_gemm.tile_rows(lanes), GEMM_VECTORS, GEMM_ROW_BLOCK, packed_rows=True
+    )
 
 
 def packed_linear_func(
@@ -161,11 +189,23 @@ def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
 
     def dequant(n: tirx.Var, g: tirx.Var, l: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
         byte = qweight[n, g * gbytes + j].astype("int32")
-        code = tirx.bitwise_and(tirx.shift_right(byte, l * bits), (1 << bits) - 1).astype("float32")
-        zero = zeros[n, g] if zeros is not None else tirx.const(default_zero(bits), "float32")
-        return code - zero
+        return tirx.bitwise_and(tirx.shift_right(byte, l * bits), (1 << bits) - 1).astype("float32")
 
     deq = te.compute((n_out, groups, pb, gbytes), dequant, name="deq")
+    column = te.reduce_axis((0, spec.group_size), name="c")
+    xsum = te.compute(
+        (m_rows, groups), lambda m, g: te.sum(x[m, g * spec.group_size + column], axis=column), name="xsum"
+    )
+
+    def zero_at(n: tirx.Var, g: tirx.Var) -> tirx.PrimExpr:
+        return zeros[n, g] if zeros is not None else tirx.const(default_zero(bits), "float32")
+
+    shift_group = te.reduce_axis((0, groups), name="gz")
+    shift = te.compute(
+        (m_rows, n_out),
+        lambda m, n: te.sum(zero_at(n, shift_group) * scales[n, shift_group] * xsum[m, shift_group], axis=shift_group),
+        name="shift",
+    )
     lane = te.reduce_axis((0, pb), name="l")
     outer = te.reduce_axis((0, gbytes // vec), name="jo")
     gacc = te.compute(
@@ -184,6 +224,7 @@ def packed_linear_compute(spec: PackedLinearSpec, vec: int) -> tirx.PrimFunc:
         acc = part[m, n, 0]
         for v in range(1, vec):
             acc = acc + part[m, n, v]
+        acc = acc - shift[m, n]
         return acc + bias[n] if bias is not None else acc
 
     y = te.compute((m_rows, n_out), total, name="y")
@@ -202,19 +243,17 @@ def _schedule(
     n_outer, n = sch.split(n, factors=[None, divisor_at_most(spec.out_features, out_tile)])
     sch.reorder(n_outer, n, m_outer, m_inner)
     sch.parallel(n_outer)
+    sch.compute_at(sch.get_sblock("shift"), m_inner, preserve_unit_loops=True)
 
     sch.compute_at(part, m_outer, preserve_unit_loops=True)
-    sch.set_scope(part, 0, "local")
     p_m, _, p_v, p_g = loops_below(sch, part, m_outer)  # the n loop has extent 1 here
     sch.reorder(p_g, p_m, p_v)
 
     sch.compute_at(gacc, p_g, preserve_unit_loops=True)
-    sch.set_scope(gacc, 0, "local")
     a_m, _, _, a_v, a_l, a_jo = loops_below(sch, gacc, p_g)  # n, g have extent 1
     sch.reorder(a_jo, a_l, a_m, a_v)  # the lanes of one byte load are unrolled next to each other
 
     sch.compute_at(deq, a_l, preserve_unit_loops=True)
-    sch.set_scope(deq, 0, "local")
     sch.vectorize(sch.get_loops(deq)[-1])
 
     sch.vectorize(a_v)
@@ -253,8 +292,12 @@ __all__ = [
     "KERNEL",
     "KERNEL_BITS",
     "KERNEL_NAME",
+    "GEMM_ROWS",
+    "GEMM_ROW_BLOCK",
+    "GEMM_VECTORS",
     "KNOBS",
     "PackedLinear",
+    "gemm_on_rows",
     "packed_linear_compute",
     "packed_linear_func",
     "unsupported_reason",

@@ -64,6 +64,7 @@ def _reference(x: torch.Tensor, weight: dict, bits: int) -> torch.Tensor:
     [
         (packed_linear.KERNEL, 1),
         (packed_linear.KERNEL, 8),
+        (packed_linear.KERNEL, 32),
         (packed_gemm.KERNEL, 4),
         (packed_gemm.KERNEL, 40),
         (packed_gemm.KERNEL, 7),
@@ -74,7 +75,8 @@ def _reference(x: torch.Tensor, weight: dict, bits: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kernel_matches_reference_op(kernel, bits: int, asymmetric: bool, rows: int) -> None:
     """Bit-exact when every value is exact in fp32; within 1e-5 relative on random values. The GEMM's rows
-    include a row block (32) that does not divide the batch (40) and a prime batch (7)."""
+    include a row block (32) that does not divide the batch (40) and a prime batch (7); the GEMV's 32 rows run the
+    panel GEMM on its packed rows."""
     lib = _compile(kernel, rows, bits, asymmetric)
     gen = torch.Generator().manual_seed(rows)
 
@@ -155,6 +157,18 @@ def test_gemm_plan_builds_the_knobs_it_is_given(knobs: dict) -> None:
     lib = tvm.compile(tvm.IRModule({"kernel": tuned.func.with_attr("global_symbol", "kernel")}), target=target)
     x = torch.randint(-2, 3, (24, K), generator=torch.Generator().manual_seed(0)).float()
     assert torch.equal(_run(lib, x, tuned.consts), _reference(x, weight, 4))
+
+
+def test_gemv_plans_the_panel_gemm_on_its_own_constants_from_gemm_rows() -> None:
+    """A prefill-sized batch keeps the GEMV's constants (one weight serves decode and prefill) but a GEMM function."""
+    target = resolve_target("x86")
+    weight = _packed_weight(4, False, exact=True, seed=5)
+    decode, prefill = (
+        packed_linear.KERNEL.plan(PackedLinearSpec(rows, K, N, 4, GROUP, False, True), weight, target)
+        for rows in (1, packed_linear.GEMM_ROWS)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(decode.consts, prefill.consts, strict=True))
+    assert "acc" in str(prefill.func) and "gacc" not in str(prefill.func)
 
 
 def test_gemm_panel_layout_round_trips() -> None:
