@@ -8,12 +8,30 @@ import torch
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.target import target_arch
 
 #: ``op_pattern`` value of an opaque operator: Relax's FuseOps leaves such calls alone.
 OPAQUE_PATTERN = 8
 #: LLVM prefetch locality hints: ``prefetchnta`` and ``prefetcht0``.
 NTA, T0 = 0, 3
+
+
+#: Code widths the packed weight-only kernels (GEMV and GEMM) unpack: codes never straddle bytes.
+KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
+
+
+def unsupported_reason(spec: PackedLinearSpec) -> str | None:
+    """Why ``spec`` cannot run on the packed weight-only kernels (and needs the dense fallback), or None."""
+    if spec.bits not in KERNEL_BITS:
+        return f"{spec.bits}-bit codes straddle bytes; the packed kernels handle {KERNEL_BITS} bits"
+    if spec.has_g_idx:
+        return "act-order g_idx permutes groups; the packed kernels need contiguous groups"
+    if spec.in_features % spec.group_size:
+        return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
+    if spec.group_size % spec.codes_per_byte:
+        return f"group_size={spec.group_size} does not fill whole bytes of {spec.bits}-bit codes"
+    return None
 
 
 def scale_storage(scales: torch.Tensor) -> torch.dtype:

@@ -34,12 +34,12 @@ import torch
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.generic import packed_linear
 from lowbit.backends.tvm.kernels.generic.common import (
     divisor_at_most,
     finish,
     layer_consts,
 )
+from lowbit.backends.tvm.kernels.generic.common import unsupported_reason as packed_unsupported_reason
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -61,7 +61,7 @@ KNOBS: dict[str, tuple[int, ...]] = {"row_tile": (2, 4, 6, 8), "vectors": (1, 2,
 
 def unsupported_reason(spec: PackedLinearSpec, lanes: int) -> str | None:
     """Why this kernel cannot compute ``spec`` with ``lanes``-wide vectors, or None."""
-    reason = packed_linear.unsupported_reason(spec)
+    reason = packed_unsupported_reason(spec)
     if reason is not None:
         return reason
     if spec.act_bits is not None:

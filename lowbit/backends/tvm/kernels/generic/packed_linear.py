@@ -47,7 +47,9 @@ import logging
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
+from lowbit.backends.tvm.kernels.generic import packed_gemm
 from lowbit.backends.tvm.kernels.generic.common import (
+    KERNEL_BITS,
     T0,
     divisor_at_most,
     finish,
@@ -56,6 +58,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     prefetch,
     prepend_to_loop,
     stream_locality,
+    unsupported_reason,
 )
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
@@ -68,7 +71,6 @@ from lowbit.ir.packing import default_zero
 
 log = logging.getLogger(__name__)
 
-KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 #: The kernel name tuning records are keyed by.
 KERNEL_NAME = "packed_linear"
 #: Tuning space: ``row_tile`` rows of ``x`` share each dequantized weight vector;
@@ -82,19 +84,6 @@ GEMM_ROWS = 16
 GEMM_VECTORS, GEMM_ROW_BLOCK = 2, 128
 #: How far ahead of the row being computed the weight stream is prefetched (bytes), one prefetch per line.
 PREFETCH_BYTES, LINE_BYTES = 4096, 64
-
-
-def unsupported_reason(spec: PackedLinearSpec) -> str | None:
-    """Why ``spec`` cannot run on the packed kernel (and needs the dense fallback), or None."""
-    if spec.bits not in KERNEL_BITS:
-        return f"{spec.bits}-bit codes straddle bytes; the packed kernel handles {KERNEL_BITS} bits"
-    if spec.has_g_idx:
-        return "act-order g_idx permutes groups; the packed kernel needs contiguous groups"
-    if spec.in_features % spec.group_size:
-        return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
-    if spec.group_size % spec.codes_per_byte:
-        return f"group_size={spec.group_size} does not fill whole bytes of {spec.bits}-bit codes"
-    return None
 
 
 class PackedLinear(LinearKernel):
@@ -135,8 +124,6 @@ KERNEL = PackedLinear()
 def gemm_on_rows(spec: PackedLinearSpec, lanes: int) -> tirx.PrimFunc:
     """`packed_gemm`'s panel GEMM reading this kernel's constants: each group's codes are unpacked once per block of
     `GEMM_ROW_BLOCK` rows into an fp32 tile, which a register-blocked micro-kernel runs over."""
-    from lowbit.backends.tvm.kernels.generic import packed_gemm  # it imports this module
-
     return packed_gemm.packed_gemm_func(
         spec, lanes, packed_gemm.tile_rows(lanes), GEMM_VECTORS, GEMM_ROW_BLOCK, packed_rows=True
     )
