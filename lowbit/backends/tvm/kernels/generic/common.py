@@ -24,9 +24,9 @@ KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 def unsupported_reason(spec: PackedLinearSpec) -> str | None:
     """Why ``spec`` cannot run on the packed weight-only kernels (and needs the dense fallback), or None."""
     if spec.bits not in KERNEL_BITS:
-        return f"{spec.bits}-bit codes straddle bytes; the packed kernels handle {KERNEL_BITS} bits"
+        return f"{spec.bits}-bit codes straddle bytes; the packed kernel handles {KERNEL_BITS} bits"
     if spec.has_g_idx:
-        return "act-order g_idx permutes groups; the packed kernels need contiguous groups"
+        return "act-order g_idx permutes groups; the packed kernel needs contiguous groups"
     if spec.in_features % spec.group_size:
         return f"in_features={spec.in_features} is not a multiple of group_size={spec.group_size}"
     if spec.group_size % spec.codes_per_byte:
