@@ -7,6 +7,7 @@ the weights (and every tolerance tuned on them) stay the same.
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,37 +62,44 @@ class LMHeadMLP(nn.Module):
 TINY_VOCAB, TINY_DIM = 96, 64
 
 
-def tiny_llama(tie: bool = True) -> nn.Module:
+def tiny_llama(tie: bool = True, **overrides: Any) -> nn.Module:
     """A one-layer transformers Llama (``use_cache=False``, as tracing needs), its lm_head tied to its embedding
-    table unless ``tie`` is False."""
+    table unless ``tie`` is False; ``overrides`` replace config fields."""
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=TINY_DIM,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        use_cache=False,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
+        **{
+            "vocab_size": TINY_VOCAB,
+            "hidden_size": TINY_DIM,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "use_cache": False,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": tie,
+            **overrides,
+        }
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def tiny_bert() -> nn.Module:
-    """A one-layer transformers BERT encoder (word, position and token-type embedding tables)."""
+def tiny_bert(**overrides: Any) -> nn.Module:
+    """A one-layer transformers BERT encoder (word, position and token-type embedding tables); ``overrides``
+    replace config fields."""
     import transformers
 
     config = transformers.BertConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=TINY_DIM,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
+        **{
+            "vocab_size": TINY_VOCAB,
+            "hidden_size": TINY_DIM,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+            "max_position_embeddings": 64,
+            **overrides,
+        }
     )
     torch.manual_seed(0)
     return transformers.BertModel(config).eval()

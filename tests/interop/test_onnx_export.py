@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -15,8 +16,6 @@ from lowbit.errors import ArtifactError
 from lowbit.interop import onnx_export
 from tests.conv_models import TinyCNN, images, trained
 from tests.helpers import norm_mlp, tiny_bert, token_ids
-
-ort = pytest.importorskip("onnxruntime")
 
 A8 = "quantize_activations:bits=8,granularity=per_token,dynamic=true,symmetric=true"
 #: Largest error of ``int8="fast"`` relative to the largest output (ONNX Runtime rounds the activations per block of

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -15,7 +16,6 @@ import lowbit
 from lowbit.interop import onnx_import
 from tests.helpers import tiny_bert, token_ids
 
-ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx2torch")
 
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
+import transformers
 
 import lowbit
 from lowbit.interop import onnx_export
 
-ort = pytest.importorskip("onnxruntime")
-transformers = pytest.importorskip("transformers")
+from helpers import tiny_llama
 
 #: Weight-only exports differ from the torch target in float summation order only. ``int8="exact"`` reproduces its
 #: int8 codes, but the float ops around them (attention, norms) differ in the last bits, which now and then moves one
@@ -44,21 +45,17 @@ def vit() -> torch.nn.Module:
 def smollm2_shaped() -> torch.nn.Module:
     """SmolLM2's architecture at a small size: a Llama with grouped-query attention (3 heads, 1 key/value head),
     tied embeddings and SmolLM2's RoPE base and norm epsilon; random weights."""
-    config = transformers.LlamaConfig(
+    return tiny_llama(
         vocab_size=256,
         hidden_size=192,
         intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=3,
         num_key_value_heads=1,
-        tie_word_embeddings=True,
         rope_theta=100000.0,
         rms_norm_eps=1e-5,
         max_position_embeddings=128,
-        use_cache=False,
     )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def images(seed: int) -> dict[str, torch.Tensor]:

@@ -16,21 +16,14 @@ from lowbit.ir.trace import trace
 from lowbit.ir.variants import fit_batches
 from lowbit.passes.quant.hessian import capture_hessian
 
+from helpers import tiny_bert
+
 VOCAB, LENGTH = 100, 16
 
 
 @pytest.fixture(scope="module")
 def bert() -> torch.nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
+    return tiny_bert(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=32)
 
 
 def _ids(batch: int, length: int = LENGTH) -> torch.Tensor:

@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import transformers
 
 import lowbit
 from lowbit.errors import CalibrationError
@@ -19,6 +18,8 @@ from lowbit.ir.variants import VARIANTS, add_calibration_variants, fit_batches
 from lowbit.passes.pipeline import Pipeline
 from lowbit.passes.quant.hessian import capture_hessian
 from tests.conv_models import TinyCNN
+
+from helpers import tiny_bert, tiny_llama
 
 VOCAB, LENGTH = 100, 16
 #: The calibrating passes and what they need before them.
@@ -35,32 +36,12 @@ def _ids(batch: int, length: int = LENGTH) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def bert() -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
+    return tiny_bert(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=32)
 
 
 @pytest.fixture(scope="module")
 def llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(tie=False, vocab_size=VOCAB, hidden_size=32, num_key_value_heads=1, intermediate_size=64)
 
 
 @pytest.fixture(scope="module")
