@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from safetensors.torch import save_file
 
 import lowbit
@@ -18,9 +19,6 @@ from lowbit.errors import PassConfigError
 from lowbit.interop.checkpoints import CheckpointError, export_compressed_tensors, packed_linears, read_checkpoint
 from lowbit.ir import packing
 from lowbit.passes.quant import GPTQOptions, LoadCheckpoint, QuantizedWeight, gptq_quantize, quantize_weight
-
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
 
 LIMITS = {"input_ids": {0: (1, 2), 1: (1, 32)}}
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -16,8 +16,6 @@ import lowbit
 from lowbit.interop import onnx_import
 from tests.helpers import tiny_bert, token_ids
 
-pytest.importorskip("onnx2torch")
-
 
 def _reference(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)
@@ -30,7 +28,8 @@ def _flat(output: object) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     path = tmp_path_factory.mktemp("onnx") / "resnet18.onnx"

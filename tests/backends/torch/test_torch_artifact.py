@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
+import transformers
 from torch import nn
 
 import lowbit
 from lowbit.backends.torch import GRAPH_FILE, SavedGraph
 from lowbit.ir.annotations import META_KEY
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny_bert() -> nn.Module:

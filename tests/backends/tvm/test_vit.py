@@ -4,12 +4,11 @@ embedding), exact in fp32 with either tracer, and as accurate at w8a8 as the tor
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import lowbit
 from lowbit.ir.trace import trace
-
-timm = pytest.importorskip("timm")
 
 
 def vit(name: str = "vit_small_patch16_224") -> torch.nn.Module:
