@@ -31,10 +31,12 @@ ACT_QMIN, ACT_QMAX = -128, 127
 #: (subnormal scale), which quantize on its grid; every other row keeps its own scale (docs/methods.md).
 ACT_ABSMAX_FLOOR = 2.0**-119
 
-LINEAR_PACKED_A8_SCHEMA = (
-    "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, "
-    "int bits, int group_size, int in_features, Tensor? act_scale) -> Tensor"
+#: The arguments every packed-weight op starts with: the input, the weight's buffers and its packed layout.
+PACKED_ARGS_SCHEMA = (
+    "Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, "
+    "int bits, int group_size, int in_features"
 )
+LINEAR_PACKED_A8_SCHEMA = f"({PACKED_ARGS_SCHEMA}, Tensor? act_scale) -> Tensor"
 
 
 def quantize_activation(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +264,7 @@ __all__ = [
     "ACT_QMAX",
     "ACT_QMIN",
     "LINEAR_PACKED_A8_SCHEMA",
+    "PACKED_ARGS_SCHEMA",
     "check_act_scale",
     "decode_activation",
     "fake_quantize_activation",

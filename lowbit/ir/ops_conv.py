@@ -29,17 +29,9 @@ from lowbit.ir.verify import check
 
 log = logging.getLogger(__name__)
 
-_GEOMETRY = (
-    "int bits, int group_size, int in_features, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-    "int groups"
-)
-CONV_PACKED_SCHEMA = (
-    f"(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, {_GEOMETRY}) -> Tensor"
-)
-CONV_PACKED_A8_SCHEMA = (
-    f"(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, {_GEOMETRY}, "
-    "Tensor act_scale) -> Tensor"
-)
+_CONV_ARGS = f"{ops_a8.PACKED_ARGS_SCHEMA}, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups"
+CONV_PACKED_SCHEMA = f"({_CONV_ARGS}) -> Tensor"
+CONV_PACKED_A8_SCHEMA = f"({_CONV_ARGS}, Tensor act_scale) -> Tensor"
 
 
 def conv_weight(
