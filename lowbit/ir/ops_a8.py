@@ -31,10 +31,12 @@ ACT_QMIN, ACT_QMAX = -128, 127
 #: (subnormal scale), which quantize on its grid; every other row keeps its own scale (docs/methods.md).
 ACT_ABSMAX_FLOOR = 2.0**-119
 
-LINEAR_PACKED_A8_SCHEMA = (
-    "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, "
-    "int bits, int group_size, int in_features, Tensor? act_scale) -> Tensor"
+#: The arguments every packed-weight op starts with: the input, the weight's buffers and its packed layout.
+PACKED_ARGS_SCHEMA = (
+    "Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, "
+    "int bits, int group_size, int in_features"
 )
+LINEAR_PACKED_A8_SCHEMA = f"({PACKED_ARGS_SCHEMA}, Tensor? act_scale) -> Tensor"
 
 
 def quantize_activation(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,19 +101,25 @@ def integer_linear(
 ) -> torch.Tensor:
     """Steps 2 and 3: ``Σ_g scale_g · (x_int · (q − zero))_g`` for int8 codes ``x_int`` ``(T, K)``, float32 ``(T, N)``.
 
-    Each group's dot product is exact (float64 sums of integers); the groups are added in order in float32.
+    ``x_int`` may also be ``(C, T, K)``: one input per convolution group, each multiplied by its ``N/C`` consecutive
+    rows, the outputs side by side in ``(T, N)``. Each weight group's dot product is exact (float64 sums of integers);
+    the groups are added in order in float32.
     """
+    batched = x_int if x_int.dim() == 3 else x_int.unsqueeze(0)
+    convs, tokens, _ = batched.shape
+    count = scales.shape[1]
     columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
-    x_groups, w_groups = _grouped(
-        x_int.to(torch.float64), _centered_codes(qweight, zeros, columns, bits, in_features), columns, scales.shape[1]
-    )
-    y = torch.zeros(x_int.shape[0], qweight.shape[0], dtype=torch.float32, device=x_int.device)
+    centered = _centered_codes(qweight, zeros, columns, bits, in_features).view(convs, -1, in_features)
+    x_groups, w_groups = _grouped(batched.to(torch.float64), centered, columns, count)
+    scale = scales.view(convs, 1, -1, count)
+    y = torch.zeros(convs, tokens, centered.shape[1], dtype=torch.float32, device=x_int.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, y.numel()))
-    for first in range(0, scales.shape[1], chunk):
-        acc = torch.bmm(x_groups[first : first + chunk], w_groups[first : first + chunk])  # exact (module doc)
+    for first in range(0, count, chunk):
+        part = slice(first, first + chunk)
+        acc = torch.matmul(x_groups[part], w_groups[part])  # exact (module doc)
         for offset in range(acc.shape[0]):
-            y = y + acc[offset].to(torch.float32) * scales[:, first + offset]
-    return y
+            y = y + acc[offset].to(torch.float32) * scale[..., first + offset]
+    return y.transpose(0, 1).reshape(tokens, -1)
 
 
 #: Bound on the float64 elements of one batch of per-group dot products (128 MiB).
@@ -133,10 +141,11 @@ def _centered_codes(
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, columns: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``(G, T, P)`` and centered codes ``(G, P, N)`` per group, zero-padded to the largest group.
+    """Inputs ``(G, C, T, P)`` and centered codes ``(G, C, P, R)`` per weight group ``G`` and convolution group ``C``
+    from ``x`` ``(C, T, K)`` and ``w`` ``(C, R, K)``, zero-padded to the largest weight group.
 
     Column ``k`` goes to group ``columns[k]`` at its rank among that group's columns, so
-    ``bmm`` gives every group's dot product and the padding adds exact zeros.
+    ``matmul`` gives every group's dot product and the padding adds exact zeros.
     """
     counts = torch.bincount(columns, minlength=groups)
     order = torch.argsort(columns, stable=True)
@@ -144,11 +153,11 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, columns: torch.Tensor, groups: in
     position = torch.empty_like(columns)
     position[order] = torch.arange(columns.numel(), device=columns.device) - starts[columns[order]]
     width = int(counts.max())
-    x_groups = x.new_zeros(groups, width, x.shape[0])
-    w_groups = w.new_zeros(groups, width, w.shape[0])
-    x_groups[columns, position] = x.T
-    w_groups[columns, position] = w.T
-    return x_groups.transpose(1, 2), w_groups
+    x_groups = x.new_zeros(groups, width, *x.shape[:2])
+    w_groups = w.new_zeros(groups, width, *w.shape[:2])
+    x_groups[columns, position] = x.permute(2, 0, 1)
+    w_groups[columns, position] = w.permute(2, 0, 1)
+    return x_groups.permute(0, 2, 3, 1), w_groups.permute(0, 2, 1, 3)
 
 
 def _linear_packed_a8_fake(
@@ -255,6 +264,7 @@ __all__ = [
     "ACT_QMAX",
     "ACT_QMIN",
     "LINEAR_PACKED_A8_SCHEMA",
+    "PACKED_ARGS_SCHEMA",
     "check_act_scale",
     "decode_activation",
     "fake_quantize_activation",

@@ -29,17 +29,9 @@ from lowbit.ir.verify import check
 
 log = logging.getLogger(__name__)
 
-_GEOMETRY = (
-    "int bits, int group_size, int in_features, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-    "int groups"
-)
-CONV_PACKED_SCHEMA = (
-    f"(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, {_GEOMETRY}) -> Tensor"
-)
-CONV_PACKED_A8_SCHEMA = (
-    f"(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? g_idx, Tensor? bias, {_GEOMETRY}, "
-    "Tensor act_scale) -> Tensor"
-)
+_CONV_ARGS = f"{ops_a8.PACKED_ARGS_SCHEMA}, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups"
+CONV_PACKED_SCHEMA = f"({_CONV_ARGS}) -> Tensor"
+CONV_PACKED_A8_SCHEMA = f"({_CONV_ARGS}, Tensor act_scale) -> Tensor"
 
 
 def conv_weight(
@@ -108,54 +100,12 @@ def _conv_packed_a8(
     ops_a8.check_act_scale(act_scale, "conv_packed_a8")
     x_int, step = ops_a8.quantize_activation(x, act_scale)
     patches, out_shape = unfold_patches(x_int, kernel_size, stride, padding, dilation, groups)
-    if groups == 1:
-        y = ops_a8.integer_linear(patches[0], qweight, scales, zeros, g_idx, bits, group_size, in_features)
-    else:
-        y = _grouped_integer_linear(patches, qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    y = ops_a8.integer_linear(patches, qweight, scales, zeros, g_idx, bits, group_size, in_features)
     y = ops_a8.decode_activation(y, step, dynamic=False)
     if bias is not None:
         y = y + bias.to(torch.float32)
     batch = x.shape[0]
     return y.view(batch, -1, qweight.shape[0]).transpose(1, 2).reshape(batch, -1, *out_shape).to(x.dtype)
-
-
-#: Bound on the float64 elements of one batch of grouped products (128 MiB).
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def _grouped_integer_linear(
-    patches: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    g_idx: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """`ops_a8.integer_linear` of each convolution group's patches ``(G, T, K)`` with its rows, as ``(T, N)``:
-    the same exact per-weight-group sums and float32 accumulation in group order, for all groups at once."""
-    groups, tokens, _ = patches.shape
-    columns = packing.group_index(in_features, group_size, g_idx, qweight.device)
-    codes = packing.unpack(qweight, bits, in_features).to(torch.float64)
-    centered = codes - (packing.default_zero(bits) if zeros is None else zeros.to(torch.float64)[:, columns])
-    count = scales.shape[1]
-    rows = qweight.shape[0] // groups
-    # Each row split into one masked copy per weight group: (G, K, rows · S), so one exact float64 product gives
-    # every weight group's sum.
-    member = torch.nn.functional.one_hot(columns, count).to(torch.float64)  # (K, S)
-    split = (centered.view(groups, rows, in_features, 1) * member).permute(0, 2, 1, 3).reshape(groups, in_features, -1)
-    scale = scales.view(groups, rows, count)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, tokens * rows * count))
-    outputs = []
-    for first in range(0, groups, chunk):
-        part = slice(first, first + chunk)
-        acc = torch.bmm(patches[part].to(torch.float64), split[part]).view(-1, tokens, rows, count)  # exact
-        y = torch.zeros(acc.shape[:3], dtype=torch.float32, device=patches.device)
-        for s in range(count):
-            y = y + acc[..., s].to(torch.float32) * scale[part, None, :, s]
-        outputs.append(y)
-    return torch.cat(outputs).permute(1, 0, 2).reshape(tokens, -1)
 
 
 def unfold_patches(

@@ -80,32 +80,12 @@ class PackedLinearA8(PackedLinear):
     """A `PackedLinear` with int8 inputs; ``act_scale`` is the static step or None (dynamic)."""
 
     def __init__(self, packed: PackedLinear, act_scale: torch.Tensor | None) -> None:
-        super().__init__(
-            packed.qweight,
-            packed.scales,
-            packed.zeros,
-            packed.g_idx,
-            packed.bias,
-            packed.bits,
-            packed.group_size,
-            packed.in_features,
-        )
+        super().__init__(*packed.packed_args())
         ops_a8.check_act_scale(act_scale, "PackedLinearA8")
         self.register_buffer("act_scale", act_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops_a8.linear_packed_a8(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.g_idx,
-            self.bias,
-            self.bits,
-            self.group_size,
-            self.in_features,
-            self.act_scale,
-        )
+        return ops_a8.linear_packed_a8(x, *self.packed_args(), self.act_scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={'dynamic' if self.act_scale is None else 'static'}"
@@ -122,19 +102,7 @@ class PackedConvA8(PackedConv):
         self.register_buffer("act_scale", act_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops_conv.conv_packed_a8(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.g_idx,
-            self.bias,
-            self.bits,
-            self.group_size,
-            self.in_features,
-            *self.geometry.args(),
-            self.act_scale,
-        )
+        return ops_conv.conv_packed_a8(x, *self.packed_args(), self.act_scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", act=static"

@@ -85,18 +85,13 @@ class PackedLinear(nn.Module):
             qw.in_features,
         )
 
+    def packed_args(self) -> tuple:
+        """The op's arguments after the input, in its order: the `PACKED_BUFFERS` (each a tensor or None), then
+        ``bits, group_size, in_features`` (and a convolution's geometry, `PackedConv`)."""
+        return (*(getattr(self, name) for name in PACKED_BUFFERS), self.bits, self.group_size, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear_packed(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.g_idx,
-            self.bias,
-            self.bits,
-            self.group_size,
-            self.in_features,
-        )
+        return ops.linear_packed(x, *self.packed_args())
 
     def extra_repr(self) -> str:
         return (
@@ -138,31 +133,14 @@ class PackedConv(PackedLinear):
     layer_kind = "conv"
 
     def __init__(self, packed: PackedLinear, geometry: ConvGeometry) -> None:
-        super().__init__(
-            packed.qweight,
-            packed.scales,
-            packed.zeros,
-            packed.g_idx,
-            packed.bias,
-            packed.bits,
-            packed.group_size,
-            packed.in_features,
-        )
+        super().__init__(*PackedLinear.packed_args(packed))
         self.geometry = geometry
 
+    def packed_args(self) -> tuple:
+        return (*super().packed_args(), *self.geometry.args())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops_conv.conv_packed(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.g_idx,
-            self.bias,
-            self.bits,
-            self.group_size,
-            self.in_features,
-            *self.geometry.args(),
-        )
+        return ops_conv.conv_packed(x, *self.packed_args())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", {self.geometry}"
@@ -315,15 +293,16 @@ def _rewrite_call(gm: fx.GraphModule, node: fx.Node, path: str, scheme: QuantSch
     """Swap one ``call_module`` node for ``get_attr`` nodes feeding ``lowbit.linear_packed`` (or ``conv_packed``)."""
     packed = gm.get_submodule(path)
     x = _linear_input(node)
+    args = packed.packed_args()
     with gm.graph.inserting_before(node):
         buffers = [
-            None if getattr(packed, name) is None else gm.graph.get_attr(f"{path}.{name}") for name in PACKED_BUFFERS
+            None if tensor is None else gm.graph.get_attr(f"{path}.{name}")
+            for name, tensor in zip(PACKED_BUFFERS, args)
         ]
-        conv = packed.geometry.args() if isinstance(packed, PackedConv) else ()
         new_node = gm.graph.create_node(
             "call_function",
-            ops_conv.conv_packed if conv else ops.linear_packed,
-            (x, *buffers, packed.bits, packed.group_size, packed.in_features, *conv),
+            ops_conv.conv_packed if isinstance(packed, PackedConv) else ops.linear_packed,
+            (x, *buffers, *args[len(PACKED_BUFFERS) :]),
             name=f"{node.name}_packed",
         )
     new_node.meta = copy.copy(node.meta)

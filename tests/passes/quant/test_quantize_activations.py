@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,12 +13,22 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.errors import CalibrationError, PassConfigError, VerificationError
-from lowbit.ir import ops, ops_a8
+from lowbit.ir import ops, ops_a8, ops_conv
 from lowbit.ir.annotations import QuantScheme, annotate, get_meta
 from lowbit.ir.packing import PackedFormatError, dequantize, num_groups, pack
 from lowbit.ir.verify import verify
 from lowbit.passes import PassContext, Pipeline, lookup
-from lowbit.passes.quant import RTN, Binary, PackedLinearA8, QuantizeActivations, Ternary
+from lowbit.passes.quant import (
+    RTN,
+    Binary,
+    PackedConv,
+    PackedConvA8,
+    PackedLinear,
+    PackedLinearA8,
+    QuantizeActivations,
+    Ternary,
+)
+from lowbit.passes.quant.rewrite import ConvGeometry
 
 from helpers import LMHeadMLP
 
@@ -328,3 +340,34 @@ def test_verifier_checks_the_annotation(mlp: MLP) -> None:
     annotate(node, "fc1", quant=QuantScheme(bits=4, group_size=16, symmetric=True, method="rtn"))
     with pytest.raises(VerificationError, match="computes w4 g16 a8 but is annotated w4 g16 sym \\[rtn\\]"):
         verify(gm)
+
+
+def _arguments_by_name(module: PackedLinear) -> dict:
+    """Every buffer and attribute of a packed layer under the name of the op argument it feeds."""
+    named = {**dict(module.named_buffers()), "bits": module.bits, "group_size": module.group_size}
+    named["in_features"] = module.in_features
+    if isinstance(module, PackedConv):
+        named.update({f.name: getattr(module.geometry, f.name) for f in dataclasses.fields(ConvGeometry)})
+    return named
+
+
+def test_packed_layers_pass_their_ops_arguments_in_schema_order() -> None:
+    """``packed_args`` (and ``act_scale``) follow each op's arguments after ``x``, for all four layer kinds."""
+    layout = make_packed(4, 18, 4, 9, zeros=True, act_order=True)
+    linear = PackedLinear(*(layout[k] for k in ("qweight", "scales", "zeros", "g_idx")), torch.randn(4), 4, 9, 18)
+    conv = PackedConv(linear, ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1), 2))
+    step = torch.tensor(0.05)
+    layers = [
+        (linear, ops.linear_packed, ()),
+        (PackedLinearA8(linear, step), ops_a8.linear_packed_a8, (step,)),
+        (conv, ops_conv.conv_packed, ()),
+        (PackedConvA8(conv, step), ops_conv.conv_packed_a8, (step,)),
+    ]
+    for module, op, tail in layers:
+        names = [argument.name for argument in op._schema.arguments[1:]]
+        args = (*module.packed_args(), *tail)
+        named = _arguments_by_name(module)
+        assert len(args) == len(names)
+        for name, value in zip(names, args):
+            expected = named[name]
+            assert value is expected if isinstance(value, torch.Tensor) else value == type(value)(expected), name
