@@ -126,17 +126,20 @@ def _layer_error(conv: nn.Module, weight: torch.Tensor, inputs: list[torch.Tenso
 
 
 @pytest.mark.parametrize(
-    "conv",
+    "make_conv",
     [
-        nn.Conv2d(6, 16, 3, padding=1),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2),
-        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),
-        nn.Conv1d(6, 12, 5, padding=2),
+        lambda: nn.Conv2d(6, 16, 3, padding=1),
+        lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2),
+        lambda: nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),
+        lambda: nn.Conv1d(6, 12, 5, padding=2),
     ],
     ids=["plain", "grouped-strided", "depthwise-dilated", "conv1d"],
 )
-def test_gptq_conv_hessian_is_the_unfolded_inputs_and_beats_rtn(conv) -> None:
+def test_gptq_conv_hessian_is_the_unfolded_inputs_and_beats_rtn(make_conv) -> None:
+    """The convs are built after seeding (not at collection, where their weights would depend on the tests
+    imported before)."""
     torch.manual_seed(0)
+    conv = make_conv()
     net = nn.Sequential(conv).eval()
     shape = (2, conv.in_channels) + (10,) * (conv.weight.dim() - 2)
     correlated = torch.randn(conv.in_channels, conv.in_channels) / 2 + torch.eye(conv.in_channels)
