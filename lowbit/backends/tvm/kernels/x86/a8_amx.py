@@ -14,7 +14,11 @@ their per-group sums. Linux hands out the AMX tile state on request: every call 
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, a no-op once granted) and every task
 loads its tile configuration and releases the tiles at its end.
 
-Layers with fewer than `MIN_ROWS` rows, a row count or output width that is not a multiple of 32,
+Built for a symbolic number of 16-row blocks (`PackedLinearSpec.row_blocks`, the input padded to whole blocks), it
+walks ``⌈m / 32⌉`` whole blocks: the codes of the rows after ``m`` are zero and their outputs are not stored, so
+every tile, buffer and loop inside a block keeps its static shape.
+
+Layers with fewer than `MIN_ROWS` rows, a static row count or output width that is not a multiple of 32,
 groups that are not a multiple of 64 columns, codes of other widths, or a target without AMX-INT8
 get a reason from `supports` (`a8_gemm` or `a8_linear` take them).
 """
@@ -30,7 +34,8 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.activations import layout_reason
 from lowbit.backends.tvm.kernels.generic.common import finish
-from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
+from lowbit.backends.tvm.kernels.generic.rows import padded_rows
+from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors, row_block_count
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.target import has_features
 from lowbit.ir import packing
@@ -50,9 +55,12 @@ class X86A8Amx(LinearKernel):
 
     name = KERNEL_NAME
     knobs: dict[str, tuple[int, ...]] = {}
+    symbolic_rows = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
-        if spec.batch < MIN_ROWS or spec.batch % BLOCK:
+        if spec.row_blocks and spec.batch % TILE:
+            return f"row blocks of {spec.batch} rows are not whole AMX tiles of {TILE} rows"
+        if not spec.row_blocks and (spec.batch < MIN_ROWS or spec.batch % BLOCK):
             return f"batch={spec.batch} is not a multiple of {BLOCK} rows of at least {MIN_ROWS} (the AMX blocks)"
         if not has_features(target, "amx-int8", "amx-tile", "avx512bw"):
             return "the AMX GEMM needs AMX-INT8 (target CPU has none)"
@@ -93,7 +101,12 @@ def a8_amx_func(spec: PackedLinearSpec, name: str | None = None) -> tirx.PrimFun
 def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
     """The unmarked PrimFunc of `a8_amx_func`, parsed once per layer shape (parsing TVMScript takes ~0.2 s; a
     model repeats a few shapes many times)."""
-    m_rows, k_in, n_out, group, groups = spec.batch, spec.in_features, spec.out_features, spec.group_size, spec.groups
+    symbolic = spec.row_blocks
+    m_rows = spec.rows
+    # A symbolic number of 16-row blocks runs whole 32-row blocks: the rows after ``m_rows`` have zero codes and
+    # their outputs are not stored.
+    padded = padded_rows(m_rows, BLOCK) if symbolic else m_rows
+    k_in, n_out, group, groups = spec.in_features, spec.out_features, spec.group_size, spec.groups
     dynamic, asym, has_bias = spec.act_dynamic, spec.asymmetric, spec.has_bias
     zrows, zcols = (groups, n_out) if asym else (1, 1)
     brows = n_out if has_bias else 1
@@ -114,9 +127,9 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
         y: T.Buffer((m_rows, n_out), "float32"),
     ) -> None:
         T.func_attr({"tirx.noalias": True})
-        xq = T.decl_buffer((m_rows, k_in), "int8")
-        mult = T.decl_buffer((m_rows,), "float32")
-        asum = T.decl_buffer((m_rows, groups), "int32")
+        xq = T.decl_buffer((padded, k_in), "int8")
+        mult = T.decl_buffer((padded,), "float32")
+        asum = T.decl_buffer((padded, groups), "int32")
         for m in T.parallel(m_rows):
             part = T.decl_buffer((lanes,), "float32")
             sums = T.decl_buffer((lanes,), "int32")
@@ -156,6 +169,13 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
                 asum[m, g] = 0
                 for lane in range(lanes):
                     asum[m, g] = asum[m, g] + sums[lane]
+        if symbolic:
+            for m in range(padded - m_rows):
+                for k in T.vectorized(k_in):
+                    xq[m_rows + m, k] = T.int8(0)
+                for g in range(groups):
+                    asum[m_rows + m, g] = 0
+                mult[m_rows + m] = T.float32(1)
         T.evaluate(T.call_extern("int64", "syscall", ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA))
         for task in T.parallel(n_out // BLOCK):
             config = T.decl_buffer((64,), "uint8")
@@ -168,7 +188,7 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
                 config[16 + 2 * t] = T.uint8(TILE_BYTES)
                 config[48 + t] = T.uint8(TILE)
             T.evaluate(_tile("ldtilecfg", T.address_of(config[0])))
-            for block in range(m_rows // BLOCK):
+            for block in range(padded // BLOCK):
                 for i, j in T.grid(BLOCK, BLOCK):
                     acc[i, j] = T.float32(0)
                 for g in range(groups):
@@ -228,20 +248,25 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
                                     * scales[g, task * BLOCK + j]
                                 )
                 for i in range(BLOCK):
-                    for j in T.vectorized(BLOCK):
-                        if dynamic and has_bias:
-                            y[block * BLOCK + i, task * BLOCK + j] = (
-                                acc[i, j] / mult[block * BLOCK + i] + bias[task * BLOCK + j]
-                            )
-                        elif dynamic:
-                            y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] / mult[block * BLOCK + i]
-                        elif has_bias:
-                            y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0] + bias[task * BLOCK + j]
-                        else:
-                            y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0]
+                    if not symbolic or block * BLOCK + i < m_rows:
+                        for j in T.vectorized(BLOCK):
+                            if dynamic and has_bias:
+                                y[block * BLOCK + i, task * BLOCK + j] = (
+                                    acc[i, j] / mult[block * BLOCK + i] + bias[task * BLOCK + j]
+                                )
+                            elif dynamic:
+                                y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] / mult[block * BLOCK + i]
+                            elif has_bias:
+                                y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0] + bias[task * BLOCK + j]
+                            else:
+                                y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0]
             T.evaluate(_tile("tilerelease"))
 
-    return kernel
+    if not symbolic:
+        return kernel
+    # The count of row blocks is a scalar argument before ``y``, as in `a8_linear.a8_linear_compute`.
+    params = [*kernel.params[:-1], row_block_count(), kernel.params[-1]]
+    return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
 
 
 __all__ = ["KERNEL", "KERNEL_NAME", "MIN_ROWS", "X86A8Amx", "a8_amx_func"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import tvm
 from tvm.target import Target
-from x86_a8_layers import layer, layer_spec, run
+from x86_a8_layers import layer, layer_spec, run, symbolic_rows_are_exact
 
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_amx, a8_gemm, a8_linear
@@ -72,6 +74,10 @@ def test_amx_gemm_is_bit_exact_with_the_reference_op() -> None:
         assert torch.equal(got, ref), f"{name} {spec}: max diff {(got - ref).abs().max()}"
 
 
+def test_amx_gemm_on_a_symbolic_number_of_row_blocks_is_bit_exact() -> None:
+    symbolic_rows_are_exact(a8_amx.KERNEL, AMX_TARGET, HOST_HAS_AMX)
+
+
 def test_the_lowering_takes_amx_for_whole_blocks_of_8_bit_rows() -> None:
     weight = layer(384, 384, 8, 384, False, True, seed=0)
     toolchain = CPUToolchain(AMX_TARGET)
@@ -83,6 +89,8 @@ def test_the_lowering_takes_amx_for_whole_blocks_of_8_bit_rows() -> None:
     assert chosen(256) == chosen(32) == a8_amx.KERNEL_NAME
     assert chosen(48) == chosen(256, bits=4) == a8_gemm.KERNEL_NAME
     assert chosen(1) == a8_linear.KERNEL_NAME
+    symbolic = dataclasses.replace(layer_spec(16, 384, 384, 8, 384, weight), row_blocks=True)
+    assert a8_amx.KERNEL.symbolic_rows and a8_amx.KERNEL.supports(symbolic, weight, AMX_TARGET) is None
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import torch
 import tvm
 from tvm.target import Target
-from x86_a8_layers import layer, layer_spec, run
+from x86_a8_layers import layer, layer_spec, run, symbolic_rows_are_exact
 
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_gemm, a8_linear
@@ -74,6 +74,10 @@ def test_gemm_is_bit_exact_with_the_reference_op() -> None:
         got = run(lib, name, plan, x, spec.out_features)
         ref = _reference(x, weight, spec.bits, spec.group_size, spec.in_features)
         assert torch.equal(got, ref), f"{name} {spec}: max diff {(got - ref).abs().max()}"
+
+
+def test_gemm_on_a_symbolic_number_of_row_blocks_is_bit_exact() -> None:
+    symbolic_rows_are_exact(a8_gemm.KERNEL, VNNI_TARGET, HOST_HAS_VNNI)
 
 
 def test_knobs_span_the_space_and_every_choice_is_exact() -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 import tvm
+from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
-from lowbit.ir import packing
+from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec
+from lowbit.ir import ops_a8, packing
 
 
 def layer(n_out: int, k_in: int, bits: int, group: int, asym: bool, bias: bool, seed: int) -> dict:
@@ -39,9 +43,46 @@ def layer_spec(rows: int, k_in: int, n_out: int, bits: int, group: int, weight: 
     )
 
 
-def run(lib: tvm.runtime.Module, name: str, plan: KernelPlan, x: torch.Tensor, n_out: int) -> torch.Tensor:
-    """The compiled kernel ``name`` of ``lib`` on ``x`` with the plan's constants."""
-    args = [tvm.runtime.tensor(t.numpy()) for t in [x, *plan.consts]]
+def run(
+    lib: tvm.runtime.Module, name: str, plan: KernelPlan, x: torch.Tensor, n_out: int, blocks: int | None = None
+) -> torch.Tensor:
+    """The compiled kernel ``name`` of ``lib`` on ``x`` with the plan's constants (and the count of row ``blocks`` of
+    a kernel built for a symbolic row count)."""
+    args = [tvm.runtime.tensor(t.numpy()) for t in [x, *plan.consts]] + ([blocks] if blocks is not None else [])
     out = tvm.runtime.tensor(np.zeros((x.shape[0], n_out), dtype="float32"))
     lib[name](*args, out)
     return torch.from_numpy(out.numpy())
+
+
+def symbolic_rows_are_exact(kernel: LinearKernel, target: Target, host_runs: bool) -> None:
+    """``kernel`` built once for a symbolic number of 16-row blocks equals the reference op bit for bit at 1, 3, 4
+    and 16 blocks (an odd count leaves half a 32-row block), for dynamic and static activation scales."""
+    cases = {}
+    for index, (group, asym, step) in enumerate([(384, False, None), (128, True, 2.0**-5)]):
+        weight = layer(64, 384, 8, group, asym, True, seed=index)
+        if step is not None:
+            weight["act_scale"] = torch.tensor(step)
+        spec = dataclasses.replace(layer_spec(16, 384, 64, 8, group, weight), row_blocks=True)
+        assert kernel.supports(spec, weight, target) is None
+        cases[f"case{index}"] = weight, spec, kernel.plan(spec, weight, target)
+    mod = {name: plan.func.with_attr("global_symbol", name) for name, (_, _, plan) in cases.items()}
+    lib = tvm.compile(tvm.IRModule(mod), target=target)
+    if not host_runs:
+        pytest.skip("this host lacks the kernel's instructions: compiled only")
+    for name, (weight, spec, plan) in cases.items():
+        for blocks in (1, 3, 4, 16):
+            x = torch.randn(16 * blocks, 384, generator=torch.Generator().manual_seed(blocks)) * 3
+            got = run(lib, name, plan, x, spec.out_features, blocks)
+            ref = ops_a8.linear_packed_a8(
+                x,
+                weight["qweight"],
+                weight["scales"],
+                weight["zeros"],
+                None,
+                weight["bias"],
+                8,
+                spec.group_size,
+                384,
+                weight["act_scale"],
+            )
+            assert torch.equal(got, ref), f"{name}, {blocks} blocks: max diff {(got - ref).abs().max()}"
