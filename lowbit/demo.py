@@ -49,8 +49,9 @@ CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 CALIBRATION_WINDOWS = 64
 #: Threads every engine is timed at (torch.set_num_threads, ORT intra-op threads, TVM_NUM_THREADS).
 THREAD_COUNTS = (1, 2)
-#: Idle time before each engine's turn in a round, for the previous engine's spinning threads to sleep.
-SETTLE_S = 0.02
+#: Idle time before each engine's turn in a round, for the previous engine's spinning threads to sleep (ONNX Runtime's
+#: intra-op workers spin past 20 ms: with 20 ms, the engine after them lost a core on two threads).
+SETTLE_S = 0.2
 #: Engine keys in the results; the ORT ones are `onnx_peer.OrtVariant` names.
 EAGER, LOWBIT, ONNX_INT8 = "torch", "lowbit", "ort_int8"
 INPUTS_FILE, ENGINES_FILE = "inputs.pt", "onnx_models.json"
