@@ -8,7 +8,7 @@ import pytest
 import torch
 import tvm
 from tvm.target import Target
-from x86_a8_layers import layer, layer_spec, run, symbolic_rows_are_exact
+from x86_a8_layers import layer, layer_spec, reference, run, symbolic_rows_are_exact
 
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_amx, a8_gemm, a8_linear
@@ -17,7 +17,6 @@ from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 from lowbit.backends.tvm.tuning.database import Trial
 from lowbit.backends.tvm.tuning.search import propose
 from lowbit.errors import BackendError
-from lowbit.ir import ops_a8
 
 #: A target with AMX-INT8: the kernel compiles for it on any host and runs where the host has AMX.
 AMX_TARGET = Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
@@ -59,18 +58,7 @@ def test_amx_gemm_is_bit_exact_with_the_reference_op() -> None:
         if weight["act_scale"] is not None:  # exact ties of a static step round half to even
             x[1, :6] = torch.tensor([0.5, 1.5, 2.5, -2.5, -0.5, 300.0]) * weight["act_scale"]
         got = run(lib, name, plan, x, spec.out_features)
-        ref = ops_a8.linear_packed_a8(
-            x,
-            weight["qweight"],
-            weight["scales"],
-            weight["zeros"],
-            None,
-            weight["bias"],
-            8,
-            spec.group_size,
-            spec.in_features,
-            weight["act_scale"],
-        )
+        ref = reference(x, weight, 8, spec.group_size, spec.in_features)
         assert torch.equal(got, ref), f"{name} {spec}: max diff {(got - ref).abs().max()}"
 
 

@@ -6,33 +6,17 @@ import pytest
 import torch
 import tvm
 from tvm.target import Target
-from x86_a8_layers import layer, layer_spec, run, symbolic_rows_are_exact
+from x86_a8_layers import layer, layer_spec, reference, run, symbolic_rows_are_exact
 
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_gemm, a8_linear
 from lowbit.backends.tvm.target import has_features, x86_host_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
 from lowbit.errors import BackendError
-from lowbit.ir import ops_a8
 
 #: A target with AVX-512 VNNI: the GEMM compiles for it on any host and runs where the host has the feature.
 VNNI_TARGET = Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
 HOST_HAS_VNNI = has_features(Target(x86_host_target()), "avx512vnni", "avx512bw")
-
-
-def _reference(x: torch.Tensor, weight: dict, bits: int, group: int, k_in: int) -> torch.Tensor:
-    return ops_a8.linear_packed_a8(
-        x,
-        weight["qweight"],
-        weight["scales"],
-        weight["zeros"],
-        None,
-        weight["bias"],
-        bits,
-        group,
-        k_in,
-        weight["act_scale"],
-    )
 
 
 #: (rows, in, out, bits, group, asymmetric, bias, static step): the demo's W8A8 shapes at 256 rows, odd row
@@ -72,7 +56,7 @@ def test_gemm_is_bit_exact_with_the_reference_op() -> None:
         if weight["act_scale"] is not None:  # exact ties of a static step round half to even
             x[1, :6] = torch.tensor([0.5, 1.5, 2.5, -2.5, -0.5, 300.0]) * weight["act_scale"]
         got = run(lib, name, plan, x, spec.out_features)
-        ref = _reference(x, weight, spec.bits, spec.group_size, spec.in_features)
+        ref = reference(x, weight, spec.bits, spec.group_size, spec.in_features)
         assert torch.equal(got, ref), f"{name} {spec}: max diff {(got - ref).abs().max()}"
 
 
@@ -102,7 +86,7 @@ def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
     )
     x = torch.randn(48, 384, generator=torch.Generator().manual_seed(5)) * 3
     for name, plan in plans.items():
-        assert torch.equal(run(lib, name, plan, x, 384), _reference(x, weight, 8, 384, 384)), plan.knobs
+        assert torch.equal(run(lib, name, plan, x, 384), reference(x, weight, 8, 384, 384)), plan.knobs
 
 
 def test_the_lowering_takes_the_gemm_for_many_rows_and_the_gemv_kernel_for_few() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import tvm
 from tvm.target import Target
+from x86_a8_layers import reference
 
 import lowbit
 from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
@@ -14,7 +15,7 @@ from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
 from lowbit.backends.tvm.target import has_features, resolve_target, x86_host_target
 from lowbit.errors import BackendError
-from lowbit.ir import ops_a8, packing
+from lowbit.ir import packing
 
 K, N = 256, 64
 #: (name, bits, group_size, zeros): W1.58 is the ternary pass's layout (2-bit codes 1..3, default zero, per row).
@@ -57,21 +58,6 @@ def _run(lib: tvm.runtime.Module, kernel: KernelPlan, x: torch.Tensor, name: str
     return torch.from_numpy(out.numpy())
 
 
-def _reference(x: torch.Tensor, weight: dict, bits: int, group: int) -> torch.Tensor:
-    return ops_a8.linear_packed_a8(
-        x,
-        weight["qweight"],
-        weight["scales"],
-        weight["zeros"],
-        None,
-        weight["bias"],
-        bits,
-        group,
-        K,
-        weight.get("act_scale"),
-    )
-
-
 def test_rows_of_tiny_values_keep_their_scale_bit_exactly() -> None:
     """A row scaled by 2⁻²⁴ (absmax about 1e-7) gets the same codes as the row itself and 2⁻²⁴ times its output;
     one scaled below the floor (``ACT_ABSMAX_FLOOR``) equals the reference op's; an all-zero row gives zero."""
@@ -80,7 +66,7 @@ def test_rows_of_tiny_values_keep_their_scale_bit_exactly() -> None:
     row = torch.randn(K, generator=torch.Generator().manual_seed(0))
     x = torch.stack([row, row * 2.0**-24, row * 2.0**-124, torch.zeros(K)])
     kernel = a8_linear.KERNEL.plan(_spec(4, 4, 32, weight, True), weight, target)
-    got, ref = _run(_build(kernel, target), kernel, x), _reference(x, weight, 4, 32)
+    got, ref = _run(_build(kernel, target), kernel, x), reference(x, weight, 4, 32, K)
     assert torch.equal(got, ref)
     assert torch.equal(got[1], got[0] * 2.0**-24) and got[0].abs().max() > 0.1
     assert torch.equal(got[3], torch.zeros(N))
@@ -113,7 +99,7 @@ def test_kernel_matches_reference_op(fmt: str, bits: int, group: int, zeros: str
     for (name, exact), (rows, weight, kernel) in cases.items():
         assert kernel.consts[1].dtype == (torch.float16 if exact else torch.float32)
         x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows + bits)) * 3
-        got, ref = _run(lib, kernel, x, f"{name}_{exact}"), _reference(x, weight, bits, group)
+        got, ref = _run(lib, kernel, x, f"{name}_{exact}"), reference(x, weight, bits, group, K)
         if exact:
             assert torch.equal(got, ref), f"{fmt} {name}: max diff {(got - ref).abs().max()}"
         else:
@@ -133,7 +119,7 @@ def test_avx2_intrinsics_are_exact(bits: int) -> None:
     assert "vpmaddubsw" in lib.mod.inspect_source("asm")
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(bits)) * 3
     x[0, :4] = torch.tensor([127.0, -127.0, 0.5, -0.5]) / 127 * x[0].abs().max()  # ties at the rounding boundary
-    assert torch.equal(_run(lib, kernel, x), _reference(x, spec_weight, bits, 64))
+    assert torch.equal(_run(lib, kernel, x), reference(x, spec_weight, bits, 64, K))
 
 
 def test_vnni_variant_compiles_and_runs_where_the_host_has_it() -> None:
@@ -149,7 +135,7 @@ def test_vnni_variant_compiles_and_runs_where_the_host_has_it() -> None:
     if not has_features(Target(x86_host_target()), "avx512vnni", "avx512vl"):
         pytest.skip("this host has no AVX-512 VNNI: compiled only")
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(0)) * 3
-    assert torch.equal(_run(lib, kernel, x), _reference(x, weight, 8, 64))
+    assert torch.equal(_run(lib, kernel, x), reference(x, weight, 8, 64, K))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -173,7 +159,7 @@ def test_vnni_gemv_splits_lanes_and_prefetches_and_is_exact(bits: int) -> None:
     if not has_features(Target(x86_host_target()), "avx512vnni", "avx512vl"):
         pytest.skip("this host has no AVX-512 VNNI: compiled only")
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 3
-    assert torch.equal(_run(_build(kernel, target), kernel, x), _reference(x, weight, bits, 64))
+    assert torch.equal(_run(_build(kernel, target), kernel, x), reference(x, weight, bits, 64, K))
 
 
 def test_lanes_split_only_with_vnni_and_too_few_chains() -> None:
@@ -229,7 +215,7 @@ def test_absmax_runs_in_vector_lanes_and_stays_exact(rows: int) -> None:
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, -1] = -50.0
     x[-1, 0] = 40.0 if rows > 1 else x[-1, 0]
-    assert torch.equal(_run(lib, kernel, x), _reference(x, weight, 2, 64))
+    assert torch.equal(_run(lib, kernel, x), reference(x, weight, 2, 64, K))
 
 
 def test_per_group_values_are_blocked_by_tile_group() -> None:
@@ -251,7 +237,7 @@ def test_knobs_span_the_space_and_every_choice_is_exact() -> None:
     for knobs in ({"row_tile": 2, "out_tile": 16, "row_vectors": 1}, {"row_tile": 8, "out_tile": 64, "row_vectors": 4}):
         kernel = a8_linear.KERNEL.plan(spec, weight, target, knobs=knobs)
         assert kernel.knobs == knobs and kernel.name == a8_linear.KERNEL_NAME
-        assert torch.equal(_run(_build(kernel, target), kernel, x), _reference(x, weight, 4, 64))
+        assert torch.equal(_run(_build(kernel, target), kernel, x), reference(x, weight, 4, 64, K))
     with pytest.raises(BackendError, match="no knob 'unroll'"):
         a8_linear.KERNEL.plan(spec, weight, target, knobs={"unroll": 2})
     with pytest.raises(BackendError, match="does not tile out_features"):
@@ -317,7 +303,7 @@ def test_float16_scales_are_stored_in_half_the_bytes_with_the_same_output(rows: 
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)) * 3
     got, expected = _run(lib, half, x, "half"), _run(lib, full, x, "full")
     assert torch.equal(got, expected)
-    ref = _reference(x, weight, 4, 32)
+    ref = reference(x, weight, 4, 32, K)
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
 
 

@@ -43,6 +43,22 @@ def layer_spec(rows: int, k_in: int, n_out: int, bits: int, group: int, weight: 
     )
 
 
+def reference(x: torch.Tensor, weight: dict, bits: int, group: int, k_in: int) -> torch.Tensor:
+    """The torch reference op's output for ``weight`` (a `layer`) on ``x``."""
+    return ops_a8.linear_packed_a8(
+        x,
+        weight["qweight"],
+        weight["scales"],
+        weight["zeros"],
+        None,
+        weight["bias"],
+        bits,
+        group,
+        k_in,
+        weight.get("act_scale"),
+    )
+
+
 def run(
     lib: tvm.runtime.Module, name: str, plan: KernelPlan, x: torch.Tensor, n_out: int, blocks: int | None = None
 ) -> torch.Tensor:
@@ -73,16 +89,5 @@ def symbolic_rows_are_exact(kernel: LinearKernel, target: Target, host_runs: boo
         for blocks in (1, 3, 4, 16):
             x = torch.randn(16 * blocks, 384, generator=torch.Generator().manual_seed(blocks)) * 3
             got = run(lib, name, plan, x, spec.out_features, blocks)
-            ref = ops_a8.linear_packed_a8(
-                x,
-                weight["qweight"],
-                weight["scales"],
-                weight["zeros"],
-                None,
-                weight["bias"],
-                8,
-                spec.group_size,
-                384,
-                weight["act_scale"],
-            )
+            ref = reference(x, weight, 8, spec.group_size, 384)
             assert torch.equal(got, ref), f"{name}, {blocks} blocks: max diff {(got - ref).abs().max()}"
