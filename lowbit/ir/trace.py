@@ -176,7 +176,8 @@ def _trace_export(
         else:
             program = _export_free_batch(model, args, kwargs) if free_batch else None
         gm = canonicalize_exported(program or torch.export.export(model, args, kwargs, strict=False), model)
-    gm.meta[FREE_BATCH] = program is not None and not dynamic
+    if free_batch or dynamic:  # the graph itself serves calls (the torch target): its concrete batch sizes bind
+        gm.meta[FREE_BATCH] = program is not None and not dynamic
     if dynamic:
         gm.meta[shapes.SYMBOLIC_DIMS] = _symbol_names(gm, dynamic)
     return gm

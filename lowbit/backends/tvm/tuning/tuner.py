@@ -161,7 +161,7 @@ class Tuner:
         record = (
             dataclasses.replace(found, trials=list(found.trials))
             if found
-            else TuningRecord(kernel.name, space_version(kernel.knobs), _spec_dict(spec))
+            else TuningRecord(kernel.name, space_version(kernel.knobs), record_spec(spec))
         )
         default = kernel.default_knobs(spec, self.target)
         size = len(grid(kernel.knobs))
@@ -326,7 +326,7 @@ class Tuner:
         )
 
     def _key(self, kernel: LinearKernel, spec: Any) -> str:
-        return signature_key(kernel.name, space_version(kernel.knobs), _spec_dict(spec))
+        return signature_key(kernel.name, space_version(kernel.knobs), record_spec(spec))
 
     def _log_trial(self, record: TuningRecord, trials: int) -> None:
         last, best = record.trials[-1], record.best
@@ -361,8 +361,15 @@ class Tuner:
         )
 
 
-def _spec_dict(spec: Any) -> dict[str, Any]:
-    return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec)
+#: Spec fields added after records were shipped, left out of a record's spec while unset, so those records keep
+#: their keys (a `PackedLinearSpec.row_blocks` kernel is never tuned).
+UNSET_SPEC_FIELDS = ("row_blocks",)
+
+
+def record_spec(spec: Any) -> dict[str, Any]:
+    """``spec`` as tuning records store and key it."""
+    data = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec)
+    return {k: v for k, v in data.items() if not (k in UNSET_SPEC_FIELDS and v is False)}
 
 
 def _first_line(error: BaseException) -> str:
@@ -370,4 +377,4 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-__all__ = ["OUTPUT_TOLERANCE", "Tuner", "TuningOptions", "TuningResult"]
+__all__ = ["OUTPUT_TOLERANCE", "UNSET_SPEC_FIELDS", "Tuner", "TuningOptions", "TuningResult", "record_spec"]

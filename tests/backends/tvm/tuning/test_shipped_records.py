@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -16,6 +15,7 @@ from lowbit.backends.tvm.kernels.x86 import a8_linear as x86_a8_linear
 from lowbit.backends.tvm.tuning import SHIPPED_DIR
 from lowbit.backends.tvm.tuning.database import read_database
 from lowbit.backends.tvm.tuning.search import space_version
+from lowbit.backends.tvm.tuning.tuner import record_spec
 
 KERNELS = {
     module.KERNEL.name: module.KERNEL
@@ -33,6 +33,6 @@ def test_shipped_record_is_found_by_the_kernel_as_it_is(file: str, record) -> No
     """A record is looked up by (kernel, hash of its knobs, spec): a changed knob space or spec leaves it unused."""
     kernel = KERNELS[record.kernel]
     assert record.space == space_version(kernel.knobs), f"{file}: {record.kernel} knob space changed, re-tune"
-    assert dataclasses.asdict(PackedLinearSpec(**record.spec)) == record.spec
+    assert record_spec(PackedLinearSpec(**record.spec)) == record.spec
     best = record.best.knobs
     assert set(best) == set(kernel.knobs) and all(best[name] in kernel.knobs[name] for name in best)
