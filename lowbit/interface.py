@@ -57,14 +57,17 @@ class Interface:
     masks: tuple[str, ...] = ()
     #: Per input, its symbolic dimensions by axis (a graph compiled with ``dynamic_shapes``).
     symbolic: Mapping[str, Mapping[int, SymbolicDim]] = field(default_factory=dict)
+    #: Per input of a graph that serves calls itself, its sizes (None: symbolic), which a call must match.
+    sizes: Mapping[str, tuple[int | None, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, gm: fx.GraphModule, eager_output: Any = None) -> Interface:
         """The interface of the traced graph ``gm`` (before any pass), with the spec of ``eager_output``."""
         names = tuple(str(node.target) for node in gm.graph.nodes if node.op == "placeholder")
         output = output_spec(eager_output) if eager_output is not None else None
-        batch = fixed_batch(gm) if FREE_BATCH in gm.meta else {}
-        return cls(names, index_ranges(gm), output, batch, mask_inputs(gm), symbolic_axes(gm))
+        binding = FREE_BATCH in gm.meta
+        batch, sizes = (fixed_batch(gm), input_sizes(gm)) if binding else ({}, {})
+        return cls(names, index_ranges(gm), output, batch, mask_inputs(gm), symbolic_axes(gm), sizes)
 
     def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         """Raise `InputShapeError` for a batch size the graph cannot take or a size outside a symbolic dimension's
@@ -82,6 +85,8 @@ class Interface:
                     f"(dim 0) at {self.batch[name]} (the model's code ties it to that size); pass batches of "
                     f"{self.batch[name]}, or compile again with example inputs of the batch size to serve"
                 )
+            if name in self.sizes:
+                _check_sizes(name, value, self.sizes[name])
             if value.numel() == 0:
                 continue
             if name in self.masks:
@@ -127,6 +132,7 @@ class Interface:
             "batch": dict(self.batch),
             "masks": list(self.masks),
             **({"symbolic": self._symbolic_dict()} if self.symbolic else {}),
+            **({"sizes": {name: list(sizes) for name, sizes in self.sizes.items()}} if self.sizes else {}),
         }
 
     def _symbolic_dict(self) -> dict[str, dict[str, list[Any]]]:
@@ -147,7 +153,8 @@ class Interface:
             for name, axes in data.get("symbolic", {}).items()
         }
         masks = tuple(data.get("masks", ()))
-        return cls(tuple(data.get("names", ())), ranges, data.get("output"), batch, masks, symbolic)
+        sizes = {name: tuple(sizes) for name, sizes in data.get("sizes", {}).items()}
+        return cls(tuple(data.get("names", ())), ranges, data.get("output"), batch, masks, symbolic, sizes)
 
     def _named(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         names = list(self.names) + [str(i) for i in range(len(self.names), len(args))]
@@ -191,6 +198,28 @@ def fixed_batch(gm: fx.GraphModule) -> dict[str, int]:
         if isinstance(value, torch.Tensor) and value.dim() and is_concrete_int(value.shape[0]):
             fixed[str(node.target)] = int(value.shape[0])
     return fixed
+
+
+def input_sizes(gm: fx.GraphModule) -> dict[str, tuple[int | None, ...]]:
+    """Per tensor graph input, its sizes as traced: an int where the graph holds it concrete, None for a symbol."""
+    sizes = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            sizes[str(node.target)] = tuple(int(n) if is_concrete_int(n) else None for n in value.shape)
+    return sizes
+
+
+def _check_sizes(name: str, value: torch.Tensor, sizes: tuple[int | None, ...]) -> None:
+    """Raise `InputShapeError` unless ``value`` has the rank of ``sizes`` and each of their concrete sizes."""
+    shape = tuple(value.shape)
+    wrong = len(shape) != len(sizes) or any(s is not None and n != s for n, s in zip(shape, sizes, strict=False))
+    if wrong:
+        expected = tuple("*" if s is None else s for s in sizes)
+        raise InputShapeError(
+            f"input '{name}' of shape {shape}: the traced graph takes shape {expected} (* any size); pass that "
+            "shape, or compile with dynamic_shapes= naming the dimensions to serve"
+        )
 
 
 def mask_inputs(gm: fx.GraphModule) -> tuple[str, ...]:
@@ -359,4 +388,4 @@ def _import_types(spec: Any) -> None:
         _import_types(spec.get("children_spec", []))
 
 
-__all__ = ["Interface", "fixed_batch", "index_ranges", "mask_inputs", "output_spec"]
+__all__ = ["Interface", "fixed_batch", "index_ranges", "input_sizes", "mask_inputs", "output_spec"]

@@ -205,6 +205,8 @@ def test_a_causal_lm_on_the_torch_target_answers_as_eager_at_other_batches_or_re
                 assert "fixes its batch dimension (dim 0) at 1" in str(error)
             else:
                 torch.testing.assert_close(got, model(ids[:batch]).logits)
+        with pytest.raises(InputShapeError, match=r"input 'input_ids' of shape \(1, 5\): .* takes shape \(\*?1?, 8\)"):
+            compiled(ids[:1, :5])
 
 
 class FixesItsBatch(torch.nn.Module):
