@@ -272,7 +272,8 @@ def compile(
                 if causal_lm
                 else interface.rebuild(runner(*example_inputs, **(example_kwargs or {})))
             )
-        max_abs, rel = output_agreement(expected, actual)
+        attended = attended_positions(interface.names, example_inputs, example_kwargs)
+        max_abs, rel = output_agreement(expected, actual, attended)
     else:
         log.info("the compiled model cannot run on this machine (cross-compiled); agreement with eager not measured")
         max_abs = rel = float("nan")
@@ -348,16 +349,35 @@ def _eager(model: torch.nn.Module, example_inputs: tuple, example_kwargs: Mappin
     return expected
 
 
-def output_agreement(expected: Any, actual: Any) -> tuple[float, float]:
-    """Max abs difference and relative (Frobenius) error over all floating tensors of two outputs."""
+def output_agreement(expected: Any, actual: Any, attended: torch.Tensor | None = None) -> tuple[float, float]:
+    """Max abs difference and relative (Frobenius) error over all floating tensors of two outputs; with an
+    ``attended`` [batch, tokens] boolean, only the attended token positions of outputs that lead with those two
+    dimensions count (a padded position's state is not defined by the model, and no consumer reads it)."""
     pairs = list(zip(_tensors(expected), _tensors(actual)))
-    floats = [(e.float(), a.float()) for e, a in pairs if e.is_floating_point()]
+    floats = [_attended(e.float(), a.float(), attended) for e, a in pairs if e.is_floating_point()]
     if not floats:
         return 0.0, 0.0
-    max_abs = max((e - a).abs().max().item() for e, a in floats)
+    max_abs = max((e - a).abs().max().item() if e.numel() else 0.0 for e, a in floats)
     num = sum(((e - a) ** 2).sum().item() for e, a in floats)
     den = sum((e**2).sum().item() for e, _ in floats)
     return max_abs, (num / den) ** 0.5 if den else 0.0
+
+
+def attended_positions(names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> Any:
+    """The token positions a transformers-style ``attention_mask`` input (2-D, ones and zeros) attends, or None."""
+    named = dict(zip(names, args)) | dict(kwargs or {})
+    mask = named.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    if not bool(((mask == 0) | (mask == 1)).all()) or bool((mask != 0).all()):
+        return None
+    return mask != 0
+
+
+def _attended(expected: torch.Tensor, actual: torch.Tensor, attended: torch.Tensor | None) -> tuple[Any, Any]:
+    if attended is None or expected.shape[:2] != attended.shape or actual.shape != expected.shape:
+        return expected, actual
+    return expected[attended], actual[attended]
 
 
 def state_bytes(module: torch.nn.Module) -> int:

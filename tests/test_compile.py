@@ -307,3 +307,35 @@ def test_initial_states_separate_attention_weights_and_masks_compile_for_x86():
     inputs = (torch.randn(5, 2, 8), torch.randn(2, 2, 16), torch.randn(1, 2, 16), torch.randn(6, 2, 8), mask)
     compiled = lowbit.compile(Stateful().eval(), inputs, target="x86")
     assert compiled.report.tracer == "fx" and compiled.report.rel_error < 1e-4
+
+
+def test_agreement_counts_attended_tokens_only():
+    from lowbit.compiler import attended_positions, output_agreement
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    attended = attended_positions(("input_ids", "attention_mask"), (torch.zeros(2, 4, dtype=torch.long), mask), {})
+    assert torch.equal(attended, mask.bool())
+    expected = torch.randn(2, 4, 8)
+    actual = expected.clone()
+    actual[~mask.bool()] += 100.0  # padded positions: not defined by the model
+    pooled = expected[:, 0]
+    assert output_agreement((expected, pooled), (actual, pooled.clone()), attended) == (0.0, 0.0)
+    max_abs, rel = output_agreement((expected, pooled), (actual, pooled.clone()))
+    assert max_abs == pytest.approx(100.0) and rel > 1
+    actual[0, 0] += 1.0  # an attended position counts
+    assert output_agreement(expected, actual, attended)[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"attention_mask": torch.ones(2, 4, dtype=torch.long)},  # nothing padded
+        {"attention_mask": torch.full((2, 4), 0.5)},  # not ones and zeros
+        {"attention_mask": torch.ones(2, 4, 4, dtype=torch.long)},  # not [batch, tokens]
+    ],
+)
+def test_agreement_counts_every_position_without_padding_mask(kwargs):
+    from lowbit.compiler import attended_positions
+
+    assert attended_positions(("input_ids",), (torch.zeros(2, 4, dtype=torch.long),), kwargs) is None
