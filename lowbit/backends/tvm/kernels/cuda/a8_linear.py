@@ -215,6 +215,8 @@ def packed_product_compute(
     cw, pb = codes_per_word(bits), 8 // bits
     words, groups = k_in // cw, spec.groups
     group_words = spec.group_size // cw
+    if group_words % parts:
+        raise ValueError(f"{parts} parts do not split a group of {group_words} words evenly")
     part_words = group_words // parts
     qwords = te.placeholder((n_out, words), "int32", name="qwords")
     scales = te.placeholder((n_out, groups), "float32", name="scales")
