@@ -24,8 +24,10 @@ from lowbit.backends.tvm.convert_conv import CONSTS_ATTR, WEIGHT_ATTR
 from lowbit.backends.tvm.kernels.cuda import a8_conv
 from lowbit.backends.tvm.kernels.generic.activations import PlainArithmetic
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec
+from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.toolchains import cuda
+from lowbit.errors import BackendError
 from lowbit.ir import ops_conv
 from lowbit.passes.quant import RTN, QuantizeActivations
 
@@ -163,3 +165,25 @@ def test_w8a8_cuda_compiles_cnns_with_no_convolution_on_the_fallback(name: str) 
         "mobilenet_v3_small": {a8_conv.CONV_KERNEL_NAME: 41, a8_conv.DEPTHWISE_KERNEL_NAME: 11, "cuda_a8_linear": 2},
     }
     assert kernels == expected[name]
+
+
+def test_knobs_and_refusals_are_named() -> None:
+    graph, x = _reference_graph("depthwise-relu")
+    spec, _, _, node = _lowered_conv(graph, x)
+    names = ("qweight", "scales", "zeros", "g_idx")
+    tensors = {
+        **{name: packed_constant(graph, node, arg) for name, arg in zip(names, node.args[1:5], strict=True)},
+        "bias": None,
+        "act_scale": packed_constant(graph, node, node.args[-1]),
+    }
+    kernel = a8_conv.DEPTHWISE_KERNEL
+    assert all(value in kernel.knobs[name] for name, value in kernel.default_knobs(spec, TARGET).items())
+    assert kernel.plan(spec, tensors, TARGET, knobs={"threads": 64}).knobs == {"threads": 64}
+    with pytest.raises(BackendError, match="no knob 'tile'"):
+        kernel.plan(spec, tensors, TARGET, knobs={"tile": 2})
+    assert "ungrouped" in a8_conv.CONV_KERNEL.supports(spec, tensors, TARGET)
+    linear = PackedLinearSpec(4, 64, 16, 8, 64, False, False, act_bits=8, act_dynamic=False)
+    assert "ungrouped 2-D convolutions" in a8_conv.CONV_KERNEL.supports(linear, tensors, TARGET)
+    assert "depthwise convolutions only" in kernel.supports(linear, tensors, TARGET)
+    quarter = {**tensors, "zeros": torch.full_like(tensors["scales"], 128.25)}
+    assert "half-integers" in kernel.supports(spec, quarter, TARGET)
