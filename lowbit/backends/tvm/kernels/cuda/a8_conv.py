@@ -23,20 +23,24 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.cuda.a8_linear import CudaA8Linear, packed_product_compute
 from lowbit.backends.tvm.kernels.generic.activations import Arithmetic, clamp_code
-from lowbit.backends.tvm.kernels.generic.common import finish
+from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
+from lowbit.errors import BackendError
 from lowbit.ir import packing
 
 CONV_KERNEL_NAME = "cuda_a8_conv"
 DEPTHWISE_KERNEL_NAME = "cuda_a8_depthwise"
+#: The largest ``gridDim.y`` of a CUDA launch.
+MAX_GRID_Y = 65535
 #: Tuning space of the depthwise kernel: threads of a block (one output each).
 DEPTHWISE_KNOBS: dict[str, tuple[int, ...]] = {"threads": (64, 128, 256)}
 DEPTHWISE_THREADS = 128
 
 
 class CudaA8Conv(CudaA8Linear):
-    """The patch GEMM of the module doc: the dp4a linear kernel on an ungrouped convolution's patches."""
+    """The patch GEMM of the module doc: the dp4a linear kernel on an ungrouped convolution's patches. Its blocks of
+    ``m_tile`` output pixels span the grid's y dimension, so ``m_tile`` grows where the pixels need it."""
 
     name = CONV_KERNEL_NAME
     convolutions = True
@@ -46,7 +50,23 @@ class CudaA8Conv(CudaA8Linear):
             return "the dp4a patch kernel takes ungrouped 2-D convolutions"
         if spec.act_dynamic:
             return "the dp4a patch kernel quantizes the image with a static step"
+        if _pixel_blocks(spec, max(self.knobs["m_tile"])) > MAX_GRID_Y:
+            return f"{spec.batch} output pixels need more than {MAX_GRID_Y} blocks of the grid's y dimension"
         return super().supports(spec, tensors, target)
+
+    def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
+        """The linear kernel's hand schedule, with the smallest ``m_tile`` from its own on that fits the grid."""
+        knobs = super().default_knobs(spec, target)
+        tiles = [tile for tile in self.knobs["m_tile"] if tile >= knobs["m_tile"]]
+        knobs["m_tile"] = next((tile for tile in tiles if _pixel_blocks(spec, tile) <= MAX_GRID_Y), tiles[-1])
+        return knobs
+
+    def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
+        if _pixel_blocks(spec, knobs["m_tile"]) > MAX_GRID_Y:
+            raise BackendError(
+                f"m_tile={knobs['m_tile']} leaves more than {MAX_GRID_Y} blocks of {spec.batch} output pixels"
+            )
+        return super().build(spec, tensors, target, knobs)
 
     def compute(self, spec: PackedLinearSpec, has_zz: bool, step: float | None, parts: int) -> tirx.PrimFunc:
         """The unscheduled stages (`a8_conv_compute`): the input stage reads patches of the image."""
@@ -188,6 +208,11 @@ def depthwise_func(spec: ConvSpec, step: float, threads: int = DEPTHWISE_THREADS
     return finish(sch.mod["main"], None)
 
 
+def _pixel_blocks(spec: PackedLinearSpec, m_tile: int) -> int:
+    """Blocks of output pixels the product launches with ``m_tile`` (as its schedule rounds it to a divisor)."""
+    return spec.batch // divisor_at_most(spec.batch, m_tile)
+
+
 def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
     return tirx.max(tirx.min(index, extent - 1), 0)
 
@@ -199,6 +224,7 @@ __all__ = [
     "DEPTHWISE_KERNEL_NAME",
     "DEPTHWISE_KNOBS",
     "KERNELS",
+    "MAX_GRID_Y",
     "CudaA8Conv",
     "CudaA8Depthwise",
     "a8_conv_compute",

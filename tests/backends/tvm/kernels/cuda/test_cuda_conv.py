@@ -5,6 +5,7 @@ convolution on the fallback."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from collections import Counter
@@ -190,3 +191,24 @@ def test_knobs_and_refusals_are_named() -> None:
     assert "depthwise convolutions only" in kernel.supports(linear, tensors, TARGET)
     quarter = {**tensors, "zeros": torch.full_like(tensors["scales"], 128.25)}
     assert "half-integers" in kernel.supports(spec, quarter, TARGET)
+
+
+def test_many_output_pixels_take_larger_pixel_blocks_within_the_grid() -> None:
+    """The product's pixel blocks span ``gridDim.y`` (at most 65535): a large batch of images takes larger blocks,
+    and a layer no block size fits is refused with its reason."""
+    graph, x = _reference_graph("1x1")
+    spec, _, _, node = _lowered_conv(graph, x)
+    names = ("qweight", "scales", "zeros", "g_idx")
+    tensors = {
+        **{name: packed_constant(graph, node, arg) for name, arg in zip(names, node.args[1:5], strict=True)},
+        "bias": None,
+        "act_scale": packed_constant(graph, node, node.args[-1]),
+    }
+    kernel = a8_conv.CONV_KERNEL
+    assert kernel.default_knobs(spec, TARGET)["m_tile"] == 8
+    many = dataclasses.replace(spec, batch=8192 * 81, image=(8192, *spec.image[1:]))  # 663552 pixels
+    assert kernel.default_knobs(many, TARGET)["m_tile"] == 16
+    with pytest.raises(BackendError, match="m_tile=8 leaves more than 65535 blocks"):
+        kernel.plan(many, tensors, TARGET, knobs={"m_tile": 8})
+    too_many = dataclasses.replace(many, batch=16 * 81 * 1024, image=(16 * 1024, *spec.image[1:]))
+    assert "more than 65535 blocks" in kernel.supports(too_many, tensors, TARGET)
