@@ -1,14 +1,16 @@
-"""The CUDA toolchain: CUDA kernels for the low-bit linears, dlight GPU schedules, nvcc fatbin export.
+"""The CUDA toolchain: CUDA kernels for the low-bit linears and int8 convolutions, dlight GPU schedules, nvcc
+fatbin export.
 
 ``linear_packed`` layers run on `kernels.cuda.linear`, ``linear_packed_a8`` on `kernels.cuda.a8_linear` (``__dp4a``,
 bit-exact against the reference). A layout neither takes (3-bit codes, uneven groups) is dequantized at compile time
 and multiplied by an fp32 matmul (int8-activation layers first fake-quantize their input exactly as the reference
-does). Every other operator is legalized and scheduled by TVM's dlight GPU rules; a PrimFunc left without thread
-bindings is a `BackendError`. The build keeps the generated CUDA source (TVM compiles it to a device binary only
-where a CUDA driver is loaded, and then through `nvcc_compile`); `save` compiles it with ``nvcc`` into a fatbin
-(SASS for the target's ``sm_XX`` plus its PTX, so newer GPUs can JIT it) and links it into the library as a data
-symbol. `load` refuses on a machine without a CUDA device and otherwise hands TVM's runtime the embedded fatbin
-instead of compiling the source again.
+does). Convolutions run channels-last (`layout`), 2-D ``conv_packed_a8`` ones on `kernels.cuda.a8_conv` (the dp4a
+GEMM over their NHWC patches, or the direct depthwise kernel). Every other operator is legalized and scheduled by
+TVM's dlight GPU rules; a PrimFunc left without thread bindings is a `BackendError`. The build keeps the generated
+CUDA source (TVM compiles it to a device binary only where a CUDA driver is loaded, and then through
+`nvcc_compile`); `save` compiles it with ``nvcc`` into a fatbin (SASS for the target's ``sm_XX`` plus its PTX, so
+newer GPUs can JIT it) and links it into the library as a data symbol. `load` refuses on a machine without a CUDA
+device and otherwise hands TVM's runtime the embedded fatbin instead of compiling the source again.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight
 from tvm.target import Target
 
+from lowbit.backends.tvm import layout
 from lowbit.backends.tvm.convert import Lowering, dequantized_weight
+from lowbit.backends.tvm.convert_conv import Int8ConvCalls
+from lowbit.backends.tvm.kernels.cuda import a8_conv as cuda_a8_conv
 from lowbit.backends.tvm.kernels.cuda import a8_linear as cuda_a8_linear
 from lowbit.backends.tvm.kernels.cuda import linear as cuda_linear
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec
 from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.runner import (
     LIBRARY_FILE,
@@ -90,7 +96,11 @@ class CUDAToolchain(Toolchain):
         self.name = f"CUDA {self.arch}"
 
     def kernels(self, spec: PackedLinearSpec) -> Sequence[LinearKernel]:
-        return (cuda_linear.KERNEL,) if spec.act_bits is None else (cuda_a8_linear.KERNEL,)
+        """Float activations: the weight-only kernel; int8: the dp4a kernel, after the convolution kernels for a
+        convolution's `ConvSpec`."""
+        if spec.act_bits is None:
+            return (cuda_linear.KERNEL,)
+        return (*(cuda_a8_conv.KERNELS if isinstance(spec, ConvSpec) else ()), cuda_a8_linear.KERNEL)
 
     def fallback(self, bb: relax.BlockBuilder, x: relax.Expr, spec: PackedLinearSpec, tensors: Tensors) -> relax.Expr:
         """``x (or x̂) · Wᵀ + b`` with the weight dequantized here; dlight schedules the matmul."""
@@ -116,10 +126,13 @@ class CUDAToolchain(Toolchain):
             )
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
-        """Legalize and fuse the Relax module, then schedule every remaining TIR function with `gpu_rules`."""
+        """Turn the convolutions channels-last, calling the int8 convolution kernels in place of theirs
+        (`convert_conv.Int8ConvCalls`); legalize and fuse the Relax module, then schedule every remaining TIR
+        function with `gpu_rules`."""
         target = self.target
         passes = (
-            [relax.transform.DecomposeOpsForInference()]
+            layout.channels_last([Int8ConvCalls()])
+            + [relax.transform.DecomposeOpsForInference()]
             + cuda_pipeline.library_dispatch_passes(target)
             + [
                 relax.transform.LegalizeOps(),

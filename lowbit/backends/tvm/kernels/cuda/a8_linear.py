@@ -39,6 +39,7 @@ fake-quantized input (`fake_quant_func`) shares.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from tvm import s_tir, te, tirx
@@ -135,8 +136,12 @@ class CudaA8Linear(LinearKernel):
             consts.append(zz)
         if tensors.get("bias") is not None:
             consts.append(tensors["bias"].to(torch.float32).contiguous())
-        func = cuda_a8_linear_func(spec, zz is not None, step, **knobs)
-        return KernelPlan(func, consts, KERNEL_NAME, knobs)
+        func = cuda_a8_linear_func(spec, zz is not None, step, **knobs, compute=self.compute)
+        return KernelPlan(func, consts, self.name, knobs)
+
+    def compute(self, spec: PackedLinearSpec, has_zz: bool, step: float | None, parts: int) -> tirx.PrimFunc:
+        """The unscheduled stages (`a8_linear_compute`): the input stage reads the rows of ``x``."""
+        return a8_linear_compute(spec, has_zz, step, parts)
 
 
 KERNEL = CudaA8Linear()
@@ -167,8 +172,10 @@ def cuda_a8_linear_func(
     vector: int = VECTOR,
     rows: int = ROWS,
     m_tile: int = M_TILE,
+    compute: Callable[[PackedLinearSpec, bool, float | None, int], tirx.PrimFunc] | None = None,
 ) -> tirx.PrimFunc:
-    """The scheduled PrimFunc: ``x (M, K)``, words, scales, [zz], [bias], output ``y (M, N)``."""
+    """The scheduled PrimFunc: ``x (M, K)``, words, scales, [zz], [bias], output ``y (M, N)``; ``compute``
+    (`a8_linear_compute` by default) builds its unscheduled stages from ``(spec, has_zz, step, parts)``."""
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"dp4a kernel cannot compute {spec}: {reason}")
@@ -176,7 +183,7 @@ def cuda_a8_linear_func(
         raise ValueError("a static activation step is needed exactly when activations are not dynamic")
     group_words = spec.group_size // codes_per_word(spec.bits)
     parts = divisor_at_most(group_words, parts)
-    sch = s_tir.Schedule(a8_linear_compute(spec, has_zz, step, parts))
+    sch = s_tir.Schedule((compute or a8_linear_compute)(spec, has_zz, step, parts))
     _schedule_activations(sch, spec.in_features, spec.act_dynamic, ["xq"] + (["asum"] if has_zz else []))
     _schedule_product(sch, spec, threads, parts, vector, rows, m_tile)
     return finish(sch.mod["main"], None)
@@ -187,18 +194,34 @@ def a8_linear_compute(
 ) -> tirx.PrimFunc:
     """The unscheduled stages of the module doc, arguments as in `cuda_a8_linear_func` (CUDA intrinsics by default)."""
     arith = arith or Arithmetic()
+    x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
+    scale, code = rounded_codes(x, step, arith)
+    return packed_product_compute(spec, x, scale, code, has_zz, step, parts, arith)
+
+
+def packed_product_compute(
+    spec: PackedLinearSpec,
+    x: te.Tensor,
+    scale: te.Tensor | None,
+    code: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
+    has_zz: bool,
+    step: float | None,
+    parts: int,
+    arith: Arithmetic,
+) -> tirx.PrimFunc:
+    """Stages 2–4 of the module doc on the int32 codes ``code(m, k)`` of row ``m`` of the input ``x`` (a linear
+    layer's rows, or a convolution's patches read from its image), ``scale`` its per-row multiplier (dynamic)."""
     m_rows, n_out, k_in, bits = spec.batch, spec.out_features, spec.in_features, spec.bits
     cw, pb = codes_per_word(bits), 8 // bits
     words, groups = k_in // cw, spec.groups
     group_words = spec.group_size // cw
+    if group_words % parts:
+        raise ValueError(f"{parts} parts do not split a group of {group_words} words evenly")
     part_words = group_words // parts
-    x = te.placeholder((m_rows, k_in), "float32", name="x")
     qwords = te.placeholder((n_out, words), "int32", name="qwords")
     scales = te.placeholder((n_out, groups), "float32", name="scales")
     zz = te.placeholder((n_out, groups), "int32", name="zz") if has_zz else None
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
-
-    scale, code = rounded_codes(x, step, arith)
 
     def packed(m: tirx.Var, w: tirx.Var, lane: tirx.Var) -> tirx.PrimExpr:
         value = tirx.const(0, "int32")
@@ -373,5 +396,6 @@ __all__ = [
     "cuda_a8_linear_func",
     "fake_quant_func",
     "off_centre",
+    "packed_product_compute",
     "unsupported_reason",
 ]
