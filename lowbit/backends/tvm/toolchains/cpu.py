@@ -33,6 +33,7 @@ from lowbit.backends.tvm.convert import (
     emit_on_rows,
 )
 from lowbit.backends.tvm.convert_conv import Int8ConvCalls
+from lowbit.backends.tvm.kernels.arm import a8_depthwise as arm_a8_depthwise
 from lowbit.backends.tvm.kernels.arm import a8_linear as arm_a8_linear
 from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
@@ -89,7 +90,10 @@ A8_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
 #: blocks of 32 rows, then AVX-512 VNNI).
 A8_GEMM_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_amx.KERNEL, x86_a8_gemm.KERNEL)}
 #: int8 depthwise convolution kernels, tried first for a depthwise `ConvSpec`.
-A8_DEPTHWISE_KERNELS: dict[str, tuple[LinearKernel, ...]] = {"x86_64": (x86_a8_depthwise.KERNEL,)}
+A8_DEPTHWISE_KERNELS: dict[str, tuple[LinearKernel, ...]] = {
+    "x86_64": (x86_a8_depthwise.KERNEL,),
+    "aarch64": (arm_a8_depthwise.KERNEL,),
+}
 
 
 def library_compiler(arch: str, what: str) -> Any:
