@@ -16,10 +16,10 @@ import torch
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.arm.a8_linear import _target_reason
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish, power_of_two_divisor
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_padded
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
+from lowbit.backends.tvm.target import target_arch
 from lowbit.errors import BackendError
 from lowbit.ir import packing
 from lowbit.ir.ops_a8 import ACT_QMAX, ACT_QMIN
@@ -39,7 +39,7 @@ def padded_channels(channels: int) -> int:
 
 
 class ArmA8Depthwise(LinearKernel):
-    """The depthwise kernel of the module doc, for aarch64 LLVM targets (the ARM int8 kernels' target check)."""
+    """The depthwise kernel of the module doc, for any aarch64 LLVM target (``smlal`` is base NEON)."""
 
     name = KERNEL_NAME
     knobs = KNOBS
@@ -58,7 +58,9 @@ class ArmA8Depthwise(LinearKernel):
                 return "fractional zero points"
             if zeros.min() < (1 << spec.bits) - 1 + INT16_MIN or zeros.max() > INT16_MAX:
                 return "zero points whose centered codes q − z do not fit int16"
-        return _target_reason(target)
+        if target.kind.name != "llvm" or target_arch(target) != "aarch64":
+            return f"the ARM depthwise kernel needs an aarch64 LLVM target, got {target}"
+        return None
 
     def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
         """The hand schedule: 4 output pixels × 16 channels (8 int32 accumulator registers)."""
