@@ -56,14 +56,14 @@ class ArmA8Depthwise(LinearKernel):
         if zeros is not None:
             if not torch.equal(zeros, zeros.round()):
                 return "fractional zero points"
-            if zeros.min() < (1 << spec.bits) - 1 + INT16_MIN or zeros.max() > INT16_MAX:
+            if -zeros.max() < INT16_MIN or (1 << spec.bits) - 1 - zeros.min() > INT16_MAX:  # q − z, q ∈ [0, 2^bits)
                 return "zero points whose centered codes q − z do not fit int16"
         if target.kind.name != "llvm" or target_arch(target) != "aarch64":
             return f"the ARM depthwise kernel needs an aarch64 LLVM target, got {target}"
         return None
 
     def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
-        """The hand schedule: 4 output pixels × 16 channels (8 int32 accumulator registers)."""
+        """The hand schedule: 4 output pixels × 16 channels (16 of the 32 vector registers hold int32 sums)."""
         return {"col_tile": 4, "channel_tile": 16}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:

@@ -149,7 +149,9 @@ def test_layers_and_targets_it_refuses_get_a_reason() -> None:
     assert "fractional zero points" in a8_depthwise.KERNEL.supports(
         spec, {**tensors, "zeros": tensors["zeros"] + 0.5}, ARM
     )
-    assert "fit int16" in a8_depthwise.KERNEL.supports(spec, {**tensors, "zeros": tensors["zeros"] + 40000}, ARM)
+    for zero, fits in ((32768, True), (32769, False), (255 - 32767, True), (255 - 32768, False)):
+        reason = a8_depthwise.KERNEL.supports(spec, {**tensors, "zeros": torch.full((16, 1), float(zero))}, ARM)
+        assert (reason is None) == fits and (fits or "fit int16" in reason), (zero, reason)
     with pytest.raises(BackendError, match="channel_tile=12 is not a multiple of 8"):
         a8_depthwise.KERNEL.plan(spec, tensors, ARM, {"channel_tile": 12})
     for name, values in a8_depthwise.KERNEL.knobs.items():  # the hand schedule lies inside the tuning space
