@@ -110,7 +110,7 @@ def import_graph(
     importer = GraphImporter(constant_linear, {variables[name]: (dim.low, dim.high) for name, dim in dims.items()})
     _check_modules(gm, importer.create_convert_map())
     try:
-        return importer.from_fx(
+        mod = importer.from_fx(
             gm,
             shapes,
             keep_params_as_input=False,
@@ -124,6 +124,12 @@ def import_graph(
             f"TVM's torch frontend cannot import this graph: {error}"
             + (f"\n  at {where}\n  fix: compile with target='torch'" if where else "")
         ) from error
+    if not dims:
+        return mod
+    # Relax's memory planner sizes the buffers of a symbolic shape by these bounds: planned once, reused every call.
+    bounds = {name: dim.high for name, dim in dims.items()}
+    mod["main"] = mod["main"].with_attrs({"tir_var_upper_bound": bounds, "tir_non_negative_var": list(bounds)})
+    return mod
 
 
 def _failing_nodes(gm: fx.GraphModule, importer: GraphImporter) -> list[fx.Node]:
@@ -226,6 +232,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         self.bounded = bool(bounds)  # before the base class reads the convert map
         super().__init__()
         self.constant_linear = constant_linear
+        self.padded_masks: dict[relax.Expr, relax.Expr] = {}  # a mask over symbolic keys, padded once for all layers
         self.analyzer = sym.Analyzer()
         for var, (low, high) in (bounds or {}).items():
             self.analyzer.bind(var, tvm.ir.Range(low, high + 1))
@@ -417,17 +424,17 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         masks = [self._additive_mask(self.env[call["attn_mask"]], dtype)] if call.get("attn_mask") is not None else []
         keys = int(key.ty.shape[-2]) if isinstance(key.ty.shape[-2], tvm.tirx.IntImm) else 0
         padded = -(-keys // KEY_MULTIPLE) * KEY_MULTIPLE
+        rank = len(key.ty.shape)
         if not keys and self.bounded:
-            key, value, masks = self._pad_symbolic_keys(key, value, masks, dtype)
-        elif keys > KEY_MULTIPLE and padded != keys:
-            pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - keys, 0, 0]
-            key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
-            masks = [self._pad_keys(mask, padded) for mask in masks]
-            if not masks or int(masks[0].ty.shape[-1]) != padded:
-                masks.append(relax.const(np.where(np.arange(padded) < keys, 0.0, -np.inf).astype(str(dtype))))
-        key_t = bb.emit(
-            relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1, len(key.ty.shape) - 2])
-        )
+            key_t, value, masks = self._pad_symbolic_keys(key, value, masks, dtype)
+        else:
+            if keys > KEY_MULTIPLE and padded != keys:
+                pad_width = [0, 0] * (rank - 2) + [0, padded - keys, 0, 0]
+                key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
+                masks = [self._pad_keys(mask, padded) for mask in masks]
+                if not masks or int(masks[0].ty.shape[-1]) != padded:
+                    masks.append(relax.const(np.where(np.arange(padded) < keys, 0.0, -np.inf).astype(str(dtype))))
+            key_t = bb.emit(relax.op.permute_dims(key, [*range(rank - 2), rank - 1, rank - 2]))
         scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
         for mask in masks:
             scores = bb.emit(relax.op.add(scores, mask))
@@ -437,24 +444,33 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         self, key: relax.Expr, value: relax.Expr, masks: list[relax.Expr], dtype: str
     ) -> tuple[relax.Expr, relax.Expr, list[relax.Expr]]:
         """A symbolic number of keys padded to a multiple of `KEY_MULTIPLE` (`rows.pad_axis_func`), the padded keys'
-        scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length."""
+        scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length. The keys come
+        back transposed (``(..., E, keys)``, padded in the same copy) and each mask is padded once for every layer."""
         bb, rank, keys = self.block_builder, len(key.ty.shape), key.ty.shape[-2]
 
-        def padded(tensor: relax.Expr, axis: int, fill: float) -> relax.Expr:
+        def padded(tensor: relax.Expr, axis: int, fill: float, swap: bool = False) -> relax.Expr:
             shape = list(tensor.ty.shape)
             shape[axis] = rows_module.padded_rows(shape[axis], KEY_MULTIPLE)
-            func = bb.add_func(rows_module.pad_axis_func(len(shape), axis, KEY_MULTIPLE, fill, dtype), "lowbit_pad")
-            return bb.emit(relax.call_tir(func, [tensor], out_ty=relax.TensorType(shape, dtype)))
+            if swap:
+                shape[-2:] = shape[-1], shape[-2]
+            func = rows_module.pad_axis_func(len(shape), axis, KEY_MULTIPLE, fill, dtype, swap)
+            call = relax.call_tir(bb.add_func(func, "lowbit_pad"), [tensor], out_ty=relax.TensorType(shape, dtype))
+            return bb.emit(call)
 
-        key, value = padded(key, rank - 2, 0.0), padded(value, rank - 2, 0.0)
-        masks = [padded(mask, len(mask.ty.shape) - 1, float("-inf")) for mask in masks if not _unit_last(mask)] + [
+        def padded_mask(mask: relax.Expr) -> relax.Expr:
+            if mask not in self.padded_masks:
+                self.padded_masks[mask] = padded(mask, len(mask.ty.shape) - 1, float("-inf"))
+            return self.padded_masks[mask]
+
+        key_t, value = padded(key, rank - 2, 0.0, swap=True), padded(value, rank - 2, 0.0)
+        masks = [padded_mask(mask) for mask in masks if not _unit_last(mask)] + [
             mask for mask in masks if _unit_last(mask)
         ]
         if len(masks) == sum(_unit_last(mask) for mask in masks):  # no mask covers the keys: one for the padding
             func = bb.add_func(rows_module.key_mask_func(KEY_MULTIPLE, dtype), "lowbit_key_mask")
             shape = (rows_module.padded_rows(keys, KEY_MULTIPLE),)
             masks.append(bb.emit(relax.call_tir(func, [relax.prim_value(keys)], out_ty=relax.TensorType(shape, dtype))))
-        return key, value, masks
+        return key_t, value, masks
 
     def _additive_mask(self, mask: relax.Expr, dtype: str) -> relax.Expr:
         """A float mask as it is; a boolean one as 0 where ``True`` and ``-inf`` elsewhere."""

@@ -39,14 +39,19 @@ def first_rows_func(columns: int, dtype: str = "float32") -> tirx.PrimFunc:
     return _rows_in_parallel(te.create_prim_func([x, m, y]), "rows")
 
 
-def pad_axis_func(rank: int, axis: int, block: int, value: float, dtype: str = "float32") -> tirx.PrimFunc:
+def pad_axis_func(
+    rank: int, axis: int, block: int, value: float, dtype: str = "float32", swap: bool = False
+) -> tirx.PrimFunc:
     """``(x, y)`` for a tensor of ``rank`` dimensions of any sizes: ``x`` with its ``axis`` padded to a multiple of
-    ``block`` with ``value`` (attention's keys, values and mask over a symbolic number of keys)."""
+    ``block`` with ``value`` (attention's keys, values and mask over a symbolic number of keys); with ``swap``, its
+    last two axes exchanged in the same copy (the keys transposed for the scores)."""
     dims = [te.var(f"d{i}", "int64") for i in range(rank)]
     x = te.placeholder(dims, dtype, name="x")
-    shape = [padded_rows(d, block) if i == axis else d for i, d in enumerate(dims)]
+    order = [*range(rank - 2), rank - 1, rank - 2] if swap else list(range(rank))  # its own inverse
+    shape = [padded_rows(dims[k], block) if k == axis else dims[k] for k in order]
 
-    def padded(*index: tirx.PrimExpr) -> tirx.PrimExpr:
+    def padded(*at: tirx.PrimExpr) -> tirx.PrimExpr:
+        index = [at[k] for k in order]
         inside = [tirx.min(i, dims[axis] - 1) if k == axis else i for k, i in enumerate(index)]
         return tirx.if_then_else(index[axis] < dims[axis], x[tuple(inside)], tirx.const(value, dtype))
 
