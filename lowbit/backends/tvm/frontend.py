@@ -232,7 +232,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         self.bounded = bool(bounds)  # before the base class reads the convert map
         super().__init__()
         self.constant_linear = constant_linear
-        self.padded_masks: dict[relax.Expr, relax.Expr] = {}  # a mask over symbolic keys, padded once for all layers
+        self.padded_masks: dict[fx.Node, relax.Expr] = {}  # an attention mask over symbolic keys, for every layer
         self.analyzer = sym.Analyzer()
         for var, (low, high) in (bounds or {}).items():
             self.analyzer.bind(var, tvm.ir.Range(low, high + 1))
@@ -421,13 +421,14 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         head_dim = int(query.ty.shape[-1])
         scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
         dtype = query.ty.dtype
-        masks = [self._additive_mask(self.env[call["attn_mask"]], dtype)] if call.get("attn_mask") is not None else []
         keys = int(key.ty.shape[-2]) if isinstance(key.ty.shape[-2], tvm.tirx.IntImm) else 0
         padded = -(-keys // KEY_MULTIPLE) * KEY_MULTIPLE
         rank = len(key.ty.shape)
         if not keys and self.bounded:
-            key_t, value, masks = self._pad_symbolic_keys(key, value, masks, dtype)
+            key_t, value, masks = self._pad_symbolic_keys(key, value, call.get("attn_mask"), dtype)
         else:
+            mask = call.get("attn_mask")
+            masks = [self._additive_mask(self.env[mask], dtype)] if mask is not None else []
             if keys > KEY_MULTIPLE and padded != keys:
                 pad_width = [0, 0] * (rank - 2) + [0, padded - keys, 0, 0]
                 key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
@@ -441,11 +442,12 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
 
     def _pad_symbolic_keys(
-        self, key: relax.Expr, value: relax.Expr, masks: list[relax.Expr], dtype: str
+        self, key: relax.Expr, value: relax.Expr, mask: fx.Node | None, dtype: str
     ) -> tuple[relax.Expr, relax.Expr, list[relax.Expr]]:
         """A symbolic number of keys padded to a multiple of `KEY_MULTIPLE` (`rows.pad_axis_func`), the padded keys'
         scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length. The keys come
-        back transposed (``(..., E, keys)``, padded in the same copy) and each mask is padded once for every layer."""
+        back transposed (``(..., E, keys)``, padded in the same copy); the additive masks, the ``mask`` node's made
+        and padded once for every layer that reads it."""
         bb, rank, keys = self.block_builder, len(key.ty.shape), key.ty.shape[-2]
 
         def padded(tensor: relax.Expr, axis: int, fill: float, swap: bool = False) -> relax.Expr:
@@ -457,16 +459,15 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             call = relax.call_tir(bb.add_func(func, "lowbit_pad"), [tensor], out_ty=relax.TensorType(shape, dtype))
             return bb.emit(call)
 
-        def padded_mask(mask: relax.Expr) -> relax.Expr:
-            if mask not in self.padded_masks:
-                self.padded_masks[mask] = padded(mask, len(mask.ty.shape) - 1, float("-inf"))
-            return self.padded_masks[mask]
-
         key_t, value = padded(key, rank - 2, 0.0, swap=True), padded(value, rank - 2, 0.0)
-        masks = [padded_mask(mask) for mask in masks if not _unit_last(mask)] + [
-            mask for mask in masks if _unit_last(mask)
-        ]
-        if len(masks) == sum(_unit_last(mask) for mask in masks):  # no mask covers the keys: one for the padding
+        masks = []
+        if mask is not None:
+            if mask not in self.padded_masks:
+                additive = self._additive_mask(self.env[mask], dtype)
+                last = len(additive.ty.shape) - 1
+                self.padded_masks[mask] = additive if _unit_last(additive) else padded(additive, last, float("-inf"))
+            masks.append(self.padded_masks[mask])
+        if all(_unit_last(m) for m in masks):  # no mask covers the keys: one for the padding
             func = bb.add_func(rows_module.key_mask_func(KEY_MULTIPLE, dtype), "lowbit_key_mask")
             shape = (rows_module.padded_rows(keys, KEY_MULTIPLE),)
             masks.append(bb.emit(relax.call_tir(func, [relax.prim_value(keys)], out_ty=relax.TensorType(shape, dtype))))
