@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
 
 _STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 
 
 def _unit_last(mask: relax.Expr) -> bool:
@@ -446,16 +447,22 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
     ) -> tuple[relax.Expr, relax.Expr, list[relax.Expr]]:
         """A symbolic number of keys padded to a multiple of `KEY_MULTIPLE` (`rows.pad_axis_func`), the padded keys'
         scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length. The keys come
-        back transposed (``(..., E, keys)``, padded in the same copy); the additive masks, the ``mask`` node's made
-        and padded once for every layer that reads it."""
+        back transposed (``(..., E, keys)``, padded in the same copy, as is a transpose that splits the heads off
+        the keys and values); the additive masks, the ``mask`` node's made and padded once for every layer that reads
+        it."""
         bb, rank, keys = self.block_builder, len(key.ty.shape), key.ty.shape[-2]
 
         def padded(tensor: relax.Expr, axis: int, fill: float, swap: bool = False) -> relax.Expr:
-            shape = list(tensor.ty.shape)
-            shape[axis] = rows_module.padded_rows(shape[axis], KEY_MULTIPLE)
-            if swap:
-                shape[-2:] = shape[-1], shape[-2]
-            func = rows_module.pad_axis_func(len(shape), axis, KEY_MULTIPLE, fill, dtype, swap)
+            order = [*range(rank - 2), rank - 1, rank - 2] if swap else list(range(len(tensor.ty.shape)))
+            binding = bb.lookup_binding(tensor)
+            if isinstance(binding, relax.Call) and binding.op == _PERMUTE_DIMS and binding.attrs.axes is not None:
+                # The heads' transpose before attention, taken in the same copy (it is left without a use).
+                axes = [int(a) for a in binding.attrs.axes]
+                tensor, order, axis = binding.args[0], [axes[k] for k in order], axes[axis]
+            source = list(tensor.ty.shape)
+            shape = [rows_module.padded_rows(source[k], KEY_MULTIPLE) if k == axis else source[k] for k in order]
+            static = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in source]
+            func = rows_module.pad_axis_func(static, axis, KEY_MULTIPLE, fill, dtype, order)
             call = relax.call_tir(bb.add_func(func, "lowbit_pad"), [tensor], out_ty=relax.TensorType(shape, dtype))
             return bb.emit(call)
 
