@@ -10,7 +10,8 @@ runs on the toolchain's fallback, a dequantized fp32 weight, and is listed in `L
 the last kernel gave and the nearest setting a kernel takes; `lowering.lower` announces each one (a warning)
 before anything is built, or with ``strict`` refuses them (`UnsupportedLayerError`). The module is specialized to
 the example inputs' shapes, except symbolic dimensions (``compile(..., dynamic_shapes=...)``): a layer over a
-symbolic row count runs a kernel that takes whole blocks of `ROW_BLOCK` rows, on its input padded to them.
+symbolic row count runs a kernel that takes any number of rows (`kernels.spec.LinearKernel.tail_rows`), or one that
+takes whole blocks of `ROW_BLOCK` rows, on its input padded to them.
 Packed convolutions are lowered by `convert_conv` (int8 ones to the int8
 kernels of the toolchain where one takes them, others to an fp32 convolution on the dequantized weight, recorded as
 a fallback).
@@ -153,14 +154,23 @@ class PackedLinearConverter:
         spec, tensors, order = contiguous_groups(layer_spec(call, rows, tensors, a8, symbolic), tensors, node.name)
         bb = importer.block_builder
         layer = packed_layer(node, call["qweight"]) or None
+        kernel, planned, reason = self._plan(spec, tensors)
+        # Only a kernel that takes whole blocks of rows needs them padded; the fallback takes any row count.
+        blocks = spec.row_blocks and kernel is not None and not kernel.tail_rows
         out = emit_on_rows(
             bb,
             x,
             spec.out_features,
             lambda x2d, _: self._call(
-                bb, node.name, layer, grouped_columns(bb, x2d, order, spec.in_features), spec, tensors
+                bb,
+                node.name,
+                layer,
+                grouped_columns(bb, x2d, order, spec.in_features),
+                spec,
+                tensors,
+                (planned, reason, blocks),
             ),
-            ROW_BLOCK if symbolic else 1,
+            ROW_BLOCK if blocks else 1,
         )
         self.done()
         return out
@@ -173,13 +183,15 @@ class PackedLinearConverter:
         x: relax.Expr,
         spec: PackedLinearSpec,
         tensors: Tensors,
+        chosen: tuple[KernelPlan | None, str | None, bool],
     ) -> relax.Expr:
-        """The layer's kernel on the 2-D input ``x``, or the fallback with the reason recorded."""
-        planned, reason = self._plan(spec, tensors)
+        """The layer's kernel on the 2-D input ``x``, or the fallback with the reason recorded (``chosen``: the plan
+        or the reason there is none, and whether the kernel takes a count of row blocks)."""
+        planned, reason, blocks = chosen
         if planned is not None:
             self.linears.append(LoweredLinear(name, spec, planned.name, layer=layer))
-            blocks = [x.ty.shape[0] // spec.batch] if spec.row_blocks else []
-            return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features, blocks)
+            counts = [x.ty.shape[0] // spec.batch] if blocks else []
+            return call_kernel(bb, planned.func, f"lowbit_{planned.name}", x, planned.consts, spec.out_features, counts)
         self.linears.append(LoweredLinear(name, spec, FALLBACK, reason, self._nearest(spec, tensors), layer))
         return self.toolchain.fallback(bb, x, spec, tensors)
 
@@ -191,8 +203,10 @@ class PackedLinearConverter:
                 return setting
         return None
 
-    def _plan(self, spec: PackedLinearSpec, tensors: Tensors) -> tuple[KernelPlan | None, str | None]:
-        """The plan of the first kernel that supports the layer, else None and the last kernel's reason."""
+    def _plan(
+        self, spec: PackedLinearSpec, tensors: Tensors
+    ) -> tuple[LinearKernel | None, KernelPlan | None, str | None]:
+        """The first kernel that supports the layer and its plan, else None, None and the last kernel's reason."""
         kernels = self.toolchain.kernels(spec)
         reason = f"{self.toolchain.name} has no kernel for {_activations(spec)}"
         for kernel in kernels:
@@ -201,9 +215,9 @@ class PackedLinearConverter:
                 reason = f"kernel '{kernel.name}' takes a static row count (the input has symbolic dimensions)"
             if reason is None:
                 tuner = None if spec.row_blocks else self.tuner  # tuning measures one row count
-                return tuned_plan(kernel, spec, tensors, self.toolchain.target, tuner), None
+                return kernel, tuned_plan(kernel, spec, tensors, self.toolchain.target, tuner), None
             log.debug("%s declined %s: %s", kernel.name, spec, reason)
-        return None, reason
+        return None, None, reason
 
     def _tensor(self, node: fx.Node, arg: Any) -> torch.Tensor | None:
         return packed_constant(self.gm, node, arg)

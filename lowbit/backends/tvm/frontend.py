@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ConstantLinear = Callable[[relax.BlockBuilder, relax.Expr, torch.Tensor, "torch.Tensor | None"], "relax.Expr | None"]
 
 _STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 
 
 def _unit_last(mask: relax.Expr) -> bool:
@@ -110,7 +111,7 @@ def import_graph(
     importer = GraphImporter(constant_linear, {variables[name]: (dim.low, dim.high) for name, dim in dims.items()})
     _check_modules(gm, importer.create_convert_map())
     try:
-        return importer.from_fx(
+        mod = importer.from_fx(
             gm,
             shapes,
             keep_params_as_input=False,
@@ -124,6 +125,12 @@ def import_graph(
             f"TVM's torch frontend cannot import this graph: {error}"
             + (f"\n  at {where}\n  fix: compile with target='torch'" if where else "")
         ) from error
+    if not dims:
+        return mod
+    # Relax's memory planner sizes the buffers of a symbolic shape by these bounds: planned once, reused every call.
+    bounds = {name: dim.high for name, dim in dims.items()}
+    mod["main"] = mod["main"].with_attrs({"tir_var_upper_bound": bounds, "tir_non_negative_var": list(bounds)})
+    return mod
 
 
 def _failing_nodes(gm: fx.GraphModule, importer: GraphImporter) -> list[fx.Node]:
@@ -226,6 +233,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         self.bounded = bool(bounds)  # before the base class reads the convert map
         super().__init__()
         self.constant_linear = constant_linear
+        self.padded_masks: dict[fx.Node, relax.Expr] = {}  # an attention mask over symbolic keys, for every layer
         self.analyzer = sym.Analyzer()
         for var, (low, high) in (bounds or {}).items():
             self.analyzer.bind(var, tvm.ir.Range(low, high + 1))
@@ -414,47 +422,63 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         head_dim = int(query.ty.shape[-1])
         scale = call.get("scale") or 1.0 / math.sqrt(head_dim)
         dtype = query.ty.dtype
-        masks = [self._additive_mask(self.env[call["attn_mask"]], dtype)] if call.get("attn_mask") is not None else []
         keys = int(key.ty.shape[-2]) if isinstance(key.ty.shape[-2], tvm.tirx.IntImm) else 0
         padded = -(-keys // KEY_MULTIPLE) * KEY_MULTIPLE
+        rank = len(key.ty.shape)
         if not keys and self.bounded:
-            key, value, masks = self._pad_symbolic_keys(key, value, masks, dtype)
-        elif keys > KEY_MULTIPLE and padded != keys:
-            pad_width = [0, 0] * (len(key.ty.shape) - 2) + [0, padded - keys, 0, 0]
-            key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
-            masks = [self._pad_keys(mask, padded) for mask in masks]
-            if not masks or int(masks[0].ty.shape[-1]) != padded:
-                masks.append(relax.const(np.where(np.arange(padded) < keys, 0.0, -np.inf).astype(str(dtype))))
-        key_t = bb.emit(
-            relax.op.permute_dims(key, [*range(len(key.ty.shape) - 2), len(key.ty.shape) - 1, len(key.ty.shape) - 2])
-        )
+            key_t, value, masks = self._pad_symbolic_keys(key, value, call.get("attn_mask"), dtype)
+        else:
+            mask = call.get("attn_mask")
+            masks = [self._additive_mask(self.env[mask], dtype)] if mask is not None else []
+            if keys > KEY_MULTIPLE and padded != keys:
+                pad_width = [0, 0] * (rank - 2) + [0, padded - keys, 0, 0]
+                key, value = (bb.emit(relax.op.nn.pad(t, pad_width)) for t in (key, value))
+                masks = [self._pad_keys(mask, padded) for mask in masks]
+                if not masks or int(masks[0].ty.shape[-1]) != padded:
+                    masks.append(relax.const(np.where(np.arange(padded) < keys, 0.0, -np.inf).astype(str(dtype))))
+            key_t = bb.emit(relax.op.permute_dims(key, [*range(rank - 2), rank - 1, rank - 2]))
         scores = bb.emit(relax.op.multiply(relax.op.matmul(query, key_t), relax.const(scale, dtype)))
         for mask in masks:
             scores = bb.emit(relax.op.add(scores, mask))
         return bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), value))
 
     def _pad_symbolic_keys(
-        self, key: relax.Expr, value: relax.Expr, masks: list[relax.Expr], dtype: str
+        self, key: relax.Expr, value: relax.Expr, mask: fx.Node | None, dtype: str
     ) -> tuple[relax.Expr, relax.Expr, list[relax.Expr]]:
         """A symbolic number of keys padded to a multiple of `KEY_MULTIPLE` (`rows.pad_axis_func`), the padded keys'
-        scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length."""
+        scores sent to ``-inf``: the scores and the softmax then run in whole vectors at every length. The keys come
+        back transposed (``(..., E, keys)``, padded in the same copy, as is a transpose that splits the heads off
+        the keys and values); the additive masks, the ``mask`` node's made and padded once for every layer that reads
+        it."""
         bb, rank, keys = self.block_builder, len(key.ty.shape), key.ty.shape[-2]
 
-        def padded(tensor: relax.Expr, axis: int, fill: float) -> relax.Expr:
-            shape = list(tensor.ty.shape)
-            shape[axis] = rows_module.padded_rows(shape[axis], KEY_MULTIPLE)
-            func = bb.add_func(rows_module.pad_axis_func(len(shape), axis, KEY_MULTIPLE, fill, dtype), "lowbit_pad")
-            return bb.emit(relax.call_tir(func, [tensor], out_ty=relax.TensorType(shape, dtype)))
+        def padded(tensor: relax.Expr, axis: int, fill: float, swap: bool = False) -> relax.Expr:
+            order = [*range(rank - 2), rank - 1, rank - 2] if swap else list(range(len(tensor.ty.shape)))
+            binding = bb.lookup_binding(tensor)
+            if isinstance(binding, relax.Call) and binding.op == _PERMUTE_DIMS and binding.attrs.axes is not None:
+                # The heads' transpose before attention, taken in the same copy (it is left without a use).
+                axes = [int(a) for a in binding.attrs.axes]
+                tensor, order, axis = binding.args[0], [axes[k] for k in order], axes[axis]
+            source = list(tensor.ty.shape)
+            shape = [rows_module.padded_rows(source[k], KEY_MULTIPLE) if k == axis else source[k] for k in order]
+            static = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in source]
+            func = rows_module.pad_axis_func(static, axis, KEY_MULTIPLE, fill, dtype, order)
+            call = relax.call_tir(bb.add_func(func, "lowbit_pad"), [tensor], out_ty=relax.TensorType(shape, dtype))
+            return bb.emit(call)
 
-        key, value = padded(key, rank - 2, 0.0), padded(value, rank - 2, 0.0)
-        masks = [padded(mask, len(mask.ty.shape) - 1, float("-inf")) for mask in masks if not _unit_last(mask)] + [
-            mask for mask in masks if _unit_last(mask)
-        ]
-        if len(masks) == sum(_unit_last(mask) for mask in masks):  # no mask covers the keys: one for the padding
+        key_t, value = padded(key, rank - 2, 0.0, swap=True), padded(value, rank - 2, 0.0)
+        masks = []
+        if mask is not None:
+            if mask not in self.padded_masks:
+                additive = self._additive_mask(self.env[mask], dtype)
+                last = len(additive.ty.shape) - 1
+                self.padded_masks[mask] = additive if _unit_last(additive) else padded(additive, last, float("-inf"))
+            masks.append(self.padded_masks[mask])
+        if all(_unit_last(m) for m in masks):  # no mask covers the keys: one for the padding
             func = bb.add_func(rows_module.key_mask_func(KEY_MULTIPLE, dtype), "lowbit_key_mask")
             shape = (rows_module.padded_rows(keys, KEY_MULTIPLE),)
             masks.append(bb.emit(relax.call_tir(func, [relax.prim_value(keys)], out_ty=relax.TensorType(shape, dtype))))
-        return key, value, masks
+        return key_t, value, masks
 
     def _additive_mask(self, mask: relax.Expr, dtype: str) -> relax.Expr:
         """A float mask as it is; a boolean one as 0 where ``True`` and ``-inf`` elsewhere."""

@@ -169,7 +169,8 @@ class RowReduction(ScheduleRule):
     statistics and intermediates stay in L1. A reduction is split into vector-wide partial
     results (rfactor) accumulated with vector instructions, then folded; the
     elementwise stages and the output are vectorized along the row. A stage read by
-    several others (softmax's exponentials) is kept per row instead of recomputed.
+    several others (softmax's exponentials) is kept per row instead of recomputed, unless the
+    row's length is symbolic: a row buffer of a run-time size would be allocated for every row.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
@@ -188,7 +189,8 @@ class RowReduction(ScheduleRule):
             return None
         lanes = float32_lanes(target)
         stages: list[tuple[s_tir.schedule.SBlockRV, str]] = []  # (block, "partial" | "fold" | "spatial")
-        for info in _inline_single_use(sch, infos[:-1]):
+        static = isinstance(output.iters[-1].dom, int | tirx.IntImm)
+        for info in _inline_single_use(sch, infos[:-1], recompute=not static):
             partial = _partials(sch, info.block_rv, lanes) if info.is_reduction() else None
             stages += [(partial, "partial")] if partial is not None else []
             stages.append((info.block_rv, "fold" if info.is_reduction() else "spatial"))
@@ -250,11 +252,13 @@ def _partials(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -
 
     ``block`` then folds the partials, one after the other: short rows (softmax over 32
     keys) get fewer lanes, about the square root of the row length, which balances the
-    vector accumulation against the serial fold. Returns the partials' block, or None (the
+    vector accumulation against the serial fold (a symbolic length, which may be long, gets the
+    widest vector that divides it). Returns the partials' block, or None (the
     block is left as it is) when the row length has no power-of-two divisor.
     """
-    length = _known_divisor(sch.get(sch.get_loops(block)[-1]).extent)
-    while lanes > 1 and lanes * lanes > 2 * length:
+    extent = sch.get(sch.get_loops(block)[-1]).extent
+    length = _known_divisor(extent)
+    while isinstance(extent, int | tirx.IntImm) and lanes > 1 and lanes * lanes > 2 * length:
         lanes //= 2
     simd = power_of_two_divisor(length, lanes)
     if simd == 1:
@@ -271,11 +275,12 @@ def _vectorize_partials(sch: s_tir.Schedule, partial: s_tir.schedule.SBlockRV) -
     _vectorize_innermost(sch, sch.decompose_reduction(partial, step), int(sch.get(lane).extent))
 
 
-def _inline_single_use(sch: s_tir.Schedule, infos: list[SBlockInfo]) -> list[SBlockInfo]:
-    """Inline the spatial blocks among ``infos`` that have one consumer; the others (read twice) are kept."""
+def _inline_single_use(sch: s_tir.Schedule, infos: list[SBlockInfo], recompute: bool = False) -> list[SBlockInfo]:
+    """Inline the spatial blocks among ``infos`` that have one consumer (with ``recompute``, every one); the others
+    (read twice) are kept."""
     kept = []
     for info in infos:
-        if not info.is_reduction() and len(sch.get_consumers(info.block_rv)) == 1:
+        if not info.is_reduction() and (recompute or len(sch.get_consumers(info.block_rv)) == 1):
             try:
                 sch.compute_inline(info.block_rv)
                 continue

@@ -7,6 +7,8 @@ before anything runs, and the ranges survive export and load.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -21,8 +23,9 @@ from helpers import TINY_VOCAB, tiny_bert
 BATCH = torch.export.Dim("batch", min=1, max=8)
 LENGTH = torch.export.Dim("length", min=2, max=32)
 BERT_SHAPES = {"input_ids": {0: BATCH, 1: LENGTH}, "attention_mask": {0: BATCH, 1: LENGTH}}
-#: (batch, length) pairs within the range, its ends included.
-SIZES = [(1, 2), (2, 8), (3, 17), (8, 32)]
+#: (batch, length) pairs within the range, its ends included; row counts (batch × length) that are not whole blocks of
+#: 16 rows among them (15, 17, 33, 51).
+SIZES = [(1, 2), (2, 8), (1, 15), (1, 17), (3, 11), (3, 17), (8, 32)]
 #: The int8 GEMM of 8-bit linears on symbolic rows on this host: the AMX tiles where the CPU has them, else VNNI.
 HOST_GEMM = "a8_amx_x86" if has_features(Target(x86_host_target()), "amx-int8", "amx-tile") else "a8_gemm_x86"
 
@@ -62,6 +65,10 @@ def test_bert_linears_run_the_int8_kernels_on_symbolic_rows(bert) -> None:
     assert compiled.report.fallbacks == []
     assert {linear.kernel for linear in compiled.runner.linears} == {HOST_GEMM}
     assert all(linear.spec.row_blocks for linear in compiled.runner.linears)
+    # The AMX GEMM takes the rows as they are: no layer copies its input into whole blocks or its output back.
+    functions = set(re.findall(r"lowbit_\w+", compiled.runner.executable.as_text()))
+    row_copies = {"lowbit_pad_rows", "lowbit_first_rows"}
+    assert functions & row_copies == (set() if HOST_GEMM == "a8_amx_x86" else row_copies)
 
 
 @pytest.mark.parametrize("target", ["torch", "x86"])
@@ -104,7 +111,7 @@ def test_mlp_with_a_batch_range_in_the_simple_form_is_exact() -> None:
     reference = lowbit.compile(model, (torch.randn(4, 64),), recipe="w8a8-x86", target="torch", dynamic_shapes=shapes)
     compiled = lowbit.compile(model, (torch.randn(4, 64),), recipe="w8a8-x86", target="x86", dynamic_shapes=shapes)
     assert {linear.kernel for linear in compiled.runner.linears} == {HOST_GEMM}
-    for batch in (1, 15, 16, 17, 64):
+    for batch in (1, 15, 16, 17, 33, 64):
         x = torch.randn(batch, 64)
         assert torch.equal(compiled(x), reference(x)), batch
     with pytest.raises(InputShapeError, match="outside the compiled range 1..64"):

@@ -138,6 +138,17 @@ def test_row_reduction_keeps_short_rows_with_few_lanes() -> None:
     assert lanes == [8]
 
 
+def test_row_reduction_recomputes_a_shared_stage_of_a_symbolic_row() -> None:
+    """Softmax over a symbolic number of keys (a multiple of 16): the exponentials are recomputed where read rather
+    than kept in a row buffer of run-time size (allocated for every row), and the sums take whole 16-lane vectors."""
+    keys = te.var("blocks", "int64") * 16
+    sch = RowReduction().apply(te.create_prim_func(softmax((8, 12, 32, keys))), TARGET, False)
+    names = [sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))]
+    names += [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_loops(sch.get_sblock("T_multiply"))[0])]
+    assert "T_fast_exp" not in names
+    assert int(sch.get(sch.get_loops(sch.get_sblock("T_fast_exp_red_rf_update"))[-1]).extent) == 16
+
+
 def test_row_reduction_declines_other_patterns() -> None:
     assert RowReduction().apply(te.create_prim_func(rms_norm((1, 576))), TARGET, False) is None  # one row: no loop
     a, b = te.placeholder((64, 32), name="a"), te.placeholder((32, 48), name="b")

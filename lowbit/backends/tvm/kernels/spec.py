@@ -22,6 +22,8 @@ from lowbit.errors import BackendError
 
 #: The name of the scalar argument that counts the row blocks of a `PackedLinearSpec.row_blocks` kernel.
 ROW_BLOCKS = "row_blocks"
+#: The name of the symbolic row count of a `LinearKernel.tail_rows` kernel (its input's first dimension).
+ROWS = "rows"
 #: A layer's constants by name: ``qweight``, ``scales``, ``zeros``, ``g_idx``, ``bias`` [, ``act_scale``].
 Tensors = Mapping[str, "torch.Tensor | None"]
 
@@ -43,7 +45,8 @@ class PackedLinearSpec:
     #: A8 layers: per-token dynamic activation scale (True) or one static step (False).
     act_dynamic: bool = True
     #: A symbolic row count: the kernel runs on any number of whole blocks of ``batch`` rows, the count of blocks
-    #: a scalar argument after its inputs (`LinearKernel.symbolic_rows`; the lowering pads the rows to whole blocks).
+    #: a scalar argument after its inputs (`LinearKernel.symbolic_rows`; the lowering pads the rows to whole blocks),
+    #: or on any number of rows, the last block partial (`LinearKernel.tail_rows`: no scalar, no padding).
     row_blocks: bool = False
 
     @property
@@ -88,7 +91,13 @@ def row_block_count() -> tirx.Var:
     return _ROW_BLOCK_VAR
 
 
+def row_count() -> tirx.Var:
+    """The symbolic row count (int64) of a `LinearKernel.tail_rows` kernel: its input's first dimension."""
+    return _ROW_VAR
+
+
 _ROW_BLOCK_VAR = tirx.Var(ROW_BLOCKS, "int64")
+_ROW_VAR = tirx.Var(ROWS, "int64")
 
 
 class LinearKernel(ABC):
@@ -102,6 +111,9 @@ class LinearKernel(ABC):
     convolutions: ClassVar[bool] = False
     #: Whether the kernel takes a symbolic row count (`PackedLinearSpec.row_blocks`).
     symbolic_rows: ClassVar[bool] = False
+    #: Whether, on a symbolic row count, it takes any number of rows (`row_count`), its last block of rows partial,
+    #: rather than whole blocks and their count: the lowering then neither pads its input nor cuts its output.
+    tail_rows: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
@@ -158,6 +170,7 @@ def resolve_knobs(
 
 
 __all__ = [
+    "ROWS",
     "ROW_BLOCKS",
     "KernelPlan",
     "LinearKernel",
@@ -165,4 +178,5 @@ __all__ = [
     "Tensors",
     "resolve_knobs",
     "row_block_count",
+    "row_count",
 ]

@@ -9,6 +9,8 @@ out of operator fusion (Relax's FuseTIR does not take a scalar argument).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.generic.common import finish
@@ -39,18 +41,30 @@ def first_rows_func(columns: int, dtype: str = "float32") -> tirx.PrimFunc:
     return _rows_in_parallel(te.create_prim_func([x, m, y]), "rows")
 
 
-def pad_axis_func(rank: int, axis: int, block: int, value: float, dtype: str = "float32") -> tirx.PrimFunc:
-    """``(x, y)`` for a tensor of ``rank`` dimensions of any sizes: ``x`` with its ``axis`` padded to a multiple of
-    ``block`` with ``value`` (attention's keys, values and mask over a symbolic number of keys)."""
-    dims = [te.var(f"d{i}", "int64") for i in range(rank)]
+def pad_axis_func(
+    shape: Sequence[int | None],
+    axis: int,
+    block: int,
+    value: float,
+    dtype: str = "float32",
+    order: Sequence[int] | None = None,
+) -> tirx.PrimFunc:
+    """``(x, y)`` for a tensor of ``shape`` (None: a symbolic size, any at run time): ``x`` with its ``axis`` padded
+    to a multiple of ``block`` with ``value`` (attention's keys, values and mask over a symbolic number of keys),
+    its axes taken in ``order`` in the same copy (``y``'s axis ``i`` is ``x``'s axis ``order[i]``: the heads split
+    off and the keys transposed for the scores)."""
+    rank = len(shape)
+    order = list(order) if order is not None else list(range(rank))
+    dims = [te.var(f"d{i}", "int64") if size is None else size for i, size in enumerate(shape)]
     x = te.placeholder(dims, dtype, name="x")
-    shape = [padded_rows(d, block) if i == axis else d for i, d in enumerate(dims)]
 
-    def padded(*index: tirx.PrimExpr) -> tirx.PrimExpr:
+    def padded(*at: tirx.PrimExpr) -> tirx.PrimExpr:
+        index = [at[order.index(k)] for k in range(rank)]
         inside = [tirx.min(i, dims[axis] - 1) if k == axis else i for k, i in enumerate(index)]
         return tirx.if_then_else(index[axis] < dims[axis], x[tuple(inside)], tirx.const(value, dtype))
 
-    return _rows_in_parallel(te.create_prim_func([x, te.compute(shape, padded, name="padded")]), "padded")
+    y = te.compute([padded_rows(dims[k], block) if k == axis else dims[k] for k in order], padded, name="padded")
+    return _rows_in_parallel(te.create_prim_func([x, y]), "padded")
 
 
 def key_mask_func(block: int, dtype: str = "float32") -> tirx.PrimFunc:

@@ -14,9 +14,10 @@ their per-group sums. Linux hands out the AMX tile state on request: every call 
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, a no-op once granted) and every task
 loads its tile configuration and releases the tiles at its end.
 
-Built for a symbolic number of 16-row blocks (`PackedLinearSpec.row_blocks`, the input padded to whole blocks), it
-walks ``⌈m / 32⌉`` whole blocks: the codes of the rows after ``m`` are zero and their outputs are not stored, so
-every tile, buffer and loop inside a block keeps its static shape.
+Built for a symbolic row count (`PackedLinearSpec.row_blocks`, `LinearKernel.tail_rows`: any ``m`` rows, the
+input neither padded nor the output cut by the lowering), it walks ``⌈m / 32⌉`` whole blocks: the codes of the rows
+after ``m`` are zero and their outputs are not stored, so every tile, buffer and loop inside a block keeps its static
+shape.
 
 Layers with fewer than `MIN_ROWS` rows, a static row count or output width that is not a multiple of 32,
 groups that are not a multiple of 64 columns, codes of other widths, or a target without AMX-INT8
@@ -35,7 +36,7 @@ from tvm.target import Target
 from lowbit.backends.tvm.kernels.generic.activations import layout_reason
 from lowbit.backends.tvm.kernels.generic.common import finish
 from lowbit.backends.tvm.kernels.generic.rows import padded_rows
-from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors, row_block_count
+from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors, row_count
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.target import has_features
 from lowbit.ir import packing
@@ -56,6 +57,7 @@ class X86A8Amx(LinearKernel):
     name = KERNEL_NAME
     knobs: dict[str, tuple[int, ...]] = {}
     symbolic_rows = True
+    tail_rows = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         if spec.row_blocks and spec.batch % TILE:
@@ -102,9 +104,9 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
     """The unmarked PrimFunc of `a8_amx_func`, parsed once per layer shape (parsing TVMScript takes ~0.2 s; a
     model repeats a few shapes many times)."""
     symbolic = spec.row_blocks
-    m_rows = spec.rows
-    # A symbolic number of 16-row blocks runs whole 32-row blocks: the rows after ``m_rows`` have zero codes and
-    # their outputs are not stored.
+    m_rows = row_count() if symbolic else spec.batch
+    # A symbolic row count runs whole 32-row blocks: the rows after ``m_rows`` have zero codes and their outputs are
+    # not stored.
     padded = padded_rows(m_rows, BLOCK) if symbolic else m_rows
     k_in, n_out, group, groups = spec.in_features, spec.out_features, spec.group_size, spec.groups
     dynamic, asym, has_bias = spec.act_dynamic, spec.asymmetric, spec.has_bias
@@ -262,11 +264,7 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
                                 y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0]
             T.evaluate(_tile("tilerelease"))
 
-    if not symbolic:
-        return kernel
-    # The count of row blocks is a scalar argument before ``y``, as in `a8_linear.a8_linear_compute`.
-    params = [*kernel.params[:-1], row_block_count(), kernel.params[-1]]
-    return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
+    return kernel
 
 
 __all__ = ["KERNEL", "KERNEL_NAME", "MIN_ROWS", "X86A8Amx", "a8_amx_func"]

@@ -72,7 +72,8 @@ def run(
 
 def symbolic_rows_are_exact(kernel: LinearKernel, target: Target, host_runs: bool) -> None:
     """``kernel`` built once for a symbolic number of 16-row blocks equals the reference op bit for bit at 1, 3, 4
-    and 16 blocks (an odd count leaves half a 32-row block), for dynamic and static activation scales."""
+    and 16 blocks (an odd count leaves half a 32-row block), for dynamic and static activation scales; a kernel that
+    takes any row count (`LinearKernel.tail_rows`) also at row counts that are not whole blocks (1, 15, 17, 33)."""
     cases = {}
     for index, (group, asym, step) in enumerate([(384, False, None), (128, True, 2.0**-5)]):
         weight = layer(64, 384, 8, group, asym, True, seed=index)
@@ -85,9 +86,10 @@ def symbolic_rows_are_exact(kernel: LinearKernel, target: Target, host_runs: boo
     lib = tvm.compile(tvm.IRModule(mod), target=target)
     if not host_runs:
         pytest.skip("this host lacks the kernel's instructions: compiled only")
+    counts = [16 * blocks for blocks in (1, 3, 4, 16)] + ([1, 15, 17, 33] if kernel.tail_rows else [])
     for name, (weight, spec, plan) in cases.items():
-        for blocks in (1, 3, 4, 16):
-            x = torch.randn(16 * blocks, 384, generator=torch.Generator().manual_seed(blocks)) * 3
-            got = run(lib, name, plan, x, spec.out_features, blocks)
+        for rows in counts:
+            x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)) * 3
+            got = run(lib, name, plan, x, spec.out_features, None if kernel.tail_rows else rows // 16)
             ref = reference(x, weight, 8, spec.group_size, 384)
-            assert torch.equal(got, ref), f"{name}, {blocks} blocks: max diff {(got - ref).abs().max()}"
+            assert torch.equal(got, ref), f"{name}, {rows} rows: max diff {(got - ref).abs().max()}"
