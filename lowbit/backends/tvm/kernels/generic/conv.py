@@ -84,10 +84,12 @@ def padded_codes(
     def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
         w, c = wc // channels, wc % channels
         inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
-        # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
+        # A select, not ``if_then_else``: the vectorizer keeps a select in vector lanes (an ``if_then_else`` whose
+        # condition varies across lanes runs lane by lane), which loads both sides, hence the clamped indices: a
+        # clamped pixel times ``C`` plus the channel stays one contiguous vector load per pixel.
         value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
         rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
-        return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
+        return tirx.Select(inside, rounded.astype("int8"), tirx.const(0, "int8"))
 
     return x, te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
 
