@@ -10,6 +10,8 @@ linear layer's plain one; the kernels' GEMM, weight layout and epilogue stay tho
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,21 +121,89 @@ def quantized_input(
             channel, row, col = k // (kh * kw), k // kw % kh, k % kw
             wc = (left + col * dil_w) * channels + _clamp(channel, channels)
         # Columns past the patch (whole weight words) meet zero-point codes: any finite code there adds nothing.
-        return xp[b, _clamp(top + row * dil_h, padded_h), wc]
+        # Channels-last patches read 0 there, so that their code sums are the patch's (`code_sums`).
+        code = xp[b, _clamp(top + row * dil_h, padded_h), wc]
+        if spec.channels_last and spec.in_features > spec.patch:
+            return tirx.Select(k < spec.patch, code, tirx.const(0, "int8"))
+        return code
 
     return x, te.compute((spec.batch, spec.in_features), patch, name="xq"), None
 
 
-def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
+def sums_by_pixel(spec: PackedLinearSpec) -> bool:
+    """Whether `code_sums` adds a patch's codes from per-pixel sums (channels-last patches of one group)."""
+    return isinstance(spec, ConvSpec) and spec.channels_last and spec.groups == 1
+
+
+def code_sums(spec: PackedLinearSpec, xq: te.Tensor) -> te.Tensor:
+    """``asum[m, g] = Σ_{k∈g} xq[m, k]`` (int32), the sums the zero points multiply.
+
+    A channels-last patch (`sums_by_pixel`) adds the ``kh·kw`` sums over channels of its pixels in the padded codes
+    (``pixel_sums``, each pixel summed once instead of once per patch that holds it): exact in int32, so the
+    same values. Otherwise each row's codes are added group by group (``kg``).
+    """
+    if not sums_by_pixel(spec):
+        group = spec.group_size
+        kg = te.reduce_axis((0, group), name="kg")
+        return te.compute(
+            (spec.rows, spec.groups),
+            lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
+            name="asum",
+        )
+    assert isinstance(spec, ConvSpec)
+    xp = xq.op.input_tensors[0]  # the padded codes the patches read (`padded_codes`)
+    batch, padded_h, padded_wc = (int(extent) for extent in xp.shape)
+    channels = spec.image[3]
+    c = te.reduce_axis((0, channels), name="c")
+    pixels = te.compute(
+        (batch, padded_h, padded_wc // channels),
+        lambda b, h, w: te.sum(xp[b, h, w * channels + c].astype("int32"), axis=c),
+        name="pixel_sums",
+    )
+    (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
+
+    def patch_sum(m: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
+        b, pixel = m // (out_h * out_w), m % (out_h * out_w)
+        top, left = pixel // out_w * spec.stride[0], pixel % out_w * spec.stride[1]
+        terms = [
+            pixels[b, top + row * spec.dilation[0], left + col * spec.dilation[1]]
+            for row in range(kh)
+            for col in range(kw)
+        ]
+        return functools.reduce(operator.add, terms)
+
+    return te.compute((spec.rows, 1), patch_sum, name="asum")
+
+
+def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec, rows: s_tir.schedule.LoopRV | None = None) -> None:
     """The input stage of a `ConvSpec` kernel: the padded codes by pixel rows, channels in vector lanes; the patch
-    rows in parallel, each kernel row of a patch (``kw·C`` consecutive codes in channels-last order) one inner
-    loop, vectorized in its largest power-of-two part."""
+    rows in parallel, or each register tile's rows under its loop ``rows`` (gathered into a few cache lines just
+    before the tile reads them, not written out for the whole image first); each kernel row of a patch (``kw·C``
+    consecutive codes in channels-last order) one inner loop, vectorized in its largest power-of-two part."""
     channels = spec.image[3]
     schedule_padded(sch, channels)
-    m, k = sch.get_loops(sch.get_sblock("xq"))
-    sch.parallel(m)
+    xq = sch.get_sblock("xq")
+    if rows is None:
+        sch.parallel(sch.get_loops(xq)[0])
+    else:
+        sch.compute_at(xq, rows, preserve_unit_loops=True)
+    k = sch.get_loops(xq)[-1]
     span = spec.kernel_size[1] * channels if spec.channels_last else spec.in_features
-    _vectorize(sch, sch.split(k, factors=[None, span])[-1], span)
+    # A copy of int8 codes: up to 64 lanes, one zmm register.
+    _vectorize(sch, sch.split(k, factors=[None, span])[-1], span, 64)
+
+
+def schedule_code_sums(sch: s_tir.Schedule, spec: ConvSpec) -> None:
+    """`code_sums` by pixel: the pixel sums by pixel rows in parallel, channels in vector lanes (partial sums per
+    lane, then across them: exact in int32); the patch sums by output pixels in parallel."""
+    block = sch.get_sblock("pixel_sums")
+    b, h, _, c = sch.get_loops(block)
+    sch.parallel(sch.fuse(b, h))
+    lanes = power_of_two_divisor(spec.image[3], 16)
+    if lanes > 1:
+        partial = sch.rfactor(sch.split(c, factors=[None, lanes])[-1], 3)
+        sch.vectorize(sch.get_loops(partial)[-1])
+    sch.parallel(sch.get_loops(sch.get_sblock("asum"))[0])
 
 
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
@@ -144,8 +214,8 @@ def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
     _vectorize(sch, c, channels)
 
 
-def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int) -> None:
-    width = power_of_two_divisor(extent, 16)
+def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int, lanes: int = 16) -> None:
+    width = power_of_two_divisor(extent, lanes)
     if width > 1:
         sch.vectorize(sch.split(loop, factors=[None, width])[-1])
 
@@ -156,9 +226,12 @@ def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
 
 __all__ = [
     "ConvSpec",
+    "code_sums",
     "padded_codes",
     "patch_weight",
     "quantized_input",
     "schedule_padded",
+    "schedule_code_sums",
     "schedule_patches",
+    "sums_by_pixel",
 ]
