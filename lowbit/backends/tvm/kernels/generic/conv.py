@@ -19,7 +19,7 @@ import torch
 from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.generic.activations import activation_codes
-from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
+from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, power_of_two_divisor
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.ir import packing
 from lowbit.ir.ops_a8 import ACT_QMAX, ACT_QMIN
@@ -207,11 +207,18 @@ def schedule_code_sums(sch: s_tir.Schedule, spec: ConvSpec) -> None:
 
 
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
-    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes."""
-    b, h, wc = sch.get_loops(sch.get_sblock("xp"))
+    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes (or, for fewer than 4 lanes of
+    them, the padded row)."""
+    xp = sch.get_sblock("xp")
+    b, h, wc = sch.get_loops(xp)
     sch.parallel(sch.fuse(b, h))
-    _, c = sch.split(wc, factors=[None, channels])
-    _vectorize(sch, c, channels)
+    if power_of_two_divisor(channels, 16) >= 4:
+        _vectorize(sch, sch.split(wc, factors=[None, channels])[-1], channels)
+        return
+    # Channels in too few lanes (an RGB image): vectors along the padded row, a few pixels in one vector (their
+    # loads gathered).
+    row = int(sch.get(wc).extent)
+    sch.vectorize(sch.split(wc, factors=[None, divisor_at_most(row, 16)])[-1])
 
 
 def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int, lanes: int = 16) -> None:
