@@ -193,17 +193,24 @@ def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec, rows: s_tir.schedule.L
     _vectorize(sch, sch.split(k, factors=[None, span])[-1], span, 64)
 
 
-def schedule_code_sums(sch: s_tir.Schedule, spec: ConvSpec) -> None:
-    """`code_sums` by pixel: the pixel sums by pixel rows in parallel, channels in vector lanes (partial sums per
-    lane, then across them: exact in int32); the patch sums by output pixels in parallel."""
+def schedule_code_sums(sch: s_tir.Schedule, spec: ConvSpec, tiles: s_tir.schedule.LoopRV | None = None) -> None:
+    """`code_sums` by pixel, after `schedule_padded`: each padded row's pixel sums right after its codes, in the
+    same parallel task (channels in vector lanes: partial sums per lane, then across them, exact in int32); the
+    patch sums by output pixels in parallel, or each register tile's under its loop ``tiles``."""
+    rows = sch.get_loops(sch.get_sblock("xp"))[0]
     block = sch.get_sblock("pixel_sums")
-    b, h, _, c = sch.get_loops(block)
-    sch.parallel(sch.fuse(b, h))
     lanes = power_of_two_divisor(spec.image[3], 16)
     if lanes > 1:
-        partial = sch.rfactor(sch.split(c, factors=[None, lanes])[-1], 3)
-        sch.vectorize(sch.get_loops(partial)[-1])
-    sch.parallel(sch.get_loops(sch.get_sblock("asum"))[0])
+        partial = sch.rfactor(sch.split(sch.get_loops(block)[-1], factors=[None, lanes])[-1], 3)
+        sch.reverse_compute_at(partial, rows, preserve_unit_loops=True)
+        lane, *_, pixel, step = sch.get_loops(partial)[1:]  # the block's iterators in order: the lane first
+        sch.reorder(pixel, step, lane)
+        sch.vectorize(lane)
+    sch.reverse_compute_at(block, rows, preserve_unit_loops=True)
+    if tiles is None:
+        sch.parallel(sch.get_loops(sch.get_sblock("asum"))[0])
+    else:
+        sch.compute_at(sch.get_sblock("asum"), tiles, preserve_unit_loops=True)
 
 
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:

@@ -142,7 +142,8 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
 def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec, rows: s_tir.schedule.LoopRV) -> None:
     """Activation codes (a convolution's patches: `conv.schedule_patches`), row maxima and code sums: rows in
     parallel, columns in vector lanes. A convolution whose code sums come from its pixels (`conv.sums_by_pixel`)
-    gathers each register tile's patches under the tile's loop ``rows``, where the dot products read them.
+    gathers each register tile's patches and adds their code sums under the tile's loop ``rows``, where the
+    tile reads them.
 
     The maxima and sums reduce into one vector of partial results per row (``rfactor``, row-major, so the lanes
     of a row are contiguous), then across it: exact, an int32 sum and a maximum do not depend on the order.
@@ -150,8 +151,8 @@ def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec, rows: s_tir.
     width = power_of_two_divisor(spec.in_features, 16)
     reductions: list[tuple[str, int]] = []
     if isinstance(spec, ConvSpec) and sums_by_pixel(spec):
-        schedule_code_sums(sch, spec)
         schedule_patches(sch, spec, rows)
+        schedule_code_sums(sch, spec, rows)
     elif isinstance(spec, ConvSpec):
         schedule_patches(sch, spec)
         reductions.append(("asum", power_of_two_divisor(spec.group_size, 16)))
