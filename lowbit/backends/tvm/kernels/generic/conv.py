@@ -85,13 +85,15 @@ def padded_codes(
 
     def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
         w, c = wc // channels, wc % channels
-        inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
-        # A select, not ``if_then_else``: the vectorizer keeps a select in vector lanes (an ``if_then_else`` whose
-        # condition varies across lanes runs lane by lane), which loads both sides, hence the clamped indices: a
-        # clamped pixel times ``C`` plus the channel stays one contiguous vector load per pixel.
-        value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
-        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
-        return tirx.Select(inside, rounded.astype("int8"), tirx.const(0, "int8"))
+        # The padding columns multiply the code of the clamped edge pixel by 0 instead of branching: a branch on
+        # the column varies across the vectorized channel lanes, so TVM would run it lane by lane (and a select
+        # would let the simplifier drop the clamp it guards, reading outside ``x``). A padding row is a branch
+        # on the row, one value for a whole task.
+        value = x[b, h - pad_h, _clamp(w - pad_w, width) * channels + c]
+        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN)).astype("int8")
+        column = tirx.all(w >= pad_w, w < width + pad_w).astype("int8")
+        inside = tirx.all(h >= pad_h, h < height + pad_h)
+        return tirx.if_then_else(inside, rounded * column, tirx.const(0, "int8"))
 
     return x, te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
 
