@@ -14,6 +14,7 @@ import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 from tvm import s_tir, te, tirx
@@ -132,9 +133,10 @@ def quantized_input(
     return x, te.compute((spec.batch, spec.in_features), patch, name="xq"), None
 
 
-def sums_by_pixel(spec: PackedLinearSpec) -> bool:
-    """Whether `code_sums` adds a patch's codes from per-pixel sums (channels-last patches of one group)."""
-    return isinstance(spec, ConvSpec) and spec.channels_last and spec.groups == 1
+def sums_by_pixel(spec: PackedLinearSpec) -> TypeGuard[ConvSpec]:
+    """Whether `code_sums` adds a patch's codes from per-pixel sums (an ungrouped convolution's channels-last
+    patches, one weight group per row)."""
+    return isinstance(spec, ConvSpec) and spec.channels_last and spec.groups == 1 and spec.conv_groups == 1
 
 
 def code_sums(spec: PackedLinearSpec, xq: te.Tensor) -> te.Tensor:
@@ -152,7 +154,6 @@ def code_sums(spec: PackedLinearSpec, xq: te.Tensor) -> te.Tensor:
             lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
             name="asum",
         )
-    assert isinstance(spec, ConvSpec)
     xp = xq.op.input_tensors[0]  # the padded codes the patches read (`padded_codes`)
     batch, padded_h, padded_wc = (int(extent) for extent in xp.shape)
     channels = spec.image[3]

@@ -150,7 +150,7 @@ def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec, rows: s_tir.
     """
     width = power_of_two_divisor(spec.in_features, 16)
     reductions: list[tuple[str, int]] = []
-    if isinstance(spec, ConvSpec) and sums_by_pixel(spec):
+    if sums_by_pixel(spec):
         schedule_patches(sch, spec, rows)
         schedule_code_sums(sch, spec, rows)
     elif isinstance(spec, ConvSpec):
