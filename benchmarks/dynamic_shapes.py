@@ -5,11 +5,11 @@
 The demo's model (all-MiniLM-L6-v2, real weights, recipe w8a8-x86) is compiled once with the demo's symbolic batch
 and sequence (`lowbit.demo.SHAPE_RANGES`) and once per ``BATCHxLENGTH`` shape at that shape. Each shape's input is
 that many unpadded windows of the GPL-3 text (``[CLS]`` + tokens + ``[SEP]``). One process per thread count (TVM's
-pool takes its size from ``TVM_NUM_THREADS`` once per process) times both modules in interleaved rounds (per round
-one untimed and one timed call of each) and prints, per shape, the median milliseconds and the ratio symbolic /
-fixed (1.0: no cost for serving every shape), with the relative error between the two outputs. Writes min / median
-/ max milliseconds, the compile times and the load average at the start and the end to
-``benchmarks/results/dynamic_shapes.json`` (``--out``).
+pool takes its size from ``TVM_NUM_THREADS`` once per process) times both modules in interleaved rounds
+(`lowbit.timing.interleaved`: per turn an idle, one untimed and one timed call) and prints, per shape, the median
+milliseconds and the ratio symbolic / fixed (1.0: no cost for serving every shape), with the relative error between
+the two outputs. Writes min / median / max milliseconds, the compile times and the load average at the start and the
+end to ``benchmarks/results/dynamic_shapes.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from statistics import median
 from typing import Any
 
+from lowbit.timing import interleaved, spread
+
 SHAPES = ("8x8", "8x32", "8x128", "1x32", "32x32")
 RESULTS = Path(__file__).parent / "results" / "dynamic_shapes.json"
 TEXT = Path("/usr/share/common-licenses/GPL-3")
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": median(values), "max": max(values)}
 
 
 def windows(tokenizer: Any, batch: int, length: int) -> dict[str, Any]:
@@ -71,13 +70,7 @@ def worker(shapes: list[tuple[int, int]], threads: int, repeats: int) -> list[di
         fixed_s = time.perf_counter() - start
         with torch.no_grad():
             _, error = output_agreement(fixed(**inputs), symbolic(**inputs))
-            times: dict[str, list[float]] = {"symbolic": [], "fixed": []}
-            for _ in range(repeats):
-                for name, engine in (("symbolic", symbolic), ("fixed", fixed)):
-                    engine(**inputs)
-                    start = time.perf_counter()
-                    engine(**inputs)
-                    times[name].append((time.perf_counter() - start) * 1e3)
+            times = interleaved({"symbolic": partial(symbolic, **inputs), "fixed": partial(fixed, **inputs)}, repeats)
         rows.append(
             {
                 "batch": batch,

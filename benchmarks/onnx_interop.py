@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ import lowbit
 from lowbit import demo, onnx_peer, zoo
 from lowbit.compiler import build_pipeline, state_bytes
 from lowbit.models.smollm2 import load_smollm2
+from lowbit.timing import interleaved, spread
 
 log = logging.getLogger("onnx_interop")
 
@@ -199,21 +199,12 @@ def time_cases(cases: Mapping[str, Mapping[str, str]], threads: int, repeats: in
         for engine in ORT_MODES:
             if engine in paths:
                 engines[key, engine] = onnx_peer.session(Path(paths[engine]), inputs, threads)
-    times: dict[tuple[str, str], list[float]] = {engine: [] for engine in engines}
     load_start = os.getloadavg()[0]
     with torch.no_grad():
-        for fn in engines.values():
-            fn()
-        for _ in range(max(repeats, 1)):
-            for engine, fn in engines.items():
-                time.sleep(demo.SETTLE_S)
-                fn()
-                start = time.perf_counter()
-                fn()
-                times[engine].append((time.perf_counter() - start) * 1e3)
+        times = interleaved(engines, repeats)
     ms: dict[str, dict[str, Any]] = {key: {} for key in cases}
     for (key, name), values in times.items():
-        ms[key][name] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+        ms[key][name] = spread(values)
     return {
         "threads": threads,
         "ms": ms,

@@ -2,18 +2,18 @@
 
     python benchmarks/vision_cpu.py [--models resnet18 efficientnet_lite0 mobilenet_v3_small] [--threads 1 2]
 
-Each model has random weights (eval mode) and takes one 224×224 image. (MobileNetV3-Small's random
-initialization leaves logits near 1e-10, which a static int8 step rounds to zero: its agreement says nothing
-about int8 accuracy, its times still hold.) The images are random crops of
-scikit-image's sample photographs, normalized as ImageNet's; the first `CALIBRATION` calibrate both int8
-engines (lowbit's static convolution steps, ONNX Runtime's ``quantize_static`` in QDQ form with per-channel int8
-weights and uint8 activations), the next `EVALUATION` measure top-1 agreement with torch fp32. One process per
-thread count (TVM's pool takes its size from ``TVM_NUM_THREADS`` once per process) compiles every engine and times
-them in interleaved rounds: per round one untimed and one timed call of each. The machine's int8 peak comes from
-a ``vpdpbusd`` loop (16 independent zmm accumulators, compiled with ``cc``), and the int8 convolution kernels of
-ResNet-18's large 3x3 and 1x1 layers are timed alone against it. Prints a table and writes min / median / max
-milliseconds, model bytes, agreement and the kernel efficiencies, with the load average at the start and the
-end, to ``benchmarks/results/vision_cpu.json`` (``--out``).
+Each model has random weights (eval mode) and takes one 224×224 image. (MobileNetV3-Small's random initialization
+leaves logits near 1e-10, which a static int8 step rounds to zero: its agreement says nothing about int8 accuracy,
+its times still hold.) The images are random crops of scikit-image's sample photographs, normalized as ImageNet's;
+the first `CALIBRATION` calibrate both int8 engines (lowbit's static convolution steps, ONNX Runtime's
+``quantize_static`` in QDQ form with per-channel int8 weights and uint8 activations), the next `EVALUATION` measure
+top-1 agreement with torch fp32. One process per thread count (TVM's pool takes its size from ``TVM_NUM_THREADS``
+once per process) compiles every engine and times them in interleaved rounds (`lowbit.timing.interleaved`: per turn
+an idle, one untimed and one timed call). The machine's int8 peak comes from a ``vpdpbusd`` loop (16 independent zmm
+accumulators, compiled with ``cc``), and the int8 convolution kernels of ResNet-18's large 3x3 and 1x1 layers are
+timed alone against it. Prints a table and writes min / median / max milliseconds, model bytes, agreement and the
+kernel efficiencies, with the load average at the start and the end, to ``benchmarks/results/vision_cpu.json``
+(``--out``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-from vision_fp32 import spread  # noqa: E402 (the benchmarks folder is not a package)
+from lowbit.timing import interleaved, spread
 
 MODELS = ("resnet18", "efficientnet_lite0", "mobilenet_v3_small")
 RESULTS = Path(__file__).parent / "results" / "vision_cpu.json"
@@ -190,7 +190,6 @@ def worker(models: list[str], threads: int, repeats: int) -> list[dict[str, Any]
             engines = {"torch_fp32": (model, sum(p.numel() * p.element_size() for p in model.state_dict().values()))}
             engines.update(onnx_engines(model, calibration, Path(folder), threads))
             engines["lowbit_w8a8"] = (compiled, lowbit_bytes)
-            times: dict[str, list[float]] = {label: [] for label in engines}
             agreement = {}
             with torch.no_grad():
                 reference = torch.cat([model(evaluation[i : i + 1]) for i in range(EVALUATION)]).argmax(dim=1)
@@ -198,12 +197,7 @@ def worker(models: list[str], threads: int, repeats: int) -> list[dict[str, Any]
                     top1 = torch.cat([engine(evaluation[i : i + 1]) for i in range(EVALUATION)]).argmax(dim=1)
                     agreement[label] = float((top1 == reference).float().mean())
                 image = evaluation[:1]
-                for _ in range(repeats):
-                    for label, (engine, _) in engines.items():
-                        engine(image)
-                        start = time.perf_counter()
-                        engine(image)
-                        times[label].append((time.perf_counter() - start) * 1e3)
+                times = interleaved({label: partial(engine, image) for label, (engine, _) in engines.items()}, repeats)
         row = {
             "model": name,
             "threads": threads,

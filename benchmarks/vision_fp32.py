@@ -2,11 +2,11 @@
 
     python benchmarks/vision_fp32.py [--models resnet18 ...] [--threads 1 2] [--repeats 10]
 
-Each model has random weights (``weights=None``, eval mode) and takes one 224×224 image. One process per
-thread count (TVM's pool takes its size from ``TVM_NUM_THREADS`` once per process) compiles every model, checks
-the compiled output against eager (relative Frobenius error, as the compile report gives it) and times both
-engines in interleaved rounds: per round one untimed and one timed call of each. Prints a table and writes
-min / median / max milliseconds, the compile time and the error per model and thread count, with the load
+Each model has random weights (``weights=None``, eval mode) and takes one 224×224 image. One process per thread
+count (TVM's pool takes its size from ``TVM_NUM_THREADS`` once per process) compiles every model, checks the
+compiled output against eager (relative Frobenius error, as the compile report gives it) and times both engines in
+interleaved rounds (`lowbit.timing.interleaved`: per turn an idle, one untimed and one timed call). Prints a table
+and writes min / median / max milliseconds, the compile time and the error per model and thread count, with the load
 average at the start and the end, to ``benchmarks/results/vision_fp32.json`` (``--out``).
 """
 
@@ -18,16 +18,15 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from statistics import median
 from typing import Any
 
+from lowbit.timing import interleaved, spread
+
 MODELS = ("resnet18", "mobilenet_v3_large", "regnet_x_400mf", "efficientnet_b0", "convnext_tiny")
 RESULTS = Path(__file__).parent / "results" / "vision_fp32.json"
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": median(values), "max": max(values)}
 
 
 def worker(models: list[str], threads: int, repeats: int) -> list[dict[str, Any]]:
@@ -49,13 +48,8 @@ def worker(models: list[str], threads: int, repeats: int) -> list[dict[str, Any]
         compile_s = time.perf_counter() - start
         with torch.no_grad():
             _, error = output_agreement(model(image), compiled(image))
-            eager, ours = [], []
-            for _ in range(repeats):
-                for engine, times in ((model, eager), (compiled, ours)):
-                    engine(image)
-                    start = time.perf_counter()
-                    engine(image)
-                    times.append((time.perf_counter() - start) * 1e3)
+            times = interleaved({"eager": partial(model, image), "lowbit": partial(compiled, image)}, repeats)
+        eager, ours = times["eager"], times["lowbit"]
         rows.append(
             {
                 "model": name,

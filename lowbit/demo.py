@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import lowbit
 from lowbit import onnx_peer, zoo
 from lowbit.backends import check_target
 from lowbit.compiler import build_pipeline, state_bytes
+from lowbit.timing import interleaved, spread
 
 log = logging.getLogger("lowbit.demo")
 
@@ -49,9 +49,6 @@ CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 CALIBRATION_WINDOWS = 64
 #: Threads every engine is timed at (torch.set_num_threads, ORT intra-op threads, TVM_NUM_THREADS).
 THREAD_COUNTS = (1, 2)
-#: Idle time before each engine's turn in a round, for the previous engine's spinning threads to sleep (ONNX Runtime's
-#: intra-op workers spin past 20 ms: with 20 ms, the engine after them lost a core on two threads).
-SETTLE_S = 0.2
 #: Engine keys in the results; the ORT ones are `onnx_peer.OrtVariant` names.
 EAGER, LOWBIT, ONNX_INT8 = "torch", "lowbit", "ort_int8"
 INPUTS_FILE, ENGINES_FILE = "inputs.pt", "onnx_models.json"
@@ -199,9 +196,9 @@ def time_engines(
 
     ``model`` and ``compiled`` default to the real model and the artifact in ``directory``. A TVM module
     runs in a fresh process per thread count: TVM's pool takes its size from ``TVM_NUM_THREADS`` (set by
-    the parent) once per process. Each round runs every engine in turn: `SETTLE_S` idle (the previous
-    engine's spinning worker threads go to sleep), one untimed call (caches and pool warm for this engine),
-    one timed call. Returns min / median / max milliseconds per engine and lowbit's speedup over each.
+    the parent) once per process. The rounds are `lowbit.timing.interleaved`'s (an idle before each engine's
+    turn, for the previous engine's spinning worker threads to sleep). Returns min / median / max milliseconds
+    per engine and lowbit's speedup over each.
     """
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -223,19 +220,8 @@ def _time_engines(
     for name, path in json.loads((directory / ENGINES_FILE).read_text()).items():
         engines[name] = onnx_peer.session(Path(path), inputs, threads)
     engines[LOWBIT] = lambda: compiled(**inputs)
-    times: dict[str, list[float]] = {name: [] for name in engines}
     with torch.no_grad():
-        for fn in engines.values():
-            fn()
-            fn()
-        for _ in range(max(repeats, 1)):
-            for name, fn in engines.items():
-                time.sleep(SETTLE_S)
-                fn()
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    ms = {name: {"min": min(t), "median": statistics.median(t), "max": max(t)} for name, t in times.items()}
+        ms = {name: spread(times) for name, times in interleaved(engines, repeats).items()}
     lowbit_ms = ms[LOWBIT]["median"]
     return {
         "threads": threads,

@@ -10,14 +10,17 @@ linear layer's plain one; the kernels' GEMM, weight layout and epilogue stay tho
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.generic.activations import activation_codes
-from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
+from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, power_of_two_divisor
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.ir import packing
 from lowbit.ir.ops_a8 import ACT_QMAX, ACT_QMIN
@@ -83,11 +86,15 @@ def padded_codes(
 
     def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
         w, c = wc // channels, wc % channels
-        inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
-        # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
-        value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
-        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
-        return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
+        # The padding columns multiply the code of the clamped edge pixel by 0 instead of branching: a branch on
+        # the column varies across the vectorized channel lanes, so TVM would run it lane by lane (and a select
+        # would let the simplifier drop the clamp it guards, reading outside ``x``). A padding row is a branch
+        # on the row, one value for a whole task.
+        value = x[b, h - pad_h, _clamp(w - pad_w, width) * channels + c]
+        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN)).astype("int8")
+        column = tirx.all(w >= pad_w, w < width + pad_w).astype("int8")
+        inside = tirx.all(h >= pad_h, h < height + pad_h)
+        return tirx.if_then_else(inside, rounded * column, tirx.const(0, "int8"))
 
     return x, te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
 
@@ -117,33 +124,115 @@ def quantized_input(
             channel, row, col = k // (kh * kw), k // kw % kh, k % kw
             wc = (left + col * dil_w) * channels + _clamp(channel, channels)
         # Columns past the patch (whole weight words) meet zero-point codes: any finite code there adds nothing.
-        return xp[b, _clamp(top + row * dil_h, padded_h), wc]
+        # Channels-last patches read 0 there, so that their code sums are the patch's (`code_sums`).
+        code = xp[b, _clamp(top + row * dil_h, padded_h), wc]
+        if spec.channels_last and spec.in_features > spec.patch:
+            return tirx.Select(k < spec.patch, code, tirx.const(0, "int8"))
+        return code
 
     return x, te.compute((spec.batch, spec.in_features), patch, name="xq"), None
 
 
-def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
+def sums_by_pixel(spec: PackedLinearSpec) -> TypeGuard[ConvSpec]:
+    """Whether `code_sums` adds a patch's codes from per-pixel sums (an ungrouped convolution's channels-last
+    patches, one weight group per row)."""
+    return isinstance(spec, ConvSpec) and spec.channels_last and spec.groups == 1 and spec.conv_groups == 1
+
+
+def code_sums(spec: PackedLinearSpec, xq: te.Tensor) -> te.Tensor:
+    """``asum[m, g] = Σ_{k∈g} xq[m, k]`` (int32), the sums the zero points multiply.
+
+    A channels-last patch (`sums_by_pixel`) adds the ``kh·kw`` sums over channels of its pixels in the padded codes
+    (``pixel_sums``, each pixel summed once instead of once per patch that holds it): exact in int32, so the
+    same values. Otherwise each row's codes are added group by group (``kg``).
+    """
+    if not sums_by_pixel(spec):
+        group = spec.group_size
+        kg = te.reduce_axis((0, group), name="kg")
+        return te.compute(
+            (spec.rows, spec.groups),
+            lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg),
+            name="asum",
+        )
+    xp = xq.op.input_tensors[0]  # the padded codes the patches read (`padded_codes`)
+    batch, padded_h, padded_wc = (int(extent) for extent in xp.shape)
+    channels = spec.image[3]
+    c = te.reduce_axis((0, channels), name="c")
+    pixels = te.compute(
+        (batch, padded_h, padded_wc // channels),
+        lambda b, h, w: te.sum(xp[b, h, w * channels + c].astype("int32"), axis=c),
+        name="pixel_sums",
+    )
+    (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
+
+    def patch_sum(m: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
+        b, pixel = m // (out_h * out_w), m % (out_h * out_w)
+        top, left = pixel // out_w * spec.stride[0], pixel % out_w * spec.stride[1]
+        terms = [
+            pixels[b, top + row * spec.dilation[0], left + col * spec.dilation[1]]
+            for row in range(kh)
+            for col in range(kw)
+        ]
+        return functools.reduce(operator.add, terms)
+
+    return te.compute((spec.rows, 1), patch_sum, name="asum")
+
+
+def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec, rows: s_tir.schedule.LoopRV | None = None) -> None:
     """The input stage of a `ConvSpec` kernel: the padded codes by pixel rows, channels in vector lanes; the patch
-    rows in parallel, each kernel row of a patch (``kw·C`` consecutive codes in channels-last order) one inner
-    loop, vectorized in its largest power-of-two part."""
+    rows in parallel, or each register tile's rows under its loop ``rows`` (gathered into a few cache lines just
+    before the tile reads them, not written out for the whole image first); each kernel row of a patch (``kw·C``
+    consecutive codes in channels-last order) one inner loop, vectorized in its largest power-of-two part."""
     channels = spec.image[3]
     schedule_padded(sch, channels)
-    m, k = sch.get_loops(sch.get_sblock("xq"))
-    sch.parallel(m)
+    xq = sch.get_sblock("xq")
+    if rows is None:
+        sch.parallel(sch.get_loops(xq)[0])
+    else:
+        sch.compute_at(xq, rows, preserve_unit_loops=True)
+    k = sch.get_loops(xq)[-1]
     span = spec.kernel_size[1] * channels if spec.channels_last else spec.in_features
-    _vectorize(sch, sch.split(k, factors=[None, span])[-1], span)
+    # A copy of int8 codes: up to 64 lanes, one zmm register.
+    _vectorize(sch, sch.split(k, factors=[None, span])[-1], span, 64)
+
+
+def schedule_code_sums(sch: s_tir.Schedule, spec: ConvSpec, tiles: s_tir.schedule.LoopRV | None = None) -> None:
+    """`code_sums` by pixel, after `schedule_padded`: each padded row's pixel sums right after its codes, in the
+    same parallel task (channels in vector lanes: partial sums per lane, then across them, exact in int32); the
+    patch sums by output pixels in parallel, or each register tile's under its loop ``tiles``."""
+    rows = sch.get_loops(sch.get_sblock("xp"))[0]
+    block = sch.get_sblock("pixel_sums")
+    lanes = power_of_two_divisor(spec.image[3], 16)
+    if lanes > 1:
+        partial = sch.rfactor(sch.split(sch.get_loops(block)[-1], factors=[None, lanes])[-1], 3)
+        sch.reverse_compute_at(partial, rows, preserve_unit_loops=True)
+        lane, *_, pixel, step = sch.get_loops(partial)[1:]  # the block's iterators in order: the lane first
+        sch.reorder(pixel, step, lane)
+        sch.vectorize(lane)
+    sch.reverse_compute_at(block, rows, preserve_unit_loops=True)
+    if tiles is None:
+        sch.parallel(sch.get_loops(sch.get_sblock("asum"))[0])
+    else:
+        sch.compute_at(sch.get_sblock("asum"), tiles, preserve_unit_loops=True)
 
 
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
-    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes."""
-    b, h, wc = sch.get_loops(sch.get_sblock("xp"))
+    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes (or, for fewer than 4 lanes of
+    them, the padded row)."""
+    xp = sch.get_sblock("xp")
+    b, h, wc = sch.get_loops(xp)
     sch.parallel(sch.fuse(b, h))
-    _, c = sch.split(wc, factors=[None, channels])
-    _vectorize(sch, c, channels)
+    if power_of_two_divisor(channels, 16) >= 4:
+        _vectorize(sch, sch.split(wc, factors=[None, channels])[-1], channels)
+        return
+    # Channels in too few lanes (an RGB image): vectors along the padded row, a few pixels in one vector (their
+    # loads gathered).
+    row = int(sch.get(wc).extent)
+    sch.vectorize(sch.split(wc, factors=[None, divisor_at_most(row, 16)])[-1])
 
 
-def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int) -> None:
-    width = power_of_two_divisor(extent, 16)
+def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int, lanes: int = 16) -> None:
+    width = power_of_two_divisor(extent, lanes)
     if width > 1:
         sch.vectorize(sch.split(loop, factors=[None, width])[-1])
 
@@ -154,9 +243,12 @@ def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
 
 __all__ = [
     "ConvSpec",
+    "code_sums",
     "padded_codes",
     "patch_weight",
     "quantized_input",
     "schedule_padded",
+    "schedule_code_sums",
     "schedule_patches",
+    "sums_by_pixel",
 ]

@@ -34,7 +34,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     power_of_two_divisor,
     scale_storage,
 )
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_patches
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_code_sums, schedule_patches, sums_by_pixel
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
@@ -136,24 +136,31 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
         sch, intrin_x86.VNNI_512, ROWS, row_tile, out_tile, vectors, a8_linear.row_tasks(spec, row_tile, out_tile)
     )
     a8_linear.finish_accumulators(sch, loops)
-    _schedule_prologue(sch, spec)
+    _schedule_prologue(sch, spec, loops.rows)
 
 
-def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec) -> None:
+def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec, rows: s_tir.schedule.LoopRV) -> None:
     """Activation codes (a convolution's patches: `conv.schedule_patches`), row maxima and code sums: rows in
-    parallel, columns in vector lanes.
+    parallel, columns in vector lanes. A convolution whose code sums come from its pixels (`conv.sums_by_pixel`)
+    gathers each register tile's patches and adds their code sums under the tile's loop ``rows``, where the
+    tile reads them.
 
     The maxima and sums reduce into one vector of partial results per row (``rfactor``, row-major, so the lanes
     of a row are contiguous), then across it: exact, an int32 sum and a maximum do not depend on the order.
     """
     width = power_of_two_divisor(spec.in_features, 16)
-    if isinstance(spec, ConvSpec):
+    reductions: list[tuple[str, int]] = []
+    if sums_by_pixel(spec):
+        schedule_patches(sch, spec, rows)
+        schedule_code_sums(sch, spec, rows)
+    elif isinstance(spec, ConvSpec):
         schedule_patches(sch, spec)
+        reductions.append(("asum", power_of_two_divisor(spec.group_size, 16)))
     else:
         xq_m, xq_k = sch.get_loops(sch.get_sblock("xq"))
         sch.parallel(xq_m)
         sch.vectorize(sch.split(xq_k, factors=[None, width])[-1])
-    reductions = [("asum", power_of_two_divisor(spec.group_size, 16))]
+        reductions.append(("asum", power_of_two_divisor(spec.group_size, 16)))
     if spec.act_dynamic:
         reductions.append(("absmax", width))
     for name, lanes in reductions:

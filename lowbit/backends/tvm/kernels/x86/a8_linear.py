@@ -78,7 +78,14 @@ from lowbit.backends.tvm.kernels.generic.common import (
     scale_storage,
     stream_locality,
 )
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, quantized_input, schedule_patches
+from lowbit.backends.tvm.kernels.generic.conv import (
+    ConvSpec,
+    code_sums,
+    quantized_input,
+    schedule_code_sums,
+    schedule_patches,
+    sums_by_pixel,
+)
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -339,10 +346,7 @@ def a8_linear_compute(
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
     x, xq, mult = quantized_input(spec, step, tirx.round if vector_round else tirx.nearbyint)
-    kg = te.reduce_axis((0, group), name="kg")
-    asum = te.compute(
-        (m_rows, groups), lambda m, g: te.sum(xq[m, g * group + kg].astype("int32"), axis=kg), name="asum"
-    )
+    asum = code_sums(spec, xq)
     mask = tirx.const((1 << bits) - 1, "uint8")
 
     def code(t: tirx.Var, q: tirx.Var, i: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
@@ -410,6 +414,8 @@ def _schedule(
 
     if isinstance(spec, ConvSpec):
         schedule_patches(sch, spec)
+        if sums_by_pixel(spec):
+            schedule_code_sums(sch, spec)
     else:
         xq = sch.get_sblock("xq")
         k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
@@ -431,11 +437,12 @@ def row_tasks(spec: PackedLinearSpec, row_tile: int, out_tile: int) -> int:
 
 @dataclass(frozen=True)
 class TileLoops:
-    """The loops `schedule_tiles` leaves for the caller: output tasks and tiles, the group accumulator's loops,
-    and the word loop of the dot products."""
+    """The loops `schedule_tiles` leaves for the caller: output tasks and tiles, the register tiles of rows, the
+    group accumulator's loops, and the word loop of the dot products."""
 
     task: s_tir.schedule.LoopRV
     tile: s_tir.schedule.LoopRV
+    rows: s_tir.schedule.LoopRV
     acc: tuple[s_tir.schedule.LoopRV, s_tir.schedule.LoopRV, s_tir.schedule.LoopRV]
     group: s_tir.schedule.LoopRV
     word: s_tir.schedule.LoopRV
@@ -480,7 +487,7 @@ def schedule_tiles(
     sch.unroll(d_t)
     sch.unroll(d_l)
     sch.unroll(d_r)
-    return TileLoops(n_task, n_tile, (a_m, a_t, a_i), a_g, d_w)
+    return TileLoops(n_task, n_tile, m_outer, (a_m, a_t, a_i), a_g, d_w)
 
 
 def finish_accumulators(sch: s_tir.Schedule, loops: TileLoops) -> None:
