@@ -23,6 +23,7 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.convert import LoweredLinear, fallbacks
 from lowbit.backends.tvm.frontend import InputSpec
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.backends.tvm.target import cuda_arch, host_arch
 from lowbit.errors import BackendError
@@ -238,7 +239,7 @@ def signature_linears(signature: Mapping[str, Any]) -> list[LoweredLinear]:
     return [
         LoweredLinear(
             item["node"],
-            PackedLinearSpec(**item["spec"]),
+            saved_spec(item["spec"]),
             item["kernel"],
             item["reason"],
             item.get("nearest"),  # absent from signatures written before it was recorded
@@ -246,6 +247,13 @@ def signature_linears(signature: Mapping[str, Any]) -> list[LoweredLinear]:
         )
         for item in signature["linears"]
     ]
+
+
+def saved_spec(fields: Mapping[str, Any]) -> PackedLinearSpec:
+    """The kernel spec of a saved signature: a `ConvSpec` where the fields hold a convolution's (JSON lists back
+    to tuples)."""
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
+    return (ConvSpec if "image" in values else PackedLinearSpec)(**values)
 
 
 def to_tvm(value: torch.Tensor, device: str = "cpu") -> tvm.runtime.Tensor:

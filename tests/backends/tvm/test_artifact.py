@@ -59,6 +59,20 @@ def test_export_load_reproduces_outputs(compiled_x86, tmp_path) -> None:
         loaded(torch.randn(5, 128))
 
 
+def test_a_cnn_with_int8_convolutions_loads_back(tmp_path) -> None:
+    """The saved signature keeps a convolution kernel's spec as a `ConvSpec` (image, kernel, stride, ...)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(512, 8)
+    )
+    x = torch.randn(1, 16, 4, 4)
+    compiled = lowbit.compile(net.eval(), (x,), recipe="w8a8-x86", calibration=[(torch.randn(2, 16, 4, 4),)])
+    assert any(linear.spec.__class__.__name__ == "ConvSpec" for linear in compiled.runner.linears)
+    loaded = lowbit.load(compiled.export(tmp_path / "cnn"))
+    assert loaded.runner.linears == compiled.runner.linears
+    assert torch.equal(loaded(x), compiled(x))
+
+
 def test_corrupted_library_is_refused(compiled_x86, tmp_path) -> None:
     path = compiled_x86.export(tmp_path / "bad")
     with (path / LIBRARY_FILE).open("r+b") as handle:
