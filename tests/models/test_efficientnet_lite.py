@@ -97,3 +97,20 @@ def test_missing_scikit_image_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(importlib, "import_module", without_skimage)
     with pytest.raises(ModelLoadError, match="scikit-image"):
         images.photo("chelsea")
+
+
+def test_w8a8_on_x86_runs_what_the_torch_target_runs(lite0) -> None:
+    """The real model (its ``ZeroPad2d`` layers included) compiles for x86 with every convolution on an int8
+    kernel and answers as the torch target does: the int8 kernels are bit-exact, the fp32 operators between them
+    differ by rounding only."""
+    model, preprocess = lite0
+    sets = images.photo_sets(preprocess)
+    calibration = [(sets.calibration[:: images.CALIBRATION_CROPS],)]
+    image = sets.evaluation[:2]
+    reference = lowbit.compile(model, (image,), recipe="w8a8-x86", target="torch", calibration=calibration)
+    compiled = lowbit.compile(model, (image,), recipe="w8a8-x86", calibration=calibration)
+    assert compiled.report.fallbacks == []
+    with torch.no_grad():
+        expected, got = reference(image), compiled(image)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert float((got - expected).norm() / expected.norm()) < 1e-3

@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,15 @@ def _check_modules(gm: fx.GraphModule, convert_map: Mapping[Any, Any]) -> None:
 #: Attention pads its keys to a multiple of this (a vector of AVX-512 float32 lanes).
 KEY_MULTIPLE = 16
 #: ``F.conv2d``'s arguments in order.
+#: Modules that pad with a constant (``padding`` in ``F.pad`` order, ``value``), imported as ``F.pad``.
+_CONSTANT_PADS = (
+    torch.nn.ZeroPad1d,
+    torch.nn.ZeroPad2d,
+    torch.nn.ZeroPad3d,
+    torch.nn.ConstantPad1d,
+    torch.nn.ConstantPad2d,
+    torch.nn.ConstantPad3d,
+)
 _CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 #: ``F.conv2d``'s window arguments and their defaults.
 _CONV_DEFAULTS = (("stride", 1), ("padding", 0), ("dilation", 1))
@@ -275,6 +285,12 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
         patches = self._patch_conv(node.name, self.env[node.args[0]], self.params[conv.weight], bias, window)
         return patches if patches is not None else super()._conv2d_module(node)
 
+    def _constant_pad_module(self, node: fx.Node) -> relax.Expr:
+        """``nn.ZeroPad2d`` and the other constant-padding modules as the ``F.pad`` call they make."""
+        module = self.named_modules[node.target]
+        call = SimpleNamespace(args=(node.args[0], tuple(module.padding), "constant", float(module.value)), kwargs={})
+        return self._pad(call)
+
     def _conv2d_call(self, node: fx.Node) -> relax.Expr:
         call = {**dict(zip(_CONV_ARGUMENTS, node.args)), **node.kwargs}  # two schemas: torch cannot normalize it
         bias = self.env[call["bias"]] if call.get("bias") is not None else None
@@ -351,6 +367,7 @@ class GraphImporter(TorchFXImporter, ExportedProgramImporter):
             "scaled_dot_product_attention": self._attention,
             "conv2d": self._conv2d_call,
             "max_pool2d": self._max_pool2d_keywords,
+            **{module: self._constant_pad_module for module in _CONSTANT_PADS},
         }
 
     def _layer_norm_call(self, node: fx.Node) -> relax.Expr:

@@ -98,6 +98,17 @@ def test_a_layer_type_the_frontend_lacks_is_named() -> None:
         TVMBackend().compile(gm, (x,))
 
 
+@pytest.mark.parametrize(
+    "pad",
+    [nn.ZeroPad2d((0, 1, 0, 1)), nn.ConstantPad2d((1, 2, 0, 1), 0.5), nn.ZeroPad1d(2), nn.ConstantPad3d(1, -1.0)],
+)
+def test_constant_padding_modules_match_torch(pad: nn.Module) -> None:
+    x = torch.randn(1, 3, 4, 5)
+    net = nn.Sequential(pad, nn.ReLU()).eval()
+    compiled = lowbit.compile(net, (x,), target="x86")
+    assert torch.allclose(compiled(x), net(x), rtol=0, atol=0)
+
+
 def test_integer_index_of_a_tensor_matches_torch() -> None:
     class Rows(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
