@@ -218,12 +218,9 @@ class _Int8ConvCalls(PyExprMutator):
         x = self.builder_.emit(relax.op.reshape(x, (batch, height, width * channels)))
         gvar, func = found
         out = [int(d) for d in call.ty.shape]
+        shape = [int(d) for d in func.params[-1].shape]  # (pixels, C) or (B, OH, OW, C)
         kernel = self.builder_.emit(
-            relax.call_tir(
-                gvar,
-                [x, *func.attrs[CONSTS_ATTR]],
-                out_ty=relax.TensorType((math.prod(out[:3]), out[3]), "float32"),
-            )
+            relax.call_tir(gvar, [x, *func.attrs[CONSTS_ATTR]], out_ty=relax.TensorType(shape, "float32"))
         )
         self.replaced += 1
         return relax.op.reshape(kernel, out)

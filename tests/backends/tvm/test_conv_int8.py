@@ -41,6 +41,10 @@ CASES = {
     "1x3-dilated": (8, 9, nn.Conv2d(8, 16, (1, 3), padding=(0, 2), dilation=(1, 2)), False),
     "depthwise-relu": (32, 10, nn.Conv2d(32, 32, 3, padding=1, groups=32), True),
     "depthwise-stride2-no-bias": (48, 11, nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48, bias=False), False),
+    # Channel counts that are not a multiple of 16 (MobileNetV3-Small's): vectors of 8 lanes.
+    "depthwise-72-stride2": (72, 9, nn.Conv2d(72, 72, 3, stride=2, padding=1, groups=72), True),
+    "depthwise-88": (88, 6, nn.Conv2d(88, 88, 3, padding=1, groups=88), False),
+    "depthwise-120-5x5": (120, 7, nn.Conv2d(120, 120, 5, padding=2, groups=120), True),
 }
 
 

@@ -70,26 +70,26 @@ def patch_weight(
 
 
 def padded_codes(
-    spec: ConvSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+    spec: ConvSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr], dtype: str = "int8"
 ) -> tuple[te.Tensor, te.Tensor]:
     """The input ``x`` ``(B, H, W·C)`` (NHWC, pixel rows of interleaved channels) and its int8 codes with the static
-    step, zero-padded: ``xp`` ``(B, H + 2·pad_h, (W + 2·pad_w)·C)``."""
+    step, zero-padded: ``xp`` ``(B, H + 2·pad_h, W + 2·pad_w, C)``, the codes stored as ``dtype``. Indexed by
+    pixel and channel (no division of a flat index), its inner loop over channels is one contiguous vector load."""
     if step is None:
         raise ValueError("an int8 convolution quantizes its input with a static step")
     batch, height, width, channels = spec.image
     pad_h, pad_w = spec.padding
-    padded_h, padded_w = height + 2 * pad_h, width + 2 * pad_w
     x = te.placeholder((batch, height, width * channels), "float32", name="x")
 
-    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
-        w, c = wc // channels, wc % channels
+    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, w: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
         # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
         value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
         rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
-        return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
+        return tirx.if_then_else(inside, rounded.astype(dtype), tirx.const(0, dtype))
 
-    return x, te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
+    shape = (batch, height + 2 * pad_h, width + 2 * pad_w, channels)
+    return x, te.compute(shape, padded, name="xp")
 
 
 def quantized_input(
@@ -105,7 +105,7 @@ def quantized_input(
     channels = spec.image[3]
     (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
     dil_h, dil_w = spec.dilation
-    padded_h = int(xp.shape[1])
+    padded_h, padded_w = int(xp.shape[1]), int(xp.shape[2])
 
     def patch(m: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
         b, pixel = m // (out_h * out_w), m % (out_h * out_w)
@@ -117,7 +117,8 @@ def quantized_input(
             channel, row, col = k // (kh * kw), k // kw % kh, k % kw
             wc = (left + col * dil_w) * channels + _clamp(channel, channels)
         # Columns past the patch (whole weight words) meet zero-point codes: any finite code there adds nothing.
-        return xp[b, _clamp(top + row * dil_h, padded_h), wc]
+        wc = _clamp(wc, padded_w * channels)
+        return xp[b, _clamp(top + row * dil_h, padded_h), wc // channels, wc % channels]
 
     return x, te.compute((spec.batch, spec.in_features), patch, name="xq"), None
 
@@ -136,9 +137,8 @@ def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
 
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
     """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes."""
-    b, h, wc = sch.get_loops(sch.get_sblock("xp"))
+    b, h, _, c = sch.get_loops(sch.get_sblock("xp"))
     sch.parallel(sch.fuse(b, h))
-    _, c = sch.split(wc, factors=[None, channels])
     _vectorize(sch, c, channels)
 
 
