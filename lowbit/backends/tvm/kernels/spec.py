@@ -102,6 +102,8 @@ class LinearKernel(ABC):
     convolutions: ClassVar[bool] = False
     #: Whether the kernel takes a symbolic row count (`PackedLinearSpec.row_blocks`).
     symbolic_rows: ClassVar[bool] = False
+    #: Whether the kernel applies a `kernels.generic.conv.ConvSpec`'s bias and ``epilogue`` in its output stage.
+    epilogues: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:

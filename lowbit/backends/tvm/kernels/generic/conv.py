@@ -39,11 +39,43 @@ class ConvSpec(PackedLinearSpec):
     channels_last: bool = True
     #: Convolution groups: 1, or one per channel (depthwise, `kernels.x86.a8_depthwise`).
     conv_groups: int = 1
+    #: Elementwise steps after the bias that the kernel's output stage applies (`conv_epilogue`), each a name of
+    #: `EPILOGUE_STEPS` and its constant: the activation that follows the layer in the graph.
+    epilogue: tuple[tuple[str, float], ...] = ()
 
     @property
     def patch(self) -> int:
         """Columns of one patch before the rounding up."""
         return self.image[3] * self.kernel_size[0] * self.kernel_size[1]
+
+
+def conv_epilogue(spec: ConvSpec, value: tirx.PrimExpr, bias: tirx.PrimExpr | None) -> tirx.PrimExpr:
+    """A convolution's dequantized output ``value`` plus its ``bias``, then the steps of the spec's ``epilogue``,
+    each the float32 operation of the graph operator it replaces (`EPILOGUE_STEPS`), so the result is the graph's.
+
+    The product is fenced (``llvm.arithmetic.fence``) before the bias: LLVM would otherwise contract the multiply
+    and the add into one fused multiply-add, which rounds once where the reference rounds twice.
+    """
+    if bias is not None:
+        value = tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", value) + bias
+    for name, constant in spec.epilogue:
+        value = EPILOGUE_STEPS[name](value, tirx.const(constant, "float32"))
+    return value
+
+
+def _hardswish(value: tirx.PrimExpr, _: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Relax's decomposition of ``hardswish``: ``x · (min(max(x + 3, 0), 6) / 6)``."""
+    three, zero, six = (tirx.const(c, "float32") for c in (3.0, 0.0, 6.0))
+    return value * (tirx.min(tirx.max(value + three, zero), six) / six)
+
+
+#: The elementwise steps an epilogue takes: ``maximum``/``minimum`` with a constant (ReLU, ReLU6, clamps) and
+#: ``hardswish`` (its constant unused).
+EPILOGUE_STEPS: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
+    "maximum": tirx.max,
+    "minimum": tirx.min,
+    "hardswish": _hardswish,
+}
 
 
 def patch_weight(
@@ -153,7 +185,9 @@ def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
 
 
 __all__ = [
+    "EPILOGUE_STEPS",
     "ConvSpec",
+    "conv_epilogue",
     "padded_codes",
     "patch_weight",
     "quantized_input",

@@ -21,7 +21,7 @@ from tvm import s_tir, te, tirx
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish, power_of_two_divisor
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, padded_codes, schedule_padded
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, conv_epilogue, padded_codes, schedule_padded
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.kernels.x86.a8_linear import _target_reason
 from lowbit.ir import packing
@@ -33,7 +33,7 @@ KNOBS: dict[str, tuple[int, ...]] = {"col_tile": (1, 2, 4, 7, 8), "channel_tile"
 LANES = 16
 #: Narrowest vector it takes: fewer lanes (an odd channel count) leave the fp32 convolution faster.
 MIN_LANES = 4
-#: Most taps whose integer sum stays exact in float32: ``taps · 128 · 255 < 2²⁴``.
+#: Most taps whose integer sum stays exact in float32: ``taps · 128 · 255 < 2²⁴`` (codes of up to 8 bits).
 MAX_TAPS = (1 << 24) // (128 * 255)
 
 
@@ -43,6 +43,7 @@ class X86A8Depthwise(LinearKernel):
     name = KERNEL_NAME
     knobs = KNOBS
     convolutions = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         if not isinstance(spec, ConvSpec) or spec.conv_groups == 1:
@@ -53,7 +54,7 @@ class X86A8Depthwise(LinearKernel):
             return f"{spec.conv_groups} channels fill no vector of {MIN_LANES} lanes"
         if spec.act_bits != 8 or spec.act_dynamic or spec.has_g_idx or spec.group_size != spec.in_features:
             return "the depthwise kernel takes a static int8 input step and one weight group per channel"
-        if spec.bits != 8 or spec.kernel_size[0] * spec.kernel_size[1] > MAX_TAPS:
+        if spec.bits > 8 or spec.kernel_size[0] * spec.kernel_size[1] > MAX_TAPS:
             return f"the float32 sums of {spec.bits}-bit codes over a {spec.kernel_size} kernel may not be exact"
         zeros = tensors.get("zeros")
         if zeros is not None and not torch.equal(zeros, zeros.round()):
@@ -66,13 +67,16 @@ class X86A8Depthwise(LinearKernel):
         return {"col_tile": 8, "channel_tile": 32}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
-        """Constants: the centered codes ``(kh, kw, C)`` float32, the scales ``(C,)``, the static step ``(1,)``."""
+        """Constants: the centered codes ``(kh, kw, C)`` float32, the scales ``(C,)``, the static step ``(1,)``, [the
+        bias ``(C,)``]."""
         codes = packing.unpack(tensors["qweight"], spec.bits, spec.in_features).to(torch.int32)
         zeros = tensors.get("zeros")
         zero = torch.full((codes.shape[0], 1), packing.default_zero(spec.bits)) if zeros is None else zeros
         centered = (codes - zero.to(torch.int32)).view(-1, *spec.kernel_size).permute(1, 2, 0)
         scales = tensors["scales"].to(torch.float32).reshape(-1)
         consts = [centered.to(torch.float32).contiguous(), scales, tensors["act_scale"].reshape(1)]
+        if spec.has_bias:
+            consts.append(tensors["bias"].to(torch.float32).reshape(-1))
         func = depthwise_func(spec, knobs["col_tile"], knobs["channel_tile"])
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
 
@@ -86,7 +90,8 @@ def channel_lanes(channels: int) -> int:
 
 
 def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
-    """``x (B, H, W·C) f32``, centered codes, scales, step → ``y (B, OH, OW, C) f32``."""
+    """``x (B, H, W·C) f32``, centered codes, scales, step, [bias] → ``y (B, OH, OW, C) f32``, then the spec's
+    epilogue (`conv.conv_epilogue`)."""
     step = te.placeholder((1,), "float32", name="act_scale")
     x, xp = padded_codes(spec, step, tirx.round, "float32")
     channels = spec.image[3]
@@ -102,8 +107,13 @@ def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
 
     shape = (spec.image[0], out_h, out_w, channels)
     acc = te.compute(shape, lambda *i: te.sum(tap(*i), axis=[r, s]), name="acc")
-    y = te.compute(shape, lambda b, oh, ow, c: acc[b, oh, ow, c] * scales[c] * step[0], name="y")
-    return te.create_prim_func([x, weights, scales, step, y])
+    bias = te.placeholder((channels,), "float32", name="bias") if spec.has_bias else None
+
+    def output(b: tirx.Var, oh: tirx.Var, ow: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
+        return conv_epilogue(spec, acc[b, oh, ow, c] * scales[c] * step[0], bias[c] if bias is not None else None)
+
+    y = te.compute(shape, output, name="y")
+    return te.create_prim_func([x, weights, scales, step] + ([bias] if bias is not None else []) + [y])
 
 
 def depthwise_func(spec: ConvSpec, col_tile: int, channel_tile: int, name: str | None = None) -> tirx.PrimFunc:

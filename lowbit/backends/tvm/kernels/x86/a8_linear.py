@@ -78,7 +78,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     scale_storage,
     stream_locality,
 )
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, quantized_input, schedule_patches
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, conv_epilogue, quantized_input, schedule_patches
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -161,6 +161,7 @@ class X86A8Linear(LinearKernel):
     knobs = KNOBS
     convolutions = True
     symbolic_rows = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
@@ -384,6 +385,8 @@ def a8_linear_compute(
     def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
         value = acc[m, n // rows, n % rows]
         value = value / mult[m] if step is None else value * step[0]
+        if isinstance(spec, ConvSpec):
+            return conv_epilogue(spec, value, bias[n] if bias is not None else None)
         return value + bias[n] if bias is not None else value
 
     y = te.compute((m_rows, n_out), output, name="y")
