@@ -45,6 +45,8 @@ CASES = {
     "depthwise-72-stride2": (72, 9, nn.Conv2d(72, 72, 3, stride=2, padding=1, groups=72), True),
     "depthwise-88": (88, 6, nn.Conv2d(88, 88, 3, padding=1, groups=88), False),
     "depthwise-120-5x5": (120, 7, nn.Conv2d(120, 120, 5, padding=2, groups=120), True),
+    # A padded copy over 1 MiB as float32: its codes stored as int8 (`a8_depthwise.code_dtype`).
+    "depthwise-int8-copy": (64, 66, nn.Conv2d(64, 64, 3, padding=1, groups=64), True),
 }
 
 

@@ -33,6 +33,8 @@ KNOBS: dict[str, tuple[int, ...]] = {"col_tile": (1, 2, 4, 7, 8), "channel_tile"
 LANES = 16
 #: Narrowest vector it takes: fewer lanes (an odd channel count) leave the fp32 convolution faster.
 MIN_LANES = 4
+#: Largest float32 padded copy (bytes): a larger one would leave the L2 cache; its codes are stored as int8 instead.
+FLOAT_COPY_BYTES = 1 << 20
 #: Most taps whose integer sum stays exact in float32: ``taps · 128 · 255 < 2²⁴`` (codes of up to 8 bits).
 MAX_TAPS = (1 << 24) // (128 * 255)
 
@@ -89,11 +91,20 @@ def channel_lanes(channels: int) -> int:
     return power_of_two_divisor(channels, LANES)
 
 
+def code_dtype(spec: ConvSpec) -> str:
+    """How the padded copy stores its codes: float32 (each tap one ``vfmadd`` with a memory operand) while the copy
+    stays within `FLOAT_COPY_BYTES`, else int8 (a quarter of the bytes, widened to float32 as the taps load it)."""
+    batch, height, width, channels = spec.image
+    pad_h, pad_w = spec.padding
+    elements = batch * (height + 2 * pad_h) * (width + 2 * pad_w) * channels
+    return "float32" if 4 * elements <= FLOAT_COPY_BYTES else "int8"
+
+
 def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
     """``x (B, H, W·C) f32``, centered codes, scales, step, [bias] → ``y (B, OH, OW, C) f32``, then the spec's
     epilogue (`conv.conv_epilogue`)."""
     step = te.placeholder((1,), "float32", name="act_scale")
-    x, xp = padded_codes(spec, step, tirx.round, "float32")
+    x, xp = padded_codes(spec, step, tirx.round, code_dtype(spec))
     channels = spec.image[3]
     (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
     weights = te.placeholder((kh, kw, channels), "float32", name="weights")
@@ -103,7 +114,8 @@ def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
     (stride_h, stride_w), (dil_h, dil_w) = spec.stride, spec.dilation
 
     def tap(b: tirx.Var, oh: tirx.Var, ow: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
-        return xp[b, oh * stride_h + r * dil_h, ow * stride_w + s * dil_w, c] * weights[r, s, c]
+        code = xp[b, oh * stride_h + r * dil_h, ow * stride_w + s * dil_w, c]
+        return code.astype("float32") * weights[r, s, c]
 
     shape = (spec.image[0], out_h, out_w, channels)
     acc = te.compute(shape, lambda *i: te.sum(tap(*i), axis=[r, s]), name="acc")
