@@ -158,13 +158,29 @@ def quantized_input(
 def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
     """The input stage of a `ConvSpec` kernel: the padded codes by pixel rows, channels in vector lanes; the patch
     rows in parallel, each kernel row of a patch (``kw·C`` consecutive codes in channels-last order) one inner
-    loop, vectorized in its largest power-of-two part."""
+    loop, vectorized in its largest power-of-two part. A `pointwise` layer's patch matrix is its input: its rows
+    quantize the input's pixels in place of the padded copy."""
     channels = spec.image[3]
-    schedule_padded(sch, channels)
+    if pointwise(spec):
+        sch.compute_inline(sch.get_sblock("xp"))
+    else:
+        schedule_padded(sch, channels)
     m, k = sch.get_loops(sch.get_sblock("xq"))
     sch.parallel(m)
     span = spec.kernel_size[1] * channels if spec.channels_last else spec.in_features
     _vectorize(sch, sch.split(k, factors=[None, span])[-1], span)
+
+
+def pointwise(spec: ConvSpec) -> bool:
+    """Whether the patch matrix is the NHWC input itself: a 1x1 kernel, stride 1, no padding, channels-last
+    columns and no columns past the channels."""
+    return (
+        tuple(spec.kernel_size) == (1, 1)
+        and tuple(spec.stride) == (1, 1)
+        and tuple(spec.padding) == (0, 0)
+        and spec.channels_last
+        and spec.in_features == spec.image[3]
+    )
 
 
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
@@ -190,6 +206,7 @@ __all__ = [
     "conv_epilogue",
     "padded_codes",
     "patch_weight",
+    "pointwise",
     "quantized_input",
     "schedule_padded",
     "schedule_patches",
