@@ -441,11 +441,11 @@ class _FusedEpilogues(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
         fusion = next((item for item in self.fusions if item.terminal.same_as(call)), None)
-        if fusion is None:
-            return super().visit_call_(call)
-        planned = _plan_fused(self.mod[fusion.kernel.args[0]].attrs[EPILOGUE_ATTR], fusion.bias, fusion.steps)
+        planned = None
+        if fusion is not None:
+            planned = _plan_fused(self.mod[fusion.kernel.args[0]].attrs[EPILOGUE_ATTR], fusion.bias, fusion.steps)
         if planned is None:
-            return super().visit_call_(call)
+            return self._one_reshape(super().visit_call_(call))
         func, consts = planned
         gvar = self.builder_.add_func(func, f"{fusion.kernel.args[0].name_hint}_fused")
         x = self.visit_expr(fusion.kernel.args[1][0])
@@ -453,6 +453,14 @@ class _FusedEpilogues(PyExprMutator):
         out = self.builder_.emit(relax.call_tir(gvar, [x, *consts], out_ty=relax.TensorType(shape, "float32")))
         self.fused += 1
         return relax.op.reshape(out, [int(d) for d in call.ty.shape])
+
+    def _one_reshape(self, call: relax.Call) -> relax.Expr:
+        """A ``reshape`` of a ``reshape`` (a fused kernel's image, then the next kernel's pixel rows) as one: each
+        is a call of the VM."""
+        if _op_name(call) != "relax.reshape" or not isinstance(call.args[0], relax.Var):
+            return call
+        inner = self.lookup_binding(call.args[0])
+        return relax.op.reshape(inner.args[0], call.args[1]) if _op_name(inner) == "relax.reshape" else call
 
 
 @tvm.transform.module_pass(opt_level=0, name="Int8ConvCalls")
