@@ -4,13 +4,16 @@ Each call first becomes Relax's ``conv1d``/``conv2d`` on the weight dequantized 
 after the static int8 fake-quantization of the input ``clip(round(x / Δ), −128, 127) · Δ`` for ``conv_packed_a8``,
 and the bias as an ``add``: operators that the channels-last conversion (`layout`) carries to NHWC.
 
-A 2-D ``conv_packed_a8`` of one group that an int8 kernel of the toolchain takes (`kernels.generic.conv`: the
-linear int8 GEMM over the patches of the NHWC input) also gets its planned kernel in the module, tagged with the
-weight constant. `Int8ConvCalls`, run right after the layout conversion, replaces the NHWC ``conv2d`` on that
-weight by a ``call_tir`` of the kernel on the unquantized input (the kernel quantizes it), so the layers around it
-stay NHWC; the bias ``add`` that follows is the reference's last step. Everything else (weight-only packed
-convolutions, grouped and depthwise int8 ones, 1-D ones) runs as the fp32 convolution and is recorded as a fallback
-with its reason.
+A 2-D ``conv_packed_a8`` of one group or one group per channel that an int8 kernel of the toolchain takes
+(`kernels.generic.conv`: the linear int8 GEMM over the patches of the NHWC input; `kernels.x86.a8_depthwise`) also
+gets its planned kernel in the module, tagged with the weight constant. `Int8ConvCalls`, run right after the layout
+conversion, replaces the NHWC ``conv2d`` on that weight by a ``call_tir`` of the kernel on the unquantized input
+(the kernel quantizes it), so the layers around it stay NHWC; the bias ``add`` that follows is the reference's last
+step. Where nothing else reads the values between the kernel, that ``add`` and an activation after it (ReLU, a
+clamp such as ReLU6, hardswish), a kernel that applies epilogues (`LinearKernel.epilogues`) is planned again with
+them in its output stage and replaces the chain: one pass over the output instead of three, the same float32
+operations. Everything else (weight-only packed convolutions, grouped int8 ones other than depthwise, 1-D ones)
+runs as the fp32 convolution and is recorded as a fallback with its reason.
 """
 
 from __future__ import annotations
@@ -437,7 +440,6 @@ class _FusedEpilogues(PyExprMutator):
         super().__init__(mod)
         self.mod = mod
         self.fusions: list[_Fusion] = []
-        self.fused = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the functor's method name)
         fusion = next((item for item in self.fusions if item.terminal.same_as(call)), None)
@@ -451,7 +453,6 @@ class _FusedEpilogues(PyExprMutator):
         x = self.visit_expr(fusion.kernel.args[1][0])
         shape = [int(d) for d in func.params[-1].shape]
         out = self.builder_.emit(relax.call_tir(gvar, [x, *consts], out_ty=relax.TensorType(shape, "float32")))
-        self.fused += 1
         return relax.op.reshape(out, [int(d) for d in call.ty.shape])
 
     def _one_reshape(self, call: relax.Call) -> relax.Expr:

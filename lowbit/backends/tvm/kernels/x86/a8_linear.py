@@ -18,7 +18,8 @@ order, with integer arithmetic where the reference is exact:
    many independent ``vpdpbusd`` chains, so the GEMV is no longer latency-bound.
 3. ``acc[m, n] = Σ_g float32(dot − z·asum) · scale[n, g]``, groups in increasing order
    (float32 of an int32 rounds like the reference's float64 → float32).
-4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias``.
+4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias`` (a convolution: then the steps of its
+   epilogue, `conv.conv_epilogue`).
 
 Weight layout, made at lowering time from the project's packed rows: output rows in
 tiles of 8 and input columns in quads of 4; one 32-byte word holds, for one tile, ``pb
