@@ -113,12 +113,19 @@ def padded_codes(
     pad_h, pad_w = spec.padding
     x = te.placeholder((batch, height, width * channels), "float32", name="x")
 
+    def code(value: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN)).astype(dtype)
+
+    source, quantized = x, False
+    if power_of_two_divisor(channels, 16) < MIN_CHANNEL_LANES:  # quantize along whole pixel rows first
+        source = te.compute(x.shape, lambda b, h, wc: code(x[b, h, wc]), name="xc")
+        quantized = True
+
     def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, w: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
         # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
-        value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
-        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
-        return tirx.if_then_else(inside, rounded.astype(dtype), tirx.const(0, dtype))
+        value = source[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
+        return tirx.if_then_else(inside, value if quantized else code(value), tirx.const(0, dtype))
 
     shape = (batch, height + 2 * pad_h, width + 2 * pad_w, channels)
     return x, te.compute(shape, padded, name="xp")
@@ -162,13 +169,17 @@ def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec) -> None:
     quantize the input's pixels in place of the padded copy."""
     channels = spec.image[3]
     if pointwise(spec):
-        sch.compute_inline(sch.get_sblock("xp"))
+        sch.compute_inline(sch.get_sblock("xp"))  # whole words of columns: at least 4 channels, no ``xc``
     else:
         schedule_padded(sch, channels)
     m, k = sch.get_loops(sch.get_sblock("xq"))
     sch.parallel(m)
     span = spec.kernel_size[1] * channels if spec.channels_last else spec.in_features
     _vectorize(sch, sch.split(k, factors=[None, span])[-1], span)
+
+
+#: Fewest channel lanes the padded copy quantizes in (fewer: whole pixel rows are quantized first).
+MIN_CHANNEL_LANES = 4
 
 
 def pointwise(spec: ConvSpec) -> bool:
@@ -184,10 +195,21 @@ def pointwise(spec: ConvSpec) -> bool:
 
 
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
-    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes."""
+    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes; with fewer channels than
+    `MIN_CHANNEL_LANES` (an RGB image), the codes ``xc`` first, whole pixel rows in vector lanes."""
     b, h, _, c = sch.get_loops(sch.get_sblock("xp"))
     sch.parallel(sch.fuse(b, h))
     _vectorize(sch, c, channels)
+    _schedule_row_codes(sch, channels)
+
+
+def _schedule_row_codes(sch: s_tir.Schedule, channels: int) -> None:
+    """The codes ``xc`` of an input with fewer channels than `MIN_CHANNEL_LANES`: pixel rows in parallel, each in
+    vector lanes."""
+    if power_of_two_divisor(channels, 16) < MIN_CHANNEL_LANES:
+        b, h, wc = sch.get_loops(sch.get_sblock("xc"))
+        sch.parallel(sch.fuse(b, h))
+        _vectorize(sch, wc, int(sch.get(wc).extent))
 
 
 def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int) -> None:
