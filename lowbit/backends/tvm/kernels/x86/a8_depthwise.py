@@ -2,12 +2,13 @@
 
 The reference computes each channel's outputs as the int8 linear of its ``kh·kw`` patch columns
 (`lowbit.ir.ops_conv`): one exact integer sum per output, ``float32(acc) · scale``, ``· Δ`` (the bias is the
-following ``add``). Here the input is quantized once into a zero-padded copy of its codes (`conv.padded_codes`),
-stored as float32, and each output pixel accumulates ``kh·kw`` products of codes and centered weights ``q − z``
-(float32, laid out ``(kh, kw, C)`` at compile time) with fused multiply-adds in float32 lanes of channels. Every
-product and partial sum is an integer below 2²⁴ (`MAX_TAPS` bounds the taps), so float32 holds them exactly, in any
-order: the sums are the reference's integers and the epilogue is its float32 arithmetic. One ``vfmadd`` with a
-memory operand per 16 products replaces the int32 ``vpmovsxbd`` + ``vpmulld`` + ``vpaddd`` of an integer loop (a
+following ``add``, which the kernel applies itself when planned with an epilogue). Here the input is quantized once
+into a zero-padded copy of its codes (`conv.padded_codes`), stored as float32 (as int8 where that copy would leave
+the L2 cache: `code_dtype`), and each output pixel accumulates ``kh·kw`` products of codes and centered weights
+``q − z`` (float32, laid out ``(kh, kw, C)`` at compile time) with fused multiply-adds in float32 lanes of channels.
+Every product and partial sum is an integer below 2²⁴ (`MAX_TAPS` bounds the taps), so float32 holds them exactly,
+in any order: the sums are the reference's integers and the epilogue is its float32 arithmetic. One ``vfmadd`` with
+a memory operand per 16 products replaces the int32 ``vpmovsxbd`` + ``vpmulld`` + ``vpaddd`` of an integer loop (a
 depthwise layer has no reduction over channels to feed a dot-product instruction). The kernel is a direct loop:
 parallel over output rows, ``col_tile`` output pixels × ``channel_tile`` channels per register tile, the epilogue
 applied to the tile while it is in registers. Channel counts that are not a multiple of 16 run in the largest
@@ -31,7 +32,7 @@ KERNEL_NAME = "a8_depthwise_x86"
 KNOBS: dict[str, tuple[int, ...]] = {"col_tile": (1, 2, 4, 7, 8), "channel_tile": (16, 32, 64)}
 #: float32 lanes of one AVX-512 register, the widest vector the kernel uses.
 LANES = 16
-#: Narrowest vector it takes: fewer lanes (an odd channel count) leave the fp32 convolution faster.
+#: Narrowest vector it takes: a channel count with fewer lanes (odd, or twice odd) keeps the fp32 convolution.
 MIN_LANES = 4
 #: Largest float32 padded copy (bytes): a larger one would leave the L2 cache; its codes are stored as int8 instead.
 FLOAT_COPY_BYTES = 1 << 20
