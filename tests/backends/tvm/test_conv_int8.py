@@ -41,6 +41,12 @@ CASES = {
     "1x3-dilated": (8, 9, nn.Conv2d(8, 16, (1, 3), padding=(0, 2), dilation=(1, 2)), False),
     "depthwise-relu": (32, 10, nn.Conv2d(32, 32, 3, padding=1, groups=32), True),
     "depthwise-stride2-no-bias": (48, 11, nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48, bias=False), False),
+    # Channel counts that are not a multiple of 16 (MobileNetV3-Small's): vectors of 8 lanes.
+    "depthwise-72-stride2": (72, 9, nn.Conv2d(72, 72, 3, stride=2, padding=1, groups=72), True),
+    "depthwise-88": (88, 6, nn.Conv2d(88, 88, 3, padding=1, groups=88), False),
+    "depthwise-120-5x5": (120, 7, nn.Conv2d(120, 120, 5, padding=2, groups=120), True),
+    # A padded copy over 1 MiB as float32: its codes stored as int8 (`a8_depthwise.code_dtype`).
+    "depthwise-int8-copy": (64, 66, nn.Conv2d(64, 64, 3, padding=1, groups=64), True),
 }
 
 
@@ -144,6 +150,87 @@ def test_int8_convolutions_keep_the_block_channels_last() -> None:
     )
     assert sum(name.startswith("lowbit_conv_") for name in names) == 4
     assert len([name for name in names if "transpose" in name]) == 1  # the input's
+
+
+class HardSwishOps(nn.Module):
+    """``x · (clamp(x + 3, 0, 6) / 6)`` in torch operators: the float32 steps of Relax's ``hardswish``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (torch.clamp(x + 3, 0, 6) / 6)
+
+
+class Clamp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, -0.5, 0.75)
+
+
+#: Activations after a convolution that its kernel applies in its output stage (None: the bias alone).
+EPILOGUES = {"bias": None, "relu": nn.ReLU, "relu6": nn.ReLU6, "clamp": Clamp, "hardswish": HardSwishOps}
+#: (input channels, convolution) for each int8 kernel: the GEMM, the AVX2 kernel (24 outputs), depthwise.
+EPILOGUE_CONVS = {
+    "gemm-3x3": (16, lambda: nn.Conv2d(16, 32, 3, padding=1)),
+    "linear-1x1": (32, lambda: nn.Conv2d(32, 24, 1)),
+    "depthwise-72": (72, lambda: nn.Conv2d(72, 72, 3, padding=1, groups=72)),
+}
+
+
+def fused_calls(net: nn.Module, x: torch.Tensor) -> list[str]:
+    """The names of the kernels a compiled ``net`` calls (w8a8-x86)."""
+    calibration = [(x,), (torch.randn_like(x),)]
+    graph = lowbit.compile(net, (x,), recipe="w8a8-x86", calibration=calibration, target="torch").graph
+    toolchain = CPUToolchain(resolve_target("x86"))
+    mod = toolchain.schedule(lowering.lower(graph, (x,), toolchain).mod)
+    names: list[str] = []
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: (
+            names.append(e.args[0].name_hint)
+            if isinstance(e, relax.Call) and e.op == tvm.ir.Op.get("relax.call_tir")
+            else None
+        ),
+    )
+    return names
+
+
+@pytest.mark.parametrize("activation", list(EPILOGUES))
+@pytest.mark.parametrize("conv", list(EPILOGUE_CONVS))
+def test_fused_bias_and_activation_are_bit_exact(conv: str, activation: str) -> None:
+    """The kernel planned with its layer's bias and the activation after it replaces the three operators, and
+    computes the graph's float32 values bit for bit."""
+    channels, make = EPILOGUE_CONVS[conv]
+    torch.manual_seed(7)
+    act = EPILOGUES[activation]
+    net = nn.Sequential(make(), *([act()] if act is not None else [])).eval()
+    x = torch.randn(1, channels, 9, 9)
+    reference, compiled = compiled_pair(net, x, int8_passes())
+    y = torch.randn(1, channels, 9, 9) * 1.5
+    assert torch.equal(compiled(y), reference(y))
+    assert compiled.report.fallbacks == []
+    names = fused_calls(net, x)
+    assert len([name for name in names if name.startswith("lowbit_conv_") and name.endswith("_fused")]) == 1
+    assert not [name for name in names if "add" in name or "maximum" in name or "minimum" in name or "relu" in name]
+
+
+def test_an_output_read_twice_keeps_its_activation_outside_the_kernel() -> None:
+    """A ReLU6 whose input a residual also reads stays an operator: only the bias is fused."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return torch.nn.functional.relu6(y) + y
+
+    torch.manual_seed(8)
+    net = Residual().eval()
+    x = torch.randn(1, 16, 8, 8)
+    reference, compiled = compiled_pair(net, x, int8_passes())
+    assert torch.equal(compiled(x), reference(x))
+    names = fused_calls(net, x)
+    assert [name for name in names if name.startswith("lowbit_conv_")] == [f"lowbit_conv_{a8_gemm.KERNEL_NAME}_fused"]
+    assert any("minimum" in name for name in names)
 
 
 @pytest.mark.parametrize("knobs", [{"row_tile": 2, "row_vectors": 1}, {"row_tile": 8, "out_tile": 32}])

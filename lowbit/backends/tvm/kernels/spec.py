@@ -114,6 +114,8 @@ class LinearKernel(ABC):
     #: Whether, on a symbolic row count, it takes any number of rows (`row_count`), its last block of rows partial,
     #: rather than whole blocks and their count: the lowering then neither pads its input nor cuts its output.
     tail_rows: ClassVar[bool] = False
+    #: Whether the kernel applies a `kernels.generic.conv.ConvSpec`'s bias and ``epilogue`` in its output stage.
+    epilogues: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:

@@ -361,15 +361,15 @@ class Tuner:
         )
 
 
-#: Spec fields added after records were shipped, left out of a record's spec while unset, so those records keep
-#: their keys (a `PackedLinearSpec.row_blocks` kernel is never tuned).
-UNSET_SPEC_FIELDS = ("row_blocks",)
+#: Spec fields added after records were shipped, left out of a record's spec while unset (False or empty), so those
+#: records keep their keys (a `PackedLinearSpec.row_blocks` kernel is never tuned, nor a convolution's epilogue).
+UNSET_SPEC_FIELDS = ("row_blocks", "epilogue")
 
 
 def record_spec(spec: Any) -> dict[str, Any]:
     """``spec`` as tuning records store and key it."""
     data = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec)
-    return {k: v for k, v in data.items() if not (k in UNSET_SPEC_FIELDS and v is False)}
+    return {k: v for k, v in data.items() if not (k in UNSET_SPEC_FIELDS and v in (False, ()))}
 
 
 def _first_line(error: BaseException) -> str:

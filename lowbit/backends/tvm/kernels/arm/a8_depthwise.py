@@ -98,21 +98,20 @@ def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
     weights = te.placeholder((kh, kw, wide), "int16", name="weights")
     scales = te.placeholder((channels,), "float32", name="scales")
 
-    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
-        w, c = wc // wide, wc % wide
+    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, w: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w, c < channels)
         # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
         value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + _clamp(c, channels)]
         rounded = tirx.max(tirx.min(tirx.nearbyint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
         return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
 
-    xp = te.compute((batch, height + 2 * pad_h, (width + 2 * pad_w) * wide), padded, name="xp")
+    xp = te.compute((batch, height + 2 * pad_h, width + 2 * pad_w, wide), padded, name="xp")
     r = te.reduce_axis((0, kh), name="r")
     s = te.reduce_axis((0, kw), name="s")
     (stride_h, stride_w), (dil_h, dil_w) = spec.stride, spec.dilation
 
     def tap(b: tirx.Var, oh: tirx.Var, ow: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
-        code = xp[b, oh * stride_h + r * dil_h, (ow * stride_w + s * dil_w) * wide + c]
+        code = xp[b, oh * stride_h + r * dil_h, ow * stride_w + s * dil_w, c]
         return code.astype("int32") * weights[r, s, c].astype("int32")
 
     acc = te.compute((batch, out_h, out_w, wide), lambda *i: te.sum(tap(*i), axis=[r, s]), name="acc")

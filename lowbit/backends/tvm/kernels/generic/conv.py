@@ -20,7 +20,7 @@ import torch
 from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.generic.activations import activation_codes
-from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, power_of_two_divisor
+from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.ir import packing
 from lowbit.ir.ops_a8 import ACT_QMAX, ACT_QMIN
@@ -42,11 +42,43 @@ class ConvSpec(PackedLinearSpec):
     channels_last: bool = True
     #: Convolution groups: 1, or one per channel (depthwise, `kernels.x86.a8_depthwise`).
     conv_groups: int = 1
+    #: Elementwise steps after the bias that the kernel's output stage applies (`conv_epilogue`), each a name of
+    #: `EPILOGUE_STEPS` and its constant: the activation that follows the layer in the graph.
+    epilogue: tuple[tuple[str, float], ...] = ()
 
     @property
     def patch(self) -> int:
         """Columns of one patch before the rounding up."""
         return self.image[3] * self.kernel_size[0] * self.kernel_size[1]
+
+
+def conv_epilogue(spec: ConvSpec, value: tirx.PrimExpr, bias: tirx.PrimExpr | None) -> tirx.PrimExpr:
+    """A convolution's dequantized output ``value`` plus its ``bias``, then the steps of the spec's ``epilogue``,
+    each the float32 operation of the graph operator it replaces (`EPILOGUE_STEPS`), so the result is the graph's.
+
+    The product is fenced (``llvm.arithmetic.fence``) before the bias: LLVM would otherwise contract the multiply
+    and the add into one fused multiply-add, which rounds once where the reference rounds twice.
+    """
+    if bias is not None:
+        value = tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", value) + bias
+    for name, constant in spec.epilogue:
+        value = EPILOGUE_STEPS[name](value, tirx.const(constant, "float32"))
+    return value
+
+
+def _hardswish(value: tirx.PrimExpr, _: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Relax's decomposition of ``hardswish``: ``x · (min(max(x + 3, 0), 6) / 6)``."""
+    three, zero, six = (tirx.const(c, "float32") for c in (3.0, 0.0, 6.0))
+    return value * (tirx.min(tirx.max(value + three, zero), six) / six)
+
+
+#: The elementwise steps an epilogue takes: ``maximum``/``minimum`` with a constant (ReLU, ReLU6, clamps) and
+#: ``hardswish`` (its constant unused).
+EPILOGUE_STEPS: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
+    "maximum": tirx.max,
+    "minimum": tirx.min,
+    "hardswish": _hardswish,
+}
 
 
 def patch_weight(
@@ -73,30 +105,33 @@ def patch_weight(
 
 
 def padded_codes(
-    spec: ConvSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+    spec: ConvSpec, step: te.Tensor | None, rint: Callable[[tirx.PrimExpr], tirx.PrimExpr], dtype: str = "int8"
 ) -> tuple[te.Tensor, te.Tensor]:
     """The input ``x`` ``(B, H, W·C)`` (NHWC, pixel rows of interleaved channels) and its int8 codes with the static
-    step, zero-padded: ``xp`` ``(B, H + 2·pad_h, (W + 2·pad_w)·C)``."""
+    step, zero-padded: ``xp`` ``(B, H + 2·pad_h, W + 2·pad_w, C)``, the codes stored as ``dtype``. Indexed by
+    pixel and channel (no division of a flat index), its inner loop over channels is one contiguous vector load."""
     if step is None:
         raise ValueError("an int8 convolution quantizes its input with a static step")
     batch, height, width, channels = spec.image
     pad_h, pad_w = spec.padding
-    padded_h, padded_w = height + 2 * pad_h, width + 2 * pad_w
     x = te.placeholder((batch, height, width * channels), "float32", name="x")
 
-    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, wc: tirx.PrimExpr) -> tirx.PrimExpr:
-        w, c = wc // channels, wc % channels
-        # The padding columns multiply the code of the clamped edge pixel by 0 instead of branching: a branch on
-        # the column varies across the vectorized channel lanes, so TVM would run it lane by lane (and a select
-        # would let the simplifier drop the clamp it guards, reading outside ``x``). A padding row is a branch
-        # on the row, one value for a whole task.
-        value = x[b, h - pad_h, _clamp(w - pad_w, width) * channels + c]
-        rounded = tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN)).astype("int8")
-        column = tirx.all(w >= pad_w, w < width + pad_w).astype("int8")
-        inside = tirx.all(h >= pad_h, h < height + pad_h)
-        return tirx.if_then_else(inside, rounded * column, tirx.const(0, "int8"))
+    def code(value: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.max(tirx.min(rint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN)).astype(dtype)
 
-    return x, te.compute((batch, padded_h, padded_w * channels), padded, name="xp")
+    source, quantized = x, False
+    if power_of_two_divisor(channels, 16) < MIN_CHANNEL_LANES:  # quantize along whole pixel rows first
+        source = te.compute(x.shape, lambda b, h, wc: code(x[b, h, wc]), name="xc")
+        quantized = True
+
+    def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, w: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+        inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
+        # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
+        value = source[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
+        return tirx.if_then_else(inside, value if quantized else code(value), tirx.const(0, dtype))
+
+    shape = (batch, height + 2 * pad_h, width + 2 * pad_w, channels)
+    return x, te.compute(shape, padded, name="xp")
 
 
 def quantized_input(
@@ -125,7 +160,7 @@ def quantized_input(
             wc = (left + col * dil_w) * channels + _clamp(channel, channels)
         # Columns past the patch (whole weight words) meet zero-point codes: any finite code there adds nothing.
         # Channels-last patches read 0 there, so that their code sums are the patch's (`code_sums`).
-        code = xp[b, _clamp(top + row * dil_h, padded_h), wc]
+        code = xp[b, _clamp(top + row * dil_h, padded_h), wc // channels, wc % channels]
         if spec.channels_last and spec.in_features > spec.patch:
             return tirx.Select(k < spec.patch, code, tirx.const(0, "int8"))
         return code
@@ -135,8 +170,14 @@ def quantized_input(
 
 def sums_by_pixel(spec: PackedLinearSpec) -> TypeGuard[ConvSpec]:
     """Whether `code_sums` adds a patch's codes from per-pixel sums (an ungrouped convolution's channels-last
-    patches, one weight group per row)."""
-    return isinstance(spec, ConvSpec) and spec.channels_last and spec.groups == 1 and spec.conv_groups == 1
+    patches, one weight group per row, over a padded copy: not `pointwise`, whose patch is one pixel)."""
+    return (
+        isinstance(spec, ConvSpec)
+        and spec.channels_last
+        and spec.groups == 1
+        and spec.conv_groups == 1
+        and not pointwise(spec)
+    )
 
 
 def code_sums(spec: PackedLinearSpec, xq: te.Tensor) -> te.Tensor:
@@ -155,12 +196,11 @@ def code_sums(spec: PackedLinearSpec, xq: te.Tensor) -> te.Tensor:
             name="asum",
         )
     xp = xq.op.input_tensors[0]  # the padded codes the patches read (`padded_codes`)
-    batch, padded_h, padded_wc = (int(extent) for extent in xp.shape)
-    channels = spec.image[3]
+    batch, padded_h, padded_w, channels = (int(extent) for extent in xp.shape)
     c = te.reduce_axis((0, channels), name="c")
     pixels = te.compute(
-        (batch, padded_h, padded_wc // channels),
-        lambda b, h, w: te.sum(xp[b, h, w * channels + c].astype("int32"), axis=c),
+        (batch, padded_h, padded_w),
+        lambda b, h, w: te.sum(xp[b, h, w, c].astype("int32"), axis=c),
         name="pixel_sums",
     )
     (kh, kw), (out_h, out_w) = spec.kernel_size, spec.out_size
@@ -182,9 +222,14 @@ def schedule_patches(sch: s_tir.Schedule, spec: ConvSpec, rows: s_tir.schedule.L
     """The input stage of a `ConvSpec` kernel: the padded codes by pixel rows, channels in vector lanes; the patch
     rows in parallel, or each register tile's rows under its loop ``rows`` (gathered into a few cache lines just
     before the tile reads them, not written out for the whole image first); each kernel row of a patch (``kw·C``
-    consecutive codes in channels-last order) one inner loop, vectorized in its largest power-of-two part."""
+    consecutive codes in channels-last order) one inner loop, vectorized in its largest power-of-two part. A
+    `pointwise` layer's patch matrix is its input: its rows quantize the input's pixels in place of the padded
+    copy."""
     channels = spec.image[3]
-    schedule_padded(sch, channels)
+    if pointwise(spec):
+        sch.compute_inline(sch.get_sblock("xp"))  # whole words of columns: at least 4 channels, no ``xc``
+    else:
+        schedule_padded(sch, channels)
     xq = sch.get_sblock("xq")
     if rows is None:
         sch.parallel(sch.get_loops(xq)[0])
@@ -216,19 +261,38 @@ def schedule_code_sums(sch: s_tir.Schedule, spec: ConvSpec, tiles: s_tir.schedul
         sch.compute_at(sch.get_sblock("asum"), tiles, preserve_unit_loops=True)
 
 
+#: Fewest channel lanes the padded copy quantizes in (fewer: whole pixel rows are quantized first).
+MIN_CHANNEL_LANES = 4
+
+
+def pointwise(spec: ConvSpec) -> bool:
+    """Whether the patch matrix is the NHWC input itself: a 1x1 kernel, stride 1, no padding, channels-last
+    columns and no columns past the channels."""
+    return (
+        tuple(spec.kernel_size) == (1, 1)
+        and tuple(spec.stride) == (1, 1)
+        and tuple(spec.padding) == (0, 0)
+        and spec.channels_last
+        and spec.in_features == spec.image[3]
+    )
+
+
 def schedule_padded(sch: s_tir.Schedule, channels: int) -> None:
-    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes (or, for fewer than 4 lanes of
-    them, the padded row)."""
-    xp = sch.get_sblock("xp")
-    b, h, wc = sch.get_loops(xp)
+    """The padded codes ``xp``: pixel rows in parallel, channels in vector lanes; with fewer channels than
+    `MIN_CHANNEL_LANES` (an RGB image), the codes ``xc`` first, whole pixel rows in vector lanes."""
+    b, h, _, c = sch.get_loops(sch.get_sblock("xp"))
     sch.parallel(sch.fuse(b, h))
-    if power_of_two_divisor(channels, 16) >= 4:
-        _vectorize(sch, sch.split(wc, factors=[None, channels])[-1], channels)
-        return
-    # Channels in too few lanes (an RGB image): vectors along the padded row, a few pixels in one vector (their
-    # loads gathered).
-    row = int(sch.get(wc).extent)
-    sch.vectorize(sch.split(wc, factors=[None, divisor_at_most(row, 16)])[-1])
+    _vectorize(sch, c, channels)
+    _schedule_row_codes(sch, channels)
+
+
+def _schedule_row_codes(sch: s_tir.Schedule, channels: int) -> None:
+    """The codes ``xc`` of an input with fewer channels than `MIN_CHANNEL_LANES`: pixel rows in parallel, each in
+    vector lanes."""
+    if power_of_two_divisor(channels, 16) < MIN_CHANNEL_LANES:
+        b, h, wc = sch.get_loops(sch.get_sblock("xc"))
+        sch.parallel(sch.fuse(b, h))
+        _vectorize(sch, wc, int(sch.get(wc).extent))
 
 
 def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int, lanes: int = 16) -> None:
@@ -242,13 +306,16 @@ def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
 
 
 __all__ = [
+    "EPILOGUE_STEPS",
     "ConvSpec",
     "code_sums",
+    "conv_epilogue",
     "padded_codes",
     "patch_weight",
+    "pointwise",
     "quantized_input",
-    "schedule_padded",
     "schedule_code_sums",
+    "schedule_padded",
     "schedule_patches",
     "sums_by_pixel",
 ]

@@ -64,6 +64,7 @@ class X86A8Gemm(LinearKernel):
     knobs = KNOBS
     convolutions = True
     symbolic_rows = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         if spec.batch < MIN_ROWS:

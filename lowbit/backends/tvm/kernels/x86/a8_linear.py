@@ -18,7 +18,8 @@ order, with integer arithmetic where the reference is exact:
    many independent ``vpdpbusd`` chains, so the GEMV is no longer latency-bound.
 3. ``acc[m, n] = Σ_g float32(dot − z·asum) · scale[n, g]``, groups in increasing order
    (float32 of an int32 rounds like the reference's float64 → float32).
-4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias``.
+4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias`` (a convolution: then the steps of its
+   epilogue, `conv.conv_epilogue`).
 
 Weight layout, made at lowering time from the project's packed rows: output rows in
 tiles of 8 and input columns in quads of 4; one 32-byte word holds, for one tile, ``pb
@@ -81,6 +82,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
 from lowbit.backends.tvm.kernels.generic.conv import (
     ConvSpec,
     code_sums,
+    conv_epilogue,
     quantized_input,
     schedule_code_sums,
     schedule_patches,
@@ -168,6 +170,7 @@ class X86A8Linear(LinearKernel):
     knobs = KNOBS
     convolutions = True
     symbolic_rows = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
@@ -388,6 +391,8 @@ def a8_linear_compute(
     def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
         value = acc[m, n // rows, n % rows]
         value = value / mult[m] if step is None else value * step[0]
+        if isinstance(spec, ConvSpec):
+            return conv_epilogue(spec, value, bias[n] if bias is not None else None)
         return value + bias[n] if bias is not None else value
 
     y = te.compute((m_rows, n_out), output, name="y")
