@@ -5,7 +5,7 @@ after the static int8 fake-quantization of the input ``clip(round(x / Δ), −12
 and the bias as an ``add``: operators that the channels-last conversion (`layout`) carries to NHWC.
 
 A 2-D ``conv_packed_a8`` of one group or one group per channel that an int8 kernel of the toolchain takes
-(`kernels.generic.conv`: the linear int8 GEMM over the patches of the NHWC input; `kernels.x86.a8_depthwise`) also
+(`kernels.generic.conv`: the linear int8 GEMM over the patches of the NHWC input; the depthwise kernels) also
 gets its planned kernel in the module, tagged with the weight constant. `Int8ConvCalls`, run right after the layout
 conversion, replaces the NHWC ``conv2d`` on that weight by a ``call_tir`` of the kernel on the unquantized input
 (the kernel quantizes it), so the layers around it stay NHWC; the bias ``add`` that follows is the reference's last

@@ -40,7 +40,7 @@ class ConvSpec(PackedLinearSpec):
     #: Patch columns in (kernel row, kernel column, channel) order; False: torch's (channel, row, column) order,
     #: kept when the weight has several quantization groups per row.
     channels_last: bool = True
-    #: Convolution groups: 1, or one per channel (depthwise, `kernels.x86.a8_depthwise`).
+    #: Convolution groups: 1, or one per channel (depthwise: `kernels.x86.a8_depthwise`, `kernels.arm.a8_depthwise`).
     conv_groups: int = 1
     #: Elementwise steps after the bias that the kernel's output stage applies (`conv_epilogue`), each a name of
     #: `EPILOGUE_STEPS` and its constant: the activation that follows the layer in the graph.
