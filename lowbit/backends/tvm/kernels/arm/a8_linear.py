@@ -13,8 +13,9 @@ order, with integer arithmetic where the reference is exact:
    otherwise. The zero point is removed algebraically, ``Σ x_int · (q − z) = dot − (z −
    o) · asum`` (exact in int32; for the symmetric 8-bit default ``z = o = 128``).
 3. ``acc[m, n] = Σ_g float32(dot − (z − o)·asum) · scale[n, g]``, groups in increasing
-   order (float32 of an int32 rounds like the reference's float64 → float32).
-4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias``.
+   order (float32 of an int32 rounds like the reference's float64 → float32; each product is `fenced` from
+   its sum).
+4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then (`fenced`) ``+ bias``.
 
 Weight layout, made at lowering time from the project's packed rows: output rows in
 tiles of 4 and input columns in quads of 4; one 16-byte word holds, for one tile, ``pb
@@ -51,6 +52,7 @@ from lowbit.backends.tvm.kernels.generic.activations import (
 )
 from lowbit.backends.tvm.kernels.generic.common import (
     divisor_at_most,
+    fenced,
     finish,
     loops_below,
     power_of_two_divisor,
@@ -235,7 +237,9 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     )
 
     def centered(m: tirx.Var, g: tirx.Var, t: tirx.Var, i: tirx.Var) -> tirx.PrimExpr:
-        return (dot[m, g, t, i] - zeros[g, t * ROWS + i] * asum[m, g]).astype("float32") * scales[g, t * ROWS + i]
+        return fenced(
+            (dot[m, g, t, i] - zeros[g, t * ROWS + i] * asum[m, g]).astype("float32") * scales[g, t * ROWS + i]
+        )
 
     g_axis = te.reduce_axis((0, groups), name="g")
     acc = te.compute(
@@ -248,12 +252,12 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
 
 
 def _epilogue(acc: Any, mult: te.Tensor | None, step: te.Tensor | None, bias: te.Tensor | None) -> Any:
-    """Step 4: ``y[m, n]`` from the float32 accumulator ``acc(m, n)``."""
+    """Step 4: ``y[m, n]`` from the float32 accumulator ``acc(m, n)``, the rescale `fenced` from the bias."""
 
     def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
         value = acc(m, n)
         value = value / mult[m] if step is None else value * step[0]
-        return value + bias[n] if bias is not None else value
+        return fenced(value) + bias[n] if bias is not None else value
 
     return output
 
@@ -325,7 +329,7 @@ def a8_linear_arm_i8mm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
 
     def centered(mp: tirx.Var, g: tirx.Var, t: tirx.Var, mi: tirx.Var, i: tirx.Var) -> tirx.PrimExpr:
         n = t * MMLA_ROWS + i
-        return (dot[mp, g, t, mi, i] - zeros[g, n] * asum[mp * 2 + mi, g]).astype("float32") * scales[g, n]
+        return fenced((dot[mp, g, t, mi, i] - zeros[g, n] * asum[mp * 2 + mi, g]).astype("float32") * scales[g, n])
 
     g_axis = te.reduce_axis((0, groups), name="g")
     acc = te.compute(

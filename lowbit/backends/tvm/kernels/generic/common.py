@@ -34,6 +34,13 @@ def unsupported_reason(spec: PackedLinearSpec) -> str | None:
     return None
 
 
+def fenced(value: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``value`` behind ``llvm.arithmetic.fence``: LLVM may not contract the operation that computes it with the one
+    that uses it (a product and the sum after it into one fused multiply-add, which rounds once where the torch
+    reference rounds twice)."""
+    return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", value)
+
+
 def scale_storage(scales: torch.Tensor) -> torch.dtype:
     """The type a kernel stores ``scales`` in: float16 when every scale is exactly a float16 number (a quantizer's
     ``scale_dtype: float16`` rounds them so), which halves their bytes and decodes to the same float32 values;

@@ -20,7 +20,7 @@ import torch
 from tvm import s_tir, te, tirx
 
 from lowbit.backends.tvm.kernels.generic.activations import activation_codes
-from lowbit.backends.tvm.kernels.generic.common import power_of_two_divisor
+from lowbit.backends.tvm.kernels.generic.common import fenced, power_of_two_divisor
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
 from lowbit.ir import packing
 from lowbit.ir.ops_a8 import ACT_QMAX, ACT_QMIN
@@ -56,11 +56,10 @@ def conv_epilogue(spec: ConvSpec, value: tirx.PrimExpr, bias: tirx.PrimExpr | No
     """A convolution's dequantized output ``value`` plus its ``bias``, then the steps of the spec's ``epilogue``,
     each the float32 operation of the graph operator it replaces (`EPILOGUE_STEPS`), so the result is the graph's.
 
-    The product is fenced (``llvm.arithmetic.fence``) before the bias: LLVM would otherwise contract the multiply
-    and the add into one fused multiply-add, which rounds once where the reference rounds twice.
+    The product is `fenced` before the bias, so the two round apart as in the reference.
     """
     if bias is not None:
-        value = tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", value) + bias
+        value = fenced(value) + bias
     for name, constant in spec.epilogue:
         value = EPILOGUE_STEPS[name](value, tirx.const(constant, "float32"))
     return value

@@ -34,7 +34,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.activations import layout_reason
-from lowbit.backends.tvm.kernels.generic.common import finish
+from lowbit.backends.tvm.kernels.generic.common import fenced, finish
 from lowbit.backends.tvm.kernels.generic.rows import padded_rows
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors, row_count
 from lowbit.backends.tvm.kernels.x86 import a8_linear
@@ -236,17 +236,15 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
                     for i in range(BLOCK):
                         for j in T.vectorized(BLOCK):
                             if asym:
-                                acc[i, j] = (
-                                    acc[i, j]
-                                    + T.Cast(
+                                acc[i, j] = acc[i, j] + fenced(
+                                    T.Cast(
                                         "float32", dots[i, j] - zeros[g, task * BLOCK + j] * asum[block * BLOCK + i, g]
                                     )
                                     * scales[g, task * BLOCK + j]
                                 )
                             else:
-                                acc[i, j] = (
-                                    acc[i, j]
-                                    + T.Cast("float32", dots[i, j] - default_zero * asum[block * BLOCK + i, g])
+                                acc[i, j] = acc[i, j] + fenced(
+                                    T.Cast("float32", dots[i, j] - default_zero * asum[block * BLOCK + i, g])
                                     * scales[g, task * BLOCK + j]
                                 )
                 for i in range(BLOCK):
@@ -259,7 +257,9 @@ def _kernel(spec: PackedLinearSpec) -> tirx.PrimFunc:
                             elif dynamic:
                                 y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] / mult[block * BLOCK + i]
                             elif has_bias:
-                                y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0] + bias[task * BLOCK + j]
+                                y[block * BLOCK + i, task * BLOCK + j] = (
+                                    fenced(acc[i, j] * step[0]) + bias[task * BLOCK + j]
+                                )
                             else:
                                 y[block * BLOCK + i, task * BLOCK + j] = acc[i, j] * step[0]
             T.evaluate(_tile("tilerelease"))

@@ -17,9 +17,9 @@ order, with integer arithmetic where the reference is exact:
    a multiple of ``2^(l·bits)``). That saves the byte shifts and gives ``pb`` times as
    many independent ``vpdpbusd`` chains, so the GEMV is no longer latency-bound.
 3. ``acc[m, n] = Σ_g float32(dot − z·asum) · scale[n, g]``, groups in increasing order
-   (float32 of an int32 rounds like the reference's float64 → float32).
-4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then ``+ bias`` (a convolution: then the steps of its
-   epilogue, `conv.conv_epilogue`).
+   (float32 of an int32 rounds like the reference's float64 → float32; each product is `fenced` from its sum).
+4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then (`fenced`) ``+ bias`` (a convolution: then the steps
+   of its epilogue, `conv.conv_epilogue`).
 
 Weight layout, made at lowering time from the project's packed rows: output rows in
 tiles of 8 and input columns in quads of 4; one 32-byte word holds, for one tile, ``pb
@@ -70,6 +70,7 @@ from lowbit.backends.tvm.kernels.generic.activations import (
 from lowbit.backends.tvm.kernels.generic.common import (
     NTA,
     divisor_at_most,
+    fenced,
     finish,
     layer_consts,
     loops_below,
@@ -381,7 +382,7 @@ def a8_linear_compute(
         total = dot[m, g, t, 0, i]
         for l in range(1, lanes):
             total = total + tirx.shift_right(dot[m, g, t, l, i], l * bits)
-        return (total - zero * asum[m, g]).astype("float32") * scales[block, g, row].astype("float32")
+        return fenced((total - zero * asum[m, g]).astype("float32") * scales[block, g, row].astype("float32"))
 
     g_axis = te.reduce_axis((0, groups), name="g")
     acc = te.compute(
@@ -393,7 +394,7 @@ def a8_linear_compute(
         value = value / mult[m] if step is None else value * step[0]
         if isinstance(spec, ConvSpec):
             return conv_epilogue(spec, value, bias[n] if bias is not None else None)
-        return value + bias[n] if bias is not None else value
+        return fenced(value) + bias[n] if bias is not None else value
 
     y = te.compute((m_rows, n_out), output, name="y")
     args = [x, words, scales] + [t for t in (zeros, bias, step) if t is not None]
