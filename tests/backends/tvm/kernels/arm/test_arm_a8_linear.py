@@ -146,6 +146,22 @@ def test_i8mm_variant_is_bit_exact_under_qemu(tmp_path) -> None:
         np.testing.assert_array_equal(got, _reference(spec, tensors, x), err_msg=str(spec))
 
 
+def test_float_scales_step_and_bias_round_as_the_reference_under_qemu(tmp_path) -> None:
+    """Random float scales, a static step that is no power of two and a bias of magnitude about 100: a fused
+    multiply-add in the groups' accumulation or before the bias would round differently; sdot and i8mm stay exact."""
+    layers = []
+    for asymmetric, dynamic in ((False, False), (True, False), (True, True)):
+        spec, tensors, x = _layer(4, 6, 256, 32, 64, asymmetric, bias=True, dynamic=dynamic, seed=len(layers))
+        gen = torch.Generator().manual_seed(len(layers))
+        tensors["scales"] = torch.rand(tensors["scales"].shape, generator=gen) * 0.1 + 0.01
+        tensors["bias"] = torch.randn(spec.out_features, generator=gen) * 100
+        tensors["act_scale"] = None if dynamic else torch.tensor(0.0371)
+        layers.append((spec, tensors, x))
+    for target, cpu in ((ARM, qemu.DEFAULT_CPU), (ARM_I8MM, "max")):
+        for (spec, tensors, x), got in zip(layers, _run_under_qemu(layers, tmp_path, target=target, cpu=cpu)):
+            np.testing.assert_array_equal(got, _reference(spec, tensors, x), err_msg=f"{target}: {spec}")
+
+
 @pytest.mark.parametrize(
     ("target", "rows", "instruction"),
     [
