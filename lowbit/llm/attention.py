@@ -9,7 +9,10 @@ there); a query with nothing to attend to gets zeros.
 
 Schedule: one parallel task per (batch row, kv head, block of queries); the task's rows are
 the block's queries times the query heads that share the kv head (grouped-query
-attention), so every key and value row loaded from the cache serves all of them. Keys
+attention), so every key and value row loaded from the cache serves all of them. The new
+keys and values are appended by the task itself where it holds all of its kv head's
+queries (a decode step: one fork and join of the thread pool per layer, not two), else in
+a parallel loop of their own before the tasks (which read each other's new keys). Keys
 stream in tiles of `KEY_TILE` with an online softmax (running max and sum per row,
 accumulators rescaled per tile), so the work and the memory read are bounded by ``n``, not
 ``T``, and nothing but the tile's scores is kept. Dot products and the value accumulation
@@ -113,6 +116,16 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
         if width >= 2:
             buffer[0] = combine(buffer[0], buffer[1])
 
+    @T.macro
+    def append(
+        k: T.Buffer, v: T.Buffer, k_cache: T.Buffer, v_cache: T.Buffer, b: T.int64, g: T.int64, start: T.int64
+    ) -> None:
+        """Write the new keys and values of row ``b``, kv head ``g`` at positions ``start ..``."""
+        for i, dc in T.grid(chunk, chunks):
+            for lane in T.vectorized(lanes):
+                k_cache[b, g, start + i, dc * lanes + lane] = k[b, i, g, dc * lanes + lane]
+                v_cache[b, g, start + i, dc * lanes + lane] = v[b, i, g, dc * lanes + lane]
+
     @T.prim_func(private=True)
     def kernel(
         q: T.Buffer((batch, chunk, q_heads, dim), "float32"),
@@ -127,18 +140,14 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
         n = T.int64()
         mask = T.match_buffer(mask_handle, (batch, n), "int32")
         start = n - chunk  # position of the first new token
-        for bh in T.parallel(batch * kv_heads):
-            for i, dc in T.grid(chunk, chunks):
-                for lane in T.vectorized(lanes):
-                    k_cache[bh // kv_heads, bh % kv_heads, start + i, dc * lanes + lane] = k[
-                        bh // kv_heads, i, bh % kv_heads, dc * lanes + lane
-                    ]
-                    v_cache[bh // kv_heads, bh % kv_heads, start + i, dc * lanes + lane] = v[
-                        bh // kv_heads, i, bh % kv_heads, dc * lanes + lane
-                    ]
+        if blocks > 1:  # tasks of one kv head read each other's new keys: append them all first
+            for bh in T.parallel(batch * kv_heads):
+                append(k, v, k_cache, v_cache, bh // kv_heads, bh % kv_heads, start)
         for task in T.parallel(batch * kv_heads * blocks):
             b = task // (kv_heads * blocks)
             g = task // blocks % kv_heads
+            if blocks == 1:  # the task's kv head is its own: append in the same parallel region
+                append(k, v, k_cache, v_cache, b, g, start)
             first = task % blocks * block  # first query of the task
             end = start + first + block  # positions < end are attended to by some row of the task
             qs = T.decl_buffer((rows, dim), "float32")
