@@ -9,7 +9,13 @@ there); a query with nothing to attend to gets zeros.
 
 Schedule: one parallel task per (batch row, kv head, block of queries); the task's rows are
 the block's queries times the query heads that share the kv head (grouped-query
-attention), so every key and value row loaded from the cache serves all of them. Keys
+attention), so every key and value row loaded from the cache serves all of them. Where one
+task holds all of its kv head's queries (a decode step), its key tiles are split in
+`KEY_SPLITS` tasks, whose partial softmax sums are merged after them (rescaled to the
+common top score), so a few kv heads still share the threads evenly; each task appends
+the new keys and values that fall in its tiles (one fork and join of the thread pool per
+layer, not two). Otherwise they are appended in a parallel loop of their own before the
+tasks, which read each other's new keys. Keys
 stream in tiles of `KEY_TILE` with an online softmax (running max and sum per row,
 accumulators rescaled per tile), so the work and the memory read are bounded by ``n``, not
 ``T``, and nothing but the tile's scores is kept. Dot products and the value accumulation
@@ -36,6 +42,9 @@ from lowbit.backends.tvm.target import float32_lanes
 KEY_TILE = 64
 #: Rows (queries × grouped heads) per task in a prefill chunk: each loaded key serves that many dot products.
 ROW_BLOCK = 32
+#: Parts a task's key tiles are split into where one task holds all of a kv head's queries (a decode step): a
+#: model with 3 kv heads (SmolLM2) makes 6 tasks, which two threads share evenly, not 2 to 1.
+KEY_SPLITS = 2
 #: Below this, `_exp` returns its value at the floor: ``2^k`` stays a normal float32 (``k >= -126``).
 EXP_FLOOR = -87.0
 #: ln 2 split in two (the high part exact in a few bits), so ``x - k·ln 2`` loses nothing for ``|k| <= 126``.
@@ -96,6 +105,8 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
     group, block = spec.group, spec.query_block
     lanes = power_of_two_divisor(dim, wide)  # vectors along the head dimension
     rows, blocks, chunks, tile = block * group, chunk // block, dim // lanes, KEY_TILE
+    splits = KEY_SPLITS if blocks == 1 else 1
+    partials = batch * kv_heads * splits if splits > 1 else 1
     scale = spec.scale
 
     @T.macro
@@ -113,6 +124,20 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
         if width >= 2:
             buffer[0] = combine(buffer[0], buffer[1])
 
+    @T.macro
+    def append(
+        k: T.Buffer, v: T.Buffer, k_cache: T.Buffer, v_cache: T.Buffer, b: T.int64, g: T.int64, start: T.int64,
+        low: T.int64, high: T.int64,
+    ) -> None:  # fmt: skip
+        """Write the new keys and values of row ``b``, kv head ``g`` at positions ``start ..`` in ``[low, high)``."""
+        for i in range(chunk):
+            if start + i >= low:  # noqa: SIM102 (TIR's `and` evaluates both sides)
+                if start + i < high:
+                    for dc in range(chunks):
+                        for lane in T.vectorized(lanes):
+                            k_cache[b, g, start + i, dc * lanes + lane] = k[b, i, g, dc * lanes + lane]
+                            v_cache[b, g, start + i, dc * lanes + lane] = v[b, i, g, dc * lanes + lane]
+
     @T.prim_func(private=True)
     def kernel(
         q: T.Buffer((batch, chunk, q_heads, dim), "float32"),
@@ -127,20 +152,24 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
         n = T.int64()
         mask = T.match_buffer(mask_handle, (batch, n), "int32")
         start = n - chunk  # position of the first new token
-        for bh in T.parallel(batch * kv_heads):
-            for i, dc in T.grid(chunk, chunks):
-                for lane in T.vectorized(lanes):
-                    k_cache[bh // kv_heads, bh % kv_heads, start + i, dc * lanes + lane] = k[
-                        bh // kv_heads, i, bh % kv_heads, dc * lanes + lane
-                    ]
-                    v_cache[bh // kv_heads, bh % kv_heads, start + i, dc * lanes + lane] = v[
-                        bh // kv_heads, i, bh % kv_heads, dc * lanes + lane
-                    ]
-        for task in T.parallel(batch * kv_heads * blocks):
-            b = task // (kv_heads * blocks)
-            g = task // blocks % kv_heads
-            first = task % blocks * block  # first query of the task
+        # the top score, sum of weights and weighted values of each (task, row) over the task's keys, when split
+        part_top = T.decl_buffer((partials, rows), "float32")
+        part_total = T.decl_buffer((partials, rows), "float32")
+        part_acc = T.decl_buffer((partials, rows, dim), "float32")
+        if blocks > 1:  # tasks of one kv head read each other's new keys: append them all first
+            for bh in T.parallel(batch * kv_heads):
+                append(k, v, k_cache, v_cache, bh // kv_heads, bh % kv_heads, start, start, n)
+        for task in T.parallel(batch * kv_heads * blocks * splits):
+            split = task % splits
+            b = task // splits // (kv_heads * blocks)
+            g = task // splits // blocks % kv_heads
+            first = task // splits % blocks * block  # first query of the task
             end = start + first + block  # positions < end are attended to by some row of the task
+            tiles = (end + (tile - 1)) // tile
+            begin = split * ((tiles + (splits - 1)) // splits)  # the task's key tiles: [begin, stop)
+            stop = T.min(begin + (tiles + (splits - 1)) // splits, tiles)
+            if blocks == 1:  # the new keys in the task's tiles are its own: append in the same parallel region
+                append(k, v, k_cache, v_cache, b, g, start, begin * tile, stop * tile)
             qs = T.decl_buffer((rows, dim), "float32")
             acc = T.decl_buffer((rows, dim), "float32")
             scores = T.decl_buffer((rows, tile), "float32")
@@ -159,7 +188,7 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
             for r in range(rows):
                 top[r] = T.float32(MASKED)
                 total[r] = T.float32(0)
-            for t in range((end + (tile - 1)) // tile):
+            for t in range(begin, T.max(begin, stop)):
                 for r, jj in T.grid(rows, tile):
                     scores[r, jj] = T.float32(MASKED)
                 for jj in range(tile):
@@ -212,11 +241,47 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
                                     acc[r, dc * lanes + lane]
                                     + scores[r, jj] * v_cache[b, g, t * tile + jj, dc * lanes + lane]
                                 )
-            for r, dc in T.grid(rows, chunks):
-                for lane in T.vectorized(lanes):
-                    out[b, first + r // group, g * group + r % group, dc * lanes + lane] = T.Select(
-                        total[r] > T.float32(0), acc[r, dc * lanes + lane] / total[r], T.float32(0)
-                    )
+            if splits == 1:
+                for r, dc in T.grid(rows, chunks):
+                    for lane in T.vectorized(lanes):
+                        out[b, first + r // group, g * group + r % group, dc * lanes + lane] = T.Select(
+                            total[r] > T.float32(0), acc[r, dc * lanes + lane] / total[r], T.float32(0)
+                        )
+            else:
+                for r in range(rows):
+                    part_top[task, r] = top[r]
+                    part_total[task, r] = total[r]
+                    for dc in range(chunks):
+                        for lane in T.vectorized(lanes):
+                            part_acc[task, r, dc * lanes + lane] = acc[r, dc * lanes + lane]
+        if splits > 1:  # blocks == 1: a head's splits are consecutive tasks; their sums rescaled to the top score
+            for bg, r in T.grid(batch * kv_heads, rows):
+                best = T.decl_buffer((1,), "float32")
+                weights = T.decl_buffer((splits,), "float32")
+                merged = T.decl_buffer((1,), "float32")
+                values = T.decl_buffer((dim,), "float32")
+                best[0] = part_top[bg * splits, r]
+                for split in range(1, splits):
+                    best[0] = T.max(best[0], part_top[bg * splits + split, r])
+                merged[0] = T.float32(0)
+                for split in range(splits):
+                    weights[split] = _exp(part_top[bg * splits + split, r] - best[0])
+                    merged[0] = merged[0] + weights[split] * part_total[bg * splits + split, r]
+                for dc in range(chunks):
+                    for lane in T.vectorized(lanes):
+                        values[dc * lanes + lane] = weights[0] * part_acc[bg * splits, r, dc * lanes + lane]
+                for split, dc in T.grid(splits - 1, chunks):
+                    for lane in T.vectorized(lanes):
+                        values[dc * lanes + lane] = (
+                            values[dc * lanes + lane]
+                            + weights[split + 1] * part_acc[bg * splits + split + 1, r, dc * lanes + lane]
+                        )
+                head = bg % kv_heads * group + r % group
+                for dc in range(chunks):
+                    for lane in T.vectorized(lanes):
+                        out[bg // kv_heads, r // group, head, dc * lanes + lane] = T.Select(
+                            merged[0] > T.float32(0), values[dc * lanes + lane] / merged[0], T.float32(0)
+                        )
 
     return kernel
 

@@ -141,14 +141,10 @@ class DecoderBuilder:
         with bb.function(f"{'all' if all_columns else 'step'}_{chunk}", params):
             with bb.dataflow():
                 hidden = self._decoder(ids, positions, mask, caches, chunk)
-                if not all_columns:
-                    hidden = bb.emit(relax.op.take(hidden, last, axis=1))
-                    rows = 1
-                else:
-                    rows = chunk
-                logits = self._linear(self.head, hidden, rows)
-                if not all_columns:
-                    logits = bb.emit(relax.op.reshape(logits, (batch, spec.vocab)))
+                if all_columns:
+                    logits = self._linear(self.head, hidden, chunk)
+                else:  # the head's (batch, vocab) output is returned as it is (a reshape of it would be a copy)
+                    logits = self._rows(self.head, bb.emit(relax.op.take(hidden, last, axis=1)), batch)
                 output = bb.emit_output(logits)
             bb.emit_func_output(output)
 
@@ -283,15 +279,15 @@ class DecoderBuilder:
 
     def _linear(self, linear: Linear, x: relax.Expr, chunk: int) -> relax.Expr:
         """``linear`` on ``x`` ``(B, chunk, K)``: ``(B, chunk, N)``."""
-        bb = self.bb
-        rows = self.max_batch * chunk
-        in_features = int(x.ty.shape[-1])
-        x2d = bb.emit(relax.op.reshape(x, (rows, in_features)))
+        y = self._rows(linear, x, self.max_batch * chunk)
+        return self.bb.emit(relax.op.reshape(y, (self.max_batch, chunk, linear.out_features)))
+
+    def _rows(self, linear: Linear, x: relax.Expr, rows: int) -> relax.Expr:
+        """``linear`` on the ``rows`` rows of ``x`` ``(B, chunk, K)``: ``(rows, N)``."""
+        x2d = self.bb.emit(relax.op.reshape(x, (rows, int(x.ty.shape[-1]))))
         if linear.packed:
-            y = self._packed(linear.path, x2d, rows)
-        else:
-            y = self._dense(linear.weight, linear.bias, x2d, rows)
-        return bb.emit(relax.op.reshape(y, (self.max_batch, chunk, linear.out_features)))
+            return self._packed(linear.path, x2d, rows)
+        return self._dense(linear.weight, linear.bias, x2d, rows)
 
     def _choose(self, linear: Linear) -> LayerKernel:
         """The kernel of a packed linear for a decode step (``max_batch`` rows), or the fallback, recorded."""

@@ -3,7 +3,9 @@
 `TVMDecoder` implements `generate.Decoder` over a library built by `lowbit.llm.lower` (this CPU, or a remote
 device through an RPC session). The caches are allocated once, on the device, and only the kernels write them;
 a batch smaller than the compiled one runs with padding rows whose mask is all zeros (they attend to nothing and
-produce zeros, never NaN).
+produce zeros, never NaN). On this CPU a step's inputs and logits cross between torch and TVM through DLPack,
+without copies: a SmolLM2 decode step is 2 to 4 ms, and converting through numpy (padding, copies of the inputs
+and of the 49152 logits) took about 0.1 ms of it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from tvm import relax
 
 from lowbit.errors import GenerationError
 from lowbit.llm.family import DecoderSpec
+
+#: Byte alignment TVM requires of memory it shares with another framework.
+ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class TVMDecoder:
         self.layout = layout
         self.device = device
         self.vm = relax.VirtualMachine(executable, device)
+        #: Whether tensors can be shared with torch in place (this process's CPU, not an RPC session's).
+        self.local = device == tvm.cpu()
+        self._functions: dict[str, Any] = {}
         self.max_batch, self.max_context, self.chunks = layout.max_batch, layout.max_context, layout.chunks
         self.vocab = layout.spec.vocab
         self._caches: list[Any] = []
@@ -68,17 +76,22 @@ class TVMDecoder:
         if chunk not in sizes:
             raise GenerationError(f"no compiled step takes {chunk} tokens; the step sizes are {sorted(sizes)}")
         rows = self.max_batch - batch
-        arrays = [
-            np.pad(ids.numpy().astype("int64"), ((0, rows), (0, 0))),
-            np.pad(positions.numpy().astype("int64"), ((0, rows), (0, 0))),
-            np.pad(mask.numpy().astype("int32"), ((0, rows), (0, 0))),
-        ]
+        tensors = [ids.to(torch.int64), positions.to(torch.int64), mask.to(torch.int32)]
+        if rows:
+            tensors = [torch.nn.functional.pad(tensor, (0, 0, 0, rows)) for tensor in tensors]
         if last is not None:
-            arrays.append(np.array([last], dtype="int64"))
-        inputs = [tvm.runtime.tensor(array, self.device) for array in arrays]
+            tensors.append(torch.tensor([last], dtype=torch.int64))
         name = f"{'step' if last is not None else 'all'}_{chunk}"
-        logits = self.vm[name](*inputs, *self._caches)
-        return torch.from_numpy(logits.numpy()[:batch])
+        if name not in self._functions:
+            self._functions[name] = self.vm[name]
+        logits = self._functions[name](*(self._input(tensor) for tensor in tensors), *self._caches)
+        return (torch.from_dlpack(logits) if self.local else torch.from_numpy(logits.numpy()))[:batch]
+
+    def _input(self, tensor: torch.Tensor) -> Any:
+        """``tensor`` on the device: shared in place where TVM accepts its memory (local, contiguous, aligned)."""
+        if self.local and tensor.is_contiguous() and tensor.data_ptr() % ALIGNMENT == 0:
+            return tvm.runtime.from_dlpack(tensor)
+        return tvm.runtime.tensor(tensor.contiguous().numpy(), self.device)
 
 
 __all__ = ["DecoderLayout", "TVMDecoder"]

@@ -13,7 +13,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from lowbit.backends.tvm.target import resolve_target
-from lowbit.llm.attention import AttentionSpec, _exp, cache_attention
+from lowbit.llm.attention import KEY_SPLITS, AttentionSpec, _exp, cache_attention
 
 CAPACITY = 160  # more than two key tiles, not a multiple of one
 SHAPES = {"smollm2": (9, 3, 64), "tiny": (4, 2, 8)}
@@ -209,3 +209,12 @@ def test_polynomial_exp_is_within_3e7_of_exp() -> None:
     exact = np.exp(x.astype(np.float64))
     assert np.max(np.abs(y.numpy()[:-16] - exact[:-16]) / exact[:-16]) < 3e-7
     assert np.all(np.isfinite(y.numpy())) and np.all(y.numpy()[-16:] < 1e-37)
+
+
+def test_a_decode_step_forks_the_thread_pool_once_and_splits_each_kv_head() -> None:
+    """Decode: the new keys are appended inside the attention tasks, 3 kv heads × `KEY_SPLITS` tasks; a prefill
+    chunk, whose tasks read each other's new keys, appends them in a parallel loop of its own first."""
+    decode = cache_attention(spec_for("smollm2", 1, 1), resolve_target("x86")).script()
+    prefill = cache_attention(spec_for("smollm2", 1, 16), resolve_target("x86")).script()
+    assert decode.count("T.parallel(") == 1 and f"T.parallel({3 * KEY_SPLITS})" in decode
+    assert prefill.count("T.parallel(") == 2

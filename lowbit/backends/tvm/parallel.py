@@ -80,8 +80,13 @@ def serialize_small_loops(func: tirx.PrimFunc, min_work: int = MIN_PARALLEL_WORK
 
 def _step(block: s_tir.SBlock) -> int:
     """The work of one execution of a leaf block: the most elements any of its buffer regions spans, 1 for a
-    scalar statement and the operand width for a tensorized step (a ``vpdpbusd`` reads 64 bytes of weights)."""
-    sizes = [math.prod(_constant(r.extent) or 1 for r in region.region) for region in [*block.reads, *block.writes]]
+    scalar statement and the operand width for a tensorized step (a ``vpdpbusd`` reads 64 bytes of weights).
+    A block with only spatial iterators (elementwise, a slice, a concatenation) counts the elements it writes:
+    its read regions may span the distance between two elements it reads (a gated MLP's ``silu(x[i]) ·
+    x[i + N]`` reads a region of ``N + 1``), which is no work."""
+    spatial = bool(block.iter_vars) and all(var.iter_type == tirx.IterVar.DataPar for var in block.iter_vars)
+    regions = block.writes if spatial else [*block.reads, *block.writes]
+    sizes = [math.prod(_constant(r.extent) or 1 for r in region.region) for region in regions]
     return max([1, *sizes])
 
 

@@ -31,6 +31,17 @@ def _doubled(x: te.Tensor) -> Callable[..., tirx.PrimExpr]:
     return lambda i, j, k: x[i, j, k] * 2.0
 
 
+def gated(width: int) -> tirx.PrimFunc:
+    """``x[:, :N] · x[:, N:]`` on one row of ``2N`` (a gated MLP's product), outputs in a parallel loop of vectors."""
+    x = te.placeholder((1, 2 * width), "float32", name="x")
+    y = te.compute((1, width), lambda m, i: x[m, i] * x[m, i + width], name="y")
+    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    outer, inner = sch.split(sch.get_loops(sch.get_sblock("y"))[1], factors=[None, 16])
+    sch.parallel(outer)
+    sch.vectorize(inner)
+    return sch.mod["main"]
+
+
 def matmul(rows: int, depth: int, columns: int) -> tirx.PrimFunc:
     a = te.placeholder((rows, depth), "float32", name="a")
     b = te.placeholder((depth, columns), "float32", name="b")
@@ -50,6 +61,13 @@ def kinds(func: tirx.PrimFunc) -> list[tirx.ForKind]:
 def test_work_counts_every_loop_inside_a_parallel_loop() -> None:
     assert list(parallel_work(s_tir.Schedule(scaled((14, 14, 96)))).values()) == [14 * 14 * 96]
     assert list(parallel_work(s_tir.Schedule(matmul(8, 32, 16))).values()) == [8 * 32 * 16]
+
+
+def test_an_elementwise_block_counts_the_elements_it_writes_not_the_span_it_reads() -> None:
+    """Each output reads ``x[i]`` and ``x[i + N]``: one region spanning ``N + 1`` elements, but one element of work."""
+    func = gated(1536)
+    assert list(parallel_work(s_tir.Schedule(func)).values()) == [1536]
+    assert tirx.ForKind.PARALLEL not in kinds(serialize_small_loops(func))
 
 
 def test_a_small_function_runs_serially_with_the_same_results() -> None:
