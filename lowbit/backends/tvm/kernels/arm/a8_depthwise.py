@@ -17,7 +17,7 @@ from tvm import s_tir, te, tirx
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish, power_of_two_divisor
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_padded
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, depthwise_reason, schedule_padded
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.target import target_arch
 from lowbit.errors import BackendError
@@ -46,12 +46,9 @@ class ArmA8Depthwise(LinearKernel):
     convolutions = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
-        if not isinstance(spec, ConvSpec) or spec.conv_groups == 1:
-            return "the depthwise kernel takes depthwise convolutions only"
-        if spec.conv_groups != spec.image[3] or spec.out_features != spec.conv_groups:
-            return f"{spec.conv_groups} groups of {spec.image[3]} channels to {spec.out_features}: not one channel each"
-        if spec.act_bits != 8 or spec.act_dynamic or spec.has_g_idx or spec.group_size != spec.in_features:
-            return "the depthwise kernel takes a static int8 input step and one weight group per channel"
+        reason = depthwise_reason(spec)
+        if reason is not None:
+            return reason
         zeros = tensors.get("zeros")
         if zeros is not None:
             if not torch.equal(zeros, zeros.round()):

@@ -80,6 +80,18 @@ EPILOGUE_STEPS: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr
 }
 
 
+def depthwise_reason(spec: PackedLinearSpec) -> str | None:
+    """Why a depthwise kernel cannot take ``spec`` (None: it is a depthwise convolution, one channel in and out per
+    group, with a static int8 input step and one weight group per channel), shared by every architecture's."""
+    if not isinstance(spec, ConvSpec) or spec.conv_groups == 1:
+        return "the depthwise kernel takes depthwise convolutions only"
+    if spec.conv_groups != spec.image[3] or spec.out_features != spec.conv_groups:
+        return f"{spec.conv_groups} groups of {spec.image[3]} channels to {spec.out_features}: not one channel each"
+    if spec.act_bits != 8 or spec.act_dynamic or spec.has_g_idx or spec.group_size != spec.in_features:
+        return "the depthwise kernel takes a static int8 input step and one weight group per channel"
+    return None
+
+
 def patch_weight(
     qweight: torch.Tensor,
     zeros: torch.Tensor | None,
@@ -305,6 +317,7 @@ def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
 
 
 __all__ = [
+    "depthwise_reason",
     "EPILOGUE_STEPS",
     "ConvSpec",
     "code_sums",

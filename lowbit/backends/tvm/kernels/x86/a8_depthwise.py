@@ -22,7 +22,13 @@ from tvm import s_tir, te, tirx
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish, power_of_two_divisor
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, conv_epilogue, padded_codes, schedule_padded
+from lowbit.backends.tvm.kernels.generic.conv import (
+    ConvSpec,
+    conv_epilogue,
+    depthwise_reason,
+    padded_codes,
+    schedule_padded,
+)
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.kernels.x86.a8_linear import _target_reason
 from lowbit.ir import packing
@@ -49,14 +55,11 @@ class X86A8Depthwise(LinearKernel):
     epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
-        if not isinstance(spec, ConvSpec) or spec.conv_groups == 1:
-            return "the depthwise kernel takes depthwise convolutions only"
-        if spec.conv_groups != spec.image[3] or spec.out_features != spec.conv_groups:
-            return f"{spec.conv_groups} groups of {spec.image[3]} channels to {spec.out_features}: not one channel each"
+        reason = depthwise_reason(spec)
+        if reason is not None:
+            return reason
         if channel_lanes(spec.conv_groups) < MIN_LANES:
             return f"{spec.conv_groups} channels fill no vector of {MIN_LANES} lanes"
-        if spec.act_bits != 8 or spec.act_dynamic or spec.has_g_idx or spec.group_size != spec.in_features:
-            return "the depthwise kernel takes a static int8 input step and one weight group per channel"
         if spec.bits > 8 or spec.kernel_size[0] * spec.kernel_size[1] > MAX_TAPS:
             return f"the float32 sums of {spec.bits}-bit codes over a {spec.kernel_size} kernel may not be exact"
         zeros = tensors.get("zeros")
