@@ -17,7 +17,7 @@ from tvm import s_tir, te, tirx
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish, power_of_two_divisor
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, depthwise_reason, schedule_padded
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, clamp_index, depthwise_reason, schedule_padded
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.target import target_arch
 from lowbit.errors import BackendError
@@ -98,7 +98,9 @@ def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
     def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, w: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w, c < channels)
         # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
-        value = x[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + _clamp(c, channels)]
+        value = x[
+            b, clamp_index(h - pad_h, height), clamp_index(w - pad_w, width) * channels + clamp_index(c, channels)
+        ]
         rounded = tirx.max(tirx.min(tirx.nearbyint(value / step[0]), float(ACT_QMAX)), float(ACT_QMIN))
         return tirx.if_then_else(inside, rounded.astype("int8"), tirx.const(0, "int8"))
 
@@ -146,10 +148,6 @@ def depthwise_func(spec: ConvSpec, col_tile: int, channel_tile: int, name: str |
     if lanes > 1:
         sch.vectorize(sch.split(c, factors=[None, lanes])[-1])
     return finish(sch.mod["main"], name)
-
-
-def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
-    return tirx.max(tirx.min(index, extent - 1), 0)
 
 
 __all__ = [

@@ -24,7 +24,7 @@ from tvm.target import Target
 from lowbit.backends.tvm.kernels.cuda.a8_linear import CudaA8Linear, packed_product_compute
 from lowbit.backends.tvm.kernels.generic.activations import Arithmetic, clamp_code
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, depthwise_reason
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, clamp_index, depthwise_reason
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.errors import BackendError
 from lowbit.ir import packing
@@ -126,7 +126,7 @@ def image_code(
     b, h, w = pixel[0], pixel[1] - pad_h, pixel[2] - pad_w
     inside = tirx.all(h >= 0, h < height, w >= 0, w < width)
     # Clamped indices: the load stays in bounds whichever side of the select runs.
-    value = x[b, _clamp(h, height), _clamp(w, width) * channels + _clamp(channel, channels)]
+    value = x[b, clamp_index(h, height), clamp_index(w, width) * channels + clamp_index(channel, channels)]
     code = clamp_code(arith.rint(arith.fdiv(value, tirx.const(step, "float32"))))
     return tirx.if_then_else(inside, code, tirx.const(0, "int32"))
 
@@ -208,10 +208,6 @@ def depthwise_func(spec: ConvSpec, step: float, threads: int = DEPTHWISE_THREADS
 def _pixel_blocks(spec: PackedLinearSpec, m_tile: int) -> int:
     """Blocks of output pixels the product launches with ``m_tile`` (as its schedule rounds it to a divisor)."""
     return spec.batch // divisor_at_most(spec.batch, m_tile)
-
-
-def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
-    return tirx.max(tirx.min(index, extent - 1), 0)
 
 
 __all__ = [

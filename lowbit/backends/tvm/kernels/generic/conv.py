@@ -138,7 +138,7 @@ def padded_codes(
     def padded(b: tirx.PrimExpr, h: tirx.PrimExpr, w: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         inside = tirx.all(h >= pad_h, h < height + pad_h, w >= pad_w, w < width + pad_w)
         # Clamped indices: a vectorized select may load both sides; the codes outside are replaced by 0.
-        value = source[b, _clamp(h - pad_h, height), _clamp(w - pad_w, width) * channels + c]
+        value = source[b, clamp_index(h - pad_h, height), clamp_index(w - pad_w, width) * channels + c]
         return tirx.if_then_else(inside, value if quantized else code(value), tirx.const(0, dtype))
 
     shape = (batch, height + 2 * pad_h, width + 2 * pad_w, channels)
@@ -168,10 +168,10 @@ def quantized_input(
             wc = left * channels + span + (dil_w - 1) * channels * (span // channels)
         else:
             channel, row, col = k // (kh * kw), k // kw % kh, k % kw
-            wc = (left + col * dil_w) * channels + _clamp(channel, channels)
+            wc = (left + col * dil_w) * channels + clamp_index(channel, channels)
         # Columns past the patch (whole weight words) meet zero-point codes: any finite code there adds nothing.
         # Channels-last patches read 0 there, so that their code sums are the patch's (`code_sums`).
-        code = xp[b, _clamp(top + row * dil_h, padded_h), wc // channels, wc % channels]
+        code = xp[b, clamp_index(top + row * dil_h, padded_h), wc // channels, wc % channels]
         if spec.channels_last and spec.in_features > spec.patch:
             return tirx.Select(k < spec.patch, code, tirx.const(0, "int8"))
         return code
@@ -312,16 +312,18 @@ def _vectorize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, extent: int, la
         sch.vectorize(sch.split(loop, factors=[None, width])[-1])
 
 
-def _clamp(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
+def clamp_index(index: tirx.PrimExpr, extent: int) -> tirx.PrimExpr:
+    """``index`` clamped to ``[0, extent)``: a load that stays inside its buffer (the caller masks the value)."""
     return tirx.max(tirx.min(index, extent - 1), 0)
 
 
 __all__ = [
-    "depthwise_reason",
     "EPILOGUE_STEPS",
     "ConvSpec",
+    "clamp_index",
     "code_sums",
     "conv_epilogue",
+    "depthwise_reason",
     "padded_codes",
     "patch_weight",
     "pointwise",
