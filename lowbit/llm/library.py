@@ -16,6 +16,7 @@ from typing import Any
 import tvm
 
 from lowbit.backends.tvm.convert import LoweredLinear, fallbacks
+from lowbit.backends.tvm.quiet import quiet_tvm
 from lowbit.backends.tvm.runner import LIBRARY_FILE, signature_linears
 from lowbit.backends.tvm.target import host_arch
 from lowbit.backends.tvm.toolchains.cpu import check_loadable, library_compiler
@@ -50,9 +51,10 @@ class DecoderLibrary:
         return TVMDecoder(self.executable, device, layout)
 
     def save(self, directory: Path) -> list[str]:
-        self.executable.export_library(
-            str(directory / LIBRARY_FILE), fcompile=library_compiler(self.arch, "exporting a library")
-        )
+        with quiet_tvm():
+            self.executable.export_library(
+                str(directory / LIBRARY_FILE), fcompile=library_compiler(self.arch, "exporting a library")
+            )
         info = {
             "arch": self.arch,
             "features": self.features,
@@ -69,7 +71,9 @@ class DecoderLibrary:
         if info["arch"] != host_arch():
             return cls(None, info["arch"], info["features"], linears)
         check_loadable(directory, info["arch"], info["features"])
-        return cls(tvm.runtime.load_module(str(directory / LIBRARY_FILE)), info["arch"], info["features"], linears)
+        with quiet_tvm():
+            module = tvm.runtime.load_module(str(directory / LIBRARY_FILE))
+        return cls(module, info["arch"], info["features"], linears)
 
     @classmethod
     def remote(cls, directory: Path, session: Any) -> tuple[DecoderLibrary, Any]:

@@ -37,6 +37,21 @@ def test_embedding_compile_export_and_load_print_no_tvm_noise(tmp_path, capfd, c
         assert text not in out and text not in err and text not in caplog.text
 
 
+def test_causal_lm_export_and_load_print_no_tvm_noise(tmp_path, capfd) -> None:
+    """A KV-cache decoder's library has a function per step size; exporting and loading it logs their scopes."""
+    from tests.llm.llm_models import causal_lm, prompts
+
+    model = causal_lm("llama", layers=1)
+    compiled = lowbit.compile(model, (prompts(1, 8),), target="x86", dynamic_shapes={"input_ids": {1: (1, 32)}})
+    loaded = lowbit.load(compiled.export(tmp_path / "lm"))
+    torch.testing.assert_close(
+        loaded.generate(prompts(1, 8), max_new_tokens=4), compiled.generate(prompts(1, 8), max_new_tokens=4)
+    )
+    out, err = capfd.readouterr()
+    for text in ("Scope Saving", "Scope Loaded"):
+        assert text not in out and text not in err
+
+
 def test_other_output_is_written_back(capfd) -> None:
     with quiet_tvm():
         os.write(2, f"[00:00:00] x.cc:1: Warning: {SILENCED[0]}\nkept line\n".encode())
