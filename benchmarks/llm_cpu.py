@@ -111,6 +111,7 @@ class Engine:
     env: dict[str, str] = field(default_factory=dict)
     setup: dict[str, Any] = field(default_factory=dict)
     perplexity: float | None = None  # where the worker cannot measure it (lowbit)
+    kv_element_bytes: int | None = None  # bytes of one cached key or value element (None: not counted)
 
 
 class Worker:
@@ -166,7 +167,31 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def measure(engines: list[Engine], inputs: Inputs, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+@dataclass(frozen=True)
+class CacheShape:
+    """What a decode step's attention reads from the KV cache per position: layers × kv heads × head dim."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config: Any) -> CacheShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
+
+    def decode_bytes(self, inputs: Inputs, element_bytes: int) -> float:
+        """Keys and values a decode step reads, averaged over the timed tokens 2..N (token i attends to the
+        prompt and the i - 1 tokens before it, itself included)."""
+        contexts = [len(inputs.decode_prompt) + i for i in range(1, inputs.new_tokens)]
+        per_position = 2 * self.layers * self.kv_heads * self.head_dim * element_bytes
+        return per_position * statistics.mean(contexts)
+
+
+def measure(
+    engines: list[Engine], inputs: Inputs, repeats: int, cache: CacheShape
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every engine once per round, one at a time (each round starts one engine later); rows and conditions."""
     workers = []
     for engine in engines:  # one at a time, so that loading and warm-up do not overlap
@@ -187,11 +212,14 @@ def measure(engines: list[Engine], inputs: Inputs, repeats: int) -> tuple[list[d
         log.info("perplexity: %s %s, %d thread(s)", worker.engine.engine, worker.engine.format, worker.engine.threads)
         rows.append(worker.row(inputs))
     bandwidth = {"bytes": read_bytes, "GBps": {str(t): spread([r / 1e9 for r in rates]) for t, rates in reads.items()}}
-    for row in rows:
+    for row, engine in zip(rows, engines):
         decode = row["decode_tokens_per_s"]
-        if decode is not None and row["engine"] != "torch eager":
-            # the time a token would take if it read the model's bytes once at the same-size read's best rate
-            bound_s = row["model_bytes"] / (bandwidth["GBps"][str(row["threads"])]["max"] * 1e9)
+        if decode is not None and engine.kv_element_bytes is not None:
+            # the time a token would take if it read the model's bytes and its cached keys and values once at the
+            # same-size read's best rate
+            row["kv_cache_read_bytes"] = cache.decode_bytes(inputs, engine.kv_element_bytes)
+            read = row["model_bytes"] + row["kv_cache_read_bytes"]
+            bound_s = read / (bandwidth["GBps"][str(row["threads"])]["max"] * 1e9)
             row["decode_vs_read_bound"] = (1 / decode["median"]) / bound_s
     return rows, {"load_average_start": load_start, "load_average_end": load_end, "read_bandwidth": bandwidth}
 
@@ -355,6 +383,7 @@ def lowbit_engines(args: argparse.Namespace, smol: Any, inputs: Inputs, work: Pa
                 size,
                 env={"TVM_NUM_THREADS": str(threads)},
                 setup={"artifact": str(artifact)},
+                kv_element_bytes=4,  # float32 cache
             )
             for threads in args.threads
         ]
@@ -436,6 +465,7 @@ def llama_engines(args: argparse.Namespace) -> tuple[list[Engine], dict[str, Any
                 threads,
                 [str(LLAMA_PYTHON), str(LLAMA_SCRIPT), "worker", str(path)],
                 path.stat().st_size,
+                kv_element_bytes=2,  # its default cache type, f16
             )
             for threads in args.threads
         ]
@@ -482,10 +512,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"token. Decode: greedy new tokens 2..{args['new_tokens']} after the {args['decode_prompt']}-token prompt. "
         f"Perplexity: {args['eval_windows']} windows of {args['eval_window']} tokens after the prompts, each from "
         "an empty cache, every position scored.",
-        "Decode ÷ read bound: the median decode time per token over the time to read the model's bytes once at "
-        "the best same-size read rate of the run at that thread count (torch.sum over a buffer of the largest "
-        f"quantized model's size, {fmt_read(conditions)}); 1.0 would be reading every weight once per token at "
-        "that rate.",
+        "Decode ÷ read bound: the median decode time per token over the time to read the bytes a decode step "
+        "reads (the model's bytes, plus the keys and values of its KV cache at the mean decode context: "
+        "float32 in lowbit, float16 in llama.cpp, its default cache type) once at the best same-size read rate "
+        "of the run at that thread count (torch.sum over a buffer of the largest quantized model's size, "
+        f"{fmt_read(conditions)}); 1.0 would be reading every weight and cached value once per token at that "
+        "rate.",
         "Model MiB: the GGUF file (llama.cpp), the exported artifact (lowbit), the fp32 parameters (torch). "
         "Peak RSS: the resident-set high-water mark of the process that generated, from the end of loading "
         "(the model's resident pages included, a loader's temporary buffers not; the JSON has the loading peak).",
@@ -599,8 +631,9 @@ def main() -> None:
         if not args.no_llama_cpp:
             llama_rows, report["llama_cpp"] = llama_engines(args)
             engines += llama_rows
+        smol_config = smol.model.config
         del smol
-        rows, conditions = measure(engines, inputs, args.repeats)
+        rows, conditions = measure(engines, inputs, args.repeats, CacheShape.of(smol_config))
     report["conditions"] = {"cpu": cpu_model(), "cpus": os.cpu_count(), **conditions}
     report["rows"] = rows
     write_report(report, args.out, markdown(report))

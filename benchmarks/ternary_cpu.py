@@ -45,6 +45,7 @@ from llm_cpu import (
     LLAMA_SCRIPT,
     LLAMA_WORK,
     RESULTS,
+    CacheShape,
     Engine,
     Inputs,
     cell,
@@ -260,6 +261,7 @@ def lowbit_engines(
             size,
             env={"TVM_NUM_THREADS": str(count)},
             setup={"artifact": str(artifact)},
+            kv_element_bytes=4,  # float32 cache
         )
         for count in threads
     ]
@@ -278,7 +280,8 @@ def llama_engines(
         tokens = json.loads(llama("greedy", str(path), str(new_tokens), *map(str, prompt)))
         files[name] = {"file_bytes": path.stat().st_size, "tensor_types": tensor_types(path), "greedy": tokens}
         command = [str(LLAMA_PYTHON), str(LLAMA_SCRIPT), "worker", str(path)]
-        engines += [Engine("llama.cpp", name, count, command, path.stat().st_size) for count in threads]
+        size = path.stat().st_size
+        engines += [Engine("llama.cpp", name, count, command, size, kv_element_bytes=2) for count in threads]
     return engines, files
 
 
@@ -422,7 +425,7 @@ def main() -> None:
             log.info(
                 "greedy tokens, %s: the first %d of %d as transformers'", name, entry["matching_prefix"], entry["of"]
             )
-        rows, conditions = measure(engines + llama_rows, inputs, args.repeats)
+        rows, conditions = measure(engines + llama_rows, inputs, args.repeats, CacheShape.of(shape.config()))
     report["conditions"] = {"cpu": cpu_model(), "cpus": os.cpu_count(), **conditions}
     report["rows"] = rows
     report["ratios"] = ratios(rows)
