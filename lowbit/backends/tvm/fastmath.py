@@ -38,6 +38,7 @@ def _sigmoid(x: te.Tensor) -> te.Tensor:
 
 
 def _silu(x: te.Tensor) -> te.Tensor:
+    """``x · sigmoid(x)`` with the fast sigmoid."""
     return topi.multiply(x, _sigmoid(x))
 
 

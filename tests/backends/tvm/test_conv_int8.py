@@ -1,13 +1,13 @@
 """Int8 convolutions on x86: ``conv_packed_a8`` layers run the int8 GEMM over their NHWC patches (depthwise ones a
 direct int8 kernel), bit for bit the torch target's values, with the model kept NHWC between them; other grouped
-ones stay fp32 with their reason."""
+ones stay fp32 with their reason. The bias and activation after a layer run in its kernel's output stage, a SiLU
+within a few ulps of torch's (its exponential) and bit for bit the unfused compile's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 import tvm
 from tvm import relax
 
@@ -290,6 +290,8 @@ def test_efficientnet_b0_with_fused_silu_is_the_unfused_compile(monkeypatch: pyt
     """torchvision's EfficientNet-B0 (random weights, batch-norm statistics of random images so that every SiLU
     sees values of order one), w8a8-x86: the SiLU after each int8 convolution is fused (those after the squeeze
     fallbacks stay operators) and the logits are the unfused compile's bit for bit."""
+    import torchvision
+
     torch.manual_seed(0)
     net = torchvision.models.efficientnet_b0(weights=None, num_classes=16)
     for module in net.modules():
