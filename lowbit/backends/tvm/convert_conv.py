@@ -10,8 +10,8 @@ gets its planned kernel in the module, tagged with the weight constant. `Int8Con
 conversion, replaces the NHWC ``conv2d`` on that weight by a ``call_tir`` of the kernel on the unquantized input
 (the kernel quantizes it), so the layers around it stay NHWC; the bias ``add`` that follows is the reference's last
 step. Where nothing else reads the values between the kernel, that ``add`` and an activation after it (ReLU, a
-clamp such as ReLU6, hardswish), a kernel that applies epilogues (`LinearKernel.epilogues`) is planned again with
-them in its output stage and replaces the chain: one pass over the output instead of three, the same float32
+clamp such as ReLU6, hardswish, SiLU), a kernel that applies epilogues (`LinearKernel.epilogues`) is planned again
+with them in its output stage and replaces the chain: one pass over the output instead of three, the same float32
 operations. Everything else (weight-only packed convolutions, grouped int8 ones other than depthwise, 1-D ones)
 runs as the fp32 convolution and is recorded as a fallback with its reason.
 """
@@ -358,15 +358,16 @@ class _Chains:
         return found
 
     def _activation(self, var: relax.Var) -> tuple[tuple[tuple[str, float], ...], relax.Var]:
-        """The epilogue steps of the activation that takes ``var`` alone (ReLU, a clamp, hardswish), and the
-        variable of its result (``var`` itself where none does)."""
+        """The epilogue steps of the activation that takes ``var`` alone (ReLU, a clamp, hardswish, SiLU or
+        ``x · sigmoid(x)``), and the variable of its result (``var`` itself where none does)."""
         users = self.users.get(var, [])
         if len(users) == 2:
-            return self._hardswish(var, users)
+            found = self._hardswish(var, users)
+            return found if found[0] else self._sigmoid_product(var, users)
         user = users[0] if len(users) == 1 else None
         value = self.values.get(user) if user is not None else None
-        if _op_name(value) == "relax.nn.relu":
-            return (("maximum", 0.0),), user
+        if _op_name(value) in _UNARY_STEPS:
+            return (_UNARY_STEPS[_op_name(value)],), user
         steps: list[tuple[str, float]] = []
         while value is not None and _op_name(value) in ("relax.maximum", "relax.minimum"):
             constant = self._scalar(value.args[1])
@@ -400,6 +401,21 @@ class _Chains:
             return none
         return (("hardswish", 0.0),), product[0]
 
+    def _sigmoid_product(
+        self, var: relax.Var, users: list[relax.Var | None]
+    ) -> tuple[tuple[tuple[str, float], ...], relax.Var]:
+        """SiLU written as ``multiply(x, sigmoid(x))`` of ``var`` (its two ``users``), which legalizes to the
+        operations of ``silu``."""
+        none: tuple[tuple[tuple[str, float], ...], relax.Var] = ((), var)
+        if any(user is None for user in users):
+            return none
+        gate = [user for user in users if _op_name(self.values[user]) == "relax.sigmoid"]
+        product = [user for user in users if _op_name(self.values[user]) == "relax.multiply"]
+        if len(gate) != 1 or len(product) != 1:
+            return none
+        gated = self._only_user(gate[0], "relax.multiply")
+        return ((("silu", 0.0),), product[0]) if gated is not None and gated.same_as(product[0]) else none
+
     def _only_user(self, var: relax.Var, op: str) -> relax.Var | None:
         """The binding variable of ``var``'s one user when that user is ``op`` on ``var`` first (commutative
         ``multiply``: either side), else None."""
@@ -426,6 +442,10 @@ class _Chains:
 
     def _kernel(self, call: relax.Call) -> tvm.tirx.PrimFunc:
         return self.mod[call.args[0]]
+
+
+#: Relax's one-operator activations and the epilogue step that computes each (`kernels.generic.conv.EPILOGUE_STEPS`).
+_UNARY_STEPS = {"relax.nn.relu": ("maximum", 0.0), "relax.nn.silu": ("silu", 0.0)}
 
 
 def _op_name(value: relax.Expr | None) -> str | None:
@@ -468,8 +488,8 @@ class _FusedEpilogues(PyExprMutator):
 class Int8ConvCalls:
     """The int8 convolution kernels planned at lowering, called in place of their NHWC ``conv2d`` (module doc);
     run after the layout conversion. Where a kernel can apply its layer's bias ``add`` and the activation after it
-    (ReLU, a clamp such as ReLU6, hardswish) and nothing else reads the values between, the kernel planned with
-    them replaces the chain. The kernels' tags are removed; kernels left unused are dropped."""
+    (ReLU, a clamp such as ReLU6, hardswish, SiLU) and nothing else reads the values between, the kernel planned
+    with them replaces the chain. The kernels' tags are removed; kernels left unused are dropped."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Int8ConvCalls(mod)

@@ -8,14 +8,17 @@ their error is a few float32 ulps (checked against torch in the tests), far belo
 error of any quantized layer around them.
 
 `legalize_map` is handed to ``relax.transform.LegalizeOps`` before TVM's default
-legalization, so only these operators change.
+legalization, so only these operators change. `silu_of` is the same SiLU on one value, for a
+kernel's output stage that applies it in place of the operator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import tvm
 from tvm import relax, te, tirx, topi
+from tvm.ir.prim.expr import BinaryOpExpr
 
 Legalizer = Callable[[relax.BlockBuilder, relax.Call], relax.Expr]
 
@@ -32,6 +35,36 @@ def _softmax(x: te.Tensor, axis: int) -> te.Tensor:
 def _sigmoid(x: te.Tensor) -> te.Tensor:
     one = tirx.const(1.0, x.dtype)
     return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(x))))
+
+
+def _silu(x: te.Tensor) -> te.Tensor:
+    """``x · sigmoid(x)`` with the fast sigmoid."""
+    return topi.multiply(x, _sigmoid(x))
+
+
+def silu_of(value: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The float32 SiLU of one ``value`` with the operations of the ``relax.nn.silu`` legalization (`_silu`): its
+    stages' expressions inlined into one, ``value`` bound once."""
+    source, var = te.placeholder((), "float32", name="x"), tirx.Var("x", "float32")
+    return tirx.Let(var, value, _inlined(_silu(source)(), source, var))
+
+
+def _inlined(expr: tirx.PrimExpr, source: te.Tensor, value: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``expr`` with each read of a scalar stage replaced by that stage's expression, down to ``source``, which
+    reads ``value``: the nodes of TOPI's elementwise float32 operators (arithmetic, casts, intrinsic calls)."""
+    if isinstance(expr, (tirx.FloatImm, tirx.IntImm)):
+        return expr
+    if isinstance(expr, BinaryOpExpr):
+        return type(expr)(_inlined(expr.a, source, value), _inlined(expr.b, source, value))
+    if isinstance(expr, tirx.Cast):
+        return tirx.Cast(expr.ty, _inlined(expr.value, source, value))
+    if isinstance(expr, tvm.ir.expr.Call) and expr.op.name == "te.tensor_load":
+        tensor = expr.args[0]
+        return value if tensor.same_as(source) else _inlined(tensor.op.body[tensor.value_index], source, value)
+    if isinstance(expr, tvm.ir.expr.Call):
+        args = [_inlined(arg, source, value) for arg in expr.args]
+        return tvm.ir.expr.Call(expr.op, args, expr.attrs, expr.ty_args, ret_ty=expr.ty)
+    raise TypeError(f"no inlining of a {type(expr).__name__} node")
 
 
 def _gelu(x: te.Tensor) -> te.Tensor:
@@ -62,11 +95,11 @@ def legalize_map() -> dict[str, Legalizer]:
         "relax.tanh": _float32_only(topi.fast_tanh, "fast_tanh"),
         "relax.erf": _float32_only(topi.fast_erf, "fast_erf"),
         "relax.sigmoid": _float32_only(_sigmoid, "fast_sigmoid"),
-        "relax.nn.silu": _float32_only(lambda x: topi.multiply(x, _sigmoid(x)), "fast_silu"),
+        "relax.nn.silu": _float32_only(_silu, "fast_silu"),
         "relax.nn.gelu": _float32_only(_gelu, "fast_gelu"),
         "relax.nn.gelu_tanh": _float32_only(_gelu_tanh, "fast_gelu_tanh"),
         "relax.nn.softmax": _float32_only(_softmax, "fast_softmax", "axis"),
     }
 
 
-__all__ = ["legalize_map"]
+__all__ = ["legalize_map", "silu_of"]

@@ -1,6 +1,7 @@
 """Int8 convolutions on x86: ``conv_packed_a8`` layers run the int8 GEMM over their NHWC patches (depthwise ones a
 direct int8 kernel), bit for bit the torch target's values, with the model kept NHWC between them; other grouped
-ones stay fp32 with their reason."""
+ones stay fp32 with their reason. The bias and activation after a layer run in its kernel's output stage, a SiLU
+within a few ulps of torch's (its exponential) and bit for bit the unfused compile's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tvm
 from tvm import relax
 
 import lowbit
-from lowbit.backends.tvm import lowering, qemu, rpc
+from lowbit.backends.tvm import convert_conv, lowering, qemu, rpc
 from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, patch_weight
 from lowbit.backends.tvm.kernels.x86 import a8_depthwise, a8_gemm, a8_linear
 from lowbit.backends.tvm.target import resolve_target
@@ -50,11 +51,14 @@ CASES = {
 }
 
 
-def compiled_pair(net: nn.Module, x: torch.Tensor, passes) -> tuple:
+def compiled_pair(net: nn.Module, x: torch.Tensor, passes=None, recipe: str | None = None) -> tuple:
+    """The torch target and the x86 compile of ``net`` with ``passes`` (a factory) or a ``recipe``."""
     net = net.eval()
     calibration = [(x,), (torch.randn_like(x),)]
-    reference = lowbit.compile(net, (x,), passes=passes(), calibration=calibration, target="torch")
-    compiled = lowbit.compile(net, (x,), passes=passes(), calibration=calibration, target="x86", tune=False)
+    options = {"passes": passes()} if passes is not None else {"recipe": recipe}
+    reference = lowbit.compile(net, (x,), **options, calibration=calibration, target="torch")
+    options = {"passes": passes()} if passes is not None else {"recipe": recipe}
+    compiled = lowbit.compile(net, (x,), **options, calibration=calibration, target="x86", tune=False)
     return reference, compiled
 
 
@@ -231,6 +235,77 @@ def test_an_output_read_twice_keeps_its_activation_outside_the_kernel() -> None:
     names = fused_calls(net, x)
     assert [name for name in names if name.startswith("lowbit_conv_")] == [f"lowbit_conv_{a8_gemm.KERNEL_NAME}_fused"]
     assert any("minimum" in name for name in names)
+
+
+#: How far a fused SiLU may be from torch's ``F.silu``, relative: 5 float32 ulps of the result, the bound of the
+#: compiled graph's ``fast_silu`` (`fastmath`; docs/methods.md), which the kernel computes value for value.
+SILU_RTOL = 5 * 2.0**-23
+
+
+def fused_and_unfused(net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, recipe: dict) -> tuple:
+    """The torch target, the x86 compile with SiLU fused into the convolutions and the one without (the same
+    calibration and quantization)."""
+    activation = convert_conv._Chains._activation
+
+    def without_silu(chains: convert_conv._Chains, var: relax.Var) -> tuple:
+        steps, last = activation(chains, var)
+        return ((), var) if ("silu", 0.0) in steps else (steps, last)
+
+    torch.manual_seed(10)
+    reference, fused = compiled_pair(net, x, **recipe)
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_conv._Chains, "_activation", without_silu)
+        torch.manual_seed(10)
+        _, unfused = compiled_pair(net, x, **recipe)
+    return reference, fused, unfused
+
+
+class SigmoidProduct(nn.Module):
+    """SiLU written with torch's sigmoid, ``x · sigmoid(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+@pytest.mark.parametrize("silu", [nn.SiLU, SigmoidProduct], ids=["silu", "x-sigmoid"])
+@pytest.mark.parametrize("conv", list(EPILOGUE_CONVS))
+def test_fused_silu_is_the_unfused_graph_bit_for_bit(conv: str, silu: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SiLU after the convolution joins its kernel's output stage like the other activations, with the operations
+    of the graph's ``fast_silu``: the unfused compile's values bit for bit, within `SILU_RTOL` of torch's."""
+    channels, make = EPILOGUE_CONVS[conv]
+    torch.manual_seed(9)
+    net = nn.Sequential(make(), silu()).eval()
+    x = torch.randn(1, channels, 9, 9)
+    reference, fused, unfused = fused_and_unfused(net, x, monkeypatch, {"passes": int8_passes()})
+    y = torch.randn(1, channels, 9, 9) * 4
+    assert torch.equal(fused(y), unfused(y))
+    torch.testing.assert_close(fused(y), reference(y), rtol=SILU_RTOL, atol=0.0)
+    names = fused_calls(net, x)
+    assert len([name for name in names if name.startswith("lowbit_conv_") and name.endswith("_fused")]) == 1
+    assert not [name for name in names if "add" in name or "silu" in name or "sigmoid" in name]
+
+
+@pytest.mark.slow
+def test_efficientnet_b0_with_fused_silu_is_the_unfused_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's EfficientNet-B0 (random weights, batch-norm statistics of random images so that every SiLU
+    sees values of order one), w8a8-x86: the SiLU after each int8 convolution is fused (those after the squeeze
+    fallbacks stay operators) and the logits are the unfused compile's bit for bit."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.efficientnet_b0(weights=None, num_classes=16)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average over the batches below
+    with torch.no_grad():
+        net.train()(torch.randn(8, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    reference, fused, unfused = fused_and_unfused(net.eval(), x, monkeypatch, {"recipe": "w8a8-x86"})
+    assert torch.equal(fused(x), unfused(x))
+    torch.testing.assert_close(fused(x), reference(x), rtol=1e-3, atol=1e-3 * float(reference(x).abs().max()))
+    fallbacks = fused.report.fallbacks
+    assert fallbacks and all(".fc1 " in item for item in fallbacks)  # squeeze-excite reductions to 4 to 28 channels
+    assert len([name for name in fused_calls(net, x) if "silu" in name]) == len(fallbacks)
 
 
 @pytest.mark.parametrize("knobs", [{"row_tile": 2, "row_vectors": 1}, {"row_tile": 8, "out_tile": 32}])

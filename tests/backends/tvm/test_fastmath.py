@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import tvm
 from torch import nn
+from tvm import te, topi
 
 import lowbit
-from lowbit.backends.tvm import TVMBackend
+from lowbit.backends.tvm import TVMBackend, fastmath
 from lowbit.backends.tvm.lowering import lower
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.backends.tvm.toolchains.cpu import CPUToolchain
@@ -68,3 +70,22 @@ def test_gelu_is_legalized_without_the_erf_intrinsic() -> None:
     script = toolchain.schedule(lower(gm, (x,), toolchain).mod).script()
     assert "fast_gelu" in script
     assert "T.erf(" not in script
+
+
+def test_silu_of_one_value_is_the_legalized_silu() -> None:
+    """`fastmath.silu_of`, the SiLU of one value that an int8 kernel's output stage applies, computes the values of
+    the ``silu`` legalization bit for bit, here after an add as after a convolution's bias."""
+    x = te.placeholder((4096,), "float32", name="x")
+    one_value = te.compute(x.shape, lambda i: fastmath.silu_of(x[i] + 0.5), name="y")
+    legalized = fastmath._silu(topi.add(x, 0.5))
+    target = resolve_target("x86")
+    values = torch.linspace(-90.0, 90.0, 4096)
+    outputs = []
+    for y in (one_value, legalized):
+        module = tvm.compile(te.create_prim_func([x, y]).with_attr("global_symbol", "main"), target=target)
+        out = tvm.runtime.tensor(torch.zeros(4096).numpy())
+        module["main"](tvm.runtime.tensor(values.numpy()), out)
+        outputs.append(torch.from_numpy(out.numpy()))
+    assert torch.equal(outputs[0], outputs[1])
+    above = values + 0.5 > -68.0  # methods.md's bound: 7 ulps down to -88, where fast_exp clamps its argument
+    torch.testing.assert_close(outputs[0][above], F.silu(values + 0.5)[above], rtol=7 * 2.0**-23, atol=0.0)

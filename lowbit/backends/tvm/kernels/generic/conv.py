@@ -19,6 +19,7 @@ from typing import TypeGuard
 import torch
 from tvm import s_tir, te, tirx
 
+from lowbit.backends.tvm.fastmath import silu_of
 from lowbit.backends.tvm.kernels.generic.activations import activation_codes
 from lowbit.backends.tvm.kernels.generic.common import fenced, power_of_two_divisor
 from lowbit.backends.tvm.kernels.spec import PackedLinearSpec
@@ -71,12 +72,18 @@ def _hardswish(value: tirx.PrimExpr, _: tirx.PrimExpr) -> tirx.PrimExpr:
     return value * (tirx.min(tirx.max(value + three, zero), six) / six)
 
 
-#: The elementwise steps an epilogue takes: ``maximum``/``minimum`` with a constant (ReLU, ReLU6, clamps) and
-#: ``hardswish`` (its constant unused).
+def _silu(value: tirx.PrimExpr, _: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The compiled graph's ``silu``: ``x · (1 / (1 + fast_exp(−x)))`` (`fastmath.silu_of`)."""
+    return silu_of(value)
+
+
+#: The elementwise steps an epilogue takes: ``maximum``/``minimum`` with a constant (ReLU, ReLU6, clamps),
+#: ``hardswish`` and ``silu`` (their constant unused).
 EPILOGUE_STEPS: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
     "maximum": tirx.max,
     "minimum": tirx.min,
     "hardswish": _hardswish,
+    "silu": _silu,
 }
 
 
