@@ -45,6 +45,11 @@ CASES = {
     "depthwise-72-stride2": (72, 9, nn.Conv2d(72, 72, 3, stride=2, padding=1, groups=72), True),
     "depthwise-88": (88, 6, nn.Conv2d(88, 88, 3, padding=1, groups=88), False),
     "depthwise-120-5x5": (120, 7, nn.Conv2d(120, 120, 5, padding=2, groups=120), True),
+    # Output channels that are not a multiple of 16 (EfficientNet-Lite0's and MobileNetV3-Small's projections):
+    # weight rows padded to whole tiles, only the layer's outputs stored (`a8_gemm.padded_outputs`).
+    "1x1-24-outputs": (32, 9, nn.Conv2d(32, 24, 1), False),
+    "3x3-40-outputs-relu": (16, 8, nn.Conv2d(16, 40, 3, padding=1), True),
+    "1x1-88-outputs-stride2": (16, 10, nn.Conv2d(16, 88, 1, stride=2), False),
     # A padded copy over 1 MiB as float32: its codes stored as int8 (`a8_depthwise.code_dtype`).
     "depthwise-int8-copy": (64, 66, nn.Conv2d(64, 64, 3, padding=1, groups=64), True),
 }
