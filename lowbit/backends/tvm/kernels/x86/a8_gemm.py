@@ -36,10 +36,17 @@ from lowbit.backends.tvm.kernels.generic.common import (
     divisor_at_most,
     finish,
     layer_consts,
+    loops_below,
     power_of_two_divisor,
     scale_storage,
 )
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, schedule_code_sums, schedule_patches, sums_by_pixel
+from lowbit.backends.tvm.kernels.generic.conv import (
+    ConvSpec,
+    pointwise,
+    schedule_code_sums,
+    schedule_patches,
+    sums_by_pixel,
+)
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
@@ -189,7 +196,7 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
         sch, intrin_x86.VNNI_512, ROWS, row_tile, out_tile, vectors, a8_linear.row_tasks(spec, row_tile, out_tile)
     )
     a8_linear.finish_accumulators(sch, loops)
-    _schedule_prologue(sch, spec, loops.rows)
+    _schedule_prologue(sch, spec, loops.rows, out_tile == spec.out_features)
     if any(sch.get(block).name_hint == "y_stored" for block in sch.get_child_blocks(sch.get_sblock("root"))):
         stored = sch.get_sblock("y_stored")
         sch.reverse_compute_at(stored, loops.rows, preserve_unit_loops=True)
@@ -198,20 +205,33 @@ def _schedule(sch: s_tir.Schedule, spec: PackedLinearSpec, row_tile: int, out_ti
         sch.vectorize(sch.split(column, factors=[None, power_of_two_divisor(spec.out_features, 16)])[-1])
 
 
-def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec, rows: s_tir.schedule.LoopRV) -> None:
+def _schedule_prologue(
+    sch: s_tir.Schedule, spec: PackedLinearSpec, rows: s_tir.schedule.LoopRV, one_group: bool
+) -> None:
     """Activation codes (a convolution's patches: `conv.schedule_patches`), row maxima and code sums: rows in
     parallel, columns in vector lanes. A convolution whose code sums come from its pixels (`conv.sums_by_pixel`)
     gathers each register tile's patches and adds their code sums under the tile's loop ``rows``, where the
-    tile reads them.
+    tile reads them; so does a `conv.pointwise` one whose outputs are ``one_group`` of tiles (each row's codes
+    are made once): no parallel loop of its own, the tile reads them from L1.
 
     The maxima and sums reduce into one vector of partial results per row (``rfactor``, row-major, so the lanes
     of a row are contiguous), then across it: exact, an int32 sum and a maximum do not depend on the order.
     """
     width = power_of_two_divisor(spec.in_features, 16)
     reductions: list[tuple[str, int]] = []
+    tiled = isinstance(spec, ConvSpec) and pointwise(spec) and one_group
     if sums_by_pixel(spec):
         schedule_patches(sch, spec, rows)
         schedule_code_sums(sch, spec, rows)
+    elif tiled:
+        # The sums first: a block moves under the tile once its consumers are there.
+        partial = _vector_partials(sch, "asum", power_of_two_divisor(spec.group_size, 16))
+        sch.compute_at(sch.get_sblock("asum"), rows, preserve_unit_loops=True)
+        sch.compute_at(partial, rows, preserve_unit_loops=True)
+        lane, *inner = loops_below(sch, partial, rows)  # the partials' iterators in order: the lane first
+        sch.reorder(*inner, lane)
+        sch.vectorize(lane)
+        schedule_patches(sch, spec, rows)
     elif isinstance(spec, ConvSpec):
         schedule_patches(sch, spec)
         reductions.append(("asum", power_of_two_divisor(spec.group_size, 16)))
@@ -223,11 +243,17 @@ def _schedule_prologue(sch: s_tir.Schedule, spec: PackedLinearSpec, rows: s_tir.
     if spec.act_dynamic:
         reductions.append(("absmax", width))
     for name, lanes in reductions:
-        block = sch.get_sblock(name)
-        _, k_inner = sch.split(sch.get_loops(block)[-1], factors=[None, lanes])
-        partial = sch.rfactor(k_inner, len(sch.get_loops(block)) - 2)
+        partial = _vector_partials(sch, name, lanes)
         sch.vectorize(sch.get_loops(partial)[-1])
         sch.parallel(sch.get_loops(partial)[0])
+
+
+def _vector_partials(sch: s_tir.Schedule, name: str, lanes: int) -> s_tir.schedule.SBlockRV:
+    """The reduction ``name`` over its last loop split into ``lanes`` partial results per row (``rfactor``, the
+    lanes innermost), then reduced across them; the partials' block."""
+    block = sch.get_sblock(name)
+    _, k_inner = sch.split(sch.get_loops(block)[-1], factors=[None, lanes])
+    return sch.rfactor(k_inner, len(sch.get_loops(block)) - 2)
 
 
 __all__ = ["KERNEL", "KERNEL_NAME", "KNOBS", "MIN_ROWS", "X86A8Gemm", "a8_gemm_func", "tile_vectors"]
