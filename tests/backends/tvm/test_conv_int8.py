@@ -118,6 +118,17 @@ class Block(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def test_padded_output_tiles_take_asymmetric_low_bit_weights() -> None:
+    """4-bit asymmetric weights on 40 output channels: the padded weight rows (zero codes, zero scales and zero
+    points) change no stored output."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 32, 9, 9)
+    reference, compiled = compiled_pair(ConvReLU(nn.Conv2d(32, 40, 1), True), x, int8_passes(4, -1, False))
+    y = torch.randn_like(x) * 1.5
+    assert torch.equal(compiled(y), reference(y))
+    assert [linear.kernel for linear in compiled.runner.linears] == [a8_gemm.KERNEL_NAME]
+
+
 def test_a_w8a8_cnn_has_only_its_grouped_convolution_on_fp32() -> None:
     torch.manual_seed(2)
     net = Block().eval()
