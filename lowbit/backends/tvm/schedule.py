@@ -15,7 +15,8 @@ PrimFunc a real schedule:
   materialized once, kernel rows and columns outside the input channels, a register tile of
   output columns × channel vectors sized to the register file (`conv_tile`).
 * `Elementwise` — only spatial blocks: vectors along the innermost axis (the channels), the loops outside
-  them fused and parallel.
+  them fused and parallel; a block that interleaves a few input rows along its innermost axis (the NCHW image
+  written as NHWC pixel rows) reads each row in order instead (`parallel_interleave`).
 * `RowReduction` — reductions over the last axis with elementwise stages (softmax,
   layer norm): one parallel loop over rows, each reduction accumulated in vector lanes
   (rfactor), every stage vectorized along the row.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import tvm
 from tvm import s_tir, sym, tirx
 from tvm.error import InternalError
 from tvm.s_tir import dlight
@@ -158,7 +160,11 @@ class Elementwise(ScheduleRule):
         remaining = try_inline(sch, infos)
         lanes = float32_lanes(target)
         for info in remaining:
-            parallel_vectorize(sch, info.block_rv, lanes)
+            factor = interleaving_factor(sch, info.block_rv)
+            if factor is None:
+                parallel_vectorize(sch, info.block_rv, lanes)
+            else:
+                parallel_interleave(sch, info.block_rv, factor)
         return sch
 
 
@@ -547,6 +553,43 @@ def parallel_vectorize(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lane
     *outer, lane = sch.split(loops[-1], factors=[None, simd]) if inner != simd else [loops[-1]]
     sch.parallel(sch.fuse(*loops[:-1], *outer))
     sch.vectorize(lane)
+
+
+def interleaving_factor(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int | None:
+    """The constant ``C`` where ``block`` reads an input at its innermost iterator ``i`` modulo ``C`` in an outer
+    dimension (an NCHW image written as NHWC pixel rows: ``y[h, w·C + c] = x[c, h, w]``, ``c = i mod C``), else
+    None: vectors along ``i`` would gather every lane from another row of ``x``. (``i mod C`` in the innermost
+    dimension, a flattened index or a per-channel operand, reads consecutive elements.)"""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    extent = _static_extent(sch, loops[-1]) if loops else None
+    if not stmt.iter_vars or extent is None:
+        return None
+    inner = stmt.iter_vars[-1].var
+    factors = [
+        factor for region in stmt.reads for bounds in region.region[:-1] for factor in _moduli_of(bounds.min, inner)
+    ]
+    return min((f for f in factors if 1 < f < extent and extent % f == 0), default=None)
+
+
+def _moduli_of(expr: tirx.PrimExpr, var: tirx.Var) -> list[int]:
+    """The constants that ``var`` is taken modulo anywhere in ``expr`` (arithmetic and casts)."""
+    found = []
+    if isinstance(expr, tirx.FloorMod) and expr.a.same_as(var) and isinstance(expr.b, tirx.IntImm):
+        found.append(int(expr.b.value))
+    for child in (getattr(expr, name, None) for name in ("a", "b", "value")):
+        if isinstance(child, tvm.ir.expr.Expr):
+            found += _moduli_of(child, var)
+    return found
+
+
+def parallel_interleave(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, factor: int) -> None:
+    """A block that interleaves ``factor`` rows of its input (`interleaving_factor`): the innermost loop split into
+    (position, row), the row loop unrolled inside, so each input row is read in order; the outer loops parallel."""
+    *outer, inner = sch.get_loops(block)
+    sch.unroll(sch.split(inner, factors=[None, factor])[1])
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def _parallel_vectorize_flat(sch: s_tir.Schedule, loops: list[s_tir.schedule.LoopRV], lanes: int) -> None:

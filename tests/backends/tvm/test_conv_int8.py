@@ -46,6 +46,11 @@ CASES = {
     "depthwise-72-stride2": (72, 9, nn.Conv2d(72, 72, 3, stride=2, padding=1, groups=72), True),
     "depthwise-88": (88, 6, nn.Conv2d(88, 88, 3, padding=1, groups=88), False),
     "depthwise-120-5x5": (120, 7, nn.Conv2d(120, 120, 5, padding=2, groups=120), True),
+    # Output channels that are not a multiple of 16 (EfficientNet-Lite0's and MobileNetV3-Small's projections):
+    # weight rows padded to whole tiles, only the layer's outputs stored (`a8_gemm.padded_outputs`).
+    "1x1-24-outputs": (32, 9, nn.Conv2d(32, 24, 1), False),
+    "3x3-40-outputs-relu": (16, 8, nn.Conv2d(16, 40, 3, padding=1), True),
+    "1x1-88-outputs-stride2": (16, 10, nn.Conv2d(16, 88, 1, stride=2), False),
     # A padded copy over 1 MiB as float32: its codes stored as int8 (`a8_depthwise.code_dtype`).
     "depthwise-int8-copy": (64, 66, nn.Conv2d(64, 64, 3, padding=1, groups=64), True),
 }
@@ -115,6 +120,17 @@ class Block(nn.Module):
         x = torch.relu(self.conv2(self.conv1(x)) + x)
         x = torch.relu(self.grouped(torch.relu(self.depthwise(x))))
         return self.fc(x.mean((2, 3)))
+
+
+def test_padded_output_tiles_take_asymmetric_low_bit_weights() -> None:
+    """4-bit asymmetric weights on 40 output channels: the padded weight rows (zero codes, zero scales and zero
+    points) change no stored output."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 32, 9, 9)
+    reference, compiled = compiled_pair(ConvReLU(nn.Conv2d(32, 40, 1), True), x, int8_passes(4, -1, False))
+    y = torch.randn_like(x) * 1.5
+    assert torch.equal(compiled(y), reference(y))
+    assert [linear.kernel for linear in compiled.runner.linears] == [a8_gemm.KERNEL_NAME]
 
 
 def test_a_w8a8_cnn_has_only_its_grouped_convolution_on_fp32() -> None:

@@ -223,3 +223,32 @@ def test_elementwise_vectors_run_along_the_channels(shape: tuple[int, ...], lane
     x = RNG.standard_normal(shape).astype("float32") * 4
     bias = RNG.standard_normal(shape[-1:]).astype("float32")
     np.testing.assert_array_equal(run(sch.mod["main"], [x, bias], shape), np.clip(x + bias, 0, 6))
+
+
+def planar_to_pixel_rows(channels: int, size: int) -> list[te.Tensor]:
+    """An NCHW image as NHWC pixel rows ``(1, H, W·C)``: the transpose and reshape before a model's first layer."""
+    x = te.placeholder((1, channels, size, size), "float32", name="x")
+    y = te.compute((1, size, size * channels), lambda b, h, i: x[b, i % channels, h, i // channels], name="y")
+    return [x, y]
+
+
+def test_elementwise_reads_each_plane_in_order_when_it_interleaves_channels() -> None:
+    """3 planes interleaved into pixel rows: the row loop parallel, the 3 channels unrolled inside each pixel (a
+    vector along the row would gather each lane from another plane)."""
+    sch = Elementwise().apply(te.create_prim_func(planar_to_pixel_rows(3, 20)), TARGET, False)
+    assert sch is not None
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("y"))]
+    assert [loop.kind for loop in loops] == [tirx.ForKind.PARALLEL, tirx.ForKind.SERIAL, tirx.ForKind.UNROLLED]
+    assert int(loops[-1].extent) == 3
+    x = RNG.standard_normal((1, 3, 20, 20)).astype("float32")
+    expected = x.transpose(0, 2, 3, 1).reshape(1, 20, 60)
+    np.testing.assert_array_equal(run(sch.mod["main"], [x], (1, 20, 60)), expected)
+
+
+def test_elementwise_keeps_vectors_on_a_flattened_channel_index() -> None:
+    """``x[i // C, i % C]`` (pixel rows of an NHWC image read back as pixels) reads consecutive elements: vectors."""
+    x = te.placeholder((400, 24), "float32", name="x")
+    y = te.compute((20, 480), lambda h, i: x[h * 20 + i // 24, i % 24] + 1.0, name="y")
+    sch = Elementwise().apply(te.create_prim_func([x, y]), TARGET, False)
+    assert sch is not None
+    assert loop_kinds(sch, "y")[-1] == tirx.ForKind.VECTORIZED

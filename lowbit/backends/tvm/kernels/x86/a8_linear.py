@@ -326,6 +326,7 @@ def a8_linear_compute(
     rows: int = ROWS,
     vector_round: bool = False,
     scale_dtype: torch.dtype = torch.float32,
+    stored: int | None = None,
 ) -> tirx.PrimFunc:
     """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``.
 
@@ -334,7 +335,8 @@ def a8_linear_compute(
     summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
     activation codes rounded in vector lanes (`activation_codes`); ``scale_dtype``: the scales' type (float16
     scales widen exactly to float32). A `ConvSpec` reads its input as the patches of an NHWC image
-    (`conv.quantized_input`).
+    (`conv.quantized_input`). ``stored``: the output keeps the first ``stored`` columns of ``y`` (``y_stored``;
+    the weight rows past them are padding).
     """
     m_rows, k_in, n_out, bits = spec.rows, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
@@ -397,6 +399,8 @@ def a8_linear_compute(
         return fenced(value) + bias[n] if bias is not None else value
 
     y = te.compute((m_rows, n_out), output, name="y")
+    if stored is not None:
+        y = te.compute((m_rows, stored), lambda m, n: y[m, n], name="y_stored")
     args = [x, words, scales] + [t for t in (zeros, bias, step) if t is not None]
     return te.create_prim_func(args + ([row_block_count()] if spec.row_blocks else []) + [y])
 
