@@ -18,7 +18,7 @@ PrimFunc a real schedule:
   them fused and parallel.
 * `RowReduction` — reductions over the last axis with elementwise stages (softmax,
   layer norm): one parallel loop over rows, each reduction accumulated in vector lanes
-  (rfactor), every stage vectorized along the row.
+  (rfactor), every stage vectorized along the row; `SingleRowReduction` the same for one row, serially.
 * `ParallelFallback` — anything else: parallelize the outer spatial loop of every block.
 
 `cpu_rules` lists them with dlight's CPU GEMV and reduction rules, `Convolution` first.
@@ -173,6 +173,9 @@ class RowReduction(ScheduleRule):
     row's length is symbolic: a row buffer of a run-time size would be allocated for every row.
     """
 
+    #: Whether the rule takes the functions of one row (`SingleRowReduction`) instead of those of several.
+    single_row = False
+
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         normalized = _normalized(func, target)
         if normalized is None:
@@ -185,7 +188,7 @@ class RowReduction(ScheduleRule):
         if any(not (info.is_reduction() or info.is_injective()) for info in infos):
             return None
         extents = [it.dom for it in output.iters[:-1]]
-        if not extents or not all(_reduces_last_axis(info, extents) for info in reductions):
+        if bool(extents) == self.single_row or not all(_reduces_last_axis(info, extents) for info in reductions):
             return None
         lanes = float32_lanes(target)
         stages: list[tuple[s_tir.schedule.SBlockRV, str]] = []  # (block, "partial" | "fold" | "spatial")
@@ -194,7 +197,7 @@ class RowReduction(ScheduleRule):
             partial = _partials(sch, info.block_rv, lanes) if info.is_reduction() else None
             stages += [(partial, "partial")] if partial is not None else []
             stages.append((info.block_rv, "fold" if info.is_reduction() else "spatial"))
-        rows = parallel_rows(sch, output.block_rv, lanes)
+        rows = self._row_loop(sch, output.block_rv, lanes)
         for block, _kind in reversed(stages):
             sch.compute_at(block, rows, preserve_unit_loops=True)
         for block, kind in stages:
@@ -203,6 +206,26 @@ class RowReduction(ScheduleRule):
             elif kind == "spatial":
                 _vectorize_innermost(sch, block, _row_simd(sch, block, lanes))
         return sch
+
+    def _row_loop(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> s_tir.schedule.LoopRV:
+        """The loop over the output's rows that every stage is computed in, the output vectorized along the row."""
+        return parallel_rows(sch, block, lanes)
+
+
+class SingleRowReduction(RowReduction):
+    """`RowReduction` of a single row (the classifier's layer norm of a ConvNeXt, over a 1×1 image's channels).
+
+    The stages are computed under a unit loop on the calling thread, their reductions in vector lanes. dlight's CPU
+    reduction rule would instead run the output's elements in parallel and compute the row's statistics again for
+    each of them: 768² steps, a millisecond, for a layer norm over 768 channels.
+    """
+
+    single_row = True
+
+    def _row_loop(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> s_tir.schedule.LoopRV:
+        row = sch.add_unit_loop(sch.get_loops(block)[0])
+        _vectorize_innermost(sch, block, _row_simd(sch, block, lanes))
+        return row
 
 
 class ParallelFallback(ScheduleRule):
@@ -315,6 +338,7 @@ def cpu_rules() -> list[ScheduleRule]:
         TiledReduction(),
         Elementwise(),
         RowReduction(),
+        SingleRowReduction(),
         dlight.cpu.Reduction(),
         ParallelFallback(),
     ]
@@ -602,6 +626,7 @@ __all__ = [
     "Elementwise",
     "ParallelFallback",
     "RowReduction",
+    "SingleRowReduction",
     "TiledReduction",
     "conv_tile",
     "cpu_rules",
