@@ -6,6 +6,7 @@ multiple of the vector width, three input channels.
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -195,6 +196,26 @@ def test_the_convolution_rule_takes_nhwc_windows_only() -> None:
         assert rule.apply(te.create_prim_func([x, pool]), target, False) is not None
         assert rule.apply(te.create_prim_func([xc, wc, nchw]), target, False) is None
         assert rule.apply(te.create_prim_func([a, b, bmm]), target, False) is None
+
+
+def test_a_pointwise_conv_with_more_pixels_than_weights_runs_its_pixels_outside_its_channel_tiles() -> None:
+    """A 1x1 convolution whose input outweighs its weights runs pixel tiles outside channel tiles (each tile's pixels
+    reused from L1 by consecutive tasks); a 3x3 one, and a 1x1 one with larger weights, keep channel tiles outside."""
+    target = resolve_target("x86")
+
+    def channel_tile_innermost(pixels: int, cin: int, kernel: int) -> bool:
+        x, w = te.placeholder((1, pixels, pixels, cin), name="x"), te.placeholder((kernel, kernel, cin, 128), name="w")
+        func = te.create_prim_func([x, w, topi.nn.conv2d_nhwc(x, w, 1, kernel // 2, 1)])
+        with target:
+            script = Convolution().apply(func, target, False).mod["main"].script()
+        # The write-back's output channel: the parallel loop modulo the channel tiles where they are its last factor.
+        return re.search(r"v3 = T.axis.spatial\(128, \w+_fused (%|//)", script).group(1) == "%"
+
+    assert channel_tile_innermost(28, 32, 1)
+    assert not channel_tile_innermost(28, 32, 3)
+    assert not channel_tile_innermost(4, 64, 1)
+    torch.manual_seed(0)
+    assert_matches_torch(nn.Sequential(nn.Conv2d(24, 48, 1), nn.GELU()), torch.randn(1, 24, 20, 20))
 
 
 def test_register_tiles_fit_the_register_file() -> None:
