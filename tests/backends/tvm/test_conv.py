@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tvm
-from tvm import relax, te, topi
+from tvm import relax, te, tirx, topi
 
 import lowbit
 from lowbit.backends.tvm import layout, qemu, rpc
@@ -216,6 +216,27 @@ def test_a_pointwise_conv_with_more_pixels_than_weights_runs_its_pixels_outside_
     assert not channel_tile_innermost(4, 64, 1)
     torch.manual_seed(0)
     assert_matches_torch(nn.Sequential(nn.Conv2d(24, 48, 1), nn.GELU()), torch.randn(1, 24, 20, 20))
+
+
+def test_a_depthwise_conv_tiles_two_rows_where_they_divide_the_height_and_two_vectors_fill_the_channel_tile() -> None:
+    """The unrolled tile loops (rows, columns, channel vectors) of a 7x7 depthwise convolution: 2 × 2 × 2 on a 14x14
+    input of 64 channels; one row where the height is odd (7) or the channel tile is narrow (24 channels: vectors
+    of 8)."""
+    target = resolve_target("x86")
+
+    def tile(size: int, channels: int) -> list[int]:
+        x, w = te.placeholder((1, size, size, channels), name="x"), te.placeholder((7, 7, channels, 1), name="w")
+        func = te.create_prim_func([x, w, topi.nn.depthwise_conv2d_nhwc(x, w, 1, 3, 1)])
+        with target:
+            sch = Convolution().apply(func, target, False)
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("DepthwiseConv2d_update"))]
+        return [int(loop.extent) for loop in loops if loop.kind == tirx.ForKind.UNROLLED]
+
+    assert tile(14, 64) == [2, 2, 2]
+    assert tile(7, 64) == [7, 2]
+    assert tile(14, 24) == [7, 3]
+    torch.manual_seed(0)
+    assert_matches_torch(nn.Conv2d(64, 64, 7, padding=3, groups=64), torch.randn(1, 64, 14, 14))
 
 
 def test_register_tiles_fit_the_register_file() -> None:
