@@ -19,7 +19,7 @@ PrimFunc a real schedule:
   written as NHWC pixel rows) reads each row in order instead (`parallel_interleave`).
 * `RowReduction` — reductions over the last axis with elementwise stages (softmax,
   layer norm): one parallel loop over rows, each reduction accumulated in vector lanes
-  (rfactor), every stage vectorized along the row.
+  (rfactor), every stage vectorized along the row; `SingleRowReduction` the same for one row, serially.
 * `ParallelFallback` — anything else: parallelize the outer spatial loop of every block.
 
 `cpu_rules` lists them with dlight's CPU GEMV and reduction rules, `Convolution` first.
@@ -28,6 +28,7 @@ PrimFunc a real schedule:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import tvm
@@ -55,6 +56,8 @@ ACCUMULATORS = 8
 MAX_TILE_VECTORS = 4
 #: Outputs per task when a reduction has one output row: a strip of accumulators in L1.
 STREAM_TILE = 1024
+#: Output rows × columns of a depthwise convolution's register tile (each with the tile's channel vectors).
+DEPTHWISE_TILE = (2, 2)
 
 
 class TiledReduction(ScheduleRule):
@@ -179,6 +182,9 @@ class RowReduction(ScheduleRule):
     row's length is symbolic: a row buffer of a run-time size would be allocated for every row.
     """
 
+    #: Whether the rule takes the functions of one row (`SingleRowReduction`) instead of those of several.
+    single_row = False
+
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         normalized = _normalized(func, target)
         if normalized is None:
@@ -191,7 +197,7 @@ class RowReduction(ScheduleRule):
         if any(not (info.is_reduction() or info.is_injective()) for info in infos):
             return None
         extents = [it.dom for it in output.iters[:-1]]
-        if not extents or not all(_reduces_last_axis(info, extents) for info in reductions):
+        if bool(extents) == self.single_row or not all(_reduces_last_axis(info, extents) for info in reductions):
             return None
         lanes = float32_lanes(target)
         stages: list[tuple[s_tir.schedule.SBlockRV, str]] = []  # (block, "partial" | "fold" | "spatial")
@@ -200,7 +206,7 @@ class RowReduction(ScheduleRule):
             partial = _partials(sch, info.block_rv, lanes) if info.is_reduction() else None
             stages += [(partial, "partial")] if partial is not None else []
             stages.append((info.block_rv, "fold" if info.is_reduction() else "spatial"))
-        rows = parallel_rows(sch, output.block_rv, lanes)
+        rows = self._row_loop(sch, output.block_rv, lanes)
         for block, _kind in reversed(stages):
             sch.compute_at(block, rows, preserve_unit_loops=True)
         for block, kind in stages:
@@ -209,6 +215,26 @@ class RowReduction(ScheduleRule):
             elif kind == "spatial":
                 _vectorize_innermost(sch, block, _row_simd(sch, block, lanes))
         return sch
+
+    def _row_loop(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> s_tir.schedule.LoopRV:
+        """The loop over the output's rows that every stage is computed in, the output vectorized along the row."""
+        return parallel_rows(sch, block, lanes)
+
+
+class SingleRowReduction(RowReduction):
+    """`RowReduction` of a single row (the classifier's layer norm of a ConvNeXt, over a 1×1 image's channels).
+
+    The stages are computed under a unit loop on the calling thread, their reductions in vector lanes. dlight's CPU
+    reduction rule would instead run the output's elements in parallel and compute the row's statistics again for
+    each of them: 768² steps, a millisecond, for a layer norm over 768 channels.
+    """
+
+    single_row = True
+
+    def _row_loop(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> s_tir.schedule.LoopRV:
+        row = sch.add_unit_loop(sch.get_loops(block)[0])
+        _vectorize_innermost(sch, block, _row_simd(sch, block, lanes))
+        return row
 
 
 class ParallelFallback(ScheduleRule):
@@ -321,6 +347,7 @@ def cpu_rules() -> list[ScheduleRule]:
         TiledReduction(),
         Elementwise(),
         RowReduction(),
+        SingleRowReduction(),
         dlight.cpu.Reduction(),
         ParallelFallback(),
     ]
@@ -434,20 +461,40 @@ def schedule_convolution(
     tile's output columns (unrolled) → its channel
     vectors (unrolled) → lanes (vectorized). The tile (`conv_tile`) accumulates in a local buffer written back
     once per task, with the elementwise consumers (bias, batch norm, activation) inlined there.
+
+    A depthwise convolution (each output channel reads one input channel, so every FMA loads its own input vector)
+    whose channel tile holds at least two full vectors takes a tile of `DEPTHWISE_TILE` output rows × columns
+    instead, where its rows divide the height: a task's input patch is small enough to stay in L1 for the tasks
+    after it (15-30% faster on ConvNeXt's 7x7 layers than a tile of one row of 8 columns, and on EfficientNet's
+    3x3 and 5x5 ones; narrower channel tiles, as MobileNetV3's 184 or 200 channels in vectors of 8, keep a row).
+
+    A pointwise (1x1) convolution whose input is larger than its weights (the early, wide-image layers:
+    ConvNeXt's 56×56 pointwise layers read 1.2-4.8 MB of pixels with 150 KB of weights) runs its tasks
+    ``n, oh, ow tiles, oc tiles`` instead: consecutive tasks reuse one tile's input pixels from L1 while the small
+    weights stay in L2, and the input is read from memory once rather than once per slice of output channels.
     """
     simd = power_of_two_divisor(int(window.channel.dom), lanes)
     width = int(window.width.dom) if window.width is not None else 1
     columns, vectors = conv_tile(width, int(window.channel.dom) // simd, registers)
+    rows = _depthwise_rows(sch, block, window) if vectors * simd >= 2 * lanes else 1
+    if rows > 1:
+        columns = divisor_at_most(width, DEPTHWISE_TILE[1])
+    pixels_outside = not window.sliding and _input_outweighs_weights(sch, block)
     write_back = sch.cache_write(block, 0, "local")
     channel_outer, vector, lane = sch.split(window.channel.loop_rv, factors=[None, vectors, simd])
-    outer = [it.loop_rv for it in (window.batch,) if it is not None] + [channel_outer]
-    outer += [window.height.loop_rv] if window.height is not None else []
+    batch = [window.batch.loop_rv] if window.batch is not None else []
+    pixels = [window.height.loop_rv] if window.height is not None else []
     tile = [vector, lane]
     if window.width is not None:
         column_outer, column = sch.split(window.width.loop_rv, factors=[None, columns])
-        outer.append(column_outer)
+        pixels.append(column_outer)
         tile.insert(0, column)
         sch.unroll(column)
+    if rows > 1:
+        pixels[0], row = sch.split(pixels[0], factors=[None, rows])
+        tile.insert(0, row)
+        sch.unroll(row)
+    outer = [*batch, *pixels, channel_outer] if pixels_outside else [*batch, channel_outer, *pixels]
     reduce = [it.loop_rv for it in window.reduce]
     sch.reorder(*outer, *reduce, *tile)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -458,6 +505,27 @@ def schedule_convolution(
     _vectorize_innermost(sch, block, simd)
     _vectorize_innermost(sch, write_back, simd)
     _vectorize_innermost(sch, sch.decompose_reduction(block, reduce[0]), simd)
+
+
+def _depthwise_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, window: Window) -> int:
+    """Output rows of the register tile of window reduction ``block``: `DEPTHWISE_TILE`'s for a depthwise
+    convolution (weights, a sliding window, no reduction over input channels) whose height they divide, else 1."""
+    if not window.sliding or len(window.reduce) != 2 or len(sch.get(block).reads) < 2 or window.height is None:
+        return 1
+    return DEPTHWISE_TILE[0] if int(window.height.dom) % DEPTHWISE_TILE[0] == 0 else 1
+
+
+def _input_outweighs_weights(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    """Whether the input that window reduction ``block`` reads (its first buffer) is larger than its weights (the
+    second), where both have static shapes."""
+    reads = sch.get(block).reads
+    if len(reads) < 2:
+        return False
+    shapes = [read.source.shape for read in reads[:2]]
+    if not all(isinstance(d, tirx.IntImm) for shape in shapes for d in shape):
+        return False
+    data, weight = (math.prod(int(d) for d in shape) for shape in shapes)
+    return data > weight
 
 
 def conv_tile(columns: int, vectors: int, registers: int) -> tuple[int, int]:
@@ -645,6 +713,7 @@ __all__ = [
     "Elementwise",
     "ParallelFallback",
     "RowReduction",
+    "SingleRowReduction",
     "TiledReduction",
     "conv_tile",
     "cpu_rules",

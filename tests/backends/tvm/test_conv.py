@@ -6,6 +6,7 @@ multiple of the vector width, three input channels.
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tvm
-from tvm import relax, te, topi
+from tvm import relax, te, tirx, topi
 
 import lowbit
 from lowbit.backends.tvm import layout, qemu, rpc
@@ -195,6 +196,47 @@ def test_the_convolution_rule_takes_nhwc_windows_only() -> None:
         assert rule.apply(te.create_prim_func([x, pool]), target, False) is not None
         assert rule.apply(te.create_prim_func([xc, wc, nchw]), target, False) is None
         assert rule.apply(te.create_prim_func([a, b, bmm]), target, False) is None
+
+
+def test_a_pointwise_conv_with_more_pixels_than_weights_runs_its_pixels_outside_its_channel_tiles() -> None:
+    """A 1x1 convolution whose input outweighs its weights runs pixel tiles outside channel tiles (each tile's pixels
+    reused from L1 by consecutive tasks); a 3x3 one, and a 1x1 one with larger weights, keep channel tiles outside."""
+    target = resolve_target("x86")
+
+    def channel_tile_innermost(pixels: int, cin: int, kernel: int) -> bool:
+        x, w = te.placeholder((1, pixels, pixels, cin), name="x"), te.placeholder((kernel, kernel, cin, 128), name="w")
+        func = te.create_prim_func([x, w, topi.nn.conv2d_nhwc(x, w, 1, kernel // 2, 1)])
+        with target:
+            script = Convolution().apply(func, target, False).mod["main"].script()
+        # The write-back's output channel: the parallel loop modulo the channel tiles where they are its last factor.
+        return re.search(r"v3 = T.axis.spatial\(128, \w+_fused (%|//)", script).group(1) == "%"
+
+    assert channel_tile_innermost(28, 32, 1)
+    assert not channel_tile_innermost(28, 32, 3)
+    assert not channel_tile_innermost(4, 64, 1)
+    torch.manual_seed(0)
+    assert_matches_torch(nn.Sequential(nn.Conv2d(24, 48, 1), nn.GELU()), torch.randn(1, 24, 20, 20))
+
+
+def test_a_depthwise_conv_tiles_two_rows_where_they_divide_the_height_and_two_vectors_fill_the_channel_tile() -> None:
+    """The unrolled tile loops (rows, columns, channel vectors) of a 7x7 depthwise convolution: 2 × 2 × 2 on a 14x14
+    input of 64 channels; one row where the height is odd (7) or the channel tile is narrow (24 channels: vectors
+    of 8)."""
+    target = resolve_target("x86")
+
+    def tile(size: int, channels: int) -> list[int]:
+        x, w = te.placeholder((1, size, size, channels), name="x"), te.placeholder((7, 7, channels, 1), name="w")
+        func = te.create_prim_func([x, w, topi.nn.depthwise_conv2d_nhwc(x, w, 1, 3, 1)])
+        with target:
+            sch = Convolution().apply(func, target, False)
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("DepthwiseConv2d_update"))]
+        return [int(loop.extent) for loop in loops if loop.kind == tirx.ForKind.UNROLLED]
+
+    assert tile(14, 64) == [2, 2, 2]
+    assert tile(7, 64) == [7, 2]
+    assert tile(14, 24) == [7, 3]
+    torch.manual_seed(0)
+    assert_matches_torch(nn.Conv2d(64, 64, 7, padding=3, groups=64), torch.randn(1, 64, 14, 14))
 
 
 def test_register_tiles_fit_the_register_file() -> None:

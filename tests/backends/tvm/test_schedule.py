@@ -12,7 +12,7 @@ import tvm
 from tvm import s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
-from lowbit.backends.tvm.schedule import Elementwise, RowReduction, cpu_rules
+from lowbit.backends.tvm.schedule import Elementwise, RowReduction, SingleRowReduction, cpu_rules
 from lowbit.backends.tvm.target import resolve_target
 
 TARGET = resolve_target("x86")
@@ -169,6 +169,27 @@ def test_default_rules_schedule_row_reductions(tensors: list[te.Tensor]) -> None
 
 def test_default_rules_still_schedule_a_single_row() -> None:
     assert default_schedule(te.create_prim_func(rms_norm((1, 576)))).attrs["tirx.is_scheduled"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 768), (1, 50)])
+def test_single_row_reduction_layer_norm_matches_numpy(shape: tuple[int, ...]) -> None:
+    tensors = layer_norm(shape, scale_after=True)
+    assert RowReduction().apply(te.create_prim_func(tensors), TARGET, False) is None
+    sch = SingleRowReduction().apply(te.create_prim_func(tensors), TARGET, False)
+    assert sch is not None
+    x = RNG.standard_normal(shape).astype("float32") * 3 + 1
+    gamma, beta = (RNG.standard_normal(shape[-1:]).astype("float32") for _ in range(2))
+    want = reference_layer_norm(x, gamma, beta) * 2.0
+    np.testing.assert_allclose(run(sch.mod["main"], [x, gamma, beta], shape), want, rtol=1e-4, atol=1e-4)
+
+
+def test_single_row_reduction_computes_the_statistics_once_in_vector_lanes() -> None:
+    """A layer norm over one row of 768 runs serially, its mean and variance accumulated in vector lanes once (not
+    once per output element, as a parallel loop over the row's elements would)."""
+    func = default_schedule(te.create_prim_func(layer_norm((1, 1, 1, 768))))
+    script = func.script()
+    assert "T.parallel(" not in script and script.count("_rf_update") == 2 and "T.vectorized(" in script
+    assert SingleRowReduction().apply(te.create_prim_func(layer_norm((4, 768))), TARGET, False) is None
 
 
 def batched_matmul(batch: int, rows: int, inner: int, columns: int) -> list[te.Tensor]:
