@@ -196,7 +196,7 @@ def _plan_fused(
     fused: Any, bias: np.ndarray, epilogue: tuple[tuple[str, float], ...]
 ) -> tuple[tvm.tirx.PrimFunc, list[relax.Constant]] | None:
     """The kernel that `_fused_plan` describes, planned with the per-channel ``bias`` and the ``epilogue``, and its
-    constants; None where its kernel is not registered in this process."""
+    constants; None where its kernel is not registered in this process or does not take that epilogue."""
     kernel = _EPILOGUE_KERNELS.get(str(fused["kernel"]))
     if kernel is None:
         return None
@@ -205,7 +205,10 @@ def _plan_fused(
     tensors = {name: torch.from_numpy(const.value.numpy()) for name, const in fused["tensors"].items()}
     tensors["bias"] = torch.from_numpy(np.ascontiguousarray(bias)).reshape(-1)
     knobs = {str(k): int(v) for k, v in json.loads(str(fused["knobs"])).items()}
-    planned = kernel.plan(spec, tensors, Target(str(fused["target"])), knobs)
+    target = Target(str(fused["target"]))
+    if kernel.supports(spec, tensors, target) is not None:
+        return None
+    planned = kernel.plan(spec, tensors, target, knobs)
     return planned.func, _constants(planned)
 
 

@@ -1,7 +1,8 @@
-"""Int8 convolutions on x86: ``conv_packed_a8`` layers run the int8 GEMM over their NHWC patches (depthwise ones a
-direct int8 kernel), bit for bit the torch target's values, with the model kept NHWC between them; other grouped
-ones stay fp32 with their reason. The bias and activation after a layer run in its kernel's output stage, a SiLU
-within a few ulps of torch's (its exponential) and bit for bit the unfused compile's."""
+"""Int8 convolutions on x86 (and ARM, under qemu): ``conv_packed_a8`` layers run the int8 GEMM over their NHWC
+patches (depthwise ones a direct int8 kernel), bit for bit the torch target's values, with the model kept NHWC
+between them; other grouped ones stay fp32 with their reason. The bias and activation after a layer run in its
+kernel's output stage, a SiLU within a few ulps of torch's (its exponential) and bit for bit the unfused
+compile's."""
 
 from __future__ import annotations
 
@@ -56,14 +57,16 @@ CASES = {
 }
 
 
-def compiled_pair(net: nn.Module, x: torch.Tensor, passes=None, recipe: str | None = None) -> tuple:
-    """The torch target and the x86 compile of ``net`` with ``passes`` (a factory) or a ``recipe``."""
+def compiled_pair(
+    net: nn.Module, x: torch.Tensor, passes=None, recipe: str | None = None, target: str = "x86"
+) -> tuple:
+    """The torch target and the ``target`` compile of ``net`` with ``passes`` (a factory) or a ``recipe``."""
     net = net.eval()
     calibration = [(x,), (torch.randn_like(x),)]
     options = {"passes": passes()} if passes is not None else {"recipe": recipe}
     reference = lowbit.compile(net, (x,), **options, calibration=calibration, target="torch")
     options = {"passes": passes()} if passes is not None else {"recipe": recipe}
-    compiled = lowbit.compile(net, (x,), **options, calibration=calibration, target="x86", tune=False)
+    compiled = lowbit.compile(net, (x,), **options, calibration=calibration, target=target, tune=False)
     return reference, compiled
 
 
@@ -194,11 +197,11 @@ EPILOGUE_CONVS = {
 }
 
 
-def fused_calls(net: nn.Module, x: torch.Tensor) -> list[str]:
-    """The names of the kernels a compiled ``net`` calls (w8a8-x86)."""
+def fused_calls(net: nn.Module, x: torch.Tensor, target: str = "x86") -> list[str]:
+    """The names of the kernels a compiled ``net`` calls (the ``target``'s w8a8 recipe)."""
     calibration = [(x,), (torch.randn_like(x),)]
-    graph = lowbit.compile(net, (x,), recipe="w8a8-x86", calibration=calibration, target="torch").graph
-    toolchain = CPUToolchain(resolve_target("x86"))
+    graph = lowbit.compile(net, (x,), recipe=f"w8a8-{target}", calibration=calibration, target="torch").graph
+    toolchain = CPUToolchain(resolve_target(target))
     mod = toolchain.schedule(lowering.lower(graph, (x,), toolchain).mod)
     names: list[str] = []
     relax.analysis.post_order_visit(
@@ -259,8 +262,8 @@ SILU_RTOL = 5 * 2.0**-23
 
 
 def fused_and_unfused(net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, recipe: dict) -> tuple:
-    """The torch target, the x86 compile with SiLU fused into the convolutions and the one without (the same
-    calibration and quantization)."""
+    """The torch target, the compile (x86 unless ``recipe`` names a target) with SiLU fused into the convolutions
+    and the one without (the same calibration and quantization)."""
     activation = convert_conv._Chains._activation
 
     def without_silu(chains: convert_conv._Chains, var: relax.Var) -> tuple:
@@ -376,6 +379,80 @@ def test_int8_convolutions_are_bit_exact_on_arm(arm_emulator, tmp_path) -> None:
     with qemu.emulated_server() as server:
         result = rpc.run_artifact(path, [x.numpy()], rpc=str(server.address), timeout=120, repeats=1)
     assert torch.equal(torch.from_numpy(result.outputs[0]), reference(x))
+
+
+class Branches(nn.Module):
+    """Each branch (a convolution and its activation) on the same input, concatenated along channels."""
+
+    def __init__(self, branches: list[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self.branches], dim=1)
+
+
+#: A convolution of a 24-channel input for each ARM int8 kernel: the sdot GEMM over 3x3 and 1x1 patches (20
+#: outputs), depthwise.
+ARM_EPILOGUE_CONVS = {
+    "gemm-3x3": lambda: nn.Conv2d(24, 32, 3, padding=1),
+    "gemm-1x1": lambda: nn.Conv2d(24, 20, 1),
+    "depthwise-24": lambda: nn.Conv2d(24, 24, 3, padding=1, groups=24),
+}
+
+
+def on_arm(compiled, x: torch.Tensor, path) -> torch.Tensor:
+    """``compiled`` (an ARM compile) run on ``x`` under qemu."""
+    result = qemu.run_artifact(compiled.export(path), [x.numpy()], timeout=120)
+    return torch.from_numpy(result.outputs[0])
+
+
+def arm_kernel_calls(names: list[str]) -> list[str]:
+    return [name for name in names if name.startswith("lowbit_conv_")]
+
+
+@pytest.mark.slow
+def test_fused_bias_and_activation_are_bit_exact_on_arm(arm_emulator, tmp_path) -> None:
+    """Each ARM int8 kernel (the sdot GEMM over 3x3 and 1x1 patches, depthwise) with each activation of
+    `EPILOGUES`, under qemu: every kernel planned with its bias and activation replaces the three operators, and the
+    model computes the torch target's values bit for bit."""
+    torch.manual_seed(11)
+    branches = [
+        nn.Sequential(make(), *([act()] if act is not None else []))
+        for act in EPILOGUES.values()
+        for make in ARM_EPILOGUE_CONVS.values()
+    ]
+    net = Branches(branches).eval()
+    x = torch.randn(1, 24, 9, 9)
+    reference, compiled = compiled_pair(net, x, int8_passes(), target="arm")
+    assert compiled.report.fallbacks == []
+    y = torch.randn(1, 24, 9, 9) * 1.5
+    assert torch.equal(on_arm(compiled, y, tmp_path / "fused"), reference(y))
+    names = fused_calls(net, x, "arm")
+    calls = arm_kernel_calls(names)
+    assert len(calls) == len(branches) and all(name.endswith("_fused") for name in calls), calls
+    assert not [name for name in names if "add" in name or "maximum" in name or "minimum" in name or "relu" in name]
+
+
+@pytest.mark.slow
+def test_fused_silu_on_arm_is_the_unfused_graph_bit_for_bit(arm_emulator, tmp_path, monkeypatch) -> None:
+    """SiLU (and ``x · sigmoid(x)``) after each ARM int8 kernel, under qemu: fused, the unfused compile's values bit
+    for bit, within `SILU_RTOL` of torch's."""
+    torch.manual_seed(12)
+    branches = [
+        nn.Sequential(make(), silu()) for silu in (nn.SiLU, SigmoidProduct) for make in ARM_EPILOGUE_CONVS.values()
+    ]
+    net = Branches(branches).eval()
+    x = torch.randn(1, 24, 9, 9)
+    reference, fused, unfused = fused_and_unfused(net, x, monkeypatch, {"passes": int8_passes(), "target": "arm"})
+    y = torch.randn(1, 24, 9, 9) * 4
+    got = on_arm(fused, y, tmp_path / "fused")
+    assert torch.equal(got, on_arm(unfused, y, tmp_path / "unfused"))
+    torch.testing.assert_close(got, reference(y), rtol=SILU_RTOL, atol=0.0)
+    names = fused_calls(net, x, "arm")
+    calls = arm_kernel_calls(names)
+    assert len(calls) == len(branches) and all(name.endswith("_fused") for name in calls), calls
+    assert not [name for name in names if "add" in name or "silu" in name or "sigmoid" in name]
 
 
 def test_the_tuner_searches_an_int8_convolution_kernel(tmp_path) -> None:

@@ -6,8 +6,9 @@ quantized with the static step (``nearbyint``, clamped to int8) into a zero-padd
 The centered weights are stored as int16 (laid out ``(kh, kw, C)`` at compile time), so LLVM lowers each
 product-and-add to the widening multiply-accumulate ``smlal``/``smlal2`` (8 channels per int16 vector, two int32
 accumulators). A channel count that is not a multiple of 8 is padded inside the kernel: the padded codes and weights
-of the extra channels are 0 and the output keeps the real ones. Schedule: parallel over output rows, ``col_tile``
-output pixels × ``channel_tile`` channels per register tile.
+of the extra channels are 0 and the output keeps the real ones. Planned with an epilogue, the output stage also adds
+the bias and applies the activation after the layer (`conv.conv_epilogue`), in the same float32 vectors. Schedule:
+parallel over output rows, ``col_tile`` output pixels × ``channel_tile`` channels per register tile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from tvm import s_tir, te, tirx
 from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish, power_of_two_divisor
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, clamp_index, depthwise_reason, schedule_padded
+from lowbit.backends.tvm.kernels.generic.conv import (
+    ConvSpec,
+    clamp_index,
+    conv_epilogue,
+    depthwise_reason,
+    schedule_padded,
+)
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.target import target_arch
 from lowbit.errors import BackendError
@@ -44,6 +51,7 @@ class ArmA8Depthwise(LinearKernel):
     name = KERNEL_NAME
     knobs = KNOBS
     convolutions = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         reason = depthwise_reason(spec)
@@ -65,7 +73,7 @@ class ArmA8Depthwise(LinearKernel):
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
         """Constants: the centered codes ``(kh, kw, C')`` int16 (0 in padded channels), the scales ``(C,)``, the
-        static step ``(1,)``."""
+        static step ``(1,)``, [the bias ``(C,)``]."""
         if knobs["channel_tile"] % LANES:
             raise BackendError(f"channel_tile={knobs['channel_tile']} is not a multiple of {LANES}")
         channels = spec.image[3]
@@ -76,6 +84,8 @@ class ArmA8Depthwise(LinearKernel):
         centered[:channels] = codes - zero.to(torch.int32)
         weights = centered.view(-1, *spec.kernel_size).permute(1, 2, 0).contiguous()
         consts = [weights, tensors["scales"].to(torch.float32).reshape(-1), tensors["act_scale"].reshape(1)]
+        if spec.has_bias:
+            consts.append(tensors["bias"].to(torch.float32).reshape(-1))
         vectors = padded_channels(channels) // LANES
         channel_tile = LANES * divisor_at_most(vectors, knobs["channel_tile"] // LANES)
         func = depthwise_func(spec, knobs["col_tile"], channel_tile)
@@ -86,7 +96,8 @@ KERNEL = ArmA8Depthwise()
 
 
 def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
-    """``x (B, H, W·C) f32``, centered codes ``(kh, kw, C')`` int16, scales, step → ``y (B·OH·OW, C) f32``."""
+    """``x (B, H, W·C) f32``, centered codes ``(kh, kw, C')`` int16, scales, step, [bias] → ``y (B·OH·OW, C) f32``,
+    then the spec's epilogue (`conv.conv_epilogue`)."""
     batch, height, width, channels = spec.image
     wide = padded_channels(channels)
     (pad_h, pad_w), (kh, kw), (out_h, out_w) = spec.padding, spec.kernel_size, spec.out_size
@@ -114,16 +125,14 @@ def depthwise_compute(spec: ConvSpec) -> tirx.PrimFunc:
         return code.astype("int32") * weights[r, s, c].astype("int32")
 
     acc = te.compute((batch, out_h, out_w, wide), lambda *i: te.sum(tap(*i), axis=[r, s]), name="acc")
-    y = te.compute(
-        (spec.batch, channels),
-        lambda m, c: (
-            acc[m // (out_h * out_w), m % (out_h * out_w) // out_w, m % out_w, c].astype("float32")
-            * scales[c]
-            * step[0]
-        ),
-        name="y",
-    )
-    return te.create_prim_func([x, weights, scales, step, y])
+    bias = te.placeholder((channels,), "float32", name="bias") if spec.has_bias else None
+
+    def output(m: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
+        total = acc[m // (out_h * out_w), m % (out_h * out_w) // out_w, m % out_w, c]
+        return conv_epilogue(spec, total.astype("float32") * scales[c] * step[0], bias[c] if bias is not None else None)
+
+    y = te.compute((spec.batch, channels), output, name="y")
+    return te.create_prim_func([x, weights, scales, step] + ([bias] if bias is not None else []) + [y])
 
 
 def depthwise_func(spec: ConvSpec, col_tile: int, channel_tile: int, name: str | None = None) -> tirx.PrimFunc:

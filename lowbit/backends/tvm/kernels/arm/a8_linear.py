@@ -15,7 +15,8 @@ order, with integer arithmetic where the reference is exact:
 3. ``acc[m, n] = Σ_g float32(dot − (z − o)·asum) · scale[n, g]``, groups in increasing
    order (float32 of an int32 rounds like the reference's float64 → float32; each product is `fenced` from
    its sum).
-4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then (`fenced`) ``+ bias``.
+4. ``y = acc / s`` (dynamic) or ``acc · Δ`` (static), then (`fenced`) ``+ bias`` (a convolution: then the steps
+   of its epilogue, `conv.conv_epilogue`, in the same vectors of output rows).
 
 Weight layout, made at lowering time from the project's packed rows: output rows in
 tiles of 4 and input columns in quads of 4; one 16-byte word holds, for one tile, ``pb
@@ -57,7 +58,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     loops_below,
     power_of_two_divisor,
 )
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, quantized_input, schedule_patches
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, conv_epilogue, quantized_input, schedule_patches
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -109,6 +110,7 @@ class ArmA8Linear(LinearKernel):
     name = KERNEL_NAME
     knobs = KNOBS
     convolutions = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return (
@@ -246,17 +248,24 @@ def a8_linear_arm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
         (m_rows, n_out // ROWS, ROWS), lambda m, t, i: te.sum(centered(m, g_axis, t, i), axis=g_axis), name="acc"
     )
 
-    y = te.compute((m_rows, n_out), _epilogue(lambda m, n: acc[m, n // ROWS, n % ROWS], mult, step, bias), name="y")
+    y = te.compute(
+        (m_rows, n_out), _epilogue(spec, lambda m, n: acc[m, n // ROWS, n % ROWS], mult, step, bias), name="y"
+    )
     args = [x, words, scales, zeros] + [t for t in (bias, step) if t is not None] + [y]
     return te.create_prim_func(args)
 
 
-def _epilogue(acc: Any, mult: te.Tensor | None, step: te.Tensor | None, bias: te.Tensor | None) -> Any:
-    """Step 4: ``y[m, n]`` from the float32 accumulator ``acc(m, n)``, the rescale `fenced` from the bias."""
+def _epilogue(
+    spec: PackedLinearSpec, acc: Any, mult: te.Tensor | None, step: te.Tensor | None, bias: te.Tensor | None
+) -> Any:
+    """Step 4: ``y[m, n]`` from the float32 accumulator ``acc(m, n)``, the rescale `fenced` from the bias; a
+    convolution's bias and epilogue steps by `conv_epilogue`."""
 
     def output(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
         value = acc(m, n)
         value = value / mult[m] if step is None else value * step[0]
+        if isinstance(spec, ConvSpec):
+            return conv_epilogue(spec, value, bias[n] if bias is not None else None)
         return fenced(value) + bias[n] if bias is not None else value
 
     return output
@@ -339,7 +348,7 @@ def a8_linear_arm_i8mm_compute(spec: PackedLinearSpec) -> tirx.PrimFunc:
     )
     y = te.compute(
         (m_rows, n_out),
-        _epilogue(lambda m, n: acc[m // 2, n // MMLA_ROWS, m % 2, n % MMLA_ROWS], mult, step, bias),
+        _epilogue(spec, lambda m, n: acc[m // 2, n // MMLA_ROWS, m % 2, n % MMLA_ROWS], mult, step, bias),
         name="y",
     )
     args = [x, words, scales, zeros] + [t for t in (bias, step) if t is not None] + [y]

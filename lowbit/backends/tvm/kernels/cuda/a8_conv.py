@@ -11,8 +11,10 @@ see them. The product, its schedule and its epilogue are the linear kernel's.
 A depthwise convolution has no reduction over channels to feed ``dp4a``: `CudaA8Depthwise` runs a thread per output
 (pixel, channel), channels fastest (coalesced NHWC loads), summing the ``kh·kw`` products of codes and doubled
 centred weights ``2·(q − z)`` (half-integer zero points stay exact) in int32, then ``float(2·acc)/2 · scale · Δ``
-in rounded multiplies: the reference's one-group epilogue. Both kernels leave the bias to the ``add`` after them
-(the reference's last step), which the build fuses with the activation that follows into one elementwise kernel.
+in rounded multiplies: the reference's one-group epilogue. Planned with an epilogue, both kernels add the bias with a
+rounded add (the reference's last step) and apply the activation after the layer (`conv.conv_epilogue`: ReLU,
+clamps, hardswish) in their output stage; otherwise the bias and activation are the elementwise kernel that the build
+fuses after them. SiLU stays that kernel: the CUDA build computes it with CUDA's ``expf``, not `fast_exp`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tvm.target import Target
 from lowbit.backends.tvm.kernels.cuda.a8_linear import CudaA8Linear, packed_product_compute
 from lowbit.backends.tvm.kernels.generic.activations import Arithmetic, clamp_code
 from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, finish
-from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, clamp_index, depthwise_reason
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, clamp_index, conv_epilogue, depthwise_reason
 from lowbit.backends.tvm.kernels.spec import KernelPlan, LinearKernel, PackedLinearSpec, Tensors
 from lowbit.errors import BackendError
 from lowbit.ir import packing
@@ -44,6 +46,7 @@ class CudaA8Conv(CudaA8Linear):
 
     name = CONV_KERNEL_NAME
     convolutions = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         if not isinstance(spec, ConvSpec) or spec.conv_groups != 1:
@@ -52,7 +55,7 @@ class CudaA8Conv(CudaA8Linear):
             return "the dp4a patch kernel quantizes the image with a static step"
         if _pixel_blocks(spec, max(self.knobs["m_tile"])) > MAX_GRID_Y:
             return f"{spec.batch} output pixels need more than {MAX_GRID_Y} blocks of the grid's y dimension"
-        return super().supports(spec, tensors, target)
+        return silu_reason(spec) or super().supports(spec, tensors, target)
 
     def default_knobs(self, spec: PackedLinearSpec, target: Target) -> dict[str, int]:
         """The linear kernel's hand schedule, with the smallest ``m_tile`` from its own on that fits the grid."""
@@ -79,9 +82,10 @@ class CudaA8Depthwise(LinearKernel):
     name = DEPTHWISE_KERNEL_NAME
     knobs = DEPTHWISE_KNOBS
     convolutions = True
+    epilogues = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
-        reason = depthwise_reason(spec)
+        reason = depthwise_reason(spec) or silu_reason(spec)
         if reason is not None:
             return reason
         zeros = tensors.get("zeros")
@@ -93,14 +97,16 @@ class CudaA8Depthwise(LinearKernel):
         return {"threads": DEPTHWISE_THREADS}
 
     def build(self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: dict[str, int]) -> KernelPlan:
-        """Constants: the doubled centred codes ``2·(q − z)`` ``(kh, kw, C)`` int32 and the scales ``(C,)``; the
-        static step is folded into the kernel."""
+        """Constants: the doubled centred codes ``2·(q − z)`` ``(kh, kw, C)`` int32, the scales ``(C,)``, [the bias
+        ``(C,)``]; the static step is folded into the kernel."""
         codes = packing.unpack(tensors["qweight"], spec.bits, spec.in_features).to(torch.float64)
         zeros = tensors.get("zeros")
         zero = packing.default_zero(spec.bits) if zeros is None else zeros.to(torch.float64)
         twice = torch.round(2 * (codes - zero)).to(torch.int32)
         weights = twice.view(-1, *spec.kernel_size).permute(1, 2, 0).contiguous()
         consts = [weights, tensors["scales"].to(torch.float32).reshape(-1).contiguous()]
+        if spec.has_bias:
+            consts.append(tensors["bias"].to(torch.float32).reshape(-1).contiguous())
         func = depthwise_func(spec, float(tensors["act_scale"]), knobs["threads"])
         return KernelPlan(func, consts, self.name, knobs)
 
@@ -109,6 +115,14 @@ CONV_KERNEL = CudaA8Conv()
 DEPTHWISE_KERNEL = CudaA8Depthwise()
 #: The convolution kernels of the CUDA toolchain, in the order the lowering tries them.
 KERNELS = (DEPTHWISE_KERNEL, CONV_KERNEL)
+
+
+def silu_reason(spec: PackedLinearSpec) -> str | None:
+    """Why a CUDA kernel does not apply the SiLU of a `ConvSpec` epilogue (`conv.EPILOGUE_STEPS` computes it with
+    `fast_exp`, the CPU builds' legalization; the CUDA build's operator calls CUDA's ``expf``), or None."""
+    if isinstance(spec, ConvSpec) and any(name == "silu" for name, _ in spec.epilogue):
+        return "the CUDA build's SiLU calls expf, not the fast_exp form a fused epilogue computes"
+    return None
 
 
 def image_code(
@@ -165,7 +179,8 @@ def a8_conv_compute(
 
 
 def depthwise_compute(spec: ConvSpec, step: float, arith: Arithmetic | None = None) -> tirx.PrimFunc:
-    """``x (B, H, W·C)``, doubled centred codes ``(kh, kw, C)``, scales ``(C,)`` → ``y (B·OH·OW, C)`` unscheduled."""
+    """``x (B, H, W·C)``, doubled centred codes ``(kh, kw, C)``, scales ``(C,)``, [bias ``(C,)``] → ``y (B·OH·OW, C)``
+    unscheduled, then the spec's epilogue (`conv.conv_epilogue`)."""
     arith = arith or Arithmetic()
     batch, height, width, channels = spec.image
     kh, kw = spec.kernel_size
@@ -181,13 +196,15 @@ def depthwise_compute(spec: ConvSpec, step: float, arith: Arithmetic | None = No
         return image_code(x, spec, (b, top + r * dil_h, left + s * dil_w), c, step, arith) * weights[r, s, c]
 
     acc = te.compute((spec.batch, channels), lambda m, c: te.sum(tap(m, c), axis=[r, s]), name="acc")
+    bias = te.placeholder((channels,), "float32", name="bias") if spec.has_bias else None
 
     def epilogue(m: tirx.Var, c: tirx.Var) -> tirx.PrimExpr:
         value = acc[m, c].astype("float32") * tirx.const(0.5, "float32")  # exact: a power-of-two rescale
-        return arith.fmul(arith.fmul(value, scales[c]), tirx.const(step, "float32"))
+        value = arith.fmul(arith.fmul(value, scales[c]), tirx.const(step, "float32"))
+        return conv_epilogue(spec, arith.fadd(value, bias[c]) if bias is not None else value, None)
 
     y = te.compute((spec.batch, channels), epilogue, name="y")
-    return te.create_prim_func([x, weights, scales, y])
+    return te.create_prim_func([x, weights, scales] + ([bias] if bias is not None else []) + [y])
 
 
 def depthwise_func(spec: ConvSpec, step: float, threads: int = DEPTHWISE_THREADS) -> tirx.PrimFunc:
@@ -225,4 +242,5 @@ __all__ = [
     "depthwise_func",
     "image_code",
     "output_pixel",
+    "silu_reason",
 ]

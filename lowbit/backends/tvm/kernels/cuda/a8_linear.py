@@ -21,7 +21,8 @@ One PrimFunc, several kernel launches:
    0x80) − c) ^ 0x80`` below; 1-bit codes stay uncentred); ``2·acc = 2·isum − zz·asum``
    with ``zz = 2·(zero − c)`` (exact for the integer and half-integer zero points of the
    format); ``y = Σ_g float(2·acc)/2 · scale`` in group order with rounded multiplies
-   and adds; ``out = y / s + bias`` (static: ``y · Δ + bias``).
+   and adds; ``out = y / s + bias`` (static: ``y · Δ + bias``; a convolution's patches: then the steps of its
+   epilogue, `conv.conv_epilogue`).
 
 Schedule of the product (the knobs): a block computes ``rows`` outputs ``n``
 (``threadIdx.y``) for ``m_tile`` rows of ``x``; ``threads`` lanes (``threadIdx.x``) take
@@ -61,6 +62,7 @@ from lowbit.backends.tvm.kernels.generic.common import (
     finish,
     power_of_two_divisor,
 )
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec, conv_epilogue
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
     LinearKernel,
@@ -273,7 +275,8 @@ def packed_product_compute(
 
     def finish_row(m: tirx.Var, n: tirx.Var) -> tirx.PrimExpr:
         value = arith.fdiv(y[m, n], scale[m]) if scale is not None else arith.fmul(y[m, n], tirx.const(step, "float32"))
-        return arith.fadd(value, bias[n]) if bias is not None else value
+        value = arith.fadd(value, bias[n]) if bias is not None else value
+        return conv_epilogue(spec, value, None) if isinstance(spec, ConvSpec) else value
 
     out = te.compute((m_rows, n_out), finish_row, name="out")
     args = [x, qwords, scales] + [t for t in (zz, bias) if t is not None]

@@ -38,3 +38,17 @@ class ConvReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         return torch.relu(y) if self.relu else y
+
+
+class HardSwishOps(nn.Module):
+    """``x · (clamp(x + 3, 0, 6) / 6)`` in torch operators: the float32 steps of Relax's ``hardswish``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (torch.clamp(x + 3, 0, 6) / 6)
+
+
+#: Activations after a convolution that the CUDA kernels apply in their output stage, with their epilogue steps.
+FUSED_ACTIVATIONS = {
+    "relu6": (nn.ReLU6, (("maximum", 0.0), ("minimum", 6.0))),
+    "hardswish": (HardSwishOps, (("hardswish", 0.0),)),
+}

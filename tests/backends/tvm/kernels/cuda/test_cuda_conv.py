@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 import tvm
-from cuda_conv_layers import CASES, FORMAT_CASES, FORMATS, ConvReLU
+from cuda_conv_layers import CASES, FORMAT_CASES, FORMATS, FUSED_ACTIVATIONS, ConvReLU
+from tvm import relax
 
 import lowbit
 from lowbit import zoo
@@ -75,7 +76,7 @@ def _run_on_cpu(spec: ConvSpec, kernel: str, consts: list[np.ndarray], step: flo
     if kernel == a8_conv.DEPTHWISE_KERNEL_NAME:
         func = a8_conv.depthwise_compute(spec, step, PlainArithmetic())
     else:
-        func = a8_conv.a8_conv_compute(spec, len(consts) == 3, step, arith=PlainArithmetic())
+        func = a8_conv.a8_conv_compute(spec, len(consts) == 3 + spec.has_bias, step, arith=PlainArithmetic())
     batch, channels, height, width = x.shape
     image = x.permute(0, 2, 3, 1).reshape(batch, height, width * channels).contiguous()
     out = tvm.runtime.tensor(np.zeros((spec.batch, spec.out_features), "float32"))
@@ -105,6 +106,43 @@ def test_other_weight_formats_are_bit_exact(case: str, weights: str) -> None:
     y = torch.randn_like(x) * 1.5
     step = float(packed_constant(graph, node, node.args[-1]))
     assert torch.equal(_run_on_cpu(spec, kernel, consts, step, y), _reference_without_bias(graph, node, y))
+
+
+def _fused_call(mod: tvm.IRModule) -> relax.Call:
+    """The one call of a kernel planned with its layer's bias and activation in a scheduled module."""
+    calls: list[relax.Call] = []
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: calls.append(e) if isinstance(e, relax.Call) and e.op == tvm.ir.Op.get("relax.call_tir") else None,
+    )
+    (call,) = [call for call in calls if call.args[0].name_hint.endswith("_fused")]
+    return call
+
+
+@pytest.mark.parametrize("activation", list(FUSED_ACTIVATIONS))
+@pytest.mark.parametrize("case", ["3x3-padded-relu", "depthwise-relu"])
+def test_fused_bias_and_activation_are_bit_exact(case: str, activation: str) -> None:
+    """The CUDA build replaces the kernel, the bias ``add`` and the activation after it (ReLU6, hardswish) by the
+    kernel planned with them; its computation in plain TIR on the CPU is the torch target's bit for bit."""
+    channels, size, conv, _ = CASES[case]
+    act, steps = FUSED_ACTIVATIONS[activation]
+    torch.manual_seed(0)
+    x = torch.randn(1, channels, size, size)
+    passes = [RTN(bits=8, group_size=-1, symmetric=True), QuantizeActivations(dynamic=False)]
+    net = torch.nn.Sequential(conv, act()).eval()
+    reference = lowbit.compile(net, (x,), passes=passes, calibration=[(x,), (torch.randn_like(x),)], target="torch")
+    toolchain = cuda.CUDAToolchain(TARGET)
+    lowered = lowering.lower(reference.graph, (x,), toolchain)
+    (layer,) = lowered.linears
+    call = _fused_call(toolchain.schedule(lowered.mod))
+    consts = [const.value.numpy() for const in call.args[1].fields[1:]]
+    spec = ConvSpec(**{**vars(layer.spec), "has_bias": True, "epilogue": steps})
+    (node,) = [n for n in reference.graph.graph.nodes if n.target is ops_conv.conv_packed_a8]
+    step = float(packed_constant(reference.graph, node, node.args[-1]))
+    y = torch.randn_like(x) * 1.5
+    expected = reference(y)
+    got = _run_on_cpu(spec, layer.kernel, consts, step, y)
+    assert torch.equal(got, expected.permute(0, 2, 3, 1).reshape(-1, expected.shape[1]))
 
 
 def _kernels(source: str) -> dict[str, str]:
@@ -142,7 +180,7 @@ def test_a_cnn_builds_for_cuda_with_dp4a_in_its_conv_kernels() -> None:
     assert sum("__float2int_rn" in body for body in patch) == 2  # the patch codes, quantized from the image
     depthwise = [body for name, body in kernels.items() if a8_conv.DEPTHWISE_KERNEL_NAME in name]
     assert len(depthwise) == 1 and "__fmul_rn" in depthwise[0] and "__dp4a" not in depthwise[0]
-    assert any("add_relu" in name for name in kernels)  # bias and ReLU: one elementwise kernel after the kernel
+    assert not any("add" in name or "relu" in name for name in kernels)  # bias and ReLU: in the kernels' output
     assert not any("conv2d" in name for name in kernels)  # no fp32 convolution left
 
 
@@ -191,6 +229,10 @@ def test_knobs_and_refusals_are_named() -> None:
     assert "depthwise convolutions only" in kernel.supports(linear, tensors, TARGET)
     quarter = {**tensors, "zeros": torch.full_like(tensors["scales"], 128.25)}
     assert "half-integers" in kernel.supports(spec, quarter, TARGET)
+    silu = {"has_bias": True, "epilogue": (("silu", 0.0),)}
+    assert "expf" in kernel.supports(ConvSpec(**{**vars(spec), **silu}), tensors, TARGET)
+    ungrouped = ConvSpec(**{**vars(spec), "conv_groups": 1, **silu})
+    assert "expf" in a8_conv.CONV_KERNEL.supports(ungrouped, tensors, TARGET)
 
 
 def test_many_output_pixels_take_larger_pixel_blocks_within_the_grid() -> None:

@@ -1,11 +1,12 @@
 """CUDA int8 convolutions run on a GPU (skipped where there is no CUDA device): each layer kind bit for bit the torch
-target's ``conv_packed_a8`` (bias and ReLU included), and the w8a8 CNNs close to it."""
+target's ``conv_packed_a8`` (bias and ReLU included, and the other activations the kernels apply in their output
+stage), and the w8a8 CNNs close to it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cuda_conv_layers import CASES, FORMAT_CASES, FORMATS, ConvReLU
+from cuda_conv_layers import CASES, FORMAT_CASES, FORMATS, FUSED_ACTIVATIONS, ConvReLU
 
 import lowbit
 from lowbit import zoo
@@ -46,6 +47,25 @@ def test_int8_convolutions_are_bit_exact(case: str) -> None:
 @pytest.mark.parametrize(("case", "weights"), FORMAT_CASES)
 def test_other_weight_formats_are_bit_exact(case: str, weights: str) -> None:
     reference, compiled, x = _compiled_pair(case, weights)
+    assert compiled.report.fallbacks == []
+    y = torch.randn_like(x) * 1.5
+    assert torch.equal(compiled(y), reference(y))
+
+
+@pytest.mark.parametrize("activation", list(FUSED_ACTIVATIONS))
+@pytest.mark.parametrize("case", ["3x3-padded-relu", "depthwise-relu"])
+def test_fused_activations_are_bit_exact(case: str, activation: str) -> None:
+    channels, size, conv, _ = CASES[case]
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, size, size)
+    net = torch.nn.Sequential(conv, FUSED_ACTIVATIONS[activation][0]()).eval()
+    calibration = [(x,), (torch.randn_like(x),)]
+
+    def compile_for(target: str) -> lowbit.CompiledModel:
+        passes = [RTN(bits=8, group_size=-1, symmetric=True), QuantizeActivations(dynamic=False)]
+        return lowbit.compile(net, (x,), passes=passes, calibration=calibration, target=target)
+
+    reference, compiled = compile_for("torch"), compile_for("cuda")
     assert compiled.report.fallbacks == []
     y = torch.randn_like(x) * 1.5
     assert torch.equal(compiled(y), reference(y))
