@@ -22,7 +22,9 @@ accumulators rescaled per tile), so the work and the memory read are bounded by 
 are vectorized along ``D`` (a value row is loaded once and added into every row's sum); the
 tile's max, exponentials (a polynomial, `_exp`: LLVM would call libm per lane) and sum are
 vectorized along the keys. Masked and future positions get the lowest float32 as score and
-an exact 0 as weight, and a value row whose weight is 0 is skipped, never multiplied.
+an exact 0 as weight, and a value row whose weight is 0 is skipped, never multiplied. A task's scalars are
+let-bound (``T.bind``): a plain assignment makes a mutable local, which TVM allocates from its workspace pool inside
+a parallel loop (a call per scalar per task, about 1 µs per decode call in all).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         mask = T.match_buffer(mask_handle, (batch, n), "int32")
-        start = n - chunk  # position of the first new token
+        start = T.bind(n - chunk)  # position of the first new token
         # the top score, sum of weights and weighted values of each (task, row) over the task's keys, when split
         part_top = T.decl_buffer((partials, rows), "float32")
         part_total = T.decl_buffer((partials, rows), "float32")
@@ -160,14 +162,14 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
             for bh in T.parallel(batch * kv_heads):
                 append(k, v, k_cache, v_cache, bh // kv_heads, bh % kv_heads, start, start, n)
         for task in T.parallel(batch * kv_heads * blocks * splits):
-            split = task % splits
-            b = task // splits // (kv_heads * blocks)
-            g = task // splits // blocks % kv_heads
-            first = task // splits % blocks * block  # first query of the task
-            end = start + first + block  # positions < end are attended to by some row of the task
-            tiles = (end + (tile - 1)) // tile
-            begin = split * ((tiles + (splits - 1)) // splits)  # the task's key tiles: [begin, stop)
-            stop = T.min(begin + (tiles + (splits - 1)) // splits, tiles)
+            split = T.bind(task % splits)
+            b = T.bind(task // splits // (kv_heads * blocks))
+            g = T.bind(task // splits // blocks % kv_heads)
+            first = T.bind(task // splits % blocks * block)  # first query of the task
+            end = T.bind(start + first + block)  # positions < end are attended to by some row of the task
+            tiles = T.bind((end + (tile - 1)) // tile)
+            begin = T.bind(split * ((tiles + (splits - 1)) // splits))  # the task's key tiles: [begin, stop)
+            stop = T.bind(T.min(begin + (tiles + (splits - 1)) // splits, tiles))
             if blocks == 1:  # the new keys in the task's tiles are its own: append in the same parallel region
                 append(k, v, k_cache, v_cache, b, g, start, begin * tile, stop * tile)
             qs = T.decl_buffer((rows, dim), "float32")
@@ -276,7 +278,7 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
                             values[dc * lanes + lane]
                             + weights[split + 1] * part_acc[bg * splits + split + 1, r, dc * lanes + lane]
                         )
-                head = bg % kv_heads * group + r % group
+                head = T.bind(bg % kv_heads * group + r % group)
                 for dc in range(chunks):
                     for lane in T.vectorized(lanes):
                         out[bg // kv_heads, r // group, head, dc * lanes + lane] = T.Select(
