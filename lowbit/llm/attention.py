@@ -5,8 +5,8 @@ updates in place: each call appends its ``C`` new keys and values at positions `
 n - 1`` (``n``, the sequence length after the call, is symbolic), then lets query ``i`` (at
 position ``p = n - C + i``) attend to the cached positions ``j <= p`` whose ``mask[b, j]``
 is non-zero. Masked positions are never read into the result (the cache may hold garbage
-there); a query with nothing to attend to gets zeros. The queries, keys and values come in one tensor, the heads
-of a fused q/k/v projection as it computes them (no copies apart). With a rotary embedding (`AttentionSpec.rotary_dim`
+there); a query with nothing to attend to gets zeros. The queries, keys and values come in one tensor, as a fused
+q/k/v projection computes them (no slicing copies). With a rotary embedding (`AttentionSpec.rotary_dim`
 leading features of each head, rotate-half) the kernel rotates each query as it loads it and each key as it appends
 it, at the angles of the token's position, so a decode step needs no elementwise kernels around the attention.
 
