@@ -5,7 +5,10 @@ updates in place: each call appends its ``C`` new keys and values at positions `
 n - 1`` (``n``, the sequence length after the call, is symbolic), then lets query ``i`` (at
 position ``p = n - C + i``) attend to the cached positions ``j <= p`` whose ``mask[b, j]``
 is non-zero. Masked positions are never read into the result (the cache may hold garbage
-there); a query with nothing to attend to gets zeros.
+there); a query with nothing to attend to gets zeros. The queries, keys and values come in one tensor, as a fused
+q/k/v projection computes them (no slicing copies). With a rotary embedding (`AttentionSpec.rotary_dim`
+leading features of each head, rotate-half) the kernel rotates each query as it loads it and each key as it appends
+it, at the angles of the token's position, so a decode step needs no elementwise kernels around the attention.
 
 Schedule: one parallel task per (batch row, kv head, block of queries); the task's rows are
 the block's queries times the query heads that share the kv head (grouped-query
@@ -22,7 +25,9 @@ accumulators rescaled per tile), so the work and the memory read are bounded by 
 are vectorized along ``D`` (a value row is loaded once and added into every row's sum); the
 tile's max, exponentials (a polynomial, `_exp`: LLVM would call libm per lane) and sum are
 vectorized along the keys. Masked and future positions get the lowest float32 as score and
-an exact 0 as weight, and a value row whose weight is 0 is skipped, never multiplied.
+an exact 0 as weight, and a value row whose weight is 0 is skipped, never multiplied. A task's scalars are
+let-bound (``T.bind``): a plain assignment makes a mutable local, which TVM allocates from its workspace pool inside
+a parallel loop (a call per scalar per task, about 1 µs per decode call in all).
 """
 
 from __future__ import annotations
@@ -64,8 +69,12 @@ class AttentionSpec:
     head_dim: int
     max_context: int
     scale: float
+    #: Leading features of each head that the kernel rotates (rotate-half) before use, 0 for none.
+    rotary_dim: int = 0
 
     def __post_init__(self) -> None:
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in [0, head_dim={self.head_dim}]")
         if self.q_heads % self.kv_heads:
             raise ValueError(f"q_heads={self.q_heads} is not a multiple of kv_heads={self.kv_heads}")
         if not 1 <= self.chunk <= self.max_context:
@@ -83,10 +92,13 @@ class AttentionSpec:
 
 
 def cache_attention(spec: AttentionSpec, target: tvm.target.Target) -> tirx.PrimFunc:
-    """The PrimFunc ``(q, k, v, mask, k_cache, v_cache, out)`` of the module doc, for ``target``'s CPU.
+    """The PrimFunc ``(qkv, mask, k_cache, v_cache, out)`` of the module doc, for ``target``'s CPU; with
+    ``spec.rotary_dim``, ``(qkv, positions, cos, sin, mask, k_cache, v_cache, out)``.
 
-    Shapes: ``q, out (B, C, Hq, D)``, ``k, v (B, C, Hkv, D)``, ``mask (B, n)`` int32 with a
-    symbolic int64 ``n``, ``k_cache, v_cache (B, Hkv, T, D)``; all float32 but the mask.
+    Shapes: ``qkv (B, C, Hq + 2 Hkv, D)`` (the query heads, then the key heads, then the value heads: a fused
+    projection's output as it is), ``out (B, C, Hq, D)``, ``mask (B, n)`` int32 with a
+    symbolic int64 ``n``, ``k_cache, v_cache (B, Hkv, T, D)``, ``positions (B, C)`` int64 (the new tokens' rotary
+    positions), ``cos, sin (T, rotary_dim)``; all float32 but the mask and the positions.
     """
     return finish(_kernel(spec, float32_lanes(target)), None)
 
@@ -102,12 +114,15 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
         spec.head_dim,
         spec.max_context,
     )
-    group, block = spec.group, spec.query_block
+    group, block, heads = spec.group, spec.query_block, spec.q_heads + 2 * spec.kv_heads
     lanes = power_of_two_divisor(dim, wide)  # vectors along the head dimension
     rows, blocks, chunks, tile = block * group, chunk // block, dim // lanes, KEY_TILE
     splits = KEY_SPLITS if blocks == 1 else 1
     partials = batch * kv_heads * splits if splits > 1 else 1
     scale = spec.scale
+    rotary, half = spec.rotary_dim, spec.rotary_dim // 2
+    # vectors of the rotation: whole ones on each side of the half
+    turn = power_of_two_divisor(math.gcd(dim, half), wide) if rotary else lanes
 
     @T.macro
     def fold_lanes(buffer: T.Buffer, width: T.int32, combine: T.handle) -> None:
@@ -125,51 +140,84 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
             buffer[0] = combine(buffer[0], buffer[1])
 
     @T.macro
-    def append(
-        k: T.Buffer, v: T.Buffer, k_cache: T.Buffer, v_cache: T.Buffer, b: T.int64, g: T.int64, start: T.int64,
-        low: T.int64, high: T.int64,
+    def rotated(
+        dst: T.Buffer, dst_row: T.int64, src: T.Buffer, src_row: T.int64, cos: T.Buffer, sin: T.Buffer,
+        position: T.int64, factor: T.float32,
     ) -> None:  # fmt: skip
-        """Write the new keys and values of row ``b``, kv head ``g`` at positions ``start ..`` in ``[low, high)``."""
+        """Row ``dst_row`` of ``dst`` = ``factor`` × row ``src_row`` of ``src``, its first `rotary_dim` features
+        rotated (rotate-half) by the angles of ``position``; rows are 2-d views of the 4-d tensors."""
+        for dc in range(half // turn):
+            for lane in T.vectorized(turn):
+                dst[dst_row, dc * turn + lane] = (
+                    src[src_row, dc * turn + lane] * cos[position, dc * turn + lane]
+                    - src[src_row, half + dc * turn + lane] * sin[position, dc * turn + lane]
+                ) * factor
+        for dc in range(half // turn, rotary // turn):
+            for lane in T.vectorized(turn):
+                dst[dst_row, dc * turn + lane] = (
+                    src[src_row, dc * turn + lane] * cos[position, dc * turn + lane]
+                    + src[src_row, dc * turn + lane - half] * sin[position, dc * turn + lane]
+                ) * factor
+        for dc in range(rotary // turn, dim // turn):
+            for lane in T.vectorized(turn):
+                dst[dst_row, dc * turn + lane] = src[src_row, dc * turn + lane] * factor
+
+    @T.macro
+    def append(
+        qkv: T.Buffer, k_cache: T.Buffer, v_cache: T.Buffer, positions: T.Buffer, cos: T.Buffer,
+        sin: T.Buffer, b: T.int64, g: T.int64, start: T.int64, low: T.int64, high: T.int64,
+    ) -> None:  # fmt: skip
+        """Write the new keys (rotated) and values of row ``b``, kv head ``g`` at positions ``start ..`` in ``[low,
+        high)``."""
         for i in range(chunk):
             if start + i >= low:  # noqa: SIM102 (TIR's `and` evaluates both sides)
                 if start + i < high:
                     for dc in range(chunks):
                         for lane in T.vectorized(lanes):
-                            k_cache[b, g, start + i, dc * lanes + lane] = k[b, i, g, dc * lanes + lane]
-                            v_cache[b, g, start + i, dc * lanes + lane] = v[b, i, g, dc * lanes + lane]
+                            v_cache[b, g, start + i, dc * lanes + lane] = qkv[
+                                b, i, q_heads + kv_heads + g, dc * lanes + lane
+                            ]
+                    if rotary > 0:
+                        rotated(
+                            T.decl_buffer((batch * kv_heads * capacity, dim), "float32", data=k_cache.data),
+                            (b * kv_heads + g) * capacity + start + i,
+                            T.decl_buffer((batch * chunk * heads, dim), "float32", data=qkv.data),
+                            (b * chunk + i) * heads + q_heads + g,
+                            cos,
+                            sin,
+                            T.min(T.max(positions[b, i], 0), capacity - 1),
+                            T.float32(1),
+                        )
+                    else:
+                        for dc in range(chunks):
+                            for lane in T.vectorized(lanes):
+                                k_cache[b, g, start + i, dc * lanes + lane] = qkv[b, i, q_heads + g, dc * lanes + lane]
 
-    @T.prim_func(private=True)
-    def kernel(
-        q: T.Buffer((batch, chunk, q_heads, dim), "float32"),
-        k: T.Buffer((batch, chunk, kv_heads, dim), "float32"),
-        v: T.Buffer((batch, chunk, kv_heads, dim), "float32"),
-        mask_handle: T.handle,
-        k_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
-        v_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
-        out: T.Buffer((batch, chunk, q_heads, dim), "float32"),
-    ) -> None:
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        mask = T.match_buffer(mask_handle, (batch, n), "int32")
-        start = n - chunk  # position of the first new token
+    @T.macro
+    def attend(
+        qkv: T.Buffer, positions: T.Buffer, cos: T.Buffer, sin: T.Buffer, mask: T.Buffer,
+        k_cache: T.Buffer, v_cache: T.Buffer, out: T.Buffer, n: T.int64,
+    ) -> None:  # fmt: skip
+        """The kernel's body (``positions, cos, sin`` are None without rotary)."""
+        start = T.bind(n - chunk)  # position of the first new token
         # the top score, sum of weights and weighted values of each (task, row) over the task's keys, when split
         part_top = T.decl_buffer((partials, rows), "float32")
         part_total = T.decl_buffer((partials, rows), "float32")
         part_acc = T.decl_buffer((partials, rows, dim), "float32")
         if blocks > 1:  # tasks of one kv head read each other's new keys: append them all first
             for bh in T.parallel(batch * kv_heads):
-                append(k, v, k_cache, v_cache, bh // kv_heads, bh % kv_heads, start, start, n)
+                append(qkv, k_cache, v_cache, positions, cos, sin, bh // kv_heads, bh % kv_heads, start, start, n)
         for task in T.parallel(batch * kv_heads * blocks * splits):
-            split = task % splits
-            b = task // splits // (kv_heads * blocks)
-            g = task // splits // blocks % kv_heads
-            first = task // splits % blocks * block  # first query of the task
-            end = start + first + block  # positions < end are attended to by some row of the task
-            tiles = (end + (tile - 1)) // tile
-            begin = split * ((tiles + (splits - 1)) // splits)  # the task's key tiles: [begin, stop)
-            stop = T.min(begin + (tiles + (splits - 1)) // splits, tiles)
+            split = T.bind(task % splits)
+            b = T.bind(task // splits // (kv_heads * blocks))
+            g = T.bind(task // splits // blocks % kv_heads)
+            first = T.bind(task // splits % blocks * block)  # first query of the task
+            end = T.bind(start + first + block)  # positions < end are attended to by some row of the task
+            tiles = T.bind((end + (tile - 1)) // tile)
+            begin = T.bind(split * ((tiles + (splits - 1)) // splits))  # the task's key tiles: [begin, stop)
+            stop = T.bind(T.min(begin + (tiles + (splits - 1)) // splits, tiles))
             if blocks == 1:  # the new keys in the task's tiles are its own: append in the same parallel region
-                append(k, v, k_cache, v_cache, b, g, start, begin * tile, stop * tile)
+                append(qkv, k_cache, v_cache, positions, cos, sin, b, g, start, begin * tile, stop * tile)
             qs = T.decl_buffer((rows, dim), "float32")
             acc = T.decl_buffer((rows, dim), "float32")
             scores = T.decl_buffer((rows, tile), "float32")
@@ -181,10 +229,25 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
             rescale = T.decl_buffer((1,), "float32")
             for r, dc in T.grid(rows, chunks):
                 for lane in T.vectorized(lanes):
-                    qs[r, dc * lanes + lane] = q[
-                        b, first + r // group, g * group + r % group, dc * lanes + lane
-                    ] * T.float32(scale)
                     acc[r, dc * lanes + lane] = T.float32(0)
+            for r in range(rows):
+                if rotary > 0:
+                    rotated(
+                        qs,
+                        r,
+                        T.decl_buffer((batch * chunk * heads, dim), "float32", data=qkv.data),
+                        (b * chunk + first + r // group) * heads + g * group + r % group,
+                        cos,
+                        sin,
+                        T.min(T.max(positions[b, first + r // group], 0), capacity - 1),
+                        T.float32(scale),
+                    )
+                else:
+                    for dc in range(chunks):
+                        for lane in T.vectorized(lanes):
+                            qs[r, dc * lanes + lane] = qkv[
+                                b, first + r // group, g * group + r % group, dc * lanes + lane
+                            ] * T.float32(scale)
             for r in range(rows):
                 top[r] = T.float32(MASKED)
                 total[r] = T.float32(0)
@@ -276,12 +339,45 @@ def _kernel(spec: AttentionSpec, wide: int) -> tirx.PrimFunc:
                             values[dc * lanes + lane]
                             + weights[split + 1] * part_acc[bg * splits + split + 1, r, dc * lanes + lane]
                         )
-                head = bg % kv_heads * group + r % group
+                head = T.bind(bg % kv_heads * group + r % group)
                 for dc in range(chunks):
                     for lane in T.vectorized(lanes):
                         out[bg // kv_heads, r // group, head, dc * lanes + lane] = T.Select(
                             merged[0] > T.float32(0), values[dc * lanes + lane] / merged[0], T.float32(0)
                         )
+
+    if rotary:
+
+        @T.prim_func(private=True)
+        def rotating(
+            qkv: T.Buffer((batch, chunk, heads, dim), "float32"),
+            positions: T.Buffer((batch, chunk), "int64"),
+            cos: T.Buffer((capacity, rotary), "float32"),
+            sin: T.Buffer((capacity, rotary), "float32"),
+            mask_handle: T.handle,
+            k_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
+            v_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
+            out: T.Buffer((batch, chunk, q_heads, dim), "float32"),
+        ) -> None:
+            T.func_attr({"tirx.noalias": True})
+            n = T.int64()
+            mask = T.match_buffer(mask_handle, (batch, n), "int32")
+            attend(qkv, positions, cos, sin, mask, k_cache, v_cache, out, n)
+
+        return rotating
+
+    @T.prim_func(private=True)
+    def kernel(
+        qkv: T.Buffer((batch, chunk, heads, dim), "float32"),
+        mask_handle: T.handle,
+        k_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
+        v_cache: T.Buffer((batch, kv_heads, capacity, dim), "float32"),
+        out: T.Buffer((batch, chunk, q_heads, dim), "float32"),
+    ) -> None:
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        mask = T.match_buffer(mask_handle, (batch, n), "int32")
+        attend(qkv, None, None, None, mask, k_cache, v_cache, out, n)
 
     return kernel
 

@@ -130,20 +130,25 @@ def generate(
     logits = prefill(decoder, ids, positions, mask)
     tokens = [ids]
     unfinished = torch.ones(batch, dtype=torch.bool)
-    last_position = positions[:, -1]
+    # each decode step passes views of buffers filled in place: the masks of every length to come, the position
+    masks = torch.ones(batch, length + options.max_new_tokens, dtype=torch.int32)
+    masks[:, :length] = mask
+    position = positions[:, -1:].clone()
     for step in range(options.max_new_tokens):
-        chosen = next_tokens(logits, options, generator)
-        chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
-        tokens.append(chosen[:, None])
+        chosen = next_tokens(logits, options, generator)[:, None]
+        if eos.numel():  # without eos every row is unfinished
+            chosen = torch.where(unfinished[:, None], chosen, torch.full_like(chosen, pad))
+        tokens.append(chosen)
         if streamer is not None:
-            streamer.put(chosen.clone())
+            streamer.put(chosen[:, 0].clone())
         if eos.numel():
-            unfinished &= ~torch.isin(chosen, eos)
-        if not bool(unfinished.any()) or step == options.max_new_tokens - 1:
+            unfinished &= ~torch.isin(chosen[:, 0], eos)
+            if not bool(unfinished.any()):
+                break
+        if step == options.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-        last_position = last_position + 1
-        logits = decoder.step(chosen[:, None], last_position[:, None], mask, 0)
+        position += 1
+        logits = decoder.step(chosen, position, masks[:, : length + step + 1], 0)
     if streamer is not None:
         streamer.end()
     return torch.cat(tokens, dim=1)

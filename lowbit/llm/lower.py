@@ -8,7 +8,8 @@ low-bit linear runs on one kernel in one weight layout for all step sizes: the k
 tuner) is chosen for a decode step, the other sizes reuse its knobs, and each constant is one Relax constant
 shared by every function (`ConstantPool`), so the library holds each weight once. Projections that read the same
 input (q, k, v; gate, up) run as one linear where their formats agree (`weights.fuse`, stacked at lowering time),
-and their outputs are sliced apart.
+and their outputs are sliced apart, but for q, k and v: the attention kernel reads their heads from one tensor (the
+fused output as it is) and applies the rotary embedding itself.
 """
 
 from __future__ import annotations
@@ -158,32 +159,33 @@ class DecoderBuilder:
         x = self._embedding(self.weights.embedding, ids, chunk)
         if self.weights.positions is not None:
             x = bb.emit(relax.op.add(x, self._embedding(self.weights.positions, positions, chunk)))
-        if self.rotary_dim:
-            cos = bb.emit(relax.op.expand_dims(relax.op.take(self.cos, positions, axis=0), 2))
-            sin = bb.emit(relax.op.expand_dims(relax.op.take(self.sin, positions, axis=0), 2))
         attention = bb.add_func(
             cache_attention(
                 AttentionSpec(
-                    batch, chunk, spec.q_heads, spec.kv_heads, spec.head_dim, self.max_context, spec.head_dim**-0.5
+                    batch,
+                    chunk,
+                    spec.q_heads,
+                    spec.kv_heads,
+                    spec.head_dim,
+                    self.max_context,
+                    spec.head_dim**-0.5,
+                    self.rotary_dim,
                 ),
                 self.target,
             ),
             "lowbit_cache_attention",
         )
+        # the kernel rotates q as it loads it and k as it appends it, from the rotary tables and the positions
+        rotary = [positions, self.cos, self.sin] if self.rotary_dim else []
         for i in range(spec.layers):
-            out = self._project(i, ATTENTION_INPUT, self._norm(x, spec.norm(i, "attn")), chunk)
-            q = self._heads(out["q"], spec.q_heads, chunk)
-            k = self._heads(out["k"], spec.kv_heads, chunk)
-            v = self._heads(out["v"], spec.kv_heads, chunk)
-            if self.rotary_dim:
-                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            qkv = self._qkv(i, self._norm(x, spec.norm(i, "attn")), chunk)
             q_type = relax.TensorType((batch, chunk, spec.q_heads, spec.head_dim), "float32")
             cache_types = [caches[2 * i].ty, caches[2 * i + 1].ty]
             result = bb.emit(
                 relax.call_tir_inplace(
                     attention,
-                    [q, k, v, mask, caches[2 * i], caches[2 * i + 1]],
-                    inplace_indices=[-1, 4, 5],
+                    [qkv, *rotary, mask, caches[2 * i], caches[2 * i + 1]],
+                    inplace_indices=[-1, 2 + len(rotary), 3 + len(rotary)],
                     out_ty=[q_type, *cache_types],
                 )
             )
@@ -246,20 +248,16 @@ class DecoderBuilder:
             return self.bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=eps))
         return self.bb.emit(relax.op.nn.layer_norm(x, weight, self.pool(bias), axes=[-1], epsilon=eps))
 
-    def _heads(self, x: relax.Expr, heads: int, chunk: int) -> relax.Expr:
-        return self.bb.emit(relax.op.reshape(x, (self.max_batch, chunk, heads, self.spec.head_dim)))
-
-    def _rotate(self, x: relax.Expr, cos: relax.Expr, sin: relax.Expr) -> relax.Expr:
-        """Rotate-half on the first ``rotary_dim`` features of each head; the rest pass through."""
-        dim, half, head_dim = self.rotary_dim, self.rotary_dim // 2, self.spec.head_dim
-        part = relax.op.strided_slice(x, axes=[3], begin=[0], end=[dim]) if dim < head_dim else x
-        first = relax.op.strided_slice(part, axes=[3], begin=[0], end=[half])
-        second = relax.op.strided_slice(part, axes=[3], begin=[half], end=[dim])
-        rotated = relax.op.concat([relax.op.negative(second), first], axis=3)
-        turned = relax.op.add(relax.op.multiply(part, cos), relax.op.multiply(rotated, sin))
-        if dim < head_dim:
-            turned = relax.op.concat([turned, relax.op.strided_slice(x, axes=[3], begin=[dim], end=[head_dim])], axis=3)
-        return self.bb.emit(turned)
+    def _qkv(self, index: int, x: relax.Expr, chunk: int) -> relax.Expr:
+        """Block ``index``'s query, key and value heads ``(B, C, Hq + 2 Hkv, head_dim)``, in that order: a fused
+        projection's output as it is (a reshape), else the projections' outputs concatenated."""
+        spec = self.spec
+        heads = (self.max_batch, chunk, spec.q_heads + 2 * spec.kv_heads, spec.head_dim)
+        group = self.groups[(index, ATTENTION_INPUT)]
+        if len(group) == 1 and group[0][1] == ATTENTION_INPUT:
+            return self.bb.emit(relax.op.reshape(self._linear(group[0][0], x, chunk), heads))
+        out = self._project(index, ATTENTION_INPUT, x, chunk)
+        return self.bb.emit(relax.op.reshape(relax.op.concat([out[role] for role in ATTENTION_INPUT], axis=2), heads))
 
     def _project(self, index: int, roles: tuple[str, ...], x: relax.Expr, chunk: int) -> dict[str, relax.Expr]:
         """The outputs of block ``index``'s projections holding ``roles`` on ``x`` ``(B, C, K)``, by role."""

@@ -56,8 +56,11 @@ class TVMDecoder:
         self._functions: dict[str, Any] = {}
         self.max_batch, self.max_context, self.chunks = layout.max_batch, layout.max_context, layout.chunks
         self.vocab = layout.spec.vocab
+        self._sizes = {1, *self.chunks}
         self._caches: list[Any] = []
         self._batch = 0
+        #: The ``last`` input of each column index asked for, on the device, made once.
+        self._lasts: dict[int, Any] = {}
 
     def reset(self, batch: int) -> None:
         if not self._caches:
@@ -72,26 +75,37 @@ class TVMDecoder:
         if not self._caches:
             raise GenerationError("reset(batch) must start a batch before its first step")
         batch, chunk = ids.shape
-        sizes = {1, *self.chunks}
-        if chunk not in sizes:
-            raise GenerationError(f"no compiled step takes {chunk} tokens; the step sizes are {sorted(sizes)}")
+        if chunk not in self._sizes:
+            raise GenerationError(f"no compiled step takes {chunk} tokens; the step sizes are {sorted(self._sizes)}")
         rows = self.max_batch - batch
-        tensors = [ids.to(torch.int64), positions.to(torch.int64), mask.to(torch.int32)]
+        tensors = [_as(ids, torch.int64), _as(positions, torch.int64), _as(mask, torch.int32)]
         if rows:
             tensors = [torch.nn.functional.pad(tensor, (0, 0, 0, rows)) for tensor in tensors]
+        inputs = [self._input(tensor) for tensor in tensors]
         if last is not None:
-            tensors.append(torch.tensor([last], dtype=torch.int64))
+            if last not in self._lasts:
+                self._lasts[last] = self._input(torch.tensor([last], dtype=torch.int64))
+            inputs.append(self._lasts[last])
         name = f"{'step' if last is not None else 'all'}_{chunk}"
         if name not in self._functions:
             self._functions[name] = self.vm[name]
-        logits = self._functions[name](*(self._input(tensor) for tensor in tensors), *self._caches)
-        return (torch.from_dlpack(logits) if self.local else torch.from_numpy(logits.numpy()))[:batch]
+        logits = self._functions[name](*inputs, *self._caches)
+        logits = torch.from_dlpack(logits) if self.local else torch.from_numpy(logits.numpy())
+        return logits[:batch] if rows else logits
 
     def _input(self, tensor: torch.Tensor) -> Any:
-        """``tensor`` on the device: shared in place where TVM accepts its memory (local, contiguous, aligned)."""
-        if self.local and tensor.is_contiguous() and tensor.data_ptr() % ALIGNMENT == 0:
-            return tvm.runtime.from_dlpack(tensor)
-        return tvm.runtime.tensor(tensor.contiguous().numpy(), self.device)
+        """``tensor`` on the device: shared in place on this CPU (copied first by torch, whose allocations TVM
+        accepts, where it is not contiguous or not aligned: numpy's argmax gives tokens 16-byte aligned)."""
+        if not self.local:
+            return tvm.runtime.tensor(tensor.contiguous().numpy(), self.device)
+        if not tensor.is_contiguous() or tensor.data_ptr() % ALIGNMENT:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        return tvm.runtime.from_dlpack(tensor)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, itself where it already is (a step's inputs are converted without a call)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 __all__ = ["DecoderLayout", "TVMDecoder"]

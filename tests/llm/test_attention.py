@@ -14,6 +14,7 @@ from tvm.script import tirx as T
 
 from lowbit.backends.tvm.target import resolve_target
 from lowbit.llm.attention import KEY_SPLITS, AttentionSpec, _exp, cache_attention
+from lowbit.llm.reference import rotate
 
 CAPACITY = 160  # more than two key tiles, not a multiple of one
 SHAPES = {"smollm2": (9, 3, 64), "tiny": (4, 2, 8)}
@@ -48,7 +49,7 @@ class Stepper:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = tvm.runtime.tensor(np.zeros(q.shape, dtype="float32"))
-        args = [tvm.runtime.tensor(t.numpy()) for t in (q, k, v, mask.int())]
+        args = [tvm.runtime.tensor(t.numpy()) for t in (torch.cat([q, k, v], dim=2), mask.int())]
         self.kernel(*args, self.k_cache, self.v_cache, out)
         return torch.from_numpy(out.numpy())
 
@@ -159,21 +160,56 @@ def test_one_and_two_threads_give_the_same_result(steppers: dict) -> None:
     assert_close(outs[0], reference_after(stepper, q, mask))
 
 
+def rotary_tables(rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half tables ``(CAPACITY, rotary_dim)`` as transformers builds them (each angle twice)."""
+    inverse = 1 / 10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim)
+    angles = torch.arange(CAPACITY)[:, None] * inverse[None, :]
+    return torch.cat([angles, angles], dim=1).cos(), torch.cat([angles, angles], dim=1).sin()
+
+
+@pytest.mark.parametrize(("shape", "rotary_dim"), [("smollm2", 64), ("smollm2", 32), ("tiny", 4)])
+def test_rotary_in_the_kernel_equals_rotating_q_and_k_first(shape: str, rotary_dim: int) -> None:
+    """With ``rotary_dim`` the kernel rotates q as it loads it and k as it appends it (all of each head, or its
+    first part): a prefill chunk then decode steps, left padding, against rotating first then the plain kernel."""
+    target = resolve_target("x86")
+    cos, sin = rotary_tables(rotary_dim)
+    for chunk in (40, 1):  # a prefill chunk appends in a loop of its own, a decode step in its tasks
+        spec = spec_for(shape, 2, chunk)
+        plain = Stepper(spec)
+        func = cache_attention(AttentionSpec(**{**spec.__dict__, "rotary_dim": rotary_dim}), target)
+        kernel = tvm.compile(tvm.IRModule({"attention": func.with_attr("global_symbol", "attention")}), target=target)
+        caches = [tvm.runtime.tensor(np.zeros(plain.k_cache.shape, dtype="float32")) for _ in range(2)]
+        mask = torch.ones(2, 45, dtype=torch.int32)
+        mask[1, :3] = 0
+        for step in range(3):
+            n = 45 + step * chunk
+            mask = torch.cat([mask, torch.ones(2, chunk, dtype=torch.int32)], dim=1)[:, :n]
+            positions = (mask.cumsum(1) - 1).clamp(min=0)[:, n - chunk :].to(torch.int64)
+            q, k, v = tokens(spec, 30 + step)
+            turned = [rotate(x, cos[positions][:, :, None], sin[positions][:, :, None]) for x in (q, k)]
+            expected = plain(*turned, v, mask)
+            out = tvm.runtime.tensor(np.zeros(q.shape, dtype="float32"))
+            args = [tvm.runtime.tensor(t.numpy()) for t in (torch.cat([q, k, v], dim=2), positions, cos, sin, mask)]
+            kernel["attention"](*args, *caches, out)
+            assert_close(torch.from_numpy(out.numpy()), expected)
+            torch.testing.assert_close(torch.from_numpy(caches[0].numpy()), plain.caches()[0], rtol=1e-6, atol=1e-6)
+            assert torch.equal(torch.from_numpy(caches[1].numpy()), plain.caches()[1])
+
+
 def test_relax_call_tir_inplace_updates_the_caches_across_calls() -> None:
     """The call generation makes: ``call_tir_inplace`` with a symbolic ``n``; the caches change in place."""
     spec = spec_for("tiny", 1, 1)
     target = resolve_target("x86")
     n = tirx.Var("n", "int64")
     q_ty = relax.TensorType((spec.batch, spec.chunk, spec.q_heads, spec.head_dim), "float32")
-    kv_ty = relax.TensorType((spec.batch, spec.chunk, spec.kv_heads, spec.head_dim), "float32")
+    qkv_ty = relax.TensorType((spec.batch, spec.chunk, spec.q_heads + 2 * spec.kv_heads, spec.head_dim), "float32")
     cache_ty = relax.TensorType((spec.batch, spec.kv_heads, spec.max_context, spec.head_dim), "float32")
-    params = [relax.Var(name, ty) for name, ty in zip("qkv", (q_ty, kv_ty, kv_ty), strict=True)]
-    params += [relax.Var("mask", relax.TensorType((spec.batch, n), "int32"))]
+    params = [relax.Var("qkv", qkv_ty), relax.Var("mask", relax.TensorType((spec.batch, n), "int32"))]
     params += [relax.Var("k_cache", cache_ty), relax.Var("v_cache", cache_ty)]
     builder = relax.BlockBuilder()
     with builder.function("step", params, pure=False):
         gvar = builder.add_func(cache_attention(spec, target), "attention")
-        call = relax.call_tir_inplace(gvar, params, inplace_indices=[-1, 4, 5], out_ty=[q_ty, cache_ty, cache_ty])
+        call = relax.call_tir_inplace(gvar, params, inplace_indices=[-1, 2, 3], out_ty=[q_ty, cache_ty, cache_ty])
         result = builder.emit(call)
         builder.emit_func_output(builder.emit(relax.TupleGetItem(result, 0)))
     vm = relax.VirtualMachine(tvm.compile(builder.get(), target=target), tvm.cpu())
@@ -183,7 +219,7 @@ def test_relax_call_tir_inplace_updates_the_caches_across_calls() -> None:
     for step in range(3):
         q, k, v = tokens(spec, 20 + step)
         mask = torch.ones(1, step + 1, dtype=torch.int32)
-        args = [tvm.runtime.tensor(t.numpy()) for t in (q, k, v, mask)]
+        args = [tvm.runtime.tensor(t.numpy()) for t in (torch.cat([q, k, v], dim=2), mask)]
         out = torch.from_numpy(vm["step"](*args, *caches).numpy())
         written.append((k, v))
         k_cache, v_cache = (torch.from_numpy(c.numpy()) for c in caches)

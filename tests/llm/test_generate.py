@@ -137,6 +137,17 @@ def test_projections_reading_one_input_run_fused(quantized):
     assert fuse([parts[0], Linear("dense", torch.zeros(32, 64))]) is None
 
 
+def test_unfused_q_k_v_projections_equal_the_torch_reference(llama):
+    """k_proj left fp32 while q and v are packed: no fused q/k/v linear, so the attention kernel's one q/k/v input
+    is the three outputs concatenated."""
+    passes = ["rtn:bits=4,group_size=32,ignore=model.layers.*.self_attn.k_proj"]
+    reference, compiled = (compile_lm(llama, target, passes=passes) for target in ("torch", "x86"))
+    decoder = reference.decoder
+    builder = DecoderBuilder(decoder.spec, decoder.weights, (decoder.cos, decoder.sin), get_backend("x86").toolchain, 1)
+    assert len(builder.groups[(0, ("q", "k", "v"))]) == 3
+    assert_equals_reference(reference, compiled, new=16)
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
 def test_gpt2_and_phi3_quantized_equal_the_torch_reference(model_type):
     model = causal_lm(model_type)
