@@ -123,9 +123,7 @@ def a8_gemm_func(
     output ``y (M, N) f32``."""
     rows = divisor_at_most(spec.batch, row_tile)  # tensorize needs whole tiles
     intrin_x86.register()
-    sch = s_tir.Schedule(
-        a8_linear.a8_linear_compute(spec, vectors, rows=ROWS, vector_round=True, scale_dtype=scale_dtype)
-    )
+    sch = s_tir.Schedule(a8_linear.a8_linear_compute(spec, vectors, rows=ROWS, scale_dtype=scale_dtype))
     _schedule(sch, spec, rows, out_tile, vectors)
     log.debug("scheduled %s: row_tile=%d, out_tile=%d, row_vectors=%d", spec, rows, out_tile, vectors)
     return finish(sch.mod["main"], name)

@@ -324,17 +324,16 @@ def a8_linear_compute(
     vectors: int,
     split: bool = False,
     rows: int = ROWS,
-    vector_round: bool = False,
     scale_dtype: torch.dtype = torch.float32,
 ) -> tirx.PrimFunc:
     """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``.
 
     ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
     word, the codes masked in place; otherwise one, the codes shifted down and the quads
-    summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
-    activation codes rounded in vector lanes (`activation_codes`); ``scale_dtype``: the scales' type (float16
-    scales widen exactly to float32). A `ConvSpec` reads its input as the patches of an NHWC image
-    (`conv.quantized_input`).
+    summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``scale_dtype``: the
+    scales' type (float16 scales widen exactly to float32). A `ConvSpec` reads its input as the patches of an NHWC
+    image (`conv.quantized_input`). The activation codes are rounded with ``tirx.round``, which lowers to the same
+    ``llvm.nearbyint`` (ties to even) as ``tirx.nearbyint`` but which TVM vectorizes (`activation_codes`).
     """
     m_rows, k_in, n_out, bits = spec.rows, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
@@ -349,7 +348,7 @@ def a8_linear_compute(
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    x, xq, mult = quantized_input(spec, step, tirx.round if vector_round else tirx.nearbyint)
+    x, xq, mult = quantized_input(spec, step, tirx.round)
     asum = code_sums(spec, xq)
     mask = tirx.const((1 << bits) - 1, "uint8")
 
