@@ -8,7 +8,8 @@ low-bit linear runs on one kernel in one weight layout for all step sizes: the k
 tuner) is chosen for a decode step, the other sizes reuse its knobs, and each constant is one Relax constant
 shared by every function (`ConstantPool`), so the library holds each weight once. Projections that read the same
 input (q, k, v; gate, up) run as one linear where their formats agree (`weights.fuse`, stacked at lowering time),
-and their outputs are sliced apart.
+and their outputs are sliced apart. The RMSNorm before a block's projections runs in their kernels' input stage
+where the kernel offers it (`LinearKernel.normed_plan`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from lowbit.backends.tvm.convert import (
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
 from lowbit.backends.tvm.kernels.generic.dense import dense_plan
 from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
-from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec
+from lowbit.backends.tvm.kernels.spec import InputNorm, LinearKernel, PackedLinearSpec
 from lowbit.backends.tvm.target import float32_lanes
 from lowbit.errors import BackendError
 from lowbit.ir import ops_a8
@@ -171,7 +172,7 @@ class DecoderBuilder:
             "lowbit_cache_attention",
         )
         for i in range(spec.layers):
-            out = self._project(i, ATTENTION_INPUT, self._norm(x, spec.norm(i, "attn")), chunk)
+            out = self._project(i, ATTENTION_INPUT, x, chunk, spec.norm(i, "attn"))
             q = self._heads(out["q"], spec.q_heads, chunk)
             k = self._heads(out["k"], spec.kv_heads, chunk)
             v = self._heads(out["v"], spec.kv_heads, chunk)
@@ -190,7 +191,7 @@ class DecoderBuilder:
             attended = bb.emit(relax.TupleGetItem(result, 0))
             attended = bb.emit(relax.op.reshape(attended, (batch, chunk, spec.q_heads * spec.head_dim)))
             x = bb.emit(relax.op.add(x, self._project(i, ("o",), attended, chunk)["o"]))
-            out = self._project(i, MLP_INPUT, self._norm(x, spec.norm(i, "mlp")), chunk)
+            out = self._project(i, MLP_INPUT, x, chunk, spec.norm(i, "mlp"))
             if family.mlp == "gated_silu":
                 mixed = bb.emit(relax.op.multiply(relax.op.nn.silu(out["gate"]), out["up"]))
             else:
@@ -261,11 +262,20 @@ class DecoderBuilder:
             turned = relax.op.concat([turned, relax.op.strided_slice(x, axes=[3], begin=[dim], end=[head_dim])], axis=3)
         return self.bb.emit(turned)
 
-    def _project(self, index: int, roles: tuple[str, ...], x: relax.Expr, chunk: int) -> dict[str, relax.Expr]:
-        """The outputs of block ``index``'s projections holding ``roles`` on ``x`` ``(B, C, K)``, by role."""
+    def _project(
+        self, index: int, roles: tuple[str, ...], x: relax.Expr, chunk: int, norm: str | None = None
+    ) -> dict[str, relax.Expr]:
+        """The outputs of block ``index``'s projections holding ``roles`` on ``x`` ``(B, C, K)``, by role; with
+        ``norm``, on the norm of that path of ``x``: computed in the kernel's input stage where it can
+        (`_norm_in_kernel`), else once by the norm operator."""
         outputs = {}
+        normed = x if norm is None else None
         for linear, held in self.groups[(index, roles)]:
-            y = self._linear(linear, x, chunk)
+            if norm is not None and self._norm_in_kernel(linear, norm):
+                y = self._linear(linear, x, chunk, InputNorm(self.weights.norms[norm], self.spec.norm_eps))
+            else:
+                normed = normed if normed is not None else self._norm(x, norm)
+                y = self._linear(linear, normed, chunk)
             if len(held) == 1:
                 outputs[held[0]] = y
                 continue
@@ -277,17 +287,29 @@ class DecoderBuilder:
 
     # -- linears --------------------------------------------------------------------------------------------------
 
-    def _linear(self, linear: Linear, x: relax.Expr, chunk: int) -> relax.Expr:
-        """``linear`` on ``x`` ``(B, chunk, K)``: ``(B, chunk, N)``."""
-        y = self._rows(linear, x, self.max_batch * chunk)
+    def _linear(self, linear: Linear, x: relax.Expr, chunk: int, norm: InputNorm | None = None) -> relax.Expr:
+        """``linear`` on ``x`` ``(B, chunk, K)`` (on ``norm`` of it, computed by its kernel): ``(B, chunk, N)``."""
+        y = self._rows(linear, x, self.max_batch * chunk, norm)
         return self.bb.emit(relax.op.reshape(y, (self.max_batch, chunk, linear.out_features)))
 
-    def _rows(self, linear: Linear, x: relax.Expr, rows: int) -> relax.Expr:
-        """``linear`` on the ``rows`` rows of ``x`` ``(B, chunk, K)``: ``(rows, N)``."""
+    def _rows(self, linear: Linear, x: relax.Expr, rows: int, norm: InputNorm | None = None) -> relax.Expr:
+        """``linear`` on the ``rows`` rows of ``x`` ``(B, chunk, K)`` (on ``norm`` of them): ``(rows, N)``."""
         x2d = self.bb.emit(relax.op.reshape(x, (rows, int(x.ty.shape[-1]))))
         if linear.packed:
-            return self._packed(linear.path, x2d, rows)
+            return self._packed(linear.path, x2d, rows, norm)
         return self._dense(linear.weight, linear.bias, x2d, rows)
+
+    def _norm_in_kernel(self, linear: Linear, path: str) -> bool:
+        """Whether ``linear``'s kernel computes the RMSNorm ``path`` of its input (`LinearKernel.normed_plan`): a
+        packed layer on a kernel with `input_norms`, its input columns in their order, after a norm without bias."""
+        chosen = self.kernels.get(linear.path) if linear.packed else None
+        return (
+            chosen is not None
+            and chosen.kernel is not None
+            and chosen.kernel.input_norms
+            and chosen.order is None
+            and path not in self.weights.norm_biases
+        )
 
     def _choose(self, linear: Linear) -> LayerKernel:
         """The kernel of a packed linear for a decode step (``max_batch`` rows), or the fallback, recorded."""
@@ -306,7 +328,7 @@ class DecoderBuilder:
         self.linears.append(LoweredLinear(linear.path, spec, FALLBACK, reason, layer=linear.path))
         return LayerKernel(None, None, spec, tensors, order)
 
-    def _packed(self, path: str, x: relax.Expr, rows: int) -> relax.Expr:
+    def _packed(self, path: str, x: relax.Expr, rows: int, norm: InputNorm | None = None) -> relax.Expr:
         chosen = self.kernels[path]
         spec = replace(chosen.spec, batch=rows)
         x = grouped_columns(self.bb, x, chosen.order, spec.in_features)
@@ -317,7 +339,11 @@ class DecoderBuilder:
             raise BackendError(
                 f"{path}: kernel '{chosen.kernel.name}' serves a decode step but not {rows} rows: {reason}"
             )
-        plan = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=self._step_knobs(chosen, spec))
+        knobs = self._step_knobs(chosen, spec)
+        if norm is None:
+            plan = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=knobs)
+        else:
+            plan = chosen.kernel.normed_plan(spec, chosen.tensors, self.target, norm, knobs=knobs)
         return self._call(plan.func, f"lowbit_{plan.name}", x, plan.consts, spec.out_features)
 
     def _step_knobs(self, chosen: LayerKernel, spec: PackedLinearSpec) -> dict[str, int]:
