@@ -9,7 +9,8 @@ tuner) is chosen for a decode step, the other sizes reuse its knobs, and each co
 shared by every function (`ConstantPool`), so the library holds each weight once. Projections that read the same
 input (q, k, v; gate, up) run as one linear where their formats agree (`weights.fuse`, stacked at lowering time),
 and their outputs are sliced apart, but for q, k and v: the attention kernel reads their heads from one tensor (the
-fused output as it is) and applies the rotary embedding itself.
+fused output as it is) and applies the rotary embedding itself. The RMSNorm before a block's projections runs in
+their kernels' input stage where the kernel offers it (`LinearKernel.normed_plan`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lowbit.backends.tvm.convert import (
 from lowbit.backends.tvm.kernels.generic.activations import fake_quant_cpu_func
 from lowbit.backends.tvm.kernels.generic.dense import dense_plan
 from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
-from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec
+from lowbit.backends.tvm.kernels.spec import InputNorm, LinearKernel, PackedLinearSpec
 from lowbit.backends.tvm.target import float32_lanes
 from lowbit.errors import BackendError
 from lowbit.ir import ops_a8
@@ -178,7 +179,7 @@ class DecoderBuilder:
         # the kernel rotates q as it loads it and k as it appends it, from the rotary tables and the positions
         rotary = [positions, self.cos, self.sin] if self.rotary_dim else []
         for i in range(spec.layers):
-            qkv = self._qkv(i, self._norm(x, spec.norm(i, "attn")), chunk)
+            qkv = self._qkv(i, x, chunk, spec.norm(i, "attn"))
             q_type = relax.TensorType((batch, chunk, spec.q_heads, spec.head_dim), "float32")
             cache_types = [caches[2 * i].ty, caches[2 * i + 1].ty]
             result = bb.emit(
@@ -192,7 +193,7 @@ class DecoderBuilder:
             attended = bb.emit(relax.TupleGetItem(result, 0))
             attended = bb.emit(relax.op.reshape(attended, (batch, chunk, spec.q_heads * spec.head_dim)))
             x = bb.emit(relax.op.add(x, self._project(i, ("o",), attended, chunk)["o"]))
-            out = self._project(i, MLP_INPUT, self._norm(x, spec.norm(i, "mlp")), chunk)
+            out = self._project(i, MLP_INPUT, x, chunk, spec.norm(i, "mlp"))
             if family.mlp == "gated_silu":
                 mixed = bb.emit(relax.op.multiply(relax.op.nn.silu(out["gate"]), out["up"]))
             else:
@@ -248,22 +249,26 @@ class DecoderBuilder:
             return self.bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=eps))
         return self.bb.emit(relax.op.nn.layer_norm(x, weight, self.pool(bias), axes=[-1], epsilon=eps))
 
-    def _qkv(self, index: int, x: relax.Expr, chunk: int) -> relax.Expr:
-        """Block ``index``'s query, key and value heads ``(B, C, Hq + 2 Hkv, head_dim)``, in that order: a fused
-        projection's output as it is (a reshape), else the projections' outputs concatenated."""
+    def _qkv(self, index: int, x: relax.Expr, chunk: int, norm: str) -> relax.Expr:
+        """Block ``index``'s query, key and value heads ``(B, C, Hq + 2 Hkv, head_dim)`` on the norm ``norm`` of
+        ``x``, in that order: a fused projection's output as it is (a reshape), else the projections' outputs
+        concatenated."""
         spec = self.spec
         heads = (self.max_batch, chunk, spec.q_heads + 2 * spec.kv_heads, spec.head_dim)
         group = self.groups[(index, ATTENTION_INPUT)]
         if len(group) == 1 and group[0][1] == ATTENTION_INPUT:
-            return self.bb.emit(relax.op.reshape(self._linear(group[0][0], x, chunk), heads))
-        out = self._project(index, ATTENTION_INPUT, x, chunk)
+            return self.bb.emit(relax.op.reshape(self._outputs(group, x, chunk, norm)[0], heads))
+        out = self._project(index, ATTENTION_INPUT, x, chunk, norm)
         return self.bb.emit(relax.op.reshape(relax.op.concat([out[role] for role in ATTENTION_INPUT], axis=2), heads))
 
-    def _project(self, index: int, roles: tuple[str, ...], x: relax.Expr, chunk: int) -> dict[str, relax.Expr]:
-        """The outputs of block ``index``'s projections holding ``roles`` on ``x`` ``(B, C, K)``, by role."""
+    def _project(
+        self, index: int, roles: tuple[str, ...], x: relax.Expr, chunk: int, norm: str | None = None
+    ) -> dict[str, relax.Expr]:
+        """The outputs of block ``index``'s projections holding ``roles`` on ``x`` ``(B, C, K)`` (on its norm
+        ``norm``, `_outputs`), by role."""
+        group = self.groups[(index, roles)]
         outputs = {}
-        for linear, held in self.groups[(index, roles)]:
-            y = self._linear(linear, x, chunk)
+        for (linear, held), y in zip(group, self._outputs(group, x, chunk, norm)):
             if len(held) == 1:
                 outputs[held[0]] = y
                 continue
@@ -273,19 +278,46 @@ class DecoderBuilder:
                 start += width
         return outputs
 
+    def _outputs(
+        self, group: list[tuple[Linear, tuple[str, ...]]], x: relax.Expr, chunk: int, norm: str | None
+    ) -> list[relax.Expr]:
+        """Each linear of ``group`` on ``x``; with ``norm``, on the norm of that path of ``x``: computed in the
+        kernel's input stage where it can (`_norm_in_kernel`), else once by the norm operator."""
+        outputs = []
+        normed = x if norm is None else None
+        for linear, _ in group:
+            if norm is not None and self._norm_in_kernel(linear, norm):
+                outputs.append(self._linear(linear, x, chunk, InputNorm(self.weights.norms[norm], self.spec.norm_eps)))
+            else:
+                normed = normed if normed is not None else self._norm(x, norm)
+                outputs.append(self._linear(linear, normed, chunk))
+        return outputs
+
     # -- linears --------------------------------------------------------------------------------------------------
 
-    def _linear(self, linear: Linear, x: relax.Expr, chunk: int) -> relax.Expr:
-        """``linear`` on ``x`` ``(B, chunk, K)``: ``(B, chunk, N)``."""
-        y = self._rows(linear, x, self.max_batch * chunk)
+    def _linear(self, linear: Linear, x: relax.Expr, chunk: int, norm: InputNorm | None = None) -> relax.Expr:
+        """``linear`` on ``x`` ``(B, chunk, K)`` (on ``norm`` of it, computed by its kernel): ``(B, chunk, N)``."""
+        y = self._rows(linear, x, self.max_batch * chunk, norm)
         return self.bb.emit(relax.op.reshape(y, (self.max_batch, chunk, linear.out_features)))
 
-    def _rows(self, linear: Linear, x: relax.Expr, rows: int) -> relax.Expr:
-        """``linear`` on the ``rows`` rows of ``x`` ``(B, chunk, K)``: ``(rows, N)``."""
+    def _rows(self, linear: Linear, x: relax.Expr, rows: int, norm: InputNorm | None = None) -> relax.Expr:
+        """``linear`` on the ``rows`` rows of ``x`` ``(B, chunk, K)`` (on ``norm`` of them): ``(rows, N)``."""
         x2d = self.bb.emit(relax.op.reshape(x, (rows, int(x.ty.shape[-1]))))
         if linear.packed:
-            return self._packed(linear.path, x2d, rows)
+            return self._packed(linear.path, x2d, rows, norm)
         return self._dense(linear.weight, linear.bias, x2d, rows)
+
+    def _norm_in_kernel(self, linear: Linear, path: str) -> bool:
+        """Whether ``linear``'s kernel computes the RMSNorm ``path`` of its input (`LinearKernel.normed_plan`): a
+        packed layer on a kernel with `input_norms`, its input columns in their order, after a norm without bias."""
+        chosen = self.kernels.get(linear.path) if linear.packed else None
+        return (
+            chosen is not None
+            and chosen.kernel is not None
+            and chosen.kernel.input_norms
+            and chosen.order is None
+            and path not in self.weights.norm_biases
+        )
 
     def _choose(self, linear: Linear) -> LayerKernel:
         """The kernel of a packed linear for a decode step (``max_batch`` rows), or the fallback, recorded."""
@@ -304,7 +336,7 @@ class DecoderBuilder:
         self.linears.append(LoweredLinear(linear.path, spec, FALLBACK, reason, layer=linear.path))
         return LayerKernel(None, None, spec, tensors, order)
 
-    def _packed(self, path: str, x: relax.Expr, rows: int) -> relax.Expr:
+    def _packed(self, path: str, x: relax.Expr, rows: int, norm: InputNorm | None = None) -> relax.Expr:
         chosen = self.kernels[path]
         spec = replace(chosen.spec, batch=rows)
         x = grouped_columns(self.bb, x, chosen.order, spec.in_features)
@@ -315,7 +347,11 @@ class DecoderBuilder:
             raise BackendError(
                 f"{path}: kernel '{chosen.kernel.name}' serves a decode step but not {rows} rows: {reason}"
             )
-        plan = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=self._step_knobs(chosen, spec))
+        knobs = self._step_knobs(chosen, spec)
+        if norm is None:
+            plan = chosen.kernel.plan(spec, chosen.tensors, self.target, knobs=knobs)
+        else:
+            plan = chosen.kernel.normed_plan(spec, chosen.tensors, self.target, norm, knobs=knobs)
         return self._call(plan.func, f"lowbit_{plan.name}", x, plan.consts, spec.out_features)
 
     def _step_knobs(self, chosen: LayerKernel, spec: PackedLinearSpec) -> dict[str, int]:

@@ -100,6 +100,14 @@ _ROW_BLOCK_VAR = tirx.Var(ROW_BLOCKS, "int64")
 _ROW_VAR = tirx.Var(ROWS, "int64")
 
 
+@dataclass(frozen=True)
+class InputNorm:
+    """An RMSNorm a kernel applies to each input row before the layer: ``x · rsqrt(mean(x²) + eps) · weight``."""
+
+    weight: torch.Tensor
+    eps: float
+
+
 class LinearKernel(ABC):
     """One low-bit linear kernel: its name, knob space, the layers it takes, and its plan for a layer."""
 
@@ -116,6 +124,8 @@ class LinearKernel(ABC):
     tail_rows: ClassVar[bool] = False
     #: Whether the kernel applies a `kernels.generic.conv.ConvSpec`'s bias and ``epilogue`` in its output stage.
     epilogues: ClassVar[bool] = False
+    #: Whether `normed_plan` computes an RMSNorm of a linear layer's input in the kernel's input stage.
+    input_norms: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
@@ -139,6 +149,18 @@ class LinearKernel(ABC):
         the kernel offers none. An embedding table tied to the layer reads its rows this way, so the table is
         stored once."""
         return None
+
+    def normed_plan(
+        self,
+        spec: PackedLinearSpec,
+        tensors: Tensors,
+        target: Target,
+        norm: InputNorm,
+        knobs: Mapping[str, int] | None = None,
+    ) -> KernelPlan:
+        """`plan` for the layer applied to ``norm`` of its input, the norm computed in the kernel's input stage (its
+        weight the last constant), where the kernel has `input_norms`; `BackendError` otherwise."""
+        raise BackendError(f"kernel '{self.name}' computes no input norm")
 
     def plan(
         self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: Mapping[str, int] | None = None
@@ -174,6 +196,7 @@ def resolve_knobs(
 __all__ = [
     "ROWS",
     "ROW_BLOCKS",
+    "InputNorm",
     "KernelPlan",
     "LinearKernel",
     "PackedLinearSpec",

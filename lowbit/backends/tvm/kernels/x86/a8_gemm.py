@@ -181,9 +181,7 @@ def a8_gemm_func(
     padded = _padded_spec(spec)
     stored = spec.out_features if padded is not spec else None
     sch = s_tir.Schedule(
-        a8_linear.a8_linear_compute(
-            padded, vectors, rows=ROWS, vector_round=True, scale_dtype=scale_dtype, stored=stored
-        )
+        a8_linear.a8_linear_compute(padded, vectors, rows=ROWS, scale_dtype=scale_dtype, stored=stored)
     )
     _schedule(sch, padded, rows, out_tile, vectors)
     log.debug("scheduled %s: row_tile=%d, out_tile=%d, row_vectors=%d", spec, rows, out_tile, vectors)

@@ -6,7 +6,9 @@ order, with integer arithmetic where the reference is exact:
 
 1. ``x_int`` per row: dynamic ``s = 127 / max(max_k |x|, 2⁻¹¹⁹)`` (a true division),
    ``x_int = clamp(nearbyint(x · s), −128, 127)``; static ``x_int = clamp(nearbyint(x /
-   Δ), −128, 127)``. ``asum[m, g] = Σ_{k∈g} x_int`` is kept for the zero points.
+   Δ), −128, 127)``. ``asum[m, g] = Σ_{k∈g} x_int`` is kept for the zero points. A plan with an input norm
+   (`X86A8Linear.normed_plan`, a decoder's RMSNorm before its projections) takes ``x`` RMS-normed row by row
+   (`rms_normed`) in this stage, so the norm needs no kernel call and no buffer of its own.
 2. ``dot[m, g, n] = Σ_{k∈g} x_int · q`` in int32 with the custom 8×4 dot-product
    intrinsic of `kernels.x86.intrin` (``vpmaddubsw``+``vpmaddwd`` on AVX2, ``vpdpbusd`` with
    VNNI): codes are unsigned, activations signed. The zero point is removed
@@ -42,8 +44,10 @@ loop also prefetches the weight stream `PREFETCH_BYTES` ahead, which the hardwar
 prefetcher alone does not keep up with on a cold stream: ``prefetchnta`` on AMD cores,
 ``prefetcht0`` on others (on Emerald Rapids a cold ``prefetchnta`` stream ran at half the
 bandwidth; `common.stream_locality`). The GEMV also prefetches its first `PREFETCH_BYTES` before
-the activation prologue, which the loop never does, and reduces ``max |x|`` in vector
-lanes (a scalar float max is a serial chain).
+the activation prologue, which the loop never does. The prologue reduces ``max |x|`` in vector lanes (a scalar
+float max is a serial chain) and rounds the codes with ``tirx.round``: TVM scalarizes a vector loop that calls
+``tirx.nearbyint`` (LLVM then gathered ``x`` and stored the codes byte by byte, about 0.9 µs of a 1536→576 GEMV),
+while both lower to the same ``llvm.nearbyint``.
 The per-task buffers (unpacked codes, int32 dot products, fp32 accumulators) keep the
 default global scope: TVM turns small global allocations into stack arrays that LLVM
 keeps in registers, while ``local`` ones come from the workspace pool once per task.
@@ -55,7 +59,7 @@ reason from `X86A8Linear.supports`, and the lowering uses the dense fallback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +68,7 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.kernels.generic import activations
 from lowbit.backends.tvm.kernels.generic.activations import (
+    activation_codes,
     layout_reason,
     zeros_reason,
 )
@@ -90,10 +95,12 @@ from lowbit.backends.tvm.kernels.generic.conv import (
     sums_by_pixel,
 )
 from lowbit.backends.tvm.kernels.spec import (
+    InputNorm,
     KernelPlan,
     LinearKernel,
     PackedLinearSpec,
     Tensors,
+    resolve_knobs,
     row_block_count,
 )
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
@@ -118,6 +125,11 @@ KNOBS: dict[str, tuple[int, ...]] = {
 }
 #: Parallel tasks a convolution's kernel makes at least, splitting its rows where its outputs make fewer.
 MIN_TASKS = 8
+#: torch's float sum over a contiguous row (`norm_sum_stages`): vector lanes, interleaved accumulators, vectors an
+#: accumulator adds before its sum joins the chain of block sums; rows of more than `MAX_NORM_COLUMNS` columns
+#: would add a second level of that chain, which the input norm does not reproduce.
+SUM_LANES, SUM_SLOTS, SUM_BLOCK = 8, 4, 16
+MAX_NORM_COLUMNS = SUM_LANES * SUM_SLOTS * SUM_BLOCK * SUM_BLOCK - 1
 #: How far ahead of the word being unpacked a GEMV prefetches its weight stream (bytes).
 PREFETCH_BYTES = 4096
 #: Bytes of one cache line: a word row gets one prefetch per line.
@@ -172,6 +184,7 @@ class X86A8Linear(LinearKernel):
     convolutions = True
     symbolic_rows = True
     epilogues = True
+    input_norms = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
@@ -187,6 +200,35 @@ class X86A8Linear(LinearKernel):
         """The constants are, in order: interleaved codes, scales ``(N/(8·V), G, 8·V)`` (`blocked`; float16 where
         that is exact, `common.scale_storage`), [zero points, the same shape, int32], [bias], [the static step ``Δ``
         as a 1-element array]."""
+        return self._build(spec, tensors, target, knobs)
+
+    def normed_plan(
+        self,
+        spec: PackedLinearSpec,
+        tensors: Tensors,
+        target: Target,
+        norm: InputNorm,
+        knobs: Mapping[str, int] | None = None,
+    ) -> KernelPlan:
+        """The plan of a linear layer on ``norm`` of its input (`rms_normed`): the norm's weight (float32) follows the
+        constants of `build`. A convolution's input stage gathers patches and computes no norm."""
+        reason = "a convolution's input is not normed" if isinstance(spec, ConvSpec) else None
+        if spec.in_features > MAX_NORM_COLUMNS:
+            reason = f"the input norm sums rows of at most {MAX_NORM_COLUMNS} columns in torch's order"
+        reason = reason or self.supports(spec, tensors, target)
+        if reason is not None:
+            raise BackendError(f"kernel '{self.name}' cannot take {spec}: {reason}")
+        chosen = resolve_knobs(self.knobs, self.default_knobs(spec, target), knobs, self.name)
+        return self._build(spec, tensors, target, chosen, norm)
+
+    def _build(
+        self,
+        spec: PackedLinearSpec,
+        tensors: Tensors,
+        target: Target,
+        knobs: dict[str, int],
+        norm: InputNorm | None = None,
+    ) -> KernelPlan:
         if spec.out_features % knobs["out_tile"] or knobs["out_tile"] % ROWS:
             raise BackendError(
                 f"out_tile={knobs['out_tile']} does not tile out_features={spec.out_features} in rows of {ROWS}"
@@ -200,6 +242,7 @@ class X86A8Linear(LinearKernel):
             knobs["row_vectors"],
             locality=stream_locality(target) or NTA,
             scale_dtype=scale_dtype,
+            norm_eps=None if norm is None else norm.eps,
         )
         vectors = tile_vectors(knobs["out_tile"], knobs["row_vectors"])
         consts = layer_consts(
@@ -211,6 +254,8 @@ class X86A8Linear(LinearKernel):
         )
         if not spec.act_dynamic:
             consts.append(tensors["act_scale"].to(torch.float32).reshape(1))
+        if norm is not None:
+            consts.append(norm.weight.to(torch.float32).reshape(spec.in_features).contiguous())
         return KernelPlan(func, consts, KERNEL_NAME, knobs)
 
     def gather_rows(
@@ -293,9 +338,11 @@ def a8_linear_func(
     name: str | None = None,
     locality: int = NTA,
     scale_dtype: torch.dtype = torch.float32,
+    norm_eps: float | None = None,
 ) -> tirx.PrimFunc:
     """The scheduled PrimFunc; arguments ``x (M, K) f32``, the constants of `plan`, output ``y (M, N) f32``;
-    ``locality``: the GEMV's weight prefetch hint (`common.stream_locality`); ``scale_dtype``: the scales' type."""
+    ``locality``: the GEMV's weight prefetch hint (`common.stream_locality`); ``scale_dtype``: the scales' type;
+    ``norm_eps``: the input rows are RMS-normed first (`rms_normed`; the norm's weight the last constant)."""
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"int8 kernel cannot compute {spec}: {reason}")
@@ -304,8 +351,8 @@ def a8_linear_func(
     vectors = tile_vectors(out_tile, row_vectors)
     lanes = split_lanes(intrin, spec.bits, spec.group_size, rows, vectors)
     intrin_x86.register()
-    sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes, scale_dtype=scale_dtype))
-    _schedule(sch, spec, intrin, rows, out_tile, vectors, locality)
+    sch = s_tir.Schedule(a8_linear_compute(spec, vectors, lanes, scale_dtype=scale_dtype, norm_eps=norm_eps))
+    _schedule(sch, spec, intrin, rows, out_tile, vectors, locality, normed=norm_eps is not None)
     log.debug(
         "scheduled %s with %s, row_tile=%d, out_tile=%d, row_vectors=%d, split lanes %s, prefetch locality %d",
         spec,
@@ -324,19 +371,21 @@ def a8_linear_compute(
     vectors: int,
     split: bool = False,
     rows: int = ROWS,
-    vector_round: bool = False,
     scale_dtype: torch.dtype = torch.float32,
     stored: int | None = None,
+    norm_eps: float | None = None,
 ) -> tirx.PrimFunc:
     """The unscheduled computation (stages of the module doc), words laid out by `interleave` for ``vectors``.
 
     ``dot`` has a lane axis: with ``split`` (`split_lanes`) one accumulator per quad of a
     word, the codes masked in place; otherwise one, the codes shifted down and the quads
-    summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``vector_round``: the
-    activation codes rounded in vector lanes (`activation_codes`); ``scale_dtype``: the scales' type (float16
-    scales widen exactly to float32). A `ConvSpec` reads its input as the patches of an NHWC image
-    (`conv.quantized_input`). ``stored``: the output keeps the first ``stored`` columns of ``y`` (``y_stored``;
-    the weight rows past them are padding).
+    summed by the reduction. ``rows``: output rows of one weight tile (one intrinsic call); ``scale_dtype``: the
+    scales' type (float16 scales widen exactly to float32). A `ConvSpec` reads its input as the patches of an NHWC
+    image (`conv.quantized_input`). The activation codes are rounded with ``tirx.round``, which lowers to the same
+    ``llvm.nearbyint`` (ties to even) as ``tirx.nearbyint`` but which TVM vectorizes (`activation_codes`). With
+    ``norm_eps`` (a linear layer) the codes are those of `rms_normed` rows, the norm's weight an argument after the
+    other constants. ``stored``: the output keeps the first ``stored`` columns of ``y`` (``y_stored``; the weight
+    rows past them are padding).
     """
     m_rows, k_in, n_out, bits = spec.rows, spec.in_features, spec.out_features, spec.bits
     group, groups, pb = spec.group_size, spec.groups, 8 // bits
@@ -351,7 +400,13 @@ def a8_linear_compute(
     bias = te.placeholder((n_out,), "float32", name="bias") if spec.has_bias else None
     step = None if spec.act_dynamic else te.placeholder((1,), "float32", name="act_scale")
 
-    x, xq, mult = quantized_input(spec, step, tirx.round if vector_round else tirx.nearbyint)
+    norm_weight = te.placeholder((k_in,), "float32", name="norm_weight") if norm_eps is not None else None
+    if norm_weight is None:
+        x, xq, mult = quantized_input(spec, step, tirx.round)
+    else:
+        x = te.placeholder((m_rows, k_in), "float32", name="x")
+        code, mult = activation_codes(rms_normed(x, norm_weight, norm_eps), step, tirx.round)
+        xq = te.compute((m_rows, k_in), code, name="xq")
     asum = code_sums(spec, xq)
     mask = tirx.const((1 << bits) - 1, "uint8")
 
@@ -401,8 +456,90 @@ def a8_linear_compute(
     y = te.compute((m_rows, n_out), output, name="y")
     if stored is not None:
         y = te.compute((m_rows, stored), lambda m, n: y[m, n], name="y_stored")
-    args = [x, words, scales] + [t for t in (zeros, bias, step) if t is not None]
+    args = [x, words, scales] + [t for t in (zeros, bias, step, norm_weight) if t is not None]
     return te.create_prim_func(args + ([row_block_count()] if spec.row_blocks else []) + [y])
+
+
+def rms_normed(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
+    """``weight · (x · rsqrt(mean(x²) + eps))`` along the rows of ``x``, rounded step by step as the torch
+    reference rounds it: each square (`fenced` from the sums), their sum in torch's order (`norm_sum_stages`), the
+    true division by ``K``, the sum with ``eps`` (float32), ``1 / sqrt``, then the two products."""
+    rows, k_in = x.shape[0], int(x.shape[1])
+    total = norm_sum_stages(lambda m, k: fenced(x[m, k] * x[m, k]), rows, k_in)
+    inverse = te.compute(
+        (rows,),
+        lambda m: (
+            tirx.const(1.0, "float32") / tirx.sqrt(total[m] / tirx.const(k_in, "float32") + tirx.const(eps, "float32"))
+        ),
+        name="norm_inverse",
+    )
+    return te.compute((rows, k_in), lambda m, kk: weight[kk] * (x[m, kk] * inverse[m]), name="normed")
+
+
+def norm_sum_stages(
+    square: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], rows: tirx.PrimExpr | int, k_in: int
+) -> te.Tensor:
+    """``Σ_k square(m, k)`` per row in the order torch's float sum over a contiguous row adds (ATen's cascade sum):
+    vectors of `SUM_LANES` elements dealt to `SUM_SLOTS` accumulators in turn, each slot adding its vectors from 0
+    in blocks of `SUM_BLOCK` (a block's sum joins a chain of block sums, the partial block's sum is added to that
+    chain at the end), then the vectors past the last whole round, the other slots in order, and the lanes in order
+    after the elements past the last vector. Stages ``norm_blocks`` and ``norm_rest`` (the slots' sums, over slots ×
+    lanes), ``norm_chain``, ``norm_lanes``, ``norm_sum``; `test_x86_a8_linear` checks the order against torch."""
+    width, slots = SUM_LANES, SUM_SLOTS
+    vectors = k_in // width
+    depth = vectors // slots  # vectors per slot
+    blocks, rest = divmod(depth, SUM_BLOCK)
+
+    def element(m: tirx.PrimExpr, i: tirx.PrimExpr, a: tirx.PrimExpr, lane: tirx.PrimExpr) -> tirx.PrimExpr:
+        return square(m, (i * slots + a) * width + lane)
+
+    partial: list[te.Tensor] = []
+    if blocks:
+        j = te.reduce_axis((0, SUM_BLOCK), name="j")
+        per_block = te.compute(
+            (rows, blocks, slots, width),
+            lambda m, b, a, lane: te.sum(element(m, b * SUM_BLOCK + j, a, lane), axis=j),
+            name="norm_blocks",
+        )
+        c = te.reduce_axis((0, blocks), name="c")
+        partial.append(
+            te.compute(
+                (rows, slots, width), lambda m, a, lane: te.sum(per_block[m, c, a, lane], axis=c), name="norm_chain"
+            )
+        )
+    if rest:
+        r = te.reduce_axis((0, rest), name="r")
+        partial.append(
+            te.compute(
+                (rows, slots, width),
+                lambda m, a, lane: te.sum(element(m, blocks * SUM_BLOCK + r, a, lane), axis=r),
+                name="norm_rest",
+            )
+        )
+
+    def slot(m: tirx.PrimExpr, a: int, lane: tirx.PrimExpr) -> tirx.PrimExpr:
+        values = [t[m, a, lane] for t in reversed(partial)]  # the partial block's sum first, then the chain
+        return values[0] + values[1] if len(values) == 2 else values[0] if values else tirx.const(0.0, "float32")
+
+    def lane_sum(m: tirx.PrimExpr, lane: tirx.PrimExpr) -> tirx.PrimExpr:
+        value = slot(m, 0, lane)
+        for v in range(depth * slots, vectors):
+            value = value + square(m, v * width + lane)
+        for a in range(1, slots):
+            value = value + slot(m, a, lane)
+        return value
+
+    lanes = te.compute((rows, width), lane_sum, name="norm_lanes")
+
+    def row_sum(m: tirx.PrimExpr) -> tirx.PrimExpr:
+        value = tirx.const(0.0, "float32")
+        for k in range(vectors * width, k_in):
+            value = value + square(m, k)
+        for lane in range(width):
+            value = value + lanes[m, lane]
+        return value
+
+    return te.compute((rows,), row_sum, name="norm_sum")
 
 
 def _schedule(
@@ -413,8 +550,10 @@ def _schedule(
     out_tile: int,
     row_vectors: int,
     locality: int,
+    normed: bool = False,
 ) -> None:
-    """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic."""
+    """Parallel output tasks, register tiles of rows × 8-row weight tiles, the dot-product intrinsic; ``normed``:
+    the input stage computes `rms_normed` rows (inlined into the activation codes)."""
     loops = schedule_tiles(sch, intrin, ROWS, row_tile, out_tile, row_vectors, row_tasks(spec, row_tile, out_tile))
     gemv = row_tile == spec.batch and not spec.row_blocks
     if gemv:
@@ -430,6 +569,11 @@ def _schedule(
         xq = sch.get_sblock("xq")
         k_inner = sch.split(sch.get_loops(xq)[-1], factors=[None, power_of_two_divisor(spec.in_features, 16)])[-1]
         sch.vectorize(k_inner)
+    if normed:
+        sch.compute_inline(sch.get_sblock("normed"))
+        for name in ("norm_blocks", "norm_rest"):
+            if _has_block(sch, name):
+                _vector_slots(sch, name)
     if spec.act_dynamic:
         _vector_absmax(sch, spec.in_features)
     if gemv:
@@ -508,6 +652,21 @@ def finish_accumulators(sch: s_tir.Schedule, loops: TileLoops) -> None:
     sch.unroll(a_m)
     acc_init = sch.decompose_reduction(sch.get_sblock("acc"), loops.group)
     sch.vectorize(sch.get_loops(acc_init)[-1])
+
+
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    return any(sch.get(block).name_hint == name for block in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _vector_slots(sch: s_tir.Schedule, name: str) -> None:
+    """The input norm's slot sums: the reduction outside, the slots × lanes (32 independent sums, which LLVM
+    vectorizes: the adds keep their order) inside."""
+    block = sch.get_sblock(name)
+    *_, a, lane, j = sch.get_loops(block)
+    sch.reorder(j, a, lane)
+    sch.fuse(a, lane)
+    init = sch.decompose_reduction(block, j)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _vector_absmax(sch: s_tir.Schedule, in_features: int) -> None:

@@ -6,16 +6,20 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from tvm import te
 from tvm.target import Target
-from x86_a8_layers import reference
+from x86_a8_layers import layer, reference
 
 import lowbit
-from lowbit.backends.tvm.kernels.spec import KernelPlan, PackedLinearSpec
+from lowbit.backends.tvm.kernels.generic.common import fenced
+from lowbit.backends.tvm.kernels.generic.conv import ConvSpec
+from lowbit.backends.tvm.kernels.spec import InputNorm, KernelPlan, PackedLinearSpec
 from lowbit.backends.tvm.kernels.x86 import a8_linear
 from lowbit.backends.tvm.kernels.x86 import intrin as intrin_x86
 from lowbit.backends.tvm.target import has_features, resolve_target, x86_host_target
 from lowbit.errors import BackendError
 from lowbit.ir import packing
+from lowbit.llm.reference import rms_norm
 
 K, N = 256, 64
 #: (name, bits, group_size, zeros): W1.58 is the ternary pass's layout (2-bit codes 1..3, default zero, per row).
@@ -216,6 +220,43 @@ def test_absmax_runs_in_vector_lanes_and_stays_exact(rows: int) -> None:
     x[0, -1] = -50.0
     x[-1, 0] = 40.0 if rows > 1 else x[-1, 0]
     assert torch.equal(_run(lib, kernel, x), reference(x, weight, 2, 64, K))
+
+
+@pytest.mark.parametrize(("rows", "k_in", "dynamic"), [(1, K, True), (5, K, True), (1, K, False), (3, 1536, True)])
+def test_input_norm_runs_in_the_prologue_and_equals_norm_then_layer(rows: int, k_in: int, dynamic: bool) -> None:
+    """`X86A8Linear.normed_plan` RMS-norms each input row in the kernel, bit for bit as the torch reference norms it
+    (its sum of squares in torch's order), so its output is the reference op's on the reference norm; the norm's
+    weight is the last constant; a convolution's plan computes none."""
+    target = resolve_target("x86")
+    weight = layer(N, k_in, 4, 128, False, True, seed=rows + 31)
+    weight["scales"] = torch.rand(weight["scales"].shape, generator=torch.Generator().manual_seed(rows)) * 0.1 + 0.01
+    weight["act_scale"] = None if dynamic else torch.tensor(0.0371)
+    gen = torch.Generator().manual_seed(rows)
+    norm = InputNorm(torch.rand(k_in, generator=gen) + 0.5, 1e-5)
+    x = torch.randn(rows, k_in, generator=gen) * 3
+    spec = PackedLinearSpec(rows, k_in, N, 4, 128, False, True, act_bits=8, act_dynamic=dynamic)
+    kernel = a8_linear.KERNEL.normed_plan(spec, weight, target, norm)
+    assert torch.equal(kernel.consts[-1], norm.weight)
+    got = _run(_build(kernel, target), kernel, x)
+    assert torch.equal(got, reference(rms_norm(x, norm.weight, norm.eps), weight, 4, 128, k_in))
+    conv = ConvSpec(1, K, N, 4, 32, False, True, act_bits=8)
+    with pytest.raises(BackendError, match="convolution"):
+        a8_linear.KERNEL.normed_plan(conv, weight, target, norm)
+
+
+@pytest.mark.parametrize("k_in", [37, 100, 576, 1536, 2600])
+def test_norm_sum_adds_in_torch_order(k_in: int) -> None:
+    """The input norm's sum of squares equals torch's float sum bit for bit: whole blocks of slot vectors (1536,
+    2600), a partial block, vectors past the last round and elements past the last vector (37, 100)."""
+    rows = 4
+    x = te.placeholder((rows, k_in), "float32", name="x")
+    total = a8_linear.norm_sum_stages(lambda m, k: fenced(x[m, k] * x[m, k]), rows, k_in)
+    func = te.create_prim_func([x, total]).with_attr("global_symbol", "kernel")
+    lib = tvm.compile(tvm.IRModule({"kernel": func}), target=resolve_target("x86"))
+    values = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(k_in)) * 2
+    out = tvm.runtime.tensor(np.zeros(rows, dtype="float32"))
+    lib["kernel"](tvm.runtime.tensor(values.numpy()), out)
+    assert torch.equal(torch.from_numpy(out.numpy()), values.pow(2).sum(-1))
 
 
 def test_per_group_values_are_blocked_by_tile_group() -> None:
