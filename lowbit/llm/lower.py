@@ -309,12 +309,13 @@ class DecoderBuilder:
 
     def _norm_in_kernel(self, linear: Linear, path: str) -> bool:
         """Whether ``linear``'s kernel computes the RMSNorm ``path`` of its input (`LinearKernel.normed_plan`): a
-        packed layer on a kernel with `input_norms`, its input columns in their order, after a norm without bias."""
+        packed layer whose kernel can (`LinearKernel.input_norm_reason`), its input columns in their order, after a norm
+        without bias."""
         chosen = self.kernels.get(linear.path) if linear.packed else None
         return (
             chosen is not None
             and chosen.kernel is not None
-            and chosen.kernel.input_norms
+            and chosen.kernel.input_norm_reason(chosen.spec, chosen.tensors, self.target) is None
             and chosen.order is None
             and path not in self.weights.norm_biases
         )

@@ -78,7 +78,7 @@ class TVMDecoder:
         if chunk not in self._sizes:
             raise GenerationError(f"no compiled step takes {chunk} tokens; the step sizes are {sorted(self._sizes)}")
         rows = self.max_batch - batch
-        tensors = [_as(ids, torch.int64), _as(positions, torch.int64), _as(mask, torch.int32)]
+        tensors = [ids.to(torch.int64), positions.to(torch.int64), mask.to(torch.int32)]
         if rows:
             tensors = [torch.nn.functional.pad(tensor, (0, 0, 0, rows)) for tensor in tensors]
         inputs = [self._input(tensor) for tensor in tensors]
@@ -101,11 +101,6 @@ class TVMDecoder:
         if not tensor.is_contiguous() or tensor.data_ptr() % ALIGNMENT:
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         return tvm.runtime.from_dlpack(tensor)
-
-
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` in ``dtype``, itself where it already is (a step's inputs are converted without a call)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 __all__ = ["DecoderLayout", "TVMDecoder"]

@@ -124,8 +124,6 @@ class LinearKernel(ABC):
     tail_rows: ClassVar[bool] = False
     #: Whether the kernel applies a `kernels.generic.conv.ConvSpec`'s bias and ``epilogue`` in its output stage.
     epilogues: ClassVar[bool] = False
-    #: Whether `normed_plan` computes an RMSNorm of a linear layer's input in the kernel's input stage.
-    input_norms: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
@@ -150,6 +148,11 @@ class LinearKernel(ABC):
         stored once."""
         return None
 
+    def input_norm_reason(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
+        """Why `normed_plan` cannot compute an RMSNorm of this layer's input in the kernel's input stage; None
+        where it can."""
+        return "the kernel computes no input norm"
+
     def normed_plan(
         self,
         spec: PackedLinearSpec,
@@ -159,8 +162,8 @@ class LinearKernel(ABC):
         knobs: Mapping[str, int] | None = None,
     ) -> KernelPlan:
         """`plan` for the layer applied to ``norm`` of its input, the norm computed in the kernel's input stage (its
-        weight the last constant), where the kernel has `input_norms`; `BackendError` otherwise."""
-        raise BackendError(f"kernel '{self.name}' computes no input norm")
+        weight the last constant), where `input_norm_reason` gives none; `BackendError` otherwise."""
+        raise BackendError(f"kernel '{self.name}' cannot take {spec}: {self.input_norm_reason(spec, tensors, target)}")
 
     def plan(
         self, spec: PackedLinearSpec, tensors: Tensors, target: Target, knobs: Mapping[str, int] | None = None

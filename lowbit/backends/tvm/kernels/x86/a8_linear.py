@@ -184,7 +184,6 @@ class X86A8Linear(LinearKernel):
     convolutions = True
     symbolic_rows = True
     epilogues = True
-    input_norms = True
 
     def supports(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
         return unsupported_reason(spec) or _target_reason(target) or zeros_reason(tensors.get("zeros"), "int8 kernel")
@@ -202,6 +201,15 @@ class X86A8Linear(LinearKernel):
         as a 1-element array]."""
         return self._build(spec, tensors, target, knobs)
 
+    def input_norm_reason(self, spec: PackedLinearSpec, tensors: Tensors, target: Target) -> str | None:
+        """A convolution's input stage gathers patches and computes no norm; the sum of squares follows torch's order
+        up to `MAX_NORM_COLUMNS` columns."""
+        if isinstance(spec, ConvSpec):
+            return "a convolution's input is not normed"
+        if spec.in_features > MAX_NORM_COLUMNS:
+            return f"the input norm sums rows of at most {MAX_NORM_COLUMNS} columns in torch's order"
+        return self.supports(spec, tensors, target)
+
     def normed_plan(
         self,
         spec: PackedLinearSpec,
@@ -211,11 +219,8 @@ class X86A8Linear(LinearKernel):
         knobs: Mapping[str, int] | None = None,
     ) -> KernelPlan:
         """The plan of a linear layer on ``norm`` of its input (`rms_normed`): the norm's weight (float32) follows the
-        constants of `build`. A convolution's input stage gathers patches and computes no norm."""
-        reason = "a convolution's input is not normed" if isinstance(spec, ConvSpec) else None
-        if spec.in_features > MAX_NORM_COLUMNS:
-            reason = f"the input norm sums rows of at most {MAX_NORM_COLUMNS} columns in torch's order"
-        reason = reason or self.supports(spec, tensors, target)
+        constants of `build`."""
+        reason = self.input_norm_reason(spec, tensors, target)
         if reason is not None:
             raise BackendError(f"kernel '{self.name}' cannot take {spec}: {reason}")
         chosen = resolve_knobs(self.knobs, self.default_knobs(spec, target), knobs, self.name)

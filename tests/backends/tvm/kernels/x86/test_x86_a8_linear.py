@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -242,6 +244,8 @@ def test_input_norm_runs_in_the_prologue_and_equals_norm_then_layer(rows: int, k
     conv = ConvSpec(1, K, N, 4, 32, False, True, act_bits=8)
     with pytest.raises(BackendError, match="convolution"):
         a8_linear.KERNEL.normed_plan(conv, weight, target, norm)
+    wide = replace(spec, in_features=a8_linear.MAX_NORM_COLUMNS + 1)
+    assert "torch's order" in a8_linear.KERNEL.input_norm_reason(wide, weight, target)
 
 
 @pytest.mark.parametrize("k_in", [37, 100, 576, 1536, 2600])
