@@ -160,8 +160,7 @@ def read_func(total_bytes: int, locality: int | None) -> Any:
     `common.stream_locality`; ``prefetchnta`` where it has none)."""
     from tvm import s_tir, te, tirx
 
-    from lowbit.backends.tvm.kernels.generic.common import NTA, prefetch, prepend_to_loop
-    from lowbit.backends.tvm.kernels.x86.a8_linear import LINE_BYTES
+    from lowbit.backends.tvm.kernels.generic.common import LINE_BYTES, NTA, prefetch, prepend_to_loop
 
     rows = total_bytes // (READ_ROW_INTS * 4) // READ_TASKS
     data = te.placeholder((READ_TASKS, rows, READ_ROW_INTS // READ_LANES, READ_LANES), "int32", name="data")

@@ -39,7 +39,14 @@ from tvm.s_tir.dlight.analysis import IterInfo, SBlockInfo, get_sblock_info, nor
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.target import Target
 
-from lowbit.backends.tvm.kernels.generic.common import divisor_at_most, power_of_two_divisor
+from lowbit.backends.tvm.kernels.generic.common import (
+    L2,
+    LINE_BYTES,
+    divisor_at_most,
+    power_of_two_divisor,
+    prefetch,
+    prepend_to_loop,
+)
 from lowbit.backends.tvm.target import float32_lanes, has_features, target_arch
 
 log = logging.getLogger(__name__)
@@ -497,6 +504,7 @@ def schedule_convolution(
     outer = [*batch, *pixels, channel_outer] if pixels_outside else [*batch, channel_outer, *pixels]
     reduce = [it.loop_rv for it in window.reduce]
     sch.reorder(*outer, *reduce, *tile)
+    pixel_tasks = math.prod(_static_extent(sch, loop) or 1 for loop in pixels)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.parallel(fused)
     sch.unroll(vector)
@@ -505,6 +513,48 @@ def schedule_convolution(
     _vectorize_innermost(sch, block, simd)
     _vectorize_innermost(sch, write_back, simd)
     _vectorize_innermost(sch, sch.decompose_reduction(block, reduce[0]), simd)
+    if not pixels_outside:
+        _prefetch_next_block(sch, block, fused, reduce, pixel_tasks)
+
+
+def _prefetch_next_block(
+    sch: s_tir.Schedule,
+    block: s_tir.schedule.SBlockRV,
+    task: s_tir.schedule.LoopRV,
+    reduce: list[s_tir.schedule.LoopRV],
+    pixel_tasks: int,
+) -> None:
+    """Spread prefetches (into L2) of the next channel tile's packed weight block over the tasks of this one.
+
+    The ``pixel_tasks`` tasks of one channel tile all read its block (``(O / V, KH, KW, I, V)``, one ``V`` block
+    per tile); each prefetches an equal share of the next block, a cache line every ``stride`` reduction steps.
+    Without it the first task of each tile waits for its whole block from memory at compute speed (ConvNeXt's
+    pointwise layers stream 2-9 MB of weights each). Convolutions whose reduction is not over the block's input
+    channels (depthwise: a few lines per block) or whose weights are not one packed buffer are left alone. The
+    prefetch is inserted into the innermost reduction loop after scheduling (the tile's accumulators stay in
+    registers: `stack`).
+    """
+    packed = [read.source for read in sch.get(block).reads if len(read.source.shape) == 5]
+    extents = [_static_extent(sch, loop) for loop in [task, *reduce]]
+    if len(packed) != 1 or None in extents or len(reduce) not in (1, 3):
+        return
+    weights, (tasks, *steps) = packed[0], extents
+    blocks, block_size = int(weights.shape[0]), math.prod(int(d) for d in weights.shape[1:])
+    if blocks < 2 or tasks % (blocks * pixel_tasks) or block_size != math.prod(steps) * int(weights.shape[4]):
+        return
+    line = LINE_BYTES * 8 // weights.dtype.bits
+    share = -(-block_size // pixel_tasks)
+    stride = 1 << max(1, math.prod(steps) // -(-share // line)).bit_length() - 1  # a power of two
+    loops = [sch.get(loop) for loop in [task, *reduce]]
+    step = loops[1].loop_var
+    for loop in loops[2:]:
+        step = step * loop.extent + loop.loop_var
+    t = loops[0].loop_var
+    offset = ((t // pixel_tasks + 1) % blocks) * block_size + (t % pixel_tasks) * share + step // stride * line
+    stmt = prefetch(weights, tirx.min(offset, blocks * block_size - 1), L2)
+    if stride > 1:
+        stmt = tirx.IfThenElse(tirx.floormod(step, stride) == 0, stmt, None)
+    prepend_to_loop(sch, sch.get_sref(reduce[-1]), [stmt])
 
 
 def _depthwise_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, window: Window) -> int:

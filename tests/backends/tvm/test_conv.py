@@ -218,6 +218,22 @@ def test_a_pointwise_conv_with_more_pixels_than_weights_runs_its_pixels_outside_
     assert_matches_torch(nn.Sequential(nn.Conv2d(24, 48, 1), nn.GELU()), torch.randn(1, 24, 20, 20))
 
 
+def test_a_conv_prefetches_the_next_channel_tiles_weights_into_l2() -> None:
+    """Convolutions with channel tiles outside their pixels (a 1x1 one whose weights outweigh its input, a 3x3 one)
+    prefetch the next tile's packed weights with ``prefetcht1``; a depthwise conv and a pointwise conv running its
+    pixels outside its channel tiles do not. The batch of two checks the tile arithmetic across images."""
+
+    def prefetches(model: nn.Module, x: torch.Tensor) -> bool:
+        asm = assert_matches_torch(model, x).runner.executable.mod.imports[0].inspect_source("asm")
+        return "prefetcht1" in asm
+
+    torch.manual_seed(0)
+    assert prefetches(nn.Conv2d(256, 384, 1), torch.randn(2, 256, 7, 7))
+    assert prefetches(nn.Conv2d(64, 96, 3, padding=1), torch.randn(2, 64, 9, 9))
+    assert not prefetches(nn.Conv2d(96, 96, 7, padding=3, groups=96), torch.randn(2, 96, 14, 14))
+    assert not prefetches(nn.Conv2d(24, 48, 1), torch.randn(1, 24, 20, 20))
+
+
 def test_a_depthwise_conv_tiles_two_rows_where_they_divide_the_height_and_two_vectors_fill_the_channel_tile() -> None:
     """The unrolled tile loops (rows, columns, channel vectors) of a 7x7 depthwise convolution: 2 × 2 × 2 on a 14x14
     input of 64 channels; one row where the height is odd (7) or the channel tile is narrow (24 channels: vectors

@@ -24,7 +24,7 @@ from tvm.s_tir import dlight
 from tvm.support import cc
 from tvm.target import Target
 
-from lowbit.backends.tvm import fastmath, layout, parallel, schedule
+from lowbit.backends.tvm import fastmath, layout, parallel, schedule, stack
 from lowbit.backends.tvm.build_guard import bounded_build
 from lowbit.backends.tvm.convert import (
     Lowering,
@@ -206,7 +206,7 @@ class CPUToolchain(Toolchain):
                 rest = tvm.transform.Sequential(
                     cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
                 )
-                return tvm.compile(mod, target=target, relax_pipeline=rest)
+                return tvm.compile(mod, target=target, relax_pipeline=rest, tir_pipeline=stack.PIPELINE)
 
         return bounded_build(build, mod, target)
 

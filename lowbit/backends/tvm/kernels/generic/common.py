@@ -13,8 +13,10 @@ from lowbit.backends.tvm.target import target_arch
 
 #: ``op_pattern`` value of an opaque operator: Relax's FuseOps leaves such calls alone.
 OPAQUE_PATTERN = 8
-#: LLVM prefetch locality hints: ``prefetchnta`` and ``prefetcht0``.
-NTA, T0 = 0, 3
+#: LLVM prefetch locality hints: ``prefetchnta``, ``prefetcht1`` (into L2) and ``prefetcht0``.
+NTA, L2, T0 = 0, 2, 3
+#: Bytes of a cache line: one prefetch brings in one.
+LINE_BYTES = 64
 
 
 #: Code widths the packed weight-only kernels (GEMV and GEMM) unpack: codes never straddle bytes.

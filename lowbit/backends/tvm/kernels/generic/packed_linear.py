@@ -50,6 +50,7 @@ from tvm.target import Target
 from lowbit.backends.tvm.kernels.generic import packed_gemm
 from lowbit.backends.tvm.kernels.generic.common import (
     KERNEL_BITS,
+    LINE_BYTES,
     T0,
     divisor_at_most,
     finish,
@@ -83,7 +84,7 @@ GEMM_ROWS = 16
 #: Its vectors per panel and rows of ``x`` per block (its register tile is `packed_gemm.tile_rows` rows).
 GEMM_VECTORS, GEMM_ROW_BLOCK = 2, 128
 #: How far ahead of the row being computed the weight stream is prefetched (bytes), one prefetch per line.
-PREFETCH_BYTES, LINE_BYTES = 4096, 64
+PREFETCH_BYTES = 4096
 
 
 class PackedLinear(LinearKernel):

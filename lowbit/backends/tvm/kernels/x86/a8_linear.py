@@ -73,6 +73,7 @@ from lowbit.backends.tvm.kernels.generic.activations import (
     zeros_reason,
 )
 from lowbit.backends.tvm.kernels.generic.common import (
+    LINE_BYTES,
     NTA,
     divisor_at_most,
     fenced,
@@ -132,8 +133,6 @@ SUM_LANES, SUM_SLOTS, SUM_BLOCK = 8, 4, 16
 MAX_NORM_COLUMNS = SUM_LANES * SUM_SLOTS * SUM_BLOCK * SUM_BLOCK - 1
 #: How far ahead of the word being unpacked a GEMV prefetches its weight stream (bytes).
 PREFETCH_BYTES = 4096
-#: Bytes of one cache line: a word row gets one prefetch per line.
-LINE_BYTES = 64
 #: Independent ``vpdpbusd`` chains that keep it busy (4 cycles latency × 2 per cycle on Zen 4): a schedule
 #: with fewer (rows × weight tiles) splits lanes, if the accumulators fit half the AVX-512 vector registers.
 BUSY_CHAINS, MAX_LANE_ACCUMULATORS = 8, 16
