@@ -203,6 +203,18 @@ def pointwise_convolution(
     return bb.emit(relax.op.add(y, relax.const(bias.detach().to(torch.float32).numpy())))
 
 
+def pointwise_rows(
+    bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
+) -> relax.Expr:
+    """``x · weightᵀ + bias`` for a 2-D ``x`` of static rows (tokens) as `pointwise_convolution` over one image row
+    of them: the rows get the convolution's register tile (output columns × channel vectors) and its packed,
+    prefetched weight blocks."""
+    rows, columns = (int(d) for d in x.ty.shape)
+    image = bb.emit(relax.op.reshape(x, (1, 1, rows, columns)))
+    y = pointwise_convolution(bb, image, weight, bias)
+    return relax.op.reshape(y, (rows, int(weight.shape[0])))
+
+
 def packed_conv2d(lanes: int, registers: int) -> Legalizer:
     """The legalization of an NHWC conv2d with a constant fp32 HWIO weight, the weight packed at compile time.
 
@@ -321,4 +333,5 @@ __all__ = [
     "channels_last",
     "packed_conv2d",
     "pointwise_convolution",
+    "pointwise_rows",
 ]

@@ -151,18 +151,21 @@ class CPUToolchain(Toolchain):
     def constant_linear(
         self, bb: relax.BlockBuilder, x: relax.Expr, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> relax.Expr:
-        """The dense kernel, the weight laid out in panels at compile time, on rows padded to its register tile;
-        on a 4-D input (a channels-last image) a 1x1 convolution (`layout.pointwise_convolution`), tiled over
-        pixels like the other convolutions."""
+        """A 1x1 convolution (`layout.pointwise_convolution`), tiled like the other convolutions: on a 4-D input (a
+        channels-last image) as it is, and on rows (tokens) padded to a whole register tile as one image row of
+        them (`layout.pointwise_rows`); fewer rows than a tile, or a symbolic count, run the dense kernel with the
+        weight laid out in panels at compile time."""
         if len(x.ty.shape) == 4:
             return layout.pointwise_convolution(bb, x, weight, bias)
-        n_out = weight.shape[0]
+        n_out, row_tile = weight.shape[0], packed_gemm.tile_rows(self.lanes)
 
-        def call(x2d: relax.Expr, rows: int) -> relax.Call:
+        def call(x2d: relax.Expr, rows: int | tvm.tirx.PrimExpr) -> relax.Expr:
+            if isinstance(rows, int) and rows % row_tile == 0:
+                return layout.pointwise_rows(bb, x2d, weight, bias)
             func, consts = dense_plan(weight, bias, rows, self.lanes)
             return call_kernel(bb, func, "lowbit_fp32_linear", x2d, consts, n_out)
 
-        return emit_on_rows(bb, x, n_out, call, packed_gemm.tile_rows(self.lanes))
+        return emit_on_rows(bb, x, n_out, call, row_tile)
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         """Legalize and fuse the Relax module, then give each TIR function a default CPU schedule; parallel loops
