@@ -56,12 +56,16 @@ def on_stack(func: tirx.PrimFunc) -> tirx.PrimFunc:
     ]
     if not allocations:
         return func
+    none = next((index for index, node in enumerate(nodes) if node.get("type") == "None"), None)
+    if none is None:
+        none = len(nodes)
+        nodes.append({"type": "None"})
     first = len(nodes)  # the annotation {KEEP: IntImm(int32, 1)}, as LowerTVMBuiltin reads it
     nodes += [
         {"type": "ffi.String", "data": KEEP},
-        {"type": "ir.PrimType", "data": {"span": 0, "dtype": "int32"}},
+        {"type": "ir.PrimType", "data": {"span": none, "dtype": "int32"}},
         {"type": "int", "data": 1},
-        {"type": "ir.IntImm", "data": {"span": 0, "ty": first + 1, "value": first + 2}},
+        {"type": "ir.IntImm", "data": {"span": none, "ty": first + 1, "value": first + 2}},
         {"type": "ffi.Map", "data": [first, first + 3]},
     ]
     for node in allocations:

@@ -29,6 +29,7 @@ import tvm
 from tvm import rpc, tirx
 from tvm.target import Target
 
+from lowbit.backends.tvm import stack
 from lowbit.backends.tvm.target import host_arch, runs_on_host, target_arch
 from lowbit.backends.tvm.toolchains.cpu import library_compiler
 from lowbit.errors import BackendError
@@ -77,8 +78,10 @@ class RPCDevice:
 
 
 def build(func: tirx.PrimFunc, target: Target) -> tvm.runtime.Executable:
-    """A candidate compiled for ``target`` under the symbol `ENTRY`."""
-    return tvm.compile(func.with_attr("global_symbol", ENTRY), target=target)
+    """A candidate compiled for ``target`` under the symbol `ENTRY`, with the TIR pipeline of the model builds
+    (`stack.PIPELINE` on CPUs)."""
+    pipeline = stack.PIPELINE if target.kind.name == "llvm" else "default"
+    return tvm.compile(func.with_attr("global_symbol", ENTRY), target=target, tir_pipeline=pipeline)
 
 
 def example_arguments(func: tirx.PrimFunc, consts: Sequence[torch.Tensor]) -> list[np.ndarray]:
