@@ -200,7 +200,8 @@ def test_the_convolution_rule_takes_nhwc_windows_only() -> None:
 
 def test_a_pointwise_conv_with_more_pixels_than_weights_runs_its_pixels_outside_its_channel_tiles() -> None:
     """A 1x1 convolution whose input outweighs its weights runs pixel tiles outside channel tiles (each tile's pixels
-    reused from L1 by consecutive tasks); a 3x3 one, and a 1x1 one with larger weights, keep channel tiles outside."""
+    reused from L1 by consecutive tasks); a 3x3 one, a 1x1 one with larger weights, and one whose weights do not fit
+    in L2, keep channel tiles outside."""
     target = resolve_target("x86")
 
     def channel_tile_innermost(pixels: int, cin: int, kernel: int) -> bool:
@@ -214,6 +215,7 @@ def test_a_pointwise_conv_with_more_pixels_than_weights_runs_its_pixels_outside_
     assert channel_tile_innermost(28, 32, 1)
     assert not channel_tile_innermost(28, 32, 3)
     assert not channel_tile_innermost(4, 64, 1)
+    assert not channel_tile_innermost(16, 4096, 1)  # 2 MiB of weights, over L2: streamed once, not once per pixel tile
     torch.manual_seed(0)
     assert_matches_torch(nn.Sequential(nn.Conv2d(24, 48, 1), nn.GELU()), torch.randn(1, 24, 20, 20))
 
