@@ -7,8 +7,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+import lowbit
 from lowbit import passes
-from lowbit.backends.tvm.convert import FALLBACK
+from lowbit.backends.tvm.convert import FALLBACK, tiled_rows
 from lowbit.backends.tvm.kernels.generic import packed_gemm, packed_linear
 from lowbit.backends.tvm.kernels.spec import LinearKernel, PackedLinearSpec, Tensors
 from lowbit.backends.tvm.lowering import lower
@@ -77,3 +78,14 @@ def test_lowered_linears_name_their_kernel_on_cpu_and_cuda() -> None:
     assert [linear.kernel for linear in lower(gm, inputs, CUDAToolchain(resolve_target("cuda"))).linears] == [
         "cuda_a8_linear"
     ]
+
+
+def test_a_prime_row_count_is_padded_to_whole_register_tiles() -> None:
+    """197 tokens (prime) run as 200 rows, so the kernels' register tiles get 8 rows instead of 1; counts with a
+    divisor of at least 4 up to 8, and short ones, stay as they are. The padded rows leave the result unchanged."""
+    assert [tiled_rows(rows) for rows in (197, 17, 18, 20, 104, 8, 7, 1)] == [200, 24, 18, 20, 104, 8, 7, 1]
+    gm, inputs = _graph(rows=197, a8=True)
+    lowering = lower(gm, inputs, CPUToolchain(resolve_target("x86")))
+    assert [linear.spec.batch for linear in lowering.linears] == [200]
+    compiled = lowbit.compile(gm, inputs, target="x86")
+    torch.testing.assert_close(compiled(*inputs), gm(*inputs), rtol=0, atol=1e-5)
