@@ -35,6 +35,7 @@ from tvm.target import Target
 
 from lowbit.backends.tvm.frontend import InputSpec
 from lowbit.backends.tvm.kernels.generic import rows as rows_module
+from lowbit.backends.tvm.kernels.generic.common import divisor_at_most
 from lowbit.backends.tvm.kernels.generic.embedding import embedding_func
 from lowbit.backends.tvm.kernels.spec import (
     KernelPlan,
@@ -357,7 +358,7 @@ def grouped_columns(bb: relax.BlockBuilder, x: relax.Expr, order: torch.Tensor |
 def tiled_rows(rows: int) -> int:
     """The rows a layer's kernel computes for ``rows`` static rows: themselves, or the next multiple of
     `ROW_TILE_MULTIPLE` where none of their divisors up to it reaches `MIN_ROW_TILE`."""
-    if rows <= ROW_TILE_MULTIPLE or max(d for d in range(1, ROW_TILE_MULTIPLE + 1) if rows % d == 0) >= MIN_ROW_TILE:
+    if rows <= ROW_TILE_MULTIPLE or divisor_at_most(rows, ROW_TILE_MULTIPLE) >= MIN_ROW_TILE:
         return rows
     return -(-rows // ROW_TILE_MULTIPLE) * ROW_TILE_MULTIPLE
 
